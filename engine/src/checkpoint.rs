@@ -1,0 +1,96 @@
+//! Checkpoints: the index, segment table and volume table persisted with rkyv, so recovery replays
+//! only the log written since.
+//!
+//! A checkpoint occupies one of two fixed slots (chosen by `seq % 2`): block 0 is a
+//! [`CheckpointHeader`](crate::format::CheckpointHeader) holding the payload's length and CRC, the
+//! rkyv payload follows. The payload is validated twice: by CRC, then by rkyv's bytecheck and by our
+//! own semantic checks (every location inside the data area, every run inside its volume) before any
+//! of it is trusted.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::types::BLOCK_BYTES;
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VolumeRec {
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct SegmentRec {
+    /// Log order of the segment; 0 if it was never written.
+    pub seq: u64,
+    /// Blocks written in the segment (segment header, record headers and data).
+    pub used_blocks: u32,
+    pub min_data_lsn: u64,
+    pub max_data_lsn: u64,
+    pub max_lsn: u64,
+}
+
+/// A run of consecutive mapped LBAs in one volume; its packed entries are `entries[first..first+n]`
+/// where `first` is the sum of the preceding runs' lengths.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct RunRec {
+    pub volume: u32,
+    pub n_blocks: u32,
+    pub lba: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CheckpointData {
+    pub next_volume_id: u32,
+    pub volumes: Vec<VolumeRec>,
+    pub segments: Vec<SegmentRec>,
+    pub runs: Vec<RunRec>,
+    pub entries: Vec<u64>,
+}
+
+/// Bytes a checkpoint payload may need for a store of this geometry, assuming every data block is
+/// mapped by its own run (the worst case: 16 bytes of run + 8 of entry per block), plus the segment
+/// and volume tables. Sizing the slots for the worst case means a checkpoint can always be written.
+pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) -> u64 {
+    let per_block = 16 + 8;
+    let per_segment = 40;
+    let per_volume = 32 + crate::format::MAX_NAME_BYTES as u64;
+    4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume
+}
+
+impl CheckpointData {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self).expect("serialising a checkpoint cannot fail").to_vec()
+    }
+
+    /// Validates and deserialises a payload. `bytes` must be 16-byte aligned (payloads are read into
+    /// block-aligned buffers).
+    pub fn from_bytes(bytes: &[u8]) -> Result<CheckpointData, String> {
+        let archived = rkyv::access::<ArchivedCheckpointData, rkyv::rancor::Error>(bytes)
+            .map_err(|e| format!("payload fails validation: {e}"))?;
+        rkyv::deserialize::<CheckpointData, rkyv::rancor::Error>(archived).map_err(|e| format!("payload: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::AlignedBuf;
+
+    #[test]
+    fn checkpoint_round_trips_and_rejects_garbage() {
+        let data = CheckpointData {
+            next_volume_id: 3,
+            volumes: vec![VolumeRec { id: 1, name: "a".into(), size_bytes: 1 << 30 }],
+            segments: vec![SegmentRec { seq: 1, used_blocks: 10, min_data_lsn: 1, max_data_lsn: 5, max_lsn: 5 }],
+            runs: vec![RunRec { volume: 1, n_blocks: 2, lba: 7 }],
+            entries: vec![1, 2],
+        };
+        let bytes = data.to_bytes();
+        let mut buf = AlignedBuf::zeroed(bytes.len().div_ceil(BLOCK_BYTES));
+        buf[..bytes.len()].copy_from_slice(&bytes);
+        assert_eq!(CheckpointData::from_bytes(&buf[..bytes.len()]).unwrap(), data);
+        let mut garbage = AlignedBuf::zeroed(1);
+        garbage.fill(0xff);
+        assert!(CheckpointData::from_bytes(&garbage[..bytes.len()]).is_err());
+    }
+}

@@ -1,0 +1,2191 @@
+//! The engine core: a single-owner state machine that turns requests into device I/O.
+//!
+//! Events in ([`Core::push_request`], [`Core::on_completion`]), I/O out ([`Core::take_ops`]);
+//! replies go straight to each request's oneshot channel. The core never blocks and never touches
+//! a file descriptor, so the same code runs on io_uring in production and on the simulated device in
+//! the power-cut tests. The driver ([`crate::store`]) owns the loop.
+//!
+//! The write path, in order:
+//! 1. *Intake.* A write (or trim, or zeroing) is split into 4 KiB blocks; partial blocks are merged
+//!    with their current content (read-modify-write; intake pauses until that read returns so that
+//!    requests stay in arrival order). Blocks go into the *open batch*.
+//! 2. *Seal.* When fewer than `max_inflight_batches` batches are in flight, the open batch gets the
+//!    next LSN and a place at the log head, and becomes one device write: group commit.
+//! 3. *Apply.* Completed batches are applied to the index strictly in LSN order (so a younger batch
+//!    completing first can never be overwritten by an older one), then their writes are acknowledged.
+//! 4. *Sync.* FLUSH and FUA wait for one shared fdatasync issued once every batch up to their LSN
+//!    has completed.
+//!
+//! Invariants:
+//! - The index only points at blocks whose write has completed.
+//! - A segment is reused only when nothing live is in it, every record that superseded its blocks
+//!   is durable, no read is in flight on it, and it was sealed before the last durable checkpoint
+//!   (so recovery from that checkpoint never needs its old contents).
+//! - No checkpoint is taken while a batch is in flight or the cleaner holds copies not yet applied,
+//!   so a checkpoint equals the state after applying every record below its `next_lsn`.
+//! - After a failed write or sync, every later write, trim, flush and volume change fails with
+//!   [`Error::Poisoned`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::buf::AlignedBuf;
+use crate::checkpoint::{CheckpointData, RunRec, SegmentRec, VolumeRec};
+use crate::device::{Completion, IoKind, IoOp};
+use crate::error::{Error, Result};
+use crate::format::{
+    block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind,
+    SegmentHeader, Superblock, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
+};
+use crate::index::{crc_of, pack, phys_of};
+use crate::state::{State, VolumeInfo, MAX_VOLUMES};
+use crate::types::{Lba, Lsn, SegmentId, VolumeId, BLOCK_BYTES};
+
+const BB: u64 = BLOCK_BYTES as u64;
+
+/// Largest byte count of one read or write request: 32 MiB, the largest payload NBD clients send
+/// and the figure NBD servers conventionally advertise as their maximum block size. It bounds the
+/// memory one request can pin.
+pub const MAX_IO_BYTES: u64 = 32 << 20;
+
+/// Most blocks the cleaner adds to one batch, so that foreground writes always get at least half of
+/// every batch while the cleaner runs.
+const GC_BLOCKS_PER_BATCH_MAX: usize = MAX_BATCH_BLOCKS as usize / 2;
+
+/// Sealed batches allowed to wait behind the in-flight limit before intake pauses. One maximal
+/// write (32 MiB) seals up to 32 batches at once; beyond that, queueing more only adds latency.
+const SEALED_QUEUE_MAX: usize = 40;
+
+static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
+
+pub type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// A run of blocks and whether they are mapped, for NBD block status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    /// False for unwritten or trimmed ranges, which read as zeros.
+    pub mapped: bool,
+}
+
+/// Live blocks written after an LSN: `n_blocks` consecutive LBAs from `lba`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangedRun {
+    pub lba: Lba,
+    pub n_blocks: u64,
+}
+
+/// Engine counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub next_lsn: Lsn,
+    pub durable_lsn: Lsn,
+    pub n_segments: u32,
+    pub free_segments: u32,
+    pub segment_bytes: u64,
+    pub live_blocks: u64,
+    pub index_heap_bytes: u64,
+    /// Data blocks clients wrote (including zero blocks written for NO_HOLE zeroing).
+    pub user_blocks_written: u64,
+    /// Blocks the cleaner copied forward.
+    pub gc_blocks_copied: u64,
+    /// Every block written to the log: data, record headers and segment headers.
+    pub log_blocks_written: u64,
+    pub batches: u64,
+    pub syncs: u64,
+    pub checkpoints: u64,
+    pub checkpoint_bytes_last: u64,
+    pub segments_cleaned: u64,
+    pub poisoned: bool,
+}
+
+impl Stats {
+    /// Device blocks written per block clients wrote.
+    pub fn write_amplification(&self) -> f64 {
+        self.log_blocks_written as f64 / self.user_blocks_written.max(1) as f64
+    }
+}
+
+#[derive(Debug)]
+pub enum Request {
+    Read { volume: VolumeId, offset: u64, len: u64, reply: Reply<Bytes> },
+    Write { volume: VolumeId, offset: u64, data: Bytes, fua: bool, reply: Reply<()> },
+    Flush { reply: Reply<()> },
+    /// Unmaps the whole blocks inside the range; partial blocks at the edges are left alone (trim is
+    /// advisory).
+    Trim { volume: VolumeId, offset: u64, len: u64, reply: Reply<()> },
+    /// Zeroes the range. With `may_trim`, whole blocks become holes; otherwise zero blocks are
+    /// written so that the range stays allocated.
+    WriteZeroes { volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool, reply: Reply<()> },
+    BlockStatus { volume: VolumeId, offset: u64, len: u64, reply: Reply<Vec<Extent>> },
+    CreateVolume { name: String, size_bytes: u64, reply: Reply<VolumeInfo> },
+    ResizeVolume { volume: VolumeId, size_bytes: u64, reply: Reply<()> },
+    DeleteVolume { volume: VolumeId, reply: Reply<()> },
+    ListVolumes { reply: Reply<Vec<VolumeInfo>> },
+    ChangedSince { volume: VolumeId, since: Lsn, reply: Reply<Vec<ChangedRun>> },
+    Checkpoint { reply: Reply<()> },
+    Stats { reply: Reply<Stats> },
+    Shutdown { reply: Reply<()> },
+}
+
+/// Tunables. Defaults suit SSD and virtio disks.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Batches in flight at once. More overlaps device latency; each is one sequential write.
+    pub max_inflight_batches: usize,
+    /// Log bytes between checkpoints: bounds recovery replay (about one second of reading at 1 GB/s).
+    pub checkpoint_interval_bytes: u64,
+    /// Segments kept free for the cleaner: user writes may not take the last ones, so the cleaner
+    /// can always copy a victim forward.
+    pub gc_reserve_segments: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { max_inflight_batches: 4, checkpoint_interval_bytes: 1 << 30, gc_reserve_segments: 2 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SegStatus {
+    Free,
+    /// The log head writes here.
+    Open,
+    Sealed,
+    /// The cleaner is copying its live blocks forward.
+    Victim,
+    /// Empty, waiting for the conditions of reuse.
+    PendingFree,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SegState {
+    pub status: SegStatus,
+    pub seq: u64,
+    pub used_blocks: u32,
+    pub min_data_lsn: u64,
+    pub max_data_lsn: u64,
+    pub max_lsn: u64,
+    /// Sealed batches targeting this segment, not yet applied.
+    pub inflight_batches: u32,
+    /// Reads in flight on this segment.
+    pub readers: u32,
+    /// Set when a live block failed its checksum during cleaning: never clean it again.
+    pub gc_skip: bool,
+    /// For PendingFree: the LSN that must be durable before reuse.
+    pub free_after_lsn: Lsn,
+}
+
+impl SegState {
+    pub fn from_rec(r: &SegmentRec) -> SegState {
+        SegState {
+            status: if r.used_blocks == 0 { SegStatus::Free } else { SegStatus::Sealed },
+            seq: r.seq,
+            used_blocks: r.used_blocks,
+            min_data_lsn: r.min_data_lsn,
+            max_data_lsn: r.max_data_lsn,
+            max_lsn: r.max_lsn,
+            inflight_batches: 0,
+            readers: 0,
+            gc_skip: false,
+            free_after_lsn: Lsn(0),
+        }
+    }
+}
+
+/// What happens when a writer's last batch is applied.
+enum Done {
+    Unit(Reply<()>),
+    Volume(Reply<VolumeInfo>, VolumeInfo),
+}
+
+impl Done {
+    fn send(self, result: Result<()>) {
+        match self {
+            Done::Unit(r) => {
+                let _ = r.send(result);
+            }
+            Done::Volume(r, info) => {
+                let _ = r.send(result.map(|()| info));
+            }
+        }
+    }
+}
+
+struct Waiter {
+    remaining: u32,
+    durable: bool,
+    max_lsn: Lsn,
+    done: Done,
+}
+
+/// A block source in a write operation after intake.
+enum Piece {
+    /// Whole blocks of data (`data.len()` is a multiple of the block size).
+    Data { lba: u64, data: Bytes },
+    /// Part of one block: `data` goes at byte `at` of block `lba`.
+    Partial { lba: u64, at: usize, data: Bytes },
+    Unmap { lba: u64, n_blocks: u64 },
+    /// Whole blocks of written zeros.
+    Zero { lba: u64, n_blocks: u64 },
+}
+
+struct WriteOp {
+    volume: VolumeId,
+    pieces: Vec<Piece>,
+    durable: bool,
+    done: Done,
+}
+
+struct OpenBatch {
+    no: u64,
+    seg: u32,
+    /// Block (within the segment) where this batch's buffer starts.
+    start_block: u32,
+    with_seg_header: bool,
+    entries: Vec<Entry>,
+    crcs: Vec<u32>,
+    data: Vec<Bytes>,
+    waiters: Vec<u64>,
+    meta: Option<MetaOp>,
+    gc_blocks: usize,
+    /// Blocks touched, for the pending-write map cleanup.
+    touched: Vec<(VolumeId, u64)>,
+    unmaps: Vec<(VolumeId, u64, u64)>,
+}
+
+struct Batch {
+    no: u64,
+    seg: u32,
+    first_data_phys: u32,
+    kind: RecordKind,
+    entries: Vec<Entry>,
+    crcs: Vec<u32>,
+    meta: Option<MetaOp>,
+    waiters: Vec<u64>,
+    touched: Vec<(VolumeId, u64)>,
+    unmaps: Vec<(VolumeId, u64, u64)>,
+    completed: bool,
+    /// Cleaner victim whose copies this batch carries, with how many.
+    gc_victim: Option<(u32, usize)>,
+}
+
+/// A block whose newest write has not been applied yet: reads and read-modify-writes see it.
+struct PendingBlock {
+    batch_no: u64,
+    /// None: unmapped (reads as zeros).
+    data: Option<Bytes>,
+}
+
+enum Token {
+    Batch(Lsn),
+    Sync { through: Lsn },
+    Read { read_id: u64, block_idx: usize, n_blocks: usize, seg: u32, crcs: Vec<u32>, phys: u32 },
+    RmwRead { lba: u64, seg: u32, crc: u32, phys: u32 },
+    GcRead { seg: u32 },
+    ScanRead { seg: u32 },
+    CheckpointWrite,
+}
+
+struct ReadWaiter {
+    buf: BytesMut,
+    head: usize,
+    len: usize,
+    remaining: usize,
+    error: Option<Error>,
+    reply: Reply<Bytes>,
+}
+
+enum Stall {
+    /// Read-modify-write reads outstanding for the op at the head of intake.
+    Rmw { op: WriteOp, bases: HashMap<u64, Bytes>, outstanding: usize, error: Option<Error> },
+    /// A write waits for the cleaner to free space.
+    Space { op: WriteOp, n_blocks: u64 },
+}
+
+enum CkptPhase {
+    Idle,
+    /// Wait for the cleaner to finish its victim, then for in-flight batches to drain.
+    Draining,
+    SyncBefore { through: Lsn, header: CheckpointHeader, buf: Option<AlignedBuf> },
+    Writing { header: CheckpointHeader },
+    SyncAfter { header: CheckpointHeader },
+}
+
+enum Gc {
+    Idle,
+    Reading { seg: u32 },
+    /// Copies of `seg` queued or in flight.
+    Copying { seg: u32, queued: VecDeque<GcCopy>, in_flight: usize },
+}
+
+struct GcCopy {
+    volume: VolumeId,
+    lba: u64,
+    old_phys: u32,
+    data_lsn: Lsn,
+    data: Bytes,
+}
+
+struct Scan {
+    volume: VolumeId,
+    since: Lsn,
+    segs: Vec<u32>,
+    found: Vec<u64>,
+    reply: Reply<Vec<ChangedRun>>,
+}
+
+pub struct Core {
+    sb: Superblock,
+    cfg: Config,
+    pub(crate) state: State,
+    pub(crate) segs: Vec<SegState>,
+    next_lsn: Lsn,
+    next_seg_seq: u64,
+    ckpt_seq: u64,
+    log_blocks_at_ckpt: u64,
+    /// Highest LSN such that it and everything before it is on stable storage.
+    durable_lsn: Lsn,
+    open_seg: Option<(u32, u32)>,
+    open_batch: Option<OpenBatch>,
+    batch_no: u64,
+    batches: BTreeMap<Lsn, Batch>,
+    /// Sealed batches not yet handed to the device, in LSN order: (lsn, device offset, bytes).
+    unsubmitted: VecDeque<(Lsn, u64, AlignedBuf)>,
+    pending: HashMap<(VolumeId, u64), PendingBlock>,
+    pending_unmaps: Vec<(u64, VolumeId, u64, u64)>,
+    waiters: HashMap<u64, Waiter>,
+    next_waiter: u64,
+    sync_waiters: Vec<(Lsn, u64)>,
+    sync_in_flight: bool,
+    reads: HashMap<u64, ReadWaiter>,
+    next_read: u64,
+    intake: VecDeque<Request>,
+    stall: Option<Stall>,
+    ckpt: CkptPhase,
+    ckpt_waiters: Vec<Reply<()>>,
+    ckpt_in_progress_waiters: Vec<Reply<()>>,
+    ckpt_wanted: bool,
+    ckpt_sync_after_token: Option<u64>,
+    /// Segments whose seq is below this were sealed before the last durable checkpoint's tail.
+    reuse_below_seq: u64,
+    gc: Gc,
+    scans: VecDeque<Scan>,
+    scan_busy: bool,
+    shutdown: Option<Reply<()>>,
+    finished: bool,
+    poisoned: Option<String>,
+    tokens: HashMap<u64, Token>,
+    next_token: u64,
+    out: Vec<IoOp>,
+    stats: Stats,
+}
+
+fn err_poisoned(cause: &Option<String>) -> Option<Error> {
+    cause.as_ref().map(|c| Error::Poisoned { cause: c.clone() })
+}
+
+impl Core {
+    /// A core over recovered state. `durable_lsn` is the last LSN recovered (all of it durable).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        sb: Superblock,
+        cfg: Config,
+        state: State,
+        segs: Vec<SegState>,
+        next_lsn: Lsn,
+        next_seg_seq: u64,
+        ckpt_seq: u64,
+    ) -> Core {
+        let mut stats = Stats { n_segments: sb.n_segments, segment_bytes: sb.segment_blocks as u64 * BB, ..Stats::default() };
+        stats.next_lsn = next_lsn;
+        Core {
+            sb,
+            cfg,
+            state,
+            segs,
+            next_lsn,
+            next_seg_seq,
+            ckpt_seq,
+            log_blocks_at_ckpt: 0,
+            durable_lsn: Lsn(next_lsn.0 - 1),
+            open_seg: None,
+            open_batch: None,
+            batch_no: 0,
+            batches: BTreeMap::new(),
+            unsubmitted: VecDeque::new(),
+            pending: HashMap::new(),
+            pending_unmaps: Vec::new(),
+            waiters: HashMap::new(),
+            next_waiter: 0,
+            sync_waiters: Vec::new(),
+            sync_in_flight: false,
+            reads: HashMap::new(),
+            next_read: 0,
+            intake: VecDeque::new(),
+            stall: None,
+            ckpt: CkptPhase::Idle,
+            ckpt_waiters: Vec::new(),
+            ckpt_in_progress_waiters: Vec::new(),
+            ckpt_wanted: false,
+            ckpt_sync_after_token: None,
+            reuse_below_seq: next_seg_seq,
+            gc: Gc::Idle,
+            scans: VecDeque::new(),
+            scan_busy: false,
+            shutdown: None,
+            finished: false,
+            poisoned: None,
+            tokens: HashMap::new(),
+            next_token: 0,
+            out: Vec::new(),
+            stats,
+        }
+    }
+
+    pub fn push_request(&mut self, req: Request) {
+        self.intake.push_back(req);
+    }
+
+    pub fn take_ops(&mut self) -> Vec<IoOp> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// True once a shutdown request has been fully served.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// True when I/O is in flight, so the driver should wait on the device.
+    pub fn io_in_flight(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    fn submit(&mut self, token: Token, kind: IoKind) {
+        let id = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(id, token);
+        self.out.push(IoOp { token: id, kind });
+    }
+
+    fn seg_offset_bytes(&self, seg: u32, block: u32) -> u64 {
+        self.sb.segment_offset(seg) + block as u64 * BB
+    }
+
+    fn phys(&self, seg: u32, block: u32) -> u32 {
+        seg * self.sb.segment_blocks + block
+    }
+
+    fn phys_offset_bytes(&self, phys: u32) -> u64 {
+        self.sb.data_offset + phys as u64 * BB
+    }
+
+    /// The device itself failed (not one op): stop as after a failed write.
+    pub fn device_failed(&mut self, cause: String) {
+        self.poison(cause);
+        self.fail_everything();
+    }
+
+    fn poison(&mut self, cause: String) {
+        if self.poisoned.is_none() {
+            tracing::error!("engine poisoned, refusing further writes: {cause}");
+            self.poisoned = Some(cause);
+            self.stats.poisoned = true;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The step function.
+
+    /// Processes queued requests and advances every background machine; call after pushing requests
+    /// and after completions.
+    pub fn run(&mut self) {
+        for _ in 0..64 {
+            let before = self.fingerprint();
+            self.process_intake();
+            self.step_gc();
+            self.seal_and_submit();
+            self.step_syncs();
+            self.step_checkpoint();
+            self.step_free();
+            self.step_scans();
+            self.step_shutdown();
+            let after = self.fingerprint();
+            if before == after {
+                break;
+            }
+        }
+    }
+
+    /// A summary that changes whenever a step made progress; `run` repeats until it is stable.
+    fn fingerprint(&self) -> [usize; 12] {
+        let ckpt = match self.ckpt {
+            CkptPhase::Idle => 0,
+            CkptPhase::Draining => 1,
+            CkptPhase::SyncBefore { .. } => 2,
+            CkptPhase::Writing { .. } => 3,
+            CkptPhase::SyncAfter { .. } => 4,
+        };
+        let gc = match self.gc {
+            Gc::Idle => 0,
+            Gc::Reading { .. } => 1,
+            Gc::Copying { .. } => 2,
+        };
+        [
+            self.intake.len(),
+            self.stall.is_some() as usize,
+            self.batches.len(),
+            self.out.len(),
+            ckpt,
+            gc,
+            self.unsubmitted.len(),
+            self.open_batch.is_some() as usize,
+            self.sync_waiters.len(),
+            self.waiters.len(),
+            self.ckpt_wanted as usize + 2 * self.shutdown.is_some() as usize + 4 * self.finished as usize,
+            self.scans.len(),
+        ]
+    }
+
+    fn process_intake(&mut self) {
+        // Backpressure: stop taking requests while sealed batches queue up behind the in-flight
+        // limit, and while a checkpoint waits for in-flight batches to drain.
+        if self.unsubmitted.len() >= SEALED_QUEUE_MAX || self.draining_io() {
+            return;
+        }
+        if let Some(Stall::Space { .. }) = &self.stall {
+            let Some(Stall::Space { op, n_blocks }) = self.stall.take() else { unreachable!() };
+            if self.poisoned.is_some() {
+                op.done.send(Err(err_poisoned(&self.poisoned).expect("poisoned")));
+            } else if self.space_for_user(n_blocks) {
+                self.add_write(op);
+            } else if self.gc_can_help() {
+                self.stall = Some(Stall::Space { op, n_blocks });
+                return;
+            } else {
+                tracing::warn!("write refused: store full ({} free segments, nothing left to clean)", self.free_segments());
+                op.done.send(Err(Error::NoSpace));
+            }
+        }
+        while self.stall.is_none() && self.unsubmitted.len() < SEALED_QUEUE_MAX {
+            let Some(req) = self.intake.pop_front() else { break };
+            self.handle(req);
+        }
+    }
+
+    fn handle(&mut self, req: Request) {
+        match req {
+            Request::Read { volume, offset, len, reply } => self.handle_read(volume, offset, len, reply),
+            Request::Write { volume, offset, data, fua, reply } => {
+                let len = data.len() as u64;
+                match self.check_write(volume, offset, len) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) if len == 0 => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Ok(()) => {
+                        let pieces = split_write(offset, data);
+                        self.start_write(WriteOp { volume, pieces, durable: fua, done: Done::Unit(reply) });
+                    }
+                }
+            }
+            Request::Trim { volume, offset, len, reply } => match self.check_range(volume, offset, len, false) {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(()) => {
+                    let first = offset.div_ceil(BB);
+                    let end = (offset + len) / BB;
+                    let pieces = if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
+                    self.start_write(WriteOp { volume, pieces, durable: false, done: Done::Unit(reply) });
+                }
+            },
+            Request::WriteZeroes { volume, offset, len, may_trim, fua, reply } => {
+                match self.check_range(volume, offset, len, false) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) => {
+                        let pieces = split_zeroes(offset, len, may_trim);
+                        self.start_write(WriteOp { volume, pieces, durable: fua, done: Done::Unit(reply) });
+                    }
+                }
+            }
+            Request::Flush { reply } => {
+                if let Some(e) = err_poisoned(&self.poisoned) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                // Everything submitted before the flush, not just what was acknowledged: simpler to
+                // reason about and costs nothing extra, as the open batch is sealed anyway.
+                let id = self.add_waiter(0, true, Done::Unit(reply));
+                self.close_open_batch_for_flush(id);
+            }
+            Request::BlockStatus { volume, offset, len, reply } => {
+                let _ = reply.send(self.block_status(volume, offset, len));
+            }
+            Request::CreateVolume { name, size_bytes, reply } => self.create_volume(name, size_bytes, reply),
+            Request::ResizeVolume { volume, size_bytes, reply } => {
+                let r = self.check_meta().and_then(|()| {
+                    let vol = self.state.volumes.get(&volume).ok_or(Error::NoSuchVolume(volume))?;
+                    check_size(size_bytes)?;
+                    let _ = vol;
+                    Ok(())
+                });
+                match r {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) => self.meta_op(MetaOp::Resize { volume, size_bytes }, Done::Unit(reply)),
+                }
+            }
+            Request::DeleteVolume { volume, reply } => {
+                let r = self.check_meta().and_then(|()| {
+                    self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume))
+                });
+                match r {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) => self.meta_op(MetaOp::Delete { volume }, Done::Unit(reply)),
+                }
+            }
+            Request::ListVolumes { reply } => {
+                let list = self.state.volumes.values().map(|v| self.state.volume_info(v)).collect();
+                let _ = reply.send(Ok(list));
+            }
+            Request::ChangedSince { volume, since, reply } => {
+                if !self.state.volumes.contains_key(&volume) {
+                    let _ = reply.send(Err(Error::NoSuchVolume(volume)));
+                    return;
+                }
+                let segs = (0..self.sb.n_segments)
+                    .filter(|s| {
+                        let st = &self.segs[*s as usize];
+                        st.used_blocks > 0 && st.max_data_lsn > since.0 && self.state.live[*s as usize] > 0
+                    })
+                    .collect();
+                self.scans.push_back(Scan { volume, since, segs, found: Vec::new(), reply });
+            }
+            Request::Checkpoint { reply } => {
+                if let Some(e) = err_poisoned(&self.poisoned) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                self.ckpt_waiters.push(reply);
+                self.ckpt_wanted = true;
+            }
+            Request::Stats { reply } => {
+                let _ = reply.send(Ok(self.stats()));
+            }
+            Request::Shutdown { reply } => {
+                self.shutdown = Some(reply);
+                if self.poisoned.is_none() {
+                    self.ckpt_wanted = true;
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.next_lsn = self.next_lsn;
+        s.durable_lsn = self.durable_lsn;
+        s.free_segments = self.free_segments() as u32;
+        s.live_blocks = self.state.live.iter().map(|l| *l as u64).sum();
+        s.index_heap_bytes = self.state.volumes.values().map(|v| v.index.heap_bytes() as u64).sum();
+        s
+    }
+
+    fn free_segments(&self) -> usize {
+        self.segs.iter().filter(|s| s.status == SegStatus::Free).count()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Validation.
+
+    fn check_range(&self, volume: VolumeId, offset: u64, len: u64, is_read: bool) -> Result<()> {
+        if !is_read {
+            if let Some(e) = err_poisoned(&self.poisoned) {
+                return Err(e);
+            }
+        }
+        let vol = self.state.volumes.get(&volume).ok_or(Error::NoSuchVolume(volume))?;
+        match offset.checked_add(len) {
+            Some(end) if end <= vol.size_bytes => Ok(()),
+            _ => Err(Error::OutOfRange { volume, offset, len, size: vol.size_bytes }),
+        }
+    }
+
+    fn check_write(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
+        if len > MAX_IO_BYTES {
+            return Err(Error::TooLarge { len, limit: MAX_IO_BYTES });
+        }
+        self.check_range(volume, offset, len, false)
+    }
+
+    fn check_meta(&self) -> Result<()> {
+        match err_poisoned(&self.poisoned) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads.
+
+    fn handle_read(&mut self, volume: VolumeId, offset: u64, len: u64, reply: Reply<Bytes>) {
+        if len > MAX_IO_BYTES {
+            let _ = reply.send(Err(Error::TooLarge { len, limit: MAX_IO_BYTES }));
+            return;
+        }
+        if let Err(e) = self.check_range(volume, offset, len, true) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        if len == 0 {
+            let _ = reply.send(Ok(Bytes::new()));
+            return;
+        }
+        let first = offset / BB;
+        let last = (offset + len - 1) / BB;
+        let n_blocks = (last - first + 1) as usize;
+        let mut buf = BytesMut::zeroed(n_blocks * BLOCK_BYTES);
+        // Runs of physically consecutive blocks: (block_idx, phys, crcs).
+        let mut runs: Vec<(usize, u32, Vec<u32>)> = Vec::new();
+        {
+            let vol = self.state.volumes.get(&volume).expect("checked");
+            for i in 0..n_blocks {
+                let lba = first + i as u64;
+                if let Some(p) = self.pending.get(&(volume, lba)) {
+                    if let Some(data) = &p.data {
+                        buf[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].copy_from_slice(data);
+                    }
+                    continue;
+                }
+                if self.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
+                    continue;
+                }
+                let entry = vol.index.get(lba);
+                let Some(phys) = phys_of(entry) else { continue };
+                match runs.last_mut() {
+                    Some((idx, p, crcs))
+                        if *idx + crcs.len() == i
+                            && *p + crcs.len() as u32 == phys
+                            && (phys % self.sb.segment_blocks) != 0 =>
+                    {
+                        crcs.push(crc_of(entry));
+                    }
+                    _ => runs.push((i, phys, vec![crc_of(entry)])),
+                }
+            }
+        }
+        let head = (offset - first * BB) as usize;
+        if runs.is_empty() {
+            let _ = reply.send(Ok(buf.freeze().slice(head..head + len as usize)));
+            return;
+        }
+        let read_id = self.next_read;
+        self.next_read += 1;
+        self.reads.insert(
+            read_id,
+            ReadWaiter { buf, head, len: len as usize, remaining: runs.len(), error: None, reply },
+        );
+        for (block_idx, phys, crcs) in runs {
+            let seg = phys / self.sb.segment_blocks;
+            self.segs[seg as usize].readers += 1;
+            let n = crcs.len();
+            let offset = self.phys_offset_bytes(phys);
+            self.submit(
+                Token::Read { read_id, block_idx, n_blocks: n, seg, crcs, phys },
+                IoKind::Read { offset, buf: AlignedBuf::zeroed(n) },
+            );
+        }
+    }
+
+    fn corrupt_error(&self, seg: u32, phys: u32, what: String) -> Error {
+        let st = &self.segs[seg as usize];
+        Error::Corrupt {
+            segment: SegmentId(seg),
+            lsn_range: format!("{}..={}", st.min_data_lsn, st.max_lsn),
+            offset: self.phys_offset_bytes(phys),
+            what,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes.
+
+    fn add_waiter(&mut self, remaining: u32, durable: bool, done: Done) -> u64 {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        self.waiters.insert(id, Waiter { remaining, durable, max_lsn: Lsn(0), done });
+        id
+    }
+
+    /// Intake of a write-like op: resolve partial blocks (maybe by reading), then add to batches.
+    fn start_write(&mut self, op: WriteOp) {
+        let mut bases = HashMap::new();
+        let mut outstanding = 0;
+        let volume = op.volume;
+        for piece in &op.pieces {
+            let Piece::Partial { lba, .. } = piece else { continue };
+            if bases.contains_key(lba) {
+                continue;
+            }
+            match self.current_block(volume, *lba) {
+                CurrentBlock::Known(b) => {
+                    bases.insert(*lba, b);
+                }
+                CurrentBlock::OnDisk { phys, crc } => {
+                    let seg = phys / self.sb.segment_blocks;
+                    self.segs[seg as usize].readers += 1;
+                    let offset = self.phys_offset_bytes(phys);
+                    self.submit(
+                        Token::RmwRead { lba: *lba, seg, crc, phys },
+                        IoKind::Read { offset, buf: AlignedBuf::zeroed(1) },
+                    );
+                    outstanding += 1;
+                }
+            }
+        }
+        if outstanding > 0 {
+            self.stall = Some(Stall::Rmw { op, bases, outstanding, error: None });
+            return;
+        }
+        self.finish_intake(op, bases);
+    }
+
+    fn finish_intake(&mut self, mut op: WriteOp, bases: HashMap<u64, Bytes>) {
+        // Merge partial pieces into whole blocks, in order (two partials may hit one block).
+        let mut merged: HashMap<u64, BytesMut> = HashMap::new();
+        let mut pieces = Vec::with_capacity(op.pieces.len());
+        for piece in op.pieces.drain(..) {
+            match piece {
+                Piece::Partial { lba, at, data } => {
+                    let block = merged.entry(lba).or_insert_with(|| BytesMut::from(&bases[&lba][..]));
+                    block[at..at + data.len()].copy_from_slice(&data);
+                    if !pieces.iter().any(|p| matches!(p, Piece::Partial { lba: l, .. } if *l == lba)) {
+                        pieces.push(Piece::Partial { lba, at: 0, data: Bytes::new() });
+                    }
+                }
+                other => pieces.push(other),
+            }
+        }
+        let pieces = pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Partial { lba, .. } => Piece::Data { lba, data: merged.remove(&lba).expect("merged").freeze() },
+                other => other,
+            })
+            .collect();
+        op.pieces = pieces;
+        let n_blocks: u64 = op
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Data { data, .. } => data.len() as u64 / BB,
+                Piece::Zero { n_blocks, .. } => *n_blocks,
+                _ => 0,
+            })
+            .sum();
+        if self.space_for_user(n_blocks) {
+            self.add_write(op);
+        } else if self.gc_can_help() {
+            tracing::debug!("write of {n_blocks} blocks waits for the cleaner");
+            self.stall = Some(Stall::Space { op, n_blocks });
+        } else {
+            tracing::warn!("write refused: store full ({} free segments, nothing left to clean)", self.free_segments());
+            op.done.send(Err(Error::NoSpace));
+        }
+    }
+
+    /// Adds an intake-complete write to the open batch(es).
+    fn add_write(&mut self, op: WriteOp) {
+        let waiter = self.add_waiter(0, op.durable, op.done);
+        let volume = op.volume;
+        for piece in op.pieces {
+            match piece {
+                Piece::Data { lba, data } => {
+                    let n = data.len() / BLOCK_BYTES;
+                    for i in 0..n {
+                        let block = data.slice(i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES);
+                        self.add_block(volume, lba + i as u64, block, waiter, None);
+                    }
+                }
+                Piece::Zero { lba, n_blocks } => {
+                    for i in 0..n_blocks {
+                        self.add_block(volume, lba + i, Bytes::from_static(&ZERO_BLOCK), waiter, None);
+                    }
+                }
+                Piece::Unmap { lba, n_blocks } => self.add_unmap(volume, lba, n_blocks, waiter),
+                Piece::Partial { .. } => unreachable!("partials are merged at intake"),
+            }
+        }
+        let w = self.waiters.get(&waiter).expect("waiter");
+        if w.remaining == 0 {
+            // Nothing to write (e.g. a trim smaller than a block): done at once, or after a sync.
+            let w = self.waiters.remove(&waiter).expect("waiter");
+            if w.durable {
+                self.waiters.insert(waiter, Waiter { max_lsn: Lsn(self.next_lsn.0 - 1), ..w });
+                self.sync_waiters.push((Lsn(self.next_lsn.0 - 1), waiter));
+            } else {
+                w.done.send(Ok(()));
+            }
+        }
+    }
+
+    /// Ensures an open batch with room for one more block exists; returns false if it cannot (batch
+    /// full and not sealable now, or no segment).
+    fn ensure_open_batch(&mut self) -> bool {
+        if self.open_batch.is_some() {
+            if self.batch_room() > 0 {
+                return true;
+            }
+            self.seal_open_batch();
+        }
+        // Place a new batch at the log head.
+        let need = 1 + header_blocks_for(1, 1, 0);
+        let (seg, start_block, with_seg_header) = match self.open_seg {
+            Some((seg, next)) if next + need <= self.sb.segment_blocks => (seg, next, next == 0),
+            _ => {
+                if let Some((old, _)) = self.open_seg.take() {
+                    self.seal_segment(old);
+                }
+                let Some(seg) = self.take_free_segment() else {
+                    // Admission control keeps a segment for every admitted write; getting here is
+                    // a bug, and stopping is the only safe response.
+                    self.poison("internal error: no free segment for an admitted write (space accounting)".into());
+                    return false;
+                };
+                self.open_seg = Some((seg, 0));
+                (seg, 0, true)
+            }
+        };
+        self.batch_no += 1;
+        self.open_batch = Some(OpenBatch {
+            no: self.batch_no,
+            seg,
+            start_block,
+            with_seg_header,
+            entries: Vec::new(),
+            crcs: Vec::new(),
+            data: Vec::new(),
+            waiters: Vec::new(),
+            meta: None,
+            gc_blocks: 0,
+            touched: Vec::new(),
+            unmaps: Vec::new(),
+        });
+        true
+    }
+
+    /// Data blocks the open batch can still take (0 if there is no open batch).
+    fn batch_room(&self) -> usize {
+        let Some(b) = &self.open_batch else { return 0 };
+        if b.meta.is_some() {
+            return 0;
+        }
+        let used = b.data.len();
+        if used >= MAX_BATCH_BLOCKS as usize {
+            return 0;
+        }
+        let seg_room = self.sb.segment_blocks - b.start_block - b.with_seg_header as u32;
+        // Room for one more block with a header big enough for one more entry.
+        let need = used as u32 + 1 + header_blocks_for(b.entries.len() + 1, used + 1, 0);
+        if need > seg_room {
+            return 0;
+        }
+        (MAX_BATCH_BLOCKS as usize - used).min((seg_room - need + 1) as usize)
+    }
+
+    fn add_block(&mut self, volume: VolumeId, lba: u64, data: Bytes, waiter: u64, copy: Option<(u32, Lsn)>) {
+        if !self.ensure_open_batch() {
+            // Only reachable after poisoning; the waiter is failed by the poison path.
+            return;
+        }
+        let b = self.open_batch.as_mut().expect("open batch");
+        let crc = block_crc(&data);
+        let (kind, old_phys, data_lsn) = match copy {
+            Some((old_phys, data_lsn)) => (EntryKind::Copy, old_phys, data_lsn),
+            None => (EntryKind::Write, 0, Lsn(0)),
+        };
+        match b.entries.last_mut() {
+            Some(e)
+                if e.kind == kind
+                    && e.volume == volume
+                    && e.lba.0 + e.n_blocks as u64 == lba
+                    && e.data_lsn == data_lsn
+                    && (kind != EntryKind::Copy || e.old_phys + e.n_blocks == old_phys) =>
+            {
+                e.n_blocks += 1
+            }
+            _ => b.entries.push(Entry { volume, kind, lba: Lba(lba), n_blocks: 1, data_lsn, old_phys }),
+        }
+        b.crcs.push(crc);
+        if copy.is_none() {
+            self.pending.insert((volume, lba), PendingBlock { batch_no: b.no, data: Some(data.clone()) });
+            b.touched.push((volume, lba));
+            if b.waiters.last() != Some(&waiter) {
+                b.waiters.push(waiter);
+                self.waiters.get_mut(&waiter).expect("waiter").remaining += 1;
+            }
+        } else {
+            b.gc_blocks += 1;
+        }
+        b.data.push(data);
+    }
+
+    fn add_unmap(&mut self, volume: VolumeId, lba: u64, n_blocks: u64, waiter: u64) {
+        let mut lba = lba;
+        let mut left = n_blocks;
+        while left > 0 {
+            if !self.ensure_open_batch_for_entry() {
+                return;
+            }
+            let b = self.open_batch.as_mut().expect("open batch");
+            let n = left.min(u32::MAX as u64 / 2);
+            b.entries.push(Entry { volume, kind: EntryKind::Trim, lba: Lba(lba), n_blocks: n as u32, data_lsn: Lsn(0), old_phys: 0 });
+            b.unmaps.push((volume, lba, lba + n));
+            self.pending_unmaps.push((b.no, volume, lba, lba + n));
+            // Blocks pending in earlier batches are superseded by this unmap.
+            for l in lba..lba + n.min(1 << 16) {
+                if let Some(p) = self.pending.get_mut(&(volume, l)) {
+                    p.data = None;
+                    p.batch_no = b.no;
+                    b.touched.push((volume, l));
+                }
+            }
+            if n >= 1 << 16 {
+                let no = b.no;
+                let mut retag = Vec::new();
+                for ((v, l), p) in self.pending.iter_mut() {
+                    if *v == volume && (lba..lba + n).contains(l) {
+                        p.data = None;
+                        p.batch_no = no;
+                        retag.push((*v, *l));
+                    }
+                }
+                self.open_batch.as_mut().expect("open batch").touched.extend(retag);
+            }
+            let b = self.open_batch.as_mut().expect("open batch");
+            if b.waiters.last() != Some(&waiter) {
+                b.waiters.push(waiter);
+                self.waiters.get_mut(&waiter).expect("waiter").remaining += 1;
+            }
+            lba += n;
+            left -= n;
+        }
+    }
+
+    /// Like `ensure_open_batch` but for an entry without data.
+    fn ensure_open_batch_for_entry(&mut self) -> bool {
+        if let Some(b) = &self.open_batch {
+            let seg_room = self.sb.segment_blocks - b.start_block - b.with_seg_header as u32;
+            let need = b.data.len() as u32 + header_blocks_for(b.entries.len() + 1, b.data.len(), 0);
+            if b.meta.is_none() && need <= seg_room && b.entries.len() < MAX_BATCH_BLOCKS as usize {
+                return true;
+            }
+            self.seal_open_batch();
+        }
+        self.ensure_open_batch()
+    }
+
+    fn close_open_batch_for_flush(&mut self, waiter: u64) {
+        self.seal_open_batch();
+        let through = Lsn(self.next_lsn.0 - 1);
+        let w = self.waiters.get_mut(&waiter).expect("waiter");
+        w.max_lsn = through;
+        self.sync_waiters.push((through, waiter));
+    }
+
+    fn create_volume(&mut self, name: String, size_bytes: u64, reply: Reply<VolumeInfo>) {
+        let r = self.check_meta().and_then(|()| {
+            check_name(&name)?;
+            check_size(size_bytes)?;
+            if self.state.volumes.values().any(|v| v.name == name) {
+                return Err(Error::VolumeExists(name.clone()));
+            }
+            if self.state.volumes.len() >= MAX_VOLUMES {
+                return Err(Error::TooManyVolumes { limit: MAX_VOLUMES });
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let volume = VolumeId(self.state.next_volume_id);
+        let info = VolumeInfo { id: volume, name: name.clone(), size_bytes, mapped_bytes: 0 };
+        self.meta_op(MetaOp::Create { volume, size_bytes, name }, Done::Volume(reply, info));
+    }
+
+    /// Applies a volume-table change in memory now and logs it as a record of its own, sealed at
+    /// once so that it takes its place in LSN order; the reply waits until the record is durable.
+    fn meta_op(&mut self, op: MetaOp, done: Done) {
+        let mut dead = Vec::new();
+        self.state.apply_meta(&op, |s| dead.push(s));
+        if let MetaOp::Delete { volume } | MetaOp::Resize { volume, .. } = &op {
+            let limit = match &op {
+                MetaOp::Resize { size_bytes, .. } => size_bytes / BB,
+                _ => 0,
+            };
+            let volume = *volume;
+            self.pending.retain(|(v, l), _| !(*v == volume && *l >= limit));
+        }
+        for s in dead {
+            self.check_segment_empty(s as u32);
+        }
+        let waiter = self.add_waiter(1, true, done);
+        self.seal_open_batch();
+        if !self.ensure_open_batch() {
+            return;
+        }
+        let b = self.open_batch.as_mut().expect("open batch");
+        b.meta = Some(op);
+        b.waiters.push(waiter);
+        self.seal_open_batch();
+    }
+}
+
+enum CurrentBlock {
+    Known(Bytes),
+    OnDisk { phys: u32, crc: u32 },
+}
+
+impl Core {
+    fn current_block(&self, volume: VolumeId, lba: u64) -> CurrentBlock {
+        if let Some(p) = self.pending.get(&(volume, lba)) {
+            return CurrentBlock::Known(p.data.clone().unwrap_or_else(|| Bytes::from_static(&ZERO_BLOCK)));
+        }
+        if self.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
+            return CurrentBlock::Known(Bytes::from_static(&ZERO_BLOCK));
+        }
+        let entry = self.state.volumes.get(&volume).map(|v| v.index.get(lba)).unwrap_or(0);
+        match phys_of(entry) {
+            Some(phys) => CurrentBlock::OnDisk { phys, crc: crc_of(entry) },
+            None => CurrentBlock::Known(Bytes::from_static(&ZERO_BLOCK)),
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadVolumeName(name.to_string()))
+    }
+}
+
+fn check_size(size_bytes: u64) -> Result<()> {
+    if size_bytes == 0 || size_bytes % BB != 0 {
+        return Err(Error::InvalidArgument(format!("volume size {size_bytes} must be a non-zero multiple of 4096")));
+    }
+    // LBAs are u64 but the trim entry arithmetic and index root vector want sane sizes: 1 PiB.
+    if size_bytes > 1 << 50 {
+        return Err(Error::InvalidArgument(format!("volume size {size_bytes} exceeds the 1 PiB limit")));
+    }
+    Ok(())
+}
+
+/// Splits a byte-granular write into whole-block data and partial-block pieces.
+fn split_write(offset: u64, data: Bytes) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut off = offset;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let lba = off / BB;
+        let at = (off % BB) as usize;
+        if at != 0 || rest.len() < BLOCK_BYTES {
+            let n = (BLOCK_BYTES - at).min(rest.len());
+            pieces.push(Piece::Partial { lba, at, data: rest.split_to(n) });
+            off += n as u64;
+        } else {
+            let n = rest.len() / BLOCK_BYTES * BLOCK_BYTES;
+            pieces.push(Piece::Data { lba, data: rest.split_to(n) });
+            off += n as u64;
+        }
+    }
+    pieces
+}
+
+fn split_zeroes(offset: u64, len: u64, may_trim: bool) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let end = offset + len;
+    let first_whole = offset.div_ceil(BB);
+    let end_whole = end / BB;
+    if first_whole > end_whole {
+        // Inside one block.
+        pieces.push(Piece::Partial { lba: offset / BB, at: (offset % BB) as usize, data: zeros(len as usize) });
+        return pieces;
+    }
+    if offset % BB != 0 {
+        let n = (first_whole * BB - offset) as usize;
+        pieces.push(Piece::Partial { lba: offset / BB, at: (offset % BB) as usize, data: zeros(n) });
+    }
+    if end_whole > first_whole {
+        let n_blocks = end_whole - first_whole;
+        pieces.push(if may_trim { Piece::Unmap { lba: first_whole, n_blocks } } else { Piece::Zero { lba: first_whole, n_blocks } });
+    }
+    if end % BB != 0 {
+        pieces.push(Piece::Partial { lba: end_whole, at: 0, data: zeros((end % BB) as usize) });
+    }
+    pieces
+}
+
+fn zeros(n: usize) -> Bytes {
+    Bytes::from_static(&ZERO_BLOCK[..n])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing, space, submission.
+
+impl Core {
+    /// Gives the open batch its LSN and its bytes. Always possible: the place in the log was
+    /// reserved when the batch was opened. Submission may come later (see `seal_and_submit`).
+    fn seal_open_batch(&mut self) {
+        let Some(b) = self.open_batch.take() else { return };
+        if b.entries.is_empty() && b.meta.is_none() {
+            return;
+        }
+        let lsn = self.next_lsn;
+        self.next_lsn = lsn.next();
+        let mut entries = b.entries;
+        for e in &mut entries {
+            if e.kind != EntryKind::Copy {
+                e.data_lsn = lsn;
+            }
+        }
+        let seg_seq = self.segs[b.seg as usize].seq;
+        let (kind, meta_bytes) = match &b.meta {
+            Some(op) => (RecordKind::Meta, op.encode()),
+            None => (RecordKind::Data, Vec::new()),
+        };
+        let header = RecordHeader {
+            kind,
+            lsn,
+            durable_lsn: self.durable_lsn,
+            segment_seq: seg_seq,
+            entries,
+            crcs: b.crcs,
+            meta: meta_bytes,
+        };
+        let hb = header.header_blocks();
+        let sh = b.with_seg_header as u32;
+        let n_data = b.data.len() as u32;
+        let total = sh + hb + n_data;
+        assert!(b.start_block + total <= self.sb.segment_blocks, "batch overflows its segment");
+        let mut buf = AlignedBuf::zeroed(total as usize);
+        if b.with_seg_header {
+            SegmentHeader { store_id: self.sb.store_id, seq: seg_seq, segment: b.seg, first_lsn: lsn }
+                .encode_into(buf.block_mut(0));
+        }
+        header.encode_into(&mut buf[sh as usize * BLOCK_BYTES..], self.sb.store_id);
+        for (i, d) in b.data.iter().enumerate() {
+            buf.block_mut((sh + hb) as usize + i).copy_from_slice(d);
+        }
+        // Checksums are computed at intake; check them once more right before the bytes leave.
+        debug_assert!(b.data.iter().zip(&header.crcs).all(|(d, c)| block_crc(d) == *c));
+        let seg = &mut self.segs[b.seg as usize];
+        seg.used_blocks = b.start_block + total;
+        seg.inflight_batches += 1;
+        seg.max_lsn = lsn.0;
+        for e in &header.entries {
+            if e.kind.has_data() {
+                seg.min_data_lsn = if seg.min_data_lsn == 0 { e.data_lsn.0 } else { seg.min_data_lsn.min(e.data_lsn.0) };
+                seg.max_data_lsn = seg.max_data_lsn.max(e.data_lsn.0);
+            }
+        }
+        self.open_seg = Some((b.seg, b.start_block + total));
+        let first_data_phys = self.phys(b.seg, b.start_block + sh + hb);
+        self.stats.log_blocks_written += total as u64;
+        self.stats.user_blocks_written += (b.data.len() - b.gc_blocks) as u64;
+        self.stats.gc_blocks_copied += b.gc_blocks as u64;
+        self.stats.batches += 1;
+        for w in &b.waiters {
+            if let Some(w) = self.waiters.get_mut(w) {
+                w.max_lsn = w.max_lsn.max(lsn);
+            }
+        }
+        let gc_victim = match &self.gc {
+            Gc::Copying { seg, .. } if b.gc_blocks > 0 => Some((*seg, b.gc_blocks)),
+            _ => None,
+        };
+        let offset = self.seg_offset_bytes(b.seg, b.start_block);
+        self.batches.insert(
+            lsn,
+            Batch {
+                no: b.no,
+                seg: b.seg,
+                first_data_phys,
+                kind,
+                entries: header.entries,
+                crcs: header.crcs,
+                meta: b.meta,
+                waiters: b.waiters,
+                touched: b.touched,
+                unmaps: b.unmaps,
+                completed: false,
+                gc_victim,
+            },
+        );
+        self.unsubmitted.push_back((lsn, offset, buf));
+    }
+
+    fn seal_segment(&mut self, seg: u32) {
+        let st = &mut self.segs[seg as usize];
+        if st.status != SegStatus::Open {
+            return;
+        }
+        if st.used_blocks == 0 {
+            st.status = SegStatus::Free;
+            return;
+        }
+        st.status = SegStatus::Sealed;
+        self.check_segment_empty(seg);
+    }
+
+    fn take_free_segment(&mut self) -> Option<u32> {
+        // Lowest-numbered free segment: deterministic, and keeps a fresh store's writes near the
+        // start of the device.
+        let seg = self.segs.iter().position(|s| s.status == SegStatus::Free)? as u32;
+        let st = &mut self.segs[seg as usize];
+        st.status = SegStatus::Open;
+        st.seq = self.next_seg_seq;
+        st.used_blocks = 0;
+        st.min_data_lsn = 0;
+        st.max_data_lsn = 0;
+        st.max_lsn = 0;
+        st.gc_skip = false;
+        self.next_seg_seq += 1;
+        Some(seg)
+    }
+
+    /// Whether a write of `n_blocks` data blocks may proceed without eating into the cleaner's
+    /// reserve. Counts headers pessimistically.
+    fn space_for_user(&self, n_blocks: u64) -> bool {
+        let seg_blocks = self.sb.segment_blocks as u64;
+        let open_room = match (self.open_seg, &self.open_batch) {
+            (Some((_, next)), Some(b)) => {
+                let used = b.start_block as u64
+                    + b.with_seg_header as u64
+                    + b.data.len() as u64
+                    + header_blocks_for(b.entries.len(), b.data.len(), 0) as u64;
+                seg_blocks.saturating_sub(used.max(next as u64))
+            }
+            (Some((_, next)), None) => seg_blocks - next as u64,
+            _ => 0,
+        };
+        let free = self.free_segments() as u64;
+        let usable = free.saturating_sub(self.cfg.gc_reserve_segments as u64) * (seg_blocks - 1);
+        let need = n_blocks + 8 + n_blocks / 32;
+        open_room + usable >= need
+    }
+
+    /// Whether waiting for the cleaner can produce free space.
+    fn gc_can_help(&self) -> bool {
+        if self.poisoned.is_some() {
+            return false;
+        }
+        if !matches!(self.gc, Gc::Idle) || !matches!(self.ckpt, CkptPhase::Idle) {
+            return true;
+        }
+        self.segs.iter().enumerate().any(|(i, s)| match s.status {
+            SegStatus::PendingFree => true,
+            SegStatus::Sealed => !s.gc_skip && self.victim_gain(i) > 0,
+            _ => false,
+        })
+    }
+
+    /// Blocks gained by cleaning segment `i`.
+    fn victim_gain(&self, i: usize) -> i64 {
+        let live = self.state.live[i] as i64;
+        self.sb.segment_blocks as i64 - live - (live / 200 + 2)
+    }
+
+    /// Moves an empty, settled segment towards reuse.
+    fn check_segment_empty(&mut self, seg: u32) {
+        let last = Lsn(self.next_lsn.0 - 1);
+        let st = &mut self.segs[seg as usize];
+        if matches!(st.status, SegStatus::Sealed) && st.inflight_batches == 0 && self.state.live[seg as usize] == 0 {
+            st.status = SegStatus::PendingFree;
+            st.free_after_lsn = last;
+        }
+    }
+
+    /// Highest LSN such that every batch up to it has completed.
+    fn completed_through(&self) -> Lsn {
+        match self.batches.keys().next() {
+            Some(first) => Lsn(first.0 - 1),
+            None => Lsn(self.next_lsn.0 - 1),
+        }
+    }
+
+    fn draining_io(&self) -> bool {
+        matches!(self.ckpt, CkptPhase::Draining) && matches!(self.gc, Gc::Idle | Gc::Reading { .. })
+    }
+
+    fn seal_and_submit(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let in_flight = self.batches.len() - self.unsubmitted.len();
+        if in_flight < self.cfg.max_inflight_batches && !self.draining_io() {
+            self.feed_gc_copies();
+            if self.unsubmitted.is_empty() {
+                self.seal_open_batch();
+            }
+        }
+        let mut in_flight = self.batches.len() - self.unsubmitted.len();
+        while in_flight < self.cfg.max_inflight_batches {
+            let Some((lsn, offset, buf)) = self.unsubmitted.pop_front() else { break };
+            self.submit(Token::Batch(lsn), IoKind::Write { offset, buf });
+            in_flight += 1;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Completions.
+
+    pub fn on_completion(&mut self, c: Completion) {
+        let Some(token) = self.tokens.remove(&c.token) else {
+            tracing::error!("completion for unknown token {}", c.token);
+            return;
+        };
+        match token {
+            Token::Batch(lsn) => {
+                if let Err(e) = c.result {
+                    self.poison(format!("log write of LSN {lsn} failed: {e}"));
+                    self.fail_everything();
+                    return;
+                }
+                if let Some(b) = self.batches.get_mut(&lsn) {
+                    b.completed = true;
+                }
+                self.apply_completed();
+            }
+            Token::Sync { through } => {
+                self.sync_in_flight = false;
+                if let Err(e) = c.result {
+                    self.poison(format!("fdatasync failed: {e}"));
+                    self.fail_everything();
+                    return;
+                }
+                self.stats.syncs += 1;
+                self.durable_lsn = self.durable_lsn.max(through);
+                if let CkptPhase::SyncAfter { header } = &self.ckpt {
+                    if self.ckpt_sync_after_token == Some(c.token) {
+                        let header = *header;
+                        self.checkpoint_done(header);
+                    }
+                }
+                self.reply_synced();
+            }
+            Token::Read { read_id, block_idx, n_blocks, seg, crcs, phys } => {
+                self.segs[seg as usize].readers -= 1;
+                let result = c.result.map_err(|e| Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e));
+                let buf = c.buf;
+                let mut error = None;
+                match (result, buf) {
+                    (Ok(()), Some(buf)) => {
+                        for i in 0..n_blocks {
+                            let got = block_crc(buf.block(i));
+                            if got != crcs[i] {
+                                let e = self.corrupt_error(seg, phys + i as u32, format!("block checksum {got:#010x}, expected {:#010x}", crcs[i]));
+                                tracing::error!("{e}");
+                                error = Some(e);
+                                break;
+                            }
+                        }
+                        if error.is_none() {
+                            if let Some(w) = self.reads.get_mut(&read_id) {
+                                w.buf[block_idx * BLOCK_BYTES..(block_idx + n_blocks) * BLOCK_BYTES].copy_from_slice(&buf);
+                            }
+                        }
+                    }
+                    (Err(e), _) => error = Some(e),
+                    (Ok(()), None) => error = Some(Error::InvalidArgument("read returned no buffer".into())),
+                }
+                let Some(w) = self.reads.get_mut(&read_id) else { return };
+                if w.error.is_none() {
+                    w.error = error;
+                }
+                w.remaining -= 1;
+                if w.remaining == 0 {
+                    let w = self.reads.remove(&read_id).expect("read waiter");
+                    let _ = w.reply.send(match w.error {
+                        Some(e) => Err(e),
+                        None => Ok(w.buf.freeze().slice(w.head..w.head + w.len)),
+                    });
+                }
+            }
+            Token::RmwRead { lba, seg, crc, phys } => {
+                self.segs[seg as usize].readers -= 1;
+                let block = match (c.result, c.buf) {
+                    (Ok(()), Some(buf)) if block_crc(&buf) == crc => Ok(Bytes::copy_from_slice(&buf)),
+                    (Ok(()), Some(buf)) => Err(self.corrupt_error(seg, phys, format!("block checksum {:#010x}, expected {crc:#010x}", block_crc(&buf)))),
+                    (Err(e), _) => Err(Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e)),
+                    (Ok(()), None) => Err(Error::InvalidArgument("read returned no buffer".into())),
+                };
+                let Some(Stall::Rmw { bases, outstanding, error, .. }) = &mut self.stall else {
+                    unreachable!("RMW read without a stalled write")
+                };
+                match block {
+                    Ok(b) => {
+                        bases.insert(lba, b);
+                    }
+                    Err(e) => *error = Some(e),
+                }
+                *outstanding -= 1;
+                if *outstanding == 0 {
+                    let Some(Stall::Rmw { op, bases, error, .. }) = self.stall.take() else { unreachable!() };
+                    match error {
+                        Some(e) => op.done.send(Err(e)),
+                        None => self.finish_intake(op, bases),
+                    }
+                }
+            }
+            Token::GcRead { seg } => {
+                self.segs[seg as usize].readers -= 1;
+                match (c.result, c.buf) {
+                    (Ok(()), Some(buf)) => self.gc_parse_victim(seg, buf),
+                    (r, _) => {
+                        tracing::error!("cleaner could not read segment {seg}: {:?}", r.err());
+                        self.segs[seg as usize].status = SegStatus::Sealed;
+                        self.segs[seg as usize].gc_skip = true;
+                        self.gc = Gc::Idle;
+                    }
+                }
+            }
+            Token::ScanRead { seg } => {
+                self.segs[seg as usize].readers -= 1;
+                self.scan_busy = false;
+                match (c.result, c.buf) {
+                    (Ok(()), Some(buf)) => self.scan_segment(seg, &buf),
+                    (r, _) => {
+                        if let Some(scan) = self.scans.pop_front() {
+                            let _ = scan.reply.send(Err(Error::io(format!("reading segment {seg}"), r.err().unwrap_or_else(|| std::io::Error::other("no buffer")))));
+                        }
+                    }
+                }
+            }
+            Token::CheckpointWrite => {
+                if let Err(e) = c.result {
+                    self.poison(format!("checkpoint write failed: {e}"));
+                    self.fail_everything();
+                    return;
+                }
+                let CkptPhase::Writing { header } = &self.ckpt else { unreachable!("checkpoint write completion") };
+                self.ckpt = CkptPhase::SyncAfter { header: *header };
+                self.ckpt_sync_after_token = None;
+            }
+        }
+    }
+
+    /// Applies completed batches in LSN order and acknowledges their writers.
+    fn apply_completed(&mut self) {
+        while let Some(entry) = self.batches.first_entry() {
+            if !entry.get().completed {
+                break;
+            }
+            let b = entry.remove();
+            let mut dead = Vec::new();
+            if b.kind == RecordKind::Data {
+                self.state.apply_data(&b.entries, &b.crcs, b.first_data_phys, |s| dead.push(s));
+            }
+            for key in &b.touched {
+                if self.pending.get(key).is_some_and(|p| p.batch_no == b.no) {
+                    self.pending.remove(key);
+                }
+            }
+            if !b.unmaps.is_empty() {
+                self.pending_unmaps.retain(|u| u.0 != b.no);
+            }
+            if let (Some((victim, n)), Gc::Copying { seg, in_flight, .. }) = (b.gc_victim, &mut self.gc) {
+                if *seg == victim {
+                    *in_flight -= n;
+                }
+            }
+            self.segs[b.seg as usize].inflight_batches -= 1;
+            dead.push(b.seg as usize);
+            dead.sort_unstable();
+            dead.dedup();
+            for s in dead {
+                self.check_segment_empty(s as u32);
+            }
+            for id in b.waiters {
+                let Some(w) = self.waiters.get_mut(&id) else { continue };
+                w.remaining -= 1;
+                if w.remaining > 0 {
+                    continue;
+                }
+                if w.durable {
+                    let through = w.max_lsn;
+                    self.sync_waiters.push((through, id));
+                } else {
+                    let w = self.waiters.remove(&id).expect("waiter");
+                    w.done.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    fn reply_synced(&mut self) {
+        let durable = self.durable_lsn;
+        let mut i = 0;
+        while i < self.sync_waiters.len() {
+            let (through, id) = self.sync_waiters[i];
+            if through <= durable {
+                self.sync_waiters.swap_remove(i);
+                if let Some(w) = self.waiters.remove(&id) {
+                    w.done.send(Ok(()));
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// After a failed write or sync: fail every waiting writer and drop unapplied batches. Reads of
+    /// applied data keep working; the index never saw the failed batches.
+    fn fail_everything(&mut self) {
+        let cause = self.poisoned.clone().unwrap_or_default();
+        for (_, w) in self.waiters.drain() {
+            w.done.send(Err(Error::Poisoned { cause: cause.clone() }));
+        }
+        self.sync_waiters.clear();
+        self.batches.clear();
+        self.unsubmitted.clear();
+        self.open_batch = None;
+        self.pending.clear();
+        self.pending_unmaps.clear();
+        for r in self.ckpt_waiters.drain(..) {
+            let _ = r.send(Err(Error::Poisoned { cause: cause.clone() }));
+        }
+        self.ckpt = CkptPhase::Idle;
+        self.ckpt_wanted = false;
+        if let Some(Stall::Space { op, .. }) = self.stall.take() {
+            op.done.send(Err(Error::Poisoned { cause: cause.clone() }));
+        }
+        self.gc = Gc::Idle;
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Syncs.
+
+    fn step_syncs(&mut self) {
+        if self.sync_in_flight || self.poisoned.is_some() {
+            return;
+        }
+        let completed = self.completed_through();
+        let mut want = false;
+        if self.sync_waiters.iter().any(|(t, _)| *t > self.durable_lsn && *t <= completed) {
+            want = true;
+        }
+        if self.segs.iter().any(|s| s.status == SegStatus::PendingFree && s.free_after_lsn > self.durable_lsn && s.free_after_lsn <= completed) {
+            want = true;
+        }
+        if let CkptPhase::SyncBefore { through, .. } = &self.ckpt {
+            if *through > self.durable_lsn {
+                want = true;
+            }
+        }
+        let ckpt_after = matches!(self.ckpt, CkptPhase::SyncAfter { .. }) && self.ckpt_sync_after_token.is_none();
+        if want || ckpt_after {
+            let token = self.next_token;
+            self.submit(Token::Sync { through: completed }, IoKind::Sync);
+            self.sync_in_flight = true;
+            if ckpt_after {
+                self.ckpt_sync_after_token = Some(token);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Checkpoints.
+
+    fn step_checkpoint(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let log_since = self.stats.log_blocks_written - self.log_blocks_at_ckpt;
+        let interval_blocks = (self.cfg.checkpoint_interval_bytes / BB)
+            .min(self.sb.n_segments as u64 * self.sb.segment_blocks as u64 / 4)
+            .max(1);
+        if log_since >= interval_blocks {
+            self.ckpt_wanted = true;
+        }
+        match &mut self.ckpt {
+            CkptPhase::Idle => {
+                if self.ckpt_wanted {
+                    self.ckpt_wanted = false;
+                    self.ckpt = CkptPhase::Draining;
+                    self.ckpt_in_progress_waiters = std::mem::take(&mut self.ckpt_waiters);
+                }
+            }
+            CkptPhase::Draining => {
+                if self.draining_io() && self.batches.is_empty() && self.stall_allows_snapshot() {
+                    self.take_snapshot();
+                }
+            }
+            CkptPhase::SyncBefore { through, header, buf } => {
+                if self.durable_lsn >= *through {
+                    let header = *header;
+                    let buf = buf.take().expect("checkpoint buffer");
+                    let offset = self.sb.checkpoint_offsets[(header.seq % 2) as usize];
+                    self.ckpt = CkptPhase::Writing { header };
+                    self.submit(Token::CheckpointWrite, IoKind::Write { offset, buf });
+                }
+            }
+            CkptPhase::Writing { .. } | CkptPhase::SyncAfter { .. } => {}
+        }
+    }
+
+    /// A read-modify-write stall holds a write that has not entered a batch; it is fine to snapshot
+    /// around it. Nothing else blocks a snapshot.
+    fn stall_allows_snapshot(&self) -> bool {
+        true
+    }
+
+    fn take_snapshot(&mut self) {
+        let mut data = CheckpointData {
+            next_volume_id: self.state.next_volume_id,
+            volumes: Vec::with_capacity(self.state.volumes.len()),
+            segments: Vec::with_capacity(self.segs.len()),
+            runs: Vec::new(),
+            entries: Vec::new(),
+        };
+        for v in self.state.volumes.values() {
+            data.volumes.push(VolumeRec { id: v.id.0, name: v.name.clone(), size_bytes: v.size_bytes });
+            let mut run: Option<RunRec> = None;
+            let runs = &mut data.runs;
+            let entries = &mut data.entries;
+            v.index.for_each_in(0, u64::MAX, |lba, e| {
+                match &mut run {
+                    Some(r) if r.lba + r.n_blocks as u64 == lba && r.n_blocks < u32::MAX => r.n_blocks += 1,
+                    _ => {
+                        if let Some(r) = run.take() {
+                            runs.push(r);
+                        }
+                        run = Some(RunRec { volume: v.id.0, n_blocks: 1, lba });
+                    }
+                }
+                entries.push(e);
+            });
+            if let Some(r) = run {
+                data.runs.push(r);
+            }
+        }
+        for s in &self.segs {
+            // Segments on their way to reuse are recorded as empty.
+            let used = match s.status {
+                SegStatus::Free => 0,
+                _ => s.used_blocks,
+            };
+            data.segments.push(SegmentRec {
+                seq: s.seq,
+                used_blocks: used,
+                min_data_lsn: s.min_data_lsn,
+                max_data_lsn: s.max_data_lsn,
+                max_lsn: s.max_lsn,
+            });
+        }
+        let payload = data.to_bytes();
+        let (tail_segment, tail_block, tail_seq) = match self.open_seg {
+            Some((seg, next)) => (seg, next, self.segs[seg as usize].seq),
+            None => (u32::MAX, 0, 0),
+        };
+        let header = CheckpointHeader {
+            store_id: self.sb.store_id,
+            seq: self.ckpt_seq + 1,
+            next_lsn: self.next_lsn,
+            next_segment_seq: self.next_seg_seq,
+            tail_segment,
+            tail_block,
+            tail_seq,
+            payload_bytes: payload.len() as u64,
+            payload_crc: crc32fast::hash(&payload),
+        };
+        let n_blocks = 1 + payload.len().div_ceil(BLOCK_BYTES);
+        if n_blocks as u64 > self.sb.checkpoint_slot_blocks {
+            self.poison(format!(
+                "checkpoint of {} bytes does not fit its slot of {} blocks (internal sizing error)",
+                payload.len(),
+                self.sb.checkpoint_slot_blocks
+            ));
+            self.fail_everything();
+            return;
+        }
+        let mut buf = AlignedBuf::zeroed(n_blocks);
+        buf.block_mut(0).copy_from_slice(&header.encode());
+        buf[BLOCK_BYTES..BLOCK_BYTES + payload.len()].copy_from_slice(&payload);
+        self.stats.checkpoint_bytes_last = (n_blocks * BLOCK_BYTES) as u64;
+        self.log_blocks_at_ckpt = self.stats.log_blocks_written;
+        let through = Lsn(self.next_lsn.0 - 1);
+        self.ckpt = CkptPhase::SyncBefore { through, header, buf: Some(buf) };
+        tracing::debug!("checkpoint {} snapshot at LSN {}", header.seq, through);
+    }
+
+    fn checkpoint_done(&mut self, header: CheckpointHeader) {
+        self.ckpt_seq = header.seq;
+        // The tail segment still receives records replayed from this checkpoint: it must not be
+        // reused before the next one.
+        self.reuse_below_seq = if header.tail_segment == u32::MAX { header.next_segment_seq } else { header.tail_seq };
+        self.stats.checkpoints += 1;
+        self.ckpt = CkptPhase::Idle;
+        for r in self.ckpt_in_progress_waiters.drain(..) {
+            let _ = r.send(Ok(()));
+        }
+        tracing::debug!("checkpoint {} durable", header.seq);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Segment reuse.
+
+    fn step_free(&mut self) {
+        let durable = self.durable_lsn;
+        let below = self.reuse_below_seq;
+        let mut blocked_on_ckpt = false;
+        for s in self.segs.iter_mut() {
+            if s.status != SegStatus::PendingFree {
+                continue;
+            }
+            if s.free_after_lsn <= durable && s.readers == 0 {
+                if s.seq < below {
+                    s.status = SegStatus::Free;
+                    s.used_blocks = 0;
+                } else {
+                    blocked_on_ckpt = true;
+                }
+            }
+        }
+        if blocked_on_ckpt && self.low_on_space() && matches!(self.ckpt, CkptPhase::Idle) {
+            self.ckpt_wanted = true;
+        }
+    }
+
+    fn gc_low_segments(&self) -> usize {
+        self.cfg.gc_reserve_segments as usize + 2 + self.sb.n_segments as usize / 64
+    }
+
+    fn low_on_space(&self) -> bool {
+        self.free_segments() < self.gc_low_segments() || matches!(self.stall, Some(Stall::Space { .. }))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Cleaner.
+
+    fn step_gc(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        if let Gc::Copying { seg, queued, in_flight } = &self.gc {
+            if queued.is_empty() && *in_flight == 0 {
+                let seg = *seg;
+                let st = &mut self.segs[seg as usize];
+                st.status = SegStatus::Sealed;
+                if self.state.live[seg as usize] == 0 {
+                    self.stats.segments_cleaned += 1;
+                    self.check_segment_empty(seg);
+                } else {
+                    tracing::warn!("segment {seg} still has {} live blocks after cleaning", self.state.live[seg as usize]);
+                    st.gc_skip = true;
+                }
+                self.gc = Gc::Idle;
+            }
+        }
+        if !matches!(self.gc, Gc::Idle) || !matches!(self.ckpt, CkptPhase::Idle) || !self.low_on_space() {
+            return;
+        }
+        // Cost-benefit (Rosenblum & Ousterhout): prefer segments that are empty and old.
+        let now = self.next_lsn.0;
+        let mut best: Option<(f64, u32)> = None;
+        let mut blocked_by_seq = false;
+        let room = self.free_segments() as i64 * (self.sb.segment_blocks as i64 - 1);
+        for (i, s) in self.segs.iter().enumerate() {
+            if s.status != SegStatus::Sealed || s.gc_skip || s.inflight_batches > 0 || self.victim_gain(i) <= 0 {
+                continue;
+            }
+            let live = self.state.live[i] as i64;
+            if live + live / 200 + 8 > room {
+                continue;
+            }
+            if s.seq >= self.reuse_below_seq {
+                blocked_by_seq = true;
+                continue;
+            }
+            let u = live as f64 / self.sb.segment_blocks as f64;
+            let age = (now.saturating_sub(s.max_lsn) + 1) as f64;
+            let score = (1.0 - u) * age / (1.0 + u);
+            if best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, i as u32));
+            }
+        }
+        let Some((_, seg)) = best else {
+            if blocked_by_seq {
+                self.ckpt_wanted = true;
+            }
+            return;
+        };
+        let st = &mut self.segs[seg as usize];
+        st.status = SegStatus::Victim;
+        st.readers += 1;
+        let n = st.used_blocks as usize;
+        let offset = self.seg_offset_bytes(seg, 0);
+        self.gc = Gc::Reading { seg };
+        self.submit(Token::GcRead { seg }, IoKind::Read { offset, buf: AlignedBuf::zeroed(n) });
+    }
+
+    fn gc_parse_victim(&mut self, seg: u32, buf: AlignedBuf) {
+        let mut copies = VecDeque::new();
+        let mut corrupt = None;
+        let owner = Bytes::from_owner(buf);
+        let store_id = self.sb.store_id;
+        let n_blocks = owner.len() / BLOCK_BYTES;
+        let parse = (|| -> Result<(), String> {
+            let sh = SegmentHeader::decode(&owner[..BLOCK_BYTES], store_id).map_err(|e| format!("segment header: {e}"))?;
+            let mut cursor = 1usize;
+            while cursor < n_blocks {
+                let rec = match RecordHeader::decode(&owner[cursor * BLOCK_BYTES..], store_id) {
+                    Ok(r) if r.segment_seq == sh.seq => r,
+                    Ok(_) => return Err(format!("record at block {cursor} belongs to another segment generation")),
+                    Err(e) => return Err(format!("record at block {cursor}: {e}")),
+                };
+                let hb = rec.header_blocks() as usize;
+                let mut d = 0usize;
+                for e in &rec.entries {
+                    if !e.kind.has_data() {
+                        continue;
+                    }
+                    for i in 0..e.n_blocks as u64 {
+                        let block_idx = cursor + hb + d;
+                        let crc = rec.crcs[d];
+                        d += 1;
+                        if block_idx >= n_blocks {
+                            return Err("record runs past the written part of the segment".into());
+                        }
+                        let phys = self.phys(seg, block_idx as u32);
+                        let Some(vol) = self.state.volumes.get(&e.volume) else { continue };
+                        let entry = vol.index.get(e.lba.0 + i);
+                        if phys_of(entry) != Some(phys) {
+                            continue;
+                        }
+                        let data = owner.slice(block_idx * BLOCK_BYTES..(block_idx + 1) * BLOCK_BYTES);
+                        let got = block_crc(&data);
+                        if got != crc_of(entry) || got != crc {
+                            corrupt = Some(self.corrupt_error(seg, phys, format!("live block checksum {got:#010x}, expected {:#010x}", crc_of(entry))));
+                            return Ok(());
+                        }
+                        copies.push_back(GcCopy { volume: e.volume, lba: e.lba.0 + i, old_phys: phys, data_lsn: e.data_lsn, data });
+                    }
+                }
+                cursor += hb + rec.data_blocks() as usize;
+            }
+            Ok(())
+        })();
+        if let Some(e) = corrupt {
+            tracing::error!("cleaner skips segment {seg}: {e}");
+            self.segs[seg as usize].status = SegStatus::Sealed;
+            self.segs[seg as usize].gc_skip = true;
+            self.gc = Gc::Idle;
+            return;
+        }
+        if let Err(why) = parse {
+            if copies.len() as u32 != self.state.live[seg as usize] {
+                tracing::error!("cleaner cannot parse segment {seg}: {why}");
+                self.segs[seg as usize].status = SegStatus::Sealed;
+                self.segs[seg as usize].gc_skip = true;
+                self.gc = Gc::Idle;
+                return;
+            }
+        }
+        self.gc = Gc::Copying { seg, queued: copies, in_flight: 0 };
+    }
+
+    /// Moves queued cleaner copies into the open batch, bounded per batch.
+    fn feed_gc_copies(&mut self) {
+        let Gc::Copying { queued, .. } = &mut self.gc else { return };
+        if queued.is_empty() {
+            return;
+        }
+        let mut queued = std::mem::take(queued);
+        let mut added = 0usize;
+        while let Some(c) = queued.front() {
+            let still_live = self
+                .state
+                .volumes
+                .get(&c.volume)
+                .is_some_and(|v| phys_of(v.index.get(c.lba)) == Some(c.old_phys))
+                && !self.pending.contains_key(&(c.volume, c.lba));
+            if !still_live {
+                queued.pop_front();
+                continue;
+            }
+            let gc_in_batch = self.open_batch.as_ref().map_or(0, |b| b.gc_blocks);
+            if gc_in_batch >= GC_BLOCKS_PER_BATCH_MAX {
+                break;
+            }
+            if !self.ensure_open_batch() {
+                break;
+            }
+            let c = queued.pop_front().expect("front");
+            self.add_block(c.volume, c.lba, c.data, 0, Some((c.old_phys, c.data_lsn)));
+            added += 1;
+        }
+        if let Gc::Copying { queued: q, in_flight, .. } = &mut self.gc {
+            *q = queued;
+            *in_flight += added;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Changed-block scans (for replication resync).
+
+    fn step_scans(&mut self) {
+        if self.scan_busy {
+            return;
+        }
+        let Some(scan) = self.scans.front_mut() else { return };
+        match scan.segs.pop() {
+            Some(seg) => {
+                let n = self.segs[seg as usize].used_blocks as usize;
+                self.segs[seg as usize].readers += 1;
+                let offset = self.seg_offset_bytes(seg, 0);
+                self.scan_busy = true;
+                self.submit(Token::ScanRead { seg }, IoKind::Read { offset, buf: AlignedBuf::zeroed(n) });
+            }
+            None => {
+                let mut scan = self.scans.pop_front().expect("scan");
+                scan.found.sort_unstable();
+                scan.found.dedup();
+                let mut runs: Vec<ChangedRun> = Vec::new();
+                for lba in scan.found {
+                    match runs.last_mut() {
+                        Some(r) if r.lba.0 + r.n_blocks == lba => r.n_blocks += 1,
+                        _ => runs.push(ChangedRun { lba: Lba(lba), n_blocks: 1 }),
+                    }
+                }
+                let _ = scan.reply.send(Ok(runs));
+            }
+        }
+    }
+
+    fn scan_segment(&mut self, seg: u32, buf: &[u8]) {
+        let Some(scan) = self.scans.front() else { return };
+        let (volume, since) = (scan.volume, scan.since);
+        let mut found = Vec::new();
+        let store_id = self.sb.store_id;
+        let n_blocks = buf.len() / BLOCK_BYTES;
+        if let Ok(sh) = SegmentHeader::decode(&buf[..BLOCK_BYTES.min(buf.len())], store_id) {
+            let mut cursor = 1usize;
+            while cursor < n_blocks {
+                let Ok(rec) = RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], store_id) else { break };
+                if rec.segment_seq != sh.seq {
+                    break;
+                }
+                let hb = rec.header_blocks() as usize;
+                let mut d = 0usize;
+                for e in &rec.entries {
+                    if !e.kind.has_data() {
+                        continue;
+                    }
+                    for i in 0..e.n_blocks as u64 {
+                        let phys = self.phys(seg, (cursor + hb + d) as u32);
+                        d += 1;
+                        if e.volume != volume || e.data_lsn <= since {
+                            continue;
+                        }
+                        let live = self.state.volumes.get(&volume).is_some_and(|v| phys_of(v.index.get(e.lba.0 + i)) == Some(phys));
+                        if live {
+                            found.push(e.lba.0 + i);
+                        }
+                    }
+                }
+                cursor += hb + rec.data_blocks() as usize;
+            }
+        }
+        if let Some(scan) = self.scans.front_mut() {
+            scan.found.extend(found);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Shutdown and block status.
+
+    fn step_shutdown(&mut self) {
+        if self.shutdown.is_none() || self.finished {
+            return;
+        }
+        let idle = self.intake.is_empty()
+            && self.stall.is_none()
+            && self.batches.is_empty()
+            && self.open_batch.as_ref().is_none_or(|b| b.entries.is_empty())
+            && self.sync_waiters.is_empty()
+            && matches!(self.ckpt, CkptPhase::Idle)
+            && !self.ckpt_wanted
+            && self.scans.is_empty()
+            && self.tokens.is_empty();
+        if idle {
+            let reply = self.shutdown.take().expect("shutdown");
+            let _ = reply.send(match err_poisoned(&self.poisoned) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            });
+            self.finished = true;
+        } else if self.poisoned.is_some() && self.tokens.is_empty() {
+            let reply = self.shutdown.take().expect("shutdown");
+            let _ = reply.send(Err(err_poisoned(&self.poisoned).expect("poisoned")));
+            self.finished = true;
+        }
+    }
+
+    fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(volume, offset, len, true)?;
+        let vol = self.state.volumes.get(&volume).expect("checked");
+        let end = offset + len;
+        let first = offset / BB;
+        let last = end.div_ceil(BB);
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut push = |start: u64, stop: u64, mapped: bool| {
+            let (start, stop) = (start.max(offset), stop.min(end));
+            if stop <= start {
+                return;
+            }
+            match extents.last_mut() {
+                Some(e) if e.mapped == mapped && e.offset + e.len == start => e.len += stop - start,
+                _ => extents.push(Extent { offset: start, len: stop - start, mapped }),
+            }
+        };
+        let mut cursor = first;
+        let mut mapped_lbas = Vec::new();
+        vol.index.for_each_in(first, last, |lba, _| mapped_lbas.push(lba));
+        for (key, p) in &self.pending {
+            if key.0 == volume && (first..last).contains(&key.1) && p.data.is_some() {
+                mapped_lbas.push(key.1);
+            }
+        }
+        mapped_lbas.sort_unstable();
+        mapped_lbas.dedup();
+        for lba in mapped_lbas {
+            if lba > cursor {
+                push(cursor * BB, lba * BB, false);
+            }
+            push(lba * BB, (lba + 1) * BB, true);
+            cursor = lba + 1;
+        }
+        if cursor < last {
+            push(cursor * BB, last * BB, false);
+        }
+        Ok(extents)
+    }
+}

@@ -1,0 +1,121 @@
+//! The storage seam: the one trait through which the engine touches a disk.
+//!
+//! The engine core never blocks on I/O. It hands [`IoOp`]s to a [`Device`] and later receives one
+//! [`Completion`] per op, in any order. Production uses [`crate::uring::UringDevice`] (io_uring on an
+//! `O_DIRECT` file or block device); tests use [`crate::sim::SimDevice`], which keeps written and
+//! durable bytes apart so that a power cut can be simulated at every I/O boundary.
+//!
+//! Buffers are moved into the op and handed back in the completion, so a buffer is never touched by
+//! the engine while the kernel may be using it.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::buf::AlignedBuf;
+
+/// What to do. Offsets and lengths are multiples of [`crate::types::BLOCK_BYTES`].
+#[derive(Debug)]
+pub enum IoKind {
+    /// Fill `buf` from the device starting at `offset`.
+    Read { offset: u64, buf: AlignedBuf },
+    /// Write all of `buf` at `offset`. Not durable until a later [`IoKind::Sync`] completes.
+    Write { offset: u64, buf: AlignedBuf },
+    /// Make every write that completed before this op was submitted durable (fdatasync).
+    Sync,
+}
+
+#[derive(Debug)]
+pub struct IoOp {
+    /// Chosen by the submitter, returned in the completion.
+    pub token: u64,
+    pub kind: IoKind,
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub token: u64,
+    /// `Ok` only if the whole buffer was transferred (devices retry short transfers themselves).
+    pub result: io::Result<()>,
+    /// The op's buffer, handed back (None for Sync).
+    pub buf: Option<AlignedBuf>,
+}
+
+/// A block device as the engine sees it.
+pub trait Device: Send + 'static {
+    /// Size in bytes; the store never addresses beyond it.
+    fn len_bytes(&self) -> u64;
+    /// Queues an op. It starts no later than the next [`Device::wait`].
+    fn submit(&mut self, op: IoOp);
+    /// Starts queued ops and blocks until at least one completion is available or, if `wake` is
+    /// given, until it is signalled. May return early; callers loop.
+    fn wait(&mut self, wake: Option<&EventFd>) -> io::Result<()>;
+    /// Takes one available completion.
+    fn pop_completion(&mut self) -> Option<Completion>;
+}
+
+/// Runs one op to completion, blocking. Used at open time, when nothing else is in flight.
+pub fn run_blocking(device: &mut dyn Device, kind: IoKind) -> io::Result<Option<AlignedBuf>> {
+    const TOKEN: u64 = u64::MAX;
+    device.submit(IoOp { token: TOKEN, kind });
+    loop {
+        device.wait(None)?;
+        if let Some(c) = device.pop_completion() {
+            assert_eq!(c.token, TOKEN, "run_blocking used with other ops in flight");
+            c.result?;
+            return Ok(c.buf);
+        }
+    }
+}
+
+/// Reads `n_blocks` at `offset`, blocking.
+pub fn read_blocking(device: &mut dyn Device, offset: u64, n_blocks: usize) -> io::Result<AlignedBuf> {
+    let buf = AlignedBuf::zeroed(n_blocks);
+    run_blocking(device, IoKind::Read { offset, buf }).map(|b| b.expect("read returns its buffer"))
+}
+
+/// Writes `buf` at `offset`, blocking.
+pub fn write_blocking(device: &mut dyn Device, offset: u64, buf: AlignedBuf) -> io::Result<()> {
+    run_blocking(device, IoKind::Write { offset, buf }).map(|_| ())
+}
+
+/// Syncs, blocking.
+pub fn sync_blocking(device: &mut dyn Device) -> io::Result<()> {
+    run_blocking(device, IoKind::Sync).map(|_| ())
+}
+
+/// A Linux eventfd: how request submitters wake the engine thread while it waits for I/O.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a freshly created descriptor that we own.
+        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Increments the counter, waking a waiter.
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own descriptor.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        debug_assert!(n == 8 || n < 0);
+    }
+
+    /// Blocks until signalled, then resets the counter.
+    pub fn wait(&self) {
+        let mut value: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our own descriptor.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

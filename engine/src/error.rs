@@ -1,0 +1,76 @@
+//! The engine's error type: one precise variant per way an operation can fail.
+
+use std::io;
+
+use crate::types::{Lsn, SegmentId, VolumeId};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A write or sync failed earlier; the kernel may have dropped dirty pages, so nothing written
+    /// since the last successful sync can be trusted. Only a reopen (which recovers from the log)
+    /// is safe.
+    #[error("store is stopped after an earlier I/O error ({cause}); close and reopen it to recover")]
+    Poisoned { cause: String },
+    #[error("no space left in the store: live data fills it; trim or delete data, or grow the device")]
+    NoSpace,
+    #[error("volume {0} does not exist")]
+    NoSuchVolume(VolumeId),
+    #[error("volume named {0:?} does not exist")]
+    NoSuchVolumeName(String),
+    #[error("a volume named {0:?} already exists")]
+    VolumeExists(String),
+    #[error("invalid volume name {0:?}: use 1..=64 characters from [A-Za-z0-9._-]")]
+    BadVolumeName(String),
+    #[error("too many volumes (limit {limit})")]
+    TooManyVolumes { limit: usize },
+    #[error("range {offset}+{len} is outside volume {volume} of {size} bytes")]
+    OutOfRange { volume: VolumeId, offset: u64, len: u64, size: u64 },
+    #[error("request of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: u64, limit: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("checksum mismatch in durable data: segment {segment}, LSN {lsn_range}, device offset {offset}: {what}")]
+    Corrupt { segment: SegmentId, lsn_range: String, offset: u64, what: String },
+    #[error("store is corrupt: {0}")]
+    CorruptStore(String),
+    #[error("{path}: not a syncblock store ({why}); likely cause: wrong path, or the store was never created (run `syncblock volume create` or `Store::create`)")]
+    NotAStore { path: String, why: String },
+    #[error("store format version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("io_uring is unavailable: {cause}")]
+    UringUnavailable { cause: String },
+    #[error("I/O error on {what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("the engine has shut down")]
+    ShutDown,
+    #[error("corrupt record at segment {segment}, LSN {lsn}: {what}")]
+    CorruptRecord { segment: SegmentId, lsn: Lsn, what: String },
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
+        Error::Io { what: what.into(), source }
+    }
+
+    /// The closest errno, for protocol layers (NBD) that speak errno.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Poisoned { .. } => libc::EIO,
+            Error::NoSpace => libc::ENOSPC,
+            Error::NoSuchVolume(_) | Error::NoSuchVolumeName(_) => libc::ENOENT,
+            Error::VolumeExists(_) => libc::EEXIST,
+            Error::BadVolumeName(_) | Error::InvalidArgument(_) => libc::EINVAL,
+            Error::TooManyVolumes { .. } => libc::ENOSPC,
+            Error::OutOfRange { .. } => libc::EINVAL,
+            Error::TooLarge { .. } => libc::EOVERFLOW,
+            Error::Corrupt { .. } | Error::CorruptStore(_) | Error::CorruptRecord { .. } => libc::EIO,
+            Error::NotAStore { .. } | Error::UnsupportedVersion { .. } => libc::EINVAL,
+            Error::UringUnavailable { .. } => libc::ENOSYS,
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::ShutDown => libc::ESHUTDOWN,
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! syncblock's storage engine: a crash-safe, log-structured block store on io_uring.
+//!
+//! See `ARCHITECTURE.md` for the bird's-eye view and `docs/format.md` for the on-disk format and the
+//! crash cases. The public surface is [`Store`]; everything below it is reachable for tests.
+
+pub mod buf;
+pub mod device;
+pub mod error;
+pub mod types;
+pub mod uring;
+
+pub use error::{Error, Result};
+pub use types::{Lba, Lsn, SegmentId, VolumeId, BLOCK_BYTES};
+pub mod checkpoint;
+pub mod core;
+pub mod format;
+pub mod index;
+pub mod state;
+pub mod sim;
+pub mod recovery;
+pub mod store;
+
+pub use crate::core::{ChangedRun, Config, Extent, Stats, MAX_IO_BYTES};
+pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+pub use state::VolumeInfo;
+pub use store::{CreateOptions, Store};

@@ -1,0 +1,232 @@
+//! A simulated device for tests: it keeps what was *written* (what reads see, the page cache)
+//! apart from what is *durable* (what survives a power cut), logs every write and sync, can build
+//! the disk image a power cut would leave after any prefix of that log (with unsynced writes
+//! dropped, kept or torn at 512-byte sectors, chosen by a seed), and can fail chosen writes or syncs.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use crate::buf::AlignedBuf;
+use crate::device::{Completion, Device, EventFd, IoKind, IoOp};
+
+/// One logged device operation.
+#[derive(Debug, Clone)]
+pub enum LoggedOp {
+    Write { offset: u64, data: Vec<u8> },
+    Sync,
+}
+
+/// Shared state of a simulated disk; tests keep an `Arc` to inspect it while the engine runs.
+#[derive(Debug)]
+pub struct SimDisk {
+    /// What reads return.
+    pub written: Vec<u8>,
+    /// The image the log started from.
+    pub base: Vec<u8>,
+    /// Every write and sync since `base`, in execution order.
+    pub log: Vec<LoggedOp>,
+    /// Fail the write with this index (counting writes from 0) with EIO, and every later one.
+    pub fail_writes_from: Option<u64>,
+    /// Fail the sync with this index (counting syncs from 0), and every later one.
+    pub fail_syncs_from: Option<u64>,
+    /// Fail reads of this device byte range with EIO.
+    pub fail_reads_in: Option<(u64, u64)>,
+    pub n_writes: u64,
+    pub n_syncs: u64,
+}
+
+impl SimDisk {
+    pub fn new(image: Vec<u8>) -> Arc<Mutex<SimDisk>> {
+        Arc::new(Mutex::new(SimDisk {
+            written: image.clone(),
+            base: image,
+            log: Vec::new(),
+            fail_writes_from: None,
+            fail_syncs_from: None,
+            fail_reads_in: None,
+            n_writes: 0,
+            n_syncs: 0,
+        }))
+    }
+
+    /// Number of logged operations: the I/O boundaries at which a crash can be simulated.
+    pub fn n_ops(&self) -> usize {
+        self.log.len()
+    }
+
+    /// The image a power cut leaves after the first `n_ops` logged operations. Writes followed by a
+    /// sync are durable; every later write is, per seed, lost, kept, or torn sector by sector.
+    pub fn crash_image(&self, n_ops: usize, seed: u64) -> Vec<u8> {
+        let mut image = self.base.clone();
+        let mut unsynced: Vec<&LoggedOp> = Vec::new();
+        for op in &self.log[..n_ops] {
+            match op {
+                LoggedOp::Write { .. } => unsynced.push(op),
+                LoggedOp::Sync => {
+                    for w in unsynced.drain(..) {
+                        if let LoggedOp::Write { offset, data } = w {
+                            image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                        }
+                    }
+                }
+            }
+        }
+        let mut rng = Rng::new(seed);
+        for w in unsynced {
+            let LoggedOp::Write { offset, data } = w else { continue };
+            match rng.below(3) {
+                0 => {}
+                1 => image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data),
+                _ => {
+                    for (i, sector) in data.chunks(512).enumerate() {
+                        if rng.below(2) == 0 {
+                            let at = *offset as usize + i * 512;
+                            image[at..at + sector.len()].copy_from_slice(sector);
+                        }
+                    }
+                }
+            }
+        }
+        image
+    }
+
+    /// The image after every logged write, all durable (a clean power-off after a final sync).
+    pub fn durable_image(&self) -> Vec<u8> {
+        self.written.clone()
+    }
+}
+
+/// A tiny deterministic PRNG (splitmix64) so that a seed replays exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// The [`Device`] over a [`SimDisk`]. Ops execute at `wait`, optionally in a seeded random order.
+pub struct SimDevice {
+    disk: Arc<Mutex<SimDisk>>,
+    queued: Vec<IoOp>,
+    done: VecDeque<Completion>,
+    reorder: Option<Rng>,
+    len: u64,
+}
+
+impl SimDevice {
+    pub fn new(disk: Arc<Mutex<SimDisk>>) -> SimDevice {
+        let len = disk.lock().expect("sim disk").written.len() as u64;
+        SimDevice { disk, queued: Vec::new(), done: VecDeque::new(), reorder: None, len }
+    }
+
+    /// Executes the ops queued at each `wait` in an order chosen by `seed`.
+    pub fn with_reordering(mut self, seed: u64) -> SimDevice {
+        self.reorder = Some(Rng::new(seed));
+        self
+    }
+
+    fn execute(&mut self, op: IoOp) -> Completion {
+        let mut disk = self.disk.lock().expect("sim disk");
+        let check = |offset: u64, len: usize, dev_len: u64| -> io::Result<()> {
+            if offset % 4096 != 0 || offset + len as u64 > dev_len {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "transfer outside the device"));
+            }
+            Ok(())
+        };
+        match op.kind {
+            IoKind::Read { offset, mut buf } => {
+                let r = check(offset, buf.len(), self.len).and_then(|()| {
+                    if let Some((s, e)) = disk.fail_reads_in {
+                        if offset < e && offset + buf.len() as u64 > s {
+                            return Err(io::Error::from_raw_os_error(libc::EIO));
+                        }
+                    }
+                    let o = offset as usize;
+                    let n = buf.len();
+                    buf.copy_from_slice(&disk.written[o..o + n]);
+                    Ok(())
+                });
+                Completion { token: op.token, result: r, buf: Some(buf) }
+            }
+            IoKind::Write { offset, buf } => {
+                let idx = disk.n_writes;
+                disk.n_writes += 1;
+                let r = check(offset, buf.len(), self.len).and_then(|()| {
+                    if disk.fail_writes_from.is_some_and(|f| idx >= f) {
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                    let o = offset as usize;
+                    disk.written[o..o + buf.len()].copy_from_slice(&buf);
+                    disk.log.push(LoggedOp::Write { offset, data: buf.to_vec() });
+                    Ok(())
+                });
+                Completion { token: op.token, result: r, buf: Some(buf) }
+            }
+            IoKind::Sync => {
+                let idx = disk.n_syncs;
+                disk.n_syncs += 1;
+                let r = if disk.fail_syncs_from.is_some_and(|f| idx >= f) {
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                } else {
+                    disk.log.push(LoggedOp::Sync);
+                    Ok(())
+                };
+                Completion { token: op.token, result: r, buf: None::<AlignedBuf> }
+            }
+        }
+    }
+}
+
+impl Device for SimDevice {
+    fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    fn submit(&mut self, op: IoOp) {
+        self.queued.push(op);
+    }
+
+    fn wait(&mut self, wake: Option<&EventFd>) -> io::Result<()> {
+        if !self.done.is_empty() {
+            return Ok(());
+        }
+        if self.queued.is_empty() {
+            if let Some(efd) = wake {
+                efd.wait();
+            }
+            return Ok(());
+        }
+        let mut ops = std::mem::take(&mut self.queued);
+        if let Some(rng) = &mut self.reorder {
+            // Complete a random non-empty subset, in random order; the rest stay in flight.
+            for i in (1..ops.len()).rev() {
+                let j = rng.below(i as u64 + 1) as usize;
+                ops.swap(i, j);
+            }
+            let keep = rng.below(ops.len() as u64) as usize;
+            self.queued = ops.split_off(ops.len() - keep);
+        }
+        for op in ops {
+            let c = self.execute(op);
+            self.done.push_back(c);
+        }
+        Ok(())
+    }
+
+    fn pop_completion(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+}

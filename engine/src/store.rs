@@ -1,0 +1,271 @@
+//! [`Store`]: the engine's public handle, and the thread that drives the core.
+//!
+//! One engine thread owns the [`Core`] and the [`Device`]. Callers (any thread, any async runtime)
+//! push requests into a shared queue and wake the thread through an eventfd that the io_uring ring
+//! also watches, so the thread sleeps in exactly one place. Everything queued while the thread was
+//! busy is taken in one go and becomes one batch: that is the group commit.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Stats};
+use crate::device::{Device, EventFd};
+use crate::error::{Error, Result};
+use crate::recovery::{self, RecoveryReport};
+use crate::state::VolumeInfo;
+use crate::types::{Lsn, VolumeId};
+use crate::uring::UringDevice;
+
+/// Admission budget, in units of one request plus one unit per 64 KiB of payload: about 8192
+/// small requests or 512 MiB of payload queued or in flight in the engine at once. Beyond that,
+/// callers wait (backpressure) instead of growing memory without bound.
+const QUEUE_PERMITS: usize = 8192;
+
+fn permits_for(bytes: u64) -> u32 {
+    (1 + (bytes >> 16)).min(QUEUE_PERMITS as u64 / 2) as u32
+}
+
+/// Options for creating a store.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Size of the backing file to create (ignored for block devices, which have their own size).
+    pub size_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions { size_bytes: 1 << 30, segment_bytes: recovery::DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+struct Inner {
+    queue: Mutex<VecDeque<Request>>,
+    sleeping: AtomicBool,
+    wake: EventFd,
+    permits: Arc<Semaphore>,
+    closed: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A handle on an open store. Cheap to clone; all clones talk to the same engine thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    report: Arc<RecoveryReport>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Creates a new store in a file (created sparse) or on a block device, then opens it.
+    pub fn create(path: &Path, opts: &CreateOptions, cfg: Config) -> Result<Store> {
+        let mut dev = UringDevice::open(path, Some(opts.size_bytes))?;
+        recovery::format(&mut dev, opts.segment_bytes)?;
+        Store::open_device(Box::new(dev), cfg, &path.display().to_string())
+    }
+
+    /// Opens an existing store, recovering it after a crash if need be.
+    pub fn open(path: &Path, cfg: Config) -> Result<Store> {
+        let dev = UringDevice::open(path, None)?;
+        Store::open_device(Box::new(dev), cfg, &path.display().to_string())
+    }
+
+    /// Formats any device (e.g. the simulated one).
+    pub fn format_device(device: &mut dyn Device, segment_bytes: u64) -> Result<()> {
+        recovery::format(device, segment_bytes).map(|_| ())
+    }
+
+    /// Recovers and opens the store on any device. Returns only after the recovery checkpoint is
+    /// durable, so nothing written afterwards can depend on the pre-crash log.
+    pub fn open_device(mut device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
+        let (core, report) = recovery::recover(device.as_mut(), cfg, name)?;
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(VecDeque::new()),
+            sleeping: AtomicBool::new(false),
+            wake: EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?,
+            permits: Arc::new(Semaphore::new(QUEUE_PERMITS)),
+            closed: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let thread_inner = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("syncblock-engine".into())
+            .spawn(move || drive(core, device, thread_inner))
+            .map_err(|e| Error::io("spawning the engine thread", e))?;
+        *inner.thread.lock().expect("thread slot") = Some(handle);
+        let store = Store { inner, report: Arc::new(report) };
+        store.call_blocking(|reply| Request::Checkpoint { reply })?;
+        Ok(store)
+    }
+
+    /// What recovery found when this store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    fn send(&self, req: Request) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        self.inner.queue.lock().expect("queue").push_back(req);
+        if self.inner.sleeping.swap(false, Ordering::AcqRel) {
+            self.inner.wake.signal();
+        }
+        Ok(())
+    }
+
+    async fn call<T>(&self, bytes: u64, make: impl FnOnce(Reply<T>) -> Request) -> Result<T> {
+        let _permit = self.inner.permits.acquire_many(permits_for(bytes)).await.map_err(|_| Error::ShutDown)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| Error::ShutDown)?
+    }
+
+    /// Blocking form of a call, for threads outside any async runtime.
+    pub fn call_blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.blocking_recv().map_err(|_| Error::ShutDown)?
+    }
+
+    pub async fn read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Bytes> {
+        self.call(len, |reply| Request::Read { volume, offset, len, reply }).await
+    }
+
+    /// Writes `data` at `offset`. With `fua`, returns only once the data is durable.
+    pub async fn write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, reply }).await
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub async fn flush(&self) -> Result<()> {
+        self.call(0, |reply| Request::Flush { reply }).await
+    }
+
+    pub async fn trim(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
+        self.call(0, |reply| Request::Trim { volume, offset, len, reply }).await
+    }
+
+    pub async fn write_zeroes(&self, volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
+        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, reply }).await
+    }
+
+    pub async fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.call(0, |reply| Request::BlockStatus { volume, offset, len, reply }).await
+    }
+
+    pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        let name = name.to_string();
+        self.call(0, |reply| Request::CreateVolume { name, size_bytes, reply }).await
+    }
+
+    pub async fn resize_volume(&self, volume: VolumeId, size_bytes: u64) -> Result<()> {
+        self.call(0, |reply| Request::ResizeVolume { volume, size_bytes, reply }).await
+    }
+
+    pub async fn delete_volume(&self, volume: VolumeId) -> Result<()> {
+        self.call(0, |reply| Request::DeleteVolume { volume, reply }).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        self.call(0, |reply| Request::ListVolumes { reply }).await
+    }
+
+    /// The volume named `name`.
+    pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        self.list_volumes().await?.into_iter().find(|v| v.name == name).ok_or_else(|| Error::NoSuchVolumeName(name.to_string()))
+    }
+
+    /// Live blocks of `volume` last written after `since`, as runs of LBAs (for resync).
+    pub async fn changed_since(&self, volume: VolumeId, since: Lsn) -> Result<Vec<ChangedRun>> {
+        self.call(0, |reply| Request::ChangedSince { volume, since, reply }).await
+    }
+
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.call(0, |reply| Request::Checkpoint { reply }).await
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        self.call(0, |reply| Request::Stats { reply }).await
+    }
+
+    /// The highest LSN known durable.
+    pub async fn durable_lsn(&self) -> Result<Lsn> {
+        Ok(self.stats().await?.durable_lsn)
+    }
+
+    /// Finishes queued work, writes a checkpoint and stops the engine thread. Later calls on any
+    /// clone fail with [`Error::ShutDown`].
+    pub fn close(&self) -> Result<()> {
+        let r = self.call_blocking(|reply| Request::Shutdown { reply });
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(t) = self.inner.thread.lock().expect("thread slot").take() {
+            let _ = t.join();
+        }
+        match r {
+            Err(Error::ShutDown) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Last handle gone without close(): stop the thread, checkpointing on the way out.
+        if let Some(t) = self.thread.get_mut().expect("thread slot").take() {
+            let (tx, _rx) = oneshot::channel();
+            self.queue.get_mut().expect("queue").push_back(Request::Shutdown { reply: tx });
+            self.wake.signal();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The engine thread's loop.
+fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
+    loop {
+        let batch: Vec<Request> = inner.queue.lock().expect("queue").drain(..).collect();
+        for req in batch {
+            core.push_request(req);
+        }
+        core.run();
+        for op in core.take_ops() {
+            device.submit(op);
+        }
+        if core.finished() {
+            break;
+        }
+        inner.sleeping.store(true, Ordering::Release);
+        if !inner.queue.lock().expect("queue").is_empty() {
+            inner.sleeping.store(false, Ordering::Release);
+            if !core.io_in_flight() {
+                continue;
+            }
+            // Requests are waiting: make the wait below return as soon as it has submitted and
+            // reaped, instead of sleeping until an I/O completes.
+            inner.wake.signal();
+        }
+        if let Err(e) = device.wait(Some(&inner.wake)) {
+            core.device_failed(format!("waiting for I/O failed: {e}"));
+        }
+        inner.sleeping.store(false, Ordering::Release);
+        while let Some(c) = device.pop_completion() {
+            core.on_completion(c);
+        }
+    }
+    inner.closed.store(true, Ordering::Release);
+    // Anything still queued is answered by dropping its reply sender (callers see ShutDown).
+    inner.queue.lock().expect("queue").clear();
+}
