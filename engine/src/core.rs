@@ -345,6 +345,9 @@ pub struct Core {
     cfg: Config,
     pub(crate) state: State,
     pub(crate) segs: Vec<SegState>,
+    n_free: usize,
+    /// Bumped on every segment state change, so `run` notices progress that changes nothing else.
+    progress: usize,
     next_lsn: Lsn,
     next_seg_seq: u64,
     ckpt_seq: u64,
@@ -408,7 +411,9 @@ impl Core {
             sb,
             cfg,
             state,
+            n_free: segs.iter().filter(|s| s.status == SegStatus::Free).count(),
             segs,
+            progress: 0,
             next_lsn,
             next_seg_seq,
             ckpt_seq,
@@ -511,19 +516,28 @@ impl Core {
             self.step_gc();
             self.seal_and_submit();
             self.step_syncs();
+            self.reply_synced();
             self.step_checkpoint();
             self.step_free();
             self.step_scans();
             self.step_shutdown();
             let after = self.fingerprint();
             if before == after {
+                if self.tokens.is_empty() && (after[0] > 0 || after[1] > 0 || after[8] > 0 || after[9] > 0 || after[4] > 0) {
+                    // Nothing in flight yet work is waiting: nothing will ever wake it. A bug.
+                    tracing::error!(
+                        "engine idle with pending work: {after:?} stall={} free={} gc_low={} ckpt_wanted={} reuse_below={}",
+                        match &self.stall { Some(Stall::Rmw { .. }) => "rmw", Some(Stall::Space { .. }) => "space", None => "none" },
+                        self.free_segments(), self.gc_low_segments(), self.ckpt_wanted, self.reuse_below_seq
+                    );
+                }
                 break;
             }
         }
     }
 
     /// A summary that changes whenever a step made progress; `run` repeats until it is stable.
-    fn fingerprint(&self) -> [usize; 12] {
+    fn fingerprint(&self) -> [usize; 13] {
         let ckpt = match self.ckpt {
             CkptPhase::Idle => 0,
             CkptPhase::Draining => 1,
@@ -549,6 +563,7 @@ impl Core {
             self.waiters.len(),
             self.ckpt_wanted as usize + 2 * self.shutdown.is_some() as usize + 4 * self.finished as usize,
             self.scans.len(),
+            self.progress,
         ]
     }
 
@@ -705,7 +720,21 @@ impl Core {
     }
 
     fn free_segments(&self) -> usize {
-        self.segs.iter().filter(|s| s.status == SegStatus::Free).count()
+        debug_assert_eq!(self.n_free, self.segs.iter().filter(|s| s.status == SegStatus::Free).count());
+        self.n_free
+    }
+
+    /// Changes a segment's status, keeping the free count (consulted on every write) exact.
+    fn set_status(&mut self, seg: u32, status: SegStatus) {
+        let st = &mut self.segs[seg as usize];
+        if st.status == SegStatus::Free {
+            self.n_free -= 1;
+        }
+        if status == SegStatus::Free {
+            self.n_free += 1;
+        }
+        st.status = status;
+        self.progress += 1;
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1343,15 +1372,15 @@ impl Core {
     }
 
     fn seal_segment(&mut self, seg: u32) {
-        let st = &mut self.segs[seg as usize];
+        let st = &self.segs[seg as usize];
         if st.status != SegStatus::Open {
             return;
         }
         if st.used_blocks == 0 {
-            st.status = SegStatus::Free;
+            self.set_status(seg, SegStatus::Free);
             return;
         }
-        st.status = SegStatus::Sealed;
+        self.set_status(seg, SegStatus::Sealed);
         self.check_segment_empty(seg);
     }
 
@@ -1359,8 +1388,8 @@ impl Core {
         // Lowest-numbered free segment: deterministic, and keeps a fresh store's writes near the
         // start of the device.
         let seg = self.segs.iter().position(|s| s.status == SegStatus::Free)? as u32;
+        self.set_status(seg, SegStatus::Open);
         let st = &mut self.segs[seg as usize];
-        st.status = SegStatus::Open;
         st.seq = self.next_seg_seq;
         st.used_blocks = 0;
         st.min_data_lsn = 0;
@@ -1407,19 +1436,26 @@ impl Core {
         })
     }
 
-    /// Blocks gained by cleaning segment `i`.
+    /// Net blocks gained by cleaning segment `i`, or <= 0 if it is not worth cleaning. Copying
+    /// costs the live blocks plus record headers, so a victim must be at least 1/8 dead (plus two
+    /// blocks of slack for headers): otherwise the cleaner could spin, copying as much as it frees.
     fn victim_gain(&self, i: usize) -> i64 {
+        let seg_blocks = self.sb.segment_blocks as i64;
         let live = self.state.live[i] as i64;
-        self.sb.segment_blocks as i64 - live - (live / 200 + 2)
+        let dead = seg_blocks - live;
+        if dead < seg_blocks / 8 + 2 {
+            return 0;
+        }
+        dead - (live / 128 + 2)
     }
 
     /// Moves an empty, settled segment towards reuse.
     fn check_segment_empty(&mut self, seg: u32) {
         let last = Lsn(self.next_lsn.0 - 1);
-        let st = &mut self.segs[seg as usize];
+        let st = &self.segs[seg as usize];
         if matches!(st.status, SegStatus::Sealed) && st.inflight_batches == 0 && self.state.live[seg as usize] == 0 {
-            st.status = SegStatus::PendingFree;
-            st.free_after_lsn = last;
+            self.set_status(seg, SegStatus::PendingFree);
+            self.segs[seg as usize].free_after_lsn = last;
         }
     }
 
@@ -1561,7 +1597,7 @@ impl Core {
                     (Ok(()), Some(buf)) => self.gc_parse_victim(seg, buf),
                     (r, _) => {
                         tracing::error!("cleaner could not read segment {seg}: {:?}", r.err());
-                        self.segs[seg as usize].status = SegStatus::Sealed;
+                        self.set_status(seg, SegStatus::Sealed);
                         self.segs[seg as usize].gc_skip = true;
                         self.gc = Gc::Idle;
                     }
@@ -1856,14 +1892,15 @@ impl Core {
         let durable = self.durable_lsn;
         let below = self.reuse_below_seq;
         let mut blocked_on_ckpt = false;
-        for s in self.segs.iter_mut() {
+        for i in 0..self.segs.len() {
+            let s = &self.segs[i];
             if s.status != SegStatus::PendingFree {
                 continue;
             }
             if s.free_after_lsn <= durable && s.readers == 0 {
                 if s.seq < below {
-                    s.status = SegStatus::Free;
-                    s.used_blocks = 0;
+                    self.set_status(i as u32, SegStatus::Free);
+                    self.segs[i].used_blocks = 0;
                 } else {
                     blocked_on_ckpt = true;
                 }
@@ -1892,14 +1929,13 @@ impl Core {
         if let Gc::Copying { seg, queued, in_flight } = &self.gc {
             if queued.is_empty() && *in_flight == 0 {
                 let seg = *seg;
-                let st = &mut self.segs[seg as usize];
-                st.status = SegStatus::Sealed;
+                self.set_status(seg, SegStatus::Sealed);
                 if self.state.live[seg as usize] == 0 {
                     self.stats.segments_cleaned += 1;
                     self.check_segment_empty(seg);
                 } else {
                     tracing::warn!("segment {seg} still has {} live blocks after cleaning", self.state.live[seg as usize]);
-                    st.gc_skip = true;
+                    self.segs[seg as usize].gc_skip = true;
                 }
                 self.gc = Gc::Idle;
             }
@@ -1937,8 +1973,8 @@ impl Core {
             }
             return;
         };
+        self.set_status(seg, SegStatus::Victim);
         let st = &mut self.segs[seg as usize];
-        st.status = SegStatus::Victim;
         st.readers += 1;
         let n = st.used_blocks as usize;
         let offset = self.seg_offset_bytes(seg, 0);
@@ -1995,7 +2031,7 @@ impl Core {
         })();
         if let Some(e) = corrupt {
             tracing::error!("cleaner skips segment {seg}: {e}");
-            self.segs[seg as usize].status = SegStatus::Sealed;
+            self.set_status(seg, SegStatus::Sealed);
             self.segs[seg as usize].gc_skip = true;
             self.gc = Gc::Idle;
             return;
@@ -2003,7 +2039,7 @@ impl Core {
         if let Err(why) = parse {
             if copies.len() as u32 != self.state.live[seg as usize] {
                 tracing::error!("cleaner cannot parse segment {seg}: {why}");
-                self.segs[seg as usize].status = SegStatus::Sealed;
+                self.set_status(seg, SegStatus::Sealed);
                 self.segs[seg as usize].gc_skip = true;
                 self.gc = Gc::Idle;
                 return;

@@ -24,6 +24,10 @@ pub fn open_sim(disk: &Arc<Mutex<SimDisk>>, cfg: Config) -> syncblock_engine::Re
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 

@@ -1,0 +1,4 @@
+//! Fuzz target `checkpoint`: see `syncblock_fuzz::checks::checkpoint` for the input format and the properties.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| syncblock_fuzz::checks::checkpoint(data));
