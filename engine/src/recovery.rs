@@ -365,6 +365,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                         stop = None;
                         continue 'chain;
                     }
+                    scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
                     break 'chain;
                 }
             };
@@ -375,12 +376,14 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                     stop = None;
                     continue 'chain;
                 }
+                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
                 break 'chain;
             }
             let hb = rec.header_blocks() as usize;
             let db = rec.data_blocks() as usize;
             if cursor + hb + db > sb.segment_blocks as usize {
                 stop = Some((seg, cursor as u32, "record runs past the end of its segment".into(), true));
+                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
                 break 'chain;
             }
             let data_at = cursor + hb;
@@ -389,6 +392,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 stop = Some((seg, (data_at + i) as u32, format!("data block {i} of LSN {} fails its checksum", rec.lsn), true));
                 max_lsn_seen = max_lsn_seen.max(rec.lsn);
                 max_durable = max_durable.max(rec.durable_lsn);
+                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
                 break 'chain;
             }
             // Apply, exactly as the live engine did.
@@ -505,4 +509,18 @@ fn scan_durable(device: &mut dyn Device, sb: &Superblock, seg: u32) -> Result<Op
         cursor += rec.header_blocks() as usize + rec.data_blocks() as usize;
     }
     Ok(best)
+}
+
+/// After the log's end inside a segment, looks at every later block for a valid record of the same
+/// segment generation: its durable LSN tells whether the end was a torn tail or damage to records
+/// that had been acknowledged as durable.
+fn scan_rest(buf: &[u8], from: usize, seg_seq: u64, store_id: u64, max_durable: &mut Lsn, max_lsn: &mut Lsn) {
+    for block in from..buf.len() / BLOCK_BYTES {
+        if let Ok(rec) = RecordHeader::decode(&buf[block * BLOCK_BYTES..], store_id) {
+            if rec.segment_seq == seg_seq {
+                *max_durable = (*max_durable).max(rec.durable_lsn);
+                *max_lsn = (*max_lsn).max(rec.lsn);
+            }
+        }
+    }
 }
