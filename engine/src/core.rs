@@ -39,7 +39,7 @@ use crate::format::{
     block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind,
     SegmentHeader, Superblock, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
 };
-use crate::index::{crc_of, pack, phys_of};
+use crate::index::{crc_of, phys_of};
 use crate::state::{State, VolumeInfo, MAX_VOLUMES};
 use crate::types::{Lba, Lsn, SegmentId, VolumeId, BLOCK_BYTES};
 
@@ -266,7 +266,6 @@ struct Batch {
     kind: RecordKind,
     entries: Vec<Entry>,
     crcs: Vec<u32>,
-    meta: Option<MetaOp>,
     waiters: Vec<u64>,
     touched: Vec<(VolumeId, u64)>,
     unmaps: Vec<(VolumeId, u64, u64)>,
@@ -319,7 +318,7 @@ enum CkptPhase {
 
 enum Gc {
     Idle,
-    Reading { seg: u32 },
+    Reading,
     /// Copies of `seg` queued or in flight.
     Copying { seg: u32, queued: VecDeque<GcCopy>, in_flight: usize },
 }
@@ -547,7 +546,7 @@ impl Core {
         };
         let gc = match self.gc {
             Gc::Idle => 0,
-            Gc::Reading { .. } => 1,
+            Gc::Reading => 1,
             Gc::Copying { .. } => 2,
         };
         [
@@ -1360,7 +1359,6 @@ impl Core {
                 kind,
                 entries: header.entries,
                 crcs: header.crcs,
-                meta: b.meta,
                 waiters: b.waiters,
                 touched: b.touched,
                 unmaps: b.unmaps,
@@ -1468,7 +1466,7 @@ impl Core {
     }
 
     fn draining_io(&self) -> bool {
-        matches!(self.ckpt, CkptPhase::Draining) && matches!(self.gc, Gc::Idle | Gc::Reading { .. })
+        matches!(self.ckpt, CkptPhase::Draining) && matches!(self.gc, Gc::Idle | Gc::Reading)
     }
 
     fn seal_and_submit(&mut self) {
@@ -1534,10 +1532,10 @@ impl Core {
                 let mut error = None;
                 match (result, buf) {
                     (Ok(()), Some(buf)) => {
-                        for i in 0..n_blocks {
+                        for (i, expected) in crcs.iter().enumerate() {
                             let got = block_crc(buf.block(i));
-                            if got != crcs[i] {
-                                let e = self.corrupt_error(seg, phys + i as u32, format!("block checksum {got:#010x}, expected {:#010x}", crcs[i]));
+                            if got != *expected {
+                                let e = self.corrupt_error(seg, phys + i as u32, format!("block checksum {got:#010x}, expected {expected:#010x}"));
                                 tracing::error!("{e}");
                                 error = Some(e);
                                 break;
@@ -1978,7 +1976,7 @@ impl Core {
         st.readers += 1;
         let n = st.used_blocks as usize;
         let offset = self.seg_offset_bytes(seg, 0);
-        self.gc = Gc::Reading { seg };
+        self.gc = Gc::Reading;
         self.submit(Token::GcRead { seg }, IoKind::Read { offset, buf: AlignedBuf::zeroed(n) });
     }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::{
     block_crc, CheckpointHeader, DecodeError, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock,
 };
-use crate::index::{pack, phys_of};
+use crate::index::phys_of;
 use crate::state::{State, Volume, MAX_VOLUMES};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES};
 use crate::checkpoint::SegmentRec;
@@ -487,7 +487,6 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         report.last_lsn,
         report.log_end
     );
-    let _ = pack;
     let core = Core::new(sb, cfg, state, segs, next_lsn, next_seg_seq, h.seq);
     Ok((core, report))
 }
