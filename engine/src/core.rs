@@ -345,6 +345,8 @@ pub struct Core {
     pub(crate) state: State,
     pub(crate) segs: Vec<SegState>,
     n_free: usize,
+    /// Segments in PendingFree: the per-step scans for reusable segments run only when non-zero.
+    n_pending_free: usize,
     /// Bumped on every segment state change, so `run` notices progress that changes nothing else.
     progress: usize,
     next_lsn: Lsn,
@@ -411,6 +413,7 @@ impl Core {
             cfg,
             state,
             n_free: segs.iter().filter(|s| s.status == SegStatus::Free).count(),
+            n_pending_free: segs.iter().filter(|s| s.status == SegStatus::PendingFree).count(),
             segs,
             progress: 0,
             next_lsn,
@@ -731,6 +734,12 @@ impl Core {
         }
         if status == SegStatus::Free {
             self.n_free += 1;
+        }
+        if st.status == SegStatus::PendingFree {
+            self.n_pending_free -= 1;
+        }
+        if status == SegStatus::PendingFree {
+            self.n_pending_free += 1;
         }
         st.status = status;
         self.progress += 1;
@@ -1726,7 +1735,11 @@ impl Core {
         if self.sync_waiters.iter().any(|(t, _)| *t > self.durable_lsn && *t <= completed) {
             want = true;
         }
-        if self.segs.iter().any(|s| s.status == SegStatus::PendingFree && s.free_after_lsn > self.durable_lsn && s.free_after_lsn <= completed) {
+        if self.n_pending_free > 0
+            && self.segs.iter().any(|s| {
+                s.status == SegStatus::PendingFree && s.free_after_lsn > self.durable_lsn && s.free_after_lsn <= completed
+            })
+        {
             want = true;
         }
         if let CkptPhase::SyncBefore { through, .. } = &self.ckpt {
@@ -1887,6 +1900,9 @@ impl Core {
     // Segment reuse.
 
     fn step_free(&mut self) {
+        if self.n_pending_free == 0 {
+            return;
+        }
         let durable = self.durable_lsn;
         let below = self.reuse_below_seq;
         let mut blocked_on_ckpt = false;

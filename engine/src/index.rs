@@ -89,6 +89,9 @@ impl VolumeIndex {
                     mid.n_leaves -= 1;
                     if mid.n_leaves == 0 {
                         self.root[r] = None;
+                        if self.n_mapped == 0 {
+                            self.root = Vec::new();
+                        }
                     }
                 }
             }
