@@ -1167,6 +1167,12 @@ impl Core {
     /// Applies a volume-table change in memory now and logs it as a record of its own, sealed at
     /// once so that it takes its place in LSN order; the reply waits until the record is durable.
     fn meta_op(&mut self, op: MetaOp, done: Done) {
+        // A meta record needs a block or two; refuse cleanly rather than run out mid-way.
+        let open_room = self.open_seg.map_or(0, |(_, next)| self.sb.segment_blocks - next);
+        if self.n_free == 0 && open_room < 3 + self.open_batch.as_ref().map_or(0, |b| b.data.len() as u32 + 3) {
+            done.send(Err(Error::NoSpace));
+            return;
+        }
         let mut dead = Vec::new();
         self.state.apply_meta(&op, |s| dead.push(s));
         if let MetaOp::Delete { volume } | MetaOp::Resize { volume, .. } = &op {
@@ -1177,9 +1183,6 @@ impl Core {
             let volume = *volume;
             self.pending.retain(|(v, l), _| !(*v == volume && *l >= limit));
         }
-        for s in dead {
-            self.check_segment_empty(s as u32);
-        }
         let waiter = self.add_waiter(1, true, done);
         self.seal_open_batch();
         if !self.ensure_open_batch() {
@@ -1188,7 +1191,14 @@ impl Core {
         let b = self.open_batch.as_mut().expect("open batch");
         b.meta = Some(op);
         b.waiters.push(waiter);
+        // Segments emptied by this change may be reused only once its record is durable, so they
+        // are examined after it has its LSN.
         self.seal_open_batch();
+        dead.sort_unstable();
+        dead.dedup();
+        for s in dead {
+            self.check_segment_empty(s as u32);
+        }
     }
 }
 
