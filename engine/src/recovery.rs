@@ -193,6 +193,12 @@ fn read_checkpoint(device: &mut dyn Device, sb: &Superblock, slot: usize) -> Res
 }
 
 fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData) -> Result<(), String> {
+    if h.next_lsn.0 == 0 || h.next_lsn.0 >= u64::MAX / 2 || h.next_segment_seq == 0 || h.next_segment_seq >= u64::MAX / 2 {
+        return Err("LSN or segment sequence out of range".into());
+    }
+    if h.tail_segment != u32::MAX && h.tail_seq >= h.next_segment_seq {
+        return Err("tail segment newer than the next segment sequence".into());
+    }
     if d.segments.len() != sb.n_segments as usize {
         return Err("segment table size does not match the superblock".into());
     }
@@ -477,8 +483,8 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             st.status = SegStatus::Sealed;
         }
     }
-    let next_lsn = Lsn(expected.0.max(max_lsn_seen.0 + 1));
-    let next_seg_seq = h.next_segment_seq.max(max_seq_seen + 1);
+    let next_lsn = Lsn(expected.0.max(max_lsn_seen.0.saturating_add(1)));
+    let next_seg_seq = h.next_segment_seq.max(max_seq_seen.saturating_add(1));
     tracing::info!(
         "recovered store {:016x}: checkpoint {}, {} records replayed, log ends at LSN {} ({})",
         sb.store_id,
