@@ -87,6 +87,7 @@ run_ours() {
 }
 
 echo "== machine: $(nproc) cores, $(uname -r); files in $DIR ($(df -h --output=source,fstype "$DIR" | tail -1 | tr -s ' '))"
+echo "== start: $(date -u '+%F %T UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== preparing: fio file $RAW_BYTES written in full; store $STORE_BYTES with a $RAW_BYTES volume filled and overwritten at random once; fresh store file $FRESH_STORE_BYTES written in full"
 fio --name=prefill --filename="$RAW" --size="$RAW_BYTES" --rw=write --bs=1M --iodepth=8 \
     --ioengine=io_uring --direct=1 --output-format=json >/dev/null
@@ -112,6 +113,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 echo
+echo "== end: $(date -u '+%F %T UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== MiB/s per round; ratio = ours / raw in the same round; median of the ratios"
 awk -F'\t' -v workloads="$WORKLOADS" '
     function median(s,    a, n, i, j, t) {

@@ -61,7 +61,9 @@ fn main() {
                     // returns and the stalled writes finish behind it.
                     tokio::time::timeout(Duration::from_secs(5), store.stats()).await
                 });
-                println!("seed {seed}: HANG in phase {phase_idx} (not done in 10 s); stats request after it: {stats:?}");
+                println!(
+                    "seed {seed}: HANG in phase {phase_idx} (not done in 10 s); stats request after it: {stats:?}"
+                );
             }
             Err(e) => println!("seed {seed}: error {e}"),
         }

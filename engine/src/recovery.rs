@@ -193,7 +193,7 @@ fn read_checkpoint(device: &mut dyn Device, sb: &Superblock, slot: usize) -> Res
 }
 
 fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData) -> Result<(), String> {
-    if h.next_lsn.0 == 0 || h.next_lsn.0 >= u64::MAX / 2 || h.next_segment_seq == 0 || h.next_segment_seq >= u64::MAX / 2 {
+    if h.seq == 0 || h.seq >= u64::MAX / 2 || h.next_lsn.0 == 0 || h.next_lsn.0 >= u64::MAX / 2 || h.next_segment_seq == 0 || h.next_segment_seq >= u64::MAX / 2 {
         return Err("LSN or segment sequence out of range".into());
     }
     if h.tail_segment != u32::MAX && h.tail_seq >= h.next_segment_seq {

@@ -69,6 +69,9 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Creates a new store in a file (created sparse) or on a block device, then opens it.
+    ///
+    /// `create`, `open` and `close` block the calling thread until the engine has recovered or
+    /// stopped: call them outside async code (or through `tokio::task::spawn_blocking`).
     pub fn create(path: &Path, opts: &CreateOptions, cfg: Config) -> Result<Store> {
         let mut dev = UringDevice::open(path, Some(opts.size_bytes))?;
         recovery::format(&mut dev, opts.segment_bytes)?;
@@ -115,10 +118,15 @@ impl Store {
     }
 
     fn send(&self, req: Request) -> Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(Error::ShutDown);
+        {
+            // Checked under the queue lock: the engine thread sets `closed` and drains the queue
+            // under the same lock when it stops, so no request is left behind unanswered.
+            let mut queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(Error::ShutDown);
+            }
+            queue.push_back(req);
         }
-        self.inner.queue.lock().expect("queue").push_back(req);
         if self.inner.sleeping.swap(false, Ordering::AcqRel) {
             self.inner.wake.signal();
         }
@@ -233,8 +241,24 @@ impl Drop for Inner {
     }
 }
 
+/// Marks the store closed and answers everything queued (by dropping the reply senders, which
+/// callers see as [`Error::ShutDown`]) when the engine thread stops, also if it panics.
+struct StopGuard(Arc<Inner>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.closed.store(true, Ordering::Release);
+        queue.clear();
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; the store is stopped and every call now fails");
+        }
+    }
+}
+
 /// The engine thread's loop.
 fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
+    let _guard = StopGuard(inner.clone());
     loop {
         let batch: Vec<Request> = inner.queue.lock().expect("queue").drain(..).collect();
         for req in batch {
@@ -265,7 +289,4 @@ fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
             core.on_completion(c);
         }
     }
-    inner.closed.store(true, Ordering::Release);
-    // Anything still queued is answered by dropping its reply sender (callers see ShutDown).
-    inner.queue.lock().expect("queue").clear();
 }

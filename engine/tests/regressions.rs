@@ -15,10 +15,10 @@ use syncblock_engine::{Config, Lsn, BLOCK_BYTES};
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A FLUSH with nothing unsynced must still be answered. (Found by `kill9`: the child's first
-/// flush after creating its volume never returned.) The core queues such a flush as a sync waiter
-/// whose LSN is already durable; `step_syncs` only starts a sync for waiters *above* `durable_lsn`,
-/// and waiters are only answered when a sync completes, so the flush waits until some later write
-/// happens to trigger a sync, forever on an idle store.
+/// flush after creating its volume never returned. Fixed in eedfc09, "sync reply fix".) The core
+/// queued such a flush as a sync waiter whose LSN was already durable; `step_syncs` only starts a
+/// sync for waiters *above* `durable_lsn`, and waiters were only answered when a sync completed, so
+/// the flush waited for some later write to trigger a sync: forever on an idle store.
 #[test]
 fn flush_with_nothing_unsynced_returns() {
     let disk = sim_disk(16 << 20, 1 << 20);
@@ -38,11 +38,11 @@ fn flush_with_nothing_unsynced_returns() {
     store.close().unwrap();
 }
 
-/// Writes `header` over the checkpoint slot header at `slot` of a formatted sim disk.
+/// Edits the checkpoint header of a freshly formatted sim disk (its one checkpoint, seq 1, is in
+/// slot 1) and re-seals it, as a bug that wrote wrong metadata, or a forged image, would leave it.
 fn forge_checkpoint_header(disk: &std::sync::Arc<std::sync::Mutex<SimDisk>>, edit: impl Fn(&mut CheckpointHeader)) {
     let mut d = disk.lock().unwrap();
     let sb = Superblock::decode(&d.written[..BLOCK_BYTES]).unwrap();
-    // A fresh store has its one checkpoint (seq 1) in slot 1.
     let at = sb.checkpoint_offsets[1] as usize;
     let mut header = CheckpointHeader::decode(&d.written[at..at + BLOCK_BYTES], sb.store_id).unwrap();
     edit(&mut header);
@@ -50,12 +50,11 @@ fn forge_checkpoint_header(disk: &std::sync::Arc<std::sync::Mutex<SimDisk>>, edi
 }
 
 /// A checkpoint whose header passes its CRC but says `next_lsn = 0` must be rejected, not trusted.
-/// (Found by the `open_corrupted` fuzzer with re-sealed checksums.) `recovery::recover` computes
-/// `Lsn(h.next_lsn.0 - 1)` (recovery.rs, `max_lsn_seen`) before anything checks that LSNs start at
-/// 1: with overflow checks (debug, fuzz builds) opening panics with "attempt to subtract with
-/// overflow"; without them it wraps to u64::MAX and `max_lsn_seen.0 + 1` wraps back to 0, so the
-/// store would serve with `next_lsn = 0`. `validate_checkpoint` should reject `next_lsn == 0` (and
-/// `next_segment_seq == 0`, which the same arithmetic style assumes is positive).
+/// (Found by the `open_corrupted` fuzzer with re-sealed checksums; fixed in ce72eaa.)
+/// `recovery::recover` computed `Lsn(h.next_lsn.0 - 1)` (`max_lsn_seen`) before anything checked
+/// that LSNs start at 1: with overflow checks (debug, fuzz builds) opening panicked with "attempt
+/// to subtract with overflow"; without them it wrapped to u64::MAX and `max_lsn_seen.0 + 1` wrapped
+/// back to 0, so the store would have served with `next_lsn = 0`.
 #[test]
 fn checkpoint_with_next_lsn_zero_is_rejected_not_trusted() {
     let disk = sim_disk(16 << 20, 1 << 20);
@@ -65,4 +64,49 @@ fn checkpoint_with_next_lsn_zero_is_rejected_not_trusted() {
         Err(_) => panic!("opening a store whose checkpoint says next_lsn = 0 panicked"),
         Ok(r) => assert!(r.is_err(), "a checkpoint with next_lsn = 0 was trusted"),
     }
+}
+
+/// A checkpoint whose header passes its CRC but whose `seq` is near `u64::MAX` must be rejected at
+/// open, like `next_lsn` and `next_segment_seq` are (commit ce72eaa). Otherwise the next
+/// checkpoints compute `self.ckpt_seq + 1` (core.rs, `step_checkpoint`): with overflow checks the
+/// engine thread panics at the first checkpoint past `u64::MAX`; without them `seq` wraps to 0 and
+/// the slot still holding the `u64::MAX` checkpoint wins at the next open ("higher seq wins"),
+/// so recovery would start from a stale checkpoint.
+#[test]
+fn checkpoint_with_seq_near_u64_max_is_rejected_not_trusted() {
+    let disk = sim_disk(16 << 20, 1 << 20);
+    // Odd, so it stays in slot 1 where seq 1 was; two checkpoints later seq would pass u64::MAX.
+    forge_checkpoint_header(&disk, |h| h.seq = u64::MAX - 2);
+    let opened = std::panic::catch_unwind(|| open_sim(&disk, Config::default()).map(|s| s.close()));
+    match opened {
+        Err(_) => panic!("opening a store whose checkpoint says seq = u64::MAX - 2 panicked"),
+        Ok(r) => assert!(r.is_err(), "a checkpoint with seq = u64::MAX - 2 was trusted"),
+    }
+}
+
+/// When the engine thread dies (here: a panic in `step_checkpoint`, see the test above), later
+/// calls must fail (e.g. with `ShutDown`), not wait forever: `drive` is not unwound past, so
+/// `inner.closed` is never set and requests queued after the panic are never answered. An NBD
+/// client would hang instead of getting EIO, and `Store::close` hangs too. Only reproducible where
+/// integer overflow panics (debug builds): the trigger is the `seq + 1` overflow.
+#[test]
+fn calls_after_the_engine_thread_died_fail_instead_of_hanging() {
+    if !cfg!(debug_assertions) {
+        println!("SKIP: the trigger (an overflow panic on the engine thread) needs overflow checks");
+        return;
+    }
+    let disk = sim_disk(16 << 20, 1 << 20);
+    forge_checkpoint_header(&disk, |h| h.seq = u64::MAX - 2);
+    let Ok(store) = open_sim(&disk, Config::default()) else {
+        println!("SKIP: the forged checkpoint is rejected at open, so there is no trigger left");
+        return;
+    };
+    let rt = rt();
+    rt.block_on(async {
+        // seq u64::MAX - 1 was the recovery checkpoint; u64::MAX now; the next one overflows.
+        let _ = store.checkpoint().await;
+        let _ = store.checkpoint().await;
+        let flushed = tokio::time::timeout(FLUSH_TIMEOUT, store.flush()).await;
+        assert!(flushed.is_ok(), "flush after the engine thread died did not return within {FLUSH_TIMEOUT:?}");
+    });
 }

@@ -99,7 +99,8 @@ fn main() -> Result<()> {
             let volume = rt.block_on(store.create_volume(VOLUME_NAME, volume_bytes))?;
             let before = rt.block_on(store.stats())?;
             let filled = rt.block_on(fill(&store, volume.id, volume_bytes))?;
-            let rewritten = rt.block_on(random_overwrite(&store, volume.id, volume_bytes, passes * volume_bytes, 32, 1))?;
+            let rewritten =
+                rt.block_on(random_overwrite(&store, volume.id, volume_bytes, passes * volume_bytes, 32, 1))?;
             let after = rt.block_on(store.stats())?;
             store.close()?;
             let c = Counters::between(&before, &after);
@@ -148,8 +149,11 @@ fn main() -> Result<()> {
             let hang_limit = Duration::from_secs_f64(runtime_s) + HANG_GRACE;
             let outcome = rt
                 .block_on(async {
-                    tokio::time::timeout(hang_limit, run(&store, volume.id, volume.size_bytes, workload, limit, seed, watchdog))
-                        .await
+                    tokio::time::timeout(
+                        hang_limit,
+                        run(&store, volume.id, volume.size_bytes, workload, limit, seed, watchdog),
+                    )
+                    .await
                 })
                 .unwrap_or_else(|_| {
                     // Exit at once: closing the store would wait on the hung engine thread.

@@ -13,9 +13,7 @@
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use syncblock_benches::{
-    bench_dir, fill, index_bytes_per_block, parse_bytes, random_overwrite, runtime, Counters,
-};
+use syncblock_benches::{bench_dir, fill, index_bytes_per_block, parse_bytes, random_overwrite, runtime, Counters};
 use syncblock_engine::{Config, CreateOptions, Stats, Store, DEFAULT_SEGMENT_BYTES};
 
 fn main() -> Result<()> {
@@ -86,7 +84,12 @@ fn main() -> Result<()> {
         let outcome = rt.block_on(random_overwrite(&store, volume.id, volume_bytes, volume_bytes, in_flight, pass))?;
         let now = rt.block_on(store.stats())?;
         nudges += outcome.nudges;
-        print_row(&format!("{pass}"), outcome.mib_per_s(), &Counters::between(&snapshots[pass as usize - 1], &now), &now);
+        print_row(
+            &format!("{pass}"),
+            outcome.mib_per_s(),
+            &Counters::between(&snapshots[pass as usize - 1], &now),
+            &now,
+        );
         snapshots.push(now);
     }
     let s2 = snapshots.last().expect("fill snapshot").clone();
