@@ -352,6 +352,8 @@ pub struct Core {
     next_lsn: Lsn,
     next_seg_seq: u64,
     ckpt_seq: u64,
+    /// The checkpoint recovery started from; the cleaner waits until a newer one is durable.
+    recovered_from_ckpt_seq: u64,
     log_blocks_at_ckpt: u64,
     /// Highest LSN such that it and everything before it is on stable storage.
     durable_lsn: Lsn,
@@ -419,6 +421,7 @@ impl Core {
             next_lsn,
             next_seg_seq,
             ckpt_seq,
+            recovered_from_ckpt_seq: ckpt_seq,
             log_blocks_at_ckpt: 0,
             durable_lsn: Lsn(next_lsn.0 - 1),
             open_seg: None,
@@ -439,7 +442,8 @@ impl Core {
             ckpt: CkptPhase::Idle,
             ckpt_waiters: Vec::new(),
             ckpt_in_progress_waiters: Vec::new(),
-            ckpt_wanted: false,
+            // Recovery ends with a checkpoint, before anything else is written.
+            ckpt_wanted: true,
             ckpt_sync_after_token: None,
             reuse_below_seq: next_seg_seq,
             gc: Gc::Idle,
@@ -590,6 +594,16 @@ impl Core {
             }
         }
         while self.stall.is_none() && self.unsubmitted.len() < SEALED_QUEUE_MAX {
+            let is_meta = matches!(
+                self.intake.front(),
+                Some(Request::CreateVolume { .. } | Request::ResizeVolume { .. } | Request::DeleteVolume { .. })
+            );
+            if is_meta && (!self.batches.is_empty() || self.open_batch.as_ref().is_some_and(|b| !b.entries.is_empty())) {
+                // Volume-table changes take effect in memory at once, so every earlier write must
+                // be applied first, or the live engine and replay would disagree on the order.
+                self.seal_open_batch();
+                break;
+            }
             let Some(req) = self.intake.pop_front() else { break };
             self.handle(req);
         }
@@ -999,7 +1013,7 @@ impl Core {
                 let Some(seg) = self.take_free_segment() else {
                     // Admission control keeps a segment for every admitted write; getting here is
                     // a bug, and stopping is the only safe response.
-                    self.poison("internal error: no free segment for an admitted write (space accounting)".into());
+                    self.device_failed("internal error: no free segment for an admitted write (space accounting)".into());
                     return false;
                 };
                 self.open_seg = Some((seg, 0));
@@ -1947,7 +1961,10 @@ impl Core {
     // Cleaner.
 
     fn step_gc(&mut self) {
-        if self.poisoned.is_some() {
+        // Until the checkpoint that ends recovery is durable, the segments of the old checkpoint's
+        // log (some of them now empty) are still what a crash would replay: nothing may be copied
+        // into them.
+        if self.poisoned.is_some() || self.ckpt_seq == self.recovered_from_ckpt_seq {
             return;
         }
         if let Gc::Copying { seg, queued, in_flight } = &self.gc {

@@ -19,7 +19,8 @@ pub const RECORD_FIXED_BYTES: usize = 64;
 /// Bytes per entry in a record header.
 pub const ENTRY_BYTES: usize = 32;
 /// Upper bound on a record header's size. A batch is at most [`MAX_BATCH_BLOCKS`] data blocks, each
-/// possibly its own entry: 64 + 256 × (32 + 4) bytes fit in 3 blocks; 8 leaves room for metadata.
+/// possibly its own entry, plus up to as many trim entries: 64 + 256 × (32 + 4) + 256 × 32 bytes
+/// fit in 5 blocks; 8 leaves room for metadata.
 pub const MAX_HEADER_BLOCKS: u32 = 8;
 /// Largest batch (group commit) in data blocks: 1 MiB. Large enough that sequential bandwidth is
 /// reached on SSDs and virtio disks, small enough that a batch's latency stays well under a

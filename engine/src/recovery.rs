@@ -447,6 +447,16 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             max_lsn_seen = max_lsn_seen.max(l);
         }
     }
+    if stop.is_none() && max_durable >= expected {
+        return Err(Error::CorruptRecord {
+            segment: SegmentId(chain.last().map_or(u32::MAX, |c| c.0)),
+            lsn: expected,
+            what: format!(
+                "the log ends after segment seq {} but later records show LSN {max_durable} was durable: the segment holding LSN {expected} is missing or damaged",
+                seq.saturating_sub(1)
+            ),
+        });
+    }
     if let Some((seg, block, why, torn)) = &stop {
         if max_durable >= expected {
             return Err(Error::CorruptRecord {
