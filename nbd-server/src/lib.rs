@@ -1,1 +1,15 @@
-//! The NBD server in front of the engine (issue 3). Not implemented yet.
+//! The NBD server in front of the engine (issue 3): a thin adapter that turns NBD handshake options
+//! and transmission requests into [`syncblock_engine::Store`] calls and engine errors into NBD
+//! errnos. It holds no storage logic.
+//!
+//! - [`proto`]: the wire format, pure encoders and decoders.
+//! - [`handshake`]: option negotiation as a pure state machine.
+//! - [`server`]: listeners, connections, concurrent transmission with bounded requests in flight.
+//! - [`size`]: human sizes (`10GiB`, `512M`) for the CLI.
+
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod size;
+
+pub use server::{serve, Listener, ServerConfig, ServerError, MAX_IN_FLIGHT};

@@ -1,0 +1,235 @@
+//! `syncblock`: serve engine volumes over NBD (`serve`) and manage volumes offline (`volume`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use syncblock_engine::{Config, CreateOptions, Store};
+use syncblock_nbd::size::{format_size, parse_size};
+use syncblock_nbd::{Listener, ServerConfig};
+
+const DEFAULT_STORE: &str = "syncblock-data/store.img";
+const DEFAULT_VOLUME: &str = "default";
+
+#[derive(Parser, Debug)]
+#[command(name = "syncblock", version, about = "Crash-safe block store exported over NBD")]
+struct Cli {
+    /// The store file or block device.
+    #[arg(long, global = true, default_value = DEFAULT_STORE)]
+    store: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve every volume as an NBD export named after it, creating the store if missing.
+    Serve {
+        /// Size of the store file to create when it does not exist.
+        #[arg(long, default_value = "10GiB", value_parser = size_arg)]
+        size: u64,
+        /// Volumes to create if missing, as NAME:SIZE (repeatable). Without any, and with no
+        /// volume in the store, a volume "default" as large as the store is created.
+        #[arg(long = "volume", value_name = "NAME:SIZE")]
+        volumes: Vec<String>,
+        /// TCP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: SocketAddr,
+        /// Also listen on this unix socket.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// The volume served under the empty export name (default: the first volume).
+        #[arg(long)]
+        default_export: Option<String>,
+        /// Export this volume read-only (repeatable).
+        #[arg(long = "read-only", value_name = "NAME")]
+        read_only: Vec<String>,
+    },
+    /// Manage volumes (the server must not be running on the same store).
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    Create {
+        name: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    List,
+    Resize {
+        name: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| format!("invalid size {s:?}: use e.g. 10GiB, 512M or 4096"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { size, volumes, listen, unix, default_export, read_only } => {
+            let lock = lock_store(&cli.store)?;
+            let store = open_or_create(&cli.store, Some(size))?;
+            let _lock = match lock {
+                Some(l) => Some(l),
+                None => lock_store(&cli.store)?,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let res = rt.block_on(serve(store.clone(), volumes, listen, unix, default_export, read_only, size));
+            drop(rt);
+            let closed = store.close().context("closing the store");
+            res.and(closed)
+        }
+        Command::Volume { command } => {
+            let _lock = lock_store(&cli.store)?;
+            let store = open_or_create(&cli.store, None)?;
+            let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
+            let res = rt.block_on(volume(&store, command));
+            let closed = store.close().context("closing the store");
+            res.and(closed)
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on the store file for the life of the returned handle, so that a
+/// second `syncblock` (say `volume list` while `serve` runs) cannot open the store at the same time:
+/// the engine itself does not lock, and two engines on one store corrupt it.
+fn lock_store(path: &Path) -> Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else { return Ok(None) };
+    // SAFETY: `flock` only reads the descriptor, which `file` keeps open for the whole call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!("{} is in use by another syncblock process (likely `syncblock serve`); stop it first", path.display());
+    }
+    Ok(Some(file))
+}
+
+fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
+    if path.exists() {
+        return Store::open(path, Config::default()).with_context(|| format!("opening the store {}", path.display()));
+    }
+    let Some(size) = create_size else {
+        bail!("no store at {}; likely cause: wrong --store, or the server never ran; run `syncblock serve` once to create it", path.display());
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let opts = CreateOptions { size_bytes: size, ..CreateOptions::default() };
+    tracing::info!("creating a {} store at {}", format_size(size), path.display());
+    Store::create(path, &opts, Config::default()).with_context(|| format!("creating the store {}", path.display()))
+}
+
+async fn serve(
+    store: Store,
+    volumes: Vec<String>,
+    listen: SocketAddr,
+    unix: Option<PathBuf>,
+    default_export: Option<String>,
+    read_only: Vec<String>,
+    store_size: u64,
+) -> Result<()> {
+    for spec in &volumes {
+        let (name, size) = spec.split_once(':').with_context(|| format!("--volume {spec:?}: expected NAME:SIZE"))?;
+        let size = size_arg(size).map_err(anyhow::Error::msg)?;
+        match store.volume(name).await {
+            Ok(v) if v.size_bytes != size => tracing::warn!(
+                "volume {name} exists with size {}, not {}; use `syncblock volume resize`",
+                format_size(v.size_bytes),
+                format_size(size)
+            ),
+            Ok(_) => {}
+            Err(_) => {
+                store.create_volume(name, size).await.with_context(|| format!("creating volume {name}"))?;
+            }
+        }
+    }
+    let mut list = store.list_volumes().await?;
+    if list.is_empty() {
+        store.create_volume(DEFAULT_VOLUME, store_size).await.context("creating the default volume")?;
+        list = store.list_volumes().await?;
+    }
+    let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
+    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    let addr = tcp.local_addr()?;
+    let mut listeners = vec![Listener::Tcp(tcp)];
+    if let Some(path) = &unix {
+        let _ = std::fs::remove_file(path);
+        let l = tokio::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+        listeners.push(Listener::Unix(l, path.clone()));
+    }
+    for v in &list {
+        println!(
+            "nbd://{addr}/{}  ({}{})",
+            v.name,
+            format_size(v.size_bytes),
+            if read_only.contains(&v.name) { ", read-only" } else { "" }
+        );
+        if let Some(p) = &unix {
+            println!("nbd+unix:///{}?socket={}", v.name, p.display());
+        }
+    }
+    if let Some(d) = &default_export {
+        println!("nbd://{addr}  (default export: {d})");
+    }
+    let config = ServerConfig { default_export, read_only };
+    syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn volume(store: &Store, command: VolumeCommand) -> Result<()> {
+    match command {
+        VolumeCommand::Create { name, size } => {
+            let v = store.create_volume(&name, size).await?;
+            println!("created {} ({})", v.name, format_size(v.size_bytes));
+        }
+        VolumeCommand::List => {
+            for v in store.list_volumes().await? {
+                println!("{}\t{}\t{} mapped", v.name, format_size(v.size_bytes), format_size(v.mapped_bytes));
+            }
+        }
+        VolumeCommand::Resize { name, size } => {
+            let v = store.volume(&name).await?;
+            store.resize_volume(v.id, size).await?;
+            println!("resized {name} to {}", format_size(size));
+        }
+        VolumeCommand::Delete { name } => {
+            let v = store.volume(&name).await?;
+            store.delete_volume(v.id).await?;
+            println!("deleted {name}");
+        }
+    }
+    store.flush().await?;
+    Ok(())
+}

@@ -1,0 +1,621 @@
+//! The NBD server: listeners, per-connection handshake, and transmission.
+//!
+//! Per connection, one reader (this connection's task) reads requests and spawns one task per
+//! request; each task calls the engine and sends its whole encoded reply to the connection's one
+//! writer task, so replies go out in completion order, never interleaved. A semaphore bounds the
+//! requests and payload bytes in flight: when it is exhausted the reader stops reading the socket,
+//! which is the backpressure the client sees.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use syncblock_engine::{Error, Extent, Store, MAX_IO_BYTES};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::handshake::{ExportInfo, Exports, Negotiation, Session, Step};
+use crate::proto::{self, *};
+
+/// Requests in flight per connection. 64 covers every mainstream client's queue depth per
+/// connection (qemu uses 16, fio jobs are usually ≤ 32, the kernel 128 but it blocks fine) while
+/// bounding the tasks one client can make us hold.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Payload bytes (WRITE data received, READ data requested) in flight per connection: 128 MiB, so
+/// four maximal 32 MiB requests still run together while memory per client stays bounded.
+pub const MAX_IN_FLIGHT_PAYLOAD_BYTES: u64 = 128 << 20;
+/// Unit of the payload budget.
+const PAYLOAD_UNIT_BYTES: u64 = 64 << 10;
+const PAYLOAD_UNITS: u32 = (MAX_IN_FLIGHT_PAYLOAD_BYTES / PAYLOAD_UNIT_BYTES) as u32;
+const _: () = assert!(MAX_IO_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES);
+
+/// Most extents in one block status reply. The spec caps this at 2^20; 64 Ki keeps a reply under
+/// 512 KiB, and a client asks again for the rest.
+pub const MAX_STATUS_EXTENTS: usize = 1 << 16;
+
+/// Server configuration (what the exports are comes from the engine's volume list).
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// The volume the empty export name selects.
+    pub default_export: Option<String>,
+    /// Volumes exported read-only.
+    pub read_only: Vec<String>,
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("engine: {0}")]
+    Engine(#[from] Error),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why one connection ended early. Only logged: it never affects other connections.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("engine: {0}")]
+    Engine(#[from] Error),
+    #[error("WRITE payload of {0} bytes exceeds the {MAX_IO_BYTES}-byte limit")]
+    PayloadTooLarge(u32),
+}
+
+struct Shared {
+    store: Store,
+    config: ServerConfig,
+}
+
+/// Serves NBD on `listeners` until `shutdown` completes; then stops accepting, lets every
+/// connection finish the requests it has read, flushes the store and returns. The caller closes
+/// the store.
+pub async fn serve(
+    store: Store,
+    config: ServerConfig,
+    listeners: Vec<Listener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let shared = Arc::new(Shared { store, config });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection holds a clone of `alive_tx`; when all are gone, `alive_rx` returns None.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut accept_tasks = Vec::new();
+    for listener in listeners {
+        let shared = shared.clone();
+        let stop = stop_rx.clone();
+        let alive = alive_tx.clone();
+        accept_tasks.push(tokio::spawn(accept_loop(listener, shared, stop, alive)));
+    }
+    drop(alive_tx);
+    shutdown.await;
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    while alive_rx.recv().await.is_some() {}
+    shared.store.flush().await?;
+    tracing::info!("all connections closed and the store flushed");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            a = accept(&listener) => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                let stop = stop.clone();
+                let alive = alive.clone();
+                tokio::spawn(async move {
+                    match stream {
+                        Stream::Tcp(s) => {
+                            let _ = s.set_nodelay(true);
+                            connection(s, &peer, shared, stop).await;
+                        }
+                        Stream::Unix(s) => connection(s, &peer, shared, stop).await,
+                    }
+                    drop(alive);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: keep serving existing clients, retry shortly.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    if let Listener::Unix(_, path) = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
+    match listener {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
+        Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Stream::Unix(s), p.display().to_string())),
+    }
+}
+
+async fn connection<S>(stream: S, peer: &str, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let session = tokio::select! {
+        _ = stop.wait_for(|s| *s) => return,
+        s = negotiate(&mut r, &mut w, &shared) => s,
+    };
+    let session = match session {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!("{peer}: handshake ended: {e}");
+            return;
+        }
+    };
+    tracing::debug!("{peer}: serving export {:?} (structured replies: {})", session.export.name, session.structured);
+    if let Err(e) = transmission(r, w, session, shared, stop).await {
+        tracing::info!("{peer}: connection closed: {e}");
+    }
+}
+
+async fn exports(shared: &Shared) -> Result<Exports, Error> {
+    let list = shared.store.list_volumes().await?;
+    Ok(Exports {
+        list: list
+            .into_iter()
+            .map(|v| ExportInfo {
+                read_only: shared.config.read_only.contains(&v.name),
+                name: v.name,
+                volume: v.id,
+                size: v.size_bytes,
+            })
+            .collect(),
+        default_name: shared.config.default_export.clone(),
+    })
+}
+
+async fn negotiate<R, W>(r: &mut R, w: &mut W, shared: &Shared) -> Result<Option<Session>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::new();
+    encode_greeting(&mut out);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    let mut flags = [0u8; 4];
+    r.read_exact(&mut flags).await?;
+    let mut neg = Negotiation::new(decode_client_flags(flags)?);
+    loop {
+        let mut hdr = [0u8; OPTION_HEADER_BYTES];
+        r.read_exact(&mut hdr).await?;
+        let hdr = decode_option_header(&hdr)?;
+        out.clear();
+        let step = if hdr.len > MAX_OPTION_BYTES {
+            tokio::io::copy(&mut (&mut *r).take(u64::from(hdr.len)), &mut tokio::io::sink()).await?;
+            neg.on_oversized_option(hdr.option, &mut out)
+        } else {
+            let mut data = vec![0u8; hdr.len as usize];
+            r.read_exact(&mut data).await?;
+            let exports = exports(shared).await?;
+            neg.on_option(hdr.option, &data, &exports, &mut out)
+        };
+        w.write_all(&out).await?;
+        w.flush().await?;
+        match step {
+            Step::Continue => {}
+            Step::Close => return Ok(None),
+            Step::Transmit(s) => return Ok(Some(s)),
+        }
+    }
+}
+
+/// A whole reply, as buffers written back to back (header bytes, then read data uncopied).
+type Reply = Vec<Bytes>;
+
+async fn transmission<R, W>(
+    mut r: R,
+    w: W,
+    session: Session,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let payload = Arc::new(Semaphore::new(PAYLOAD_UNITS as usize));
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(writer(w, rx));
+    let ctx = Arc::new(Ctx { store: shared.store.clone(), session });
+    let result = async {
+        loop {
+            let permit = requests.clone().acquire_owned().await.expect("never closed");
+            let mut hdr = [0u8; REQUEST_HEADER_BYTES];
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                res = r.read_exact(&mut hdr) => match res {
+                    Ok(_) => {}
+                    // The client closed between requests: a normal end.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                },
+            }
+            let req = decode_request_header(&hdr)?;
+            if req.command == CMD_DISC {
+                return Ok(());
+            }
+            let units = payload_units(&req);
+            let payload_permit = payload.clone().acquire_many_owned(units).await.expect("never closed");
+            let mut data = BytesMut::new();
+            if req.command == CMD_WRITE {
+                if u64::from(req.len) > MAX_IO_BYTES {
+                    // Larger than any client may send (the spec allows a hard disconnect); not
+                    // worth draining.
+                    return Err(ConnError::PayloadTooLarge(req.len));
+                }
+                data.resize(req.len as usize, 0);
+                r.read_exact(&mut data).await?;
+            }
+            let tx = tx.clone();
+            let ctx = ctx.clone();
+            match ctx.validate(&req) {
+                Err((errno, msg)) => {
+                    let _ = tx.send(error_reply(ctx.session.structured, req.cookie, errno, msg)).await;
+                }
+                Ok(()) => {
+                    tokio::spawn(async move {
+                        let reply = ctx.execute(req, data.freeze()).await;
+                        let _ = tx.send(reply).await;
+                        drop((permit, payload_permit));
+                    });
+                }
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    // In-flight tasks still hold senders: the writer ends once they have all replied.
+    let _ = writer.await;
+    result
+}
+
+fn payload_units(req: &RequestHeader) -> u32 {
+    match req.command {
+        CMD_READ | CMD_WRITE => {
+            let bytes = u64::from(req.len).min(MAX_IO_BYTES);
+            (bytes.div_ceil(PAYLOAD_UNIT_BYTES) as u32).max(1)
+        }
+        _ => 1,
+    }
+}
+
+async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) {
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    let res: io::Result<()> = async {
+        while let Some(reply) = rx.recv().await {
+            for b in reply {
+                w.write_all(&b).await?;
+            }
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+        }
+        w.flush().await?;
+        w.shutdown().await
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::debug!("writing replies failed: {e}");
+        // Keep draining so request tasks never block on a full channel.
+        while rx.recv().await.is_some() {}
+    }
+}
+
+struct Ctx {
+    store: Store,
+    session: Session,
+}
+
+fn simple_ok(cookie: u64) -> Reply {
+    let mut b = BytesMut::with_capacity(SIMPLE_REPLY_HEADER_BYTES);
+    encode_simple_reply(&mut b, 0, cookie);
+    vec![b.freeze()]
+}
+
+fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Reply {
+    let mut b = BytesMut::new();
+    if structured {
+        encode_chunk_error(&mut b, cookie, errno, msg);
+    } else {
+        encode_simple_reply(&mut b, errno, cookie);
+    }
+    vec![b.freeze()]
+}
+
+/// The NBD error for an engine error from `command`. One exhaustive match (the final arm exists
+/// only because `Error` is `#[non_exhaustive]`): every variant the engine has today is classified
+/// here explicitly.
+pub fn nbd_errno(err: &Error, command: u16) -> u32 {
+    let writes = matches!(command, CMD_WRITE | CMD_WRITE_ZEROES);
+    match err {
+        Error::OutOfRange { .. } if writes => proto::ENOSPC,
+        Error::OutOfRange { .. } => proto::EINVAL,
+        Error::TooLarge { .. } => proto::EINVAL,
+        Error::InvalidArgument(_) | Error::BadVolumeName(_) => proto::EINVAL,
+        Error::NoSpace | Error::TooManyVolumes { .. } => proto::ENOSPC,
+        Error::ShutDown => proto::ESHUTDOWN,
+        Error::Poisoned { .. }
+        | Error::NoSuchVolume(_)
+        | Error::NoSuchVolumeName(_)
+        | Error::VolumeExists(_)
+        | Error::Corrupt { .. }
+        | Error::CorruptStore(_)
+        | Error::CorruptRecord { .. }
+        | Error::NotAStore { .. }
+        | Error::UnsupportedVersion { .. }
+        | Error::UringUnavailable { .. }
+        | Error::Io { .. } => proto::EIO,
+        // A variant added to the engine after this was written: EIO is always a safe answer.
+        _ => proto::EIO,
+    }
+}
+
+impl Ctx {
+    /// Checks a request before it reaches the engine, in the order the spec's errors rank.
+    fn validate(&self, req: &RequestHeader) -> Result<(), (u32, &'static str)> {
+        let s = &self.session;
+        let allowed = CMD_FLAG_FUA
+            | match req.command {
+                CMD_READ if s.structured => CMD_FLAG_DF,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                _ => 0,
+            };
+        if req.flags & !allowed != 0 {
+            return Err((EINVAL, "command flag not valid for this command"));
+        }
+        let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        match req.command {
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => {}
+            _ => return Err((EINVAL, "unknown command")),
+        }
+        if writes && s.export.read_only {
+            return Err((EPERM, "export is read-only"));
+        }
+        if req.command == CMD_READ && u64::from(req.len) > MAX_IO_BYTES {
+            return Err((EINVAL, "request exceeds the maximum block size"));
+        }
+        if req.command != CMD_FLUSH {
+            let end = req.offset.checked_add(u64::from(req.len));
+            if end.is_none_or(|e| e > s.export.size) {
+                let errno = if matches!(req.command, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+                return Err((errno, "request beyond the end of the export"));
+            }
+        }
+        if req.command == CMD_BLOCK_STATUS {
+            if !s.base_allocation {
+                return Err((EINVAL, "no metadata context was negotiated"));
+            }
+            if req.len == 0 {
+                return Err((EINVAL, "block status of zero length"));
+            }
+        }
+        if req.command == CMD_WRITE_ZEROES && req.flags & CMD_FLAG_FAST_ZERO != 0 && req.flags & CMD_FLAG_NO_HOLE != 0 {
+            // Zeroes that must stay allocated are written block by block: not faster than WRITE.
+            return Err((ENOTSUP, "zeroing without holes is not fast"));
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, req: RequestHeader, data: Bytes) -> Reply {
+        let s = &self.session;
+        let vol = s.export.volume;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let len = u64::from(req.len);
+        let res = match req.command {
+            CMD_READ => return self.read(req).await,
+            CMD_BLOCK_STATUS => return self.block_status(req).await,
+            CMD_WRITE => self.store.write(vol, req.offset, data, fua).await,
+            CMD_FLUSH => self.store.flush().await,
+            CMD_TRIM => match self.store.trim(vol, req.offset, len).await {
+                Ok(()) if fua => self.store.flush().await,
+                r => r,
+            },
+            CMD_WRITE_ZEROES => {
+                let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
+                self.store.write_zeroes(vol, req.offset, len, may_trim, fua).await
+            }
+            // CACHE: the engine has no cache to warm; the range was checked.
+            _ => Ok(()),
+        };
+        match res {
+            Ok(()) => simple_ok(req.cookie),
+            Err(e) => error_reply(s.structured, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+        }
+    }
+
+    async fn read(&self, req: RequestHeader) -> Reply {
+        let s = &self.session;
+        let vol = s.export.volume;
+        let len = u64::from(req.len);
+        if !s.structured {
+            return match self.store.read(vol, req.offset, len).await {
+                Ok(data) => {
+                    let mut reply = simple_ok(req.cookie);
+                    reply.push(data);
+                    reply
+                }
+                Err(e) => error_reply(false, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+            };
+        }
+        if len == 0 {
+            let mut b = BytesMut::new();
+            encode_chunk_none(&mut b, req.cookie);
+            return vec![b.freeze()];
+        }
+        let df = req.flags & CMD_FLAG_DF != 0;
+        let (data, extents) = if df {
+            (self.store.read(vol, req.offset, len).await, Ok(Vec::new()))
+        } else {
+            tokio::join!(self.store.read(vol, req.offset, len), self.store.block_status(vol, req.offset, len))
+        };
+        let (data, extents) = match (data, extents) {
+            (Ok(d), Ok(e)) => (d, e),
+            (Err(e), _) | (_, Err(e)) => {
+                return error_reply(true, req.cookie, nbd_errno(&e, req.command), &e.to_string());
+            }
+        };
+        // Runs of (start, len, hole) covering the request; data runs merged.
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        if df {
+            runs.push((req.offset, len, false));
+        } else {
+            for (start, n, flags) in clip_extents(&extents, req.offset, len, usize::MAX) {
+                let hole = flags & STATE_ZERO != 0;
+                match runs.last_mut() {
+                    Some(last) if last.2 == hole && last.0 + last.1 == start => last.1 += n,
+                    _ => runs.push((start, n, hole)),
+                }
+            }
+            let covered: u64 = runs.iter().map(|r| r.1).sum();
+            if covered < len {
+                // The engine described less than asked: send the rest as data.
+                runs.push((req.offset + covered, len - covered, false));
+            }
+        }
+        let mut reply = Vec::with_capacity(runs.len() * 2);
+        for (i, &(start, n, hole)) in runs.iter().enumerate() {
+            let done = i + 1 == runs.len();
+            let mut b = BytesMut::new();
+            if hole {
+                encode_chunk_offset_hole(&mut b, req.cookie, start, n as u32, done);
+                reply.push(b.freeze());
+            } else {
+                encode_chunk_offset_data(&mut b, req.cookie, start, n as u32, done);
+                reply.push(b.freeze());
+                let from = (start - req.offset) as usize;
+                reply.push(data.slice(from..from + n as usize));
+            }
+        }
+        reply
+    }
+
+    async fn block_status(&self, req: RequestHeader) -> Reply {
+        let s = &self.session;
+        let len = u64::from(req.len);
+        let extents = match self.store.block_status(s.export.volume, req.offset, len).await {
+            Ok(e) => e,
+            Err(e) => return error_reply(true, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+        };
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
+        let mut out: Vec<StatusExtent> = Vec::new();
+        for (_, n, flags) in clip_extents(&extents, req.offset, len, max) {
+            match out.last_mut() {
+                Some(last) if last.flags == flags && max > 1 => last.len += n as u32,
+                _ => out.push(StatusExtent { len: n as u32, flags }),
+            }
+        }
+        if out.is_empty() {
+            // Never send zero extents; "allocated, contents unknown" is always true.
+            out.push(StatusExtent { len: req.len, flags: 0 });
+        }
+        let mut b = BytesMut::new();
+        encode_chunk_block_status(&mut b, req.cookie, CONTEXT_ID_BASE_ALLOCATION, &out, true);
+        vec![b.freeze()]
+    }
+}
+
+/// The engine's extents clipped to `[offset, offset + len)`, contiguous from `offset`, as
+/// `(start, len, base:allocation flags)`; gaps the engine left are reported as allocated (flags 0,
+/// always safe). At most `max` entries; stops at the first gap after it.
+fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(u64, u64, u32)> {
+    let end = offset + len;
+    let mut cursor = offset;
+    let mut out = Vec::new();
+    for e in extents {
+        if out.len() >= max || cursor >= end {
+            break;
+        }
+        let e_end = e.offset.saturating_add(e.len);
+        if e_end <= cursor || e.len == 0 {
+            continue;
+        }
+        if e.offset > cursor {
+            let gap_end = e.offset.min(end);
+            out.push((cursor, gap_end - cursor, 0));
+            cursor = gap_end;
+            if out.len() >= max || cursor >= end {
+                break;
+            }
+        }
+        let stop = e_end.min(end);
+        let flags = if e.mapped { 0 } else { STATE_HOLE | STATE_ZERO };
+        out.push((cursor, stop - cursor, flags));
+        cursor = stop;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, len: u64, mapped: bool) -> Extent {
+        Extent { offset, len, mapped }
+    }
+
+    #[test]
+    fn extents_are_clipped_to_the_request_and_gaps_reported_allocated() {
+        let e = [ext(0, 8192, true), ext(8192, 8192, false), ext(20480, 4096, true)];
+        assert_eq!(
+            clip_extents(&e, 4096, 20000, usize::MAX),
+            vec![(4096, 4096, 0), (8192, 8192, 3), (16384, 4096, 0), (20480, 3616, 0)]
+        );
+        assert_eq!(clip_extents(&e, 4096, 100, 1), vec![(4096, 100, 0)]);
+        assert_eq!(clip_extents(&[], 0, 100, 5), vec![]);
+    }
+
+    #[test]
+    fn range_errors_depend_on_the_command() {
+        let e = Error::OutOfRange { volume: syncblock_engine::VolumeId(1), offset: 0, len: 1, size: 0 };
+        assert_eq!(nbd_errno(&e, CMD_WRITE), ENOSPC);
+        assert_eq!(nbd_errno(&e, CMD_WRITE_ZEROES), ENOSPC);
+        assert_eq!(nbd_errno(&e, CMD_READ), EINVAL);
+        assert_eq!(nbd_errno(&e, CMD_TRIM), EINVAL);
+        assert_eq!(nbd_errno(&Error::NoSpace, CMD_WRITE), ENOSPC);
+        assert_eq!(nbd_errno(&Error::ShutDown, CMD_FLUSH), ESHUTDOWN);
+        assert_eq!(nbd_errno(&Error::Poisoned { cause: "x".into() }, CMD_WRITE), EIO);
+    }
+}
