@@ -2027,49 +2027,22 @@ impl Core {
         let mut copies = VecDeque::new();
         let mut corrupt = None;
         let owner = Bytes::from_owner(buf);
-        let store_id = self.sb.store_id;
-        let n_blocks = owner.len() / BLOCK_BYTES;
-        let parse = (|| -> Result<(), String> {
-            let sh = SegmentHeader::decode(&owner[..BLOCK_BYTES], store_id).map_err(|e| format!("segment header: {e}"))?;
-            let mut cursor = 1usize;
-            while cursor < n_blocks {
-                let rec = match RecordHeader::decode(&owner[cursor * BLOCK_BYTES..], store_id) {
-                    Ok(r) if r.segment_seq == sh.seq => r,
-                    Ok(_) => return Err(format!("record at block {cursor} belongs to another segment generation")),
-                    Err(e) => return Err(format!("record at block {cursor}: {e}")),
-                };
-                let hb = rec.header_blocks() as usize;
-                let mut d = 0usize;
-                for e in &rec.entries {
-                    if !e.kind.has_data() {
-                        continue;
-                    }
-                    for i in 0..e.n_blocks as u64 {
-                        let block_idx = cursor + hb + d;
-                        let crc = rec.crcs[d];
-                        d += 1;
-                        if block_idx >= n_blocks {
-                            return Err("record runs past the written part of the segment".into());
-                        }
-                        let phys = self.phys(seg, block_idx as u32);
-                        let Some(vol) = self.state.volumes.get(&e.volume) else { continue };
-                        let entry = vol.index.get(e.lba.0 + i);
-                        if phys_of(entry) != Some(phys) {
-                            continue;
-                        }
-                        let data = owner.slice(block_idx * BLOCK_BYTES..(block_idx + 1) * BLOCK_BYTES);
-                        let got = block_crc(&data);
-                        if got != crc_of(entry) || got != crc {
-                            corrupt = Some(self.corrupt_error(seg, phys, format!("live block checksum {got:#010x}, expected {:#010x}", crc_of(entry))));
-                            return Ok(());
-                        }
-                        copies.push_back(GcCopy { volume: e.volume, lba: e.lba.0 + i, old_phys: phys, data_lsn: e.data_lsn, data });
-                    }
-                }
-                cursor += hb + rec.data_blocks() as usize;
+        let parse = walk_data_blocks(&self.sb, seg, &owner, |e, lba, phys, block_idx, crc| {
+            let Some(vol) = self.state.volumes.get(&e.volume) else { return true };
+            let entry = vol.index.get(lba);
+            if phys_of(entry) != Some(phys) {
+                return true;
             }
-            Ok(())
-        })();
+            let data = owner.slice(block_idx * BLOCK_BYTES..(block_idx + 1) * BLOCK_BYTES);
+            let got = block_crc(&data);
+            if got != crc_of(entry) || got != crc {
+                let what = format!("live block checksum {got:#010x}, expected {:#010x}", crc_of(entry));
+                corrupt = Some(self.corrupt_error(seg, phys, what));
+                return false;
+            }
+            copies.push_back(GcCopy { volume: e.volume, lba, old_phys: phys, data_lsn: e.data_lsn, data });
+            true
+        });
         if let Some(e) = corrupt {
             tracing::error!("cleaner skips segment {seg}: {e}");
             self.set_status(seg, SegStatus::Sealed);
@@ -2161,36 +2134,17 @@ impl Core {
         let Some(scan) = self.scans.front() else { return };
         let (volume, since) = (scan.volume, scan.since);
         let mut found = Vec::new();
-        let store_id = self.sb.store_id;
-        let n_blocks = buf.len() / BLOCK_BYTES;
-        if let Ok(sh) = SegmentHeader::decode(&buf[..BLOCK_BYTES.min(buf.len())], store_id) {
-            let mut cursor = 1usize;
-            while cursor < n_blocks {
-                let Ok(rec) = RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], store_id) else { break };
-                if rec.segment_seq != sh.seq {
-                    break;
+        // A segment still being written ends in blocks that are not records yet; what parsed
+        // before them is all that can be live.
+        let _ = walk_data_blocks(&self.sb, seg, buf, |e, lba, phys, _, _| {
+            if e.volume == volume && e.data_lsn > since {
+                let live = self.state.volumes.get(&volume).is_some_and(|v| phys_of(v.index.get(lba)) == Some(phys));
+                if live {
+                    found.push(lba);
                 }
-                let hb = rec.header_blocks() as usize;
-                let mut d = 0usize;
-                for e in &rec.entries {
-                    if !e.kind.has_data() {
-                        continue;
-                    }
-                    for i in 0..e.n_blocks as u64 {
-                        let phys = self.phys(seg, (cursor + hb + d) as u32);
-                        d += 1;
-                        if e.volume != volume || e.data_lsn <= since {
-                            continue;
-                        }
-                        let live = self.state.volumes.get(&volume).is_some_and(|v| phys_of(v.index.get(e.lba.0 + i)) == Some(phys));
-                        if live {
-                            found.push(e.lba.0 + i);
-                        }
-                    }
-                }
-                cursor += hb + rec.data_blocks() as usize;
             }
-        }
+            true
+        });
         if let Some(scan) = self.scans.front_mut() {
             scan.found.extend(found);
         }
@@ -2265,4 +2219,45 @@ impl Core {
         }
         Ok(extents)
     }
+}
+
+/// Walks the records of a segment image (`buf` starts at the segment header), calling
+/// `f(entry, lba, phys, block_idx, crc)` for every data block until it returns false. Errors say
+/// where parsing stopped; blocks before that point have been visited.
+fn walk_data_blocks(
+    sb: &Superblock,
+    seg: u32,
+    buf: &[u8],
+    mut f: impl FnMut(&Entry, u64, u32, usize, u32) -> bool,
+) -> Result<(), String> {
+    let n_blocks = buf.len() / BLOCK_BYTES;
+    if n_blocks == 0 {
+        return Err("empty segment image".into());
+    }
+    let sh = SegmentHeader::decode(&buf[..BLOCK_BYTES], sb.store_id).map_err(|e| format!("segment header: {e}"))?;
+    let mut cursor = 1usize;
+    while cursor < n_blocks {
+        let rec = match RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], sb.store_id) {
+            Ok(r) if r.segment_seq == sh.seq => r,
+            Ok(_) => return Err(format!("record at block {cursor} belongs to another segment generation")),
+            Err(e) => return Err(format!("record at block {cursor}: {e}")),
+        };
+        let hb = rec.header_blocks() as usize;
+        let mut d = 0usize;
+        for e in rec.entries.iter().filter(|e| e.kind.has_data()) {
+            for i in 0..e.n_blocks as u64 {
+                let block_idx = cursor + hb + d;
+                if block_idx >= n_blocks {
+                    return Err("record runs past the written part of the segment".into());
+                }
+                let phys = seg * sb.segment_blocks + block_idx as u32;
+                if !f(e, e.lba.0 + i, phys, block_idx, rec.crcs[d]) {
+                    return Ok(());
+                }
+                d += 1;
+            }
+        }
+        cursor += hb + rec.data_blocks() as usize;
+    }
+    Ok(())
 }

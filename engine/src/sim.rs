@@ -72,28 +72,40 @@ impl SimDisk {
                 }
             }
         }
-        let mut rng = Rng::new(seed);
-        for w in unsynced {
-            let LoggedOp::Write { offset, data } = w else { continue };
-            match rng.below(3) {
-                0 => {}
-                1 => image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data),
-                _ => {
-                    for (i, sector) in data.chunks(512).enumerate() {
-                        if rng.below(2) == 0 {
-                            let at = *offset as usize + i * 512;
-                            image[at..at + sector.len()].copy_from_slice(sector);
-                        }
-                    }
-                }
-            }
-        }
+        let writes: Vec<(u64, &[u8])> = unsynced
+            .iter()
+            .filter_map(|w| match w {
+                LoggedOp::Write { offset, data } => Some((*offset, data.as_slice())),
+                LoggedOp::Sync => None,
+            })
+            .collect();
+        apply_unsynced(&mut image, &writes, &mut Rng::new(seed));
         image
     }
 
     /// The image after every logged write, all durable (a clean power-off after a final sync).
     pub fn durable_image(&self) -> Vec<u8> {
         self.written.clone()
+    }
+}
+
+/// Applies writes that were never synced to a power-cut image: each is, by `rng`, lost, kept
+/// whole, or torn (each 512-byte sector kept or lost independently).
+pub fn apply_unsynced(image: &mut [u8], writes: &[(u64, &[u8])], rng: &mut Rng) {
+    for (offset, data) in writes {
+        let offset = *offset as usize;
+        match rng.below(3) {
+            0 => {}
+            1 => image[offset..offset + data.len()].copy_from_slice(data),
+            _ => {
+                for (i, sector) in data.chunks(512).enumerate() {
+                    if rng.below(2) == 0 {
+                        let at = offset + i * 512;
+                        image[at..at + sector.len()].copy_from_slice(sector);
+                    }
+                }
+            }
+        }
     }
 }
 

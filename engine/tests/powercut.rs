@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::sim::{LoggedOp, Rng, SimDevice, SimDisk};
+use syncblock_engine::sim::{apply_unsynced, LoggedOp, Rng, SimDevice, SimDisk};
 use syncblock_engine::{Config, Store, VolumeId};
 
 const VOL_BLOCKS: u64 = 96;
@@ -181,20 +181,7 @@ fn crash_everywhere(seed: u64) {
     for k in 0..=n {
         let mut image = durable.clone();
         let mut rng = Rng::new(seed ^ (k as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
-        for (offset, data) in &unsynced {
-            match rng.below(3) {
-                0 => {}
-                1 => image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data),
-                _ => {
-                    for (i, sector) in data.chunks(512).enumerate() {
-                        if rng.below(2) == 0 {
-                            let at = *offset as usize + i * 512;
-                            image[at..at + sector.len()].copy_from_slice(sector);
-                        }
-                    }
-                }
-            }
-        }
+        apply_unsynced(&mut image, &unsynced, &mut rng);
         check_boundary(&disk, &model, k, image, &rt);
         if k == n {
             break;
