@@ -138,6 +138,16 @@ impl UringDevice {
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(create_bytes.is_some()).custom_flags(libc::O_DIRECT | libc::O_CLOEXEC);
         let file = options.open(path).map_err(|e| open_error(path, create_bytes.is_some(), e))?;
+        // One engine per store: two would interleave their logs and destroy each other's data. The
+        // lock lives as long as the descriptor, so it also goes away with a crashed process.
+        // SAFETY: flock only reads the descriptor, which `file` keeps open for the whole call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::io(
+                format!("{shown}: the store is in use by another process (likely a running `syncblock serve`); stop it first"),
+                e,
+            ));
+        }
 
         let metadata = file.metadata().map_err(|e| Error::io(format!("{shown}: fstat"), e))?;
         let file_type = metadata.file_type();

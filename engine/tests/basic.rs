@@ -62,3 +62,14 @@ fn real_file_store_round_trips() {
     assert_eq!(&got[..], &data[..]);
     store.close().unwrap();
 }
+
+#[test]
+fn a_store_can_be_open_only_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.img");
+    let store = Store::create(&path, &CreateOptions { size_bytes: 16 << 20, segment_bytes: 1 << 20 }, Config::default()).unwrap();
+    let e = Store::open(&path, Config::default()).unwrap_err();
+    assert!(e.to_string().contains("in use by another process"), "{e}");
+    store.close().unwrap();
+    Store::open(&path, Config::default()).unwrap().close().unwrap();
+}

@@ -83,12 +83,8 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { size, volumes, listen, unix, default_export, read_only } => {
-            let lock = lock_store(&cli.store)?;
+            // The engine locks the store file: a second syncblock on the same store fails to open.
             let store = open_or_create(&cli.store, Some(size))?;
-            let _lock = match lock {
-                Some(l) => Some(l),
-                None => lock_store(&cli.store)?,
-            };
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             let res = rt.block_on(serve(store.clone(), volumes, listen, unix, default_export, read_only, size));
             drop(rt);
@@ -96,7 +92,6 @@ fn main() -> Result<()> {
             res.and(closed)
         }
         Command::Volume { command } => {
-            let _lock = lock_store(&cli.store)?;
             let store = open_or_create(&cli.store, None)?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
             let res = rt.block_on(volume(&store, command));
@@ -104,20 +99,6 @@ fn main() -> Result<()> {
             res.and(closed)
         }
     }
-}
-
-/// Takes an exclusive `flock` on the store file for the life of the returned handle, so that a
-/// second `syncblock` (say `volume list` while `serve` runs) cannot open the store at the same time:
-/// the engine itself does not lock, and two engines on one store corrupt it.
-fn lock_store(path: &Path) -> Result<Option<std::fs::File>> {
-    use std::os::fd::AsRawFd;
-    let Ok(file) = std::fs::File::open(path) else { return Ok(None) };
-    // SAFETY: `flock` only reads the descriptor, which `file` keeps open for the whole call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        bail!("{} is in use by another syncblock process (likely `syncblock serve`); stop it first", path.display());
-    }
-    Ok(Some(file))
 }
 
 fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
