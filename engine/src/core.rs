@@ -292,7 +292,8 @@ enum Token {
 }
 
 struct ReadWaiter {
-    buf: BytesMut,
+    /// None when one device read covers the whole reply (its buffer becomes the reply).
+    buf: Option<BytesMut>,
     head: usize,
     len: usize,
     remaining: usize,
@@ -808,7 +809,12 @@ impl Core {
         let first = offset / BB;
         let last = (offset + len - 1) / BB;
         let n_blocks = (last - first + 1) as usize;
-        let mut buf = BytesMut::zeroed(n_blocks * BLOCK_BYTES);
+        // Allocated only when the reply is assembled from several sources; a read served by one
+        // device run is handed back in the device's own buffer, without a copy.
+        let mut buf: Option<BytesMut> = None;
+        fn assembled(buf: &mut Option<BytesMut>, n_blocks: usize) -> &mut BytesMut {
+            buf.get_or_insert_with(|| BytesMut::zeroed(n_blocks * BLOCK_BYTES))
+        }
         // Runs of physically consecutive blocks: (block_idx, phys, crcs).
         let mut runs: Vec<(usize, u32, Vec<u32>)> = Vec::new();
         {
@@ -816,8 +822,9 @@ impl Core {
             for i in 0..n_blocks {
                 let lba = first + i as u64;
                 if let Some(p) = self.pending.get(&(volume, lba)) {
+                    let b = assembled(&mut buf, n_blocks);
                     if let Some(data) = &p.data {
-                        buf[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].copy_from_slice(data);
+                        b[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].copy_from_slice(data);
                     }
                     continue;
                 }
@@ -840,8 +847,12 @@ impl Core {
         }
         let head = (offset - first * BB) as usize;
         if runs.is_empty() {
-            let _ = reply.send(Ok(buf.freeze().slice(head..head + len as usize)));
+            let b = assembled(&mut buf, n_blocks);
+            let _ = reply.send(Ok(std::mem::take(b).freeze().slice(head..head + len as usize)));
             return;
+        }
+        if !(runs.len() == 1 && runs[0].0 == 0 && runs[0].2.len() == n_blocks && buf.is_none()) {
+            assembled(&mut buf, n_blocks);
         }
         let read_id = self.next_read;
         self.next_read += 1;
@@ -1563,6 +1574,7 @@ impl Core {
                 let result = c.result.map_err(|e| Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e));
                 let buf = c.buf;
                 let mut error = None;
+                let mut direct = None;
                 match (result, buf) {
                     (Ok(()), Some(buf)) => {
                         for (i, expected) in crcs.iter().enumerate() {
@@ -1576,7 +1588,11 @@ impl Core {
                         }
                         if error.is_none() {
                             if let Some(w) = self.reads.get_mut(&read_id) {
-                                w.buf[block_idx * BLOCK_BYTES..(block_idx + n_blocks) * BLOCK_BYTES].copy_from_slice(&buf);
+                                match &mut w.buf {
+                                    Some(b) => b[block_idx * BLOCK_BYTES..(block_idx + n_blocks) * BLOCK_BYTES]
+                                        .copy_from_slice(&buf),
+                                    None => direct = Some(buf),
+                                }
                             }
                         }
                     }
@@ -1590,9 +1606,15 @@ impl Core {
                 w.remaining -= 1;
                 if w.remaining == 0 {
                     let w = self.reads.remove(&read_id).expect("read waiter");
-                    let _ = w.reply.send(match w.error {
-                        Some(e) => Err(e),
-                        None => Ok(w.buf.freeze().slice(w.head..w.head + w.len)),
+                    let data = match (w.buf, direct) {
+                        (Some(b), _) => Some(b.freeze()),
+                        (None, Some(d)) => Some(Bytes::from_owner(d)),
+                        (None, None) => None,
+                    };
+                    let _ = w.reply.send(match (w.error, data) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(d)) => Ok(d.slice(w.head..w.head + w.len)),
+                        (None, None) => Err(Error::InvalidArgument("read completed without data".into())),
                     });
                 }
             }
