@@ -3,7 +3,7 @@
 # the same disk, same access pattern. Runs are interleaved (ours, raw, ours, raw, ...) because the
 # machine is noisy; the table quotes the median of the per-round ratios ours/raw.
 #
-#   bash benches/compare.sh                 # 3 rounds x 5 workloads x 10 s each, ~8 minutes
+#   bash benches/compare.sh                 # 3 rounds x 5 workloads x 10 s each, ~5-6 minutes
 #   ROUNDS=5 RUNTIME=20 bash benches/compare.sh
 #
 # Environment (all optional):

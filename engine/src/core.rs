@@ -552,10 +552,12 @@ impl Core {
             CkptPhase::Writing { .. } => 3,
             CkptPhase::SyncAfter { .. } => 4,
         };
-        let gc = match self.gc {
+        // The cleaner's queue length and copies in flight count too: dropping stale copies changes
+        // nothing else, yet lets the victim finish on the next pass.
+        let gc = match &self.gc {
             Gc::Idle => 0,
             Gc::Reading => 1,
-            Gc::Copying { .. } => 2,
+            Gc::Copying { queued, in_flight, .. } => 2 + 4 * (queued.len() + 1) + 4 * (1 << 20) * *in_flight,
         };
         [
             self.intake.len(),
