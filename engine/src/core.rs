@@ -36,8 +36,8 @@ use crate::checkpoint::{CheckpointData, RunRec, SegmentRec, VolumeRec};
 use crate::device::{Completion, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::{
-    block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind,
-    SegmentHeader, Superblock, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
+    block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader,
+    Superblock, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
 };
 use crate::index::{crc_of, phys_of};
 use crate::state::{State, VolumeInfo, MAX_VOLUMES};
@@ -111,24 +111,77 @@ impl Stats {
 
 #[derive(Debug)]
 pub enum Request {
-    Read { volume: VolumeId, offset: u64, len: u64, reply: Reply<Bytes> },
-    Write { volume: VolumeId, offset: u64, data: Bytes, fua: bool, reply: Reply<()> },
-    Flush { reply: Reply<()> },
+    Read {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: Reply<Bytes>,
+    },
+    Write {
+        volume: VolumeId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: Reply<()>,
+    },
+    Flush {
+        reply: Reply<()>,
+    },
     /// Unmaps the whole blocks inside the range; partial blocks at the edges are left alone (trim is
     /// advisory).
-    Trim { volume: VolumeId, offset: u64, len: u64, reply: Reply<()> },
+    Trim {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: Reply<()>,
+    },
     /// Zeroes the range. With `may_trim`, whole blocks become holes; otherwise zero blocks are
     /// written so that the range stays allocated.
-    WriteZeroes { volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool, reply: Reply<()> },
-    BlockStatus { volume: VolumeId, offset: u64, len: u64, reply: Reply<Vec<Extent>> },
-    CreateVolume { name: String, size_bytes: u64, reply: Reply<VolumeInfo> },
-    ResizeVolume { volume: VolumeId, size_bytes: u64, reply: Reply<()> },
-    DeleteVolume { volume: VolumeId, reply: Reply<()> },
-    ListVolumes { reply: Reply<Vec<VolumeInfo>> },
-    ChangedSince { volume: VolumeId, since: Lsn, reply: Reply<Vec<ChangedRun>> },
-    Checkpoint { reply: Reply<()> },
-    Stats { reply: Reply<Stats> },
-    Shutdown { reply: Reply<()> },
+    WriteZeroes {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+        reply: Reply<()>,
+    },
+    BlockStatus {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: Reply<Vec<Extent>>,
+    },
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        reply: Reply<VolumeInfo>,
+    },
+    ResizeVolume {
+        volume: VolumeId,
+        size_bytes: u64,
+        reply: Reply<()>,
+    },
+    DeleteVolume {
+        volume: VolumeId,
+        reply: Reply<()>,
+    },
+    ListVolumes {
+        reply: Reply<Vec<VolumeInfo>>,
+    },
+    ChangedSince {
+        volume: VolumeId,
+        since: Lsn,
+        reply: Reply<Vec<ChangedRun>>,
+    },
+    Checkpoint {
+        reply: Reply<()>,
+    },
+    Stats {
+        reply: Reply<Stats>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
 }
 
 /// Tunables. Defaults suit SSD and virtio disks.
@@ -227,12 +280,25 @@ struct Waiter {
 /// A block source in a write operation after intake.
 enum Piece {
     /// Whole blocks of data (`data.len()` is a multiple of the block size).
-    Data { lba: u64, data: Bytes },
+    Data {
+        lba: u64,
+        data: Bytes,
+    },
     /// Part of one block: `data` goes at byte `at` of block `lba`.
-    Partial { lba: u64, at: usize, data: Bytes },
-    Unmap { lba: u64, n_blocks: u64 },
+    Partial {
+        lba: u64,
+        at: usize,
+        data: Bytes,
+    },
+    Unmap {
+        lba: u64,
+        n_blocks: u64,
+    },
     /// Whole blocks of written zeros.
-    Zero { lba: u64, n_blocks: u64 },
+    Zero {
+        lba: u64,
+        n_blocks: u64,
+    },
 }
 
 struct WriteOp {
@@ -312,16 +378,28 @@ enum CkptPhase {
     Idle,
     /// Wait for the cleaner to finish its victim, then for in-flight batches to drain.
     Draining,
-    SyncBefore { through: Lsn, header: CheckpointHeader, buf: Option<AlignedBuf> },
-    Writing { header: CheckpointHeader },
-    SyncAfter { header: CheckpointHeader },
+    SyncBefore {
+        through: Lsn,
+        header: CheckpointHeader,
+        buf: Option<AlignedBuf>,
+    },
+    Writing {
+        header: CheckpointHeader,
+    },
+    SyncAfter {
+        header: CheckpointHeader,
+    },
 }
 
 enum Gc {
     Idle,
     Reading,
     /// Copies of `seg` queued or in flight.
-    Copying { seg: u32, queued: VecDeque<GcCopy>, in_flight: usize },
+    Copying {
+        seg: u32,
+        queued: VecDeque<GcCopy>,
+        in_flight: usize,
+    },
 }
 
 struct GcCopy {
@@ -409,7 +487,8 @@ impl Core {
         next_seg_seq: u64,
         ckpt_seq: u64,
     ) -> Core {
-        let mut stats = Stats { n_segments: sb.n_segments, segment_bytes: sb.segment_blocks as u64 * BB, ..Stats::default() };
+        let mut stats =
+            Stats { n_segments: sb.n_segments, segment_bytes: sb.segment_blocks as u64 * BB, ..Stats::default() };
         stats.next_lsn = next_lsn;
         Core {
             sb,
@@ -530,7 +609,9 @@ impl Core {
             self.step_shutdown();
             let after = self.fingerprint();
             if before == after {
-                if self.tokens.is_empty() && (after[0] > 0 || after[1] > 0 || after[8] > 0 || after[9] > 0 || after[4] > 0) {
+                if self.tokens.is_empty()
+                    && (after[0] > 0 || after[1] > 0 || after[8] > 0 || after[9] > 0 || after[4] > 0)
+                {
                     // Nothing in flight yet work is waiting: nothing will ever wake it. A bug.
                     tracing::error!(
                         "engine idle with pending work: {after:?} stall={} free={} gc_low={} ckpt_wanted={} reuse_below={}",
@@ -592,7 +673,10 @@ impl Core {
                 self.stall = Some(Stall::Space { op, n_blocks });
                 return;
             } else {
-                tracing::warn!("write refused: store full ({} free segments, nothing left to clean)", self.free_segments());
+                tracing::warn!(
+                    "write refused: store full ({} free segments, nothing left to clean)",
+                    self.free_segments()
+                );
                 op.done.send(Err(Error::NoSpace));
             }
         }
@@ -601,7 +685,8 @@ impl Core {
                 self.intake.front(),
                 Some(Request::CreateVolume { .. } | Request::ResizeVolume { .. } | Request::DeleteVolume { .. })
             );
-            if is_meta && (!self.batches.is_empty() || self.open_batch.as_ref().is_some_and(|b| !b.entries.is_empty())) {
+            if is_meta && (!self.batches.is_empty() || self.open_batch.as_ref().is_some_and(|b| !b.entries.is_empty()))
+            {
                 // Volume-table changes take effect in memory at once, so every earlier write must
                 // be applied first, or the live engine and replay would disagree on the order.
                 self.seal_open_batch();
@@ -637,7 +722,8 @@ impl Core {
                 Ok(()) => {
                     let first = offset.div_ceil(BB);
                     let end = (offset + len) / BB;
-                    let pieces = if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
+                    let pieces =
+                        if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
                     self.start_write(WriteOp { volume, pieces, durable: false, done: Done::Unit(reply) });
                 }
             },
@@ -681,9 +767,9 @@ impl Core {
                 }
             }
             Request::DeleteVolume { volume, reply } => {
-                let r = self.check_meta().and_then(|()| {
-                    self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume))
-                });
+                let r = self
+                    .check_meta()
+                    .and_then(|()| self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume)));
                 match r {
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -858,10 +944,8 @@ impl Core {
         }
         let read_id = self.next_read;
         self.next_read += 1;
-        self.reads.insert(
-            read_id,
-            ReadWaiter { buf, head, len: len as usize, remaining: runs.len(), error: None, reply },
-        );
+        self.reads
+            .insert(read_id, ReadWaiter { buf, head, len: len as usize, remaining: runs.len(), error: None, reply });
         for (block_idx, phys, crcs) in runs {
             let seg = phys / self.sb.segment_blocks;
             self.segs[seg as usize].readers += 1;
@@ -1026,7 +1110,9 @@ impl Core {
                 let Some(seg) = self.take_free_segment() else {
                     // Admission control keeps a segment for every admitted write; getting here is
                     // a bug, and stopping is the only safe response.
-                    self.device_failed("internal error: no free segment for an admitted write (space accounting)".into());
+                    self.device_failed(
+                        "internal error: no free segment for an admitted write (space accounting)".into(),
+                    );
                     return false;
                 };
                 self.open_seg = Some((seg, 0));
@@ -1116,7 +1202,14 @@ impl Core {
             }
             let b = self.open_batch.as_mut().expect("open batch");
             let n = left.min(u32::MAX as u64 / 2);
-            b.entries.push(Entry { volume, kind: EntryKind::Trim, lba: Lba(lba), n_blocks: n as u32, data_lsn: Lsn(0), old_phys: 0 });
+            b.entries.push(Entry {
+                volume,
+                kind: EntryKind::Trim,
+                lba: Lba(lba),
+                n_blocks: n as u32,
+                data_lsn: Lsn(0),
+                old_phys: 0,
+            });
             b.unmaps.push((volume, lba, lba + n));
             self.pending_unmaps.push((b.no, volume, lba, lba + n));
             // Blocks pending in earlier batches are superseded by this unmap.
@@ -1309,7 +1402,11 @@ fn split_zeroes(offset: u64, len: u64, may_trim: bool) -> Vec<Piece> {
     }
     if end_whole > first_whole {
         let n_blocks = end_whole - first_whole;
-        pieces.push(if may_trim { Piece::Unmap { lba: first_whole, n_blocks } } else { Piece::Zero { lba: first_whole, n_blocks } });
+        pieces.push(if may_trim {
+            Piece::Unmap { lba: first_whole, n_blocks }
+        } else {
+            Piece::Zero { lba: first_whole, n_blocks }
+        });
     }
     if end % BB != 0 {
         pieces.push(Piece::Partial { lba: end_whole, at: 0, data: zeros((end % BB) as usize) });
@@ -1376,7 +1473,8 @@ impl Core {
         seg.max_lsn = lsn.0;
         for e in &header.entries {
             if e.kind.has_data() {
-                seg.min_data_lsn = if seg.min_data_lsn == 0 { e.data_lsn.0 } else { seg.min_data_lsn.min(e.data_lsn.0) };
+                seg.min_data_lsn =
+                    if seg.min_data_lsn == 0 { e.data_lsn.0 } else { seg.min_data_lsn.min(e.data_lsn.0) };
                 seg.max_data_lsn = seg.max_data_lsn.max(e.data_lsn.0);
             }
         }
@@ -1573,7 +1671,9 @@ impl Core {
             }
             Token::Read { read_id, block_idx, n_blocks, seg, crcs, phys } => {
                 self.segs[seg as usize].readers -= 1;
-                let result = c.result.map_err(|e| Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e));
+                let result = c
+                    .result
+                    .map_err(|e| Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e));
                 let buf = c.buf;
                 let mut error = None;
                 let mut direct = None;
@@ -1582,7 +1682,11 @@ impl Core {
                         for (i, expected) in crcs.iter().enumerate() {
                             let got = block_crc(buf.block(i));
                             if got != *expected {
-                                let e = self.corrupt_error(seg, phys + i as u32, format!("block checksum {got:#010x}, expected {expected:#010x}"));
+                                let e = self.corrupt_error(
+                                    seg,
+                                    phys + i as u32,
+                                    format!("block checksum {got:#010x}, expected {expected:#010x}"),
+                                );
                                 tracing::error!("{e}");
                                 error = Some(e);
                                 break;
@@ -1624,7 +1728,11 @@ impl Core {
                 self.segs[seg as usize].readers -= 1;
                 let block = match (c.result, c.buf) {
                     (Ok(()), Some(buf)) if block_crc(&buf) == crc => Ok(Bytes::copy_from_slice(&buf)),
-                    (Ok(()), Some(buf)) => Err(self.corrupt_error(seg, phys, format!("block checksum {:#010x}, expected {crc:#010x}", block_crc(&buf)))),
+                    (Ok(()), Some(buf)) => Err(self.corrupt_error(
+                        seg,
+                        phys,
+                        format!("block checksum {:#010x}, expected {crc:#010x}", block_crc(&buf)),
+                    )),
                     (Err(e), _) => Err(Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e)),
                     (Ok(()), None) => Err(Error::InvalidArgument("read returned no buffer".into())),
                 };
@@ -1665,7 +1773,10 @@ impl Core {
                     (Ok(()), Some(buf)) => self.scan_segment(seg, &buf),
                     (r, _) => {
                         if let Some(scan) = self.scans.pop_front() {
-                            let _ = scan.reply.send(Err(Error::io(format!("reading segment {seg}"), r.err().unwrap_or_else(|| std::io::Error::other("no buffer")))));
+                            let _ = scan.reply.send(Err(Error::io(
+                                format!("reading segment {seg}"),
+                                r.err().unwrap_or_else(|| std::io::Error::other("no buffer")),
+                            )));
                         }
                     }
                 }
@@ -1785,7 +1896,9 @@ impl Core {
         }
         if self.n_pending_free > 0
             && self.segs.iter().any(|s| {
-                s.status == SegStatus::PendingFree && s.free_after_lsn > self.durable_lsn && s.free_after_lsn <= completed
+                s.status == SegStatus::PendingFree
+                    && s.free_after_lsn > self.durable_lsn
+                    && s.free_after_lsn <= completed
             })
         {
             want = true;
@@ -1999,7 +2112,10 @@ impl Core {
                     self.stats.segments_cleaned += 1;
                     self.check_segment_empty(seg);
                 } else {
-                    tracing::warn!("segment {seg} still has {} live blocks after cleaning", self.state.live[seg as usize]);
+                    tracing::warn!(
+                        "segment {seg} still has {} live blocks after cleaning",
+                        self.state.live[seg as usize]
+                    );
                     self.segs[seg as usize].gc_skip = true;
                 }
                 self.gc = Gc::Idle;
@@ -2095,12 +2211,9 @@ impl Core {
         let mut queued = std::mem::take(queued);
         let mut added = 0usize;
         while let Some(c) = queued.front() {
-            let still_live = self
-                .state
-                .volumes
-                .get(&c.volume)
-                .is_some_and(|v| phys_of(v.index.get(c.lba)) == Some(c.old_phys))
-                && !self.pending.contains_key(&(c.volume, c.lba));
+            let still_live =
+                self.state.volumes.get(&c.volume).is_some_and(|v| phys_of(v.index.get(c.lba)) == Some(c.old_phys))
+                    && !self.pending.contains_key(&(c.volume, c.lba));
             if !still_live {
                 queued.pop_front();
                 continue;

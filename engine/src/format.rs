@@ -178,14 +178,19 @@ impl Superblock {
         if self.segment_blocks < 16 || self.n_segments == 0 {
             return Err(DecodeError::Invalid("segment geometry"));
         }
-        let end = (self.n_segments as u64)
-            .checked_mul(seg_bytes)
-            .and_then(|d| d.checked_add(self.data_offset));
+        let end = (self.n_segments as u64).checked_mul(seg_bytes).and_then(|d| d.checked_add(self.data_offset));
         let slot_bytes = self.checkpoint_slot_blocks.checked_mul(bb);
         match (end, slot_bytes) {
-            (Some(end), Some(slot)) if end <= self.device_bytes
-                && self.data_offset % bb == 0
-                && self.checkpoint_offsets.iter().all(|o| o % bb == 0 && o.saturating_add(slot) <= self.data_offset && *o >= 2 * bb) => Ok(()),
+            (Some(end), Some(slot))
+                if end <= self.device_bytes
+                    && self.data_offset % bb == 0
+                    && self
+                        .checkpoint_offsets
+                        .iter()
+                        .all(|o| o % bb == 0 && o.saturating_add(slot) <= self.data_offset && *o >= 2 * bb) =>
+            {
+                Ok(())
+            }
             _ => Err(DecodeError::Invalid("layout outside device")),
         }
     }
@@ -577,9 +582,30 @@ mod tests {
             durable_lsn: Lsn(40),
             segment_seq: 7,
             entries: vec![
-                Entry { volume: VolumeId(1), kind: EntryKind::Write, lba: Lba(10), n_blocks: 2, data_lsn: Lsn(42), old_phys: 0 },
-                Entry { volume: VolumeId(2), kind: EntryKind::Trim, lba: Lba(0), n_blocks: 1 << 20, data_lsn: Lsn(42), old_phys: 0 },
-                Entry { volume: VolumeId(1), kind: EntryKind::Copy, lba: Lba(99), n_blocks: 1, data_lsn: Lsn(3), old_phys: 77 },
+                Entry {
+                    volume: VolumeId(1),
+                    kind: EntryKind::Write,
+                    lba: Lba(10),
+                    n_blocks: 2,
+                    data_lsn: Lsn(42),
+                    old_phys: 0,
+                },
+                Entry {
+                    volume: VolumeId(2),
+                    kind: EntryKind::Trim,
+                    lba: Lba(0),
+                    n_blocks: 1 << 20,
+                    data_lsn: Lsn(42),
+                    old_phys: 0,
+                },
+                Entry {
+                    volume: VolumeId(1),
+                    kind: EntryKind::Copy,
+                    lba: Lba(99),
+                    n_blocks: 1,
+                    data_lsn: Lsn(3),
+                    old_phys: 77,
+                },
             ],
             crcs: vec![1, 2, 3],
             meta: vec![],
@@ -633,7 +659,17 @@ mod tests {
         sh.encode_into(&mut b);
         assert_eq!(SegmentHeader::decode(&b, 5).unwrap(), sh);
 
-        let ck = CheckpointHeader { store_id: 5, seq: 3, next_lsn: Lsn(9), next_segment_seq: 4, tail_segment: 2, tail_block: 17, tail_seq: 3, payload_bytes: 100, payload_crc: 0xdead };
+        let ck = CheckpointHeader {
+            store_id: 5,
+            seq: 3,
+            next_lsn: Lsn(9),
+            next_segment_seq: 4,
+            tail_segment: 2,
+            tail_block: 17,
+            tail_seq: 3,
+            payload_bytes: 100,
+            payload_crc: 0xdead,
+        };
         assert_eq!(CheckpointHeader::decode(&ck.encode(), 5).unwrap(), ck);
     }
 

@@ -100,9 +100,8 @@ impl VolumeIndex {
         if self.root.len() <= r {
             self.root.resize_with(r + 1, || None);
         }
-        let mid = self.root[r].get_or_insert_with(|| {
-            Box::new(Mid { leaves: (0..FANOUT).map(|_| None).collect(), n_leaves: 0 })
-        });
+        let mid = self.root[r]
+            .get_or_insert_with(|| Box::new(Mid { leaves: (0..FANOUT).map(|_| None).collect(), n_leaves: 0 }));
         if mid.leaves[m].is_none() {
             mid.leaves[m] = Some(Box::new(Leaf { entries: [0; FANOUT], n_mapped: 0 }));
             mid.n_leaves += 1;

@@ -15,9 +15,9 @@ pub mod checkpoint;
 pub mod core;
 pub mod format;
 pub mod index;
-pub mod state;
-pub mod sim;
 pub mod recovery;
+pub mod sim;
+pub mod state;
 pub mod store;
 
 pub use crate::core::{ChangedRun, Config, Extent, Stats, MAX_IO_BYTES};

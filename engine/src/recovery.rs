@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::buf::AlignedBuf;
+use crate::checkpoint::SegmentRec;
 use crate::checkpoint::{max_payload_bytes, CheckpointData};
 use crate::core::{Config, Core, SegState, SegStatus};
 use crate::device::{read_blocking, sync_blocking, write_blocking, Device, IoKind, IoOp};
@@ -14,10 +15,9 @@ use crate::format::{
     block_crc, CheckpointHeader, DecodeError, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock,
 };
 use crate::index::phys_of;
+use crate::index::VolumeIndex;
 use crate::state::{State, Volume, MAX_VOLUMES};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES};
-use crate::checkpoint::SegmentRec;
-use crate::index::VolumeIndex;
 
 const BB: u64 = BLOCK_BYTES as u64;
 
@@ -74,7 +74,10 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
     let data = CheckpointData {
         next_volume_id: 1,
         volumes: vec![],
-        segments: vec![SegmentRec { seq: 0, used_blocks: 0, min_data_lsn: 0, max_data_lsn: 0, max_lsn: 0 }; n_segments as usize],
+        segments: vec![
+            SegmentRec { seq: 0, used_blocks: 0, min_data_lsn: 0, max_data_lsn: 0, max_lsn: 0 };
+            n_segments as usize
+        ],
         runs: vec![],
         entries: vec![],
     };
@@ -123,7 +126,10 @@ fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom(v.as_mut_ptr().cast(), 8, 0) };
     if n != 8 {
         // Fall back to time and address entropy; uniqueness, not secrecy, is what matters here.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         return t ^ (&v as *const _ as u64).rotate_left(32);
     }
     u64::from_le_bytes(v)
@@ -193,7 +199,13 @@ fn read_checkpoint(device: &mut dyn Device, sb: &Superblock, slot: usize) -> Res
 }
 
 fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData) -> Result<(), String> {
-    if h.seq == 0 || h.seq >= u64::MAX / 2 || h.next_lsn.0 == 0 || h.next_lsn.0 >= u64::MAX / 2 || h.next_segment_seq == 0 || h.next_segment_seq >= u64::MAX / 2 {
+    if h.seq == 0
+        || h.seq >= u64::MAX / 2
+        || h.next_lsn.0 == 0
+        || h.next_lsn.0 >= u64::MAX / 2
+        || h.next_segment_seq == 0
+        || h.next_segment_seq >= u64::MAX / 2
+    {
         return Err("LSN or segment sequence out of range".into());
     }
     if h.tail_segment != u32::MAX && h.tail_seq >= h.next_segment_seq {
@@ -257,15 +269,16 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         [Ok(a), Err(e)] => (a, Some((1, e))),
         [Err(e), Ok(b)] => (b, Some((0, e))),
         [Err(a), Err(b)] => {
-            return Err(Error::CorruptStore(format!(
-                "both checkpoint slots are invalid (slot 0: {a}; slot 1: {b})"
-            )))
+            return Err(Error::CorruptStore(format!("both checkpoint slots are invalid (slot 0: {a}; slot 1: {b})")))
         }
     };
     if let Some((slot, why)) = other {
         // Normal after a crash during a checkpoint write (or on a fresh store, whose slot 0 is empty).
         if ckpt.header.seq > 1 {
-            tracing::warn!("checkpoint slot {slot} unusable ({why}); using checkpoint {} from the other slot", ckpt.header.seq);
+            tracing::warn!(
+                "checkpoint slot {slot} unusable ({why}); using checkpoint {} from the other slot",
+                ckpt.header.seq
+            );
             report.checkpoint_fallback = Some(format!("slot {slot}: {why}"));
         }
     }
@@ -297,7 +310,10 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
     for chunk_start in (0..sb.n_segments as usize).step_by(HEADER_READ_CHUNK) {
         let chunk_end = (chunk_start + HEADER_READ_CHUNK).min(sb.n_segments as usize);
         for s in chunk_start..chunk_end {
-            device.submit(IoOp { token: s as u64, kind: IoKind::Read { offset: sb.segment_offset(s as u32), buf: AlignedBuf::zeroed(1) } });
+            device.submit(IoOp {
+                token: s as u64,
+                kind: IoKind::Read { offset: sb.segment_offset(s as u32), buf: AlignedBuf::zeroed(1) },
+            });
         }
         let mut left = chunk_end - chunk_start;
         while left > 0 {
@@ -343,7 +359,12 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             break;
         }
         if ci > 0 && headers[seg as usize].map(|hh| hh.first_lsn) != Some(expected) {
-            stop = Some((seg, 1, format!("segment starts at {:?}, expected {expected:?}", headers[seg as usize].map(|hh| hh.first_lsn)), false));
+            stop = Some((
+                seg,
+                1,
+                format!("segment starts at {:?}, expected {expected:?}", headers[seg as usize].map(|hh| hh.first_lsn)),
+                false,
+            ));
             break;
         }
         let buf = read_blocking(device, sb.segment_offset(seg), sb.segment_blocks as usize)
@@ -367,7 +388,10 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                     let torn = matches!(e, DecodeError::BadChecksum { .. });
                     stop = Some((seg, cursor as u32, format!("no valid record ({e})"), torn));
                     // End of this segment's records: the next segment of the chain may continue.
-                    if chain.get(ci + 1).is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected)) {
+                    if chain
+                        .get(ci + 1)
+                        .is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected))
+                    {
                         stop = None;
                         continue 'chain;
                     }
@@ -376,9 +400,20 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 }
             };
             if rec.segment_seq != seg_seq || rec.lsn != expected {
-                stop = Some((seg, cursor as u32, format!("record LSN {} (segment seq {}), expected LSN {expected} in seq {seg_seq}", rec.lsn, rec.segment_seq), false));
+                stop = Some((
+                    seg,
+                    cursor as u32,
+                    format!(
+                        "record LSN {} (segment seq {}), expected LSN {expected} in seq {seg_seq}",
+                        rec.lsn, rec.segment_seq
+                    ),
+                    false,
+                ));
                 max_lsn_seen = max_lsn_seen.max(rec.lsn);
-                if chain.get(ci + 1).is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected)) {
+                if chain
+                    .get(ci + 1)
+                    .is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected))
+                {
                     stop = None;
                     continue 'chain;
                 }
@@ -393,9 +428,16 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 break 'chain;
             }
             let data_at = cursor + hb;
-            let bad = (0..db).find(|i| block_crc(&buf[(data_at + i) * BLOCK_BYTES..(data_at + i + 1) * BLOCK_BYTES]) != rec.crcs[*i]);
+            let bad = (0..db).find(|i| {
+                block_crc(&buf[(data_at + i) * BLOCK_BYTES..(data_at + i + 1) * BLOCK_BYTES]) != rec.crcs[*i]
+            });
             if let Some(i) = bad {
-                stop = Some((seg, (data_at + i) as u32, format!("data block {i} of LSN {} fails its checksum", rec.lsn), true));
+                stop = Some((
+                    seg,
+                    (data_at + i) as u32,
+                    format!("data block {i} of LSN {} fails its checksum", rec.lsn),
+                    true,
+                ));
                 max_lsn_seen = max_lsn_seen.max(rec.lsn);
                 max_durable = max_durable.max(rec.durable_lsn);
                 scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
@@ -408,7 +450,11 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 RecordKind::Meta => match MetaOp::decode(&rec.meta) {
                     Ok(op) => state.apply_meta(&op, |_| {}),
                     Err(e) => {
-                        return Err(Error::CorruptRecord { segment: SegmentId(seg), lsn: rec.lsn, what: format!("volume record: {e}") })
+                        return Err(Error::CorruptRecord {
+                            segment: SegmentId(seg),
+                            lsn: rec.lsn,
+                            what: format!("volume record: {e}"),
+                        })
                     }
                 },
             }
@@ -469,14 +515,18 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         }
         report.log_end = format!("segment {seg} block {block}: {why}");
         if *torn {
-            tracing::warn!("recovery discarded a torn tail at segment {seg} block {block}: {why} (never acknowledged as durable)");
+            tracing::warn!(
+                "recovery discarded a torn tail at segment {seg} block {block}: {why} (never acknowledged as durable)"
+            );
             report.discarded_torn = Some(report.log_end.clone());
         }
     } else {
         report.log_end = "end of the last segment".into();
     }
     if discarded > 0 {
-        tracing::warn!("recovery discarded {discarded} segment(s) written after the log's end (never acknowledged as durable)");
+        tracing::warn!(
+            "recovery discarded {discarded} segment(s) written after the log's end (never acknowledged as durable)"
+        );
     }
     report.discarded_segments = discarded;
 
@@ -486,7 +536,13 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
     for (i, st) in segs.iter_mut().enumerate() {
         let in_chain = replayed.contains(&(i as u32));
         if state.live[i] == 0 {
-            *st = SegState::from_rec(&SegmentRec { seq: 0, used_blocks: 0, min_data_lsn: 0, max_data_lsn: 0, max_lsn: 0 });
+            *st = SegState::from_rec(&SegmentRec {
+                seq: 0,
+                used_blocks: 0,
+                min_data_lsn: 0,
+                max_data_lsn: 0,
+                max_lsn: 0,
+            });
         } else if !in_chain && st.used_blocks == 0 {
             return Err(Error::CorruptStore(format!("segment {i} holds live blocks but is recorded as empty")));
         } else {

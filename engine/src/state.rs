@@ -64,7 +64,13 @@ impl State {
 
     /// Applies the entries of a data record whose first data block is at `first_data_phys`.
     /// `on_dead(segment)` is called for every segment that lost a live block.
-    pub fn apply_data(&mut self, entries: &[Entry], crcs: &[u32], first_data_phys: u32, mut on_dead: impl FnMut(usize)) {
+    pub fn apply_data(
+        &mut self,
+        entries: &[Entry],
+        crcs: &[u32],
+        first_data_phys: u32,
+        mut on_dead: impl FnMut(usize),
+    ) {
         let segment_blocks = self.segment_blocks;
         let seg = |phys: u32| (phys / segment_blocks) as usize;
         let mut d = 0usize;

@@ -193,7 +193,11 @@ impl Store {
 
     /// The volume named `name`.
     pub async fn volume(&self, name: &str) -> Result<VolumeInfo> {
-        self.list_volumes().await?.into_iter().find(|v| v.name == name).ok_or_else(|| Error::NoSuchVolumeName(name.to_string()))
+        self.list_volumes()
+            .await?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::NoSuchVolumeName(name.to_string()))
     }
 
     /// Live blocks of `volume` last written after `since`, as runs of LBAs (for resync).

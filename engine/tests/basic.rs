@@ -52,7 +52,9 @@ fn real_file_store_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.img");
     let rt = rt();
-    let store = Store::create(&path, &CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20 }, Config::default()).unwrap();
+    let store =
+        Store::create(&path, &CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20 }, Config::default())
+            .unwrap();
     let vol = rt.block_on(store.create_volume("v", 32 << 20)).unwrap();
     let data = pattern(9, 1 << 20);
     rt.block_on(store.write(vol.id, 4096, Bytes::from(data.clone()), true)).unwrap();
@@ -67,7 +69,9 @@ fn real_file_store_round_trips() {
 fn a_store_can_be_open_only_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.img");
-    let store = Store::create(&path, &CreateOptions { size_bytes: 16 << 20, segment_bytes: 1 << 20 }, Config::default()).unwrap();
+    let store =
+        Store::create(&path, &CreateOptions { size_bytes: 16 << 20, segment_bytes: 1 << 20 }, Config::default())
+            .unwrap();
     let e = Store::open(&path, Config::default()).unwrap_err();
     assert!(e.to_string().contains("in use by another process"), "{e}");
     store.close().unwrap();

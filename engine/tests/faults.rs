@@ -23,7 +23,9 @@ fn records(image: &[u8]) -> Vec<(usize, RecordHeader)> {
         let mut cursor = 1usize;
         while cursor < sb.segment_blocks as usize {
             let at = base + cursor * BB;
-            let Ok(rec) = RecordHeader::decode(&image[at..base + sb.segment_blocks as usize * BB], sb.store_id) else { break };
+            let Ok(rec) = RecordHeader::decode(&image[at..base + sb.segment_blocks as usize * BB], sb.store_id) else {
+                break;
+            };
             if rec.segment_seq != sh.seq {
                 break;
             }
@@ -180,7 +182,9 @@ fn damaged_newest_checkpoint_falls_back_to_the_older_one() {
     let seqs: Vec<u64> = (0..2)
         .map(|s| {
             let o = sb.checkpoint_offsets[s] as usize;
-            syncblock_engine::format::CheckpointHeader::decode(&image[o..o + BB], sb.store_id).map(|h| h.seq).unwrap_or(0)
+            syncblock_engine::format::CheckpointHeader::decode(&image[o..o + BB], sb.store_id)
+                .map(|h| h.seq)
+                .unwrap_or(0)
         })
         .collect();
     let newest = if seqs[0] > seqs[1] { 0 } else { 1 };

@@ -88,7 +88,10 @@ fn run(ops: Vec<Op>, seed: u64, disk_bytes: usize) -> syncblock_engine::Stats {
             Op::Flush => rt.block_on(store.flush()).unwrap(),
             Op::Read { vol, offset, len } => {
                 let got = rt.block_on(store.read(vols[vol], offset, len)).unwrap();
-                assert!(got[..] == model[vol][offset as usize..(offset + len) as usize], "step {step}: read {offset}+{len} of v{vol} differs from the model");
+                assert!(
+                    got[..] == model[vol][offset as usize..(offset + len) as usize],
+                    "step {step}: read {offset}+{len} of v{vol} differs from the model"
+                );
             }
             Op::Checkpoint => rt.block_on(store.checkpoint()).unwrap(),
             Op::Reopen => {

@@ -195,7 +195,12 @@ fn crash_everywhere(seed: u64) {
             }
         }
     }
-    eprintln!("checked {} crash points ({} cleaned segments, {} checkpoints in the workload)", n + 1, stats.segments_cleaned, stats.checkpoints);
+    eprintln!(
+        "checked {} crash points ({} cleaned segments, {} checkpoints in the workload)",
+        n + 1,
+        stats.segments_cleaned,
+        stats.checkpoints
+    );
 }
 
 #[test]
