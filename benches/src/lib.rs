@@ -167,29 +167,9 @@ impl Outcome {
     }
 }
 
-/// A small, fast, seedable generator (SplitMix64); benchmarks need speed and repeatability, not
+/// The engine's seedable SplitMix64 generator: benchmarks need speed and repeatability, not
 /// statistical perfection.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by multiply-shift: no modulo bias worth measuring.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
-}
+pub use syncblock_engine::sim::Rng;
 
 /// How long the watchdog lets pass without any request completing before it sends the engine a
 /// `stats` request. Far above any request's latency here (a 1 MiB write takes a few ms), so on a
