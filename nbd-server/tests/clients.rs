@@ -1,6 +1,6 @@
-//! Real NBD clients against the server: qemu-io, qemu-img and nbdinfo (libnbd). A missing tool
-//! fails the test (`.ci/run` installs them). Every process runs under `timeout`, so none outlives
-//! its test even when the server misbehaves.
+//! Real NBD clients against the server: qemu-io, qemu-img, nbdinfo, nbdcopy and nbdsh (libnbd),
+//! and fio's nbd engine. A missing tool fails the test (`.ci/run` installs them). Every process
+//! runs under `timeout`, so none outlives its test even when the server misbehaves.
 
 mod common;
 
@@ -10,12 +10,22 @@ use common::*;
 
 /// Runs `tool args…` under a 60 s timeout; returns (exit code, stdout, stderr).
 fn tool(tool: &str, args: &[&str]) -> (i32, String, String) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().expect("sh");
-    assert!(found.status.success(), "{tool} is not installed; install it (see .ci/run: qemu-utils, libnbd-bin)");
-    let out = Command::new("timeout").arg("60").arg(tool).args(args).output().expect("spawn");
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).env("PATH", path()).output().expect("sh");
+    assert!(
+        found.status.success(),
+        "{tool} is not installed; install it (see .ci/run: qemu-utils, libnbd-bin, python3-libnbd, fio)"
+    );
+    let out = Command::new("timeout").arg("60").arg(tool).args(args).env("PATH", path()).output().expect("spawn");
     let (so, se) =
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     (out.status.code().unwrap_or(-1), so, se)
+}
+
+/// PATH with the system directories first: `nbdsh` runs `python3 -mnbd`, and the `nbd` module of
+/// python3-libnbd belongs to the system Python, not to whatever python3 (pyenv, venv) comes first.
+fn path() -> String {
+    format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default())
 }
 
 fn ok(name: &str, args: &[&str]) -> String {
@@ -162,5 +172,174 @@ fn qemu_img_convert_in_and_out_compares_identical() {
         let info = ok("qemu-img", &["info", "-f", "raw", &uri]);
         assert!(info.contains("64 MiB"), "{info}");
         ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    });
+}
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`): incompressible, so a copy that drops or
+/// shifts a block cannot compare equal by accident.
+fn random_image(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+#[test]
+fn nbdcopy_random_image_in_and_out_over_four_connections_is_identical() {
+    with_server(|s| {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let src_path = dir.path().join("src.img");
+        let img = random_image(0x9e37_79b9_7f4a_7c15, VOL_BYTES as usize);
+        std::fs::write(&src_path, &img).unwrap();
+        let (src, uri) = (src_path.to_str().unwrap(), s.uri("vol"));
+        ok("nbdcopy", &["--connections=4", "--flush", src, &uri]);
+        let out_path = dir.path().join("out.img");
+        std::fs::File::create(&out_path).unwrap();
+        let out = out_path.to_str().unwrap();
+        ok("nbdcopy", &["--connections=4", &uri, out]);
+        ok("cmp", &[src, out]);
+        // cmp is not vacuous: one flipped byte is found.
+        let mut bad = img;
+        bad[VOL_BYTES as usize / 2] ^= 1;
+        std::fs::write(&src_path, &bad).unwrap();
+        let (code, _, _) = tool("cmp", &[src, out]);
+        assert_eq!(code, 1, "cmp must see the difference");
+    });
+}
+
+/// The fio job both passes run: the same name, seed and parameters, so `--verify_only` replays the
+/// offsets and headers that the write pass wrote.
+fn fio_args(uri: &str) -> Vec<String> {
+    [
+        "--name=nbdverify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--randseed=4242",
+        "--end_fsync=1",
+        // No state file in the working directory when a verify fails (the negative check does).
+        "--verify_state_save=0",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+#[test]
+fn fio_crc32c_verify_passes_then_verify_only_after_restart_finds_every_block() {
+    let (store, dir) = file_store();
+    let store_path = dir.path().join("store.img");
+    let rt = rt();
+    let server = rt.block_on(TestServer::start(store.clone(), None));
+    let mut args = fio_args(&server.uri("vol"));
+    args.push("--do_verify=1".into());
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok("fio", &args_ref);
+    assert!(out.contains("nbdverify"), "{out}");
+    rt.block_on(server.stop()).expect("graceful stop");
+    drop(rt);
+    store.close().expect("close");
+
+    // A new store handle and a new server over the same file.
+    let store = syncblock_engine::Store::open(&store_path, syncblock_engine::Config::default()).expect("reopen");
+    let rt = common::rt();
+    let server = rt.block_on(TestServer::start_existing(store.clone(), None));
+    let mut args = fio_args(&server.uri("vol"));
+    args.push("--verify_only".into());
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok("fio", &args_ref);
+    assert!(out.contains("READ:") && out.contains("io=16.0MiB"), "verify_only must read all 16 MiB back:\n{out}");
+    // The check is not vacuous: one overwritten block inside the job's range is found.
+    ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x5a 5M 4k", &server.uri("vol")]);
+    let (code, so, se) = tool("fio", &args_ref);
+    assert_ne!(code, 0, "verify_only must fail after a block was overwritten:\n{so}\n{se}");
+    rt.block_on(server.stop()).expect("graceful stop");
+    drop(rt);
+    store.close().expect("close");
+    drop(dir);
+}
+
+/// Runs a python script in nbdsh (python3-libnbd) with `URI` and `RO_URI` bound.
+fn nbdsh(s: &TestServer, script: &str) -> String {
+    let code = format!("URI = {:?}\nRO_URI = {:?}\n{script}", s.uri("vol"), s.uri("ro"));
+    ok("nbdsh", &["-c", &code])
+}
+
+#[test]
+fn nbdsh_multi_conn_flush_on_one_connection_is_seen_on_another() {
+    with_server(|s| {
+        let out = nbdsh(
+            s,
+            r#"
+a = nbd.NBD(); a.connect_uri(URI)
+b = nbd.NBD(); b.connect_uri(URI)
+assert a.can_multi_conn() and b.can_multi_conn()
+for i in range(8):
+    buf = bytes([(i * 37 + j) % 251 for j in range(65536)])
+    off = i * 1048576 + 512
+    a.pwrite(buf, off)
+    a.flush()
+    assert b.pread(len(buf), off) == buf, "connection b does not see a's flushed write %d" % i
+    # And the other way round, with FUA instead of flush.
+    b.pwrite(buf[::-1], off, nbd.CMD_FLAG_FUA)
+    assert a.pread(len(buf), off) == buf[::-1]
+print("multi-conn ok")
+"#,
+        );
+        assert!(out.contains("multi-conn ok"), "{out}");
+    });
+}
+
+#[test]
+fn nbdsh_error_replies_out_of_range_and_read_only() {
+    with_server(|s| {
+        let out = nbdsh(
+            s,
+            r#"
+import errno
+def expect(errnum, f, *args):
+    try:
+        f(*args)
+    except nbd.Error as e:
+        # libnbd's Python binding gives the errno as its name ("EINVAL"), older ones as a number.
+        got = e.errno if isinstance(e.errno, int) else getattr(errno, e.errno)
+        assert got == errnum, "expected %s, got %s (%s)" % (errno.errorcode[errnum], e.errno, e)
+        return
+    raise AssertionError("expected %s, got success" % errno.errorcode[errnum])
+
+for structured in (True, False):
+    h = nbd.NBD()
+    h.set_request_structured_replies(structured)
+    # Send out-of-range requests to the server instead of refusing them in libnbd.
+    h.set_strict_mode(0)
+    h.connect_uri(URI)
+    size = h.get_size()
+    expect(errno.EINVAL, h.pread, 4096, size - 2048)
+    expect(errno.EINVAL, h.pread, 512, size)
+    expect(errno.ENOSPC, h.pwrite, b"x" * 4096, size - 2048)
+    expect(errno.EINVAL, h.trim, 4096, size)
+    # The connection keeps working after each error.
+    h.pwrite(b"y" * 4096, 0)
+    assert h.pread(4096, 0) == b"y" * 4096
+    h.shutdown()
+
+r = nbd.NBD(); r.set_strict_mode(0); r.connect_uri(RO_URI)
+assert r.is_read_only()
+expect(errno.EPERM, r.pwrite, b"z" * 512, 0)
+assert r.pread(512, 0) == bytes(512)
+print("errors ok")
+"#,
+        );
+        assert!(out.contains("errors ok"), "{out}");
     });
 }

@@ -45,6 +45,11 @@ impl TestServer {
     pub async fn start(store: Store, dir: Option<tempfile::TempDir>) -> TestServer {
         store.create_volume("vol", VOL_BYTES).await.expect("volume");
         store.create_volume("ro", 1 << 20).await.expect("volume");
+        TestServer::start_existing(store, dir).await
+    }
+
+    /// Serves a store whose volumes `start` already created (a restart on the same store).
+    pub async fn start_existing(store: Store, dir: Option<tempfile::TempDir>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
