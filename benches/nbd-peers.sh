@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Our NBD server (`syncblock serve`) side by side with peer NBD servers (qemu-nbd, nbdkit,
+# nbd-server) and raw local io_uring, on this machine's disk, with the workloads of issue 3.
+# The peers are run by ../shared/bench/peers.sh (override with PEERS=...); this script starts our
+# server on a temporary store, prefills it, runs every system once per round in a rotating order
+# (the machine is noisy), stops everything and deletes the temporary files, then prints the
+# per-round figures and the medians of the per-round ratios.
+#
+#   bash benches/nbd-peers.sh                 # 3 rounds x 5 systems x 4 workloads x 8 s, ~9-10 min
+#   ROUNDS=5 RT=10 bash benches/nbd-peers.sh
+#
+# Environment (all optional):
+#   SYNCBLOCK_BENCH_DIR  directory on the disk under test (default /var/tmp; a tmpfs is refused)
+#   ROUNDS (3); RT seconds per cell (8) and SIZE (1G, the region fio touches) are passed to peers.sh
+#   STORE_SIZE (4GiB): our store file; its default volume is as large as the store, fio uses SIZE of it
+#   SYSTEMS ("syncblock raw qemu-nbd nbdkit nbd-server"); qemu-mirror is left out (replication, issue 4)
+#   PEERS (/work/shared/bench/peers.sh or ../shared/bench/peers.sh); SKIP_BUILD=1; KEEP_RESULTS=path
+#
+# Fairness: peers.sh writes its files in full with dd before use; we write our store's whole log
+# once (sequential 1 MiB writes over SIZE through NBD, repeated until STORE_SIZE has been written)
+# so that neither side pays first-write extent allocation, and every block fio reads is mapped.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+export RT=${RT:-8} SIZE=${SIZE:-1G}
+STORE_SIZE=${STORE_SIZE:-4GiB}
+SYSTEMS=(${SYSTEMS:-syncblock raw qemu-nbd nbdkit nbd-server})
+BASE=${SYNCBLOCK_BENCH_DIR:-/var/tmp}
+PEERS=${PEERS:-}
+if [ -z "$PEERS" ]; then
+    for p in "$ROOT/../shared/bench/peers.sh" /work/shared/bench/peers.sh; do
+        [ -f "$p" ] && { PEERS=$p; break; }
+    done
+fi
+[ -n "$PEERS" ] && [ -f "$PEERS" ] || { echo "peers.sh not found; set PEERS=" >&2; exit 1; }
+for t in fio qemu-nbd nbdkit nbd-server python3; do
+    command -v $t >/dev/null || { echo "missing $t (apt-get install fio qemu-utils nbdkit nbd-server)" >&2; exit 1; }
+done
+if [ "$(stat -f -c %T "$BASE")" = tmpfs ]; then
+    echo "$BASE is a tmpfs; set SYNCBLOCK_BENCH_DIR to a directory on the disk under test" >&2
+    exit 1
+fi
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
+fi
+BIN="$TARGET/release/syncblock"
+
+DIR=$(mktemp -d "$BASE/syncblock-nbd-peers.XXXXXX")
+SERVER=""; RUNNING=""
+cleanup() {
+    set +e
+    if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the server it started
+        for c in $(ps -o pid= --ppid "$RUNNING"); do kill "$c" 2>/dev/null; done
+        kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
+    fi
+    [ -f "$DIR/peers/nbd-server.pid" ] && kill "$(cat "$DIR/peers/nbd-server.pid")" 2>/dev/null
+    if [ -n "$SERVER" ]; then
+        kill -INT "$SERVER" 2>/dev/null   # clean shutdown: flush + checkpoint
+        for _ in $(seq 50); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
+    fi
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$BIN" --store "$DIR/store.img" serve --size "$STORE_SIZE" --listen "127.0.0.1:$PORT" \
+    >"$DIR/server.out" 2>"$DIR/server.err" &
+SERVER=$!
+for _ in $(seq 100); do grep -q '^nbd://' "$DIR/server.out" 2>/dev/null && break; sleep 0.1; done
+URI=$(grep -m1 -o '^nbd://[^ ]*/[^ ]*' "$DIR/server.out" || true)
+[ -n "$URI" ] || { echo "server did not start:" >&2; cat "$DIR/server.err" >&2; exit 1; }
+echo "# syncblock at $URI (store $STORE_SIZE in $DIR); peers: $PEERS; RT=$RT SIZE=$SIZE ROUNDS=$ROUNDS" >&2
+
+# Prefill: write the whole log once through NBD (see Fairness above).
+python3 - "$STORE_SIZE" "$SIZE" >"$DIR/loops" <<'EOF'
+import re, sys
+def b(s):
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B?)", s.strip(), re.I)
+    return int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2].upper()]
+print(max(1, -(-b(sys.argv[1]) // b(sys.argv[2]))))
+EOF
+fio --name=prefill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
+    --loops="$(cat "$DIR/loops")" --output-format=terse >/dev/null
+echo "# prefilled $(cat "$DIR/loops") x $SIZE; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+
+RESULTS="$DIR/results.txt"
+for r in $(seq 1 "$ROUNDS"); do
+    n=${#SYSTEMS[@]}
+    for i in $(seq 0 $((n - 1))); do
+        s=${SYSTEMS[$(( (i + r - 1) % n ))]}
+        if [ "$s" = syncblock ]; then args=(--only none --uri "$URI" --name syncblock)
+        else args=(--only "$s"); fi
+        DIR="$DIR/peers" bash "$PEERS" "${args[@]}" >"$DIR/out" 2>&1 & RUNNING=$!
+        wait $RUNNING || true; RUNNING=""
+        sed "s/^/round=$r /" "$DIR/out" | tee -a "$RESULTS" >&2
+    done
+    echo "# round $r done; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+done
+[ -n "${KEEP_RESULTS:-}" ] && cp "$RESULTS" "$KEEP_RESULTS"
+
+python3 - "$RESULTS" <<'EOF'
+import re, statistics as st, sys
+rows = {}  # (workload, system) -> {round: MiB/s}
+for line in open(sys.argv[1]):
+    m = re.match(r"round=(\d+) (\S+)\s+(\S+)\s+iops=\s*(\S+) MiB/s=\s*(\S+)", line)
+    if m:
+        rows.setdefault((m[3], m[2]), {})[int(m[1])] = float(m[5])
+wls = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "syncwrite4k_qd1"]
+systems = ["syncblock", "raw_uring", "qemu-nbd", "nbdkit-file", "nbd-server"]
+peers = ["qemu-nbd", "nbdkit-file", "nbd-server"]
+rounds = sorted({r for v in rows.values() for r in v})
+med = lambda xs: st.median(xs) if xs else float("nan")
+print("\nMedian MiB/s over %d rounds; ratios are medians of per-round ratios" % len(rounds))
+print("%-18s" % "workload" + "".join("%12s" % s for s in systems)
+      + "%12s%12s%12s" % ("/qemu-nbd", "/best peer", "/raw"))
+for w in wls:
+    get = lambda s, r: rows.get((w, s), {}).get(r)
+    line = "%-18s" % w + "".join("%12.1f" % med(list(rows.get((w, s), {}).values())) for s in systems)
+    q, b, rw = [], [], []
+    for r in rounds:
+        o = get("syncblock", r)
+        if not o: continue
+        if get("qemu-nbd", r): q.append(o / get("qemu-nbd", r))
+        ps = [get(p, r) for p in peers if get(p, r)]
+        if ps: b.append(o / max(ps))
+        if get("raw_uring", r): rw.append(o / get("raw_uring", r))
+    print(line + "%12.2f%12.2f%12.2f" % (med(q), med(b), med(rw)))
+print("\nPer round, MiB/s:")
+for w in wls:
+    for s in systems:
+        print("%-18s %-12s %s" % (w, s, " ".join("%8.1f" % rows.get((w, s), {}).get(r, float("nan")) for r in rounds)))
+EOF
