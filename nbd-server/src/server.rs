@@ -20,6 +20,11 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::handshake::{ExportInfo, Exports, Negotiation, Session, Step};
 use crate::proto::{self, *};
 
+/// Structured READs shorter than this are sent as one data chunk without asking the engine which
+/// parts are holes: for the 4 KiB reads of databases and fio that halves the engine round trips,
+/// while large reads (qemu-img convert, nbdcopy: 64 KiB to 32 MiB) still get holes.
+pub const HOLE_SCAN_MIN_BYTES: u64 = 64 << 10;
+
 /// Requests in flight per connection. 64 covers every mainstream client's queue depth per
 /// connection (qemu uses 16, fio jobs are usually ≤ 32, the kernel 128 but it blocks fine) while
 /// bounding the tasks one client can make us hold.
@@ -485,7 +490,9 @@ impl Ctx {
             encode_chunk_none(&mut b, req.cookie);
             return vec![b.freeze()];
         }
-        let df = req.flags & CMD_FLAG_DF != 0;
+        // Small reads skip hole detection: a second engine call (block status) would cost more than
+        // sending the few zero bytes it could save. Sending zeros as data is always allowed.
+        let df = req.flags & CMD_FLAG_DF != 0 || len < HOLE_SCAN_MIN_BYTES;
         let (data, extents) = if df {
             (self.store.read(vol, req.offset, len).await, Ok(Vec::new()))
         } else {

@@ -42,11 +42,20 @@ fn structured_read_sends_holes_for_unwritten_ranges() {
             assert_eq!(c.flags, 0x0ded);
             let data = pattern(1, 8192);
             assert_eq!(c.cmd(0, WRITE, 4096, 8192, &data).await, 0);
+            // Small reads skip hole detection: one data chunk, zeros included.
             let (got, kinds) = c.read(0, 16384).await.unwrap();
-            assert_eq!(kinds, vec![2, 1, 2], "hole, data, hole");
+            assert_eq!(kinds, vec![1], "one data chunk");
             assert_eq!(&got[..4096], &[0u8; 4096][..]);
             assert_eq!(&got[4096..12288], &data[..]);
             assert_eq!(&got[12288..], &[0u8; 4096][..]);
+            // Large reads send unwritten ranges as holes.
+            let big = pattern(2, 65536);
+            assert_eq!(c.cmd(0, WRITE, 1 << 20, 65536, &big).await, 0);
+            let (got, kinds) = c.read((1 << 20) - 65536, 3 * 65536).await.unwrap();
+            assert_eq!(kinds, vec![2, 1, 2], "hole, data, hole");
+            assert_eq!(&got[..65536], &[0u8; 65536][..]);
+            assert_eq!(&got[65536..131072], &big[..]);
+            assert_eq!(&got[131072..], &[0u8; 65536][..]);
             // Block status: allocated 4096..12288, hole+zero elsewhere.
             c.send(0, BLOCK_STATUS, 3, 0, 16384, &[]).await;
             let ch = c.recv(0).await;
