@@ -1942,7 +1942,9 @@ impl Core {
                 }
             }
             CkptPhase::Draining => {
-                if self.draining_io() && self.batches.is_empty() && self.stall_allows_snapshot() {
+                // A write held in a read-modify-write stall has not entered a batch: it does not
+                // block the snapshot.
+                if self.draining_io() && self.batches.is_empty() {
                     self.take_snapshot();
                 }
             }
@@ -1957,12 +1959,6 @@ impl Core {
             }
             CkptPhase::Writing { .. } | CkptPhase::SyncAfter { .. } => {}
         }
-    }
-
-    /// A read-modify-write stall holds a write that has not entered a batch; it is fine to snapshot
-    /// around it. Nothing else blocks a snapshot.
-    fn stall_allows_snapshot(&self) -> bool {
-        true
     }
 
     fn take_snapshot(&mut self) {

@@ -81,8 +81,9 @@ fn put_u64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// CRC32 of `b` with the 4 bytes at `crc_at` treated as zero.
-fn crc_skipping(b: &[u8], crc_at: usize) -> u32 {
+/// CRC32 of `b` with the 4 bytes at `crc_at` treated as zero: how every structure's own checksum
+/// field is computed. Public so that tools re-sealing structures (the fuzzers) use the same rule.
+pub fn crc_skipping(b: &[u8], crc_at: usize) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&b[..crc_at]);
     h.update(&[0; 4]);

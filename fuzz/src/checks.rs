@@ -76,14 +76,7 @@ fn get_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// CRC32 of `b` with the 4 bytes at `crc_at` taken as zero, as the format computes it.
-fn crc_skipping(b: &[u8], crc_at: usize) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..crc_at]);
-    h.update(&[0; 4]);
-    h.update(&b[crc_at + 4..]);
-    h.finalize()
-}
+use syncblock_engine::format::crc_skipping;
 
 /// Reads fuzzer bytes as numbers; past the end it yields zeros.
 pub struct Input<'a> {

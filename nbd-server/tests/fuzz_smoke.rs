@@ -10,6 +10,9 @@
 #[path = "../../fuzz/src/nbd_checks.rs"]
 mod nbd_checks;
 
+mod common;
+use common::{info_payload, meta_payload};
+
 use syncblock_engine::sim::Rng;
 use syncblock_nbd::proto;
 
@@ -65,27 +68,6 @@ fn mutate(rng: &mut Rng, b: &mut Vec<u8>) {
 
 fn name(rng: &mut Rng) -> &'static str {
     ["", "vol", "ro", "nope", "base:allocation", "base:"][rng.below(6) as usize]
-}
-
-fn info_payload(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut b = (name.len() as u32).to_be_bytes().to_vec();
-    b.extend_from_slice(name.as_bytes());
-    b.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        b.extend_from_slice(&i.to_be_bytes());
-    }
-    b
-}
-
-fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
-    let mut b = (export.len() as u32).to_be_bytes().to_vec();
-    b.extend_from_slice(export.as_bytes());
-    b.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        b.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        b.extend_from_slice(q.as_bytes());
-    }
-    b
 }
 
 /// One option in the target's input format: selector (index into its known options), 16-bit length, payload.
