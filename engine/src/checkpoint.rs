@@ -16,9 +16,12 @@ pub struct VolumeRec {
     pub id: u32,
     pub name: String,
     pub size_bytes: u64,
+    pub last_tag: u64,
+    pub trim_floor: u64,
+    pub attr: Vec<u8>,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct SegmentRec {
     /// Log order of the segment; 0 if it was never written.
     pub seq: u64,
@@ -27,6 +30,8 @@ pub struct SegmentRec {
     pub min_data_lsn: u64,
     pub max_data_lsn: u64,
     pub max_lsn: u64,
+    /// Per volume, the highest tag of a trim entry in the segment (see `MetaOp::SetRepl`).
+    pub trim_tags: Vec<(u32, u64)>,
 }
 
 /// A run of consecutive mapped LBAs in one volume; its packed entries are `entries[first..first+n]`
@@ -52,9 +57,11 @@ pub struct CheckpointData {
 /// and volume tables. Sizing the slots for the worst case means a checkpoint can always be written.
 pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) -> u64 {
     let per_block = 16 + 8;
-    let per_segment = 40;
-    let per_volume = 32 + crate::format::MAX_NAME_BYTES as u64;
-    4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume
+    // A segment lists trim tags for at most a few volumes in practice; 8 is budgeted.
+    let per_segment = 48 + 8 * 16;
+    let per_volume = 64 + crate::format::MAX_NAME_BYTES as u64;
+    let attrs = (crate::format::MAX_ATTR_VOLUMES * (crate::format::MAX_ATTR_BYTES + 16)) as u64;
+    4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume + attrs
 }
 
 impl CheckpointData {
@@ -80,8 +87,22 @@ mod tests {
     fn checkpoint_round_trips_and_rejects_garbage() {
         let data = CheckpointData {
             next_volume_id: 3,
-            volumes: vec![VolumeRec { id: 1, name: "a".into(), size_bytes: 1 << 30 }],
-            segments: vec![SegmentRec { seq: 1, used_blocks: 10, min_data_lsn: 1, max_data_lsn: 5, max_lsn: 5 }],
+            volumes: vec![VolumeRec {
+                id: 1,
+                name: "a".into(),
+                size_bytes: 1 << 30,
+                last_tag: 5,
+                trim_floor: 2,
+                attr: vec![1, 2],
+            }],
+            segments: vec![SegmentRec {
+                seq: 1,
+                used_blocks: 10,
+                min_data_lsn: 1,
+                max_data_lsn: 5,
+                max_lsn: 5,
+                trim_tags: vec![(1, 3)],
+            }],
             runs: vec![RunRec { volume: 1, n_blocks: 2, lba: 7 }],
             entries: vec![1, 2],
         };

@@ -37,11 +37,11 @@ use crate::device::{Completion, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::{
     block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader,
-    Superblock, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
+    Superblock, MAX_ATTR_BYTES, MAX_ATTR_VOLUMES, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
 };
 use crate::index::{crc_of, phys_of};
 use crate::state::{State, VolumeInfo, MAX_VOLUMES};
-use crate::types::{Lba, Lsn, SegmentId, VolumeId, BLOCK_BYTES};
+use crate::types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
 
 const BB: u64 = BLOCK_BYTES as u64;
 
@@ -71,7 +71,18 @@ pub struct Extent {
     pub mapped: bool,
 }
 
-/// Live blocks written after an LSN: `n_blocks` consecutive LBAs from `lba`.
+/// Where a changed-block scan starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// Live blocks whose data was written by a record with a higher LSN.
+    Lsn(Lsn),
+    /// Blocks written or trimmed by entries with a higher replication tag, live or trimmed since:
+    /// what a replica that has the history up to this tag lacks. Trims are found as long as the
+    /// volume's trim floor is at or below `tag` (their segments are pinned until then).
+    Tag(u64),
+}
+
+/// Blocks changed after a point (see [`Since`]): `n_blocks` consecutive LBAs from `lba`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChangedRun {
     pub lba: Lba,
@@ -122,6 +133,7 @@ pub enum Request {
         offset: u64,
         data: Bytes,
         fua: bool,
+        tag: Tag,
         reply: Reply<()>,
     },
     Flush {
@@ -133,6 +145,7 @@ pub enum Request {
         volume: VolumeId,
         offset: u64,
         len: u64,
+        tag: Tag,
         reply: Reply<()>,
     },
     /// Zeroes the range. With `may_trim`, whole blocks become holes; otherwise zero blocks are
@@ -143,6 +156,7 @@ pub enum Request {
         len: u64,
         may_trim: bool,
         fua: bool,
+        tag: Tag,
         reply: Reply<()>,
     },
     BlockStatus {
@@ -170,8 +184,16 @@ pub enum Request {
     },
     ChangedSince {
         volume: VolumeId,
-        since: Lsn,
+        since: Since,
         reply: Reply<Vec<ChangedRun>>,
+    },
+    /// Sets a volume's replication state (see [`MetaOp::SetRepl`]); durable when it replies.
+    SetRepl {
+        volume: VolumeId,
+        last_tag: u64,
+        trim_floor: u64,
+        attr: Vec<u8>,
+        reply: Reply<()>,
     },
     Checkpoint {
         reply: Reply<()>,
@@ -232,6 +254,35 @@ pub(crate) struct SegState {
     pub gc_skip: bool,
     /// For PendingFree: the LSN that must be durable before reuse.
     pub free_after_lsn: Lsn,
+    /// Per volume, the highest tag of a trim entry in this segment (at most
+    /// [`MAX_TRIM_TAGS_PER_SEGMENT`]; beyond that one wildcard entry for volume `u32::MAX`).
+    pub trim_tags: Vec<(u32, u64)>,
+}
+
+/// Volumes whose trim tags a segment tracks one by one. Past this, the segment keeps one wildcard
+/// entry with the highest tag, which pins it for every retaining volume: conservative, and it keeps
+/// the checkpoint's per-segment record bounded (the slot is sized for this many).
+pub const MAX_TRIM_TAGS_PER_SEGMENT: usize = 8;
+
+/// Volume id of the wildcard trim-tag entry.
+pub const ANY_VOLUME: u32 = u32::MAX;
+
+impl SegState {
+    /// Notes the trim entries of a record written to this segment.
+    pub fn note_trims(&mut self, entries: &[Entry]) {
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Trim && e.tag != 0) {
+            let v = if self.trim_tags.first().is_some_and(|t| t.0 == ANY_VOLUME) { ANY_VOLUME } else { e.volume.0 };
+            let n = self.trim_tags.len();
+            match self.trim_tags.iter_mut().find(|t| t.0 == v) {
+                Some(t) => t.1 = t.1.max(e.tag),
+                None if n < MAX_TRIM_TAGS_PER_SEGMENT => self.trim_tags.push((v, e.tag)),
+                None => {
+                    let max = self.trim_tags.iter().map(|t| t.1).max().unwrap_or(0).max(e.tag);
+                    self.trim_tags = vec![(ANY_VOLUME, max)];
+                }
+            }
+        }
+    }
 }
 
 impl SegState {
@@ -247,6 +298,7 @@ impl SegState {
             readers: 0,
             gc_skip: false,
             free_after_lsn: Lsn(0),
+            trim_tags: r.trim_tags.clone(),
         }
     }
 }
@@ -303,6 +355,7 @@ enum Piece {
 
 struct WriteOp {
     volume: VolumeId,
+    tag: Tag,
     pieces: Vec<Piece>,
     durable: bool,
     done: Done,
@@ -404,6 +457,7 @@ enum Gc {
 
 struct GcCopy {
     volume: VolumeId,
+    tag: Tag,
     lba: u64,
     old_phys: u32,
     data_lsn: Lsn,
@@ -412,9 +466,10 @@ struct GcCopy {
 
 struct Scan {
     volume: VolumeId,
-    since: Lsn,
+    since: Since,
     segs: Vec<u32>,
-    found: Vec<u64>,
+    /// Changed ranges `(first, end)`, merged when the scan ends.
+    found: Vec<(u64, u64)>,
     reply: Reply<Vec<ChangedRun>>,
 }
 
@@ -683,7 +738,12 @@ impl Core {
         while self.stall.is_none() && self.unsubmitted.len() < SEALED_QUEUE_MAX {
             let is_meta = matches!(
                 self.intake.front(),
-                Some(Request::CreateVolume { .. } | Request::ResizeVolume { .. } | Request::DeleteVolume { .. })
+                Some(
+                    Request::CreateVolume { .. }
+                        | Request::ResizeVolume { .. }
+                        | Request::DeleteVolume { .. }
+                        | Request::SetRepl { .. }
+                )
             );
             if is_meta && (!self.batches.is_empty() || self.open_batch.as_ref().is_some_and(|b| !b.entries.is_empty()))
             {
@@ -700,7 +760,7 @@ impl Core {
     fn handle(&mut self, req: Request) {
         match req {
             Request::Read { volume, offset, len, reply } => self.handle_read(volume, offset, len, reply),
-            Request::Write { volume, offset, data, fua, reply } => {
+            Request::Write { volume, offset, data, fua, tag, reply } => {
                 let len = data.len() as u64;
                 match self.check_write(volume, offset, len) {
                     Err(e) => {
@@ -711,11 +771,11 @@ impl Core {
                     }
                     Ok(()) => {
                         let pieces = split_write(offset, data);
-                        self.start_write(WriteOp { volume, pieces, durable: fua, done: Done::Unit(reply) });
+                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Unit(reply) });
                     }
                 }
             }
-            Request::Trim { volume, offset, len, reply } => match self.check_range(volume, offset, len, false) {
+            Request::Trim { volume, offset, len, tag, reply } => match self.check_range(volume, offset, len, false) {
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }
@@ -724,17 +784,17 @@ impl Core {
                     let end = (offset + len) / BB;
                     let pieces =
                         if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
-                    self.start_write(WriteOp { volume, pieces, durable: false, done: Done::Unit(reply) });
+                    self.start_write(WriteOp { volume, tag, pieces, durable: false, done: Done::Unit(reply) });
                 }
             },
-            Request::WriteZeroes { volume, offset, len, may_trim, fua, reply } => {
+            Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply } => {
                 match self.check_range(volume, offset, len, false) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                     Ok(()) => {
                         let pieces = split_zeroes(offset, len, may_trim);
-                        self.start_write(WriteOp { volume, pieces, durable: fua, done: Done::Unit(reply) });
+                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Unit(reply) });
                     }
                 }
             }
@@ -789,10 +849,46 @@ impl Core {
                 let segs = (0..self.sb.n_segments)
                     .filter(|s| {
                         let st = &self.segs[*s as usize];
-                        st.used_blocks > 0 && st.max_data_lsn > since.0 && self.state.live[*s as usize] > 0
+                        let live = self.state.live[*s as usize] > 0;
+                        st.used_blocks > 0
+                            && st.status != SegStatus::Free
+                            && match since {
+                                Since::Lsn(lsn) => live && st.max_data_lsn > lsn.0,
+                                Since::Tag(_) => live || !st.trim_tags.is_empty(),
+                            }
                     })
                     .collect();
                 self.scans.push_back(Scan { volume, since, segs, found: Vec::new(), reply });
+            }
+            Request::SetRepl { volume, last_tag, trim_floor, attr, reply } => {
+                let r = self.check_meta().and_then(|()| {
+                    self.state.volumes.get(&volume).ok_or(Error::NoSuchVolume(volume))?;
+                    if attr.len() > MAX_ATTR_BYTES {
+                        return Err(Error::InvalidArgument(format!(
+                            "replication attribute of {} bytes exceeds {MAX_ATTR_BYTES}",
+                            attr.len()
+                        )));
+                    }
+                    let others = self.state.volumes.values().filter(|v| v.id != volume && !v.attr.is_empty()).count();
+                    if !attr.is_empty() && others >= MAX_ATTR_VOLUMES {
+                        return Err(Error::InvalidArgument(format!(
+                            "{MAX_ATTR_VOLUMES} volumes of this store are already replicated; use another store"
+                        )));
+                    }
+                    Ok(())
+                });
+                match r {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(()) => {
+                        self.meta_op(MetaOp::SetRepl { volume, last_tag, trim_floor, attr }, Done::Unit(reply));
+                        // A raised floor may unpin segments that are already empty.
+                        for seg in 0..self.sb.n_segments {
+                            self.check_segment_empty(seg);
+                        }
+                    }
+                }
             }
             Request::Checkpoint { reply } => {
                 if let Some(e) = err_poisoned(&self.poisoned) {
@@ -1059,21 +1155,22 @@ impl Core {
     fn add_write(&mut self, op: WriteOp) {
         let waiter = self.add_waiter(0, op.durable, op.done);
         let volume = op.volume;
+        let tag = op.tag;
         for piece in op.pieces {
             match piece {
                 Piece::Data { lba, data } => {
                     let n = data.len() / BLOCK_BYTES;
                     for i in 0..n {
                         let block = data.slice(i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES);
-                        self.add_block(volume, lba + i as u64, block, waiter, None);
+                        self.add_block(volume, lba + i as u64, block, waiter, None, tag);
                     }
                 }
                 Piece::Zero { lba, n_blocks } => {
                     for i in 0..n_blocks {
-                        self.add_block(volume, lba + i, Bytes::from_static(&ZERO_BLOCK), waiter, None);
+                        self.add_block(volume, lba + i, Bytes::from_static(&ZERO_BLOCK), waiter, None, tag);
                     }
                 }
-                Piece::Unmap { lba, n_blocks } => self.add_unmap(volume, lba, n_blocks, waiter),
+                Piece::Unmap { lba, n_blocks } => self.add_unmap(volume, lba, n_blocks, waiter, tag),
                 Piece::Partial { .. } => unreachable!("partials are merged at intake"),
             }
         }
@@ -1156,7 +1253,7 @@ impl Core {
         (MAX_BATCH_BLOCKS as usize - used).min((seg_room - need + 1) as usize)
     }
 
-    fn add_block(&mut self, volume: VolumeId, lba: u64, data: Bytes, waiter: u64, copy: Option<(u32, Lsn)>) {
+    fn add_block(&mut self, volume: VolumeId, lba: u64, data: Bytes, waiter: u64, copy: Option<(u32, Lsn)>, tag: Tag) {
         if !self.ensure_open_batch() {
             // Only reachable after poisoning; the waiter is failed by the poison path.
             return;
@@ -1173,11 +1270,22 @@ impl Core {
                     && e.volume == volume
                     && e.lba.0 + e.n_blocks as u64 == lba
                     && e.data_lsn == data_lsn
+                    && e.tag == tag.seq
+                    && e.resync == tag.resync
                     && (kind != EntryKind::Copy || e.old_phys + e.n_blocks == old_phys) =>
             {
                 e.n_blocks += 1
             }
-            _ => b.entries.push(Entry { volume, kind, lba: Lba(lba), n_blocks: 1, data_lsn, old_phys }),
+            _ => b.entries.push(Entry {
+                volume,
+                kind,
+                lba: Lba(lba),
+                n_blocks: 1,
+                data_lsn,
+                old_phys,
+                tag: tag.seq,
+                resync: tag.resync,
+            }),
         }
         b.crcs.push(crc);
         if copy.is_none() {
@@ -1193,7 +1301,7 @@ impl Core {
         b.data.push(data);
     }
 
-    fn add_unmap(&mut self, volume: VolumeId, lba: u64, n_blocks: u64, waiter: u64) {
+    fn add_unmap(&mut self, volume: VolumeId, lba: u64, n_blocks: u64, waiter: u64, tag: Tag) {
         let mut lba = lba;
         let mut left = n_blocks;
         while left > 0 {
@@ -1209,6 +1317,8 @@ impl Core {
                 n_blocks: n as u32,
                 data_lsn: Lsn(0),
                 old_phys: 0,
+                tag: tag.seq,
+                resync: tag.resync,
             });
             b.unmaps.push((volume, lba, lba + n));
             self.pending_unmaps.push((b.no, volume, lba, lba + n));
@@ -1280,7 +1390,15 @@ impl Core {
             return;
         }
         let volume = VolumeId(self.state.next_volume_id);
-        let info = VolumeInfo { id: volume, name: name.clone(), size_bytes, mapped_bytes: 0 };
+        let info = VolumeInfo {
+            id: volume,
+            name: name.clone(),
+            size_bytes,
+            mapped_bytes: 0,
+            last_tag: 0,
+            trim_floor: u64::MAX,
+            attr: Vec::new(),
+        };
         self.meta_op(MetaOp::Create { volume, size_bytes, name }, Done::Volume(reply, info));
     }
 
@@ -1468,6 +1586,7 @@ impl Core {
         // Checksums are computed at intake; check them once more right before the bytes leave.
         debug_assert!(b.data.iter().zip(&header.crcs).all(|(d, c)| block_crc(d) == *c));
         let seg = &mut self.segs[b.seg as usize];
+        seg.note_trims(&header.entries);
         seg.used_blocks = b.start_block + total;
         seg.inflight_batches += 1;
         seg.max_lsn = lsn.0;
@@ -1538,6 +1657,7 @@ impl Core {
         st.max_data_lsn = 0;
         st.max_lsn = 0;
         st.gc_skip = false;
+        st.trim_tags.clear();
         self.next_seg_seq += 1;
         Some(seg)
     }
@@ -1573,7 +1693,7 @@ impl Core {
         }
         self.segs.iter().enumerate().any(|(i, s)| match s.status {
             SegStatus::PendingFree => true,
-            SegStatus::Sealed => !s.gc_skip && self.victim_gain(i) > 0,
+            SegStatus::Sealed => !s.gc_skip && self.victim_gain(i) > 0 && !self.pinned(i as u32),
             _ => false,
         })
     }
@@ -1591,11 +1711,27 @@ impl Core {
         dead - (live / 128 + 2)
     }
 
+    /// Whether the segment holds trim entries that a replicated volume still needs for a resync
+    /// (tag above the volume's trim floor): then it is neither cleaned nor reused.
+    fn pinned(&self, seg: u32) -> bool {
+        self.segs[seg as usize].trim_tags.iter().any(|&(v, tag)| {
+            if v == ANY_VOLUME {
+                self.state.volumes.values().any(|vol| tag > vol.trim_floor)
+            } else {
+                self.state.volumes.get(&VolumeId(v)).is_some_and(|vol| tag > vol.trim_floor)
+            }
+        })
+    }
+
     /// Moves an empty, settled segment towards reuse.
     fn check_segment_empty(&mut self, seg: u32) {
         let last = Lsn(self.next_lsn.0 - 1);
         let st = &self.segs[seg as usize];
-        if matches!(st.status, SegStatus::Sealed) && st.inflight_batches == 0 && self.state.live[seg as usize] == 0 {
+        if matches!(st.status, SegStatus::Sealed)
+            && st.inflight_batches == 0
+            && self.state.live[seg as usize] == 0
+            && !self.pinned(seg)
+        {
             self.set_status(seg, SegStatus::PendingFree);
             self.segs[seg as usize].free_after_lsn = last;
         }
@@ -1970,7 +2106,14 @@ impl Core {
             entries: Vec::new(),
         };
         for v in self.state.volumes.values() {
-            data.volumes.push(VolumeRec { id: v.id.0, name: v.name.clone(), size_bytes: v.size_bytes });
+            data.volumes.push(VolumeRec {
+                id: v.id.0,
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                last_tag: v.last_tag,
+                trim_floor: v.trim_floor,
+                attr: v.attr.clone(),
+            });
             let mut run: Option<RunRec> = None;
             let runs = &mut data.runs;
             let entries = &mut data.entries;
@@ -2002,6 +2145,7 @@ impl Core {
                 min_data_lsn: s.min_data_lsn,
                 max_data_lsn: s.max_data_lsn,
                 max_lsn: s.max_lsn,
+                trim_tags: s.trim_tags.clone(),
             });
         }
         let payload = data.to_bytes();
@@ -2126,7 +2270,12 @@ impl Core {
         let mut blocked_by_seq = false;
         let room = self.free_segments() as i64 * (self.sb.segment_blocks as i64 - 1);
         for (i, s) in self.segs.iter().enumerate() {
-            if s.status != SegStatus::Sealed || s.gc_skip || s.inflight_batches > 0 || self.victim_gain(i) <= 0 {
+            if s.status != SegStatus::Sealed
+                || s.gc_skip
+                || s.inflight_batches > 0
+                || self.victim_gain(i) <= 0
+                || self.pinned(i as u32)
+            {
                 continue;
             }
             let live = self.state.live[i] as i64;
@@ -2176,7 +2325,14 @@ impl Core {
                 corrupt = Some(self.corrupt_error(seg, phys, what));
                 return false;
             }
-            copies.push_back(GcCopy { volume: e.volume, lba, old_phys: phys, data_lsn: e.data_lsn, data });
+            copies.push_back(GcCopy {
+                volume: e.volume,
+                tag: Tag { seq: e.tag, resync: e.resync },
+                lba,
+                old_phys: phys,
+                data_lsn: e.data_lsn,
+                data,
+            });
             true
         });
         if let Some(e) = corrupt {
@@ -2222,7 +2378,7 @@ impl Core {
                 break;
             }
             let c = queued.pop_front().expect("front");
-            self.add_block(c.volume, c.lba, c.data, 0, Some((c.old_phys, c.data_lsn)));
+            self.add_block(c.volume, c.lba, c.data, 0, Some((c.old_phys, c.data_lsn)), c.tag);
             added += 1;
         }
         if let Gc::Copying { queued: q, in_flight, .. } = &mut self.gc {
@@ -2250,12 +2406,13 @@ impl Core {
             None => {
                 let mut scan = self.scans.pop_front().expect("scan");
                 scan.found.sort_unstable();
-                scan.found.dedup();
                 let mut runs: Vec<ChangedRun> = Vec::new();
-                for lba in scan.found {
+                for (first, end) in scan.found {
                     match runs.last_mut() {
-                        Some(r) if r.lba.0 + r.n_blocks == lba => r.n_blocks += 1,
-                        _ => runs.push(ChangedRun { lba: Lba(lba), n_blocks: 1 }),
+                        Some(r) if r.lba.0 + r.n_blocks >= first => {
+                            r.n_blocks = r.n_blocks.max(end - r.lba.0);
+                        }
+                        _ => runs.push(ChangedRun { lba: Lba(first), n_blocks: end - first }),
                     }
                 }
                 let _ = scan.reply.send(Ok(runs));
@@ -2266,17 +2423,43 @@ impl Core {
     fn scan_segment(&mut self, seg: u32, buf: &[u8]) {
         let Some(scan) = self.scans.front() else { return };
         let (volume, since) = (scan.volume, scan.since);
+        let Some(vol) = self.state.volumes.get(&volume) else { return };
+        let n_blocks = vol.n_blocks();
         let mut found = Vec::new();
         // A segment still being written ends in blocks that are not records yet; what parsed
         // before them is all that can be live.
-        let _ = walk_data_blocks(&self.sb, seg, buf, |e, lba, phys, _, _| {
-            if e.volume == volume && e.data_lsn > since {
-                let live = self.state.volumes.get(&volume).is_some_and(|v| phys_of(v.index.get(lba)) == Some(phys));
-                if live {
-                    found.push(lba);
+        let _ = walk_records(&self.sb, seg, buf, |rec, first_data_phys| {
+            let mut d = 0u32;
+            for e in &rec.entries {
+                let phys0 = first_data_phys + d;
+                if e.kind.has_data() {
+                    d += e.n_blocks;
+                }
+                if e.volume != volume {
+                    continue;
+                }
+                let newer = match since {
+                    Since::Lsn(lsn) => e.kind.has_data() && e.data_lsn > lsn,
+                    Since::Tag(tag) => e.tag > tag,
+                };
+                if !newer {
+                    continue;
+                }
+                if e.kind == EntryKind::Trim {
+                    let end = (e.lba.0 + e.n_blocks as u64).min(n_blocks);
+                    if e.lba.0 < end {
+                        found.push((e.lba.0, end));
+                    }
+                    continue;
+                }
+                for i in 0..e.n_blocks {
+                    let lba = e.lba.0 + i as u64;
+                    let live = lba < n_blocks && phys_of(vol.index.get(lba)) == Some(phys0 + i);
+                    if live {
+                        found.push((lba, lba + 1));
+                    }
                 }
             }
-            true
         });
         if let Some(scan) = self.scans.front_mut() {
             scan.found.extend(found);
@@ -2352,6 +2535,32 @@ impl Core {
         }
         Ok(extents)
     }
+}
+
+/// Walks the records of a segment image (`buf` starts at the segment header), calling
+/// `f(record, first_data_phys)` for each. Errors say where parsing stopped.
+fn walk_records(sb: &Superblock, seg: u32, buf: &[u8], mut f: impl FnMut(&RecordHeader, u32)) -> Result<(), String> {
+    let n_blocks = buf.len() / BLOCK_BYTES;
+    if n_blocks == 0 {
+        return Err("empty segment image".into());
+    }
+    let sh = SegmentHeader::decode(&buf[..BLOCK_BYTES], sb.store_id).map_err(|e| format!("segment header: {e}"))?;
+    let mut cursor = 1usize;
+    while cursor < n_blocks {
+        let rec = match RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], sb.store_id) {
+            Ok(r) if r.segment_seq == sh.seq => r,
+            Ok(_) => return Err(format!("record at block {cursor} belongs to another segment generation")),
+            Err(e) => return Err(format!("record at block {cursor}: {e}")),
+        };
+        let hb = rec.header_blocks() as usize;
+        let end = cursor + hb + rec.data_blocks() as usize;
+        if end > n_blocks {
+            return Err("record runs past the written part of the segment".into());
+        }
+        f(&rec, seg * sb.segment_blocks + (cursor + hb) as u32);
+        cursor = end;
+    }
+    Ok(())
 }
 
 /// Walks the records of a segment image (`buf` starts at the segment header), calling

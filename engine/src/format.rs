@@ -8,7 +8,7 @@
 use crate::types::{Lba, Lsn, VolumeId, BLOCK_BYTES};
 
 /// On-disk format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"SYNCBLK\0";
 pub const SEGMENT_MAGIC: u32 = u32::from_le_bytes(*b"SBSG");
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SBRC");
@@ -17,10 +17,10 @@ pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"SBCK");
 /// Bytes of fixed record-header fields before the entry table.
 pub const RECORD_FIXED_BYTES: usize = 64;
 /// Bytes per entry in a record header.
-pub const ENTRY_BYTES: usize = 32;
+pub const ENTRY_BYTES: usize = 40;
 /// Upper bound on a record header's size. A batch is at most [`MAX_BATCH_BLOCKS`] data blocks, each
 /// possibly its own entry, plus up to as many trim entries: 64 + 256 × (32 + 4) + 256 × 32 bytes
-/// fit in 5 blocks; 8 leaves room for metadata.
+/// fit in 6 blocks; 8 leaves room for metadata.
 pub const MAX_HEADER_BLOCKS: u32 = 8;
 /// Largest batch (group commit) in data blocks: 1 MiB. Large enough that sequential bandwidth is
 /// reached on SSDs and virtio disks, small enough that a batch's latency stays well under a
@@ -290,7 +290,16 @@ pub struct Entry {
     /// that replay makes exactly the decision the live engine made: the copy takes effect only if the
     /// block still lived there. Zero for other kinds.
     pub old_phys: u32,
+    /// Replication sequence number ("tag") of the write or trim that produced this entry, kept by
+    /// cleaner copies; 0 when the volume is not replicated. Resync scans find changes by it.
+    pub tag: u64,
+    /// Written by a resync: the data counts, but the volume's last tag moves only when the resync
+    /// commits (see [`MetaOp::SetRepl`]).
+    pub resync: bool,
 }
+
+/// Entry flag bit: [`Entry::resync`].
+const ENTRY_FLAG_RESYNC: u8 = 1;
 
 /// The header block(s) of a record; data blocks follow it directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,10 +360,12 @@ impl RecordHeader {
         for e in &self.entries {
             put_u32(b, at, e.volume.0);
             b[at + 4] = e.kind as u8;
+            b[at + 5] = if e.resync { ENTRY_FLAG_RESYNC } else { 0 };
             put_u32(b, at + 8, e.n_blocks);
             put_u32(b, at + 12, e.old_phys);
             put_u64(b, at + 16, e.lba.0);
             put_u64(b, at + 24, e.data_lsn.0);
+            put_u64(b, at + 32, e.tag);
             at += ENTRY_BYTES;
         }
         for crc in &self.crcs {
@@ -424,7 +435,12 @@ impl RecordHeader {
                 lba: Lba(get_u64(b, at + 16)),
                 data_lsn: Lsn(get_u64(b, at + 24)),
                 old_phys: get_u32(b, at + 12),
+                tag: get_u64(b, at + 32),
+                resync: b[at + 5] & ENTRY_FLAG_RESYNC != 0,
             };
+            if b[at + 5] & !ENTRY_FLAG_RESYNC != 0 || b[at + 6] != 0 || b[at + 7] != 0 {
+                return Err(DecodeError::Invalid("entry flags"));
+            }
             if e.n_blocks == 0 || e.lba.0.checked_add(e.n_blocks as u64).is_none() {
                 return Err(DecodeError::Invalid("entry range"));
             }
@@ -452,45 +468,88 @@ impl RecordHeader {
     }
 }
 
+/// Longest replication attribute blob ([`MetaOp::SetRepl`]): the replicator's per-volume state
+/// (epoch history, role, peer identity) fits in a few hundred bytes; the cap keeps every checkpoint's
+/// volume table small and a meta record within one header block.
+pub const MAX_ATTR_BYTES: usize = 512;
+/// Most volumes of one store that may carry a replication blob at once. Checkpoint slots are sized
+/// for the worst case, and budgeting every one of [`crate::state::MAX_VOLUMES`] volumes a full blob
+/// would cost small stores megabytes; 64 replicated volumes per store is far beyond what one pair of
+/// disks serves well.
+pub const MAX_ATTR_VOLUMES: usize = 64;
+
 /// A volume-table change, the payload of a Meta record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaOp {
-    Create { volume: VolumeId, size_bytes: u64, name: String },
-    Resize { volume: VolumeId, size_bytes: u64 },
-    Delete { volume: VolumeId },
+    Create {
+        volume: VolumeId,
+        size_bytes: u64,
+        name: String,
+    },
+    Resize {
+        volume: VolumeId,
+        size_bytes: u64,
+    },
+    Delete {
+        volume: VolumeId,
+    },
+    /// Replication state of a volume, set by the replicator: its last applied tag (a resync commit
+    /// moves it; a rollback lowers it), the trim-retention floor (trim entries with a higher tag keep
+    /// their segments from being reused, so a later resync still finds them) and an opaque blob.
+    SetRepl {
+        volume: VolumeId,
+        last_tag: u64,
+        trim_floor: u64,
+        attr: Vec<u8>,
+    },
 }
 
 impl MetaOp {
     pub fn encode(&self) -> Vec<u8> {
-        let (op, volume, size, name) = match self {
-            MetaOp::Create { volume, size_bytes, name } => (1u8, *volume, *size_bytes, name.as_str()),
-            MetaOp::Resize { volume, size_bytes } => (2, *volume, *size_bytes, ""),
-            MetaOp::Delete { volume } => (3, *volume, 0, ""),
+        let (op, volume, size, payload): (u8, VolumeId, u64, Vec<u8>) = match self {
+            MetaOp::Create { volume, size_bytes, name } => (1u8, *volume, *size_bytes, name.as_bytes().to_vec()),
+            MetaOp::Resize { volume, size_bytes } => (2, *volume, *size_bytes, Vec::new()),
+            MetaOp::Delete { volume } => (3, *volume, 0, Vec::new()),
+            MetaOp::SetRepl { volume, last_tag, trim_floor, attr } => {
+                let mut p = trim_floor.to_le_bytes().to_vec();
+                p.extend_from_slice(attr);
+                (4, *volume, *last_tag, p)
+            }
         };
-        let mut b = vec![0u8; 16 + name.len()];
+        let mut b = vec![0u8; 16 + payload.len()];
         b[0] = op;
-        put_u16(&mut b, 2, name.len() as u16);
+        put_u16(&mut b, 2, payload.len() as u16);
         put_u32(&mut b, 4, volume.0);
         put_u64(&mut b, 8, size);
-        b[16..].copy_from_slice(name.as_bytes());
+        b[16..].copy_from_slice(&payload);
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<MetaOp, DecodeError> {
         check_len(b, 16)?;
-        let name_len = get_u16(b, 2) as usize;
-        if name_len > MAX_NAME_BYTES || b.len() != 16 + name_len {
-            return Err(DecodeError::Invalid("meta name length"));
+        let payload_len = get_u16(b, 2) as usize;
+        if b.len() != 16 + payload_len {
+            return Err(DecodeError::Invalid("meta payload length"));
         }
         let volume = VolumeId(get_u32(b, 4));
         let size_bytes = get_u64(b, 8);
+        let payload = &b[16..];
         match b[0] {
             1 => {
-                let name = std::str::from_utf8(&b[16..]).map_err(|_| DecodeError::Invalid("meta name utf-8"))?;
+                if payload_len > MAX_NAME_BYTES {
+                    return Err(DecodeError::Invalid("meta name length"));
+                }
+                let name = std::str::from_utf8(payload).map_err(|_| DecodeError::Invalid("meta name utf-8"))?;
                 Ok(MetaOp::Create { volume, size_bytes, name: name.to_string() })
             }
-            2 => Ok(MetaOp::Resize { volume, size_bytes }),
-            3 => Ok(MetaOp::Delete { volume }),
+            2 if payload_len == 0 => Ok(MetaOp::Resize { volume, size_bytes }),
+            3 if payload_len == 0 => Ok(MetaOp::Delete { volume }),
+            4 if payload_len >= 8 && payload_len - 8 <= MAX_ATTR_BYTES => Ok(MetaOp::SetRepl {
+                volume,
+                last_tag: size_bytes,
+                trim_floor: get_u64(payload, 0),
+                attr: payload[8..].to_vec(),
+            }),
             _ => Err(DecodeError::Invalid("meta op")),
         }
     }
@@ -590,6 +649,8 @@ mod tests {
                     n_blocks: 2,
                     data_lsn: Lsn(42),
                     old_phys: 0,
+                    tag: 17,
+                    resync: false,
                 },
                 Entry {
                     volume: VolumeId(2),
@@ -598,6 +659,8 @@ mod tests {
                     n_blocks: 1 << 20,
                     data_lsn: Lsn(42),
                     old_phys: 0,
+                    tag: 0,
+                    resync: false,
                 },
                 Entry {
                     volume: VolumeId(1),
@@ -606,6 +669,8 @@ mod tests {
                     n_blocks: 1,
                     data_lsn: Lsn(3),
                     old_phys: 77,
+                    tag: u64::MAX,
+                    resync: true,
                 },
             ],
             crcs: vec![1, 2, 3],
@@ -680,6 +745,7 @@ mod tests {
             MetaOp::Create { volume: VolumeId(3), size_bytes: 1 << 40, name: "db-01".into() },
             MetaOp::Resize { volume: VolumeId(3), size_bytes: 4096 },
             MetaOp::Delete { volume: VolumeId(3) },
+            MetaOp::SetRepl { volume: VolumeId(3), last_tag: 9, trim_floor: 4, attr: b"epoch".to_vec() },
         ] {
             assert_eq!(MetaOp::decode(&op.encode()).unwrap(), op);
         }

@@ -10,7 +10,7 @@ pub mod types;
 pub mod uring;
 
 pub use error::{Error, Result};
-pub use types::{Lba, Lsn, SegmentId, VolumeId, BLOCK_BYTES};
+pub use types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
 pub mod checkpoint;
 pub mod core;
 pub mod format;
@@ -20,7 +20,7 @@ pub mod sim;
 pub mod state;
 pub mod store;
 
-pub use crate::core::{ChangedRun, Config, Extent, Stats, MAX_IO_BYTES};
+pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, MAX_IO_BYTES};
 pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 pub use state::VolumeInfo;
-pub use store::{CreateOptions, Store};
+pub use store::{CreateOptions, Pending, Store};

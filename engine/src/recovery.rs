@@ -15,7 +15,6 @@ use crate::format::{
     block_crc, CheckpointHeader, DecodeError, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock,
 };
 use crate::index::phys_of;
-use crate::index::VolumeIndex;
 use crate::state::{State, Volume, MAX_VOLUMES};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES};
 
@@ -75,7 +74,14 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
         next_volume_id: 1,
         volumes: vec![],
         segments: vec![
-            SegmentRec { seq: 0, used_blocks: 0, min_data_lsn: 0, max_data_lsn: 0, max_lsn: 0 };
+            SegmentRec {
+                seq: 0,
+                used_blocks: 0,
+                min_data_lsn: 0,
+                max_data_lsn: 0,
+                max_lsn: 0,
+                trim_tags: vec![],
+            };
             n_segments as usize
         ],
         runs: vec![],
@@ -290,7 +296,12 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
     for v in &ckpt.data.volumes {
         state.volumes.insert(
             VolumeId(v.id),
-            Volume { id: VolumeId(v.id), name: v.name.clone(), size_bytes: v.size_bytes, index: VolumeIndex::new() },
+            Volume {
+                last_tag: v.last_tag,
+                trim_floor: v.trim_floor,
+                attr: v.attr.clone(),
+                ..Volume::new(VolumeId(v.id), v.name.clone(), v.size_bytes)
+            },
         );
     }
     let mut at = 0usize;
@@ -376,6 +387,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             st.used_blocks = 1;
             st.min_data_lsn = 0;
             st.max_data_lsn = 0;
+            st.trim_tags.clear();
         }
         let mut cursor = start as usize;
         loop {
@@ -464,6 +476,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             let st = &mut segs[seg as usize];
             st.used_blocks = (cursor + hb + db) as u32;
             st.max_lsn = rec.lsn.0;
+            st.note_trims(&rec.entries);
             for e in rec.entries.iter().filter(|e| e.kind.has_data()) {
                 st.min_data_lsn = if st.min_data_lsn == 0 { e.data_lsn.0 } else { st.min_data_lsn.min(e.data_lsn.0) };
                 st.max_data_lsn = st.max_data_lsn.max(e.data_lsn.0);
@@ -542,6 +555,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 min_data_lsn: 0,
                 max_data_lsn: 0,
                 max_lsn: 0,
+                trim_tags: vec![],
             });
         } else if !in_chain && st.used_blocks == 0 {
             return Err(Error::CorruptStore(format!("segment {i} holds live blocks but is recorded as empty")));

@@ -18,9 +18,20 @@ pub struct Volume {
     pub name: String,
     pub size_bytes: u64,
     pub index: VolumeIndex,
+    /// Replication: tag of the newest applied write (see [`MetaOp::SetRepl`]).
+    pub last_tag: u64,
+    /// Replication: trim entries with a tag above this pin their segments. `u64::MAX` (the default)
+    /// retains nothing, as an unreplicated volume needs.
+    pub trim_floor: u64,
+    /// Replication: the replicator's opaque per-volume state.
+    pub attr: Vec<u8>,
 }
 
 impl Volume {
+    pub fn new(id: VolumeId, name: String, size_bytes: u64) -> Volume {
+        Volume { id, name, size_bytes, index: VolumeIndex::new(), last_tag: 0, trim_floor: u64::MAX, attr: Vec::new() }
+    }
+
     pub fn n_blocks(&self) -> u64 {
         self.size_bytes / BLOCK_BYTES as u64
     }
@@ -34,6 +45,10 @@ pub struct VolumeInfo {
     pub size_bytes: u64,
     /// Bytes currently mapped (written and not trimmed).
     pub mapped_bytes: u64,
+    /// Replication state; see [`MetaOp::SetRepl`].
+    pub last_tag: u64,
+    pub trim_floor: u64,
+    pub attr: Vec<u8>,
 }
 
 pub struct State {
@@ -59,6 +74,9 @@ impl State {
             name: v.name.clone(),
             size_bytes: v.size_bytes,
             mapped_bytes: v.index.n_mapped() * BLOCK_BYTES as u64,
+            last_tag: v.last_tag,
+            trim_floor: v.trim_floor,
+            attr: v.attr.clone(),
         }
     }
 
@@ -75,6 +93,11 @@ impl State {
         let seg = |phys: u32| (phys / segment_blocks) as usize;
         let mut d = 0usize;
         for e in entries {
+            if e.kind != EntryKind::Copy && e.tag != 0 && !e.resync {
+                if let Some(vol) = self.volumes.get_mut(&e.volume) {
+                    vol.last_tag = vol.last_tag.max(e.tag);
+                }
+            }
             match e.kind {
                 EntryKind::Write | EntryKind::Copy => {
                     let vol = self.volumes.get_mut(&e.volume);
@@ -127,10 +150,7 @@ impl State {
         let segment_blocks = self.segment_blocks;
         match op {
             MetaOp::Create { volume, size_bytes, name } => {
-                self.volumes.insert(
-                    *volume,
-                    Volume { id: *volume, name: name.clone(), size_bytes: *size_bytes, index: VolumeIndex::new() },
-                );
+                self.volumes.insert(*volume, Volume::new(*volume, name.clone(), *size_bytes));
                 self.next_volume_id = self.next_volume_id.max(volume.0 + 1);
             }
             MetaOp::Resize { volume, size_bytes } => {
@@ -145,6 +165,12 @@ impl State {
                     }
                 });
                 vol.size_bytes = *size_bytes;
+            }
+            MetaOp::SetRepl { volume, last_tag, trim_floor, attr } => {
+                let Some(vol) = self.volumes.get_mut(volume) else { return };
+                vol.last_tag = *last_tag;
+                vol.trim_floor = *trim_floor;
+                vol.attr = attr.clone();
             }
             MetaOp::Delete { volume } => {
                 let Some(mut vol) = self.volumes.remove(volume) else { return };

@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Stats};
+use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Since, Stats};
 use crate::device::{Device, EventFd};
 use crate::error::{Error, Result};
 use crate::recovery::{self, RecoveryReport};
 use crate::state::VolumeInfo;
-use crate::types::{Lsn, VolumeId};
+use crate::types::{Lsn, Tag, VolumeId};
 use crate::uring::UringDevice;
 
 /// Admission budget, in units of one request plus one unit per 64 KiB of payload: about 8192
@@ -42,6 +42,26 @@ pub struct CreateOptions {
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions { size_bytes: 1 << 30, segment_bytes: recovery::DEFAULT_SEGMENT_BYTES }
+    }
+}
+
+/// A request queued in the engine (see [`Store::enqueue_write`]); [`Pending::wait`] for its result.
+/// Dropping it does not cancel the request.
+#[must_use = "a queued request's result should be awaited"]
+pub struct Pending<T> {
+    rx: oneshot::Receiver<Result<T>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<T> Pending<T> {
+    pub async fn wait(self) -> Result<T> {
+        self.rx.await.map_err(|_| Error::ShutDown)?
+    }
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").finish_non_exhaustive()
     }
 }
 
@@ -140,6 +160,56 @@ impl Store {
         rx.await.map_err(|_| Error::ShutDown)?
     }
 
+    /// Queues a request and returns once it is in the engine's intake, without waiting for its
+    /// result. Requests queued one after another from one task enter the log in that order, which is
+    /// what a replicator needs to give its tags the engine's order.
+    async fn enqueue<T>(&self, bytes: u64, make: impl FnOnce(Reply<T>) -> Request) -> Result<Pending<T>> {
+        let permit =
+            self.inner.permits.clone().acquire_many_owned(permits_for(bytes)).await.map_err(|_| Error::ShutDown)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        Ok(Pending { rx, _permit: permit })
+    }
+
+    /// Queues a write (see [`Store::enqueue`] for the ordering promise).
+    pub async fn enqueue_write(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        tag: Tag,
+    ) -> Result<Pending<()>> {
+        self.enqueue(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await
+    }
+
+    pub async fn enqueue_trim(&self, volume: VolumeId, offset: u64, len: u64, tag: Tag) -> Result<Pending<()>> {
+        self.enqueue(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await
+    }
+
+    pub async fn enqueue_write_zeroes(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+        tag: Tag,
+    ) -> Result<Pending<()>> {
+        let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
+        self.enqueue(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await
+    }
+
+    /// Queues a read: it sees every write queued before it, and none queued after.
+    pub async fn enqueue_read(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Pending<Bytes>> {
+        self.enqueue(len, |reply| Request::Read { volume, offset, len, reply }).await
+    }
+
+    /// Queues a flush: it covers every write queued before it.
+    pub async fn enqueue_flush(&self) -> Result<Pending<()>> {
+        self.enqueue(0, |reply| Request::Flush { reply }).await
+    }
+
     /// Blocking form of a call, for threads outside any async runtime.
     pub fn call_blocking<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T> {
         let (tx, rx) = oneshot::channel();
@@ -153,7 +223,8 @@ impl Store {
 
     /// Writes `data` at `offset`. With `fua`, returns only once the data is durable.
     pub async fn write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, reply }).await
+        let tag = Tag::NONE;
+        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await
     }
 
     /// Makes every write that completed before this call durable.
@@ -162,12 +233,14 @@ impl Store {
     }
 
     pub async fn trim(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
-        self.call(0, |reply| Request::Trim { volume, offset, len, reply }).await
+        let tag = Tag::NONE;
+        self.call(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await
     }
 
     pub async fn write_zeroes(&self, volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
-        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, reply }).await
+        let tag = Tag::NONE;
+        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await
     }
 
     pub async fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -200,9 +273,20 @@ impl Store {
             .ok_or_else(|| Error::NoSuchVolumeName(name.to_string()))
     }
 
-    /// Live blocks of `volume` last written after `since`, as runs of LBAs (for resync).
-    pub async fn changed_since(&self, volume: VolumeId, since: Lsn) -> Result<Vec<ChangedRun>> {
+    /// Blocks of `volume` changed after `since`, as sorted, disjoint runs of LBAs (for resync).
+    pub async fn changed_since(&self, volume: VolumeId, since: Since) -> Result<Vec<ChangedRun>> {
         self.call(0, |reply| Request::ChangedSince { volume, since, reply }).await
+    }
+
+    /// Sets a volume's replication state: last tag, trim floor and the replicator's blob. Durable
+    /// when this returns; ordered after every write queued before it.
+    pub async fn set_repl(&self, volume: VolumeId, last_tag: u64, trim_floor: u64, attr: Vec<u8>) -> Result<()> {
+        self.call(0, |reply| Request::SetRepl { volume, last_tag, trim_floor, attr, reply }).await
+    }
+
+    /// A volume's description by id.
+    pub async fn volume_info(&self, volume: VolumeId) -> Result<VolumeInfo> {
+        self.list_volumes().await?.into_iter().find(|v| v.id == volume).ok_or(Error::NoSuchVolume(volume))
     }
 
     pub async fn checkpoint(&self) -> Result<()> {

@@ -43,3 +43,25 @@ impl Lsn {
         Lsn(self.0 + 1)
     }
 }
+
+/// How a write or trim is tagged for replication: `seq` is its position in the volume's replicated
+/// history (0 = untagged, for volumes that are not replicated). A `resync` write carries data a
+/// resync ships: it is found by later scans like any tagged write, but does not move the volume's
+/// last tag, which only the resync's commit sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    pub seq: u64,
+    pub resync: bool,
+}
+
+impl Tag {
+    pub const NONE: Tag = Tag { seq: 0, resync: false };
+
+    pub fn seq(seq: u64) -> Tag {
+        Tag { seq, resync: false }
+    }
+
+    pub fn resync(seq: u64) -> Tag {
+        Tag { seq, resync: true }
+    }
+}

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use common::*;
 use syncblock_engine::format::{RecordHeader, SegmentHeader, Superblock};
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, Error, Lsn, Store, BLOCK_BYTES};
+use syncblock_engine::{Config, Error, Lsn, Since, Store, BLOCK_BYTES};
 
 const BB: usize = BLOCK_BYTES;
 
@@ -320,10 +320,10 @@ fn changed_since_lists_live_blocks_written_after_an_lsn() {
     rt.block_on(store.write(vol.id, 2 * BB as u64, Bytes::from(pattern(2, 2 * BB)), false)).unwrap();
     rt.block_on(store.write(vol.id, 100 * BB as u64, Bytes::from(pattern(3, BB)), false)).unwrap();
     rt.block_on(store.flush()).unwrap();
-    let runs = rt.block_on(store.changed_since(vol.id, mark)).unwrap();
+    let runs = rt.block_on(store.changed_since(vol.id, Since::Lsn(mark))).unwrap();
     let got: Vec<(u64, u64)> = runs.iter().map(|r| (r.lba.0, r.n_blocks)).collect();
     assert_eq!(got, [(2, 2), (100, 1)]);
-    let all = rt.block_on(store.changed_since(vol.id, Lsn(0))).unwrap();
+    let all = rt.block_on(store.changed_since(vol.id, Since::Lsn(Lsn(0)))).unwrap();
     let got: Vec<(u64, u64)> = all.iter().map(|r| (r.lba.0, r.n_blocks)).collect();
     assert_eq!(got, [(0, 8), (100, 1)]);
 }

@@ -139,6 +139,8 @@ fn random_record(rng: &mut Rng) -> RecordHeader {
             n_blocks,
             data_lsn: Lsn(rng.below(1 << 40)),
             old_phys: if kind == EntryKind::Copy { rng.next_u64() as u32 } else { 0 },
+            tag: rng.next_u64(),
+            resync: rng.below(2) == 1,
         });
     }
     RecordHeader {

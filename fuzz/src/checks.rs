@@ -38,7 +38,7 @@ pub mod layout {
     pub const REC_STORE: usize = 48;
     pub const REC_CRC: usize = 56;
     pub const REC_ENTRIES: usize = 64;
-    pub const REC_ENTRY_BYTES: usize = 32;
+    pub const REC_ENTRY_BYTES: usize = 40;
     pub const SB_VERSION: usize = 8;
     pub const SB_BLOCK_BYTES: usize = 12;
     pub const SB_CRC: usize = 72;
@@ -239,7 +239,10 @@ pub fn arbitrary_checkpoint(input: &mut Input) -> CheckpointData {
             let id = input.u32();
             let n = (input.u8() % 16) as usize;
             let name = String::from_utf8_lossy(input.bytes(n)).into_owned();
-            VolumeRec { id, name, size_bytes: input.u64() }
+            let size_bytes = input.u64();
+            let (last_tag, trim_floor) = (input.u64(), input.u64());
+            let n = (input.u8() % 16) as usize;
+            VolumeRec { id, name, size_bytes, last_tag, trim_floor, attr: input.bytes(n).to_vec() }
         })
         .collect();
     let segments = (0..input.u8() % 8)
@@ -249,6 +252,7 @@ pub fn arbitrary_checkpoint(input: &mut Input) -> CheckpointData {
             min_data_lsn: input.u64(),
             max_data_lsn: input.u64(),
             max_lsn: input.u64(),
+            trim_tags: (0..input.u8() % 3).map(|_| (input.u32(), input.u64())).collect(),
         })
         .collect();
     let runs =

@@ -1,0 +1,164 @@
+//! The engine's replication support: write tags, the volume's last tag, resync writes, the
+//! replication state record, tag scans that find trims even after the cleaner ran, and the
+//! queue-order promise of `enqueue_*`.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::*;
+use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::{Config, Since, Store, Tag, VolumeId, BLOCK_BYTES};
+
+const BB: u64 = BLOCK_BYTES as u64;
+
+/// Drops the store without its shutdown checkpoint: the reopened store must replay the log.
+fn crash_and_reopen(store: Store, disk: &Arc<Mutex<SimDisk>>) -> (Store, Arc<Mutex<SimDisk>>) {
+    let image = disk.lock().unwrap().written.clone();
+    disk.lock().unwrap().fail_writes_from = Some(0);
+    drop(store);
+    let disk = SimDisk::new(image);
+    let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "img").unwrap();
+    (store, disk)
+}
+
+async fn tagged_write(store: &Store, vol: VolumeId, lba: u64, seed: u64, tag: Tag) {
+    let data = Bytes::from(pattern(seed, BLOCK_BYTES));
+    store.enqueue_write(vol, lba * BB, data, false, tag).await.unwrap().wait().await.unwrap();
+}
+
+fn runs(r: Vec<syncblock_engine::ChangedRun>) -> Vec<(u64, u64)> {
+    r.iter().map(|r| (r.lba.0, r.n_blocks)).collect()
+}
+
+#[test]
+fn last_tag_follows_tagged_writes_not_resync_writes_and_survives_replay() {
+    let rt = rt();
+    let disk = sim_disk(16 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    assert_eq!(vol.last_tag, 0);
+    assert_eq!(vol.trim_floor, u64::MAX, "unreplicated volumes retain no trims");
+    rt.block_on(async {
+        tagged_write(&store, vol.id, 0, 1, Tag::seq(1)).await;
+        tagged_write(&store, vol.id, 1, 2, Tag::seq(2)).await;
+        tagged_write(&store, vol.id, 2, 3, Tag::resync(50)).await;
+        store.enqueue_trim(vol.id, 3 * BB, BB, Tag::seq(3)).await.unwrap().wait().await.unwrap();
+        store.write(vol.id, 4 * BB, Bytes::from(pattern(9, BLOCK_BYTES)), false).await.unwrap();
+        store.flush().await.unwrap();
+    });
+    assert_eq!(rt.block_on(store.volume_info(vol.id)).unwrap().last_tag, 3);
+    let (store, disk) = crash_and_reopen(store, &disk);
+    let info = rt.block_on(store.volume_info(vol.id)).unwrap();
+    assert_eq!(info.last_tag, 3, "replay recomputes the last tag; resync writes do not move it");
+
+    // A resync commit (or a rollback) sets it explicitly, with the floor and blob, durably.
+    rt.block_on(store.set_repl(vol.id, 2, 1, b"state".to_vec())).unwrap();
+    let (store, disk) = crash_and_reopen(store, &disk);
+    let info = rt.block_on(store.volume_info(vol.id)).unwrap();
+    assert_eq!((info.last_tag, info.trim_floor, &info.attr[..]), (2, 1, &b"state"[..]));
+    // And from a checkpoint, not only from replay.
+    rt.block_on(store.checkpoint()).unwrap();
+    let (store, _disk) = crash_and_reopen(store, &disk);
+    let info = rt.block_on(store.volume_info(vol.id)).unwrap();
+    assert_eq!((info.last_tag, info.trim_floor, &info.attr[..]), (2, 1, &b"state"[..]));
+    // An oversized blob is refused.
+    assert!(rt.block_on(store.set_repl(vol.id, 2, 1, vec![0; 4096])).is_err());
+}
+
+#[test]
+fn tag_scan_finds_writes_and_trims_after_a_tag() {
+    let rt = rt();
+    let disk = sim_disk(16 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
+    rt.block_on(async {
+        for lba in 0..8 {
+            tagged_write(&store, vol.id, lba, lba, Tag::seq(lba + 1)).await;
+        }
+        store.enqueue_trim(vol.id, 20 * BB, 10 * BB, Tag::seq(9)).await.unwrap().wait().await.unwrap();
+        tagged_write(&store, vol.id, 3, 100, Tag::seq(10)).await;
+        store.flush().await.unwrap();
+    });
+    let got = runs(rt.block_on(store.changed_since(vol.id, Since::Tag(5))).unwrap());
+    // Tags 6..=8 wrote LBAs 5..=7, tag 9 trimmed 20..30, tag 10 rewrote LBA 3.
+    assert_eq!(got, [(3, 1), (5, 3), (20, 10)]);
+    assert_eq!(runs(rt.block_on(store.changed_since(vol.id, Since::Tag(10))).unwrap()), []);
+    let (store, _disk) = crash_and_reopen(store, &disk);
+    let got = runs(rt.block_on(store.changed_since(vol.id, Since::Tag(5))).unwrap());
+    assert_eq!(got, [(3, 1), (5, 3), (20, 10)]);
+}
+
+#[test]
+fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_passes() {
+    let rt = rt();
+    // 24 segments of 256 blocks; the volume is 2 MiB (512 blocks), rewritten over and over.
+    let disk = sim_disk(24 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 2 << 20)).unwrap();
+    rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
+    let mut tag = 0u64;
+    rt.block_on(async {
+        for lba in 0..512 {
+            tag += 1;
+            tagged_write(&store, vol.id, lba, lba, Tag::seq(tag)).await;
+        }
+        tag += 1;
+        store.enqueue_trim(vol.id, 100 * BB, 4 * BB, Tag::seq(tag)).await.unwrap().wait().await.unwrap();
+    });
+    let trim_tag = tag;
+    // Rewrite everything (except the trimmed range) several times: the trim's segment becomes
+    // all dead and would be cleaned without the pin. Checkpoints let the cleaner reuse segments.
+    rt.block_on(async {
+        for round in 0..12u64 {
+            for lba in (0..512).filter(|l| !(100..104).contains(l)) {
+                tag += 1;
+                tagged_write(&store, vol.id, lba, round * 1000 + lba, Tag::seq(tag)).await;
+            }
+            store.checkpoint().await.unwrap();
+        }
+    });
+    let stats = rt.block_on(store.stats()).unwrap();
+    let device_blocks = stats.n_segments as u64 * (stats.segment_bytes / BB);
+    assert!(
+        stats.log_blocks_written > 2 * device_blocks,
+        "the workload must reuse segments ({} log blocks, {device_blocks} on the device)",
+        stats.log_blocks_written
+    );
+    let got = runs(rt.block_on(store.changed_since(vol.id, Since::Tag(trim_tag - 1))).unwrap());
+    // LBAs 100..104 were not written after the trim: only the trim entry can report them.
+    let covered = |lba: u64| got.iter().any(|&(first, n)| (first..first + n).contains(&lba));
+    assert!((100..104).all(covered), "trim at tag {trim_tag} lost by cleaning: {got:?}");
+
+    // Once the floor passes the trim, its segment is released and the store keeps going.
+    rt.block_on(store.set_repl(vol.id, tag, tag, Vec::new())).unwrap();
+    rt.block_on(async {
+        for round in 0..12u64 {
+            for lba in 0..512 {
+                tag += 1;
+                tagged_write(&store, vol.id, lba, 50_000 + round * 1000 + lba, Tag::seq(tag)).await;
+            }
+            store.checkpoint().await.unwrap();
+        }
+    });
+    let data = rt.block_on(store.read(vol.id, 511 * BB, BB)).unwrap();
+    assert_eq!(&data[..], &pattern(50_000 + 11_000 + 511, BLOCK_BYTES)[..]);
+}
+
+#[test]
+fn a_read_queued_after_a_write_sees_it_and_one_queued_before_does_not() {
+    let rt = rt();
+    let disk = sim_disk(16 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    rt.block_on(async {
+        let before = store.enqueue_read(vol.id, 0, BB).await.unwrap();
+        let w = store.enqueue_write(vol.id, 0, Bytes::from(pattern(7, BLOCK_BYTES)), false, Tag::seq(1)).await.unwrap();
+        let after = store.enqueue_read(vol.id, 0, BB).await.unwrap();
+        w.wait().await.unwrap();
+        assert!(before.wait().await.unwrap().iter().all(|b| *b == 0));
+        assert_eq!(&after.wait().await.unwrap()[..], &pattern(7, BLOCK_BYTES)[..]);
+    });
+}
