@@ -13,6 +13,10 @@ use crate::types::{VolumeId, BLOCK_BYTES};
 /// its own index root; beyond a few thousand volumes, a deployment should use more stores.
 pub const MAX_VOLUMES: usize = 4096;
 
+/// `last_tag` value of a [`MetaOp::SetRepl`] that leaves the volume's last tag as it is (a primary
+/// updating its trim floor while its own writes keep moving the tag).
+pub const KEEP_LAST_TAG: u64 = u64::MAX;
+
 pub struct Volume {
     pub id: VolumeId,
     pub name: String,
@@ -168,7 +172,9 @@ impl State {
             }
             MetaOp::SetRepl { volume, last_tag, trim_floor, attr } => {
                 let Some(vol) = self.volumes.get_mut(volume) else { return };
-                vol.last_tag = *last_tag;
+                if *last_tag != KEEP_LAST_TAG {
+                    vol.last_tag = *last_tag;
+                }
                 vol.trim_floor = *trim_floor;
                 vol.attr = attr.clone();
             }

@@ -278,8 +278,9 @@ impl Store {
         self.call(0, |reply| Request::ChangedSince { volume, since, reply }).await
     }
 
-    /// Sets a volume's replication state: last tag, trim floor and the replicator's blob. Durable
-    /// when this returns; ordered after every write queued before it.
+    /// Sets a volume's replication state: last tag ([`crate::state::KEEP_LAST_TAG`] leaves it),
+    /// trim floor and the replicator's blob. Durable when this returns, and so is every write queued
+    /// before it (the log is durable as a prefix).
     pub async fn set_repl(&self, volume: VolumeId, last_tag: u64, trim_floor: u64, attr: Vec<u8>) -> Result<()> {
         self.call(0, |reply| Request::SetRepl { volume, last_tag, trim_floor, attr, reply }).await
     }

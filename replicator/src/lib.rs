@@ -1,5 +1,64 @@
-//! Synchronous mirroring of engine volumes to a peer (issue 4).
+//! syncblock's replicator: synchronous mirroring of a volume to a peer over TCP.
 //!
-//! Not implemented yet: this crate exists so the workspace has its final shape. The engine already
-//! exposes what replication will build on: the durable LSN and iteration of live blocks written after
-//! an LSN (`syncblock_engine::Store::changed_since`).
+//! A replicated volume has a [`Primary`], which serves clients and ships every write, trim and flush
+//! to its peer, and a [`Secondary`], which applies them to its own store in the primary's order.
+//! Every write carries a *tag*, its sequence number in the volume's history, stored with it in both
+//! logs, so "how far is the peer" is one number, acknowledgements are cumulative, and a returning
+//! peer is brought back by shipping what changed after the last tag both sides share.
+//! `docs/replication.md` states the rules and the argument.
+
+pub mod link;
+pub mod primary;
+pub mod secondary;
+pub mod state;
+pub mod wire;
+
+pub use primary::{PeerView, Primary, PrimaryStatus};
+pub use secondary::{Secondary, SecondaryStatus};
+pub use state::{ReplState, Role};
+
+use std::time::Duration;
+
+/// Replication timing and identity.
+#[derive(Debug, Clone)]
+pub struct ReplConfig {
+    /// This node's name, for logs and the peer's messages.
+    pub node: String,
+    /// How often the primary sends a heartbeat.
+    pub heartbeat: Duration,
+    /// A link that carries nothing for this long is declared dead. 2 s: four missed heartbeats,
+    /// long enough to ride out a scheduling hiccup on a loaded 2-core machine, short enough that a
+    /// failover stays well inside the 5 s target.
+    pub timeout: Duration,
+    /// Pause between reconnection attempts.
+    pub reconnect: Duration,
+}
+
+impl Default for ReplConfig {
+    fn default() -> Self {
+        ReplConfig {
+            node: "syncblock".into(),
+            heartbeat: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            reconnect: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Why a replicated operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplError {
+    #[error("engine: {0}")]
+    Engine(#[from] syncblock_engine::Error),
+    #[error("replication stopped: {0}")]
+    Stopped(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("wire: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = ReplError> = std::result::Result<T, E>;

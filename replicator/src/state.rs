@@ -1,0 +1,151 @@
+//! A replicated volume's persistent replication state (kept in the engine's per-volume attribute,
+//! so it changes in log order with the data), and the log-matching rule that finds the last point
+//! two replicas' histories share.
+
+use crate::wire::{EpochStart, MAX_HISTORY};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// Persistent replication state of one volume on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplState {
+    pub role: Role,
+    /// Highest epoch this node has seen; it refuses primaries of a lower one.
+    pub epoch: u64,
+    /// False while a resync is half-applied: the image is then not a prefix of any history, and the
+    /// node must not be promoted.
+    pub consistent: bool,
+    /// Where each epoch's tags start, oldest first (at most `MAX_HISTORY`).
+    pub history: Vec<EpochStart>,
+}
+
+const ATTR_VERSION: u8 = 1;
+
+impl ReplState {
+    pub fn new(role: Role) -> ReplState {
+        ReplState { role, epoch: 0, consistent: true, history: Vec::new() }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![ATTR_VERSION, self.role as u8, self.consistent as u8, 0];
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        let h = &self.history[self.history.len().saturating_sub(MAX_HISTORY)..];
+        b.extend_from_slice(&(h.len() as u32).to_le_bytes());
+        for e in h {
+            b.extend_from_slice(&e.epoch.to_le_bytes());
+            b.extend_from_slice(&e.start_tag.to_le_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<ReplState> {
+        if b.len() < 16 || b[0] != ATTR_VERSION {
+            return None;
+        }
+        let role = match b[1] {
+            0 => Role::Primary,
+            1 => Role::Secondary,
+            _ => return None,
+        };
+        let epoch = u64::from_le_bytes(b[4..12].try_into().ok()?);
+        let n = u32::from_le_bytes(b[12..16].try_into().ok()?) as usize;
+        if n > MAX_HISTORY || b.len() != 16 + 16 * n {
+            return None;
+        }
+        let history = (0..n)
+            .map(|i| {
+                let at = 16 + 16 * i;
+                EpochStart {
+                    epoch: u64::from_le_bytes(b[at..at + 8].try_into().expect("8")),
+                    start_tag: u64::from_le_bytes(b[at + 8..at + 16].try_into().expect("8")),
+                }
+            })
+            .collect();
+        Some(ReplState { role, epoch, consistent: b[2] != 0, history })
+    }
+
+    /// Starts epoch `epoch` as primary at `next_tag`.
+    pub fn begin_epoch(&mut self, epoch: u64, next_tag: u64) {
+        self.role = Role::Primary;
+        self.epoch = epoch;
+        self.history.retain(|e| e.start_tag < next_tag);
+        self.history.push(EpochStart { epoch, start_tag: next_tag });
+        let excess = self.history.len().saturating_sub(MAX_HISTORY);
+        self.history.drain(..excess);
+    }
+}
+
+/// The epoch whose primary assigned `tag` in `history`, or None if the history does not reach back
+/// that far (or `tag` is 0, the empty prefix).
+fn covering(history: &[EpochStart], tag: u64) -> Option<EpochStart> {
+    history.iter().rev().find(|e| e.start_tag <= tag).copied().filter(|_| tag > 0)
+}
+
+/// The last tag both replicas hold the same history up to: tags are assigned by one primary per
+/// epoch, so two replicas that hold tag `t` from the same epoch hold the same writes up to `t` (the
+/// log-matching argument of Raft). Returns 0 when they share nothing.
+pub fn common_point(a: &[EpochStart], a_last: u64, b: &[EpochStart], b_last: u64) -> u64 {
+    let mut t = a_last.min(b_last);
+    // Each step moves `t` below the start of at least one epoch entry, so this ends.
+    for _ in 0..=2 * MAX_HISTORY + 2 {
+        if t == 0 {
+            return 0;
+        }
+        match (covering(a, t), covering(b, t)) {
+            (Some(x), Some(y)) if x.epoch == y.epoch => return t,
+            (Some(x), Some(y)) => t = x.start_tag.max(y.start_tag) - 1,
+            // One history does not reach back to `t`: nothing provably shared there.
+            (None, Some(y)) => t = y.start_tag.min(t) - 1,
+            (Some(x), None) => t = x.start_tag.min(t) - 1,
+            (None, None) => return 0,
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &[(u64, u64)]) -> Vec<EpochStart> {
+        v.iter().map(|&(epoch, start_tag)| EpochStart { epoch, start_tag }).collect()
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let mut s = ReplState::new(Role::Secondary);
+        s.begin_epoch(4, 10);
+        s.consistent = false;
+        assert_eq!(ReplState::decode(&s.encode()), Some(s));
+        assert_eq!(ReplState::decode(&[9; 3]), None);
+    }
+
+    #[test]
+    fn same_history_shares_the_shorter_prefix() {
+        let a = h(&[(1, 1)]);
+        assert_eq!(common_point(&a, 100, &a, 80), 80);
+        assert_eq!(common_point(&a, 0, &a, 80), 0);
+    }
+
+    #[test]
+    fn a_deposed_primarys_unreplicated_tail_is_not_shared() {
+        // A was primary in epoch 1 and wrote up to 120; B received up to 110, was promoted in epoch
+        // 2 at tag 111 and wrote up to 130. They share exactly 1..=110.
+        let a = h(&[(1, 1)]);
+        let b = h(&[(1, 1), (2, 111)]);
+        assert_eq!(common_point(&a, 120, &b, 130), 110);
+        assert_eq!(common_point(&b, 130, &a, 120), 110);
+        // Promoted without having received anything.
+        let b = h(&[(2, 1)]);
+        assert_eq!(common_point(&a, 120, &b, 5), 0);
+    }
+
+    #[test]
+    fn an_empty_history_shares_nothing_but_the_empty_prefix() {
+        assert_eq!(common_point(&[], 50, &h(&[(1, 1)]), 50), 0);
+    }
+}

@@ -1,0 +1,222 @@
+//! A primary and a secondary on loopback, each on its own store file: the ack rule, the secondary
+//! being an identical copy, strict mode waiting through an outage, incremental resync (and how many
+//! bytes it ships), a secondary that lost its unflushed tail, and refusals at the handshake.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use syncblock_engine::{Config, CreateOptions, Store, BLOCK_BYTES};
+use syncblock_replicator::{Primary, ReplConfig, Secondary};
+use tokio::net::TcpListener;
+
+const BB: u64 = BLOCK_BYTES as u64;
+const VOL_BYTES: u64 = 64 << 20;
+
+fn store(dir: &Path, name: &str, vol_bytes: u64) -> Store {
+    let path = dir.join(name);
+    let s =
+        Store::create(&path, &CreateOptions { size_bytes: 256 << 20, ..CreateOptions::default() }, Config::default())
+            .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(s.create_volume("v", vol_bytes)).unwrap();
+    s
+}
+
+fn cfg(node: &str) -> ReplConfig {
+    ReplConfig {
+        node: node.into(),
+        heartbeat: Duration::from_millis(100),
+        timeout: Duration::from_millis(1000),
+        reconnect: Duration::from_millis(50),
+    }
+}
+
+fn block(seed: u64) -> Bytes {
+    let mut v = vec![0u8; BLOCK_BYTES];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for c in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+async fn volume_image(s: &Store) -> Vec<u8> {
+    let v = s.volume("v").await.unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < v.size_bytes {
+        out.extend_from_slice(&s.read(v.id, at, 4 << 20).await.unwrap());
+        at += 4 << 20;
+    }
+    out
+}
+
+async fn wait_in_sync(p: &Primary) {
+    let mut w = p.peer_view();
+    tokio::time::timeout(Duration::from_secs(20), w.wait_for(|v| v.in_sync)).await.expect("peer in sync").unwrap();
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::task::spawn_blocking({
+        let d = dir.path().to_path_buf();
+        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES))
+    })
+    .await
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let addr = sec.local_addr();
+    let prim = Primary::start(a.clone(), "v", addr, cfg("a")).await.unwrap();
+    wait_in_sync(&prim).await;
+
+    // 1. Concurrent writes, trims and zeroes; every completed one is on both nodes.
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let p = prim.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..100u64 {
+                let lba = (t * 7919 + k * 104_729) % (VOL_BYTES / BB);
+                match k % 10 {
+                    7 => p.trim(lba * BB, 4 * BB).await.unwrap(),
+                    8 => p.write_zeroes(lba * BB, 2 * BB, false, false).await.unwrap(),
+                    9 => p.write(lba * BB + 512, Bytes::from(vec![t as u8; 1024]), true).await.unwrap(),
+                    _ => p.write(lba * BB, block(t * 1000 + k), false).await.unwrap(),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    prim.flush().await.unwrap();
+    let st = prim.status().await;
+    assert_eq!(st.lag_tags(), 0, "flush completed, so the peer has everything: {st:?}");
+    assert!(st.rpo_zero());
+    assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs from primary");
+    let tag_before = b.volume("v").await.unwrap().last_tag;
+    assert_eq!(tag_before, st.last_tag);
+
+    // 2. The secondary goes away: strict mode, writes wait for it.
+    sec.stop().await;
+    let distinct = 300u64;
+    let writer = {
+        let p = prim.clone();
+        tokio::spawn(async move {
+            for k in 0..distinct {
+                // Each block written twice while the peer is away: shipped once.
+                p.write(k * 2 * BB, block(50_000 + k), false).await.unwrap();
+            }
+            for k in 0..distinct {
+                p.write(k * 2 * BB, block(60_000 + k), false).await.unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!writer.is_finished(), "a write completed while its peer was away (strict mode)");
+    assert!(!prim.status().await.rpo_zero());
+
+    // 3. The secondary returns (a fresh process on the same store, reopened after a clean close);
+    // it receives only what it missed.
+    let b_path = dir.path().join("b.img");
+    let b = tokio::task::spawn_blocking(move || {
+        b.close().unwrap();
+        Store::open(&b_path, Config::default()).unwrap()
+    })
+    .await
+    .unwrap();
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), writer).await.expect("writes resume after resync").unwrap();
+    prim.flush().await.unwrap();
+    wait_in_sync(&prim).await;
+    let view = prim.status().await.peer;
+    // The first write after the outage started waiting; the others queued behind it: so the resync
+    // shipped one version of at most `distinct` blocks, and later writes were streamed.
+    assert!(
+        view.resync_bytes_done <= distinct * BB * 11 / 10,
+        "resync shipped {} bytes for {} distinct blocks",
+        view.resync_bytes_done,
+        distinct
+    );
+    assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs after resync");
+    assert!(sec.status().consistent);
+    prim.stop();
+    sec.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::task::spawn_blocking({
+        let d = dir.path().to_path_buf();
+        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES / 2))
+    })
+    .await
+    .unwrap();
+    let vb = b.volume("v").await.unwrap();
+    b.write(vb.id, 0, block(1), false).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a")).await.unwrap();
+    let mut w = prim.peer_view();
+    let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    let err = v.last_error.unwrap();
+    assert!(err.contains("resize one side"), "{err}");
+    assert!(!v.connected);
+    assert_eq!(&b.read(vb.id, 0, BB).await.unwrap()[..], &block(1)[..], "the refused peer's data changed");
+    prim.stop();
+    sec.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::task::spawn_blocking({
+        let d = dir.path().to_path_buf();
+        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES))
+    })
+    .await
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let mut w = sec.watch();
+    let st = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| s.last_error.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+    assert!(st.last_error.unwrap().contains("not a syncblock replication endpoint"));
+    // A real primary still gets through.
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a")).await.unwrap();
+    wait_in_sync(&prim).await;
+    prim.write(0, block(9), true).await.unwrap();
+    let vb = b.volume("v").await.unwrap();
+    assert_eq!(&b.read(vb.id, 0, BB).await.unwrap()[..], &block(9)[..]);
+    prim.stop();
+    sec.stop().await;
+}
