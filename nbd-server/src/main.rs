@@ -45,12 +45,43 @@ enum Command {
         /// Export this volume read-only (repeatable).
         #[arg(long = "read-only", value_name = "NAME")]
         read_only: Vec<String>,
+        #[command(flatten)]
+        repl: ReplArgs,
     },
     /// Manage volumes (the server must not be running on the same store).
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+}
+
+/// Synchronous replication of one volume (see docs/replication.md).
+#[derive(clap::Args, Debug)]
+struct ReplArgs {
+    /// This node's role for the replicated volume. Without it, nothing is replicated.
+    #[arg(long, value_enum)]
+    role: Option<RoleArg>,
+    /// Primary: the secondary's replication address.
+    #[arg(long)]
+    peer: Option<SocketAddr>,
+    /// Secondary: where to accept the primary's replication connection.
+    #[arg(long)]
+    repl_listen: Option<SocketAddr>,
+    /// The replicated volume (default: the default export).
+    #[arg(long)]
+    replicate: Option<String>,
+    /// This node's name in logs and in its peer's messages.
+    #[arg(long, default_value = "syncblock")]
+    node: String,
+    /// Heartbeat timeout: a silent link is declared dead after this long.
+    #[arg(long, default_value = "2000", value_name = "MS")]
+    repl_timeout_ms: u64,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RoleArg {
+    Primary,
+    Secondary,
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,11 +113,11 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { size, volumes, listen, unix, default_export, read_only } => {
+        Command::Serve { size, volumes, listen, unix, default_export, read_only, repl } => {
             // The engine locks the store file: a second syncblock on the same store fails to open.
             let store = open_or_create(&cli.store, Some(size))?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            let res = rt.block_on(serve(store.clone(), volumes, listen, unix, default_export, read_only, size));
+            let res = rt.block_on(serve(store.clone(), volumes, listen, unix, default_export, read_only, size, repl));
             drop(rt);
             let closed = store.close().context("closing the store");
             res.and(closed)
@@ -122,8 +153,9 @@ async fn serve(
     listen: SocketAddr,
     unix: Option<PathBuf>,
     default_export: Option<String>,
-    read_only: Vec<String>,
+    mut read_only: Vec<String>,
     store_size: u64,
+    repl: ReplArgs,
 ) -> Result<()> {
     for spec in &volumes {
         let (name, size) = spec.split_once(':').with_context(|| format!("--volume {spec:?}: expected NAME:SIZE"))?;
@@ -146,6 +178,38 @@ async fn serve(
         list = store.list_volumes().await?;
     }
     let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
+    let mut replicated = std::collections::HashMap::new();
+    let mut _secondary = None;
+    if let Some(role) = repl.role {
+        let name = repl.replicate.clone().or_else(|| default_export.clone()).context("no volume to replicate")?;
+        let cfg = syncblock_replicator::ReplConfig {
+            node: repl.node.clone(),
+            timeout: std::time::Duration::from_millis(repl.repl_timeout_ms),
+            heartbeat: std::time::Duration::from_millis((repl.repl_timeout_ms / 4).max(10)),
+            ..Default::default()
+        };
+        match role {
+            RoleArg::Primary => {
+                let peer = repl.peer.context("--role primary needs --peer ADDR (the secondary's --repl-listen)")?;
+                let p = syncblock_replicator::Primary::start(store.clone(), &name, peer, cfg)
+                    .await
+                    .with_context(|| format!("starting replication of {name} to {peer}"))?;
+                println!("replicating {name} as primary to {peer}");
+                replicated.insert(p.volume(), p);
+            }
+            RoleArg::Secondary => {
+                let at = repl.repl_listen.context("--role secondary needs --repl-listen ADDR")?;
+                let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
+                let s = syncblock_replicator::Secondary::start(store.clone(), &name, l, cfg)
+                    .await
+                    .with_context(|| format!("starting as secondary of {name}"))?;
+                println!("replicating {name} as secondary on {}", s.local_addr());
+                // A secondary serves no writes: its copy is exported read-only.
+                read_only.push(name);
+                _secondary = Some(s);
+            }
+        }
+    }
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let addr = tcp.local_addr()?;
     let mut listeners = vec![Listener::Tcp(tcp)];
@@ -168,8 +232,16 @@ async fn serve(
     if let Some(d) = &default_export {
         println!("nbd://{addr}  (default export: {d})");
     }
-    let config = ServerConfig { default_export, read_only };
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let config = ServerConfig { default_export, read_only, replicated: replicated.clone() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
+    for p in replicated.values() {
+        p.stop();
+    }
+    if let Some(s) = _secondary {
+        s.stop().await;
+    }
     Ok(())
 }
 

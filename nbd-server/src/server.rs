@@ -6,13 +6,15 @@
 //! requests and payload bytes in flight: when it is exhausted the reader stops reading the socket,
 //! which is the backpressure the client sees.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use syncblock_engine::{Error, Extent, Store, MAX_IO_BYTES};
+use syncblock_engine::{Error, Extent, Store, VolumeId, MAX_IO_BYTES};
+use syncblock_replicator::{Primary, ReplError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -49,6 +51,9 @@ pub struct ServerConfig {
     pub default_export: Option<String>,
     /// Volumes exported read-only.
     pub read_only: Vec<String>,
+    /// Volumes this node is primary for: their writes, trims and flushes go through the
+    /// replicator (reads stay local).
+    pub replicated: HashMap<VolumeId, Primary>,
 }
 
 /// A bound listener.
@@ -263,7 +268,8 @@ where
     let payload = Arc::new(Semaphore::new(PAYLOAD_UNITS as usize));
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(writer(w, rx));
-    let ctx = Arc::new(Ctx { store: shared.store.clone(), session });
+    let repl = shared.config.replicated.get(&session.export.volume).cloned();
+    let ctx = Arc::new(Ctx { store: shared.store.clone(), session, repl });
     let result = async {
         loop {
             let permit = requests.clone().acquire_owned().await.expect("never closed");
@@ -351,6 +357,17 @@ async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) {
 struct Ctx {
     store: Store,
     session: Session,
+    repl: Option<Primary>,
+}
+
+/// The NBD error for a replicated operation's failure.
+fn repl_errno(err: &ReplError, command: u16) -> u32 {
+    match err {
+        ReplError::Engine(e) => nbd_errno(e, command),
+        ReplError::Stopped(_) => proto::ESHUTDOWN,
+        ReplError::Refused(_) | ReplError::Wire(_) | ReplError::Io(_) => proto::EIO,
+        _ => proto::EIO,
+    }
 }
 
 fn simple_ok(cookie: u64) -> Reply {
@@ -449,6 +466,27 @@ impl Ctx {
         let vol = s.export.volume;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = u64::from(req.len);
+        if let Some(p) = &self.repl {
+            let res = match req.command {
+                CMD_READ => return self.read(req).await,
+                CMD_BLOCK_STATUS => return self.block_status(req).await,
+                CMD_WRITE => p.write(req.offset, data, fua).await,
+                CMD_FLUSH => p.flush().await,
+                CMD_TRIM => match p.trim(req.offset, len).await {
+                    Ok(()) if fua => p.flush().await,
+                    r => r,
+                },
+                CMD_WRITE_ZEROES => {
+                    let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
+                    p.write_zeroes(req.offset, len, may_trim, fua).await
+                }
+                _ => Ok(()),
+            };
+            return match res {
+                Ok(()) => simple_ok(req.cookie),
+                Err(e) => error_reply(s.structured, req.cookie, repl_errno(&e, req.command), &e.to_string()),
+            };
+        }
         let res = match req.command {
             CMD_READ => return self.read(req).await,
             CMD_BLOCK_STATUS => return self.block_status(req).await,
