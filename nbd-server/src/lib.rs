@@ -6,7 +6,9 @@
 //! - [`handshake`]: option negotiation as a pure state machine.
 //! - [`server`]: listeners, connections, concurrent transmission with bounded requests in flight.
 //! - [`size`]: human sizes (`10GiB`, `512M`) for the CLI.
+//! - [`config`]: the `syncblock serve` options: TOML file, flags over it, defaults.
 
+pub mod config;
 pub mod handshake;
 pub mod proto;
 pub mod server;
