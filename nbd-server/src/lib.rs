@@ -14,4 +14,4 @@ pub mod proto;
 pub mod server;
 pub mod size;
 
-pub use server::{serve, Listener, ServerConfig, ServerError, MAX_IN_FLIGHT};
+pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};

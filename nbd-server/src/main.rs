@@ -174,7 +174,7 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
     if let Some(d) = &default_export {
         println!("nbd://{addr}  (default export: {d})");
     }
-    let config = ServerConfig { default_export, read_only };
+    let config = ServerConfig { default_export, read_only, ..ServerConfig::default() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
     Ok(())
 }
