@@ -4,35 +4,8 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::tools::{ok, tool};
 use common::*;
-
-/// Runs `tool args…` under a 60 s timeout; returns (exit code, stdout, stderr).
-fn tool(tool: &str, args: &[&str]) -> (i32, String, String) {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).env("PATH", path()).output().expect("sh");
-    assert!(
-        found.status.success(),
-        "{tool} is not installed; install it (see .ci/run: qemu-utils, libnbd-bin, python3-libnbd, fio)"
-    );
-    let out = Command::new("timeout").arg("60").arg(tool).args(args).env("PATH", path()).output().expect("spawn");
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    (out.status.code().unwrap_or(-1), so, se)
-}
-
-/// PATH with the system directories first: `nbdsh` runs `python3 -mnbd`, and the `nbd` module of
-/// python3-libnbd belongs to the system Python, not to whatever python3 (pyenv, venv) comes first.
-fn path() -> String {
-    format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default())
-}
-
-fn ok(name: &str, args: &[&str]) -> String {
-    let (code, so, se) = tool(name, args);
-    assert_eq!(code, 0, "{name} {args:?} failed:\nstdout:\n{so}\nstderr:\n{se}");
-    so
-}
 
 /// Starts a server over a real store on a runtime of its own, runs `body` (blocking tool calls)
 /// on this thread, then shuts the server down gracefully and closes the store.
@@ -182,21 +155,6 @@ fn qemu_img_convert_in_and_out_compares_identical() {
         assert!(info.contains("64 MiB"), "{info}");
         ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
     });
-}
-
-/// `len` pseudo-random bytes (xorshift64 from `seed`): incompressible, so a copy that drops or
-/// shifts a block cannot compare equal by accident.
-fn random_image(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 /// Size of the nbdcopy image: 256 MiB, as the issue asks; large enough that the four connections

@@ -2,6 +2,8 @@
 //! NBD client that speaks the wire format byte by byte (independent of the server's encoders).
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -100,6 +102,21 @@ impl TestServer {
 
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`): incompressible, so a copy that drops or
+/// shifts a block cannot compare equal by accident.
+pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
