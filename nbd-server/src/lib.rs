@@ -6,10 +6,12 @@
 //! - [`handshake`]: option negotiation as a pure state machine.
 //! - [`server`]: listeners, connections, concurrent transmission with bounded requests in flight.
 //! - [`size`]: human sizes (`10GiB`, `512M`) for the CLI.
+//! - [`config`]: the `syncblock serve` options: TOML file, flags over it, defaults.
 
+pub mod config;
 pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod size;
 
-pub use server::{serve, Listener, ServerConfig, ServerError, MAX_IN_FLIGHT};
+pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};

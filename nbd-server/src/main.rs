@@ -6,18 +6,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use syncblock_engine::{Config, CreateOptions, Store};
+use syncblock_nbd::config::{ServeOptions, ServeSettings, VolumeSpec, DEFAULT_STORE};
 use syncblock_nbd::size::{format_size, parse_size};
 use syncblock_nbd::{Listener, ServerConfig};
 
-const DEFAULT_STORE: &str = "syncblock-data/store.img";
 const DEFAULT_VOLUME: &str = "default";
 
 #[derive(Parser, Debug)]
 #[command(name = "syncblock", version, about = "Crash-safe block store exported over NBD")]
 struct Cli {
-    /// The store file or block device.
-    #[arg(long, global = true, default_value = DEFAULT_STORE)]
-    store: PathBuf,
+    /// The store file or block device [default: syncblock-data/store.img].
+    #[arg(long, global = true)]
+    store: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,16 +26,19 @@ struct Cli {
 enum Command {
     /// Serve every volume as an NBD export named after it, creating the store if missing.
     Serve {
-        /// Size of the store file to create when it does not exist.
-        #[arg(long, default_value = "10GiB", value_parser = size_arg)]
-        size: u64,
+        /// TOML file with these options (format in README.md); flags given as well override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Size of the store file to create when it does not exist [default: 10GiB].
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
         /// Volumes to create if missing, as NAME:SIZE (repeatable). Without any, and with no
         /// volume in the store, a volume "default" as large as the store is created.
-        #[arg(long = "volume", value_name = "NAME:SIZE")]
-        volumes: Vec<String>,
-        /// TCP address to listen on.
-        #[arg(long, default_value = "127.0.0.1:10809")]
-        listen: SocketAddr,
+        #[arg(long = "volume", value_name = "NAME:SIZE", value_parser = volume_arg)]
+        volumes: Vec<VolumeSpec>,
+        /// TCP address to listen on [default: 127.0.0.1:10809].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Also listen on this unix socket.
         #[arg(long)]
         unix: Option<PathBuf>,
@@ -106,6 +109,10 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| format!("invalid size {s:?}: use e.g. 10GiB, 512M or 4096"))
 }
 
+fn volume_arg(s: &str) -> Result<VolumeSpec, String> {
+    VolumeSpec::from_flag(s).map_err(|e| e.to_string())
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -113,17 +120,24 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { size, volumes, listen, unix, default_export, read_only, repl } => {
+        Command::Serve { config, size, volumes, listen, unix, default_export, read_only, repl } => {
+            let file = match &config {
+                Some(path) => ServeOptions::load(path).with_context(|| format!("config file {}", path.display()))?,
+                None => ServeOptions::default(),
+            };
+            let flags =
+                ServeOptions { store: cli.store, store_bytes: size, listen, unix, default_export, volumes, read_only };
+            let settings = file.overridden_by(flags).resolve();
             // The engine locks the store file: a second syncblock on the same store fails to open.
-            let store = open_or_create(&cli.store, Some(size))?;
+            let store = open_or_create(&settings.store, Some(settings.store_bytes))?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            let res = rt.block_on(serve(store.clone(), volumes, listen, unix, default_export, read_only, size, repl));
+            let res = rt.block_on(serve(store.clone(), settings, repl));
             drop(rt);
             let closed = store.close().context("closing the store");
             res.and(closed)
         }
         Command::Volume { command } => {
-            let store = open_or_create(&cli.store, None)?;
+            let store = open_or_create(cli.store.as_deref().unwrap_or(Path::new(DEFAULT_STORE)), None)?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
             let res = rt.block_on(volume(&store, command));
             let closed = store.close().context("closing the store");
@@ -147,19 +161,10 @@ fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
     Store::create(path, &opts, Config::default()).with_context(|| format!("creating the store {}", path.display()))
 }
 
-async fn serve(
-    store: Store,
-    volumes: Vec<String>,
-    listen: SocketAddr,
-    unix: Option<PathBuf>,
-    default_export: Option<String>,
-    mut read_only: Vec<String>,
-    store_size: u64,
-    repl: ReplArgs,
-) -> Result<()> {
-    for spec in &volumes {
-        let (name, size) = spec.split_once(':').with_context(|| format!("--volume {spec:?}: expected NAME:SIZE"))?;
-        let size = size_arg(size).map_err(anyhow::Error::msg)?;
+async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<()> {
+    let ServeSettings { store_bytes: store_size, listen, unix, default_export, mut read_only, .. } = settings;
+    for v in &settings.volumes {
+        let (name, size) = (v.name.as_str(), v.size_bytes);
         match store.volume(name).await {
             Ok(v) if v.size_bytes != size => tracing::warn!(
                 "volume {name} exists with size {}, not {}; use `syncblock volume resize`",
@@ -234,7 +239,7 @@ async fn serve(
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    let config = ServerConfig { default_export, read_only, replicated: replicated.clone() };
+    let config = ServerConfig { default_export, read_only, replicated: replicated.clone(), ..ServerConfig::default() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
     for p in replicated.values() {
         p.stop();

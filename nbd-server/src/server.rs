@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::{Error, Extent, Store, VolumeId, MAX_IO_BYTES};
@@ -44,8 +45,15 @@ const _: () = assert!(MAX_IO_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES);
 /// 512 KiB, and a client asks again for the rest.
 pub const MAX_STATUS_EXTENTS: usize = 1 << 16;
 
+/// How long a client may take from connecting to entering transmission (or ending negotiation).
+/// Real clients negotiate in a few round trips, milliseconds even across a WAN; 30 s leaves room for
+/// a stalled machine or a slow link. Without a bound, a client that connects and sends nothing, or
+/// stops mid-handshake, would hold a task and a file descriptor forever, and enough of them (a
+/// port scanner, a buggy client retrying) would exhaust the descriptors the real clients need.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Server configuration (what the exports are comes from the engine's volume list).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The volume the empty export name selects.
     pub default_export: Option<String>,
@@ -54,6 +62,19 @@ pub struct ServerConfig {
     /// Volumes this node is primary for: their writes, trims and flushes go through the
     /// replicator (reads stay local).
     pub replicated: HashMap<VolumeId, Primary>,
+    /// The bound on negotiation; [`HANDSHAKE_TIMEOUT`] unless a test wants a short one.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            default_export: None,
+            read_only: Vec::new(),
+            replicated: HashMap::new(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 /// A bound listener.
@@ -180,15 +201,20 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut r, mut w) = tokio::io::split(stream);
+    let timeout = shared.config.handshake_timeout;
     let session = tokio::select! {
         _ = stop.wait_for(|s| *s) => return,
-        s = negotiate(&mut r, &mut w, &shared) => s,
+        s = tokio::time::timeout(timeout, negotiate(&mut r, &mut w, &shared)) => s,
     };
     let session = match session {
-        Ok(Some(s)) => s,
-        Ok(None) => return,
-        Err(e) => {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
             tracing::debug!("{peer}: handshake ended: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("{peer}: handshake not finished within {timeout:?}; closing the connection");
             return;
         }
     };

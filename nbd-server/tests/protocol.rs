@@ -3,7 +3,10 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
+use syncblock_nbd::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const READ: u16 = 0;
@@ -238,5 +241,36 @@ fn shutdown_finishes_with_idle_clients_connected_and_flushes() {
             let vol = store.volume("vol").await.unwrap();
             assert_eq!(&store.read(vol.id, 0, 4).await.unwrap()[..], b"keep");
         })
+    });
+}
+
+#[test]
+fn silent_or_stalled_handshakes_are_dropped_after_the_timeout_but_idle_sessions_stay() {
+    let rt = rt();
+    let store = sim_store();
+    rt.block_on(async {
+        let timeout = Duration::from_millis(300);
+        let config = ServerConfig { handshake_timeout: timeout, ..test_config() };
+        let server = TestServer::start_with(store, None, TEST_VOLUMES, config).await;
+        let started = Instant::now();
+        // Reads the greeting, then sends nothing.
+        let mut silent = greet(server.addr).await;
+        // Sends its flags and half an option header, then stalls.
+        let mut stalled = greet(server.addr).await;
+        stalled.write_all(&3u32.to_be_bytes()).await.unwrap();
+        stalled.write_all(b"IHAVEOPT\0\0").await.unwrap();
+        // Negotiates at once, then stays idle in transmission for longer than the timeout.
+        let mut idle = connect(server.addr, "vol", false, false).await;
+        for s in [&mut silent, &mut stalled] {
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut [0u8; 1])).await;
+            assert_eq!(read.expect("the server must close a stalled handshake").unwrap_or(0), 0, "closed, no reply");
+        }
+        let waited = started.elapsed();
+        assert!(waited >= timeout, "closed after {waited:?}, before the {timeout:?} timeout");
+        tokio::time::sleep(timeout * 2).await;
+        assert_eq!(idle.cmd(0, WRITE, 0, 4, b"idle").await, 0, "a negotiated session has no such timeout");
+        let mut late = connect(server.addr, "vol", true, false).await;
+        assert_eq!(late.read(0, 4).await.unwrap().0, b"idle");
+        server.stop().await.unwrap();
     });
 }

@@ -2,6 +2,8 @@
 //! NBD client that speaks the wire format byte by byte (independent of the server's encoders).
 #![allow(dead_code)]
 
+pub mod tools;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -34,26 +36,53 @@ pub fn sim_store() -> Store {
 
 /// A real io_uring store in a temp dir under the target directory (not /tmp, which may be tmpfs).
 pub fn file_store() -> (Store, tempfile::TempDir) {
+    file_store_sized(512 << 20)
+}
+
+/// `file_store` with a store file of `size_bytes` (sparse: it costs only what is written).
+pub fn file_store_sized(size_bytes: u64) -> (Store, tempfile::TempDir) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    let opts = CreateOptions { size_bytes: 512 << 20, ..CreateOptions::default() };
+    let opts = CreateOptions { size_bytes, ..CreateOptions::default() };
     let store = Store::create(&dir.path().join("store.img"), &opts, Config::default()).expect("create store");
     (store, dir)
+}
+
+/// The volumes `TestServer::start` creates: "vol" read-write, "ro" read-only.
+pub const TEST_VOLUMES: &[(&str, u64)] = &[("vol", VOL_BYTES), ("ro", 1 << 20)];
+
+/// "vol" is the default export, "ro" is read-only.
+pub fn test_config() -> ServerConfig {
+    ServerConfig { default_export: Some("vol".into()), read_only: vec!["ro".into()], ..ServerConfig::default() }
 }
 
 impl TestServer {
     /// Must be called inside a tokio runtime (with `enable_all`).
     pub async fn start(store: Store, dir: Option<tempfile::TempDir>) -> TestServer {
-        store.create_volume("vol", VOL_BYTES).await.expect("volume");
-        store.create_volume("ro", 1 << 20).await.expect("volume");
-        TestServer::start_existing(store, dir).await
+        TestServer::start_with(store, dir, TEST_VOLUMES, test_config()).await
+    }
+
+    /// Creates `volumes` (name, bytes), then serves them with `config`.
+    pub async fn start_with(
+        store: Store,
+        dir: Option<tempfile::TempDir>,
+        volumes: &[(&str, u64)],
+        config: ServerConfig,
+    ) -> TestServer {
+        for &(name, size) in volumes {
+            store.create_volume(name, size).await.expect("volume");
+        }
+        TestServer::start_existing_with(store, dir, config).await
     }
 
     /// Serves a store whose volumes `start` already created (a restart on the same store).
     pub async fn start_existing(store: Store, dir: Option<tempfile::TempDir>) -> TestServer {
+        TestServer::start_existing_with(store, dir, test_config()).await
+    }
+
+    pub async fn start_existing_with(store: Store, dir: Option<tempfile::TempDir>, config: ServerConfig) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let config = ServerConfig { default_export: Some("vol".into()), read_only: vec!["ro".into()] };
         let task = tokio::spawn(syncblock_nbd::serve(store.clone(), config, vec![Listener::Tcp(listener)], async {
             let _ = rx.await;
         }));
@@ -73,6 +102,21 @@ impl TestServer {
 
 pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// `len` pseudo-random bytes (xorshift64 from `seed`): incompressible, so a copy that drops or
+/// shifts a block cannot compare equal by accident.
+pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
 }
 
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {

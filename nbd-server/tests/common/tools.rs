@@ -1,0 +1,30 @@
+//! Running external tools from tests: each under `timeout`, with the system directories first in
+//! PATH; a missing tool fails the test, naming the package that provides it.
+
+use std::process::Command;
+
+/// Runs `tool args…` under a 60 s timeout; returns (exit code, stdout, stderr).
+pub fn tool(tool: &str, args: &[&str]) -> (i32, String, String) {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).env("PATH", path()).output().expect("sh");
+    assert!(
+        found.status.success(),
+        "{tool} is not installed; install it (see .ci/run: qemu-utils, libnbd-bin, python3-libnbd, fio, e2fsprogs)"
+    );
+    let out = Command::new("timeout").arg("60").arg(tool).args(args).env("PATH", path()).output().expect("spawn");
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    (out.status.code().unwrap_or(-1), so, se)
+}
+
+/// PATH with the system directories first: `nbdsh` runs `python3 -mnbd`, and the `nbd` module of
+/// python3-libnbd belongs to the system Python, not to whatever python3 (pyenv, venv) comes first.
+pub fn path() -> String {
+    format!("/usr/bin:/bin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+pub fn ok(name: &str, args: &[&str]) -> String {
+    let (code, so, se) = tool(name, args);
+    assert_eq!(code, 0, "{name} {args:?} failed:\nstdout:\n{so}\nstderr:\n{se}");
+    so
+}
