@@ -51,6 +51,20 @@ enum Command {
         #[command(flatten)]
         repl: ReplArgs,
     },
+    /// Run a replicated pair in one process: a primary serving NBD and an in-process secondary on
+    /// its own store, mirrored synchronously over loopback (a demonstration of the full path; real
+    /// deployments run one `serve --role …` per node).
+    Pair {
+        /// Size of each store file to create when it does not exist.
+        #[arg(long, default_value = "10GiB", value_parser = size_arg)]
+        size: u64,
+        /// TCP address for NBD.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: SocketAddr,
+        /// Directory holding both stores.
+        #[arg(long, default_value = "syncblock-data")]
+        data_dir: PathBuf,
+    },
     /// Manage volumes (the server must not be running on the same store).
     Volume {
         #[command(subcommand)]
@@ -136,6 +150,18 @@ fn main() -> Result<()> {
             let closed = store.close().context("closing the store");
             res.and(closed)
         }
+        Command::Pair { size, listen, data_dir } => {
+            let a_path = data_dir.join("pair-primary.img");
+            let b_path = data_dir.join("pair-secondary.img");
+            let a = open_or_create(&a_path, Some(size))?;
+            let b = open_or_create(&b_path, Some(size))?;
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let res = rt.block_on(pair(a.clone(), b.clone(), a_path, size, listen));
+            drop(rt);
+            let closed_a = a.close().context("closing the primary store");
+            let closed_b = b.close().context("closing the secondary store");
+            res.and(closed_a).and(closed_b)
+        }
         Command::Volume { command } => {
             let store = open_or_create(cli.store.as_deref().unwrap_or(Path::new(DEFAULT_STORE)), None)?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
@@ -159,6 +185,35 @@ fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
     let opts = CreateOptions { size_bytes: size, ..CreateOptions::default() };
     tracing::info!("creating a {} store at {}", format_size(size), path.display());
     Store::create(path, &opts, Config::default()).with_context(|| format!("creating the store {}", path.display()))
+}
+
+async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr) -> Result<()> {
+    if b.volume(DEFAULT_VOLUME).await.is_err() {
+        b.create_volume(DEFAULT_VOLUME, size).await.context("creating the secondary's volume")?;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the replication port")?;
+    let cfg = syncblock_replicator::ReplConfig { node: "secondary".into(), ..Default::default() };
+    let sec = syncblock_replicator::Secondary::start(b, DEFAULT_VOLUME, l, cfg).await?;
+    println!("secondary (in-process) accepting replication on {}", sec.local_addr());
+    let settings = ServeOptions {
+        store: Some(a_path),
+        store_bytes: Some(size),
+        listen: Some(listen),
+        volumes: vec![VolumeSpec { name: DEFAULT_VOLUME.into(), size_bytes: size }],
+        ..ServeOptions::default()
+    }
+    .resolve();
+    let repl = ReplArgs {
+        role: Some(RoleArg::Primary),
+        peer: Some(sec.local_addr()),
+        repl_listen: None,
+        replicate: Some(DEFAULT_VOLUME.into()),
+        node: "primary".into(),
+        repl_timeout_ms: 2000,
+    };
+    let res = serve(a, settings, repl).await;
+    sec.stop().await;
+    res
 }
 
 async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<()> {

@@ -30,15 +30,14 @@ impl Drop for Proc {
 
 impl Proc {
     fn start(store: &Path, args: &[&str]) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(store.with_extension("log"))
-            .unwrap();
+        let mut all = vec!["--store", store.to_str().unwrap(), "serve"];
+        all.extend_from_slice(args);
+        Proc::run(&store.with_extension("log"), &all)
+    }
+
+    fn run(log: &Path, args: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_syncblock"))
-            .arg("--store")
-            .arg(store)
-            .arg("serve")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -183,5 +182,24 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, _) = tool("fio", &a);
     assert_ne!(code, 0, "verify_only must fail after a block was overwritten");
+    solo.stop();
+}
+
+#[test]
+fn the_readme_pair_mirrors_to_its_secondary_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let pair = Proc::run(
+        &dir.path().join("pair.log"),
+        &["pair", "--size=1GiB", "--listen=127.0.0.1:0", &format!("--data-dir={data}")],
+    );
+    let uri = pair.nbd_uri();
+    assert!(uri.ends_with("/default"), "{uri}");
+    ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc3 1M 2M", "-c", "flush", &uri]);
+    pair.stop();
+    let solo = Proc::start(&dir.path().join("pair-secondary.img"), &["--listen=127.0.0.1:0"]);
+    let uri = solo.nbd_uri();
+    let out = ok("qemu-io", &["-f", "raw", "-c", "read -P 0xc3 1M 2M", "-c", "read -P 0 0 1M", &uri]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
     solo.stop();
 }

@@ -251,7 +251,7 @@ async fn session(i: &Arc<Inner>, stream: TcpStream, from: SocketAddr, mut stop: 
         loop {
             let frame = tokio::select! {
                 f = read_frame(&mut rd, i.cfg.timeout) => f?,
-                _ = stop.wait_for(|s| *s) => return Err(ReplError::Stopped("replaced by a newer connection".into())),
+                _ = stop.wait_for(|s| *s) => return Err(ReplError::Stopped("session closed (node stopping, or a newer connection replaced it)".into())),
             };
             let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
             let item = match frame {
