@@ -12,6 +12,7 @@ pub mod primary;
 pub mod secondary;
 pub mod state;
 pub mod wire;
+pub mod witness;
 
 pub use primary::{PeerView, Primary, PrimaryStatus};
 pub use secondary::{Secondary, SecondaryStatus};

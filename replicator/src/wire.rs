@@ -109,6 +109,16 @@ pub enum Frame {
         epoch: u64,
         history: Vec<EpochStart>,
     },
+    /// Primary → witness, every heartbeat: I am primary of `epoch`, and my peer is (or is not) in
+    /// sync. An in-sync report clears the solo mark.
+    WitnessReport { volume: String, node: String, epoch: u64, in_sync: bool },
+    /// Primary → witness: my peer is gone; may I acknowledge writes alone (the `degrade` policy)?
+    WitnessSolo { volume: String, node: String, epoch: u64 },
+    /// Secondary → witness: my primary is gone; may I take over? `force` skips the safety checks
+    /// (an operator accepting data loss).
+    WitnessPromote { volume: String, node: String, epoch: u64, consistent: bool, force: bool },
+    /// Witness → node: the volume's record after the request was granted.
+    WitnessGrant { epoch: u64, primary: String, solo: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,6 +155,10 @@ impl Frame {
             Frame::Pong { .. } => 10,
             Frame::ResyncBegin { .. } => 11,
             Frame::ResyncCommit { .. } => 12,
+            Frame::WitnessReport { .. } => 13,
+            Frame::WitnessSolo { .. } => 14,
+            Frame::WitnessPromote { .. } => 15,
+            Frame::WitnessGrant { .. } => 16,
         }
     }
 
@@ -203,6 +217,28 @@ impl Frame {
                 body.put_u64_le(*tag);
                 body.put_u64_le(*epoch);
                 put_history(&mut body, history);
+            }
+            Frame::WitnessReport { volume, node, epoch, in_sync } => {
+                put_str(&mut body, volume);
+                put_str(&mut body, node);
+                body.put_u64_le(*epoch);
+                body.put_u8(*in_sync as u8);
+            }
+            Frame::WitnessSolo { volume, node, epoch } => {
+                put_str(&mut body, volume);
+                put_str(&mut body, node);
+                body.put_u64_le(*epoch);
+            }
+            Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
+                put_str(&mut body, volume);
+                put_str(&mut body, node);
+                body.put_u64_le(*epoch);
+                body.put_u8(*consistent as u8 | (*force as u8) << 1);
+            }
+            Frame::WitnessGrant { epoch, primary, solo } => {
+                body.put_u64_le(*epoch);
+                put_str(&mut body, primary);
+                body.put_u8(*solo as u8);
             }
         }
         debug_assert!(body.len() <= MAX_BODY_BYTES);
@@ -309,6 +345,13 @@ impl Reader {
         self.need(1)?;
         Ok(self.b.get_u8())
     }
+    fn bool(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(WireError::Malformed(self.what)),
+        }
+    }
     fn u16(&mut self) -> Result<u16, WireError> {
         self.need(2)?;
         Ok(self.b.get_u16_le())
@@ -364,6 +407,10 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         10 => "pong",
         11 => "resync-begin",
         12 => "resync-commit",
+        13 => "witness-report",
+        14 => "witness-solo",
+        15 => "witness-promote",
+        16 => "witness-grant",
         k => return Err(WireError::UnknownKind(k)),
     };
     let mut r = Reader { b: body, what };
@@ -418,6 +465,17 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         10 => Frame::Pong { nonce: r.u64()? },
         11 => Frame::ResyncBegin { common_tag: r.u64()? },
         12 => Frame::ResyncCommit { tag: r.u64()?, epoch: r.u64()?, history: r.history()? },
+        13 => Frame::WitnessReport { volume: r.str()?, node: r.str()?, epoch: r.u64()?, in_sync: r.bool()? },
+        14 => Frame::WitnessSolo { volume: r.str()?, node: r.str()?, epoch: r.u64()? },
+        15 => {
+            let (volume, node, epoch) = (r.str()?, r.str()?, r.u64()?);
+            let flags = r.u8()?;
+            if flags & !3 != 0 {
+                return Err(WireError::Malformed(what));
+            }
+            Frame::WitnessPromote { volume, node, epoch, consistent: flags & 1 != 0, force: flags & 2 != 0 }
+        }
+        16 => Frame::WitnessGrant { epoch: r.u64()?, primary: r.str()?, solo: r.bool()? },
         _ => unreachable!("kind checked above"),
     };
     r.end()?;
@@ -450,6 +508,10 @@ mod tests {
             Frame::Pong { nonce: 77 },
             Frame::ResyncBegin { common_tag: 90 },
             Frame::ResyncCommit { tag: 120, epoch: 3, history },
+            Frame::WitnessReport { volume: "db".into(), node: "a".into(), epoch: 3, in_sync: true },
+            Frame::WitnessSolo { volume: "db".into(), node: "a".into(), epoch: 3 },
+            Frame::WitnessPromote { volume: "db".into(), node: "b".into(), epoch: 3, consistent: true, force: false },
+            Frame::WitnessGrant { epoch: 4, primary: "b".into(), solo: false },
         ]
     }
 
@@ -486,7 +548,7 @@ mod tests {
         fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let _ = decode_frame(&b);
             // With a valid header and checksum, the body decoder sees the garbage too.
-            for kind in 1..=13u8 {
+            for kind in 1..=17u8 {
                 let mut out = BytesMut::new();
                 out.put_u32_le(MAGIC);
                 out.put_u16_le(PROTOCOL_VERSION);

@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# A replicated syncblock pair (primary + secondary, two `syncblock serve` processes on loopback, as
+# in docs/replication.md) side by side with an unreplicated `syncblock serve` and with QEMU's
+# synchronous mirror (the `qemu-mirror` peer of ../shared/bench/peers.sh: a quorum of a local file
+# and an NBD peer, vote-threshold=2), on this machine's disk. Every round runs each of the three
+# once, in a rotating order (the machine is noisy); the script prints per-round figures and the
+# medians of per-round ratios against the targets of issue 4, and says whether any fio run against
+# our servers saw an error, a stall or a server that died.
+#
+#   bash benches/repl-peers.sh                  # 3 rounds x 3 systems x 4 workloads x 8 s, ~6-7 min
+#   ROUNDS=5 RT=10 bash benches/repl-peers.sh
+#
+# Environment (all optional):
+#   DIR (/var/tmp/repl-bench): scratch directory on the disk under test (a tmpfs is refused); each
+#       run works in a fresh subdirectory of it and deletes it at the end (KEEP=1 keeps it)
+#   ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches, as in peers.sh
+#   VOLUME_SIZE (2GiB): the volume `vol`; STORE_SIZE (3GiB): each store file
+#   PREFILL (1): before the rounds, write every store's whole log once through NBD (sequential
+#       1 MiB writes over SIZE, repeated), as peers.sh writes its files in full with dd
+#   VERIFY (1): after the rounds, compare the primary's and the secondary's exports (qemu-img compare)
+#   PEERS (/work/shared/bench/peers.sh or ../shared/bench/peers.sh); SKIP_BUILD=1; KEEP_RESULTS=path
+#
+# The three syncblock servers run for the whole run (idle while another system is measured; the
+# CPU time each server used during every cell is logged so that background work shows up); the
+# QEMU mirror is started and stopped by peers.sh for its cell. Our fio command lines are those of
+# peers.sh (same flags, same JSON parsing) but run here, so that fio's error field, a timeout
+# (stall) and the servers' log lines can be recorded per cell.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+export RT=${RT:-8} SIZE=${SIZE:-1G}
+VOLUME_SIZE=${VOLUME_SIZE:-2GiB}
+STORE_SIZE=${STORE_SIZE:-3GiB}
+BASE=${DIR:-/var/tmp/repl-bench}
+PEERS=${PEERS:-}
+if [ -z "$PEERS" ]; then
+    for p in "$ROOT/../shared/bench/peers.sh" /work/shared/bench/peers.sh; do
+        [ -f "$p" ] && { PEERS=$p; break; }
+    done
+fi
+[ -n "$PEERS" ] && [ -f "$PEERS" ] || { echo "peers.sh not found; set PEERS=" >&2; exit 1; }
+for t in fio qemu-io qemu-img qemu-nbd qemu-storage-daemon python3 timeout ss; do
+    command -v $t >/dev/null || { echo "missing $t (apt-get install fio qemu-utils qemu-system-common iproute2)" >&2; exit 1; }
+done
+mkdir -p "$BASE"
+FSTYPE=$(df --output=fstype "$BASE" | tail -1 | tr -d ' ')
+if [ "$FSTYPE" = tmpfs ] || [ "$(stat -f -c %T "$BASE")" = tmpfs ]; then
+    echo "$BASE is a tmpfs; set DIR to a directory on the disk under test" >&2
+    exit 1
+fi
+for port in 10814 10815; do   # peers.sh's qemu-mirror uses fixed ports
+    if ss -ltnH "sport = :$port" | grep -q .; then echo "port $port (qemu-mirror in peers.sh) is in use" >&2; exit 1; fi
+done
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    (cd "$ROOT" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
+fi
+REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+DIRTY="$(cd "$ROOT" && git status --porcelain -uno 2>/dev/null | wc -l)"
+
+RUN=$(mktemp -d "$BASE/run.XXXXXX")
+# A private copy of the binary: a rebuild in the source tree during the run cannot swap it.
+cp "$TARGET/release/syncblock" "$RUN/syncblock"
+BIN="$RUN/syncblock"
+
+PRIMARY=""; SECONDARY=""; SINGLE=""; RUNNING=""
+stop_server() { # pid: SIGINT (flush + checkpoint), then SIGKILL after 10 s
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    kill -INT "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+}
+cleanup() {
+    set +e
+    if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the servers it started
+        for c in $(ps -o pid= --ppid "$RUNNING"); do kill "$c" 2>/dev/null; done
+        kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
+    fi
+    stop_server "$PRIMARY"; stop_server "$SECONDARY"; stop_server "$SINGLE"
+    if [ "${KEEP:-0}" = 1 ]; then echo "# kept $RUN" >&2; else rm -rf "$RUN"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_line() { # file, regex: wait up to 30 s for a line of stdout
+    for _ in $(seq 300); do grep -qE "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    return 1
+}
+fail_start() { echo "$1 did not start:" >&2; sed 's/\x1b\[[0-9;]*m//g' "$2" >&2; exit 1; }
+
+# Secondary first (replication and NBD ports chosen by the kernel, read back from its stdout), then
+# the primary pointing at it, then the unreplicated server; all stores in the same directory.
+"$BIN" --store "$RUN/b.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+    --role secondary --repl-listen 127.0.0.1:0 --node b >"$RUN/b.out" 2>"$RUN/b.err" &
+SECONDARY=$!
+wait_line "$RUN/b.out" '^nbd://' || fail_start secondary "$RUN/b.err"
+REPL_ADDR=$(grep -m1 -o 'as secondary on [0-9.:]*' "$RUN/b.out" | awk '{print $4}')
+SEC_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/b.out")
+"$BIN" --store "$RUN/a.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+    --role primary --peer "$REPL_ADDR" --node a >"$RUN/a.out" 2>"$RUN/a.err" &
+PRIMARY=$!
+wait_line "$RUN/a.out" '^nbd://' || fail_start primary "$RUN/a.err"
+PRI_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/a.out")
+"$BIN" --store "$RUN/s.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+    >"$RUN/s.out" 2>"$RUN/s.err" &
+SINGLE=$!
+wait_line "$RUN/s.out" '^nbd://' || fail_start "unreplicated server" "$RUN/s.err"
+SINGLE_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/s.out")
+
+# In sync: a small write + flush through the primary completes only once the secondary has it
+# durably, i.e. after the first connection's full sync has committed.
+in_sync() {
+    local t0=$(date +%s.%N)
+    timeout 60 qemu-io -f raw -c 'write -P 0 0 4k' -c flush "$PRI_URI" >/dev/null \
+        || { echo "# pair NOT in sync after 60 s (write+flush through the primary did not complete)" >&2; return 1; }
+    python3 -c "import sys; print('%.3f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$(date +%s.%N)"
+}
+echo "# primary $PRI_URI -> secondary (repl $REPL_ADDR, NBD $SEC_URI); unreplicated $SINGLE_URI" >&2
+echo "# binary from $REV ($DIRTY modified tracked files); stores $STORE_SIZE, volume $VOLUME_SIZE in $RUN ($FSTYPE on $(df --output=source "$RUN" | tail -1))" >&2
+t=$(in_sync) || exit 1
+echo "# pair in sync (write+flush through the primary took $t s); RT=$RT SIZE=$SIZE ROUNDS=$ROUNDS; peers: $PEERS" >&2
+
+if [ "${PREFILL:-1}" = 1 ]; then
+    loops=$(python3 - "$STORE_SIZE" "$SIZE" <<'EOF'
+import re, sys
+def b(s):
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B?)", s.strip(), re.I)
+    return int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2].upper()]
+print(max(1, -(-b(sys.argv[1]) // b(sys.argv[2]))))
+EOF
+)
+    for u in "$PRI_URI" "$SINGLE_URI"; do
+        t0=$SECONDS
+        timeout 600 fio --name=prefill --ioengine=nbd --uri="$u" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
+            --loops="$loops" --output-format=terse >/dev/null \
+            || { echo "prefill of $u failed" >&2; exit 1; }
+        echo "# prefilled $u: $loops x $SIZE in $((SECONDS - t0)) s" >&2
+    done
+    t=$(in_sync) || exit 1
+    echo "# pair in sync after prefill ($t s); load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+fi
+
+WORKLOADS=(   # the same as peers.sh
+    "randwrite4k_qd32 --rw=randwrite --bs=4k --iodepth=32"
+    "randread4k_qd32 --rw=randread --bs=4k --iodepth=32"
+    "seqwrite1m_qd8 --rw=write --bs=1m --iodepth=8"
+    "syncwrite4k_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+)
+cpu() { # pid -> CPU seconds used so far (utime + stime), or "dead"
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo dead
+}
+log_lines() { wc -l <"$1"; }
+RESULTS="$RUN/results.txt"; EVENTS="$RUN/events.txt"; : >"$RESULTS"; : >"$EVENTS"
+
+run_ours() { # round, system name, uri
+    local r=$1 sys=$2 uri=$3 w wn pids
+    if [ "$sys" = repl ]; then pids="$PRIMARY $SECONDARY"; else pids="$SINGLE"; fi
+    for w in "${WORKLOADS[@]}"; do
+        set -- $w; wn=$1; shift
+        local la=$(log_lines "$RUN/a.err") lb=$(log_lines "$RUN/b.err") ls=$(log_lines "$RUN/s.err")
+        local c0="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)"
+        local rc=0
+        timeout $((RT * 3 + 60)) fio --name=x --size="$SIZE" --runtime="$RT" --time_based --group_reporting \
+            --output-format=json "$@" --ioengine=nbd --uri="$uri" >"$RUN/fio.json" 2>"$RUN/fio.err" || rc=$?
+        local c1="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)"
+        python3 - "$sys" "$wn" "$rc" "$RUN/fio.json" "$RUN/fio.err" "$c0" "$c1" <<'EOF' | sed "s/^/round=$r /" | tee -a "$RESULTS" >&2
+import json, sys
+sys_, wn, rc, jf, ef, c0, c1 = sys.argv[1:]
+def cpu(a, b):
+    out = []
+    for n, x, y in zip("pbs", a.split(), b.split()):
+        out.append("%s=%s" % (n, "dead" if "dead" in (x, y) else "%.1f" % (float(y) - float(x))))
+    return "cpu_s[" + ",".join(out) + "]"
+err = open(ef).read().strip().replace("\n", " | ")[:300]
+try:
+    txt = open(jf).read()
+    j = json.loads(txt[txt.index("{"):])["jobs"][0]
+except Exception:
+    print("%-12s %-18s FAILED rc=%s stderr=%r %s" % (sys_, wn, rc, err, cpu(c0, c1)))
+    sys.exit()
+io = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+p = io["clat_ns"].get("percentile") or {"50.000000": 0, "99.000000": 0}
+extra = ""
+if j.get("sync", {}).get("total_ios"):
+    sp = j["sync"]["lat_ns"].get("percentile") or {"50.000000": 0, "99.000000": 0}
+    extra = " fsync_p50_us=%.1f fsync_p99_us=%.1f" % (sp["50.000000"] / 1000, sp["99.000000"] / 1000)
+print("%-12s %-18s iops=%9.0f MiB/s=%8.1f p50_us=%8.1f p99_us=%8.1f err=%s rc=%s%s %s%s" % (
+    sys_, wn, io["iops"], io["bw"] / 1024, p["50.000000"] / 1000, p["99.000000"] / 1000,
+    j.get("error", "?"), rc, extra, cpu(c0, c1), (" stderr=%r" % err) if err else ""))
+EOF
+        # New server log lines during the cell (replication events, warnings, errors).
+        for f in a:$la b:$lb s:$ls; do
+            local n=${f%%:*} from=${f#*:}
+            tail -n +$((from + 1)) "$RUN/$n.err" | sed 's/\x1b\[[0-9;]*m//g' | sed "s/^/round=$r cell=$sys\/$wn log=$n: /" >>"$EVENTS"
+        done
+        for p in $pids; do kill -0 "$p" 2>/dev/null || echo "round=$r cell=$sys/$wn SERVER $p DIED" | tee -a "$EVENTS" >&2; done
+    done
+}
+
+SYSTEMS=(repl single qemu-mirror)
+for r in $(seq 1 "$ROUNDS"); do
+    n=${#SYSTEMS[@]}
+    for i in $(seq 0 $((n - 1))); do
+        s=${SYSTEMS[$(( (i + r - 1) % n ))]}
+        case $s in
+            repl)
+                t=$(in_sync) || { echo "round=$r repl NOT IN SYNC before the cell" | tee -a "$EVENTS" >&2; t=nan; }
+                echo "round=$r repl in_sync_s=$t" >>"$EVENTS"
+                run_ours "$r" repl "$PRI_URI" ;;
+            single) run_ours "$r" single "$SINGLE_URI" ;;
+            qemu-mirror)
+                DIR="$RUN/peers" bash "$PEERS" --only qemu-mirror >"$RUN/out" 2>"$RUN/peers.err" & RUNNING=$!
+                wait $RUNNING || true; RUNNING=""
+                sed "s/^/round=$r /" "$RUN/out" | tee -a "$RESULTS" >&2 ;;
+        esac
+    done
+    echo "# round $r done; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+done
+
+if [ "${VERIFY:-1}" = 1 ]; then
+    t=$(in_sync) || t=nan
+    if timeout 300 qemu-img compare -f raw -F raw "$PRI_URI" "$SEC_URI" >"$RUN/compare.out" 2>&1; then
+        echo "verify: primary and secondary exports identical ($VOLUME_SIZE; in_sync ${t} s)" | tee -a "$EVENTS" >&2
+    else
+        echo "verify: primary and secondary DIFFER or compare failed: $(head -3 "$RUN/compare.out" | tr '\n' ' ')" | tee -a "$EVENTS" >&2
+    fi
+fi
+for p in "$PRIMARY" "$SECONDARY" "$SINGLE"; do kill -0 "$p" 2>/dev/null || echo "server $p not running at the end" | tee -a "$EVENTS" >&2; done
+[ -n "${KEEP_RESULTS:-}" ] && { cp "$RESULTS" "$KEEP_RESULTS"; cp "$EVENTS" "$KEEP_RESULTS.events"; }
+
+python3 - "$RESULTS" "$EVENTS" <<'EOF'
+import re, statistics as st, sys
+rows, bad = {}, []  # (workload, system) -> {round: MiB/s}
+for line in open(sys.argv[1]):
+    m = re.match(r"round=(\d+) (\S+)\s+(\S+)\s+iops=\s*(\S+) MiB/s=\s*(\S+)", line)
+    if m:
+        rows.setdefault((m[3], m[2]), {})[int(m[1])] = float(m[5])
+        e = re.search(r"err=(\S+) rc=(\S+)", line)
+        if e and (e[1] != "0" or e[2] != "0"):
+            bad.append(line.strip())
+    elif "FAILED" in line:
+        bad.append(line.strip())
+wls = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "syncwrite4k_qd1"]
+systems = ["repl", "single", "qemu-mirror"]
+rounds = sorted({r for v in rows.values() for r in v})
+med = lambda xs: st.median(xs) if xs else float("nan")
+def ratios(w, a, b):
+    out = []
+    for r in rounds:
+        x, y = rows.get((w, a), {}).get(r), rows.get((w, b), {}).get(r)
+        out.append(x / y if x and y else float("nan"))
+    return out
+def mratio(xs):
+    xs = [x for x in xs if x == x]
+    return med(xs)
+print("\nMedian MiB/s over %d rounds; ratios are medians of per-round ratios" % len(rounds))
+print("%-18s%10s%10s%13s%14s%14s%15s" % ("workload", "repl", "single", "qemu-mirror",
+                                         "repl/mirror", "repl/single", "single/mirror"))
+for w in wls:
+    print("%-18s" % w + "".join("%10.1f" % med(list(rows.get((w, s), {}).values())) for s in systems[:2])
+          + "%13.1f" % med(list(rows.get((w, "qemu-mirror"), {}).values()))
+          + "%14.2f%14.2f%15.2f" % (mratio(ratios(w, "repl", "qemu-mirror")),
+                                    mratio(ratios(w, "repl", "single")),
+                                    mratio(ratios(w, "single", "qemu-mirror"))))
+print("\nTargets (median of per-round ratios; per round in brackets):")
+for w, b, t in [("randwrite4k_qd32", "qemu-mirror", 5.0), ("randwrite4k_qd32", "single", 0.6),
+                ("syncwrite4k_qd1", "qemu-mirror", 2.0)]:
+    rs = ratios(w, "repl", b)
+    m = mratio(rs)
+    print("  repl/%-11s %-17s >= %.1fx: %5.2fx [%s] %s" % (b, w, t, m, " ".join("%.2f" % x for x in rs),
+          "met" if m >= t else "MISSED"))
+print("\nPer round, MiB/s:")
+for w in wls:
+    for s in systems:
+        print("%-18s %-12s %s" % (w, s, " ".join("%8.1f" % rows.get((w, s), {}).get(r, float("nan")) for r in rounds)))
+ev = [l.rstrip("\n") for l in open(sys.argv[2])]
+alarm = [l for l in ev if re.search(r"WARN|ERROR|DIED|NOT IN SYNC|DIFFER|not running|panick", l)]
+print("\nfio runs against our servers with an error, a timeout or no result: %d" % len(bad))
+for l in bad: print("  " + l)
+print("server log warnings/errors during the cells, deaths, sync failures: %d" % len(alarm))
+for l in alarm[:40]: print("  " + l)
+for l in ev:
+    if l.startswith("verify:"): print(l)
+insync = [l.split("in_sync_s=")[1] for l in ev if "in_sync_s=" in l]
+print("write+flush through the primary before each repl cell took (s): %s" % " ".join(insync))
+print("(qemu-mirror: peers.sh discards fio's stderr; a failed cell shows as FAILED above only if fio gave no JSON)")
+EOF
+echo "# events (server log lines per cell): $( [ "${KEEP:-0}" = 1 ] && echo "$EVENTS" || echo 'set KEEP=1 to keep')" >&2
