@@ -119,7 +119,7 @@ in_sync() {
     python3 -c "import sys; print('%.3f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$(date +%s.%N)"
 }
 echo "# primary $PRI_URI -> secondary (repl $REPL_ADDR, NBD $SEC_URI); unreplicated $SINGLE_URI" >&2
-echo "# binary from $REV ($DIRTY modified tracked files); stores $STORE_SIZE, volume $VOLUME_SIZE in $RUN ($FSTYPE on $(df --output=source "$RUN" | tail -1))" >&2
+echo "# binary $(stat -c %y "$TARGET/release/syncblock" | cut -d. -f1) from a tree at $REV ($DIRTY modified tracked files now); stores $STORE_SIZE, volume $VOLUME_SIZE in $RUN ($FSTYPE on $(df --output=source "$RUN" | tail -1))" >&2
 t=$(in_sync) || exit 1
 echo "# pair in sync (write+flush through the primary took $t s); RT=$RT SIZE=$SIZE ROUNDS=$ROUNDS; peers: $PEERS" >&2
 

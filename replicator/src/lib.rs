@@ -8,12 +8,14 @@
 //! `docs/replication.md` states the rules and the argument.
 
 pub mod link;
+pub mod node;
 pub mod primary;
 pub mod secondary;
 pub mod state;
 pub mod wire;
 pub mod witness;
 
+pub use node::{Node, NodeConfig, NodeStatus};
 pub use primary::{PeerView, Primary, PrimaryStatus};
 pub use secondary::{Secondary, SecondaryStatus};
 pub use state::{ReplState, Role};
@@ -33,6 +35,22 @@ pub struct ReplConfig {
     pub timeout: Duration,
     /// Pause between reconnection attempts.
     pub reconnect: Duration,
+    /// The witness that grants epochs and solo operation; without one, a pair has a fixed primary
+    /// and only the strict policy.
+    pub witness: Option<std::net::SocketAddr>,
+    /// What the primary does while its peer is away.
+    pub policy: Policy,
+}
+
+/// What a primary does when its peer is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Writes wait until the peer is back and resynced: RPO = 0 always.
+    #[default]
+    Strict,
+    /// After the heartbeat timeout, continue alone if (and only while) the witness consents,
+    /// tracking by tag what the peer misses; the peer is then not promotable until resynced.
+    Degrade,
 }
 
 impl Default for ReplConfig {
@@ -42,6 +60,8 @@ impl Default for ReplConfig {
             heartbeat: Duration::from_millis(500),
             timeout: Duration::from_secs(2),
             reconnect: Duration::from_millis(250),
+            witness: None,
+            policy: Policy::Strict,
         }
     }
 }

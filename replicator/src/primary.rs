@@ -52,12 +52,19 @@ pub struct PeerView {
     /// First tag streamed on the current link. Older tags reach the peer through the resync, so
     /// until it commits only writes from here on can be confirmed.
     pub streamed_from: u64,
+    /// The witness consented to acknowledging writes without the peer (`degrade` policy).
+    pub solo: bool,
+    /// Another node holds the primary role in a newer epoch: this one must stop.
+    pub deposed: Option<String>,
 }
 
 impl PeerView {
     /// Whether an operation with `tag` may complete: the peer has it in its log (and, for a
     /// durable one, on stable storage, with no half-finished resync before it).
     pub fn confirms(&self, tag: u64, durable: bool) -> bool {
+        if self.solo {
+            return true;
+        }
         if durable {
             self.in_sync && self.durable >= tag
         } else {
@@ -83,7 +90,7 @@ impl PrimaryStatus {
 
     /// Whether every acknowledged write is on both nodes right now.
     pub fn rpo_zero(&self) -> bool {
-        self.peer.connected && self.peer.in_sync
+        self.peer.connected && self.peer.in_sync && !self.peer.solo
     }
 }
 
@@ -142,19 +149,26 @@ impl std::fmt::Debug for Primary {
 }
 
 impl Primary {
-    /// Takes the primary role for `volume` (starting epoch 1 if it never had a role) and starts
-    /// replicating to `peer_addr`. Must run inside a tokio runtime.
-    pub async fn start(store: Store, volume_name: &str, peer_addr: SocketAddr, cfg: ReplConfig) -> Result<Primary> {
+    /// Takes the primary role for `volume` and starts replicating to `peer_addr`. A node that is
+    /// not primary yet starts a new epoch: `granted` (by the witness), or its last epoch + 1 when
+    /// there is no witness. Must run inside a tokio runtime.
+    pub async fn start(
+        store: Store,
+        volume_name: &str,
+        peer_addr: SocketAddr,
+        cfg: ReplConfig,
+        granted: Option<u64>,
+    ) -> Result<Primary> {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
-        if state.role != Role::Primary || state.epoch == 0 {
+        if state.role != Role::Primary || state.epoch == 0 || granted.is_some_and(|g| g > state.epoch) {
             if !state.consistent {
                 return Err(ReplError::Refused(format!(
                     "volume {volume_name} holds a half-applied resync; it cannot become primary: \
                      resync it from its peer first"
                 )));
             }
-            let epoch = state.epoch + 1;
+            let epoch = granted.unwrap_or(state.epoch + 1);
             state.begin_epoch(epoch, info.last_tag + 1);
             tracing::info!(volume = volume_name, epoch, "taking the primary role");
         }
@@ -178,6 +192,9 @@ impl Primary {
         });
         tokio::spawn(run_links(inner.clone()));
         tokio::spawn(run_floor(inner.clone(), floor));
+        if let Some(w) = inner.cfg.witness {
+            tokio::spawn(run_witness_reports(inner.clone(), w));
+        }
         Ok(Primary { inner })
     }
 
@@ -188,6 +205,25 @@ impl Primary {
     /// Stops replicating: operations waiting for the peer fail.
     pub fn stop(&self) {
         let _ = self.inner.stop.send(true);
+    }
+
+    /// Resolves when this primary has been deposed (a newer epoch exists), with the reason.
+    pub async fn deposed(&self) -> String {
+        let mut w = self.inner.peer.subscribe();
+        let why = match w.wait_for(|v| v.deposed.is_some()).await {
+            Ok(v) => v.deposed.clone().unwrap_or_default(),
+            Err(_) => "primary dropped".into(),
+        };
+        why
+    }
+
+    /// Whether both handles are the same primary (not merely of the same volume).
+    pub fn same(&self, other: &Primary) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.state.lock().expect("state").epoch
     }
 
     pub async fn status(&self) -> PrimaryStatus {
@@ -205,7 +241,16 @@ impl Primary {
         self.inner.peer.subscribe()
     }
 
+    fn check_role(&self) -> Result<()> {
+        match &self.inner.peer.borrow().deposed {
+            Some(why) => Err(ReplError::Stopped(format!("deposed: {why}"))),
+            None if *self.inner.stop.borrow() => Err(ReplError::Stopped("replication stopped".into())),
+            None => Ok(()),
+        }
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.check_role()?;
         let i = &self.inner;
         let (pending, tag) = {
             let mut seq = i.seq.lock().await;
@@ -220,6 +265,7 @@ impl Primary {
     }
 
     pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_role()?;
         let i = &self.inner;
         let (pending, tag) = {
             let mut seq = i.seq.lock().await;
@@ -234,6 +280,7 @@ impl Primary {
     }
 
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
+        self.check_role()?;
         let i = &self.inner;
         let (pending, tag) = {
             let mut seq = i.seq.lock().await;
@@ -249,6 +296,7 @@ impl Primary {
 
     /// Makes every write completed before the call durable on both nodes.
     pub async fn flush(&self) -> Result<()> {
+        self.check_role()?;
         let i = &self.inner;
         let (pending, upto) = {
             let mut seq = i.seq.lock().await;
@@ -272,8 +320,12 @@ impl Primary {
         let mut peer = self.inner.peer.subscribe();
         let mut stop = self.inner.stop.subscribe();
         tokio::select! {
-            r = peer.wait_for(|v| v.confirms(tag, durable)) => {
-                r.map(|_| ()).map_err(|_| ReplError::Stopped("primary shut down".into()))
+            r = peer.wait_for(|v| v.confirms(tag, durable) || v.deposed.is_some()) => {
+                let v = r.map_err(|_| ReplError::Stopped("primary shut down".into()))?;
+                match &v.deposed {
+                    Some(why) => Err(ReplError::Stopped(format!("deposed: {why}"))),
+                    None => Ok(()),
+                }
             }
             _ = stop.wait_for(|s| *s) => Err(ReplError::Stopped("replication stopped before the peer confirmed".into())),
         }
@@ -294,6 +346,10 @@ async fn run_links(i: Arc<Inner>) {
         };
         if let Err(e) = r {
             let msg = e.to_string();
+            if msg.contains("stale epoch") {
+                tracing::error!(volume = %i.name, "deposed: {msg}");
+                i.peer.send_modify(|v| v.deposed = Some(msg.clone()));
+            }
             if msg != last_error {
                 tracing::warn!(volume = %i.name, peer = %i.peer_addr, "replication link: {msg}");
                 last_error = msg.clone();
@@ -305,7 +361,73 @@ async fn run_links(i: Arc<Inner>) {
             v.connected = false;
             v.in_sync = false;
         });
+        if i.peer.borrow().deposed.is_some() {
+            return;
+        }
         tokio::time::sleep(i.cfg.reconnect).await;
+    }
+}
+
+/// Reports to the witness every heartbeat; learns there if it was deposed; under the `degrade`
+/// policy asks to continue alone once the peer has been away for the timeout.
+async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
+    let mut stop = i.stop.subscribe();
+    let mut away_since: Option<Instant> = None;
+    let mut last_error = String::new();
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(i.cfg.heartbeat) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        first = false;
+        let (in_sync, connected, solo) = {
+            let v = i.peer.borrow();
+            (v.in_sync, v.connected, v.solo)
+        };
+        if in_sync && solo {
+            // The peer has everything again: back to confirming every write with it, before the
+            // witness hears that the pair is in sync.
+            i.peer.send_modify(|v| v.solo = false);
+        }
+        let epoch = i.state.lock().expect("state").epoch;
+        let report = Frame::WitnessReport { volume: i.name.clone(), node: i.cfg.node.clone(), epoch, in_sync };
+        match crate::witness::ask(witness, &report, i.cfg.timeout).await {
+            Ok(_) => last_error.clear(),
+            Err(ReplError::Refused(why)) => {
+                tracing::error!(volume = %i.name, "the witness says this primary was deposed: {why}");
+                i.peer.send_modify(|v| v.deposed = Some(why));
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_error {
+                    tracing::warn!(volume = %i.name, "witness unreachable: {msg}");
+                    last_error = msg;
+                }
+            }
+        }
+        away_since = if connected { None } else { away_since.or(Some(Instant::now())) };
+        let away_long = away_since.is_some_and(|t| t.elapsed() >= i.cfg.timeout);
+        if i.cfg.policy == crate::Policy::Degrade && away_long && !i.peer.borrow().solo {
+            let req = Frame::WitnessSolo { volume: i.name.clone(), node: i.cfg.node.clone(), epoch };
+            match crate::witness::ask(witness, &req, i.cfg.timeout).await {
+                Ok(_) => {
+                    tracing::warn!(volume = %i.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
+                    i.peer.send_modify(|v| v.solo = true);
+                }
+                Err(ReplError::Refused(why)) => {
+                    tracing::error!(volume = %i.name, "the witness refuses solo operation: {why}");
+                    if why.starts_with("stale") {
+                        i.peer.send_modify(|v| v.deposed = Some(why));
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(volume = %i.name, "witness unreachable for solo: {e}"),
+            }
+        }
     }
 }
 
@@ -355,8 +477,9 @@ async fn one_link(i: &Arc<Inner>) -> Result<()> {
         i.peer.send_modify(|v| v.streamed_from = from);
         seq.ship(Out::Frame(Frame::ResyncBegin { common_tag: common })).await;
     }
-    let writer = tokio::spawn(write_loop(i.clone(), wr, rx));
-    let reader = tokio::spawn(read_loop(i.clone(), rd));
+    // Aborted when this function's future is dropped (the primary stopping), so the link closes.
+    let writer = AbortOnDrop(tokio::spawn(write_loop(i.clone(), wr, rx)));
+    let reader = AbortOnDrop(tokio::spawn(read_loop(i.clone(), rd)));
     let resync = resync(i, common, runs, epoch, history);
     tokio::pin!(resync);
     let mut writer = writer;
@@ -368,12 +491,17 @@ async fn one_link(i: &Arc<Inner>) -> Result<()> {
                 resync_done = true;
                 r?;
             }
-            r = &mut writer => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
-            r = &mut reader => {
-                writer.abort();
-                return r.map_err(|e| ReplError::Stopped(e.to_string()))?;
-            }
+            r = &mut writer.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
+            r = &mut reader.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
         }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

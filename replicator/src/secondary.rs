@@ -111,6 +111,11 @@ impl Secondary {
         Ok(Secondary { inner, addr })
     }
 
+    /// Whether both handles are the same secondary.
+    pub fn same(&self, other: &Secondary) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Stops accepting and ends the current session (its queued engine work still completes).
     pub async fn stop(&self) {
         let _ = self.inner.stop.send(true);

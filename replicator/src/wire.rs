@@ -111,14 +111,33 @@ pub enum Frame {
     },
     /// Primary → witness, every heartbeat: I am primary of `epoch`, and my peer is (or is not) in
     /// sync. An in-sync report clears the solo mark.
-    WitnessReport { volume: String, node: String, epoch: u64, in_sync: bool },
+    WitnessReport {
+        volume: String,
+        node: String,
+        epoch: u64,
+        in_sync: bool,
+    },
     /// Primary → witness: my peer is gone; may I acknowledge writes alone (the `degrade` policy)?
-    WitnessSolo { volume: String, node: String, epoch: u64 },
+    WitnessSolo {
+        volume: String,
+        node: String,
+        epoch: u64,
+    },
     /// Secondary → witness: my primary is gone; may I take over? `force` skips the safety checks
     /// (an operator accepting data loss).
-    WitnessPromote { volume: String, node: String, epoch: u64, consistent: bool, force: bool },
+    WitnessPromote {
+        volume: String,
+        node: String,
+        epoch: u64,
+        consistent: bool,
+        force: bool,
+    },
     /// Witness → node: the volume's record after the request was granted.
-    WitnessGrant { epoch: u64, primary: String, solo: bool },
+    WitnessGrant {
+        epoch: u64,
+        primary: String,
+        solo: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -110,10 +110,16 @@ impl Decider {
                     return (Ok(r.clone()), false);
                 }
                 if *epoch < r.epoch && !*force {
-                    return (Err(format!("{node} has seen epoch {epoch} only; the volume is in epoch {}", r.epoch)), false);
+                    return (
+                        Err(format!("{node} has seen epoch {epoch} only; the volume is in epoch {}", r.epoch)),
+                        false,
+                    );
                 }
                 if !*consistent {
-                    return (Err(format!("{node} holds a half-applied resync of {volume}; it cannot take over")), false);
+                    return (
+                        Err(format!("{node} holds a half-applied resync of {volume}; it cannot take over")),
+                        false,
+                    );
                 }
                 if !*force {
                     if r.solo {
@@ -295,12 +301,12 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
         let mut d = Decider::new(BTreeMap::new(), 2 * s, t0);
-        d.decide(&report("a", 1, true), t0);
+        d.decide(&report("a", 1, true), t0).0.unwrap();
         assert!(d.decide(&solo("a", 1), t0 + s).0.unwrap().solo);
         let why = d.decide(&promote("b", 1, false), t0 + 10 * s).0.unwrap_err();
         assert!(why.contains("alone"), "{why}");
         // Once a reports its peer in sync again, b may take over when a dies.
-        d.decide(&report("a", 1, true), t0 + 11 * s);
+        d.decide(&report("a", 1, true), t0 + 11 * s).0.unwrap();
         assert!(d.decide(&promote("b", 1, false), t0 + 14 * s).0.is_ok());
     }
 
@@ -308,15 +314,10 @@ mod tests {
     fn force_overrides_solo_and_liveness_but_not_inconsistency() {
         let t0 = Instant::now();
         let mut d = Decider::new(BTreeMap::new(), Duration::from_secs(2), t0);
-        d.decide(&report("a", 1, true), t0);
-        d.decide(&solo("a", 1), t0);
-        let inconsistent = Frame::WitnessPromote {
-            volume: "v".into(),
-            node: "b".into(),
-            epoch: 1,
-            consistent: false,
-            force: true,
-        };
+        d.decide(&report("a", 1, true), t0).0.unwrap();
+        d.decide(&solo("a", 1), t0).0.unwrap();
+        let inconsistent =
+            Frame::WitnessPromote { volume: "v".into(), node: "b".into(), epoch: 1, consistent: false, force: true };
         assert!(d.decide(&inconsistent, t0).0.is_err());
         assert_eq!(d.decide(&promote("b", 1, true), t0).0.unwrap().epoch, 2);
     }

@@ -1,0 +1,361 @@
+//! One node's side of a replicated volume across role changes: it runs a [`Primary`] or a
+//! [`Secondary`], promotes itself (by hand, or automatically when its primary is gone and the
+//! witness agrees), and steps down to secondary when it learns it was deposed, so that the new
+//! primary can roll back its unreplicated writes and resync it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use syncblock_engine::Store;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::primary::{Primary, PrimaryStatus};
+use crate::secondary::{Secondary, SecondaryStatus};
+use crate::state::{ReplState, Role};
+use crate::wire::Frame;
+use crate::{ReplConfig, ReplError, Result};
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a node reaches its peer and is reached by it.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub volume: String,
+    /// This node's replication listener (used while it is secondary).
+    pub repl_listen: SocketAddr,
+    /// The peer's replication listener (dialed while this node is primary).
+    pub peer: SocketAddr,
+    /// Promote automatically when the primary has been silent for the timeout and the witness
+    /// agrees. Needs a witness.
+    pub auto_failover: bool,
+    pub repl: ReplConfig,
+}
+
+enum Current {
+    Primary(Primary),
+    Secondary(Secondary),
+    Stopped,
+}
+
+struct Inner {
+    store: Store,
+    cfg: NodeConfig,
+    current: Mutex<Current>,
+    /// Serialises role changes.
+    changing: tokio::sync::Mutex<()>,
+    /// Bumped on every role change, for watchers.
+    role_changes: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    /// When this node last became primary, for failover measurements.
+    promoted_at: Mutex<Option<Instant>>,
+}
+
+/// A node's replicated volume. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("volume", &self.inner.cfg.volume).finish_non_exhaustive()
+    }
+}
+
+/// Status of either role, for `syncblock status`.
+#[derive(Debug, Clone)]
+pub enum NodeStatus {
+    Primary(PrimaryStatus),
+    Secondary(SecondaryStatus),
+    Stopped,
+}
+
+impl NodeStatus {
+    /// A JSON object (hand-built: the replicator has no serialisation dependency).
+    pub fn to_json(&self) -> String {
+        fn s(v: &Option<String>) -> String {
+            match v {
+                Some(v) => format!("{:?}", v),
+                None => "null".into(),
+            }
+        }
+        match self {
+            NodeStatus::Primary(p) => format!(
+                concat!(
+                    "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"last_tag\":{},",
+                    "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
+                    "\"solo\":{},\"last_error\":{}}},",
+                    "\"lag_tags\":{},\"rpo_zero\":{},",
+                    "\"resync\":{{\"count\":{},\"bytes_total\":{},\"bytes_done\":{}}}}}"
+                ),
+                p.volume,
+                p.epoch,
+                p.last_tag,
+                p.peer.connected,
+                p.peer.in_sync,
+                p.peer.applied,
+                p.peer.durable,
+                p.peer.solo,
+                s(&p.peer.last_error),
+                p.lag_tags(),
+                p.rpo_zero(),
+                p.peer.resyncs,
+                p.peer.resync_bytes_total,
+                p.peer.resync_bytes_done,
+            ),
+            NodeStatus::Secondary(x) => format!(
+                concat!(
+                    "{{\"role\":\"secondary\",\"volume\":{:?},\"epoch\":{},\"connected\":{},\"primary\":{},",
+                    "\"consistent\":{},\"resyncing\":{},\"applied_tag\":{},\"durable_tag\":{},\"last_error\":{}}}"
+                ),
+                x.volume,
+                x.epoch,
+                x.connected,
+                s(&x.primary),
+                x.consistent,
+                x.resyncing,
+                x.applied,
+                x.durable,
+                s(&x.last_error),
+            ),
+            NodeStatus::Stopped => "{\"role\":\"stopped\"}".into(),
+        }
+    }
+}
+
+impl Node {
+    /// Starts in the role the volume last had on this store, or `initial` the first time.
+    pub async fn start(store: Store, cfg: NodeConfig, initial: Role) -> Result<Node> {
+        let info = store.volume(&cfg.volume).await?;
+        let role = ReplState::decode(&info.attr).map(|s| s.role).unwrap_or(initial);
+        if role != initial {
+            tracing::warn!(volume = %cfg.volume, "starting as {role:?}, the role this store last had (not {initial:?})");
+        }
+        if cfg.auto_failover && cfg.repl.witness.is_none() {
+            return Err(ReplError::Refused("automatic failover needs a witness (--witness)".into()));
+        }
+        if cfg.repl.policy == crate::Policy::Degrade && cfg.repl.witness.is_none() {
+            return Err(ReplError::Refused("the degrade policy needs a witness (--witness)".into()));
+        }
+        let node = Node {
+            inner: Arc::new(Inner {
+                store,
+                cfg,
+                current: Mutex::new(Current::Stopped),
+                changing: tokio::sync::Mutex::new(()),
+                role_changes: watch::channel(0).0,
+                stop: watch::channel(false).0,
+                promoted_at: Mutex::new(None),
+            }),
+        };
+        match role {
+            Role::Primary => node.become_primary(None).await?,
+            Role::Secondary => node.become_secondary().await?,
+        }
+        Ok(node)
+    }
+
+    /// The primary, if this node is one now.
+    pub fn primary(&self) -> Option<Primary> {
+        match &*self.inner.current.lock().expect("role") {
+            Current::Primary(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.primary().is_some()
+    }
+
+    /// A watch bumped on each role change.
+    pub fn role_changes(&self) -> watch::Receiver<u64> {
+        self.inner.role_changes.subscribe()
+    }
+
+    pub async fn status(&self) -> NodeStatus {
+        let cur = match &*self.inner.current.lock().expect("role") {
+            Current::Primary(p) => Ok(p.clone()),
+            Current::Secondary(s) => Err(Some(s.status())),
+            Current::Stopped => Err(None),
+        };
+        match cur {
+            Ok(p) => NodeStatus::Primary(p.status().await),
+            Err(Some(s)) => NodeStatus::Secondary(s),
+            Err(None) => NodeStatus::Stopped,
+        }
+    }
+
+    /// Takes the primary role: asks the witness for the next epoch (or, without one, takes it).
+    pub async fn promote(&self, force: bool) -> Result<u64> {
+        let _g = self.inner.changing.lock().await;
+        if let Some(p) = self.primary() {
+            return Ok(p.epoch());
+        }
+        let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
+        let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
+        if !state.consistent && !force {
+            return Err(ReplError::Refused(format!(
+                "{} holds a half-applied resync and cannot be promoted",
+                self.inner.cfg.volume
+            )));
+        }
+        let granted = match self.inner.cfg.repl.witness {
+            Some(w) => {
+                let req = Frame::WitnessPromote {
+                    volume: self.inner.cfg.volume.clone(),
+                    node: self.inner.cfg.repl.node.clone(),
+                    epoch: state.epoch,
+                    consistent: state.consistent,
+                    force,
+                };
+                Some(crate::witness::ask(w, &req, self.inner.cfg.repl.timeout).await?.epoch)
+            }
+            None => None,
+        };
+        tracing::warn!(volume = %self.inner.cfg.volume, ?granted, "promoting this node to primary");
+        self.stop_current().await;
+        self.become_primary_locked(granted).await?;
+        Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
+    }
+
+    /// When this node last became primary.
+    pub fn promoted_at(&self) -> Option<Instant> {
+        *self.inner.promoted_at.lock().expect("promoted")
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.inner.stop.send(true);
+        let _g = self.inner.changing.lock().await;
+        self.stop_current().await;
+    }
+
+    async fn stop_current(&self) {
+        let cur = std::mem::replace(&mut *self.inner.current.lock().expect("role"), Current::Stopped);
+        match cur {
+            Current::Primary(p) => p.stop(),
+            Current::Secondary(s) => s.stop().await,
+            Current::Stopped => {}
+        }
+    }
+
+    async fn become_primary(&self, granted: Option<u64>) -> Result<()> {
+        let _g = self.inner.changing.lock().await;
+        self.become_primary_locked(granted).await
+    }
+
+    // Boxed: role changes start tasks that change roles again, and the compiler needs the cycle
+    // of futures broken by a named, `Send` type.
+    fn become_primary_locked(&self, granted: Option<u64>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.become_primary_inner(granted))
+    }
+
+    async fn become_primary_inner(&self, granted: Option<u64>) -> Result<()> {
+        let c = &self.inner.cfg;
+        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted).await?;
+        *self.inner.current.lock().expect("role") = Current::Primary(p.clone());
+        *self.inner.promoted_at.lock().expect("promoted") = Some(Instant::now());
+        self.inner.role_changes.send_modify(|n| *n += 1);
+        // Step down when deposed.
+        let node = self.clone();
+        tokio::spawn(async move {
+            let why = tokio::select! {
+                why = p.deposed() => why,
+                _ = wait_stop(&node.inner.stop) => return,
+            };
+            tracing::warn!(volume = %node.inner.cfg.volume, "stepping down to secondary: {why}");
+            let _g = node.inner.changing.lock().await;
+            if node.primary().is_some_and(|cur| cur.same(&p)) {
+                node.stop_current().await;
+                if let Err(e) = node.become_secondary_locked().await {
+                    tracing::error!(volume = %node.inner.cfg.volume, "cannot become secondary: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn become_secondary(&self) -> Result<()> {
+        let _g = self.inner.changing.lock().await;
+        self.become_secondary_locked().await
+    }
+
+    fn become_secondary_locked(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.become_secondary_inner())
+    }
+
+    async fn become_secondary_inner(&self) -> Result<()> {
+        let c = &self.inner.cfg;
+        let listener = bind_retrying(c.repl_listen).await?;
+        let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, c.repl.clone()).await?;
+        *self.inner.current.lock().expect("role") = Current::Secondary(s.clone());
+        self.inner.role_changes.send_modify(|n| *n += 1);
+        if c.auto_failover {
+            tokio::spawn(watch_primary(self.clone(), s));
+        }
+        Ok(())
+    }
+}
+
+async fn wait_stop(stop: &watch::Sender<bool>) {
+    let mut rx = stop.subscribe();
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The replication port may still be held for a moment by the previous role's listener.
+async fn bind_retrying(addr: SocketAddr) -> Result<TcpListener> {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.expect("tried").into())
+}
+
+/// Automatic failover: while this node is secondary and its primary has been silent for the
+/// timeout, ask the witness to promote it, every timeout, until it is promoted or the primary
+/// comes back.
+async fn watch_primary(node: Node, sec: Secondary) {
+    let timeout = node.inner.cfg.repl.timeout;
+    let mut status = sec.watch();
+    let mut stop = node.inner.stop.subscribe();
+    let mut silent_since = Instant::now();
+    let mut last_refusal = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(timeout / 4) => {}
+            r = status.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // This secondary was replaced (promoted, or stopped): its watcher ends.
+        let still_current = matches!(&*node.inner.current.lock().expect("role"), Current::Secondary(s) if s.same(&sec));
+        if !still_current {
+            return;
+        }
+        if status.borrow().connected {
+            silent_since = Instant::now();
+            continue;
+        }
+        if silent_since.elapsed() < timeout {
+            continue;
+        }
+        match node.promote(false).await {
+            Ok(epoch) => {
+                tracing::warn!(volume = %node.inner.cfg.volume, epoch, "automatic failover: this node is now primary");
+                return;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if msg != last_refusal {
+                    tracing::info!(volume = %node.inner.cfg.volume, "not taking over: {msg}");
+                    last_refusal = msg;
+                }
+                silent_since = Instant::now();
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Failover with a witness, in one process on loopback: the primary dies, the secondary takes over
+//! automatically once the witness agrees, keeps every acknowledged write, serves alone (degrade
+//! policy), and the old primary, restarted, learns it was deposed, steps down, has its unreplicated
+//! write rolled back and is resynced to the new primary's history.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use syncblock_engine::{Config, CreateOptions, Store, Tag, BLOCK_BYTES};
+use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, Role};
+use tokio::net::TcpListener;
+
+const BB: u64 = BLOCK_BYTES as u64;
+const VOL_BYTES: u64 = 32 << 20;
+
+fn store(path: &Path) -> Store {
+    let s =
+        Store::create(path, &CreateOptions { size_bytes: 128 << 20, ..CreateOptions::default() }, Config::default())
+            .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(s.create_volume("v", VOL_BYTES)).unwrap();
+    s
+}
+
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+fn block(seed: u64) -> Bytes {
+    Bytes::from(vec![(seed % 251) as u8 + 1; BLOCK_BYTES])
+}
+
+fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAddr) -> NodeConfig {
+    NodeConfig {
+        volume: "v".into(),
+        repl_listen: listen,
+        peer,
+        auto_failover: true,
+        repl: ReplConfig {
+            node: node.into(),
+            heartbeat: Duration::from_millis(100),
+            timeout: Duration::from_millis(800),
+            reconnect: Duration::from_millis(50),
+            witness: Some(witness),
+            policy: Policy::Degrade,
+        },
+    }
+}
+
+async fn image(s: &Store) -> Vec<u8> {
+    let v = s.volume("v").await.unwrap();
+    s.read(v.id, 0, v.size_bytes).await.unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_returns() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let (a_path, b_path) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let (a, b) = tokio::task::spawn_blocking({
+        let (a, b) = (a_path.clone(), b_path.clone());
+        move || (store(&a), store(&b))
+    })
+    .await
+    .unwrap();
+    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = witness_listener.local_addr().unwrap();
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        witness_listener,
+        dir.path().join("witness.state"),
+        Duration::from_millis(800),
+    ));
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    let pa = node_a.primary().expect("a is primary");
+    let mut v = pa.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+
+    // Acknowledged writes, some flushed.
+    for k in 0..64u64 {
+        pa.write(k * BB, block(k), k % 8 == 0).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+    let expected = image(&a).await;
+
+    // The primary dies (no more reports, no more link). The secondary takes over.
+    let died = Instant::now();
+    node_a.stop().await;
+    let mut roles = node_b.role_changes();
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_b.is_primary()))
+        .await
+        .expect("automatic failover within 10 s")
+        .unwrap();
+    let failover = died.elapsed();
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    assert_eq!(image(&b).await, expected, "the new primary lacks acknowledged writes");
+
+    // It serves alone once the witness consents (degrade policy).
+    let pb = node_b.primary().unwrap();
+    assert_eq!(pb.epoch(), 2);
+    tokio::time::timeout(Duration::from_secs(10), pb.write(100 * BB, block(1000), true))
+        .await
+        .expect("the new primary serves writes alone")
+        .unwrap();
+    for k in 0..8u64 {
+        pb.write(k * BB, block(2000 + k), false).await.unwrap();
+    }
+    pb.flush().await.unwrap();
+
+    // The old primary holds a write that was never replicated (it took it as it died).
+    let va = a.volume("v").await.unwrap();
+    let divergent_tag = va.last_tag + 1;
+    a.enqueue_write(va.id, 200 * BB, block(3000), true, Tag::seq(divergent_tag)).await.unwrap().wait().await.unwrap();
+
+    // It comes back believing it is primary: the witness tells it otherwise; it steps down, and
+    // the new primary rolls it back and resyncs it.
+    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    let mut roles = node_a.role_changes();
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| !node_a.is_primary()))
+        .await
+        .expect("the deposed primary steps down")
+        .unwrap();
+    let mut v = pb.peer_view();
+    tokio::time::timeout(Duration::from_secs(15), v.wait_for(|v| v.in_sync)).await.expect("resync").unwrap();
+    pb.flush().await.unwrap();
+    let got = image(&a).await;
+    assert!(got[200 * BB as usize..201 * BB as usize].iter().all(|b| *b == 0), "the divergent write survived");
+    assert_eq!(got, image(&b).await, "the old primary differs from the new one after resync");
+    let st = pb.status().await;
+    assert!(st.rpo_zero(), "{st:?}");
+
+    node_a.stop().await;
+    node_b.stop().await;
+    witness_task.abort();
+}
