@@ -67,6 +67,34 @@ enum Command {
         #[arg(long, default_value = "syncblock-data")]
         data_dir: PathBuf,
     },
+    /// Run the witness: the tie-breaker that grants epochs, solo operation and failover.
+    Witness {
+        /// TCP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        listen: SocketAddr,
+        /// File holding the witness's decisions (created if missing).
+        #[arg(long, default_value = "syncblock-data/witness.state")]
+        state: PathBuf,
+        /// A primary silent for this long may be replaced (keep it equal to the nodes'
+        /// --repl-timeout-ms).
+        #[arg(long, default_value = "2000", value_name = "MS")]
+        timeout_ms: u64,
+    },
+    /// Print a node's replication status as JSON (role, epoch, peer, lag, RPO, resync progress).
+    Status {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+    },
+    /// Promote a secondary to primary (asks the witness, if the node has one).
+    Promote {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Take over even if the witness says the old primary may hold writes this node lacks.
+        #[arg(long)]
+        force: bool,
+    },
     /// Manage volumes (the server must not be running on the same store).
     Volume {
         #[command(subcommand)]
@@ -77,24 +105,45 @@ enum Command {
 /// Synchronous replication of one volume (see docs/replication.md).
 #[derive(clap::Args, Debug)]
 struct ReplArgs {
-    /// This node's role for the replicated volume. Without it, nothing is replicated.
+    /// This node's role for the replicated volume the first time it runs; afterwards the role the
+    /// store last had wins (promotion and deposition change it). Without it, nothing is replicated.
     #[arg(long, value_enum)]
     role: Option<RoleArg>,
-    /// Primary: the secondary's replication address.
+    /// The peer's replication address (its --repl-listen), dialed while this node is primary.
     #[arg(long)]
     peer: Option<SocketAddr>,
-    /// Secondary: where to accept the primary's replication connection.
+    /// Where to accept the primary's replication connection while this node is secondary.
     #[arg(long)]
     repl_listen: Option<SocketAddr>,
     /// The replicated volume (default: the default export).
     #[arg(long)]
     replicate: Option<String>,
-    /// This node's name in logs and in its peer's messages.
+    /// This node's name in logs, at the witness and in its peer's messages.
     #[arg(long, default_value = "syncblock")]
     node: String,
     /// Heartbeat timeout: a silent link is declared dead after this long.
     #[arg(long, default_value = "2000", value_name = "MS")]
     repl_timeout_ms: u64,
+    /// The witness (`syncblock witness`): grants epochs, solo operation and failover.
+    #[arg(long)]
+    witness: Option<SocketAddr>,
+    /// What the primary does while its peer is away: wait (strict, RPO = 0) or continue alone
+    /// with the witness's consent (degrade).
+    #[arg(long, value_enum, default_value = "strict")]
+    policy: PolicyArg,
+    /// Do not promote this node automatically when its primary is gone (with a witness, it does
+    /// by default).
+    #[arg(long)]
+    no_auto_failover: bool,
+    /// Admin endpoint for `syncblock status` and `syncblock promote`.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum PolicyArg {
+    Strict,
+    Degrade,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +213,38 @@ fn main() -> Result<()> {
             let closed_b = b.close().context("closing the secondary store");
             res.and(closed_a).and(closed_b)
         }
+        Command::Witness { listen, state, timeout_ms } => {
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            rt.block_on(async {
+                if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let l = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+                println!("witness on {}", l.local_addr()?);
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                let timeout = std::time::Duration::from_millis(timeout_ms);
+                tokio::select! {
+                    r = syncblock_replicator::witness::run(l, state, timeout) => r.context("witness"),
+                    _ = shutdown_signal() => Ok(()),
+                }
+            })
+        }
+        Command::Status { admin } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(admin_call(admin, "status"))?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Promote { admin, force } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(admin_call(admin, if force { "promote force" } else { "promote" }))?;
+            println!("{out}");
+            if out.contains("\"ok\":false") {
+                bail!("promotion refused");
+            }
+            Ok(())
+        }
         Command::Volume { command } => {
             let store = open_or_create(cli.store.as_deref().unwrap_or(Path::new(DEFAULT_STORE)), None)?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
@@ -212,6 +293,10 @@ async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr
         replicate: Some(DEFAULT_VOLUME.into()),
         node: "primary".into(),
         repl_timeout_ms: 2000,
+        witness: None,
+        policy: PolicyArg::Strict,
+        no_auto_failover: true,
+        admin: None,
     };
     let res = serve(a, settings, repl).await;
     sec.stop().await;
@@ -219,7 +304,7 @@ async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr
 }
 
 async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<()> {
-    let ServeSettings { store_bytes: store_size, listen, unix, default_export, mut read_only, .. } = settings;
+    let ServeSettings { store_bytes: store_size, listen, unix, default_export, read_only, .. } = settings;
     for v in &settings.volumes {
         let (name, size) = (v.name.as_str(), v.size_bytes);
         match store.volume(name).await {
@@ -241,36 +326,54 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
     }
     let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
     let mut replicated = std::collections::HashMap::new();
-    let mut _secondary = None;
+    let mut node = None;
     if let Some(role) = repl.role {
         let name = repl.replicate.clone().or_else(|| default_export.clone()).context("no volume to replicate")?;
+        let timeout = std::time::Duration::from_millis(repl.repl_timeout_ms);
         let cfg = syncblock_replicator::ReplConfig {
             node: repl.node.clone(),
-            timeout: std::time::Duration::from_millis(repl.repl_timeout_ms),
-            heartbeat: std::time::Duration::from_millis((repl.repl_timeout_ms / 4).max(10)),
+            timeout,
+            heartbeat: (timeout / 4).max(std::time::Duration::from_millis(10)),
+            witness: repl.witness,
+            policy: match repl.policy {
+                PolicyArg::Strict => syncblock_replicator::Policy::Strict,
+                PolicyArg::Degrade => syncblock_replicator::Policy::Degrade,
+            },
             ..Default::default()
         };
-        match role {
-            RoleArg::Primary => {
-                let peer = repl.peer.context("--role primary needs --peer ADDR (the secondary's --repl-listen)")?;
-                let p = syncblock_replicator::Primary::start(store.clone(), &name, peer, cfg)
-                    .await
-                    .with_context(|| format!("starting replication of {name} to {peer}"))?;
-                println!("replicating {name} as primary to {peer}");
-                replicated.insert(p.volume(), p);
-            }
-            RoleArg::Secondary => {
-                let at = repl.repl_listen.context("--role secondary needs --repl-listen ADDR")?;
-                let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
-                let s = syncblock_replicator::Secondary::start(store.clone(), &name, l, cfg)
-                    .await
-                    .with_context(|| format!("starting as secondary of {name}"))?;
-                println!("replicating {name} as secondary on {}", s.local_addr());
-                // A secondary serves no writes: its copy is exported read-only.
-                read_only.push(name);
-                _secondary = Some(s);
-            }
+        let unset: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        if role == RoleArg::Primary && repl.peer.is_none() {
+            bail!("--role primary needs --peer ADDR (the secondary's --repl-listen)");
         }
+        if role == RoleArg::Secondary && repl.repl_listen.is_none() {
+            bail!("--role secondary needs --repl-listen ADDR");
+        }
+        let ncfg = syncblock_replicator::NodeConfig {
+            volume: name.clone(),
+            repl_listen: repl.repl_listen.unwrap_or(unset),
+            peer: repl.peer.unwrap_or(unset),
+            auto_failover: repl.witness.is_some() && !repl.no_auto_failover,
+            repl: cfg,
+        };
+        let initial = match role {
+            RoleArg::Primary => syncblock_replicator::Role::Primary,
+            RoleArg::Secondary => syncblock_replicator::Role::Secondary,
+        };
+        let n = syncblock_replicator::Node::start(store.clone(), ncfg, initial)
+            .await
+            .with_context(|| format!("starting replication of {name}"))?;
+        match n.repl_addr() {
+            Some(at) => println!("replicating {name} as secondary on {at}"),
+            None => println!("replicating {name} as primary to {}", repl.peer.unwrap_or(unset)),
+        }
+        let vol = store.volume(&name).await?;
+        replicated.insert(vol.id, n.clone());
+        if let Some(at) = repl.admin {
+            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("admin endpoint {at}"))?;
+            println!("admin endpoint on {}", l.local_addr()?);
+            tokio::spawn(admin_loop(l, n.clone()));
+        }
+        node = Some(n);
     }
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let addr = tcp.local_addr()?;
@@ -285,7 +388,11 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
             "nbd://{addr}/{}  ({}{})",
             v.name,
             format_size(v.size_bytes),
-            if read_only.contains(&v.name) { ", read-only" } else { "" }
+            if read_only.contains(&v.name) || replicated.get(&v.id).is_some_and(|n| !n.is_primary()) {
+                ", read-only while secondary"
+            } else {
+                ""
+            }
         );
         if let Some(p) = &unix {
             println!("nbd+unix:///{}?socket={}", v.name, p.display());
@@ -298,13 +405,56 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
     let _ = std::io::stdout().flush();
     let config = ServerConfig { default_export, read_only, replicated: replicated.clone(), ..ServerConfig::default() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
-    for p in replicated.values() {
-        p.stop();
-    }
-    if let Some(s) = _secondary {
-        s.stop().await;
+    if let Some(n) = node {
+        n.stop().await;
     }
     Ok(())
+}
+
+/// Serves `status` and `promote [force]`, one line per connection, answering with JSON.
+async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicator::Node) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            // One short command line; a bounded read so a silent client cannot hold the task.
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                BufReader::new(rd.take(256)).read_line(&mut line).await
+            })
+            .await;
+            if !matches!(read, Ok(Ok(_))) {
+                return;
+            }
+            let answer = match line.trim() {
+                "status" => node.status().await.to_json(),
+                cmd @ ("promote" | "promote force") => match node.promote(cmd.ends_with("force")).await {
+                    Ok(epoch) => format!("{{\"ok\":true,\"epoch\":{epoch}}}"),
+                    Err(e) => format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()),
+                },
+                other => format!("{{\"ok\":false,\"error\":{:?}}}", format!("unknown command {other:?}")),
+            };
+            let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+}
+
+/// Sends one admin command and returns the answer line.
+async fn admin_call(admin: SocketAddr, cmd: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await?;
+        s.write_all(format!("{cmd}\n").as_bytes()).await?;
+        let mut out = String::new();
+        s.take(1 << 20).read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out.trim().to_string())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), fut)
+        .await
+        .with_context(|| format!("admin endpoint {admin} did not answer"))?
+        .with_context(|| format!("talking to the admin endpoint {admin}; likely cause: the node is not running or has no --admin"))
 }
 
 async fn shutdown_signal() {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::{Error, Extent, Store, VolumeId, MAX_IO_BYTES};
-use syncblock_replicator::{Primary, ReplError};
+use syncblock_replicator::{Node, ReplError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -59,9 +59,9 @@ pub struct ServerConfig {
     pub default_export: Option<String>,
     /// Volumes exported read-only.
     pub read_only: Vec<String>,
-    /// Volumes this node is primary for: their writes, trims and flushes go through the
-    /// replicator (reads stay local).
-    pub replicated: HashMap<VolumeId, Primary>,
+    /// Replicated volumes: while this node is their primary, writes, trims and flushes go through
+    /// the replicator (reads stay local); while it is secondary, they are exported read-only.
+    pub replicated: HashMap<VolumeId, Node>,
     /// The bound on negotiation; [`HANDSHAKE_TIMEOUT`] unless a test wants a short one.
     pub handshake_timeout: Duration,
 }
@@ -230,7 +230,8 @@ async fn exports(shared: &Shared) -> Result<Exports, Error> {
         list: list
             .into_iter()
             .map(|v| ExportInfo {
-                read_only: shared.config.read_only.contains(&v.name),
+                read_only: shared.config.read_only.contains(&v.name)
+                    || shared.config.replicated.get(&v.id).is_some_and(|n| !n.is_primary()),
                 name: v.name,
                 volume: v.id,
                 size: v.size_bytes,
@@ -383,7 +384,7 @@ async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) {
 struct Ctx {
     store: Store,
     session: Session,
-    repl: Option<Primary>,
+    repl: Option<Node>,
 }
 
 /// The NBD error for a replicated operation's failure.
@@ -492,7 +493,17 @@ impl Ctx {
         let vol = s.export.volume;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = u64::from(req.len);
-        if let Some(p) = &self.repl {
+        if let Some(node) = &self.repl {
+            let Some(p) = node.primary() else {
+                if matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
+                    return if req.command == CMD_READ { self.read(req).await } else { self.block_status(req).await };
+                }
+                if matches!(req.command, CMD_CACHE) {
+                    return simple_ok(req.cookie);
+                }
+                let msg = "this node is no longer the primary of the volume";
+                return error_reply(s.structured, req.cookie, proto::EPERM, msg);
+            };
             let res = match req.command {
                 CMD_READ => return self.read(req).await,
                 CMD_BLOCK_STATUS => return self.block_status(req).await,

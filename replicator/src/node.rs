@@ -169,6 +169,18 @@ impl Node {
         self.primary().is_some()
     }
 
+    /// The replication listener's address while this node is secondary.
+    pub fn repl_addr(&self) -> Option<SocketAddr> {
+        match &*self.inner.current.lock().expect("role") {
+            Current::Secondary(s) => Some(s.local_addr()),
+            _ => None,
+        }
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.inner.cfg.volume
+    }
+
     /// A watch bumped on each role change.
     pub fn role_changes(&self) -> watch::Receiver<u64> {
         self.inner.role_changes.subscribe()
