@@ -219,7 +219,8 @@ fn main() -> Result<()> {
                 if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 }
-                let l = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+                let l =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
                 println!("witness on {}", l.local_addr()?);
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
@@ -454,7 +455,9 @@ async fn admin_call(admin: SocketAddr, cmd: &str) -> Result<String> {
     tokio::time::timeout(std::time::Duration::from_secs(30), fut)
         .await
         .with_context(|| format!("admin endpoint {admin} did not answer"))?
-        .with_context(|| format!("talking to the admin endpoint {admin}; likely cause: the node is not running or has no --admin"))
+        .with_context(|| {
+            format!("talking to the admin endpoint {admin}; likely cause: the node is not running or has no --admin")
+        })
 }
 
 async fn shutdown_signal() {

@@ -203,3 +203,109 @@ fn the_readme_pair_mirrors_to_its_secondary_store() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     solo.stop();
 }
+
+/// `syncblock status` through a node's admin endpoint.
+fn status(admin: &str) -> String {
+    ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", admin])
+}
+
+fn free_port_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn node(store: &Path, name: &str, role: &str, listen: &str, peer: &str, witness: &str, admin: &str) -> Proc {
+    Proc::start(
+        store,
+        &[
+            "--size=1GiB",
+            "--volume=vol:64MiB",
+            "--listen=127.0.0.1:0",
+            &format!("--role={role}"),
+            &format!("--repl-listen={listen}"),
+            &format!("--peer={peer}"),
+            &format!("--witness={witness}"),
+            "--policy=degrade",
+            &format!("--node={name}"),
+            "--repl-timeout-ms=1000",
+            &format!("--admin={admin}"),
+        ],
+    )
+}
+
+#[test]
+fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_old_primary_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let witness = Proc::run(
+        &dir.path().join("witness.log"),
+        &[
+            "witness",
+            "--listen=127.0.0.1:0",
+            &format!("--state={}", dir.path().join("witness.state").display()),
+            "--timeout-ms=1000",
+        ],
+    );
+    let w = witness.wait_line("witness on ");
+    let (a_repl, b_repl, a_admin, b_admin) = (free_port_addr(), free_port_addr(), free_port_addr(), free_port_addr());
+    let nb = node(&b, "b", "secondary", &b_repl, &a_repl, &w, &b_admin);
+    nb.wait_line("admin endpoint on ");
+    let b_uri = format!("{}/vol", nb.nbd_uri().trim_end_matches("/vol"));
+    let na = node(&a, "a", "primary", &a_repl, &b_repl, &w, &a_admin);
+    let a_uri = format!("{}/vol", na.nbd_uri().trim_end_matches("/vol"));
+
+    let out = fio(&fio_args(&a_uri, "0", "--do_verify=1"));
+    assert!(out.contains("WRITE:"), "{out}");
+    let st = status(&a_admin);
+    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
+    assert!(status(&b_admin).contains("\"role\":\"secondary\""));
+
+    // SIGKILL the primary; time until the secondary accepts writes.
+    let killed = Instant::now();
+    drop(na);
+    let deadline = killed + Duration::from_secs(30);
+    loop {
+        if status(&b_admin).contains("\"role\":\"primary\"") {
+            let (code, so, _) =
+                tool("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x11 40M 4k", &b_uri]);
+            if code == 0 && !so.contains("failed") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no failover within 30 s: {}", status(&b_admin));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let failover = killed.elapsed();
+    println!("failover: primary SIGKILLed → new primary accepted a write in {failover:?}");
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    // Every block fio wrote and flushed through the old primary is on the new one.
+    let out = fio(&fio_args(&b_uri, "0", "--verify_only"));
+    assert!(out.contains("READ:"), "{out}");
+    // The new primary keeps serving (alone, with the witness's consent).
+    let out = fio(&fio_args(&b_uri, "16M", "--do_verify=1"));
+    assert!(out.contains("WRITE:"), "{out}");
+
+    // The old primary returns, learns it was deposed, steps down and is resynced.
+    let na = node(&a, "a", "primary", &a_repl, &b_repl, &w, &a_admin);
+    na.wait_line("admin endpoint on ");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status(&b_admin);
+        if st.contains("\"rpo_zero\":true") && status(&a_admin).contains("\"role\":\"secondary\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old primary did not rejoin: {st} / {}", status(&a_admin));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nb.stop();
+    na.stop();
+    // The rejoined node's store alone holds both phases.
+    let solo = Proc::start(&a, &["--listen=127.0.0.1:0"]);
+    let uri = format!("{}/vol", solo.nbd_uri().trim_end_matches("/vol"));
+    for offset in ["0", "16M"] {
+        let out = fio(&fio_args(&uri, offset, "--verify_only"));
+        assert!(out.contains("READ:"), "{out}");
+    }
+    solo.stop();
+    drop(witness);
+}
