@@ -226,7 +226,7 @@ fn main() -> Result<()> {
                 let _ = std::io::stdout().flush();
                 let timeout = std::time::Duration::from_millis(timeout_ms);
                 tokio::select! {
-                    r = syncblock_replicator::witness::run(l, state, timeout) => r.context("witness"),
+                    r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, timeout) => r.context("witness"),
                     _ = shutdown_signal() => Ok(()),
                 }
             })
@@ -277,7 +277,9 @@ async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr
     }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the replication port")?;
     let cfg = syncblock_replicator::ReplConfig { node: "secondary".into(), ..Default::default() };
-    let sec = syncblock_replicator::Secondary::start(b, DEFAULT_VOLUME, l, cfg).await?;
+    let sec =
+        syncblock_replicator::Secondary::start(b, DEFAULT_VOLUME, syncblock_replicator::net::tcp_listener(l), cfg)
+            .await?;
     println!("secondary (in-process) accepting replication on {}", sec.local_addr());
     let settings = ServeOptions {
         store: Some(a_path),

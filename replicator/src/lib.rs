@@ -8,6 +8,7 @@
 //! `docs/replication.md` states the rules and the argument.
 
 pub mod link;
+pub mod net;
 pub mod node;
 pub mod primary;
 pub mod secondary;
@@ -23,7 +24,7 @@ pub use state::{ReplState, Role};
 use std::time::Duration;
 
 /// Replication timing and identity.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplConfig {
     /// This node's name, for logs and the peer's messages.
     pub node: String,
@@ -40,6 +41,20 @@ pub struct ReplConfig {
     pub witness: Option<std::net::SocketAddr>,
     /// What the primary does while its peer is away.
     pub policy: Policy,
+    /// The network (TCP, or the simulation's).
+    pub net: std::sync::Arc<dyn net::Net>,
+}
+
+impl std::fmt::Debug for ReplConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplConfig")
+            .field("node", &self.node)
+            .field("heartbeat", &self.heartbeat)
+            .field("timeout", &self.timeout)
+            .field("witness", &self.witness)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a primary does when its peer is unreachable.
@@ -62,6 +77,7 @@ impl Default for ReplConfig {
             reconnect: Duration::from_millis(250),
             witness: None,
             policy: Policy::Strict,
+            net: net::tcp(),
         }
     }
 }

@@ -3,14 +3,13 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire::{Frame, Header, HEADER_BYTES};
 use crate::ReplError;
 
 /// Reads one frame, failing if nothing complete arrives within `timeout`.
-pub async fn read_frame(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Frame, ReplError> {
+pub async fn read_frame(r: &mut (impl AsyncRead + Unpin), timeout: Duration) -> Result<Frame, ReplError> {
     let fut = async {
         let mut h = [0u8; HEADER_BYTES];
         r.read_exact(&mut h).await?;
@@ -28,5 +27,6 @@ pub async fn read_frame(r: &mut OwnedReadHalf, timeout: Duration) -> Result<Fram
 pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> Result<(), ReplError> {
     let b: Bytes = frame.encode();
     w.write_all(&b).await?;
+    w.flush().await?;
     Ok(())
 }

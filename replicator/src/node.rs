@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use syncblock_engine::Store;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::primary::{Primary, PrimaryStatus};
@@ -222,7 +221,11 @@ impl Node {
                     consistent: state.consistent,
                     force,
                 };
-                Some(crate::witness::ask(w, &req, self.inner.cfg.repl.timeout).await?.epoch)
+                Some(
+                    crate::witness::ask(self.inner.cfg.repl.net.as_ref(), w, &req, self.inner.cfg.repl.timeout)
+                        .await?
+                        .epoch,
+                )
             }
             None => None,
         };
@@ -299,7 +302,7 @@ impl Node {
 
     async fn become_secondary_inner(&self) -> Result<()> {
         let c = &self.inner.cfg;
-        let listener = bind_retrying(c.repl_listen).await?;
+        let listener = bind_retrying(c.repl.net.as_ref(), c.repl_listen).await?;
         let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, c.repl.clone()).await?;
         *self.inner.current.lock().expect("role") = Current::Secondary(s.clone());
         self.inner.role_changes.send_modify(|n| *n += 1);
@@ -316,10 +319,10 @@ async fn wait_stop(stop: &watch::Sender<bool>) {
 }
 
 /// The replication port may still be held for a moment by the previous role's listener.
-async fn bind_retrying(addr: SocketAddr) -> Result<TcpListener> {
+async fn bind_retrying(net: &dyn crate::net::Net, addr: SocketAddr) -> Result<crate::net::BoxListener> {
     let mut last = None;
     for _ in 0..50 {
-        match TcpListener::bind(addr).await {
+        match net.bind(addr).await {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),
         }

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use syncblock_engine::{Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::link::{read_frame, write_frame};
@@ -394,7 +393,7 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
         }
         let epoch = i.state.lock().expect("state").epoch;
         let report = Frame::WitnessReport { volume: i.name.clone(), node: i.cfg.node.clone(), epoch, in_sync };
-        match crate::witness::ask(witness, &report, i.cfg.timeout).await {
+        match crate::witness::ask(i.cfg.net.as_ref(), witness, &report, i.cfg.timeout).await {
             Ok(_) => last_error.clear(),
             Err(ReplError::Refused(why)) => {
                 tracing::error!(volume = %i.name, "the witness says this primary was deposed: {why}");
@@ -413,7 +412,7 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
         let away_long = away_since.is_some_and(|t| t.elapsed() >= i.cfg.timeout);
         if i.cfg.policy == crate::Policy::Degrade && away_long && !i.peer.borrow().solo {
             let req = Frame::WitnessSolo { volume: i.name.clone(), node: i.cfg.node.clone(), epoch };
-            match crate::witness::ask(witness, &req, i.cfg.timeout).await {
+            match crate::witness::ask(i.cfg.net.as_ref(), witness, &req, i.cfg.timeout).await {
                 Ok(_) => {
                     tracing::warn!(volume = %i.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
                     i.peer.send_modify(|v| v.solo = true);
@@ -432,11 +431,10 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
 }
 
 async fn one_link(i: &Arc<Inner>) -> Result<()> {
-    let stream = tokio::time::timeout(i.cfg.timeout, TcpStream::connect(i.peer_addr))
+    let stream = tokio::time::timeout(i.cfg.timeout, i.cfg.net.connect(i.peer_addr))
         .await
         .map_err(|_| ReplError::Stopped("connect timed out".into()))??;
-    stream.set_nodelay(true)?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = crate::net::split(stream);
     let (epoch, history) = {
         let s = i.state.lock().expect("state");
         (s.epoch, s.history.clone())
@@ -585,12 +583,15 @@ async fn resync(
     tracing::info!(volume = %i.name, bytes = total, secs, "resync committed at tag {commit}; peer in sync");
     i.peer.send_modify(|v| {
         v.in_sync = true;
+        // The peer has everything: every write is confirmed by it again (the witness hears that
+        // the pair is in sync at the next report, which clears its solo mark).
+        v.solo = false;
         v.resync_bytes_done = total;
     });
     Ok(())
 }
 
-async fn write_loop(i: Arc<Inner>, mut wr: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Out>) -> Result<()> {
+async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::Receiver<Out>) -> Result<()> {
     let mut tick = tokio::time::interval(i.cfg.heartbeat);
     let mut nonce = 0u64;
     loop {
@@ -619,7 +620,7 @@ async fn write_loop(i: Arc<Inner>, mut wr: tokio::net::tcp::OwnedWriteHalf, mut 
     }
 }
 
-async fn read_loop(i: Arc<Inner>, mut rd: tokio::net::tcp::OwnedReadHalf) -> Result<()> {
+async fn read_loop(i: Arc<Inner>, mut rd: crate::net::ReadPart) -> Result<()> {
     loop {
         match read_frame(&mut rd, i.cfg.timeout).await? {
             Frame::Ack { applied, durable } => i.peer.send_modify(|v| {

@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use syncblock_engine::{Pending, Since, Store, Tag, VolumeId};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::link::{read_frame, write_frame};
+use crate::net::{BoxListener, BoxStream};
 use crate::state::{common_point, ReplState, Role};
 use crate::wire::{Frame, MAX_HELLO_RUNS};
 use crate::{ReplConfig, ReplError, Result};
@@ -79,7 +79,7 @@ enum Applied {
 
 impl Secondary {
     /// Starts serving replication for `volume_name` on `listener`.
-    pub async fn start(store: Store, volume_name: &str, listener: TcpListener, cfg: ReplConfig) -> Result<Secondary> {
+    pub async fn start(store: Store, volume_name: &str, listener: BoxListener, cfg: ReplConfig) -> Result<Secondary> {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
         if state.role != Role::Secondary {
@@ -136,7 +136,7 @@ impl Secondary {
     }
 }
 
-async fn accept_loop(i: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
     // One session at a time: a new connection (say, after the primary restarted) replaces the
     // current one, which may be a dead link not yet timed out.
     let mut current: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)> = None;
@@ -191,9 +191,8 @@ async fn persist(i: &Inner, last_tag: u64, floor: u64) -> Result<()> {
     Ok(())
 }
 
-async fn session(i: &Arc<Inner>, stream: TcpStream, from: SocketAddr, mut stop: watch::Receiver<bool>) -> Result<()> {
-    stream.set_nodelay(true)?;
-    let (mut rd, mut wr) = stream.into_split();
+async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let (mut rd, mut wr) = crate::net::split(stream);
     let hello = read_frame(&mut rd, i.cfg.timeout).await?;
     let Frame::Hello { epoch, last_tag: primary_last, size_bytes, volume, node, history } = hello else {
         let msg = "expected a hello".to_string();
@@ -321,7 +320,7 @@ async fn session(i: &Arc<Inner>, stream: TcpStream, from: SocketAddr, mut stop: 
 
 async fn ack_loop(
     i: Arc<Inner>,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut wr: crate::net::WritePart,
     mut rx: mpsc::Receiver<Applied>,
     mut floor: u64,
 ) -> Result<()> {

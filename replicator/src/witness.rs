@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 
 use crate::link::{read_frame, write_frame};
+use crate::net::{BoxListener, BoxStream, Net};
 use crate::wire::Frame;
 use crate::{ReplError, Result};
 
@@ -189,7 +189,7 @@ pub fn save(path: &Path, records: &BTreeMap<String, Record>) -> Result<()> {
 }
 
 /// Serves witness requests on `listener`, keeping records in `state_path`.
-pub async fn run(listener: TcpListener, state_path: PathBuf, timeout: Duration) -> Result<()> {
+pub async fn run(mut listener: BoxListener, state_path: PathBuf, timeout: Duration) -> Result<()> {
     let records = load(&state_path)?;
     tracing::info!("witness on {} with {} volume records", listener.local_addr()?, records.len());
     let decider = Arc::new(Mutex::new(Decider::new(records, timeout, Instant::now())));
@@ -209,9 +209,8 @@ pub async fn run(listener: TcpListener, state_path: PathBuf, timeout: Duration) 
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve_one(stream: TcpStream, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
-    stream.set_nodelay(true)?;
-    let (mut rd, mut wr) = stream.into_split();
+async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
+    let (mut rd, mut wr) = crate::net::split(stream);
     loop {
         let req = match read_frame(&mut rd, REQUEST_TIMEOUT * 4).await {
             Ok(f) => f,
@@ -247,11 +246,10 @@ fn decision_frame(d: Decision) -> Frame {
 }
 
 /// Asks the witness at `addr`; a refusal is `ReplError::Refused`.
-pub async fn ask(addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Record> {
+pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Record> {
     let fut = async {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (mut rd, mut wr) = stream.into_split();
+        let stream = net.connect(addr).await?;
+        let (mut rd, mut wr) = crate::net::split(stream);
         write_frame(&mut wr, req).await?;
         read_frame(&mut rd, timeout).await
     };

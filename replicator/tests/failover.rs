@@ -45,6 +45,7 @@ fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAdd
             reconnect: Duration::from_millis(50),
             witness: Some(witness),
             policy: Policy::Degrade,
+            ..ReplConfig::default()
         },
     }
 }
@@ -71,7 +72,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
     let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let witness = witness_listener.local_addr().unwrap();
     let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        witness_listener,
+        syncblock_replicator::net::tcp_listener(witness_listener),
         dir.path().join("witness.state"),
         Duration::from_millis(800),
     ));

@@ -79,7 +79,8 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     .await
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let sec =
+        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
     let addr = sec.local_addr();
     let prim = Primary::start(a.clone(), "v", addr, cfg("a"), None).await.unwrap();
     wait_in_sync(&prim).await;
@@ -140,7 +141,8 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     .await
     .unwrap();
     let listener = TcpListener::bind(addr).await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let sec =
+        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("writes resume after resync").unwrap();
     prim.flush().await.unwrap();
     wait_in_sync(&prim).await;
@@ -172,7 +174,8 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     let vb = b.volume("v").await.unwrap();
     b.write(vb.id, 0, block(1), false).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let sec =
+        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
     let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None).await.unwrap();
     let mut w = prim.peer_view();
     let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
@@ -200,7 +203,8 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
     .await
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", listener, cfg("b")).await.unwrap();
+    let sec =
+        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
     let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
