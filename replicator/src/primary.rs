@@ -249,6 +249,11 @@ impl Primary {
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        self.write_tagged(offset, data, fua).await.map(|_| ())
+    }
+
+    /// [`Primary::write`], returning the write's tag: its place in the volume's history.
+    pub async fn write_tagged(&self, offset: u64, data: Bytes, fua: bool) -> Result<u64> {
         self.check_role()?;
         let i = &self.inner;
         let (pending, tag) = {
@@ -260,7 +265,8 @@ impl Primary {
             (p, tag)
         };
         pending.wait().await?;
-        self.wait_peer(tag, fua).await
+        self.wait_peer(tag, fua).await?;
+        Ok(tag)
     }
 
     pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
