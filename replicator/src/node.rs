@@ -150,10 +150,48 @@ impl Node {
             }),
         };
         match role {
+            Role::Primary if node.inner.cfg.repl.witness.is_some() => node.restart_as_primary().await?,
             Role::Primary => node.become_primary(None).await?,
             Role::Secondary => node.become_secondary().await?,
         }
         Ok(node)
+    }
+
+    /// A node that was primary starts again: the witness grants it a fresh epoch if it still is
+    /// the primary, or tells it that it was deposed, and it then starts as secondary.
+    async fn restart_as_primary(&self) -> Result<()> {
+        let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
+        let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
+        if state.epoch == 0 {
+            // First start ever: the primary's first report registers it at the witness.
+            return self.become_primary(None).await;
+        }
+        let witness = self.inner.cfg.repl.witness.expect("checked by the caller");
+        let req = Frame::WitnessPromote {
+            volume: self.inner.cfg.volume.clone(),
+            node: self.inner.cfg.repl.node.clone(),
+            epoch: state.epoch,
+            consistent: state.consistent,
+            force: false,
+        };
+        loop {
+            match crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout)
+                .await
+            {
+                Ok(r) => return self.become_primary(Some(r.epoch)).await,
+                Err(ReplError::Refused(why)) => {
+                    tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({why}); starting as secondary");
+                    return self.become_secondary().await;
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.inner.cfg.volume, "waiting for the witness to confirm the primary role: {e}");
+                    if *self.inner.stop.borrow() {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(self.inner.cfg.repl.reconnect.max(Duration::from_millis(100))).await;
+                }
+            }
+        }
     }
 
     /// The primary, if this node is one now.

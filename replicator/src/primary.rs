@@ -160,7 +160,9 @@ impl Primary {
     ) -> Result<Primary> {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
-        if state.role != Role::Primary || state.epoch == 0 || granted.is_some_and(|g| g > state.epoch) {
+        // Every start is a new epoch: after a crash this node may have lost tags its peer holds, and
+        // must never assign the same (epoch, tag) to a different write.
+        {
             if !state.consistent {
                 return Err(ReplError::Refused(format!(
                     "volume {volume_name} holds a half-applied resync; it cannot become primary: \
@@ -168,6 +170,12 @@ impl Primary {
                 )));
             }
             let epoch = granted.unwrap_or(state.epoch + 1);
+            if epoch <= state.epoch {
+                return Err(ReplError::Refused(format!(
+                    "granted epoch {epoch} is not newer than this node's epoch {}",
+                    state.epoch
+                )));
+            }
             state.begin_epoch(epoch, info.last_tag + 1);
             tracing::info!(volume = volume_name, epoch, "taking the primary role");
         }

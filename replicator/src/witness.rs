@@ -13,6 +13,7 @@
 //! - **Promote** from another node: granted (epoch + 1, it becomes primary, `solo` set, since it
 //!   will be alone) only if it is consistent, the record is not `solo`, and the current primary has
 //!   not reported for `timeout`. `force` skips the last two checks (an operator accepting loss).
+//!   From the current primary (restarting): a fresh epoch, always.
 //! - The first Report for an unknown volume registers its sender as primary of its epoch.
 
 use std::collections::BTreeMap;
@@ -103,11 +104,22 @@ impl Decider {
             Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
                 let alive = self.alive(volume, now);
                 let Some(r) = self.records.get_mut(volume) else {
+                    if *force {
+                        let r = Record { epoch: epoch + 1, primary: node.clone(), solo: true };
+                        self.records.insert(volume.clone(), r.clone());
+                        self.seen.insert(volume.clone(), now);
+                        return (Ok(r), true);
+                    }
                     return (Err(format!("{volume} has no primary registered yet; nothing to take over")), false);
                 };
                 if r.primary == *node {
-                    // Already granted (a retry after a lost answer).
-                    return (Ok(r.clone()), false);
+                    // The primary itself, restarting: a fresh epoch, so that no (epoch, tag) it
+                    // assigns after a crash can collide with one it assigned before (which its
+                    // peer may hold while the crash lost it here).
+                    r.epoch += 1;
+                    let r = r.clone();
+                    self.seen.insert(volume.clone(), now);
+                    return (Ok(r), true);
                 }
                 if *epoch < r.epoch && !*force {
                     return (
