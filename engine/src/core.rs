@@ -54,6 +54,10 @@ pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// every batch while the cleaner runs.
 const GC_BLOCKS_PER_BATCH_MAX: usize = MAX_BATCH_BLOCKS as usize / 2;
 
+/// Most blocks one [`Request::BlockCrcs`] may cover: 256 MiB of volume, a 512 KiB answer. A
+/// replicator compares checksums window by window; this bounds the memory one request pins.
+pub const MAX_CRC_BLOCKS: u64 = 1 << 16;
+
 /// Sealed batches allowed to wait behind the in-flight limit before intake pauses. One maximal
 /// write (32 MiB) seals up to 32 batches at once; beyond that, queueing more only adds latency.
 const SEALED_QUEUE_MAX: usize = 40;
@@ -164,6 +168,14 @@ pub enum Request {
         offset: u64,
         len: u64,
         reply: Reply<Vec<Extent>>,
+    },
+    /// The CRC32 of every block in a block-aligned range (`None` = unmapped), from the index and
+    /// the unapplied writes, without reading data: the state after every request queued before it.
+    BlockCrcs {
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        reply: Reply<Vec<Option<u32>>>,
     },
     CreateVolume {
         name: String,
@@ -810,6 +822,9 @@ impl Core {
             }
             Request::BlockStatus { volume, offset, len, reply } => {
                 let _ = reply.send(self.block_status(volume, offset, len));
+            }
+            Request::BlockCrcs { volume, offset, len, reply } => {
+                let _ = reply.send(self.block_crcs(volume, offset, len));
             }
             Request::CreateVolume { name, size_bytes, reply } => self.create_volume(name, size_bytes, reply),
             Request::ResizeVolume { volume, size_bytes, reply } => {
@@ -2494,6 +2509,38 @@ impl Core {
             let _ = reply.send(Err(err_poisoned(&self.poisoned).expect("poisoned")));
             self.finished = true;
         }
+    }
+
+    /// Answered at intake, like a read: the index holds every applied write; the unapplied ones
+    /// (`pending`, `pending_unmaps`) are newer, and `pending` newer than `pending_unmaps` (an unmap
+    /// clears the pending blocks it covers), the same precedence as `current_block`.
+    fn block_crcs(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {
+        self.check_range(volume, offset, len, true)?;
+        if offset % BB != 0 || len % BB != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "block checksums need a block-aligned range, got {len} bytes at {offset}"
+            )));
+        }
+        if len / BB > MAX_CRC_BLOCKS {
+            return Err(Error::TooLarge { len, limit: MAX_CRC_BLOCKS * BB });
+        }
+        let vol = self.state.volumes.get(&volume).expect("checked");
+        let (first, end) = (offset / BB, (offset + len) / BB);
+        let mut out = vec![None; (end - first) as usize];
+        vol.index.for_each_in(first, end, |lba, e| out[(lba - first) as usize] = Some(crc_of(e)));
+        for &(_, v, s, e) in &self.pending_unmaps {
+            if v == volume {
+                for lba in s.max(first)..e.min(end) {
+                    out[(lba - first) as usize] = None;
+                }
+            }
+        }
+        for (&(v, lba), p) in &self.pending {
+            if v == volume && (first..end).contains(&lba) {
+                out[(lba - first) as usize] = p.data.as_deref().map(block_crc);
+            }
+        }
+        Ok(out)
     }
 
     fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -247,6 +247,24 @@ impl Store {
         self.call(0, |reply| Request::BlockStatus { volume, offset, len, reply }).await
     }
 
+    /// The CRC32 of each block of a block-aligned range (at most [`crate::core::MAX_CRC_BLOCKS`]
+    /// blocks), `None` for unmapped ones: answered from the index without reading data, as of
+    /// every request queued before it (unapplied writes included).
+    pub async fn block_crcs(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {
+        self.call(0, |reply| Request::BlockCrcs { volume, offset, len, reply }).await
+    }
+
+    /// Queues [`Store::block_crcs`] (see [`Store::enqueue`] for the ordering promise): the answer
+    /// is the state after every request queued before it and none queued after.
+    pub async fn enqueue_block_crcs(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Pending<Vec<Option<u32>>>> {
+        self.enqueue(0, |reply| Request::BlockCrcs { volume, offset, len, reply }).await
+    }
+
     pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
         let name = name.to_string();
         self.call(0, |reply| Request::CreateVolume { name, size_bytes, reply }).await

@@ -1,6 +1,6 @@
 //! The engine's replication support: write tags, the volume's last tag, resync writes, the
-//! replication state record, tag scans that find trims even after the cleaner ran, and the
-//! queue-order promise of `enqueue_*`.
+//! replication state record, tag scans that find trims even after the cleaner ran, the
+//! queue-order promise of `enqueue_*`, and block checksums from the index.
 
 mod common;
 
@@ -160,5 +160,68 @@ fn a_read_queued_after_a_write_sees_it_and_one_queued_before_does_not() {
         w.wait().await.unwrap();
         assert!(before.wait().await.unwrap().iter().all(|b| *b == 0));
         assert_eq!(&after.wait().await.unwrap()[..], &pattern(7, BLOCK_BYTES)[..]);
+    });
+}
+
+#[test]
+fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
+    use syncblock_engine::format::block_crc;
+    let rt = rt();
+    let disk = sim_disk(16 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let n_blocks = 64u64;
+    let vol = rt.block_on(store.create_volume("v", n_blocks * BB)).unwrap();
+    // The model: each block's bytes, or None while unmapped.
+    let mut model: Vec<Option<Vec<u8>>> = vec![None; n_blocks as usize];
+    let mut rng = syncblock_engine::sim::Rng::new(7);
+    rt.block_on(async {
+        for round in 0..200u64 {
+            let lba = rng.below(n_blocks);
+            let pending = match rng.below(4) {
+                0 => {
+                    let n = 1 + rng.below(3).min(n_blocks - lba - 1);
+                    for l in lba..lba + n {
+                        model[l as usize] = None;
+                    }
+                    store.enqueue_trim(vol.id, lba * BB, n * BB, Tag::NONE).await.unwrap()
+                }
+                1 => {
+                    // A sector inside the block: read-modify-write, mapped afterwards.
+                    let data = pattern(round, 512);
+                    let b = model[lba as usize].get_or_insert_with(|| vec![0; BLOCK_BYTES]);
+                    b[1024..1536].copy_from_slice(&data);
+                    store.enqueue_write(vol.id, lba * BB + 1024, Bytes::from(data), false, Tag::NONE).await.unwrap()
+                }
+                _ => {
+                    let data = pattern(1000 + round, BLOCK_BYTES);
+                    model[lba as usize] = Some(data.clone());
+                    store.enqueue_write(vol.id, lba * BB, Bytes::from(data), false, Tag::NONE).await.unwrap()
+                }
+            };
+            // Queued right behind the write, usually before it is applied: the answer must
+            // include it (from the pending map), as it includes everything queued earlier.
+            let crcs = store.enqueue_block_crcs(vol.id, 0, n_blocks * BB).await.unwrap().wait().await.unwrap();
+            let want: Vec<Option<u32>> = model.iter().map(|b| b.as_deref().map(block_crc)).collect();
+            assert_eq!(crcs, want, "round {round}");
+            pending.wait().await.unwrap();
+        }
+        // A sub-range, answered without reading data: with every read failing, it still works.
+        store.flush().await.unwrap();
+        disk.lock().unwrap().fail_reads_in = Some((0, u64::MAX));
+        let want: Vec<Option<u32>> = model[8..24].iter().map(|b| b.as_deref().map(block_crc)).collect();
+        assert_eq!(store.block_crcs(vol.id, 8 * BB, 16 * BB).await.unwrap(), want);
+        let mapped = model.iter().position(Option::is_some).unwrap() as u64;
+        assert!(store.read(vol.id, mapped * BB, BB).await.is_err(), "reads do fail");
+        disk.lock().unwrap().fail_reads_in = None;
+        // Unaligned, out-of-range and oversized requests are refused.
+        assert!(store.block_crcs(vol.id, 512, BB).await.is_err());
+        assert!(store.block_crcs(vol.id, 0, BB + 512).await.is_err());
+        assert!(store.block_crcs(vol.id, (n_blocks - 1) * BB, 2 * BB).await.is_err());
+        let big = store.create_volume("big", 2 * syncblock_engine::MAX_CRC_BLOCKS * BB).await.unwrap();
+        assert!(store.block_crcs(big.id, 0, (syncblock_engine::MAX_CRC_BLOCKS + 1) * BB).await.is_err());
+        assert_eq!(
+            store.block_crcs(big.id, 0, syncblock_engine::MAX_CRC_BLOCKS * BB).await.unwrap().len() as u64,
+            syncblock_engine::MAX_CRC_BLOCKS
+        );
     });
 }
