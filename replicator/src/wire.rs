@@ -17,8 +17,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
-/// Bumped on any incompatible change; peers must speak the same version.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
+/// (`CrcRequest`, `CrcReply`) for checksum-skipping full sync and online verify.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 16;
 /// Largest frame body: one write of the engine's largest I/O (32 MiB) plus its fields. Anything
 /// larger is refused before a byte of it is buffered.
@@ -26,6 +27,9 @@ pub const MAX_BODY_BYTES: usize = (32 << 20) + 64;
 /// Most changed runs a secondary reports in its hello. 1 Mi runs is 16 MiB on the wire; a replica
 /// that diverged in more places than that gets a full resync instead.
 pub const MAX_HELLO_RUNS: usize = 1 << 20;
+/// Most blocks one `CrcReply` carries: the engine's limit for one checksum request (256 MiB of
+/// volume; a 264 KiB frame at most).
+pub const MAX_CRC_BLOCKS: usize = syncblock_engine::MAX_CRC_BLOCKS as usize;
 /// Longest epoch history carried (and stored): each failover adds one entry.
 pub const MAX_HISTORY: usize = 16;
 /// Longest volume or node name.
@@ -109,6 +113,21 @@ pub enum Frame {
         epoch: u64,
         history: Vec<EpochStart>,
     },
+    /// Primary → secondary: answer with the CRC32 of each block of `[offset, offset + len)` as
+    /// your image holds it after every frame sent before this one (block-aligned, at most
+    /// `MAX_CRC_BLOCKS` blocks).
+    CrcRequest {
+        id: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// Secondary → primary, the answer to `CrcRequest { id, .. }`: one entry per block from
+    /// `offset`, `None` for an unmapped block.
+    CrcReply {
+        id: u64,
+        offset: u64,
+        crcs: Vec<Option<u32>>,
+    },
     /// Primary → witness, every heartbeat: I am primary of `epoch`, and my peer is (or is not) in
     /// sync. An in-sync report clears the solo mark.
     WitnessReport {
@@ -178,6 +197,8 @@ impl Frame {
             Frame::WitnessSolo { .. } => 14,
             Frame::WitnessPromote { .. } => 15,
             Frame::WitnessGrant { .. } => 16,
+            Frame::CrcRequest { .. } => 17,
+            Frame::CrcReply { .. } => 18,
         }
     }
 
@@ -258,6 +279,25 @@ impl Frame {
                 body.put_u64_le(*epoch);
                 put_str(&mut body, primary);
                 body.put_u8(*solo as u8);
+            }
+            Frame::CrcRequest { id, offset, len } => {
+                body.put_u64_le(*id);
+                body.put_u64_le(*offset);
+                body.put_u64_le(*len);
+            }
+            Frame::CrcReply { id, offset, crcs } => {
+                // A bitmap of mapped blocks (bit i of byte i / 8), then the CRCs of the mapped
+                // ones: a hole costs one bit.
+                let crcs = &crcs[..crcs.len().min(MAX_CRC_BLOCKS)];
+                body.put_u64_le(*id);
+                body.put_u64_le(*offset);
+                body.put_u32_le(crcs.len() as u32);
+                for chunk in crcs.chunks(8) {
+                    body.put_u8(chunk.iter().enumerate().fold(0, |m, (i, c)| m | (c.is_some() as u8) << i));
+                }
+                for c in crcs.iter().flatten() {
+                    body.put_u32_le(*c);
+                }
             }
         }
         debug_assert!(body.len() <= MAX_BODY_BYTES);
@@ -430,6 +470,8 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         14 => "witness-solo",
         15 => "witness-promote",
         16 => "witness-grant",
+        17 => "crc-request",
+        18 => "crc-reply",
         k => return Err(WireError::UnknownKind(k)),
     };
     let mut r = Reader { b: body, what };
@@ -495,6 +537,25 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
             Frame::WitnessPromote { volume, node, epoch, consistent: flags & 1 != 0, force: flags & 2 != 0 }
         }
         16 => Frame::WitnessGrant { epoch: r.u64()?, primary: r.str()?, solo: r.bool()? },
+        17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
+        18 => {
+            let (id, offset) = (r.u64()?, r.u64()?);
+            let n = r.u32()? as usize;
+            if n > MAX_CRC_BLOCKS {
+                return Err(WireError::Malformed(what));
+            }
+            let map_bytes = n.div_ceil(8);
+            r.need(map_bytes)?;
+            let map = r.b.split_to(map_bytes);
+            // Bits past the last block must be clear: one encoding per reply.
+            if n % 8 != 0 && map[map_bytes - 1] >> (n % 8) != 0 {
+                return Err(WireError::Malformed(what));
+            }
+            let n_mapped = map.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            r.need(n_mapped * 4)?;
+            let crcs = (0..n).map(|i| (map[i / 8] >> (i % 8) & 1 == 1).then(|| r.b.get_u32_le())).collect();
+            Frame::CrcReply { id, offset, crcs }
+        }
         _ => unreachable!("kind checked above"),
     };
     r.end()?;
@@ -531,6 +592,10 @@ mod tests {
             Frame::WitnessSolo { volume: "db".into(), node: "a".into(), epoch: 3 },
             Frame::WitnessPromote { volume: "db".into(), node: "b".into(), epoch: 3, consistent: true, force: false },
             Frame::WitnessGrant { epoch: 4, primary: "b".into(), solo: false },
+            Frame::CrcRequest { id: 5, offset: 8 << 20, len: 8 << 20 },
+            Frame::CrcReply { id: 5, offset: 8 << 20, crcs: vec![Some(7), None, None, Some(0), Some(u32::MAX)] },
+            Frame::CrcReply { id: 6, offset: 0, crcs: vec![] },
+            Frame::CrcReply { id: 7, offset: 0, crcs: (0..16).map(|i| (i % 3 != 0).then_some(i)).collect() },
         ]
     }
 
@@ -544,7 +609,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_ack() {
         let b = Frame::Ack { applied: 1, durable: 0 }.encode();
-        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 1, 0, 8, 0, 16, 0, 0, 0]);
+        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 2, 0, 8, 0, 16, 0, 0, 0]);
         assert_eq!(&b[16..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
@@ -552,8 +617,8 @@ mod tests {
     fn garbage_other_versions_and_corruption_are_refused() {
         assert!(matches!(decode_frame(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Err(WireError::BadMagic(_))));
         let mut b = Frame::Pong { nonce: 1 }.encode().to_vec();
-        b[4] = 2;
-        assert_eq!(decode_frame(&b), Err(WireError::Version { got: 2 }));
+        b[4] = 1;
+        assert_eq!(decode_frame(&b), Err(WireError::Version { got: 1 }));
         let mut b = Frame::Pong { nonce: 1 }.encode().to_vec();
         b[20] ^= 1;
         assert!(matches!(decode_frame(&b), Err(WireError::Checksum { .. })));
@@ -562,24 +627,54 @@ mod tests {
         assert_eq!(decode_frame(&b), Err(WireError::TooLarge(u32::MAX as usize)));
     }
 
+    /// A frame with a valid header and checksum around any body.
+    fn sealed(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        out.put_u32_le(MAGIC);
+        out.put_u16_le(PROTOCOL_VERSION);
+        out.put_u8(kind);
+        out.put_u8(0);
+        out.put_u32_le(body.len() as u32);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&out[..12]);
+        h.update(body);
+        out.put_u32_le(h.finalize());
+        out.extend_from_slice(body);
+        out.to_vec()
+    }
+
+    #[test]
+    fn golden_bytes_of_a_crc_reply_and_malformed_ones_are_refused() {
+        let f = Frame::CrcReply { id: 1, offset: 4096, crcs: vec![Some(0x0102_0304), None, Some(5)] };
+        let b = f.encode();
+        let mut body = vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0b101];
+        body.extend_from_slice(&[4, 3, 2, 1, 5, 0, 0, 0]);
+        assert_eq!(&b[6], &18);
+        assert_eq!(&b[16..], &body[..]);
+        assert_eq!(decode_frame(&sealed(18, &body)).unwrap(), f);
+        let malformed = |body: &[u8]| decode_frame(&sealed(18, body)) == Err(WireError::Malformed("crc-reply"));
+        // A CRC missing, one too many, the bitmap cut short, a bit set past the last block.
+        assert!(malformed(&body[..body.len() - 1]));
+        assert!(malformed(&[&body[..], &[0]].concat()));
+        assert!(malformed(&body[..20]));
+        let mut padded = body.clone();
+        padded[20] |= 0b1000;
+        assert!(malformed(&padded));
+        // More blocks than any request may cover.
+        let mut huge = body[..16].to_vec();
+        huge.extend_from_slice(&(MAX_CRC_BLOCKS as u32 + 1).to_le_bytes());
+        assert!(malformed(&huge));
+        // A request with a field missing.
+        assert_eq!(decode_frame(&sealed(17, &[0; 23])), Err(WireError::Malformed("crc-request")));
+    }
+
     proptest::proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let _ = decode_frame(&b);
             // With a valid header and checksum, the body decoder sees the garbage too.
-            for kind in 1..=17u8 {
-                let mut out = BytesMut::new();
-                out.put_u32_le(MAGIC);
-                out.put_u16_le(PROTOCOL_VERSION);
-                out.put_u8(kind);
-                out.put_u8(0);
-                out.put_u32_le(b.len() as u32);
-                let mut h = crc32fast::Hasher::new();
-                h.update(&out[..12]);
-                h.update(&b);
-                out.put_u32_le(h.finalize());
-                out.extend_from_slice(&b);
-                if let Ok(f) = decode_frame(&out) {
+            for kind in 1..=19u8 {
+                if let Ok(f) = decode_frame(&sealed(kind, &b)) {
                     proptest::prop_assert_eq!(decode_frame(&f.encode()).unwrap(), f);
                 }
             }
