@@ -17,7 +17,7 @@ pub mod wire;
 pub mod witness;
 
 pub use node::{Node, NodeConfig, NodeStatus};
-pub use primary::{PeerView, Primary, PrimaryStatus};
+pub use primary::{PeerView, Primary, PrimaryStatus, Progress, VerifyReport};
 pub use secondary::{Secondary, SecondaryStatus};
 pub use state::{ReplState, Role};
 

@@ -64,6 +64,8 @@ impl std::fmt::Debug for Node {
 }
 
 /// Status of either role, for `syncblock status`.
+// A snapshot built once per status request; boxing the primary's side would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum NodeStatus {
     Primary(PrimaryStatus),
@@ -86,8 +88,9 @@ impl NodeStatus {
                     "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"last_tag\":{},",
                     "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
                     "\"solo\":{},\"last_error\":{}}},",
-                    "\"lag_tags\":{},\"rpo_zero\":{},",
-                    "\"resync\":{{\"count\":{},\"bytes_total\":{},\"bytes_done\":{}}}}}"
+                    "\"lag_tags\":{},\"lag_bytes\":{},\"rpo_zero\":{},",
+                    "\"resync\":{{\"count\":{},\"full\":{},\"bytes_shipped\":{},\"bytes_skipped\":{},{}}},",
+                    "\"verify\":{{{},\"last\":{}}}}}"
                 ),
                 p.volume,
                 p.epoch,
@@ -99,10 +102,15 @@ impl NodeStatus {
                 p.peer.solo,
                 s(&p.peer.last_error),
                 p.lag_tags(),
+                p.lag_bytes,
                 p.rpo_zero(),
                 p.peer.resyncs,
-                p.peer.resync_bytes_total,
-                p.peer.resync_bytes_done,
+                p.peer.resync_full,
+                p.peer.resync_bytes_shipped,
+                p.peer.resync_bytes_skipped,
+                p.peer.resync.json_fields(),
+                p.peer.verify.json_fields(),
+                p.peer.last_verify.as_ref().map_or("null".into(), |r| r.to_json()),
             ),
             NodeStatus::Secondary(x) => format!(
                 concat!(
@@ -271,6 +279,17 @@ impl Node {
         self.stop_current().await;
         self.become_primary_locked(granted).await?;
         Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
+    }
+
+    /// Compares both replicas (see [`Primary::verify`]); only on the primary.
+    pub async fn verify(&self, repair: bool) -> Result<crate::primary::VerifyReport> {
+        match self.primary() {
+            Some(p) => p.verify(repair).await,
+            None => Err(ReplError::Refused(format!(
+                "this node is not the primary of {}: run verify on the primary",
+                self.inner.cfg.volume
+            ))),
+        }
     }
 
     /// When this node last became primary.

@@ -6,6 +6,10 @@
 //! results in the same order and sends `Ack { applied, durable }`. A resync is applied like any
 //! stream, but its writes are marked so they do not move the volume's last tag; the commit moves it
 //! in one durable record. Until then the replica is marked inconsistent and refuses promotion.
+//!
+//! A `CrcRequest` is queued into the engine like any frame, so its answer (the block checksums
+//! from the index) is the image after every earlier frame: the point in the stream where the
+//! primary took its own checksums, for full sync and verify.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -75,6 +79,8 @@ enum Applied {
     Commit(u64, Vec<u8>),
     Pong(u64),
     Floor(u64),
+    /// Block checksums asked by `CrcRequest { id, offset, .. }`.
+    Crcs(u64, u64, Pending<Vec<Option<u32>>>),
 }
 
 impl Secondary {
@@ -271,6 +277,9 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                     i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
                 ),
                 Frame::Flush { upto } => Applied::Flush(upto, i.store.enqueue_flush().await?),
+                Frame::CrcRequest { id, offset, len } => {
+                    Applied::Crcs(id, offset, i.store.enqueue_block_crcs(i.volume, offset, len).await?)
+                }
                 Frame::Ping { epoch: e, nonce, floor } => {
                     if e != epoch {
                         return Err(ReplError::Refused(format!("epoch changed mid-session ({epoch} → {e})")));
@@ -353,6 +362,10 @@ async fn ack_loop(
                 tracing::info!(volume = %i.name, "resync committed at tag {tag}");
             }
             Applied::Pong(nonce) => write_frame(&mut wr, &Frame::Pong { nonce }).await?,
+            Applied::Crcs(id, offset, p) => {
+                let crcs = p.wait().await?;
+                write_frame(&mut wr, &Frame::CrcReply { id, offset, crcs }).await?;
+            }
             Applied::Floor(f) => want_floor = want_floor.max(f),
         }
         if want_floor > floor && floor_written.elapsed() >= FLOOR_PERIOD && i.status.borrow().consistent {

@@ -107,6 +107,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     prim.flush().await.unwrap();
     let st = prim.status().await;
     assert_eq!(st.lag_tags(), 0, "flush completed, so the peer has everything: {st:?}");
+    assert_eq!(st.lag_bytes, 0, "{st:?}");
     assert!(st.rpo_zero());
     assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs from primary");
     let tag_before = b.volume("v").await.unwrap().last_tag;
@@ -129,7 +130,10 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!writer.is_finished(), "a write completed while its peer was away (strict mode)");
-    assert!(!prim.status().await.rpo_zero());
+    let st = prim.status().await;
+    assert!(!st.rpo_zero());
+    // The waiting write is the lag: one tag, one block.
+    assert_eq!((st.lag_tags(), st.lag_bytes), (1, BB), "{st:?}");
 
     // 3. The secondary returns (a fresh process on the same store, reopened after a clean close);
     // it receives only what it missed.
@@ -150,11 +154,13 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     // The first write after the outage started waiting; the others queued behind it: so the resync
     // shipped one version of at most `distinct` blocks, and later writes were streamed.
     assert!(
-        view.resync_bytes_done <= distinct * BB * 11 / 10,
+        view.resync_bytes_shipped <= distinct * BB * 11 / 10,
         "resync shipped {} bytes for {} distinct blocks",
-        view.resync_bytes_done,
+        view.resync_bytes_shipped,
         distinct
     );
+    assert!(!view.resync_full, "an incremental resync");
+    assert_eq!(view.resync.bytes_done, view.resync.bytes_total);
     assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs after resync");
     assert!(sec.status().consistent);
     prim.stop();
