@@ -80,11 +80,22 @@ enum Command {
         #[arg(long, default_value = "2000", value_name = "MS")]
         timeout_ms: u64,
     },
-    /// Print a node's replication status as JSON (role, epoch, peer, lag, RPO, resync progress).
+    /// Print a node's replication status as JSON (role, epoch, peer, lag in tags and bytes, RPO,
+    /// resync and verify progress).
     Status {
         /// The node's --admin address.
         #[arg(long)]
         admin: SocketAddr,
+    },
+    /// Compare both replicas of a primary's volume by block checksums while I/O continues; prints
+    /// the differing ranges as JSON and fails if there are any.
+    Verify {
+        /// The primary's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Also rewrite the differing blocks on the secondary from the primary's copy.
+        #[arg(long)]
+        repair: bool,
     },
     /// Promote a secondary to primary (asks the witness, if the node has one).
     Promote {
@@ -233,13 +244,27 @@ fn main() -> Result<()> {
         }
         Command::Status { admin } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, "status"))?;
+            let out = rt.block_on(admin_call(admin, "status", ADMIN_TIMEOUT))?;
             println!("{out}");
+            Ok(())
+        }
+        Command::Verify { admin, repair } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let cmd = if repair { "verify repair" } else { "verify" };
+            // A pass reads only checksums, but a large volume still takes a while.
+            let out = rt.block_on(admin_call(admin, cmd, VERIFY_TIMEOUT))?;
+            println!("{out}");
+            if out.contains("\"ok\":false") {
+                bail!("verify failed");
+            }
+            if !out.contains("\"blocks_differing\":0,") && !repair {
+                bail!("the replicas differ (see the ranges above); `syncblock verify --repair` rewrites them from the primary");
+            }
             Ok(())
         }
         Command::Promote { admin, force } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, if force { "promote force" } else { "promote" }))?;
+            let out = rt.block_on(admin_call(admin, if force { "promote force" } else { "promote" }, ADMIN_TIMEOUT))?;
             println!("{out}");
             if out.contains("\"ok\":false") {
                 bail!("promotion refused");
@@ -414,7 +439,14 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
     Ok(())
 }
 
-/// Serves `status` and `promote [force]`, one line per connection, answering with JSON.
+/// How long `status` and `promote` wait for the node's answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long `verify` waits: a pass compares checksums only (about 1 GB of volume per few ms
+/// on loopback), but a large volume on a busy pair can take minutes.
+const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Serves `status`, `promote [force]` and `verify [repair]`, one line per connection, answering
+/// with JSON.
 async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicator::Node) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     loop {
@@ -437,6 +469,10 @@ async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicato
                     Ok(epoch) => format!("{{\"ok\":true,\"epoch\":{epoch}}}"),
                     Err(e) => format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()),
                 },
+                cmd @ ("verify" | "verify repair") => match node.verify(cmd.ends_with("repair")).await {
+                    Ok(report) => format!("{{\"ok\":true,\"verify\":{}}}", report.to_json()),
+                    Err(e) => format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()),
+                },
                 other => format!("{{\"ok\":false,\"error\":{:?}}}", format!("unknown command {other:?}")),
             };
             let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
@@ -445,7 +481,7 @@ async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicato
 }
 
 /// Sends one admin command and returns the answer line.
-async fn admin_call(admin: SocketAddr, cmd: &str) -> Result<String> {
+async fn admin_call(admin: SocketAddr, cmd: &str, timeout: std::time::Duration) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
@@ -454,7 +490,7 @@ async fn admin_call(admin: SocketAddr, cmd: &str) -> Result<String> {
         s.take(1 << 20).read_to_string(&mut out).await?;
         Ok::<_, std::io::Error>(out.trim().to_string())
     };
-    tokio::time::timeout(std::time::Duration::from_secs(30), fut)
+    tokio::time::timeout(timeout, fut)
         .await
         .with_context(|| format!("admin endpoint {admin} did not answer"))?
         .with_context(|| {
