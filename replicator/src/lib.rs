@@ -12,6 +12,7 @@ pub mod net;
 pub mod node;
 pub mod primary;
 pub mod secondary;
+pub mod simnet;
 pub mod state;
 pub mod wire;
 pub mod witness;

@@ -192,11 +192,11 @@ impl Node {
                     return self.become_secondary().await;
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %self.inner.cfg.volume, "waiting for the witness to confirm the primary role: {e}");
-                    if *self.inner.stop.borrow() {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(self.inner.cfg.repl.reconnect.max(Duration::from_millis(100))).await;
+                    // Never act as primary without the witness's word: start as secondary. If this
+                    // node still is the primary, its failover watcher asks again once the witness
+                    // answers, and the witness renews its role with a fresh epoch.
+                    tracing::warn!(volume = %self.inner.cfg.volume, "witness unreachable ({e}); starting as secondary until it answers");
+                    return self.become_secondary().await;
                 }
             }
         }
