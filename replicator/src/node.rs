@@ -182,22 +182,20 @@ impl Node {
             consistent: state.consistent,
             force: false,
         };
-        loop {
-            match crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout)
-                .await
-            {
-                Ok(r) => return self.become_primary(Some(r.epoch)).await,
-                Err(ReplError::Refused(why)) => {
-                    tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({why}); starting as secondary");
-                    return self.become_secondary().await;
-                }
-                Err(e) => {
-                    // Never act as primary without the witness's word: start as secondary. If this
-                    // node still is the primary, its failover watcher asks again once the witness
-                    // answers, and the witness renews its role with a fresh epoch.
-                    tracing::warn!(volume = %self.inner.cfg.volume, "witness unreachable ({e}); starting as secondary until it answers");
-                    return self.become_secondary().await;
-                }
+        let answer =
+            crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout).await;
+        match answer {
+            Ok(r) => self.become_primary(Some(r.epoch)).await,
+            Err(ReplError::Refused(why)) => {
+                tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({why}); starting as secondary");
+                self.become_secondary().await
+            }
+            Err(e) => {
+                // Never act as primary without the witness's word: start as secondary. If this
+                // node still is the primary, its failover watcher asks again once the witness
+                // answers, and the witness renews its role with a fresh epoch.
+                tracing::warn!(volume = %self.inner.cfg.volume, "witness unreachable ({e}); starting as secondary until it answers");
+                self.become_secondary().await
             }
         }
     }

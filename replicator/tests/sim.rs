@@ -31,8 +31,8 @@ use syncblock_replicator::simnet::SimNet;
 use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, ReplState, Role};
 
 const BB: u64 = BLOCK_BYTES as u64;
-const N_LBAS: u64 = 48;
-const VOL_BYTES: u64 = 1 << 20;
+const N_LBAS: u64 = 1024;
+const VOL_BYTES: u64 = 4 << 20;
 const REPL_PORT: u16 = 7000;
 const WITNESS_PORT: u16 = 7100;
 
@@ -105,12 +105,16 @@ impl Model {
             }
             let durable = self.last_with(lba, last, |o| o == Outcome::Durable);
             if v < durable {
-                return Err(format!("durable write lost: block {lba} holds {v}, version {durable} was acknowledged durable"));
+                return Err(format!(
+                    "durable write lost: block {lba} holds {v}, version {durable} was acknowledged durable"
+                ));
             }
             if strict_acks {
                 let acked = self.last_with(lba, last, |o| o != Outcome::Uncertain);
                 if v < acked {
-                    return Err(format!("acknowledged write lost (two primaries?): block {lba} holds {v}, {acked} was acknowledged"));
+                    return Err(format!(
+                        "acknowledged write lost (two primaries?): block {lba} holds {v}, {acked} was acknowledged"
+                    ));
                 }
             }
         }
@@ -127,10 +131,7 @@ fn block(version: u64) -> Bytes {
 }
 
 fn versions(data: &[u8]) -> Vec<u64> {
-    data.chunks(BLOCK_BYTES)
-        .take(N_LBAS as usize)
-        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()))
-        .collect()
+    data.chunks(BLOCK_BYTES).take(N_LBAS as usize).map(|b| u64::from_le_bytes(b[..8].try_into().unwrap())).collect()
 }
 
 struct SimNode {
@@ -143,7 +144,7 @@ struct SimNode {
 }
 
 fn new_disk() -> Arc<Mutex<SimDisk>> {
-    let disk = SimDisk::new(vec![0u8; 24 << 20]);
+    let disk = SimDisk::new(vec![0u8; 32 << 20]);
     Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
     disk
 }
@@ -319,6 +320,12 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 model.lock().unwrap().writes.insert(version, (lba, Outcome::Uncertain));
                 let r = tokio::time::timeout(Duration::from_millis(600), p.write(lba * BB, block(version), fua)).await;
                 if let Ok(Ok(())) = r {
+                    if fua && std::env::var("SIM_DEBUG").is_ok() && !p.status().await.rpo_zero() {
+                        eprintln!(
+                            "durable write {version} to {lba} acknowledged without the peer in sync (epoch {})",
+                            p.epoch()
+                        );
+                    }
                     let o = if fua { Outcome::Durable } else { Outcome::Acked };
                     model.lock().unwrap().writes.insert(version, (lba, o));
                 } else {
@@ -329,8 +336,8 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     };
 
     // The fault schedule.
-    for step in 0..14u64 {
-        tokio::time::sleep(Duration::from_millis(80 + rng.below(200))).await;
+    for step in 0..24u64 {
+        tokio::time::sleep(Duration::from_millis(60 + rng.below(180))).await;
         let mut w = world.lock().await;
         // Look at the secondary: if it is a consistent replica, it must be a prefix.
         if let Some(i) = (0..2).find(|&i| w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary())) {
@@ -342,28 +349,51 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 }
             }
         }
-        let fault = rng.below(9);
+        if std::env::var("SIM_VERBOSE").is_ok() {
+            let mut roles = Vec::new();
+            for n in &w.nodes {
+                let r = match &n.node {
+                    Some(node) => match node.primary() {
+                        Some(p) => format!("{}=P{}", n.name, p.epoch()),
+                        None => format!("{}=S", n.name),
+                    },
+                    None => format!("{}=down", n.name),
+                };
+                roles.push(r);
+            }
+            log.push(format!("{step}: roles {}", roles.join(" ")));
+        }
+        let fault = rng.below(12);
+        let primary_idx = (0..2).find(|&i| w.nodes[i].node.as_ref().is_some_and(|n| n.is_primary()));
         match fault {
             0 => {
                 net.partition(ip(1), ip(2));
                 log.push(format!("{step}: partition a-b"));
             }
-            1 => {
-                let i = rng.below(2) as usize;
+            1 | 2 => {
+                // Isolate the primary (1) or either node (2) from everything.
+                let i = match (fault, primary_idx) {
+                    (1, Some(p)) => p,
+                    _ => rng.below(2) as usize,
+                };
                 let me = w.nodes[i].ip;
                 net.isolate(me, &[ip(1), ip(2), ip(3)]);
                 log.push(format!("{step}: isolate {}", w.nodes[i].name));
             }
-            2 => {
+            3 => {
                 net.reset_one();
                 log.push(format!("{step}: reset a connection"));
             }
-            3 => {
+            4 => {
                 net.set_max_delay(Duration::from_millis(rng.below(20)));
                 log.push(format!("{step}: delays"));
             }
-            4 | 5 => {
-                let i = rng.below(2) as usize;
+            5 | 6 => {
+                let i = match (fault, primary_idx) {
+                    (6, Some(p)) => p,
+                    (5, Some(p)) => 1 - p,
+                    _ => rng.below(2) as usize,
+                };
                 let name = w.nodes[i].name;
                 let was_secondary = w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary());
                 w.power_cut(i, seed ^ step).await;
@@ -379,19 +409,22 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 .map_err(|e| format!("seed {seed}: {name} does not reopen after a power cut: {e}"))?;
                 if was_secondary && consistent(&store).await {
                     if let Some(img) = image_of(&store).await {
-                        model.lock().unwrap().check_prefix(&img, &format!("seed {seed} step {step}: {name} after a power cut"))?;
+                        model
+                            .lock()
+                            .unwrap()
+                            .check_prefix(&img, &format!("seed {seed} step {step}: {name} after a power cut"))?;
                     }
                 }
                 w.nodes[i].store = Some(store);
                 w.start_node(i).await;
                 log.push(format!("{step}: power cut {name}"));
             }
-            6 => {
+            7 => {
                 let i = rng.below(2) as usize;
                 w.disk_error(i);
                 log.push(format!("{step}: disk errors on {}", w.nodes[i].name));
             }
-            7 => {
+            8 => {
                 w.stop_witness().await;
                 w.start_witness().await;
                 log.push(format!("{step}: restart the witness"));
@@ -408,7 +441,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 Some(s) => s.stats().await.map(|s| s.poisoned).unwrap_or(true),
                 None => false,
             };
-            if poisoned && fault != 6 {
+            if poisoned && fault != 7 {
                 w.power_cut(i, seed ^ (step << 8)).await;
                 model.lock().unwrap().power_cut();
                 power_cuts += 1;
@@ -456,19 +489,24 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     let w = world.lock().await;
     let img_p = image_of(w.nodes[pi].store.as_ref().unwrap()).await.unwrap();
     let img_s = image_of(w.nodes[1 - pi].store.as_ref().unwrap()).await.unwrap();
-    let m = model.lock().unwrap();
-    m.check_final(&img_p, power_cuts == 0).map_err(|e| format!("seed {seed} ({policy:?}): {e}\n{}", log.join("\n")))?;
+    let (checked, acked) = {
+        let m = model.lock().unwrap();
+        (m.check_final(&img_p, power_cuts == 0), m.writes.values().filter(|(_, o)| *o != Outcome::Uncertain).count())
+    };
+    checked.map_err(|e| format!("seed {seed} ({policy:?}): {e}\n{}", log.join("\n")))?;
     if img_p != img_s {
         return Err(format!("seed {seed}: replicas differ after convergence\n{}", log.join("\n")));
     }
-    let acked = m.writes.values().filter(|(_, o)| *o != Outcome::Uncertain).count();
-    drop(m);
     for n in &w.nodes {
         if let Some(node) = &n.node {
             node.stop().await;
         }
     }
-    Ok(format!("seed {seed} ({policy:?}): {acked} acknowledged writes, {power_cuts} power cuts, epoch {}", p.epoch()))
+    let verbose = if std::env::var("SIM_VERBOSE").is_ok() { format!("\n{}", log.join("\n")) } else { String::new() };
+    Ok(format!(
+        "seed {seed} ({policy:?}): {acked} acknowledged writes, {power_cuts} power cuts, epoch {}{verbose}",
+        p.epoch()
+    ))
 }
 
 async fn futures_status(w: &World) -> Vec<String> {
@@ -490,7 +528,7 @@ fn seeded_faults_never_lose_acknowledged_durable_writes_nor_break_prefix_consist
         .try_init();
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(s) => vec![s.parse().unwrap()],
-        Err(_) => (1..=std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(12)).collect(),
+        Err(_) => (1..=std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10)).collect(),
     };
     let mut failures = Vec::new();
     for seed in seeds {
