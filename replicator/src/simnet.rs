@@ -159,7 +159,12 @@ impl Listener for SimListener {
 
 /// Copies one direction of a connection, delaying each chunk, until either side closes or the
 /// connection is killed.
-async fn pump(net: SimNet, mut from: tokio::io::ReadHalf<DuplexStream>, mut to: tokio::io::WriteHalf<DuplexStream>, mut kill: watch::Receiver<bool>) {
+async fn pump(
+    net: SimNet,
+    mut from: tokio::io::ReadHalf<DuplexStream>,
+    mut to: tokio::io::WriteHalf<DuplexStream>,
+    mut kill: watch::Receiver<bool>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = tokio::select! {
