@@ -19,6 +19,9 @@
 #       1 MiB writes over SIZE, repeated), as peers.sh writes its files in full with dd
 #   VERIFY (1): after the rounds, compare the primary's and the secondary's exports (qemu-img compare)
 #   PEERS (/work/shared/bench/peers.sh or ../shared/bench/peers.sh); SKIP_BUILD=1; KEEP_RESULTS=path
+#   QUIET_WAIT (120), QUIET_CPU (25): on a shared machine, wait up to QUIET_WAIT s before each cell
+#       until no rustc runs and the host is under QUIET_CPU % busy; cells are tagged either way
+#       (see "Someone else's build" below) and suspect ones are listed at the end
 #
 # The three syncblock servers run for the whole run (idle while another system is measured; the
 # CPU time each server used during every cell is logged so that background work shows up); the
@@ -61,6 +64,7 @@ REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 DIRTY="$(cd "$ROOT" && git status --porcelain -uno 2>/dev/null | wc -l)"
 
 RUN=$(mktemp -d "$BASE/run.XXXXXX")
+cd "$RUN"   # nothing of this run lands in the source tree
 # A private copy of the binary: a rebuild in the source tree during the run cannot swap it.
 cp "$TARGET/release/syncblock" "$RUN/syncblock"
 BIN="$RUN/syncblock"
@@ -73,8 +77,10 @@ stop_server() { # pid: SIGINT (flush + checkpoint), then SIGKILL after 10 s
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
 }
+SAMPLER=""
 cleanup() {
     set +e
+    [ -n "$SAMPLER" ] && { kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; }
     if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the servers it started
         for c in $(ps -o pid= --ppid "$RUNNING"); do kill "$c" 2>/dev/null; done
         kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
@@ -155,31 +161,71 @@ cpu() { # pid -> CPU seconds used so far (utime + stime), or "dead"
 log_lines() { wc -l <"$1"; }
 RESULTS="$RUN/results.txt"; EVENTS="$RUN/events.txt"; : >"$RESULTS"; : >"$EVENTS"
 
+# Someone else's build or test run on this machine moves every figure. A sampler notes every second
+# whether a rustc runs; before each cell we wait (at most QUIET_WAIT s) until none does and the
+# host is idle (under QUIET_CPU % busy over 2 s, our servers being idle); each cell is tagged with
+# the seconds a rustc ran, the host's CPU use and, for our cells, the CPU time of everything else
+# ("others_cpu_s": host busy time minus our servers' and fio's; loopback softirq work not charged
+# to a process lands here too, so a clean cell shows about 1 s).
+(while :; do echo "$(date +%s) $(pgrep -xc rustc)"; sleep 1; done >"$RUN/busy.log" 2>/dev/null) & SAMPLER=$!
+host_cpu() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }   # busy idle (ticks)
+host_busy() { # "busy idle" at the start, "pct" or "secs" -> % of all CPUs busy since, or busy CPU seconds
+    local b0=${1% *} i0=${1#* } now; now=$(host_cpu)
+    awk -v b0="$b0" -v i0="$i0" -v b1="${now% *}" -v i1="${now#* }" -v what="$2" -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { d = (b1 - b0) + (i1 - i0);
+                 if (what == "secs") printf("%.1f", (b1 - b0) / hz);
+                 else printf("%.0f", (d > 0) ? 100 * (b1 - b0) / d : 0) }'
+}
+wait_quiet() {
+    local t0=$SECONDS h
+    while [ $((SECONDS - t0)) -lt "${QUIET_WAIT:-120}" ]; do
+        if ! pgrep -x rustc >/dev/null; then
+            h=$(host_cpu); sleep 2
+            [ "$(host_busy "$h" pct)" -lt "${QUIET_CPU:-25}" ] && break
+        else
+            sleep 2
+        fi
+    done
+    [ $((SECONDS - t0)) -gt 3 ] && echo "# waited $((SECONDS - t0)) s for the machine to be quiet" >&2
+    return 0
+}
+tag_cell() { # started-epoch, host_cpu at start -> " t=… rustc_s=N host_cpu=P% host_cpu_s=S"
+    local h; h=$(host_busy "$2" pct)
+    echo " t=$(date -d "@$1" +%T) rustc_s=$(awk -v t="$1" '$1 >= t && $2 > 0 { n++ } END { print n + 0 }' "$RUN/busy.log") host_cpu=$h% host_cpu_s=$(host_busy "$2" secs)"
+}
+
 run_ours() { # round, system name, uri
     local r=$1 sys=$2 uri=$3 w wn pids
     if [ "$sys" = repl ]; then pids="$PRIMARY $SECONDARY"; else pids="$SINGLE"; fi
     for w in "${WORKLOADS[@]}"; do
         set -- $w; wn=$1; shift
+        wait_quiet
         local la=$(log_lines "$RUN/a.err") lb=$(log_lines "$RUN/b.err") ls=$(log_lines "$RUN/s.err")
-        local c0="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)"
+        local c0="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)" e0=$(date +%s) h0=$(host_cpu)
         local rc=0
         timeout $((RT * 3 + 60)) fio --name=x --size="$SIZE" --runtime="$RT" --time_based --group_reporting \
             --output-format=json "$@" --ioengine=nbd --uri="$uri" >"$RUN/fio.json" 2>"$RUN/fio.err" || rc=$?
-        local c1="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)"
-        python3 - "$sys" "$wn" "$rc" "$RUN/fio.json" "$RUN/fio.err" "$c0" "$c1" <<'EOF' | sed "s/^/round=$r /" | tee -a "$RESULTS" >&2
-import json, sys
-sys_, wn, rc, jf, ef, c0, c1 = sys.argv[1:]
+        local c1="$(cpu $PRIMARY) $(cpu $SECONDARY) $(cpu $SINGLE)" tag; tag=$(tag_cell "$e0" "$h0")
+        python3 - "$sys" "$wn" "$rc" "$RUN/fio.json" "$RUN/fio.err" "$c0" "$c1" "$tag" <<'EOF' | sed "s/^/round=$r /" | tee -a "$RESULTS" >&2
+import json, re, sys
+sys_, wn, rc, jf, ef, c0, c1, tag = sys.argv[1:]
+ours = 0.0
 def cpu(a, b):
+    global ours
     out = []
     for n, x, y in zip("pbs", a.split(), b.split()):
-        out.append("%s=%s" % (n, "dead" if "dead" in (x, y) else "%.1f" % (float(y) - float(x))))
+        if "dead" in (x, y):
+            out.append("%s=dead" % n)
+        else:
+            ours += float(y) - float(x)
+            out.append("%s=%.1f" % (n, float(y) - float(x)))
     return "cpu_s[" + ",".join(out) + "]"
 err = open(ef).read().strip().replace("\n", " | ")[:300]
 try:
     txt = open(jf).read()
     j = json.loads(txt[txt.index("{"):])["jobs"][0]
 except Exception:
-    print("%-12s %-18s FAILED rc=%s stderr=%r %s" % (sys_, wn, rc, err, cpu(c0, c1)))
+    print("%-12s %-18s FAILED rc=%s stderr=%r %s%s" % (sys_, wn, rc, err, cpu(c0, c1), tag))
     sys.exit()
 io = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
 p = io["clat_ns"].get("percentile") or {"50.000000": 0, "99.000000": 0}
@@ -187,9 +233,14 @@ extra = ""
 if j.get("sync", {}).get("total_ios"):
     sp = j["sync"]["lat_ns"].get("percentile") or {"50.000000": 0, "99.000000": 0}
     extra = " fsync_p50_us=%.1f fsync_p99_us=%.1f" % (sp["50.000000"] / 1000, sp["99.000000"] / 1000)
-print("%-12s %-18s iops=%9.0f MiB/s=%8.1f p50_us=%8.1f p99_us=%8.1f err=%s rc=%s%s %s%s" % (
+servers = cpu(c0, c1)
+fio_s = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] / 1000
+m = re.search(r"host_cpu_s=(\S+)", tag)
+others = float(m[1]) - ours - fio_s if m else float("nan")
+print("%-12s %-18s iops=%9.0f MiB/s=%8.1f p50_us=%8.1f p99_us=%8.1f err=%s rc=%s%s %s fio_cpu_s=%.1f%s others_cpu_s=%.1f%s" % (
     sys_, wn, io["iops"], io["bw"] / 1024, p["50.000000"] / 1000, p["99.000000"] / 1000,
-    j.get("error", "?"), rc, extra, cpu(c0, c1), (" stderr=%r" % err) if err else ""))
+    j.get("error", "?"), rc, extra, servers, fio_s, tag, others,
+    (" stderr=%r" % err) if err else ""))
 EOF
         # New server log lines during the cell (replication events, warnings, errors).
         for f in a:$la b:$lb s:$ls; do
@@ -211,10 +262,11 @@ for r in $(seq 1 "$ROUNDS"); do
                 echo "round=$r repl in_sync_s=$t" >>"$EVENTS"
                 run_ours "$r" repl "$PRI_URI" ;;
             single) run_ours "$r" single "$SINGLE_URI" ;;
-            qemu-mirror)
+            qemu-mirror)   # one peers.sh call runs the four workloads; tags cover all four
+                wait_quiet; e0=$(date +%s); h0=$(host_cpu)
                 DIR="$RUN/peers" bash "$PEERS" --only qemu-mirror >"$RUN/out" 2>"$RUN/peers.err" & RUNNING=$!
-                wait $RUNNING || true; RUNNING=""
-                sed "s/^/round=$r /" "$RUN/out" | tee -a "$RESULTS" >&2 ;;
+                wait $RUNNING || true; RUNNING=""; tag=$(tag_cell "$e0" "$h0")
+                sed "s/^/round=$r /; s/\$/ (peers.sh call:$tag)/" "$RUN/out" | tee -a "$RESULTS" >&2 ;;
         esac
     done
     echo "# round $r done; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
@@ -231,9 +283,10 @@ fi
 for p in "$PRIMARY" "$SECONDARY" "$SINGLE"; do kill -0 "$p" 2>/dev/null || echo "server $p not running at the end" | tee -a "$EVENTS" >&2; done
 [ -n "${KEEP_RESULTS:-}" ] && { cp "$RESULTS" "$KEEP_RESULTS"; cp "$EVENTS" "$KEEP_RESULTS.events"; }
 
-python3 - "$RESULTS" "$EVENTS" <<'EOF'
+python3 - "$RESULTS" "$EVENTS" "$RT" <<'EOF'
 import re, statistics as st, sys
-rows, bad = {}, []  # (workload, system) -> {round: MiB/s}
+LIMIT = 0.25 * float(sys.argv[3]) + 0.5   # others' CPU-s in a cell beyond which it is suspect
+rows, bad, busy = {}, [], []  # (workload, system) -> {round: MiB/s}
 for line in open(sys.argv[1]):
     m = re.match(r"round=(\d+) (\S+)\s+(\S+)\s+iops=\s*(\S+) MiB/s=\s*(\S+)", line)
     if m:
@@ -241,6 +294,10 @@ for line in open(sys.argv[1]):
         e = re.search(r"err=(\S+) rc=(\S+)", line)
         if e and (e[1] != "0" or e[2] != "0"):
             bad.append(line.strip())
+        b = re.search(r"rustc_s=(\d+)", line)
+        o = re.search(r"others_cpu_s=(\S+)", line)
+        if (b and int(b[1]) > 0) or (o and float(o[1]) > LIMIT):
+            busy.append(line.strip())
     elif "FAILED" in line:
         bad.append(line.strip())
 wls = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "syncwrite4k_qd1"]
@@ -286,6 +343,8 @@ for l in ev:
     if l.startswith("verify:"): print(l)
 insync = [l.split("in_sync_s=")[1] for l in ev if "in_sync_s=" in l]
 print("write+flush through the primary before each repl cell took (s): %s" % " ".join(insync))
+print("cells during which a rustc ran, or (ours) others used > %.1f CPU-s (figures suspect): %d" % (LIMIT, len(busy)))
+for l in busy: print("  " + l)
 print("(qemu-mirror: peers.sh discards fio's stderr; a failed cell shows as FAILED above only if fio gave no JSON)")
 EOF
 echo "# events (server log lines per cell): $( [ "${KEEP:-0}" = 1 ] && echo "$EVENTS" || echo 'set KEEP=1 to keep')" >&2
