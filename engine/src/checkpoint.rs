@@ -19,6 +19,10 @@ pub struct VolumeRec {
     pub last_tag: u64,
     pub trim_floor: u64,
     pub attr: Vec<u8>,
+    /// An uncommitted resync's staged blocks (LBA, packed location) and trimmed ranges.
+    pub staged: Vec<(u64, u64)>,
+    pub staged_trims: Vec<(u64, u64)>,
+    pub resync_overflowed: bool,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -60,7 +64,10 @@ pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) ->
     // A segment lists trim tags for at most a few volumes in practice; 8 is budgeted.
     let per_segment = 48 + 8 * 16;
     let per_volume = 64 + crate::format::MAX_NAME_BYTES as u64;
-    let attrs = (crate::format::MAX_ATTR_VOLUMES * (crate::format::MAX_ATTR_BYTES + 16)) as u64;
+    // Replicated volumes carry a blob and may stage trimmed ranges; staged blocks are data blocks,
+    // each mapped once (index or staged), so the per-block budget above covers them.
+    let attrs = (crate::format::MAX_ATTR_VOLUMES
+        * (crate::format::MAX_ATTR_BYTES + 16 + 16 * crate::state::MAX_STAGED_TRIMS + 64)) as u64;
     4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume + attrs
 }
 
@@ -94,6 +101,9 @@ mod tests {
                 last_tag: 5,
                 trim_floor: 2,
                 attr: vec![1, 2],
+                staged: vec![(3, 9)],
+                staged_trims: vec![(4, 8)],
+                resync_overflowed: false,
             }],
             segments: vec![SegmentRec {
                 seq: 1,

@@ -37,7 +37,7 @@ use crate::device::{Completion, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::{
     block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader,
-    Superblock, MAX_ATTR_BYTES, MAX_ATTR_VOLUMES, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
+    StagedOp, Superblock, MAX_ATTR_BYTES, MAX_ATTR_VOLUMES, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
 };
 use crate::index::{crc_of, phys_of};
 use crate::state::{State, VolumeInfo, MAX_VOLUMES};
@@ -205,6 +205,7 @@ pub enum Request {
         last_tag: u64,
         trim_floor: u64,
         attr: Vec<u8>,
+        staged: StagedOp,
         reply: Reply<()>,
     },
     Checkpoint {
@@ -875,7 +876,7 @@ impl Core {
                     .collect();
                 self.scans.push_back(Scan { volume, since, segs, found: Vec::new(), reply });
             }
-            Request::SetRepl { volume, last_tag, trim_floor, attr, reply } => {
+            Request::SetRepl { volume, last_tag, trim_floor, attr, staged, reply } => {
                 let r = self.check_meta().and_then(|()| {
                     self.state.volumes.get(&volume).ok_or(Error::NoSuchVolume(volume))?;
                     if attr.len() > MAX_ATTR_BYTES {
@@ -897,7 +898,8 @@ impl Core {
                         let _ = reply.send(Err(e));
                     }
                     Ok(()) => {
-                        self.meta_op(MetaOp::SetRepl { volume, last_tag, trim_floor, attr }, Done::Unit(reply));
+                        let op = MetaOp::SetRepl { volume, last_tag, trim_floor, attr, staged };
+                        self.meta_op(op, Done::Unit(reply));
                         // A raised floor may unpin segments that are already empty.
                         for seg in 0..self.sb.n_segments {
                             self.check_segment_empty(seg);
@@ -1030,7 +1032,7 @@ impl Core {
                 if self.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
                     continue;
                 }
-                let entry = vol.index.get(lba);
+                let entry = vol.effective(lba);
                 let Some(phys) = phys_of(entry) else { continue };
                 match runs.last_mut() {
                     Some((idx, p, crcs))
@@ -1413,6 +1415,8 @@ impl Core {
             last_tag: 0,
             trim_floor: u64::MAX,
             attr: Vec::new(),
+            staged_blocks: 0,
+            resync_overflowed: false,
         };
         self.meta_op(MetaOp::Create { volume, size_bytes, name }, Done::Volume(reply, info));
     }
@@ -1468,7 +1472,7 @@ impl Core {
         if self.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
             return CurrentBlock::Known(Bytes::from_static(&ZERO_BLOCK));
         }
-        let entry = self.state.volumes.get(&volume).map(|v| v.index.get(lba)).unwrap_or(0);
+        let entry = self.state.volumes.get(&volume).map(|v| v.effective(lba)).unwrap_or(0);
         match phys_of(entry) {
             Some(phys) => CurrentBlock::OnDisk { phys, crc: crc_of(entry) },
             None => CurrentBlock::Known(Bytes::from_static(&ZERO_BLOCK)),
@@ -1693,6 +1697,11 @@ impl Core {
             _ => 0,
         };
         let free = self.free_segments() as u64;
+        if n_blocks == 0 {
+            // A trim only frees space. Its record (a header block or two) may use the cleaner's
+            // reserve: otherwise a store filled to the brim could never be emptied.
+            return open_room >= 3 || free > 0;
+        }
         let usable = free.saturating_sub(self.cfg.gc_reserve_segments as u64) * (seg_blocks - 1);
         let need = n_blocks + 8 + n_blocks / 32;
         open_room + usable >= need
@@ -2128,6 +2137,9 @@ impl Core {
                 last_tag: v.last_tag,
                 trim_floor: v.trim_floor,
                 attr: v.attr.clone(),
+                staged: v.staged.writes.iter().map(|(l, p)| (*l, *p)).collect(),
+                staged_trims: v.staged.trims.clone(),
+                resync_overflowed: v.staged.overflowed,
             });
             let mut run: Option<RunRec> = None;
             let runs = &mut data.runs;
@@ -2329,7 +2341,9 @@ impl Core {
         let owner = Bytes::from_owner(buf);
         let parse = walk_data_blocks(&self.sb, seg, &owner, |e, lba, phys, block_idx, crc| {
             let Some(vol) = self.state.volumes.get(&e.volume) else { return true };
-            let entry = vol.index.get(lba);
+            // Live in the index, or staged by an uncommitted resync (then its copy stays staged).
+            let staged = vol.staged.writes.get(&lba).copied().filter(|p| phys_of(*p) == Some(phys));
+            let entry = staged.unwrap_or_else(|| vol.index.get(lba));
             if phys_of(entry) != Some(phys) {
                 return true;
             }
@@ -2342,7 +2356,7 @@ impl Core {
             }
             copies.push_back(GcCopy {
                 volume: e.volume,
-                tag: Tag { seq: e.tag, resync: e.resync },
+                tag: Tag { seq: e.tag, resync: staged.is_some() },
                 lba,
                 old_phys: phys,
                 data_lsn: e.data_lsn,
@@ -2378,9 +2392,11 @@ impl Core {
         let mut queued = std::mem::take(queued);
         let mut added = 0usize;
         while let Some(c) = queued.front() {
-            let still_live =
-                self.state.volumes.get(&c.volume).is_some_and(|v| phys_of(v.index.get(c.lba)) == Some(c.old_phys))
-                    && !self.pending.contains_key(&(c.volume, c.lba));
+            let still_live = self.state.volumes.get(&c.volume).is_some_and(|v| {
+                let at =
+                    if c.tag.resync { v.staged.writes.get(&c.lba).copied().unwrap_or(0) } else { v.index.get(c.lba) };
+                phys_of(at) == Some(c.old_phys)
+            }) && !self.pending.contains_key(&(c.volume, c.lba));
             if !still_live {
                 queued.pop_front();
                 continue;
@@ -2469,7 +2485,9 @@ impl Core {
                 }
                 for i in 0..e.n_blocks {
                     let lba = e.lba.0 + i as u64;
-                    let live = lba < n_blocks && phys_of(vol.index.get(lba)) == Some(phys0 + i);
+                    let live = lba < n_blocks
+                        && (phys_of(vol.index.get(lba)) == Some(phys0 + i)
+                            || vol.staged.writes.get(&lba).and_then(|p| phys_of(*p)) == Some(phys0 + i));
                     if live {
                         found.push((lba, lba + 1));
                     }
@@ -2527,7 +2545,7 @@ impl Core {
         let vol = self.state.volumes.get(&volume).expect("checked");
         let (first, end) = (offset / BB, (offset + len) / BB);
         let mut out = vec![None; (end - first) as usize];
-        vol.index.for_each_in(first, end, |lba, e| out[(lba - first) as usize] = Some(crc_of(e)));
+        vol.for_each_effective(first, end, |lba, e| out[(lba - first) as usize] = Some(crc_of(e)));
         for &(_, v, s, e) in &self.pending_unmaps {
             if v == volume {
                 for lba in s.max(first)..e.min(end) {
@@ -2562,7 +2580,7 @@ impl Core {
         };
         let mut cursor = first;
         let mut mapped_lbas = Vec::new();
-        vol.index.for_each_in(first, last, |lba, _| mapped_lbas.push(lba));
+        vol.for_each_effective(first, last, |lba, _| mapped_lbas.push(lba));
         for (key, p) in &self.pending {
             if key.0 == volume && (first..last).contains(&key.1) && p.data.is_some() {
                 mapped_lbas.push(key.1);

@@ -501,7 +501,19 @@ pub enum MetaOp {
         last_tag: u64,
         trim_floor: u64,
         attr: Vec<u8>,
+        staged: StagedOp,
     },
+}
+
+/// What a [`MetaOp::SetRepl`] does with the volume's staged resync (see `state::Staged`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StagedOp {
+    #[default]
+    Keep,
+    /// The resync is complete: apply everything it staged, at once.
+    Commit,
+    /// Drop what an unfinished resync staged.
+    Discard,
 }
 
 impl MetaOp {
@@ -510,10 +522,15 @@ impl MetaOp {
             MetaOp::Create { volume, size_bytes, name } => (1u8, *volume, *size_bytes, name.as_bytes().to_vec()),
             MetaOp::Resize { volume, size_bytes } => (2, *volume, *size_bytes, Vec::new()),
             MetaOp::Delete { volume } => (3, *volume, 0, Vec::new()),
-            MetaOp::SetRepl { volume, last_tag, trim_floor, attr } => {
+            MetaOp::SetRepl { volume, last_tag, trim_floor, attr, staged } => {
                 let mut p = trim_floor.to_le_bytes().to_vec();
                 p.extend_from_slice(attr);
-                (4, *volume, *last_tag, p)
+                let op = match staged {
+                    StagedOp::Keep => 4,
+                    StagedOp::Commit => 5,
+                    StagedOp::Discard => 6,
+                };
+                (op, *volume, *last_tag, p)
             }
         };
         let mut b = vec![0u8; 16 + payload.len()];
@@ -544,11 +561,16 @@ impl MetaOp {
             }
             2 if payload_len == 0 => Ok(MetaOp::Resize { volume, size_bytes }),
             3 if payload_len == 0 => Ok(MetaOp::Delete { volume }),
-            4 if payload_len >= 8 && payload_len - 8 <= MAX_ATTR_BYTES => Ok(MetaOp::SetRepl {
+            op @ 4..=6 if payload_len >= 8 && payload_len - 8 <= MAX_ATTR_BYTES => Ok(MetaOp::SetRepl {
                 volume,
                 last_tag: size_bytes,
                 trim_floor: get_u64(payload, 0),
                 attr: payload[8..].to_vec(),
+                staged: match op {
+                    4 => StagedOp::Keep,
+                    5 => StagedOp::Commit,
+                    _ => StagedOp::Discard,
+                },
             }),
             _ => Err(DecodeError::Invalid("meta op")),
         }
@@ -745,7 +767,21 @@ mod tests {
             MetaOp::Create { volume: VolumeId(3), size_bytes: 1 << 40, name: "db-01".into() },
             MetaOp::Resize { volume: VolumeId(3), size_bytes: 4096 },
             MetaOp::Delete { volume: VolumeId(3) },
-            MetaOp::SetRepl { volume: VolumeId(3), last_tag: 9, trim_floor: 4, attr: b"epoch".to_vec() },
+            MetaOp::SetRepl {
+                volume: VolumeId(3),
+                last_tag: 9,
+                trim_floor: 4,
+                attr: b"epoch".to_vec(),
+                staged: StagedOp::Keep,
+            },
+            MetaOp::SetRepl { volume: VolumeId(3), last_tag: 9, trim_floor: 4, attr: vec![], staged: StagedOp::Commit },
+            MetaOp::SetRepl {
+                volume: VolumeId(3),
+                last_tag: 9,
+                trim_floor: 4,
+                attr: vec![],
+                staged: StagedOp::Discard,
+            },
         ] {
             assert_eq!(MetaOp::decode(&op.encode()).unwrap(), op);
         }

@@ -21,6 +21,7 @@ pub mod state;
 pub mod store;
 
 pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, MAX_CRC_BLOCKS, MAX_IO_BYTES};
+pub use format::StagedOp;
 pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 pub use state::{VolumeInfo, KEEP_LAST_TAG};
 pub use store::{CreateOptions, Pending, Store};

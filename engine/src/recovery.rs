@@ -15,7 +15,7 @@ use crate::format::{
     block_crc, CheckpointHeader, DecodeError, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock,
 };
 use crate::index::phys_of;
-use crate::state::{State, Volume, MAX_VOLUMES};
+use crate::state::{Staged, State, Volume, MAX_VOLUMES};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES};
 
 const BB: u64 = BLOCK_BYTES as u64;
@@ -247,6 +247,16 @@ fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData
     if d.entries.iter().any(|e| phys_of(*e).is_none_or(|p| p as u64 >= data_blocks)) {
         return Err("entry points outside the data area".into());
     }
+    for v in &d.volumes {
+        let size = sizes[&v.id];
+        if v.staged.len() > crate::state::MAX_STAGED_BLOCKS + 1
+            || v.staged_trims.len() > crate::state::MAX_STAGED_TRIMS + 1
+            || v.staged.iter().any(|(lba, e)| *lba >= size || phys_of(*e).is_none_or(|p| p as u64 >= data_blocks))
+            || v.staged_trims.iter().any(|(first, end)| first >= end || *end > size)
+        {
+            return Err("staged resync outside its volume or the data area".into());
+        }
+    }
     Ok(())
 }
 
@@ -300,9 +310,17 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
                 last_tag: v.last_tag,
                 trim_floor: v.trim_floor,
                 attr: v.attr.clone(),
+                staged: Staged {
+                    writes: v.staged.iter().copied().collect(),
+                    trims: v.staged_trims.clone(),
+                    overflowed: v.resync_overflowed,
+                },
                 ..Volume::new(VolumeId(v.id), v.name.clone(), v.size_bytes)
             },
         );
+        for (_, e) in &v.staged {
+            state.live[(phys_of(*e).expect("validated") / sb.segment_blocks) as usize] += 1;
+        }
     }
     let mut at = 0usize;
     for r in &ckpt.data.runs {
@@ -486,6 +504,16 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         }
     }
     report.last_lsn = Lsn(expected.0 - 1);
+    // A resync that never committed: its staged blocks are dropped, and the volume is the consistent
+    // image it was before the resync (one that overflowed staging stays inconsistent until a resync
+    // commits).
+    let staging: Vec<VolumeId> =
+        state.volumes.values().filter(|v| !v.staged.is_empty() && !v.staged.overflowed).map(|v| v.id).collect();
+    for v in staging {
+        let n = state.volumes[&v].staged.writes.len();
+        tracing::warn!("volume {v}: discarding an uncommitted resync ({n} staged blocks)");
+        state.discard_staged(v, |_| {});
+    }
 
     // Records beyond the end of the log: their durable_lsn tells whether the end was a torn tail
     // (nothing after it was ever acknowledged as durable) or corruption of durable data.

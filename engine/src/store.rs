@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Since, Stats};
 use crate::device::{Device, EventFd};
 use crate::error::{Error, Result};
+use crate::format::StagedOp;
 use crate::recovery::{self, RecoveryReport};
 use crate::state::VolumeInfo;
 use crate::types::{Lsn, Tag, VolumeId};
@@ -300,7 +301,33 @@ impl Store {
     /// trim floor and the replicator's blob. Durable when this returns, and so is every write queued
     /// before it (the log is durable as a prefix).
     pub async fn set_repl(&self, volume: VolumeId, last_tag: u64, trim_floor: u64, attr: Vec<u8>) -> Result<()> {
-        self.call(0, |reply| Request::SetRepl { volume, last_tag, trim_floor, attr, reply }).await
+        self.set_repl_staged(volume, last_tag, trim_floor, attr, StagedOp::Keep).await
+    }
+
+    /// [`Store::set_repl`] that also commits or discards the volume's staged resync (resync writes,
+    /// tagged [`Tag::resync`], are kept aside from the volume's committed image until then).
+    pub async fn set_repl_staged(
+        &self,
+        volume: VolumeId,
+        last_tag: u64,
+        trim_floor: u64,
+        attr: Vec<u8>,
+        staged: StagedOp,
+    ) -> Result<()> {
+        self.call(0, |reply| Request::SetRepl { volume, last_tag, trim_floor, attr, staged, reply }).await
+    }
+
+    /// Queues [`Store::set_repl_staged`] (see [`Store::enqueue_write`] for the ordering promise): a
+    /// resync's commit must take effect exactly between the writes queued before and after it.
+    pub async fn enqueue_set_repl_staged(
+        &self,
+        volume: VolumeId,
+        last_tag: u64,
+        trim_floor: u64,
+        attr: Vec<u8>,
+        staged: StagedOp,
+    ) -> Result<Pending<()>> {
+        self.enqueue(0, |reply| Request::SetRepl { volume, last_tag, trim_floor, attr, staged, reply }).await
     }
 
     /// A volume's description by id.

@@ -225,3 +225,74 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
         );
     });
 }
+
+/// A resync's writes and trims stay out of the volume's committed image until the commit: a crash
+/// before it recovers the image as it was (the staged blocks are dropped), reads meanwhile see the
+/// newest data, and the cleaner moving staged blocks does not lose them.
+#[test]
+fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
+    use syncblock_engine::StagedOp;
+    let rt = rt();
+    let disk = sim_disk(24 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 2 << 20)).unwrap();
+    rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
+    rt.block_on(async {
+        for lba in 0..16 {
+            tagged_write(&store, vol.id, lba, lba, Tag::seq(lba + 1)).await;
+        }
+        // The resync: rewrites 0..8, trims 8..12, all flagged.
+        for lba in 0..8 {
+            tagged_write(&store, vol.id, lba, 100 + lba, Tag::resync(50)).await;
+        }
+        store.enqueue_trim(vol.id, 8 * BB, 4 * BB, Tag::resync(50)).await.unwrap().wait().await.unwrap();
+        store.flush().await.unwrap();
+    });
+    // Reads see the newest (staged) data.
+    assert_eq!(&rt.block_on(store.read(vol.id, 0, BB)).unwrap()[..], &pattern(100, BLOCK_BYTES)[..]);
+    assert!(rt.block_on(store.read(vol.id, 8 * BB, BB)).unwrap().iter().all(|b| *b == 0));
+    assert_eq!(rt.block_on(store.volume_info(vol.id)).unwrap().staged_blocks, 8);
+    // A checkpoint carries the staged blocks; a crash before the commit drops them.
+    rt.block_on(store.checkpoint()).unwrap();
+    let (store2, disk2) = crash_and_reopen(store, &disk);
+    for lba in 0..16 {
+        let got = rt.block_on(store2.read(vol.id, lba * BB, BB)).unwrap();
+        assert_eq!(&got[..], &pattern(lba, BLOCK_BYTES)[..], "uncommitted resync visible at lba {lba} after a crash");
+    }
+    assert_eq!(rt.block_on(store2.volume_info(vol.id)).unwrap().staged_blocks, 0);
+
+    // Again, and this time the cleaner runs in between (rewriting 16..512 many times), then commit.
+    rt.block_on(async {
+        for lba in 0..8 {
+            tagged_write(&store2, vol.id, lba, 200 + lba, Tag::resync(60)).await;
+        }
+        store2.enqueue_trim(vol.id, 8 * BB, 4 * BB, Tag::resync(60)).await.unwrap().wait().await.unwrap();
+        let mut tag = 100;
+        for round in 0..14u64 {
+            for lba in 16..512 {
+                tag += 1;
+                tagged_write(&store2, vol.id, lba, round * 1000 + lba, Tag::resync(tag)).await;
+            }
+            store2.checkpoint().await.unwrap();
+        }
+    });
+    let info = rt.block_on(store2.volume_info(vol.id)).unwrap();
+    assert!(!info.resync_overflowed);
+    let stats = rt.block_on(store2.stats()).unwrap();
+    assert!(stats.segments_cleaned + stats.gc_blocks_copied > 0 || stats.log_blocks_written > 6144, "{stats:?}");
+    rt.block_on(store2.set_repl_staged(vol.id, 70, 0, Vec::new(), StagedOp::Commit)).unwrap();
+    let (store3, _disk3) = crash_and_reopen(store2, &disk2);
+    for lba in 0..8 {
+        let got = rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap();
+        assert_eq!(&got[..], &pattern(200 + lba, BLOCK_BYTES)[..], "committed resync lost at lba {lba}");
+    }
+    for lba in 8..12 {
+        assert!(rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap().iter().all(|b| *b == 0));
+    }
+    for lba in 12..16 {
+        assert_eq!(&rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap()[..], &pattern(lba, BLOCK_BYTES)[..]);
+    }
+    assert_eq!(&rt.block_on(store3.read(vol.id, 511 * BB, BB)).unwrap()[..], &pattern(13_000 + 511, BLOCK_BYTES)[..]);
+    let info = rt.block_on(store3.volume_info(vol.id)).unwrap();
+    assert_eq!((info.last_tag, info.staged_blocks), (70, 0));
+}

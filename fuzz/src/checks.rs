@@ -242,7 +242,11 @@ pub fn arbitrary_checkpoint(input: &mut Input) -> CheckpointData {
             let size_bytes = input.u64();
             let (last_tag, trim_floor) = (input.u64(), input.u64());
             let n = (input.u8() % 16) as usize;
-            VolumeRec { id, name, size_bytes, last_tag, trim_floor, attr: input.bytes(n).to_vec() }
+            let attr = input.bytes(n).to_vec();
+            let staged = (0..input.u8() % 3).map(|_| (input.u64(), input.u64())).collect();
+            let staged_trims = (0..input.u8() % 3).map(|_| (input.u64(), input.u64())).collect();
+            let resync_overflowed = input.u8() % 2 == 1;
+            VolumeRec { id, name, size_bytes, last_tag, trim_floor, attr, staged, staged_trims, resync_overflowed }
         })
         .collect();
     let segments = (0..input.u8() % 8)

@@ -179,7 +179,7 @@ impl Node {
             volume: self.inner.cfg.volume.clone(),
             node: self.inner.cfg.repl.node.clone(),
             epoch: state.epoch,
-            consistent: state.consistent,
+            consistent: crate::state::consistent_replica(&info),
             force: false,
         };
         let answer =
@@ -250,7 +250,8 @@ impl Node {
         }
         let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
         let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
-        if !state.consistent && !force {
+        let consistent = crate::state::consistent_replica(&info);
+        if !consistent && !force {
             return Err(ReplError::Refused(format!(
                 "{} holds a half-applied resync and cannot be promoted",
                 self.inner.cfg.volume
@@ -262,7 +263,7 @@ impl Node {
                     volume: self.inner.cfg.volume.clone(),
                     node: self.inner.cfg.repl.node.clone(),
                     epoch: state.epoch,
-                    consistent: state.consistent,
+                    consistent,
                     force,
                 };
                 Some(

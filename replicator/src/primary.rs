@@ -372,7 +372,7 @@ impl Primary {
         // Every start is a new epoch: after a crash this node may have lost tags its peer holds, and
         // must never assign the same (epoch, tag) to a different write.
         {
-            if !state.consistent {
+            if !crate::state::consistent_replica(&info) {
                 return Err(ReplError::Refused(format!(
                     "volume {volume_name} holds a half-applied resync; it cannot become primary: \
                      resync it from its peer first"
@@ -388,9 +388,14 @@ impl Primary {
             state.begin_epoch(epoch, info.last_tag + 1);
             tracing::info!(volume = volume_name, epoch, "taking the primary role");
         }
-        // Retain trims until the peer confirms it has them (the floor rises as it does).
+        // Retain trims until the peer confirms it has them (the floor rises as it does). An
+        // interrupted resync this node was receiving is dropped: its committed image is what it
+        // serves.
         let floor = info.trim_floor.min(info.last_tag);
-        store.set_repl(info.id, KEEP_LAST_TAG, floor, state.encode()).await?;
+        state.consistent = true;
+        store
+            .set_repl_staged(info.id, KEEP_LAST_TAG, floor, state.encode(), syncblock_engine::StagedOp::Discard)
+            .await?;
         let (peer, _) = watch::channel(PeerView::default());
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {

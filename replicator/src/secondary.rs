@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use syncblock_engine::{Pending, Since, Store, Tag, VolumeId};
+use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId};
 use tokio::sync::{mpsc, watch};
 
 use crate::link::{read_frame, write_frame};
@@ -76,7 +76,7 @@ enum Applied {
     /// A flush covering every tag up to this.
     Flush(u64, Pending<()>),
     /// The resync is complete up to this tag.
-    Commit(u64, Vec<u8>),
+    Commit(u64, Pending<()>),
     Pong(u64),
     Floor(u64),
     /// Block checksums asked by `CrcRequest { id, offset, .. }`.
@@ -297,8 +297,14 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                         s.resyncing = true;
                         s.consistent = false;
                     });
-                    // Marked inconsistent, durably, before the first resync write lands.
-                    persist(i, syncblock_engine::KEEP_LAST_TAG, 0).await?;
+                    // Marked as resyncing, durably, before the first resync write lands, and
+                    // whatever an interrupted earlier resync staged is dropped. The engine stages
+                    // the resync's writes, so the committed image stays consistent unless the
+                    // resync outgrows staging (see `state::consistent_replica`).
+                    let attr = i.state.lock().expect("state").encode();
+                    i.store
+                        .set_repl_staged(i.volume, syncblock_engine::KEEP_LAST_TAG, 0, attr, StagedOp::Discard)
+                        .await?;
                     continue;
                 }
                 Frame::ResyncCommit { tag, epoch: e, history } => {
@@ -312,7 +318,12 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                         s.consistent = true;
                         s.encode()
                     };
-                    Applied::Commit(tag, attr)
+                    // Queued here, in stream order: the commit must take effect after every resync
+                    // write and before every write the primary streams after it (queued by this
+                    // loop as soon as they arrive). The trim floor restarts at 0 (retain more);
+                    // heartbeats raise it again.
+                    let commit = i.store.enqueue_set_repl_staged(i.volume, tag, 0, attr, StagedOp::Commit).await?;
+                    Applied::Commit(tag, commit)
                 }
                 other => return Err(ReplError::Refused(format!("unexpected frame from the primary: {other:?}"))),
             };
@@ -350,9 +361,11 @@ async fn ack_loop(
                 p.wait().await?;
                 durable = durable.max(upto);
             }
-            Applied::Commit(tag, attr) => {
-                // Durable on return, with every write before it: the whole resync is now in place.
-                i.store.set_repl(i.volume, tag, floor, attr).await?;
+            Applied::Commit(tag, commit) => {
+                // Durable when it completes, with every write before it: the engine applies every
+                // staged resync block in this one record.
+                commit.wait().await?;
+                floor = 0;
                 applied = tag;
                 durable = tag;
                 i.status.send_modify(|s| {

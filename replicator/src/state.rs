@@ -79,6 +79,14 @@ impl ReplState {
     }
 }
 
+/// Whether a volume's committed image is a consistent replica: no resync is half-applied to it.
+/// A resync stages its writes in the engine until it commits, so an interrupted one leaves the
+/// committed image as it was, unless it outgrew staging (then the engine reports an overflow and
+/// the image is inconsistent until a resync commits).
+pub fn consistent_replica(info: &syncblock_engine::VolumeInfo) -> bool {
+    ReplState::decode(&info.attr).is_none_or(|s| s.consistent) || !info.resync_overflowed
+}
+
 /// The epoch whose primary assigned `tag` in `history`, or None if the history does not reach back
 /// that far (or `tag` is 0, the empty prefix).
 fn covering(history: &[EpochStart], tag: u64) -> Option<EpochStart> {

@@ -244,10 +244,18 @@ async fn image_of(store: &Store) -> Option<Vec<u64>> {
     store.read(v.id, 0, N_LBAS * BB).await.ok().map(|d| versions(&d))
 }
 
-/// Whether the volume on this store is a consistent replica (not mid-resync).
+/// Whether the volume's live image is a consistent replica: not mid-resync (reads then see the
+/// resync's staged blocks too).
 async fn consistent(store: &Store) -> bool {
     let Ok(v) = store.volume("v").await else { return false };
-    ReplState::decode(&v.attr).is_none_or(|s| s.consistent)
+    ReplState::decode(&v.attr).is_none_or(|s| s.consistent) && v.staged_blocks == 0
+}
+
+/// Whether a recovered store's volume is a consistent replica: recovery drops an uncommitted
+/// resync's staged blocks, so only a resync that outgrew staging leaves it inconsistent.
+async fn consistent_after_recovery(store: &Store) -> bool {
+    let Ok(v) = store.volume("v").await else { return false };
+    syncblock_replicator::state::consistent_replica(&v)
 }
 
 async fn run_seed(seed: u64) -> Result<String, String> {
@@ -339,8 +347,17 @@ async fn run_seed(seed: u64) -> Result<String, String> {
     for step in 0..24u64 {
         tokio::time::sleep(Duration::from_millis(60 + rng.below(180))).await;
         let mut w = world.lock().await;
-        // Look at the secondary: if it is a consistent replica, it must be a prefix.
-        if let Some(i) = (0..2).find(|&i| w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary())) {
+        // Look at the secondary: if it follows the primary (in sync, not mid-resync), it must be a
+        // prefix of the primary's history. (A node just deposed holds a prefix of its own branch
+        // until the new primary rolls it back: it is not following yet.)
+        let following = match w.primary() {
+            Some((pi, p)) => {
+                let st = p.status().await;
+                (st.peer.connected && st.peer.in_sync).then_some(1 - pi)
+            }
+            None => None,
+        };
+        if let Some(i) = following.filter(|&i| w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary())) {
             let store = w.nodes[i].store.clone().unwrap();
             if consistent(&store).await {
                 if let Some(img) = image_of(&store).await {
@@ -395,7 +412,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                     _ => rng.below(2) as usize,
                 };
                 let name = w.nodes[i].name;
-                let was_secondary = w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary());
+                let was_secondary = following == Some(i) && w.nodes[i].node.as_ref().is_some_and(|n| !n.is_primary());
                 w.power_cut(i, seed ^ step).await;
                 model.lock().unwrap().power_cut();
                 power_cuts += 1;
@@ -407,7 +424,7 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 .await
                 .unwrap()
                 .map_err(|e| format!("seed {seed}: {name} does not reopen after a power cut: {e}"))?;
-                if was_secondary && consistent(&store).await {
+                if was_secondary && consistent_after_recovery(&store).await {
                     if let Some(img) = image_of(&store).await {
                         model
                             .lock()
