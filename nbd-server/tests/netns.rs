@@ -1,0 +1,649 @@
+//! Network partitions between real `syncblock` processes. Node A, node B and the witness W each run
+//! in a network namespace of their own, joined by one veth pair per link (A–B, A–W, B–W, a /30
+//! each), so that any link can be cut alone. A cut puts a `blackhole` qdisc on both ends of the
+//! link: every packet is dropped silently, as in a real partition (no RST, no "unreachable", the
+//! interfaces stay up and keep their addresses); deleting the qdiscs heals the link.
+//!
+//! Scenarios: the A–B link cut while both still see the witness (A continues alone with the
+//! witness's consent, B is refused promotion: no split brain); A cut from everything (B is
+//! promoted, A acknowledges nothing, and once healed A steps down, loses its unreplicated write and
+//! is resynced); the witness unreachable from A only (nothing changes for clients, B stays
+//! secondary). Each ends with `syncblock verify` on the pair and fio's crc32c verification of a
+//! store on its own.
+//!
+//! Needs root (ip netns, tc), iproute2, fio and qemu-utils; under CI (`CI` set) a missing
+//! prerequisite fails the test, elsewhere the test says why and skips. Namespaces are named after
+//! the test process's pid, so concurrent runs do not collide; a guard kills every process in them
+//! and deletes them even after a panic (printing the nodes' logs), and namespaces left behind by a
+//! killed run are deleted by the next one. The tests take turns: their timings (1 s heartbeat
+//! timeouts) should not depend on each other's load. `SYNCBLOCK_NETNS_LOGS=1` prints the logs of
+//! the witness and the nodes after passing runs too.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::tools::{path, tool};
+
+/// Longest wait for a process to print its address or exit, or for the pair to settle.
+const WAIT_MAX: Duration = Duration::from_secs(60);
+/// Heartbeat timeout of both nodes (`--repl-timeout-ms`) and of the witness (`--timeout-ms`):
+/// short, so that every outage in these tests is detected within seconds.
+const TIMEOUT_MS: u64 = 1000;
+/// How long B is watched during an outage: four timeouts, long enough for its failover watcher to
+/// have asked the witness (it does after two).
+const WATCH: Duration = Duration::from_secs(4);
+/// Every namespace these tests create starts with this, then the pid of the test process.
+const NS_PREFIX: &str = "sbnet-";
+const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
+/// Inside each node's namespace: its NBD export, admin endpoint and replication port. Every host
+/// has its own namespace, so fixed ports cannot collide with anything else on the machine.
+const NBD_URI: &str = "nbd://127.0.0.1:10809/vol";
+const SOLO_URI: &str = "nbd://127.0.0.1:10811/vol";
+const ADMIN: &str = "127.0.0.1:7200";
+const REPL_PORT: u16 = 7001;
+const WITNESS_PORT: u16 = 7100;
+
+/// One test at a time (see the file doc).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Host {
+    A,
+    B,
+    W,
+}
+use Host::{A, B, W};
+
+impl Host {
+    fn tag(self) -> &'static str {
+        match self {
+            A => "a",
+            B => "b",
+            W => "w",
+        }
+    }
+}
+
+/// The links: (x, y, n): x is 10.77.n.1 and y is 10.77.n.2 on link n; in x's namespace the
+/// interface is named `to-y`, in y's `to-x`.
+const LINKS: [(Host, Host, u8); 3] = [(A, B, 1), (A, W, 2), (B, W, 3)];
+
+fn link(x: Host, y: Host) -> (Host, Host, u8) {
+    *LINKS.iter().find(|l| (l.0, l.1) == (x, y) || (l.0, l.1) == (y, x)).expect("a link")
+}
+
+/// The address of `host` on its link to `other`.
+fn addr(host: Host, other: Host) -> String {
+    let (x, _, n) = link(host, other);
+    format!("10.77.{n}.{}", if host == x { 1 } else { 2 })
+}
+
+/// Runs a command (no timeout: used for `ip` and `tc`, which do not block); its stdout, or why it
+/// failed.
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd).args(args).env("PATH", path()).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{cmd} {args:?}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn must(cmd: &str, args: &[&str]) -> String {
+    run(cmd, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Why this machine cannot run the tests, if it cannot.
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root for ip netns and tc".into());
+    }
+    for (name, package) in [("ip", "iproute2"), ("tc", "iproute2"), ("fio", "fio"), ("qemu-io", "qemu-utils")] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
+        if !found.is_ok_and(|o| o.status.success()) {
+            return Some(format!("{name} is not installed (package {package}; .ci/run installs it)"));
+        }
+    }
+    // What a cut needs: a namespace, and a blackhole qdisc in it.
+    let probe = format!("{NS_PREFIX}{}-probe", std::process::id());
+    let r = run("ip", &["netns", "add", &probe])
+        .and_then(|_| run("tc", &["-n", &probe, "qdisc", "add", "dev", "lo", "root", "blackhole"]));
+    let _ = run("ip", &["netns", "del", &probe]);
+    r.err().map(|e| format!("cannot set up a network namespace with a blackhole qdisc: {e}"))
+}
+
+/// The turn of one test, or None if the machine cannot run it; panics under CI when it cannot,
+/// so CI never passes by skipping.
+fn begin() -> Option<MutexGuard<'static, ()>> {
+    // Probed once per process: the tests run on parallel threads.
+    static MISSING: OnceLock<Option<String>> = OnceLock::new();
+    if let Some(why) = MISSING.get_or_init(missing_prerequisite) {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(!ci, "the network namespace tests cannot run in CI: {why}");
+        eprintln!("skipping the network namespace test: {why}");
+        return None;
+    }
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Kills every process in a namespace.
+fn kill_all_in(ns: &str) {
+    for pid in run("ip", &["netns", "pids", ns]).unwrap_or_default().split_whitespace() {
+        if let Ok(pid) = pid.parse::<libc::pid_t>() {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Deletes the namespaces of test processes that no longer exist (a run killed before its guard
+/// could clean up).
+fn remove_stale_namespaces() {
+    for line in run("ip", &["netns", "list"]).unwrap_or_default().lines() {
+        let Some(ns) = line.split_whitespace().next() else { continue };
+        let Some(rest) = ns.strip_prefix(NS_PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_all_in(ns);
+            let _ = run("ip", &["netns", "del", ns]);
+        }
+    }
+}
+
+/// Three namespaces joined by three links, and a directory for the stores, logs and the witness's
+/// state. Dropping it kills every process left in the namespaces and deletes them; their veth
+/// interfaces go with them.
+struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        static RUN: AtomicU32 = AtomicU32::new(0);
+        remove_stale_namespaces();
+        let prefix = format!("{NS_PREFIX}{}-{}-", std::process::id(), RUN.fetch_add(1, Ordering::Relaxed));
+        // Not /tmp, which may be a tmpfs without O_DIRECT.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+        // From here on the guard undoes whatever part of the setup happened.
+        let lab = Lab { prefix, dir };
+        for h in [A, B, W] {
+            must("ip", &["netns", "add", &lab.ns(h)]);
+            must("ip", &["-n", &lab.ns(h), "link", "set", "lo", "up"]);
+        }
+        for (x, y, _) in LINKS {
+            let (ix, iy) = (format!("to-{}", y.tag()), format!("to-{}", x.tag()));
+            // Created directly in the namespaces: the names never exist in the host's.
+            must(
+                "ip",
+                &["link", "add", &ix, "netns", &lab.ns(x), "type", "veth", "peer", "name", &iy, "netns", &lab.ns(y)],
+            );
+            for (h, other, i) in [(x, y, &ix), (y, x, &iy)] {
+                must("ip", &["-n", &lab.ns(h), "addr", "add", &format!("{}/30", addr(h, other)), "dev", i]);
+                must("ip", &["-n", &lab.ns(h), "link", "set", i, "up"]);
+            }
+        }
+        lab
+    }
+
+    fn ns(&self, h: Host) -> String {
+        format!("{}{}", self.prefix, h.tag())
+    }
+
+    /// Drops every packet between `x` and `y`, both ways.
+    fn cut(&self, x: Host, y: Host) {
+        for (h, other) in [(x, y), (y, x)] {
+            let dev = format!("to-{}", other.tag());
+            must("tc", &["-n", &self.ns(h), "qdisc", "add", "dev", &dev, "root", "blackhole"]);
+        }
+    }
+
+    fn heal(&self, x: Host, y: Host) {
+        for (h, other) in [(x, y), (y, x)] {
+            let dev = format!("to-{}", other.tag());
+            must("tc", &["-n", &self.ns(h), "qdisc", "del", "dev", &dev, "root"]);
+        }
+    }
+
+    /// Runs `prog args…` in `host`'s namespace, under `tool`'s 60 s timeout.
+    fn exec(&self, host: Host, prog: &str, args: &[&str]) -> (i32, String, String) {
+        let ns = self.ns(host);
+        let mut all = vec!["netns", "exec", ns.as_str(), prog];
+        all.extend_from_slice(args);
+        tool("ip", &all)
+    }
+
+    fn exec_ok(&self, host: Host, prog: &str, args: &[&str]) -> String {
+        let (code, so, se) = self.exec(host, prog, args);
+        assert_eq!(code, 0, "{prog} {args:?} in {host:?} failed:\nstdout:\n{so}\nstderr:\n{se}");
+        so
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    fn witness_state(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("witness.state")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("SYNCBLOCK_NETNS_LOGS").is_some() {
+            for name in ["witness.log", "a.log", "b.log"] {
+                let text = self.log(name);
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("---- {name} of {} (last 300 lines)", self.prefix);
+                for l in &lines[lines.len().saturating_sub(300)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for h in [A, B, W] {
+            kill_all_in(&self.ns(h));
+            let _ = run("ip", &["netns", "del", &self.ns(h)]);
+        }
+    }
+}
+
+/// A `syncblock` process in a namespace, killed (SIGKILL) and reaped on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// `syncblock args…` in `host`'s namespace, stderr appended to `log` in the lab's directory.
+    fn spawn(lab: &Lab, host: Host, log: &str, args: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir.path().join(log)).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &lab.ns(host), BIN]).args(args).env("PATH", path());
+        cmd.stdout(Stdio::piped()).stderr(log);
+        // `ip netns exec` execs the binary in place, so this child is the syncblock process; it
+        // dies with the test even when the test process is killed and no destructor runs.
+        // SAFETY: prctl is async-signal-safe and touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn().expect("spawn syncblock");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for the first printed line that starts with `prefix`.
+    fn wait_line(&self, prefix: &str) {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return,
+                Ok(_) => {}
+                Err(e) => panic!("syncblock printed no line starting with {prefix:?} ({e})"),
+            }
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "syncblock exited with {status} after SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "syncblock did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn witness(lab: &Lab) -> Proc {
+    let state = lab.dir.path().join("witness.state");
+    let p = Proc::spawn(
+        lab,
+        W,
+        "witness.log",
+        &[
+            "witness",
+            &format!("--listen=0.0.0.0:{WITNESS_PORT}"),
+            &format!("--state={}", state.display()),
+            &format!("--timeout-ms={TIMEOUT_MS}"),
+        ],
+    );
+    p.wait_line("witness on ");
+    p
+}
+
+/// Node A or B serving "vol" (64 MiB) on `NBD_URI` in its namespace, replicating over the A–B link
+/// and reaching the witness over its own link to W.
+fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
+    let peer = if host == A { B } else { A };
+    let store = lab.dir.path().join(format!("{}.img", host.tag()));
+    let p = Proc::spawn(
+        lab,
+        host,
+        &format!("{}.log", host.tag()),
+        &[
+            "--store",
+            store.to_str().unwrap(),
+            "serve",
+            "--size=1GiB",
+            "--volume=vol:64MiB",
+            "--listen=127.0.0.1:10809",
+            &format!("--role={role}"),
+            &format!("--repl-listen={}:{REPL_PORT}", addr(host, peer)),
+            &format!("--peer={}:{REPL_PORT}", addr(peer, host)),
+            &format!("--witness={}:{WITNESS_PORT}", addr(W, host)),
+            &format!("--policy={policy}"),
+            &format!("--node={}", host.tag()),
+            &format!("--repl-timeout-ms={TIMEOUT_MS}"),
+            &format!("--admin={ADMIN}"),
+        ],
+    );
+    p.wait_line("admin endpoint on ");
+    p.wait_line("nbd://");
+    p
+}
+
+/// `host`'s store on its own (no replication), served on `SOLO_URI` in its namespace. The node
+/// must be stopped.
+fn solo(lab: &Lab, host: Host) -> Proc {
+    let store = lab.dir.path().join(format!("{}.img", host.tag()));
+    let p = Proc::spawn(
+        lab,
+        host,
+        &format!("{}-solo.log", host.tag()),
+        &["--store", store.to_str().unwrap(), "serve", "--listen=127.0.0.1:10811"],
+    );
+    p.wait_line("nbd://");
+    p
+}
+
+/// `syncblock status` of a node, from inside its namespace.
+fn status(lab: &Lab, host: Host) -> String {
+    lab.exec_ok(host, BIN, &["status", "--admin", ADMIN])
+}
+
+/// `syncblock verify` on the primary `host`: the replicas must not differ.
+fn verify_clean(lab: &Lab, host: Host) {
+    let out = lab.exec_ok(host, BIN, &["verify", "--admin", ADMIN]);
+    assert!(out.contains("\"ok\":true") && out.contains("\"blocks_differing\":0,"), "{out}");
+}
+
+/// A number field of a status line.
+fn field_u64(json: &str, key: &str) -> u64 {
+    let key = format!("\"{key}\":");
+    let at = json.find(&key).unwrap_or_else(|| panic!("no {key} in {json}")) + key.len();
+    json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().expect("a number")
+}
+
+/// Polls `probe` every 100 ms until it holds; how long that took.
+fn wait_for(what: &str, mut probe: impl FnMut() -> Result<(), String>) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        match probe() {
+            Ok(()) => return t0.elapsed(),
+            Err(last) => assert!(t0.elapsed() < WAIT_MAX, "{what}: not within {WAIT_MAX:?}; last: {last}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn check(cond: bool, text: String) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// The pair in sync: A primary with RPO = 0, B secondary.
+fn wait_in_sync(lab: &Lab, primary: Host, secondary: Host) {
+    wait_for("the pair in sync", || {
+        let st = status(lab, primary);
+        check(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), st)?;
+        let st = status(lab, secondary);
+        check(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":true"), st)
+    });
+}
+
+/// fio's crc32c workload on 8 MiB at `offset`: writes and verifies (`--do_verify=1`), or checks a
+/// region written earlier with the same seed (`--verify_only`).
+fn fio(lab: &Lab, host: Host, uri: &str, offset: &str, mode: &str) -> String {
+    let args = [
+        "--name=netns",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        &format!("--offset={offset}"),
+        "--size=8M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--randseed=77",
+        "--end_fsync=1",
+        "--verify_state_save=0",
+        mode,
+    ];
+    let out = lab.exec_ok(host, "fio", &args);
+    assert!(out.contains(if mode == "--verify_only" { "READ:" } else { "WRITE:" }), "{out}");
+    out
+}
+
+/// One qemu-io command on `uri` from `host`, killed after `limit_secs`; whether it succeeded, and
+/// its output.
+fn qemu_io(lab: &Lab, host: Host, uri: &str, cmd: &str, limit_secs: u32) -> (bool, String) {
+    let limit = limit_secs.to_string();
+    let (code, so, se) = lab.exec(host, "timeout", &["-s", "KILL", &limit, "qemu-io", "-f", "raw", "-c", cmd, uri]);
+    let failed = so.contains("failed") || so.contains("Pattern verification") || se.contains("failed");
+    (code == 0 && !failed, format!("exit {code}\n{so}{se}"))
+}
+
+fn write_ok(lab: &Lab, host: Host, cmd: &str) {
+    let (done, out) = qemu_io(lab, host, NBD_URI, cmd, 30);
+    assert!(done, "{cmd:?} through {host:?}: {out}");
+}
+
+#[test]
+fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promoted() {
+    let Some(_turn) = begin() else { return };
+    let lab = Lab::new();
+    let _w = witness(&lab);
+    let b = node(&lab, B, "secondary", "degrade");
+    let a = node(&lab, A, "primary", "degrade");
+    wait_in_sync(&lab, A, B);
+    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+    assert_eq!(lab.witness_state(), "vol 1 a false\n");
+
+    lab.cut(A, B);
+    let cut = Instant::now();
+    // A write right after the cut waits until A has missed B for the timeout and the witness
+    // consents to A continuing alone; then it completes.
+    write_ok(&lab, A, "write -P 0x31 40M 64k");
+    println!("A–B cut: a write through A completed alone after {:?}", cut.elapsed());
+    let st = status(&lab, A);
+    assert!(
+        st.contains("\"role\":\"primary\"") && st.contains("\"solo\":true") && st.contains("\"rpo_zero\":false"),
+        "{st}"
+    );
+    assert_eq!(lab.witness_state(), "vol 1 a true\n", "the witness records that A is alone");
+
+    // A keeps serving; B, which lost A but still reaches the witness, must stay secondary.
+    std::thread::scope(|s| {
+        let load = s.spawn(|| fio(&lab, A, NBD_URI, "16M", "--do_verify=1"));
+        while cut.elapsed() < WATCH || !load.is_finished() {
+            let st = status(&lab, B);
+            assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":false"), "{st}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        load.join().expect("fio through A during the cut");
+    });
+    // Not vacuous: B did ask the witness to take over, and was refused.
+    wait_for("B's refused takeover in its log", || {
+        let log = lab.log("b.log");
+        check(log.contains("not taking over"), "no \"not taking over\" in b.log".into())
+    });
+    assert!(!lab.log("b.log").contains("automatic failover"), "{}", lab.log("b.log"));
+    // B's export stays read-only: no client can write on both sides.
+    let (done, out) = qemu_io(&lab, B, NBD_URI, "write -P 0x66 48M 4k", 10);
+    assert!(!done, "a write through the secondary succeeded during the cut: {out}");
+
+    lab.heal(A, B);
+    let healed = Instant::now();
+    wait_in_sync(&lab, A, B);
+    println!("A–B healed: B resynced and in sync after {:?}", healed.elapsed());
+    wait_for("the witness hears that the pair is in sync again", || {
+        check(lab.witness_state() == "vol 1 a false\n", lab.witness_state())
+    });
+    assert!(status(&lab, B).contains("\"role\":\"secondary\""));
+    verify_clean(&lab, A);
+    a.stop();
+    b.stop();
+
+    // B's store on its own holds every write A acknowledged, before and during the cut.
+    let sb = solo(&lab, B);
+    fio(&lab, B, SOLO_URI, "0", "--verify_only");
+    fio(&lab, B, SOLO_URI, "16M", "--verify_only");
+    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0x31 40M 64k", 30);
+    assert!(done, "{out}");
+    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0 48M 4k", 30);
+    assert!(done, "{out}");
+    sb.stop();
+}
+
+#[test]
+fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins_rolled_back() {
+    let Some(_turn) = begin() else { return };
+    let lab = Lab::new();
+    let _w = witness(&lab);
+    let b = node(&lab, B, "secondary", "degrade");
+    let a = node(&lab, A, "primary", "degrade");
+    wait_in_sync(&lab, A, B);
+    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+    let tag_before = field_u64(&status(&lab, A), "last_tag");
+
+    lab.cut(A, B);
+    lab.cut(A, W);
+    let cut = Instant::now();
+    let failover = std::thread::scope(|s| {
+        // A client writing through the isolated A: it must never be acknowledged.
+        let isolated = s.spawn(|| qemu_io(&lab, A, NBD_URI, "write -P 0x77 44M 64k", 6));
+        // Meanwhile: time until B is primary and has accepted a write.
+        wait_for("B promoted and accepting writes", || {
+            let st = status(&lab, B);
+            check(st.contains("\"role\":\"primary\""), st)?;
+            let (done, out) = qemu_io(&lab, B, NBD_URI, "write -P 0x11 40M 4k", 30);
+            check(done, out)
+        });
+        let failover = cut.elapsed();
+        let (done, out) = isolated.join().expect("write through A");
+        assert!(!done, "a write through the isolated primary completed: {out}");
+        failover
+    });
+    println!("A isolated: B promoted and accepted a write {failover:?} after the cut");
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    // A still thinks it is primary but is not alone with the witness's consent, and holds the
+    // unacknowledged write in its log (so the rollback below is not vacuous).
+    let st = status(&lab, A);
+    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"solo\":false"), "{st}");
+    assert!(field_u64(&st, "last_tag") > tag_before, "the isolated write never reached A's log: {st}");
+    assert_eq!(lab.witness_state(), "vol 2 b true\n");
+    // B serves alone.
+    fio(&lab, B, NBD_URI, "16M", "--do_verify=1");
+
+    lab.heal(A, B);
+    lab.heal(A, W);
+    let healed = Instant::now();
+    wait_in_sync(&lab, B, A);
+    println!("healed: A stepped down and was resynced after {:?}", healed.elapsed());
+    assert!(lab.log("a.log").contains("stepping down"), "{}", lab.log("a.log"));
+    wait_for("the witness hears that the pair is in sync again", || {
+        check(lab.witness_state() == "vol 2 b false\n", lab.witness_state())
+    });
+    verify_clean(&lab, B);
+    // Every write acknowledged, through A before the cut and through B after, is on B.
+    fio(&lab, B, NBD_URI, "0", "--verify_only");
+    fio(&lab, B, NBD_URI, "16M", "--verify_only");
+    b.stop();
+    a.stop();
+
+    // A's store on its own: the surviving history, without A's unacknowledged write.
+    let sa = solo(&lab, A);
+    fio(&lab, A, SOLO_URI, "0", "--verify_only");
+    fio(&lab, A, SOLO_URI, "16M", "--verify_only");
+    let (done, out) = qemu_io(&lab, A, SOLO_URI, "read -P 0x11 40M 4k", 30);
+    assert!(done, "{out}");
+    let (done, out) = qemu_io(&lab, A, SOLO_URI, "read -P 0 44M 64k", 30);
+    assert!(done, "A's unreplicated write was not rolled back: {out}");
+    sa.stop();
+}
+
+#[test]
+fn witness_unreachable_from_the_primary_only_changes_nothing_for_clients() {
+    let Some(_turn) = begin() else { return };
+    let lab = Lab::new();
+    let _w = witness(&lab);
+    let b = node(&lab, B, "secondary", "strict");
+    let a = node(&lab, A, "primary", "strict");
+    wait_in_sync(&lab, A, B);
+    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+
+    lab.cut(A, W);
+    let cut = Instant::now();
+    std::thread::scope(|s| {
+        let load = s.spawn(|| fio(&lab, A, NBD_URI, "16M", "--do_verify=1"));
+        while cut.elapsed() < WATCH || !load.is_finished() {
+            let st = status(&lab, B);
+            assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":true"), "{st}");
+            let st = status(&lab, A);
+            assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        load.join().expect("fio through A without the witness");
+    });
+    // Well after the witness stopped hearing from A, a write still completes at once.
+    let t0 = Instant::now();
+    write_ok(&lab, A, "write -P 0x33 40M 64k");
+    println!("A–W cut for {:?}: a write through A took {:?}", cut.elapsed(), t0.elapsed());
+    assert!(lab.log("a.log").contains("witness unreachable"), "{}", lab.log("a.log"));
+    assert_eq!(lab.witness_state(), "vol 1 a false\n", "the witness changed its record");
+
+    lab.heal(A, W);
+    wait_in_sync(&lab, A, B);
+    verify_clean(&lab, A);
+    a.stop();
+    b.stop();
+    let sb = solo(&lab, B);
+    fio(&lab, B, SOLO_URI, "0", "--verify_only");
+    fio(&lab, B, SOLO_URI, "16M", "--verify_only");
+    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0x33 40M 64k", 30);
+    assert!(done, "{out}");
+    sb.stop();
+}
