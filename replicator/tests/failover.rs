@@ -140,3 +140,58 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
     node_b.stop().await;
     witness_task.abort();
 }
+
+/// Under the degrade policy the primary keeps writing while its peer is away; when the peer
+/// returns, the resync ships each block changed meanwhile once, however often it was rewritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = tokio::task::spawn_blocking({
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        move || (store(&a), store(&b))
+    })
+    .await
+    .unwrap();
+    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = witness_listener.local_addr().unwrap();
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(witness_listener),
+        dir.path().join("witness.state"),
+        Duration::from_millis(800),
+    ));
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    let pa = node_a.primary().unwrap();
+    let mut v = pa.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+    for k in 0..64u64 {
+        pa.write(k * BB, block(k), false).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+
+    // The secondary goes away; the primary carries on alone once the witness consents.
+    node_b.stop().await;
+    let distinct = 500u64;
+    for round in 0..3u64 {
+        for k in 0..distinct {
+            let w = pa.write((1000 + k) * BB, block(round * 10_000 + k), false);
+            tokio::time::timeout(Duration::from_secs(10), w).await.expect("solo write").unwrap();
+        }
+    }
+    pa.flush().await.unwrap();
+    assert!(pa.status().await.peer.solo);
+
+    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
+    let mut v = pa.peer_view();
+    tokio::time::timeout(Duration::from_secs(20), v.wait_for(|v| v.in_sync && v.connected)).await.unwrap().unwrap();
+    let shipped = pa.status().await.peer.resync_bytes_shipped;
+    let ratio = shipped as f64 / (distinct * BB) as f64;
+    println!("resync shipped {shipped} bytes for {} distinct bytes: {ratio:.3}", distinct * BB);
+    assert!(ratio <= 1.1, "resync shipped {shipped} bytes for {} distinct bytes written", distinct * BB);
+    pa.flush().await.unwrap();
+    assert_eq!(image(&a).await, image(&b).await);
+    node_a.stop().await;
+    node_b.stop().await;
+    witness_task.abort();
+}
