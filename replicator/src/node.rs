@@ -159,7 +159,7 @@ impl Node {
         };
         match role {
             Role::Primary if node.inner.cfg.repl.witness.is_some() => node.restart_as_primary().await?,
-            Role::Primary => node.become_primary(None).await?,
+            Role::Primary => node.become_primary(None, false).await?,
             Role::Secondary => node.become_secondary().await?,
         }
         Ok(node)
@@ -172,7 +172,7 @@ impl Node {
         let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
         if state.epoch == 0 {
             // First start ever: the primary's first report registers it at the witness.
-            return self.become_primary(None).await;
+            return self.become_primary(None, false).await;
         }
         let witness = self.inner.cfg.repl.witness.expect("checked by the caller");
         let req = Frame::WitnessPromote {
@@ -185,7 +185,7 @@ impl Node {
         let answer =
             crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout).await;
         match answer {
-            Ok(r) => self.become_primary(Some(r.epoch)).await,
+            Ok(r) => self.become_primary(Some(r.epoch), r.solo).await,
             Err(ReplError::Refused(why)) => {
                 tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({why}); starting as secondary");
                 self.become_secondary().await
@@ -266,17 +266,14 @@ impl Node {
                     consistent,
                     force,
                 };
-                Some(
-                    crate::witness::ask(self.inner.cfg.repl.net.as_ref(), w, &req, self.inner.cfg.repl.timeout)
-                        .await?
-                        .epoch,
-                )
+                Some(crate::witness::ask(self.inner.cfg.repl.net.as_ref(), w, &req, self.inner.cfg.repl.timeout).await?)
             }
             None => None,
         };
         tracing::warn!(volume = %self.inner.cfg.volume, ?granted, "promoting this node to primary");
         self.stop_current().await;
-        self.become_primary_locked(granted).await?;
+        let solo = granted.as_ref().is_some_and(|r| r.solo);
+        self.become_primary_locked(granted.map(|r| r.epoch), solo).await?;
         Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
     }
 
@@ -311,20 +308,28 @@ impl Node {
         }
     }
 
-    async fn become_primary(&self, granted: Option<u64>) -> Result<()> {
+    async fn become_primary(&self, granted: Option<u64>, solo: bool) -> Result<()> {
         let _g = self.inner.changing.lock().await;
-        self.become_primary_locked(granted).await
+        self.become_primary_locked(granted, solo).await
     }
 
     // Boxed: role changes start tasks that change roles again, and the compiler needs the cycle
     // of futures broken by a named, `Send` type.
-    fn become_primary_locked(&self, granted: Option<u64>) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.become_primary_inner(granted))
+    fn become_primary_locked(&self, granted: Option<u64>, solo: bool) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.become_primary_inner(granted, solo))
     }
 
-    async fn become_primary_inner(&self, granted: Option<u64>) -> Result<()> {
+    async fn become_primary_inner(&self, granted: Option<u64>, solo: bool) -> Result<()> {
         let c = &self.inner.cfg;
-        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted).await?;
+        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted, solo).await?;
+        // A primary keeps its replication port open: a newer primary that reaches it there (when
+        // the witness cannot) tells it that it was deposed.
+        match c.repl.net.bind(c.repl_listen).await {
+            Ok(l) => {
+                tokio::spawn(listen_for_successor(l, p.clone(), c.repl.timeout));
+            }
+            Err(e) => tracing::debug!(volume = %c.volume, "primary cannot listen on {}: {e}", c.repl_listen),
+        }
         *self.inner.current.lock().expect("role") = Current::Primary(p.clone());
         *self.inner.promoted_at.lock().expect("promoted") = Some(Instant::now());
         self.inner.role_changes.send_modify(|n| *n += 1);
@@ -387,14 +392,47 @@ async fn bind_retrying(net: &dyn crate::net::Net, addr: SocketAddr) -> Result<cr
     Err(last.expect("tried").into())
 }
 
-/// Automatic failover: while this node is secondary and its primary has been silent for the
-/// timeout, ask the witness to promote it, every timeout, until it is promoted or the primary
-/// comes back.
+/// While this node is primary, answers connections on its replication port: a `Hello` from a
+/// newer epoch means another node was promoted, and this one is deposed (it then steps down and the
+/// newcomer resyncs it). Anything else is refused. Ends when the primary stops or is deposed.
+async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary, timeout: Duration) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = p.stopped() => return,
+        };
+        let Ok((stream, from)) = accepted else { return };
+        let (mut rd, mut wr) = crate::net::split(stream);
+        match crate::link::read_frame(&mut rd, timeout).await {
+            Ok(Frame::Hello { epoch, node, .. }) if epoch > p.epoch() => {
+                let why = format!("{node} (at {from}) is primary in epoch {epoch}; this node's epoch is {}", p.epoch());
+                tracing::error!("deposed: {why}");
+                let _ =
+                    crate::link::write_frame(&mut wr, &Frame::Refuse { reason: "stepping down; retry".into() }).await;
+                p.depose(why);
+                return;
+            }
+            Ok(Frame::Hello { epoch, .. }) if epoch < p.epoch() => {
+                let reason = format!("stale epoch {epoch}: this node is primary in epoch {}", p.epoch());
+                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
+            }
+            Ok(_) => {
+                let reason = format!("this node is primary in epoch {}", p.epoch());
+                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Automatic failover: while this node is secondary and its primary is gone (its link was lost),
+/// ask the witness to promote it, every half timeout, until it is promoted or the primary comes
+/// back. The witness decides whether the primary is really gone.
 async fn watch_primary(node: Node, sec: Secondary) {
     let timeout = node.inner.cfg.repl.timeout;
     let mut status = sec.watch();
     let mut stop = node.inner.stop.subscribe();
-    let mut silent_since = Instant::now();
+    let mut next_ask = Instant::now();
     let mut last_refusal = String::new();
     loop {
         tokio::select! {
@@ -407,11 +445,7 @@ async fn watch_primary(node: Node, sec: Secondary) {
         if !still_current {
             return;
         }
-        if status.borrow().connected {
-            silent_since = Instant::now();
-            continue;
-        }
-        if silent_since.elapsed() < timeout {
+        if status.borrow().connected || Instant::now() < next_ask {
             continue;
         }
         match node.promote(false).await {
@@ -425,7 +459,7 @@ async fn watch_primary(node: Node, sec: Secondary) {
                     tracing::info!(volume = %node.inner.cfg.volume, "not taking over: {msg}");
                     last_refusal = msg;
                 }
-                silent_since = Instant::now();
+                next_ask = Instant::now() + timeout / 2;
             }
         }
     }

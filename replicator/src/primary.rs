@@ -336,6 +336,9 @@ struct Inner {
     state: Mutex<ReplState>,
     /// Highest tag made durable locally by a completed flush.
     local_durable: Mutex<u64>,
+    /// Until when solo operation is valid: one timeout after the last request the witness
+    /// answered. Past it, solo ends and writes wait again.
+    solo_until: Mutex<Option<Instant>>,
     stop: watch::Sender<bool>,
     crc_waiters: Mutex<HashMap<u64, CrcWaiter>>,
     next_crc_id: AtomicU64,
@@ -366,6 +369,7 @@ impl Primary {
         peer_addr: SocketAddr,
         cfg: ReplConfig,
         granted: Option<u64>,
+        solo_granted: bool,
     ) -> Result<Primary> {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
@@ -396,7 +400,12 @@ impl Primary {
         store
             .set_repl_staged(info.id, KEEP_LAST_TAG, floor, state.encode(), syncblock_engine::StagedOp::Discard)
             .await?;
-        let (peer, _) = watch::channel(PeerView::default());
+        // What the peer holds is unknown until it connects; counting what this node held at the
+        // start as applied keeps `lag_tags` meaningful (acknowledgements only concern newer tags).
+        let solo_from_grant = solo_granted && cfg.policy == crate::Policy::Degrade && cfg.witness.is_some();
+        let cfg_timeout = cfg.timeout;
+        let (peer, _) =
+            watch::channel(PeerView { applied: info.last_tag, solo: solo_from_grant, ..PeerView::default() });
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             store,
@@ -409,6 +418,7 @@ impl Primary {
             peer,
             state: Mutex::new(state),
             local_durable: Mutex::new(0),
+            solo_until: Mutex::new(solo_from_grant.then(|| Instant::now() + cfg_timeout)),
             stop,
             crc_waiters: Mutex::new(HashMap::new()),
             next_crc_id: AtomicU64::new(1),
@@ -440,6 +450,25 @@ impl Primary {
             Err(_) => "primary dropped".into(),
         };
         why
+    }
+
+    /// Resolves when this primary is stopped or deposed.
+    pub async fn stopped(&self) {
+        let mut stop = self.inner.stop.subscribe();
+        let mut peer = self.inner.peer.subscribe();
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = peer.wait_for(|v| v.deposed.is_some()) => {}
+        }
+    }
+
+    /// Marks this primary deposed (a newer epoch exists): waiting and new writes fail.
+    pub fn depose(&self, why: String) {
+        self.inner.peer.send_modify(|v| {
+            if v.deposed.is_none() {
+                v.deposed = Some(why);
+            }
+        });
     }
 
     /// Whether both handles are the same primary (not merely of the same volume).
@@ -688,8 +717,15 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
         }
         let epoch = i.state.lock().expect("state").epoch;
         let report = Frame::WitnessReport { volume: i.name.clone(), node: i.cfg.node.clone(), epoch, in_sync };
+        let sent = Instant::now();
         match crate::witness::ask(i.cfg.net.as_ref(), witness, &report, i.cfg.timeout).await {
-            Ok(_) => last_error.clear(),
+            Ok(_) => {
+                last_error.clear();
+                // Solo operation is a lease: valid for one timeout from the last request the
+                // witness answered (counted from when it was sent, so it ends before the witness,
+                // counting from when it received it, would let anyone take over).
+                *i.solo_until.lock().expect("solo") = Some(sent + i.cfg.timeout);
+            }
             Err(ReplError::Refused(why)) => {
                 tracing::error!(volume = %i.name, "the witness says this primary was deposed: {why}");
                 i.peer.send_modify(|v| v.deposed = Some(why));
@@ -703,12 +739,19 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
                 }
             }
         }
+        let lease_over = i.solo_until.lock().expect("solo").is_none_or(|t| Instant::now() >= t);
+        if i.peer.borrow().solo && lease_over {
+            tracing::error!(volume = %i.name, "solo lease expired (witness unreachable): writes wait for the peer or the witness");
+            i.peer.send_modify(|v| v.solo = false);
+        }
         away_since = if connected { None } else { away_since.or(Some(Instant::now())) };
         let away_long = away_since.is_some_and(|t| t.elapsed() >= i.cfg.timeout);
         if i.cfg.policy == crate::Policy::Degrade && away_long && !i.peer.borrow().solo {
             let req = Frame::WitnessSolo { volume: i.name.clone(), node: i.cfg.node.clone(), epoch };
+            let sent = Instant::now();
             match crate::witness::ask(i.cfg.net.as_ref(), witness, &req, i.cfg.timeout).await {
                 Ok(_) => {
+                    *i.solo_until.lock().expect("solo") = Some(sent + i.cfg.timeout);
                     tracing::warn!(volume = %i.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
                     i.peer.send_modify(|v| v.solo = true);
                 }

@@ -12,7 +12,10 @@
 //! - **Solo** from the current primary: granted, `solo` set. The secondary is now stale.
 //! - **Promote** from another node: granted (epoch + 1, it becomes primary, `solo` set, since it
 //!   will be alone) only if it is consistent, the record is not `solo`, and the current primary has
-//!   not reported for `timeout`. `force` skips the last two checks (an operator accepting loss).
+//!   not reported for `timeout`. `force` skips the last two checks (an operator accepting loss), but
+//!   never hands over while a solo primary's lease may run: it waits 1.5 × `timeout` after its last
+//!   report, and a solo primary stops acknowledging alone one `timeout` after its last answered
+//!   request.
 //!   From the current primary (restarting): a fresh epoch, always.
 //! - The first Report for an unknown volume registers its sender as primary of its epoch.
 
@@ -57,9 +60,10 @@ impl Decider {
         Decider { records, seen: BTreeMap::new(), timeout, started: Some(now) }
     }
 
-    fn alive(&self, volume: &str, now: Instant) -> bool {
+    /// Whether the volume's primary reported within `window`.
+    fn seen_within(&self, volume: &str, now: Instant, window: Duration) -> bool {
         let last = self.seen.get(volume).copied().or(self.started).unwrap_or(now);
-        now.saturating_duration_since(last) < self.timeout
+        now.saturating_duration_since(last) < window
     }
 
     /// Applies a request; returns the decision and whether the record changed (and must be made
@@ -102,7 +106,11 @@ impl Decider {
                 None => (Err(format!("{volume} has no primary registered")), false),
             },
             Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
-                let alive = self.alive(volume, now);
+                let alive = self.seen_within(volume, now, self.timeout);
+                // A solo primary's lease ends one timeout after its last answered request (sent
+                // before we received it); a forced promotion waits half a timeout more, so the old
+                // primary has stopped acknowledging alone before the new one starts.
+                let lease_live = self.seen_within(volume, now, self.timeout * 3 / 2);
                 let Some(r) = self.records.get_mut(volume) else {
                     if *force {
                         let r = Record { epoch: epoch + 1, primary: node.clone(), solo: true };
@@ -130,6 +138,17 @@ impl Decider {
                 if !*consistent {
                     return (
                         Err(format!("{node} holds a half-applied resync of {volume}; it cannot take over")),
+                        false,
+                    );
+                }
+                if *force && r.solo && lease_live {
+                    return (
+                        Err(format!(
+                            "{} may still be acknowledging writes of {volume} alone (its solo lease has not \
+                             expired); try again in {:?}",
+                            r.primary,
+                            self.timeout * 3 / 2
+                        )),
                         false,
                     );
                 }
@@ -321,11 +340,15 @@ mod tests {
     }
 
     #[test]
-    fn force_overrides_solo_and_liveness_but_not_inconsistency() {
+    fn force_overrides_solo_and_liveness_but_not_inconsistency_nor_a_running_solo_lease() {
         let t0 = Instant::now();
         let mut d = Decider::new(BTreeMap::new(), Duration::from_secs(2), t0);
         d.decide(&report("a", 1, true), t0).0.unwrap();
         d.decide(&solo("a", 1), t0).0.unwrap();
+        // Not while the solo primary's lease may still run (1.5 × the timeout after it was seen).
+        let why = d.decide(&promote("b", 1, true), t0 + Duration::from_secs(2)).0.unwrap_err();
+        assert!(why.contains("lease"), "{why}");
+        let t0 = t0 + Duration::from_secs(4);
         let inconsistent =
             Frame::WitnessPromote { volume: "v".into(), node: "b".into(), epoch: 1, consistent: false, force: true };
         assert!(d.decide(&inconsistent, t0).0.is_err());

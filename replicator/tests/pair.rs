@@ -82,7 +82,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     let sec =
         Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
     let addr = sec.local_addr();
-    let prim = Primary::start(a.clone(), "v", addr, cfg("a"), None).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", addr, cfg("a"), None, false).await.unwrap();
     wait_in_sync(&prim).await;
 
     // 1. Concurrent writes, trims and zeroes; every completed one is on both nodes.
@@ -182,7 +182,7 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sec =
         Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
     let mut w = prim.peer_view();
     let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
         .await
@@ -223,7 +223,7 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
         .clone();
     assert!(st.last_error.unwrap().contains("not a syncblock replication endpoint"));
     // A real primary still gets through.
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
     wait_in_sync(&prim).await;
     prim.write(0, block(9), true).await.unwrap();
     let vb = b.volume("v").await.unwrap();

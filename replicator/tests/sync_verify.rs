@@ -97,7 +97,7 @@ async fn start_pair(a: &Store, b: &Store) -> (Primary, Secondary) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sec =
         Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
     (prim, sec)
 }
 
