@@ -3,34 +3,17 @@
 //! policy), and the old primary, restarted, learns it was deposed, steps down, has its unreplicated
 //! write rolled back and is resynced to the new primary's history.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use syncblock_engine::{Config, CreateOptions, Store, Tag, BLOCK_BYTES};
+use common::*;
+use syncblock_engine::Tag;
 use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, Role};
 use tokio::net::TcpListener;
 
-const BB: u64 = BLOCK_BYTES as u64;
 const VOL_BYTES: u64 = 32 << 20;
-
-fn store(path: &Path) -> Store {
-    let s =
-        Store::create(path, &CreateOptions { size_bytes: 128 << 20, ..CreateOptions::default() }, Config::default())
-            .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(s.create_volume("v", VOL_BYTES)).unwrap();
-    s
-}
-
-async fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
-}
-
-fn block(seed: u64) -> Bytes {
-    Bytes::from(vec![(seed % 251) as u8 + 1; BLOCK_BYTES])
-}
 
 fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAddr) -> NodeConfig {
     NodeConfig {
@@ -50,11 +33,6 @@ fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAdd
     }
 }
 
-async fn image(s: &Store) -> Vec<u8> {
-    let v = s.volume("v").await.unwrap();
-    s.read(v.id, 0, v.size_bytes).await.unwrap().to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_returns() {
     let _ = tracing_subscriber::fmt()
@@ -62,13 +40,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let (a_path, b_path) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    let (a, b) = tokio::task::spawn_blocking({
-        let (a, b) = (a_path.clone(), b_path.clone());
-        move || (store(&a), store(&b))
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
     let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let witness = witness_listener.local_addr().unwrap();
     let witness_task = tokio::spawn(syncblock_replicator::witness::run(
@@ -146,12 +118,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = tokio::task::spawn_blocking({
-        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-        move || (store(&a), store(&b))
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
     let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let witness = witness_listener.local_addr().unwrap();
     let witness_task = tokio::spawn(syncblock_replicator::witness::run(

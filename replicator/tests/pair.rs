@@ -2,70 +2,20 @@
 //! being an identical copy, strict mode waiting through an outage, incremental resync (and how many
 //! bytes it ships), a secondary that lost its unflushed tail, and refusals at the handshake.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use syncblock_engine::{Config, CreateOptions, Store, BLOCK_BYTES};
+use common::*;
+use syncblock_engine::{Config, Store};
 use syncblock_replicator::{Primary, ReplConfig, Secondary};
 use tokio::net::TcpListener;
 
-const BB: u64 = BLOCK_BYTES as u64;
 const VOL_BYTES: u64 = 64 << 20;
 
-fn store(dir: &Path, name: &str, vol_bytes: u64) -> Store {
-    let path = dir.join(name);
-    let s =
-        Store::create(&path, &CreateOptions { size_bytes: 256 << 20, ..CreateOptions::default() }, Config::default())
-            .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(s.create_volume("v", vol_bytes)).unwrap();
-    s
-}
-
-fn cfg(node: &str) -> ReplConfig {
-    ReplConfig {
-        node: node.into(),
-        heartbeat: Duration::from_millis(100),
-        timeout: Duration::from_millis(1000),
-        reconnect: Duration::from_millis(50),
-        ..ReplConfig::default()
-    }
-}
-
-fn block(seed: u64) -> Bytes {
-    let mut v = vec![0u8; BLOCK_BYTES];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for c in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    Bytes::from(v)
-}
-
-async fn volume_image(s: &Store) -> Vec<u8> {
-    let v = s.volume("v").await.unwrap();
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < v.size_bytes {
-        out.extend_from_slice(&s.read(v.id, at, 4 << 20).await.unwrap());
-        at += 4 << 20;
-    }
-    out
-}
-
-async fn wait_in_sync(p: &Primary) {
-    let mut w = p.peer_view();
-    tokio::time::timeout(Duration::from_secs(20), w.wait_for(|v| v.in_sync)).await.expect("peer in sync").unwrap();
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+fn pair_cfg(node: &str) -> ReplConfig {
+    cfg(node, Duration::from_millis(1000))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,15 +24,16 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = tokio::task::spawn_blocking({
         let d = dir.path().to_path_buf();
-        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES))
+        move || (store(&d, "a.img", 256 << 20, VOL_BYTES), store(&d, "b.img", 256 << 20, VOL_BYTES))
     })
     .await
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
+        .await
+        .unwrap();
     let addr = sec.local_addr();
-    let prim = Primary::start(a.clone(), "v", addr, cfg("a"), None, false).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", addr, pair_cfg("a"), None, false).await.unwrap();
     wait_in_sync(&prim).await;
 
     // 1. Concurrent writes, trims and zeroes; every completed one is on both nodes.
@@ -109,7 +60,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     assert_eq!(st.lag_tags(), 0, "flush completed, so the peer has everything: {st:?}");
     assert_eq!(st.lag_bytes, 0, "{st:?}");
     assert!(st.rpo_zero());
-    assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs from primary");
+    assert_eq!(image(&a).await, image(&b).await, "secondary differs from primary");
     let tag_before = b.volume("v").await.unwrap().last_tag;
     assert_eq!(tag_before, st.last_tag);
 
@@ -145,8 +96,9 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     .await
     .unwrap();
     let listener = TcpListener::bind(addr).await.unwrap();
-    let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("writes resume after resync").unwrap();
     prim.flush().await.unwrap();
     wait_in_sync(&prim).await;
@@ -161,7 +113,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     );
     assert!(!view.resync_full, "an incremental resync");
     assert_eq!(view.resync.bytes_done, view.resync.bytes_total);
-    assert_eq!(volume_image(&a).await, volume_image(&b).await, "secondary differs after resync");
+    assert_eq!(image(&a).await, image(&b).await, "secondary differs after resync");
     assert!(sec.status().consistent);
     prim.stop();
     sec.stop().await;
@@ -173,16 +125,17 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = tokio::task::spawn_blocking({
         let d = dir.path().to_path_buf();
-        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES / 2))
+        move || (store(&d, "a.img", 256 << 20, VOL_BYTES), store(&d, "b.img", 256 << 20, VOL_BYTES / 2))
     })
     .await
     .unwrap();
     let vb = b.volume("v").await.unwrap();
     b.write(vb.id, 0, block(1), false).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
+        .await
+        .unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
     let mut w = prim.peer_view();
     let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
         .await
@@ -204,13 +157,14 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = tokio::task::spawn_blocking({
         let d = dir.path().to_path_buf();
-        move || (store(&d, "a.img", VOL_BYTES), store(&d, "b.img", VOL_BYTES))
+        move || (store(&d, "a.img", 256 << 20, VOL_BYTES), store(&d, "b.img", 256 << 20, VOL_BYTES))
     })
     .await
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
+        .await
+        .unwrap();
     let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
@@ -223,7 +177,7 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
         .clone();
     assert!(st.last_error.unwrap().contains("not a syncblock replication endpoint"));
     // A real primary still gets through.
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
     wait_in_sync(&prim).await;
     prim.write(0, block(9), true).await.unwrap();
     let vb = b.volume("v").await.unwrap();

@@ -3,57 +3,26 @@
 //! comparison never leave it stale; verify finds nothing on a healthy pair under load, reports the
 //! exact ranges changed behind the primary's back, and repairs them; both report progress.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use syncblock_engine::{Config, CreateOptions, Store, BLOCK_BYTES};
+use common::*;
+use syncblock_engine::{Store, BLOCK_BYTES};
 use syncblock_replicator::{NodeStatus, Primary, ReplConfig, Secondary};
 use tokio::net::TcpListener;
 
-const BB: u64 = BLOCK_BYTES as u64;
 const VOL_BYTES: u64 = 64 << 20;
 
-fn store(dir: &Path, name: &str) -> Store {
-    let s = Store::create(
-        &dir.join(name),
-        &CreateOptions { size_bytes: 512 << 20, ..CreateOptions::default() },
-        Config::default(),
-    )
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(s.create_volume("v", VOL_BYTES)).unwrap();
-    s
+async fn stores(dir: &Path) -> (Store, Store) {
+    two_stores(dir, 512 << 20, VOL_BYTES).await
 }
 
-async fn two_stores(dir: &Path) -> (Store, Store) {
-    let d = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || (store(&d, "a.img"), store(&d, "b.img"))).await.unwrap()
-}
-
-fn cfg(node: &str) -> ReplConfig {
-    ReplConfig {
-        node: node.into(),
-        heartbeat: Duration::from_millis(100),
-        timeout: Duration::from_millis(2000),
-        reconnect: Duration::from_millis(50),
-        ..ReplConfig::default()
-    }
-}
-
-/// 1 MiB of data identified by `seed`.
-fn chunk(seed: u64, len: usize) -> Bytes {
-    let mut v = vec![0u8; len];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for c in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    Bytes::from(v)
+fn sv_cfg(node: &str) -> ReplConfig {
+    cfg(node, Duration::from_millis(2000))
 }
 
 /// The same unreplicated contents on a store: the first 60 MiB written, the last 4 MiB a hole.
@@ -61,21 +30,10 @@ async fn fill(s: &Store) -> u64 {
     let v = s.volume("v").await.unwrap();
     let mapped = 60u64 << 20;
     for k in 0..mapped >> 20 {
-        s.write(v.id, k << 20, chunk(k, 1 << 20), false).await.unwrap();
+        s.write(v.id, k << 20, data(k, 1 << 20), false).await.unwrap();
     }
     s.flush().await.unwrap();
     mapped
-}
-
-async fn image(s: &Store) -> Vec<u8> {
-    let v = s.volume("v").await.unwrap();
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < v.size_bytes {
-        out.extend_from_slice(&s.read(v.id, at, 4 << 20).await.unwrap());
-        at += 4 << 20;
-    }
-    out
 }
 
 async fn mapping(s: &Store) -> Vec<Option<u32>> {
@@ -96,28 +54,16 @@ async fn assert_identical(a: &Store, b: &Store) {
 async fn start_pair(a: &Store, b: &Store) -> (Primary, Secondary) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b")).await.unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a"), None, false).await.unwrap();
+        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), sv_cfg("b")).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), sv_cfg("a"), None, false).await.unwrap();
     (prim, sec)
-}
-
-async fn wait_in_sync(p: &Primary) {
-    let mut w = p.peer_view();
-    tokio::time::timeout(Duration::from_secs(60), w.wait_for(|v| v.in_sync)).await.expect("peer in sync").unwrap();
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_sync_of_a_peer_that_already_holds_the_data_ships_almost_nothing() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path()).await;
+    let (a, b) = stores(dir.path()).await;
     let mapped = fill(&a).await;
     fill(&b).await;
     let t = Instant::now();
@@ -145,19 +91,19 @@ async fn full_sync_of_a_peer_that_already_holds_the_data_ships_almost_nothing() 
 async fn full_sync_ships_only_the_blocks_that_differ_and_trims_what_only_the_peer_has() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path()).await;
+    let (a, b) = stores(dir.path()).await;
     fill(&a).await;
     fill(&b).await;
     let (va, vb) = (a.volume("v").await.unwrap().id, b.volume("v").await.unwrap().id);
     // The peer's own changes: 5 blocks rewritten, 3 blocks trimmed (the primary has data there),
     // 2 blocks written in the primary's hole (the primary has none: trimmed on the peer).
     for lba in [3u64, 4, 5, 900, 12_000] {
-        b.write(vb, lba * BB, chunk(7_000 + lba, BLOCK_BYTES), false).await.unwrap();
+        b.write(vb, lba * BB, data(7_000 + lba, BLOCK_BYTES), false).await.unwrap();
     }
     b.trim(vb, 5_000 * BB, 3 * BB).await.unwrap();
-    b.write(vb, (VOL_BYTES - 2 * BB) / BB * BB, chunk(99, 2 * BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, (VOL_BYTES - 2 * BB) / BB * BB, data(99, 2 * BLOCK_BYTES), false).await.unwrap();
     // And the primary's: one sector of one block.
-    a.write(va, 7_000 * BB + 512, chunk(5, 512), false).await.unwrap();
+    a.write(va, 7_000 * BB + 512, data(5, 512), false).await.unwrap();
     let (prim, sec) = start_pair(&a, &b).await;
     wait_in_sync(&prim).await;
     let v = prim.status().await.peer;
@@ -201,8 +147,8 @@ fn workload(
                 match k2 % 8 {
                     0 => p.trim(lba * BB, 2 * BB).await,
                     1 => p.write_zeroes(lba * BB + 1024, 1024, false, false).await,
-                    2 | 3 => p.write(lba * BB + 512 * (k2 % 7), chunk(x2, 512), false).await,
-                    _ => p.write(lba * BB, chunk(x2, 2 * BLOCK_BYTES), false).await,
+                    2 | 3 => p.write(lba * BB + 512 * (k2 % 7), data(x2, 512), false).await,
+                    _ => p.write(lba * BB, data(x2, 2 * BLOCK_BYTES), false).await,
                 }
                 .unwrap();
                 drop(permit);
@@ -221,17 +167,17 @@ fn workload(
 async fn client_writes_racing_with_a_full_sync_never_leave_the_peer_stale() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path()).await;
+    let (a, b) = stores(dir.path()).await;
     fill(&a).await;
     fill(&b).await;
     // The peer differs in every other block of the first half (shipping 16 MiB keeps the sync
     // busy while the clients write), and the primary in one block of every 64 by a sub-block write.
     let (va, vb) = (a.volume("v").await.unwrap().id, b.volume("v").await.unwrap().id);
     for lba in (0..VOL_BYTES / BB / 2).step_by(2) {
-        b.write(vb, lba * BB, chunk(lba, BLOCK_BYTES), false).await.unwrap();
+        b.write(vb, lba * BB, data(lba, BLOCK_BYTES), false).await.unwrap();
     }
     for lba in (8..VOL_BYTES / BB).step_by(64) {
-        a.write(va, lba * BB + 2048, chunk(lba + 1, 1024), false).await.unwrap();
+        a.write(va, lba * BB + 2048, data(lba + 1, 1024), false).await.unwrap();
     }
     let (prim, sec) = start_pair(&a, &b).await;
     let stop = Arc::new(AtomicU64::new(0));
@@ -266,11 +212,11 @@ async fn client_writes_racing_with_a_full_sync_never_leave_the_peer_stale() {
 async fn verify_finds_no_difference_on_a_healthy_pair_under_load() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path()).await;
+    let (a, b) = stores(dir.path()).await;
     let (prim, sec) = start_pair(&a, &b).await;
     wait_in_sync(&prim).await;
     for k in 0..16u64 {
-        prim.write(k * (4 << 20), chunk(k, 1 << 20), false).await.unwrap();
+        prim.write(k * (4 << 20), data(k, 1 << 20), false).await.unwrap();
     }
     let stop = Arc::new(AtomicU64::new(0));
     let writers: Vec<_> = (0..4u64).map(|t| workload(&prim, 77 + t, stop.clone(), || true)).collect();
@@ -310,20 +256,20 @@ async fn verify_finds_no_difference_on_a_healthy_pair_under_load() {
 async fn verify_reports_blocks_changed_behind_the_primarys_back_and_repairs_them() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path()).await;
+    let (a, b) = stores(dir.path()).await;
     let (prim, sec) = start_pair(&a, &b).await;
     wait_in_sync(&prim).await;
     for k in 0..8u64 {
-        prim.write(k << 20, chunk(k, 1 << 20), false).await.unwrap();
+        prim.write(k << 20, data(k, 1 << 20), false).await.unwrap();
     }
     prim.flush().await.unwrap();
     let vb = b.volume("v").await.unwrap().id;
     // Behind the replicator's back, on the secondary: two adjacent blocks and one more rewritten,
     // one block trimmed, one written where the primary has a hole.
-    b.write(vb, 10 * BB, chunk(1, 2 * BLOCK_BYTES), false).await.unwrap();
-    b.write(vb, 1000 * BB, chunk(2, BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, 10 * BB, data(1, 2 * BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, 1000 * BB, data(2, BLOCK_BYTES), false).await.unwrap();
     b.trim(vb, 1500 * BB, BB).await.unwrap();
-    b.write(vb, (40 << 20) + 3 * BB, chunk(3, BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, (40 << 20) + 3 * BB, data(3, BLOCK_BYTES), false).await.unwrap();
     let report = prim.verify(false).await.unwrap();
     println!("verify found {report:?}");
     assert_eq!(report.blocks_differing, 5);
