@@ -265,6 +265,10 @@ pub(crate) struct SegState {
     pub readers: u32,
     /// Set when a live block failed its checksum during cleaning: never clean it again.
     pub gc_skip: bool,
+    /// Cleaned, yet some blocks stayed live (their copies were superseded by writes not yet
+    /// applied, or moved out of a resync's staging by its commit): not chosen again until one of
+    /// its blocks dies, so the cleaner does not spin on it.
+    pub gc_leftover: bool,
     /// For PendingFree: the LSN that must be durable before reuse.
     pub free_after_lsn: Lsn,
     /// Per volume, the highest tag of a trim entry in this segment (at most
@@ -310,6 +314,7 @@ impl SegState {
             inflight_batches: 0,
             readers: 0,
             gc_skip: false,
+            gc_leftover: false,
             free_after_lsn: Lsn(0),
             trim_tags: r.trim_tags.clone(),
         }
@@ -1676,6 +1681,7 @@ impl Core {
         st.max_data_lsn = 0;
         st.max_lsn = 0;
         st.gc_skip = false;
+        st.gc_leftover = false;
         st.trim_tags.clear();
         self.next_seg_seq += 1;
         Some(seg)
@@ -1699,7 +1705,7 @@ impl Core {
         let free = self.free_segments() as u64;
         if n_blocks == 0 {
             // A trim only frees space. Its record (a header block or two) may use the cleaner's
-            // reserve: otherwise a store filled to the brim could never be emptied.
+            // reserve: otherwise a store filled to the brim with live data could never be emptied.
             return open_room >= 3 || free > 0;
         }
         let usable = free.saturating_sub(self.cfg.gc_reserve_segments as u64) * (seg_blocks - 1);
@@ -1717,7 +1723,7 @@ impl Core {
         }
         self.segs.iter().enumerate().any(|(i, s)| match s.status {
             SegStatus::PendingFree => true,
-            SegStatus::Sealed => !s.gc_skip && self.victim_gain(i) > 0 && !self.pinned(i as u32),
+            SegStatus::Sealed => !s.gc_skip && !s.gc_leftover && self.victim_gain(i) > 0 && !self.pinned(i as u32),
             _ => false,
         })
     }
@@ -1747,8 +1753,10 @@ impl Core {
         })
     }
 
-    /// Moves an empty, settled segment towards reuse.
+    /// Moves an empty, settled segment towards reuse. Called whenever a segment loses a block, which
+    /// also makes a cleaned segment with leftovers a candidate again.
     fn check_segment_empty(&mut self, seg: u32) {
+        self.segs[seg as usize].gc_leftover = false;
         let last = Lsn(self.next_lsn.0 - 1);
         let st = &self.segs[seg as usize];
         if matches!(st.status, SegStatus::Sealed)
@@ -2279,11 +2287,11 @@ impl Core {
                     self.stats.segments_cleaned += 1;
                     self.check_segment_empty(seg);
                 } else {
-                    tracing::warn!(
-                        "segment {seg} still has {} live blocks after cleaning",
+                    tracing::debug!(
+                        "segment {seg} still has {} live blocks after cleaning; retried once one of them dies",
                         self.state.live[seg as usize]
                     );
-                    self.segs[seg as usize].gc_skip = true;
+                    self.segs[seg as usize].gc_leftover = true;
                 }
                 self.gc = Gc::Idle;
             }
@@ -2299,6 +2307,7 @@ impl Core {
         for (i, s) in self.segs.iter().enumerate() {
             if s.status != SegStatus::Sealed
                 || s.gc_skip
+                || s.gc_leftover
                 || s.inflight_batches > 0
                 || self.victim_gain(i) <= 0
                 || self.pinned(i as u32)
