@@ -17,7 +17,7 @@ seconds="${FUZZ_SECONDS:-25}"
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(record_header checkpoint superblock open_corrupted nbd_handshake nbd_request)
+    targets=(record_header checkpoint superblock open_corrupted nbd_handshake nbd_request repl_frame)
 fi
 export RUSTC_BOOTSTRAP=1
 
