@@ -223,7 +223,7 @@ impl Frame {
                     body.put_u64_le(*n);
                 }
             }
-            Frame::Refuse { reason } => body.put_slice(&reason.as_bytes()[..reason.len().min(4096)]),
+            Frame::Refuse { reason } => body.put_slice(capped(reason).as_bytes()),
             Frame::Write { tag, offset, fua, data } => {
                 body.put_u64_le(*tag);
                 body.put_u64_le(*offset);
@@ -372,6 +372,19 @@ pub fn decode_frame(b: &[u8]) -> Result<Frame, WireError> {
     h.decode_body(Bytes::copy_from_slice(&b[HEADER_BYTES..]))
 }
 
+/// Longest refusal reason carried: enough for any message, small enough to log.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+/// `s` cut to at most [`MAX_REASON_BYTES`], at a character boundary (so that what is decoded
+/// encodes to the same bytes).
+fn capped(s: &str) -> &str {
+    let mut end = s.len().min(MAX_REASON_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn put_str(b: &mut BytesMut, s: &str) {
     let s = &s.as_bytes()[..s.len().min(MAX_NAME_BYTES)];
     b.put_u16_le(s.len() as u16);
@@ -496,7 +509,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
             Frame::HelloOk { last_tag, common_tag, runs }
         }
         3 => {
-            let reason = String::from_utf8_lossy(&r.b).into_owned();
+            let reason = capped(&String::from_utf8_lossy(&r.b)).to_string();
             r.b.advance(r.b.remaining());
             Frame::Refuse { reason }
         }

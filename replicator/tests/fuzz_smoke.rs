@@ -73,3 +73,16 @@ fn replication_frame_decoder_survives_random_mutated_and_wrapped_input() {
         repl_checks::repl_frame(&input);
     }
 }
+
+/// The case the fuzzer found: a refusal whose body is not UTF-8 grows when decoded lossily (each
+/// bad byte becomes a 3-byte replacement character) past the 4 KiB cap, which then cut it
+/// mid-character.
+#[test]
+fn a_long_non_utf8_refusal_round_trips() {
+    let mut input = vec![1u8, 3];
+    input.extend(std::iter::repeat_n(0xffu8, 3000));
+    repl_checks::repl_frame(&input);
+    let mut input = vec![1u8, 3];
+    input.extend(std::iter::repeat_n(b'x', 5000));
+    repl_checks::repl_frame(&input);
+}
