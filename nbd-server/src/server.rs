@@ -162,12 +162,18 @@ async fn accept_loop(
                 let stop = stop.clone();
                 let alive = alive.clone();
                 tokio::spawn(async move {
+                    // Owned halves: the reader and the writer task use the socket without sharing a
+                    // lock (`tokio::io::split`'s mutex showed up as contention under load).
                     match stream {
                         Stream::Tcp(s) => {
                             let _ = s.set_nodelay(true);
-                            connection(s, &peer, shared, stop).await;
+                            let (r, w) = s.into_split();
+                            connection(r, w, &peer, shared, stop).await;
                         }
-                        Stream::Unix(s) => connection(s, &peer, shared, stop).await,
+                        Stream::Unix(s) => {
+                            let (r, w) = s.into_split();
+                            connection(r, w, &peer, shared, stop).await;
+                        }
                     }
                     drop(alive);
                 });
@@ -196,11 +202,11 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
     }
 }
 
-async fn connection<S>(stream: S, peer: &str, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
+async fn connection<R, W>(mut r: R, mut w: W, peer: &str, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut r, mut w) = tokio::io::split(stream);
     let timeout = shared.config.handshake_timeout;
     let session = tokio::select! {
         _ = stop.wait_for(|s| *s) => return,
