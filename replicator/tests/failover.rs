@@ -33,6 +33,25 @@ fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAdd
     }
 }
 
+/// A witness (deciding with an 800 ms timeout) and a pair on loopback: `a` primary, `b` secondary.
+async fn start_pair(
+    dir: &std::path::Path,
+    a: &syncblock_engine::Store,
+    b: &syncblock_engine::Store,
+) -> (tokio::task::JoinHandle<syncblock_replicator::Result<()>>, SocketAddr, SocketAddr, SocketAddr, Node, Node) {
+    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = witness_listener.local_addr().unwrap();
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(witness_listener),
+        dir.join("witness.state"),
+        Duration::from_millis(800),
+    ));
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    (witness_task, witness, a_repl, b_repl, node_a, node_b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_returns() {
     let _ = tracing_subscriber::fmt()
@@ -41,16 +60,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
         .try_init();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let witness = witness_listener.local_addr().unwrap();
-    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        syncblock_replicator::net::tcp_listener(witness_listener),
-        dir.path().join("witness.state"),
-        Duration::from_millis(800),
-    ));
-    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    let (witness_task, witness, a_repl, b_repl, node_a, node_b) = start_pair(dir.path(), &a, &b).await;
     let pa = node_a.primary().expect("a is primary");
     let mut v = pa.peer_view();
     tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
@@ -119,16 +129,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhile() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let witness = witness_listener.local_addr().unwrap();
-    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        syncblock_replicator::net::tcp_listener(witness_listener),
-        dir.path().join("witness.state"),
-        Duration::from_millis(800),
-    ));
-    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
+    let (witness_task, witness, a_repl, b_repl, node_a, node_b) = start_pair(dir.path(), &a, &b).await;
     let pa = node_a.primary().unwrap();
     let mut v = pa.peer_view();
     tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
