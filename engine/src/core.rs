@@ -14,7 +14,8 @@
 //! 3. *Apply.* Completed batches are applied to the index strictly in LSN order (so a younger batch
 //!    completing first can never be overwritten by an older one), then their writes are acknowledged.
 //! 4. *Sync.* FLUSH and FUA wait for one shared fdatasync issued once every batch up to their LSN
-//!    has completed.
+//!    has completed, or for a batch written durably (FUA) right after a durable one (see
+//!    `submit_batches`).
 //!
 //! Invariants:
 //! - The index only points at blocks whose write has completed.
@@ -61,6 +62,11 @@ pub const MAX_CRC_BLOCKS: u64 = 1 << 16;
 /// Sealed batches allowed to wait behind the in-flight limit before intake pauses. One maximal
 /// write (32 MiB) seals up to 32 batches at once; beyond that, queueing more only adds latency.
 const SEALED_QUEUE_MAX: usize = 40;
+
+/// Flushes in a row, each after a single batch, after which the next single batch is predicted to
+/// be flushed too and is written durably (see [`Core::submit_batches`]). Two: one flush after one
+/// write is common in any workload; the pattern repeated is what a database's commit loop does.
+const FLUSH_STREAK_MIN: u8 = 2;
 
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 
@@ -111,6 +117,8 @@ pub struct Stats {
     pub log_blocks_written: u64,
     pub batches: u64,
     pub syncs: u64,
+    /// Batches made durable by their own (FUA) write instead of an fdatasync.
+    pub durable_writes: u64,
     pub checkpoints: u64,
     pub checkpoint_bytes_last: u64,
     pub segments_cleaned: u64,
@@ -217,6 +225,23 @@ pub enum Request {
     Shutdown {
         reply: Reply<()>,
     },
+}
+
+impl Request {
+    /// Whether the request may change stored data or volumes: anything but reads, flushes and
+    /// queries.
+    pub fn is_mutation(&self) -> bool {
+        !matches!(
+            self,
+            Request::Read { .. }
+                | Request::Flush { .. }
+                | Request::BlockStatus { .. }
+                | Request::BlockCrcs { .. }
+                | Request::ListVolumes { .. }
+                | Request::ChangedSince { .. }
+                | Request::Stats { .. }
+        )
+    }
 }
 
 /// Tunables. Defaults suit SSD and virtio disks.
@@ -409,6 +434,11 @@ struct Batch {
     completed: bool,
     /// Cleaner victim whose copies this batch carries, with how many.
     gc_victim: Option<(u32, usize)>,
+    /// Someone waits for this batch to be durable (a FUA write, a volume change, a flush that
+    /// sealed it): write it durably if that is possible (see [`Core::submit_batches`]).
+    want_durable: bool,
+    /// Submitted as a durable write, with every earlier batch durable at that moment.
+    durable_write: bool,
 }
 
 /// A block whose newest write has not been applied yet: reads and read-modify-writes see it.
@@ -521,6 +551,11 @@ pub struct Core {
     next_waiter: u64,
     sync_waiters: Vec<(Lsn, u64)>,
     sync_in_flight: bool,
+    /// Flushes (and FUA writes) in a row that each came after at most one batch, up to
+    /// [`FLUSH_STREAK_MIN`]; see [`Core::submit_batches`].
+    flush_streak: u8,
+    /// Batches with client writes sealed since the last flush or FUA write.
+    batches_since_flush: u32,
     reads: HashMap<u64, ReadWaiter>,
     next_read: u64,
     intake: VecDeque<Request>,
@@ -605,6 +640,8 @@ impl Core {
             shutdown: None,
             finished: false,
             poisoned: None,
+            flush_streak: 0,
+            batches_since_flush: 0,
             tokens: HashMap::new(),
             next_token: 0,
             out: Vec::new(),
@@ -623,6 +660,26 @@ impl Core {
     /// True once a shutdown request has been fully served.
     pub fn finished(&self) -> bool {
         self.finished
+    }
+
+    /// True when nothing is in progress and everything ever written is durable: a flush now would
+    /// have nothing to wait for.
+    pub fn all_durable(&self) -> bool {
+        self.poisoned.is_none()
+            && self.intake.is_empty()
+            && self.stall.is_none()
+            && self.open_batch.as_ref().is_none_or(|b| b.entries.is_empty() && b.meta.is_none())
+            && self.batches.is_empty()
+            && self.durable_lsn.next() == self.next_lsn
+            && self.shutdown.is_none()
+    }
+
+    /// Flushes answered by the driver without a trip here, because everything was durable already
+    /// (see [`Core::all_durable`]): they count for the prediction in [`Core::submit_batches`].
+    pub fn note_flushes(&mut self, n: u64) {
+        for _ in 0..n.min(FLUSH_STREAK_MIN as u64) {
+            self.note_flush();
+        }
     }
 
     /// True when I/O is in flight, so the driver should wait on the device.
@@ -1175,6 +1232,9 @@ impl Core {
 
     /// Adds an intake-complete write to the open batch(es).
     fn add_write(&mut self, op: WriteOp) {
+        if op.durable {
+            self.note_flush();
+        }
         let waiter = self.add_waiter(0, op.durable, op.done);
         let volume = op.volume;
         let tag = op.tag;
@@ -1388,8 +1448,14 @@ impl Core {
     }
 
     fn close_open_batch_for_flush(&mut self, waiter: u64) {
+        self.note_flush();
         self.seal_open_batch();
         let through = Lsn(self.next_lsn.0 - 1);
+        if self.unsubmitted.back().is_some_and(|u| u.0 == through) {
+            if let Some(b) = self.batches.get_mut(&through) {
+                b.want_durable = true;
+            }
+        }
         let w = self.waiters.get_mut(&waiter).expect("waiter");
         w.max_lsn = through;
         self.sync_waiters.push((through, waiter));
@@ -1637,6 +1703,11 @@ impl Core {
             _ => None,
         };
         let offset = self.seg_offset_bytes(b.seg, b.start_block);
+        let want_durable =
+            b.meta.is_some() || b.waiters.iter().any(|id| self.waiters.get(id).is_some_and(|w| w.durable));
+        if !b.waiters.is_empty() {
+            self.batches_since_flush = self.batches_since_flush.saturating_add(1);
+        }
         self.batches.insert(
             lsn,
             Batch {
@@ -1651,6 +1722,8 @@ impl Core {
                 unmaps: b.unmaps,
                 completed: false,
                 gc_victim,
+                want_durable,
+                durable_write: false,
             },
         );
         self.unsubmitted.push_back((lsn, offset, buf));
@@ -1792,12 +1865,38 @@ impl Core {
                 self.seal_open_batch();
             }
         }
+        self.submit_batches();
+    }
+
+    /// Hands sealed batches to the device, up to the in-flight limit.
+    ///
+    /// A batch that every earlier batch precedes on stable storage (`durable_lsn` is just below it)
+    /// and that someone will wait to be durable is written durably (FUA): its completion then makes
+    /// it durable without an fdatasync, which saves a device round trip and the sync's wake-up.
+    /// "Will wait" is known for FUA writes, volume changes and batches a flush sealed; for the
+    /// common database pattern of one write then one flush, it is predicted: after
+    /// [`FLUSH_STREAK_MIN`] flushes in a row that each followed at most one batch, the next single
+    /// batch is written durably too. A wrong guess costs one write the latency of a sync.
+    fn submit_batches(&mut self) {
         let mut in_flight = self.batches.len() - self.unsubmitted.len();
         while in_flight < self.cfg.max_inflight_batches {
             let Some((lsn, offset, buf)) = self.unsubmitted.pop_front() else { break };
-            self.submit(Token::Batch(lsn), IoKind::Write { offset, buf });
+            let predicted = self.flush_streak >= FLUSH_STREAK_MIN && self.batches_since_flush <= 1;
+            let mut durable = false;
+            if let Some(b) = self.batches.get_mut(&lsn) {
+                durable = self.durable_lsn.next() == lsn && (b.want_durable || predicted);
+                b.durable_write = durable;
+            }
+            self.submit(Token::Batch(lsn), IoKind::Write { offset, buf, durable });
             in_flight += 1;
         }
+    }
+
+    /// A flush or a FUA write arrived: update the prediction of [`Core::submit_batches`].
+    fn note_flush(&mut self) {
+        self.flush_streak =
+            if self.batches_since_flush <= 1 { (self.flush_streak + 1).min(FLUSH_STREAK_MIN) } else { 0 };
+        self.batches_since_flush = 0;
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1817,6 +1916,10 @@ impl Core {
                 }
                 if let Some(b) = self.batches.get_mut(&lsn) {
                     b.completed = true;
+                    if b.durable_write && self.durable_lsn.next() == lsn {
+                        self.durable_lsn = lsn;
+                        self.stats.durable_writes += 1;
+                    }
                 }
                 self.apply_completed();
             }
@@ -2122,7 +2225,7 @@ impl Core {
                     let buf = buf.take().expect("checkpoint buffer");
                     let offset = self.sb.checkpoint_offsets[(header.seq % 2) as usize];
                     self.ckpt = CkptPhase::Writing { header };
-                    self.submit(Token::CheckpointWrite, IoKind::Write { offset, buf });
+                    self.submit(Token::CheckpointWrite, IoKind::Write { offset, buf, durable: false });
                 }
             }
             CkptPhase::Writing { .. } | CkptPhase::SyncAfter { .. } => {}

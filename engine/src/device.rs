@@ -18,8 +18,11 @@ use crate::buf::AlignedBuf;
 pub enum IoKind {
     /// Fill `buf` from the device starting at `offset`.
     Read { offset: u64, buf: AlignedBuf },
-    /// Write all of `buf` at `offset`. Not durable until a later [`IoKind::Sync`] completes.
-    Write { offset: u64, buf: AlignedBuf },
+    /// Write all of `buf` at `offset`. Unless `durable`, not durable until a later [`IoKind::Sync`]
+    /// completes. With `durable` (`RWF_DSYNC`: a FUA write, or a write and a cache flush where the
+    /// device has no FUA), these bytes are durable when the op completes; nothing is promised about
+    /// other writes, completed before or not.
+    Write { offset: u64, buf: AlignedBuf, durable: bool },
     /// Make every write that completed before this op was submitted durable (fdatasync).
     Sync,
 }
@@ -75,7 +78,7 @@ pub fn read_blocking(device: &mut dyn Device, offset: u64, n_blocks: usize) -> i
 
 /// Writes `buf` at `offset`, blocking.
 pub fn write_blocking(device: &mut dyn Device, offset: u64, buf: AlignedBuf) -> io::Result<()> {
-    run_blocking(device, IoKind::Write { offset, buf }).map(|_| ())
+    run_blocking(device, IoKind::Write { offset, buf, durable: false }).map(|_| ())
 }
 
 /// Syncs, blocking.

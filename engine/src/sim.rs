@@ -2,6 +2,8 @@
 //! apart from what is *durable* (what survives a power cut), logs every write and sync, can build
 //! the disk image a power cut would leave after any prefix of that log (with unsynced writes
 //! dropped, kept or torn at 512-byte sectors, chosen by a seed), and can fail chosen writes or syncs.
+//! A `durable` write (FUA) survives a power cut once it completed, and makes nothing else durable:
+//! writes completed before it stay as uncertain as ever.
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,7 +15,7 @@ use crate::device::{Completion, Device, EventFd, IoKind, IoOp};
 /// One logged device operation.
 #[derive(Debug, Clone)]
 pub enum LoggedOp {
-    Write { offset: u64, data: Vec<u8> },
+    Write { offset: u64, data: Vec<u8>, durable: bool },
     Sync,
 }
 
@@ -56,30 +58,24 @@ impl SimDisk {
     }
 
     /// The image a power cut leaves after the first `n_ops` logged operations. Writes followed by a
-    /// sync are durable; every later write is, per seed, lost, kept, or torn sector by sector.
+    /// sync, and durable writes, are durable; every other write is, per seed, lost, kept, or torn
+    /// sector by sector.
     pub fn crash_image(&self, n_ops: usize, seed: u64) -> Vec<u8> {
         let mut image = self.base.clone();
-        let mut unsynced: Vec<&LoggedOp> = Vec::new();
+        let mut unsynced: Vec<Unsynced<'_>> = Vec::new();
         for op in &self.log[..n_ops] {
             match op {
-                LoggedOp::Write { .. } => unsynced.push(op),
+                LoggedOp::Write { offset, data, durable } => {
+                    unsynced.push(Unsynced { offset: *offset, data, durable: *durable })
+                }
                 LoggedOp::Sync => {
                     for w in unsynced.drain(..) {
-                        if let LoggedOp::Write { offset, data } = w {
-                            image[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
-                        }
+                        image[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(w.data);
                     }
                 }
             }
         }
-        let writes: Vec<(u64, &[u8])> = unsynced
-            .iter()
-            .filter_map(|w| match w {
-                LoggedOp::Write { offset, data } => Some((*offset, data.as_slice())),
-                LoggedOp::Sync => None,
-            })
-            .collect();
-        apply_unsynced(&mut image, &writes, &mut Rng::new(seed));
+        apply_unsynced(&mut image, &unsynced, &mut Rng::new(seed));
         image
     }
 
@@ -89,11 +85,25 @@ impl SimDisk {
     }
 }
 
-/// Applies writes that were never synced to a power-cut image: each is, by `rng`, lost, kept
-/// whole, or torn (each 512-byte sector kept or lost independently).
-pub fn apply_unsynced(image: &mut [u8], writes: &[(u64, &[u8])], rng: &mut Rng) {
-    for (offset, data) in writes {
-        let offset = *offset as usize;
+/// A write issued after the last sync, as a power cut finds it.
+#[derive(Debug, Clone, Copy)]
+pub struct Unsynced<'a> {
+    pub offset: u64,
+    pub data: &'a [u8],
+    /// Written durably (FUA): always kept.
+    pub durable: bool,
+}
+
+/// Applies, in order, writes issued since the last sync to a power-cut image: a durable one is
+/// kept; each other one is, by `rng`, lost, kept whole, or torn (each 512-byte sector kept or lost
+/// independently).
+pub fn apply_unsynced(image: &mut [u8], writes: &[Unsynced<'_>], rng: &mut Rng) {
+    for w in writes {
+        let (offset, data) = (w.offset as usize, w.data);
+        if w.durable {
+            image[offset..offset + data.len()].copy_from_slice(data);
+            continue;
+        }
         match rng.below(3) {
             0 => {}
             1 => image[offset..offset + data.len()].copy_from_slice(data),
@@ -173,7 +183,7 @@ impl SimDevice {
                 });
                 Completion { token: op.token, result: r, buf: Some(buf) }
             }
-            IoKind::Write { offset, buf } => {
+            IoKind::Write { offset, buf, durable } => {
                 let idx = disk.n_writes;
                 disk.n_writes += 1;
                 let r = check(offset, buf.len(), self.len).and_then(|()| {
@@ -182,7 +192,7 @@ impl SimDevice {
                     }
                     let o = offset as usize;
                     disk.written[o..o + buf.len()].copy_from_slice(&buf);
-                    disk.log.push(LoggedOp::Write { offset, data: buf.to_vec() });
+                    disk.log.push(LoggedOp::Write { offset, data: buf.to_vec(), durable });
                     Ok(())
                 });
                 Completion { token: op.token, result: r, buf: Some(buf) }

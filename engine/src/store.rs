@@ -51,7 +51,7 @@ impl Default for CreateOptions {
 #[must_use = "a queued request's result should be awaited"]
 pub struct Pending<T> {
     rx: oneshot::Receiver<Result<T>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<T> Pending<T> {
@@ -66,8 +66,33 @@ impl<T> std::fmt::Debug for Pending<T> {
     }
 }
 
+/// What callers share with the engine thread, under one lock.
+#[derive(Default)]
+struct Intake {
+    reqs: VecDeque<Request>,
+    /// Requests in `reqs` that may change stored data (anything but reads, flushes and queries).
+    n_mutations: usize,
+    /// Set by the engine thread when it has nothing in progress and every write it was ever given
+    /// is durable; cleared when it takes requests. With no mutation queued either, a flush has
+    /// nothing to do, and [`Store::flush`] answers it without a trip to the engine thread.
+    all_durable: bool,
+    /// Flushes answered that way since the engine thread last took requests: its prediction of
+    /// which writes a flush will follow needs to hear of them (see `Core::note_flush`). They all
+    /// came before every mutation in `reqs`.
+    noop_flushes: u64,
+}
+
+impl Intake {
+    /// Answers a flush on the spot if it has nothing to do.
+    fn try_noop_flush(&mut self) -> bool {
+        let noop = self.all_durable && self.n_mutations == 0;
+        self.noop_flushes += noop as u64;
+        noop
+    }
+}
+
 struct Inner {
-    queue: Mutex<VecDeque<Request>>,
+    queue: Mutex<Intake>,
     sleeping: AtomicBool,
     wake: EventFd,
     permits: Arc<Semaphore>,
@@ -115,7 +140,7 @@ impl Store {
     pub fn open_device(mut device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
         let (core, report) = recovery::recover(device.as_mut(), cfg, name)?;
         let inner = Arc::new(Inner {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Intake::default()),
             sleeping: AtomicBool::new(false),
             wake: EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?,
             permits: Arc::new(Semaphore::new(QUEUE_PERMITS)),
@@ -146,7 +171,8 @@ impl Store {
             if self.inner.closed.load(Ordering::Acquire) {
                 return Err(Error::ShutDown);
             }
-            queue.push_back(req);
+            queue.n_mutations += req.is_mutation() as usize;
+            queue.reqs.push_back(req);
         }
         if self.inner.sleeping.swap(false, Ordering::AcqRel) {
             self.inner.wake.signal();
@@ -169,7 +195,7 @@ impl Store {
             self.inner.permits.clone().acquire_many_owned(permits_for(bytes)).await.map_err(|_| Error::ShutDown)?;
         let (tx, rx) = oneshot::channel();
         self.send(make(tx))?;
-        Ok(Pending { rx, _permit: permit })
+        Ok(Pending { rx, _permit: Some(permit) })
     }
 
     /// Queues a write (see [`Store::enqueue`] for the ordering promise).
@@ -208,7 +234,19 @@ impl Store {
 
     /// Queues a flush: it covers every write queued before it.
     pub async fn enqueue_flush(&self) -> Result<Pending<()>> {
+        if self.flush_is_noop() {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Ok(()));
+            return Ok(Pending { rx, _permit: None });
+        }
         self.enqueue(0, |reply| Request::Flush { reply }).await
+    }
+
+    /// True when a flush queued now would find every write queued before it already durable (see
+    /// [`Intake::all_durable`]).
+    fn flush_is_noop(&self) -> bool {
+        let mut intake = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        !self.inner.closed.load(Ordering::Acquire) && intake.try_noop_flush()
     }
 
     /// Blocking form of a call, for threads outside any async runtime.
@@ -230,6 +268,9 @@ impl Store {
 
     /// Makes every write that completed before this call durable.
     pub async fn flush(&self) -> Result<()> {
+        if self.flush_is_noop() {
+            return Ok(());
+        }
         self.call(0, |reply| Request::Flush { reply }).await
     }
 
@@ -368,7 +409,7 @@ impl Drop for Inner {
         // Last handle gone without close(): stop the thread, checkpointing on the way out.
         if let Some(t) = self.thread.get_mut().expect("thread slot").take() {
             let (tx, _rx) = oneshot::channel();
-            self.queue.get_mut().expect("queue").push_back(Request::Shutdown { reply: tx });
+            self.queue.get_mut().expect("queue").reqs.push_back(Request::Shutdown { reply: tx });
             self.wake.signal();
             let _ = t.join();
         }
@@ -383,7 +424,9 @@ impl Drop for StopGuard {
     fn drop(&mut self) {
         let mut queue = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
         self.0.closed.store(true, Ordering::Release);
-        queue.clear();
+        queue.reqs.clear();
+        queue.n_mutations = 0;
+        queue.all_durable = false;
         if std::thread::panicking() {
             tracing::error!("the engine thread panicked; the store is stopped and every call now fails");
         }
@@ -394,7 +437,15 @@ impl Drop for StopGuard {
 fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
     let _guard = StopGuard(inner.clone());
     loop {
-        let batch: Vec<Request> = inner.queue.lock().expect("queue").drain(..).collect();
+        let batch: Vec<Request> = {
+            let mut intake = inner.queue.lock().expect("queue");
+            intake.n_mutations = 0;
+            intake.all_durable = false;
+            if intake.noop_flushes > 0 {
+                core.note_flushes(std::mem::take(&mut intake.noop_flushes));
+            }
+            intake.reqs.drain(..).collect()
+        };
         for req in batch {
             core.push_request(req);
         }
@@ -406,7 +457,13 @@ fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
             break;
         }
         inner.sleeping.store(true, Ordering::Release);
-        if !inner.queue.lock().expect("queue").is_empty() {
+        let queued = {
+            let mut intake = inner.queue.lock().expect("queue");
+            // Only what this thread took before is covered; requests queued since are counted.
+            intake.all_durable = core.all_durable();
+            !intake.reqs.is_empty()
+        };
+        if queued {
             inner.sleeping.store(false, Ordering::Release);
             if !core.io_in_flight() {
                 continue;

@@ -123,7 +123,7 @@ struct Slot {
 
 enum SlotKind {
     Read { offset: u64, buf: AlignedBuf, done: usize },
-    Write { offset: u64, buf: AlignedBuf, done: usize },
+    Write { offset: u64, buf: AlignedBuf, done: usize, durable: bool },
     Sync,
 }
 
@@ -226,7 +226,7 @@ impl UringDevice {
     fn check_op(&self, kind: &IoKind) -> io::Result<()> {
         let (what, offset, buf) = match kind {
             IoKind::Read { offset, buf } => ("read", *offset, buf),
-            IoKind::Write { offset, buf } => ("write", *offset, buf),
+            IoKind::Write { offset, buf, .. } => ("write", *offset, buf),
             IoKind::Sync => return Ok(()),
         };
         if offset % BLOCK_BYTES as u64 != 0 {
@@ -258,7 +258,9 @@ impl UringDevice {
             let Some(op) = self.queue.pop_front() else { break };
             let kind = match op.kind {
                 IoKind::Read { offset, buf } if !buf.is_empty() => SlotKind::Read { offset, buf, done: 0 },
-                IoKind::Write { offset, buf } if !buf.is_empty() => SlotKind::Write { offset, buf, done: 0 },
+                IoKind::Write { offset, buf, durable } if !buf.is_empty() => {
+                    SlotKind::Write { offset, buf, done: 0, durable }
+                }
                 IoKind::Sync => SlotKind::Sync,
                 // Nothing to transfer; the kernel would answer 0, which reads as end of file.
                 IoKind::Read { buf, .. } | IoKind::Write { buf, .. } => {
@@ -283,9 +285,13 @@ impl UringDevice {
                 let n_bytes = (buf.len() - *done).min(SQE_BYTES_MAX);
                 opcode::Read::new(fd, buf[*done..].as_mut_ptr(), n_bytes as u32).offset(*offset + *done as u64).build()
             }
-            SlotKind::Write { offset, buf, done } => {
+            SlotKind::Write { offset, buf, done, durable } => {
                 let n_bytes = (buf.len() - *done).min(SQE_BYTES_MAX);
-                opcode::Write::new(fd, buf[*done..].as_ptr(), n_bytes as u32).offset(*offset + *done as u64).build()
+                let flags = if *durable { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(fd, buf[*done..].as_ptr(), n_bytes as u32)
+                    .offset(*offset + *done as u64)
+                    .rw_flags(flags)
+                    .build()
             }
             SlotKind::Sync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
         };
@@ -379,7 +385,7 @@ impl UringDevice {
                 self.resubmit.push_back(slot_idx);
                 return;
             }
-            SlotKind::Read { offset, buf, done } | SlotKind::Write { offset, buf, done } if res >= 0 => {
+            SlotKind::Read { offset, buf, done } | SlotKind::Write { offset, buf, done, .. } if res >= 0 => {
                 let n_bytes = res as usize;
                 assert!(*done + n_bytes <= buf.len(), "kernel transferred more than asked");
                 *done += n_bytes;
@@ -469,6 +475,19 @@ impl Device for UringDevice {
                 debug_assert!(self.queue.is_empty() && self.resubmit.is_empty());
                 // Nothing could ever complete; blocking would hang.
                 return self.submit_nowait();
+            }
+            let spin_us: u64 = std::env::var("SB_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if spin_us > 0 {
+                self.submit_nowait()?;
+                let t0 = std::time::Instant::now();
+                while self.ring.completion().is_empty() && t0.elapsed().as_micros() < spin_us as u128 {
+                    std::hint::spin_loop();
+                }
+                if !self.ring.completion().is_empty() {
+                    self.reap();
+                    self.take_wake_error()?;
+                    continue;
+                }
             }
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -716,7 +735,7 @@ mod tests {
             let buf = AlignedBuf::from_slice(&data);
             device.submit(IoOp {
                 token: token as u64,
-                kind: IoKind::Write { offset: first_block * BLOCK_BYTES as u64, buf },
+                kind: IoKind::Write { offset: first_block * BLOCK_BYTES as u64, buf, durable: generation % 2 == 1 },
             });
         }
         for (token, c) in collect(device, extents.len()) {
@@ -941,7 +960,7 @@ mod tests {
             token: 2,
             kind: IoKind::Read { offset: end - BLOCK_BYTES as u64, buf: AlignedBuf::zeroed(2) },
         });
-        device.submit(IoOp { token: 3, kind: IoKind::Write { offset: end, buf: AlignedBuf::zeroed(1) } });
+        device.submit(IoOp { token: 3, kind: IoKind::Write { offset: end, buf: AlignedBuf::zeroed(1), durable: false } });
         device.submit(IoOp { token: 4, kind: IoKind::Read { offset: u64::MAX - 4095, buf: AlignedBuf::zeroed(1) } });
         device.submit(IoOp { token: 5, kind: IoKind::Read { offset: 512, buf: AlignedBuf::zeroed(1) } });
         for (token, c) in collect(&mut device, 5) {
@@ -973,7 +992,7 @@ mod tests {
     fn zero_length_transfers_complete_without_io() {
         let Some(fixture) = Fixture::new() else { return };
         let Some(mut device) = fixture.open(4) else { return };
-        device.submit(IoOp { token: 1, kind: IoKind::Write { offset: 0, buf: AlignedBuf::zeroed(0) } });
+        device.submit(IoOp { token: 1, kind: IoKind::Write { offset: 0, buf: AlignedBuf::zeroed(0), durable: false } });
         device.submit(IoOp {
             token: 2,
             kind: IoKind::Read { offset: 4 * BLOCK_BYTES as u64, buf: AlignedBuf::zeroed(0) },
@@ -991,7 +1010,7 @@ mod tests {
         for block_idx in 0..n_ops {
             let buf = AlignedBuf::from_slice(&pattern(block_idx, 5));
             device
-                .submit(IoOp { token: block_idx, kind: IoKind::Write { offset: block_idx * BLOCK_BYTES as u64, buf } });
+                .submit(IoOp { token: block_idx, kind: IoKind::Write { offset: block_idx * BLOCK_BYTES as u64, buf, durable: false } });
         }
         // One wait pushes all 128 into the kernel and returns after the first completes.
         device.wait(None).expect("wait");

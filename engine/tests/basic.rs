@@ -77,3 +77,49 @@ fn a_store_can_be_open_only_once() {
     store.close().unwrap();
     Store::open(&path, Config::default()).unwrap().close().unwrap();
 }
+
+/// A flush with nothing new to make durable costs no device op; one after writes that are not yet
+/// durable always syncs; and the write-then-flush pattern gets its writes made durable by a FUA
+/// write instead of a sync. (Power-cut safety of all three is in `powercut.rs`.)
+#[test]
+fn flushes_sync_exactly_what_is_not_durable() {
+    let disk = sim_disk(64 << 20, 1 << 20);
+    let rt = rt();
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+    let stats = || rt.block_on(store.stats()).unwrap();
+    let write = |lba: u64| rt.block_on(store.write(vol.id, lba * 4096, Bytes::from(pattern(lba, 4096)), false)).unwrap();
+
+    // Two batches in a row are no commit pattern: written plainly, so the flush must sync.
+    write(1);
+    write(2);
+    let before = stats();
+    rt.block_on(store.flush()).unwrap();
+    let after = stats();
+    assert_eq!(after.syncs, before.syncs + 1, "{after:?}");
+    assert_eq!(after.durable_lsn.0 + 1, after.next_lsn.0, "{after:?}");
+
+    // Nothing written since: no sync, no write.
+    let n_ops = disk.lock().unwrap().n_ops();
+    for _ in 0..3 {
+        rt.block_on(store.flush()).unwrap();
+    }
+    assert_eq!(disk.lock().unwrap().n_ops(), n_ops, "a flush with nothing to do touched the device");
+
+    // A commit loop: after a few rounds, each write is durable when it completes, no sync needed.
+    for lba in 10..20 {
+        write(lba);
+        rt.block_on(store.flush()).unwrap();
+    }
+    let looped = stats();
+    assert!(looped.durable_writes >= 7, "{looped:?}");
+    assert!(looped.syncs <= after.syncs + 3, "{looped:?}");
+
+    // The pattern broken: the plain write after it is synced by the next flush.
+    write(30);
+    write(31);
+    let before = stats();
+    rt.block_on(store.flush()).unwrap();
+    assert_eq!(stats().syncs, before.syncs + 1);
+    store.close().unwrap();
+}

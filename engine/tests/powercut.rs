@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::sim::{apply_unsynced, LoggedOp, Rng, SimDevice, SimDisk};
+use syncblock_engine::sim::{apply_unsynced, LoggedOp, Rng, SimDevice, SimDisk, Unsynced};
 use syncblock_engine::{Config, Store, VolumeId};
 
 const VOL_BLOCKS: u64 = 96;
@@ -114,6 +114,14 @@ fn workload(seed: u64) -> (Arc<Mutex<SimDisk>>, Model, syncblock_engine::Stats) 
                 }
             }
             3 if step % 50 == 3 => rt.block_on(store.checkpoint()).unwrap(),
+            4 | 5 => {
+                // A database's commit: one write, then a flush. Repeated, the engine writes such
+                // batches durably (FUA) and answers the flush without a sync.
+                let n = (1 + rng.below(2)).min(VOL_BLOCKS - lba);
+                write(&mut model, &rt, vol, lba, n, false);
+                rt.block_on(store.flush()).unwrap();
+                model.flushed(n_ops(&disk));
+            }
             _ => {
                 let n = (1 + rng.below(4)).min(VOL_BLOCKS - lba);
                 write(&mut model, &rt, vol, lba, n, rng.below(8) == 0);
@@ -172,11 +180,12 @@ fn crash_everywhere(seed: u64) {
     let (disk, model, stats) = workload(seed);
     assert!(stats.gc_blocks_copied > 0 && stats.segments_cleaned > 0, "workload must exercise the cleaner: {stats:?}");
     assert!(stats.checkpoints >= 3, "workload must exercise checkpoints: {stats:?}");
+    assert!(stats.durable_writes >= 5, "workload must exercise durable (FUA) log writes: {stats:?}");
     let disk = disk.lock().unwrap();
     let rt = rt();
     // Walk the log once, keeping the durable image incrementally.
     let mut durable = disk.base.clone();
-    let mut unsynced: Vec<(u64, &[u8])> = Vec::new();
+    let mut unsynced: Vec<Unsynced<'_>> = Vec::new();
     let n = disk.n_ops();
     for k in 0..=n {
         let mut image = durable.clone();
@@ -187,10 +196,12 @@ fn crash_everywhere(seed: u64) {
             break;
         }
         match &disk.log[k] {
-            LoggedOp::Write { offset, data } => unsynced.push((*offset, data)),
+            LoggedOp::Write { offset, data, durable: fua } => {
+                unsynced.push(Unsynced { offset: *offset, data, durable: *fua })
+            }
             LoggedOp::Sync => {
-                for (offset, data) in unsynced.drain(..) {
-                    durable[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                for w in unsynced.drain(..) {
+                    durable[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(w.data);
                 }
             }
         }
