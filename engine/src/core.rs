@@ -146,7 +146,7 @@ pub enum Request {
         data: Bytes,
         fua: bool,
         tag: Tag,
-        reply: Reply<()>,
+        reply: Reply<Written>,
     },
     Flush {
         reply: Reply<()>,
@@ -158,7 +158,7 @@ pub enum Request {
         offset: u64,
         len: u64,
         tag: Tag,
-        reply: Reply<()>,
+        reply: Reply<Written>,
     },
     /// Zeroes the range. With `may_trim`, whole blocks become holes; otherwise zero blocks are
     /// written so that the range stays allocated.
@@ -169,7 +169,7 @@ pub enum Request {
         may_trim: bool,
         fua: bool,
         tag: Tag,
-        reply: Reply<()>,
+        reply: Reply<Written>,
     },
     BlockStatus {
         volume: VolumeId,
@@ -349,20 +349,40 @@ impl SegState {
 /// What happens when a writer's last batch is applied.
 enum Done {
     Unit(Reply<()>),
+    Write(Reply<Written>),
     Volume(Reply<VolumeInfo>, VolumeInfo),
 }
 
 impl Done {
+    /// Answers a failure, or a success without a durability claim.
     fn send(self, result: Result<()>) {
-        match self {
-            Done::Unit(r) => {
-                let _ = r.send(result);
-            }
-            Done::Volume(r, info) => {
-                let _ = r.send(result.map(|()| info));
-            }
+        match result {
+            Ok(()) => self.succeed(false),
+            Err(e) => match self {
+                Done::Unit(r) => drop(r.send(Err(e))),
+                Done::Write(r) => drop(r.send(Err(e))),
+                Done::Volume(r, _) => drop(r.send(Err(e))),
+            },
         }
     }
+
+    /// Answers a success; `durable`: the change (and everything queued before it) is durable.
+    fn succeed(self, durable: bool) {
+        match self {
+            Done::Unit(r) => drop(r.send(Ok(()))),
+            Done::Write(r) => drop(r.send(Ok(Written { durable }))),
+            Done::Volume(r, info) => drop(r.send(Ok(info))),
+        }
+    }
+}
+
+/// How a write, trim or zeroing completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Already durable, with every change queued before it: what a FUA write guarantees, and also
+    /// true of a plain write that the engine happened to make durable at once (see
+    /// `Core::submit_batches`). A replica reports it so that a flush needs no extra round trip.
+    pub durable: bool,
 }
 
 struct Waiter {
@@ -842,11 +862,11 @@ impl Core {
                         let _ = reply.send(Err(e));
                     }
                     Ok(()) if len == 0 => {
-                        let _ = reply.send(Ok(()));
+                        let _ = reply.send(Ok(Written { durable: false }));
                     }
                     Ok(()) => {
                         let pieces = split_write(offset, data);
-                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Unit(reply) });
+                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Write(reply) });
                     }
                 }
             }
@@ -859,7 +879,7 @@ impl Core {
                     let end = (offset + len) / BB;
                     let pieces =
                         if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
-                    self.start_write(WriteOp { volume, tag, pieces, durable: false, done: Done::Unit(reply) });
+                    self.start_write(WriteOp { volume, tag, pieces, durable: false, done: Done::Write(reply) });
                 }
             },
             Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply } => {
@@ -869,7 +889,7 @@ impl Core {
                     }
                     Ok(()) => {
                         let pieces = split_zeroes(offset, len, may_trim);
-                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Unit(reply) });
+                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Write(reply) });
                     }
                 }
             }
@@ -2107,7 +2127,7 @@ impl Core {
                     self.sync_waiters.push((through, id));
                 } else {
                     let w = self.waiters.remove(&id).expect("waiter");
-                    w.done.send(Ok(()));
+                    w.done.succeed(w.max_lsn <= self.durable_lsn);
                 }
             }
         }
@@ -2121,7 +2141,7 @@ impl Core {
             if through <= durable {
                 self.sync_waiters.swap_remove(i);
                 if let Some(w) = self.waiters.remove(&id) {
-                    w.done.send(Ok(()));
+                    w.done.succeed(true);
                 }
             } else {
                 i += 1;
@@ -2628,6 +2648,16 @@ impl Core {
             && self.scans.is_empty()
             && self.tokens.is_empty();
         if idle {
+            let st = &self.stats;
+            tracing::info!(
+                batches = st.batches,
+                syncs = st.syncs,
+                durable_writes = st.durable_writes,
+                checkpoints = st.checkpoints,
+                write_amplification = format!("{:.2}", st.write_amplification()),
+                segments_cleaned = st.segments_cleaned,
+                "engine stopped cleanly"
+            );
             let reply = self.shutdown.take().expect("shutdown");
             let _ = reply.send(match err_poisoned(&self.poisoned) {
                 Some(e) => Err(e),

@@ -20,7 +20,7 @@ pub mod sim;
 pub mod state;
 pub mod store;
 
-pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, MAX_CRC_BLOCKS, MAX_IO_BYTES};
+pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
 pub use format::StagedOp;
 pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 pub use state::{VolumeInfo, KEEP_LAST_TAG};

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Since, Stats};
+use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Since, Stats, Written};
 use crate::device::{Device, EventFd};
 use crate::error::{Error, Result};
 use crate::format::StagedOp;
@@ -206,11 +206,11 @@ impl Store {
         data: Bytes,
         fua: bool,
         tag: Tag,
-    ) -> Result<Pending<()>> {
+    ) -> Result<Pending<Written>> {
         self.enqueue(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await
     }
 
-    pub async fn enqueue_trim(&self, volume: VolumeId, offset: u64, len: u64, tag: Tag) -> Result<Pending<()>> {
+    pub async fn enqueue_trim(&self, volume: VolumeId, offset: u64, len: u64, tag: Tag) -> Result<Pending<Written>> {
         self.enqueue(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await
     }
 
@@ -222,7 +222,7 @@ impl Store {
         may_trim: bool,
         fua: bool,
         tag: Tag,
-    ) -> Result<Pending<()>> {
+    ) -> Result<Pending<Written>> {
         let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
         self.enqueue(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await
     }
@@ -263,7 +263,7 @@ impl Store {
     /// Writes `data` at `offset`. With `fua`, returns only once the data is durable.
     pub async fn write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let tag = Tag::NONE;
-        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await
+        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await.map(drop)
     }
 
     /// Makes every write that completed before this call durable.
@@ -276,13 +276,13 @@ impl Store {
 
     pub async fn trim(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
         let tag = Tag::NONE;
-        self.call(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await
+        self.call(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await.map(drop)
     }
 
     pub async fn write_zeroes(&self, volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
         let tag = Tag::NONE;
-        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await
+        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await.map(drop)
     }
 
     pub async fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {

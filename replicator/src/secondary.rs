@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId};
+use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
 use tokio::sync::{mpsc, watch};
 
 use crate::link::{read_frame, write_frame};
@@ -71,8 +71,9 @@ impl std::fmt::Debug for Secondary {
 
 enum Applied {
     /// A write, trim or zeroing with this tag; FUA ones are durable (with everything before them:
-    /// the engine's log is durable as a prefix) when they complete.
-    Op(u64, bool, Pending<()>),
+    /// the engine's log is durable as a prefix) when they complete, and so are others the engine
+    /// reports durable, outside a resync (whose writes count only once committed).
+    Op { tag: u64, fua: bool, streamed: bool, done: Pending<Written> },
     /// A flush covering every tag up to this.
     Flush(u64, Pending<()>),
     /// The resync is complete up to this tag.
@@ -265,17 +266,24 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
             };
             let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
             let item = match frame {
-                Frame::Write { tag, offset, fua, data } => {
-                    Applied::Op(tag, fua, i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?)
-                }
-                Frame::Trim { tag, offset, len } => {
-                    Applied::Op(tag, false, i.store.enqueue_trim(i.volume, offset, len, tag_of(tag)).await?)
-                }
-                Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op(
+                Frame::Write { tag, offset, fua, data } => Applied::Op {
                     tag,
                     fua,
-                    i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
-                ),
+                    streamed: !resyncing,
+                    done: i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?,
+                },
+                Frame::Trim { tag, offset, len } => Applied::Op {
+                    tag,
+                    fua: false,
+                    streamed: !resyncing,
+                    done: i.store.enqueue_trim(i.volume, offset, len, tag_of(tag)).await?,
+                },
+                Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op {
+                    tag,
+                    fua,
+                    streamed: !resyncing,
+                    done: i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
+                },
                 Frame::Flush { upto } => Applied::Flush(upto, i.store.enqueue_flush().await?),
                 Frame::CrcRequest { id, offset, len } => {
                     Applied::Crcs(id, offset, i.store.enqueue_block_crcs(i.volume, offset, len).await?)
@@ -350,10 +358,10 @@ async fn ack_loop(
     let mut want_floor = floor;
     while let Some(item) = rx.recv().await {
         match item {
-            Applied::Op(tag, fua, p) => {
-                p.wait().await?;
+            Applied::Op { tag, fua, streamed, done } => {
+                let written = done.wait().await?;
                 applied = applied.max(tag);
-                if fua {
+                if fua || (streamed && written.durable) {
                     durable = durable.max(tag);
                 }
             }
