@@ -26,7 +26,12 @@ pub async fn read_frame(r: &mut (impl AsyncRead + Unpin), timeout: Duration) -> 
 
 pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> Result<(), ReplError> {
     let b: Bytes = frame.encode();
-    w.write_all(&b).await?;
+    write_encoded(w, &b).await
+}
+
+/// Writes frames already encoded back to back (see [`Frame::encode_into`]).
+pub async fn write_encoded(w: &mut (impl AsyncWrite + Unpin), frames: &[u8]) -> Result<(), ReplError> {
+    w.write_all(frames).await?;
     w.flush().await?;
     Ok(())
 }

@@ -21,11 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use syncblock_engine::{Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::link::{read_frame, write_frame};
+use crate::link::{read_frame, write_encoded, write_frame};
 use crate::state::{ReplState, Role};
 use crate::wire::Frame;
 use crate::{ReplConfig, ReplError, Result};
@@ -165,6 +165,8 @@ pub struct PeerView {
     pub applied: u64,
     /// Every tag up to this is durable on the peer.
     pub durable: u64,
+    /// The newest ping the peer answered (nonces increase for the primary's lifetime).
+    pub pong: u64,
     pub last_error: Option<String>,
     /// The current (or last) resync: its `bytes_total` is the ranges it covers.
     pub resync: Progress,
@@ -241,6 +243,30 @@ struct Seq {
     link: Option<mpsc::Sender<Out>>,
     /// Bumped each time a link is installed: a verify pass must end on the link it started on.
     link_gen: u64,
+    /// Writes since the last flush, and flushes in a row that each followed at most one write
+    /// (up to [`FLUSH_STREAK_MIN`]): while a client commits write by write, each write is shipped
+    /// as FUA, so the peer makes it durable as it lands and its ack already covers the flush that
+    /// follows, which then needs no frame and no round trip.
+    writes_since_flush: u32,
+    flush_streak: u8,
+}
+
+/// See [`Seq::flush_streak`]; as the engine's own prediction (two flushes, each after a single
+/// write, make a commit loop).
+const FLUSH_STREAK_MIN: u8 = 2;
+
+impl Seq {
+    /// Whether a write queued now should go to the peer as FUA although the client did not ask.
+    fn note_write(&mut self) -> bool {
+        self.writes_since_flush = self.writes_since_flush.saturating_add(1);
+        self.flush_streak >= FLUSH_STREAK_MIN && self.writes_since_flush == 1
+    }
+
+    fn note_flush(&mut self) {
+        self.flush_streak =
+            if self.writes_since_flush <= 1 { (self.flush_streak + 1).min(FLUSH_STREAK_MIN) } else { 0 };
+        self.writes_since_flush = 0;
+    }
 }
 
 /// A `CrcRequest` waiting for its answer.
@@ -342,6 +368,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     crc_waiters: Mutex<HashMap<u64, CrcWaiter>>,
     next_crc_id: AtomicU64,
+    /// Nonces of pings: heartbeats, and the one that confirms a resync commit.
+    next_nonce: AtomicU64,
     /// One verify pass at a time.
     verifying: tokio::sync::Mutex<()>,
     lag: Mutex<Lag>,
@@ -414,7 +442,13 @@ impl Primary {
             size_bytes: info.size_bytes,
             peer_addr,
             cfg,
-            seq: tokio::sync::Mutex::new(Seq { next_tag: info.last_tag + 1, link: None, link_gen: 0 }),
+            seq: tokio::sync::Mutex::new(Seq {
+                next_tag: info.last_tag + 1,
+                link: None,
+                link_gen: 0,
+                writes_since_flush: 0,
+                flush_streak: 0,
+            }),
             peer,
             state: Mutex::new(state),
             local_durable: Mutex::new(0),
@@ -422,6 +456,7 @@ impl Primary {
             stop,
             crc_waiters: Mutex::new(HashMap::new()),
             next_crc_id: AtomicU64::new(1),
+            next_nonce: AtomicU64::new(0),
             verifying: tokio::sync::Mutex::new(()),
             lag: Mutex::new(Lag::default()),
         });
@@ -519,7 +554,8 @@ impl Primary {
             let p = i.store.enqueue_write(i.volume, offset, data.clone(), fua, Tag::seq(tag)).await?;
             seq.next_tag += 1;
             i.lag.lock().expect("lag").wrote(tag, data.len() as u64);
-            seq.ship(Out::Frame(Frame::Write { tag, offset, fua, data })).await;
+            let peer_fua = seq.note_write() || fua;
+            seq.ship(Out::Frame(Frame::Write { tag, offset, fua: peer_fua, data })).await;
             (p, tag)
         };
         pending.wait().await?;
@@ -565,7 +601,11 @@ impl Primary {
             let mut seq = i.seq.lock().await;
             let upto = seq.next_tag - 1;
             let p = i.store.enqueue_flush().await?;
-            seq.ship(Out::Frame(Frame::Flush { upto })).await;
+            seq.note_flush();
+            // A peer that already has everything durably (see `Seq::flush_streak`) needs no frame.
+            if !i.peer.borrow().confirms(upto, true) {
+                seq.ship(Out::Frame(Frame::Flush { upto })).await;
+            }
             (p, upto)
         };
         pending.wait().await?;
@@ -902,17 +942,24 @@ async fn resync(
             i.peer.send_modify(|v| v.resync.bytes_done += trimmed);
         }
     }
-    let commit = {
+    let (commit, nonce) = {
         let mut seq = i.seq.lock().await;
         let tag = seq.next_tag - 1;
         seq.ship(Out::Frame(Frame::ResyncCommit { tag, epoch, history })).await;
+        // The peer answers pings in stream order, after applying everything before them: the pong
+        // to this one proves the commit applied. (`applied >= tag` alone cannot: when nothing was
+        // written since the common point, the peer reported that tag before the resync began.)
+        let nonce = i.next_nonce.fetch_add(1, Ordering::Relaxed) + 1;
+        seq.ship(Out::Frame(Frame::Ping { epoch, nonce, floor: floor_tag(i) })).await;
         if seq.link.is_none() {
             return Err(ReplError::Stopped("link lost during resync".into()));
         }
-        tag
+        (tag, nonce)
     };
     let mut peer = i.peer.subscribe();
-    peer.wait_for(|v| !v.connected || v.applied >= commit).await.map_err(|_| ReplError::Stopped("shut down".into()))?;
+    peer.wait_for(|v| !v.connected || (v.applied >= commit && v.pong >= nonce))
+        .await
+        .map_err(|_| ReplError::Stopped("shut down".into()))?;
     if !peer.borrow().connected {
         return Err(ReplError::Stopped("link lost before the resync committed".into()));
     }
@@ -1187,7 +1234,6 @@ async fn verify_windows(i: &Inner, link_gen: u64, repair: bool) -> Result<Verify
 
 async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::Receiver<Out>) -> Result<()> {
     let mut tick = tokio::time::interval(i.cfg.heartbeat);
-    let mut nonce = 0u64;
     loop {
         let out = tokio::select! {
             out = rx.recv() => match out {
@@ -1195,7 +1241,7 @@ async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::
                 None => return Err(ReplError::Stopped("link closed".into())),
             },
             _ = tick.tick() => {
-                nonce += 1;
+                let nonce = i.next_nonce.fetch_add(1, Ordering::Relaxed) + 1;
                 let floor = floor_tag(&i);
                 let epoch = i.state.lock().expect("state").epoch;
                 write_frame(&mut wr, &Frame::Ping { epoch, nonce, floor }).await?;
@@ -1203,20 +1249,54 @@ async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::
             }
         };
         match out {
-            Out::Frame(f) => write_frame(&mut wr, &f).await?,
-            Out::Read { tag, offset, read, resync } => {
-                let data = read.wait().await?;
-                let n = data.len() as u64;
-                write_frame(&mut wr, &Frame::Write { tag, offset, fua: false, data }).await?;
-                if resync {
-                    i.peer.send_modify(|v| {
-                        v.resync.bytes_done += n;
-                        v.resync_bytes_shipped += n;
-                    });
+            Out::Frame(f) => {
+                // Everything the sequencer queued meanwhile goes out in the same write.
+                let mut buf = BytesMut::new();
+                f.encode_into(&mut buf);
+                let mut next = None;
+                while buf.len() < COALESCE_BYTES {
+                    match rx.try_recv() {
+                        Ok(Out::Frame(f)) => f.encode_into(&mut buf),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                write_encoded(&mut wr, &buf).await?;
+                if let Some(Out::Read { tag, offset, read, resync }) = next {
+                    ship_read(&i, &mut wr, tag, offset, read, resync).await?;
                 }
             }
+            Out::Read { tag, offset, read, resync } => ship_read(&i, &mut wr, tag, offset, read, resync).await?,
         }
     }
+}
+
+/// Coalescing bound of the link writer: frames queued together are written together up to this
+/// many bytes (a syscall per 256 KiB is cheap; beyond that, latency of the first frame matters).
+const COALESCE_BYTES: usize = 256 << 10;
+
+/// Ships the result of a queued read as a write frame (resync and repair).
+async fn ship_read(
+    i: &Inner,
+    wr: &mut crate::net::WritePart,
+    tag: u64,
+    offset: u64,
+    read: Pending<Bytes>,
+    resync: bool,
+) -> Result<()> {
+    let data = read.wait().await?;
+    let n = data.len() as u64;
+    write_frame(wr, &Frame::Write { tag, offset, fua: false, data }).await?;
+    if resync {
+        i.peer.send_modify(|v| {
+            v.resync.bytes_done += n;
+            v.resync_bytes_shipped += n;
+        });
+    }
+    Ok(())
 }
 
 async fn read_loop(i: Arc<Inner>, mut rd: crate::net::ReadPart) -> Result<()> {
@@ -1229,7 +1309,7 @@ async fn read_loop(i: Arc<Inner>, mut rd: crate::net::ReadPart) -> Result<()> {
                     v.durable = v.durable.max(durable);
                 });
             }
-            Frame::Pong { .. } => {}
+            Frame::Pong { nonce } => i.peer.send_modify(|v| v.pong = v.pong.max(nonce)),
             Frame::CrcReply { id, offset, crcs } => {
                 let waiter = i.crc_waiters.lock().expect("crc waiters").remove(&id);
                 match waiter {

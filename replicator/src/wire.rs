@@ -204,15 +204,39 @@ impl Frame {
 
     /// Header plus body, ready to send.
     pub fn encode(&self) -> Bytes {
-        let mut body = BytesMut::new();
+        let mut out = BytesMut::new();
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// Appends the whole frame, header and body, to `out`: several frames can go out in one write.
+    pub fn encode_into(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_bytes(0, HEADER_BYTES);
+        self.put_body(out);
+        let body_len = out.len() - start - HEADER_BYTES;
+        debug_assert!(body_len <= MAX_BODY_BYTES);
+        let (header, body) = out[start..].split_at_mut(HEADER_BYTES);
+        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        header[6] = self.kind();
+        header[7] = 0;
+        header[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&header[..12]);
+        h.update(body);
+        header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
+    }
+
+    fn put_body(&self, body: &mut BytesMut) {
         match self {
             Frame::Hello { epoch, last_tag, size_bytes, volume, node, history } => {
                 body.put_u64_le(*epoch);
                 body.put_u64_le(*last_tag);
                 body.put_u64_le(*size_bytes);
-                put_str(&mut body, volume);
-                put_str(&mut body, node);
-                put_history(&mut body, history);
+                put_str(body, volume);
+                put_str(body, node);
+                put_history(body, history);
             }
             Frame::HelloOk { last_tag, common_tag, runs } => {
                 body.put_u64_le(*last_tag);
@@ -256,28 +280,28 @@ impl Frame {
             Frame::ResyncCommit { tag, epoch, history } => {
                 body.put_u64_le(*tag);
                 body.put_u64_le(*epoch);
-                put_history(&mut body, history);
+                put_history(body, history);
             }
             Frame::WitnessReport { volume, node, epoch, in_sync } => {
-                put_str(&mut body, volume);
-                put_str(&mut body, node);
+                put_str(body, volume);
+                put_str(body, node);
                 body.put_u64_le(*epoch);
                 body.put_u8(*in_sync as u8);
             }
             Frame::WitnessSolo { volume, node, epoch } => {
-                put_str(&mut body, volume);
-                put_str(&mut body, node);
+                put_str(body, volume);
+                put_str(body, node);
                 body.put_u64_le(*epoch);
             }
             Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
-                put_str(&mut body, volume);
-                put_str(&mut body, node);
+                put_str(body, volume);
+                put_str(body, node);
                 body.put_u64_le(*epoch);
                 body.put_u8(*consistent as u8 | (*force as u8) << 1);
             }
             Frame::WitnessGrant { epoch, primary, solo } => {
                 body.put_u64_le(*epoch);
-                put_str(&mut body, primary);
+                put_str(body, primary);
                 body.put_u8(*solo as u8);
             }
             Frame::CrcRequest { id, offset, len } => {
@@ -300,19 +324,6 @@ impl Frame {
                 }
             }
         }
-        debug_assert!(body.len() <= MAX_BODY_BYTES);
-        let mut out = BytesMut::with_capacity(HEADER_BYTES + body.len());
-        out.put_u32_le(MAGIC);
-        out.put_u16_le(PROTOCOL_VERSION);
-        out.put_u8(self.kind());
-        out.put_u8(0);
-        out.put_u32_le(body.len() as u32);
-        let mut h = crc32fast::Hasher::new();
-        h.update(&out[..12]);
-        h.update(&body);
-        out.put_u32_le(h.finalize());
-        out.extend_from_slice(&body);
-        out.freeze()
     }
 }
 
