@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::{Error, Extent, Store, VolumeId, MAX_IO_BYTES};
 use syncblock_replicator::{Node, ReplError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -39,6 +39,11 @@ pub const MAX_IN_FLIGHT_PAYLOAD_BYTES: u64 = 128 << 20;
 /// Unit of the payload budget.
 const PAYLOAD_UNIT_BYTES: u64 = 64 << 10;
 const PAYLOAD_UNITS: u32 = (MAX_IN_FLIGHT_PAYLOAD_BYTES / PAYLOAD_UNIT_BYTES) as u32;
+
+/// Read-ahead buffer per connection in transmission: a client with 32 small writes in flight sends
+/// them back to back, and reading each header and payload with its own system call showed in
+/// profiles. Payloads larger than the buffer are read straight into their own memory.
+const READ_BUFFER_BYTES: usize = 256 << 10;
 const _: () = assert!(MAX_IO_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES);
 
 /// Most extents in one block status reply. The spec caps this at 2^20; 64 Ki keeps a reply under
@@ -287,7 +292,7 @@ where
 type Reply = Vec<Bytes>;
 
 async fn transmission<R, W>(
-    mut r: R,
+    r: R,
     w: W,
     session: Session,
     shared: Arc<Shared>,
@@ -297,6 +302,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
+    let mut r = BufReader::with_capacity(READ_BUFFER_BYTES, r);
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let payload = Arc::new(Semaphore::new(PAYLOAD_UNITS as usize));
     let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT);
