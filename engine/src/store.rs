@@ -91,19 +91,30 @@ impl Intake {
     }
 }
 
+/// What the handles and the engine thread share. The thread holds it too, so it must not own
+/// the thread: see [`EngineThread`].
 struct Inner {
     queue: Mutex<Intake>,
     sleeping: AtomicBool,
     wake: EventFd,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
-    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The engine thread, owned by the [`Store`] handles alone: when the last one is dropped, the
+/// thread is stopped (and with it go the core and the device). It cannot live in [`Inner`], which
+/// the thread itself holds: that would be a cycle, and a store dropped without `close()` would
+/// keep its thread, its index and its device forever.
+struct EngineThread {
+    inner: Arc<Inner>,
+    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A handle on an open store. Cheap to clone; all clones talk to the same engine thread.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    thread: Arc<EngineThread>,
     report: Arc<RecoveryReport>,
 }
 
@@ -145,15 +156,14 @@ impl Store {
             wake: EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?,
             permits: Arc::new(Semaphore::new(QUEUE_PERMITS)),
             closed: AtomicBool::new(false),
-            thread: Mutex::new(None),
         });
         let thread_inner = inner.clone();
         let handle = std::thread::Builder::new()
             .name("syncblock-engine".into())
             .spawn(move || drive(core, device, thread_inner))
             .map_err(|e| Error::io("spawning the engine thread", e))?;
-        *inner.thread.lock().expect("thread slot") = Some(handle);
-        let store = Store { inner, report: Arc::new(report) };
+        let thread = Arc::new(EngineThread { inner: inner.clone(), handle: Mutex::new(Some(handle)) });
+        let store = Store { inner, thread, report: Arc::new(report) };
         store.call_blocking(|reply| Request::Checkpoint { reply })?;
         Ok(store)
     }
@@ -394,7 +404,7 @@ impl Store {
     pub fn close(&self) -> Result<()> {
         let r = self.call_blocking(|reply| Request::Shutdown { reply });
         self.inner.closed.store(true, Ordering::Release);
-        if let Some(t) = self.inner.thread.lock().expect("thread slot").take() {
+        if let Some(t) = self.thread.handle.lock().expect("thread slot").take() {
             let _ = t.join();
         }
         match r {
@@ -404,13 +414,17 @@ impl Store {
     }
 }
 
-impl Drop for Inner {
+impl Drop for EngineThread {
     fn drop(&mut self) {
-        // Last handle gone without close(): stop the thread, checkpointing on the way out.
-        if let Some(t) = self.thread.get_mut().expect("thread slot").take() {
-            let (tx, _rx) = oneshot::channel();
-            self.queue.get_mut().expect("queue").reqs.push_back(Request::Shutdown { reply: tx });
-            self.wake.signal();
+        // Last handle gone without close(): stop the thread, checkpointing on the way out, after
+        // everything already queued.
+        let Some(t) = self.handle.get_mut().expect("thread slot").take() else { return };
+        let (tx, _rx) = oneshot::channel();
+        self.inner.queue.lock().unwrap_or_else(|p| p.into_inner()).reqs.push_back(Request::Shutdown { reply: tx });
+        self.inner.wake.signal();
+        // No handle lives on the engine thread; should one ever be dropped there, joining would
+        // deadlock, and the thread stops anyway once it has served the shutdown.
+        if t.thread().id() != std::thread::current().id() {
             let _ = t.join();
         }
     }
