@@ -292,7 +292,9 @@ impl Store {
     pub async fn write_zeroes(&self, volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
         let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
         let tag = Tag::NONE;
-        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await.map(drop)
+        self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply })
+            .await
+            .map(drop)
     }
 
     pub async fn block_status(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Extent>> {

@@ -960,7 +960,8 @@ mod tests {
             token: 2,
             kind: IoKind::Read { offset: end - BLOCK_BYTES as u64, buf: AlignedBuf::zeroed(2) },
         });
-        device.submit(IoOp { token: 3, kind: IoKind::Write { offset: end, buf: AlignedBuf::zeroed(1), durable: false } });
+        device
+            .submit(IoOp { token: 3, kind: IoKind::Write { offset: end, buf: AlignedBuf::zeroed(1), durable: false } });
         device.submit(IoOp { token: 4, kind: IoKind::Read { offset: u64::MAX - 4095, buf: AlignedBuf::zeroed(1) } });
         device.submit(IoOp { token: 5, kind: IoKind::Read { offset: 512, buf: AlignedBuf::zeroed(1) } });
         for (token, c) in collect(&mut device, 5) {
@@ -1009,8 +1010,10 @@ mod tests {
         let n_ops = 128u64;
         for block_idx in 0..n_ops {
             let buf = AlignedBuf::from_slice(&pattern(block_idx, 5));
-            device
-                .submit(IoOp { token: block_idx, kind: IoKind::Write { offset: block_idx * BLOCK_BYTES as u64, buf, durable: false } });
+            device.submit(IoOp {
+                token: block_idx,
+                kind: IoKind::Write { offset: block_idx * BLOCK_BYTES as u64, buf, durable: false },
+            });
         }
         // One wait pushes all 128 into the kernel and returns after the first completes.
         device.wait(None).expect("wait");

@@ -88,7 +88,8 @@ fn flushes_sync_exactly_what_is_not_durable() {
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
     let stats = || rt.block_on(store.stats()).unwrap();
-    let write = |lba: u64| rt.block_on(store.write(vol.id, lba * 4096, Bytes::from(pattern(lba, 4096)), false)).unwrap();
+    let write =
+        |lba: u64| rt.block_on(store.write(vol.id, lba * 4096, Bytes::from(pattern(lba, 4096)), false)).unwrap();
 
     // Two batches in a row are no commit pattern: written plainly, so the flush must sync.
     write(1);

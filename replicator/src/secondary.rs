@@ -73,7 +73,12 @@ enum Applied {
     /// A write, trim or zeroing with this tag; FUA ones are durable (with everything before them:
     /// the engine's log is durable as a prefix) when they complete, and so are others the engine
     /// reports durable, outside a resync (whose writes count only once committed).
-    Op { tag: u64, fua: bool, streamed: bool, done: Pending<Written> },
+    Op {
+        tag: u64,
+        fua: bool,
+        streamed: bool,
+        done: Pending<Written>,
+    },
     /// A flush covering every tag up to this.
     Flush(u64, Pending<()>),
     /// The resync is complete up to this tag.
