@@ -185,3 +185,47 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
     prim.stop();
     sec.stop().await;
 }
+
+/// A client that writes one block and flushes, over and over (a database's commit loop), costs
+/// one round trip per commit: once the pattern is seen, each write reaches the peer as FUA, the
+/// peer's ack already says it is durable, and the flush completes without waiting. Both engines
+/// make those writes durable by themselves (FUA log writes), not by fdatasync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_loop_writes_are_durable_on_the_peer_when_acknowledged() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, VOL_BYTES).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
+        .await
+        .unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
+    wait_in_sync(&prim).await;
+    let (a0, b0) = (a.stats().await.unwrap(), b.stats().await.unwrap());
+
+    const COMMITS: u64 = 50;
+    let mut durable_at_ack = 0;
+    for k in 0..COMMITS {
+        let tag = prim.write_tagged(k * BB, block(70_000 + k), false).await.unwrap();
+        if prim.status().await.peer.durable >= tag {
+            durable_at_ack += 1;
+        }
+        prim.flush().await.unwrap();
+    }
+    let (a1, b1) = (a.stats().await.unwrap(), b.stats().await.unwrap());
+    // The first few commits teach both sides the pattern; every later one goes the short way.
+    assert!(
+        durable_at_ack >= COMMITS - 5,
+        "only {durable_at_ack} of {COMMITS} writes were durable on the peer when acknowledged"
+    );
+    for (name, before, after) in [("primary", &a0, &a1), ("secondary", &b0, &b1)] {
+        let (syncs, fua) = (after.syncs - before.syncs, after.durable_writes - before.durable_writes);
+        assert!(
+            fua >= COMMITS - 5 && syncs <= 5,
+            "{name}: {fua} FUA log writes and {syncs} fdatasyncs for {COMMITS} commits"
+        );
+    }
+    assert_eq!(image(&a).await, image(&b).await, "secondary differs from primary");
+    prim.stop();
+    sec.stop().await;
+}
