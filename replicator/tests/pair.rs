@@ -9,13 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use syncblock_engine::{Config, Store};
-use syncblock_replicator::{Primary, ReplConfig, Secondary};
-use tokio::net::TcpListener;
+use syncblock_replicator::{Primary, ReplConfig};
 
 const VOL_BYTES: u64 = 64 << 20;
 
+const PAIR_TIMEOUT: Duration = Duration::from_millis(1000);
+
 fn pair_cfg(node: &str) -> ReplConfig {
-    cfg(node, Duration::from_millis(1000))
+    cfg(node, PAIR_TIMEOUT)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,12 +29,8 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     })
     .await
     .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
-        .await
-        .unwrap();
+    let (prim, sec) = start_pair(&a, &b, PAIR_TIMEOUT).await;
     let addr = sec.local_addr();
-    let prim = Primary::start(a.clone(), "v", addr, pair_cfg("a"), None, false).await.unwrap();
     wait_in_sync(&prim).await;
 
     // 1. Concurrent writes, trims and zeroes; every completed one is on both nodes.
@@ -95,10 +92,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     })
     .await
     .unwrap();
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
-        .await
-        .unwrap();
+    let sec = start_secondary(&b, addr, PAIR_TIMEOUT).await;
     tokio::time::timeout(Duration::from_secs(30), writer).await.expect("writes resume after resync").unwrap();
     prim.flush().await.unwrap();
     wait_in_sync(&prim).await;
@@ -131,10 +125,7 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     .unwrap();
     let vb = b.volume("v").await.unwrap();
     b.write(vb.id, 0, block(1), false).await.unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
-        .await
-        .unwrap();
+    let sec = start_secondary(&b, "127.0.0.1:0".parse().unwrap(), PAIR_TIMEOUT).await;
     let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
     let mut w = prim.peer_view();
     let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
@@ -161,10 +152,7 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
     })
     .await
     .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
-        .await
-        .unwrap();
+    let sec = start_secondary(&b, "127.0.0.1:0".parse().unwrap(), PAIR_TIMEOUT).await;
     let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
@@ -195,11 +183,7 @@ async fn commit_loop_writes_are_durable_on_the_peer_when_acknowledged() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_stores(dir.path(), 256 << 20, VOL_BYTES).await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec = Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), pair_cfg("b"))
-        .await
-        .unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
+    let (prim, sec) = start_pair(&a, &b, PAIR_TIMEOUT).await;
     wait_in_sync(&prim).await;
     let (a0, b0) = (a.stats().await.unwrap(), b.stats().await.unwrap());
 

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use syncblock_engine::{Store, BLOCK_BYTES};
-use syncblock_replicator::{NodeStatus, Primary, ReplConfig, Secondary};
-use tokio::net::TcpListener;
+use syncblock_replicator::{NodeStatus, Primary, Secondary};
 
 const VOL_BYTES: u64 = 64 << 20;
 
@@ -21,9 +20,7 @@ async fn stores(dir: &Path) -> (Store, Store) {
     two_stores(dir, 512 << 20, VOL_BYTES).await
 }
 
-fn sv_cfg(node: &str) -> ReplConfig {
-    cfg(node, Duration::from_millis(2000))
-}
+const SV_TIMEOUT: Duration = Duration::from_millis(2000);
 
 /// The same unreplicated contents on a store: the first 60 MiB written, the last 4 MiB a hole.
 async fn fill(s: &Store) -> u64 {
@@ -52,11 +49,7 @@ async fn assert_identical(a: &Store, b: &Store) {
 }
 
 async fn start_pair(a: &Store, b: &Store) -> (Primary, Secondary) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sec =
-        Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), sv_cfg("b")).await.unwrap();
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), sv_cfg("a"), None, false).await.unwrap();
-    (prim, sec)
+    common::start_pair(a, b, SV_TIMEOUT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

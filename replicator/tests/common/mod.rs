@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use syncblock_engine::{Config, CreateOptions, Store, BLOCK_BYTES};
-use syncblock_replicator::{Primary, ReplConfig};
+use syncblock_replicator::{Primary, ReplConfig, Secondary};
 
 pub const BB: u64 = BLOCK_BYTES as u64;
 
@@ -45,6 +45,21 @@ pub fn cfg(node: &str, timeout: Duration) -> ReplConfig {
         reconnect: Duration::from_millis(50),
         ..ReplConfig::default()
     }
+}
+
+/// A secondary "b" for volume "v" of `b`, accepting its primary on `bind` (port 0: any).
+pub async fn start_secondary(b: &Store, bind: SocketAddr, timeout: Duration) -> Secondary {
+    let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
+    Secondary::start(b.clone(), "v", syncblock_replicator::net::tcp_listener(listener), cfg("b", timeout))
+        .await
+        .unwrap()
+}
+
+/// A pair on loopback: `a` primary ("a"), `b` secondary ("b"), volume "v", no witness.
+pub async fn start_pair(a: &Store, b: &Store, timeout: Duration) -> (Primary, Secondary) {
+    let sec = start_secondary(b, "127.0.0.1:0".parse().unwrap(), timeout).await;
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a", timeout), None, false).await.unwrap();
+    (prim, sec)
 }
 
 /// `len` bytes of data identified by `seed`.
