@@ -41,6 +41,7 @@ use crate::format::{
     StagedOp, Superblock, MAX_ATTR_BYTES, MAX_ATTR_VOLUMES, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
 };
 use crate::index::{crc_of, phys_of};
+use crate::predict::CommitLoop;
 use crate::state::{State, VolumeInfo, MAX_VOLUMES};
 use crate::types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
 
@@ -62,11 +63,6 @@ pub const MAX_CRC_BLOCKS: u64 = 1 << 16;
 /// Sealed batches allowed to wait behind the in-flight limit before intake pauses. One maximal
 /// write (32 MiB) seals up to 32 batches at once; beyond that, queueing more only adds latency.
 const SEALED_QUEUE_MAX: usize = 40;
-
-/// Flushes in a row, each after a single batch, after which the next single batch is predicted to
-/// be flushed too and is written durably (see [`Core::submit_batches`]). Two: one flush after one
-/// write is common in any workload; the pattern repeated is what a database's commit loop does.
-const FLUSH_STREAK_MIN: u8 = 2;
 
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];
 
@@ -571,11 +567,8 @@ pub struct Core {
     next_waiter: u64,
     sync_waiters: Vec<(Lsn, u64)>,
     sync_in_flight: bool,
-    /// Flushes (and FUA writes) in a row that each came after at most one batch, up to
-    /// [`FLUSH_STREAK_MIN`]; see [`Core::submit_batches`].
-    flush_streak: u8,
-    /// Batches with client writes sealed since the last flush or FUA write.
-    batches_since_flush: u32,
+    /// Batches with client writes against flushes and FUA writes; see [`Core::submit_batches`].
+    commit_loop: CommitLoop,
     reads: HashMap<u64, ReadWaiter>,
     next_read: u64,
     intake: VecDeque<Request>,
@@ -660,8 +653,7 @@ impl Core {
             shutdown: None,
             finished: false,
             poisoned: None,
-            flush_streak: 0,
-            batches_since_flush: 0,
+            commit_loop: CommitLoop::default(),
             tokens: HashMap::new(),
             next_token: 0,
             out: Vec::new(),
@@ -697,8 +689,8 @@ impl Core {
     /// Flushes answered by the driver without a trip here, because everything was durable already
     /// (see [`Core::all_durable`]): they count for the prediction in [`Core::submit_batches`].
     pub fn note_flushes(&mut self, n: u64) {
-        for _ in 0..n.min(FLUSH_STREAK_MIN as u64) {
-            self.note_flush();
+        for _ in 0..n.min(CommitLoop::streak_max()) {
+            self.commit_loop.note_flush();
         }
     }
 
@@ -1253,7 +1245,7 @@ impl Core {
     /// Adds an intake-complete write to the open batch(es).
     fn add_write(&mut self, op: WriteOp) {
         if op.durable {
-            self.note_flush();
+            self.commit_loop.note_flush();
         }
         let waiter = self.add_waiter(0, op.durable, op.done);
         let volume = op.volume;
@@ -1468,7 +1460,7 @@ impl Core {
     }
 
     fn close_open_batch_for_flush(&mut self, waiter: u64) {
-        self.note_flush();
+        self.commit_loop.note_flush();
         self.seal_open_batch();
         let through = Lsn(self.next_lsn.0 - 1);
         if self.unsubmitted.back().is_some_and(|u| u.0 == through) {
@@ -1726,7 +1718,7 @@ impl Core {
         let want_durable =
             b.meta.is_some() || b.waiters.iter().any(|id| self.waiters.get(id).is_some_and(|w| w.durable));
         if !b.waiters.is_empty() {
-            self.batches_since_flush = self.batches_since_flush.saturating_add(1);
+            self.commit_loop.note_write();
         }
         self.batches.insert(
             lsn,
@@ -1894,14 +1886,12 @@ impl Core {
     /// and that someone will wait to be durable is written durably (FUA): its completion then makes
     /// it durable without an fdatasync, which saves a device round trip and the sync's wake-up.
     /// "Will wait" is known for FUA writes, volume changes and batches a flush sealed; for the
-    /// common database pattern of one write then one flush, it is predicted: after
-    /// [`FLUSH_STREAK_MIN`] flushes in a row that each followed at most one batch, the next single
-    /// batch is written durably too. A wrong guess costs one write the latency of a sync.
+    /// common database pattern of one write then one flush, it is predicted (see [`CommitLoop`]).
     fn submit_batches(&mut self) {
         let mut in_flight = self.batches.len() - self.unsubmitted.len();
         while in_flight < self.cfg.max_inflight_batches {
             let Some((lsn, offset, buf)) = self.unsubmitted.pop_front() else { break };
-            let predicted = self.flush_streak >= FLUSH_STREAK_MIN && self.batches_since_flush <= 1;
+            let predicted = self.commit_loop.flush_expected();
             let mut durable = false;
             if let Some(b) = self.batches.get_mut(&lsn) {
                 durable = self.durable_lsn.next() == lsn && (b.want_durable || predicted);
@@ -1910,13 +1900,6 @@ impl Core {
             self.submit(Token::Batch(lsn), IoKind::Write { offset, buf, durable });
             in_flight += 1;
         }
-    }
-
-    /// A flush or a FUA write arrived: update the prediction of [`Core::submit_batches`].
-    fn note_flush(&mut self) {
-        self.flush_streak =
-            if self.batches_since_flush <= 1 { (self.flush_streak + 1).min(FLUSH_STREAK_MIN) } else { 0 };
-        self.batches_since_flush = 0;
     }
 
     // -----------------------------------------------------------------------------------------

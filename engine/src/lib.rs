@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod core;
 pub mod format;
 pub mod index;
+pub mod predict;
 pub mod recovery;
 pub mod sim;
 pub mod state;
@@ -22,6 +23,7 @@ pub mod store;
 
 pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
 pub use format::StagedOp;
+pub use predict::CommitLoop;
 pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
 pub use state::{VolumeInfo, KEEP_LAST_TAG};
 pub use store::{CreateOptions, Pending, Store};

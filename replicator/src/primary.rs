@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use syncblock_engine::{Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
+use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::link::{read_frame, write_encoded, write_frame};
@@ -243,30 +243,10 @@ struct Seq {
     link: Option<mpsc::Sender<Out>>,
     /// Bumped each time a link is installed: a verify pass must end on the link it started on.
     link_gen: u64,
-    /// Writes since the last flush, and flushes in a row that each followed at most one write
-    /// (up to [`FLUSH_STREAK_MIN`]): while a client commits write by write, each write is shipped
-    /// as FUA, so the peer makes it durable as it lands and its ack already covers the flush that
-    /// follows, which then needs no frame and no round trip.
-    writes_since_flush: u32,
-    flush_streak: u8,
-}
-
-/// See [`Seq::flush_streak`]; as the engine's own prediction (two flushes, each after a single
-/// write, make a commit loop).
-const FLUSH_STREAK_MIN: u8 = 2;
-
-impl Seq {
-    /// Whether a write queued now should go to the peer as FUA although the client did not ask.
-    fn note_write(&mut self) -> bool {
-        self.writes_since_flush = self.writes_since_flush.saturating_add(1);
-        self.flush_streak >= FLUSH_STREAK_MIN && self.writes_since_flush == 1
-    }
-
-    fn note_flush(&mut self) {
-        self.flush_streak =
-            if self.writes_since_flush <= 1 { (self.flush_streak + 1).min(FLUSH_STREAK_MIN) } else { 0 };
-        self.writes_since_flush = 0;
-    }
+    /// Client writes against flushes: while a client commits write by write, each write is
+    /// shipped as FUA, so the peer makes it durable as it lands and its ack already covers the
+    /// flush that follows, which then needs no frame and no round trip.
+    commit_loop: CommitLoop,
 }
 
 /// A `CrcRequest` waiting for its answer.
@@ -446,8 +426,7 @@ impl Primary {
                 next_tag: info.last_tag + 1,
                 link: None,
                 link_gen: 0,
-                writes_since_flush: 0,
-                flush_streak: 0,
+                commit_loop: CommitLoop::default(),
             }),
             peer,
             state: Mutex::new(state),
@@ -554,7 +533,8 @@ impl Primary {
             let p = i.store.enqueue_write(i.volume, offset, data.clone(), fua, Tag::seq(tag)).await?;
             seq.next_tag += 1;
             i.lag.lock().expect("lag").wrote(tag, data.len() as u64);
-            let peer_fua = seq.note_write() || fua;
+            seq.commit_loop.note_write();
+            let peer_fua = fua || seq.commit_loop.flush_expected();
             seq.ship(Out::Frame(Frame::Write { tag, offset, fua: peer_fua, data })).await;
             (p, tag)
         };
@@ -601,8 +581,8 @@ impl Primary {
             let mut seq = i.seq.lock().await;
             let upto = seq.next_tag - 1;
             let p = i.store.enqueue_flush().await?;
-            seq.note_flush();
-            // A peer that already has everything durably (see `Seq::flush_streak`) needs no frame.
+            seq.commit_loop.note_flush();
+            // A peer that already has everything durably (see `Seq::commit_loop`) needs no frame.
             if !i.peer.borrow().confirms(upto, true) {
                 seq.ship(Out::Frame(Frame::Flush { upto })).await;
             }
