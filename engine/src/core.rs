@@ -250,12 +250,32 @@ pub struct Config {
     /// Segments kept free for the cleaner: user writes may not take the last ones, so the cleaner
     /// can always copy a victim forward.
     pub gc_reserve_segments: u32,
+    /// Where the engine's event loop runs.
+    pub driver: Driver,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { max_inflight_batches: 4, checkpoint_interval_bytes: 1 << 30, gc_reserve_segments: 2 }
+        Config {
+            max_inflight_batches: 4,
+            checkpoint_interval_bytes: 1 << 30,
+            gc_reserve_segments: 2,
+            driver: Driver::Thread,
+        }
     }
+}
+
+/// Where a store's engine runs (see [`crate::Store`]).
+#[derive(Debug, Clone, Default)]
+pub enum Driver {
+    /// A thread of its own. Works from any caller, async or not.
+    #[default]
+    Thread,
+    /// A task on this Tokio runtime (which needs its I/O driver enabled). Saves a hand-off between
+    /// threads per batch when the callers run on the same runtime. The runtime must outlive the
+    /// store: [`crate::Store::close`] it before shutting the runtime down, or the engine stops
+    /// as if the machine had crashed (nothing acknowledged as durable is lost).
+    Runtime(tokio::runtime::Handle),
 }
 
 // ---------------------------------------------------------------------------------------------

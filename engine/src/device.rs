@@ -9,7 +9,7 @@
 //! the engine while the kernel may be using it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 
 use crate::buf::AlignedBuf;
 
@@ -49,11 +49,22 @@ pub trait Device: Send + 'static {
     fn len_bytes(&self) -> u64;
     /// Queues an op. It starts no later than the next [`Device::wait`].
     fn submit(&mut self, op: IoOp);
-    /// Starts queued ops and blocks until at least one completion is available or, if `wake` is
-    /// given, until it is signalled. May return early; callers loop.
-    fn wait(&mut self, wake: Option<&EventFd>) -> io::Result<()>;
+    /// Starts queued ops and blocks until at least one completion is available (at once if none
+    /// is in flight). May return early; callers loop.
+    fn wait(&mut self) -> io::Result<()>;
     /// Takes one available completion.
     fn pop_completion(&mut self) -> Option<Completion>;
+    /// Starts queued ops and takes the completions already available, never blocking. For a
+    /// device with a [`Device::completion_fd`], this is how an event loop drives it instead of
+    /// [`Device::wait`].
+    fn poll(&mut self) -> io::Result<()>;
+    /// A descriptor that becomes readable when a completion may be available, so that an event
+    /// loop (Tokio's reactor) can sleep on it together with everything else. `None`: the device
+    /// finishes ops within [`Device::wait`] without sleeping (the simulated one), and callers use
+    /// that instead.
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Runs one op to completion, blocking. Used at open time, when nothing else is in flight.
@@ -61,7 +72,7 @@ pub fn run_blocking(device: &mut dyn Device, kind: IoKind) -> io::Result<Option<
     const TOKEN: u64 = u64::MAX;
     device.submit(IoOp { token: TOKEN, kind });
     loop {
-        device.wait(None)?;
+        device.wait()?;
         if let Some(c) = device.pop_completion() {
             assert_eq!(c.token, TOKEN, "run_blocking used with other ops in flight");
             c.result?;
@@ -84,41 +95,4 @@ pub fn write_blocking(device: &mut dyn Device, offset: u64, buf: AlignedBuf) -> 
 /// Syncs, blocking.
 pub fn sync_blocking(device: &mut dyn Device) -> io::Result<()> {
     run_blocking(device, IoKind::Sync).map(|_| ())
-}
-
-/// A Linux eventfd: how request submitters wake the engine thread while it waits for I/O.
-#[derive(Debug)]
-pub struct EventFd {
-    fd: OwnedFd,
-}
-
-impl EventFd {
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: plain syscall; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a freshly created descriptor that we own.
-        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
-    }
-
-    /// Increments the counter, waking a waiter.
-    pub fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to our own descriptor.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        debug_assert!(n == 8 || n < 0);
-    }
-
-    /// Blocks until signalled, then resets the counter.
-    pub fn wait(&self) {
-        let mut value: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64 from our own descriptor.
-        let _ = unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
-    }
-
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
 }

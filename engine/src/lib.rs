@@ -21,7 +21,7 @@ pub mod sim;
 pub mod state;
 pub mod store;
 
-pub use crate::core::{ChangedRun, Config, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
+pub use crate::core::{ChangedRun, Config, Driver, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
 pub use format::StagedOp;
 pub use predict::CommitLoop;
 pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};

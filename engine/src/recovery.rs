@@ -346,7 +346,7 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         }
         let mut left = chunk_end - chunk_start;
         while left > 0 {
-            device.wait(None).map_err(|e| Error::io("reading segment headers", e))?;
+            device.wait().map_err(|e| Error::io("reading segment headers", e))?;
             while let Some(c) = device.pop_completion() {
                 left -= 1;
                 c.result.map_err(|e| Error::io(format!("reading the header of segment {}", c.token), e))?;

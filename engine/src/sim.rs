@@ -10,7 +10,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use crate::buf::AlignedBuf;
-use crate::device::{Completion, Device, EventFd, IoKind, IoOp};
+use crate::device::{Completion, Device, IoKind, IoOp};
 
 /// One logged device operation.
 #[derive(Debug, Clone)]
@@ -221,14 +221,8 @@ impl Device for SimDevice {
         self.queued.push(op);
     }
 
-    fn wait(&mut self, wake: Option<&EventFd>) -> io::Result<()> {
-        if !self.done.is_empty() {
-            return Ok(());
-        }
-        if self.queued.is_empty() {
-            if let Some(efd) = wake {
-                efd.wait();
-            }
+    fn wait(&mut self) -> io::Result<()> {
+        if !self.done.is_empty() || self.queued.is_empty() {
             return Ok(());
         }
         let mut ops = std::mem::take(&mut self.queued);
@@ -250,5 +244,10 @@ impl Device for SimDevice {
 
     fn pop_completion(&mut self) -> Option<Completion> {
         self.done.pop_front()
+    }
+
+    fn poll(&mut self) -> io::Result<()> {
+        // Ops complete when waited for, and waiting never sleeps while any is queued.
+        self.wait()
     }
 }

@@ -1,21 +1,30 @@
 //! [`Store`]: the engine's public handle, and the thread that drives the core.
 //!
-//! One engine thread owns the [`Core`] and the [`Device`]. Callers (any thread, any async runtime)
-//! push requests into a shared queue and wake the thread through an eventfd that the io_uring ring
-//! also watches, so the thread sleeps in exactly one place. Everything queued while the thread was
-//! busy is taken in one go and becomes one batch: that is the group commit.
+//! One engine task owns the [`Core`] and the [`Device`]. Callers (any thread, any async runtime)
+//! push requests into a shared queue and wake the task. Everything queued while the task was busy
+//! is taken in one go and becomes one batch: that is the group commit.
+//!
+//! The task is an event loop that sleeps on the io_uring ring's descriptor (readable when
+//! completions are waiting) and on the queue's wakeup, both through Tokio's reactor. It runs either
+//! on a thread of its own ([`Driver::Thread`], the default) or on the caller's Tokio runtime
+//! ([`Driver::Runtime`]). On the caller's runtime, a request, its log write's completion and its
+//! reply can all be handled on the thread that received the request: no hand-off to another
+//! thread and back for each batch, which on a small machine costs more than the engine's work.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::core::{ChangedRun, Config, Core, Extent, Reply, Request, Since, Stats, Written};
-use crate::device::{Device, EventFd};
+use crate::core::{ChangedRun, Config, Core, Driver, Extent, Reply, Request, Since, Stats, Written};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::StagedOp;
 use crate::recovery::{self, RecoveryReport};
@@ -66,17 +75,17 @@ impl<T> std::fmt::Debug for Pending<T> {
     }
 }
 
-/// What callers share with the engine thread, under one lock.
+/// What callers share with the engine task, under one lock.
 #[derive(Default)]
 struct Intake {
     reqs: VecDeque<Request>,
     /// Requests in `reqs` that may change stored data (anything but reads, flushes and queries).
     n_mutations: usize,
-    /// Set by the engine thread when it has nothing in progress and every write it was ever given
+    /// Set by the engine task when it has nothing in progress and every write it was ever given
     /// is durable; cleared when it takes requests. With no mutation queued either, a flush has
-    /// nothing to do, and [`Store::flush`] answers it without a trip to the engine thread.
+    /// nothing to do, and [`Store::flush`] answers it without a trip to the engine task.
     all_durable: bool,
-    /// Flushes answered that way since the engine thread last took requests: its prediction of
+    /// Flushes answered that way since the engine task last took requests: its prediction of
     /// which writes a flush will follow needs to hear of them (see `Core::note_flush`). They all
     /// came before every mutation in `reqs`.
     noop_flushes: u64,
@@ -91,26 +100,29 @@ impl Intake {
     }
 }
 
-/// What the handles and the engine thread share. The thread holds it too, so it must not own
-/// the thread: see [`EngineThread`].
+/// What the handles and the engine task share. The task holds it too, so it must not own the
+/// task: see [`EngineThread`].
 struct Inner {
     queue: Mutex<Intake>,
     sleeping: AtomicBool,
-    wake: EventFd,
+    wake: Notify,
     permits: Arc<Semaphore>,
     closed: AtomicBool,
 }
 
-/// The engine thread, owned by the [`Store`] handles alone: when the last one is dropped, the
-/// thread is stopped (and with it go the core and the device). It cannot live in [`Inner`], which
-/// the thread itself holds: that would be a cycle, and a store dropped without `close()` would
-/// keep its thread, its index and its device forever.
+/// The engine task, owned by the [`Store`] handles alone: when the last one is dropped, the task
+/// is stopped (and with it go the core and the device). It cannot live in [`Inner`], which the
+/// task itself holds: that would be a cycle, and a store dropped without `close()` would keep its
+/// task, its index and its device forever.
 struct EngineThread {
     inner: Arc<Inner>,
+    /// The engine's own thread, with [`Driver::Thread`].
     handle: Mutex<Option<JoinHandle<()>>>,
+    /// Disconnected when the engine task has stopped and dropped its device.
+    stopped: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
-/// A handle on an open store. Cheap to clone; all clones talk to the same engine thread.
+/// A handle on an open store. Cheap to clone; all clones talk to the same engine task.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -149,20 +161,43 @@ impl Store {
     /// Recovers and opens the store on any device. Returns only after the recovery checkpoint is
     /// durable, so nothing written afterwards can depend on the pre-crash log.
     pub fn open_device(mut device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
+        let driver = cfg.driver.clone();
         let (core, report) = recovery::recover(device.as_mut(), cfg, name)?;
         let inner = Arc::new(Inner {
             queue: Mutex::new(Intake::default()),
             sleeping: AtomicBool::new(false),
-            wake: EventFd::new().map_err(|e| Error::io("creating an eventfd", e))?,
+            wake: Notify::new(),
             permits: Arc::new(Semaphore::new(QUEUE_PERMITS)),
             closed: AtomicBool::new(false),
         });
-        let thread_inner = inner.clone();
-        let handle = std::thread::Builder::new()
-            .name("syncblock-engine".into())
-            .spawn(move || drive(core, device, thread_inner))
-            .map_err(|e| Error::io("spawning the engine thread", e))?;
-        let thread = Arc::new(EngineThread { inner: inner.clone(), handle: Mutex::new(Some(handle)) });
+        let (stopped_tx, stopped_rx) = mpsc::channel::<()>();
+        let task_inner = inner.clone();
+        let task = async move {
+            drive(core, device, task_inner).await;
+            drop(stopped_tx);
+        };
+        let handle = match driver {
+            Driver::Runtime(rt) => {
+                rt.spawn(task);
+                None
+            }
+            Driver::Thread => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .map_err(|e| Error::io("starting the engine thread's event loop", e))?;
+                let handle = std::thread::Builder::new()
+                    .name("syncblock-engine".into())
+                    .spawn(move || rt.block_on(task))
+                    .map_err(|e| Error::io("spawning the engine thread", e))?;
+                Some(handle)
+            }
+        };
+        let thread = Arc::new(EngineThread {
+            inner: inner.clone(),
+            handle: Mutex::new(handle),
+            stopped: Mutex::new(Some(stopped_rx)),
+        });
         let store = Store { inner, thread, report: Arc::new(report) };
         store.call_blocking(|reply| Request::Checkpoint { reply })?;
         Ok(store)
@@ -175,7 +210,7 @@ impl Store {
 
     fn send(&self, req: Request) -> Result<()> {
         {
-            // Checked under the queue lock: the engine thread sets `closed` and drains the queue
+            // Checked under the queue lock: the engine task sets `closed` and drains the queue
             // under the same lock when it stops, so no request is left behind unanswered.
             let mut queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
             if self.inner.closed.load(Ordering::Acquire) {
@@ -185,7 +220,7 @@ impl Store {
             queue.reqs.push_back(req);
         }
         if self.inner.sleeping.swap(false, Ordering::AcqRel) {
-            self.inner.wake.signal();
+            self.inner.wake.notify_one();
         }
         Ok(())
     }
@@ -401,11 +436,18 @@ impl Store {
         Ok(self.stats().await?.durable_lsn)
     }
 
-    /// Finishes queued work, writes a checkpoint and stops the engine thread. Later calls on any
-    /// clone fail with [`Error::ShutDown`].
+    /// Finishes queued work, writes a checkpoint and stops the engine. Returns once the engine has
+    /// let go of the device. Later calls on any clone fail with [`Error::ShutDown`].
+    ///
+    /// With [`Driver::Runtime`], the runtime must keep running until this returns: call it from
+    /// outside the runtime's worker threads (e.g. through `tokio::task::spawn_blocking`), before
+    /// the runtime is dropped.
     pub fn close(&self) -> Result<()> {
         let r = self.call_blocking(|reply| Request::Shutdown { reply });
         self.inner.closed.store(true, Ordering::Release);
+        if let Some(stopped) = self.thread.stopped.lock().expect("stopped slot").take() {
+            let _ = stopped.recv();
+        }
         if let Some(t) = self.thread.handle.lock().expect("thread slot").take() {
             let _ = t.join();
         }
@@ -418,13 +460,17 @@ impl Store {
 
 impl Drop for EngineThread {
     fn drop(&mut self) {
-        // Last handle gone without close(): stop the thread, checkpointing on the way out, after
-        // everything already queued.
-        let Some(t) = self.handle.get_mut().expect("thread slot").take() else { return };
+        // Last handle gone without close(): stop the engine, checkpointing on the way out, after
+        // everything already queued. A task on the caller's runtime is not waited for: this may
+        // run on one of that runtime's threads.
+        if self.stopped.get_mut().expect("stopped slot").is_none() {
+            return; // closed
+        }
         let (tx, _rx) = oneshot::channel();
         self.inner.queue.lock().unwrap_or_else(|p| p.into_inner()).reqs.push_back(Request::Shutdown { reply: tx });
-        self.inner.wake.signal();
-        // No handle lives on the engine thread; should one ever be dropped there, joining would
+        self.inner.wake.notify_one();
+        let Some(t) = self.handle.get_mut().expect("thread slot").take() else { return };
+        // No handle lives on the engine's thread; should one ever be dropped there, joining would
         // deadlock, and the thread stops anyway once it has served the shutdown.
         if t.thread().id() != std::thread::current().id() {
             let _ = t.join();
@@ -433,7 +479,7 @@ impl Drop for EngineThread {
 }
 
 /// Marks the store closed and answers everything queued (by dropping the reply senders, which
-/// callers see as [`Error::ShutDown`]) when the engine thread stops, also if it panics.
+/// callers see as [`Error::ShutDown`]) when the engine task stops, also if it panics.
 struct StopGuard(Arc<Inner>);
 
 impl Drop for StopGuard {
@@ -444,14 +490,40 @@ impl Drop for StopGuard {
         queue.n_mutations = 0;
         queue.all_durable = false;
         if std::thread::panicking() {
-            tracing::error!("the engine thread panicked; the store is stopped and every call now fails");
+            tracing::error!("the engine task panicked; the store is stopped and every call now fails");
         }
     }
 }
 
-/// The engine thread's loop.
-fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
+/// The ring descriptor as Tokio's reactor sees it: borrowed, never closed by it (the device owns
+/// it and outlives the registration).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The engine's event loop.
+async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
     let _guard = StopGuard(inner.clone());
+    // Declared after `device`, so dropped (deregistered) before it.
+    // SAFETY: the device owns the descriptor and keeps it open until it is dropped, after `ring`.
+    let registered =
+        device.completion_fd().map(|fd| unsafe { AsyncFd::register_with_interest(RingFd(fd), Interest::READABLE) });
+    let ring = match registered {
+        Some(Ok(ring)) => Some(ring),
+        Some(Err(e)) => {
+            let e = e.into_parts().1;
+            // Without the reactor, wait in the device instead: correct, only slower to notice
+            // new requests while I/O is in flight.
+            tracing::warn!("cannot watch the io_uring ring through the event loop ({e}); waiting in the device");
+            None
+        }
+        None => None,
+    };
+    let wait_in_device = ring.is_none();
     loop {
         let batch: Vec<Request> = {
             let mut intake = inner.queue.lock().expect("queue");
@@ -472,28 +544,47 @@ fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
         if core.finished() {
             break;
         }
+        // Start what was just submitted and take whatever has completed, without sleeping.
+        if let Err(e) = device.poll() {
+            core.device_failed(format!("starting or reaping I/O failed: {e}"));
+        }
+        let mut progressed = false;
+        while let Some(c) = device.pop_completion() {
+            core.on_completion(c);
+            progressed = true;
+        }
+        if progressed {
+            continue;
+        }
         inner.sleeping.store(true, Ordering::Release);
         let queued = {
             let mut intake = inner.queue.lock().expect("queue");
-            // Only what this thread took before is covered; requests queued since are counted.
+            // Only what this task took before is covered; requests queued since are counted.
             intake.all_durable = core.all_durable();
             !intake.reqs.is_empty()
         };
         if queued {
             inner.sleeping.store(false, Ordering::Release);
-            if !core.io_in_flight() {
-                continue;
-            }
-            // Requests are waiting: make the wait below return as soon as it has submitted and
-            // reaped, instead of sleeping until an I/O completes.
-            inner.wake.signal();
+            continue;
         }
-        if let Err(e) = device.wait(Some(&inner.wake)) {
-            core.device_failed(format!("waiting for I/O failed: {e}"));
+        if !core.io_in_flight() {
+            inner.wake.notified().await;
+        } else if let Some(ring) = &ring {
+            tokio::select! {
+                biased;
+                () = inner.wake.notified() => {}
+                ready = ring.readable() => match ready {
+                    // Cleared before the next reap: a completion posted after this point raises
+                    // readiness again (Tokio clears only what it had reported).
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => core.device_failed(format!("waiting for I/O completions failed: {e}")),
+                },
+            }
+        } else if wait_in_device {
+            if let Err(e) = device.wait() {
+                core.device_failed(format!("waiting for I/O failed: {e}"));
+            }
         }
         inner.sleeping.store(false, Ordering::Release);
-        while let Some(c) = device.pop_completion() {
-            core.on_completion(c);
-        }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use syncblock_engine::{Config, CreateOptions, Store};
+use syncblock_engine::{Config, CreateOptions, Driver, Store};
 use syncblock_nbd::config::{ServeOptions, ServeSettings, VolumeSpec, DEFAULT_STORE};
 use syncblock_nbd::size::{format_size, parse_size};
 use syncblock_nbd::{Listener, ServerConfig};
@@ -204,24 +204,26 @@ fn main() -> Result<()> {
             let flags =
                 ServeOptions { store: cli.store, store_bytes: size, listen, unix, default_export, volumes, read_only };
             let settings = file.overridden_by(flags).resolve();
-            // The engine locks the store file: a second syncblock on the same store fails to open.
-            let store = open_or_create(&settings.store, Some(settings.store_bytes))?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            // The engine locks the store file: a second syncblock on the same store fails to open.
+            let store = open_or_create(&settings.store, Some(settings.store_bytes), engine_config(&rt))?;
             let res = rt.block_on(serve(store.clone(), settings, repl));
-            drop(rt);
+            // Before the runtime goes: the engine runs on it.
             let closed = store.close().context("closing the store");
+            drop(rt);
             res.and(closed)
         }
         Command::Pair { size, listen, data_dir } => {
             let a_path = data_dir.join("pair-primary.img");
             let b_path = data_dir.join("pair-secondary.img");
-            let a = open_or_create(&a_path, Some(size))?;
-            let b = open_or_create(&b_path, Some(size))?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let a = open_or_create(&a_path, Some(size), engine_config(&rt))?;
+            let b = open_or_create(&b_path, Some(size), engine_config(&rt))?;
             let res = rt.block_on(pair(a.clone(), b.clone(), a_path, size, listen));
-            drop(rt);
+            // Before the runtime goes: the engines run on it.
             let closed_a = a.close().context("closing the primary store");
             let closed_b = b.close().context("closing the secondary store");
+            drop(rt);
             res.and(closed_a).and(closed_b)
         }
         Command::Witness { listen, state, timeout_ms } => {
@@ -272,7 +274,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Volume { command } => {
-            let store = open_or_create(cli.store.as_deref().unwrap_or(Path::new(DEFAULT_STORE)), None)?;
+            let store =
+                open_or_create(cli.store.as_deref().unwrap_or(Path::new(DEFAULT_STORE)), None, Config::default())?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
             let res = rt.block_on(volume(&store, command));
             let closed = store.close().context("closing the store");
@@ -281,9 +284,15 @@ fn main() -> Result<()> {
     }
 }
 
-fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
+/// The engine runs on the server's runtime: a request, its log write and its reply are then
+/// handled without a hand-off to a separate engine thread and back.
+fn engine_config(rt: &tokio::runtime::Runtime) -> Config {
+    Config { driver: Driver::Runtime(rt.handle().clone()), ..Config::default() }
+}
+
+fn open_or_create(path: &Path, create_size: Option<u64>, cfg: Config) -> Result<Store> {
     if path.exists() {
-        return Store::open(path, Config::default()).with_context(|| format!("opening the store {}", path.display()));
+        return Store::open(path, cfg).with_context(|| format!("opening the store {}", path.display()));
     }
     let Some(size) = create_size else {
         bail!("no store at {}; likely cause: wrong --store, or the server never ran; run `syncblock serve` once to create it", path.display());
@@ -293,7 +302,7 @@ fn open_or_create(path: &Path, create_size: Option<u64>) -> Result<Store> {
     }
     let opts = CreateOptions { size_bytes: size, ..CreateOptions::default() };
     tracing::info!("creating a {} store at {}", format_size(size), path.display());
-    Store::create(path, &opts, Config::default()).with_context(|| format!("creating the store {}", path.display()))
+    Store::create(path, &opts, cfg).with_context(|| format!("creating the store {}", path.display()))
 }
 
 async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr) -> Result<()> {
