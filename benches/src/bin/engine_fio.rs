@@ -5,7 +5,11 @@
 //! engine_fio prepare --path FILE [--store-bytes 2G] [--volume-bytes 1G] [--overwrite-passes 1]
 //! engine_fio run --path FILE --workload randwrite|randread|seqwrite|writeflush [--runtime-s 10]
 //!                [--bs 4k] [--in-flight 32] [--fresh] [--store-bytes 2G] [--volume-bytes 1G] [--no-watchdog]
+//!                [--engine-thread]
 //! ```
+//!
+//! The engine runs on the same Tokio runtime as the clients (`Driver::Runtime`, as in the
+//! `syncblock` binary); `--engine-thread` gives it a thread of its own instead (`Driver::Thread`).
 //!
 //! `prepare` preallocates FILE (so ext4's block allocation is not measured), creates a store on it
 //! with one volume named `bench`, fills the volume sequentially and overwrites it at random
@@ -25,7 +29,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use syncblock_benches::{
     fill, parse_bytes, preallocate, random_overwrite, run, runtime, Counters, Limit, Pattern, Workload,
 };
-use syncblock_engine::{Config, CreateOptions, Store, DEFAULT_SEGMENT_BYTES};
+use syncblock_engine::{Config, CreateOptions, Driver, Store, DEFAULT_SEGMENT_BYTES};
 
 const VOLUME_NAME: &str = "bench";
 
@@ -87,6 +91,8 @@ fn main() -> Result<()> {
     let segment_bytes = args.bytes("segment-bytes", DEFAULT_SEGMENT_BYTES)?;
     let client_threads = args.num("client-threads", 1usize)?;
     let rt = runtime(client_threads);
+    let driver = if args.flag("engine-thread") { Driver::Thread } else { Driver::Runtime(rt.handle().clone()) };
+    let cfg = Config { driver, ..Config::default() };
     let create = CreateOptions { size_bytes: store_bytes, segment_bytes };
     match cmd.as_str() {
         "prepare" => {
@@ -95,7 +101,7 @@ fn main() -> Result<()> {
             let t = Instant::now();
             preallocate(&path, store_bytes).with_context(|| format!("preallocating {}", path.display()))?;
             let prealloc_s = t.elapsed().as_secs_f64();
-            let store = Store::create(&path, &create, Config::default())?;
+            let store = Store::create(&path, &create, cfg.clone())?;
             let volume = rt.block_on(store.create_volume(VOLUME_NAME, volume_bytes))?;
             let before = rt.block_on(store.stats())?;
             let filled = rt.block_on(fill(&store, volume.id, volume_bytes))?;
@@ -131,14 +137,14 @@ fn main() -> Result<()> {
                 if !syncblock_benches::is_preallocated(&path, store_bytes) {
                     preallocate(&path, store_bytes)?;
                 }
-                let store = Store::create(&path, &create, Config::default())?;
+                let store = Store::create(&path, &create, cfg.clone())?;
                 let volume = rt.block_on(store.create_volume(VOLUME_NAME, volume_bytes))?;
                 if pattern == Pattern::RandRead {
                     rt.block_on(fill(&store, volume.id, volume_bytes))?;
                 }
                 (store, volume)
             } else {
-                let store = Store::open(&path, Config::default())
+                let store = Store::open(&path, cfg.clone())
                     .with_context(|| format!("opening {} (run `engine_fio prepare` first)", path.display()))?;
                 let volume = rt.block_on(store.volume(VOLUME_NAME))?;
                 (store, volume)
@@ -156,7 +162,7 @@ fn main() -> Result<()> {
                     .await
                 })
                 .unwrap_or_else(|_| {
-                    // Exit at once: closing the store would wait on the hung engine thread.
+                    // Exit at once: closing the store would wait on the hung engine.
                     eprintln!("engine hung: the {pattern_name} run did not finish within {hang_limit:?}");
                     std::process::exit(3)
                 })?;
