@@ -412,12 +412,17 @@ impl Device for UringDevice {
     }
 
     fn poll(&mut self) -> io::Result<()> {
+        // Completions are read from the shared CQ ring without a system call; the kernel is
+        // entered only when there is something to submit.
         self.fill_sq();
-        self.submit_nowait()?;
+        if !self.ring.submission().is_empty() {
+            self.submit_nowait()?;
+        }
         self.reap();
-        // A reaped short transfer queued its remainder: start it now rather than at the next call.
-        if !self.resubmit.is_empty() {
-            self.fill_sq();
+        // A reaped short transfer queued its remainder, or a freed slot lets a queued op in:
+        // start it now rather than at the next call.
+        self.fill_sq();
+        if !self.ring.submission().is_empty() {
             self.submit_nowait()?;
         }
         Ok(())
