@@ -2,8 +2,8 @@
 //! in the primary's order, acknowledging cumulatively.
 //!
 //! One task reads frames and queues each into the engine in arrival order (the engine's log order is
-//! its queue order, so the local log is the primary's order); a second task waits for those engine
-//! results in the same order and sends `Ack { applied, durable }`. A resync is applied like any
+//! its queue order, so the local log is the primary's order); the same task, in the same loop,
+//! retires the engine results in that order and sends `Ack { applied, durable }`. A resync is applied like any
 //! stream, but its writes are marked so they do not move the volume's last tag; the commit moves it
 //! in one durable record. Until then the replica is marked inconsistent and refuses promotion.
 //!
@@ -15,10 +15,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
-use tokio::sync::{mpsc, watch};
 
-use crate::link::{read_frame, write_frame};
+use tokio::sync::watch;
+
+use crate::link::{read_frame, write_frame, FrameReader};
 use crate::net::{BoxListener, BoxStream};
 use crate::state::{common_point, ReplState, Role};
 use crate::wire::{Frame, MAX_HELLO_RUNS};
@@ -260,15 +265,14 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
         s.last_error = None;
     });
 
-    let (tx, rx) = mpsc::channel::<Applied>(APPLY_QUEUE);
-    let acker = tokio::spawn(ack_loop(i.clone(), wr, rx, info.trim_floor));
+    let mut frames = FrameReader::new();
+    let mut queue: VecDeque<Applied> = VecDeque::with_capacity(APPLY_QUEUE);
+    let mut acks = Acks::new(info.trim_floor);
     let mut resyncing = false;
-    let reader = async {
-        loop {
-            let frame = tokio::select! {
-                f = read_frame(&mut rd, i.cfg.timeout) => f?,
-                _ = stop.wait_for(|s| *s) => return Err(ReplError::Stopped("session closed (node stopping, or a newer connection replaced it)".into())),
-            };
+    loop {
+        // Queue every whole frame already read into the engine, in arrival order.
+        while queue.len() < APPLY_QUEUE {
+            let Some(frame) = frames.try_frame()? else { break };
             let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
             let item = match frame {
                 Frame::Write { tag, offset, fua, data } => Applied::Op {
@@ -297,7 +301,7 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                     if e != epoch {
                         return Err(ReplError::Refused(format!("epoch changed mid-session ({epoch} → {e})")));
                     }
-                    let _ = tx.send(Applied::Floor(floor)).await;
+                    queue.push_back(Applied::Floor(floor));
                     Applied::Pong(nonce)
                 }
                 Frame::ResyncBegin { common_tag } => {
@@ -340,74 +344,141 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                 }
                 other => return Err(ReplError::Refused(format!("unexpected frame from the primary: {other:?}"))),
             };
-            if tx.send(item).await.is_err() {
-                return Err(ReplError::Stopped("acknowledger stopped".into()));
-            }
+            queue.push_back(item);
         }
-    };
-    let r: Result<()> = reader.await;
-    drop(tx);
-    let acked = acker.await.map_err(|e| ReplError::Stopped(e.to_string()))?;
-    r.and(acked)
+        // Wait for the oldest queued operations to complete, or for more bytes from the primary
+        // (unless the queue is full: then TCP pushes back), whichever comes first. One task does
+        // both, so a frame costs no hand-off between tasks: the engine's reply wakes this task,
+        // which acknowledges at once.
+        let done = tokio::select! {
+            biased;
+            done = std::future::poll_fn(|cx| poll_done(&mut queue, cx)), if !queue.is_empty() => done,
+            r = frames.fill(&mut rd, i.cfg.timeout), if queue.len() < APPLY_QUEUE => {
+                r?;
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => return Err(ReplError::Stopped("session closed (node stopping, or a newer connection replaced it)".into())),
+        };
+        for d in done {
+            acks.retire(i, &mut wr, d?).await?;
+        }
+        acks.after_retiring(i, &mut wr).await?;
+    }
 }
 
-async fn ack_loop(
-    i: Arc<Inner>,
-    mut wr: crate::net::WritePart,
-    mut rx: mpsc::Receiver<Applied>,
-    mut floor: u64,
-) -> Result<()> {
-    let mut applied = 0u64;
-    let mut durable = 0u64;
-    let mut floor_written = Instant::now();
-    let mut want_floor = floor;
-    while let Some(item) = rx.recv().await {
-        match item {
-            Applied::Op { tag, fua, streamed, done } => {
-                let written = done.wait().await?;
-                applied = applied.max(tag);
-                if fua || (streamed && written.durable) {
-                    durable = durable.max(tag);
+/// What a completed [`Applied`] item contributes to the acknowledgements.
+enum Done {
+    Op { tag: u64, durable: bool },
+    Flush(u64),
+    Commit(u64),
+    Pong(u64),
+    Floor(u64),
+    Crcs(u64, u64, Vec<Option<u32>>),
+}
+
+/// Takes every item at the front of `queue` that has completed, in order; pending while the first
+/// has not.
+fn poll_done(queue: &mut VecDeque<Applied>, cx: &mut Context<'_>) -> Poll<Vec<Result<Done>>> {
+    let mut done = Vec::new();
+    while let Some(head) = queue.front_mut() {
+        let d = match head {
+            Applied::Op { tag, fua, streamed, done } => match Pin::new(done).poll(cx) {
+                Poll::Ready(r) => r.map(|w| Done::Op { tag: *tag, durable: *fua || (*streamed && w.durable) }),
+                Poll::Pending => break,
+            },
+            Applied::Flush(upto, p) => match Pin::new(p).poll(cx) {
+                Poll::Ready(r) => r.map(|()| Done::Flush(*upto)),
+                Poll::Pending => break,
+            },
+            Applied::Commit(tag, p) => match Pin::new(p).poll(cx) {
+                Poll::Ready(r) => r.map(|()| Done::Commit(*tag)),
+                Poll::Pending => break,
+            },
+            Applied::Crcs(id, offset, p) => match Pin::new(p).poll(cx) {
+                Poll::Ready(r) => r.map(|crcs| Done::Crcs(*id, *offset, crcs)),
+                Poll::Pending => break,
+            },
+            Applied::Pong(nonce) => Ok(Done::Pong(*nonce)),
+            Applied::Floor(f) => Ok(Done::Floor(*f)),
+        };
+        queue.pop_front();
+        done.push(d.map_err(ReplError::from));
+    }
+    if done.is_empty() {
+        Poll::Pending
+    } else {
+        Poll::Ready(done)
+    }
+}
+
+/// The acknowledgement state of a session: cumulative `applied` and `durable` tags, and the trim
+/// floor the primary allows.
+struct Acks {
+    applied: u64,
+    durable: u64,
+    /// An `Ack` is owed: an operation completed since the last one.
+    owed: bool,
+    floor: u64,
+    want_floor: u64,
+    floor_written: Instant,
+}
+
+impl Acks {
+    fn new(floor: u64) -> Acks {
+        Acks { applied: 0, durable: 0, owed: false, floor, want_floor: floor, floor_written: Instant::now() }
+    }
+
+    async fn retire(&mut self, i: &Inner, wr: &mut crate::net::WritePart, done: Done) -> Result<()> {
+        match done {
+            Done::Op { tag, durable } => {
+                self.applied = self.applied.max(tag);
+                if durable {
+                    self.durable = self.durable.max(tag);
                 }
+                self.owed = true;
             }
-            Applied::Flush(upto, p) => {
-                p.wait().await?;
-                durable = durable.max(upto);
+            Done::Flush(upto) => {
+                self.durable = self.durable.max(upto);
+                self.owed = true;
             }
-            Applied::Commit(tag, commit) => {
+            Done::Commit(tag) => {
                 // Durable when it completes, with every write before it: the engine applies every
                 // staged resync block in this one record.
-                commit.wait().await?;
-                floor = 0;
-                applied = tag;
-                durable = tag;
+                self.floor = 0;
+                self.applied = tag;
+                self.durable = tag;
+                self.owed = true;
                 i.status.send_modify(|s| {
                     s.resyncing = false;
                     s.consistent = true;
                 });
                 tracing::info!(volume = %i.name, "resync committed at tag {tag}");
             }
-            Applied::Pong(nonce) => write_frame(&mut wr, &Frame::Pong { nonce }).await?,
-            Applied::Crcs(id, offset, p) => {
-                let crcs = p.wait().await?;
-                write_frame(&mut wr, &Frame::CrcReply { id, offset, crcs }).await?;
-            }
-            Applied::Floor(f) => want_floor = want_floor.max(f),
+            Done::Pong(nonce) => write_frame(wr, &Frame::Pong { nonce }).await?,
+            Done::Crcs(id, offset, crcs) => write_frame(wr, &Frame::CrcReply { id, offset, crcs }).await?,
+            Done::Floor(f) => self.want_floor = self.want_floor.max(f),
         }
-        if want_floor > floor && floor_written.elapsed() >= FLOOR_PERIOD && i.status.borrow().consistent {
+        Ok(())
+    }
+
+    /// Persists a raised trim floor now and then, and acknowledges what completed: one cumulative
+    /// `Ack` for everything retired together.
+    async fn after_retiring(&mut self, i: &Inner, wr: &mut crate::net::WritePart) -> Result<()> {
+        if self.want_floor > self.floor && self.floor_written.elapsed() >= FLOOR_PERIOD && i.status.borrow().consistent
+        {
             let attr = i.state.lock().expect("state").encode();
-            i.store.set_repl(i.volume, syncblock_engine::KEEP_LAST_TAG, want_floor, attr).await?;
-            floor = want_floor;
-            floor_written = Instant::now();
+            i.store.set_repl(i.volume, syncblock_engine::KEEP_LAST_TAG, self.want_floor, attr).await?;
+            self.floor = self.want_floor;
+            self.floor_written = Instant::now();
         }
-        // Acknowledge once the queue has nothing more that is already done: cumulative acks.
-        if rx.is_empty() {
-            write_frame(&mut wr, &Frame::Ack { applied, durable }).await?;
+        if self.owed {
+            self.owed = false;
+            write_frame(wr, &Frame::Ack { applied: self.applied, durable: self.durable }).await?;
             i.status.send_modify(|s| {
-                s.applied = s.applied.max(applied);
-                s.durable = s.durable.max(durable);
+                s.applied = s.applied.max(self.applied);
+                s.durable = s.durable.max(self.durable);
             });
         }
+        Ok(())
     }
-    Ok(())
 }
