@@ -68,12 +68,21 @@ impl FrameReader {
             self.buf.reserve(READ_CHUNK_BYTES);
         }
         match tokio::time::timeout(timeout, r.read_buf(&mut self.buf)).await {
-            Ok(Ok(0)) => {
-                Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the peer closed the connection").into())
-            }
+            // Between frames: the peer stopped (or its host closed the socket for it). Only the
+            // link's end, not an error in itself; failure detection decides what it means.
+            Ok(Ok(0)) if self.buf.is_empty() => Err(ReplError::Stopped("the peer closed the connection".into())),
+            Ok(Ok(0)) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection in the middle of a frame",
+            )
+            .into()),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(ReplError::Stopped(format!("peer silent for {} ms", timeout.as_millis()))),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("peer silent for {} ms", timeout.as_millis()),
+            )
+            .into()),
         }
     }
 }

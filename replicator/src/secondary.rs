@@ -188,6 +188,12 @@ async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
             let r = session(&i2, stream, from, stop_rx).await;
             let msg = match r {
                 Ok(()) => None,
+                // The primary went away between frames, or this node is stopping or took a newer
+                // connection: the ordinary ends of a session.
+                Err(ReplError::Stopped(why)) => {
+                    tracing::info!(volume = %i2.name, %from, "replication session ended: {why}");
+                    Some(why)
+                }
                 Err(e) => {
                     tracing::warn!(volume = %i2.name, %from, "replication session ended: {e}");
                     Some(e.to_string())
