@@ -7,7 +7,7 @@
 //! the work). Bounds on the requests and payload bytes in flight stop the reading of the socket
 //! when exhausted, which is the backpressure the client sees.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::path::PathBuf;
@@ -315,10 +315,13 @@ where
     let mut payload_units_used: u32 = 0;
     let result: Result<(), ConnError> = async {
         loop {
-            // Start every request already read whole, while the budget allows.
+            // Start every request already read whole, while the budget allows. Replies not yet
+            // written count against the payload budget too: a client that sends requests but
+            // does not read replies is stopped, not buffered for without bound.
             let mut blocked = false;
             while inflight.len() < MAX_IN_FLIGHT {
-                match input.next_request(PAYLOAD_UNITS - payload_units_used)? {
+                let units_left = PAYLOAD_UNITS.saturating_sub(payload_units_used + out.units());
+                match input.next_request(units_left)? {
                     Next::Request(req, data) => match ctx.validate(&req) {
                         Err((errno, msg)) => out.push(error_reply(ctx.session.structured, req.cookie, errno, msg)),
                         Ok(()) => {
@@ -336,12 +339,10 @@ where
                     }
                 }
             }
-            // Error replies just made, and the replies gathered below, go out before waiting.
-            if !out.is_empty() {
-                out.flush().await?;
-            }
             let can_read = !blocked && inflight.len() < MAX_IN_FLIGHT;
-            // Replies first: every completed request is answered before more are read.
+            // Completions first, then writing replies, then reading requests. All three, and
+            // the requests' own progress, go on at once: a client slow to read its replies must
+            // not stall requests in flight (a replicated write may hold the volume's sequencer).
             tokio::select! {
                 biased;
                 Some((reply, units)) = inflight.next(), if !inflight.is_empty() => {
@@ -353,6 +354,7 @@ where
                         out.push(reply);
                     }
                 }
+                w = out.write_some(), if !out.is_empty() => w?,
                 r = input.fill(&mut r), if can_read => {
                     if !r? {
                         // The client closed between requests: a normal end.
@@ -369,8 +371,7 @@ where
     while let Some((reply, _)) = inflight.next().await {
         out.push(reply);
     }
-    let _ = out.flush().await;
-    out.shutdown().await;
+    out.finish().await;
     result
 }
 
@@ -453,22 +454,26 @@ fn payload_units(req: &RequestHeader) -> u32 {
     }
 }
 
-/// A connection's replies, gathered and written together. After a write error (the client went
-/// away) replies are dropped: the requests still complete.
+/// A connection's replies, in completion order, written together. After a write error (the client
+/// went away) replies are dropped: the requests still complete.
 struct Replies<W> {
     w: W,
-    pending: Vec<Bytes>,
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
     failed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
     fn new(w: W) -> Replies<W> {
-        Replies { w, pending: Vec::new(), failed: false }
+        Replies { w, pending: VecDeque::new(), pending_bytes: 0, failed: false }
     }
 
     fn push(&mut self, reply: Reply) {
         if !self.failed {
-            self.pending.extend(reply);
+            for b in reply.into_iter().filter(|b| !b.is_empty()) {
+                self.pending_bytes += b.len();
+                self.pending.push_back(b);
+            }
         }
     }
 
@@ -476,58 +481,54 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         self.pending.is_empty()
     }
 
-    /// Writes every reply gathered, with as few system calls as the kernel allows.
-    async fn flush(&mut self) -> io::Result<()> {
-        let mut bufs = std::mem::take(&mut self.pending);
-        let res = write_all_vectored(&mut self.w, &mut bufs).await;
-        if let Err(e) = &res {
-            if !self.failed {
-                tracing::debug!("writing replies failed: {e}");
-            }
+    /// Payload units the unwritten replies hold (see [`PAYLOAD_UNIT_BYTES`]).
+    fn units(&self) -> u32 {
+        u32::try_from((self.pending_bytes as u64).div_ceil(PAYLOAD_UNIT_BYTES)).unwrap_or(u32::MAX)
+    }
+
+    /// One vectored write of as much as the socket takes. Cancel-safe: the replies advance only
+    /// after the write returned.
+    async fn write_some(&mut self) -> io::Result<()> {
+        /// Slices per system call: Linux's IOV_MAX is 1024.
+        const MAX_IOVECS: usize = 1024;
+        let res = {
+            let slices: Vec<io::IoSlice<'_>> =
+                self.pending.iter().take(MAX_IOVECS).map(|b| io::IoSlice::new(b)).collect();
+            self.w.write_vectored(&slices).await
+        };
+        let mut n = match res {
+            Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
+            other => other,
+        }
+        .inspect_err(|e| {
+            tracing::debug!("writing replies failed: {e}");
             self.failed = true;
-        }
-        bufs.clear();
-        self.pending = bufs;
-        if self.failed {
-            Err(io::Error::new(io::ErrorKind::BrokenPipe, "the client stopped reading replies"))
-        } else {
-            Ok(())
-        }
-    }
-
-    async fn shutdown(&mut self) {
-        if !self.failed {
-            let _ = self.w.shutdown().await;
-        }
-    }
-}
-
-/// Writes all of `bufs` (consuming them), with vectored writes.
-async fn write_all_vectored(w: &mut (impl AsyncWrite + Unpin), bufs: &mut [Bytes]) -> io::Result<()> {
-    /// Slices per system call: Linux's IOV_MAX is 1024.
-    const MAX_IOVECS: usize = 1024;
-    let mut first = 0;
-    while first < bufs.len() {
-        if bufs[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        let end = (first + MAX_IOVECS).min(bufs.len());
-        let slices: Vec<io::IoSlice<'_>> = bufs[first..end].iter().map(|b| io::IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
+            self.pending.clear();
+            self.pending_bytes = 0;
+        })?;
+        self.pending_bytes -= n;
         while n > 0 {
-            let take = n.min(bufs[first].len());
-            bufs[first].advance(take);
+            let front = self.pending.front_mut().expect("the kernel wrote no more than we gave");
+            let take = n.min(front.len());
+            front.advance(take);
             n -= take;
-            if bufs[first].is_empty() {
-                first += 1;
+            if front.is_empty() {
+                self.pending.pop_front();
             }
         }
+        Ok(())
     }
-    w.flush().await
+
+    /// Writes what is left and closes the writing side.
+    async fn finish(&mut self) {
+        while !self.is_empty() {
+            if self.write_some().await.is_err() {
+                return;
+            }
+        }
+        let _ = self.w.flush().await;
+        let _ = self.w.shutdown().await;
+    }
 }
 
 struct Ctx {

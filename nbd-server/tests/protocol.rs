@@ -274,3 +274,42 @@ fn silent_or_stalled_handshakes_are_dropped_after_the_timeout_but_idle_sessions_
         server.stop().await.unwrap();
     });
 }
+
+/// A client that pipelines far more READ data than the payload budget and reads no reply until
+/// it has sent everything is stopped by backpressure (its unwritten replies count against the
+/// budget), other clients meanwhile get answers, and every reply arrives, correct, once it reads.
+#[test]
+fn a_client_that_does_not_read_its_replies_is_held_back_not_buffered_and_others_go_on() {
+    run(|server| {
+        Box::pin(async move {
+            let mut writer = connect(server.addr, "vol", false, false).await;
+            let block = 1u32 << 20;
+            assert_eq!(writer.cmd(0, WRITE, 0, block, &pattern(9, block as usize)).await, 0);
+            let mut greedy = connect(server.addr, "vol", false, false).await;
+            // 300 MiB of reads, more than twice the 128 MiB budget, none of them answered yet.
+            let n = 300u64;
+            for i in 0..n {
+                greedy.send(0, READ, i, 0, block, &[]).await;
+            }
+            // Another client is served meanwhile, within seconds.
+            let other = async {
+                assert_eq!(writer.cmd(0, WRITE, 8 << 20, 4096, &pattern(3, 4096)).await, 0);
+                assert_eq!(writer.cmd(0, FLUSH, 0, 0, &[]).await, 0);
+                writer.read(8 << 20, 4096).await.unwrap().0
+            };
+            let got = tokio::time::timeout(Duration::from_secs(20), other).await.expect("the other client was starved");
+            assert_eq!(got, pattern(3, 4096));
+            // Now the greedy client reads: every reply is there and right.
+            let mut seen = vec![false; n as usize];
+            for _ in 0..n {
+                let r = tokio::time::timeout(Duration::from_secs(20), greedy.recv(block as usize))
+                    .await
+                    .expect("a reply never came: the budget was not released");
+                assert_eq!(r.error, 0);
+                assert!(r.payload == pattern(9, block as usize), "reply {} has the wrong data", r.cookie);
+                assert!(!std::mem::replace(&mut seen[r.cookie as usize], true), "duplicate reply");
+            }
+            server.stop().await.unwrap();
+        })
+    });
+}
