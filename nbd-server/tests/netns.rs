@@ -21,18 +21,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::proc::{Proc, WAIT_MAX};
 use common::tools::{path, tool};
 
 /// Longest wait for a process to print its address or exit, or for the pair to settle.
-const WAIT_MAX: Duration = Duration::from_secs(60);
 /// Heartbeat timeout of both nodes (`--repl-timeout-ms`) and of the witness (`--timeout-ms`):
 /// short, so that every outage in these tests is detected within seconds.
 const TIMEOUT_MS: u64 = 1000;
@@ -255,78 +254,26 @@ impl Drop for Lab {
     }
 }
 
-/// A `syncblock` process in a namespace, killed (SIGKILL) and reaped on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// `syncblock args…` in `host`'s namespace, stderr appended to `log` in the lab's directory.
-    fn spawn(lab: &Lab, host: Host, log: &str, args: &[&str]) -> Proc {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir.path().join(log)).unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &lab.ns(host), BIN]).args(args).env("PATH", path());
-        cmd.stdout(Stdio::piped()).stderr(log);
-        // `ip netns exec` execs the binary in place, so this child is the syncblock process; it
-        // dies with the test even when the test process is killed and no destructor runs.
-        // SAFETY: prctl is async-signal-safe and touches no memory shared with the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            })
-        };
-        let mut child = cmd.spawn().expect("spawn syncblock");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits for the first printed line that starts with `prefix`.
-    fn wait_line(&self, prefix: &str) {
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return,
-                Ok(_) => {}
-                Err(e) => panic!("syncblock printed no line starting with {prefix:?} ({e})"),
-            }
-        }
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "syncblock exited with {status} after SIGTERM");
-                return;
-            }
-            assert!(Instant::now() < deadline, "syncblock did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// `syncblock args…` in `host`'s namespace (see `common::proc`), stderr appended to `log` in the
+/// lab's directory.
+fn spawn(lab: &Lab, host: Host, log: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &lab.ns(host), BIN]).args(args).env("PATH", path());
+    // `ip netns exec` execs the binary in place, so this child is the syncblock process; it dies
+    // with the test even when the test process is killed and no destructor runs.
+    // SAFETY: prctl is async-signal-safe and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    };
+    Proc::spawn(cmd, &lab.dir.path().join(log))
 }
 
 fn witness(lab: &Lab) -> Proc {
     let state = lab.dir.path().join("witness.state");
-    let p = Proc::spawn(
+    let p = spawn(
         lab,
         W,
         "witness.log",
@@ -346,7 +293,7 @@ fn witness(lab: &Lab) -> Proc {
 fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
     let peer = if host == A { B } else { A };
     let store = lab.dir.path().join(format!("{}.img", host.tag()));
-    let p = Proc::spawn(
+    let p = spawn(
         lab,
         host,
         &format!("{}.log", host.tag()),
@@ -376,7 +323,7 @@ fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
 /// must be stopped.
 fn solo(lab: &Lab, host: Host) -> Proc {
     let store = lab.dir.path().join(format!("{}.img", host.tag()));
-    let p = Proc::spawn(
+    let p = spawn(
         lab,
         host,
         &format!("{}-solo.log", host.tag()),

@@ -5,91 +5,35 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::proc::Proc;
 use common::tools::{ok, tool};
 
-/// Longest wait for a process to print its address or exit.
-const WAIT_MAX: Duration = Duration::from_secs(60);
-
-/// A child process killed (SIGKILL) and reaped on drop, so no test leaves one behind.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+/// `syncblock serve` on `store`, its log beside it.
+fn serve(store: &Path, args: &[&str]) -> Proc {
+    let mut all = vec!["--store", store.to_str().unwrap(), "serve"];
+    all.extend_from_slice(args);
+    syncblock(&store.with_extension("log"), &all)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `syncblock args…`, stderr appended to `log`.
+fn syncblock(log: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncblock"));
+    cmd.args(args);
+    Proc::spawn(cmd, log)
 }
 
-impl Proc {
-    fn start(store: &Path, args: &[&str]) -> Proc {
-        let mut all = vec!["--store", store.to_str().unwrap(), "serve"];
-        all.extend_from_slice(args);
-        Proc::run(&store.with_extension("log"), &all)
-    }
-
-    fn run(log: &Path, args: &[&str]) -> Proc {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_syncblock"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn syncblock");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// The rest of the first printed line that starts with `prefix`.
-    fn wait_line(&self, prefix: &str) -> String {
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_string(),
-                Ok(_) => {}
-                Err(e) => panic!("syncblock printed no line starting with {prefix:?} ({e})"),
-            }
-        }
-    }
-
-    fn nbd_uri(&self) -> String {
-        let rest = self.wait_line("nbd://");
-        format!("nbd://{}", rest.split_whitespace().next().unwrap())
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    fn stop(mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + WAIT_MAX;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "syncblock exited with {status} after SIGTERM");
-                return;
-            }
-            assert!(Instant::now() < deadline, "syncblock did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+/// The NBD URI a server printed.
+fn nbd_uri(p: &Proc) -> String {
+    let rest = p.wait_line("nbd://");
+    format!("nbd://{}", rest.split_whitespace().next().unwrap())
 }
 
 fn secondary(store: &Path, repl_listen: &str) -> (Proc, String) {
-    let p = Proc::start(
+    let p = serve(
         store,
         &[
             "--size=1GiB",
@@ -137,7 +81,7 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
     let a = dir.path().join("a.img");
     let b = dir.path().join("b.img");
     let (sec, repl_addr) = secondary(&b, "127.0.0.1:0");
-    let prim = Proc::start(
+    let prim = serve(
         &a,
         &[
             "--size=1GiB",
@@ -149,7 +93,7 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
             "--repl-timeout-ms=1000",
         ],
     );
-    let uri = format!("{}/vol", prim.nbd_uri().trim_end_matches("/vol"));
+    let uri = format!("{}/vol", nbd_uri(&prim).trim_end_matches("/vol"));
 
     // Phase 1, healthy pair.
     let out = fio(&fio_args(&uri, "0", "--do_verify=1"));
@@ -171,8 +115,8 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
     sec.stop();
 
     // The secondary's store on its own, unreplicated: every block of both phases verifies.
-    let solo = Proc::start(&b, &["--listen=127.0.0.1:0"]);
-    let uri = format!("{}/vol", solo.nbd_uri().trim_end_matches("/vol"));
+    let solo = serve(&b, &["--listen=127.0.0.1:0"]);
+    let uri = format!("{}/vol", nbd_uri(&solo).trim_end_matches("/vol"));
     for offset in ["0", "16M"] {
         let out = fio(&fio_args(&uri, offset, "--verify_only"));
         assert!(out.contains("io=8192KiB") || out.contains("io=8.0MiB") || out.contains("8192KiB"), "{out}");
@@ -190,16 +134,16 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
 fn the_readme_pair_mirrors_to_its_secondary_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
-    let pair = Proc::run(
+    let pair = syncblock(
         &dir.path().join("pair.log"),
         &["pair", "--size=1GiB", "--listen=127.0.0.1:0", &format!("--data-dir={data}")],
     );
-    let uri = pair.nbd_uri();
+    let uri = nbd_uri(&pair);
     assert!(uri.ends_with("/default"), "{uri}");
     ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc3 1M 2M", "-c", "flush", &uri]);
     pair.stop();
-    let solo = Proc::start(&dir.path().join("pair-secondary.img"), &["--listen=127.0.0.1:0"]);
-    let uri = solo.nbd_uri();
+    let solo = serve(&dir.path().join("pair-secondary.img"), &["--listen=127.0.0.1:0"]);
+    let uri = nbd_uri(&solo);
     let out = ok("qemu-io", &["-f", "raw", "-c", "read -P 0xc3 1M 2M", "-c", "read -P 0 0 1M", &uri]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     solo.stop();
@@ -216,7 +160,7 @@ fn free_port_addr() -> String {
 }
 
 fn node(store: &Path, name: &str, role: &str, listen: &str, peer: &str, witness: &str, admin: &str) -> Proc {
-    Proc::start(
+    serve(
         store,
         &[
             "--size=1GiB",
@@ -238,7 +182,7 @@ fn node(store: &Path, name: &str, role: &str, listen: &str, peer: &str, witness:
 fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_old_primary_rejoins() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-    let witness = Proc::run(
+    let witness = syncblock(
         &dir.path().join("witness.log"),
         &[
             "witness",
@@ -251,9 +195,9 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     let (a_repl, b_repl, a_admin, b_admin) = (free_port_addr(), free_port_addr(), free_port_addr(), free_port_addr());
     let nb = node(&b, "b", "secondary", &b_repl, &a_repl, &w, &b_admin);
     nb.wait_line("admin endpoint on ");
-    let b_uri = format!("{}/vol", nb.nbd_uri().trim_end_matches("/vol"));
+    let b_uri = format!("{}/vol", nbd_uri(&nb).trim_end_matches("/vol"));
     let na = node(&a, "a", "primary", &a_repl, &b_repl, &w, &a_admin);
-    let a_uri = format!("{}/vol", na.nbd_uri().trim_end_matches("/vol"));
+    let a_uri = format!("{}/vol", nbd_uri(&na).trim_end_matches("/vol"));
 
     let out = fio(&fio_args(&a_uri, "0", "--do_verify=1"));
     assert!(out.contains("WRITE:"), "{out}");
@@ -309,8 +253,8 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     nb.stop();
     na.stop();
     // The rejoined node's store alone holds both phases.
-    let solo = Proc::start(&a, &["--listen=127.0.0.1:0"]);
-    let uri = format!("{}/vol", solo.nbd_uri().trim_end_matches("/vol"));
+    let solo = serve(&a, &["--listen=127.0.0.1:0"]);
+    let uri = format!("{}/vol", nbd_uri(&solo).trim_end_matches("/vol"));
     for offset in ["0", "16M"] {
         let out = fio(&fio_args(&uri, offset, "--verify_only"));
         assert!(out.contains("READ:"), "{out}");

@@ -1,0 +1,68 @@
+//! A `syncblock` child process whose stdout lines a test can wait for; killed (SIGKILL) and reaped
+//! when dropped, so a failing test leaves nothing running.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long to wait for a line, or for a clean exit after SIGTERM.
+pub const WAIT_MAX: Duration = Duration::from_secs(60);
+
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    /// Spawns `cmd` with its stdout piped here (for [`Proc::wait_line`]) and its stderr appended
+    /// to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().expect("spawn syncblock");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// The rest of the first printed line that starts with `prefix`.
+    pub fn wait_line(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_string(),
+                Ok(_) => {}
+                Err(e) => panic!("syncblock printed no line starting with {prefix:?} ({e})"),
+            }
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + WAIT_MAX;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "syncblock exited with {status} after SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "syncblock did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
