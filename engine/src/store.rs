@@ -554,7 +554,7 @@ async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
     // SAFETY: the device owns the descriptor and keeps it open until it is dropped, after `ring`.
     let registered =
         device.completion_fd().map(|fd| unsafe { AsyncFd::register_with_interest(RingFd(fd), Interest::READABLE) });
-    let ring = match registered {
+    let mut ring = match registered {
         Some(Ok(ring)) => Some(ring),
         Some(Err(e)) => {
             let e = e.into_parts().1;
@@ -565,7 +565,6 @@ async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
         }
         None => None,
     };
-    let wait_in_device = ring.is_none();
     let mut burst = BurstWait::default();
     loop {
         let batch: Vec<Request> = {
@@ -613,25 +612,27 @@ async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
         let woken_by_request = if !core.io_in_flight() {
             inner.wake.notified().await;
             true
-        } else if let Some(ring) = &ring {
+        } else if let Some(watched) = &ring {
             tokio::select! {
                 biased;
                 () = inner.wake.notified() => true,
-                ready = ring.readable() => {
+                ready = watched.readable() => {
                     match ready {
                         // Cleared before the next reap: a completion posted after this point
                         // raises readiness again (Tokio clears only what it had reported).
                         Ok(mut guard) => guard.clear_ready(),
-                        Err(e) => core.device_failed(format!("waiting for I/O completions failed: {e}")),
+                        Err(e) => {
+                            // The reactor is going away (its runtime is shutting down).
+                            tracing::warn!("watching the io_uring ring failed ({e}); waiting in the device");
+                            ring = None;
+                        }
                     }
                     false
                 }
             }
         } else {
-            if wait_in_device {
-                if let Err(e) = device.wait() {
-                    core.device_failed(format!("waiting for I/O failed: {e}"));
-                }
+            if let Err(e) = device.wait() {
+                core.device_failed(format!("waiting for I/O failed: {e}"));
             }
             false
         };
