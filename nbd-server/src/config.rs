@@ -17,6 +17,19 @@
 //! name = "golden"
 //! size = "8GiB"
 //! read_only = true
+//!
+//! # Synchronous replication (docs/replication.md): settings of this node, then one `replicate`
+//! # table per replicated volume, each with its own replication port.
+//! [replication]
+//! node = "a"                   # this node's name at the witness and in its peer's logs
+//! witness = "10.0.0.3:7100"
+//! timeout_ms = 2000
+//! admin = "127.0.0.1:7200"     # for `syncblock status`, `promote`, `verify`
+//!
+//! [[volume]]
+//! name = "logs"
+//! size = "10GiB"
+//! replicate = { role = "primary", peer = "10.0.0.2:7001", listen = "0.0.0.0:7001", policy = "degrade" }
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -48,7 +61,78 @@ pub enum ConfigError {
     DuplicateVolume(String),
     #[error("invalid --volume {0:?}: expected NAME:SIZE, e.g. db:10GiB")]
     BadVolumeFlag(String),
+    #[error("volume {0:?} is replicated twice; likely cause: --replicate names a volume the config file already replicates with other settings; keep one")]
+    DuplicateReplication(String),
+    #[error("replicated volume {volume:?}: {problem}")]
+    BadReplication { volume: String, problem: String },
 }
+
+/// A replicated volume's role the first time its node runs (afterwards the role the store
+/// recorded wins: promotion and deposition change it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplRole {
+    Primary,
+    Secondary,
+}
+
+/// What the primary does while its peer is away (see `syncblock_replicator::Policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplPolicy {
+    /// Writes wait until the peer is back and resynced: RPO = 0 always.
+    #[default]
+    Strict,
+    /// Continue alone, only with the witness's consent.
+    Degrade,
+}
+
+/// One replicated volume: its role, where it reaches its peer and where its peer reaches it.
+/// Each replicated volume has a replication port of its own, as each DRBD resource does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplVolume {
+    /// `None`: the default export (the command-line form without `--replicate`).
+    pub volume: Option<String>,
+    pub role: ReplRole,
+    /// The peer's replication listener, dialed while this node is primary.
+    pub peer: Option<SocketAddr>,
+    /// This node's replication listener, where the primary connects while this node is secondary.
+    pub listen: Option<SocketAddr>,
+    pub policy: ReplPolicy,
+    /// Promote this node automatically when its primary is gone and the witness agrees (only with
+    /// a witness).
+    pub auto_failover: bool,
+}
+
+impl ReplVolume {
+    /// Refuses a role that lacks the address it needs.
+    pub fn check(&self, name: &str) -> Result<(), ConfigError> {
+        let bad = |problem: &str| ConfigError::BadReplication { volume: name.into(), problem: problem.into() };
+        match self.role {
+            ReplRole::Primary if self.peer.is_none() => {
+                Err(bad("a primary needs the peer's replication address (--peer, or `peer` in the file)"))
+            }
+            ReplRole::Secondary if self.listen.is_none() => Err(bad(
+                "a secondary needs a replication address to listen on (--repl-listen, or `listen` in the file)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// This node's replication settings, shared by its replicated volumes. `None`: not given here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplNodeOptions {
+    pub node: Option<String>,
+    pub witness: Option<SocketAddr>,
+    pub timeout_ms: Option<u64>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Default node name (in logs and at the witness).
+pub const DEFAULT_NODE: &str = "syncblock";
+/// Default heartbeat timeout: see `syncblock_replicator::ReplConfig::timeout`.
+pub const DEFAULT_REPL_TIMEOUT_MS: u64 = 2000;
 
 /// A volume to create if the store lacks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +162,8 @@ pub struct ServeOptions {
     pub volumes: Vec<VolumeSpec>,
     /// Volumes exported read-only (they need not be in `volumes`: any volume of the store).
     pub read_only: Vec<String>,
+    pub replicate: Vec<ReplVolume>,
+    pub replication: ReplNodeOptions,
 }
 
 /// Every option decided: what `syncblock serve` runs with.
@@ -90,6 +176,11 @@ pub struct ServeSettings {
     pub default_export: Option<String>,
     pub volumes: Vec<VolumeSpec>,
     pub read_only: Vec<String>,
+    pub replicate: Vec<ReplVolume>,
+    pub node: String,
+    pub witness: Option<SocketAddr>,
+    pub repl_timeout_ms: u64,
+    pub admin: Option<SocketAddr>,
 }
 
 /// The file as written. Unknown keys are errors, not ignored: a misspelt `read_only` would
@@ -104,6 +195,7 @@ struct File {
     default_export: Option<String>,
     #[serde(default)]
     volume: Vec<FileVolume>,
+    replication: Option<FileReplication>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +205,32 @@ struct FileVolume {
     size: Size,
     #[serde(default)]
     read_only: bool,
+    replicate: Option<FileReplicate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplication {
+    node: Option<String>,
+    witness: Option<SocketAddr>,
+    timeout_ms: Option<u64>,
+    admin: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplicate {
+    role: ReplRole,
+    peer: Option<SocketAddr>,
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    policy: ReplPolicy,
+    #[serde(default = "yes")]
+    auto_failover: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A size written as a string with a binary suffix (`"10GiB"`, `"512M"`) or as a number of bytes.
@@ -154,6 +272,11 @@ impl ServeOptions {
             default_export: file.default_export,
             volumes: Vec::new(),
             read_only: Vec::new(),
+            replicate: Vec::new(),
+            replication: file
+                .replication
+                .map(|r| ReplNodeOptions { node: r.node, witness: r.witness, timeout_ms: r.timeout_ms, admin: r.admin })
+                .unwrap_or_default(),
         };
         for v in file.volume {
             if opts.volumes.iter().any(|o| o.name == v.name) {
@@ -161,6 +284,18 @@ impl ServeOptions {
             }
             if v.read_only {
                 opts.read_only.push(v.name.clone());
+            }
+            if let Some(r) = v.replicate {
+                let rv = ReplVolume {
+                    volume: Some(v.name.clone()),
+                    role: r.role,
+                    peer: r.peer,
+                    listen: r.listen,
+                    policy: r.policy,
+                    auto_failover: r.auto_failover,
+                };
+                rv.check(&v.name)?;
+                opts.replicate.push(rv);
             }
             opts.volumes.push(VolumeSpec { name: v.name, size_bytes: v.size.0 });
         }
@@ -174,8 +309,22 @@ impl ServeOptions {
     }
 
     /// `self` (the file) with every option given in `flags` replacing it. A `--volume` replaces the
-    /// file's volume of the same name; `--read-only` adds to the file's read-only volumes.
+    /// file's volume of the same name; `--read-only` adds to the file's read-only volumes; the
+    /// replicated volume the flags describe (`--role` …) replaces the file's settings for it.
     pub fn overridden_by(mut self, flags: ServeOptions) -> ServeOptions {
+        for r in flags.replicate {
+            match self.replicate.iter_mut().find(|o| o.volume.is_some() && o.volume == r.volume) {
+                Some(o) => *o = r,
+                None => self.replicate.push(r),
+            }
+        }
+        let (f, n) = (flags.replication, self.replication);
+        let replication = ReplNodeOptions {
+            node: f.node.or(n.node),
+            witness: f.witness.or(n.witness),
+            timeout_ms: f.timeout_ms.or(n.timeout_ms),
+            admin: f.admin.or(n.admin),
+        };
         for v in flags.volumes {
             match self.volumes.iter_mut().find(|o| o.name == v.name) {
                 Some(o) => *o = v,
@@ -195,6 +344,8 @@ impl ServeOptions {
             default_export: flags.default_export.or(self.default_export),
             volumes: self.volumes,
             read_only: self.read_only,
+            replicate: self.replicate,
+            replication,
         }
     }
 
@@ -208,7 +359,38 @@ impl ServeOptions {
             default_export: self.default_export,
             volumes: self.volumes,
             read_only: self.read_only,
+            replicate: self.replicate,
+            node: self.replication.node.unwrap_or_else(|| DEFAULT_NODE.into()),
+            witness: self.replication.witness,
+            repl_timeout_ms: self.replication.timeout_ms.unwrap_or(DEFAULT_REPL_TIMEOUT_MS),
+            admin: self.replication.admin,
         }
+    }
+}
+
+impl ServeSettings {
+    /// The replicated volumes with the default export's name filled in, checked: each volume
+    /// replicated once, each role with the address it needs.
+    pub fn replicated_volumes(&self, default_export: Option<&str>) -> Result<Vec<(String, ReplVolume)>, ConfigError> {
+        let mut out: Vec<(String, ReplVolume)> = Vec::new();
+        for r in &self.replicate {
+            let name = match (&r.volume, default_export) {
+                (Some(n), _) => n.clone(),
+                (None, Some(d)) => d.to_string(),
+                (None, None) => {
+                    return Err(ConfigError::BadReplication {
+                        volume: String::new(),
+                        problem: "no volume to replicate: name one with --replicate".into(),
+                    })
+                }
+            };
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(ConfigError::DuplicateReplication(name));
+            }
+            r.check(&name)?;
+            out.push((name, r.clone()));
+        }
+        Ok(out)
     }
 }
 
@@ -255,8 +437,93 @@ read_only = true
                 default_export: Some("db".into()),
                 volumes: vec![vol("db", 50 << 30), vol("golden", 1 << 30)],
                 read_only: vec!["golden".into()],
+                replicate: vec![],
+                replication: ReplNodeOptions::default(),
             }
         );
+    }
+
+    #[test]
+    fn replicated_volumes_parse_and_flags_replace_the_file_settings_of_their_volume() {
+        let file = parse(
+            r#"
+default_export = "db"
+[replication]
+node = "a"
+witness = "10.0.0.3:7100"
+admin = "127.0.0.1:7200"
+
+[[volume]]
+name = "db"
+size = "1GiB"
+replicate = { role = "primary", peer = "10.0.0.2:7000" }
+
+[[volume]]
+name = "logs"
+size = "1GiB"
+[volume.replicate]
+role = "secondary"
+listen = "0.0.0.0:7001"
+policy = "degrade"
+auto_failover = false
+"#,
+        )
+        .unwrap();
+        let db = ReplVolume {
+            volume: Some("db".into()),
+            role: ReplRole::Primary,
+            peer: Some("10.0.0.2:7000".parse().unwrap()),
+            listen: None,
+            policy: ReplPolicy::Strict,
+            auto_failover: true,
+        };
+        let logs = ReplVolume {
+            volume: Some("logs".into()),
+            role: ReplRole::Secondary,
+            peer: None,
+            listen: Some("0.0.0.0:7001".parse().unwrap()),
+            policy: ReplPolicy::Degrade,
+            auto_failover: false,
+        };
+        assert_eq!(file.replicate, vec![db.clone(), logs.clone()]);
+        let s = file.clone().resolve();
+        assert_eq!((s.node.as_str(), s.repl_timeout_ms), ("a", 2000));
+        assert_eq!(s.witness, Some("10.0.0.3:7100".parse().unwrap()));
+        let r = s.replicated_volumes(Some("db")).unwrap();
+        assert_eq!(r.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["db", "logs"]);
+
+        // Flags naming `logs` replace its file settings; the other volume keeps its own.
+        let flag_logs = ReplVolume { policy: ReplPolicy::Strict, ..logs.clone() };
+        let flags = ServeOptions {
+            replicate: vec![flag_logs.clone()],
+            replication: ReplNodeOptions { timeout_ms: Some(500), ..ReplNodeOptions::default() },
+            ..ServeOptions::default()
+        };
+        let s = file.clone().overridden_by(flags).resolve();
+        assert_eq!(s.replicate, vec![db.clone(), flag_logs]);
+        assert_eq!((s.node.as_str(), s.repl_timeout_ms), ("a", 500), "the file's node name stays");
+
+        // Flags without --replicate mean the default export: replicating it twice is refused.
+        let flags =
+            ServeOptions { replicate: vec![ReplVolume { volume: None, ..db.clone() }], ..ServeOptions::default() };
+        let s = file.overridden_by(flags).resolve();
+        let err = s.replicated_volumes(Some("db")).unwrap_err();
+        assert!(matches!(err, ConfigError::DuplicateReplication(ref n) if n == "db"), "{err}");
+    }
+
+    #[test]
+    fn replication_without_the_address_its_role_needs_is_refused() {
+        let err = parse("[[volume]]\nname = \"a\"\nsize = \"1G\"\nreplicate = { role = \"primary\" }\n").unwrap_err();
+        assert!(err.to_string().contains("a primary needs the peer's replication address"), "{err}");
+        let err = parse(
+            "[[volume]]\nname = \"a\"\nsize = \"1G\"\nreplicate = { role = \"secondary\", peer = \"127.0.0.1:1\" }\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("a secondary needs a replication address to listen on"), "{err}");
+        let err = parse("[[volume]]\nname = \"a\"\nsize = \"1G\"\nreplicate = { role = \"leader\" }\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `leader`"), "{err}");
+        let err = parse("[replication]\nwitnes = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `witnes`"), "{err}");
     }
 
     #[test]

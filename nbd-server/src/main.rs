@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use syncblock_engine::{Config, CreateOptions, Driver, Store};
-use syncblock_nbd::config::{ServeOptions, ServeSettings, VolumeSpec, DEFAULT_STORE};
+use syncblock_nbd::config::{
+    ReplNodeOptions, ReplPolicy, ReplRole, ReplVolume, ServeOptions, ServeSettings, VolumeSpec,
+    DEFAULT_REPL_TIMEOUT_MS, DEFAULT_STORE,
+};
 use syncblock_nbd::size::{format_size, parse_size};
 use syncblock_nbd::{Listener, ServerConfig};
 
@@ -57,9 +60,10 @@ enum Command {
         #[command(flatten)]
         repl: ReplArgs,
     },
-    /// Run a replicated pair in one process: a primary serving NBD and an in-process secondary on
-    /// its own store, mirrored synchronously over loopback (a demonstration of the full path; real
-    /// deployments run one `serve --role …` per node).
+    /// Run a replicated pair and its witness in one process: a primary serving NBD and a secondary
+    /// on its own store, mirrored synchronously over loopback, with epochs granted by the witness
+    /// (a demonstration of the full path; real deployments run one `serve --role …` per node and
+    /// a `witness` on a third machine).
     Pair {
         /// Size of each store file to create when it does not exist.
         #[arg(long, default_value = "10GiB", value_parser = size_arg)]
@@ -67,9 +71,12 @@ enum Command {
         /// TCP address for NBD.
         #[arg(long, default_value = "127.0.0.1:10809")]
         listen: SocketAddr,
-        /// Directory holding both stores.
+        /// Directory holding both stores and the witness's state.
         #[arg(long, default_value = "syncblock-data")]
         data_dir: PathBuf,
+        /// Admin endpoint of the primary, for `syncblock status`, `promote` and `verify`.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
     },
     /// Run the witness: the tie-breaker that grants epochs, solo operation and failover.
     Witness {
@@ -90,6 +97,9 @@ enum Command {
         /// The node's --admin address.
         #[arg(long)]
         admin: SocketAddr,
+        /// Only this replicated volume [default: every one, a JSON object per line].
+        #[arg(long)]
+        volume: Option<String>,
     },
     /// Compare both replicas of a primary's volume by block checksums while I/O continues; prints
     /// the differing ranges as JSON and fails if there are any.
@@ -100,6 +110,9 @@ enum Command {
         /// Also rewrite the differing blocks on the secondary from the primary's copy.
         #[arg(long)]
         repair: bool,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
     },
     /// Promote a secondary to primary (asks the witness, if the node has one).
     Promote {
@@ -109,6 +122,20 @@ enum Command {
         /// Take over even if the witness says the old primary may hold writes this node lacks.
         #[arg(long)]
         force: bool,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Step a primary down to secondary: resolves a split brain without a witness (both nodes
+    /// primary in the same epoch). This node's writes that its peer lacks are discarded when the
+    /// peer resyncs it.
+    Demote {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
     },
     /// Manage volumes (the server must not be running on the same store).
     Volume {
@@ -117,54 +144,65 @@ enum Command {
     },
 }
 
-/// Synchronous replication of one volume (see docs/replication.md).
+/// Synchronous replication (see docs/replication.md). These flags replicate one volume; the
+/// config file can replicate several, each with its own replication port.
 #[derive(clap::Args, Debug)]
 struct ReplArgs {
     /// This node's role for the replicated volume the first time it runs; afterwards the role the
-    /// store last had wins (promotion and deposition change it). Without it, nothing is replicated.
+    /// store last had wins (promotion and deposition change it). Without it (and without
+    /// `replicate` in the config file), nothing is replicated.
     #[arg(long, value_enum)]
-    role: Option<RoleArg>,
+    role: Option<ReplRole>,
     /// The peer's replication address (its --repl-listen), dialed while this node is primary.
-    #[arg(long)]
+    #[arg(long, requires = "role")]
     peer: Option<SocketAddr>,
     /// Where to accept the primary's replication connection while this node is secondary.
-    #[arg(long)]
+    #[arg(long, requires = "role")]
     repl_listen: Option<SocketAddr>,
     /// The replicated volume (default: the default export).
-    #[arg(long)]
+    #[arg(long, requires = "role")]
     replicate: Option<String>,
-    /// This node's name in logs, at the witness and in its peer's messages.
-    #[arg(long, default_value = "syncblock")]
-    node: String,
-    /// Heartbeat timeout: a silent link is declared dead after this long.
-    #[arg(long, default_value = "2000", value_name = "MS")]
-    repl_timeout_ms: u64,
+    /// This node's name in logs, at the witness and in its peer's messages [default: syncblock].
+    #[arg(long)]
+    node: Option<String>,
+    /// Heartbeat timeout: a silent link is declared dead after this long [default: 2000].
+    #[arg(long, value_name = "MS")]
+    repl_timeout_ms: Option<u64>,
     /// The witness (`syncblock witness`): grants epochs, solo operation and failover.
     #[arg(long)]
     witness: Option<SocketAddr>,
     /// What the primary does while its peer is away: wait (strict, RPO = 0) or continue alone
-    /// with the witness's consent (degrade).
-    #[arg(long, value_enum, default_value = "strict")]
-    policy: PolicyArg,
+    /// with the witness's consent (degrade) [default: strict].
+    #[arg(long, value_enum, requires = "role")]
+    policy: Option<ReplPolicy>,
     /// Do not promote this node automatically when its primary is gone (with a witness, it does
     /// by default).
-    #[arg(long)]
+    #[arg(long, requires = "role")]
     no_auto_failover: bool,
-    /// Admin endpoint for `syncblock status` and `syncblock promote`.
+    /// Admin endpoint for `syncblock status`, `promote` and `verify`.
     #[arg(long)]
     admin: Option<SocketAddr>,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum PolicyArg {
-    Strict,
-    Degrade,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum RoleArg {
-    Primary,
-    Secondary,
+impl ReplArgs {
+    /// The replicated volume these flags describe (if any) and this node's settings.
+    fn options(self) -> (Vec<ReplVolume>, ReplNodeOptions) {
+        let volume = self.role.map(|role| ReplVolume {
+            volume: self.replicate,
+            role,
+            peer: self.peer,
+            listen: self.repl_listen,
+            policy: self.policy.unwrap_or_default(),
+            auto_failover: !self.no_auto_failover,
+        });
+        let node = ReplNodeOptions {
+            node: self.node,
+            witness: self.witness,
+            timeout_ms: self.repl_timeout_ms,
+            admin: self.admin,
+        };
+        (volume.into_iter().collect(), node)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -205,25 +243,35 @@ fn main() -> Result<()> {
                 Some(path) => ServeOptions::load(path).with_context(|| format!("config file {}", path.display()))?,
                 None => ServeOptions::default(),
             };
-            let flags =
-                ServeOptions { store: cli.store, store_bytes: size, listen, unix, default_export, volumes, read_only };
+            let (replicate, replication) = repl.options();
+            let flags = ServeOptions {
+                store: cli.store,
+                store_bytes: size,
+                listen,
+                unix,
+                default_export,
+                volumes,
+                read_only,
+                replicate,
+                replication,
+            };
             let settings = file.overridden_by(flags).resolve();
             let rt = runtime(cli.threads, 1)?;
             // The engine locks the store file: a second syncblock on the same store fails to open.
             let store = open_or_create(&settings.store, Some(settings.store_bytes), engine_config(&rt))?;
-            let res = rt.block_on(serve(store.clone(), settings, repl));
+            let res = rt.block_on(serve(store.clone(), settings));
             // Before the runtime goes: the engine runs on it.
             let closed = store.close().context("closing the store");
             drop(rt);
             res.and(closed)
         }
-        Command::Pair { size, listen, data_dir } => {
+        Command::Pair { size, listen, data_dir, admin } => {
             let a_path = data_dir.join("pair-primary.img");
             let b_path = data_dir.join("pair-secondary.img");
             let rt = runtime(cli.threads, 2)?;
             let a = open_or_create(&a_path, Some(size), engine_config(&rt))?;
             let b = open_or_create(&b_path, Some(size), engine_config(&rt))?;
-            let res = rt.block_on(pair(a.clone(), b.clone(), a_path, size, listen));
+            let res = rt.block_on(pair(a.clone(), b.clone(), a_path, size, listen, &data_dir, admin));
             // Before the runtime goes: the engines run on it.
             let closed_a = a.close().context("closing the primary store");
             let closed_b = b.close().context("closing the secondary store");
@@ -248,17 +296,17 @@ fn main() -> Result<()> {
                 }
             })
         }
-        Command::Status { admin } => {
+        Command::Status { admin, volume } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, "status", ADMIN_TIMEOUT))?;
+            let out = rt.block_on(admin_call(admin, &admin_line("status", volume), ADMIN_TIMEOUT))?;
             println!("{out}");
             Ok(())
         }
-        Command::Verify { admin, repair } => {
+        Command::Verify { admin, repair, volume } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let cmd = if repair { "verify repair" } else { "verify" };
+            let cmd = admin_line(if repair { "verify repair" } else { "verify" }, volume);
             // A pass reads only checksums, but a large volume still takes a while.
-            let out = rt.block_on(admin_call(admin, cmd, VERIFY_TIMEOUT))?;
+            let out = rt.block_on(admin_call(admin, &cmd, VERIFY_TIMEOUT))?;
             println!("{out}");
             if out.contains("\"ok\":false") {
                 bail!("verify failed");
@@ -268,12 +316,22 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Promote { admin, force } => {
+        Command::Promote { admin, force, volume } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, if force { "promote force" } else { "promote" }, ADMIN_TIMEOUT))?;
+            let cmd = admin_line(if force { "promote force" } else { "promote" }, volume);
+            let out = rt.block_on(admin_call(admin, &cmd, ADMIN_TIMEOUT))?;
             println!("{out}");
             if out.contains("\"ok\":false") {
                 bail!("promotion refused");
+            }
+            Ok(())
+        }
+        Command::Demote { admin, volume } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(admin_call(admin, &admin_line("demote", volume), ADMIN_TIMEOUT))?;
+            println!("{out}");
+            if out.contains("\"ok\":false") {
+                bail!("demotion failed");
             }
             Ok(())
         }
@@ -328,43 +386,89 @@ fn open_or_create(path: &Path, create_size: Option<u64>, cfg: Config) -> Result<
     Store::create(path, &opts, cfg).with_context(|| format!("creating the store {}", path.display()))
 }
 
-async fn pair(a: Store, b: Store, a_path: PathBuf, size: u64, listen: SocketAddr) -> Result<()> {
+async fn pair(
+    a: Store,
+    b: Store,
+    a_path: PathBuf,
+    size: u64,
+    listen: SocketAddr,
+    data_dir: &Path,
+    admin: Option<SocketAddr>,
+) -> Result<()> {
+    let timeout = std::time::Duration::from_millis(DEFAULT_REPL_TIMEOUT_MS);
+    let wl = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the witness port")?;
+    let witness = wl.local_addr()?;
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(wl),
+        data_dir.join("witness.state"),
+        timeout,
+    ));
+    println!("witness (in-process) on {witness}");
     if b.volume(DEFAULT_VOLUME).await.is_err() {
         b.create_volume(DEFAULT_VOLUME, size).await.context("creating the secondary's volume")?;
     }
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the replication port")?;
-    let cfg = syncblock_replicator::ReplConfig { node: "secondary".into(), ..Default::default() };
-    let sec =
-        syncblock_replicator::Secondary::start(b, DEFAULT_VOLUME, syncblock_replicator::net::tcp_listener(l), cfg)
-            .await?;
-    println!("secondary (in-process) accepting replication on {}", sec.local_addr());
-    let settings = ServeOptions {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    // Both nodes die together here, so neither takes over from the other automatically.
+    let ncfg = syncblock_replicator::NodeConfig {
+        volume: DEFAULT_VOLUME.into(),
+        repl_listen: loopback,
+        peer: loopback,
+        auto_failover: false,
+        repl: repl_config("secondary", Some(witness), timeout, ReplPolicy::Strict),
+    };
+    let sec = syncblock_replicator::Node::start(b, ncfg, syncblock_replicator::Role::Secondary)
+        .await
+        .context("starting the secondary")?;
+    let Some(sec_addr) = sec.repl_addr() else {
+        sec.stop().await;
+        witness_task.abort();
+        bail!("the secondary store records this node as primary; likely cause: it was promoted; serve it with `syncblock serve --store {}`", data_dir.join("pair-secondary.img").display());
+    };
+    println!("secondary (in-process) accepting replication on {sec_addr}");
+    let mut opts = ServeOptions {
         store: Some(a_path),
         store_bytes: Some(size),
         listen: Some(listen),
         volumes: vec![VolumeSpec { name: DEFAULT_VOLUME.into(), size_bytes: size }],
+        replicate: vec![ReplVolume {
+            volume: Some(DEFAULT_VOLUME.into()),
+            role: ReplRole::Primary,
+            peer: Some(sec_addr),
+            listen: None,
+            policy: ReplPolicy::Strict,
+            auto_failover: false,
+        }],
         ..ServeOptions::default()
-    }
-    .resolve();
-    let repl = ReplArgs {
-        role: Some(RoleArg::Primary),
-        peer: Some(sec.local_addr()),
-        repl_listen: None,
-        replicate: Some(DEFAULT_VOLUME.into()),
-        node: "primary".into(),
-        repl_timeout_ms: 2000,
-        witness: None,
-        policy: PolicyArg::Strict,
-        no_auto_failover: true,
-        admin: None,
     };
-    let res = serve(a, settings, repl).await;
+    opts.replication =
+        ReplNodeOptions { node: Some("primary".into()), witness: Some(witness), timeout_ms: None, admin };
+    let res = serve(a, opts.resolve()).await;
     sec.stop().await;
+    witness_task.abort();
     res
 }
 
-async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<()> {
-    let ServeSettings { store_bytes: store_size, listen, unix, default_export, read_only, .. } = settings;
+fn repl_config(
+    node: &str,
+    witness: Option<SocketAddr>,
+    timeout: std::time::Duration,
+    policy: ReplPolicy,
+) -> syncblock_replicator::ReplConfig {
+    syncblock_replicator::ReplConfig {
+        node: node.into(),
+        timeout,
+        heartbeat: (timeout / 4).max(std::time::Duration::from_millis(10)),
+        witness,
+        policy: match policy {
+            ReplPolicy::Strict => syncblock_replicator::Policy::Strict,
+            ReplPolicy::Degrade => syncblock_replicator::Policy::Degrade,
+        },
+        ..Default::default()
+    }
+}
+
+async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
+    let ServeSettings { store_bytes: store_size, listen, unix, default_export, read_only, .. } = settings.clone();
     for v in &settings.volumes {
         let (name, size) = (v.name.as_str(), v.size_bytes);
         match store.volume(name).await {
@@ -386,55 +490,80 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
     }
     let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
     let mut replicated = std::collections::HashMap::new();
-    let mut node = None;
-    if let Some(role) = repl.role {
-        let name = repl.replicate.clone().or_else(|| default_export.clone()).context("no volume to replicate")?;
-        let timeout = std::time::Duration::from_millis(repl.repl_timeout_ms);
-        let cfg = syncblock_replicator::ReplConfig {
-            node: repl.node.clone(),
-            timeout,
-            heartbeat: (timeout / 4).max(std::time::Duration::from_millis(10)),
-            witness: repl.witness,
-            policy: match repl.policy {
-                PolicyArg::Strict => syncblock_replicator::Policy::Strict,
-                PolicyArg::Degrade => syncblock_replicator::Policy::Degrade,
-            },
-            ..Default::default()
-        };
+    let mut nodes = Vec::new();
+    let to_replicate = settings.replicated_volumes(default_export.as_deref())?;
+    let timeout = std::time::Duration::from_millis(settings.repl_timeout_ms);
+    for (name, r) in to_replicate {
         let unset: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        if role == RoleArg::Primary && repl.peer.is_none() {
-            bail!("--role primary needs --peer ADDR (the secondary's --repl-listen)");
-        }
-        if role == RoleArg::Secondary && repl.repl_listen.is_none() {
-            bail!("--role secondary needs --repl-listen ADDR");
-        }
         let ncfg = syncblock_replicator::NodeConfig {
             volume: name.clone(),
-            repl_listen: repl.repl_listen.unwrap_or(unset),
-            peer: repl.peer.unwrap_or(unset),
-            auto_failover: repl.witness.is_some() && !repl.no_auto_failover,
-            repl: cfg,
+            repl_listen: r.listen.unwrap_or(unset),
+            peer: r.peer.unwrap_or(unset),
+            auto_failover: settings.witness.is_some() && r.auto_failover,
+            repl: repl_config(&settings.node, settings.witness, timeout, r.policy),
         };
-        let initial = match role {
-            RoleArg::Primary => syncblock_replicator::Role::Primary,
-            RoleArg::Secondary => syncblock_replicator::Role::Secondary,
+        let initial = match r.role {
+            ReplRole::Primary => syncblock_replicator::Role::Primary,
+            ReplRole::Secondary => syncblock_replicator::Role::Secondary,
         };
-        let n = syncblock_replicator::Node::start(store.clone(), ncfg, initial)
-            .await
-            .with_context(|| format!("starting replication of {name}"))?;
+        let vol = match store.volume(&name).await {
+            Ok(v) => v,
+            Err(e) => {
+                stop_all(&nodes).await;
+                return Err(e).with_context(|| format!("volume {name} to replicate; likely cause: a typo in --replicate or the config file, or the volume was never created (add it with --volume {name}:SIZE)"));
+            }
+        };
+        let n = match syncblock_replicator::Node::start(store.clone(), ncfg, initial).await {
+            Ok(n) => n,
+            Err(e) => {
+                stop_all(&nodes).await;
+                return Err(e).with_context(|| format!("starting replication of {name}"));
+            }
+        };
         match n.repl_addr() {
             Some(at) => println!("replicating {name} as secondary on {at}"),
-            None => println!("replicating {name} as primary to {}", repl.peer.unwrap_or(unset)),
+            None => println!("replicating {name} as primary to {}", r.peer.unwrap_or(unset)),
         }
-        let vol = store.volume(&name).await?;
         replicated.insert(vol.id, n.clone());
-        if let Some(at) = repl.admin {
-            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("admin endpoint {at}"))?;
-            println!("admin endpoint on {}", l.local_addr()?);
-            tokio::spawn(admin_loop(l, n.clone()));
-        }
-        node = Some(n);
+        nodes.push(n);
     }
+    if let Some(at) = settings.admin {
+        if nodes.is_empty() {
+            tracing::warn!(
+                "--admin without a replicated volume: the admin endpoint serves replication only; not started"
+            );
+        } else {
+            let l = match tokio::net::TcpListener::bind(at).await {
+                Ok(l) => l,
+                Err(e) => {
+                    stop_all(&nodes).await;
+                    return Err(e).with_context(|| format!("admin endpoint {at}"));
+                }
+            };
+            println!("admin endpoint on {}", l.local_addr()?);
+            tokio::spawn(admin_loop(l, nodes.clone()));
+        }
+    }
+    let res = serve_nbd(store, &list, listen, unix, default_export, read_only, replicated).await;
+    stop_all(&nodes).await;
+    res
+}
+
+async fn stop_all(nodes: &[syncblock_replicator::Node]) {
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+async fn serve_nbd(
+    store: Store,
+    list: &[syncblock_engine::VolumeInfo],
+    listen: SocketAddr,
+    unix: Option<PathBuf>,
+    default_export: Option<String>,
+    read_only: Vec<String>,
+    replicated: std::collections::HashMap<syncblock_engine::VolumeId, syncblock_replicator::Node>,
+) -> Result<()> {
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let addr = tcp.local_addr()?;
     let mut listeners = vec![Listener::Tcp(tcp)];
@@ -443,13 +572,15 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
         let l = tokio::net::UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
         listeners.push(Listener::Unix(l, path.clone()));
     }
-    for v in &list {
+    for v in list {
         println!(
             "nbd://{addr}/{}  ({}{})",
             v.name,
             format_size(v.size_bytes),
-            if read_only.contains(&v.name) || replicated.get(&v.id).is_some_and(|n| !n.is_primary()) {
+            if replicated.get(&v.id).is_some_and(|n| !n.is_primary()) {
                 ", read-only while secondary"
+            } else if read_only.contains(&v.name) {
+                ", read-only"
             } else {
                 ""
             }
@@ -463,11 +594,8 @@ async fn serve(store: Store, settings: ServeSettings, repl: ReplArgs) -> Result<
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    let config = ServerConfig { default_export, read_only, replicated: replicated.clone(), ..ServerConfig::default() };
+    let config = ServerConfig { default_export, read_only, replicated, ..ServerConfig::default() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
-    if let Some(n) = node {
-        n.stop().await;
-    }
     Ok(())
 }
 
@@ -477,13 +605,24 @@ const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// on loopback), but a large volume on a busy pair can take minutes.
 const VERIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Serves `status`, `promote [force]` and `verify [repair]`, one line per connection, answering
-/// with JSON.
-async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicator::Node) {
+/// An admin command line: the command, then ` volume=NAME` to pick a replicated volume.
+fn admin_line(cmd: &str, volume: Option<String>) -> String {
+    match volume {
+        Some(v) => format!("{cmd} volume={v}"),
+        None => cmd.to_string(),
+    }
+}
+
+/// Serves `status`, `promote [force]`, `demote` and `verify [repair]`, each optionally followed by
+/// `volume=NAME`, one line per connection. `status` answers with a JSON object per replicated
+/// volume, one per line; the others with one JSON object, and need `volume=` when the node
+/// replicates more than one volume.
+async fn admin_loop(listener: tokio::net::TcpListener, nodes: Vec<syncblock_replicator::Node>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let nodes = std::sync::Arc::new(nodes);
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
-        let node = node.clone();
+        let nodes = nodes.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
@@ -495,20 +634,58 @@ async fn admin_loop(listener: tokio::net::TcpListener, node: syncblock_replicato
             if !matches!(read, Ok(Ok(_))) {
                 return;
             }
-            let answer = match line.trim() {
-                "status" => node.status().await.to_json(),
-                cmd @ ("promote" | "promote force") => match node.promote(cmd.ends_with("force")).await {
-                    Ok(epoch) => format!("{{\"ok\":true,\"epoch\":{epoch}}}"),
-                    Err(e) => format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()),
-                },
-                cmd @ ("verify" | "verify repair") => match node.verify(cmd.ends_with("repair")).await {
-                    Ok(report) => format!("{{\"ok\":true,\"verify\":{}}}", report.to_json()),
-                    Err(e) => format!("{{\"ok\":false,\"error\":{:?}}}", e.to_string()),
-                },
-                other => format!("{{\"ok\":false,\"error\":{:?}}}", format!("unknown command {other:?}")),
-            };
+            let answer = admin_answer(&nodes, line.trim_end_matches(['\r', '\n'])).await;
             let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
         });
+    }
+}
+
+fn names(nodes: &[syncblock_replicator::Node]) -> String {
+    nodes.iter().map(|n| n.volume()).collect::<Vec<_>>().join(", ")
+}
+
+async fn admin_answer(nodes: &[syncblock_replicator::Node], line: &str) -> String {
+    let err = |msg: String| format!("{{\"ok\":false,\"error\":{msg:?}}}");
+    let (cmd, volume) = match line.split_once(" volume=") {
+        Some((c, v)) => (c.trim(), Some(v)),
+        None => (line.trim(), None),
+    };
+    let chosen: Vec<&syncblock_replicator::Node> = match volume {
+        Some(v) => match nodes.iter().find(|n| n.volume() == v) {
+            Some(n) => vec![n],
+            None => {
+                return err(format!("volume {v} is not replicated by this node (it replicates {})", names(nodes)));
+            }
+        },
+        None => nodes.iter().collect(),
+    };
+    if cmd == "status" {
+        let mut out = Vec::new();
+        for n in chosen {
+            out.push(n.status().await.to_json());
+        }
+        return out.join("\n");
+    }
+    let node = match chosen[..] {
+        [n] => n,
+        _ => {
+            return err(format!("this node replicates {}: name one with --volume", names(nodes)));
+        }
+    };
+    match cmd {
+        "promote" | "promote force" => match node.promote(cmd.ends_with("force")).await {
+            Ok(epoch) => format!("{{\"ok\":true,\"volume\":{:?},\"epoch\":{epoch}}}", node.volume()),
+            Err(e) => err(e.to_string()),
+        },
+        "demote" => match node.demote().await {
+            Ok(()) => format!("{{\"ok\":true,\"volume\":{:?},\"role\":\"secondary\"}}", node.volume()),
+            Err(e) => err(e.to_string()),
+        },
+        "verify" | "verify repair" => match node.verify(cmd.ends_with("repair")).await {
+            Ok(report) => format!("{{\"ok\":true,\"volume\":{:?},\"verify\":{}}}", node.volume(), report.to_json()),
+            Err(e) => err(e.to_string()),
+        },
+        other => err(format!("unknown command {other:?}")),
     }
 }
 

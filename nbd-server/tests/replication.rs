@@ -131,22 +131,184 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
 }
 
 #[test]
-fn the_readme_pair_mirrors_to_its_secondary_store() {
+fn the_readme_pair_mirrors_to_its_secondary_store_with_epochs_from_its_witness() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap().to_string();
-    let pair = syncblock(
-        &dir.path().join("pair.log"),
-        &["pair", "--size=1GiB", "--listen=127.0.0.1:0", &format!("--data-dir={data}")],
-    );
+    let admin = free_port_addr();
+    let pair_args =
+        ["pair", "--size=1GiB", "--listen=127.0.0.1:0", &format!("--data-dir={data}"), &format!("--admin={admin}")];
+    let pair = syncblock(&dir.path().join("pair.log"), &pair_args);
+    pair.wait_line("witness (in-process) on ");
     let uri = nbd_uri(&pair);
     assert!(uri.ends_with("/default"), "{uri}");
     ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc3 1M 2M", "-c", "flush", &uri]);
+    let st = status(&admin);
+    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
+    let epoch = json_u64(&st, "epoch");
+    assert!(epoch >= 1, "the witness granted an epoch: {st}");
     pair.stop();
+    // The witness recorded its grant: it is in the data directory beside the stores.
+    let recorded = std::fs::read_to_string(dir.path().join("witness.state")).unwrap();
+    assert!(recorded.contains("default"), "{recorded}");
+
+    // Restarted, the pair resumes under the epoch the witness recorded.
+    let pair = syncblock(&dir.path().join("pair.log"), &pair_args);
+    let uri = nbd_uri(&pair);
+    let st = status(&admin);
+    assert!(st.contains("\"role\":\"primary\"") && json_u64(&st, "epoch") >= epoch, "{st}");
+    ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc4 3M 1M", "-c", "flush", &uri]);
+    pair.stop();
+
     let solo = serve(&dir.path().join("pair-secondary.img"), &["--listen=127.0.0.1:0"]);
     let uri = nbd_uri(&solo);
-    let out = ok("qemu-io", &["-f", "raw", "-c", "read -P 0xc3 1M 2M", "-c", "read -P 0 0 1M", &uri]);
+    let out = ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0xc3 1M 2M", "-c", "read -P 0xc4 3M 1M", "-c", "read -P 0 0 1M", &uri],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     solo.stop();
+}
+
+/// The number after `"key":` in a JSON line.
+fn json_u64(json: &str, key: &str) -> u64 {
+    let at = json.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key} in {json}")) + key.len() + 3;
+    json[at..].chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap()
+}
+
+#[test]
+fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_admin, b_admin) = (free_port_addr(), free_port_addr());
+    // Each node names both of a volume's addresses, so that either can be primary.
+    let (a_one, a_two, b_one, b_two) = (free_port_addr(), free_port_addr(), free_port_addr(), free_port_addr());
+    let config = |node: &str, admin: &str, one: &str, two: &str| {
+        let path = dir.path().join(format!("{node}.toml"));
+        let text = format!(
+            "store = \"{node}.img\"\nstore_size = \"1GiB\"\nlisten = \"127.0.0.1:0\"\n\
+             [replication]\nnode = \"{node}\"\ntimeout_ms = 1000\nadmin = \"{admin}\"\n\
+             [[volume]]\nname = \"one\"\nsize = \"32MiB\"\nreplicate = {{ {one} }}\n\
+             [[volume]]\nname = \"two\"\nsize = \"16MiB\"\nreplicate = {{ {two} }}\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let start = |cfg: &Path, log: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncblock"));
+        cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+        Proc::spawn(cmd, &dir.path().join(log))
+    };
+    let b_cfg = config(
+        "b",
+        &b_admin,
+        &format!("role = \"secondary\", listen = \"{b_one}\", peer = \"{a_one}\""),
+        &format!("role = \"secondary\", listen = \"{b_two}\", peer = \"{a_two}\""),
+    );
+    let nb = start(&b_cfg, "b.log");
+    assert_eq!(nb.wait_line("replicating one as secondary on "), b_one);
+    assert_eq!(nb.wait_line("replicating two as secondary on "), b_two);
+    let b_base = nbd_uri(&nb).rsplit_once('/').unwrap().0.to_string();
+    let a_cfg = config(
+        "a",
+        &a_admin,
+        &format!("role = \"primary\", peer = \"{b_one}\", listen = \"{a_one}\""),
+        &format!("role = \"primary\", peer = \"{b_two}\", listen = \"{a_two}\", policy = \"strict\""),
+    );
+    let na = start(&a_cfg, "a.log");
+    let a_base = nbd_uri(&na).rsplit_once('/').unwrap().0.to_string();
+    ok(
+        "qemu-io",
+        &["-t", "writeback", "-f", "raw", "-c", "write -P 0x11 0 4M", "-c", "flush", &format!("{a_base}/one")],
+    );
+    ok(
+        "qemu-io",
+        &["-t", "writeback", "-f", "raw", "-c", "write -P 0x22 1M 2M", "-c", "flush", &format!("{a_base}/two")],
+    );
+
+    // `status` answers a line per replicated volume; `--volume` picks one.
+    let st = status(&a_admin);
+    let lines: Vec<&str> = st.lines().collect();
+    assert_eq!(lines.len(), 2, "{st}");
+    for (line, name) in lines.iter().zip(["one", "two"]) {
+        assert!(line.contains(&format!("\"volume\":\"{name}\"")) && line.contains("\"role\":\"primary\""), "{line}");
+        assert!(line.contains("\"rpo_zero\":true"), "{line}");
+    }
+    let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "two"]);
+    assert!(
+        st.lines().count() == 1 && st.contains("\"volume\":\"two\"") && st.contains("\"role\":\"secondary\""),
+        "{st}"
+    );
+    let (code, out, _) = tool(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "three"]);
+    assert!(code == 0 && out.contains("is not replicated by this node"), "{out}");
+
+    // Promotion is per volume: without --volume it is refused, naming the volumes.
+    na.stop();
+    let (code, out, _) = tool(env!("CARGO_BIN_EXE_syncblock"), &["promote", "--admin", &b_admin]);
+    assert!(code != 0 && out.contains("replicates one, two: name one with --volume"), "{out}");
+    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["promote", "--admin", &b_admin, "--volume", "two"]);
+    assert!(out.contains("\"ok\":true") && out.contains("\"volume\":\"two\""), "{out}");
+    let st = status(&b_admin);
+    assert!(st.lines().any(|l| l.contains("\"volume\":\"two\"") && l.contains("\"role\":\"primary\"")), "{st}");
+    assert!(st.lines().any(|l| l.contains("\"volume\":\"one\"") && l.contains("\"role\":\"secondary\"")), "{st}");
+
+    // `two` on b holds what a wrote; `one` stays a read-only replica there.
+    let two = format!("{b_base}/two");
+    let out = ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x22 1M 2M", &two]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let one = format!("{b_base}/one");
+    let out = ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 4M", &one]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let (code, out, err) = tool("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x44 0 4k", &one]);
+    assert!(code != 0 || out.contains("failed"), "a write to a secondary's export must fail: {out}{err}");
+
+    // b's writes to `two` wait for a peer (strict).
+    let b_write = {
+        let two = two.clone();
+        std::thread::spawn(move || {
+            tool("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x33 0 4k", "-c", "flush", &two])
+        })
+    };
+
+    // a returns, without a witness to tell it otherwise: primary of both, and for `two` in the
+    // same epoch number as b. b refuses it, naming the split brain and the way out.
+    let na = start(&a_cfg, "a.log");
+    na.wait_line("admin endpoint on ");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &a_admin, "--volume", "two"]);
+        if st.contains("\"role\":\"primary\"") && st.contains("split brain") && st.contains("syncblock demote") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a did not report the split brain: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // a takes a write to `two` into its log; it cannot be acknowledged (no peer).
+    let a_write = {
+        let two_on_a = format!("{a_base_new}/two", a_base_new = nbd_uri(&na).rsplit_once('/').unwrap().0);
+        std::thread::spawn(move || {
+            tool("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x55 8M 64k", "-c", "flush", &two_on_a])
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!b_write.is_finished() && !a_write.is_finished(), "a strict write was acknowledged without a peer");
+
+    // The operator keeps b's side: a's `two` steps down, its write fails, and b resyncs it.
+    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["demote", "--admin", &a_admin, "--volume", "two"]);
+    assert!(out.contains("\"ok\":true"), "{out}");
+    let (code, out, err) = a_write.join().unwrap();
+    assert!(code != 0 || out.contains("failed"), "a's write must fail, not be acknowledged: {out}{err}");
+    let (code, out, err) = b_write.join().unwrap();
+    assert!(code == 0 && !out.contains("failed"), "b's write completes once a is resynced: {out}{err}");
+    let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "two"]);
+    assert!(st.contains("\"rpo_zero\":true"), "{st}");
+    // Both replicas of `two` are b's history: a's write at 8M was rolled back, not kept. (Were the
+    // histories matched by epoch number alone, a would keep it and the replicas would differ.)
+    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--admin", &b_admin, "--volume", "two"]);
+    assert!(out.contains("\"blocks_differing\":0,"), "{out}");
+    let st = status(&a_admin);
+    assert!(st.lines().any(|l| l.contains("\"volume\":\"two\"") && l.contains("\"role\":\"secondary\"")), "{st}");
+    assert!(st.lines().any(|l| l.contains("\"volume\":\"one\"") && l.contains("\"rpo_zero\":true")), "{st}");
+    na.stop();
+    nb.stop();
 }
 
 /// `syncblock status` through a node's admin endpoint.

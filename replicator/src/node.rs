@@ -277,6 +277,22 @@ impl Node {
         Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
     }
 
+    /// Steps down to secondary by the operator's decision. This resolves a split brain without a
+    /// witness (both nodes primary in the same epoch: one was promoted by hand while the other was
+    /// away, and the other then restarted as primary): the demoted node's writes that its peer
+    /// lacks are rolled back when the peer resyncs it. Under the strict policy, which is the only
+    /// one without a witness, neither node acknowledged a write alone, so nothing acknowledged is
+    /// lost. Writes waiting on this node fail.
+    pub async fn demote(&self) -> Result<()> {
+        let _g = self.inner.changing.lock().await;
+        if self.primary().is_none() {
+            return Ok(());
+        }
+        tracing::warn!(volume = %self.inner.cfg.volume, "demoted by command: stepping down to secondary");
+        self.stop_current().await;
+        self.become_secondary_locked().await
+    }
+
     /// Compares both replicas (see [`Primary::verify`]); only on the primary.
     pub async fn verify(&self, repair: bool) -> Result<crate::primary::VerifyReport> {
         match self.primary() {
@@ -414,6 +430,17 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
             }
             Ok(Frame::Hello { epoch, .. }) if epoch < p.epoch() => {
                 let reason = format!("stale epoch {epoch}: this node is primary in epoch {}", p.epoch());
+                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
+            }
+            Ok(Frame::Hello { epoch, node, .. }) => {
+                // The same epoch, taken by both nodes on their own: only without a witness (one
+                // was promoted by hand while the other was away). Neither can tell which is newer.
+                let reason = format!(
+                    "split brain: {node} and this node are both primary in epoch {epoch} (one was promoted \
+                     by hand while the other was away); run `syncblock demote` on the node whose writes \
+                     since then are to be discarded"
+                );
+                tracing::error!("{reason}");
                 let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
             }
             Ok(_) => {

@@ -397,7 +397,7 @@ impl Primary {
                     state.epoch
                 )));
             }
-            state.begin_epoch(epoch, info.last_tag + 1);
+            state.begin_epoch(epoch, info.last_tag + 1, crate::wire::new_origin());
             tracing::info!(volume = volume_name, epoch, "taking the primary role");
         }
         // Retain trims until the peer confirms it has them (the floor rises as it does). An

@@ -23,7 +23,9 @@ pub struct ReplState {
     pub history: Vec<EpochStart>,
 }
 
-const ATTR_VERSION: u8 = 1;
+/// 2: history entries carry their origin (24 bytes each). Version 1 (16-byte entries) is still
+/// read, with origin 0.
+const ATTR_VERSION: u8 = 2;
 
 impl ReplState {
     pub fn new(role: Role) -> ReplState {
@@ -38,14 +40,16 @@ impl ReplState {
         for e in h {
             b.extend_from_slice(&e.epoch.to_le_bytes());
             b.extend_from_slice(&e.start_tag.to_le_bytes());
+            b.extend_from_slice(&e.origin.to_le_bytes());
         }
         b
     }
 
     pub fn decode(b: &[u8]) -> Option<ReplState> {
-        if b.len() < 16 || b[0] != ATTR_VERSION {
+        if b.len() < 16 || !(1..=ATTR_VERSION).contains(&b[0]) {
             return None;
         }
+        let entry = if b[0] == 1 { 16 } else { 24 };
         let role = match b[1] {
             0 => Role::Primary,
             1 => Role::Secondary,
@@ -53,27 +57,30 @@ impl ReplState {
         };
         let epoch = u64::from_le_bytes(b[4..12].try_into().ok()?);
         let n = u32::from_le_bytes(b[12..16].try_into().ok()?) as usize;
-        if n > MAX_HISTORY || b.len() != 16 + 16 * n {
+        if n > MAX_HISTORY || b.len() != 16 + entry * n {
             return None;
         }
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
         let history = (0..n)
             .map(|i| {
-                let at = 16 + 16 * i;
+                let at = 16 + entry * i;
                 EpochStart {
-                    epoch: u64::from_le_bytes(b[at..at + 8].try_into().expect("8")),
-                    start_tag: u64::from_le_bytes(b[at + 8..at + 16].try_into().expect("8")),
+                    epoch: u64_at(at),
+                    start_tag: u64_at(at + 8),
+                    origin: if entry == 24 { u64_at(at + 16) } else { 0 },
                 }
             })
             .collect();
         Some(ReplState { role, epoch, consistent: b[2] != 0, history })
     }
 
-    /// Starts epoch `epoch` as primary at `next_tag`.
-    pub fn begin_epoch(&mut self, epoch: u64, next_tag: u64) {
+    /// Starts epoch `epoch` as primary at `next_tag`; `origin` tells this start apart from any
+    /// other of the same epoch number (see [`EpochStart`]).
+    pub fn begin_epoch(&mut self, epoch: u64, next_tag: u64, origin: u64) {
         self.role = Role::Primary;
         self.epoch = epoch;
         self.history.retain(|e| e.start_tag < next_tag);
-        self.history.push(EpochStart { epoch, start_tag: next_tag });
+        self.history.push(EpochStart { epoch, start_tag: next_tag, origin });
         let excess = self.history.len().saturating_sub(MAX_HISTORY);
         self.history.drain(..excess);
     }
@@ -95,7 +102,8 @@ fn covering(history: &[EpochStart], tag: u64) -> Option<EpochStart> {
 
 /// The last tag both replicas hold the same history up to: tags are assigned by one primary per
 /// epoch, so two replicas that hold tag `t` from the same epoch hold the same writes up to `t` (the
-/// log-matching argument of Raft). Returns 0 when they share nothing.
+/// log-matching argument of Raft). "The same epoch" is the same number *and* origin: two starts of
+/// one number without a witness are different histories. Returns 0 when they share nothing.
 pub fn common_point(a: &[EpochStart], a_last: u64, b: &[EpochStart], b_last: u64) -> u64 {
     let mut t = a_last.min(b_last);
     // Each step moves `t` below the start of at least one epoch entry, so this ends.
@@ -104,7 +112,7 @@ pub fn common_point(a: &[EpochStart], a_last: u64, b: &[EpochStart], b_last: u64
             return 0;
         }
         match (covering(a, t), covering(b, t)) {
-            (Some(x), Some(y)) if x.epoch == y.epoch => return t,
+            (Some(x), Some(y)) if x.same_epoch(&y) => return t,
             (Some(x), Some(y)) => t = x.start_tag.max(y.start_tag) - 1,
             // One history does not reach back to `t`: nothing provably shared there.
             (None, Some(y)) => t = y.start_tag.min(t) - 1,
@@ -119,17 +127,45 @@ pub fn common_point(a: &[EpochStart], a_last: u64, b: &[EpochStart], b_last: u64
 mod tests {
     use super::*;
 
+    /// Entries whose origin is their epoch number: one start per epoch, as with a witness.
     fn h(v: &[(u64, u64)]) -> Vec<EpochStart> {
-        v.iter().map(|&(epoch, start_tag)| EpochStart { epoch, start_tag }).collect()
+        v.iter().map(|&(epoch, start_tag)| EpochStart { epoch, start_tag, origin: epoch }).collect()
     }
 
     #[test]
     fn state_round_trips() {
         let mut s = ReplState::new(Role::Secondary);
-        s.begin_epoch(4, 10);
+        s.begin_epoch(4, 10, 0xfeed);
         s.consistent = false;
         assert_eq!(ReplState::decode(&s.encode()), Some(s));
         assert_eq!(ReplState::decode(&[9; 3]), None);
+    }
+
+    #[test]
+    fn version_1_state_is_read_with_origin_zero() {
+        let mut b = vec![1, 1, 1, 0];
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(&40u64.to_le_bytes());
+        let s = ReplState::decode(&b).unwrap();
+        assert_eq!((s.role, s.epoch, s.consistent), (Role::Secondary, 5, true));
+        assert_eq!(s.history, vec![EpochStart { epoch: 5, start_tag: 40, origin: 0 }]);
+        b.push(0);
+        assert_eq!(ReplState::decode(&b), None, "a length that fits neither entry size");
+    }
+
+    #[test]
+    fn two_starts_of_one_epoch_number_share_nothing_after_their_start() {
+        // Without a witness: A restarted as primary of epoch 2 at tag 51 while B, promoted by hand,
+        // took epoch 2 at tag 51 as well. Their tags from 51 on are different writes.
+        let a =
+            vec![EpochStart { epoch: 1, start_tag: 1, origin: 9 }, EpochStart { epoch: 2, start_tag: 51, origin: 100 }];
+        let b =
+            vec![EpochStart { epoch: 1, start_tag: 1, origin: 9 }, EpochStart { epoch: 2, start_tag: 51, origin: 200 }];
+        assert_eq!(common_point(&a, 60, &b, 70), 50);
+        assert_eq!(common_point(&b, 70, &a, 60), 50);
+        assert_eq!(common_point(&a, 60, &a, 70), 60, "the same start is shared");
     }
 
     #[test]

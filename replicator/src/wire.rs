@@ -18,8 +18,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
 /// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
-/// (`CrcRequest`, `CrcReply`) for checksum-skipping full sync and online verify.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// (`CrcRequest`, `CrcReply`) for checksum-skipping full sync and online verify. 3: each epoch
+/// history entry carries its `origin`.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const HEADER_BYTES: usize = 16;
 /// Largest frame body: one write of the engine's largest I/O (32 MiB) plus its fields. Anything
 /// larger is refused before a byte of it is buffered.
@@ -37,10 +38,33 @@ pub const MAX_NAME_BYTES: usize = 64;
 
 /// Where one epoch's history starts: tags from `start_tag` on (until the next entry's start) were
 /// assigned by the primary of `epoch`.
+///
+/// `origin` is a random number drawn when the primary took the epoch. With a witness, epochs are
+/// unique; without one, two nodes can each take the same epoch number on their own (one restarted,
+/// the other promoted by hand while it was away), and their writes under the same (epoch, tag)
+/// differ. Histories match only where epoch and origin both match, so such writes are never taken
+/// for shared ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochStart {
     pub epoch: u64,
     pub start_tag: u64,
+    pub origin: u64,
+}
+
+impl EpochStart {
+    /// Whether both entries are the same start of the same epoch.
+    pub fn same_epoch(&self, other: &EpochStart) -> bool {
+        self.epoch == other.epoch && self.origin == other.origin
+    }
+}
+
+/// A fresh, nonzero `origin` (zero marks entries recorded before origins existed).
+pub fn new_origin() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,6 +432,7 @@ fn put_history(b: &mut BytesMut, h: &[EpochStart]) {
     for e in h {
         b.put_u64_le(e.epoch);
         b.put_u64_le(e.start_tag);
+        b.put_u64_le(e.origin);
     }
 }
 
@@ -463,7 +488,7 @@ impl Reader {
         }
         let mut h = Vec::with_capacity(n);
         for _ in 0..n {
-            h.push(EpochStart { epoch: self.u64()?, start_tag: self.u64()? });
+            h.push(EpochStart { epoch: self.u64()?, start_tag: self.u64()?, origin: self.u64()? });
         }
         Ok(h)
     }
@@ -591,7 +616,10 @@ mod tests {
     use super::*;
 
     fn samples() -> Vec<Frame> {
-        let history = vec![EpochStart { epoch: 1, start_tag: 1 }, EpochStart { epoch: 3, start_tag: 90 }];
+        let history = vec![
+            EpochStart { epoch: 1, start_tag: 1, origin: 7 },
+            EpochStart { epoch: 3, start_tag: 90, origin: u64::MAX },
+        ];
         vec![
             Frame::Hello {
                 epoch: 3,
@@ -633,8 +661,17 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_ack() {
         let b = Frame::Ack { applied: 1, durable: 0 }.encode();
-        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 2, 0, 8, 0, 16, 0, 0, 0]);
+        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 3, 0, 8, 0, 16, 0, 0, 0]);
         assert_eq!(&b[16..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn golden_bytes_of_a_history_entry() {
+        let history = vec![EpochStart { epoch: 2, start_tag: 51, origin: 0x0102_0304_0506_0708 }];
+        let b = Frame::ResyncCommit { tag: 9, epoch: 2, history }.encode();
+        let mut body = vec![9, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        body.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, 51, 0, 0, 0, 0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(&b[16..], &body[..]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ fn bytes(rng: &mut Rng, max_len: u64) -> Vec<u8> {
 }
 
 fn valid(rng: &mut Rng) -> Vec<u8> {
-    let history = vec![EpochStart { epoch: rng.below(9), start_tag: rng.below(1000) }];
+    let history = vec![EpochStart { epoch: rng.below(9), start_tag: rng.below(1000), origin: rng.below(u64::MAX) }];
     let f = match rng.below(6) {
         0 => Frame::Hello {
             epoch: rng.next_u64(),
