@@ -532,9 +532,25 @@ auto_failover = false
         let start = readme.find("```toml\n").expect("README has a ```toml block") + 8;
         let len = readme[start..].find("```").unwrap();
         let opts = parse(&readme[start..start + len]).unwrap();
-        assert_eq!(opts.volumes, vec![vol("db", 50 << 30), vol("golden", 8 << 30)]);
+        assert_eq!(opts.volumes, vec![vol("db", 50 << 30), vol("golden", 8 << 30), vol("logs", 10 << 30)]);
         assert_eq!(opts.read_only, vec!["golden".to_string()]);
         assert_eq!(opts.store, Some("/etc/syncblock/data/store.img".into()));
+        assert_eq!(opts.replicate.len(), 1);
+        assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, ReplPolicy::Degrade));
+        assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
+    }
+
+    #[test]
+    fn replication_doc_example_parses() {
+        let doc = include_str!("../../docs/replication.md");
+        let start = doc.find("```toml\n").expect("docs/replication.md has a ```toml block") + 8;
+        let len = doc[start..].find("```").unwrap();
+        let s = parse(&doc[start..start + len]).unwrap().resolve();
+        let r = s.replicated_volumes(None).unwrap();
+        assert_eq!(
+            r.iter().map(|(n, v)| (n.as_str(), v.role)).collect::<Vec<_>>(),
+            [("db", ReplRole::Primary), ("logs", ReplRole::Secondary)]
+        );
     }
 
     #[test]
