@@ -583,7 +583,8 @@ pub struct Core {
     unsubmitted: VecDeque<(Lsn, u64, AlignedBuf)>,
     pending: HashMap<(VolumeId, u64), PendingBlock>,
     pending_unmaps: Vec<(u64, VolumeId, u64, u64)>,
-    waiters: HashMap<u64, Waiter>,
+    /// Ordered, so that failing them all (`fail_everything`) answers in a reproducible order.
+    waiters: BTreeMap<u64, Waiter>,
     next_waiter: u64,
     sync_waiters: Vec<(Lsn, u64)>,
     sync_in_flight: bool,
@@ -652,7 +653,7 @@ impl Core {
             unsubmitted: VecDeque::new(),
             pending: HashMap::new(),
             pending_unmaps: Vec::new(),
-            waiters: HashMap::new(),
+            waiters: BTreeMap::new(),
             next_waiter: 0,
             sync_waiters: Vec::new(),
             sync_in_flight: false,
@@ -2156,7 +2157,7 @@ impl Core {
     /// applied data keep working; the index never saw the failed batches.
     fn fail_everything(&mut self) {
         let cause = self.poisoned.clone().unwrap_or_default();
-        for (_, w) in self.waiters.drain() {
+        for (_, w) in std::mem::take(&mut self.waiters) {
             w.done.send(Err(Error::Poisoned { cause: cause.clone() }));
         }
         self.sync_waiters.clear();

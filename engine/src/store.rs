@@ -170,7 +170,25 @@ impl Store {
 
     /// Recovers and opens the store on any device. Returns only after the recovery checkpoint is
     /// durable, so nothing written afterwards can depend on the pre-crash log.
-    pub fn open_device(mut device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
+    pub fn open_device(device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
+        let store = Store::start(device, cfg, name)?;
+        store.call_blocking(|reply| Request::Checkpoint { reply })?;
+        Ok(store)
+    }
+
+    /// [`Store::open_device`] from async code, with [`Driver::Runtime`] on the caller's runtime:
+    /// recovery runs on the calling thread (fine for an in-memory device; a real disk's recovery
+    /// would hold up the runtime), then the engine starts on the runtime and this awaits its first
+    /// checkpoint instead of blocking. It lets a simulation run every node's engine on one
+    /// single-threaded runtime, in a reproducible order.
+    pub async fn open_device_async(device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
+        let store = Store::start(device, cfg, name)?;
+        store.call(0, |reply| Request::Checkpoint { reply }).await?;
+        Ok(store)
+    }
+
+    /// Recovers the device and starts the engine; the caller waits for the recovery checkpoint.
+    fn start(mut device: Box<dyn Device>, cfg: Config, name: &str) -> Result<Store> {
         let driver = cfg.driver.clone();
         let (core, report) = recovery::recover(device.as_mut(), cfg, name)?;
         let inner = Arc::new(Inner {
@@ -208,9 +226,7 @@ impl Store {
             handle: Mutex::new(handle),
             stopped: Mutex::new(Some(stopped_rx)),
         });
-        let store = Store { inner, thread, report: Arc::new(report) };
-        store.call_blocking(|reply| Request::Checkpoint { reply })?;
-        Ok(store)
+        Ok(Store { inner, thread, report: Arc::new(report) })
     }
 
     /// What recovery found when this store was opened.

@@ -5,7 +5,9 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use syncblock_engine::Store;
 use tokio::sync::watch;
@@ -353,6 +355,7 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move {
             let why = tokio::select! {
+                biased;
                 why = p.deposed() => why,
                 _ = wait_stop(&node.inner.stop) => return,
             };
@@ -414,8 +417,9 @@ async fn bind_retrying(net: &dyn crate::net::Net, addr: SocketAddr) -> Result<cr
 async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary, timeout: Duration) {
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            biased;
             _ = p.stopped() => return,
+            a = listener.accept() => a,
         };
         let Ok((stream, from)) = accepted else { return };
         let (mut rd, mut wr) = crate::net::split(stream);
@@ -463,9 +467,10 @@ async fn watch_primary(node: Node, sec: Secondary) {
     let mut last_refusal = String::new();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(timeout / 4) => {}
-            r = status.changed() => if r.is_err() { return },
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            r = status.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(timeout / 4) => {}
         }
         // This secondary was replaced (promoted, or stopped): its watcher ends.
         let still_current = matches!(&*node.inner.current.lock().expect("role"), Current::Secondary(s) if s.same(&sec));

@@ -15,11 +15,13 @@
 //! ([`sync_by_checksums`]); [`Primary::verify`] compares both replicas the same way while I/O
 //! continues. Both rest on `CrcRequest`, which the peer answers at its place in the stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
@@ -346,7 +348,8 @@ struct Inner {
     /// answered. Past it, solo ends and writes wait again.
     solo_until: Mutex<Option<Instant>>,
     stop: watch::Sender<bool>,
-    crc_waiters: Mutex<HashMap<u64, CrcWaiter>>,
+    /// Ordered, so that dropping them all wakes their tasks in a reproducible order.
+    crc_waiters: Mutex<BTreeMap<u64, CrcWaiter>>,
     next_crc_id: AtomicU64,
     /// Nonces of pings: heartbeats, and the one that confirms a resync commit.
     next_nonce: AtomicU64,
@@ -433,7 +436,7 @@ impl Primary {
             local_durable: Mutex::new(0),
             solo_until: Mutex::new(solo_from_grant.then(|| Instant::now() + cfg_timeout)),
             stop,
-            crc_waiters: Mutex::new(HashMap::new()),
+            crc_waiters: Mutex::new(BTreeMap::new()),
             next_crc_id: AtomicU64::new(1),
             next_nonce: AtomicU64::new(0),
             verifying: tokio::sync::Mutex::new(()),
@@ -471,6 +474,7 @@ impl Primary {
         let mut stop = self.inner.stop.subscribe();
         let mut peer = self.inner.peer.subscribe();
         tokio::select! {
+            biased;
             _ = stop.wait_for(|s| *s) => {}
             _ = peer.wait_for(|v| v.deposed.is_some()) => {}
         }
@@ -656,6 +660,7 @@ impl Primary {
         let mut peer = self.inner.peer.subscribe();
         let mut stop = self.inner.stop.subscribe();
         tokio::select! {
+            biased;
             r = peer.wait_for(|v| v.confirms(tag, durable) || v.deposed.is_some()) => {
                 let v = r.map_err(|_| ReplError::Stopped("primary shut down".into()))?;
                 match &v.deposed {
@@ -677,6 +682,7 @@ async fn run_links(i: Arc<Inner>) {
             return;
         }
         let r = tokio::select! {
+            biased;
             r = one_link(&i) => r,
             _ = stop.wait_for(|s| *s) => {
                 // A verify pass waiting for the peer's checksums fails instead of hanging.
@@ -721,8 +727,9 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
     loop {
         if !first {
             tokio::select! {
-                _ = tokio::time::sleep(i.cfg.heartbeat) => {}
+                biased;
                 _ = stop.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(i.cfg.heartbeat) => {}
             }
         }
         first = false;
@@ -846,12 +853,13 @@ async fn one_link(i: &Arc<Inner>) -> Result<()> {
     let mut resync_done = false;
     loop {
         tokio::select! {
+            biased;
+            r = &mut writer.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
+            r = &mut reader.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
             r = &mut resync, if !resync_done => {
                 resync_done = true;
                 r?;
             }
-            r = &mut writer.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
-            r = &mut reader.0 => return r.map_err(|e| ReplError::Stopped(e.to_string()))?,
         }
     }
 }
@@ -1215,11 +1223,10 @@ async fn verify_windows(i: &Inner, link_gen: u64, repair: bool) -> Result<Verify
 async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::Receiver<Out>) -> Result<()> {
     let mut tick = tokio::time::interval(i.cfg.heartbeat);
     loop {
+        // Biased (reproducible in the simulation), heartbeat first: it is ready once a period, so it
+        // never starves the frames, while a steady stream of frames would starve it the other way.
         let out = tokio::select! {
-            out = rx.recv() => match out {
-                Some(out) => out,
-                None => return Err(ReplError::Stopped("link closed".into())),
-            },
+            biased;
             _ = tick.tick() => {
                 let nonce = i.next_nonce.fetch_add(1, Ordering::Relaxed) + 1;
                 let floor = floor_tag(&i);
@@ -1227,6 +1234,10 @@ async fn write_loop(i: Arc<Inner>, mut wr: crate::net::WritePart, mut rx: mpsc::
                 write_frame(&mut wr, &Frame::Ping { epoch, nonce, floor }).await?;
                 continue;
             }
+            out = rx.recv() => match out {
+                Some(out) => out,
+                None => return Err(ReplError::Stopped("link closed".into())),
+            },
         };
         match out {
             Out::Frame(f) => {
@@ -1325,8 +1336,9 @@ async fn run_floor(i: Arc<Inner>, mut floor: u64) {
     let mut stop = i.stop.subscribe();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FLOOR_PERIOD) => {}
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(FLOOR_PERIOD) => {}
         }
         let f = floor_tag(&i);
         if f > floor {

@@ -13,7 +13,9 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -160,8 +162,9 @@ async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
     let mut stopped = i.stop.subscribe();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => Some(a),
+            biased;
             _ = stopped.wait_for(|s| *s) => None,
+            a = listener.accept() => Some(a),
         };
         let Some(accepted) = accepted else {
             if let Some((task, stop)) = current.take() {

@@ -167,18 +167,21 @@ async fn pump(
 ) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
+        // Biased: the simulation must replay the same schedule for the same seed.
         let n = tokio::select! {
+            biased;
+            _ = kill.wait_for(|k| *k) => return,
             r = from.read(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             },
-            _ = kill.wait_for(|k| *k) => return,
         };
         let d = net.delay();
         if !d.is_zero() {
             tokio::select! {
-                _ = tokio::time::sleep(d) => {}
+                biased;
                 _ = kill.wait_for(|k| *k) => return,
+                _ = tokio::time::sleep(d) => {}
             }
         }
         if *kill.borrow() || to.write_all(&buf[..n]).await.is_err() {

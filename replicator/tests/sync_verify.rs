@@ -8,7 +8,9 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use syncblock_engine::{Store, BLOCK_BYTES};
