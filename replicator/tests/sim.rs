@@ -159,9 +159,17 @@ struct World {
     witness_state: std::path::PathBuf,
     witness_task: Option<tokio::task::JoinHandle<()>>,
     policy: Policy,
+    /// Seeds each disk's completion order: the run's seed and a count of opens.
+    seed: u64,
+    opens: u64,
 }
 
 impl World {
+    async fn open(&mut self, i: usize) -> syncblock_engine::Result<Store> {
+        self.opens += 1;
+        open(&self.nodes[i].disk, self.seed ^ (self.opens << 32)).await
+    }
+
     fn cfg(&self, i: usize) -> NodeConfig {
         let me = &self.nodes[i];
         let peer = &self.nodes[1 - i];
@@ -199,7 +207,7 @@ impl World {
 
     async fn start_node(&mut self, i: usize) {
         if self.nodes[i].store.is_none() {
-            let store = open(&self.nodes[i].disk).await.unwrap();
+            let store = self.open(i).await.unwrap();
             self.nodes[i].store = Some(store);
         }
         let store = self.nodes[i].store.clone().unwrap();
@@ -238,10 +246,14 @@ impl World {
     }
 }
 
-/// Opens (recovers) a simulated disk's store, its engine a task on this runtime.
-async fn open(disk: &Arc<Mutex<SimDisk>>) -> syncblock_engine::Result<Store> {
+/// Opens (recovers) a simulated disk's store, its engine a task on this runtime. The disk completes
+/// what is queued in an order drawn from `seed`, a random part at a time (log writes, checkpoint
+/// writes and syncs overtake one another). It takes no virtual time, so a power cut finds nothing
+/// in flight; what it tests is which completed writes were made durable (`SimDisk::crash_image`
+/// loses, keeps or tears every write not covered by a sync).
+async fn open(disk: &Arc<Mutex<SimDisk>>, seed: u64) -> syncblock_engine::Result<Store> {
     let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-    Store::open_device_async(Box::new(SimDevice::new(disk.clone())), cfg, "sim").await
+    Store::open_device_async(Box::new(SimDevice::new(disk.clone()).with_reordering(seed)), cfg, "sim").await
 }
 
 async fn image_of(store: &Store) -> Option<Vec<u64>> {
@@ -278,11 +290,13 @@ async fn run_seed(seed: u64) -> Result<String, String> {
         witness_state: dir.path().join("witness.state"),
         witness_task: None,
         policy,
+        seed,
+        opens: 0,
     };
-    for n in &mut world.nodes {
-        let store = open(&n.disk).await.unwrap();
+    for i in 0..2 {
+        let store = world.open(i).await.unwrap();
         store.create_volume("v", VOL_BYTES).await.unwrap();
-        n.store = Some(store);
+        world.nodes[i].store = Some(store);
     }
     world.start_witness().await;
     world.start_node(1).await;
@@ -419,7 +433,8 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 model.lock().unwrap().power_cut();
                 power_cuts += 1;
                 // A recovered secondary is a prefix (if it was consistent).
-                let store = open(&w.nodes[i].disk)
+                let store = w
+                    .open(i)
                     .await
                     .map_err(|e| format!("seed {seed}: {name} does not reopen after a power cut: {e}"))?;
                 if was_secondary && consistent_after_recovery(&store).await {
