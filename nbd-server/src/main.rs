@@ -396,11 +396,13 @@ async fn pair(
     admin: Option<SocketAddr>,
 ) -> Result<()> {
     let timeout = std::time::Duration::from_millis(DEFAULT_REPL_TIMEOUT_MS);
+    let state_path = data_dir.join("witness.state");
+    reseed_pair_witness(&a, &state_path).await?;
     let wl = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the witness port")?;
     let witness = wl.local_addr()?;
     let witness_task = tokio::spawn(syncblock_replicator::witness::run(
         syncblock_replicator::net::tcp_listener(wl),
-        data_dir.join("witness.state"),
+        state_path,
         timeout,
     ));
     println!("witness (in-process) on {witness}");
@@ -446,6 +448,33 @@ async fn pair(
     sec.stop().await;
     witness_task.abort();
     res
+}
+
+/// A pair whose stores have history but whose witness has no state file (deleted, or the stores
+/// predate the pair's witness): the witness would refuse the primary a new epoch ("nothing
+/// registered"), and the pair would come up with no primary. This process owns both nodes and the
+/// witness, so it knows the truth the witness lost: the primary store's node is the primary, in
+/// its recorded epoch. (A standalone `syncblock witness` that loses its state never guesses: an
+/// operator decides, with `syncblock promote --force`.)
+async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
+    if state_path.exists() {
+        return Ok(());
+    }
+    let Ok(v) = primary.volume(DEFAULT_VOLUME).await else { return Ok(()) };
+    let Some(st) = syncblock_replicator::ReplState::decode(&v.attr) else { return Ok(()) };
+    if st.epoch == 0 || st.role != syncblock_replicator::Role::Primary {
+        return Ok(());
+    }
+    let record = syncblock_replicator::witness::Record { epoch: st.epoch, primary: "primary".into(), solo: false };
+    let records = std::collections::BTreeMap::from([(DEFAULT_VOLUME.to_string(), record)]);
+    syncblock_replicator::witness::save(state_path, &records)
+        .with_context(|| format!("writing the witness state {}", state_path.display()))?;
+    tracing::warn!(
+        "the pair's witness had no state; recorded the primary store's epoch {} in {}",
+        st.epoch,
+        state_path.display()
+    );
+    Ok(())
 }
 
 fn repl_config(

@@ -159,11 +159,33 @@ fn the_readme_pair_mirrors_to_its_secondary_store_with_epochs_from_its_witness()
     ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc4 3M 1M", "-c", "flush", &uri]);
     pair.stop();
 
+    // Without its witness's state (deleted, or stores from before the pair had a witness), the
+    // pair still comes up with its primary, not as two secondaries.
+    std::fs::remove_file(dir.path().join("witness.state")).unwrap();
+    let pair = syncblock(&dir.path().join("pair.log"), &pair_args);
+    let uri = nbd_uri(&pair);
+    let st = status(&admin);
+    assert!(st.contains("\"role\":\"primary\"") && json_u64(&st, "epoch") > epoch, "{st}");
+    ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0xc5 5M 1M", "-c", "flush", &uri]);
+    pair.stop();
+
     let solo = serve(&dir.path().join("pair-secondary.img"), &["--listen=127.0.0.1:0"]);
     let uri = nbd_uri(&solo);
     let out = ok(
         "qemu-io",
-        &["-f", "raw", "-c", "read -P 0xc3 1M 2M", "-c", "read -P 0xc4 3M 1M", "-c", "read -P 0 0 1M", &uri],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xc3 1M 2M",
+            "-c",
+            "read -P 0xc4 3M 1M",
+            "-c",
+            "read -P 0xc5 5M 1M",
+            "-c",
+            "read -P 0 0 1M",
+            &uri,
+        ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     solo.stop();
