@@ -388,6 +388,15 @@ impl ServeSettings {
                 return Err(ConfigError::DuplicateReplication(name));
             }
             r.check(&name)?;
+            if let Some((other, _)) = out.iter().find(|(_, o)| o.listen.is_some() && o.listen == r.listen) {
+                return Err(ConfigError::BadReplication {
+                    volume: name,
+                    problem: format!(
+                        "listens on {} like volume {other:?}; each replicated volume needs a replication port of its own",
+                        r.listen.expect("checked")
+                    ),
+                });
+            }
             out.push((name, r.clone()));
         }
         Ok(out)
@@ -509,6 +518,14 @@ auto_failover = false
         let s = file.overridden_by(flags).resolve();
         let err = s.replicated_volumes(Some("db")).unwrap_err();
         assert!(matches!(err, ConfigError::DuplicateReplication(ref n) if n == "db"), "{err}");
+    }
+
+    #[test]
+    fn two_replicated_volumes_on_one_port_are_refused() {
+        let text = "[[volume]]\nname = \"a\"\nsize = \"1G\"\nreplicate = { role = \"secondary\", listen = \"127.0.0.1:7000\" }\n\
+                    [[volume]]\nname = \"b\"\nsize = \"1G\"\nreplicate = { role = \"secondary\", listen = \"127.0.0.1:7000\" }\n";
+        let err = parse(text).unwrap().resolve().replicated_volumes(None).unwrap_err().to_string();
+        assert!(err.contains("\"b\"") && err.contains("like volume \"a\"") && err.contains("port of its own"), "{err}");
     }
 
     #[test]

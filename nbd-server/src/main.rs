@@ -691,7 +691,13 @@ async fn admin_answer(nodes: &[syncblock_replicator::Node], line: &str) -> Strin
     if cmd == "status" {
         let mut out = Vec::new();
         for n in chosen {
-            out.push(n.status().await.to_json());
+            out.push(match n.status().await {
+                // Between roles (or stopping): still say which volume.
+                syncblock_replicator::NodeStatus::Stopped => {
+                    format!("{{\"role\":\"stopped\",\"volume\":{:?}}}", n.volume())
+                }
+                st => st.to_json(),
+            });
         }
         return out.join("\n");
     }
