@@ -65,6 +65,12 @@ pub trait Device: Send + 'static {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// A simulated device with latency: when the ops it holds may complete, on the event loop's
+    /// clock (Tokio's, virtual in a simulation). Until then `wait` and `poll` complete nothing, and
+    /// the event loop sleeps until that instant (or a new request). `None`: no such wait.
+    fn ready_at(&self) -> Option<tokio::time::Instant> {
+        None
+    }
 }
 
 /// Runs one op to completion, blocking. Used at open time, when nothing else is in flight.

@@ -146,12 +146,43 @@ pub struct SimDevice {
     done: VecDeque<Completion>,
     reorder: Option<Rng>,
     len: u64,
+    /// With latency: the longest an op takes, the draw of each wait's delay, and when the ops
+    /// queued now may complete.
+    latency: Option<(std::time::Duration, Rng)>,
+    ready_at: Option<tokio::time::Instant>,
 }
 
 impl SimDevice {
     pub fn new(disk: Arc<Mutex<SimDisk>>) -> SimDevice {
         let len = disk.lock().expect("sim disk").written.len() as u64;
-        SimDevice { disk, queued: Vec::new(), done: VecDeque::new(), reorder: None, len }
+        SimDevice { disk, queued: Vec::new(), done: VecDeque::new(), reorder: None, len, latency: None, ready_at: None }
+    }
+
+    /// Ops take up to `max` (drawn from `seed`) on the event loop's clock, so that other tasks run
+    /// while they are in flight, and a crash taken meanwhile finds them not yet written. Needs the
+    /// store's engine on a Tokio runtime with time enabled.
+    pub fn with_latency(mut self, max: std::time::Duration, seed: u64) -> SimDevice {
+        self.latency = Some((max, Rng::new(seed)));
+        self
+    }
+
+    /// Whether queued ops may execute now; sets their ready time when they are first waited for.
+    fn due(&mut self) -> bool {
+        let Some((max, rng)) = &mut self.latency else { return true };
+        if self.queued.is_empty() {
+            self.ready_at = None;
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        let at = *self.ready_at.get_or_insert_with(|| {
+            let us = max.as_micros() as u64;
+            now + std::time::Duration::from_micros(us / 4 + rng.below(us - us / 4 + 1))
+        });
+        if now < at {
+            return false;
+        }
+        self.ready_at = None;
+        true
     }
 
     /// Executes the ops queued at each `wait` in an order chosen by `seed`.
@@ -222,6 +253,34 @@ impl Device for SimDevice {
     }
 
     fn wait(&mut self) -> io::Result<()> {
+        // Blocking callers (recovery at open time) cannot let virtual time pass: for them the
+        // latency is zero. The event loop reaches ops through `poll`, which honours it.
+        self.ready_at = None;
+        self.execute_queued()
+    }
+
+    fn pop_completion(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+
+    fn poll(&mut self) -> io::Result<()> {
+        if !self.due() {
+            return Ok(());
+        }
+        self.execute_queued()
+    }
+
+    fn ready_at(&self) -> Option<tokio::time::Instant> {
+        if self.queued.is_empty() || !self.done.is_empty() {
+            return None;
+        }
+        self.ready_at
+    }
+}
+
+impl SimDevice {
+    /// Executes the queued ops (a random part of them, in random order, with reordering).
+    fn execute_queued(&mut self) -> io::Result<()> {
         if !self.done.is_empty() || self.queued.is_empty() {
             return Ok(());
         }
@@ -240,14 +299,5 @@ impl Device for SimDevice {
             self.done.push_back(c);
         }
         Ok(())
-    }
-
-    fn pop_completion(&mut self) -> Option<Completion> {
-        self.done.pop_front()
-    }
-
-    fn poll(&mut self) -> io::Result<()> {
-        // Ops complete when waited for, and waiting never sleeps while any is queued.
-        self.wait()
     }
 }

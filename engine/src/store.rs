@@ -212,6 +212,7 @@ impl Store {
             Driver::Thread => {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_io()
+                    .enable_time()
                     .build()
                     .map_err(|e| Error::io("starting the engine thread's event loop", e))?;
                 let handle = std::thread::Builder::new()
@@ -645,6 +646,13 @@ async fn drive(mut core: Core, mut device: Box<dyn Device>, inner: Arc<Inner>) {
                     }
                     false
                 }
+            }
+        } else if let Some(at) = device.ready_at() {
+            // A simulated device with latency: its I/O takes time on this runtime's clock.
+            tokio::select! {
+                biased;
+                () = inner.wake.notified() => true,
+                () = tokio::time::sleep_until(at) => false,
             }
         } else {
             if let Err(e) = device.wait() {

@@ -190,3 +190,45 @@ fn engine_on_the_callers_runtime_serves_closes_and_stops_when_dropped() {
     };
     reopened.close().unwrap();
 }
+
+/// A simulated device with latency, on a virtual clock: a write takes virtual time, other tasks run
+/// meanwhile, and a crash image taken while it is in flight does not hold it.
+#[test]
+fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write() {
+    use std::time::Duration;
+    use syncblock_engine::sim::{SimDevice, SimDisk};
+    let disk = sim_disk(64 << 20, 1 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    rt.block_on(async {
+        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_micros(400), 7);
+        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let vol = store.create_volume("v", 16 << 20).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), true).await.unwrap();
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_micros(100), "a FUA write took {took:?} of virtual time");
+
+        // A write in flight: the task that issued it waits; a crash image now lacks it.
+        let (s2, id) = (store.clone(), vol.id);
+        let w = tokio::spawn(async move { s2.write(id, 4096, Bytes::from(pattern(2, BLOCK_BYTES)), true).await });
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert!(!w.is_finished(), "the write completed without virtual time passing");
+        let image = {
+            let d = disk.lock().unwrap();
+            d.crash_image(d.n_ops(), 1)
+        };
+        w.await.unwrap().unwrap();
+        let crashed = SimDisk::new(image);
+        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let reopened = Store::open_device_async(Box::new(SimDevice::new(crashed)), cfg, "sim").await.unwrap();
+        let v = reopened.volume("v").await.unwrap();
+        let first = reopened.read(v.id, 0, BLOCK_BYTES as u64).await.unwrap();
+        assert_eq!(&first[..], &pattern(1, BLOCK_BYTES)[..], "the durable write survives");
+        let second = reopened.read(v.id, 4096, BLOCK_BYTES as u64).await.unwrap();
+        assert!(second.iter().all(|b| *b == 0), "the write in flight at the crash is not there");
+        drop(reopened);
+        drop(store);
+    });
+}

@@ -246,14 +246,16 @@ impl World {
     }
 }
 
-/// Opens (recovers) a simulated disk's store, its engine a task on this runtime. The disk completes
-/// what is queued in an order drawn from `seed`, a random part at a time (log writes, checkpoint
-/// writes and syncs overtake one another). It takes no virtual time, so a power cut finds nothing
-/// in flight; what it tests is which completed writes were made durable (`SimDisk::crash_image`
-/// loses, keeps or tears every write not covered by a sync).
+/// Opens (recovers) a simulated disk's store, its engine a task on this runtime. The disk takes
+/// 50–200 virtual µs per wait (drawn from `seed`), so writes are in flight while other tasks run
+/// and a power cut can come before they reach the disk, and then completes what is queued in a
+/// seeded order, a random part at a time (log writes, checkpoint writes and syncs overtake one
+/// another). `SimDisk::crash_image` loses, keeps or tears every completed write not covered by a
+/// sync.
 async fn open(disk: &Arc<Mutex<SimDisk>>, seed: u64) -> syncblock_engine::Result<Store> {
     let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-    Store::open_device_async(Box::new(SimDevice::new(disk.clone()).with_reordering(seed)), cfg, "sim").await
+    let dev = SimDevice::new(disk.clone()).with_reordering(seed).with_latency(Duration::from_micros(200), seed ^ 0x1a7);
+    Store::open_device_async(Box::new(dev), cfg, "sim").await
 }
 
 async fn image_of(store: &Store) -> Option<Vec<u64>> {
