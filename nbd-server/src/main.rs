@@ -518,11 +518,27 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
         list = store.list_volumes().await?;
     }
     let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
-    let mut replicated = std::collections::HashMap::new();
+    // Every node started is stopped on the way out, also when a later one fails to start.
     let mut nodes = Vec::new();
-    let to_replicate = settings.replicated_volumes(default_export.as_deref())?;
+    let res = match start_replication(&store, &settings, default_export.as_deref(), &mut nodes).await {
+        Ok(replicated) => serve_nbd(store, &list, listen, unix, default_export, read_only, replicated).await,
+        Err(e) => Err(e),
+    };
+    stop_all(&nodes).await;
+    res
+}
+
+/// Starts a replication node for each replicated volume (pushed to `nodes` as it starts) and the
+/// admin endpoint; returns the nodes by volume, for the NBD server.
+async fn start_replication(
+    store: &Store,
+    settings: &ServeSettings,
+    default_export: Option<&str>,
+    nodes: &mut Vec<syncblock_replicator::Node>,
+) -> Result<std::collections::HashMap<syncblock_engine::VolumeId, syncblock_replicator::Node>> {
+    let mut replicated = std::collections::HashMap::new();
     let timeout = std::time::Duration::from_millis(settings.repl_timeout_ms);
-    for (name, r) in to_replicate {
+    for (name, r) in settings.replicated_volumes(default_export)? {
         let unset: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let ncfg = syncblock_replicator::NodeConfig {
             volume: name.clone(),
@@ -535,26 +551,18 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
             ReplRole::Primary => syncblock_replicator::Role::Primary,
             ReplRole::Secondary => syncblock_replicator::Role::Secondary,
         };
-        let vol = match store.volume(&name).await {
-            Ok(v) => v,
-            Err(e) => {
-                stop_all(&nodes).await;
-                return Err(e).with_context(|| format!("volume {name} to replicate; likely cause: a typo in --replicate or the config file, or the volume was never created (add it with --volume {name}:SIZE)"));
-            }
-        };
-        let n = match syncblock_replicator::Node::start(store.clone(), ncfg, initial).await {
-            Ok(n) => n,
-            Err(e) => {
-                stop_all(&nodes).await;
-                return Err(e).with_context(|| format!("starting replication of {name}"));
-            }
-        };
+        let vol = store.volume(&name).await.with_context(|| {
+            format!("volume {name} to replicate; likely cause: a typo in --replicate or the config file, or the volume was never created (add it with --volume {name}:SIZE)")
+        })?;
+        let n = syncblock_replicator::Node::start(store.clone(), ncfg, initial)
+            .await
+            .with_context(|| format!("starting replication of {name}"))?;
+        nodes.push(n.clone());
         match n.repl_addr() {
             Some(at) => println!("replicating {name} as secondary on {at}"),
             None => println!("replicating {name} as primary to {}", r.peer.unwrap_or(unset)),
         }
-        replicated.insert(vol.id, n.clone());
-        nodes.push(n);
+        replicated.insert(vol.id, n);
     }
     if let Some(at) = settings.admin {
         if nodes.is_empty() {
@@ -562,20 +570,12 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
                 "--admin without a replicated volume: the admin endpoint serves replication only; not started"
             );
         } else {
-            let l = match tokio::net::TcpListener::bind(at).await {
-                Ok(l) => l,
-                Err(e) => {
-                    stop_all(&nodes).await;
-                    return Err(e).with_context(|| format!("admin endpoint {at}"));
-                }
-            };
+            let l = tokio::net::TcpListener::bind(at).await.with_context(|| format!("admin endpoint {at}"))?;
             println!("admin endpoint on {}", l.local_addr()?);
             tokio::spawn(admin_loop(l, nodes.clone()));
         }
     }
-    let res = serve_nbd(store, &list, listen, unix, default_export, read_only, replicated).await;
-    stop_all(&nodes).await;
-    res
+    Ok(replicated)
 }
 
 async fn stop_all(nodes: &[syncblock_replicator::Node]) {
