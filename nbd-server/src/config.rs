@@ -120,8 +120,10 @@ impl ReplVolume {
     }
 }
 
-/// This node's replication settings, shared by its replicated volumes. `None`: not given here.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// This node's replication settings, shared by its replicated volumes (the file's
+/// `[replication]` table). `None`: not given here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplNodeOptions {
     pub node: Option<String>,
     pub witness: Option<SocketAddr>,
@@ -195,7 +197,7 @@ struct File {
     default_export: Option<String>,
     #[serde(default)]
     volume: Vec<FileVolume>,
-    replication: Option<FileReplication>,
+    replication: Option<ReplNodeOptions>,
 }
 
 #[derive(Deserialize)]
@@ -206,15 +208,6 @@ struct FileVolume {
     #[serde(default)]
     read_only: bool,
     replicate: Option<FileReplicate>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileReplication {
-    node: Option<String>,
-    witness: Option<SocketAddr>,
-    timeout_ms: Option<u64>,
-    admin: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -273,10 +266,7 @@ impl ServeOptions {
             volumes: Vec::new(),
             read_only: Vec::new(),
             replicate: Vec::new(),
-            replication: file
-                .replication
-                .map(|r| ReplNodeOptions { node: r.node, witness: r.witness, timeout_ms: r.timeout_ms, admin: r.admin })
-                .unwrap_or_default(),
+            replication: file.replication.unwrap_or_default(),
         };
         for v in file.volume {
             if opts.volumes.iter().any(|o| o.name == v.name) {
