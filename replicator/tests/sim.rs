@@ -592,7 +592,8 @@ fn seeded_faults_never_lose_acknowledged_durable_writes_nor_break_prefix_consist
     init_tracing();
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
         Ok(s) => vec![s.parse().unwrap()],
-        Err(_) => (1..=std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10)).collect(),
+        // 40 by default: about 0.5 s each (debug build), so every test run covers 40 fault schedules.
+        Err(_) => (1..=std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40)).collect(),
     };
     let mut failures = Vec::new();
     for seed in seeds {
