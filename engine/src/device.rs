@@ -66,8 +66,9 @@ pub trait Device: Send + 'static {
         None
     }
     /// A simulated device with latency: when the ops it holds may complete, on the event loop's
-    /// clock (Tokio's, virtual in a simulation). Until then `wait` and `poll` complete nothing, and
-    /// the event loop sleeps until that instant (or a new request). `None`: no such wait.
+    /// clock (Tokio's, virtual in a simulation). Until then `poll` completes nothing, and the event
+    /// loop sleeps until that instant (or a new request); `wait`, a blocking call, ignores the
+    /// latency. `None`: no such wait.
     fn ready_at(&self) -> Option<tokio::time::Instant> {
         None
     }

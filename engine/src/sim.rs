@@ -185,6 +185,28 @@ impl SimDevice {
         true
     }
 
+    /// Executes the queued ops (a random part of them, in random order, with reordering).
+    fn execute_queued(&mut self) -> io::Result<()> {
+        if !self.done.is_empty() || self.queued.is_empty() {
+            return Ok(());
+        }
+        let mut ops = std::mem::take(&mut self.queued);
+        if let Some(rng) = &mut self.reorder {
+            // Complete a random non-empty subset, in random order; the rest stay in flight.
+            for i in (1..ops.len()).rev() {
+                let j = rng.below(i as u64 + 1) as usize;
+                ops.swap(i, j);
+            }
+            let keep = rng.below(ops.len() as u64) as usize;
+            self.queued = ops.split_off(ops.len() - keep);
+        }
+        for op in ops {
+            let c = self.execute(op);
+            self.done.push_back(c);
+        }
+        Ok(())
+    }
+
     /// Executes the ops queued at each `wait` in an order chosen by `seed`.
     pub fn with_reordering(mut self, seed: u64) -> SimDevice {
         self.reorder = Some(Rng::new(seed));
@@ -275,29 +297,5 @@ impl Device for SimDevice {
             return None;
         }
         self.ready_at
-    }
-}
-
-impl SimDevice {
-    /// Executes the queued ops (a random part of them, in random order, with reordering).
-    fn execute_queued(&mut self) -> io::Result<()> {
-        if !self.done.is_empty() || self.queued.is_empty() {
-            return Ok(());
-        }
-        let mut ops = std::mem::take(&mut self.queued);
-        if let Some(rng) = &mut self.reorder {
-            // Complete a random non-empty subset, in random order; the rest stay in flight.
-            for i in (1..ops.len()).rev() {
-                let j = rng.below(i as u64 + 1) as usize;
-                ops.swap(i, j);
-            }
-            let keep = rng.below(ops.len() as u64) as usize;
-            self.queued = ops.split_off(ops.len() - keep);
-        }
-        for op in ops {
-            let c = self.execute(op);
-            self.done.push_back(c);
-        }
-        Ok(())
     }
 }
