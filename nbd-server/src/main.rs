@@ -14,6 +14,8 @@ use syncblock_nbd::size::{format_size, parse_size};
 use syncblock_nbd::{Listener, ServerConfig};
 
 const DEFAULT_VOLUME: &str = "default";
+/// The primary's node name in `syncblock pair`: what its witness records as the primary.
+const PAIR_PRIMARY_NODE: &str = "primary";
 
 #[derive(Parser, Debug)]
 #[command(name = "syncblock", version, about = "Crash-safe block store exported over NBD")]
@@ -297,43 +299,23 @@ fn main() -> Result<()> {
             })
         }
         Command::Status { admin, volume } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, &admin_line("status", volume), ADMIN_TIMEOUT))?;
-            println!("{out}");
-            Ok(())
+            admin_command(admin, &admin_line("status", volume), ADMIN_TIMEOUT, None).map(drop)
         }
         Command::Verify { admin, repair, volume } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let cmd = admin_line(if repair { "verify repair" } else { "verify" }, volume);
             // A pass reads only checksums, but a large volume still takes a while.
-            let out = rt.block_on(admin_call(admin, &cmd, VERIFY_TIMEOUT))?;
-            println!("{out}");
-            if out.contains("\"ok\":false") {
-                bail!("verify failed");
-            }
+            let out = admin_command(admin, &cmd, VERIFY_TIMEOUT, Some("verify failed"))?;
             if !out.contains("\"blocks_differing\":0,") && !repair {
                 bail!("the replicas differ (see the ranges above); `syncblock verify --repair` rewrites them from the primary");
             }
             Ok(())
         }
         Command::Promote { admin, force, volume } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let cmd = admin_line(if force { "promote force" } else { "promote" }, volume);
-            let out = rt.block_on(admin_call(admin, &cmd, ADMIN_TIMEOUT))?;
-            println!("{out}");
-            if out.contains("\"ok\":false") {
-                bail!("promotion refused");
-            }
-            Ok(())
+            admin_command(admin, &cmd, ADMIN_TIMEOUT, Some("promotion refused")).map(drop)
         }
         Command::Demote { admin, volume } => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let out = rt.block_on(admin_call(admin, &admin_line("demote", volume), ADMIN_TIMEOUT))?;
-            println!("{out}");
-            if out.contains("\"ok\":false") {
-                bail!("demotion failed");
-            }
-            Ok(())
+            admin_command(admin, &admin_line("demote", volume), ADMIN_TIMEOUT, Some("demotion failed")).map(drop)
         }
         Command::Volume { command } => {
             let store =
@@ -443,7 +425,7 @@ async fn pair(
         ..ServeOptions::default()
     };
     opts.replication =
-        ReplNodeOptions { node: Some("primary".into()), witness: Some(witness), timeout_ms: None, admin };
+        ReplNodeOptions { node: Some(PAIR_PRIMARY_NODE.into()), witness: Some(witness), timeout_ms: None, admin };
     let res = serve(a, opts.resolve()).await;
     sec.stop().await;
     witness_task.abort();
@@ -465,7 +447,8 @@ async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
     if st.epoch == 0 || st.role != syncblock_replicator::Role::Primary {
         return Ok(());
     }
-    let record = syncblock_replicator::witness::Record { epoch: st.epoch, primary: "primary".into(), solo: false };
+    let record =
+        syncblock_replicator::witness::Record { epoch: st.epoch, primary: PAIR_PRIMARY_NODE.into(), solo: false };
     let records = std::collections::BTreeMap::from([(DEFAULT_VOLUME.to_string(), record)]);
     syncblock_replicator::witness::save(state_path, &records)
         .with_context(|| format!("writing the witness state {}", state_path.display()))?;
@@ -691,13 +674,7 @@ async fn admin_answer(nodes: &[syncblock_replicator::Node], line: &str) -> Strin
     if cmd == "status" {
         let mut out = Vec::new();
         for n in chosen {
-            out.push(match n.status().await {
-                // Between roles (or stopping): still say which volume.
-                syncblock_replicator::NodeStatus::Stopped => {
-                    format!("{{\"role\":\"stopped\",\"volume\":{:?}}}", n.volume())
-                }
-                st => st.to_json(),
-            });
+            out.push(n.status().await.to_json());
         }
         return out.join("\n");
     }
@@ -722,6 +699,18 @@ async fn admin_answer(nodes: &[syncblock_replicator::Node], line: &str) -> Strin
         },
         other => err(format!("unknown command {other:?}")),
     }
+}
+
+/// Sends one admin command from the CLI, prints the answer and returns it; with `refused`, an
+/// answer saying `"ok":false` is that error.
+fn admin_command(admin: SocketAddr, line: &str, timeout: std::time::Duration, refused: Option<&str>) -> Result<String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let out = rt.block_on(admin_call(admin, line, timeout))?;
+    println!("{out}");
+    if let Some(what) = refused.filter(|_| out.contains("\"ok\":false")) {
+        bail!("{what}");
+    }
+    Ok(out)
 }
 
 /// Sends one admin command and returns the answer line.

@@ -72,7 +72,10 @@ impl std::fmt::Debug for Node {
 pub enum NodeStatus {
     Primary(PrimaryStatus),
     Secondary(SecondaryStatus),
-    Stopped,
+    /// Between roles, or stopping.
+    Stopped {
+        volume: String,
+    },
 }
 
 impl NodeStatus {
@@ -129,7 +132,7 @@ impl NodeStatus {
                 x.durable,
                 s(&x.last_error),
             ),
-            NodeStatus::Stopped => "{\"role\":\"stopped\"}".into(),
+            NodeStatus::Stopped { volume } => format!("{{\"role\":\"stopped\",\"volume\":{volume:?}}}"),
         }
     }
 }
@@ -240,7 +243,7 @@ impl Node {
         match cur {
             Ok(p) => NodeStatus::Primary(p.status().await),
             Err(Some(s)) => NodeStatus::Secondary(s),
-            Err(None) => NodeStatus::Stopped,
+            Err(None) => NodeStatus::Stopped { volume: self.inner.cfg.volume.clone() },
         }
     }
 
