@@ -54,6 +54,15 @@ pub const MAX_IO_BYTES: u64 = 32 << 20;
 
 /// Most blocks the cleaner adds to one batch, so that foreground writes always get at least half of
 /// every batch while the cleaner runs.
+/// Write-back answers a write once it is queued only while at most this many user blocks (16 MiB)
+/// are queued and not yet written; beyond it, writes are answered when written, which paces a
+/// client to the disk. The figure bounds what a crash of the process can lose of writes that were
+/// answered but not flushed (NBD promises nothing for those) and the memory they pin. 16 MiB is
+/// four full batches in flight (the default `max_inflight_batches`) and three times as many
+/// queued behind them: enough that a sequential writer with 8 MiB in flight never waits on it,
+/// and well under a second of this disk's sequential bandwidth.
+pub const WRITE_BACK_MAX_BLOCKS: u64 = 4096;
+
 const GC_BLOCKS_PER_BATCH_MAX: usize = MAX_BATCH_BLOCKS as usize / 2;
 
 /// Most blocks one [`Request::BlockCrcs`] may cover: 256 MiB of volume, a 512 KiB answer. A
@@ -115,6 +124,8 @@ pub struct Stats {
     pub syncs: u64,
     /// Batches made durable by their own (FUA) write instead of an fdatasync.
     pub durable_writes: u64,
+    /// Writes answered before their log write (write-back).
+    pub write_back_acks: u64,
     pub checkpoints: u64,
     pub checkpoint_bytes_last: u64,
     pub segments_cleaned: u64,
@@ -142,6 +153,9 @@ pub enum Request {
         data: Bytes,
         fua: bool,
         tag: Tag,
+        /// May be answered once it is queued in the log, before it is written (write-back; see
+        /// [`WRITE_BACK_MAX_BLOCKS`]). Ignored with `fua`.
+        write_back: bool,
         reply: Reply<Written>,
     },
     Flush {
@@ -364,6 +378,8 @@ impl SegState {
 
 /// What happens when a writer's last batch is applied.
 enum Done {
+    /// Already answered (a write-back write); nobody waits any more.
+    Answered,
     Unit(Reply<()>),
     Write(Reply<Written>),
     Volume(Reply<VolumeInfo>, VolumeInfo),
@@ -375,6 +391,7 @@ impl Done {
         match result {
             Ok(()) => self.succeed(false),
             Err(e) => match self {
+                Done::Answered => {}
                 Done::Unit(r) => drop(r.send(Err(e))),
                 Done::Write(r) => drop(r.send(Err(e))),
                 Done::Volume(r, _) => drop(r.send(Err(e))),
@@ -385,6 +402,7 @@ impl Done {
     /// Answers a success; `durable`: the change (and everything queued before it) is durable.
     fn succeed(self, durable: bool) {
         match self {
+            Done::Answered => {}
             Done::Unit(r) => drop(r.send(Ok(()))),
             Done::Write(r) => drop(r.send(Ok(Written { durable }))),
             Done::Volume(r, info) => drop(r.send(Ok(info))),
@@ -437,6 +455,8 @@ struct WriteOp {
     tag: Tag,
     pieces: Vec<Piece>,
     durable: bool,
+    /// Answer once queued in the log if the write-back budget allows (see [`WRITE_BACK_MAX_BLOCKS`]).
+    write_back: bool,
     done: Done,
 }
 
@@ -475,6 +495,8 @@ struct Batch {
     want_durable: bool,
     /// Submitted as a durable write, with every earlier batch durable at that moment.
     durable_write: bool,
+    /// Blocks of user data (not cleaner copies) in it: counted in [`Core::unwritten_blocks`].
+    user_blocks: u64,
 }
 
 /// A block whose newest write has not been applied yet: reads and read-modify-writes see it.
@@ -582,6 +604,9 @@ pub struct Core {
     /// Sealed batches not yet handed to the device, in LSN order: (lsn, device offset, bytes).
     unsubmitted: VecDeque<(Lsn, u64, AlignedBuf)>,
     pending: HashMap<(VolumeId, u64), PendingBlock>,
+    /// User data blocks queued in the log but not yet written (open, unsubmitted and in-flight
+    /// batches): what write-back has at risk, bounded by [`WRITE_BACK_MAX_BLOCKS`].
+    unwritten_blocks: u64,
     pending_unmaps: Vec<(u64, VolumeId, u64, u64)>,
     /// Ordered, so that failing them all (`fail_everything`) answers in a reproducible order.
     waiters: BTreeMap<u64, Waiter>,
@@ -652,6 +677,7 @@ impl Core {
             batches: BTreeMap::new(),
             unsubmitted: VecDeque::new(),
             pending: HashMap::new(),
+            unwritten_blocks: 0,
             pending_unmaps: Vec::new(),
             waiters: BTreeMap::new(),
             next_waiter: 0,
@@ -868,7 +894,7 @@ impl Core {
     fn handle(&mut self, req: Request) {
         match req {
             Request::Read { volume, offset, len, reply } => self.handle_read(volume, offset, len, reply),
-            Request::Write { volume, offset, data, fua, tag, reply } => {
+            Request::Write { volume, offset, data, fua, tag, write_back, reply } => {
                 let len = data.len() as u64;
                 match self.check_write(volume, offset, len) {
                     Err(e) => {
@@ -879,7 +905,14 @@ impl Core {
                     }
                     Ok(()) => {
                         let pieces = split_write(offset, data);
-                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Write(reply) });
+                        self.start_write(WriteOp {
+                            volume,
+                            tag,
+                            pieces,
+                            durable: fua,
+                            write_back: write_back && !fua,
+                            done: Done::Write(reply),
+                        });
                     }
                 }
             }
@@ -892,7 +925,14 @@ impl Core {
                     let end = (offset + len) / BB;
                     let pieces =
                         if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
-                    self.start_write(WriteOp { volume, tag, pieces, durable: false, done: Done::Write(reply) });
+                    self.start_write(WriteOp {
+                        volume,
+                        tag,
+                        pieces,
+                        durable: false,
+                        write_back: false,
+                        done: Done::Write(reply),
+                    });
                 }
             },
             Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply } => {
@@ -902,7 +942,14 @@ impl Core {
                     }
                     Ok(()) => {
                         let pieces = split_zeroes(offset, len, may_trim);
-                        self.start_write(WriteOp { volume, tag, pieces, durable: fua, done: Done::Write(reply) });
+                        self.start_write(WriteOp {
+                            volume,
+                            tag,
+                            pieces,
+                            durable: fua,
+                            write_back: false,
+                            done: Done::Write(reply),
+                        });
                     }
                 }
             }
@@ -1268,6 +1315,7 @@ impl Core {
         if op.durable {
             self.commit_loop.note_flush();
         }
+        let write_back = op.write_back && !op.durable;
         let waiter = self.add_waiter(0, op.durable, op.done);
         let volume = op.volume;
         let tag = op.tag;
@@ -1299,6 +1347,14 @@ impl Core {
             } else {
                 w.done.send(Ok(()));
             }
+        } else if write_back && self.poisoned.is_none() && self.unwritten_blocks <= WRITE_BACK_MAX_BLOCKS {
+            // Write-back: the blocks are in the pending map (reads see them) and in a batch that
+            // any later flush waits for, so the answer can go now. Should the log write fail, the
+            // engine is poisoned and that flush fails: the client learns it at the flush, where
+            // NBD puts the promise.
+            let w = self.waiters.get_mut(&waiter).expect("waiter");
+            std::mem::replace(&mut w.done, Done::Answered).succeed(false);
+            self.stats.write_back_acks += 1;
         }
     }
 
@@ -1404,6 +1460,7 @@ impl Core {
         }
         b.crcs.push(crc);
         if copy.is_none() {
+            self.unwritten_blocks += 1;
             self.pending.insert((volume, lba), PendingBlock { batch_no: b.no, data: Some(data.clone()) });
             b.touched.push((volume, lba));
             if b.waiters.last() != Some(&waiter) {
@@ -1726,6 +1783,7 @@ impl Core {
         self.stats.user_blocks_written += (b.data.len() - b.gc_blocks) as u64;
         self.stats.gc_blocks_copied += b.gc_blocks as u64;
         self.stats.batches += 1;
+        let user_blocks = (b.data.len() - b.gc_blocks) as u64;
         for w in &b.waiters {
             if let Some(w) = self.waiters.get_mut(w) {
                 w.max_lsn = w.max_lsn.max(lsn);
@@ -1757,6 +1815,7 @@ impl Core {
                 gc_victim,
                 want_durable,
                 durable_write: false,
+                user_blocks,
             },
         );
         self.unsubmitted.push_back((lsn, offset, buf));
@@ -2096,6 +2155,7 @@ impl Core {
                 break;
             }
             let b = entry.remove();
+            self.unwritten_blocks -= b.user_blocks;
             let mut dead = Vec::new();
             if b.kind == RecordKind::Data {
                 self.state.apply_data(&b.entries, &b.crcs, b.first_data_phys, |s| dead.push(s));
@@ -2164,6 +2224,7 @@ impl Core {
         self.batches.clear();
         self.unsubmitted.clear();
         self.open_batch = None;
+        self.unwritten_blocks = 0;
         self.pending.clear();
         self.pending_unmaps.clear();
         for r in self.ckpt_waiters.drain(..) {
@@ -2657,6 +2718,7 @@ impl Core {
                 batches = st.batches,
                 syncs = st.syncs,
                 durable_writes = st.durable_writes,
+                write_back_acks = st.write_back_acks,
                 checkpoints = st.checkpoints,
                 write_amplification = format!("{:.2}", st.write_amplification()),
                 segments_cleaned = st.segments_cleaned,

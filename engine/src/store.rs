@@ -279,7 +279,16 @@ impl Store {
         fua: bool,
         tag: Tag,
     ) -> Result<Pending<Written>> {
-        self.enqueue(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await
+        self.enqueue(data.len() as u64, |reply| Request::Write {
+            volume,
+            offset,
+            data,
+            fua,
+            tag,
+            write_back: false,
+            reply,
+        })
+        .await
     }
 
     pub async fn enqueue_trim(&self, volume: VolumeId, offset: u64, len: u64, tag: Tag) -> Result<Pending<Written>> {
@@ -335,7 +344,37 @@ impl Store {
     /// Writes `data` at `offset`. With `fua`, returns only once the data is durable.
     pub async fn write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
         let tag = Tag::NONE;
-        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, reply }).await.map(drop)
+        self.call(data.len() as u64, |reply| Request::Write {
+            volume,
+            offset,
+            data,
+            fua,
+            tag,
+            write_back: false,
+            reply,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// A write that may be answered once it is queued in the log, before it reaches the disk
+    /// (write-back, as a disk's volatile cache does): reads see it at once, and any flush (or FUA
+    /// write) queued after it makes it durable or fails. A crash of the process before then may
+    /// lose it, which NBD allows for a write without FUA that no flush has covered. The engine
+    /// answers writes this way only while [`crate::core::WRITE_BACK_MAX_BLOCKS`] allows.
+    pub async fn write_back(&self, volume: VolumeId, offset: u64, data: Bytes) -> Result<()> {
+        let tag = Tag::NONE;
+        self.call(data.len() as u64, |reply| Request::Write {
+            volume,
+            offset,
+            data,
+            fua: false,
+            tag,
+            write_back: true,
+            reply,
+        })
+        .await
+        .map(drop)
     }
 
     /// Makes every write that completed before this call durable.

@@ -232,3 +232,87 @@ fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write(
         drop(store);
     });
 }
+
+#[test]
+fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_durable() {
+    use std::time::Duration;
+    use syncblock_engine::sim::{SimDevice, SimDisk};
+    let disk = sim_disk(64 << 20, 1 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    rt.block_on(async {
+        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_micros(400), 7);
+        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let vol = store.create_volume("v", 16 << 20).await.unwrap();
+        let data = pattern(1, 2 * BLOCK_BYTES);
+        let t0 = tokio::time::Instant::now();
+        store.write_back(vol.id, 4096, Bytes::from(data.clone())).await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO, "answered without waiting for the device");
+        assert_eq!(&store.read(vol.id, 4096, 2 * BLOCK_BYTES as u64).await.unwrap()[..], &data[..], "reads see it");
+        assert_eq!(store.stats().await.unwrap().write_back_acks, 1);
+        let crash_image = || {
+            let d = disk.lock().unwrap();
+            d.crash_image(d.n_ops(), 1)
+        };
+        let before_flush = crash_image();
+        store.flush().await.unwrap();
+        assert!(t0.elapsed() >= Duration::from_micros(100), "the flush waited for the log write");
+        let after_flush = crash_image();
+        for (image, expect_data) in [(before_flush, false), (after_flush, true)] {
+            let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+            let reopened =
+                Store::open_device_async(Box::new(SimDevice::new(SimDisk::new(image))), cfg, "sim").await.unwrap();
+            let v = reopened.volume("v").await.unwrap();
+            let got = reopened.read(v.id, 4096, 2 * BLOCK_BYTES as u64).await.unwrap();
+            if expect_data {
+                assert_eq!(&got[..], &data[..], "flushed write-back data survives a crash");
+            } else {
+                assert!(got.iter().all(|b| *b == 0), "a crash before the log write loses the unflushed write");
+            }
+        }
+        drop(store);
+    });
+}
+
+#[test]
+fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
+    use std::time::Duration;
+    use syncblock_engine::core::WRITE_BACK_MAX_BLOCKS;
+    use syncblock_engine::sim::SimDevice;
+    let disk = sim_disk(256 << 20, 4 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    rt.block_on(async {
+        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_millis(5), 7);
+        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let vol = store.create_volume("v", 128 << 20).await.unwrap();
+        // 1 MiB writes: the budget holds exactly this many before any log write completes.
+        let per_write = 256u64;
+        let within = (WRITE_BACK_MAX_BLOCKS / per_write) as usize;
+        let t0 = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..within + 4)
+            .map(|i| {
+                let (s, id) = (store.clone(), vol.id);
+                let data = Bytes::from(pattern(i as u64, (per_write as usize) * BLOCK_BYTES));
+                tokio::spawn(async move { s.write_back(id, i as u64 * (1 << 20), data).await })
+            })
+            .collect();
+        for _ in 0..200 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "no virtual time has passed yet");
+        let answered = tasks.iter().filter(|t| t.is_finished()).count();
+        assert_eq!(answered, within, "writes answered before the disk completed anything");
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(5), "the rest waited for log writes");
+        let st = store.stats().await.unwrap();
+        assert!(st.write_back_acks >= within as u64, "{st:?}");
+        for i in 0..within + 4 {
+            let got = store.read(vol.id, i as u64 * (1 << 20), 1 << 20).await.unwrap();
+            assert_eq!(&got[..], &pattern(i as u64, (per_write as usize) * BLOCK_BYTES)[..]);
+        }
+        drop(store);
+    });
+}

@@ -227,6 +227,34 @@ fn failed_write_poisons_the_store_and_reopen_recovers() {
 }
 
 #[test]
+fn a_failed_log_write_behind_a_write_back_answer_fails_the_next_flush() {
+    let rt = rt();
+    let disk = sim_disk(16 << 20, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let a = pattern(1, BB);
+    rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
+    let n = disk.lock().unwrap().n_writes;
+    disk.lock().unwrap().fail_writes_from = Some(n);
+    // Answered once queued: the failure is not known yet.
+    rt.block_on(store.write_back(vol.id, BB as u64, Bytes::from(pattern(2, BB)))).unwrap();
+    // The flush that would make it durable reports the failure instead of success.
+    let e = rt.block_on(store.flush()).unwrap_err();
+    assert!(matches!(e, Error::Poisoned { .. }), "{e}");
+    disk.lock().unwrap().fail_writes_from = None;
+    assert!(matches!(
+        rt.block_on(store.write_back(vol.id, 0, Bytes::from(pattern(3, BB)))),
+        Err(Error::Poisoned { .. })
+    ));
+    // What was durable before is still there after a reopen.
+    let image = disk.lock().unwrap().written.clone();
+    drop(store);
+    let (_d, store) = open_image(image);
+    let store = store.unwrap();
+    assert_eq!(&read_all(&store, BB as u64)[..], &a[..]);
+}
+
+#[test]
 fn failed_sync_fails_the_flush_and_poisons() {
     let rt = rt();
     let disk = sim_disk(16 << 20, 1 << 20);

@@ -387,7 +387,13 @@ async fn writer(ctx: Arc<Ctx>, w: u64, mut rng: Rng) {
 async fn write(ctx: &Ctx, offset: u64, len: u64, fua: bool) {
     let gen = ctx.intend(OpKind::Write, offset, len);
     let data = Bytes::from(pattern_bytes(offset, len, gen));
-    ctx.store.write(ctx.volume, offset, data, fua).await.unwrap_or_else(|e| die("write", e));
+    if !fua && gen % 2 == 0 {
+        // Write-back: answered once queued; a kill before the next flush may lose it, as any
+        // unflushed write.
+        ctx.store.write_back(ctx.volume, offset, data).await.unwrap_or_else(|e| die("write", e));
+    } else {
+        ctx.store.write(ctx.volume, offset, data, fua).await.unwrap_or_else(|e| die("write", e));
+    }
     ctx.acked(gen, fua);
 }
 

@@ -15,11 +15,32 @@ const N_VOLS: usize = 3;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { vol: usize, offset: u64, len: u64, seed: u64, fua: bool },
-    Trim { vol: usize, offset: u64, len: u64 },
-    Zero { vol: usize, offset: u64, len: u64, may_trim: bool },
+    /// `write_back`: through [`Store::write_back`] (answered once queued) when not `fua`.
+    Write {
+        vol: usize,
+        offset: u64,
+        len: u64,
+        seed: u64,
+        fua: bool,
+        write_back: bool,
+    },
+    Trim {
+        vol: usize,
+        offset: u64,
+        len: u64,
+    },
+    Zero {
+        vol: usize,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    },
     Flush,
-    Read { vol: usize, offset: u64, len: u64 },
+    Read {
+        vol: usize,
+        offset: u64,
+        len: u64,
+    },
     Checkpoint,
     Reopen,
 }
@@ -37,8 +58,8 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        10 => (0..N_VOLS, range(), any::<u64>(), prop::bool::weighted(0.1))
-            .prop_map(|(vol, (offset, len), seed, fua)| Op::Write { vol, offset, len, seed, fua }),
+        10 => (0..N_VOLS, range(), any::<u64>(), prop::bool::weighted(0.1), any::<bool>())
+            .prop_map(|(vol, (offset, len), seed, fua, write_back)| Op::Write { vol, offset, len, seed, fua, write_back }),
         2 => (0..N_VOLS, range()).prop_map(|(vol, (offset, len))| Op::Trim { vol, offset, len }),
         2 => (0..N_VOLS, range(), any::<bool>()).prop_map(|(vol, (offset, len), may_trim)| Op::Zero { vol, offset, len, may_trim }),
         2 => Just(Op::Flush),
@@ -67,9 +88,13 @@ fn run(ops: Vec<Op>, seed: u64, disk_bytes: usize) -> syncblock_engine::Stats {
     let (mut cleaned, mut copied) = (0, 0);
     for (step, op) in ops.into_iter().enumerate() {
         match op {
-            Op::Write { vol, offset, len, seed, fua } => {
-                let data = pattern(seed, len as usize);
-                rt.block_on(store.write(vols[vol], offset, Bytes::from(data.clone()), fua)).unwrap();
+            Op::Write { vol, offset, len, seed, fua, write_back } => {
+                let data = Bytes::from(pattern(seed, len as usize));
+                if write_back && !fua {
+                    rt.block_on(store.write_back(vols[vol], offset, data.clone())).unwrap();
+                } else {
+                    rt.block_on(store.write(vols[vol], offset, data.clone(), fua)).unwrap();
+                }
                 model[vol][offset as usize..(offset + len) as usize].copy_from_slice(&data);
             }
             Op::Trim { vol, offset, len } => {
@@ -137,14 +162,14 @@ fn long_overwrite_run_exercises_the_cleaner() {
     let n_blocks = VOL_BYTES / 4096;
     // Fill everything once (cold data), then overwrite uniformly at random.
     for vol in 0..N_VOLS {
-        ops.push(Op::Write { vol, offset: 0, len: VOL_BYTES, seed: vol as u64, fua: false });
+        ops.push(Op::Write { vol, offset: 0, len: VOL_BYTES, seed: vol as u64, fua: false, write_back: false });
     }
     let mut rng = syncblock_engine::sim::Rng::new(11);
     for i in 0..3000u64 {
         let vol = rng.below(N_VOLS as u64) as usize;
         let block = rng.below(n_blocks);
         let len = 4096 * (1 + rng.below(3)).min(n_blocks - block);
-        ops.push(Op::Write { vol, offset: block * 4096, len, seed: 100 + i, fua: false });
+        ops.push(Op::Write { vol, offset: block * 4096, len, seed: 100 + i, fua: false, write_back: i % 2 == 0 });
         if i % 97 == 0 {
             ops.push(Op::Flush);
         }

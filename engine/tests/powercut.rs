@@ -76,7 +76,13 @@ fn workload(seed: u64) -> (Arc<Mutex<SimDisk>>, Model, syncblock_engine::Stats) 
     let mut write = |model: &mut Model, rt: &tokio::runtime::Runtime, vol: usize, lba: u64, n: u64, fua: bool| {
         tag += 1;
         let data = pattern(tag, (n * 4096) as usize);
-        rt.block_on(store.write(vols[vol], lba * 4096, Bytes::from(data.clone()), fua)).unwrap();
+        let bytes = Bytes::from(data.clone());
+        if !fua && tag % 2 == 0 {
+            // Write-back: answered once queued, possibly before the device saw any of it.
+            rt.block_on(store.write_back(vols[vol], lba * 4096, bytes)).unwrap();
+        } else {
+            rt.block_on(store.write(vols[vol], lba * 4096, bytes, fua)).unwrap();
+        }
         let at = fua.then(|| n_ops(&disk));
         for i in 0..n {
             model.add((vol, lba + i), data[(i * 4096) as usize..((i + 1) * 4096) as usize].to_vec(), at);

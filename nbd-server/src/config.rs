@@ -8,6 +8,7 @@
 //! listen = "0.0.0.0:10809"
 //! unix = "/run/syncblock.sock"
 //! default_export = "db"
+//! write_back = true            # answer writes without FUA once queued (docs/durability.md)
 //!
 //! [[volume]]
 //! name = "db"
@@ -166,6 +167,8 @@ pub struct ServeOptions {
     pub read_only: Vec<String>,
     pub replicate: Vec<ReplVolume>,
     pub replication: ReplNodeOptions,
+    /// Write-back for unreplicated volumes (`ServerConfig::write_back`).
+    pub write_back: Option<bool>,
 }
 
 /// Every option decided: what `syncblock serve` runs with.
@@ -183,6 +186,7 @@ pub struct ServeSettings {
     pub witness: Option<SocketAddr>,
     pub repl_timeout_ms: u64,
     pub admin: Option<SocketAddr>,
+    pub write_back: bool,
 }
 
 /// The file as written. Unknown keys are errors, not ignored: a misspelt `read_only` would
@@ -195,6 +199,7 @@ struct File {
     listen: Option<SocketAddr>,
     unix: Option<PathBuf>,
     default_export: Option<String>,
+    write_back: Option<bool>,
     #[serde(default)]
     volume: Vec<FileVolume>,
     replication: Option<ReplNodeOptions>,
@@ -267,6 +272,7 @@ impl ServeOptions {
             read_only: Vec::new(),
             replicate: Vec::new(),
             replication: file.replication.unwrap_or_default(),
+            write_back: file.write_back,
         };
         for v in file.volume {
             if opts.volumes.iter().any(|o| o.name == v.name) {
@@ -336,6 +342,7 @@ impl ServeOptions {
             read_only: self.read_only,
             replicate: self.replicate,
             replication,
+            write_back: flags.write_back.or(self.write_back),
         }
     }
 
@@ -354,6 +361,7 @@ impl ServeOptions {
             witness: self.replication.witness,
             repl_timeout_ms: self.replication.timeout_ms.unwrap_or(DEFAULT_REPL_TIMEOUT_MS),
             admin: self.replication.admin,
+            write_back: self.write_back.unwrap_or(true),
         }
     }
 }
@@ -438,6 +446,7 @@ read_only = true
                 read_only: vec!["golden".into()],
                 replicate: vec![],
                 replication: ReplNodeOptions::default(),
+                write_back: None,
             }
         );
     }
@@ -545,6 +554,17 @@ auto_failover = false
         assert_eq!(opts.replicate.len(), 1);
         assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, ReplPolicy::Degrade));
         assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
+        assert_eq!(opts.write_back, Some(true));
+    }
+
+    #[test]
+    fn write_back_defaults_on_and_the_file_or_the_flag_turns_it_off() {
+        assert!(parse("").unwrap().resolve().write_back);
+        assert!(!parse("write_back = false").unwrap().resolve().write_back);
+        let flags = ServeOptions { write_back: Some(false), ..ServeOptions::default() };
+        assert!(!parse("write_back = true").unwrap().overridden_by(flags).resolve().write_back);
+        assert!(!parse("write_back = false").unwrap().overridden_by(ServeOptions::default()).resolve().write_back);
+        assert!(parse("write_back = 1").is_err(), "a boolean, not a number");
     }
 
     #[test]

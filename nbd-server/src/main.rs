@@ -59,6 +59,12 @@ enum Command {
         /// Export this volume read-only (repeatable).
         #[arg(long = "read-only", value_name = "NAME")]
         read_only: Vec<String>,
+        /// Answer a write without FUA only once it is written, not once it is queued
+        /// (write-back, the default). NBD promises durability only for FUA writes and flushes
+        /// either way; write-through also keeps every answered write across a crash of this
+        /// process (not of the machine), at the cost of latency (docs/durability.md).
+        #[arg(long)]
+        write_through: bool,
         #[command(flatten)]
         repl: ReplArgs,
     },
@@ -240,7 +246,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, size, volumes, listen, unix, default_export, read_only, repl } => {
+        Command::Serve { config, size, volumes, listen, unix, default_export, read_only, write_through, repl } => {
             let file = match &config {
                 Some(path) => ServeOptions::load(path).with_context(|| format!("config file {}", path.display()))?,
                 None => ServeOptions::default(),
@@ -256,6 +262,7 @@ fn main() -> Result<()> {
                 read_only,
                 replicate,
                 replication,
+                write_back: write_through.then_some(false),
             };
             let settings = file.overridden_by(flags).resolve();
             let rt = runtime(cli.threads, 1)?;
@@ -480,7 +487,7 @@ fn repl_config(
 }
 
 async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
-    let ServeSettings { store_bytes: store_size, listen, unix, default_export, read_only, .. } = settings.clone();
+    let store_size = settings.store_bytes;
     for v in &settings.volumes {
         let (name, size) = (v.name.as_str(), v.size_bytes);
         match store.volume(name).await {
@@ -500,11 +507,11 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
         store.create_volume(DEFAULT_VOLUME, store_size).await.context("creating the default volume")?;
         list = store.list_volumes().await?;
     }
-    let default_export = default_export.or_else(|| list.first().map(|v| v.name.clone()));
+    let default_export = settings.default_export.clone().or_else(|| list.first().map(|v| v.name.clone()));
     // Every node started is stopped on the way out, also when a later one fails to start.
     let mut nodes = Vec::new();
     let res = match start_replication(&store, &settings, default_export.as_deref(), &mut nodes).await {
-        Ok(replicated) => serve_nbd(store, &list, listen, unix, default_export, read_only, replicated).await,
+        Ok(replicated) => serve_nbd(store, &list, &settings, default_export, replicated).await,
         Err(e) => Err(e),
     };
     stop_all(&nodes).await;
@@ -570,12 +577,11 @@ async fn stop_all(nodes: &[syncblock_replicator::Node]) {
 async fn serve_nbd(
     store: Store,
     list: &[syncblock_engine::VolumeInfo],
-    listen: SocketAddr,
-    unix: Option<PathBuf>,
+    settings: &ServeSettings,
     default_export: Option<String>,
-    read_only: Vec<String>,
     replicated: std::collections::HashMap<syncblock_engine::VolumeId, syncblock_replicator::Node>,
 ) -> Result<()> {
+    let (listen, unix, read_only) = (settings.listen, settings.unix.clone(), settings.read_only.clone());
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
     let addr = tcp.local_addr()?;
     let mut listeners = vec![Listener::Tcp(tcp)];
@@ -606,7 +612,8 @@ async fn serve_nbd(
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
-    let config = ServerConfig { default_export, read_only, replicated, ..ServerConfig::default() };
+    let write_back = settings.write_back;
+    let config = ServerConfig { default_export, read_only, replicated, write_back, ..ServerConfig::default() };
     syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
     Ok(())
 }

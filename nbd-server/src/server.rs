@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub replicated: HashMap<VolumeId, Node>,
     /// The bound on negotiation; [`HANDSHAKE_TIMEOUT`] unless a test wants a short one.
     pub handshake_timeout: Duration,
+    /// Answer writes without FUA once the engine has queued them, before they are on disk
+    /// (write-back, as a disk with a volatile cache does; see `docs/durability.md`). FUA writes
+    /// and flushes are durable when answered either way. Not used for replicated volumes, whose
+    /// writes are answered when both copies have them.
+    pub write_back: bool,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +88,7 @@ impl Default for ServerConfig {
             read_only: Vec::new(),
             replicated: HashMap::new(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            write_back: true,
         }
     }
 }
@@ -308,7 +314,7 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let repl = shared.config.replicated.get(&session.export.volume).cloned();
-    let ctx = Arc::new(Ctx { store: shared.store.clone(), session, repl });
+    let ctx = Arc::new(Ctx { store: shared.store.clone(), session, repl, write_back: shared.config.write_back });
     let mut out = Replies::new(w);
     let mut input = RequestReader::default();
     let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
@@ -535,6 +541,8 @@ struct Ctx {
     store: Store,
     session: Session,
     repl: Option<Node>,
+    /// [`ServerConfig::write_back`].
+    write_back: bool,
 }
 
 /// The NBD error for a replicated operation's failure.
@@ -677,6 +685,7 @@ impl Ctx {
         let res = match req.command {
             CMD_READ => return self.read(req).await,
             CMD_BLOCK_STATUS => return self.block_status(req).await,
+            CMD_WRITE if self.write_back && !fua => self.store.write_back(vol, req.offset, data).await,
             CMD_WRITE => self.store.write(vol, req.offset, data, fua).await,
             CMD_FLUSH => self.store.flush().await,
             CMD_TRIM => match self.store.trim(vol, req.offset, len).await {

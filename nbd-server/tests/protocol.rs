@@ -313,3 +313,32 @@ fn a_client_that_does_not_read_its_replies_is_held_back_not_buffered_and_others_
         })
     });
 }
+
+#[test]
+fn writes_without_fua_are_answered_write_back_unless_the_server_is_write_through() {
+    let rt = rt();
+    for write_back in [true, false] {
+        let store = sim_store();
+        rt.block_on(async {
+            let config = ServerConfig { write_back, ..test_config() };
+            let server = TestServer::start_with(store.clone(), None, TEST_VOLUMES, config).await;
+            let mut a = connect(server.addr, "vol", true, false).await;
+            let mut b = connect(server.addr, "vol", true, false).await;
+            for i in 0..8u64 {
+                assert_eq!(a.cmd(0, WRITE, i * 4096, 4, b"back").await, 0);
+            }
+            // Another connection sees the answered writes at once, and a FUA write is never
+            // answered early.
+            assert_eq!(b.read(7 * 4096, 4).await.unwrap().0, b"back");
+            assert_eq!(a.cmd(FUA, WRITE, 8 * 4096, 4, b"fua!").await, 0);
+            assert_eq!(b.cmd(0, FLUSH, 0, 0, b"").await, 0);
+            let acks = store.stats().await.unwrap().write_back_acks;
+            if write_back {
+                assert_eq!(acks, 8, "every plain write answered once queued");
+            } else {
+                assert_eq!(acks, 0, "write-through answers no write early");
+            }
+            server.stop().await.unwrap();
+        });
+    }
+}
