@@ -34,6 +34,53 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// `head_blocks` zeroed blocks that `fill_head` writes into, followed by a copy of each block
+    /// of `data` (each exactly one block long). The data blocks are copied into memory that was
+    /// never zeroed: zeroing them first would cost as much as the copy (a log write of 1 MiB was
+    /// spending 5 % of its time in that memset).
+    pub fn assemble<'a>(
+        head_blocks: usize,
+        fill_head: impl FnOnce(&mut [u8]),
+        data: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> AlignedBuf {
+        let n_blocks = head_blocks + data.len();
+        let len = n_blocks * BLOCK_BYTES;
+        if len == 0 {
+            fill_head(&mut []);
+            return AlignedBuf { ptr: NonNull::<u8>::dangling(), len: 0 };
+        }
+        let layout = Layout::from_size_align(len, BLOCK_BYTES).expect("buffer layout");
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let mut copied = 0;
+        for (i, block) in data.enumerate() {
+            assert_eq!(block.len(), BLOCK_BYTES, "AlignedBuf::assemble copies whole blocks");
+            assert!(head_blocks + i < n_blocks, "more data blocks than the iterator's length said");
+            // SAFETY: the destination block lies inside the allocation, which `block` (a shared
+            // borrow of other memory) cannot overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    block.as_ptr(),
+                    ptr.as_ptr().add((head_blocks + i) * BLOCK_BYTES),
+                    BLOCK_BYTES,
+                )
+            };
+            copied += 1;
+        }
+        // The remaining bytes (the head, and any data blocks a lying iterator did not yield) are
+        // zeroed, so every byte is initialised before a slice over it exists.
+        // SAFETY: both ranges lie inside the allocation.
+        unsafe {
+            std::ptr::write_bytes(ptr.as_ptr(), 0, head_blocks * BLOCK_BYTES);
+            let tail = head_blocks + copied;
+            std::ptr::write_bytes(ptr.as_ptr().add(tail * BLOCK_BYTES), 0, (n_blocks - tail) * BLOCK_BYTES);
+        }
+        let mut buf = AlignedBuf { ptr, len };
+        fill_head(&mut buf[..head_blocks * BLOCK_BYTES]);
+        buf
+    }
+
     /// A buffer holding a copy of `data`, which must be a whole number of blocks.
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
         assert_eq!(data.len() % BLOCK_BYTES, 0, "AlignedBuf::from_slice needs whole blocks");
@@ -104,5 +151,18 @@ mod tests {
         assert_eq!(buf.len(), 3 * BLOCK_BYTES);
         assert!(buf.iter().all(|b| *b == 0));
         assert_eq!(AlignedBuf::zeroed(0).len(), 0);
+    }
+
+    #[test]
+    fn assemble_puts_the_head_then_the_data_blocks() {
+        let a = vec![1u8; BLOCK_BYTES];
+        let b = vec![2u8; BLOCK_BYTES];
+        let buf = AlignedBuf::assemble(2, |h| h[5] = 9, [&a[..], &b[..]].into_iter());
+        assert_eq!(buf.as_ptr() as usize % BLOCK_BYTES, 0);
+        assert_eq!(buf.n_blocks(), 4);
+        assert!(buf[..2 * BLOCK_BYTES].iter().enumerate().all(|(i, x)| *x == if i == 5 { 9 } else { 0 }));
+        assert_eq!(buf.block(2), &a[..]);
+        assert_eq!(buf.block(3), &b[..]);
+        assert_eq!(AlignedBuf::assemble(0, |h| assert!(h.is_empty()), std::iter::empty()).len(), 0);
     }
 }
