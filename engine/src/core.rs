@@ -1987,8 +1987,7 @@ impl Core {
     /// eight, against 2.2–2.4 for fio on the same disk at that moment).
     fn submit_batches(&mut self) {
         let mut in_flight = self.batches.len() - self.unsubmitted.len();
-        loop {
-            let Some((_, _, next)) = self.unsubmitted.front() else { break };
+        while let Some((_, _, next)) = self.unsubmitted.front() {
             let limit = if next.n_blocks() >= BIG_BATCH_BLOCKS {
                 2 * self.cfg.max_inflight_batches
             } else {
