@@ -54,6 +54,38 @@ pub const MAX_IO_BYTES: u64 = 32 << 20;
 
 /// Most blocks the cleaner adds to one batch, so that foreground writes always get at least half of
 /// every batch while the cleaner runs.
+/// The hasher of the pending-block map, keyed by (volume, LBA). A 1 MiB write inserts, looks up
+/// and removes 256 consecutive LBAs; with SipHash each went to a random bucket, a cache miss
+/// apiece, and the lookups when a batch completes took 9 % of the server's time in sequential
+/// writes. This one keeps the LBA's low bits as the bucket index, so consecutive blocks share
+/// cache lines, and mixes all the bits into the top seven, which hashbrown uses as the tag that
+/// filters a probe: neighbours in one probe group still have distinct tags.
+#[derive(Default, Clone, Copy)]
+struct BlockHasher(u64);
+
+impl std::hash::Hasher for BlockHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for (VolumeId, u64) keys, which use the typed methods; correct for any key.
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        // The volume id: far above any LBA's low bits.
+        self.0 ^= u64::from(v).rotate_right(20);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+    fn finish(&self) -> u64 {
+        const TAG: u64 = 0x7f << 57;
+        let mixed = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (self.0 & !TAG) | (mixed & TAG)
+    }
+}
+
+type BlockHash = std::hash::BuildHasherDefault<BlockHasher>;
+
 /// A log write this large (512 KiB) counts as bandwidth-bound (see [`Core::submit_batches`]).
 const BIG_BATCH_BLOCKS: usize = MAX_BATCH_BLOCKS as usize / 2;
 
@@ -610,7 +642,7 @@ pub struct Core {
     batches: BTreeMap<Lsn, Batch>,
     /// Sealed batches not yet handed to the device, in LSN order: (lsn, device offset, bytes).
     unsubmitted: VecDeque<(Lsn, u64, AlignedBuf)>,
-    pending: HashMap<(VolumeId, u64), PendingBlock>,
+    pending: HashMap<(VolumeId, u64), PendingBlock, BlockHash>,
     /// User data blocks queued in the log but not yet written (open, unsubmitted and in-flight
     /// batches): what write-back has at risk, bounded by [`WRITE_BACK_MAX_BLOCKS`].
     unwritten_blocks: u64,
@@ -684,7 +716,7 @@ impl Core {
             batch_no: 0,
             batches: BTreeMap::new(),
             unsubmitted: VecDeque::new(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             unwritten_blocks: 0,
             pending_unmaps: Vec::new(),
             waiters: BTreeMap::new(),
