@@ -316,3 +316,26 @@ fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
         drop(store);
     });
 }
+
+#[test]
+fn write_back_writes_answered_before_close_are_there_after_reopen() {
+    let disk = sim_disk(64 << 20, 1 << 20);
+    let rt = rt();
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+    let mut expect = Vec::new();
+    for i in 0..64u64 {
+        let data = pattern(100 + i, BLOCK_BYTES);
+        rt.block_on(store.write_back(vol.id, i * 3 * 4096, Bytes::from(data.clone()))).unwrap();
+        expect.push(data);
+    }
+    assert!(rt.block_on(store.stats()).unwrap().write_back_acks > 0);
+    // No flush: a clean close alone must keep every answered write (SIGTERM does this).
+    store.close().unwrap();
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.volume("v")).unwrap();
+    for (i, data) in expect.iter().enumerate() {
+        let got = rt.block_on(store.read(vol.id, i as u64 * 3 * 4096, BLOCK_BYTES as u64)).unwrap();
+        assert_eq!(&got[..], &data[..], "block {i}");
+    }
+}
