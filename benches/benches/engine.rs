@@ -41,7 +41,7 @@ fn engine(c: &mut Criterion) {
         let workload = Workload::standard(pattern);
         let store = Store::create(
             &path,
-            &CreateOptions { size_bytes: STORE_BYTES, segment_bytes: DEFAULT_SEGMENT_BYTES },
+            &CreateOptions { size_bytes: STORE_BYTES, segment_bytes: DEFAULT_SEGMENT_BYTES, zero_fill: false },
             Config::default(),
         )
         .expect("creating the store");

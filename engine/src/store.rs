@@ -24,12 +24,12 @@ use tokio::io::Interest;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::core::{ChangedRun, Config, Core, Driver, Extent, Reply, Request, Since, Stats, Written};
-use crate::device::Device;
+use crate::device::{Device, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::StagedOp;
 use crate::recovery::{self, RecoveryReport};
 use crate::state::VolumeInfo;
-use crate::types::{Lsn, Tag, VolumeId};
+use crate::types::{Lsn, Tag, VolumeId, BLOCK_BYTES};
 use crate::uring::UringDevice;
 
 /// Admission budget, in units of one request plus one unit per 64 KiB of payload: about 8192
@@ -47,12 +47,58 @@ pub struct CreateOptions {
     /// Size of the backing file to create (ignored for block devices, which have their own size).
     pub size_bytes: u64,
     pub segment_bytes: u64,
+    /// Write zeros over the whole file before formatting it (like `qemu-img create -o
+    /// preallocation=full`). A new store file is sparse, and until the log has wrapped once each
+    /// log write lands in never-written space: on ext4 a durable 8 KiB write there costs block
+    /// allocation and a journal commit, ~175 µs instead of ~90 (an `fallocate`d file is no
+    /// better, ~210 µs: its extents must still be converted). Costs a pass over the file at
+    /// creation (about 5 s per 10 GiB here). Block devices are never sparse and are left alone.
+    pub zero_fill: bool,
 }
 
 impl Default for CreateOptions {
     fn default() -> Self {
-        CreateOptions { size_bytes: 1 << 30, segment_bytes: recovery::DEFAULT_SEGMENT_BYTES }
+        CreateOptions { size_bytes: 1 << 30, segment_bytes: recovery::DEFAULT_SEGMENT_BYTES, zero_fill: false }
     }
+}
+
+/// Writes zeros over the whole device, a few large writes in flight at a time, then syncs.
+fn zero_fill(dev: &mut dyn Device) -> std::io::Result<()> {
+    /// 8 MiB per write, four in flight: enough for a virtio disk's sequential bandwidth.
+    const CHUNK_BLOCKS: u64 = 2048;
+    const IN_FLIGHT: u64 = 4;
+    let total_blocks = dev.len_bytes() / BLOCK_BYTES as u64;
+    let started = std::time::Instant::now();
+    let (mut next, mut in_flight) = (0u64, 0u64);
+    let mut spare: Vec<crate::buf::AlignedBuf> = Vec::new();
+    while next < total_blocks || in_flight > 0 {
+        while next < total_blocks && in_flight < IN_FLIGHT {
+            let n = CHUNK_BLOCKS.min(total_blocks - next);
+            let buf = match spare.pop() {
+                Some(b) if b.n_blocks() as u64 == n => b,
+                _ => crate::buf::AlignedBuf::zeroed(n as usize),
+            };
+            dev.submit(IoOp {
+                token: next,
+                kind: IoKind::Write { offset: next * BLOCK_BYTES as u64, buf, durable: false },
+            });
+            next += n;
+            in_flight += 1;
+        }
+        dev.wait()?;
+        while let Some(c) = dev.pop_completion() {
+            c.result?;
+            in_flight -= 1;
+            spare.extend(c.buf);
+        }
+    }
+    crate::device::sync_blocking(dev)?;
+    tracing::info!(
+        "wrote zeros over {} MiB of the new store in {:.1} s (zero_fill)",
+        (total_blocks * BLOCK_BYTES as u64) >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// A request queued in the engine (see [`Store::enqueue_write`]); [`Pending::wait`] for its result.
@@ -153,6 +199,10 @@ impl Store {
     /// stopped: call them outside async code (or through `tokio::task::spawn_blocking`).
     pub fn create(path: &Path, opts: &CreateOptions, cfg: Config) -> Result<Store> {
         let mut dev = UringDevice::open(path, Some(opts.size_bytes))?;
+        if opts.zero_fill && !dev.is_block_device() {
+            zero_fill(&mut dev)
+                .map_err(|e| Error::io(format!("{}: writing zeros over the new store", path.display()), e))?;
+        }
         recovery::format(&mut dev, opts.segment_bytes)?;
         Store::open_device(Box::new(dev), cfg, &path.display().to_string())
     }

@@ -188,6 +188,12 @@ impl UringDevice {
         })
     }
 
+    /// Whether the store is on a block device (not a regular file).
+    pub fn is_block_device(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+    }
+
     /// Number of data ops the kernel may hold at once (queued beyond this, ops wait in the device).
     pub fn in_flight_max(&self) -> usize {
         self.slots.len()

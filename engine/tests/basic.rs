@@ -52,9 +52,12 @@ fn real_file_store_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.img");
     let rt = rt();
-    let store =
-        Store::create(&path, &CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20 }, Config::default())
-            .unwrap();
+    let store = Store::create(
+        &path,
+        &CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20, zero_fill: false },
+        Config::default(),
+    )
+    .unwrap();
     let vol = rt.block_on(store.create_volume("v", 32 << 20)).unwrap();
     let data = pattern(9, 1 << 20);
     rt.block_on(store.write(vol.id, 4096, Bytes::from(data.clone()), true)).unwrap();
@@ -66,12 +69,38 @@ fn real_file_store_round_trips() {
 }
 
 #[test]
+fn zero_fill_leaves_no_hole_in_a_new_store_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    for zero_fill in [false, true] {
+        let path = dir.path().join(format!("store-{zero_fill}.img"));
+        let size = 48u64 << 20;
+        let opts = CreateOptions { size_bytes: size, segment_bytes: 1 << 20, zero_fill };
+        let store = Store::create(&path, &opts, Config::default()).unwrap();
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        if zero_fill {
+            assert!(allocated >= size, "zero-filled: {allocated} of {size} bytes allocated");
+        } else {
+            assert!(allocated < size / 2, "sparse: {allocated} of {size} bytes allocated");
+        }
+        let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+        rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(3, 8192)), true)).unwrap();
+        assert_eq!(&rt.block_on(store.read(vol.id, 0, 8192)).unwrap()[..], &pattern(3, 8192)[..]);
+        store.close().unwrap();
+    }
+}
+
+#[test]
 fn a_store_can_be_open_only_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.img");
-    let store =
-        Store::create(&path, &CreateOptions { size_bytes: 16 << 20, segment_bytes: 1 << 20 }, Config::default())
-            .unwrap();
+    let store = Store::create(
+        &path,
+        &CreateOptions { size_bytes: 16 << 20, segment_bytes: 1 << 20, zero_fill: false },
+        Config::default(),
+    )
+    .unwrap();
     let e = Store::open(&path, Config::default()).unwrap_err();
     assert!(e.to_string().contains("in use by another process"), "{e}");
     store.close().unwrap();
@@ -134,7 +163,7 @@ fn engine_on_the_callers_runtime_serves_closes_and_stops_when_dropped() {
     let path = dir.path().join("store.img");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let cfg = Config { driver: Driver::Runtime(rt.handle().clone()), ..Config::default() };
-    let opts = CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20 };
+    let opts = CreateOptions { size_bytes: 64 << 20, segment_bytes: 1 << 20, zero_fill: false };
     let store = Store::create(&path, &opts, cfg.clone()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 32 << 20)).unwrap();
     let n_tasks = 64u64;

@@ -280,7 +280,7 @@ fn child_main(dir: PathBuf) {
     eprintln!("child config: {cfg:?}");
     // Store::create/open block (they wait for the recovery checkpoint): outside the runtime.
     let store = if round == 0 {
-        let opts = CreateOptions { size_bytes: STORE_BYTES, segment_bytes: SEGMENT_BYTES };
+        let opts = CreateOptions { size_bytes: STORE_BYTES, segment_bytes: SEGMENT_BYTES, zero_fill: false };
         Store::create(&store_path, &opts, cfg).unwrap_or_else(|e| die("create", e))
     } else {
         Store::open(&store_path, cfg).unwrap_or_else(|e| die("open", e))

@@ -9,6 +9,7 @@
 //! unix = "/run/syncblock.sock"
 //! default_export = "db"
 //! write_back = true            # answer writes without FUA once queued (docs/durability.md)
+//! zero_fill = false            # write zeros over a new store file first (--zero-fill)
 //!
 //! [[volume]]
 //! name = "db"
@@ -169,6 +170,8 @@ pub struct ServeOptions {
     pub replication: ReplNodeOptions,
     /// Write-back for unreplicated volumes (`ServerConfig::write_back`).
     pub write_back: Option<bool>,
+    /// Write zeros over a store file when creating it (`CreateOptions::zero_fill`).
+    pub zero_fill: Option<bool>,
 }
 
 /// Every option decided: what `syncblock serve` runs with.
@@ -187,6 +190,7 @@ pub struct ServeSettings {
     pub repl_timeout_ms: u64,
     pub admin: Option<SocketAddr>,
     pub write_back: bool,
+    pub zero_fill: bool,
 }
 
 /// The file as written. Unknown keys are errors, not ignored: a misspelt `read_only` would
@@ -200,6 +204,7 @@ struct File {
     unix: Option<PathBuf>,
     default_export: Option<String>,
     write_back: Option<bool>,
+    zero_fill: Option<bool>,
     #[serde(default)]
     volume: Vec<FileVolume>,
     replication: Option<ReplNodeOptions>,
@@ -273,6 +278,7 @@ impl ServeOptions {
             replicate: Vec::new(),
             replication: file.replication.unwrap_or_default(),
             write_back: file.write_back,
+            zero_fill: file.zero_fill,
         };
         for v in file.volume {
             if opts.volumes.iter().any(|o| o.name == v.name) {
@@ -343,6 +349,7 @@ impl ServeOptions {
             replicate: self.replicate,
             replication,
             write_back: flags.write_back.or(self.write_back),
+            zero_fill: flags.zero_fill.or(self.zero_fill),
         }
     }
 
@@ -362,6 +369,7 @@ impl ServeOptions {
             repl_timeout_ms: self.replication.timeout_ms.unwrap_or(DEFAULT_REPL_TIMEOUT_MS),
             admin: self.replication.admin,
             write_back: self.write_back.unwrap_or(true),
+            zero_fill: self.zero_fill.unwrap_or(false),
         }
     }
 }
@@ -447,6 +455,7 @@ read_only = true
                 replicate: vec![],
                 replication: ReplNodeOptions::default(),
                 write_back: None,
+                zero_fill: None,
             }
         );
     }
@@ -555,6 +564,7 @@ auto_failover = false
         assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, ReplPolicy::Degrade));
         assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
         assert_eq!(opts.write_back, Some(true));
+        assert_eq!(opts.zero_fill, Some(true));
     }
 
     #[test]

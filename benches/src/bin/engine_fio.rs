@@ -93,7 +93,7 @@ fn main() -> Result<()> {
     let rt = runtime(client_threads);
     let driver = if args.flag("engine-thread") { Driver::Thread } else { Driver::Runtime(rt.handle().clone()) };
     let cfg = Config { driver, ..Config::default() };
-    let create = CreateOptions { size_bytes: store_bytes, segment_bytes };
+    let create = CreateOptions { size_bytes: store_bytes, segment_bytes, zero_fill: false };
     match cmd.as_str() {
         "prepare" => {
             let passes: u64 = args.num("overwrite-passes", 1)?;

@@ -45,7 +45,11 @@ fn main() -> Result<()> {
     let path = tmp.path().join("store.img");
     let rt = runtime(1);
 
-    let store = Store::create(&path, &CreateOptions { size_bytes: store_bytes, segment_bytes }, Config::default())?;
+    let store = Store::create(
+        &path,
+        &CreateOptions { size_bytes: store_bytes, segment_bytes, zero_fill: false },
+        Config::default(),
+    )?;
     let s0 = rt.block_on(store.stats())?;
     // Data capacity: every segment's bytes. Headers and the cleaner's reserve come out of the
     // remaining 25 %, as they would for a user who sizes volumes against the advertised capacity.
