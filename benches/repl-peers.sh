@@ -19,6 +19,7 @@
 #       1 MiB writes over SIZE, repeated), as peers.sh writes its files in full with dd
 #   VERIFY (1): after the rounds, compare the primary's and the secondary's exports (qemu-img compare)
 #   PEERS (/work/shared/bench/peers.sh or ../shared/bench/peers.sh); SKIP_BUILD=1; KEEP_RESULTS=path
+#   SINGLE_ARGS: extra `serve` flags for the unreplicated server (e.g. --write-through)
 #   QUIET_WAIT (120), QUIET_CPU (25): on a shared machine, wait up to QUIET_WAIT s before each cell
 #       until no rustc runs and the host is under QUIET_CPU % busy; cells are tagged either way
 #       (see "Someone else's build" below) and suspect ones are listed at the end
@@ -110,8 +111,9 @@ SEC_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/b.out")
 PRIMARY=$!
 wait_line "$RUN/a.out" '^nbd://' || fail_start primary "$RUN/a.err"
 PRI_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/a.out")
+# SINGLE_ARGS: extra flags for it, e.g. --write-through to compare against answer-when-written.
 "$BIN" --store "$RUN/s.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
-    >"$RUN/s.out" 2>"$RUN/s.err" &
+    ${SINGLE_ARGS:-} >"$RUN/s.out" 2>"$RUN/s.err" &
 SINGLE=$!
 wait_line "$RUN/s.out" '^nbd://' || fail_start "unreplicated server" "$RUN/s.err"
 SINGLE_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/s.out")
