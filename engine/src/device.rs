@@ -103,3 +103,42 @@ pub fn write_blocking(device: &mut dyn Device, offset: u64, buf: AlignedBuf) -> 
 pub fn sync_blocking(device: &mut dyn Device) -> io::Result<()> {
     run_blocking(device, IoKind::Sync).map(|_| ())
 }
+
+/// Writes zeros over the whole device, a few large writes in flight at a time, then syncs.
+pub fn zero_fill(dev: &mut dyn Device) -> std::io::Result<()> {
+    /// 8 MiB per write, four in flight: enough for a virtio disk's sequential bandwidth.
+    const CHUNK_BLOCKS: u64 = 2048;
+    const IN_FLIGHT: u64 = 4;
+    let total_blocks = dev.len_bytes() / crate::types::BLOCK_BYTES as u64;
+    let started = std::time::Instant::now();
+    let (mut next, mut in_flight) = (0u64, 0u64);
+    let mut spare: Vec<AlignedBuf> = Vec::new();
+    while next < total_blocks || in_flight > 0 {
+        while next < total_blocks && in_flight < IN_FLIGHT {
+            let n = CHUNK_BLOCKS.min(total_blocks - next);
+            let buf = match spare.pop() {
+                Some(b) if b.n_blocks() as u64 == n => b,
+                _ => AlignedBuf::zeroed(n as usize),
+            };
+            dev.submit(IoOp {
+                token: next,
+                kind: IoKind::Write { offset: next * crate::types::BLOCK_BYTES as u64, buf, durable: false },
+            });
+            next += n;
+            in_flight += 1;
+        }
+        dev.wait()?;
+        while let Some(c) = dev.pop_completion() {
+            c.result?;
+            in_flight -= 1;
+            spare.extend(c.buf);
+        }
+    }
+    sync_blocking(dev)?;
+    tracing::info!(
+        "wrote zeros over {} MiB of the new store in {:.1} s (zero_fill)",
+        (total_blocks * crate::types::BLOCK_BYTES as u64) >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -24,12 +24,12 @@ use tokio::io::Interest;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::core::{ChangedRun, Config, Core, Driver, Extent, Reply, Request, Since, Stats, Written};
-use crate::device::{Device, IoKind, IoOp};
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::format::StagedOp;
 use crate::recovery::{self, RecoveryReport};
 use crate::state::VolumeInfo;
-use crate::types::{Lsn, Tag, VolumeId, BLOCK_BYTES};
+use crate::types::{Lsn, Tag, VolumeId};
 use crate::uring::UringDevice;
 
 /// Admission budget, in units of one request plus one unit per 64 KiB of payload: about 8192
@@ -60,45 +60,6 @@ impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions { size_bytes: 1 << 30, segment_bytes: recovery::DEFAULT_SEGMENT_BYTES, zero_fill: false }
     }
-}
-
-/// Writes zeros over the whole device, a few large writes in flight at a time, then syncs.
-fn zero_fill(dev: &mut dyn Device) -> std::io::Result<()> {
-    /// 8 MiB per write, four in flight: enough for a virtio disk's sequential bandwidth.
-    const CHUNK_BLOCKS: u64 = 2048;
-    const IN_FLIGHT: u64 = 4;
-    let total_blocks = dev.len_bytes() / BLOCK_BYTES as u64;
-    let started = std::time::Instant::now();
-    let (mut next, mut in_flight) = (0u64, 0u64);
-    let mut spare: Vec<crate::buf::AlignedBuf> = Vec::new();
-    while next < total_blocks || in_flight > 0 {
-        while next < total_blocks && in_flight < IN_FLIGHT {
-            let n = CHUNK_BLOCKS.min(total_blocks - next);
-            let buf = match spare.pop() {
-                Some(b) if b.n_blocks() as u64 == n => b,
-                _ => crate::buf::AlignedBuf::zeroed(n as usize),
-            };
-            dev.submit(IoOp {
-                token: next,
-                kind: IoKind::Write { offset: next * BLOCK_BYTES as u64, buf, durable: false },
-            });
-            next += n;
-            in_flight += 1;
-        }
-        dev.wait()?;
-        while let Some(c) = dev.pop_completion() {
-            c.result?;
-            in_flight -= 1;
-            spare.extend(c.buf);
-        }
-    }
-    crate::device::sync_blocking(dev)?;
-    tracing::info!(
-        "wrote zeros over {} MiB of the new store in {:.1} s (zero_fill)",
-        (total_blocks * BLOCK_BYTES as u64) >> 20,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }
 
 /// A request queued in the engine (see [`Store::enqueue_write`]); [`Pending::wait`] for its result.
@@ -200,7 +161,7 @@ impl Store {
     pub fn create(path: &Path, opts: &CreateOptions, cfg: Config) -> Result<Store> {
         let mut dev = UringDevice::open(path, Some(opts.size_bytes))?;
         if opts.zero_fill && !dev.is_block_device() {
-            zero_fill(&mut dev)
+            crate::device::zero_fill(&mut dev)
                 .map_err(|e| Error::io(format!("{}: writing zeros over the new store", path.display()), e))?;
         }
         recovery::format(&mut dev, opts.segment_bytes)?;
@@ -393,18 +354,7 @@ impl Store {
 
     /// Writes `data` at `offset`. With `fua`, returns only once the data is durable.
     pub async fn write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool) -> Result<()> {
-        let tag = Tag::NONE;
-        self.call(data.len() as u64, |reply| Request::Write {
-            volume,
-            offset,
-            data,
-            fua,
-            tag,
-            write_back: false,
-            reply,
-        })
-        .await
-        .map(drop)
+        self.call_write(volume, offset, data, fua, false).await
     }
 
     /// A write that may be answered once it is queued in the log, before it reaches the disk
@@ -413,18 +363,14 @@ impl Store {
     /// lose it, which NBD allows for a write without FUA that no flush has covered. The engine
     /// answers writes this way only while [`crate::core::WRITE_BACK_MAX_BLOCKS`] allows.
     pub async fn write_back(&self, volume: VolumeId, offset: u64, data: Bytes) -> Result<()> {
+        self.call_write(volume, offset, data, false, true).await
+    }
+
+    async fn call_write(&self, volume: VolumeId, offset: u64, data: Bytes, fua: bool, write_back: bool) -> Result<()> {
         let tag = Tag::NONE;
-        self.call(data.len() as u64, |reply| Request::Write {
-            volume,
-            offset,
-            data,
-            fua: false,
-            tag,
-            write_back: true,
-            reply,
-        })
-        .await
-        .map(drop)
+        self.call(data.len() as u64, |reply| Request::Write { volume, offset, data, fua, tag, write_back, reply })
+            .await
+            .map(drop)
     }
 
     /// Makes every write that completed before this call durable.
