@@ -222,16 +222,33 @@ fn engine_on_the_callers_runtime_serves_closes_and_stops_when_dropped() {
 
 /// A simulated device with latency, on a virtual clock: a write takes virtual time, other tasks run
 /// meanwhile, and a crash image taken while it is in flight does not hold it.
+/// A single-threaded runtime on a paused clock: simulated device latency takes virtual time.
+fn paused_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
+}
+
+/// The engine on the calling runtime (call from inside it).
+fn on_this_runtime() -> Config {
+    Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() }
+}
+
+/// Opens a store on `disk` behind a simulated device whose I/O takes about `latency`.
+async fn open_with_latency(
+    disk: &std::sync::Arc<std::sync::Mutex<syncblock_engine::sim::SimDisk>>,
+    latency: std::time::Duration,
+) -> Store {
+    let dev = syncblock_engine::sim::SimDevice::new(disk.clone()).with_latency(latency, 7);
+    Store::open_device_async(Box::new(dev), on_this_runtime(), "sim").await.unwrap()
+}
+
 #[test]
 fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write() {
     use std::time::Duration;
     use syncblock_engine::sim::{SimDevice, SimDisk};
     let disk = sim_disk(64 << 20, 1 << 20);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = paused_rt();
     rt.block_on(async {
-        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_micros(400), 7);
-        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let store = open_with_latency(&disk, Duration::from_micros(400)).await;
         let vol = store.create_volume("v", 16 << 20).await.unwrap();
         let t0 = tokio::time::Instant::now();
         store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), true).await.unwrap();
@@ -250,8 +267,8 @@ fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write(
         };
         w.await.unwrap().unwrap();
         let crashed = SimDisk::new(image);
-        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-        let reopened = Store::open_device_async(Box::new(SimDevice::new(crashed)), cfg, "sim").await.unwrap();
+        let reopened =
+            Store::open_device_async(Box::new(SimDevice::new(crashed)), on_this_runtime(), "sim").await.unwrap();
         let v = reopened.volume("v").await.unwrap();
         let first = reopened.read(v.id, 0, BLOCK_BYTES as u64).await.unwrap();
         assert_eq!(&first[..], &pattern(1, BLOCK_BYTES)[..], "the durable write survives");
@@ -267,11 +284,9 @@ fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_dur
     use std::time::Duration;
     use syncblock_engine::sim::{SimDevice, SimDisk};
     let disk = sim_disk(64 << 20, 1 << 20);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = paused_rt();
     rt.block_on(async {
-        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_micros(400), 7);
-        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let store = open_with_latency(&disk, Duration::from_micros(400)).await;
         let vol = store.create_volume("v", 16 << 20).await.unwrap();
         let data = pattern(1, 2 * BLOCK_BYTES);
         let t0 = tokio::time::Instant::now();
@@ -288,9 +303,8 @@ fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_dur
         assert!(t0.elapsed() >= Duration::from_micros(100), "the flush waited for the log write");
         let after_flush = crash_image();
         for (image, expect_data) in [(before_flush, false), (after_flush, true)] {
-            let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-            let reopened =
-                Store::open_device_async(Box::new(SimDevice::new(SimDisk::new(image))), cfg, "sim").await.unwrap();
+            let dev = Box::new(SimDevice::new(SimDisk::new(image)));
+            let reopened = Store::open_device_async(dev, on_this_runtime(), "sim").await.unwrap();
             let v = reopened.volume("v").await.unwrap();
             let got = reopened.read(v.id, 4096, 2 * BLOCK_BYTES as u64).await.unwrap();
             if expect_data {
@@ -307,13 +321,10 @@ fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_dur
 fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
     use std::time::Duration;
     use syncblock_engine::core::WRITE_BACK_MAX_BLOCKS;
-    use syncblock_engine::sim::SimDevice;
     let disk = sim_disk(256 << 20, 4 << 20);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    let rt = paused_rt();
     rt.block_on(async {
-        let cfg = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-        let dev = SimDevice::new(disk.clone()).with_latency(Duration::from_millis(5), 7);
-        let store = Store::open_device_async(Box::new(dev), cfg, "sim").await.unwrap();
+        let store = open_with_latency(&disk, Duration::from_millis(5)).await;
         let vol = store.create_volume("v", 128 << 20).await.unwrap();
         // 1 MiB writes: the budget holds exactly this many before any log write completes.
         let per_write = 256u64;

@@ -199,9 +199,10 @@ fn damaged_newest_checkpoint_falls_back_to_the_older_one() {
     }
 }
 
-#[test]
-fn failed_write_poisons_the_store_and_reopen_recovers() {
-    let rt = rt();
+/// A store with one durable block (block 0, returned) on a device whose writes fail from now on.
+fn one_durable_block_then_failing_writes(
+    rt: &tokio::runtime::Runtime,
+) -> (Arc<Mutex<SimDisk>>, Store, syncblock_engine::VolumeInfo, Vec<u8>) {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
@@ -209,6 +210,13 @@ fn failed_write_poisons_the_store_and_reopen_recovers() {
     rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
     let n = disk.lock().unwrap().n_writes;
     disk.lock().unwrap().fail_writes_from = Some(n);
+    (disk, store, vol, a)
+}
+
+#[test]
+fn failed_write_poisons_the_store_and_reopen_recovers() {
+    let rt = rt();
+    let (disk, store, vol, a) = one_durable_block_then_failing_writes(&rt);
     let e = rt.block_on(store.write(vol.id, BB as u64, Bytes::from(pattern(2, BB)), false)).unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e}");
     disk.lock().unwrap().fail_writes_from = None;
@@ -229,13 +237,7 @@ fn failed_write_poisons_the_store_and_reopen_recovers() {
 #[test]
 fn a_failed_log_write_behind_a_write_back_answer_fails_the_next_flush() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    let a = pattern(1, BB);
-    rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
-    let n = disk.lock().unwrap().n_writes;
-    disk.lock().unwrap().fail_writes_from = Some(n);
+    let (disk, store, vol, a) = one_durable_block_then_failing_writes(&rt);
     // Answered once queued: the failure is not known yet.
     rt.block_on(store.write_back(vol.id, BB as u64, Bytes::from(pattern(2, BB)))).unwrap();
     // The flush that would make it durable reports the failure instead of success.
