@@ -25,7 +25,7 @@
 //! [replication]
 //! node = "a"                   # this node's name at the witness and in its peer's logs
 //! witness = "10.0.0.3:7100"
-//! timeout_ms = 2000
+//! timeout_ms = 1000
 //! admin = "127.0.0.1:7200"     # for `syncblock status`, `promote`, `verify`
 //!
 //! [[volume]]
@@ -78,14 +78,14 @@ pub enum ReplRole {
     Secondary,
 }
 
-/// What the primary does while its peer is away (see `syncblock_replicator::Policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+/// What the primary does while its peer is away (see `syncblock_replicator::Policy`). Not given:
+/// degrade with a witness, strict without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplPolicy {
-    /// Writes wait until the peer is back and resynced: RPO = 0 always.
-    #[default]
+    /// Writes wait until the peer is back and resynced: RPO = 0 always; no automatic failover.
     Strict,
-    /// Continue alone, only with the witness's consent.
+    /// Continue alone, only with the witness's consent; a node promoted by failover serves alone.
     Degrade,
 }
 
@@ -100,7 +100,8 @@ pub struct ReplVolume {
     pub peer: Option<SocketAddr>,
     /// This node's replication listener, where the primary connects while this node is secondary.
     pub listen: Option<SocketAddr>,
-    pub policy: ReplPolicy,
+    /// `None`: the default for the node (degrade with a witness, strict without).
+    pub policy: Option<ReplPolicy>,
     /// Promote this node automatically when its primary is gone and the witness agrees (only with
     /// a witness).
     pub auto_failover: bool,
@@ -136,7 +137,7 @@ pub struct ReplNodeOptions {
 /// Default node name (in logs and at the witness).
 pub const DEFAULT_NODE: &str = "syncblock";
 /// Default heartbeat timeout: see `syncblock_replicator::ReplConfig::timeout`.
-pub const DEFAULT_REPL_TIMEOUT_MS: u64 = 2000;
+pub const DEFAULT_REPL_TIMEOUT_MS: u64 = 1000;
 
 /// A volume to create if the store lacks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,8 +227,7 @@ struct FileReplicate {
     role: ReplRole,
     peer: Option<SocketAddr>,
     listen: Option<SocketAddr>,
-    #[serde(default)]
-    policy: ReplPolicy,
+    policy: Option<ReplPolicy>,
     #[serde(default = "yes")]
     auto_failover: bool,
 }
@@ -491,7 +491,7 @@ auto_failover = false
             role: ReplRole::Primary,
             peer: Some("10.0.0.2:7000".parse().unwrap()),
             listen: None,
-            policy: ReplPolicy::Strict,
+            policy: None,
             auto_failover: true,
         };
         let logs = ReplVolume {
@@ -499,18 +499,18 @@ auto_failover = false
             role: ReplRole::Secondary,
             peer: None,
             listen: Some("0.0.0.0:7001".parse().unwrap()),
-            policy: ReplPolicy::Degrade,
+            policy: Some(ReplPolicy::Degrade),
             auto_failover: false,
         };
         assert_eq!(file.replicate, vec![db.clone(), logs.clone()]);
         let s = file.clone().resolve();
-        assert_eq!((s.node.as_str(), s.repl_timeout_ms), ("a", 2000));
+        assert_eq!((s.node.as_str(), s.repl_timeout_ms), ("a", DEFAULT_REPL_TIMEOUT_MS));
         assert_eq!(s.witness, Some("10.0.0.3:7100".parse().unwrap()));
         let r = s.replicated_volumes(Some("db")).unwrap();
         assert_eq!(r.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["db", "logs"]);
 
         // Flags naming `logs` replace its file settings; the other volume keeps its own.
-        let flag_logs = ReplVolume { policy: ReplPolicy::Strict, ..logs.clone() };
+        let flag_logs = ReplVolume { policy: Some(ReplPolicy::Strict), ..logs.clone() };
         let flags = ServeOptions {
             replicate: vec![flag_logs.clone()],
             replication: ReplNodeOptions { timeout_ms: Some(500), ..ReplNodeOptions::default() },
@@ -561,7 +561,7 @@ auto_failover = false
         assert_eq!(opts.read_only, vec!["golden".to_string()]);
         assert_eq!(opts.store, Some("/etc/syncblock/data/store.img".into()));
         assert_eq!(opts.replicate.len(), 1);
-        assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, ReplPolicy::Degrade));
+        assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, Some(ReplPolicy::Degrade)));
         assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
         assert_eq!(opts.write_back, Some(true));
         assert_eq!(opts.zero_fill, Some(true));

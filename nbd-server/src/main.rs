@@ -100,10 +100,13 @@ enum Command {
         /// File holding the witness's decisions (created if missing).
         #[arg(long, default_value = "syncblock-data/witness.state")]
         state: PathBuf,
-        /// A primary silent for this long may be replaced (keep it equal to the nodes'
-        /// --repl-timeout-ms).
-        #[arg(long, default_value = "2000", value_name = "MS")]
-        timeout_ms: u64,
+        /// The lease a primary holds: it may acknowledge writes alone (degrade policy) for this
+        /// long after sending a request the witness answered, and the witness hands its role to
+        /// another node only after 1.5 leases without a report from it. Failover after a
+        /// primary's crash takes about 1.5 leases (docs/replication.md, "Failover time").
+        #[arg(long, alias = "timeout-ms", default_value = "500", value_name = "MS",
+              value_parser = clap::value_parser!(u64).range(20..=600_000))]
+        lease_ms: u64,
     },
     /// Print a node's replication status as JSON (role, epoch, peer, lag in tags and bytes, RPO,
     /// resync and verify progress).
@@ -179,14 +182,15 @@ struct ReplArgs {
     /// This node's name in logs, at the witness and in its peer's messages [default: syncblock].
     #[arg(long)]
     node: Option<String>,
-    /// Heartbeat timeout: a silent link is declared dead after this long [default: 2000].
+    /// Heartbeat timeout: a silent link is declared dead after this long [default: 1000].
     #[arg(long, value_name = "MS")]
     repl_timeout_ms: Option<u64>,
     /// The witness (`syncblock witness`): grants epochs, solo operation and failover.
     #[arg(long)]
     witness: Option<SocketAddr>,
-    /// What the primary does while its peer is away: wait (strict, RPO = 0) or continue alone
-    /// with the witness's consent (degrade) [default: strict].
+    /// What the primary does while its peer is away: wait (strict, RPO = 0, no automatic
+    /// failover) or continue alone with the witness's consent (degrade) [default: degrade with
+    /// --witness, strict without].
     #[arg(long, value_enum, requires = "role")]
     policy: Option<ReplPolicy>,
     /// Do not promote this node automatically when its primary is gone (with a witness, it does
@@ -206,7 +210,7 @@ impl ReplArgs {
             role,
             peer: self.peer,
             listen: self.repl_listen,
-            policy: self.policy.unwrap_or_default(),
+            policy: self.policy,
             auto_failover: !self.no_auto_failover,
         });
         let node = ReplNodeOptions {
@@ -306,7 +310,7 @@ fn main() -> Result<()> {
             drop(rt);
             res.and(closed_a).and(closed_b)
         }
-        Command::Witness { listen, state, timeout_ms } => {
+        Command::Witness { listen, state, lease_ms } => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async {
                 if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -317,9 +321,9 @@ fn main() -> Result<()> {
                 println!("witness on {}", l.local_addr()?);
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
-                let timeout = std::time::Duration::from_millis(timeout_ms);
+                let lease = std::time::Duration::from_millis(lease_ms);
                 tokio::select! {
-                    r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, timeout) => r.context("witness"),
+                    r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, lease) => r.context("witness"),
                     _ = shutdown_signal() => Ok(()),
                 }
             })
@@ -412,7 +416,7 @@ async fn pair(
     let witness_task = tokio::spawn(syncblock_replicator::witness::run(
         syncblock_replicator::net::tcp_listener(wl),
         state_path,
-        timeout,
+        syncblock_replicator::witness::DEFAULT_LEASE,
     ));
     println!("witness (in-process) on {witness}");
     if b.volume(DEFAULT_VOLUME).await.is_err() {
@@ -425,7 +429,7 @@ async fn pair(
         repl_listen: loopback,
         peer: loopback,
         auto_failover: false,
-        repl: repl_config("secondary", Some(witness), timeout, ReplPolicy::Strict),
+        repl: repl_config("secondary", Some(witness), timeout, None),
     };
     let sec = syncblock_replicator::Node::start(b, ncfg, syncblock_replicator::Role::Secondary)
         .await
@@ -446,7 +450,7 @@ async fn pair(
             role: ReplRole::Primary,
             peer: Some(sec_addr),
             listen: None,
-            policy: ReplPolicy::Strict,
+            policy: None,
             auto_failover: false,
         }],
         ..ServeOptions::default()
@@ -474,9 +478,17 @@ async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
     if st.epoch == 0 || st.role != syncblock_replicator::Role::Primary {
         return Ok(());
     }
+    use syncblock_replicator::witness::{Record, WitnessState};
     let record =
-        syncblock_replicator::witness::Record { epoch: st.epoch, primary: PAIR_PRIMARY_NODE.into(), solo: false };
-    let records = std::collections::BTreeMap::from([(DEFAULT_VOLUME.to_string(), record)]);
+        Record { volume: DEFAULT_VOLUME.into(), epoch: st.epoch, primary: PAIR_PRIMARY_NODE.into(), solo: false };
+    let mut records = WitnessState::default();
+    if st.pair == 0 {
+        // Stores from before pair ids: the witness binds the record to the pair at its first
+        // report.
+        records.unbound.insert(DEFAULT_VOLUME.into(), record);
+    } else {
+        records.pairs.insert(st.pair, record);
+    }
     syncblock_replicator::witness::save(state_path, &records)
         .with_context(|| format!("writing the witness state {}", state_path.display()))?;
     tracing::warn!(
@@ -487,22 +499,28 @@ async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A node's replication settings; `policy` not given is the default for it (degrade with a
+/// witness, strict without).
 fn repl_config(
     node: &str,
     witness: Option<SocketAddr>,
     timeout: std::time::Duration,
-    policy: ReplPolicy,
+    policy: Option<ReplPolicy>,
 ) -> syncblock_replicator::ReplConfig {
+    let defaults = syncblock_replicator::ReplConfig::default();
     syncblock_replicator::ReplConfig {
         node: node.into(),
         timeout,
-        heartbeat: (timeout / 4).max(std::time::Duration::from_millis(10)),
+        // Eight heartbeats per timeout, and never fewer than the default's: the heartbeat also
+        // renews the witness's lease.
+        heartbeat: (timeout / 8).clamp(std::time::Duration::from_millis(10), defaults.heartbeat),
         witness,
         policy: match policy {
-            ReplPolicy::Strict => syncblock_replicator::Policy::Strict,
-            ReplPolicy::Degrade => syncblock_replicator::Policy::Degrade,
+            Some(ReplPolicy::Strict) => syncblock_replicator::Policy::Strict,
+            Some(ReplPolicy::Degrade) => syncblock_replicator::Policy::Degrade,
+            None => syncblock_replicator::Policy::default_for(witness.is_some()),
         },
-        ..Default::default()
+        ..defaults
     }
 }
 
@@ -531,7 +549,7 @@ async fn serve(store: Store, settings: ServeSettings) -> Result<()> {
     // Every node started is stopped on the way out, also when a later one fails to start.
     let mut nodes = Vec::new();
     let res = match start_replication(&store, &settings, default_export.as_deref(), &mut nodes).await {
-        Ok(replicated) => serve_nbd(store, &list, &settings, default_export, replicated).await,
+        Ok(replicated) => serve_nbd(store, &list, &settings, default_export, replicated, &nodes).await,
         Err(e) => Err(e),
     };
     stop_all(&nodes).await;
@@ -600,6 +618,7 @@ async fn serve_nbd(
     settings: &ServeSettings,
     default_export: Option<String>,
     replicated: std::collections::HashMap<syncblock_engine::VolumeId, syncblock_replicator::Node>,
+    nodes: &[syncblock_replicator::Node],
 ) -> Result<()> {
     let (listen, unix, read_only) = (settings.listen, settings.unix.clone(), settings.read_only.clone());
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
@@ -634,9 +653,31 @@ async fn serve_nbd(
     let _ = std::io::stdout().flush();
     let write_back = settings.write_back;
     let config = ServerConfig { default_export, read_only, replicated, write_back, ..ServerConfig::default() };
-    syncblock_nbd::serve(store, config, listeners, shutdown_signal()).await?;
+    let nodes = nodes.to_vec();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // The server now finishes the requests in flight; a write waiting for an absent peer
+        // (strict policy, or no solo grant) would hold that forever. After the grace period,
+        // replication stops and such writes fail (ESHUTDOWN): never acknowledged, never hung.
+        if !nodes.is_empty() {
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                tracing::warn!(
+                    "still finishing requests {SHUTDOWN_GRACE:?} after the stop signal: stopping replication; \
+                     writes still waiting for the peer fail"
+                );
+                stop_all(&nodes).await;
+            });
+        }
+    };
+    syncblock_nbd::serve(store, config, listeners, shutdown).await?;
     Ok(())
 }
+
+/// How long a stopping node lets requests in flight finish before it fails those still waiting
+/// for the peer: long enough for a healthy peer's acknowledgements and a resync's last window,
+/// short enough for a supervisor's stop timeout (systemd's default is 90 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long `status` and `promote` wait for the node's answer.
 const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -740,22 +781,51 @@ fn admin_command(admin: SocketAddr, line: &str, timeout: std::time::Duration, re
     Ok(out)
 }
 
-/// Sends one admin command and returns the answer line.
+/// Sends one admin command and returns the answer (one JSON object per line).
 async fn admin_call(admin: SocketAddr, cmd: &str, timeout: std::time::Duration) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(admin).await?;
-        s.write_all(format!("{cmd}\n").as_bytes()).await?;
-        let mut out = String::new();
-        s.take(1 << 20).read_to_string(&mut out).await?;
-        Ok::<_, std::io::Error>(out.trim().to_string())
+        // Something else on the port may close before reading the command, or answer first.
+        let _ = s.write_all(format!("{cmd}\n").as_bytes()).await;
+        let mut out = Vec::new();
+        // Reading stops at the bound, or when the peer closes; a connection reset after an
+        // answer of another protocol still leaves that answer to be judged.
+        let _ = (&mut s).take(ADMIN_ANSWER_MAX_BYTES).read_to_end(&mut out).await;
+        Ok::<_, std::io::Error>(out)
     };
-    tokio::time::timeout(timeout, fut)
+    let out = tokio::time::timeout(timeout, fut)
         .await
         .with_context(|| format!("admin endpoint {admin} did not answer"))?
         .with_context(|| {
             format!("talking to the admin endpoint {admin}; likely cause: the node is not running or has no --admin")
-        })
+        })?;
+    admin_answer_text(admin, &out)
+}
+
+/// Longest admin answer read: a status line per replicated volume, a verify report's ranges.
+const ADMIN_ANSWER_MAX_BYTES: u64 = 1 << 20;
+
+/// The admin answer in `bytes`, or why it is not one: every answer is one or more JSON objects,
+/// one per line, so anything else (an NBD greeting, a witness or a replication port closing on
+/// the command) is another service on that port.
+fn admin_answer_text(admin: SocketAddr, bytes: &[u8]) -> Result<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let text = text.trim();
+    let is_object = |l: &str| l.starts_with('{') && l.ends_with('}');
+    if !text.is_empty() && text.lines().all(is_object) {
+        return Ok(text.to_string());
+    }
+    let seen = if text.is_empty() {
+        "it closed the connection without answering".to_string()
+    } else {
+        let shown: String = text.chars().take(40).map(|c| if c.is_control() { '.' } else { c }).collect();
+        format!("it answered {shown:?}")
+    };
+    bail!(
+        "{admin} is not a syncblock admin endpoint ({seen}); likely cause: --admin points at the NBD, \
+         replication or witness port instead of the node's --admin address"
+    )
 }
 
 async fn shutdown_signal() {
@@ -798,4 +868,21 @@ async fn volume(store: &Store, command: VolumeCommand) -> Result<()> {
     }
     store.flush().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_that_is_not_json_lines_comes_from_another_service() {
+        let at: SocketAddr = "127.0.0.1:7200".parse().unwrap();
+        let status = "{\"role\":\"primary\"}\n{\"role\":\"secondary\"}\n";
+        assert_eq!(admin_answer_text(at, status.as_bytes()).unwrap(), status.trim());
+        // An NBD server's greeting, a port that closes without a word, a witness's binary refusal.
+        for other in [&b"NBDMAGICIHAVEOPT\x00\x03"[..], b"", b"SBRP\x04\x00\x03\x00"] {
+            let e = admin_answer_text(at, other).unwrap_err().to_string();
+            assert!(e.contains("is not a syncblock admin endpoint") && e.contains("--admin"), "{e}");
+        }
+    }
 }

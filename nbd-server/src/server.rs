@@ -550,7 +550,7 @@ fn repl_errno(err: &ReplError, command: u16) -> u32 {
     match err {
         ReplError::Engine(e) => nbd_errno(e, command),
         ReplError::Stopped(_) => proto::ESHUTDOWN,
-        ReplError::Refused(_) | ReplError::Wire(_) | ReplError::Io(_) => proto::EIO,
+        ReplError::Refused { .. } | ReplError::Invalid(_) | ReplError::Wire(_) | ReplError::Io(_) => proto::EIO,
         _ => proto::EIO,
     }
 }

@@ -230,8 +230,12 @@ impl Lab {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
+    /// The witness's records, one line each: `volume epoch primary solo`.
     fn witness_state(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("witness.state")).unwrap_or_default()
+        let text = std::fs::read_to_string(self.dir.path().join("witness.state")).unwrap_or_default();
+        let Ok(state) = syncblock_replicator::witness::decode_state(&text) else { return text };
+        let records = state.pairs.values().chain(state.unbound.values());
+        records.map(|r| format!("{} {} {} {}\n", r.volume, r.epoch, r.primary, r.solo)).collect()
     }
 }
 
@@ -293,27 +297,31 @@ fn witness(lab: &Lab) -> Proc {
 fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
     let peer = if host == A { B } else { A };
     let store = lab.dir.path().join(format!("{}.img", host.tag()));
-    let p = spawn(
-        lab,
-        host,
-        &format!("{}.log", host.tag()),
-        &[
-            "--store",
-            store.to_str().unwrap(),
-            "serve",
-            "--size=1GiB",
-            "--volume=vol:64MiB",
-            "--listen=127.0.0.1:10809",
-            &format!("--role={role}"),
-            &format!("--repl-listen={}:{REPL_PORT}", addr(host, peer)),
-            &format!("--peer={}:{REPL_PORT}", addr(peer, host)),
-            &format!("--witness={}:{WITNESS_PORT}", addr(W, host)),
-            &format!("--policy={policy}"),
-            &format!("--node={}", host.tag()),
-            &format!("--repl-timeout-ms={TIMEOUT_MS}"),
-            &format!("--admin={ADMIN}"),
-        ],
-    );
+    let mut args: Vec<String> = [
+        "--store",
+        store.to_str().unwrap(),
+        "serve",
+        "--size=1GiB",
+        "--volume=vol:64MiB",
+        "--listen=127.0.0.1:10809",
+        &format!("--role={role}"),
+        &format!("--repl-listen={}:{REPL_PORT}", addr(host, peer)),
+        &format!("--peer={}:{REPL_PORT}", addr(peer, host)),
+        &format!("--witness={}:{WITNESS_PORT}", addr(W, host)),
+        &format!("--policy={policy}"),
+        &format!("--node={}", host.tag()),
+        &format!("--repl-timeout-ms={TIMEOUT_MS}"),
+        &format!("--admin={ADMIN}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    if policy == "strict" {
+        // Strict waits for the peer, so it goes without automatic failover (refused otherwise).
+        args.push("--no-auto-failover".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = spawn(lab, host, &format!("{}.log", host.tag()), &args);
     p.wait_line("admin endpoint on ");
     p.wait_line("nbd://");
     p

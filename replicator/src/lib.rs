@@ -29,11 +29,16 @@ use std::time::Duration;
 pub struct ReplConfig {
     /// This node's name, for logs and the peer's messages.
     pub node: String,
-    /// How often the primary sends a heartbeat.
+    /// How often the primary sends a heartbeat on the link and reports to the witness. 125 ms:
+    /// a quarter of the witness's default lease, so a lease survives three lost reports.
     pub heartbeat: Duration,
-    /// A link that carries nothing for this long is declared dead. 2 s: four missed heartbeats,
-    /// long enough to ride out a scheduling hiccup on a loaded 2-core machine, short enough that a
-    /// failover stays well inside the 5 s target.
+    /// A link that carries nothing for this long is declared dead. 1 s: eight missed
+    /// heartbeats, long enough to ride out a scheduling hiccup on a loaded 2-core machine. It
+    /// only matters when a host dies without closing its sockets (a power cut): a crashed
+    /// process's connections close at once, and failover then waits only for the witness's
+    /// takeover window (`witness::takeover_window`). A link declared dead wrongly costs a
+    /// reconnection and a short resync, never a failover: that needs the witness to have lost
+    /// the primary's reports too.
     pub timeout: Duration,
     /// Pause between reconnection attempts.
     pub reconnect: Duration,
@@ -59,23 +64,44 @@ impl std::fmt::Debug for ReplConfig {
 }
 
 /// What a primary does when its peer is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
-    /// Writes wait until the peer is back and resynced: RPO = 0 always.
-    #[default]
+    /// Writes wait until the peer is back and resynced: RPO = 0 always, and no automatic
+    /// failover (a survivor promoted under this policy could never write: its peer is the node
+    /// that died). The default without a witness.
     Strict,
     /// After the heartbeat timeout, continue alone if (and only while) the witness consents,
-    /// tracking by tag what the peer misses; the peer is then not promotable until resynced.
+    /// tracking by tag what the peer misses; the peer is then not promotable until resynced. A
+    /// node promoted by failover serves alone the same way. The default with a witness.
     Degrade,
+}
+
+impl Policy {
+    /// The default: degrade with a witness (automatic failover then yields a primary that
+    /// serves), strict without one (the degrade policy needs the witness's consent).
+    pub fn default_for(witness: bool) -> Policy {
+        if witness {
+            Policy::Degrade
+        } else {
+            Policy::Strict
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Strict => "strict",
+            Policy::Degrade => "degrade",
+        }
+    }
 }
 
 impl Default for ReplConfig {
     fn default() -> Self {
         ReplConfig {
             node: "syncblock".into(),
-            heartbeat: Duration::from_millis(500),
-            timeout: Duration::from_secs(2),
-            reconnect: Duration::from_millis(250),
+            heartbeat: Duration::from_millis(125),
+            timeout: Duration::from_secs(1),
+            reconnect: Duration::from_millis(100),
             witness: None,
             policy: Policy::Strict,
             net: net::tcp(),
@@ -91,12 +117,30 @@ pub enum ReplError {
     Engine(#[from] syncblock_engine::Error),
     #[error("replication stopped: {0}")]
     Stopped(String),
+    /// The peer or the witness said no: `why` is what code decides on, `reason` the message.
+    #[error("{reason}")]
+    Refused { why: wire::Refusal, reason: String },
+    /// This node refuses: the request conflicts with its configuration or its state.
     #[error("{0}")]
-    Refused(String),
+    Invalid(String),
     #[error("wire: {0}")]
     Wire(#[from] wire::WireError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl ReplError {
+    pub fn refused(why: wire::Refusal, reason: impl Into<String>) -> ReplError {
+        ReplError::Refused { why, reason: reason.into() }
+    }
+
+    /// The refusal, if the peer or the witness refused.
+    pub fn refusal(&self) -> Option<wire::Refusal> {
+        match self {
+            ReplError::Refused { why, .. } => Some(*why),
+            _ => None,
+        }
+    }
 }
 
 pub type Result<T, E = ReplError> = std::result::Result<T, E>;

@@ -15,8 +15,9 @@ use tokio::sync::watch;
 use crate::primary::{Primary, PrimaryStatus};
 use crate::secondary::{Secondary, SecondaryStatus};
 use crate::state::{ReplState, Role};
-use crate::wire::Frame;
-use crate::{ReplConfig, ReplError, Result};
+use crate::wire::{Frame, Refusal};
+use crate::witness::Grant;
+use crate::{Policy, ReplConfig, ReplError, Result};
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -90,7 +91,8 @@ impl NodeStatus {
         match self {
             NodeStatus::Primary(p) => format!(
                 concat!(
-                    "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"last_tag\":{},",
+                    "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"policy\":\"{}\",\"last_tag\":{},",
+                    "\"waiting\":{{\"writes\":{},\"oldest_secs\":{}}},",
                     "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
                     "\"solo\":{},\"last_error\":{}}},",
                     "\"lag_tags\":{},\"lag_bytes\":{},\"rpo_zero\":{},",
@@ -99,7 +101,10 @@ impl NodeStatus {
                 ),
                 p.volume,
                 p.epoch,
+                p.policy.name(),
                 p.last_tag,
+                p.waiting,
+                p.waiting_oldest.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
                 p.peer.connected,
                 p.peer.in_sync,
                 p.peer.applied,
@@ -146,10 +151,16 @@ impl Node {
             tracing::warn!(volume = %cfg.volume, "starting as {role:?}, the role this store last had (not {initial:?})");
         }
         if cfg.auto_failover && cfg.repl.witness.is_none() {
-            return Err(ReplError::Refused("automatic failover needs a witness (--witness)".into()));
+            return Err(ReplError::Invalid("automatic failover needs a witness (--witness)".into()));
         }
-        if cfg.repl.policy == crate::Policy::Degrade && cfg.repl.witness.is_none() {
-            return Err(ReplError::Refused("the degrade policy needs a witness (--witness)".into()));
+        if cfg.repl.policy == Policy::Degrade && cfg.repl.witness.is_none() {
+            return Err(ReplError::Invalid("the degrade policy needs a witness (--witness)".into()));
+        }
+        if cfg.repl.policy == Policy::Strict && cfg.auto_failover {
+            return Err(ReplError::Invalid(
+                "the strict policy waits for the peer, and after an automatic failover the peer is the node                  that died: the new primary could never write. Use the default policy (degrade: the survivor                  serves alone with the witness's consent) or add --no-auto-failover (promote by hand)"
+                    .into(),
+            ));
         }
         let node = Node {
             inner: Arc::new(Inner {
@@ -164,7 +175,7 @@ impl Node {
         };
         match role {
             Role::Primary if node.inner.cfg.repl.witness.is_some() => node.restart_as_primary().await?,
-            Role::Primary => node.become_primary(None, false).await?,
+            Role::Primary => node.become_primary(None).await?,
             Role::Secondary => node.become_secondary().await?,
         }
         Ok(node)
@@ -177,28 +188,30 @@ impl Node {
         let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
         if state.epoch == 0 {
             // First start ever: the primary's first report registers it at the witness.
-            return self.become_primary(None, false).await;
+            return self.become_primary(None).await;
         }
         let witness = self.inner.cfg.repl.witness.expect("checked by the caller");
         let req = Frame::WitnessPromote {
+            pair: state.pair,
             volume: self.inner.cfg.volume.clone(),
             node: self.inner.cfg.repl.node.clone(),
             epoch: state.epoch,
             consistent: crate::state::consistent_replica(&info),
             force: false,
+            reclaim: true,
         };
         let answer =
             crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout).await;
         match answer {
-            Ok(r) => self.become_primary(Some(r.epoch), r.solo).await,
-            Err(ReplError::Refused(why)) => {
-                tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({why}); starting as secondary");
+            Ok(grant) => self.become_primary(Some(grant)).await,
+            Err(e @ ReplError::Refused { .. }) => {
+                tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({e}); starting as secondary");
                 self.become_secondary().await
             }
             Err(e) => {
                 // Never act as primary without the witness's word: start as secondary. If this
-                // node still is the primary, its failover watcher asks again once the witness
-                // answers, and the witness renews its role with a fresh epoch.
+                // node still is the primary, its watcher asks again (a reclaim, never a takeover)
+                // once the witness answers, and the witness renews its role with a fresh epoch.
                 tracing::warn!(volume = %self.inner.cfg.volume, "witness unreachable ({e}); starting as secondary until it answers");
                 self.become_secondary().await
             }
@@ -249,27 +262,48 @@ impl Node {
 
     /// Takes the primary role: asks the witness for the next epoch (or, without one, takes it).
     pub async fn promote(&self, force: bool) -> Result<u64> {
+        self.promote_as(force, false).await
+    }
+
+    /// [`Node::promote`]; with `reclaim`, only if the witness still records this node as the
+    /// primary (a primary that restarted while the witness was away).
+    async fn promote_as(&self, force: bool, reclaim: bool) -> Result<u64> {
         let _g = self.inner.changing.lock().await;
         if let Some(p) = self.primary() {
             return Ok(p.epoch());
         }
         let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
-        let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
+        let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
         let consistent = crate::state::consistent_replica(&info);
         if !consistent && !force {
-            return Err(ReplError::Refused(format!(
+            return Err(ReplError::Invalid(format!(
                 "{} holds a half-applied resync and cannot be promoted",
                 self.inner.cfg.volume
             )));
         }
+        if state.pair == 0 && self.inner.cfg.repl.witness.is_some() {
+            if !force {
+                return Err(ReplError::Invalid(format!(
+                    "{} has never synced with a primary, so it belongs to no pair yet; promote it with \
+                     --force to start a new pair from its contents",
+                    self.inner.cfg.volume
+                )));
+            }
+            // A new pair, named now so the witness can record it.
+            state.pair = crate::wire::new_origin();
+            let floor = info.trim_floor.min(info.last_tag);
+            self.inner.store.set_repl(info.id, syncblock_engine::KEEP_LAST_TAG, floor, state.encode()).await?;
+        }
         let granted = match self.inner.cfg.repl.witness {
             Some(w) => {
                 let req = Frame::WitnessPromote {
+                    pair: state.pair,
                     volume: self.inner.cfg.volume.clone(),
                     node: self.inner.cfg.repl.node.clone(),
                     epoch: state.epoch,
                     consistent,
                     force,
+                    reclaim,
                 };
                 Some(crate::witness::ask(self.inner.cfg.repl.net.as_ref(), w, &req, self.inner.cfg.repl.timeout).await?)
             }
@@ -277,8 +311,7 @@ impl Node {
         };
         tracing::warn!(volume = %self.inner.cfg.volume, ?granted, "promoting this node to primary");
         self.stop_current().await;
-        let solo = granted.as_ref().is_some_and(|r| r.solo);
-        self.become_primary_locked(granted.map(|r| r.epoch), solo).await?;
+        self.become_primary_locked(granted).await?;
         Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
     }
 
@@ -302,7 +335,7 @@ impl Node {
     pub async fn verify(&self, repair: bool) -> Result<crate::primary::VerifyReport> {
         match self.primary() {
             Some(p) => p.verify(repair).await,
-            None => Err(ReplError::Refused(format!(
+            None => Err(ReplError::Invalid(format!(
                 "this node is not the primary of {}: run verify on the primary",
                 self.inner.cfg.volume
             ))),
@@ -329,20 +362,20 @@ impl Node {
         }
     }
 
-    async fn become_primary(&self, granted: Option<u64>, solo: bool) -> Result<()> {
+    async fn become_primary(&self, granted: Option<Grant>) -> Result<()> {
         let _g = self.inner.changing.lock().await;
-        self.become_primary_locked(granted, solo).await
+        self.become_primary_locked(granted).await
     }
 
     // Boxed: role changes start tasks that change roles again, and the compiler needs the cycle
     // of futures broken by a named, `Send` type.
-    fn become_primary_locked(&self, granted: Option<u64>, solo: bool) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.become_primary_inner(granted, solo))
+    fn become_primary_locked(&self, granted: Option<Grant>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.become_primary_inner(granted))
     }
 
-    async fn become_primary_inner(&self, granted: Option<u64>, solo: bool) -> Result<()> {
+    async fn become_primary_inner(&self, granted: Option<Grant>) -> Result<()> {
         let c = &self.inner.cfg;
-        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted, solo).await?;
+        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted).await?;
         // A primary keeps its replication port open: a newer primary that reaches it there (when
         // the witness cannot) tells it that it was deposed.
         match c.repl.net.bind(c.repl_listen).await {
@@ -389,7 +422,7 @@ impl Node {
         let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, c.repl.clone()).await?;
         *self.inner.current.lock().expect("role") = Current::Secondary(s.clone());
         self.inner.role_changes.send_modify(|n| *n += 1);
-        if c.auto_failover {
+        if c.repl.witness.is_some() {
             tokio::spawn(watch_primary(self.clone(), s));
         }
         Ok(())
@@ -414,10 +447,13 @@ async fn bind_retrying(net: &dyn crate::net::Net, addr: SocketAddr) -> Result<cr
     Err(last.expect("tried").into())
 }
 
-/// While this node is primary, answers connections on its replication port: a `Hello` from a
-/// newer epoch means another node was promoted, and this one is deposed (it then steps down and the
-/// newcomer resyncs it). Anything else is refused. Ends when the primary stops or is deposed.
+/// While this node is primary, answers connections on its replication port: a `Hello` of this
+/// pair from a newer epoch means another node was promoted, and this one is deposed (it then steps
+/// down and the newcomer resyncs it). Anything else is refused. Ends when the primary stops or is
+/// deposed. Each connection is handled on its own task, at most `SUCCESSOR_HANDSHAKES` at once, so
+/// a silent or slow client cannot keep a successor out.
 async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary, timeout: Duration) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(SUCCESSOR_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -425,43 +461,70 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
             a = listener.accept() => a,
         };
         let Ok((stream, from)) = accepted else { return };
-        let (mut rd, mut wr) = crate::net::split(stream);
-        match crate::link::read_frame(&mut rd, timeout).await {
-            Ok(Frame::Hello { epoch, node, .. }) if epoch > p.epoch() => {
-                let why = format!("{node} (at {from}) is primary in epoch {epoch}; this node's epoch is {}", p.epoch());
-                tracing::error!("deposed: {why}");
-                let _ =
-                    crate::link::write_frame(&mut wr, &Frame::Refuse { reason: "stepping down; retry".into() }).await;
-                p.depose(why);
-                return;
-            }
-            Ok(Frame::Hello { epoch, .. }) if epoch < p.epoch() => {
-                let reason = format!("stale epoch {epoch}: this node is primary in epoch {}", p.epoch());
-                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
-            }
-            Ok(Frame::Hello { epoch, node, .. }) => {
-                // The same epoch, taken by both nodes on their own: only without a witness (one
-                // was promoted by hand while the other was away). Neither can tell which is newer.
-                let reason = format!(
-                    "split brain: {node} and this node are both primary in epoch {epoch} (one was promoted \
-                     by hand while the other was away); run `syncblock demote` on the node whose writes \
-                     since then are to be discarded"
-                );
-                tracing::error!("{reason}");
-                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
-            }
-            Ok(_) => {
-                let reason = format!("this node is primary in epoch {}", p.epoch());
-                let _ = crate::link::write_frame(&mut wr, &Frame::Refuse { reason }).await;
-            }
-            Err(_) => {}
-        }
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%from, "replication port: {SUCCESSOR_HANDSHAKES} handshakes in progress; dropping one more");
+            continue;
+        };
+        let p = p.clone();
+        tokio::spawn(async move {
+            answer_successor(stream, from, &p, timeout).await;
+            drop(permit);
+        });
     }
 }
 
-/// Automatic failover: while this node is secondary and its primary is gone (its link was lost),
-/// ask the witness to promote it, every half timeout, until it is promoted or the primary comes
-/// back. The witness decides whether the primary is really gone.
+/// Connections answered at once on a primary's replication port (a successor's hello, probes).
+const SUCCESSOR_HANDSHAKES: usize = 8;
+
+async fn answer_successor(stream: crate::net::BoxStream, from: SocketAddr, p: &Primary, timeout: Duration) {
+    let (mut rd, mut wr) = crate::net::split(stream);
+    let refuse = |why: Refusal, reason: String| Frame::Refuse { why, reason };
+    let answer = match crate::link::read_frame(&mut rd, timeout).await {
+        Ok(Frame::Hello { pair, node, .. }) if pair != p.pair() => {
+            tracing::warn!(%from, "refusing {node}: it belongs to pair {pair:016x}, this node to {:016x}", p.pair());
+            refuse(Refusal::WrongPair, format!("this node belongs to pair {:016x}, not {pair:016x}", p.pair()))
+        }
+        Ok(Frame::Hello { epoch, node, .. }) if epoch > p.epoch() => {
+            let why = format!("{node} (at {from}) is primary in epoch {epoch}; this node's epoch is {}", p.epoch());
+            tracing::error!("deposed: {why}");
+            p.depose(why);
+            refuse(Refusal::SteppingDown, "stepping down; retry".into())
+        }
+        Ok(Frame::Hello { epoch, .. }) if epoch < p.epoch() => refuse(
+            Refusal::Deposed { epoch: p.epoch() },
+            format!("stale epoch {epoch}: this node is primary in epoch {}", p.epoch()),
+        ),
+        Ok(Frame::Hello { epoch, node, .. }) => {
+            // The same epoch, taken by both nodes on their own: only without a witness (one
+            // was promoted by hand while the other was away). Neither can tell which is newer.
+            let reason = format!(
+                "split brain: {node} and this node are both primary in epoch {epoch} (one was promoted \
+                 by hand while the other was away); run `syncblock demote` on the node whose writes \
+                 since then are to be discarded"
+            );
+            tracing::error!("{reason}");
+            refuse(Refusal::SplitBrain { epoch }, reason)
+        }
+        Ok(other) => {
+            tracing::warn!(%from, "replication port: unexpected {other:?}; this node is primary");
+            refuse(Refusal::Protocol, format!("this node is primary in epoch {}", p.epoch()))
+        }
+        Err(e) => {
+            tracing::warn!(%from, "replication port: not a syncblock peer ({e}); connection dropped");
+            return;
+        }
+    };
+    let _ = crate::link::write_frame(&mut wr, &answer).await;
+}
+
+/// While this node is secondary and its primary is gone (its link was lost), ask the witness to
+/// promote it until it is promoted or the primary comes back. The witness decides whether the
+/// primary is really gone; when it says the primary reported too recently, it says when to ask
+/// again, so the takeover happens as soon as its window has passed.
+///
+/// Without automatic failover the watcher only *reclaims*: it asks to be primary only if the
+/// witness still records this node as the primary (a primary that restarted while the witness
+/// was unreachable started as secondary, and takes its role back once the witness answers).
 async fn watch_primary(node: Node, sec: Secondary) {
     let timeout = node.inner.cfg.repl.timeout;
     let mut status = sec.watch();
@@ -469,11 +532,12 @@ async fn watch_primary(node: Node, sec: Secondary) {
     let mut next_ask = Instant::now();
     let mut last_refusal = String::new();
     loop {
+        let wake = if status.borrow().connected { Instant::now() + timeout / 4 } else { next_ask };
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
             r = status.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(timeout / 4) => {}
+            _ = tokio::time::sleep_until(wake) => {}
         }
         // This secondary was replaced (promoted, or stopped): its watcher ends.
         let still_current = matches!(&*node.inner.current.lock().expect("role"), Current::Secondary(s) if s.same(&sec));
@@ -483,9 +547,15 @@ async fn watch_primary(node: Node, sec: Secondary) {
         if status.borrow().connected || Instant::now() < next_ask {
             continue;
         }
-        match node.promote(false).await {
+        // Without automatic failover, the watcher only reclaims this node's own role.
+        let reclaim = !node.inner.cfg.auto_failover;
+        match node.promote_as(false, reclaim).await {
             Ok(epoch) => {
-                tracing::warn!(volume = %node.inner.cfg.volume, epoch, "automatic failover: this node is now primary");
+                if reclaim {
+                    tracing::warn!(volume = %node.inner.cfg.volume, epoch, "the witness renewed this node's primary role");
+                } else {
+                    tracing::warn!(volume = %node.inner.cfg.volume, epoch, "automatic failover: this node is now primary");
+                }
                 return;
             }
             Err(e) => {
@@ -494,8 +564,18 @@ async fn watch_primary(node: Node, sec: Secondary) {
                     tracing::info!(volume = %node.inner.cfg.volume, "not taking over: {msg}");
                     last_refusal = msg;
                 }
-                next_ask = Instant::now() + timeout / 2;
+                next_ask = Instant::now()
+                    + match e.refusal() {
+                        Some(Refusal::PrimaryAlive { retry_after_ms }) => {
+                            Duration::from_millis(retry_after_ms).clamp(ASK_AGAIN_MIN, timeout)
+                        }
+                        _ => timeout / 2,
+                    };
             }
         }
     }
 }
+
+/// The shortest pause before asking the witness again when it named a time: enough to keep a
+/// clock mismatch from turning into a burst of requests.
+const ASK_AGAIN_MIN: Duration = Duration::from_millis(10);

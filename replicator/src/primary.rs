@@ -29,7 +29,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::link::{read_frame, write_encoded, write_frame};
 use crate::state::{ReplState, Role};
-use crate::wire::Frame;
+use crate::wire::{Frame, Refusal};
+use crate::witness::Grant;
 use crate::{ReplConfig, ReplError, Result};
 
 /// Frames queued on the link but not yet written. Each holds at most one client write (≤ 32 MiB,
@@ -210,6 +211,10 @@ impl PeerView {
 pub struct PrimaryStatus {
     pub volume: String,
     pub epoch: u64,
+    pub policy: crate::Policy,
+    /// Client operations waiting for the peer's confirmation, and how long the oldest has waited.
+    pub waiting: usize,
+    pub waiting_oldest: Option<Duration>,
     pub last_tag: u64,
     /// Bytes of writes the peer does not have in its log yet (see `Lag`).
     pub lag_bytes: u64,
@@ -356,6 +361,24 @@ struct Inner {
     /// One verify pass at a time.
     verifying: tokio::sync::Mutex<()>,
     lag: Mutex<Lag>,
+    /// Client operations waiting for the peer, by a serial in start order, with their start.
+    waiting: Mutex<BTreeMap<u64, Instant>>,
+    next_waiter: AtomicU64,
+}
+
+/// Log a warning while client operations have waited this long for the peer, and again every
+/// `WAIT_WARN_EVERY` while they still wait: under the strict policy (or without the witness's
+/// consent to go on alone) a write waits for the peer for as long as it is away.
+const WAIT_WARN_AFTER: Duration = Duration::from_secs(2);
+const WAIT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Removes a waiting operation from `Inner::waiting` however its wait ends.
+struct Waiting<'a>(&'a Inner, u64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.lock().expect("waiting").remove(&self.1);
+    }
 }
 
 /// The primary of one replicated volume. Cheap to clone.
@@ -379,8 +402,7 @@ impl Primary {
         volume_name: &str,
         peer_addr: SocketAddr,
         cfg: ReplConfig,
-        granted: Option<u64>,
-        solo_granted: bool,
+        granted: Option<Grant>,
     ) -> Result<Primary> {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
@@ -388,20 +410,30 @@ impl Primary {
         // must never assign the same (epoch, tag) to a different write.
         {
             if !crate::state::consistent_replica(&info) {
-                return Err(ReplError::Refused(format!(
+                return Err(ReplError::Invalid(format!(
                     "volume {volume_name} holds a half-applied resync; it cannot become primary: \
                      resync it from its peer first"
                 )));
             }
-            let epoch = granted.unwrap_or(state.epoch + 1);
+            let epoch = granted.as_ref().map_or(state.epoch + 1, |g| g.epoch);
             if epoch <= state.epoch {
-                return Err(ReplError::Refused(format!(
+                return Err(ReplError::Invalid(format!(
                     "granted epoch {epoch} is not newer than this node's epoch {}",
                     state.epoch
                 )));
             }
             state.begin_epoch(epoch, info.last_tag + 1, crate::wire::new_origin());
-            tracing::info!(volume = volume_name, epoch, "taking the primary role");
+            if state.pair == 0 {
+                // The pair's first primary names the pair; its secondary takes the id at the
+                // first sync, and the witness keys its record by it.
+                state.pair = crate::wire::new_origin();
+            }
+            tracing::info!(
+                volume = volume_name,
+                epoch,
+                pair = format!("{:016x}", state.pair),
+                "taking the primary role"
+            );
         }
         // Retain trims until the peer confirms it has them (the floor rises as it does). An
         // interrupted resync this node was receiving is dropped: its committed image is what it
@@ -413,8 +445,11 @@ impl Primary {
             .await?;
         // What the peer holds is unknown until it connects; counting what this node held at the
         // start as applied keeps `lag_tags` meaningful (acknowledgements only concern newer tags).
-        let solo_from_grant = solo_granted && cfg.policy == crate::Policy::Degrade && cfg.witness.is_some();
-        let cfg_timeout = cfg.timeout;
+        let solo_until = granted
+            .as_ref()
+            .filter(|g| g.solo && cfg.policy == crate::Policy::Degrade && cfg.witness.is_some())
+            .map(|g| g.valid_until);
+        let solo_from_grant = solo_until.is_some_and(|t| Instant::now() < t);
         let (peer, _) =
             watch::channel(PeerView { applied: info.last_tag, solo: solo_from_grant, ..PeerView::default() });
         let (stop, _) = watch::channel(false);
@@ -434,16 +469,19 @@ impl Primary {
             peer,
             state: Mutex::new(state),
             local_durable: Mutex::new(0),
-            solo_until: Mutex::new(solo_from_grant.then(|| Instant::now() + cfg_timeout)),
+            solo_until: Mutex::new(solo_until),
             stop,
             crc_waiters: Mutex::new(BTreeMap::new()),
             next_crc_id: AtomicU64::new(1),
             next_nonce: AtomicU64::new(0),
             verifying: tokio::sync::Mutex::new(()),
             lag: Mutex::new(Lag::default()),
+            waiting: Mutex::new(BTreeMap::new()),
+            next_waiter: AtomicU64::new(0),
         });
         tokio::spawn(run_links(inner.clone()));
         tokio::spawn(run_floor(inner.clone(), floor));
+        tokio::spawn(warn_while_waiting(inner.clone()));
         if let Some(w) = inner.cfg.witness {
             tokio::spawn(run_witness_reports(inner.clone(), w));
         }
@@ -498,12 +536,24 @@ impl Primary {
         self.inner.state.lock().expect("state").epoch
     }
 
+    /// The pair's id (see [`ReplState::pair`]).
+    pub fn pair(&self) -> u64 {
+        self.inner.state.lock().expect("state").pair
+    }
+
     pub async fn status(&self) -> PrimaryStatus {
         let last_tag = self.inner.seq.lock().await.next_tag - 1;
         let peer = self.inner.peer.borrow().clone();
+        let (waiting, waiting_oldest) = {
+            let w = self.inner.waiting.lock().expect("waiting");
+            (w.len(), w.values().next().map(|t| t.elapsed()))
+        };
         PrimaryStatus {
             volume: self.inner.name.clone(),
             epoch: self.inner.state.lock().expect("state").epoch,
+            policy: self.inner.cfg.policy,
+            waiting,
+            waiting_oldest,
             last_tag,
             lag_bytes: self.inner.lag.lock().expect("lag").bytes_after(peer.applied),
             peer,
@@ -616,7 +666,7 @@ impl Primary {
         self.check_role()?;
         let i = &self.inner;
         let Ok(_one) = i.verifying.try_lock() else {
-            return Err(ReplError::Refused("a verify pass is already running".into()));
+            return Err(ReplError::Invalid("a verify pass is already running".into()));
         };
         let link_gen = {
             let seq = i.seq.lock().await;
@@ -625,7 +675,7 @@ impl Primary {
                 v.connected && v.in_sync
             };
             if seq.link.is_none() || !in_sync {
-                return Err(ReplError::Refused(
+                return Err(ReplError::Invalid(
                     "verify needs a connected peer in sync; wait for the resync to finish (see `syncblock status`)"
                         .into(),
                 ));
@@ -657,6 +707,12 @@ impl Primary {
     /// policy this waits through disconnections: the write completes once the peer is back and
     /// resynced, and never before.
     async fn wait_peer(&self, tag: u64, durable: bool) -> Result<()> {
+        if self.inner.peer.borrow().confirms(tag, durable) {
+            return Ok(());
+        }
+        let serial = self.inner.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.inner.waiting.lock().expect("waiting").insert(serial, Instant::now());
+        let _waiting = Waiting(&self.inner, serial);
         let mut peer = self.inner.peer.subscribe();
         let mut stop = self.inner.stop.subscribe();
         tokio::select! {
@@ -692,9 +748,13 @@ async fn run_links(i: Arc<Inner>) {
         };
         if let Err(e) = r {
             let msg = e.to_string();
-            if msg.contains("stale epoch") {
-                tracing::error!(volume = %i.name, "deposed: {msg}");
-                i.peer.send_modify(|v| v.deposed = Some(msg.clone()));
+            if let Some(Refusal::Deposed { epoch }) = e.refusal() {
+                // Only a newer epoch proves a successor: anything else is a failed link.
+                let mine = i.state.lock().expect("state").epoch;
+                if epoch > mine {
+                    tracing::error!(volume = %i.name, "deposed: the peer has seen epoch {epoch} (this node's is {mine}): {msg}");
+                    i.peer.send_modify(|v| v.deposed = Some(msg.clone()));
+                }
             }
             if msg != last_error {
                 tracing::warn!(volume = %i.name, peer = %i.peer_addr, "replication link: {msg}");
@@ -717,6 +777,17 @@ async fn run_links(i: Arc<Inner>) {
     }
 }
 
+/// Whether a witness refusal proves this primary was deposed: only a newer epoch held by another
+/// node does. Anything else (the witness failing to record its state, a protocol error, a witness
+/// that lost its records) is treated like a witness that cannot be reached: it grants nothing, so
+/// a solo lease runs out, but it deposes nobody.
+fn deposed_by(i: &Inner, e: &ReplError) -> Option<String> {
+    match e.refusal() {
+        Some(Refusal::Deposed { epoch }) if epoch > i.state.lock().expect("state").epoch => Some(e.to_string()),
+        _ => None,
+    }
+}
+
 /// Reports to the witness every heartbeat; learns there if it was deposed; under the `degrade`
 /// policy asks to continue alone once the peer has been away for the timeout.
 async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
@@ -724,12 +795,14 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
     let mut away_since: Option<Instant> = None;
     let mut last_error = String::new();
     let mut first = true;
+    // Reports renew the lease: at least four per lease, whatever the heartbeat.
+    let mut period = i.cfg.heartbeat;
     loop {
         if !first {
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(i.cfg.heartbeat) => {}
+                _ = tokio::time::sleep(period) => {}
             }
         }
         first = false;
@@ -742,26 +815,32 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
             // witness hears that the pair is in sync.
             i.peer.send_modify(|v| v.solo = false);
         }
-        let epoch = i.state.lock().expect("state").epoch;
-        let report = Frame::WitnessReport { volume: i.name.clone(), node: i.cfg.node.clone(), epoch, in_sync };
-        let sent = Instant::now();
+        let (epoch, pair) = {
+            let s = i.state.lock().expect("state");
+            (s.epoch, s.pair)
+        };
+        let report = Frame::WitnessReport { pair, volume: i.name.clone(), node: i.cfg.node.clone(), epoch, in_sync };
         match crate::witness::ask(i.cfg.net.as_ref(), witness, &report, i.cfg.timeout).await {
-            Ok(_) => {
+            Ok(grant) => {
                 last_error.clear();
-                // Solo operation is a lease: valid for one timeout from the last request the
-                // witness answered (counted from when it was sent, so it ends before the witness,
+                period = i.cfg.heartbeat.min(grant.lease / 4).max(Duration::from_millis(5));
+                // Solo operation is a lease: valid for the witness's lease from the last request
+                // it answered (counted from when it was sent, so it ends before the witness,
                 // counting from when it received it, would let anyone take over).
-                *i.solo_until.lock().expect("solo") = Some(sent + i.cfg.timeout);
-            }
-            Err(ReplError::Refused(why)) => {
-                tracing::error!(volume = %i.name, "the witness says this primary was deposed: {why}");
-                i.peer.send_modify(|v| v.deposed = Some(why));
-                return;
+                *i.solo_until.lock().expect("solo") = Some(grant.valid_until);
             }
             Err(e) => {
-                let msg = e.to_string();
+                if let Some(why) = deposed_by(&i, &e) {
+                    tracing::error!(volume = %i.name, "the witness says this primary was deposed: {why}");
+                    i.peer.send_modify(|v| v.deposed = Some(why));
+                    return;
+                }
+                let msg = match e.refusal() {
+                    Some(_) => format!("the witness refuses ({e}); treated as unreachable"),
+                    None => format!("witness unreachable: {e}"),
+                };
                 if msg != last_error {
-                    tracing::warn!(volume = %i.name, "witness unreachable: {msg}");
+                    tracing::warn!(volume = %i.name, "{msg}");
                     last_error = msg;
                 }
             }
@@ -774,24 +853,62 @@ async fn run_witness_reports(i: Arc<Inner>, witness: SocketAddr) {
         away_since = if connected { None } else { away_since.or(Some(Instant::now())) };
         let away_long = away_since.is_some_and(|t| t.elapsed() >= i.cfg.timeout);
         if i.cfg.policy == crate::Policy::Degrade && away_long && !i.peer.borrow().solo {
-            let req = Frame::WitnessSolo { volume: i.name.clone(), node: i.cfg.node.clone(), epoch };
-            let sent = Instant::now();
+            let req = Frame::WitnessSolo { pair, volume: i.name.clone(), node: i.cfg.node.clone(), epoch };
             match crate::witness::ask(i.cfg.net.as_ref(), witness, &req, i.cfg.timeout).await {
-                Ok(_) => {
-                    *i.solo_until.lock().expect("solo") = Some(sent + i.cfg.timeout);
+                Ok(grant) if Instant::now() < grant.valid_until => {
+                    *i.solo_until.lock().expect("solo") = Some(grant.valid_until);
                     tracing::warn!(volume = %i.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
                     i.peer.send_modify(|v| v.solo = true);
                 }
-                Err(ReplError::Refused(why)) => {
-                    tracing::error!(volume = %i.name, "the witness refuses solo operation: {why}");
-                    if why.starts_with("stale") {
+                Ok(_) => tracing::warn!(volume = %i.name, "the witness's solo grant arrived after its lease ran out"),
+                Err(e) => {
+                    if let Some(why) = deposed_by(&i, &e) {
+                        tracing::error!(volume = %i.name, "the witness refuses solo operation: {why}");
                         i.peer.send_modify(|v| v.deposed = Some(why));
                         return;
                     }
+                    tracing::warn!(volume = %i.name, "no solo operation: {e}");
                 }
-                Err(e) => tracing::warn!(volume = %i.name, "witness unreachable for solo: {e}"),
             }
         }
+    }
+}
+
+/// Logs while client operations wait for the peer: how many, since when, and why.
+async fn warn_while_waiting(i: Arc<Inner>) {
+    let mut stop = i.stop.subscribe();
+    let mut warned: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let (n, oldest) = {
+            let w = i.waiting.lock().expect("waiting");
+            (w.len(), w.values().next().map(|t| t.elapsed()))
+        };
+        let Some(oldest) = oldest.filter(|o| *o >= WAIT_WARN_AFTER) else {
+            warned = None;
+            continue;
+        };
+        if warned.is_some_and(|t| t.elapsed() < WAIT_WARN_EVERY) {
+            continue;
+        }
+        warned = Some(Instant::now());
+        let v = i.peer.borrow().clone();
+        let why = match (i.cfg.policy, v.connected) {
+            (_, true) => "the peer is resyncing",
+            (crate::Policy::Strict, false) => {
+                "the peer is away and the policy is strict: they complete when it is back"
+            }
+            (crate::Policy::Degrade, false) => "the peer is away and the witness has not granted solo operation",
+        };
+        tracing::warn!(
+            volume = %i.name,
+            "{n} client operations waiting for the peer, the oldest for {:.1} s ({why}; `syncblock status` shows it)",
+            oldest.as_secs_f64()
+        );
     }
 }
 
@@ -800,12 +917,13 @@ async fn one_link(i: &Arc<Inner>) -> Result<()> {
         .await
         .map_err(|_| ReplError::Stopped("connect timed out".into()))??;
     let (mut rd, mut wr) = crate::net::split(stream);
-    let (epoch, history) = {
+    let (pair, epoch, history) = {
         let s = i.state.lock().expect("state");
-        (s.epoch, s.history.clone())
+        (s.pair, s.epoch, s.history.clone())
     };
     let last_tag = i.seq.lock().await.next_tag - 1;
     let hello = Frame::Hello {
+        pair,
         epoch,
         last_tag,
         size_bytes: i.size_bytes,
@@ -816,8 +934,8 @@ async fn one_link(i: &Arc<Inner>) -> Result<()> {
     write_frame(&mut wr, &hello).await?;
     let (peer_last, common, runs) = match read_frame(&mut rd, i.cfg.timeout).await? {
         Frame::HelloOk { last_tag, common_tag, runs } => (last_tag, common_tag, runs),
-        Frame::Refuse { reason } => return Err(ReplError::Refused(format!("peer refused: {reason}"))),
-        other => return Err(ReplError::Refused(format!("unexpected {other:?} in handshake"))),
+        Frame::Refuse { why, reason } => return Err(ReplError::refused(why, format!("peer refused: {reason}"))),
+        other => return Err(ReplError::refused(Refusal::Protocol, format!("unexpected {other:?} in handshake"))),
     };
     tracing::info!(volume = %i.name, peer = %i.peer_addr, peer_last, common, "peer connected; resyncing");
     i.peer.send_modify(|v| {
@@ -1308,19 +1426,27 @@ async fn read_loop(i: Arc<Inner>, mut rd: crate::net::ReadPart) -> Result<()> {
                         let _ = w.tx.send(crcs);
                     }
                     Some(w) => {
-                        return Err(ReplError::Refused(format!(
-                            "checksum reply {id} covers {} blocks at {offset}, asked {} at {}",
-                            crcs.len(),
-                            w.n_blocks,
-                            w.offset
-                        )))
+                        return Err(ReplError::refused(
+                            Refusal::Protocol,
+                            format!(
+                                "checksum reply {id} covers {} blocks at {offset}, asked {} at {}",
+                                crcs.len(),
+                                w.n_blocks,
+                                w.offset
+                            ),
+                        ))
                     }
                     // Its asker gave up (a verify pass that failed): nothing waits for it.
                     None => {}
                 }
             }
-            Frame::Refuse { reason } => return Err(ReplError::Refused(format!("peer: {reason}"))),
-            other => return Err(ReplError::Refused(format!("unexpected frame from the secondary: {other:?}"))),
+            Frame::Refuse { why, reason } => return Err(ReplError::refused(why, format!("peer: {reason}"))),
+            other => {
+                return Err(ReplError::refused(
+                    Refusal::Protocol,
+                    format!("unexpected frame from the secondary: {other:?}"),
+                ))
+            }
         }
     }
 }

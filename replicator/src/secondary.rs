@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::link::{read_frame, write_frame, FrameReader};
 use crate::net::{BoxListener, BoxStream};
 use crate::state::{common_point, ReplState, Role};
-use crate::wire::{Frame, MAX_HELLO_RUNS};
+use crate::wire::{Frame, Refusal, MAX_HELLO_RUNS};
 use crate::{ReplConfig, ReplError, Result};
 
 /// Engine operations queued but not yet acknowledged to the primary. Bounds the memory a fast
@@ -155,31 +155,114 @@ impl Secondary {
     }
 }
 
+/// Connections whose hello is being read at once. A primary needs one; the rest are probes,
+/// scanners or a stale primary retrying, and a small bound keeps them from piling up.
+const HANDSHAKES_MAX: usize = 8;
+
+/// A connection whose hello names this pair's volume, size and id and an epoch this node accepts:
+/// only such a connection may replace the live session.
+struct Authenticated {
+    rd: crate::net::ReadPart,
+    wr: crate::net::WritePart,
+    hello: Frame,
+    from: SocketAddr,
+}
+
+/// Whether a hello may take over this secondary: the refusal to answer it with otherwise.
+fn check_hello(i: &Inner, hello: &Frame) -> std::result::Result<(), (Refusal, String)> {
+    let Frame::Hello { pair, epoch, size_bytes, volume, node, .. } = hello else {
+        return Err((Refusal::Protocol, format!("expected a hello, got {hello:?}")));
+    };
+    let (my_pair, my_epoch) = {
+        let s = i.state.lock().expect("state");
+        (s.pair, s.epoch)
+    };
+    if *volume != i.name {
+        Err((Refusal::WrongVolume, format!("this node replicates volume {:?}, not {volume:?}", i.name)))
+    } else if *size_bytes != i.size_bytes {
+        let msg = format!(
+            "volume {volume} is {size_bytes} bytes on the primary but {} bytes here: resize one side",
+            i.size_bytes
+        );
+        Err((Refusal::SizeMismatch, msg))
+    } else if *pair == 0 || (my_pair != 0 && *pair != my_pair) {
+        let msg = format!(
+            "{node} belongs to pair {pair:016x}, this replica to pair {my_pair:016x}; likely cause: a \
+             --peer pointing at the wrong node, or a store reused from another pair (recreate the volume \
+             to join a new pair)"
+        );
+        Err((Refusal::WrongPair, msg))
+    } else if *epoch < my_epoch {
+        let msg = format!(
+            "stale epoch {epoch}: this node has seen epoch {my_epoch}; {node} was deposed and must rejoin as secondary"
+        );
+        Err((Refusal::Deposed { epoch: my_epoch }, msg))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a connection's hello and checks it, apart from the live session, which it never
+/// touches: garbage, a wrong peer or a probe is refused (or dropped) and logged here.
+async fn handshake(i: Arc<Inner>, stream: BoxStream, from: SocketAddr) -> Option<Authenticated> {
+    let (mut rd, mut wr) = crate::net::split(stream);
+    let hello = match read_frame(&mut rd, i.cfg.timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(volume = %i.name, %from, "replication port: not a syncblock primary ({e}); connection dropped, the live session carries on");
+            return None;
+        }
+    };
+    if let Err((why, reason)) = check_hello(&i, &hello) {
+        tracing::warn!(volume = %i.name, %from, "refusing a primary: {reason}");
+        let _ = write_frame(&mut wr, &Frame::Refuse { why, reason }).await;
+        return None;
+    }
+    Some(Authenticated { rd, wr, hello, from })
+}
+
 async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
-    // One session at a time: a new connection (say, after the primary restarted) replaces the
-    // current one, which may be a dead link not yet timed out.
+    // One session at a time: a new authenticated connection (say, after the primary restarted)
+    // replaces the current one, which may be a dead link not yet timed out.
     let mut current: Option<(tokio::task::JoinHandle<()>, watch::Sender<bool>)> = None;
     let mut stopped = i.stop.subscribe();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let (auth_tx, mut auth_rx) = tokio::sync::mpsc::channel::<Authenticated>(HANDSHAKES_MAX);
     loop {
-        let accepted = tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = stopped.wait_for(|s| *s) => None,
-            a = listener.accept() => Some(a),
+            a = auth_rx.recv() => Some(Ok(a.expect("the loop holds a sender"))),
+            a = listener.accept() => Some(Err(a)),
         };
-        let Some(accepted) = accepted else {
-            if let Some((task, stop)) = current.take() {
-                let _ = stop.send(true);
-                let _ = task.await;
+        let auth = match next {
+            None => {
+                if let Some((task, stop)) = current.take() {
+                    let _ = stop.send(true);
+                    let _ = task.await;
+                }
+                return;
             }
-            return;
-        };
-        let (stream, from) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
+            Some(Err(Err(e))) => {
                 tracing::warn!("replication accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+            Some(Err(Ok((stream, from)))) => {
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(volume = %i.name, %from, "replication port: {HANDSHAKES_MAX} handshakes in progress; dropping one more");
+                    continue;
+                };
+                let (i2, tx) = (i.clone(), auth_tx.clone());
+                tokio::spawn(async move {
+                    if let Some(a) = handshake(i2, stream, from).await {
+                        let _ = tx.send(a).await;
+                    }
+                    drop(permit);
+                });
+                continue;
+            }
+            Some(Ok(auth)) => auth,
         };
         if let Some((task, stop)) = current.take() {
             let _ = stop.send(true);
@@ -188,7 +271,8 @@ async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let i2 = i.clone();
         let task = tokio::spawn(async move {
-            let r = session(&i2, stream, from, stop_rx).await;
+            let from = auth.from;
+            let r = session(&i2, auth, stop_rx).await;
             let msg = match r {
                 Ok(()) => None,
                 // The primary went away between frames, or this node is stopping or took a newer
@@ -217,39 +301,24 @@ async fn persist(i: &Inner, last_tag: u64, floor: u64) -> Result<()> {
     Ok(())
 }
 
-async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: watch::Receiver<bool>) -> Result<()> {
-    let (mut rd, mut wr) = crate::net::split(stream);
-    let hello = read_frame(&mut rd, i.cfg.timeout).await?;
-    let Frame::Hello { epoch, last_tag: primary_last, size_bytes, volume, node, history } = hello else {
-        let msg = "expected a hello".to_string();
-        let _ = write_frame(&mut wr, &Frame::Refuse { reason: msg.clone() }).await;
-        return Err(ReplError::Refused(msg));
+async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let Authenticated { mut rd, mut wr, hello, from } = auth;
+    // Checked again: the session this one replaced may have accepted a newer epoch meanwhile.
+    if let Err((why, reason)) = check_hello(i, &hello) {
+        tracing::warn!(volume = %i.name, %from, "refusing a primary: {reason}");
+        let _ = write_frame(&mut wr, &Frame::Refuse { why, reason: reason.clone() }).await;
+        return Err(ReplError::refused(why, reason));
+    }
+    let Frame::Hello { pair, epoch, last_tag: primary_last, node, history, .. } = hello else {
+        unreachable!("check_hello accepts only a hello");
     };
     let info = i.store.volume_info(i.volume).await?;
-    let refuse = if volume != i.name {
-        Some(format!("this node replicates volume {:?}, not {volume:?}", i.name))
-    } else if size_bytes != i.size_bytes {
-        Some(format!(
-            "volume {volume} is {size_bytes} bytes on the primary but {} bytes here: resize one side",
-            i.size_bytes
-        ))
-    } else if epoch < i.state.lock().expect("state").epoch {
-        Some(format!(
-            "stale epoch {epoch}: this node has seen epoch {}; {node} was deposed and must rejoin as secondary",
-            i.state.lock().expect("state").epoch
-        ))
-    } else {
-        None
-    };
-    if let Some(reason) = refuse {
-        tracing::warn!(volume = %i.name, %from, "refusing primary {node}: {reason}");
-        let _ = write_frame(&mut wr, &Frame::Refuse { reason: reason.clone() }).await;
-        return Err(ReplError::Refused(reason));
-    }
-    // Accepting a primary of a newer epoch is recorded before anything of it is applied.
+    // Accepting a primary of a newer epoch (and, at the first sync, the pair's id) is recorded
+    // before anything of it is applied.
     let (my_history, consistent) = {
         let mut s = i.state.lock().expect("state");
         s.epoch = epoch;
+        s.pair = pair;
         (s.history.clone(), s.consistent)
     };
     persist(i, info.last_tag, info.trim_floor).await?;
@@ -308,14 +377,16 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                 }
                 Frame::Ping { epoch: e, nonce, floor } => {
                     if e != epoch {
-                        return Err(ReplError::Refused(format!("epoch changed mid-session ({epoch} → {e})")));
+                        let msg = format!("epoch changed mid-session ({epoch} → {e})");
+                        return Err(ReplError::refused(Refusal::Protocol, msg));
                     }
                     queue.push_back(Applied::Floor(floor));
                     Applied::Pong(nonce)
                 }
                 Frame::ResyncBegin { common_tag } => {
                     if common_tag != common {
-                        return Err(ReplError::Refused(format!("resync from {common_tag}, agreed {common}")));
+                        let msg = format!("resync from {common_tag}, agreed {common}");
+                        return Err(ReplError::refused(Refusal::Protocol, msg));
                     }
                     resyncing = true;
                     i.state.lock().expect("state").consistent = false;
@@ -335,7 +406,7 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                 }
                 Frame::ResyncCommit { tag, epoch: e, history } => {
                     if !resyncing || e != epoch {
-                        return Err(ReplError::Refused("resync commit without a resync".into()));
+                        return Err(ReplError::refused(Refusal::Protocol, "resync commit without a resync"));
                     }
                     resyncing = false;
                     let attr = {
@@ -351,7 +422,10 @@ async fn session(i: &Arc<Inner>, stream: BoxStream, from: SocketAddr, mut stop: 
                     let commit = i.store.enqueue_set_repl_staged(i.volume, tag, 0, attr, StagedOp::Commit).await?;
                     Applied::Commit(tag, commit)
                 }
-                other => return Err(ReplError::Refused(format!("unexpected frame from the primary: {other:?}"))),
+                other => {
+                    let msg = format!("unexpected frame from the primary: {other:?}");
+                    return Err(ReplError::refused(Refusal::Protocol, msg));
+                }
             };
             queue.push_back(item);
         }

@@ -21,15 +21,19 @@ pub struct ReplState {
     pub consistent: bool,
     /// Where each epoch's tags start, oldest first (at most `MAX_HISTORY`).
     pub history: Vec<EpochStart>,
+    /// The pair this replica belongs to: drawn by the pair's first primary, taken by its
+    /// secondary at the first sync, fixed from then on. 0: not part of a pair yet. The witness
+    /// keys its records by it, and a secondary refuses a primary of another pair.
+    pub pair: u64,
 }
 
-/// 2: history entries carry their origin (24 bytes each). Version 1 (16-byte entries) is still
-/// read, with origin 0.
-const ATTR_VERSION: u8 = 2;
+/// 3: the pair id follows the history (8 bytes). 2: history entries carry their origin (24 bytes
+/// each). Versions 1 (16-byte entries, origin 0) and 2 are still read, with pair id 0.
+const ATTR_VERSION: u8 = 3;
 
 impl ReplState {
     pub fn new(role: Role) -> ReplState {
-        ReplState { role, epoch: 0, consistent: true, history: Vec::new() }
+        ReplState { role, epoch: 0, consistent: true, history: Vec::new(), pair: 0 }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -42,6 +46,7 @@ impl ReplState {
             b.extend_from_slice(&e.start_tag.to_le_bytes());
             b.extend_from_slice(&e.origin.to_le_bytes());
         }
+        b.extend_from_slice(&self.pair.to_le_bytes());
         b
     }
 
@@ -57,7 +62,8 @@ impl ReplState {
         };
         let epoch = u64::from_le_bytes(b[4..12].try_into().ok()?);
         let n = u32::from_le_bytes(b[12..16].try_into().ok()?) as usize;
-        if n > MAX_HISTORY || b.len() != 16 + entry * n {
+        let tail = if b[0] >= 3 { 8 } else { 0 };
+        if n > MAX_HISTORY || b.len() != 16 + entry * n + tail {
             return None;
         }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
@@ -71,7 +77,8 @@ impl ReplState {
                 }
             })
             .collect();
-        Some(ReplState { role, epoch, consistent: b[2] != 0, history })
+        let pair = if tail == 8 { u64_at(16 + entry * n) } else { 0 };
+        Some(ReplState { role, epoch, consistent: b[2] != 0, history, pair })
     }
 
     /// Starts epoch `epoch` as primary at `next_tag`; `origin` tells this start apart from any
@@ -137,7 +144,13 @@ mod tests {
         let mut s = ReplState::new(Role::Secondary);
         s.begin_epoch(4, 10, 0xfeed);
         s.consistent = false;
-        assert_eq!(ReplState::decode(&s.encode()), Some(s));
+        s.pair = 0x1234_5678_9abc;
+        assert_eq!(ReplState::decode(&s.encode()), Some(s.clone()));
+        // Version 2 (no pair id) is read with pair 0.
+        let mut v2 = s.encode();
+        v2[0] = 2;
+        v2.truncate(v2.len() - 8);
+        assert_eq!(ReplState::decode(&v2), Some(ReplState { pair: 0, ..s }));
         assert_eq!(ReplState::decode(&[9; 3]), None);
     }
 

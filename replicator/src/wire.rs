@@ -19,8 +19,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
 /// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
 /// (`CrcRequest`, `CrcReply`) for checksum-skipping full sync and online verify. 3: each epoch
-/// history entry carries its `origin`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// history entry carries its `origin`. 4: typed refusals (`Refuse` carries a [`Refusal`] code), the
+/// pair id in `Hello` and the witness requests, the lease in `WitnessGrant`.
+pub const PROTOCOL_VERSION: u16 = 4;
 pub const HEADER_BYTES: usize = 16;
 /// Largest frame body: one write of the engine's largest I/O (32 MiB) plus its fields. Anything
 /// larger is refused before a byte of it is buffered.
@@ -67,10 +68,101 @@ pub fn new_origin() -> u64 {
     h.finish().max(1)
 }
 
+/// Why a peer or the witness said no. Every decision is taken on this code, never on the message
+/// that comes with it (that is for the operator's log). On the wire: a u16 code and one u64
+/// argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// A malformed, unexpected or unknown request.
+    Protocol,
+    /// Epoch `epoch` of this pair belongs to another node. The only refusal that deposes a
+    /// primary, and only when `epoch` is newer than its own: that proves a successor exists.
+    Deposed { epoch: u64 },
+    /// Both sides are primary in the same epoch `epoch` (taken without a witness); an operator
+    /// decides with `syncblock demote`.
+    SplitBrain { epoch: u64 },
+    /// The refuser is stepping down (it learned of a newer epoch from this request): retry.
+    SteppingDown,
+    /// The requester has seen only an epoch older than `epoch`, the pair's current one.
+    Behind { epoch: u64 },
+    /// The witness heard from the current primary recently; it may be asked again in
+    /// `retry_after_ms`.
+    PrimaryAlive { retry_after_ms: u64 },
+    /// The primary acknowledged writes alone, which the candidate lacks (needs `--force`).
+    SoloPrimary,
+    /// A forced promotion must wait `retry_after_ms` until the solo primary's lease has run out.
+    LeaseLive { retry_after_ms: u64 },
+    /// The candidate holds a half-applied resync.
+    Inconsistent,
+    /// The witness knows no primary of this pair.
+    NotRegistered,
+    /// The witness cannot record decisions (its disk failed): nothing is decided, nobody deposed.
+    WitnessStorage,
+    /// The secondary replicates another volume.
+    WrongVolume,
+    /// The store belongs to another pair (the pair id fixed at its first sync differs).
+    WrongPair,
+    /// The volume's size differs between the nodes.
+    SizeMismatch,
+    /// Too many connections are handshaking at once: retry.
+    Busy,
+}
+
+impl Refusal {
+    fn code(&self) -> (u16, u64) {
+        match *self {
+            Refusal::Protocol => (0, 0),
+            Refusal::Deposed { epoch } => (1, epoch),
+            Refusal::SplitBrain { epoch } => (2, epoch),
+            Refusal::SteppingDown => (3, 0),
+            Refusal::Behind { epoch } => (4, epoch),
+            Refusal::PrimaryAlive { retry_after_ms } => (5, retry_after_ms),
+            Refusal::SoloPrimary => (6, 0),
+            Refusal::LeaseLive { retry_after_ms } => (7, retry_after_ms),
+            Refusal::Inconsistent => (8, 0),
+            Refusal::NotRegistered => (9, 0),
+            Refusal::WitnessStorage => (10, 0),
+            Refusal::WrongVolume => (11, 0),
+            Refusal::WrongPair => (12, 0),
+            Refusal::SizeMismatch => (13, 0),
+            Refusal::Busy => (14, 0),
+        }
+    }
+
+    fn from_code(code: u16, arg: u64) -> Option<Refusal> {
+        Some(match code {
+            0 => Refusal::Protocol,
+            1 => Refusal::Deposed { epoch: arg },
+            2 => Refusal::SplitBrain { epoch: arg },
+            3 => Refusal::SteppingDown,
+            4 => Refusal::Behind { epoch: arg },
+            5 => Refusal::PrimaryAlive { retry_after_ms: arg },
+            6 => Refusal::SoloPrimary,
+            7 => Refusal::LeaseLive { retry_after_ms: arg },
+            8 => Refusal::Inconsistent,
+            9 => Refusal::NotRegistered,
+            10 => Refusal::WitnessStorage,
+            11 => Refusal::WrongVolume,
+            12 => Refusal::WrongPair,
+            13 => Refusal::SizeMismatch,
+            14 => Refusal::Busy,
+            _ => return None,
+        })
+    }
+
+    /// Arguments that carry no meaning for a variant are zero, so that one refusal has one
+    /// encoding (what is decoded encodes to the same bytes).
+    fn canonical(code: u16, arg: u64) -> bool {
+        matches!(code, 1 | 2 | 4 | 5 | 7) || arg == 0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// Primary → secondary, first frame: who I am and what history I have.
+    /// Primary → secondary, first frame: who I am and what history I have. `pair` is the pair's
+    /// id, drawn by its first primary and fixed on the secondary at its first sync.
     Hello {
+        pair: u64,
         epoch: u64,
         last_tag: u64,
         size_bytes: u64,
@@ -85,8 +177,9 @@ pub enum Frame {
         common_tag: u64,
         runs: Vec<(u64, u64)>,
     },
-    /// Either way: refused or failed, with the reason, before closing.
+    /// Either way (and from the witness): refused or failed, why, and a message for the log.
     Refuse {
+        why: Refusal,
         reason: String,
     },
     Write {
@@ -155,6 +248,7 @@ pub enum Frame {
     /// Primary → witness, every heartbeat: I am primary of `epoch`, and my peer is (or is not) in
     /// sync. An in-sync report clears the solo mark.
     WitnessReport {
+        pair: u64,
         volume: String,
         node: String,
         epoch: u64,
@@ -162,24 +256,30 @@ pub enum Frame {
     },
     /// Primary → witness: my peer is gone; may I acknowledge writes alone (the `degrade` policy)?
     WitnessSolo {
+        pair: u64,
         volume: String,
         node: String,
         epoch: u64,
     },
     /// Secondary → witness: my primary is gone; may I take over? `force` skips the safety checks
-    /// (an operator accepting data loss).
+    /// (an operator accepting data loss). `reclaim`: only if I still am the recorded primary (a
+    /// primary restarting, which never takes over from another node).
     WitnessPromote {
+        pair: u64,
         volume: String,
         node: String,
         epoch: u64,
         consistent: bool,
         force: bool,
+        reclaim: bool,
     },
-    /// Witness → node: the volume's record after the request was granted.
+    /// Witness → node: the pair's record after the request was granted. The requester's lease
+    /// (solo operation) runs `lease_ms` from when it sent the request.
     WitnessGrant {
         epoch: u64,
         primary: String,
         solo: bool,
+        lease_ms: u32,
     },
 }
 
@@ -254,7 +354,8 @@ impl Frame {
 
     fn put_body(&self, body: &mut BytesMut) {
         match self {
-            Frame::Hello { epoch, last_tag, size_bytes, volume, node, history } => {
+            Frame::Hello { pair, epoch, last_tag, size_bytes, volume, node, history } => {
+                body.put_u64_le(*pair);
                 body.put_u64_le(*epoch);
                 body.put_u64_le(*last_tag);
                 body.put_u64_le(*size_bytes);
@@ -271,7 +372,12 @@ impl Frame {
                     body.put_u64_le(*n);
                 }
             }
-            Frame::Refuse { reason } => body.put_slice(capped(reason).as_bytes()),
+            Frame::Refuse { why, reason } => {
+                let (code, arg) = why.code();
+                body.put_u16_le(code);
+                body.put_u64_le(arg);
+                body.put_slice(capped(reason).as_bytes());
+            }
             Frame::Write { tag, offset, fua, data } => {
                 body.put_u64_le(*tag);
                 body.put_u64_le(*offset);
@@ -306,27 +412,31 @@ impl Frame {
                 body.put_u64_le(*epoch);
                 put_history(body, history);
             }
-            Frame::WitnessReport { volume, node, epoch, in_sync } => {
+            Frame::WitnessReport { pair, volume, node, epoch, in_sync } => {
+                body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
                 body.put_u64_le(*epoch);
                 body.put_u8(*in_sync as u8);
             }
-            Frame::WitnessSolo { volume, node, epoch } => {
+            Frame::WitnessSolo { pair, volume, node, epoch } => {
+                body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
                 body.put_u64_le(*epoch);
             }
-            Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
+            Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim } => {
+                body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
                 body.put_u64_le(*epoch);
-                body.put_u8(*consistent as u8 | (*force as u8) << 1);
+                body.put_u8(*consistent as u8 | (*force as u8) << 1 | (*reclaim as u8) << 2);
             }
-            Frame::WitnessGrant { epoch, primary, solo } => {
+            Frame::WitnessGrant { epoch, primary, solo, lease_ms } => {
                 body.put_u64_le(*epoch);
                 put_str(body, primary);
                 body.put_u8(*solo as u8);
+                body.put_u32_le(*lease_ms);
             }
             Frame::CrcRequest { id, offset, len } => {
                 body.put_u64_le(*id);
@@ -526,6 +636,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
     let mut r = Reader { b: body, what };
     let frame = match kind {
         1 => Frame::Hello {
+            pair: r.u64()?,
             epoch: r.u64()?,
             last_tag: r.u64()?,
             size_bytes: r.u64()?,
@@ -545,9 +656,13 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
             Frame::HelloOk { last_tag, common_tag, runs }
         }
         3 => {
+            let (code, arg) = (r.u16()?, r.u64()?);
+            let why = Refusal::from_code(code, arg)
+                .filter(|_| Refusal::canonical(code, arg))
+                .ok_or(WireError::Malformed(what))?;
             let reason = capped(&String::from_utf8_lossy(&r.b)).to_string();
             r.b.advance(r.b.remaining());
-            Frame::Refuse { reason }
+            Frame::Refuse { why, reason }
         }
         4 => {
             let tag = r.u64()?;
@@ -575,17 +690,24 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         10 => Frame::Pong { nonce: r.u64()? },
         11 => Frame::ResyncBegin { common_tag: r.u64()? },
         12 => Frame::ResyncCommit { tag: r.u64()?, epoch: r.u64()?, history: r.history()? },
-        13 => Frame::WitnessReport { volume: r.str()?, node: r.str()?, epoch: r.u64()?, in_sync: r.bool()? },
-        14 => Frame::WitnessSolo { volume: r.str()?, node: r.str()?, epoch: r.u64()? },
+        13 => Frame::WitnessReport {
+            pair: r.u64()?,
+            volume: r.str()?,
+            node: r.str()?,
+            epoch: r.u64()?,
+            in_sync: r.bool()?,
+        },
+        14 => Frame::WitnessSolo { pair: r.u64()?, volume: r.str()?, node: r.str()?, epoch: r.u64()? },
         15 => {
-            let (volume, node, epoch) = (r.str()?, r.str()?, r.u64()?);
+            let (pair, volume, node, epoch) = (r.u64()?, r.str()?, r.str()?, r.u64()?);
             let flags = r.u8()?;
-            if flags & !3 != 0 {
+            if flags & !7 != 0 {
                 return Err(WireError::Malformed(what));
             }
-            Frame::WitnessPromote { volume, node, epoch, consistent: flags & 1 != 0, force: flags & 2 != 0 }
+            let (consistent, force, reclaim) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
+            Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim }
         }
-        16 => Frame::WitnessGrant { epoch: r.u64()?, primary: r.str()?, solo: r.bool()? },
+        16 => Frame::WitnessGrant { epoch: r.u64()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
         17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
         18 => {
             let (id, offset) = (r.u64()?, r.u64()?);
@@ -622,6 +744,7 @@ mod tests {
         ];
         vec![
             Frame::Hello {
+                pair: 0xfeed,
                 epoch: 3,
                 last_tag: 99,
                 size_bytes: 1 << 30,
@@ -630,7 +753,9 @@ mod tests {
                 history: history.clone(),
             },
             Frame::HelloOk { last_tag: 95, common_tag: 90, runs: vec![(1, 2), (100, 7)] },
-            Frame::Refuse { reason: "stale epoch".into() },
+            Frame::Refuse { why: Refusal::Deposed { epoch: 4 }, reason: "stale epoch".into() },
+            Frame::Refuse { why: Refusal::Busy, reason: String::new() },
+            Frame::Refuse { why: Refusal::PrimaryAlive { retry_after_ms: 250 }, reason: "alive".into() },
             Frame::Write { tag: 7, offset: 4096, fua: true, data: Bytes::from_static(&[1; 512]) },
             Frame::Trim { tag: 8, offset: 0, len: 1 << 40 },
             Frame::Zeroes { tag: 9, offset: 512, len: 1024, may_trim: true, fua: false },
@@ -640,10 +765,18 @@ mod tests {
             Frame::Pong { nonce: 77 },
             Frame::ResyncBegin { common_tag: 90 },
             Frame::ResyncCommit { tag: 120, epoch: 3, history },
-            Frame::WitnessReport { volume: "db".into(), node: "a".into(), epoch: 3, in_sync: true },
-            Frame::WitnessSolo { volume: "db".into(), node: "a".into(), epoch: 3 },
-            Frame::WitnessPromote { volume: "db".into(), node: "b".into(), epoch: 3, consistent: true, force: false },
-            Frame::WitnessGrant { epoch: 4, primary: "b".into(), solo: false },
+            Frame::WitnessReport { pair: 9, volume: "db".into(), node: "a".into(), epoch: 3, in_sync: true },
+            Frame::WitnessSolo { pair: 9, volume: "db".into(), node: "a".into(), epoch: 3 },
+            Frame::WitnessPromote {
+                pair: 9,
+                volume: "db".into(),
+                node: "b".into(),
+                epoch: 3,
+                consistent: true,
+                force: false,
+                reclaim: true,
+            },
+            Frame::WitnessGrant { epoch: 4, primary: "b".into(), solo: false, lease_ms: 500 },
             Frame::CrcRequest { id: 5, offset: 8 << 20, len: 8 << 20 },
             Frame::CrcReply { id: 5, offset: 8 << 20, crcs: vec![Some(7), None, None, Some(0), Some(u32::MAX)] },
             Frame::CrcReply { id: 6, offset: 0, crcs: vec![] },
@@ -661,7 +794,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_ack() {
         let b = Frame::Ack { applied: 1, durable: 0 }.encode();
-        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 3, 0, 8, 0, 16, 0, 0, 0]);
+        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 4, 0, 8, 0, 16, 0, 0, 0]);
         assert_eq!(&b[16..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
@@ -727,6 +860,24 @@ mod tests {
         assert!(malformed(&huge));
         // A request with a field missing.
         assert_eq!(decode_frame(&sealed(17, &[0; 23])), Err(WireError::Malformed("crc-request")));
+    }
+
+    #[test]
+    fn refusals_carry_a_code_and_unknown_or_non_canonical_ones_are_malformed() {
+        let f = Frame::Refuse { why: Refusal::Deposed { epoch: 7 }, reason: "b is primary".into() };
+        let b = f.encode();
+        let mut body = vec![1, 0, 7, 0, 0, 0, 0, 0, 0, 0];
+        body.extend_from_slice(b"b is primary");
+        assert_eq!(&b[16..], &body[..]);
+        let malformed = |body: &[u8]| decode_frame(&sealed(3, body)) == Err(WireError::Malformed("refuse"));
+        // An unknown code; an argument on a code that takes none; too short for the code.
+        assert!(malformed(&[99, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+        assert!(malformed(&[6, 0, 1, 0, 0, 0, 0, 0, 0, 0]));
+        assert!(malformed(&[1, 0, 7]));
+        assert_eq!(
+            decode_frame(&sealed(3, &[6, 0, 0, 0, 0, 0, 0, 0, 0, 0])).unwrap(),
+            Frame::Refuse { why: Refusal::SoloPrimary, reason: String::new() }
+        );
     }
 
     proptest::proptest! {

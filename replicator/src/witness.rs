@@ -1,23 +1,30 @@
-//! The witness: a small process that decides, per volume, which node is primary in which epoch,
-//! and whether the primary is acknowledging writes alone ("solo").
+//! The witness: a small process that decides, per replicated pair, which node is primary in which
+//! epoch, and whether the primary is acknowledging writes alone ("solo").
 //!
 //! Every decision is made here, one request at a time, and recorded durably before it is answered,
 //! so two nodes can never both be granted the primary role of the same epoch, and a secondary is
 //! never promoted over a primary that acknowledged writes without it. [`Decider`] holds the rules and
 //! is tested on its own; [`run`] serves them over TCP.
 //!
-//! The rules, per volume record `(epoch, primary, solo)`:
+//! Records are keyed by the pair's **id** (drawn by the pair's first primary, fixed on the
+//! secondary at its first sync), not by volume name: every pair's default volume is `default`,
+//! and two pairs sharing a witness must not share a record.
+//!
+//! The rules, per pair record `(epoch, primary, solo)`:
 //! - **Report** from the primary of the current epoch refreshes its liveness; an in-sync report
-//!   clears `solo`. From anyone else: refused (a deposed primary learns it here).
+//!   clears `solo`. From anyone else: refused with [`Refusal::Deposed`] (a deposed primary learns
+//!   it here).
 //! - **Solo** from the current primary: granted, `solo` set. The secondary is now stale.
 //! - **Promote** from another node: granted (epoch + 1, it becomes primary, `solo` set, since it
 //!   will be alone) only if it is consistent, the record is not `solo`, and the current primary has
-//!   not reported for `timeout`. `force` skips the last two checks (an operator accepting loss), but
-//!   never hands over while a solo primary's lease may run: it waits 1.5 × `timeout` after its last
-//!   report, and a solo primary stops acknowledging alone one `timeout` after its last answered
-//!   request.
+//!   not reported for the *takeover window* (1.5 leases). `force` skips the last two checks (an
+//!   operator accepting loss), but never hands over while a solo primary's lease may run: a solo
+//!   primary stops acknowledging alone one lease after it *sent* its last answered request, and
+//!   the witness counts the window from when it *received* it.
 //!   From the current primary (restarting): a fresh epoch, always.
-//! - The first Report for an unknown volume registers its sender as primary of its epoch.
+//! - The first Report of an unknown pair registers its sender as primary of its epoch.
+//!
+//! Every grant carries the lease, so nodes and witness cannot disagree on it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,96 +38,154 @@ use tokio::sync::Mutex;
 
 use crate::link::{read_frame, write_frame};
 use crate::net::{BoxListener, BoxStream, Net};
-use crate::wire::Frame;
+use crate::wire::{Frame, Refusal};
 use crate::{ReplError, Result};
 
-/// One volume's record.
+/// The default lease: how long a primary may acknowledge writes alone after it sent a request the
+/// witness answered. 500 ms: primaries report every heartbeat (125 ms by default), so a lease
+/// survives three lost reports; the takeover window is 1.5 leases (750 ms), which with the
+/// heartbeat bounds a failover after a primary's death to about 0.75–0.9 s.
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(500);
+
+/// How long after the primary's last report the witness may hand its role to another node: 1.5
+/// leases, so a primary whose clock runs up to a third slow has still stopped acknowledging alone.
+pub fn takeover_window(lease: Duration) -> Duration {
+    lease * 3 / 2
+}
+
+/// One pair's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The replicated volume's name, for messages and the state file (not a key).
+    pub volume: String,
     pub epoch: u64,
     pub primary: String,
     pub solo: bool,
 }
 
-/// The witness's decisions, without I/O. `now` is passed in so tests (and the simulator) control
-/// time.
-#[derive(Debug, Default)]
-pub struct Decider {
-    pub records: BTreeMap<String, Record>,
-    /// When each volume's primary last reported (not persisted: after a restart every primary
-    /// counts as just seen, which only delays a promotion).
-    seen: BTreeMap<String, Instant>,
-    pub timeout: Duration,
-    started: Option<Instant>,
+/// What the witness keeps: records by pair id, and records of the first format (keyed by volume
+/// name only) that no pair has claimed yet. The first request naming such a volume binds its
+/// record to the requester's pair id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WitnessState {
+    pub pairs: BTreeMap<u64, Record>,
+    pub unbound: BTreeMap<String, Record>,
 }
 
 /// A decision: the record after it, or why it was refused.
-pub type Decision = std::result::Result<Record, String>;
+pub type Decision = std::result::Result<Record, (Refusal, String)>;
+
+/// The witness's decisions, without I/O. `now` is passed in so tests (and the simulator) control
+/// time.
+#[derive(Debug)]
+pub struct Decider {
+    pub state: WitnessState,
+    /// When each pair's primary last reported (not persisted: after a restart every primary
+    /// counts as just seen, which only delays a promotion).
+    seen: BTreeMap<u64, Instant>,
+    pub lease: Duration,
+    started: Instant,
+}
 
 impl Decider {
-    pub fn new(records: BTreeMap<String, Record>, timeout: Duration, now: Instant) -> Decider {
-        Decider { records, seen: BTreeMap::new(), timeout, started: Some(now) }
+    pub fn new(state: WitnessState, lease: Duration, now: Instant) -> Decider {
+        Decider { state, seen: BTreeMap::new(), lease, started: now }
     }
 
-    /// Whether the volume's primary reported within `window`.
-    fn seen_within(&self, volume: &str, now: Instant, window: Duration) -> bool {
-        let last = self.seen.get(volume).copied().or(self.started).unwrap_or(now);
-        now.saturating_duration_since(last) < window
+    /// Time since the pair's primary last reported (or since the witness started).
+    fn silent_for(&self, pair: u64, now: Instant) -> Duration {
+        let last = self.seen.get(&pair).copied().unwrap_or(self.started);
+        now.saturating_duration_since(last)
     }
 
-    /// Applies a request; returns the decision and whether the record changed (and must be made
+    /// The pair's record, binding a first-format record of the same volume name to it.
+    fn record(&mut self, pair: u64, volume: &str) -> (Option<&mut Record>, bool) {
+        let mut bound = false;
+        if !self.state.pairs.contains_key(&pair) {
+            if let Some(r) = self.state.unbound.remove(volume) {
+                self.state.pairs.insert(pair, r);
+                bound = true;
+            }
+        }
+        (self.state.pairs.get_mut(&pair), bound)
+    }
+
+    /// Applies a request; returns the decision and whether the state changed (and must be made
     /// durable before the answer goes out).
     pub fn decide(&mut self, req: &Frame, now: Instant) -> (Decision, bool) {
+        let pair = match req {
+            Frame::WitnessReport { pair, .. }
+            | Frame::WitnessSolo { pair, .. }
+            | Frame::WitnessPromote { pair, .. } => *pair,
+            other => return (Err((Refusal::Protocol, format!("not a witness request: {other:?}"))), false),
+        };
+        if pair == 0 {
+            return (
+                Err((
+                    Refusal::NotRegistered,
+                    "the request carries no pair id: the node has never been part of a synced pair".into(),
+                )),
+                false,
+            );
+        }
+        let (decision, changed) = self.decide_pair(pair, req, now);
+        (decision, changed)
+    }
+
+    fn decide_pair(&mut self, pair: u64, req: &Frame, now: Instant) -> (Decision, bool) {
+        let lease = self.lease;
+        let window = takeover_window(lease);
+        let silent = self.silent_for(pair, now);
         match req {
-            Frame::WitnessReport { volume, node, epoch, in_sync } => {
-                let Some(r) = self.records.get_mut(volume) else {
-                    let r = Record { epoch: *epoch, primary: node.clone(), solo: false };
-                    self.records.insert(volume.clone(), r.clone());
-                    self.seen.insert(volume.clone(), now);
+            Frame::WitnessReport { volume, node, epoch, in_sync, .. } => {
+                let (r, bound) = self.record(pair, volume);
+                let Some(r) = r else {
+                    let r = Record { volume: volume.clone(), epoch: *epoch, primary: node.clone(), solo: false };
+                    self.state.pairs.insert(pair, r.clone());
+                    self.seen.insert(pair, now);
                     return (Ok(r), true);
                 };
                 if r.primary != *node || r.epoch != *epoch {
-                    return (
-                        Err(format!(
-                            "stale: {} is primary of {volume} in epoch {}; {node} (epoch {epoch}) was deposed",
-                            r.primary, r.epoch
-                        )),
-                        false,
+                    let why = format!(
+                        "{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) was deposed",
+                        r.primary, r.epoch
                     );
+                    return (Err((Refusal::Deposed { epoch: r.epoch }, why)), bound);
                 }
-                let changed = *in_sync && r.solo;
+                let changed = (*in_sync && r.solo) || bound;
                 if *in_sync {
                     r.solo = false;
                 }
                 let r = r.clone();
-                self.seen.insert(volume.clone(), now);
+                self.seen.insert(pair, now);
                 (Ok(r), changed)
             }
-            Frame::WitnessSolo { volume, node, epoch } => match self.records.get_mut(volume) {
-                Some(r) if r.primary == *node && r.epoch == *epoch => {
-                    let changed = !r.solo;
+            Frame::WitnessSolo { volume, node, epoch, .. } => match self.record(pair, volume) {
+                (Some(r), bound) if r.primary == *node && r.epoch == *epoch => {
+                    let changed = !r.solo || bound;
                     r.solo = true;
                     let r = r.clone();
-                    self.seen.insert(volume.clone(), now);
+                    self.seen.insert(pair, now);
                     (Ok(r), changed)
                 }
-                Some(r) => (Err(format!("stale: {} is primary of {volume} in epoch {}", r.primary, r.epoch)), false),
-                None => (Err(format!("{volume} has no primary registered")), false),
+                (Some(r), bound) => {
+                    let why = format!("{} is primary of {volume} in epoch {}", r.primary, r.epoch);
+                    (Err((Refusal::Deposed { epoch: r.epoch }, why)), bound)
+                }
+                (None, _) => (Err((Refusal::NotRegistered, format!("{volume} has no primary registered"))), false),
             },
-            Frame::WitnessPromote { volume, node, epoch, consistent, force } => {
-                let alive = self.seen_within(volume, now, self.timeout);
-                // A solo primary's lease ends one timeout after its last answered request (sent
-                // before we received it); a forced promotion waits half a timeout more, so the old
-                // primary has stopped acknowledging alone before the new one starts.
-                let lease_live = self.seen_within(volume, now, self.timeout * 3 / 2);
-                let Some(r) = self.records.get_mut(volume) else {
+            Frame::WitnessPromote { volume, node, epoch, consistent, force, reclaim, .. } => {
+                let (r, bound) = self.record(pair, volume);
+                let Some(r) = r else {
                     if *force {
-                        let r = Record { epoch: epoch + 1, primary: node.clone(), solo: true };
-                        self.records.insert(volume.clone(), r.clone());
-                        self.seen.insert(volume.clone(), now);
+                        let r = Record { volume: volume.clone(), epoch: epoch + 1, primary: node.clone(), solo: true };
+                        debug_assert!(!*reclaim || *force, "a reclaim is never forced");
+                        self.state.pairs.insert(pair, r.clone());
+                        self.seen.insert(pair, now);
                         return (Ok(r), true);
                     }
-                    return (Err(format!("{volume} has no primary registered yet; nothing to take over")), false);
+                    let why = format!("{volume} has no primary registered yet; nothing to take over");
+                    return (Err((Refusal::NotRegistered, why)), false);
                 };
                 if r.primary == *node {
                     // The primary itself, restarting: a fresh epoch, so that no (epoch, tag) it
@@ -128,91 +193,208 @@ impl Decider {
                     // peer may hold while the crash lost it here).
                     r.epoch += 1;
                     let r = r.clone();
-                    self.seen.insert(volume.clone(), now);
+                    self.seen.insert(pair, now);
                     return (Ok(r), true);
                 }
+                let refuse = |why: Refusal, msg: String| (Err((why, msg)), bound);
+                if *reclaim {
+                    let msg = format!("{} is primary of {volume} in epoch {}; {node} is not", r.primary, r.epoch);
+                    return refuse(Refusal::Deposed { epoch: r.epoch }, msg);
+                }
                 if *epoch < r.epoch && !*force {
-                    return (
-                        Err(format!("{node} has seen epoch {epoch} only; the volume is in epoch {}", r.epoch)),
-                        false,
-                    );
+                    let msg = format!("{node} has seen epoch {epoch} only; {volume} is in epoch {}", r.epoch);
+                    return refuse(Refusal::Behind { epoch: r.epoch }, msg);
                 }
                 if !*consistent {
-                    return (
-                        Err(format!("{node} holds a half-applied resync of {volume}; it cannot take over")),
-                        false,
+                    return refuse(
+                        Refusal::Inconsistent,
+                        format!("{node} holds a half-applied resync of {volume}; it cannot take over"),
                     );
                 }
-                if *force && r.solo && lease_live {
-                    return (
-                        Err(format!(
-                            "{} may still be acknowledging writes of {volume} alone (its solo lease has not \
-                             expired); try again in {:?}",
-                            r.primary,
-                            self.timeout * 3 / 2
-                        )),
-                        false,
+                let wait_ms = |d: Duration| (d.saturating_sub(silent).as_millis() as u64).max(1);
+                if *force && r.solo && silent < window {
+                    let msg = format!(
+                        "{} may still be acknowledging writes of {volume} alone (its solo lease has not \
+                         expired); try again in {:?}",
+                        r.primary,
+                        window.saturating_sub(silent)
                     );
+                    return refuse(Refusal::LeaseLive { retry_after_ms: wait_ms(window) }, msg);
                 }
                 if !*force {
                     if r.solo {
-                        return (
-                            Err(format!(
-                                "{} acknowledged writes of {volume} alone; {node} lacks them (use --force to accept the loss)",
-                                r.primary
-                            )),
-                            false,
+                        let msg = format!(
+                            "{} acknowledged writes of {volume} alone; {node} lacks them (use --force to accept the loss)",
+                            r.primary
                         );
+                        return refuse(Refusal::SoloPrimary, msg);
                     }
-                    if alive {
-                        return (
-                            Err(format!("{} (primary of {volume}) reported within {:?}", r.primary, self.timeout)),
-                            false,
-                        );
+                    if silent < window {
+                        let msg = format!("{} (primary of {volume}) reported {silent:?} ago", r.primary);
+                        return refuse(Refusal::PrimaryAlive { retry_after_ms: wait_ms(window) }, msg);
                     }
                 }
                 r.epoch += 1;
                 r.primary = node.clone();
                 r.solo = true;
                 let r = r.clone();
-                self.seen.insert(volume.clone(), now);
+                self.seen.insert(pair, now);
                 (Ok(r), true)
             }
-            other => (Err(format!("not a witness request: {other:?}")), false),
+            _ => unreachable!("checked by decide"),
         }
     }
 }
 
-/// Reads the records file: one line per volume, `volume epoch primary solo`.
-pub fn load(path: &Path) -> Result<BTreeMap<String, Record>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => return Err(e.into()),
+/// First line of a state file of the current format.
+const STATE_HEADER: &str = "syncblock-witness-state 2";
+
+/// A name as one whitespace-free token: bytes that are whitespace, `%` or control characters
+/// become `%XX`.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_whitespace() || c.is_control() || c == '%' {
+            let mut b = [0u8; 4];
+            for byte in c.encode_utf8(&mut b).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut it = s.bytes();
+    while let Some(b) = it.next() {
+        if b == b'%' {
+            let hex = [it.next()?, it.next()?];
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// The state file's bytes: a header line, one line per record (`pair epoch solo volume primary`,
+/// pair in hex, 0 for a first-format record no pair has claimed), and a last line with the record
+/// count and the CRC32 of every byte before it. A torn or corrupted file fails that check.
+pub fn encode_state(state: &WitnessState) -> String {
+    let mut text = format!("{STATE_HEADER}\n");
+    let unbound = state.unbound.values().map(|r| (0, r));
+    for (pair, r) in state.pairs.iter().map(|(p, r)| (*p, r)).chain(unbound) {
+        text.push_str(&format!(
+            "{pair:016x} {} {} {} {}\n",
+            r.epoch,
+            u8::from(r.solo),
+            escape(&r.volume),
+            escape(&r.primary)
+        ));
+    }
+    let n = state.pairs.len() + state.unbound.len();
+    let crc = crc32fast::hash(text.as_bytes());
+    text.push_str(&format!("end {n} {crc:08x}\n"));
+    text
+}
+
+/// Parses a state file; the error says what is wrong.
+pub fn decode_state(text: &str) -> std::result::Result<WitnessState, String> {
+    if text.is_empty() {
+        return Err("the file is empty".into());
+    }
+    if !text.starts_with(STATE_HEADER) {
+        return decode_first_format(text);
+    }
+    let cut = || "no trailer line (the file was cut short)".to_string();
+    if !text.ends_with('\n') {
+        return Err(cut());
+    }
+    // The trailer is the last line; everything before it is covered by its checksum.
+    let body_end = text[..text.len() - 1].rfind('\n').map(|i| i + 1).ok_or_else(cut)?;
+    let (n, crc) = match text[body_end..].split_whitespace().collect::<Vec<_>>()[..] {
+        ["end", n, crc] => (n.parse::<usize>().map_err(|_| cut())?, u32::from_str_radix(crc, 16).map_err(|_| cut())?),
+        _ => return Err(cut()),
     };
-    let mut out = BTreeMap::new();
+    let computed = crc32fast::hash(&text.as_bytes()[..body_end]);
+    if crc != computed {
+        return Err(format!("checksum mismatch (stored {crc:08x}, computed {computed:08x})"));
+    }
+    let lines: Vec<&str> = text[..body_end].lines().skip(1).collect();
+    if text[..body_end].lines().next() != Some(STATE_HEADER) {
+        return Err("unknown format version in the header line".into());
+    }
+    if lines.len() != n {
+        return Err(format!("{} records where the trailer says {n}", lines.len()));
+    }
+    let mut state = WitnessState::default();
+    for (k, line) in lines.iter().enumerate() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let parsed = (f.len() == 5).then(|| {
+            let pair = u64::from_str_radix(f[0], 16).ok()?;
+            let epoch = f[1].parse().ok()?;
+            let solo = match f[2] {
+                "0" => false,
+                "1" => true,
+                _ => return None,
+            };
+            Some((pair, Record { volume: unescape(f[3])?, epoch, primary: unescape(f[4])?, solo }))
+        });
+        match parsed.flatten() {
+            Some((0, r)) => state.unbound.insert(r.volume.clone(), r),
+            Some((pair, r)) => state.pairs.insert(pair, r),
+            None => return Err(format!("record {} is malformed: {line:?}", k + 1)),
+        };
+    }
+    Ok(state)
+}
+
+/// The first format: one line per volume, `volume epoch primary solo`, no checksum. Its records
+/// are unbound until their pair claims them.
+fn decode_first_format(text: &str) -> std::result::Result<WitnessState, String> {
+    let mut state = WitnessState::default();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split_whitespace().collect();
         let parsed = (f.len() == 4)
             .then(|| Some((f[1].parse().ok()?, f[3].parse().ok()?)))
             .flatten()
-            .map(|(epoch, solo)| Record { epoch, primary: f[2].to_string(), solo });
+            .map(|(epoch, solo)| Record { volume: f[0].to_string(), epoch, primary: f[2].to_string(), solo });
         let Some(r) = parsed else {
-            return Err(ReplError::Refused(format!("{}: line {} is corrupt: {line:?}", path.display(), n + 1)));
+            return Err(format!("no format header, and line {} is not a first-format record: {line:?}", n + 1));
         };
-        out.insert(f[0].to_string(), r);
+        state.unbound.insert(r.volume.clone(), r);
     }
-    Ok(out)
+    Ok(state)
 }
 
-/// Writes the records file atomically and durably (temporary file, fsync, rename, fsync dir).
-pub fn save(path: &Path, records: &BTreeMap<String, Record>) -> Result<()> {
+/// Reads the state file (a missing file is an empty state). A torn or corrupt file is an error,
+/// never an empty state: a witness that forgot its records could hand a volume to a deposed node.
+pub fn load(path: &Path) -> Result<WitnessState> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(WitnessState::default()),
+        Err(e) => return Err(e.into()),
+    };
+    let text = String::from_utf8(text).map_err(|_| "not UTF-8".to_string());
+    text.and_then(|t| decode_state(&t)).map_err(|why| {
+        ReplError::Invalid(format!(
+            "witness state {} is torn or corrupt: {why}; likely cause: a crash of the disk under it or an \
+             edit by hand. Restore it from a backup, or move it away and name each pair's primary with \
+             `syncblock promote --force` (the witness never guesses)",
+            path.display()
+        ))
+    })
+}
+
+/// Writes the state file atomically and durably (temporary file, fsync, rename, fsync dir).
+pub fn save(path: &Path, state: &WitnessState) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    for (v, r) in records {
-        writeln!(f, "{v} {} {} {}", r.epoch, r.primary, r.solo)?;
-    }
+    f.write_all(encode_state(state).as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -221,23 +403,37 @@ pub fn save(path: &Path, records: &BTreeMap<String, Record>) -> Result<()> {
     Ok(())
 }
 
-/// Serves witness requests on `listener`, keeping records in `state_path`.
-pub async fn run(mut listener: BoxListener, state_path: PathBuf, timeout: Duration) -> Result<()> {
-    let records = load(&state_path)?;
-    tracing::info!("witness on {} with {} volume records", listener.local_addr()?, records.len());
-    let decider = Arc::new(Mutex::new(Decider::new(records, timeout, Instant::now())));
+/// Serves witness requests on `listener`, keeping records in `state_path`; grants carry `lease`.
+pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration) -> Result<()> {
+    let state = load(&state_path)?;
+    tracing::info!(
+        "witness on {} with {} pair records (lease {lease:?})",
+        listener.local_addr()?,
+        state.pairs.len() + state.unbound.len()
+    );
+    let decider = Arc::new(Mutex::new(Decider::new(state, lease, Instant::now())));
     let state_path = Arc::new(state_path);
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, from) = listener.accept().await?;
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%from, "witness: {MAX_CONNECTIONS} connections open; refusing one more");
+            continue;
+        };
         let decider = decider.clone();
         let state_path = state_path.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(stream, &decider, &state_path).await {
                 tracing::debug!(%from, "witness connection: {e}");
             }
+            drop(permit);
         });
     }
 }
+
+/// Connections the witness serves at once: each node opens one per request (a few per second per
+/// pair); 1024 leaves room for hundreds of pairs while a flood cannot exhaust descriptors.
+const MAX_CONNECTIONS: usize = 1024;
 
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -252,34 +448,54 @@ async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Pat
         let answer = {
             // One decision at a time, made durable before it is answered.
             let mut d = decider.lock().await;
-            let before = d.records.clone();
+            let before = d.state.clone();
             let (decision, changed) = d.decide(&req, Instant::now());
+            let lease = d.lease;
             if changed {
-                if let Err(e) = save(state_path, &d.records) {
-                    d.records = before;
+                if let Err(e) = save(state_path, &d.state) {
+                    d.state = before;
                     tracing::error!("witness cannot record a decision: {e}");
-                    Frame::Refuse { reason: format!("witness cannot record decisions: {e}") }
+                    let reason = format!("witness cannot record decisions: {e}");
+                    Frame::Refuse { why: Refusal::WitnessStorage, reason }
                 } else {
                     tracing::info!("witness: {req:?} → {decision:?}");
-                    decision_frame(decision)
+                    decision_frame(decision, lease)
                 }
             } else {
-                decision_frame(decision)
+                decision_frame(decision, lease)
             }
         };
         write_frame(&mut wr, &answer).await?;
     }
 }
 
-fn decision_frame(d: Decision) -> Frame {
+fn decision_frame(d: Decision, lease: Duration) -> Frame {
     match d {
-        Ok(r) => Frame::WitnessGrant { epoch: r.epoch, primary: r.primary, solo: r.solo },
-        Err(reason) => Frame::Refuse { reason },
+        Ok(r) => Frame::WitnessGrant {
+            epoch: r.epoch,
+            primary: r.primary,
+            solo: r.solo,
+            lease_ms: lease.as_millis().min(u32::MAX as u128) as u32,
+        },
+        Err((why, reason)) => Frame::Refuse { why, reason },
     }
 }
 
-/// Asks the witness at `addr`; a refusal is `ReplError::Refused`.
-pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Record> {
+/// What the witness granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub epoch: u64,
+    pub primary: String,
+    pub solo: bool,
+    /// How long after sending the request the requester may act on a solo grant.
+    pub lease: Duration,
+    /// When that lease ends: the request's sending time plus the lease.
+    pub valid_until: Instant,
+}
+
+/// Asks the witness at `addr`; a refusal is [`ReplError::Refused`] with its [`Refusal`].
+pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Grant> {
+    let sent = Instant::now();
     let fut = async {
         let stream = net.connect(addr).await?;
         let (mut rd, mut wr) = crate::net::split(stream);
@@ -290,9 +506,15 @@ pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration
         .await
         .map_err(|_| ReplError::Stopped(format!("witness {addr} did not answer within {timeout:?}")))??;
     match answer {
-        Frame::WitnessGrant { epoch, primary, solo } => Ok(Record { epoch, primary, solo }),
-        Frame::Refuse { reason } => Err(ReplError::Refused(reason)),
-        other => Err(ReplError::Refused(format!("unexpected answer from the witness: {other:?}"))),
+        Frame::WitnessGrant { epoch, primary, solo, lease_ms } => {
+            let lease = Duration::from_millis(lease_ms.into());
+            Ok(Grant { epoch, primary, solo, lease, valid_until: sent + lease })
+        }
+        Frame::Refuse { why, reason } => Err(ReplError::Refused { why, reason }),
+        other => Err(ReplError::Refused {
+            why: Refusal::Protocol,
+            reason: format!("unexpected answer from the witness {addr}: {other:?}"),
+        }),
     }
 }
 
@@ -300,42 +522,71 @@ pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration
 mod tests {
     use super::*;
 
+    const PAIR: u64 = 0xab;
+
     fn report(node: &str, epoch: u64, in_sync: bool) -> Frame {
-        Frame::WitnessReport { volume: "v".into(), node: node.into(), epoch, in_sync }
+        Frame::WitnessReport { pair: PAIR, volume: "v".into(), node: node.into(), epoch, in_sync }
     }
     fn promote(node: &str, epoch: u64, force: bool) -> Frame {
-        Frame::WitnessPromote { volume: "v".into(), node: node.into(), epoch, consistent: true, force }
+        Frame::WitnessPromote {
+            pair: PAIR,
+            volume: "v".into(),
+            node: node.into(),
+            epoch,
+            consistent: true,
+            force,
+            reclaim: false,
+        }
     }
     fn solo(node: &str, epoch: u64) -> Frame {
-        Frame::WitnessSolo { volume: "v".into(), node: node.into(), epoch }
+        Frame::WitnessSolo { pair: PAIR, volume: "v".into(), node: node.into(), epoch }
+    }
+    fn why(d: Decision) -> Refusal {
+        d.unwrap_err().0
     }
 
     #[test]
     fn a_live_primary_keeps_its_role_and_a_dead_one_is_replaced_once() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
-        let mut d = Decider::new(BTreeMap::new(), 2 * s, t0);
+        // A 2 s lease: a 3 s takeover window.
+        let mut d = Decider::new(WitnessState::default(), 2 * s, t0);
         assert_eq!(d.decide(&report("a", 1, true), t0).0.unwrap().primary, "a");
-        assert!(d.decide(&promote("b", 1, false), t0 + s).0.is_err(), "primary reported 1 s ago");
+        assert_eq!(why(d.decide(&promote("b", 1, false), t0 + s).0), Refusal::PrimaryAlive { retry_after_ms: 2000 });
         let granted = d.decide(&promote("b", 1, false), t0 + 3 * s).0.unwrap();
         assert_eq!((granted.epoch, granted.primary.as_str()), (2, "b"));
+        // A reclaim (a primary restarting) by a node that is no longer primary is a deposition,
+        // never a takeover.
+        let reclaim = Frame::WitnessPromote {
+            pair: PAIR,
+            volume: "v".into(),
+            node: "a".into(),
+            epoch: 1,
+            consistent: true,
+            force: false,
+            reclaim: true,
+        };
+        assert_eq!(why(d.decide(&reclaim, t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
         // The deposed primary learns it at its next report, and cannot go solo.
-        assert!(d.decide(&report("a", 1, true), t0 + 3 * s).0.unwrap_err().contains("deposed"));
-        assert!(d.decide(&solo("a", 1), t0 + 3 * s).0.is_err());
-        // Nor be promoted back while b is alive.
+        assert_eq!(why(d.decide(&report("a", 1, true), t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
+        assert_eq!(why(d.decide(&solo("a", 1), t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
+        // Nor be promoted back: b serves alone (promoted solo) until a has resynced, and then
+        // only once b is silent.
         assert!(d.decide(&report("b", 2, false), t0 + 4 * s).0.is_ok());
-        assert!(d.decide(&promote("a", 2, false), t0 + 5 * s).0.is_err());
+        assert_eq!(why(d.decide(&promote("a", 2, false), t0 + 5 * s).0), Refusal::SoloPrimary);
+        assert!(d.decide(&report("b", 2, true), t0 + 6 * s).0.is_ok());
+        assert!(matches!(why(d.decide(&promote("a", 2, false), t0 + 7 * s).0), Refusal::PrimaryAlive { .. }));
+        assert_eq!(d.decide(&promote("a", 2, false), t0 + 9 * s).0.unwrap().epoch, 3);
     }
 
     #[test]
     fn a_secondary_is_never_promoted_over_a_primary_that_went_solo() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
-        let mut d = Decider::new(BTreeMap::new(), 2 * s, t0);
+        let mut d = Decider::new(WitnessState::default(), 2 * s, t0);
         d.decide(&report("a", 1, true), t0).0.unwrap();
         assert!(d.decide(&solo("a", 1), t0 + s).0.unwrap().solo);
-        let why = d.decide(&promote("b", 1, false), t0 + 10 * s).0.unwrap_err();
-        assert!(why.contains("alone"), "{why}");
+        assert_eq!(why(d.decide(&promote("b", 1, false), t0 + 10 * s).0), Refusal::SoloPrimary);
         // Once a reports its peer in sync again, b may take over when a dies.
         d.decide(&report("a", 1, true), t0 + 11 * s).0.unwrap();
         assert!(d.decide(&promote("b", 1, false), t0 + 14 * s).0.is_ok());
@@ -344,32 +595,126 @@ mod tests {
     #[test]
     fn force_overrides_solo_and_liveness_but_not_inconsistency_nor_a_running_solo_lease() {
         let t0 = Instant::now();
-        let mut d = Decider::new(BTreeMap::new(), Duration::from_secs(2), t0);
+        let mut d = Decider::new(WitnessState::default(), Duration::from_secs(2), t0);
         d.decide(&report("a", 1, true), t0).0.unwrap();
         d.decide(&solo("a", 1), t0).0.unwrap();
-        // Not while the solo primary's lease may still run (1.5 × the timeout after it was seen).
-        let why = d.decide(&promote("b", 1, true), t0 + Duration::from_secs(2)).0.unwrap_err();
-        assert!(why.contains("lease"), "{why}");
+        // Not while the solo primary's lease may still run (1.5 leases after it was seen).
+        let r = why(d.decide(&promote("b", 1, true), t0 + Duration::from_secs(2)).0);
+        assert_eq!(r, Refusal::LeaseLive { retry_after_ms: 1000 });
         let t0 = t0 + Duration::from_secs(4);
-        let inconsistent =
-            Frame::WitnessPromote { volume: "v".into(), node: "b".into(), epoch: 1, consistent: false, force: true };
-        assert!(d.decide(&inconsistent, t0).0.is_err());
+        let inconsistent = Frame::WitnessPromote {
+            pair: PAIR,
+            volume: "v".into(),
+            node: "b".into(),
+            epoch: 1,
+            consistent: false,
+            force: true,
+            reclaim: false,
+        };
+        assert_eq!(why(d.decide(&inconsistent, t0).0), Refusal::Inconsistent);
         assert_eq!(d.decide(&promote("b", 1, true), t0).0.unwrap().epoch, 2);
+    }
+
+    #[test]
+    fn two_pairs_with_the_same_volume_name_keep_separate_records() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut d = Decider::new(WitnessState::default(), s, t0);
+        let as_pair = |pair: u64, f: Frame| match f {
+            Frame::WitnessReport { volume, node, epoch, in_sync, .. } => {
+                Frame::WitnessReport { pair, volume, node, epoch, in_sync }
+            }
+            Frame::WitnessPromote { volume, node, epoch, consistent, force, reclaim, .. } => {
+                Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim }
+            }
+            other => other,
+        };
+        // Two pairs, both volume "v", both with nodes called a and b, at different epochs.
+        d.decide(&as_pair(1, report("a", 1, true)), t0).0.unwrap();
+        d.decide(&as_pair(2, report("a", 5, true)), t0).0.unwrap();
+        assert_eq!(d.state.pairs.len(), 2);
+        // Pair 2's primary keeps reporting; pair 1's dies: only pair 1 fails over.
+        let t1 = t0 + 2 * s;
+        d.decide(&as_pair(2, report("a", 5, true)), t1).0.unwrap();
+        assert_eq!(d.decide(&as_pair(1, promote("b", 1, false)), t1).0.unwrap().epoch, 2);
+        assert!(matches!(why(d.decide(&as_pair(2, promote("b", 5, false)), t1).0), Refusal::PrimaryAlive { .. }));
+        assert_eq!(d.decide(&as_pair(2, report("a", 5, true)), t1).0.unwrap().epoch, 5);
+        // No pair id: never registered.
+        assert_eq!(why(d.decide(&as_pair(0, report("a", 1, true)), t1).0), Refusal::NotRegistered);
     }
 
     #[test]
     fn records_survive_a_restart_and_a_restarted_witness_waits_before_promoting() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.state");
-        let mut records = BTreeMap::new();
-        records.insert("v".to_string(), Record { epoch: 3, primary: "a".into(), solo: false });
-        save(&path, &records).unwrap();
-        assert_eq!(load(&path).unwrap(), records);
+        let mut state = WitnessState::default();
+        state.pairs.insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false });
+        state.pairs.insert(7, Record { volume: "my vol%".into(), epoch: 1, primary: "n\u{e9}".into(), solo: true });
+        save(&path, &state).unwrap();
+        assert_eq!(load(&path).unwrap(), state);
         let t0 = Instant::now();
         let mut d = Decider::new(load(&path).unwrap(), Duration::from_secs(2), t0);
         assert!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(1)).0.is_err());
-        assert_eq!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(3)).0.unwrap().epoch, 4);
-        std::fs::write(&path, "v x a false\n").unwrap();
-        assert!(load(&path).is_err());
+        assert_eq!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(4)).0.unwrap().epoch, 4);
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_state_file_is_detected_never_reset() {
+        let mut state = WitnessState::default();
+        state.pairs.insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false });
+        let text = encode_state(&state);
+        assert_eq!(decode_state(&text).unwrap(), state);
+        // Every cut short of the whole file, and every single changed byte, is refused.
+        for cut in 0..text.len() {
+            assert!(decode_state(&text[..cut]).is_err(), "cut at {cut}: {:?}", &text[..cut]);
+        }
+        for at in 0..text.len() {
+            let mut b = text.clone().into_bytes();
+            b[at] = if b[at] == b'7' { b'8' } else { b'7' };
+            if let Ok(t) = String::from_utf8(b) {
+                assert!(decode_state(&t).is_err(), "byte {at} changed: {t:?}");
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.state");
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("torn or corrupt") && e.contains("promote --force"), "{e}");
+    }
+
+    #[test]
+    fn a_first_format_record_is_claimed_by_the_first_pair_that_names_its_volume() {
+        let state = decode_state("v 3 a false\nw 1 b true\n").unwrap();
+        assert_eq!(state.unbound.len(), 2);
+        let t0 = Instant::now();
+        let mut d = Decider::new(state, Duration::from_secs(1), t0);
+        // A report from a at epoch 3 binds v's record to the pair and is granted.
+        let (r, changed) = d.decide(&report("a", 3, true), t0);
+        assert_eq!((r.unwrap().epoch, changed), (3, true));
+        assert_eq!(d.state.pairs[&PAIR].volume, "v");
+        assert!(!d.state.unbound.contains_key("v") && d.state.unbound.contains_key("w"));
+        assert!(decode_state("v x a false\n").is_err());
+    }
+
+    #[test]
+    fn a_witness_that_cannot_save_refuses_with_a_storage_refusal_that_deposes_nobody() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            // The state file's directory does not exist: every save fails.
+            let path = dir.path().join("missing").join("witness.state");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1)));
+            let net = crate::net::tcp();
+            let e = ask(net.as_ref(), addr, &report("a", 1, true), Duration::from_secs(5)).await.unwrap_err();
+            match e {
+                ReplError::Refused { why, reason } => {
+                    assert_eq!(why, Refusal::WitnessStorage, "{reason}");
+                }
+                other => panic!("{other}"),
+            }
+            task.abort();
+        });
     }
 }

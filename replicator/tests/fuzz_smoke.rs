@@ -21,6 +21,7 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
     let history = vec![EpochStart { epoch: rng.below(9), start_tag: rng.below(1000), origin: rng.below(u64::MAX) }];
     let f = match rng.below(6) {
         0 => Frame::Hello {
+            pair: rng.next_u64(),
             epoch: rng.next_u64(),
             last_tag: rng.next_u64(),
             size_bytes: rng.next_u64(),
@@ -37,11 +38,13 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
         2 => Frame::HelloOk { last_tag: 1, common_tag: 0, runs: vec![(rng.next_u64(), rng.below(9))] },
         3 => Frame::ResyncCommit { tag: rng.next_u64(), epoch: 2, history },
         4 => Frame::WitnessPromote {
+            pair: rng.next_u64(),
             volume: "v".into(),
             node: "b".into(),
             epoch: rng.next_u64(),
             consistent: true,
             force: rng.below(2) == 1,
+            reclaim: rng.below(2) == 1,
         },
         _ => Frame::Ack { applied: rng.next_u64(), durable: rng.next_u64() },
     };

@@ -4,6 +4,8 @@
 
 mod common;
 
+use syncblock_replicator::wire::Frame;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -126,7 +128,7 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     let vb = b.volume("v").await.unwrap();
     b.write(vb.id, 0, block(1), false).await.unwrap();
     let sec = start_secondary(&b, "127.0.0.1:0".parse().unwrap(), PAIR_TIMEOUT).await;
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None).await.unwrap();
     let mut w = prim.peer_view();
     let v = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| v.last_error.is_some()))
         .await
@@ -142,7 +144,7 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on() {
+async fn probes_on_the_replication_port_leave_the_live_session_alone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
@@ -153,23 +155,58 @@ async fn garbage_on_the_replication_port_is_refused_and_the_secondary_carries_on
     .await
     .unwrap();
     let sec = start_secondary(&b, "127.0.0.1:0".parse().unwrap(), PAIR_TIMEOUT).await;
-    let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let mut w = sec.watch();
-    let st = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| s.last_error.is_some()))
-        .await
-        .unwrap()
-        .unwrap()
-        .clone();
-    assert!(st.last_error.unwrap().contains("not a syncblock replication endpoint"));
-    // A real primary still gets through.
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None, false).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None).await.unwrap();
     wait_in_sync(&prim).await;
-    prim.write(0, block(9), true).await.unwrap();
+    prim.write(0, block(1), true).await.unwrap();
+    let resyncs = prim.peer_view().borrow().resyncs;
+    let hello = |pair: u64, epoch: u64| Frame::Hello {
+        pair,
+        epoch,
+        last_tag: 0,
+        size_bytes: VOL_BYTES,
+        volume: "v".into(),
+        node: "intruder".into(),
+        history: vec![],
+    };
+    // Garbage, an HTTP request, a connection closed at once, one that stays silent, a hello of
+    // another pair, and a hello of this pair from an older epoch: each is refused or dropped.
+    let probes: Vec<Vec<u8>> = vec![
+        b"\x00\x01garbage garbage garbage".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        vec![],
+        hello(prim.pair() ^ 1, prim.epoch() + 5).encode().to_vec(),
+        hello(prim.pair(), 0).encode().to_vec(),
+    ];
+    let silent = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
+    let mut answers = Vec::new();
+    for p in &probes {
+        let mut s = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
+        s.write_all(p).await.unwrap();
+        if p.is_empty() {
+            continue;
+        }
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        answers.push(syncblock_replicator::wire::decode_frame(&buf).ok());
+        // The live session carries on: writes are confirmed by the peer between probes.
+        tokio::time::timeout(Duration::from_secs(2), prim.write(BB, block(2), true))
+            .await
+            .expect("a write during the probes waited")
+            .unwrap();
+    }
+    use syncblock_replicator::wire::Refusal;
+    let refusals: Vec<Option<Refusal>> = answers
+        .iter()
+        .map(|a| a.as_ref().and_then(|f| if let Frame::Refuse { why, .. } = f { Some(*why) } else { None }))
+        .collect();
+    assert_eq!(refusals, [None, None, Some(Refusal::WrongPair), Some(Refusal::Deposed { epoch: prim.epoch() })]);
+    drop(silent);
+    let v = prim.peer_view().borrow().clone();
+    assert!(v.connected && v.in_sync, "{v:?}");
+    assert_eq!(v.resyncs, resyncs, "a probe replaced the live session");
+    assert!(sec.status().connected && sec.status().last_error.is_none(), "{:?}", sec.status());
     let vb = b.volume("v").await.unwrap();
-    assert_eq!(&b.read(vb.id, 0, BB).await.unwrap()[..], &block(9)[..]);
+    assert_eq!(&b.read(vb.id, BB, BB).await.unwrap()[..], &block(2)[..]);
     prim.stop();
     sec.stop().await;
 }

@@ -177,7 +177,9 @@ impl World {
             volume: "v".into(),
             repl_listen: SocketAddr::new(me.ip, REPL_PORT),
             peer: SocketAddr::new(peer.ip, REPL_PORT),
-            auto_failover: true,
+            // Strict waits for the peer, so automatic failover is only for degrade (a strict
+            // survivor could never write; `Node::start` refuses the combination).
+            auto_failover: self.policy == Policy::Degrade,
             repl: ReplConfig {
                 node: me.name.into(),
                 heartbeat: Duration::from_millis(40),

@@ -58,7 +58,7 @@ pub async fn start_secondary(b: &Store, bind: SocketAddr, timeout: Duration) -> 
 /// A pair on loopback: `a` primary ("a"), `b` secondary ("b"), volume "v", no witness.
 pub async fn start_pair(a: &Store, b: &Store, timeout: Duration) -> (Primary, Secondary) {
     let sec = start_secondary(b, "127.0.0.1:0".parse().unwrap(), timeout).await;
-    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a", timeout), None, false).await.unwrap();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a", timeout), None).await.unwrap();
     (prim, sec)
 }
 
