@@ -46,10 +46,70 @@ async fn start_pair(
         dir.join("witness.state"),
         Duration::from_millis(800),
     ));
+    let (a_repl, b_repl, node_a, node_b) = start_nodes(a, b, witness).await;
+    (witness_task, witness, a_repl, b_repl, node_a, node_b)
+}
+
+/// Nodes `a` (primary) and `b` (secondary) of a pair on loopback, with `witness`.
+async fn start_nodes(
+    a: &syncblock_engine::Store,
+    b: &syncblock_engine::Store,
+    witness: SocketAddr,
+) -> (SocketAddr, SocketAddr, Node, Node) {
     let (a_repl, b_repl) = (free_addr().await, free_addr().await);
     let node_b = Node::start(b.clone(), node_cfg("b", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
     let node_a = Node::start(a.clone(), node_cfg("a", a_repl, b_repl, witness), Role::Primary).await.unwrap();
-    (witness_task, witness, a_repl, b_repl, node_a, node_b)
+    (a_repl, b_repl, node_a, node_b)
+}
+
+/// Two pairs whose volumes are both named `v` and whose nodes are both named `a` and `b` share
+/// one witness: its records are keyed by pair id, so the death of one pair's primary fails over
+/// that pair only, and the other pair's primary is neither deposed nor refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pairs_with_the_same_volume_name_share_a_witness_safely() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, b1) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
+    let sub = dir.path().join("two");
+    std::fs::create_dir_all(&sub).unwrap();
+    let (a2, b2) = two_stores(&sub, 128 << 20, VOL_BYTES).await;
+    let (witness_task, witness, _, _, node_a1, node_b1) = start_pair(dir.path(), &a1, &b1).await;
+    let (_, _, node_a2, node_b2) = start_nodes(&a2, &b2, witness).await;
+    let (p1, p2) = (node_a1.primary().unwrap(), node_a2.primary().unwrap());
+    assert_ne!(p1.pair(), p2.pair(), "two pairs drew one id");
+    for p in [&p1, &p2] {
+        let mut v = p.peer_view();
+        tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+        p.write(0, block(p.pair()), true).await.unwrap();
+    }
+
+    // Pair 1's primary dies: its secondary takes over; pair 2 carries on untouched.
+    node_a1.stop().await;
+    let mut roles = node_b1.role_changes();
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_b1.is_primary()))
+        .await
+        .expect("pair 1 fails over")
+        .unwrap();
+    assert_eq!(node_b1.primary().unwrap().epoch(), 2);
+    // Well past the takeover window, pair 2's primary still reports and writes with its peer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(node_a2.is_primary() && !node_b2.is_primary());
+    assert_eq!(p2.epoch(), 1);
+    let st = p2.status().await;
+    assert!(st.rpo_zero(), "pair 2 lost its peer: {st:?}");
+    tokio::time::timeout(Duration::from_secs(5), p2.write(BB, block(7), true)).await.expect("pair 2 writes").unwrap();
+    let state = syncblock_replicator::witness::load(&dir.path().join("witness.state")).unwrap();
+    let epochs: Vec<(u64, &str)> = {
+        let mut e: Vec<(u64, &str)> = state.pairs.values().map(|r| (r.epoch, r.primary.as_str())).collect();
+        e.sort();
+        e
+    };
+    assert_eq!(epochs, [(1, "a"), (2, "b")], "{state:?}");
+
+    for n in [node_a2, node_b2, node_b1] {
+        n.stop().await;
+    }
+    witness_task.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
