@@ -27,7 +27,7 @@ start_node() { # name role repl peer admin nbd store
   "$BIN" --store "$7" serve --size=1GiB --volume=vol:256MiB --listen "127.0.0.1:$6" --role "$2" \
     --repl-listen "127.0.0.1:$3" --peer "127.0.0.1:$4" --witness "127.0.0.1:$W" \
     --admin "127.0.0.1:$5" --node "$1" >"$DIR/$1.out" 2>>"$DIR/$1.log" &
-  PIDS+=($!); echo $!
+  echo $!
 }
 wait_admin() { for _ in $(seq 200); do "$BIN" status --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 status() { "$BIN" status --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
@@ -37,8 +37,9 @@ fresh() {
   W=$(port); "$BIN" witness --listen "127.0.0.1:$W" --state "$DIR/witness.state" >/dev/null 2>>"$DIR/witness.log" &
   PIDS+=($!)
   AR=$(port); BR=$(port); AA=$(port); BA=$(port); AN=$(port); BN=$(port)
-  B_PID=$(start_node b secondary "$BR" "$AR" "$BA" "$BN" "$DIR/b.img"); wait_admin "$BA"
-  A_PID=$(start_node a primary "$AR" "$BR" "$AA" "$AN" "$DIR/a.img"); wait_admin "$AA"
+  # start_node runs in a subshell: its PIDS+= is lost, so the pids are recorded here.
+  B_PID=$(start_node b secondary "$BR" "$AR" "$BA" "$BN" "$DIR/b.img"); PIDS+=("$B_PID"); wait_admin "$BA"
+  A_PID=$(start_node a primary "$AR" "$BR" "$AA" "$AN" "$DIR/a.img"); PIDS+=("$A_PID"); wait_admin "$AA"
   qemu-io -t writeback -f raw -c 'write -P 1 0 1M' -c flush "nbd://127.0.0.1:$AN/vol" >/dev/null
   for _ in $(seq 600); do
     [ "$(status "$AA" | json 'd.get("rpo_zero")')" = "True" ] && break; sleep 0.05
@@ -88,7 +89,7 @@ fresh
 kill -9 "$B_PID"
 qemu-io -t writeback -f raw -c "write -P 3 8M $((N * 4))k" -c "write -P 4 8M $((N * 4))k" -c flush \
   "nbd://127.0.0.1:$AN/vol" >/dev/null
-B_PID=$(start_node b secondary "$BR" "$AR" "$BA" "$BN" "$DIR/b.img"); wait_admin "$BA"
+B_PID=$(start_node b secondary "$BR" "$AR" "$BA" "$BN" "$DIR/b.img"); PIDS+=("$B_PID"); wait_admin "$BA"
 for _ in $(seq 600); do
   s=$(status "$AA"); [ "$(echo "$s" | json 'd.get("rpo_zero")')" = "True" ] && break; sleep 0.05
 done
