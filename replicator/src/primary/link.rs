@@ -1,0 +1,108 @@
+//! The link's two tasks. They only move bytes: the writer encodes what the owner loop queues (and
+//! waits for the engine reads a resync queued, in order), the reader decodes what the peer sends
+//! and hands every frame to the loop. Neither holds replication state; each reports its end to the
+//! loop, tagged with the link's generation so that a late report of an old link is ignored.
+
+use bytes::{Bytes, BytesMut};
+use syncblock_engine::Pending;
+use tokio::sync::mpsc;
+
+use crate::link::{read_frame, write_encoded, write_frame};
+use crate::wire::Frame;
+use crate::{ReplError, Result};
+
+use super::owner::Event;
+
+/// What the owner loop queues on the link.
+pub(super) enum Out {
+    Frame(Frame),
+    /// Resync data (or a verify repair): the engine read was queued in the loop's order; its
+    /// bytes are shipped as a `Write` with `tag` once ready.
+    Read {
+        tag: u64,
+        offset: u64,
+        read: Pending<Bytes>,
+    },
+}
+
+/// Coalescing bound of the link writer: frames queued together are written together up to this
+/// many bytes (a syscall per 256 KiB is cheap; beyond that, latency of the first frame matters).
+const COALESCE_BYTES: usize = 256 << 10;
+
+/// Writes what the loop queues until the queue closes (the loop dropped the link) or a write
+/// fails; tells the loop why it ended.
+pub(super) async fn writer(
+    generation: u64,
+    mut wr: crate::net::WritePart,
+    mut rx: mpsc::Receiver<Out>,
+    events: mpsc::Sender<Event>,
+) {
+    let r = write_all(&mut wr, &mut rx).await;
+    let _ = events.send(Event::LinkDown(generation, r.err().unwrap_or_else(closed))).await;
+}
+
+fn closed() -> ReplError {
+    ReplError::Stopped("link closed".into())
+}
+
+async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>) -> Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        let Some(out) = rx.recv().await else { return Ok(()) };
+        let mut next = Some(out);
+        // Everything queued meanwhile goes out in the same write, up to a read still pending.
+        while let Some(out) = next.take() {
+            match out {
+                Out::Frame(f) => {
+                    f.encode_into(&mut buf);
+                    if buf.len() < COALESCE_BYTES {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                Out::Read { tag, offset, read } => {
+                    if !buf.is_empty() {
+                        write_encoded(wr, &buf).await?;
+                        buf.clear();
+                    }
+                    let data = read.wait().await?;
+                    write_frame(wr, &Frame::Write { tag, offset, fua: false, data }).await?;
+                    next = rx.try_recv().ok();
+                }
+            }
+        }
+        if !buf.is_empty() {
+            write_encoded(wr, &buf).await?;
+            buf.clear();
+        }
+    }
+}
+
+/// Reads frames until the link fails or the peer goes silent for `timeout`; hands each to the
+/// loop (waiting when the loop is behind: TCP then pushes back on the peer).
+pub(super) async fn reader(
+    generation: u64,
+    mut rd: crate::net::ReadPart,
+    timeout: std::time::Duration,
+    events: mpsc::Sender<Event>,
+) {
+    let err = loop {
+        match read_frame(&mut rd, timeout).await {
+            Ok(f) => {
+                if events.send(Event::Frame(generation, f)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    let _ = events.send(Event::LinkDown(generation, err)).await;
+}
+
+/// A task aborted when its handle is dropped (the loop dropping a link closes its socket).
+pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

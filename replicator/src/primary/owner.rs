@@ -1,0 +1,1365 @@
+//! The primary's owner: one struct, one task, one loop. It selects the next event — a client
+//! operation, an engine completion, a frame from the peer, the link coming up or going down, a
+//! timer, a witness answer — applies it, then checks its invariants (in debug builds, so in every
+//! test and in the simulation) and publishes its status. No replication state is shared with any
+//! other task: the link's reader and writer only move bytes (`link.rs`), requests to the witness
+//! and the resync's scan run as futures whose results come back as events, and `syncblock status`
+//! reads what the loop published without waiting for it.
+//!
+//! The loop is also the *sequencer*: tags are assigned, operations queued in the local engine and
+//! frames queued on the link in the order the loop handles them, so the engine's order, the tag
+//! order and the link order are one order (`docs/replication.md`, "Tags"). Every step that must
+//! happen "at a point of that order" — a resync window's block status and reads, a checksum
+//! request, a verify repair — happens inside one step of the loop, between two client operations.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::compare::{fix, fix_runs, windows, Fix};
+use super::lag::Lag;
+use super::link::{AbortOnDrop, Out};
+use super::report::{PeerView, Progress, VerifyReport};
+use crate::state::ReplState;
+use crate::wire::{EpochStart, Frame, Refusal};
+use crate::witness::Grant;
+use crate::{Policy, ReplConfig, ReplError, Result};
+
+/// Frames queued on the link's writer. Each holds at most one client write (≤ 32 MiB, bounded
+/// further by the NBD layer's in-flight limits) or one resync piece (≤ 1 MiB). When it is full,
+/// the loop keeps what it could not queue and takes no new client operation until the writer has
+/// caught up: that is the backpressure from a slow peer. The loop itself never waits for the
+/// link, so it always hears the peer's acknowledgements.
+const LINK_QUEUE: usize = 256;
+/// Events from the link's reader and the loop's helper futures waiting to be handled. The loop
+/// waits on nothing that depends on them, so a full queue only pauses the reader (TCP then pushes
+/// back on the peer).
+pub(super) const EVENTS_MAX: usize = 1024;
+/// Resync reads are issued in pieces of at most this much: one engine batch.
+const RESYNC_READ_BYTES: u64 = 1 << 20;
+/// Block status is asked for windows of this size while resyncing: one step of the loop.
+const RESYNC_WINDOW_BYTES: u64 = 64 << 20;
+/// Trim-floor updates (a meta record each) are written at most this often.
+const FLOOR_PERIOD: Duration = Duration::from_secs(5);
+/// Full sync and verify compare checksums in windows of this size: 2048 blocks, an 8 KiB answer
+/// at most. Small enough that one step of the loop is short (one index walk, a few reads queued),
+/// large enough that the per-window round trip is negligible.
+const CRC_WINDOW_BYTES: u64 = 8 << 20;
+/// Checksum requests in flight ahead of the window being compared, so the link keeps shipping
+/// while an answer travels back.
+const CRC_LOOKAHEAD: usize = 4;
+/// Differing ranges a verify report lists; beyond that it only counts blocks.
+const VERIFY_RANGES_MAX: usize = 4096;
+/// Log a warning while client operations have waited this long for the peer, and again every
+/// `WAIT_WARN_EVERY` while they still wait: under the strict policy (or without the witness's
+/// consent to go on alone) a write waits for the peer for as long as it is away.
+const WAIT_WARN_AFTER: Duration = Duration::from_secs(2);
+const WAIT_WARN_EVERY: Duration = Duration::from_secs(10);
+const BB: u64 = BLOCK_BYTES as u64;
+
+/// A client operation, from a [`super::Primary`] handle. Each is answered on its `reply` once it
+/// is in the local log and confirmed by the peer (or acknowledged alone, with the witness's
+/// consent), with its tag.
+pub(super) enum Command {
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Verify {
+        repair: bool,
+        reply: oneshot::Sender<Result<VerifyReport>>,
+    },
+    /// A newer primary reached this node's replication port (see `node::listen_for_successor`).
+    Depose(String),
+}
+
+/// What the link's tasks and the loop's helper futures report. Link events carry the link's
+/// generation: a late report of a link already replaced is ignored.
+pub(super) enum Event {
+    /// A frame from the peer.
+    Frame(u64, Frame),
+    /// The link ended, or could not be set up.
+    LinkDown(u64, ReplError),
+    /// Connected, and the peer accepted the hello.
+    LinkUp(u64, Box<Handshake>),
+    /// The resync's plan: the LBA ranges to ship, and whether it is a full sync.
+    ResyncPlan(u64, Result<(Vec<(u64, u64)>, bool)>),
+    /// The witness answered.
+    Witness(Ask, Result<Grant>),
+    /// The trim floor was recorded (or not).
+    FloorWritten(u64, Result<()>),
+}
+
+/// What a request to the witness asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ask {
+    Report,
+    Solo,
+}
+
+/// A connection whose hello the peer accepted.
+pub(super) struct Handshake {
+    rd: crate::net::ReadPart,
+    wr: crate::net::WritePart,
+    peer_last: u64,
+    common: u64,
+    runs: Vec<(u64, u64)>,
+}
+
+/// What the loop publishes besides the peer's view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Published {
+    pub last_tag: u64,
+    pub lag_bytes: u64,
+    pub waiting: usize,
+    pub waiting_since: Option<Instant>,
+}
+
+/// What a client operation was, for its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Write,
+    Flush,
+}
+
+/// A client operation in flight: queued in the engine and (if there is a link) on the link.
+struct Op {
+    tag: u64,
+    /// Needs the peer's `durable` (FUA, flush) rather than `applied`.
+    durable: bool,
+    kind: Kind,
+    /// The local engine completed it; it now waits for the peer only.
+    local_done: bool,
+    since: Instant,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+type EngineDone = Pin<Box<dyn std::future::Future<Output = (u64, syncblock_engine::Result<()>)> + Send>>;
+
+enum LinkState {
+    /// No link; the next attempt at `retry_at`.
+    Down {
+        retry_at: Instant,
+    },
+    /// Dialing and saying hello, as link `generation`.
+    Connecting {
+        generation: u64,
+    },
+    Up(Link),
+}
+
+struct Link {
+    generation: u64,
+    tx: mpsc::Sender<Out>,
+    /// What did not fit in `tx`, in order; sent before anything else.
+    backlog: VecDeque<Out>,
+    _writer: AbortOnDrop<()>,
+    _reader: AbortOnDrop<()>,
+}
+
+/// The resync of the current link.
+enum Resync {
+    /// The local flush and the scan for what changed run off the loop.
+    Planning,
+    /// Shipping the current contents of the changed ranges, one block-status window per step.
+    Ship { windows: Vec<(u64, u64)>, next: usize },
+    /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead, compared one per step.
+    Compare { windows: Vec<(u64, u64)>, next_ask: usize, asked: VecDeque<(u64, usize)> },
+    /// The commit and the ping that proves it applied are queued.
+    Committing { tag: u64, nonce: u64 },
+}
+
+/// Block checksums of a window, `None` for an unmapped block.
+type Crcs = Vec<Option<u32>>;
+
+/// A verify pass on link `generation`.
+struct Verify {
+    generation: u64,
+    repair: bool,
+    windows: Vec<(u64, u64)>,
+    next_ask: usize,
+    /// (checksum request id, window, this node's answer at the same point of the order).
+    asked: VecDeque<(u64, usize, Pending<Crcs>)>,
+    report: VerifyReport,
+    started: Instant,
+    reply: oneshot::Sender<Result<VerifyReport>>,
+}
+
+/// Timers, each the next instant it is due.
+struct Timers {
+    ping: Instant,
+    report: Instant,
+    floor: Instant,
+    warn: Instant,
+}
+
+pub(super) struct Owner {
+    store: Store,
+    volume: VolumeId,
+    name: String,
+    size_bytes: u64,
+    peer_addr: SocketAddr,
+    cfg: ReplConfig,
+    state: ReplState,
+    next_tag: u64,
+    /// Client writes against flushes: while a client commits write by write, each write is
+    /// shipped as FUA, so the peer makes it durable as it lands and its ack already covers the
+    /// flush that follows, which then needs no frame and no round trip.
+    commit_loop: CommitLoop,
+    peer: Arc<watch::Sender<PeerView>>,
+    published: watch::Sender<Published>,
+    lag: Lag,
+    /// Highest tag made durable locally by a completed flush.
+    local_durable: u64,
+    /// The trim floor last recorded, and whether a record is being written.
+    floor: u64,
+    floor_writing: bool,
+    /// Until when solo operation is valid: one lease after the last request the witness answered
+    /// (counted from when it was sent). Past it, solo ends and writes wait again.
+    solo_until: Option<Instant>,
+    ops: BTreeMap<u64, Op>,
+    next_op: u64,
+    /// An acknowledgement, a local completion or a change of the peer's state may let ops finish.
+    ops_dirty: bool,
+    engine: FuturesUnordered<EngineDone>,
+    link: LinkState,
+    generation: u64,
+    last_link_error: String,
+    resync: Option<Resync>,
+    verify: Option<Verify>,
+    /// `CrcRequest`s on the current link: id → (offset, blocks), and the answers not yet used.
+    crc_asked: BTreeMap<u64, (u64, usize)>,
+    crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
+    next_crc_id: u64,
+    next_nonce: u64,
+    witness_asking: bool,
+    witness_period: Duration,
+    away_since: Option<Instant>,
+    last_witness_error: String,
+    timers: Timers,
+    warned: Option<Instant>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    commands: mpsc::Receiver<Command>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Why the loop ended.
+enum End {
+    Stopped,
+    Deposed(String),
+}
+
+/// What one turn of the loop selected.
+enum Next {
+    Stop,
+    Event(Event),
+    Local(u64, syncblock_engine::Result<()>),
+    LinkRoom(std::result::Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>>),
+    Command(Option<Command>),
+    Timer,
+}
+
+/// The parts of an owner that its handle shares.
+pub(super) struct Parts {
+    pub peer: Arc<watch::Sender<PeerView>>,
+    pub published: watch::Receiver<Published>,
+    pub commands: mpsc::Sender<Command>,
+    pub stop: watch::Sender<bool>,
+}
+
+impl Owner {
+    /// An owner for a primary of `state.epoch` whose log holds tags up to `last_tag`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        store: Store,
+        volume: VolumeId,
+        name: String,
+        size_bytes: u64,
+        peer_addr: SocketAddr,
+        cfg: ReplConfig,
+        state: ReplState,
+        last_tag: u64,
+        floor: u64,
+        solo_until: Option<Instant>,
+    ) -> (Owner, Parts) {
+        // What the peer holds is unknown until it connects; counting what this node held at the
+        // start as applied keeps `lag_tags` meaningful (acknowledgements only concern newer tags).
+        let solo = solo_until.is_some_and(|t| Instant::now() < t);
+        let peer = Arc::new(watch::channel(PeerView { applied: last_tag, solo, ..PeerView::default() }).0);
+        let (published_tx, published) = watch::channel(Published { last_tag, ..Published::default() });
+        let (commands_tx, commands) = mpsc::channel(LINK_QUEUE);
+        let (stop_tx, stop) = watch::channel(false);
+        let (events_tx, events) = mpsc::channel(EVENTS_MAX);
+        let now = Instant::now();
+        let heartbeat = cfg.heartbeat;
+        let owner = Owner {
+            store,
+            volume,
+            name,
+            size_bytes,
+            peer_addr,
+            cfg,
+            state,
+            next_tag: last_tag + 1,
+            commit_loop: CommitLoop::default(),
+            peer: peer.clone(),
+            published: published_tx,
+            lag: Lag::default(),
+            local_durable: 0,
+            floor,
+            floor_writing: false,
+            solo_until,
+            ops: BTreeMap::new(),
+            next_op: 0,
+            ops_dirty: false,
+            engine: FuturesUnordered::new(),
+            link: LinkState::Down { retry_at: now },
+            generation: 0,
+            last_link_error: String::new(),
+            resync: None,
+            verify: None,
+            crc_asked: BTreeMap::new(),
+            crc_answers: BTreeMap::new(),
+            next_crc_id: 1,
+            next_nonce: 0,
+            witness_asking: false,
+            witness_period: heartbeat,
+            away_since: None,
+            last_witness_error: String::new(),
+            timers: Timers {
+                ping: now + heartbeat,
+                report: now,
+                floor: now + FLOOR_PERIOD,
+                warn: now + WAIT_WARN_AFTER,
+            },
+            warned: None,
+            events_tx,
+            events,
+            commands,
+            stop,
+        };
+        (owner, Parts { peer, published, commands: commands_tx, stop: stop_tx })
+    }
+
+    /// Runs until stopped or deposed; then fails every operation still waiting.
+    pub(super) async fn run(mut self) {
+        let end = loop {
+            if let Err(e) = self.step_background().await {
+                let generation = self.generation;
+                self.link_failed(generation, e);
+            }
+            if let Some(why) = self.peer.borrow().deposed.clone() {
+                break End::Deposed(why);
+            }
+            match self.select().await {
+                Next::Stop | Next::Command(None) => break End::Stopped,
+                Next::Event(e) => self.on_event(e).await,
+                Next::Local(op, r) => self.on_local(op, r),
+                Next::LinkRoom(Ok(permit)) => self.on_link_room(permit),
+                Next::LinkRoom(Err(_)) => {} // the writer ended: its LinkDown follows
+                Next::Command(Some(c)) => self.on_command(c).await,
+                Next::Timer => self.on_timers(),
+            }
+            self.complete_ops();
+            self.check_invariants();
+            self.publish();
+        };
+        let why = match end {
+            End::Stopped => "replication stopped before the peer confirmed".to_string(),
+            End::Deposed(why) => format!("deposed: {why}"),
+        };
+        for (_, op) in std::mem::take(&mut self.ops) {
+            let _ = op.reply.send(Err(ReplError::Stopped(why.clone())));
+        }
+        if let Some(v) = self.verify.take() {
+            let _ = v.reply.send(Err(ReplError::Stopped(why.clone())));
+        }
+        self.link = LinkState::Down { retry_at: Instant::now() };
+        self.publish();
+    }
+
+    async fn select(&mut self) -> Next {
+        let accepting = match &self.link {
+            LinkState::Up(l) => l.backlog.is_empty(),
+            _ => true,
+        };
+        let room = match &self.link {
+            LinkState::Up(l) if !l.backlog.is_empty() => Some(l.tx.clone()),
+            _ => None,
+        };
+        let deadline = self.next_deadline();
+        // Biased, so that a seed of the simulation replays the same schedule: stopping first,
+        // then what the peer and the helpers said (acknowledgements let operations finish), engine
+        // completions, room on the link, new client operations, and timers last.
+        tokio::select! {
+            biased;
+            _ = self.stop.wait_for(|s| *s) => Next::Stop,
+            Some(e) = self.events.recv() => Next::Event(e),
+            Some((op, r)) = self.engine.next(), if !self.engine.is_empty() => Next::Local(op, r),
+            permit = async { room.expect("checked").reserve_owned().await }, if room.is_some() => {
+                Next::LinkRoom(permit.map_err(|_| mpsc::error::SendError(())))
+            }
+            c = self.commands.recv(), if accepting => Next::Command(c),
+            _ = tokio::time::sleep_until(deadline) => Next::Timer,
+        }
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let t = &self.timers;
+        let mut next = t.floor.min(t.warn);
+        if matches!(self.link, LinkState::Up(_)) {
+            next = next.min(t.ping);
+        }
+        if let LinkState::Down { retry_at } = self.link {
+            next = next.min(retry_at);
+        }
+        if self.cfg.witness.is_some() && !self.witness_asking {
+            next = next.min(t.report);
+        }
+        if let Some(until) = self.solo_until.filter(|_| self.peer.borrow().solo) {
+            next = next.min(until);
+        }
+        next
+    }
+
+    // ---- client operations -------------------------------------------------------------------
+
+    async fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Write { offset, data, fua, reply } => {
+                let tag = self.next_tag;
+                let n = data.len() as u64;
+                let r = self.store.enqueue_write(self.volume, offset, data.clone(), fua, Tag::seq(tag)).await;
+                let Some((pending, reply)) = queued(r, reply) else { return };
+                self.next_tag += 1;
+                self.lag.wrote(tag, n);
+                self.commit_loop.note_write();
+                let peer_fua = fua || self.commit_loop.flush_expected();
+                self.ship(Out::Frame(Frame::Write { tag, offset, fua: peer_fua, data }));
+                self.add_op(tag, fua, Kind::Write, reply, async move { pending.await.map(drop) });
+            }
+            Command::Trim { offset, len, reply } => {
+                let tag = self.next_tag;
+                let r = self.store.enqueue_trim(self.volume, offset, len, Tag::seq(tag)).await;
+                let Some((pending, reply)) = queued(r, reply) else { return };
+                self.next_tag += 1;
+                self.ship(Out::Frame(Frame::Trim { tag, offset, len }));
+                self.add_op(tag, false, Kind::Write, reply, async move { pending.await.map(drop) });
+            }
+            Command::Zeroes { offset, len, may_trim, fua, reply } => {
+                let tag = self.next_tag;
+                let r = self.store.enqueue_write_zeroes(self.volume, offset, len, may_trim, fua, Tag::seq(tag)).await;
+                let Some((pending, reply)) = queued(r, reply) else { return };
+                self.next_tag += 1;
+                self.ship(Out::Frame(Frame::Zeroes { tag, offset, len, may_trim, fua }));
+                self.add_op(tag, fua, Kind::Write, reply, async move { pending.await.map(drop) });
+            }
+            Command::Flush { reply } => {
+                let upto = self.next_tag - 1;
+                let Some((pending, reply)) = queued(self.store.enqueue_flush().await, reply) else { return };
+                self.commit_loop.note_flush();
+                // A peer that already has everything durably (see `commit_loop`) needs no frame.
+                if !self.peer.borrow().confirms(upto, true) {
+                    self.ship(Out::Frame(Frame::Flush { upto }));
+                }
+                self.add_op(upto, true, Kind::Flush, reply, pending);
+            }
+            Command::Verify { repair, reply } => self.start_verify(repair, reply).await,
+            Command::Depose(why) => self.depose(why),
+        }
+    }
+
+    fn add_op(
+        &mut self,
+        tag: u64,
+        durable: bool,
+        kind: Kind,
+        reply: oneshot::Sender<Result<u64>>,
+        local: impl std::future::Future<Output = syncblock_engine::Result<()>> + Send + 'static,
+    ) {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, Op { tag, durable, kind, local_done: false, since: Instant::now(), reply });
+        self.engine.push(Box::pin(async move { (id, local.await) }));
+    }
+
+    fn on_local(&mut self, id: u64, r: syncblock_engine::Result<()>) {
+        let Some(op) = self.ops.get_mut(&id) else { return };
+        match r {
+            Ok(()) => {
+                op.local_done = true;
+                op.since = Instant::now();
+                if op.kind == Kind::Flush {
+                    self.local_durable = self.local_durable.max(op.tag);
+                }
+                self.ops_dirty = true;
+            }
+            Err(e) => {
+                let op = self.ops.remove(&id).expect("present");
+                let _ = op.reply.send(Err(e.into()));
+            }
+        }
+    }
+
+    /// Answers every operation that is in the local log and confirmed by the peer.
+    fn complete_ops(&mut self) {
+        if !self.ops_dirty {
+            return;
+        }
+        self.ops_dirty = false;
+        let done: Vec<u64> = {
+            let peer = self.peer.borrow();
+            self.ops
+                .iter()
+                .filter(|(_, op)| op.local_done && peer.confirms(op.tag, op.durable))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in done {
+            let op = self.ops.remove(&id).expect("present");
+            let _ = op.reply.send(Ok(op.tag));
+        }
+    }
+
+    // ---- the link ----------------------------------------------------------------------------
+
+    /// Queues on the link if there is one (nothing is queued without: the next resync ships it).
+    fn ship(&mut self, out: Out) {
+        let LinkState::Up(link) = &mut self.link else { return };
+        if !link.backlog.is_empty() {
+            link.backlog.push_back(out);
+            return;
+        }
+        match link.tx.try_send(out) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(out)) => link.backlog.push_back(out),
+            // The writer ended; its LinkDown is on its way.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn on_link_room(&mut self, permit: mpsc::OwnedPermit<Out>) {
+        let LinkState::Up(link) = &mut self.link else { return };
+        let Some(out) = link.backlog.pop_front() else { return };
+        permit.send(out);
+        while let Some(out) = link.backlog.pop_front() {
+            if let Err(e) = link.tx.try_send(out) {
+                match e {
+                    mpsc::error::TrySendError::Full(out) => link.backlog.push_front(out),
+                    mpsc::error::TrySendError::Closed(_) => link.backlog.clear(),
+                }
+                break;
+            }
+        }
+    }
+
+    fn link_up(&self) -> bool {
+        matches!(self.link, LinkState::Up(_))
+    }
+
+    fn connect(&mut self) {
+        self.generation += 1;
+        let generation = self.generation;
+        self.link = LinkState::Connecting { generation };
+        let hello = Frame::Hello {
+            pair: self.state.pair,
+            epoch: self.state.epoch,
+            last_tag: self.next_tag - 1,
+            size_bytes: self.size_bytes,
+            volume: self.name.clone(),
+            node: self.cfg.node.clone(),
+            history: self.state.history.clone(),
+        };
+        let (net, peer, timeout, events) =
+            (self.cfg.net.clone(), self.peer_addr, self.cfg.timeout, self.events_tx.clone());
+        tokio::spawn(async move {
+            let event = match handshake(net.as_ref(), peer, timeout, &hello).await {
+                Ok(h) => Event::LinkUp(generation, Box::new(h)),
+                Err(e) => Event::LinkDown(generation, e),
+            };
+            let _ = events.send(event).await;
+        });
+    }
+
+    /// The peer accepted the hello: from here on every client operation is streamed, and what
+    /// the peer lacks is resynced.
+    fn install(&mut self, generation: u64, h: Handshake) {
+        let Handshake { rd, wr, peer_last, common, runs } = h;
+        tracing::info!(volume = %self.name, peer = %self.peer_addr, peer_last, common, "peer connected; resyncing");
+        self.last_link_error.clear();
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let writer = tokio::spawn(super::link::writer(generation, wr, rx, self.events_tx.clone()));
+        let reader = tokio::spawn(super::link::reader(generation, rd, self.cfg.timeout, self.events_tx.clone()));
+        self.link = LinkState::Up(Link {
+            generation,
+            tx,
+            backlog: VecDeque::new(),
+            _writer: AbortOnDrop(writer),
+            _reader: AbortOnDrop(reader),
+        });
+        let from = self.next_tag;
+        self.peer.send_modify(|v| {
+            v.connected = true;
+            v.in_sync = false;
+            v.applied = peer_last.min(common);
+            v.durable = v.durable.min(v.applied);
+            v.last_error = None;
+            v.resyncs += 1;
+            v.resync = Progress::begin(0);
+            v.resync_full = common == 0;
+            v.resync_bytes_shipped = 0;
+            v.resync_bytes_skipped = 0;
+            v.streamed_from = from;
+        });
+        self.ship(Out::Frame(Frame::ResyncBegin { common_tag: common }));
+        self.resync = Some(Resync::Planning);
+        let (store, volume, size_bytes, events) =
+            (self.store.clone(), self.volume, self.size_bytes, self.events_tx.clone());
+        tokio::spawn(async move {
+            let plan = plan_resync(&store, volume, size_bytes, common, runs).await;
+            let _ = events.send(Event::ResyncPlan(generation, plan)).await;
+        });
+        self.ops_dirty = true;
+    }
+
+    /// The link (or the attempt to set one up) of `generation` failed.
+    fn link_failed(&mut self, generation: u64, e: ReplError) {
+        let current = match &self.link {
+            LinkState::Up(l) => l.generation == generation,
+            LinkState::Connecting { generation: g } => *g == generation,
+            LinkState::Down { .. } => false,
+        };
+        if !current {
+            return;
+        }
+        let msg = e.to_string();
+        if let Some(Refusal::Deposed { epoch }) = e.refusal() {
+            // Only a newer epoch proves a successor: anything else is a failed link.
+            if epoch > self.state.epoch {
+                tracing::error!(volume = %self.name, "deposed: the peer has seen epoch {epoch} (this node's is {}): {msg}", self.state.epoch);
+                self.depose(msg.clone());
+            }
+        }
+        if msg != self.last_link_error {
+            tracing::warn!(volume = %self.name, peer = %self.peer_addr, "replication link: {msg}");
+            self.last_link_error = msg.clone();
+        }
+        self.link = LinkState::Down { retry_at: Instant::now() + self.cfg.reconnect };
+        // Checksum requests of the dead link get no answer: a verify pass fails, a resync ends.
+        self.crc_asked.clear();
+        self.crc_answers.clear();
+        if let Some(v) = self.verify.take() {
+            let _ = v.reply.send(Err(verify_lost()));
+            self.peer.send_modify(|p| p.verify.end());
+        }
+        self.resync = None;
+        self.peer.send_modify(|v| {
+            v.last_error = Some(msg);
+            v.connected = false;
+            v.in_sync = false;
+            v.resync.end();
+        });
+        self.ops_dirty = true;
+    }
+
+    fn depose(&mut self, why: String) {
+        self.peer.send_modify(|v| {
+            if v.deposed.is_none() {
+                v.deposed = Some(why);
+            }
+        });
+    }
+
+    // ---- events ------------------------------------------------------------------------------
+
+    async fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Frame(generation, f) => {
+                let current = matches!(&self.link, LinkState::Up(l) if l.generation == generation);
+                if current {
+                    if let Err(e) = self.on_frame(f) {
+                        self.link_failed(generation, e);
+                    }
+                }
+            }
+            Event::LinkDown(generation, e) => self.link_failed(generation, e),
+            Event::LinkUp(generation, h) => {
+                if matches!(self.link, LinkState::Connecting { generation: g } if g == generation) {
+                    self.install(generation, *h);
+                }
+            }
+            Event::ResyncPlan(generation, plan) => {
+                let current = matches!(&self.link, LinkState::Up(l) if l.generation == generation);
+                if !current || !matches!(self.resync, Some(Resync::Planning)) {
+                    return;
+                }
+                match plan {
+                    Ok((ranges, full)) => {
+                        let total: u64 = ranges.iter().map(|(_, n)| n * BB).sum();
+                        self.peer.send_modify(|v| v.resync.bytes_total = total);
+                        self.resync = Some(if full {
+                            Resync::Compare {
+                                windows: windows(&ranges, CRC_WINDOW_BYTES),
+                                next_ask: 0,
+                                asked: VecDeque::new(),
+                            }
+                        } else {
+                            Resync::Ship { windows: windows(&ranges, RESYNC_WINDOW_BYTES), next: 0 }
+                        });
+                    }
+                    Err(e) => self.link_failed(generation, e),
+                }
+            }
+            Event::Witness(ask, r) => self.on_witness(ask, r),
+            Event::FloorWritten(floor, r) => {
+                self.floor_writing = false;
+                match r {
+                    Ok(()) => self.floor = self.floor.max(floor),
+                    Err(e) => tracing::warn!(volume = %self.name, "could not record the trim floor: {e}"),
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, f: Frame) -> Result<()> {
+        match f {
+            Frame::Ack { applied, durable } => {
+                self.lag.durable_through(durable);
+                self.peer.send_if_modified(|v| {
+                    let changed = applied > v.applied || durable > v.durable;
+                    v.applied = v.applied.max(applied);
+                    v.durable = v.durable.max(durable);
+                    changed
+                });
+                self.ops_dirty = true;
+                self.check_commit();
+            }
+            Frame::Pong { nonce } => {
+                self.peer.send_if_modified(|v| {
+                    let changed = nonce > v.pong;
+                    v.pong = v.pong.max(nonce);
+                    changed
+                });
+                self.check_commit();
+            }
+            Frame::CrcReply { id, offset, crcs } => match self.crc_asked.remove(&id) {
+                Some((o, n)) if o == offset && n == crcs.len() => {
+                    self.crc_answers.insert(id, crcs);
+                }
+                Some((o, n)) => {
+                    return Err(ReplError::refused(
+                        Refusal::Protocol,
+                        format!("checksum reply {id} covers {} blocks at {offset}, asked {n} at {o}", crcs.len()),
+                    ))
+                }
+                // Its asker gave up (a verify pass that failed): nothing waits for it.
+                None => {}
+            },
+            Frame::Refuse { why, reason } => return Err(ReplError::refused(why, format!("peer: {reason}"))),
+            other => {
+                return Err(ReplError::refused(
+                    Refusal::Protocol,
+                    format!("unexpected frame from the secondary: {other:?}"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    // ---- resync and verify, one step per turn of the loop ---------------------------------------
+
+    /// One step of the resync or the verify pass, when the link has room: each is a point of the
+    /// sequencer's order, between two client operations.
+    async fn step_background(&mut self) -> Result<()> {
+        let room = matches!(&self.link, LinkState::Up(l) if l.backlog.is_empty());
+        if !room {
+            return Ok(());
+        }
+        match self.resync.take() {
+            Some(Resync::Ship { windows, next }) => self.step_ship(windows, next).await?,
+            Some(Resync::Compare { windows, next_ask, asked }) => self.step_compare(windows, next_ask, asked).await?,
+            other => self.resync = other,
+        }
+        if let Some(v) = self.verify.take() {
+            self.step_verify(v).await?;
+        }
+        Ok(())
+    }
+
+    async fn step_ship(&mut self, windows: Vec<(u64, u64)>, next: usize) -> Result<()> {
+        let Some(&(at, len)) = windows.get(next) else {
+            self.commit();
+            return Ok(());
+        };
+        let tag = self.next_tag - 1;
+        // The answer is the state at this point of the order; the reads queued with it see the
+        // same state, and reach the peer at this point of the stream.
+        let extents = self.store.block_status(self.volume, at, len).await?;
+        let mut trimmed = 0;
+        for e in extents {
+            if e.mapped {
+                self.queue_reads(tag, e.offset, e.len, true).await?;
+            } else {
+                self.ship(Out::Frame(Frame::Trim { tag, offset: e.offset, len: e.len }));
+                trimmed += e.len;
+            }
+        }
+        self.peer.send_modify(|v| v.resync.bytes_done += trimmed);
+        self.resync = Some(Resync::Ship { windows, next: next + 1 });
+        Ok(())
+    }
+
+    /// A full sync, window by window (see `docs/replication.md`, "Full sync"): the peer's
+    /// checksums are asked at a point P1 of the order; when the answer is in, this node's are
+    /// taken at a later point P2 and the blocks that differ are shipped (or trimmed) from P2.
+    async fn step_compare(
+        &mut self,
+        windows: Vec<(u64, u64)>,
+        mut next_ask: usize,
+        mut asked: VecDeque<(u64, usize)>,
+    ) -> Result<()> {
+        while asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
+            let (at, len) = windows[next_ask];
+            asked.push_back((self.ask_crcs(at, len), next_ask));
+            next_ask += 1;
+        }
+        if let Some(&(id, k)) = asked.front() {
+            if let Some(theirs) = self.crc_answers.remove(&id) {
+                asked.pop_front();
+                let (at, len) = windows[k];
+                let tag = self.next_tag - 1;
+                let mine = self.store.block_crcs(self.volume, at, len).await?;
+                let runs = fix_runs(at, &mine, &theirs);
+                let (_, trimmed) = self.queue_fixes(tag, &runs, true).await?;
+                let skipped: u64 = runs.iter().filter(|r| r.2 == Fix::Same).map(|r| r.1).sum();
+                self.peer.send_modify(|v| {
+                    v.resync.bytes_done += skipped + trimmed;
+                    v.resync_bytes_skipped += skipped;
+                });
+            }
+        }
+        if asked.is_empty() && next_ask == windows.len() {
+            self.commit();
+        } else {
+            self.resync = Some(Resync::Compare { windows, next_ask, asked });
+        }
+        Ok(())
+    }
+
+    /// Queues the resync's commit and a ping: the peer answers pings in stream order, after
+    /// applying everything before them, so the pong proves the commit applied (`applied >= tag`
+    /// alone cannot: when nothing was written since the common point, the peer reported that tag
+    /// before the resync began).
+    fn commit(&mut self) {
+        let tag = self.next_tag - 1;
+        let history: Vec<EpochStart> = self.state.history.clone();
+        self.ship(Out::Frame(Frame::ResyncCommit { tag, epoch: self.state.epoch, history }));
+        self.next_nonce += 1;
+        let nonce = self.next_nonce;
+        let floor = self.floor_tag();
+        self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
+        self.resync = Some(Resync::Committing { tag, nonce });
+    }
+
+    fn check_commit(&mut self) {
+        let Some(Resync::Committing { tag, nonce }) = self.resync else { return };
+        let confirmed = {
+            let v = self.peer.borrow();
+            v.applied >= tag && v.pong >= nonce
+        };
+        if !confirmed {
+            return;
+        }
+        self.resync = None;
+        let (total, shipped, skipped, full, secs) = {
+            let v = self.peer.borrow();
+            (
+                v.resync.bytes_total,
+                v.resync_bytes_shipped,
+                v.resync_bytes_skipped,
+                v.resync_full,
+                v.resync.elapsed_at(Instant::now()).as_secs_f64(),
+            )
+        };
+        tracing::info!(volume = %self.name, bytes = total, shipped, skipped, full, secs, "resync committed at tag {tag}; peer in sync");
+        self.peer.send_modify(|v| {
+            v.in_sync = true;
+            // The peer has everything: every write is confirmed by it again (the witness hears
+            // that the pair is in sync at the next report, which clears its solo mark).
+            v.solo = false;
+            v.resync.bytes_done = total;
+            v.resync.end();
+        });
+        self.ops_dirty = true;
+    }
+
+    async fn start_verify(&mut self, repair: bool, reply: oneshot::Sender<Result<VerifyReport>>) {
+        if self.verify.is_some() {
+            let _ = reply.send(Err(ReplError::Invalid("a verify pass is already running".into())));
+            return;
+        }
+        let in_sync = {
+            let v = self.peer.borrow();
+            v.connected && v.in_sync
+        };
+        let generation = match &self.link {
+            LinkState::Up(l) if in_sync => l.generation,
+            _ => {
+                let msg =
+                    "verify needs a connected peer in sync; wait for the resync to finish (see `syncblock status`)";
+                let _ = reply.send(Err(ReplError::Invalid(msg.into())));
+                return;
+            }
+        };
+        let size = self.size_bytes;
+        self.peer.send_modify(|v| v.verify = Progress::begin(size));
+        self.verify = Some(Verify {
+            generation,
+            repair,
+            windows: windows(&[(0, self.size_bytes / BB)], CRC_WINDOW_BYTES),
+            next_ask: 0,
+            asked: VecDeque::new(),
+            report: VerifyReport::default(),
+            started: Instant::now(),
+            reply,
+        });
+    }
+
+    /// Each window is compared at one point of the order: this node's checksums are queued in
+    /// its engine and the peer's asked on the link back to back, so both answers describe the
+    /// same history prefix (see [`super::Primary::verify`]).
+    async fn step_verify(&mut self, mut v: Verify) -> Result<()> {
+        while v.asked.len() < CRC_LOOKAHEAD && v.next_ask < v.windows.len() {
+            let (at, len) = v.windows[v.next_ask];
+            let mine = self.store.enqueue_block_crcs(self.volume, at, len).await?;
+            v.asked.push_back((self.ask_crcs(at, len), v.next_ask, mine));
+            v.next_ask += 1;
+        }
+        let answered = v.asked.front().is_some_and(|(id, _, _)| self.crc_answers.contains_key(id));
+        if answered {
+            let (id, k, mine) = v.asked.pop_front().expect("checked");
+            let theirs = self.crc_answers.remove(&id).expect("checked");
+            let mine = mine.await?;
+            let (at, len) = v.windows[k];
+            let differing: Vec<bool> = mine.iter().zip(&theirs).map(|(m, t)| fix(*m, *t) != Fix::Same).collect();
+            if v.repair && differing.iter().any(|d| *d) {
+                // A later point R than the comparison's: ship this node's state at R (data, or a
+                // trim where it has none now), so that a write between the two points is not
+                // undone. Blocks equal at the comparison stay equal: both apply the same ops.
+                let tag = self.next_tag - 1;
+                let now = self.store.block_crcs(self.volume, at, len).await?;
+                let mut fixes: Vec<(u64, u64, Fix)> = Vec::new();
+                for (k, (c, d)) in now.iter().zip(&differing).enumerate() {
+                    let f = match (d, c) {
+                        (false, _) => Fix::Same,
+                        (true, Some(_)) => Fix::Ship,
+                        (true, None) => Fix::Trim,
+                    };
+                    match fixes.last_mut() {
+                        Some(last) if last.2 == f => last.1 += BB,
+                        _ => fixes.push((at + k as u64 * BB, BB, f)),
+                    }
+                }
+                let (shipped, trimmed) = self.queue_fixes(tag, &fixes, false).await?;
+                v.report.blocks_repaired += (shipped + trimmed) / BB;
+            }
+            for (k, d) in differing.iter().enumerate() {
+                if !*d {
+                    continue;
+                }
+                v.report.blocks_differing += 1;
+                let offset = at + k as u64 * BB;
+                let n_ranges = v.report.ranges.len();
+                match v.report.ranges.last_mut() {
+                    Some((o, l)) if *o + *l == offset => *l += BB,
+                    _ if n_ranges < VERIFY_RANGES_MAX => v.report.ranges.push((offset, BB)),
+                    _ => v.report.ranges_truncated = true,
+                }
+            }
+            v.report.bytes_compared += len;
+            self.peer.send_modify(|p| p.verify.bytes_done += len);
+        }
+        if v.asked.is_empty() && v.next_ask == v.windows.len() {
+            v.report.elapsed = v.started.elapsed();
+            let report = v.report.clone();
+            tracing::info!(
+                volume = %self.name,
+                differing_blocks = report.blocks_differing,
+                repaired = report.blocks_repaired,
+                secs = report.elapsed.as_secs_f64(),
+                "verify pass done"
+            );
+            self.peer.send_modify(|p| {
+                p.verify.end();
+                p.last_verify = Some(report.clone());
+            });
+            let _ = v.reply.send(Ok(report));
+        } else {
+            self.verify = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Queues a `CrcRequest` at this point of the order: the answer is the peer's image after
+    /// every frame queued before it. Registered before the frame can reach the peer.
+    fn ask_crcs(&mut self, offset: u64, len: u64) -> u64 {
+        let id = self.next_crc_id;
+        self.next_crc_id += 1;
+        self.crc_asked.insert(id, (offset, (len / BB) as usize));
+        self.ship(Out::Frame(Frame::CrcRequest { id, offset, len }));
+        id
+    }
+
+    /// Queues engine reads of `[offset, offset + len)` (in pieces of at most
+    /// `RESYNC_READ_BYTES`) and their frames on the link, at this point of the order.
+    async fn queue_reads(&mut self, tag: u64, offset: u64, len: u64, resync: bool) -> Result<()> {
+        let mut o = offset;
+        while o < offset + len {
+            let n = (offset + len - o).min(RESYNC_READ_BYTES);
+            let read = self.store.enqueue_read(self.volume, o, n).await?;
+            self.ship(Out::Read { tag, offset: o, read });
+            if resync {
+                self.peer.send_modify(|v| {
+                    v.resync.bytes_done += n;
+                    v.resync_bytes_shipped += n;
+                });
+            }
+            o += n;
+        }
+        Ok(())
+    }
+
+    /// Queues the repairs `runs` call for; returns bytes shipped as reads and bytes trimmed.
+    async fn queue_fixes(&mut self, tag: u64, runs: &[(u64, u64, Fix)], resync: bool) -> Result<(u64, u64)> {
+        let (mut shipped, mut trimmed) = (0, 0);
+        for &(offset, len, f) in runs {
+            match f {
+                Fix::Same => {}
+                Fix::Ship => {
+                    self.queue_reads(tag, offset, len, resync).await?;
+                    shipped += len;
+                }
+                Fix::Trim => {
+                    self.ship(Out::Frame(Frame::Trim { tag, offset, len }));
+                    trimmed += len;
+                }
+            }
+        }
+        Ok((shipped, trimmed))
+    }
+
+    // ---- timers, the witness, the trim floor --------------------------------------------------
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.link_up() && now >= self.timers.ping {
+            self.next_nonce += 1;
+            let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
+            self.ship(Out::Frame(Frame::Ping { epoch, nonce, floor }));
+            self.timers.ping = now + self.cfg.heartbeat;
+        }
+        if let LinkState::Down { retry_at } = self.link {
+            if now >= retry_at {
+                self.connect();
+            }
+        }
+        if self.cfg.witness.is_some() && !self.witness_asking && now >= self.timers.report {
+            self.report_to_witness();
+            self.timers.report = now + self.witness_period;
+        }
+        let lease_over = self.solo_until.is_none_or(|t| now >= t);
+        if self.peer.borrow().solo && lease_over {
+            tracing::error!(volume = %self.name, "solo lease expired (witness unreachable): writes wait for the peer or the witness");
+            self.peer.send_modify(|v| v.solo = false);
+        }
+        if now >= self.timers.floor {
+            self.timers.floor = now + FLOOR_PERIOD;
+            let f = self.floor_tag();
+            if f > self.floor && !self.floor_writing {
+                self.floor_writing = true;
+                let (store, volume, attr, events) =
+                    (self.store.clone(), self.volume, self.state.encode(), self.events_tx.clone());
+                tokio::spawn(async move {
+                    let r = store.set_repl(volume, KEEP_LAST_TAG, f, attr).await.map_err(ReplError::from);
+                    let _ = events.send(Event::FloorWritten(f, r)).await;
+                });
+            }
+        }
+        if now >= self.timers.warn {
+            self.timers.warn = now + Duration::from_secs(1);
+            self.warn_if_waiting(now);
+        }
+    }
+
+    /// The tag known durable on both nodes: trims above it are still needed by a future resync.
+    fn floor_tag(&self) -> u64 {
+        self.local_durable.min(self.peer.borrow().durable)
+    }
+
+    fn report_to_witness(&mut self) {
+        let (in_sync, solo) = {
+            let v = self.peer.borrow();
+            (v.in_sync, v.solo)
+        };
+        if in_sync && solo {
+            // The peer has everything again: back to confirming every write with it, before the
+            // witness hears that the pair is in sync.
+            self.peer.send_modify(|v| v.solo = false);
+        }
+        let report = Frame::WitnessReport {
+            pair: self.state.pair,
+            volume: self.name.clone(),
+            node: self.cfg.node.clone(),
+            epoch: self.state.epoch,
+            in_sync,
+        };
+        self.ask_witness(Ask::Report, report);
+    }
+
+    fn ask_witness(&mut self, ask: Ask, req: Frame) {
+        let Some(witness) = self.cfg.witness else { return };
+        self.witness_asking = true;
+        let (net, timeout, events) = (self.cfg.net.clone(), self.cfg.timeout, self.events_tx.clone());
+        tokio::spawn(async move {
+            let r = crate::witness::ask(net.as_ref(), witness, &req, timeout).await;
+            let _ = events.send(Event::Witness(ask, r)).await;
+        });
+    }
+
+    /// Whether a witness refusal proves this primary was deposed: only a newer epoch held by
+    /// another node does. Anything else (the witness failing to record its state, a protocol
+    /// error, a witness that lost its records) is treated like a witness that cannot be reached:
+    /// it grants nothing, so a solo lease runs out, but it deposes nobody.
+    fn deposed_by(&self, e: &ReplError) -> bool {
+        matches!(e.refusal(), Some(Refusal::Deposed { epoch }) if epoch > self.state.epoch)
+    }
+
+    fn on_witness(&mut self, ask: Ask, r: Result<Grant>) {
+        self.witness_asking = false;
+        let now = Instant::now();
+        match (ask, r) {
+            (Ask::Report, Ok(grant)) => {
+                self.last_witness_error.clear();
+                // Reports renew the lease: at least four per lease, whatever the heartbeat.
+                self.witness_period = self.cfg.heartbeat.min(grant.lease / 4).max(Duration::from_millis(5));
+                // Solo operation is a lease: valid for the witness's lease from the last request
+                // it answered (counted from when it was sent, so it ends before the witness,
+                // counting from when it received it, would let anyone take over).
+                self.solo_until = Some(grant.valid_until);
+            }
+            (Ask::Solo, Ok(grant)) if now < grant.valid_until => {
+                self.solo_until = Some(grant.valid_until);
+                tracing::warn!(volume = %self.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
+                self.peer.send_modify(|v| v.solo = true);
+                self.ops_dirty = true;
+            }
+            (Ask::Solo, Ok(_)) => {
+                tracing::warn!(volume = %self.name, "the witness's solo grant arrived after its lease ran out")
+            }
+            (_, Err(e)) if self.deposed_by(&e) => {
+                tracing::error!(volume = %self.name, "the witness says this primary was deposed: {e}");
+                self.depose(e.to_string());
+                return;
+            }
+            (_, Err(e)) => {
+                let msg = match e.refusal() {
+                    Some(_) => format!("the witness refuses ({e}); treated as unreachable"),
+                    None => format!("witness unreachable: {e}"),
+                };
+                if msg != self.last_witness_error {
+                    tracing::warn!(volume = %self.name, "{msg}");
+                    self.last_witness_error = msg;
+                }
+            }
+        }
+        if ask != Ask::Report {
+            return;
+        }
+        // Under the degrade policy, a peer away for the link timeout: ask to continue alone.
+        let (connected, solo) = {
+            let v = self.peer.borrow();
+            (v.connected, v.solo)
+        };
+        self.away_since = if connected { None } else { self.away_since.or(Some(now)) };
+        let away_long = self.away_since.is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.timeout);
+        if self.cfg.policy == Policy::Degrade && away_long && !solo {
+            let req = Frame::WitnessSolo {
+                pair: self.state.pair,
+                volume: self.name.clone(),
+                node: self.cfg.node.clone(),
+                epoch: self.state.epoch,
+            };
+            self.ask_witness(Ask::Solo, req);
+        }
+    }
+
+    fn warn_if_waiting(&mut self, now: Instant) {
+        let waiting = self.ops.values().filter(|o| o.local_done);
+        let (n, oldest) =
+            waiting.fold((0, None::<Instant>), |(n, t), o| (n + 1, Some(t.map_or(o.since, |t| t.min(o.since)))));
+        let Some(oldest) = oldest.map(|t| now.saturating_duration_since(t)).filter(|o| *o >= WAIT_WARN_AFTER) else {
+            self.warned = None;
+            return;
+        };
+        if self.warned.is_some_and(|t| now.saturating_duration_since(t) < WAIT_WARN_EVERY) {
+            return;
+        }
+        self.warned = Some(now);
+        let connected = self.peer.borrow().connected;
+        let why = match (self.cfg.policy, connected) {
+            (_, true) => "the peer is resyncing",
+            (Policy::Strict, false) => "the peer is away and the policy is strict: they complete when it is back",
+            (Policy::Degrade, false) => "the peer is away and the witness has not granted solo operation",
+        };
+        tracing::warn!(
+            volume = %self.name,
+            "{n} client operations waiting for the peer, the oldest for {:.1} s ({why}; `syncblock status` shows it)",
+            oldest.as_secs_f64()
+        );
+    }
+
+    // ---- invariants and status ----------------------------------------------------------------
+
+    /// What must hold after every step (debug builds: every test and the simulation).
+    fn check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let v = self.peer.borrow();
+        assert!(!v.in_sync || (v.connected && self.link_up()), "in sync without a link: {v:?}");
+        assert!(!v.solo || self.solo_until.is_some(), "solo without a lease");
+        assert!(v.streamed_from <= self.next_tag, "streaming from tag {} ahead of {}", v.streamed_from, self.next_tag);
+        assert!(self.resync.is_none() || self.link_up(), "a resync without a link");
+        match (&self.verify, &self.link) {
+            (None, _) => {}
+            (Some(vf), LinkState::Up(l)) => assert_eq!(vf.generation, l.generation, "a verify pass on another link"),
+            (Some(_), _) => panic!("a verify pass without a link"),
+        }
+        assert!(self.crc_asked.is_empty() || self.link_up(), "checksum requests without a link");
+        for op in self.ops.values() {
+            assert!(
+                op.tag < self.next_tag,
+                "an operation with tag {} at or past the next tag {}",
+                op.tag,
+                self.next_tag
+            );
+        }
+    }
+
+    fn publish(&mut self) {
+        let applied = self.peer.borrow().applied;
+        let waiting = self.ops.values().filter(|o| o.local_done);
+        let (n, since) =
+            waiting.fold((0, None::<Instant>), |(n, t), o| (n + 1, Some(t.map_or(o.since, |t| t.min(o.since)))));
+        let p = Published {
+            last_tag: self.next_tag - 1,
+            lag_bytes: self.lag.bytes_after(applied),
+            waiting: n,
+            waiting_since: since,
+        };
+        self.published.send_if_modified(|cur| {
+            if *cur == p {
+                false
+            } else {
+                *cur = p;
+                true
+            }
+        });
+    }
+}
+
+/// The queued request, or `None` after answering `reply` with why it could not be queued.
+fn queued<T>(
+    r: syncblock_engine::Result<T>,
+    reply: oneshot::Sender<Result<u64>>,
+) -> Option<(T, oneshot::Sender<Result<u64>>)> {
+    match r {
+        Ok(p) => Some((p, reply)),
+        Err(e) => {
+            let _ = reply.send(Err(e.into()));
+            None
+        }
+    }
+}
+
+fn verify_lost() -> ReplError {
+    ReplError::Stopped(
+        "the link to the peer was lost (or replaced) during verify; run it again once the peer is in sync".into(),
+    )
+}
+
+/// Dials the peer, says hello, and reads its answer.
+async fn handshake(net: &dyn crate::net::Net, peer: SocketAddr, timeout: Duration, hello: &Frame) -> Result<Handshake> {
+    let stream = tokio::time::timeout(timeout, net.connect(peer))
+        .await
+        .map_err(|_| ReplError::Stopped("connect timed out".into()))??;
+    let (mut rd, mut wr) = crate::net::split(stream);
+    crate::link::write_frame(&mut wr, hello).await?;
+    match crate::link::read_frame(&mut rd, timeout).await? {
+        Frame::HelloOk { last_tag, common_tag, runs } => {
+            Ok(Handshake { rd, wr, peer_last: last_tag, common: common_tag, runs })
+        }
+        Frame::Refuse { why, reason } => Err(ReplError::refused(why, format!("peer refused: {reason}"))),
+        other => Err(ReplError::refused(Refusal::Protocol, format!("unexpected {other:?} in handshake"))),
+    }
+}
+
+/// What a resync ships: every block changed after `common` plus the peer's own divergent `runs`,
+/// merged; or, when they share nothing, the whole volume (a full sync, by checksums).
+async fn plan_resync(
+    store: &Store,
+    volume: VolumeId,
+    size_bytes: u64,
+    common: u64,
+    runs: Vec<(u64, u64)>,
+) -> Result<(Vec<(u64, u64)>, bool)> {
+    // Everything queued before the link existed must be in the log before the scan reads it.
+    store.enqueue_flush().await?.wait().await?;
+    let full = common == 0;
+    let n_blocks = size_bytes / BB;
+    let mut ranges: Vec<(u64, u64)> = if full {
+        vec![(0, n_blocks)]
+    } else {
+        let mut r: Vec<(u64, u64)> =
+            store.changed_since(volume, Since::Tag(common)).await?.iter().map(|c| (c.lba.0, c.n_blocks)).collect();
+        r.extend(runs);
+        r
+    };
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (lba, n) in ranges {
+        let end = (lba + n).min(n_blocks);
+        match merged.last_mut() {
+            Some((l, m)) if *l + *m >= lba => *m = (*m).max(end.saturating_sub(*l)),
+            _ if end > lba => merged.push((lba, end - lba)),
+            _ => {}
+        }
+    }
+    Ok((merged, full))
+}
