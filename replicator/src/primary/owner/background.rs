@@ -1,0 +1,293 @@
+//! The resync and the verify pass, a step per turn of the owner's loop: each step is a point of
+//! the sequencer's order, between two client operations (`docs/replication.md`, "Resync", "Full
+//! sync", "Online verify").
+
+use std::collections::VecDeque;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::*;
+use crate::primary::compare::{fix, fix_runs, windows, Fix};
+
+impl Owner {
+    /// One step of the resync or the verify pass, when the link has room: each is a point of the
+    /// sequencer's order, between two client operations.
+    pub(super) async fn step_background(&mut self) -> Result<()> {
+        let room = matches!(&self.link, LinkState::Up(l) if l.backlog.is_empty());
+        if !room {
+            return Ok(());
+        }
+        match self.resync.take() {
+            Some(Resync::Ship { windows, next }) => self.step_ship(windows, next).await?,
+            Some(Resync::Compare { windows, next_ask, asked }) => self.step_compare(windows, next_ask, asked).await?,
+            other => self.resync = other,
+        }
+        if let Some(v) = self.verify.take() {
+            self.step_verify(v).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn step_ship(&mut self, windows: Vec<(u64, u64)>, next: usize) -> Result<()> {
+        let Some(&(at, len)) = windows.get(next) else {
+            self.commit();
+            return Ok(());
+        };
+        let tag = self.next_tag - 1;
+        // The answer is the state at this point of the order; the reads queued with it see the
+        // same state, and reach the peer at this point of the stream.
+        let extents = self.store.block_status(self.volume, at, len).await?;
+        let mut trimmed = 0;
+        for e in extents {
+            if e.mapped {
+                self.queue_reads(tag, e.offset, e.len, true).await?;
+            } else {
+                self.ship(Out::Frame(Frame::Trim { tag, offset: e.offset, len: e.len }));
+                trimmed += e.len;
+            }
+        }
+        self.peer.send_modify(|v| v.resync.bytes_done += trimmed);
+        self.resync = Some(Resync::Ship { windows, next: next + 1 });
+        Ok(())
+    }
+
+    /// A full sync, window by window (see `docs/replication.md`, "Full sync"): the peer's
+    /// checksums are asked at a point P1 of the order; when the answer is in, this node's are
+    /// taken at a later point P2 and the blocks that differ are shipped (or trimmed) from P2.
+    pub(super) async fn step_compare(
+        &mut self,
+        windows: Vec<(u64, u64)>,
+        mut next_ask: usize,
+        mut asked: VecDeque<(u64, usize)>,
+    ) -> Result<()> {
+        while asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
+            let (at, len) = windows[next_ask];
+            asked.push_back((self.ask_crcs(at, len), next_ask));
+            next_ask += 1;
+        }
+        if let Some(&(id, k)) = asked.front() {
+            if let Some(theirs) = self.crc_answers.remove(&id) {
+                asked.pop_front();
+                let (at, len) = windows[k];
+                let tag = self.next_tag - 1;
+                let mine = self.store.block_crcs(self.volume, at, len).await?;
+                let runs = fix_runs(at, &mine, &theirs);
+                let (_, trimmed) = self.queue_fixes(tag, &runs, true).await?;
+                let skipped: u64 = runs.iter().filter(|r| r.2 == Fix::Same).map(|r| r.1).sum();
+                self.peer.send_modify(|v| {
+                    v.resync.bytes_done += skipped + trimmed;
+                    v.resync_bytes_skipped += skipped;
+                });
+            }
+        }
+        if asked.is_empty() && next_ask == windows.len() {
+            self.commit();
+        } else {
+            self.resync = Some(Resync::Compare { windows, next_ask, asked });
+        }
+        Ok(())
+    }
+
+    /// Queues the resync's commit and a ping: the peer answers pings in stream order, after
+    /// applying everything before them, so the pong proves the commit applied (`applied >= tag`
+    /// alone cannot: when nothing was written since the common point, the peer reported that tag
+    /// before the resync began).
+    pub(super) fn commit(&mut self) {
+        let tag = self.next_tag - 1;
+        let history: Vec<EpochStart> = self.state.history.clone();
+        self.ship(Out::Frame(Frame::ResyncCommit { tag, epoch: self.state.epoch, history }));
+        self.next_nonce += 1;
+        let nonce = self.next_nonce;
+        let floor = self.floor_tag();
+        self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
+        self.resync = Some(Resync::Committing { tag, nonce });
+    }
+
+    pub(super) fn check_commit(&mut self) {
+        let Some(Resync::Committing { tag, nonce }) = self.resync else { return };
+        let confirmed = {
+            let v = self.peer.borrow();
+            v.applied >= tag && v.pong >= nonce
+        };
+        if !confirmed {
+            return;
+        }
+        self.resync = None;
+        let (total, shipped, skipped, full, secs) = {
+            let v = self.peer.borrow();
+            (
+                v.resync.bytes_total,
+                v.resync_bytes_shipped,
+                v.resync_bytes_skipped,
+                v.resync_full,
+                v.resync.elapsed_at(Instant::now()).as_secs_f64(),
+            )
+        };
+        tracing::info!(volume = %self.name, bytes = total, shipped, skipped, full, secs, "resync committed at tag {tag}; peer in sync");
+        self.peer.send_modify(|v| {
+            v.in_sync = true;
+            // The peer has everything: every write is confirmed by it again (the witness hears
+            // that the pair is in sync at the next report, which clears its solo mark).
+            v.solo = false;
+            v.resync.bytes_done = total;
+            v.resync.end();
+        });
+        self.ops_dirty = true;
+    }
+
+    pub(super) async fn start_verify(&mut self, repair: bool, reply: oneshot::Sender<Result<VerifyReport>>) {
+        if self.verify.is_some() {
+            let _ = reply.send(Err(ReplError::Invalid("a verify pass is already running".into())));
+            return;
+        }
+        let in_sync = {
+            let v = self.peer.borrow();
+            v.connected && v.in_sync
+        };
+        let generation = match &self.link {
+            LinkState::Up(l) if in_sync => l.generation,
+            _ => {
+                let msg =
+                    "verify needs a connected peer in sync; wait for the resync to finish (see `syncblock status`)";
+                let _ = reply.send(Err(ReplError::Invalid(msg.into())));
+                return;
+            }
+        };
+        let size = self.size_bytes;
+        self.peer.send_modify(|v| v.verify = Progress::begin(size));
+        self.verify = Some(Verify {
+            generation,
+            repair,
+            windows: windows(&[(0, self.size_bytes / BB)], CRC_WINDOW_BYTES),
+            next_ask: 0,
+            asked: VecDeque::new(),
+            report: VerifyReport::default(),
+            started: Instant::now(),
+            reply,
+        });
+    }
+
+    /// Each window is compared at one point of the order: this node's checksums are queued in
+    /// its engine and the peer's asked on the link back to back, so both answers describe the
+    /// same history prefix (see [`super::Primary::verify`]).
+    pub(super) async fn step_verify(&mut self, mut v: Verify) -> Result<()> {
+        while v.asked.len() < CRC_LOOKAHEAD && v.next_ask < v.windows.len() {
+            let (at, len) = v.windows[v.next_ask];
+            let mine = self.store.enqueue_block_crcs(self.volume, at, len).await?;
+            v.asked.push_back((self.ask_crcs(at, len), v.next_ask, mine));
+            v.next_ask += 1;
+        }
+        let answered = v.asked.front().is_some_and(|(id, _, _)| self.crc_answers.contains_key(id));
+        if answered {
+            let (id, k, mine) = v.asked.pop_front().expect("checked");
+            let theirs = self.crc_answers.remove(&id).expect("checked");
+            let mine = mine.await?;
+            let (at, len) = v.windows[k];
+            let differing: Vec<bool> = mine.iter().zip(&theirs).map(|(m, t)| fix(*m, *t) != Fix::Same).collect();
+            if v.repair && differing.iter().any(|d| *d) {
+                // A later point R than the comparison's: ship this node's state at R (data, or a
+                // trim where it has none now), so that a write between the two points is not
+                // undone. Blocks equal at the comparison stay equal: both apply the same ops.
+                let tag = self.next_tag - 1;
+                let now = self.store.block_crcs(self.volume, at, len).await?;
+                let mut fixes: Vec<(u64, u64, Fix)> = Vec::new();
+                for (k, (c, d)) in now.iter().zip(&differing).enumerate() {
+                    let f = match (d, c) {
+                        (false, _) => Fix::Same,
+                        (true, Some(_)) => Fix::Ship,
+                        (true, None) => Fix::Trim,
+                    };
+                    match fixes.last_mut() {
+                        Some(last) if last.2 == f => last.1 += BB,
+                        _ => fixes.push((at + k as u64 * BB, BB, f)),
+                    }
+                }
+                let (shipped, trimmed) = self.queue_fixes(tag, &fixes, false).await?;
+                v.report.blocks_repaired += (shipped + trimmed) / BB;
+            }
+            for (k, d) in differing.iter().enumerate() {
+                if !*d {
+                    continue;
+                }
+                v.report.blocks_differing += 1;
+                let offset = at + k as u64 * BB;
+                let n_ranges = v.report.ranges.len();
+                match v.report.ranges.last_mut() {
+                    Some((o, l)) if *o + *l == offset => *l += BB,
+                    _ if n_ranges < VERIFY_RANGES_MAX => v.report.ranges.push((offset, BB)),
+                    _ => v.report.ranges_truncated = true,
+                }
+            }
+            v.report.bytes_compared += len;
+            self.peer.send_modify(|p| p.verify.bytes_done += len);
+        }
+        if v.asked.is_empty() && v.next_ask == v.windows.len() {
+            v.report.elapsed = v.started.elapsed();
+            let report = v.report.clone();
+            tracing::info!(
+                volume = %self.name,
+                differing_blocks = report.blocks_differing,
+                repaired = report.blocks_repaired,
+                secs = report.elapsed.as_secs_f64(),
+                "verify pass done"
+            );
+            self.peer.send_modify(|p| {
+                p.verify.end();
+                p.last_verify = Some(report.clone());
+            });
+            let _ = v.reply.send(Ok(report));
+        } else {
+            self.verify = Some(v);
+        }
+        Ok(())
+    }
+
+    /// Queues a `CrcRequest` at this point of the order: the answer is the peer's image after
+    /// every frame queued before it. Registered before the frame can reach the peer.
+    pub(super) fn ask_crcs(&mut self, offset: u64, len: u64) -> u64 {
+        let id = self.next_crc_id;
+        self.next_crc_id += 1;
+        self.crc_asked.insert(id, (offset, (len / BB) as usize));
+        self.ship(Out::Frame(Frame::CrcRequest { id, offset, len }));
+        id
+    }
+
+    /// Queues engine reads of `[offset, offset + len)` (in pieces of at most
+    /// `RESYNC_READ_BYTES`) and their frames on the link, at this point of the order.
+    pub(super) async fn queue_reads(&mut self, tag: u64, offset: u64, len: u64, resync: bool) -> Result<()> {
+        let mut o = offset;
+        while o < offset + len {
+            let n = (offset + len - o).min(RESYNC_READ_BYTES);
+            let read = self.store.enqueue_read(self.volume, o, n).await?;
+            self.ship(Out::Read { tag, offset: o, read });
+            if resync {
+                self.peer.send_modify(|v| {
+                    v.resync.bytes_done += n;
+                    v.resync_bytes_shipped += n;
+                });
+            }
+            o += n;
+        }
+        Ok(())
+    }
+
+    /// Queues the repairs `runs` call for; returns bytes shipped as reads and bytes trimmed.
+    pub(super) async fn queue_fixes(&mut self, tag: u64, runs: &[(u64, u64, Fix)], resync: bool) -> Result<(u64, u64)> {
+        let (mut shipped, mut trimmed) = (0, 0);
+        for &(offset, len, f) in runs {
+            match f {
+                Fix::Same => {}
+                Fix::Ship => {
+                    self.queue_reads(tag, offset, len, resync).await?;
+                    shipped += len;
+                }
+                Fix::Trim => {
+                    self.ship(Out::Frame(Frame::Trim { tag, offset, len }));
+                    trimmed += len;
+                }
+            }
+        }
+        Ok((shipped, trimmed))
+    }
+}

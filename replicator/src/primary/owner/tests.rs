@@ -1,0 +1,341 @@
+//! The owner driven by synthetic events: a store on a simulated disk, a link that is an in-memory
+//! pipe to a scripted peer, and witness answers made up by the test. Each test is a scenario; the
+//! loop's invariants are checked after every step, as in the real loop.
+
+use std::time::Duration;
+
+use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::{Config, Driver};
+use tokio::io::{AsyncWriteExt, DuplexStream};
+
+use super::*;
+use crate::link::FrameReader;
+use crate::state::Role;
+
+const VOL: u64 = 4 << 20;
+const EPOCH: u64 = 3;
+
+struct Harness {
+    owner: Owner,
+    _parts: Parts,
+}
+
+async fn harness(policy: Policy) -> Harness {
+    let disk = SimDisk::new(vec![0u8; 32 << 20]);
+    Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
+    let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+    let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
+    let info = store.create_volume("v", VOL).await.unwrap();
+    let mut state = ReplState::new(Role::Primary);
+    state.begin_epoch(EPOCH, 1, 11);
+    state.pair = 0x77;
+    let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let cfg = ReplConfig {
+        node: "a".into(),
+        witness: (policy == Policy::Degrade).then_some(unused),
+        policy,
+        ..ReplConfig::default()
+    };
+    let (owner, parts) = Owner::new(store, info.id, "v".into(), VOL, unused, cfg, state, 0, 0, None);
+    Harness { owner, _parts: parts }
+}
+
+/// The peer's end of a link. It answers checksum requests (an empty replica: every block
+/// unmapped) and, when `pong` is set, pings; acknowledgements are the test's to send.
+struct Peer {
+    io: DuplexStream,
+    frames: FrameReader,
+    pong: bool,
+    /// Every frame received, in order.
+    got: Vec<Frame>,
+}
+
+impl Peer {
+    async fn send(&mut self, f: Frame) {
+        self.io.write_all(&f.encode()).await.unwrap();
+    }
+
+    async fn ack(&mut self, applied: u64, durable: u64) {
+        self.send(Frame::Ack { applied, durable }).await;
+    }
+
+    /// Reads what has arrived, answering as scripted.
+    async fn read(&mut self) {
+        while tokio::time::timeout(Duration::from_millis(1), self.frames.fill(&mut self.io, Duration::from_secs(60)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {}
+        while let Some(f) = self.frames.try_frame().unwrap() {
+            match &f {
+                Frame::CrcRequest { id, offset, len } => {
+                    let crcs = vec![None; (*len / BB) as usize];
+                    self.send(Frame::CrcReply { id: *id, offset: *offset, crcs }).await;
+                }
+                Frame::Ping { nonce, .. } if self.pong => self.send(Frame::Pong { nonce: *nonce }).await,
+                _ => {}
+            }
+            self.got.push(f);
+        }
+    }
+
+    fn writes(&self) -> Vec<(u64, bool)> {
+        self.got
+            .iter()
+            .filter_map(|f| if let Frame::Write { tag, fua, .. } = f { Some((*tag, *fua)) } else { None })
+            .collect()
+    }
+
+    fn flushes(&self) -> usize {
+        self.got.iter().filter(|f| matches!(f, Frame::Flush { .. })).count()
+    }
+}
+
+impl Harness {
+    fn peer(&self) -> PeerView {
+        self.owner.peer.borrow().clone()
+    }
+
+    /// Link `generation` comes up: the peer accepted a hello, and last holds `peer_last`.
+    async fn link_up(&mut self, peer_last: u64, common: u64) -> (u64, Peer) {
+        let (ours, theirs) = tokio::io::duplex(4 << 20);
+        let (rd, wr) = crate::net::split(Box::new(ours));
+        self.owner.generation += 1;
+        let generation = self.owner.generation;
+        self.owner.link = LinkState::Connecting { generation };
+        let h = Handshake { rd, wr, peer_last, common, runs: vec![] };
+        self.owner.on_event(Event::LinkUp(generation, Box::new(h))).await;
+        self.after_step();
+        (generation, Peer { io: theirs, frames: FrameReader::new(), pong: true, got: Vec::new() })
+    }
+
+    fn after_step(&mut self) {
+        self.owner.complete_ops();
+        self.owner.check_invariants();
+        self.owner.publish();
+    }
+
+    /// Runs the loop's steps (no timers, no new client operations) until nothing is left to do,
+    /// letting the peer read and answer between steps. Bounded.
+    async fn settle(&mut self, peer: Option<&mut Peer>) {
+        let mut peer = peer;
+        let mut idle = 0;
+        for _ in 0..10_000 {
+            if let Err(e) = self.owner.step_background().await {
+                let generation = self.owner.generation;
+                self.owner.link_failed(generation, e);
+            }
+            if let Some(p) = peer.as_deref_mut() {
+                p.read().await;
+            }
+            let next = tokio::select! {
+                biased;
+                Some(e) = self.owner.events.recv() => Some(Next::Event(e)),
+                Some((op, r)) = self.owner.engine.next(), if !self.owner.engine.is_empty() => Some(Next::Local(op, r)),
+                _ = tokio::time::sleep(Duration::from_millis(1)) => None,
+            };
+            match next {
+                Some(Next::Event(e)) => self.owner.on_event(e).await,
+                Some(Next::Local(op, r)) => self.owner.on_local(op, r),
+                _ => {
+                    idle += 1;
+                    if idle > 3 {
+                        break;
+                    }
+                }
+            }
+            self.after_step();
+        }
+    }
+
+    async fn write(&mut self, lba: u64, fua: bool) -> oneshot::Receiver<Result<u64>> {
+        let (reply, rx) = oneshot::channel();
+        let data = Bytes::from(vec![lba as u8 + 1; BB as usize]);
+        self.owner.on_command(Command::Write { offset: lba * BB, data, fua, reply }).await;
+        self.after_step();
+        rx
+    }
+
+    async fn flush(&mut self) -> oneshot::Receiver<Result<u64>> {
+        let (reply, rx) = oneshot::channel();
+        self.owner.on_command(Command::Flush { reply }).await;
+        self.after_step();
+        rx
+    }
+
+    /// A link up and resynced: the peer (empty, sharing nothing) takes a full sync that finds
+    /// nothing to ship, commits, and answers the confirming ping.
+    async fn in_sync(&mut self) -> (u64, Peer) {
+        let (generation, mut peer) = self.link_up(0, 0).await;
+        self.settle(Some(&mut peer)).await;
+        let commit =
+            peer.got.iter().find_map(|f| if let Frame::ResyncCommit { tag, .. } = f { Some(*tag) } else { None });
+        assert_eq!(commit, Some(self.owner.next_tag - 1), "{:?}", peer.got);
+        peer.ack(self.owner.next_tag - 1, self.owner.next_tag - 1).await;
+        self.settle(Some(&mut peer)).await;
+        assert!(self.peer().in_sync, "{:?}", self.peer());
+        (generation, peer)
+    }
+}
+
+fn pending<T>(rx: &mut oneshot::Receiver<T>) -> bool {
+    matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_is_answered_only_once_both_logs_have_it() {
+    let mut h = harness(Policy::Strict).await;
+    let (_, mut peer) = h.in_sync().await;
+    let mut w = h.write(1, false).await;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(peer.writes(), [(1, false)], "streamed at once");
+    assert!(pending(&mut w), "answered before the peer had it");
+    peer.ack(1, 0).await;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(w.try_recv().unwrap().unwrap(), 1);
+
+    // A FUA write needs the peer's durability, not only its log.
+    let mut w = h.write(2, true).await;
+    peer.ack(2, 1).await;
+    h.settle(Some(&mut peer)).await;
+    assert!(pending(&mut w), "a FUA write answered before the peer made it durable");
+    peer.ack(2, 2).await;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(w.try_recv().unwrap().unwrap(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn peer_returns_during_resync() {
+    let mut h = harness(Policy::Strict).await;
+    let (g1, mut p1) = h.in_sync().await;
+    // The link dies with a FUA write in flight: it waits through the outage.
+    let mut w = h.write(5, true).await;
+    h.settle(Some(&mut p1)).await;
+    h.owner.on_event(Event::LinkDown(g1, ReplError::Stopped("the peer closed the connection".into()))).await;
+    h.after_step();
+    assert!(!h.peer().connected && !h.peer().in_sync);
+    assert!(pending(&mut w));
+    // A late frame of the dead link changes nothing.
+    h.owner.on_event(Event::Frame(g1, Frame::Ack { applied: 99, durable: 99 })).await;
+    h.after_step();
+    assert!(pending(&mut w) && h.peer().durable < 99);
+
+    // The peer returns; the resync is interrupted by yet another outage before it commits.
+    let (g2, mut p2) = h.link_up(0, 0).await;
+    p2.pong = false;
+    h.settle(Some(&mut p2)).await;
+    assert!(p2.got.iter().any(|f| matches!(f, Frame::ResyncCommit { .. })));
+    h.owner.on_event(Event::LinkDown(g2, ReplError::Stopped("reset".into()))).await;
+    h.after_step();
+    assert!(pending(&mut w), "answered without a committed resync");
+
+    // The third link resyncs to the end: the write is answered once the commit is confirmed.
+    let (_, mut p3) = h.link_up(0, 0).await;
+    h.settle(Some(&mut p3)).await;
+    assert!(pending(&mut w), "answered before the peer confirmed the commit");
+    p3.ack(1, 1).await;
+    h.settle(Some(&mut p3)).await;
+    assert_eq!(w.try_recv().unwrap().unwrap(), 1);
+    assert_eq!(h.peer().resyncs, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn witness_disk_failure_does_not_depose() {
+    let mut h = harness(Policy::Degrade).await;
+    let storage = ReplError::refused(Refusal::WitnessStorage, "witness cannot record decisions: disk full");
+    h.owner.on_witness(Ask::Report, Err(storage));
+    // Neither does a refusal naming this node's own epoch, nor an older one.
+    for epoch in [EPOCH - 1, EPOCH] {
+        h.owner.on_witness(Ask::Report, Err(ReplError::refused(Refusal::Deposed { epoch }, "stale")));
+    }
+    h.after_step();
+    assert_eq!(h.peer().deposed, None);
+    // A newer epoch does.
+    h.owner.on_witness(Ask::Report, Err(ReplError::refused(Refusal::Deposed { epoch: EPOCH + 1 }, "b is primary")));
+    assert!(h.peer().deposed.is_some_and(|why| why.contains("b is primary")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_a_peer_that_saw_a_newer_epoch_deposes_the_primary() {
+    let mut h = harness(Policy::Strict).await;
+    let (g, _p) = h.link_up(0, 0).await;
+    h.owner.link_failed(g, ReplError::refused(Refusal::Deposed { epoch: EPOCH }, "peer refused: stale epoch"));
+    assert_eq!(h.peer().deposed, None);
+    assert!(!h.peer().connected);
+    let (g, _p) = h.link_up(0, 0).await;
+    h.owner.link_failed(g, ReplError::refused(Refusal::Deposed { epoch: EPOCH + 2 }, "peer refused: stale epoch"));
+    assert!(h.peer().deposed.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn solo_ends_when_its_lease_runs_out() {
+    let mut h = harness(Policy::Degrade).await;
+    let lease = Duration::from_millis(500);
+    let grant = Grant { epoch: EPOCH, primary: "a".into(), solo: true, lease, valid_until: Instant::now() + lease };
+    h.owner.on_witness(Ask::Solo, Ok(grant));
+    h.after_step();
+    assert!(h.peer().solo);
+    // No peer at all: a write is answered alone, with the witness's consent.
+    let mut w = h.write(1, true).await;
+    h.settle(None).await;
+    assert_eq!(w.try_recv().unwrap().unwrap(), 1);
+    // The lease runs out with no answer from the witness: writes wait again.
+    tokio::time::advance(lease).await;
+    h.owner.on_timers();
+    h.owner.witness_asking = false;
+    h.after_step();
+    assert!(!h.peer().solo);
+    let mut w = h.write(2, false).await;
+    h.settle(None).await;
+    assert!(pending(&mut w), "answered alone after the lease ran out");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checksum_reply_that_does_not_match_its_request_ends_the_link() {
+    let mut h = harness(Policy::Strict).await;
+    let (g, mut peer) = h.link_up(0, 0).await;
+    peer.pong = false;
+    // Let the plan arrive and the first requests go out, without answering them.
+    for _ in 0..20 {
+        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(1), h.owner.events.recv()).await {
+            h.owner.on_event(e).await;
+        }
+        let _ = h.owner.step_background().await;
+        h.after_step();
+    }
+    let (&id, &(offset, _)) = h.owner.crc_asked.iter().next().expect("a checksum request");
+    h.owner.on_event(Event::Frame(g, Frame::CrcReply { id, offset, crcs: vec![None; 3] })).await;
+    h.after_step();
+    let v = h.peer();
+    assert!(!v.connected, "{v:?}");
+    assert!(v.last_error.is_some_and(|e| e.contains("asked")));
+    assert!(h.owner.resync.is_none() && h.owner.crc_asked.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_commit_loop_flush_needs_no_frame_once_the_peer_made_the_write_durable() {
+    let mut h = harness(Policy::Strict).await;
+    let (_, mut peer) = h.in_sync().await;
+    // A database committing: write, flush, write, flush... After two such rounds the writes go
+    // to the peer as FUA, and its acknowledgement already covers the flush that follows.
+    for k in 1..=4u64 {
+        let mut w = h.write(k, false).await;
+        h.settle(Some(&mut peer)).await;
+        let fua = peer.writes().last().unwrap().1;
+        peer.ack(k, if fua { k } else { k - 1 }).await;
+        h.settle(Some(&mut peer)).await;
+        assert_eq!(w.try_recv().unwrap().unwrap(), k);
+        let flushes = peer.flushes();
+        let mut f = h.flush().await;
+        h.settle(Some(&mut peer)).await;
+        if peer.flushes() > flushes {
+            peer.ack(k, k).await;
+            h.settle(Some(&mut peer)).await;
+        } else {
+            assert!(fua, "a flush without a frame before the peer had the write durably");
+        }
+        assert_eq!(f.try_recv().unwrap().unwrap(), k);
+    }
+    let fua: Vec<bool> = peer.writes().iter().map(|w| w.1).collect();
+    assert_eq!(fua, [false, false, true, true], "the commit loop was not recognised");
+    assert_eq!(peer.flushes(), 2, "flushes after FUA writes sent a frame");
+}

@@ -1,0 +1,177 @@
+//! The owner's timers: heartbeats, reconnection, reports to the witness and its answers (solo
+//! operation and its lease, deposition), the trim floor, and warnings about operations waiting
+//! for the peer.
+
+use tokio::time::Instant;
+
+use super::*;
+
+impl Owner {
+    pub(super) fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.link_up() && now >= self.timers.ping {
+            self.next_nonce += 1;
+            let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
+            self.ship(Out::Frame(Frame::Ping { epoch, nonce, floor }));
+            self.timers.ping = now + self.cfg.heartbeat;
+        }
+        if let LinkState::Down { retry_at } = self.link {
+            if now >= retry_at {
+                self.connect();
+            }
+        }
+        if self.cfg.witness.is_some() && !self.witness_asking && now >= self.timers.report {
+            self.report_to_witness();
+            self.timers.report = now + self.witness_period;
+        }
+        let lease_over = self.solo_until.is_none_or(|t| now >= t);
+        if self.peer.borrow().solo && lease_over {
+            tracing::error!(volume = %self.name, "solo lease expired (witness unreachable): writes wait for the peer or the witness");
+            self.peer.send_modify(|v| v.solo = false);
+        }
+        if now >= self.timers.floor {
+            self.timers.floor = now + FLOOR_PERIOD;
+            let f = self.floor_tag();
+            if f > self.floor && !self.floor_writing {
+                self.floor_writing = true;
+                let (store, volume, attr, events) =
+                    (self.store.clone(), self.volume, self.state.encode(), self.events_tx.clone());
+                tokio::spawn(async move {
+                    let r = store.set_repl(volume, KEEP_LAST_TAG, f, attr).await.map_err(ReplError::from);
+                    let _ = events.send(Event::FloorWritten(f, r)).await;
+                });
+            }
+        }
+        if now >= self.timers.warn {
+            self.timers.warn = now + Duration::from_secs(1);
+            self.warn_if_waiting(now);
+        }
+    }
+
+    /// The tag known durable on both nodes: trims above it are still needed by a future resync.
+    pub(super) fn floor_tag(&self) -> u64 {
+        self.local_durable.min(self.peer.borrow().durable)
+    }
+
+    pub(super) fn report_to_witness(&mut self) {
+        let (in_sync, solo) = {
+            let v = self.peer.borrow();
+            (v.in_sync, v.solo)
+        };
+        if in_sync && solo {
+            // The peer has everything again: back to confirming every write with it, before the
+            // witness hears that the pair is in sync.
+            self.peer.send_modify(|v| v.solo = false);
+        }
+        let report = Frame::WitnessReport {
+            pair: self.state.pair,
+            volume: self.name.clone(),
+            node: self.cfg.node.clone(),
+            epoch: self.state.epoch,
+            in_sync,
+        };
+        self.ask_witness(Ask::Report, report);
+    }
+
+    pub(super) fn ask_witness(&mut self, ask: Ask, req: Frame) {
+        let Some(witness) = self.cfg.witness else { return };
+        self.witness_asking = true;
+        let (net, timeout, events) = (self.cfg.net.clone(), self.cfg.timeout, self.events_tx.clone());
+        tokio::spawn(async move {
+            let r = crate::witness::ask(net.as_ref(), witness, &req, timeout).await;
+            let _ = events.send(Event::Witness(ask, r)).await;
+        });
+    }
+
+    /// Whether a witness refusal proves this primary was deposed: only a newer epoch held by
+    /// another node does. Anything else (the witness failing to record its state, a protocol
+    /// error, a witness that lost its records) is treated like a witness that cannot be reached:
+    /// it grants nothing, so a solo lease runs out, but it deposes nobody.
+    pub(super) fn deposed_by(&self, e: &ReplError) -> bool {
+        matches!(e.refusal(), Some(Refusal::Deposed { epoch }) if epoch > self.state.epoch)
+    }
+
+    pub(super) fn on_witness(&mut self, ask: Ask, r: Result<Grant>) {
+        self.witness_asking = false;
+        let now = Instant::now();
+        match (ask, r) {
+            (Ask::Report, Ok(grant)) => {
+                self.last_witness_error.clear();
+                // Reports renew the lease: at least four per lease, whatever the heartbeat.
+                self.witness_period = self.cfg.heartbeat.min(grant.lease / 4).max(Duration::from_millis(5));
+                // Solo operation is a lease: valid for the witness's lease from the last request
+                // it answered (counted from when it was sent, so it ends before the witness,
+                // counting from when it received it, would let anyone take over).
+                self.solo_until = Some(grant.valid_until);
+            }
+            (Ask::Solo, Ok(grant)) if now < grant.valid_until => {
+                self.solo_until = Some(grant.valid_until);
+                tracing::warn!(volume = %self.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
+                self.peer.send_modify(|v| v.solo = true);
+                self.ops_dirty = true;
+            }
+            (Ask::Solo, Ok(_)) => {
+                tracing::warn!(volume = %self.name, "the witness's solo grant arrived after its lease ran out")
+            }
+            (_, Err(e)) if self.deposed_by(&e) => {
+                tracing::error!(volume = %self.name, "the witness says this primary was deposed: {e}");
+                self.depose(e.to_string());
+                return;
+            }
+            (_, Err(e)) => {
+                let msg = match e.refusal() {
+                    Some(_) => format!("the witness refuses ({e}); treated as unreachable"),
+                    None => format!("witness unreachable: {e}"),
+                };
+                if msg != self.last_witness_error {
+                    tracing::warn!(volume = %self.name, "{msg}");
+                    self.last_witness_error = msg;
+                }
+            }
+        }
+        if ask != Ask::Report {
+            return;
+        }
+        // Under the degrade policy, a peer away for the link timeout: ask to continue alone.
+        let (connected, solo) = {
+            let v = self.peer.borrow();
+            (v.connected, v.solo)
+        };
+        self.away_since = if connected { None } else { self.away_since.or(Some(now)) };
+        let away_long = self.away_since.is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.timeout);
+        if self.cfg.policy == Policy::Degrade && away_long && !solo {
+            let req = Frame::WitnessSolo {
+                pair: self.state.pair,
+                volume: self.name.clone(),
+                node: self.cfg.node.clone(),
+                epoch: self.state.epoch,
+            };
+            self.ask_witness(Ask::Solo, req);
+        }
+    }
+
+    pub(super) fn warn_if_waiting(&mut self, now: Instant) {
+        let waiting = self.ops.values().filter(|o| o.local_done);
+        let (n, oldest) =
+            waiting.fold((0, None::<Instant>), |(n, t), o| (n + 1, Some(t.map_or(o.since, |t| t.min(o.since)))));
+        let Some(oldest) = oldest.map(|t| now.saturating_duration_since(t)).filter(|o| *o >= WAIT_WARN_AFTER) else {
+            self.warned = None;
+            return;
+        };
+        if self.warned.is_some_and(|t| now.saturating_duration_since(t) < WAIT_WARN_EVERY) {
+            return;
+        }
+        self.warned = Some(now);
+        let connected = self.peer.borrow().connected;
+        let why = match (self.cfg.policy, connected) {
+            (_, true) => "the peer is resyncing",
+            (Policy::Strict, false) => "the peer is away and the policy is strict: they complete when it is back",
+            (Policy::Degrade, false) => "the peer is away and the witness has not granted solo operation",
+        };
+        tracing::warn!(
+            volume = %self.name,
+            "{n} client operations waiting for the peer, the oldest for {:.1} s ({why}; `syncblock status` shows it)",
+            oldest.as_secs_f64()
+        );
+    }
+}
