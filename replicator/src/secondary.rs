@@ -344,90 +344,13 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
     });
 
     let mut frames = FrameReader::new();
-    let mut queue: VecDeque<Applied> = VecDeque::with_capacity(APPLY_QUEUE);
-    let mut acks = Acks::new(info.trim_floor);
-    let mut resyncing = false;
+    let mut session = Session::new(i.clone(), epoch, common, info.trim_floor);
+    let mut out = Vec::new();
     loop {
         // Queue every whole frame already read into the engine, in arrival order.
-        while queue.len() < APPLY_QUEUE {
+        while session.has_room() {
             let Some(frame) = frames.try_frame()? else { break };
-            let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
-            let item = match frame {
-                Frame::Write { tag, offset, fua, data } => Applied::Op {
-                    tag,
-                    fua,
-                    streamed: !resyncing,
-                    done: i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?,
-                },
-                Frame::Trim { tag, offset, len } => Applied::Op {
-                    tag,
-                    fua: false,
-                    streamed: !resyncing,
-                    done: i.store.enqueue_trim(i.volume, offset, len, tag_of(tag)).await?,
-                },
-                Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op {
-                    tag,
-                    fua,
-                    streamed: !resyncing,
-                    done: i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
-                },
-                Frame::Flush { upto } => Applied::Flush(upto, i.store.enqueue_flush().await?),
-                Frame::CrcRequest { id, offset, len } => {
-                    Applied::Crcs(id, offset, i.store.enqueue_block_crcs(i.volume, offset, len).await?)
-                }
-                Frame::Ping { epoch: e, nonce, floor } => {
-                    if e != epoch {
-                        let msg = format!("epoch changed mid-session ({epoch} → {e})");
-                        return Err(ReplError::refused(Refusal::Protocol, msg));
-                    }
-                    queue.push_back(Applied::Floor(floor));
-                    Applied::Pong(nonce)
-                }
-                Frame::ResyncBegin { common_tag } => {
-                    if common_tag != common {
-                        let msg = format!("resync from {common_tag}, agreed {common}");
-                        return Err(ReplError::refused(Refusal::Protocol, msg));
-                    }
-                    resyncing = true;
-                    i.state.lock().expect("state").consistent = false;
-                    i.status.send_modify(|s| {
-                        s.resyncing = true;
-                        s.consistent = false;
-                    });
-                    // Marked as resyncing, durably, before the first resync write lands, and
-                    // whatever an interrupted earlier resync staged is dropped. The engine stages
-                    // the resync's writes, so the committed image stays consistent unless the
-                    // resync outgrows staging (see `state::consistent_replica`).
-                    let attr = i.state.lock().expect("state").encode();
-                    i.store
-                        .set_repl_staged(i.volume, syncblock_engine::KEEP_LAST_TAG, 0, attr, StagedOp::Discard)
-                        .await?;
-                    continue;
-                }
-                Frame::ResyncCommit { tag, epoch: e, history } => {
-                    if !resyncing || e != epoch {
-                        return Err(ReplError::refused(Refusal::Protocol, "resync commit without a resync"));
-                    }
-                    resyncing = false;
-                    let attr = {
-                        let mut s = i.state.lock().expect("state");
-                        s.history = history;
-                        s.consistent = true;
-                        s.encode()
-                    };
-                    // Queued here, in stream order: the commit must take effect after every resync
-                    // write and before every write the primary streams after it (queued by this
-                    // loop as soon as they arrive). The trim floor restarts at 0 (retain more);
-                    // heartbeats raise it again.
-                    let commit = i.store.enqueue_set_repl_staged(i.volume, tag, 0, attr, StagedOp::Commit).await?;
-                    Applied::Commit(tag, commit)
-                }
-                other => {
-                    let msg = format!("unexpected frame from the primary: {other:?}");
-                    return Err(ReplError::refused(Refusal::Protocol, msg));
-                }
-            };
-            queue.push_back(item);
+            session.on_frame(frame).await?;
         }
         // Wait for the oldest queued operations to complete, or for more bytes from the primary
         // (unless the queue is full: then TCP pushes back), whichever comes first. One task does
@@ -435,17 +358,147 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
         // which acknowledges at once.
         let done = tokio::select! {
             biased;
-            done = std::future::poll_fn(|cx| poll_done(&mut queue, cx)), if !queue.is_empty() => done,
-            r = frames.fill(&mut rd, i.cfg.timeout), if queue.len() < APPLY_QUEUE => {
+            done = std::future::poll_fn(|cx| poll_done(&mut session.queue, cx)), if !session.queue.is_empty() => done,
+            r = frames.fill(&mut rd, i.cfg.timeout), if session.has_room() => {
                 r?;
                 continue;
             }
             _ = stop.wait_for(|s| *s) => return Err(ReplError::Stopped("session closed (node stopping, or a newer connection replaced it)".into())),
         };
-        for d in done {
-            acks.retire(i, &mut wr, d?).await?;
+        session.on_done(done, &mut out).await?;
+        // Everything owed goes out in one write (an ack and a pong together, say).
+        if !out.is_empty() {
+            let mut buf = bytes::BytesMut::new();
+            for f in out.drain(..) {
+                f.encode_into(&mut buf);
+            }
+            crate::link::write_encoded(&mut wr, &buf).await?;
         }
-        acks.after_retiring(i, &mut wr).await?;
+    }
+}
+
+/// One session with a primary, as a state machine: frames in ([`Session::on_frame`], which queues
+/// each into the engine in arrival order), engine completions in ([`Session::on_done`], in the
+/// same order), and the frames owed to the primary out. The driver in [`session`] only reads and
+/// writes bytes.
+struct Session {
+    i: Arc<Inner>,
+    /// The primary's epoch, fixed for the session.
+    epoch: u64,
+    /// The common point agreed in the handshake.
+    common: u64,
+    resyncing: bool,
+    /// Queued in the engine, not yet retired: completions are retired in this order.
+    queue: VecDeque<Applied>,
+    acks: Acks,
+}
+
+impl Session {
+    fn new(i: Arc<Inner>, epoch: u64, common: u64, floor: u64) -> Session {
+        Session {
+            i,
+            epoch,
+            common,
+            resyncing: false,
+            queue: VecDeque::with_capacity(APPLY_QUEUE),
+            acks: Acks::new(floor),
+        }
+    }
+
+    /// Whether another frame may be queued (see `APPLY_QUEUE`).
+    fn has_room(&self) -> bool {
+        self.queue.len() < APPLY_QUEUE
+    }
+
+    /// Queues `frame` into the engine behind every earlier one; an error ends the session.
+    async fn on_frame(&mut self, frame: Frame) -> Result<()> {
+        let i = &self.i;
+        let resyncing = self.resyncing;
+        let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
+        let item = match frame {
+            Frame::Write { tag, offset, fua, data } => Applied::Op {
+                tag,
+                fua,
+                streamed: !resyncing,
+                done: i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?,
+            },
+            Frame::Trim { tag, offset, len } => Applied::Op {
+                tag,
+                fua: false,
+                streamed: !resyncing,
+                done: i.store.enqueue_trim(i.volume, offset, len, tag_of(tag)).await?,
+            },
+            Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op {
+                tag,
+                fua,
+                streamed: !resyncing,
+                done: i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
+            },
+            Frame::Flush { upto } => Applied::Flush(upto, i.store.enqueue_flush().await?),
+            Frame::CrcRequest { id, offset, len } => {
+                Applied::Crcs(id, offset, i.store.enqueue_block_crcs(i.volume, offset, len).await?)
+            }
+            Frame::Ping { epoch: e, nonce, floor } => {
+                if e != self.epoch {
+                    let msg = format!("epoch changed mid-session ({} → {e})", self.epoch);
+                    return Err(ReplError::refused(Refusal::Protocol, msg));
+                }
+                self.queue.push_back(Applied::Floor(floor));
+                Applied::Pong(nonce)
+            }
+            Frame::ResyncBegin { common_tag } => {
+                if common_tag != self.common {
+                    let msg = format!("resync from {common_tag}, agreed {}", self.common);
+                    return Err(ReplError::refused(Refusal::Protocol, msg));
+                }
+                self.resyncing = true;
+                i.state.lock().expect("state").consistent = false;
+                i.status.send_modify(|s| {
+                    s.resyncing = true;
+                    s.consistent = false;
+                });
+                // Marked as resyncing, durably, before the first resync write lands, and
+                // whatever an interrupted earlier resync staged is dropped. The engine stages
+                // the resync's writes, so the committed image stays consistent unless the
+                // resync outgrows staging (see `state::consistent_replica`).
+                let attr = i.state.lock().expect("state").encode();
+                i.store.set_repl_staged(i.volume, syncblock_engine::KEEP_LAST_TAG, 0, attr, StagedOp::Discard).await?;
+                return Ok(());
+            }
+            Frame::ResyncCommit { tag, epoch: e, history } => {
+                if !self.resyncing || e != self.epoch {
+                    return Err(ReplError::refused(Refusal::Protocol, "resync commit without a resync"));
+                }
+                self.resyncing = false;
+                let attr = {
+                    let mut s = i.state.lock().expect("state");
+                    s.history = history;
+                    s.consistent = true;
+                    s.encode()
+                };
+                // Queued here, in stream order: the commit must take effect after every resync
+                // write and before every write the primary streams after it (queued by this
+                // loop as soon as they arrive). The trim floor restarts at 0 (retain more);
+                // heartbeats raise it again.
+                let commit = i.store.enqueue_set_repl_staged(i.volume, tag, 0, attr, StagedOp::Commit).await?;
+                Applied::Commit(tag, commit)
+            }
+            other => {
+                let msg = format!("unexpected frame from the primary: {other:?}");
+                return Err(ReplError::refused(Refusal::Protocol, msg));
+            }
+        };
+        self.queue.push_back(item);
+        Ok(())
+    }
+
+    /// Retires completed items (in queue order) and puts the frames they owe the primary in
+    /// `out`: pongs and checksum answers in order, then one cumulative `Ack`.
+    async fn on_done(&mut self, done: Vec<Result<Done>>, out: &mut Vec<Frame>) -> Result<()> {
+        for d in done {
+            self.acks.retire(&self.i, out, d?);
+        }
+        self.acks.after_retiring(&self.i, out).await
     }
 }
 
@@ -511,7 +564,7 @@ impl Acks {
         Acks { applied: 0, durable: 0, owed: false, floor, want_floor: floor, floor_written: Instant::now() }
     }
 
-    async fn retire(&mut self, i: &Inner, wr: &mut crate::net::WritePart, done: Done) -> Result<()> {
+    fn retire(&mut self, i: &Inner, out: &mut Vec<Frame>, done: Done) {
         match done {
             Done::Op { tag, durable } => {
                 self.applied = self.applied.max(tag);
@@ -537,16 +590,15 @@ impl Acks {
                 });
                 tracing::info!(volume = %i.name, "resync committed at tag {tag}");
             }
-            Done::Pong(nonce) => write_frame(wr, &Frame::Pong { nonce }).await?,
-            Done::Crcs(id, offset, crcs) => write_frame(wr, &Frame::CrcReply { id, offset, crcs }).await?,
+            Done::Pong(nonce) => out.push(Frame::Pong { nonce }),
+            Done::Crcs(id, offset, crcs) => out.push(Frame::CrcReply { id, offset, crcs }),
             Done::Floor(f) => self.want_floor = self.want_floor.max(f),
         }
-        Ok(())
     }
 
     /// Persists a raised trim floor now and then, and acknowledges what completed: one cumulative
     /// `Ack` for everything retired together.
-    async fn after_retiring(&mut self, i: &Inner, wr: &mut crate::net::WritePart) -> Result<()> {
+    async fn after_retiring(&mut self, i: &Inner, out: &mut Vec<Frame>) -> Result<()> {
         if self.want_floor > self.floor && self.floor_written.elapsed() >= FLOOR_PERIOD && i.status.borrow().consistent
         {
             let attr = i.state.lock().expect("state").encode();
@@ -556,12 +608,145 @@ impl Acks {
         }
         if self.owed {
             self.owed = false;
-            write_frame(wr, &Frame::Ack { applied: self.applied, durable: self.durable }).await?;
+            out.push(Frame::Ack { applied: self.applied, durable: self.durable });
             i.status.send_modify(|s| {
                 s.applied = s.applied.max(self.applied);
                 s.durable = s.durable.max(self.durable);
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session driven by synthetic frames, on a store on a simulated disk: what it queues,
+    //! in which order, and what it owes the primary.
+
+    use super::*;
+    use bytes::Bytes;
+    use syncblock_engine::sim::{SimDevice, SimDisk};
+    use syncblock_engine::{Config, Driver, BLOCK_BYTES};
+
+    const BB: u64 = BLOCK_BYTES as u64;
+    const VOL: u64 = 4 << 20;
+    const EPOCH: u64 = 2;
+
+    async fn session(common: u64) -> Session {
+        let disk = SimDisk::new(vec![0u8; 32 << 20]);
+        Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
+        let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
+        let info = store.create_volume("v", VOL).await.unwrap();
+        let inner = Arc::new(Inner {
+            store,
+            volume: info.id,
+            name: "v".into(),
+            size_bytes: VOL,
+            cfg: ReplConfig::default(),
+            state: Mutex::new(ReplState::new(Role::Secondary)),
+            status: watch::channel(SecondaryStatus::default()).0,
+            stop: watch::channel(false).0,
+        });
+        Session::new(inner, EPOCH, common, 0)
+    }
+
+    fn write(tag: u64, lba: u64, fua: bool) -> Frame {
+        Frame::Write { tag, offset: lba * BB, fua, data: Bytes::from(vec![tag as u8; BB as usize]) }
+    }
+
+    /// Feeds `frames`, then retires everything they queued; returns the frames owed.
+    async fn feed(s: &mut Session, frames: Vec<Frame>) -> Result<Vec<Frame>> {
+        for f in frames {
+            s.on_frame(f).await?;
+        }
+        let mut out = Vec::new();
+        while !s.queue.is_empty() {
+            let done = std::future::poll_fn(|cx| poll_done(&mut s.queue, cx)).await;
+            s.on_done(done, &mut out).await?;
+        }
+        Ok(out)
+    }
+
+    fn acks(out: &[Frame]) -> Vec<(u64, u64)> {
+        out.iter()
+            .filter_map(|f| if let Frame::Ack { applied, durable } = f { Some((*applied, *durable)) } else { None })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn writes_are_acknowledged_cumulatively_and_a_flush_makes_them_durable() {
+        let mut s = session(0).await;
+        let out = feed(&mut s, vec![write(1, 0, false), write(2, 1, false), write(3, 2, false)]).await.unwrap();
+        let a = acks(&out);
+        assert_eq!(a.last().map(|a| a.0), Some(3), "{out:?}");
+        assert!(a.iter().all(|&(applied, durable)| durable <= applied));
+        let out = feed(&mut s, vec![Frame::Flush { upto: 3 }]).await.unwrap();
+        assert_eq!(acks(&out), [(3, 3)]);
+        // A FUA write is durable with everything before it when it completes.
+        let out = feed(&mut s, vec![write(4, 3, false), write(5, 4, true)]).await.unwrap();
+        assert_eq!(acks(&out).last(), Some(&(5, 5)));
+    }
+
+    #[tokio::test]
+    async fn a_checksum_request_is_answered_at_its_place_in_the_stream() {
+        let mut s = session(0).await;
+        let ask = |id| Frame::CrcRequest { id, offset: 0, len: 2 * BB };
+        let out = feed(&mut s, vec![ask(1), write(1, 1, false), ask(2)]).await.unwrap();
+        let replies: Vec<(u64, Vec<Option<u32>>)> = out
+            .iter()
+            .filter_map(|f| if let Frame::CrcReply { id, crcs, .. } = f { Some((*id, crcs.clone())) } else { None })
+            .collect();
+        assert_eq!(replies.len(), 2);
+        assert_eq!(replies[0], (1, vec![None, None]), "the first request saw the write queued after it");
+        assert_eq!(replies[1].1[0], None);
+        assert!(replies[1].1[1].is_some(), "the second request missed the write queued before it");
+    }
+
+    #[tokio::test]
+    async fn a_resync_is_invisible_until_its_commit_applies_it_at_once() {
+        let mut s = session(0).await;
+        let (store, volume) = (s.i.store.clone(), s.i.volume);
+        let history = vec![crate::wire::EpochStart { epoch: EPOCH, start_tag: 1, origin: 5 }];
+        feed(&mut s, vec![Frame::ResyncBegin { common_tag: 0 }, write(7, 0, false), write(8, 1, false)]).await.unwrap();
+        assert!(!s.i.state.lock().unwrap().consistent, "not marked inconsistent during the resync");
+        assert_eq!(store.volume_info(volume).await.unwrap().last_tag, 0, "the resync moved the last tag");
+        let out =
+            feed(&mut s, vec![Frame::ResyncCommit { tag: 8, epoch: EPOCH, history: history.clone() }]).await.unwrap();
+        assert_eq!(acks(&out).last(), Some(&(8, 8)), "the commit is durable with everything before it");
+        let info = store.volume_info(volume).await.unwrap();
+        assert_eq!((info.last_tag, info.staged_blocks), (8, 0));
+        let st = s.i.state.lock().unwrap().clone();
+        assert!(st.consistent);
+        assert_eq!(st.history, history);
+        assert_eq!(&store.read(volume, BB, BB).await.unwrap()[..], &vec![8u8; BB as usize][..]);
+    }
+
+    #[tokio::test]
+    async fn frames_that_break_the_session_rules_end_it() {
+        let mut s = session(5).await;
+        let e = feed(&mut s, vec![Frame::Ping { epoch: EPOCH + 1, nonce: 1, floor: 0 }]).await.unwrap_err();
+        assert_eq!(e.refusal(), Some(Refusal::Protocol), "{e}");
+        let mut s = session(5).await;
+        let e = feed(&mut s, vec![Frame::ResyncBegin { common_tag: 4 }]).await.unwrap_err();
+        assert!(e.to_string().contains("agreed 5"), "{e}");
+        let mut s = session(5).await;
+        let commit = Frame::ResyncCommit { tag: 9, epoch: EPOCH, history: vec![] };
+        let e = feed(&mut s, vec![commit]).await.unwrap_err();
+        assert!(e.to_string().contains("without a resync"), "{e}");
+        let mut s = session(5).await;
+        let e = feed(&mut s, vec![Frame::Ack { applied: 1, durable: 1 }]).await.unwrap_err();
+        assert!(e.to_string().contains("unexpected frame"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn pings_are_answered_in_stream_order() {
+        let mut s = session(0).await;
+        let out =
+            feed(&mut s, vec![write(1, 0, false), Frame::Ping { epoch: EPOCH, nonce: 9, floor: 0 }]).await.unwrap();
+        // The pong is retired only after the write queued before the ping, and the ack covering
+        // that write goes out with it: a primary that sees the pong sees the write applied.
+        assert!(out.iter().any(|f| matches!(f, Frame::Pong { nonce: 9 })), "{out:?}");
+        assert!(acks(&out).iter().any(|a| a.0 >= 1), "{out:?}");
     }
 }
