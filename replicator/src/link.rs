@@ -12,7 +12,14 @@ use crate::ReplError;
 pub async fn read_frame(r: &mut (impl AsyncRead + Unpin), timeout: Duration) -> Result<Frame, ReplError> {
     let fut = async {
         let mut h = [0u8; HEADER_BYTES];
-        r.read_exact(&mut h).await?;
+        // The magic first: another protocol's client (an admin command sent to the wrong port,
+        // an HTTP probe) is turned away as soon as it has sent four bytes, not after a timeout.
+        r.read_exact(&mut h[..4]).await?;
+        let magic = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+        if magic != crate::wire::MAGIC {
+            return Err(crate::wire::WireError::BadMagic(magic).into());
+        }
+        r.read_exact(&mut h[4..]).await?;
         let header = Header::decode(&h)?;
         let mut body = BytesMut::zeroed(header.body_len);
         r.read_exact(&mut body).await?;
