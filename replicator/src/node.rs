@@ -93,6 +93,7 @@ impl NodeStatus {
                 concat!(
                     "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"policy\":\"{}\",\"last_tag\":{},",
                     "\"waiting\":{{\"writes\":{},\"oldest_secs\":{}}},",
+                    "\"stages\":{{\"ops\":{},\"handoff_us\":{},\"local_us\":{},\"peer_us\":{},\"answer_us\":{}}},",
                     "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
                     "\"solo\":{},\"last_error\":{}}},",
                     "\"lag_tags\":{},\"lag_bytes\":{},\"rpo_zero\":{},",
@@ -105,6 +106,11 @@ impl NodeStatus {
                 p.last_tag,
                 p.waiting,
                 p.waiting_oldest.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
+                p.stages.ops,
+                p.stages.handoff_us,
+                p.stages.local_us,
+                p.stages.peer_us,
+                p.stages.answer_us,
                 p.peer.connected,
                 p.peer.in_sync,
                 p.peer.applied,
@@ -125,7 +131,8 @@ impl NodeStatus {
             NodeStatus::Secondary(x) => format!(
                 concat!(
                     "{{\"role\":\"secondary\",\"volume\":{:?},\"epoch\":{},\"connected\":{},\"primary\":{},",
-                    "\"consistent\":{},\"resyncing\":{},\"applied_tag\":{},\"durable_tag\":{},\"last_error\":{}}}"
+                    "\"consistent\":{},\"resyncing\":{},\"applied_tag\":{},\"durable_tag\":{},\"last_error\":{},",
+                    "\"stages\":{{\"ops\":{},\"apply_us\":{}}}}}"
                 ),
                 x.volume,
                 x.epoch,
@@ -136,6 +143,8 @@ impl NodeStatus {
                 x.applied,
                 x.durable,
                 s(&x.last_error),
+                x.apply_ops,
+                x.apply_us,
             ),
             NodeStatus::Stopped { volume } => format!("{{\"role\":\"stopped\",\"volume\":{volume:?}}}"),
         }

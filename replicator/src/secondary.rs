@@ -50,6 +50,11 @@ pub struct SecondaryStatus {
     pub applied: u64,
     pub durable: u64,
     pub last_error: Option<String>,
+    /// Writes, trims and zeroings applied, and the microseconds they took in sum, from their frame
+    /// being decoded to their engine completion being retired (the secondary's part of a
+    /// replicated write's latency).
+    pub apply_ops: u64,
+    pub apply_us: u64,
 }
 
 struct Inner {
@@ -84,6 +89,8 @@ enum Applied {
         tag: u64,
         fua: bool,
         streamed: bool,
+        /// When its frame was decoded.
+        received: Instant,
         done: Pending<Written>,
     },
     /// A flush covering every tag up to this.
@@ -420,18 +427,21 @@ impl Session {
                 tag,
                 fua,
                 streamed: !resyncing,
+                received: Instant::now(),
                 done: i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?,
             },
             Frame::Trim { tag, offset, len } => Applied::Op {
                 tag,
                 fua: false,
                 streamed: !resyncing,
+                received: Instant::now(),
                 done: i.store.enqueue_trim(i.volume, offset, len, tag_of(tag)).await?,
             },
             Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op {
                 tag,
                 fua,
                 streamed: !resyncing,
+                received: Instant::now(),
                 done: i.store.enqueue_write_zeroes(i.volume, offset, len, may_trim, fua, tag_of(tag)).await?,
             },
             Frame::Flush { upto } => Applied::Flush(upto, i.store.enqueue_flush().await?),
@@ -504,7 +514,7 @@ impl Session {
 
 /// What a completed [`Applied`] item contributes to the acknowledgements.
 enum Done {
-    Op { tag: u64, durable: bool },
+    Op { tag: u64, durable: bool, received: Instant },
     Flush(u64),
     Commit(u64),
     Pong(u64),
@@ -518,8 +528,10 @@ fn poll_done(queue: &mut VecDeque<Applied>, cx: &mut Context<'_>) -> Poll<Vec<Re
     let mut done = Vec::new();
     while let Some(head) = queue.front_mut() {
         let d = match head {
-            Applied::Op { tag, fua, streamed, done } => match Pin::new(done).poll(cx) {
-                Poll::Ready(r) => r.map(|w| Done::Op { tag: *tag, durable: *fua || (*streamed && w.durable) }),
+            Applied::Op { tag, fua, streamed, received, done } => match Pin::new(done).poll(cx) {
+                Poll::Ready(r) => {
+                    r.map(|w| Done::Op { tag: *tag, durable: *fua || (*streamed && w.durable), received: *received })
+                }
                 Poll::Pending => break,
             },
             Applied::Flush(upto, p) => match Pin::new(p).poll(cx) {
@@ -557,16 +569,30 @@ struct Acks {
     floor: u64,
     want_floor: u64,
     floor_written: Instant,
+    /// See [`SecondaryStatus::apply_ops`].
+    apply_ops: u64,
+    apply_us: u64,
 }
 
 impl Acks {
     fn new(floor: u64) -> Acks {
-        Acks { applied: 0, durable: 0, owed: false, floor, want_floor: floor, floor_written: Instant::now() }
+        Acks {
+            applied: 0,
+            durable: 0,
+            owed: false,
+            floor,
+            want_floor: floor,
+            floor_written: Instant::now(),
+            apply_ops: 0,
+            apply_us: 0,
+        }
     }
 
     fn retire(&mut self, i: &Inner, out: &mut Vec<Frame>, done: Done) {
         match done {
-            Done::Op { tag, durable } => {
+            Done::Op { tag, durable, received } => {
+                self.apply_ops += 1;
+                self.apply_us += received.elapsed().as_micros() as u64;
                 self.applied = self.applied.max(tag);
                 if durable {
                     self.durable = self.durable.max(tag);
@@ -609,9 +635,12 @@ impl Acks {
         if self.owed {
             self.owed = false;
             out.push(Frame::Ack { applied: self.applied, durable: self.durable });
+            let (ops, us) = (std::mem::take(&mut self.apply_ops), std::mem::take(&mut self.apply_us));
             i.status.send_modify(|s| {
                 s.applied = s.applied.max(self.applied);
                 s.durable = s.durable.max(self.durable);
+                s.apply_ops += ops;
+                s.apply_us += us;
             });
         }
         Ok(())

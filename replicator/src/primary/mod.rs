@@ -32,6 +32,7 @@ use syncblock_engine::{Store, VolumeId, KEEP_LAST_TAG};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+pub use owner::Stages;
 pub use report::{PeerView, PrimaryStatus, Progress, VerifyReport};
 
 use crate::state::{ReplState, Role};
@@ -40,7 +41,7 @@ use crate::{ReplConfig, ReplError, Result};
 use owner::{Command, Owner, Published};
 
 struct Handle {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<(Instant, Command)>,
     peer: Arc<watch::Sender<PeerView>>,
     published: watch::Receiver<Published>,
     stop: watch::Sender<bool>,
@@ -171,7 +172,7 @@ impl Primary {
 
     /// Marks this primary deposed (a newer epoch exists): waiting and new writes fail.
     pub fn depose(&self, why: String) {
-        if self.inner.commands.try_send(Command::Depose(why.clone())).is_err() {
+        if self.inner.commands.try_send((Instant::now(), Command::Depose(why.clone()))).is_err() {
             // The loop is busy (or gone): mark it directly; the loop sees it at its next turn.
             self.inner.peer.send_modify(|v| {
                 if v.deposed.is_none() {
@@ -207,6 +208,7 @@ impl Primary {
             waiting_oldest: p.waiting_since.map(|t| now.saturating_duration_since(t)),
             last_tag: p.last_tag,
             lag_bytes: p.lag_bytes,
+            stages: p.stages,
             peer: self.inner.peer.borrow().clone(),
         }
     }
@@ -232,7 +234,7 @@ impl Primary {
             Some(why) => ReplError::Stopped(format!("deposed: {why}")),
             None => ReplError::Stopped("replication stopped".into()),
         };
-        self.inner.commands.send(command(tx)).await.map_err(|_| gone())?;
+        self.inner.commands.send((Instant::now(), command(tx))).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 

@@ -167,6 +167,8 @@ pub struct PrimaryStatus {
     pub last_tag: u64,
     /// Bytes of writes the peer does not have in its log yet (see `Lag`).
     pub lag_bytes: u64,
+    /// Where answered operations spent their time.
+    pub stages: super::Stages,
     pub peer: PeerView,
 }
 

@@ -141,6 +141,25 @@ pub(super) struct Published {
     pub lag_bytes: u64,
     pub waiting: usize,
     pub waiting_since: Option<Instant>,
+    pub stages: Stages,
+}
+
+/// Where answered client operations spent their time, summed since the primary started, in
+/// microseconds: the latency breakdown of `docs/benchmarks-replication.md`. Each sum runs from
+/// the moment the loop took the operation, except `handoff_us`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stages {
+    /// Operations answered.
+    pub ops: u64,
+    /// From the client's call to the loop taking the operation (a task hand-off, and waiting
+    /// behind other events).
+    pub handoff_us: u64,
+    /// To the local engine's completion (its log write, or its flush).
+    pub local_us: u64,
+    /// To the peer's confirmation (its log, or its durability): the round trip to the peer.
+    pub peer_us: u64,
+    /// To the answer: the later of the two.
+    pub answer_us: u64,
 }
 
 /// What a client operation was, for its completion.
@@ -156,9 +175,13 @@ struct Op {
     /// Needs the peer's `durable` (FUA, flush) rather than `applied`.
     durable: bool,
     kind: Kind,
-    /// The local engine completed it; it now waits for the peer only.
-    local_done: bool,
-    since: Instant,
+    /// When the client called, and when the loop took the operation.
+    sent: Instant,
+    taken: Instant,
+    /// When the local engine completed it (it then waits for the peer only), and when the peer
+    /// confirmed it.
+    local_at: Option<Instant>,
+    peer_at: Option<Instant>,
     reply: oneshot::Sender<Result<u64>>,
 }
 
@@ -268,7 +291,10 @@ pub(super) struct Owner {
     warned: Option<Instant>,
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
-    commands: mpsc::Receiver<Command>,
+    commands: mpsc::Receiver<(Instant, Command)>,
+    /// When the command being handled was sent.
+    sent: Instant,
+    stages: Stages,
     stop: watch::Receiver<bool>,
 }
 
@@ -284,7 +310,7 @@ enum Next {
     Event(Event),
     Local(u64, syncblock_engine::Result<()>),
     LinkRoom(std::result::Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>>),
-    Command(Option<Command>),
+    Command(Option<(Instant, Command)>),
     Timer,
 }
 
@@ -292,7 +318,7 @@ enum Next {
 pub(super) struct Parts {
     pub peer: Arc<watch::Sender<PeerView>>,
     pub published: watch::Receiver<Published>,
-    pub commands: mpsc::Sender<Command>,
+    pub commands: mpsc::Sender<(Instant, Command)>,
     pub stop: watch::Sender<bool>,
 }
 
@@ -365,6 +391,8 @@ impl Owner {
             events_tx,
             events,
             commands,
+            sent: now,
+            stages: Stages::default(),
             stop,
         };
         (owner, Parts { peer, published, commands: commands_tx, stop: stop_tx })
@@ -386,7 +414,10 @@ impl Owner {
                 Next::Local(op, r) => self.on_local(op, r),
                 Next::LinkRoom(Ok(permit)) => self.on_link_room(permit),
                 Next::LinkRoom(Err(_)) => {} // the writer ended: its LinkDown follows
-                Next::Command(Some(c)) => self.on_command(c).await,
+                Next::Command(Some((sent, c))) => {
+                    self.sent = sent;
+                    self.on_command(c).await
+                }
                 Next::Timer => self.on_timers(),
             }
             self.complete_ops();
@@ -508,7 +539,9 @@ impl Owner {
     ) {
         let id = self.next_op;
         self.next_op += 1;
-        self.ops.insert(id, Op { tag, durable, kind, local_done: false, since: Instant::now(), reply });
+        let op =
+            Op { tag, durable, kind, sent: self.sent, taken: Instant::now(), local_at: None, peer_at: None, reply };
+        self.ops.insert(id, op);
         self.engine.push(Box::pin(async move { (id, local.await) }));
     }
 
@@ -516,8 +549,7 @@ impl Owner {
         let Some(op) = self.ops.get_mut(&id) else { return };
         match r {
             Ok(()) => {
-                op.local_done = true;
-                op.since = Instant::now();
+                op.local_at = Some(Instant::now());
                 if op.kind == Kind::Flush {
                     self.local_durable = self.local_durable.max(op.tag);
                 }
@@ -536,16 +568,28 @@ impl Owner {
             return;
         }
         self.ops_dirty = false;
-        let done: Vec<u64> = {
+        let now = Instant::now();
+        let mut done = Vec::new();
+        {
             let peer = self.peer.borrow();
-            self.ops
-                .iter()
-                .filter(|(_, op)| op.local_done && peer.confirms(op.tag, op.durable))
-                .map(|(id, _)| *id)
-                .collect()
-        };
+            for (id, op) in self.ops.iter_mut() {
+                if op.peer_at.is_none() && peer.confirms(op.tag, op.durable) {
+                    op.peer_at = Some(now);
+                }
+                if op.local_at.is_some() && op.peer_at.is_some() {
+                    done.push(*id);
+                }
+            }
+        }
         for id in done {
             let op = self.ops.remove(&id).expect("present");
+            let us = |t: Option<Instant>| t.map_or(0, |t| t.saturating_duration_since(op.taken).as_micros() as u64);
+            let st = &mut self.stages;
+            st.ops += 1;
+            st.handoff_us += op.taken.saturating_duration_since(op.sent).as_micros() as u64;
+            st.local_us += us(op.local_at);
+            st.peer_us += us(op.peer_at);
+            st.answer_us += us(Some(now));
             let _ = op.reply.send(Ok(op.tag));
         }
     }
@@ -823,16 +867,21 @@ impl Owner {
         }
     }
 
+    /// Operations in the local log waiting for the peer, and since when the oldest waits.
+    fn waiting(&self) -> (usize, Option<Instant>) {
+        let waiting = self.ops.values().filter_map(|o| o.local_at.filter(|_| o.peer_at.is_none()));
+        waiting.fold((0, None), |(n, t), at: Instant| (n + 1, Some(t.map_or(at, |t: Instant| t.min(at)))))
+    }
+
     fn publish(&mut self) {
         let applied = self.peer.borrow().applied;
-        let waiting = self.ops.values().filter(|o| o.local_done);
-        let (n, since) =
-            waiting.fold((0, None::<Instant>), |(n, t), o| (n + 1, Some(t.map_or(o.since, |t| t.min(o.since)))));
+        let (n, since) = self.waiting();
         let p = Published {
             last_tag: self.next_tag - 1,
             lag_bytes: self.lag.bytes_after(applied),
             waiting: n,
             waiting_since: since,
+            stages: self.stages,
         };
         self.published.send_if_modified(|cur| {
             if *cur == p {

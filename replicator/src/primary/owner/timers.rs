@@ -151,9 +151,7 @@ impl Owner {
     }
 
     pub(super) fn warn_if_waiting(&mut self, now: Instant) {
-        let waiting = self.ops.values().filter(|o| o.local_done);
-        let (n, oldest) =
-            waiting.fold((0, None::<Instant>), |(n, t), o| (n + 1, Some(t.map_or(o.since, |t| t.min(o.since)))));
+        let (n, oldest) = self.waiting();
         let Some(oldest) = oldest.map(|t| now.saturating_duration_since(t)).filter(|o| *o >= WAIT_WARN_AFTER) else {
             self.warned = None;
             return;
