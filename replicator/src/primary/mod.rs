@@ -43,6 +43,7 @@ use owner::{Command, Owner, Published};
 struct Handle {
     commands: mpsc::Sender<(Instant, Command)>,
     peer: Arc<watch::Sender<PeerView>>,
+    deposed: Arc<watch::Sender<Option<String>>>,
     published: watch::Receiver<Published>,
     stop: watch::Sender<bool>,
     volume: VolumeId,
@@ -129,6 +130,7 @@ impl Primary {
             inner: Arc::new(Handle {
                 commands: parts.commands,
                 peer: parts.peer,
+                deposed: parts.deposed,
                 published: parts.published,
                 stop: parts.stop,
                 volume: info.id,
@@ -151,9 +153,9 @@ impl Primary {
 
     /// Resolves when this primary has been deposed (a newer epoch exists), with the reason.
     pub async fn deposed(&self) -> String {
-        let mut w = self.inner.peer.subscribe();
-        let why = match w.wait_for(|v| v.deposed.is_some()).await {
-            Ok(v) => v.deposed.clone().unwrap_or_default(),
+        let mut w = self.inner.deposed.subscribe();
+        let why = match w.wait_for(|v| v.is_some()).await {
+            Ok(v) => v.clone().unwrap_or_default(),
             Err(_) => "primary dropped".into(),
         };
         why
@@ -162,11 +164,11 @@ impl Primary {
     /// Resolves when this primary is stopped or deposed.
     pub async fn stopped(&self) {
         let mut stop = self.inner.stop.subscribe();
-        let mut peer = self.inner.peer.subscribe();
+        let mut deposed = self.inner.deposed.subscribe();
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => {}
-            _ = peer.wait_for(|v| v.deposed.is_some()) => {}
+            _ = deposed.wait_for(|v| v.is_some()) => {}
         }
     }
 
@@ -174,11 +176,10 @@ impl Primary {
     pub fn depose(&self, why: String) {
         if self.inner.commands.try_send((Instant::now(), Command::Depose(why.clone()))).is_err() {
             // The loop is busy (or gone): mark it directly; the loop sees it at its next turn.
-            self.inner.peer.send_modify(|v| {
-                if v.deposed.is_none() {
-                    v.deposed = Some(why);
-                }
-            });
+            if self.inner.deposed.borrow().is_none() {
+                self.inner.peer.send_modify(|v| v.deposed = Some(why.clone()));
+                self.inner.deposed.send_replace(Some(why));
+            }
         }
     }
 
@@ -219,7 +220,7 @@ impl Primary {
     }
 
     fn check_role(&self) -> Result<()> {
-        match &self.inner.peer.borrow().deposed {
+        match &*self.inner.deposed.borrow() {
             Some(why) => Err(ReplError::Stopped(format!("deposed: {why}"))),
             None if *self.inner.stop.borrow() => Err(ReplError::Stopped("replication stopped".into())),
             None => Ok(()),
@@ -230,7 +231,7 @@ impl Primary {
     async fn call<T>(&self, command: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
         self.check_role()?;
         let (tx, rx) = oneshot::channel();
-        let gone = || match &self.inner.peer.borrow().deposed {
+        let gone = || match &*self.inner.deposed.borrow() {
             Some(why) => ReplError::Stopped(format!("deposed: {why}")),
             None => ReplError::Stopped("replication stopped".into()),
         };

@@ -66,6 +66,13 @@ const VERIFY_RANGES_MAX: usize = 4096;
 /// consent to go on alone) a write waits for the peer for as long as it is away.
 const WAIT_WARN_AFTER: Duration = Duration::from_secs(2);
 const WAIT_WARN_EVERY: Duration = Duration::from_secs(10);
+/// The status a client reads (`syncblock status`) is at most this old: publishing it takes a walk
+/// over the operations in flight and the lag samples, too much to do after every event at tens of
+/// thousands of operations a second.
+const PUBLISH_EVERY: Duration = Duration::from_millis(2);
+/// Ready events, completions and client operations one turn of the loop handles at most, each:
+/// enough to batch a full queue depth, few enough that a turn stays short.
+const DRAIN_MAX: usize = 64;
 const BB: u64 = BLOCK_BYTES as u64;
 
 /// A client operation, from a [`super::Primary`] handle. Each is answered on its `reply` once it
@@ -258,7 +265,13 @@ pub(super) struct Owner {
     /// flush that follows, which then needs no frame and no round trip.
     commit_loop: CommitLoop,
     peer: Arc<watch::Sender<PeerView>>,
+    /// Why this primary was deposed, once it is: apart from `peer`, so that what waits for a
+    /// deposition is not woken by every acknowledgement.
+    deposed: Arc<watch::Sender<Option<String>>>,
     published: watch::Sender<Published>,
+    /// When the status was last published, and whether it is due again (see `PUBLISH_EVERY`).
+    published_at: Instant,
+    publish_due: bool,
     lag: Lag,
     /// Highest tag made durable locally by a completed flush.
     local_durable: u64,
@@ -294,6 +307,8 @@ pub(super) struct Owner {
     commands: mpsc::Receiver<(Instant, Command)>,
     /// When the command being handled was sent.
     sent: Instant,
+    /// The loop's one timer, due at `next_deadline`.
+    sleep: Pin<Box<tokio::time::Sleep>>,
     stages: Stages,
     stop: watch::Receiver<bool>,
 }
@@ -317,6 +332,7 @@ enum Next {
 /// The parts of an owner that its handle shares.
 pub(super) struct Parts {
     pub peer: Arc<watch::Sender<PeerView>>,
+    pub deposed: Arc<watch::Sender<Option<String>>>,
     pub published: watch::Receiver<Published>,
     pub commands: mpsc::Sender<(Instant, Command)>,
     pub stop: watch::Sender<bool>,
@@ -342,6 +358,7 @@ impl Owner {
         let solo = solo_until.is_some_and(|t| Instant::now() < t);
         let peer = Arc::new(watch::channel(PeerView { applied: last_tag, solo, ..PeerView::default() }).0);
         let (published_tx, published) = watch::channel(Published { last_tag, ..Published::default() });
+        let deposed = Arc::new(watch::channel(None).0);
         let (commands_tx, commands) = mpsc::channel(LINK_QUEUE);
         let (stop_tx, stop) = watch::channel(false);
         let (events_tx, events) = mpsc::channel(EVENTS_MAX);
@@ -358,7 +375,10 @@ impl Owner {
             next_tag: last_tag + 1,
             commit_loop: CommitLoop::default(),
             peer: peer.clone(),
+            deposed: deposed.clone(),
             published: published_tx,
+            published_at: now,
+            publish_due: false,
             lag: Lag::default(),
             local_durable: 0,
             floor,
@@ -392,10 +412,11 @@ impl Owner {
             events,
             commands,
             sent: now,
+            sleep: Box::pin(tokio::time::sleep_until(now)),
             stages: Stages::default(),
             stop,
         };
-        (owner, Parts { peer, published, commands: commands_tx, stop: stop_tx })
+        (owner, Parts { peer, deposed, published, commands: commands_tx, stop: stop_tx })
     }
 
     /// Runs until stopped or deposed; then fails every operation still waiting.
@@ -405,7 +426,7 @@ impl Owner {
                 let generation = self.generation;
                 self.link_failed(generation, e);
             }
-            if let Some(why) = self.peer.borrow().deposed.clone() {
+            if let Some(why) = self.deposed.borrow().clone() {
                 break End::Deposed(why);
             }
             match self.select().await {
@@ -420,6 +441,7 @@ impl Owner {
                 }
                 Next::Timer => self.on_timers(),
             }
+            self.drain_ready().await;
             self.complete_ops();
             self.check_invariants();
             self.publish();
@@ -435,7 +457,45 @@ impl Owner {
             let _ = v.reply.send(Err(ReplError::Stopped(why.clone())));
         }
         self.link = LinkState::Down { retry_at: Instant::now() };
-        self.publish();
+        self.publish_now();
+    }
+
+    /// Handles what is already waiting — peer frames, engine completions, client operations — up
+    /// to `DRAIN_MAX` of each, before the turn's bookkeeping: under load one turn then answers many
+    /// operations, instead of one turn (and one walk over the operations) each.
+    async fn drain_ready(&mut self) {
+        use futures_util::FutureExt;
+        for _ in 0..DRAIN_MAX {
+            match self.events.try_recv() {
+                Ok(e) => self.on_event(e).await,
+                Err(_) => break,
+            }
+        }
+        for _ in 0..DRAIN_MAX {
+            if self.engine.is_empty() {
+                break;
+            }
+            match self.engine.next().now_or_never() {
+                Some(Some((op, r))) => self.on_local(op, r),
+                _ => break,
+            }
+        }
+        for _ in 0..DRAIN_MAX {
+            let accepting = match &self.link {
+                LinkState::Up(l) => l.backlog.is_empty(),
+                _ => true,
+            };
+            if !accepting || self.deposed.borrow().is_some() || *self.stop.borrow() {
+                break;
+            }
+            match self.commands.try_recv() {
+                Ok((sent, c)) => {
+                    self.sent = sent;
+                    self.on_command(c).await;
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     async fn select(&mut self) -> Next {
@@ -448,6 +508,11 @@ impl Owner {
             _ => None,
         };
         let deadline = self.next_deadline();
+        // One timer, moved only when the deadline moves: a new one per turn was a timer-wheel
+        // insertion and removal per event.
+        if self.sleep.deadline() != deadline {
+            self.sleep.as_mut().reset(deadline);
+        }
         // Biased, so that a seed of the simulation replays the same schedule: stopping first,
         // then what the peer and the helpers said (acknowledgements let operations finish), engine
         // completions, room on the link, new client operations, and timers last.
@@ -460,7 +525,7 @@ impl Owner {
                 Next::LinkRoom(permit.map_err(|_| mpsc::error::SendError(())))
             }
             c = self.commands.recv(), if accepting => Next::Command(c),
-            _ = tokio::time::sleep_until(deadline) => Next::Timer,
+            _ = &mut self.sleep => Next::Timer,
         }
     }
 
@@ -478,6 +543,9 @@ impl Owner {
         }
         if let Some(until) = self.solo_until.filter(|_| self.peer.borrow().solo) {
             next = next.min(until);
+        }
+        if self.publish_due {
+            next = next.min(self.published_at + PUBLISH_EVERY);
         }
         next
     }
@@ -581,6 +649,7 @@ impl Owner {
                 }
             }
         }
+        let mut answered = Vec::with_capacity(done.len());
         for id in done {
             let op = self.ops.remove(&id).expect("present");
             let us = |t: Option<Instant>| t.map_or(0, |t| t.saturating_duration_since(op.taken).as_micros() as u64);
@@ -590,6 +659,15 @@ impl Owner {
             st.local_us += us(op.local_at);
             st.peer_us += us(op.peer_at);
             st.answer_us += us(Some(now));
+            answered.push(op);
+        }
+        // With nothing left in flight, the status is published before the answers go out: a
+        // client that reads it after its last operation sees that operation (under load it may
+        // be up to `PUBLISH_EVERY` old).
+        if !answered.is_empty() && self.ops.is_empty() {
+            self.publish_now();
+        }
+        for op in answered {
             let _ = op.reply.send(Ok(op.tag));
         }
     }
@@ -736,11 +814,11 @@ impl Owner {
     }
 
     fn depose(&mut self, why: String) {
-        self.peer.send_modify(|v| {
-            if v.deposed.is_none() {
-                v.deposed = Some(why);
-            }
-        });
+        if self.deposed.borrow().is_some() {
+            return;
+        }
+        self.peer.send_modify(|v| v.deposed = Some(why.clone()));
+        self.deposed.send_replace(Some(why));
     }
 
     // ---- events ------------------------------------------------------------------------------
@@ -873,7 +951,19 @@ impl Owner {
         waiting.fold((0, None), |(n, t), at: Instant| (n + 1, Some(t.map_or(at, |t: Instant| t.min(at)))))
     }
 
+    /// Publishes the status, at most every `PUBLISH_EVERY` (a timer publishes what changed since).
     fn publish(&mut self) {
+        let now = Instant::now();
+        if now < self.published_at + PUBLISH_EVERY {
+            self.publish_due = true;
+            return;
+        }
+        self.publish_now();
+    }
+
+    fn publish_now(&mut self) {
+        self.published_at = Instant::now();
+        self.publish_due = false;
         let applied = self.peer.borrow().applied;
         let (n, since) = self.waiting();
         let p = Published {

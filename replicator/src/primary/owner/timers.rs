@@ -9,6 +9,9 @@ use super::*;
 impl Owner {
     pub(super) fn on_timers(&mut self) {
         let now = Instant::now();
+        if self.publish_due && now >= self.published_at + PUBLISH_EVERY {
+            self.publish_now();
+        }
         if self.link_up() && now >= self.timers.ping {
             self.next_nonce += 1;
             let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
