@@ -17,6 +17,24 @@ pub mod state;
 pub mod wire;
 pub mod witness;
 
+/// What the crate's unit tests share.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use syncblock_engine::sim::{SimDevice, SimDisk};
+    use syncblock_engine::{Config, Driver, Store, VolumeInfo};
+
+    /// A store on a 32 MiB simulated disk (its engine a task on this runtime) holding volume `v`
+    /// of `vol_bytes`.
+    pub async fn sim_store(vol_bytes: u64) -> (Store, VolumeInfo) {
+        let disk = SimDisk::new(vec![0u8; 32 << 20]);
+        Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
+        let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
+        let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
+        let info = store.create_volume("v", vol_bytes).await.unwrap();
+        (store, info)
+    }
+}
+
 pub use node::{Node, NodeConfig, NodeStatus};
 pub use primary::{PeerView, Primary, PrimaryStatus, Progress, VerifyReport};
 pub use secondary::{Secondary, SecondaryStatus};

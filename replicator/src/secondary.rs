@@ -654,19 +654,14 @@ mod tests {
 
     use super::*;
     use bytes::Bytes;
-    use syncblock_engine::sim::{SimDevice, SimDisk};
-    use syncblock_engine::{Config, Driver, BLOCK_BYTES};
+    use syncblock_engine::BLOCK_BYTES;
 
     const BB: u64 = BLOCK_BYTES as u64;
     const VOL: u64 = 4 << 20;
     const EPOCH: u64 = 2;
 
     async fn session(common: u64) -> Session {
-        let disk = SimDisk::new(vec![0u8; 32 << 20]);
-        Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
-        let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-        let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
-        let info = store.create_volume("v", VOL).await.unwrap();
+        let (store, info) = crate::testutil::sim_store(VOL).await;
         let inner = Arc::new(Inner {
             store,
             volume: info.id,

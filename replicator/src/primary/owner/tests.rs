@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, Driver};
 use tokio::io::{AsyncWriteExt, DuplexStream};
 
 use super::*;
@@ -21,11 +19,7 @@ struct Harness {
 }
 
 async fn harness(policy: Policy) -> Harness {
-    let disk = SimDisk::new(vec![0u8; 32 << 20]);
-    Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
-    let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
-    let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
-    let info = store.create_volume("v", VOL).await.unwrap();
+    let (store, info) = crate::testutil::sim_store(VOL).await;
     let mut state = ReplState::new(Role::Primary);
     state.begin_epoch(EPOCH, 1, 11);
     state.pair = 0x77;
