@@ -561,7 +561,7 @@ auto_failover = false
         assert_eq!(opts.read_only, vec!["golden".to_string()]);
         assert_eq!(opts.store, Some("/etc/syncblock/data/store.img".into()));
         assert_eq!(opts.replicate.len(), 1);
-        assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, Some(ReplPolicy::Degrade)));
+        assert_eq!((opts.replicate[0].role, opts.replicate[0].policy), (ReplRole::Primary, None), "the default policy");
         assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
         assert_eq!(opts.write_back, Some(true));
         assert_eq!(opts.zero_fill, Some(true));
