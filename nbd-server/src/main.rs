@@ -23,8 +23,7 @@ struct Cli {
     /// The store file or block device [default: syncblock-data/store.img].
     #[arg(long, global = true)]
     store: Option<PathBuf>,
-    /// Worker threads for `serve` and `pair` [default: half the CPUs, at least 1, for `serve`;
-    /// every CPU for `pair`, which runs two nodes].
+    /// Worker threads for `serve` and `pair` [default: half the CPUs, at least 1].
     #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
     threads: Option<u16>,
     #[command(subcommand)]
@@ -287,7 +286,7 @@ fn main() -> Result<()> {
                 zero_fill: zero_fill.then_some(true),
             };
             let settings = file.overridden_by(flags).resolve();
-            let rt = runtime(cli.threads, 1)?;
+            let rt = runtime(cli.threads)?;
             // The engine locks the store file: a second syncblock on the same store fails to open.
             let store =
                 open_or_create(&settings.store, Some((settings.store_bytes, settings.zero_fill)), engine_config(&rt))?;
@@ -300,7 +299,7 @@ fn main() -> Result<()> {
         Command::Pair { size, listen, data_dir, admin } => {
             let a_path = data_dir.join("pair-primary.img");
             let b_path = data_dir.join("pair-secondary.img");
-            let rt = runtime(cli.threads, 2)?;
+            let rt = runtime(cli.threads)?;
             let a = open_or_create(&a_path, Some((size, false)), engine_config(&rt))?;
             let b = open_or_create(&b_path, Some((size, false)), engine_config(&rt))?;
             let res = rt.block_on(pair(a.clone(), b.clone(), a_path, size, listen, &data_dir, admin));
@@ -358,18 +357,21 @@ fn main() -> Result<()> {
     }
 }
 
-/// The runtime of a process serving `nodes` replicated or unreplicated nodes.
+/// The runtime of a `serve` or `pair` process.
 ///
-/// One worker thread per node for every two CPUs by default. A request costs this process little
-/// next to what the kernel spends on it (network stack, io_uring completions) and what the clients
-/// on the same machine spend; with a worker per CPU, workers mostly wake one another to hand
-/// tasks across (a futex wake and a context switch each time). Measured on the 2-core machine of
+/// One worker thread for every two CPUs by default. A request costs this process little next to
+/// what the kernel spends on it (network stack, io_uring completions) and what the clients on the
+/// same machine spend; with a worker per CPU, workers mostly wake one another to hand tasks across
+/// (a futex wake and a context switch each time). Measured on the 2-core machine of
 /// docs/benchmarks-nbd.md, NBD 4 KiB write+fsync at queue depth 1: 3.6–3.7 k ops/s with one
 /// worker, 3.1–3.4 k with two; through a replicated pair (one process per node), 2.9–3.0 k with one
-/// worker per process, 2.3–2.7 k with two; random writes at depth 32 were as fast or faster.
-fn runtime(threads: Option<u16>, nodes: usize) -> Result<tokio::runtime::Runtime> {
+/// worker per process, 2.3–2.7 k with two; random writes at depth 32 were as fast or faster. The
+/// same holds for `pair`, which runs both nodes in one process: one worker did 60 k random writes
+/// at depth 32 and 3.45 k write+fsync at depth 1 against 53 k and 3.0 k with two (3 rounds each,
+/// docs/benchmarks-replication.md).
+fn runtime(threads: Option<u16>) -> Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = threads.map_or((nodes * cpus / 2).clamp(1, cpus.max(1)), usize::from);
+    let workers = threads.map_or((cpus / 2).max(1), usize::from);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
