@@ -5,6 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::Pending;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::link::{read_frame, write_encoded, write_frame};
@@ -54,7 +55,16 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>)
         while let Some(out) = next.take() {
             match out {
                 Out::Frame(f) => {
-                    f.encode_into(&mut buf);
+                    if let Some((head, payload)) = f.encode_split() {
+                        // A large write: what is buffered, then its head, then its payload as it
+                        // is, uncopied.
+                        buf.extend_from_slice(&head);
+                        wr.write_all(&buf).await?;
+                        buf.clear();
+                        wr.write_all(&payload).await?;
+                    } else {
+                        f.encode_into(&mut buf);
+                    }
                     if buf.len() < COALESCE_BYTES {
                         next = rx.try_recv().ok();
                     }
@@ -65,7 +75,14 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>)
                         buf.clear();
                     }
                     let data = read.wait().await?;
-                    write_frame(wr, &Frame::Write { tag, offset, fua: false, data }).await?;
+                    let f = Frame::Write { tag, offset, fua: false, data };
+                    match f.encode_split() {
+                        Some((head, payload)) => {
+                            wr.write_all(&head).await?;
+                            wr.write_all(&payload).await?;
+                        }
+                        None => write_frame(wr, &f).await?,
+                    }
                     next = rx.try_recv().ok();
                 }
             }
