@@ -342,9 +342,15 @@ impl Frame {
         let start = out.len();
         out.put_bytes(0, HEADER_BYTES);
         self.put_body(out);
-        let body_len = out.len() - start - HEADER_BYTES;
-        debug_assert!(body_len <= MAX_BODY_BYTES);
         let (header, body) = out[start..].split_at_mut(HEADER_BYTES);
+        self.seal(header, &[body]);
+    }
+
+    /// Fills in `header` for a body made of `parts`, in order: magic, version, kind, length and
+    /// the CRC of the header's first 12 bytes and the body.
+    fn seal(&self, header: &mut [u8], parts: &[&[u8]]) {
+        let body_len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(body_len <= MAX_BODY_BYTES);
         header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         header[6] = self.kind();
@@ -352,7 +358,9 @@ impl Frame {
         header[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(&header[..12]);
-        h.update(body);
+        for p in parts {
+            h.update(p);
+        }
         header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
     }
 
@@ -365,24 +373,11 @@ impl Frame {
         if data.len() < SPLIT_PAYLOAD_MIN {
             return None;
         }
-        let mut head = BytesMut::with_capacity(HEADER_BYTES + 17);
+        let mut head = BytesMut::with_capacity(HEADER_BYTES + WRITE_FIELDS_BYTES);
         head.put_bytes(0, HEADER_BYTES);
-        head.put_u64_le(*tag);
-        head.put_u64_le(*offset);
-        head.put_u8(*fua as u8);
-        let body_len = head.len() - HEADER_BYTES + data.len();
-        debug_assert!(body_len <= MAX_BODY_BYTES);
+        put_write_fields(&mut head, *tag, *offset, *fua);
         let (header, fields) = head.split_at_mut(HEADER_BYTES);
-        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-        header[6] = self.kind();
-        header[7] = 0;
-        header[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
-        let mut h = crc32fast::Hasher::new();
-        h.update(&header[..12]);
-        h.update(fields);
-        h.update(data);
-        header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
+        self.seal(header, &[fields, data]);
         Some((head, data.clone()))
     }
 
@@ -413,9 +408,7 @@ impl Frame {
                 body.put_slice(capped(reason).as_bytes());
             }
             Frame::Write { tag, offset, fua, data } => {
-                body.put_u64_le(*tag);
-                body.put_u64_le(*offset);
-                body.put_u8(*fua as u8);
+                put_write_fields(body, *tag, *offset, *fua);
                 body.put_slice(data);
             }
             Frame::Trim { tag, offset, len } => {
@@ -562,6 +555,15 @@ fn capped(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// A `Write` body's fields before its data: tag, offset, FUA.
+const WRITE_FIELDS_BYTES: usize = 17;
+
+fn put_write_fields(b: &mut BytesMut, tag: u64, offset: u64, fua: bool) {
+    b.put_u64_le(tag);
+    b.put_u64_le(offset);
+    b.put_u8(fua as u8);
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {

@@ -128,8 +128,7 @@ impl Decider {
                 false,
             );
         }
-        let (decision, changed) = self.decide_pair(pair, req, now);
-        (decision, changed)
+        self.decide_pair(pair, req, now)
     }
 
     fn decide_pair(&mut self, pair: u64, req: &Frame, now: Instant) -> (Decision, bool) {

@@ -8,7 +8,7 @@ use syncblock_engine::Pending;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::link::{read_frame, write_encoded, write_frame};
+use crate::link::{read_frame, write_encoded};
 use crate::wire::Frame;
 use crate::{ReplError, Result};
 
@@ -53,38 +53,20 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>)
         let mut next = Some(out);
         // Everything queued meanwhile goes out in the same write, up to a read still pending.
         while let Some(out) = next.take() {
-            match out {
-                Out::Frame(f) => {
-                    if let Some((head, payload)) = f.encode_split() {
-                        // A large write: what is buffered, then its head, then its payload as it
-                        // is, uncopied.
-                        buf.extend_from_slice(&head);
-                        wr.write_all(&buf).await?;
-                        buf.clear();
-                        wr.write_all(&payload).await?;
-                    } else {
-                        f.encode_into(&mut buf);
-                    }
-                    if buf.len() < COALESCE_BYTES {
-                        next = rx.try_recv().ok();
-                    }
-                }
+            let frame = match out {
+                Out::Frame(f) => f,
                 Out::Read { tag, offset, read } => {
+                    // What is buffered goes first, while the read completes.
                     if !buf.is_empty() {
                         write_encoded(wr, &buf).await?;
                         buf.clear();
                     }
-                    let data = read.wait().await?;
-                    let f = Frame::Write { tag, offset, fua: false, data };
-                    match f.encode_split() {
-                        Some((head, payload)) => {
-                            wr.write_all(&head).await?;
-                            wr.write_all(&payload).await?;
-                        }
-                        None => write_frame(wr, &f).await?,
-                    }
-                    next = rx.try_recv().ok();
+                    Frame::Write { tag, offset, fua: false, data: read.wait().await? }
                 }
+            };
+            add_frame(wr, &mut buf, &frame).await?;
+            if buf.len() < COALESCE_BYTES {
+                next = rx.try_recv().ok();
             }
         }
         if !buf.is_empty() {
@@ -92,6 +74,21 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>)
             buf.clear();
         }
     }
+}
+
+/// Appends `frame` to `buf`; a large write goes out at once instead, after what is buffered, as its
+/// head and then its payload as it is, uncopied (see [`Frame::encode_split`]).
+async fn add_frame(wr: &mut crate::net::WritePart, buf: &mut BytesMut, frame: &Frame) -> Result<()> {
+    match frame.encode_split() {
+        Some((head, payload)) => {
+            buf.extend_from_slice(&head);
+            wr.write_all(buf).await?;
+            buf.clear();
+            wr.write_all(&payload).await?;
+        }
+        None => frame.encode_into(buf),
+    }
+    Ok(())
 }
 
 /// Reads frames until the link fails or the peer goes silent for `timeout`; hands each to the

@@ -784,12 +784,9 @@ impl Owner {
             return;
         }
         let msg = e.to_string();
-        if let Some(Refusal::Deposed { epoch }) = e.refusal() {
-            // Only a newer epoch proves a successor: anything else is a failed link.
-            if epoch > self.state.epoch {
-                tracing::error!(volume = %self.name, "deposed: the peer has seen epoch {epoch} (this node's is {}): {msg}", self.state.epoch);
-                self.depose(msg.clone());
-            }
+        if self.deposed_by(&e) {
+            tracing::error!(volume = %self.name, "deposed: the peer has seen a newer epoch than this node's {}: {msg}", self.state.epoch);
+            self.depose(msg.clone());
         }
         if msg != self.last_link_error {
             tracing::warn!(volume = %self.name, peer = %self.peer_addr, "replication link: {msg}");

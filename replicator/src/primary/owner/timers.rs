@@ -86,10 +86,11 @@ impl Owner {
         });
     }
 
-    /// Whether a witness refusal proves this primary was deposed: only a newer epoch held by
-    /// another node does. Anything else (the witness failing to record its state, a protocol
-    /// error, a witness that lost its records) is treated like a witness that cannot be reached:
-    /// it grants nothing, so a solo lease runs out, but it deposes nobody.
+    /// Whether a refusal (from the witness or the peer) proves this primary was deposed: only a
+    /// newer epoch held by another node does. Anything else (the witness failing to record its
+    /// state, a protocol error, a witness that lost its records) is treated like a witness or a
+    /// link that cannot be reached: it grants nothing, so a solo lease runs out, but it deposes
+    /// nobody.
     pub(super) fn deposed_by(&self, e: &ReplError) -> bool {
         matches!(e.refusal(), Some(Refusal::Deposed { epoch }) if epoch > self.state.epoch)
     }
