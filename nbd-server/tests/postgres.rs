@@ -191,11 +191,9 @@ enum Held {
         child: Child,
         log: PathBuf,
     },
-    /// The postmaster, leader of its own process group, which holds its backends too.
-    Postgres {
-        child: Child,
-        log: PathBuf,
-    },
+    /// PostgreSQL in a PID namespace of its own: `child` is `unshare`, `init` the postmaster (its
+    /// pid outside the namespace), whose death takes every backend with it.
+    Postgres { child: Child, init: libc::pid_t, log: PathBuf },
     /// nbdfuse's FUSE mount.
     Fuse(PathBuf),
     /// The ext4 mount.
@@ -221,7 +219,7 @@ impl Setup {
     fn kill_processes(&mut self, host: &str) {
         for (_, held) in self.0.iter().filter(|(h, _)| *h == host) {
             match held {
-                Held::Postgres { child, .. } => kill_group(child, libc::SIGKILL),
+                Held::Postgres { init, .. } => signal_pid(*init, libc::SIGKILL),
                 Held::Nbdfuse { child, .. } => signal(child, libc::SIGKILL),
                 _ => {}
             }
@@ -244,13 +242,14 @@ impl Setup {
     fn release_host(&mut self, host: &str, dead: bool) {
         while let Some(at) = self.0.iter().rposition(|(h, _)| *h == host) {
             match &mut self.0[at].1 {
-                Held::Postgres { child, log } => {
+                Held::Postgres { child, init, log } => {
                     if dead {
-                        kill_group(child, libc::SIGKILL);
+                        signal_pid(*init, libc::SIGKILL);
                         let _ = wait_exit(child, WAIT_MAX);
                     } else {
-                        // SIGINT: fast shutdown (abort the sessions, write a checkpoint).
-                        signal(child, libc::SIGINT);
+                        // SIGINT: fast shutdown (abort the sessions, write a checkpoint). The
+                        // postmaster's exit ends unshare, with its status.
+                        signal_pid(*init, libc::SIGINT);
                         let status = wait_exit(child, WAIT_MAX);
                         let shown = tail(log, 30);
                         let status =
@@ -295,8 +294,12 @@ impl Drop for Setup {
     fn drop(&mut self) {
         while let Some((host, held)) = self.0.pop() {
             match held {
-                Held::Postgres { mut child, log } => {
-                    kill_group(&child, libc::SIGKILL);
+                Held::Postgres { mut child, init, log } => {
+                    // While unshare runs, it has not reaped the postmaster: `init` is still its.
+                    if child.try_wait().is_ok_and(|s| s.is_none()) {
+                        signal_pid(init, libc::SIGKILL);
+                    }
+                    let _ = child.kill();
                     let _ = child.wait();
                     if std::thread::panicking() {
                         eprintln!("--- postgres on {host} (end of {}) ---\n{}", log.display(), tail(&log, 40));
@@ -328,11 +331,11 @@ fn signal(child: &Child, signal: i32) {
     unsafe { libc::kill(child.id() as libc::pid_t, signal) };
 }
 
-/// Signals the process group `child` leads (it was spawned with `process_group(0)`).
-fn kill_group(child: &Child, signal: i32) {
-    // SAFETY: kill has no memory preconditions; the group is led by our child, not yet reaped, so
-    // its id has not been reused.
-    unsafe { libc::kill(-(child.id() as libc::pid_t), signal) };
+/// Signals a postmaster by its pid outside its namespace. Callers make sure it is not yet reaped
+/// (its parent, our `unshare` child, is still running), so the pid has not been reused.
+fn signal_pid(pid: libc::pid_t, signal: i32) {
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(pid, signal) };
 }
 
 /// Runs a cleanup command, bounded, ignoring failure; true if it succeeded.
@@ -429,27 +432,48 @@ impl Host {
         setup.push(self.name, Held::Mount(self.mount_dir.clone()));
     }
 
-    /// Starts the postmaster on this host's mount, as user postgres, in a process group of its own
-    /// (so that the host's death can SIGKILL it with all its backends at once).
+    /// Starts the postmaster on this host's mount, as user postgres, as the first process of a PID
+    /// namespace of its own: SIGKILL to it then kills every backend at once, as a host's death
+    /// would (a process group would not do: each backend calls setsid). It also sees the pid in
+    /// the dead host's `postmaster.pid` as its own (1) and so as stale, as in a container.
     fn start_postgres(&self, setup: &mut Setup, pg: &Pg) {
         let log = self.root.join(format!("postgres-{}.log", self.name));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let mut cmd = Command::new(pg.program("postgres"));
-        cmd.arg("-D").arg(self.pgdata()).arg("-k").arg(&self.sock_dir);
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--", "setpriv"])
+            .arg(format!("--reuid={}", pg.uid))
+            .arg(format!("--regid={}", pg.gid))
+            .args(["--clear-groups", "--", &pg.program("postgres"), "-D"])
+            .arg(self.pgdata())
+            .arg("-k")
+            .arg(&self.sock_dir);
         for setting in PG_SETTINGS {
             cmd.args(["-c", setting]);
         }
-        let child = cmd
-            .uid(pg.uid)
-            .gid(pg.gid)
-            .process_group(0)
+        let mut child = cmd
+            .env("PATH", path())
             .current_dir(&self.root)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .expect("spawn postgres");
-        setup.push(self.name, Held::Postgres { child, log });
+            .expect("spawn unshare");
+        // unshare's only child is the namespace's first process, which execs setpriv, then postgres.
+        let children = format!("/proc/{0}/task/{0}/children", child.id());
+        let deadline = Instant::now() + WAIT_MAX;
+        let init = loop {
+            let listed = std::fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = listed.split_whitespace().next() {
+                break pid.parse().unwrap();
+            }
+            if Instant::now() >= deadline || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unshare started no postmaster:\n{}", tail(&log, 20));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        setup.push(self.name, Held::Postgres { child, init, log });
     }
 
     fn postgres_log(&self) -> String {
@@ -587,18 +611,20 @@ impl Load {
     }
 
     /// Waits for every session to end (after the host's death they end by themselves); those
-    /// still running after `CLIENT_END_MAX` are killed.
-    fn finish(mut self) -> Vec<ClientEnd> {
+    /// still running after `CLIENT_END_MAX` are killed, and then the second value is false.
+    fn finish(mut self) -> (Vec<ClientEnd>, bool) {
         self.stop.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + CLIENT_END_MAX;
         while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        let in_time = self.threads.iter().all(|t| t.is_finished());
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        std::mem::take(&mut self.threads).into_iter().map(|t| t.join().expect("client thread")).collect()
+        let ends = std::mem::take(&mut self.threads).into_iter().map(|t| t.join().expect("client thread")).collect();
+        (ends, in_time)
     }
 }
 
@@ -972,7 +998,12 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
     // Not /tmp, which may be tmpfs (the stores are real io_uring files). Readable by user postgres,
     // which needs to reach its socket directory and the mounts.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let root = dir.path();
+    let root = dir.path().to_path_buf();
+    let root = &root;
+    if std::env::var("PG_KEEP").is_ok() {
+        eprintln!("PG_KEEP: keeping {}", root.display());
+        std::mem::forget(dir);
+    }
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cluster = Cluster::start(root);
     // Declared after the cluster, so dropped before it: unmounting while the nodes still run.
@@ -993,7 +1024,7 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
         let load_for = rng.millis(LOAD_MS);
         std::thread::sleep(load_for);
         if !load.all_running() {
-            let ends = load.finish();
+            let (ends, _) = load.finish();
             panic!("round {round}: a client stopped before the kill: {ends:?}\n{}", dead.postgres_log());
         }
 
@@ -1002,7 +1033,11 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
         let killed = Instant::now();
         cluster.nodes[p].kill();
         setup.reap_processes(dead.name);
-        let ends = load.finish();
+        let (ends, in_time) = load.finish();
+        assert!(
+            in_time,
+            "round {round}: a client session was still waiting {CLIENT_END_MAX:?} after its host died: {ends:?}"
+        );
         let committed_round = ledger.lock().unwrap().committed.len() - before;
         assert!(committed_round > 0, "round {round}: nothing committed before the kill: {ends:?}");
         assert!(
