@@ -22,16 +22,20 @@
 //! INCONSISTENCY; RUN fsck MANUALLY", exit 4) fails the test.
 //!
 //! `PG_ROUNDS=n` sets the number of rounds (default [`ROUNDS_DEFAULT`]); `PG_SEED=n` repeats the
-//! random choices (printed on stderr). Each round prints one `pg-failover round:` line and the end
-//! a `pg-failover summary:` line (`benches/pg-failover.sh` runs many rounds and adds them up).
+//! random choices (printed on stderr); `PG_KEEP=1` leaves the temp dir with every log. Each round
+//! prints one `pg-failover round:` line and the end a `pg-failover summary:` line
+//! (`benches/pg-failover.sh` runs many rounds and adds them up).
 //!
-//! Needs root (losetup, mount, and PostgreSQL run as the `postgres` user), /dev/fuse, loop devices,
-//! libnbd-bin (nbdfuse), fuse3, e2fsprogs and PostgreSQL's server (Debian's `postgresql`, found
-//! under /usr/lib/postgresql/VERSION/bin); `.ci/run` installs the packages. Under CI (`CI` set) a
-//! missing prerequisite fails the test; elsewhere the test says why and skips. Every process is
-//! killed and reaped, every mount and loop device undone, also after a panic ([`Setup`], [`Proc`]);
-//! every wait is bounded; the ports are free ones found by binding port 0; everything lives in a
-//! temp dir under the target directory.
+//! PostgreSQL runs as user postgres, as the first process of a PID namespace of its own: SIGKILL
+//! to it takes every backend with it, as a host's death would.
+//!
+//! Needs root (losetup, mount, unshare), /dev/fuse, loop devices, PID namespaces, libnbd-bin
+//! (nbdfuse), fuse3, e2fsprogs and PostgreSQL's server (Debian's `postgresql`, found under
+//! /usr/lib/postgresql/VERSION/bin); `.ci/run` installs the packages. Under CI (`CI` set) a missing
+//! prerequisite fails the test; elsewhere the test says why and skips. Every process is killed and
+//! reaped, every mount and loop device undone, also after a panic ([`Setup`], [`Proc`]); every wait
+//! is bounded; the ports are free ones found by binding port 0; everything lives in a temp dir under
+//! the target directory.
 
 mod common;
 
@@ -148,11 +152,17 @@ fn missing_prerequisite() -> Result<Pg, String> {
         ("mount", "mount"),
         ("mkfs.ext4", "e2fsprogs"),
         ("e2fsck", "e2fsprogs"),
+        ("unshare", "util-linux"),
+        ("setpriv", "util-linux"),
     ] {
         let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
         if !found.is_ok_and(|o| o.status.success()) {
             return Err(format!("{name} is not installed (package {package}; .ci/run installs it)"));
         }
+    }
+    let pid_ns = Command::new("unshare").args(["--pid", "--fork", "true"]).env("PATH", path()).output();
+    if !pid_ns.is_ok_and(|o| o.status.success()) {
+        return Err("`unshare --pid --fork true` fails: PostgreSQL runs in a PID namespace of its own".into());
     }
     let bin = find_pg_bin().ok_or(
         "PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb (package postgresql; .ci/run installs it)",
@@ -193,7 +203,11 @@ enum Held {
     },
     /// PostgreSQL in a PID namespace of its own: `child` is `unshare`, `init` the postmaster (its
     /// pid outside the namespace), whose death takes every backend with it.
-    Postgres { child: Child, init: libc::pid_t, log: PathBuf },
+    Postgres {
+        child: Child,
+        init: libc::pid_t,
+        log: PathBuf,
+    },
     /// nbdfuse's FUSE mount.
     Fuse(PathBuf),
     /// The ext4 mount.
