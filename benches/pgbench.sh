@@ -52,7 +52,7 @@ start_stack() {
     sb-single)
       "$BIN" --store "$DIR/s/a.img" serve --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
         --listen "127.0.0.1:0" >"$DIR/s/a.out" 2>"$DIR/s/a.log" & PIDS+=($!)
-      URI="$(wait_line "$DIR/s/a.out" '^nbd://' | awk '{print $1}' | sed 's,/*$,,')/vol" ;;
+      URI="$(wait_line "$DIR/s/a.out" '(default export' | awk '{print $1}')/vol" ;;
     sb-pair)
       local w ar br
       "$BIN" witness --listen 127.0.0.1:0 --state "$DIR/s/witness.state" >"$DIR/s/w.out" 2>"$DIR/s/w.log" & PIDS+=($!)
@@ -65,7 +65,7 @@ start_stack() {
       "$BIN" --store "$DIR/s/a.img" serve --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
         --listen 127.0.0.1:0 --role primary --repl-listen "127.0.0.1:$ar" --peer "127.0.0.1:$br" \
         --witness "$w" --admin "$AADMIN" --node a >"$DIR/s/a.out" 2>"$DIR/s/a.log" & PIDS+=($!)
-      URI="$(wait_line "$DIR/s/a.out" '^nbd://' | awk '{print $1}' | sed 's,/*$,,')/vol"
+      URI="$(wait_line "$DIR/s/a.out" '(default export' | awk '{print $1}')/vol"
       for _ in $(seq 600); do
         "$BIN" status --admin "$AADMIN" 2>/dev/null | grep -q '"in_sync":true' && break; sleep 0.1
       done ;;
