@@ -30,12 +30,16 @@ port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); prin
 bytes() { numfmt --from=auto "${1%B}"; }
 
 PIDS=(); MNT="$DIR/mnt"; FUSE="$DIR/fuse"; SOCK="$DIR/sock"; LOOP=""
+# Retries "$@" for up to 10 s: a loop device detached a moment ago may still hold its file.
+retry() { for _ in $(seq 40); do "$@" 2>/dev/null && return 0; sleep 0.25; done; "$@"; }
 teardown() {
-  if [ -f "$MNT/pgdata/postmaster.pid" ]; then "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$MNT/pgdata" -m fast -w stop >/dev/null 2>&1 || true; fi
-  if [ -f "$DIR/local/pgdata/postmaster.pid" ]; then "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$DIR/local/pgdata" -m fast -w stop >/dev/null 2>&1 || true; fi
-  mountpoint -q "$MNT" && umount "$MNT"
-  if [ -n "$LOOP" ]; then losetup -d "$LOOP" || true; LOOP=""; fi
-  mountpoint -q "$FUSE" && fusermount3 -u "$FUSE"
+  local d
+  for d in "$MNT/pgdata" "$DIR/local/pgdata"; do
+    if [ -f "$d/postmaster.pid" ]; then "${AS_PG[@]}" "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null 2>&1 || true; fi
+  done
+  if mountpoint -q "$MNT"; then retry umount "$MNT" || echo "teardown: umount $MNT failed" >&2; fi
+  if [ -n "$LOOP" ]; then losetup -d "$LOOP" || echo "teardown: losetup -d $LOOP failed" >&2; LOOP=""; fi
+  if mountpoint -q "$FUSE"; then retry fusermount3 -u "$FUSE" || echo "teardown: fusermount3 -u $FUSE failed" >&2; fi
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
