@@ -961,6 +961,28 @@ fn ms(d: Duration) -> u128 {
 
 // ---- The test ----------------------------------------------------------------------------------
 
+/// The test's temp dir: under the target directory (not /tmp, which may be tmpfs: the stores are
+/// real io_uring files), unless user postgres cannot reach it there (a checkout under /root, say);
+/// then under /var/tmp. User postgres must reach its socket directory and the mounts.
+fn temp_dir(pg: &Pg) -> tempfile::TempDir {
+    for base in [env!("CARGO_TARGET_TMPDIR"), "/var/tmp"] {
+        let dir = tempfile::tempdir_in(base).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let reachable = Command::new("setpriv")
+            .arg(format!("--reuid={}", pg.uid))
+            .arg(format!("--regid={}", pg.gid))
+            .args(["--clear-groups", "--", "test", "-x"])
+            .arg(dir.path())
+            .env("PATH", path())
+            .status();
+        if reachable.is_ok_and(|s| s.success()) {
+            return dir;
+        }
+        eprintln!("user postgres cannot reach {}; trying the next place", dir.path().display());
+    }
+    panic!("user postgres can reach neither {} nor /var/tmp", env!("CARGO_TARGET_TMPDIR"));
+}
+
 /// ext4 and a new PostgreSQL cluster on the primary's export, and the test's table.
 fn first_host(setup: &mut Setup, pg: &Pg, host: &Host, uri: &str) {
     let dev = host.attach(setup, uri);
@@ -1004,16 +1026,13 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
     let rounds: usize = std::env::var("PG_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(ROUNDS_DEFAULT);
     let mut rng = Rng::from_env();
     let started = Instant::now();
-    // Not /tmp, which may be tmpfs (the stores are real io_uring files). Readable by user postgres,
-    // which needs to reach its socket directory and the mounts.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = temp_dir(&pg);
     let root = dir.path().to_path_buf();
     let root = &root;
     if std::env::var("PG_KEEP").is_ok() {
         eprintln!("PG_KEEP: keeping {}", root.display());
         std::mem::forget(dir);
     }
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut cluster = Cluster::start(root);
     // Declared after the cluster, so dropped before it: unmounting while the nodes still run.
     let mut setup = Setup::default();
