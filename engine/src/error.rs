@@ -36,7 +36,7 @@ pub enum Error {
     Corrupt { segment: SegmentId, lsn_range: String, offset: u64, what: String },
     #[error("store is corrupt: {0}")]
     CorruptStore(String),
-    #[error("{path}: not a syncblock store ({why}); likely cause: wrong path, or the store was never created (run `syncblock volume create` or `Store::create`)")]
+    #[error("{path}: not a syncblock store ({why}); likely cause: a wrong --store path, or the store was never created (create one with `syncblock serve --create`)")]
     NotAStore { path: String, why: String },
     #[error("store format version {found} is not supported (this build reads version {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },

@@ -7,9 +7,13 @@
 //! - [`server`]: listeners, connections, concurrent transmission with bounded requests in flight.
 //! - [`size`]: human sizes (`10GiB`, `512M`) for the CLI.
 //! - [`config`]: the `syncblock serve` options: TOML file, flags over it, defaults.
+//! - [`admin`]: the HTTP admin endpoint (status, commands, metrics) and its JSON documents.
+//! - [`metrics`]: the Prometheus metrics.
 
+pub mod admin;
 pub mod config;
 pub mod handshake;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod size;

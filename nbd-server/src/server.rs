@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::handshake::{ExportInfo, Exports, Negotiation, Session, Step};
+use crate::metrics::Op;
 use crate::proto::{self, *};
 
 /// Structured READs shorter than this are sent as one data chunk without asking the engine which
@@ -79,6 +80,8 @@ pub struct ServerConfig {
     /// and flushes are durable when answered either way. Not used for replicated volumes, whose
     /// writes are answered when both copies have them.
     pub write_back: bool,
+    /// Counts requests, bytes, errors and latency per volume and operation (`GET /metrics`).
+    pub metrics: Option<crate::metrics::IoMetrics>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             replicated: HashMap::new(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             write_back: true,
+            metrics: None,
         }
     }
 }
@@ -314,6 +318,7 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let repl = shared.config.replicated.get(&session.export.volume).cloned();
+    let io = shared.config.metrics.as_ref().map(|m| m.volume(&session.export.name));
     let ctx = Arc::new(Ctx { store: shared.store.clone(), session, repl, write_back: shared.config.write_back });
     let mut out = Replies::new(w);
     let mut input = RequestReader::default();
@@ -329,12 +334,27 @@ where
                 let units_left = PAYLOAD_UNITS.saturating_sub(payload_units_used + out.units());
                 match input.next_request(units_left)? {
                     Next::Request(req, data) => match ctx.validate(&req) {
-                        Err((errno, msg)) => out.push(error_reply(ctx.session.structured, req.cookie, errno, msg)),
+                        Err((errno, msg)) => {
+                            if let Some(io) = &io {
+                                io.record(op_of(req.command), 0, Duration::ZERO, false);
+                            }
+                            out.push(error_reply(ctx.session.structured, req.cookie, errno, msg))
+                        }
                         Ok(()) => {
                             let units = payload_units(&req);
                             payload_units_used += units;
                             let ctx = ctx.clone();
-                            inflight.push(Box::pin(async move { (ctx.execute(req, data).await, units) }));
+                            let io = io.clone();
+                            inflight.push(Box::pin(async move {
+                                let started = std::time::Instant::now();
+                                let (op, len) = (op_of(req.command), u64::from(req.len));
+                                let reply = ctx.execute(req, data).await;
+                                if let Some(io) = io {
+                                    let bytes = if op == Op::flush || op == Op::block_status { 0 } else { len };
+                                    io.record(op, bytes, started.elapsed(), !is_error(&reply));
+                                }
+                                (reply, units)
+                            }));
                         }
                     },
                     Next::Disconnect => return Ok(()),
@@ -379,6 +399,31 @@ where
     }
     out.finish().await;
     result
+}
+
+/// The metrics' name for a command (validation let only these through).
+fn op_of(command: u16) -> Op {
+    match command {
+        CMD_READ => Op::read,
+        CMD_WRITE => Op::write,
+        CMD_FLUSH => Op::flush,
+        CMD_TRIM => Op::trim,
+        CMD_WRITE_ZEROES => Op::write_zeroes,
+        CMD_BLOCK_STATUS => Op::block_status,
+        _ => Op::cache,
+    }
+}
+
+/// Whether a reply reports an error: a simple reply with a non-zero errno, or a structured reply
+/// whose first chunk is an error chunk (type with the high bit set).
+fn is_error(reply: &Reply) -> bool {
+    let Some(head) = reply.first().filter(|h| h.len() >= 8) else { return false };
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    match magic {
+        proto::SIMPLE_REPLY_MAGIC => head[4..8] != [0, 0, 0, 0],
+        proto::STRUCTURED_REPLY_MAGIC => head[6] & 0x80 != 0,
+        _ => false,
+    }
 }
 
 /// A request started on a connection: its reply and the payload units it holds.

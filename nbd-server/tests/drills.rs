@@ -470,7 +470,7 @@ fn run(max: Duration, program: &str, args: &[&str]) -> (i32, String, String) {
 
 /// `syncblock status --admin admin`: its JSON, or why there is none.
 fn status(admin: &str) -> Result<String, String> {
-    match run(CLI_MAX, BIN, &["status", "--admin", admin]) {
+    match run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]) {
         (0, out, _) => Ok(out),
         (code, out, err) => Err(format!("status exited with {code}: {out}{err}")),
     }
@@ -600,8 +600,9 @@ impl Pair {
             let store = dir.path().join(format!("{name}.img"));
             let admin = free_port_addr();
             let mut args: Vec<String> = vec![
-                format!("--store={}", store.display()),
                 "serve".into(),
+                format!("--store={}", store.display()),
+                "--create".into(),
                 "--size=1GiB".into(),
                 VOLUME.into(),
                 "--listen=127.0.0.1:0".into(),
@@ -741,8 +742,10 @@ fn failover_with_defaults_keeps_every_flushed_block() {
     pair.nodes[s].kill();
     let log = pair.dir().join(format!("{last}-alone.log"));
     let store = pair.dir().join(format!("{last}.img"));
-    let alone =
-        syncblock(&log, &[format!("--store={}", store.display()), "serve".into(), "--listen=127.0.0.1:0".into()]);
+    let alone = syncblock(
+        &log,
+        &["serve".into(), format!("--store={}", store.display()), "--create".into(), "--listen=127.0.0.1:0".into()],
+    );
     let uri = vol_uri(&alone, &log);
     verify_record(pair.dir(), &uri, &format!("{last}'s store on its own after rejoining"));
     alone.stop();
@@ -903,7 +906,7 @@ fn admin_commands_at_a_wrong_port_fail() {
             ));
         }
     }
-    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--admin", &pair.nodes[0].admin]);
+    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--json", "--admin", &pair.nodes[0].admin]);
     if code != 0 || !json_is(&out, &["role"], "primary") {
         failures.push(format!("the admin port: exit {code}, stdout {out:?}, stderr {err:?}"));
     }
@@ -919,8 +922,9 @@ fn immediate_restart_after_sigkill_succeeds() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store.img");
     let args: Vec<String> = vec![
-        format!("--store={}", store.display()),
         "serve".into(),
+        format!("--store={}", store.display()),
+        "--create".into(),
         "--size=1GiB".into(),
         VOLUME.into(),
         "--listen=127.0.0.1:0".into(),

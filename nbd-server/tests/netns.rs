@@ -298,9 +298,10 @@ fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
     let peer = if host == A { B } else { A };
     let store = lab.dir.path().join(format!("{}.img", host.tag()));
     let mut args: Vec<String> = [
+        "serve",
+        "--create",
         "--store",
         store.to_str().unwrap(),
-        "serve",
         "--size=1GiB",
         "--volume=vol:64MiB",
         "--listen=127.0.0.1:10809",
@@ -335,7 +336,7 @@ fn solo(lab: &Lab, host: Host) -> Proc {
         lab,
         host,
         &format!("{}-solo.log", host.tag()),
-        &["--store", store.to_str().unwrap(), "serve", "--listen=127.0.0.1:10811"],
+        &["serve", "--create", "--store", store.to_str().unwrap(), "--listen=127.0.0.1:10811"],
     );
     p.wait_line("nbd://");
     p
@@ -343,7 +344,7 @@ fn solo(lab: &Lab, host: Host) -> Proc {
 
 /// `syncblock status` of a node, from inside its namespace.
 fn status(lab: &Lab, host: Host) -> String {
-    lab.exec_ok(host, BIN, &["status", "--admin", ADMIN])
+    lab.exec_ok(host, BIN, &["status", "--json", "--admin", ADMIN])
 }
 
 /// `syncblock verify` on the primary `host`: the replicas must not differ.

@@ -14,6 +14,7 @@ pub mod primary;
 pub mod secondary;
 pub mod simnet;
 pub mod state;
+pub mod status;
 pub mod wire;
 pub mod witness;
 
@@ -39,6 +40,7 @@ pub use node::{Node, NodeConfig, NodeStatus};
 pub use primary::{PeerView, Primary, PrimaryStatus, Progress, VerifyReport};
 pub use secondary::{Secondary, SecondaryStatus};
 pub use state::{ReplState, Role};
+pub use status::StatusView;
 
 use std::time::Duration;
 

@@ -80,74 +80,9 @@ pub enum NodeStatus {
 }
 
 impl NodeStatus {
-    /// A JSON object (hand-built: the replicator has no serialisation dependency).
-    pub fn to_json(&self) -> String {
-        fn s(v: &Option<String>) -> String {
-            match v {
-                Some(v) => format!("{:?}", v),
-                None => "null".into(),
-            }
-        }
-        match self {
-            NodeStatus::Primary(p) => format!(
-                concat!(
-                    "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"policy\":\"{}\",\"last_tag\":{},",
-                    "\"waiting\":{{\"writes\":{},\"oldest_secs\":{}}},",
-                    "\"stages\":{{\"ops\":{},\"handoff_us\":{},\"local_us\":{},\"peer_us\":{},\"answer_us\":{}}},",
-                    "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
-                    "\"solo\":{},\"last_error\":{}}},",
-                    "\"lag_tags\":{},\"lag_bytes\":{},\"rpo_zero\":{},",
-                    "\"resync\":{{\"count\":{},\"full\":{},\"bytes_shipped\":{},\"bytes_skipped\":{},{}}},",
-                    "\"verify\":{{{},\"last\":{}}}}}"
-                ),
-                p.volume,
-                p.epoch,
-                p.policy.name(),
-                p.last_tag,
-                p.waiting,
-                p.waiting_oldest.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
-                p.stages.ops,
-                p.stages.handoff_us,
-                p.stages.local_us,
-                p.stages.peer_us,
-                p.stages.answer_us,
-                p.peer.connected,
-                p.peer.in_sync,
-                p.peer.applied,
-                p.peer.durable,
-                p.peer.solo,
-                s(&p.peer.last_error),
-                p.lag_tags(),
-                p.lag_bytes,
-                p.rpo_zero(),
-                p.peer.resyncs,
-                p.peer.resync_full,
-                p.peer.resync_bytes_shipped,
-                p.peer.resync_bytes_skipped,
-                p.peer.resync.json_fields(),
-                p.peer.verify.json_fields(),
-                p.peer.last_verify.as_ref().map_or("null".into(), |r| r.to_json()),
-            ),
-            NodeStatus::Secondary(x) => format!(
-                concat!(
-                    "{{\"role\":\"secondary\",\"volume\":{:?},\"epoch\":{},\"connected\":{},\"primary\":{},",
-                    "\"consistent\":{},\"resyncing\":{},\"applied_tag\":{},\"durable_tag\":{},\"last_error\":{},",
-                    "\"stages\":{{\"ops\":{},\"apply_us\":{}}}}}"
-                ),
-                x.volume,
-                x.epoch,
-                x.connected,
-                s(&x.primary),
-                x.consistent,
-                x.resyncing,
-                x.applied,
-                x.durable,
-                s(&x.last_error),
-                x.apply_ops,
-                x.apply_us,
-            ),
-            NodeStatus::Stopped { volume } => format!("{{\"role\":\"stopped\",\"volume\":{volume:?}}}"),
-        }
+    /// The serialisable view (`GET /status`).
+    pub fn view(&self) -> crate::status::StatusView {
+        self.into()
     }
 }
 
