@@ -6,9 +6,11 @@
 //! - `main.rs` (this file): `serve`: settings, the store, replication, the admin endpoint, NBD.
 //! - `pair.rs`: `pair`.
 //! - `client.rs`: the admin endpoint's client commands and the human-readable status.
+//! - `notify.rs`: readiness and stop notifications for systemd (`Type=notify`).
 
 mod cli;
 mod client;
+mod notify;
 mod pair;
 
 use std::net::SocketAddr;
@@ -89,6 +91,8 @@ fn main() -> Result<()> {
                 println!("witness on {}", l.local_addr()?);
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
+                let stop = shutdown_signal();
+                notify::ready(&format!("witness on {}", l.local_addr()?));
                 let lease = std::time::Duration::from_millis(lease_ms);
                 tracing::info!(
                     "witness: lease {lease:?} (a primary silent for {:?} may be replaced), state in {}",
@@ -97,7 +101,7 @@ fn main() -> Result<()> {
                 );
                 tokio::select! {
                     r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, lease) => r.context("witness"),
-                    _ = shutdown_signal() => Ok(()),
+                    _ = stop => Ok(()),
                 }
             })
         }
@@ -484,8 +488,9 @@ async fn serve_nbd(
         ..ServerConfig::default()
     };
     let nodes = nodes.to_vec();
+    let signal = shutdown_signal();
     let shutdown = async move {
-        shutdown_signal().await;
+        signal.await;
         // The server now finishes the requests in flight; a write waiting for an absent peer
         // (strict policy, or no solo grant) would hold that forever. After the grace period,
         // replication stops and such writes fail (ESHUTDOWN): never acknowledged, never hung.
@@ -500,6 +505,7 @@ async fn serve_nbd(
             });
         }
     };
+    notify::ready(&format!("serving {} volume(s) on nbd://{addr}", list.len()));
     syncblock_nbd::serve(store, config, bound.nbd, shutdown).await?;
     Ok(())
 }
@@ -509,19 +515,25 @@ async fn serve_nbd(
 /// short enough for a supervisor's stop timeout (systemd's default is 90 s).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT, then tells the service manager the process is stopping. The
+/// signals are watched from the call on, not from the first poll: call it before the readiness
+/// notification, so a stop requested right after it ends the process cleanly, never by the
+/// signal's default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let watched = signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    async move {
+        match watched {
+            Ok((mut term, mut int)) => tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            },
+            Err(e) => {
+                tracing::error!("cannot watch SIGTERM and SIGINT: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        notify::stopping();
     }
 }
 
