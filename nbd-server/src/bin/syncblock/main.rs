@@ -81,6 +81,7 @@ fn main() -> Result<()> {
         Command::Witness { listen, state, lease_ms } => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async {
+                let stop = shutdown_signal();
                 if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 }
@@ -97,7 +98,7 @@ fn main() -> Result<()> {
                 );
                 tokio::select! {
                     r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, lease) => r.context("witness"),
-                    _ = shutdown_signal() => Ok(()),
+                    _ = stop => Ok(()),
                 }
             })
         }
@@ -199,6 +200,21 @@ fn check_store_size(size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A volume's size must be a whole number of blocks; the message offers the nearest sizes that are.
+fn check_volume_size(name: &str, size: u64) -> Result<()> {
+    let bb = syncblock_engine::BLOCK_BYTES as u64;
+    if size == 0 || size % bb != 0 {
+        let below = size / bb * bb;
+        bail!(
+            "volume {name}: {size} bytes is not a whole number of {bb}-byte blocks; use {} or {} bytes \
+             (sizes in KiB, MiB or GiB always are)",
+            below.max(bb),
+            below + bb
+        );
+    }
+    Ok(())
+}
+
 /// Opens the store at `path`, or, with `create` (size, zero fill), creates it at a temporary path
 /// beside it (see [`NewStore`]). A missing store without `create` is an error naming the fix.
 pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> Result<(Store, Option<NewStore>)> {
@@ -265,8 +281,11 @@ struct Bound {
 }
 
 async fn bind(settings: &ServeSettings) -> Result<Bound> {
-    // Checked first: a bad replication setting must not leave a new store behind either.
+    // Checked first: a bad setting must not leave a new store behind either.
     settings.replicated_volumes(settings.default_export.as_deref().or(Some(DEFAULT_VOLUME)))?;
+    for v in &settings.volumes {
+        check_volume_size(&v.name, v.size_bytes)?;
+    }
     let listen = settings.listen;
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("listening on {listen}; likely cause: another server (or another syncblock) uses the port: choose another with --listen")
@@ -434,6 +453,7 @@ async fn serve_nbd(
 ) -> Result<()> {
     let (unix, read_only) = (settings.unix.clone(), settings.read_only.clone());
     let addr = bound.nbd_addr;
+    let stop_signal = shutdown_signal();
     let metrics = Arc::new(Metrics::new());
     if let Some(l) = bound.admin {
         let admin = Arc::new(Admin {
@@ -485,7 +505,7 @@ async fn serve_nbd(
     };
     let nodes = nodes.to_vec();
     let shutdown = async move {
-        shutdown_signal().await;
+        stop_signal.await;
         // The server now finishes the requests in flight; a write waiting for an absent peer
         // (strict policy, or no solo grant) would hold that forever. After the grace period,
         // replication stops and such writes fail (ESHUTDOWN): never acknowledged, never hung.
@@ -509,19 +529,30 @@ async fn serve_nbd(
 /// short enough for a supervisor's stop timeout (systemd's default is 90 s).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a stop signal that arrives once the process has said it is ready (its
+/// URIs printed) must stop it cleanly, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (t, i) => {
+                tracing::error!(
+                    "cannot watch the stop signals ({:?}, {:?}); stopping on Ctrl-C only",
+                    t.err(),
+                    i.err()
+                );
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
