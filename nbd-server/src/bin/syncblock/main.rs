@@ -220,6 +220,7 @@ fn check_volume_size(name: &str, size: u64) -> Result<()> {
 pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> Result<(Store, Option<NewStore>)> {
     if path.exists() {
         let store = Store::open(path, cfg).with_context(|| format!("opening the store {}", path.display()))?;
+        warn_if_sparse_overcommitted(path, syncblock_nbd::admin::device_bytes(path).unwrap_or(0));
         return Ok((store, None));
     }
     let Some((size, zero_fill)) = create else {
