@@ -211,6 +211,8 @@ fn a_pair_reports_rpo_zero_and_then_the_lag_of_a_lost_peer_in_bytes_and_seconds(
         return;
     }
     let mut pair = Pair::start();
+    let out = ok(BIN, &["status", "--wait-sync", "--wait-max=30", "--admin", &pair.a_admin]);
+    assert!(out.contains("RPO = 0"), "{out}");
     pair.wait("the peer in sync", |p| p.rpo_zero);
     let (code, out) = qemu_io(&pair.a_uri, &["write -P 0x11 0 256k", "flush"]);
     assert!(code == 0 && !out.contains("failed"), "{out}");

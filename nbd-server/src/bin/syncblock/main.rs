@@ -102,7 +102,12 @@ fn main() -> Result<()> {
                 }
             })
         }
-        Command::Status { admin, volume, json } => client::status(admin, volume.as_deref(), json),
+        Command::Status { admin, volume, json, wait_sync, wait_max } => {
+            if wait_sync {
+                client::wait_sync(admin, volume.as_deref(), std::time::Duration::from_secs(wait_max))?;
+            }
+            client::status(admin, volume.as_deref(), json)
+        }
         Command::Verify { admin, repair, volume, json } => client::verify(admin, volume.as_deref(), repair, json),
         Command::Promote { admin, force, volume } => client::promote(admin, volume.as_deref(), force),
         Command::Demote { admin, volume } => client::demote(admin, volume.as_deref()),
