@@ -411,10 +411,10 @@ async fn start_replication(
             repl: repl_config(&settings.node, settings.witness, timeout, r.policy),
         };
         tracing::info!(
-            "replicating {name} as node {}: policy {}, automatic failover {}, link timeout {:?}, heartbeat {:?}, {}",
+            "replicating {name} as node {}: policy {}, takes over when its primary is gone: {}, link timeout {:?}, heartbeat {:?}, {}",
             settings.node,
             ncfg.repl.policy.name(),
-            if ncfg.auto_failover { "on" } else { "off" },
+            if ncfg.auto_failover { "yes" } else { "no" },
             ncfg.repl.timeout,
             ncfg.repl.heartbeat,
             match settings.witness {
@@ -460,8 +460,9 @@ async fn serve_nbd(
     let (unix, read_only) = (settings.unix.clone(), settings.read_only.clone());
     let addr = bound.nbd_addr;
     let stop_signal = shutdown_signal();
-    let metrics = Arc::new(Metrics::new());
-    if let Some(l) = bound.admin {
+    // Requests are counted only when someone can read the counts.
+    let metrics = bound.admin.is_some().then(|| Arc::new(Metrics::new()));
+    if let (Some(l), Some(metrics)) = (bound.admin, &metrics) {
         let admin = Arc::new(Admin {
             store: store.clone(),
             store_path: settings.store.clone(),
@@ -506,7 +507,7 @@ async fn serve_nbd(
         read_only,
         replicated,
         write_back,
-        metrics: Some(metrics.io.clone()),
+        metrics: metrics.map(|m| m.io.clone()),
         ..ServerConfig::default()
     };
     let nodes = nodes.to_vec();
