@@ -175,6 +175,10 @@ struct Ckpt {
 }
 
 fn read_superblock(device: &mut dyn Device, path: &str) -> Result<Superblock> {
+    if device.len_bytes() < 2 * BB {
+        let why = format!("shorter than a store's two superblocks, {} bytes", 2 * BB);
+        return Err(Error::NotAStore { path: path.to_string(), why });
+    }
     let buf = read_blocking(device, 0, 2).map_err(|e| Error::io("reading the superblock", e))?;
     let a = Superblock::decode(buf.block(0));
     let b = Superblock::decode(buf.block(1));

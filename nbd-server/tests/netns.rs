@@ -349,7 +349,7 @@ fn status(lab: &Lab, host: Host) -> String {
 
 /// `syncblock verify` on the primary `host`: the replicas must not differ.
 fn verify_clean(lab: &Lab, host: Host) {
-    let out = lab.exec_ok(host, BIN, &["verify", "--admin", ADMIN]);
+    let out = lab.exec_ok(host, BIN, &["verify", "--json", "--admin", ADMIN]);
     assert!(out.contains("\"ok\":true") && out.contains("\"blocks_differing\":0,"), "{out}");
 }
 
@@ -446,7 +446,9 @@ fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promo
     println!("A–B cut: a write through A completed alone after {:?}", cut.elapsed());
     let st = status(&lab, A);
     assert!(
-        st.contains("\"role\":\"primary\"") && st.contains("\"solo\":true") && st.contains("\"rpo_zero\":false"),
+        st.contains("\"role\":\"primary\"")
+            && st.contains("\"acking_alone\":true")
+            && st.contains("\"rpo_zero\":false"),
         "{st}"
     );
     assert_eq!(lab.witness_state(), "vol 1 a true\n", "the witness records that A is alone");
@@ -528,7 +530,7 @@ fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins
     // A still thinks it is primary but is not alone with the witness's consent, and holds the
     // unacknowledged write in its log (so the rollback below is not vacuous).
     let st = status(&lab, A);
-    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"solo\":false"), "{st}");
+    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"acking_alone\":false"), "{st}");
     assert!(field_u64(&st, "last_tag") > tag_before, "the isolated write never reached A's log: {st}");
     assert_eq!(lab.witness_state(), "vol 2 b true\n");
     // B serves alone.

@@ -92,7 +92,18 @@ impl Node {
         let info = store.volume(&cfg.volume).await?;
         let role = ReplState::decode(&info.attr).map(|s| s.role).unwrap_or(initial);
         if role != initial {
-            tracing::warn!(volume = %cfg.volume, "starting as {role:?}, the role this store last had (not {initial:?})");
+            let name = |r: Role| if r == Role::Primary { "primary" } else { "secondary" };
+            tracing::info!(
+                volume = %cfg.volume,
+                "this store was last {} (the role it had wins over --role {}){}",
+                name(role),
+                name(initial),
+                if role == Role::Primary && cfg.repl.witness.is_some() {
+                    "; asking the witness whether it still is the primary"
+                } else {
+                    ""
+                }
+            );
         }
         if cfg.auto_failover && cfg.repl.witness.is_none() {
             return Err(ReplError::Invalid("automatic failover needs a witness (--witness)".into()));
@@ -102,7 +113,9 @@ impl Node {
         }
         if cfg.repl.policy == Policy::Strict && cfg.auto_failover {
             return Err(ReplError::Invalid(
-                "the strict policy waits for the peer, and after an automatic failover the peer is the node                  that died: the new primary could never write. Use the default policy (degrade: the survivor                  serves alone with the witness's consent) or add --no-auto-failover (promote by hand)"
+                "the strict policy waits for the peer, and after an automatic failover the peer is the node \
+                 that died: the new primary could never write. Use the default policy (degrade: the survivor \
+                 serves alone with the witness's consent) or add --no-auto-failover (promote by hand)"
                     .into(),
             ));
         }
@@ -149,7 +162,7 @@ impl Node {
         match answer {
             Ok(grant) => self.become_primary(Some(grant)).await,
             Err(e @ ReplError::Refused { .. }) => {
-                tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({e}); starting as secondary");
+                tracing::warn!(volume = %self.inner.cfg.volume, "another node is primary now ({e}); starting as secondary, to be resynced from it");
                 self.become_secondary().await
             }
             Err(e) => {

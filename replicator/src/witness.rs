@@ -75,6 +75,41 @@ pub struct WitnessState {
 /// A decision: the record after it, or why it was refused.
 pub type Decision = std::result::Result<Record, (Refusal, String)>;
 
+/// A request, for the witness's log.
+fn describe_request(req: &Frame) -> String {
+    match req {
+        Frame::WitnessReport { pair, volume, node, epoch, in_sync } => format!(
+            "{node} reports {volume} (pair {pair:016x}) as primary in epoch {epoch}, peer {}",
+            if *in_sync { "in sync" } else { "not in sync" }
+        ),
+        Frame::WitnessSolo { pair, volume, node, epoch } => {
+            format!("{node} asks to acknowledge {volume} (pair {pair:016x}) alone in epoch {epoch}")
+        }
+        Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim } => format!(
+            "{node} asks to {} {volume} (pair {pair:016x}) from epoch {epoch} ({}{})",
+            if *reclaim { "reclaim the primary role of" } else { "become primary of" },
+            if *consistent { "consistent replica" } else { "inconsistent replica" },
+            if *force { ", forced" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A decision, for the witness's log. `solo` in a record is the witness's consent that the
+/// primary may acknowledge writes alone (the status calls the primary's use of it `acking_alone`).
+fn describe_decision(d: &Decision) -> String {
+    match d {
+        Ok(r) => format!(
+            "granted: {} is primary of {} in epoch {}{}",
+            r.primary,
+            r.volume,
+            r.epoch,
+            if r.solo { ", may acknowledge alone" } else { "" }
+        ),
+        Err((why, reason)) => format!("refused ({why:?}): {reason}"),
+    }
+}
+
 /// The witness's decisions, without I/O. `now` is passed in so tests (and the simulator) control
 /// time.
 #[derive(Debug)]
@@ -457,7 +492,7 @@ async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Pat
                     let reason = format!("witness cannot record decisions: {e}");
                     Frame::Refuse { why: Refusal::WitnessStorage, reason }
                 } else {
-                    tracing::info!("witness: {req:?} → {decision:?}");
+                    tracing::info!("witness: {} → {}", describe_request(&req), describe_decision(&decision));
                     decision_frame(decision, lease)
                 }
             } else {

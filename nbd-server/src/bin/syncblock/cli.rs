@@ -133,6 +133,14 @@ pub enum Command {
         /// Print the status as one JSON object (the admin endpoint's `GET /status`).
         #[arg(long)]
         json: bool,
+        /// On a primary: wait until every replicated volume (or --volume) has RPO = 0 (its peer
+        /// connected and in sync), showing the resync's progress, then print the status. Fails
+        /// after --wait-max.
+        #[arg(long)]
+        wait_sync: bool,
+        /// The longest --wait-sync waits, in seconds.
+        #[arg(long, default_value = "86400", value_name = "SECS")]
+        wait_max: u64,
     },
     /// Compare both replicas of a primary's volume by block checksums while I/O continues; prints
     /// the differing ranges and fails if there are any.

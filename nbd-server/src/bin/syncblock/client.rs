@@ -190,6 +190,52 @@ pub fn verify(admin: SocketAddr, volume: Option<&str>, repair: bool, json: bool)
     Ok(())
 }
 
+/// Waits until every replicated volume this node is primary of (or `volume`) has RPO = 0,
+/// showing the progress of a running resync.
+pub fn wait_sync(admin: SocketAddr, volume: Option<&str>, max: Duration) -> Result<()> {
+    let client = Client::new(admin, ADMIN_TIMEOUT);
+    let path = format!("/status{}", query(volume, None));
+    let deadline = Instant::now() + max;
+    let mut progress = Progress::new("resync");
+    let mut said = None;
+    loop {
+        let doc: StatusDoc = client.json(false, &path)?;
+        let primaries: Vec<&PrimaryView> = doc
+            .volumes
+            .iter()
+            .filter_map(|v| match &v.replication {
+                Some(StatusView::Primary(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        if primaries.is_empty() {
+            bail!(
+                "{admin} is primary of no replicated volume{}: run --wait-sync against the primary's --admin",
+                volume.map_or(String::new(), |v| format!(" named {v}"))
+            );
+        }
+        let Some(p) = primaries.iter().find(|p| !p.rpo_zero) else {
+            progress.finish();
+            return Ok(());
+        };
+        if p.resync.progress.active {
+            progress.show(&p.resync.progress);
+        } else {
+            let why =
+                if p.peer.connected { "peer connected, resync starting" } else { "waiting for the peer to connect" };
+            if said != Some(why) {
+                eprintln!("{}: {why}", p.volume);
+            }
+            said = Some(why);
+        }
+        if Instant::now() >= deadline {
+            progress.finish();
+            bail!("{} is still not in sync after {max:?}", p.volume);
+        }
+        std::thread::sleep(PROGRESS_EVERY);
+    }
+}
+
 fn replicated_primary(volumes: &[VolumeDoc]) -> Option<&PrimaryView> {
     volumes.iter().find_map(|v| match &v.replication {
         Some(StatusView::Primary(p)) => Some(p),

@@ -83,6 +83,7 @@ fn main() -> Result<()> {
         Command::Witness { listen, state, lease_ms } => {
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async {
+                let stop = shutdown_signal();
                 if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 }
@@ -91,7 +92,6 @@ fn main() -> Result<()> {
                 println!("witness on {}", l.local_addr()?);
                 use std::io::Write as _;
                 let _ = std::io::stdout().flush();
-                let stop = shutdown_signal();
                 notify::ready(&format!("witness on {}", l.local_addr()?));
                 let lease = std::time::Duration::from_millis(lease_ms);
                 tracing::info!(
@@ -105,7 +105,12 @@ fn main() -> Result<()> {
                 }
             })
         }
-        Command::Status { admin, volume, json } => client::status(admin, volume.as_deref(), json),
+        Command::Status { admin, volume, json, wait_sync, wait_max } => {
+            if wait_sync {
+                client::wait_sync(admin, volume.as_deref(), std::time::Duration::from_secs(wait_max))?;
+            }
+            client::status(admin, volume.as_deref(), json)
+        }
         Command::Verify { admin, repair, volume, json } => client::verify(admin, volume.as_deref(), repair, json),
         Command::Promote { admin, force, volume } => client::promote(admin, volume.as_deref(), force),
         Command::Demote { admin, volume } => client::demote(admin, volume.as_deref()),
@@ -203,11 +208,27 @@ fn check_store_size(size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A volume's size must be a whole number of blocks; the message offers the nearest sizes that are.
+fn check_volume_size(name: &str, size: u64) -> Result<()> {
+    let bb = syncblock_engine::BLOCK_BYTES as u64;
+    if size == 0 || size % bb != 0 {
+        let below = size / bb * bb;
+        bail!(
+            "volume {name}: {size} bytes is not a whole number of {bb}-byte blocks; use {} or {} bytes \
+             (sizes in KiB, MiB or GiB always are)",
+            below.max(bb),
+            below + bb
+        );
+    }
+    Ok(())
+}
+
 /// Opens the store at `path`, or, with `create` (size, zero fill), creates it at a temporary path
 /// beside it (see [`NewStore`]). A missing store without `create` is an error naming the fix.
 pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> Result<(Store, Option<NewStore>)> {
     if path.exists() {
         let store = Store::open(path, cfg).with_context(|| format!("opening the store {}", path.display()))?;
+        warn_if_sparse_overcommitted(path, syncblock_nbd::admin::device_bytes(path).unwrap_or(0));
         return Ok((store, None));
     }
     let Some((size, zero_fill)) = create else {
@@ -269,8 +290,11 @@ struct Bound {
 }
 
 async fn bind(settings: &ServeSettings) -> Result<Bound> {
-    // Checked first: a bad replication setting must not leave a new store behind either.
+    // Checked first: a bad setting must not leave a new store behind either.
     settings.replicated_volumes(settings.default_export.as_deref().or(Some(DEFAULT_VOLUME)))?;
+    for v in &settings.volumes {
+        check_volume_size(&v.name, v.size_bytes)?;
+    }
     let listen = settings.listen;
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| {
         format!("listening on {listen}; likely cause: another server (or another syncblock) uses the port: choose another with --listen")
@@ -390,10 +414,10 @@ async fn start_replication(
             repl: repl_config(&settings.node, settings.witness, timeout, r.policy),
         };
         tracing::info!(
-            "replicating {name} as node {}: policy {}, automatic failover {}, link timeout {:?}, heartbeat {:?}, {}",
+            "replicating {name} as node {}: policy {}, takes over when its primary is gone: {}, link timeout {:?}, heartbeat {:?}, {}",
             settings.node,
             ncfg.repl.policy.name(),
-            if ncfg.auto_failover { "on" } else { "off" },
+            if ncfg.auto_failover { "yes" } else { "no" },
             ncfg.repl.timeout,
             ncfg.repl.heartbeat,
             match settings.witness {
@@ -438,8 +462,10 @@ async fn serve_nbd(
 ) -> Result<()> {
     let (unix, read_only) = (settings.unix.clone(), settings.read_only.clone());
     let addr = bound.nbd_addr;
-    let metrics = Arc::new(Metrics::new());
-    if let Some(l) = bound.admin {
+    let stop_signal = shutdown_signal();
+    // Requests are counted only when someone can read the counts.
+    let metrics = bound.admin.is_some().then(|| Arc::new(Metrics::new()));
+    if let (Some(l), Some(metrics)) = (bound.admin, &metrics) {
         let admin = Arc::new(Admin {
             store: store.clone(),
             store_path: settings.store.clone(),
@@ -484,13 +510,12 @@ async fn serve_nbd(
         read_only,
         replicated,
         write_back,
-        metrics: Some(metrics.io.clone()),
+        metrics: metrics.map(|m| m.io.clone()),
         ..ServerConfig::default()
     };
     let nodes = nodes.to_vec();
-    let signal = shutdown_signal();
     let shutdown = async move {
-        signal.await;
+        stop_signal.await;
         // The server now finishes the requests in flight; a write waiting for an absent peer
         // (strict policy, or no solo grant) would hold that forever. After the grace period,
         // replication stops and such writes fail (ESHUTDOWN): never acknowledged, never hung.
@@ -515,21 +540,27 @@ async fn serve_nbd(
 /// short enough for a supervisor's stop timeout (systemd's default is 90 s).
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Resolves on SIGTERM or SIGINT, then tells the service manager the process is stopping. The
-/// signals are watched from the call on, not from the first poll: call it before the readiness
-/// notification, so a stop requested right after it ends the process cleanly, never by the
-/// signal's default action.
+/// Resolves on SIGTERM or SIGINT, then tells the service manager the process is stopping. The handlers are installed when this is called, not when the
+/// future is first polled: a stop signal that arrives once the process has said it is ready (its
+/// URIs printed) must stop it cleanly, not kill it.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let watched = signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
     async move {
-        match watched {
-            Ok((mut term, mut int)) => tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            },
-            Err(e) => {
-                tracing::error!("cannot watch SIGTERM and SIGINT: {e}");
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (t, i) => {
+                tracing::error!(
+                    "cannot watch the stop signals ({:?}, {:?}); stopping on Ctrl-C only",
+                    t.err(),
+                    i.err()
+                );
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
