@@ -114,3 +114,56 @@ fn flags_are_refused_where_they_would_do_nothing() {
     let (code, _, _) = tool(BIN, &["volume", "create", "--help"]);
     assert_eq!(code, 0);
 }
+
+/// `--create` formats a blank block device (all of it) and refuses one that holds data. Needs
+/// root and loop devices: under CI their absence fails the test, elsewhere it skips.
+#[test]
+fn create_formats_a_blank_block_device_and_refuses_one_that_holds_data() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0 && Path::new("/dev/loop-control").exists();
+    if !root {
+        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+        assert!(!ci, "this test needs root and loop devices in CI");
+        eprintln!("skipping: needs root and loop devices");
+        return;
+    }
+    let (dir, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    /// A loop device over a file, detached when dropped.
+    struct Loop(String);
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let attach = |file: &Path| {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank).unwrap().set_len(64 << 20).unwrap();
+    let used = dir.path().join("used.img");
+    let mut data = vec![0u8; 64 << 20];
+    data[512..520].copy_from_slice(b"EFI PART");
+    std::fs::write(&used, &data).unwrap();
+    let (blank_dev, used_dev) = (attach(&blank), attach(&used));
+
+    let (code, err) = run(&["serve", "--create", "--store", &used_dev.0, "--listen=127.0.0.1:0"]);
+    assert!(code != 0 && err.contains("holds data but no syncblock store") && err.contains("wipefs"), "{err}");
+    assert_eq!(std::fs::read(&used).unwrap(), data, "a device holding data was written to");
+
+    let (code, err) = run(&["serve", "--store", &blank_dev.0, "--listen=127.0.0.1:0"]);
+    assert!(code != 0 && err.contains("not a syncblock store"), "without --create: {err}");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--create", "--store", &blank_dev.0, "--listen=127.0.0.1:0"]);
+    let p = Proc::spawn(cmd, &logs.path().join("serve.log"));
+    let line = p.wait_line("nbd://");
+    p.stop();
+    assert!(line.ends_with("/default  (64MiB)"), "the default volume is as large as the device: {line}");
+    // And it is a store now: served again without --create.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--store", &blank_dev.0, "--listen=127.0.0.1:0"]);
+    let p = Proc::spawn(cmd, &logs.path().join("serve.log"));
+    p.wait_line("nbd://");
+    p.stop();
+}

@@ -227,7 +227,13 @@ fn check_volume_size(name: &str, size: u64) -> Result<()> {
 /// beside it (see [`NewStore`]). A missing store without `create` is an error naming the fix.
 pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> Result<(Store, Option<NewStore>)> {
     if path.exists() {
-        let store = Store::open(path, cfg).with_context(|| format!("opening the store {}", path.display()))?;
+        let store = match Store::open(path, cfg.clone()) {
+            Ok(store) => store,
+            Err(syncblock_engine::Error::NotAStore { .. }) if create.is_some() && is_block_device(path) => {
+                return format_block_device(path, cfg).map(|s| (s, None));
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening the store {}", path.display())),
+        };
         warn_if_sparse_overcommitted(path, syncblock_nbd::admin::device_bytes(path).unwrap_or(0));
         return Ok((store, None));
     }
@@ -253,6 +259,40 @@ pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> 
         Store::create(&new.temp, &opts, cfg).with_context(|| format!("creating the store {}", path.display()))?;
     warn_if_sparse_overcommitted(&new.temp, size);
     Ok((store, Some(new)))
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// How much of a block device must read as zeros before `--create` formats it: enough to cover
+/// the partition tables, file system and LVM signatures that `wipefs` knows (all within the first
+/// MiB), so a typo in a device name never formats a disk that holds something.
+const BLANK_CHECK_BYTES: usize = 1 << 20;
+
+/// `--create` on a block device that holds no store: formats the whole device, but only if its
+/// first MiB is blank.
+fn format_block_device(path: &Path, cfg: Config) -> Result<Store> {
+    use std::io::Read;
+    let mut head = vec![0u8; BLANK_CHECK_BYTES];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f.read(&mut head).with_context(|| format!("reading {}", path.display()))?;
+    if head[..n].iter().any(|&b| b != 0) {
+        bail!(
+            "{} holds data but no syncblock store, so --create will not format it; likely cause: a wrong device \
+             name; if this device is the right one and its data is not needed, wipe it first (`wipefs -a {0}` or \
+             `blkdiscard {0}`)",
+            path.display()
+        );
+    }
+    tracing::warn!(
+        "formatting the blank block device {} as a new store (all of it; --size is ignored)",
+        path.display()
+    );
+    // Size 0: the whole device.
+    let opts = CreateOptions { size_bytes: 0, ..CreateOptions::default() };
+    Store::create(path, &opts, cfg).with_context(|| format!("formatting {} as a store", path.display()))
 }
 
 /// Warns when a sparse store file could outgrow its file system's free space.
@@ -333,7 +373,11 @@ async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Opt
     }
     let mut list = store.list_volumes().await?;
     if list.is_empty() {
-        store.create_volume(DEFAULT_VOLUME, store_size).await.context("creating the default volume")?;
+        // As large as the store file or device (a block device's size, not --size).
+        let path = new.as_ref().map_or(&settings.store, |n| &n.temp);
+        let bb = syncblock_engine::BLOCK_BYTES as u64;
+        let size = syncblock_nbd::admin::device_bytes(path).unwrap_or(store_size) / bb * bb;
+        store.create_volume(DEFAULT_VOLUME, size).await.context("creating the default volume")?;
         list = store.list_volumes().await?;
     }
     warn_overcommit(&store, new.as_ref().map_or(&settings.store, |n| &n.temp), &list).await;
