@@ -956,3 +956,55 @@ fn immediate_restart_after_sigkill_succeeds() {
     }
     server.stop();
 }
+
+/// A node's disk is replaced while its peer, promoted, serves the volume, and the node comes back
+/// with its first configuration (`--create --role primary`) on the new, empty store: a new pair,
+/// unknown to its peer. It must acknowledge no write (the witness refuses solo operation to a
+/// pair that was never in sync), the real primary keeps serving, and a new store started as
+/// secondary is resynced from it.
+#[test]
+fn a_replaced_store_started_as_primary_acknowledges_nothing() {
+    let _serial = serial();
+    let mut pair = Pair::start(&[]);
+    let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[0].uri.clone(), &["10"]).finish(CLIENT_SLACK);
+    assert!(json_is(out.json("a write before"), &["ok"], "true"));
+    pair.nodes[0].kill();
+    wait_until("b promoted", PROMOTION_MAX, || {
+        let st = pair.nodes[1].status()?;
+        if json_is(&st, &["role"], "primary") {
+            Ok(())
+        } else {
+            Err(st)
+        }
+    });
+    // The new disk: an empty store, and the node's original flags.
+    let a_store = pair.dir().join("a.img");
+    std::fs::remove_file(&a_store).unwrap();
+    pair.nodes[0].start();
+    let a_uri = pair.nodes[0].uri.clone();
+    let (code, out, err) =
+        run(Duration::from_secs(6), "qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 4k", "-c", "flush", &a_uri]);
+    assert!(
+        code != 0 || out.contains("failed") || err.contains("failed"),
+        "the new store's primary acknowledged a write: exit {code}, {out}{err}\n{}",
+        pair.logs()
+    );
+    let st = pair.nodes[0].status().unwrap();
+    assert!(st.contains("never been in sync"), "the witness's refusal shows in a's status: {st}");
+    // The real primary serves on.
+    let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[1].uri.clone(), &["10"]).finish(CLIENT_SLACK);
+    assert!(json_is(out.json("a write through b"), &["ok"], "true"), "{}", pair.logs());
+
+    // The fix docs/operations.md gives: a new store started as secondary.
+    pair.nodes[0].kill();
+    std::fs::remove_file(&a_store).unwrap();
+    for arg in &mut pair.nodes[0].args {
+        if arg == "--role=primary" {
+            *arg = "--role=secondary".into();
+        }
+    }
+    pair.nodes[0].start();
+    pair.wait_in_sync(1, REJOIN_MAX);
+    let out = run(CLI_MAX, BIN, &["verify", "--admin", &pair.nodes[1].admin]);
+    assert_eq!(out.0, 0, "verify after the resync: {}{}", out.1, out.2);
+}

@@ -127,8 +127,13 @@ async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
         return Ok(());
     }
     use syncblock_replicator::witness::{Record, WitnessState};
-    let record =
-        Record { volume: DEFAULT_VOLUME.into(), epoch: st.epoch, primary: PAIR_PRIMARY_NODE.into(), solo: false };
+    let record = Record {
+        volume: DEFAULT_VOLUME.into(),
+        epoch: st.epoch,
+        primary: PAIR_PRIMARY_NODE.into(),
+        solo: false,
+        synced: true,
+    };
     let mut records = WitnessState::default();
     if st.pair == 0 {
         // Stores from before pair ids: the witness binds the record to the pair at its first
