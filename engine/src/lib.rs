@@ -9,7 +9,7 @@ pub mod error;
 pub mod types;
 pub mod uring;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
 pub mod checkpoint;
 pub mod core;

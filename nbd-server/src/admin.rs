@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use syncblock_engine::{Store, BLOCK_BYTES};
+use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES};
 use syncblock_replicator::status::VerifyReportView;
 use syncblock_replicator::{Node, StatusView};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -141,14 +141,36 @@ fn refuse(code: StatusCode, error: String) -> Refusal {
     Refusal { code, error }
 }
 
+/// The HTTP status for a failure class: one exhaustive match, as `server::nbd_errno` is for NBD.
+pub fn http_status(class: ErrorClass) -> StatusCode {
+    match class {
+        ErrorClass::Invalid | ErrorClass::OutOfRange => StatusCode::BAD_REQUEST,
+        ErrorClass::NotFound => StatusCode::NOT_FOUND,
+        ErrorClass::Conflict => StatusCode::CONFLICT,
+        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+        ErrorClass::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorClass::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::Failed | ErrorClass::Unusable => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<syncblock_replicator::ReplError> for Refusal {
+    fn from(e: syncblock_replicator::ReplError) -> Refusal {
+        refuse(http_status(e.class()), e.to_string())
+    }
+}
+
+impl From<syncblock_engine::Error> for Refusal {
+    fn from(e: syncblock_engine::Error) -> Refusal {
+        refuse(http_status(e.class()), e.to_string())
+    }
+}
+
 impl Admin {
     /// A snapshot of the store and its volumes (all, or the one named).
     pub async fn status(&self, volume: Option<&str>) -> Result<StatusDoc, Refusal> {
-        let internal = |what: &str, e: syncblock_engine::Error| {
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the store's {what}: {e}"))
-        };
-        let stats = self.store.stats().await.map_err(|e| internal("counters", e))?;
-        let list = self.store.list_volumes().await.map_err(|e| internal("volumes", e))?;
+        let stats = self.store.stats().await?;
+        let list = self.store.list_volumes().await?;
         if let Some(v) = volume.filter(|v| !list.iter().any(|x| x.name == *v)) {
             let names: Vec<_> = list.iter().map(|x| x.name.as_str()).collect();
             return Err(refuse(StatusCode::NOT_FOUND, format!("no volume {v} here (volumes: {})", names.join(", "))));
@@ -303,7 +325,7 @@ async fn post_promote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> R
         Ok(epoch) => {
             Ok(Json(Answer { ok: true, volume: Some(node.volume().into()), epoch: Some(epoch), ..Answer::default() }))
         }
-        Err(e) => Err(refuse(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -316,7 +338,7 @@ async fn post_demote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Re
             role: Some("secondary".into()),
             ..Answer::default()
         })),
-        Err(e) => Err(refuse(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -329,7 +351,7 @@ async fn post_verify(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Re
             verify: Some((&report).into()),
             ..Answer::default()
         })),
-        Err(e) => Err(refuse(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -9,6 +9,8 @@
 //! - [`config`]: the `syncblock serve` options: TOML file, flags over it, defaults.
 //! - [`admin`]: the HTTP admin endpoint (status, commands, metrics) and its JSON documents.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`target`]: what an export reads and writes (the local store or a replicated volume), and the
+//!   one failure classification the server answers from.
 
 pub mod admin;
 pub mod config;
@@ -17,5 +19,6 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod size;
+pub mod target;
 
 pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};

@@ -154,6 +154,17 @@ impl ReplError {
         ReplError::Refused { why, reason: reason.into() }
     }
 
+    /// The kind of failure, for the layers that answer clients (NBD, the admin endpoint).
+    pub fn class(&self) -> syncblock_engine::ErrorClass {
+        use syncblock_engine::ErrorClass;
+        match self {
+            ReplError::Engine(e) => e.class(),
+            ReplError::Stopped(_) => ErrorClass::ShuttingDown,
+            ReplError::Refused { .. } | ReplError::Invalid(_) => ErrorClass::Conflict,
+            ReplError::Wire(_) | ReplError::Io(_) => ErrorClass::Failed,
+        }
+    }
+
     /// The refusal, if the peer or the witness refused.
     pub fn refusal(&self) -> Option<wire::Refusal> {
         match self {
