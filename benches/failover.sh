@@ -24,13 +24,13 @@ now_ms() { date +%s%3N; }
 json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 
 start_node() { # name role repl peer admin nbd store
-  "$BIN" --store "$7" serve --size=1GiB --volume=vol:256MiB --listen "127.0.0.1:$6" --role "$2" \
+  "$BIN" serve --create --store "$7" --size=1GiB --volume=vol:256MiB --listen "127.0.0.1:$6" --role "$2" \
     --repl-listen "127.0.0.1:$3" --peer "127.0.0.1:$4" --witness "127.0.0.1:$W" \
     --admin "127.0.0.1:$5" --node "$1" >"$DIR/$1.out" 2>>"$DIR/$1.log" &
   echo $!
 }
-wait_admin() { for _ in $(seq 200); do "$BIN" status --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
-status() { "$BIN" status --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
+wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
+status() { "$BIN" status --json --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
 
 fresh() {
   rm -rf "$DIR"; mkdir -p "$DIR"

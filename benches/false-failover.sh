@@ -19,15 +19,15 @@ cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wa
 trap cleanup EXIT
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
-status() { "$BIN" status --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
-wait_admin() { for _ in $(seq 200); do "$BIN" status --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
+status() { "$BIN" status --json --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
+wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 
 rm -rf "$DIR"; mkdir -p "$DIR"
 W=$(port); AR=$(port); BR=$(port); AA=$(port); BA=$(port); AN=$(port); BN=$(port)
 "$BIN" witness --listen "127.0.0.1:$W" --state "$DIR/witness.state" >/dev/null 2>>"$DIR/witness.log" &
 PIDS+=($!)
 node() { # name role repl peer admin nbd
-  "$BIN" --store "$DIR/$1.img" serve --size=2GiB --volume=vol:1GiB --listen "127.0.0.1:$6" --role "$2" \
+  "$BIN" serve --create --store "$DIR/$1.img" --size=2GiB --volume=vol:1GiB --listen "127.0.0.1:$6" --role "$2" \
     --repl-listen "127.0.0.1:$3" --peer "127.0.0.1:$4" --witness "127.0.0.1:$W" \
     --admin "127.0.0.1:$5" --node "$1" >"$DIR/$1.out" 2>>"$DIR/$1.log" &
   PIDS+=($!)

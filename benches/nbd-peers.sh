@@ -68,7 +68,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN" --store "$DIR/store.img" serve --size "$STORE_SIZE" --listen "127.0.0.1:$PORT" \
+"$BIN" serve --create --store "$DIR/store.img" --size "$STORE_SIZE" --listen "127.0.0.1:$PORT" \
     >"$DIR/server.out" 2>"$DIR/server.err" &
 SERVER=$!
 for _ in $(seq 100); do grep -q '^nbd://' "$DIR/server.out" 2>/dev/null && break; sleep 0.1; done

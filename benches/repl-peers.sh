@@ -100,19 +100,19 @@ fail_start() { echo "$1 did not start:" >&2; sed 's/\x1b\[[0-9;]*m//g' "$2" >&2;
 
 # Secondary first (replication and NBD ports chosen by the kernel, read back from its stdout), then
 # the primary pointing at it, then the unreplicated server; all stores in the same directory.
-"$BIN" --store "$RUN/b.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+"$BIN" serve --create --store "$RUN/b.img" --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
     --role secondary --repl-listen 127.0.0.1:0 --node b >"$RUN/b.out" 2>"$RUN/b.err" &
 SECONDARY=$!
 wait_line "$RUN/b.out" '^nbd://' || fail_start secondary "$RUN/b.err"
 REPL_ADDR=$(grep -m1 -o 'as secondary on [0-9.:]*' "$RUN/b.out" | awk '{print $4}')
 SEC_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/b.out")
-"$BIN" --store "$RUN/a.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+"$BIN" serve --create --store "$RUN/a.img" --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
     --role primary --peer "$REPL_ADDR" --node a >"$RUN/a.out" 2>"$RUN/a.err" &
 PRIMARY=$!
 wait_line "$RUN/a.out" '^nbd://' || fail_start primary "$RUN/a.err"
 PRI_URI=$(grep -m1 -o '^nbd://[^ ]*/vol' "$RUN/a.out")
 # SINGLE_ARGS: extra flags for it, e.g. --write-through to compare against answer-when-written.
-"$BIN" --store "$RUN/s.img" serve --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
+"$BIN" serve --create --store "$RUN/s.img" --size "$STORE_SIZE" --volume="vol:$VOLUME_SIZE" --listen 127.0.0.1:0 \
     ${SINGLE_ARGS:-} >"$RUN/s.out" 2>"$RUN/s.err" &
 SINGLE=$!
 wait_line "$RUN/s.out" '^nbd://' || fail_start "unreplicated server" "$RUN/s.err"

@@ -164,6 +164,9 @@ pub struct Stats {
     pub checkpoints: u64,
     pub checkpoint_bytes_last: u64,
     pub segments_cleaned: u64,
+    /// Device operations that failed and stopped (poisoned) the engine, or would have had it
+    /// not already stopped.
+    pub io_errors: u64,
     pub poisoned: bool,
 }
 
@@ -812,6 +815,7 @@ impl Core {
     }
 
     fn poison(&mut self, cause: String) {
+        self.stats.io_errors += 1;
         if self.poisoned.is_none() {
             tracing::error!("engine poisoned, refusing further writes: {cause}");
             self.poisoned = Some(cause);

@@ -36,7 +36,7 @@ pub enum Error {
     Corrupt { segment: SegmentId, lsn_range: String, offset: u64, what: String },
     #[error("store is corrupt: {0}")]
     CorruptStore(String),
-    #[error("{path}: not a syncblock store ({why}); likely cause: wrong path, or the store was never created (run `syncblock volume create` or `Store::create`)")]
+    #[error("{path}: not a syncblock store ({why}); likely cause: a wrong --store path, or the store was never created (create one with `syncblock serve --create`)")]
     NotAStore { path: String, why: String },
     #[error("store format version {found} is not supported (this build reads version {supported})")]
     UnsupportedVersion { found: u32, supported: u32 },
@@ -55,22 +55,50 @@ impl Error {
         Error::Io { what: what.into(), source }
     }
 
-    /// The closest errno, for protocol layers (NBD) that speak errno.
-    pub fn errno(&self) -> i32 {
+    /// What kind of failure this is: the one classification that protocol layers map from (NBD
+    /// errnos, the admin endpoint's HTTP statuses), so that they cannot disagree. Exhaustive here,
+    /// where the variants are known; callers match on [`ErrorClass`], which is not
+    /// `non_exhaustive`.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Poisoned { .. } => libc::EIO,
-            Error::NoSpace => libc::ENOSPC,
-            Error::NoSuchVolume(_) | Error::NoSuchVolumeName(_) => libc::ENOENT,
-            Error::VolumeExists(_) => libc::EEXIST,
-            Error::BadVolumeName(_) | Error::InvalidArgument(_) => libc::EINVAL,
-            Error::TooManyVolumes { .. } => libc::ENOSPC,
-            Error::OutOfRange { .. } => libc::EINVAL,
-            Error::TooLarge { .. } => libc::EOVERFLOW,
-            Error::Corrupt { .. } | Error::CorruptStore(_) | Error::CorruptRecord { .. } => libc::EIO,
-            Error::NotAStore { .. } | Error::UnsupportedVersion { .. } => libc::EINVAL,
-            Error::UringUnavailable { .. } => libc::ENOSYS,
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::ShutDown => libc::ESHUTDOWN,
+            Error::BadVolumeName(_) | Error::InvalidArgument(_) | Error::TooLarge { .. } => ErrorClass::Invalid,
+            Error::OutOfRange { .. } => ErrorClass::OutOfRange,
+            Error::NoSuchVolume(_) | Error::NoSuchVolumeName(_) => ErrorClass::NotFound,
+            Error::VolumeExists(_) => ErrorClass::Conflict,
+            Error::NoSpace | Error::TooManyVolumes { .. } => ErrorClass::NoSpace,
+            Error::ShutDown => ErrorClass::ShuttingDown,
+            Error::Poisoned { .. }
+            | Error::Corrupt { .. }
+            | Error::CorruptStore(_)
+            | Error::CorruptRecord { .. }
+            | Error::Io { .. } => ErrorClass::Failed,
+            Error::NotAStore { .. } | Error::UnsupportedVersion { .. } | Error::UringUnavailable { .. } => {
+                ErrorClass::Unusable
+            }
         }
     }
+}
+
+/// The kinds of failure every layer above the engine tells apart (see [`Error::class`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is malformed or asks for the impossible (a bad name or size, too large).
+    Invalid,
+    /// The range lies outside the volume.
+    OutOfRange,
+    /// What the request names does not exist.
+    NotFound,
+    /// The request conflicts with the current state: a name taken, a role another node holds, a
+    /// peer's or the witness's refusal.
+    Conflict,
+    /// Not allowed here: a read-only export, a replica that is not the primary.
+    Forbidden,
+    /// No room: the store is full, or holds as many volumes as it can.
+    NoSpace,
+    /// The service is stopping or stopped.
+    ShuttingDown,
+    /// The storage failed, or holds damaged data: nothing about the request was wrong.
+    Failed,
+    /// The store cannot be used as it is: not a store, an unsupported version, no io_uring.
+    Unusable,
 }

@@ -9,7 +9,7 @@ pub mod error;
 pub mod types;
 pub mod uring;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorClass, Result};
 pub use types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
 pub mod checkpoint;
 pub mod core;
@@ -24,6 +24,6 @@ pub mod store;
 pub use crate::core::{ChangedRun, Config, Driver, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
 pub use format::StagedOp;
 pub use predict::CommitLoop;
-pub use recovery::{RecoveryReport, DEFAULT_SEGMENT_BYTES, MIN_SEGMENT_BYTES};
+pub use recovery::{min_store_bytes, RecoveryReport, DEFAULT_SEGMENT_BYTES, MAX_STORE_BYTES, MIN_SEGMENT_BYTES};
 pub use state::{VolumeInfo, KEEP_LAST_TAG};
 pub use store::{CreateOptions, Pending, Store};

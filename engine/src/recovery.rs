@@ -32,6 +32,18 @@ const MIN_SEGMENTS: u32 = 4;
 const HEADER_READ_CHUNK: usize = 1024;
 
 /// Writes an empty store onto `device`.
+/// The largest store: block numbers on the device are 32-bit.
+pub const MAX_STORE_BYTES: u64 = (u32::MAX as u64 - 2) * BB;
+
+/// The smallest device a store with `segment_bytes`-byte segments fits on: the superblocks, two
+/// checkpoint slots and [`MIN_SEGMENTS`] segments.
+pub fn min_store_bytes(segment_bytes: u64) -> u64 {
+    let segment_blocks = segment_bytes / BB;
+    let n = MIN_SEGMENTS as u64;
+    let payload = max_payload_bytes(n, n * segment_blocks, MAX_VOLUMES as u64);
+    (2 + 2 * (1 + payload.div_ceil(BB)) + n * segment_blocks) * BB
+}
+
 pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock> {
     if segment_bytes < MIN_SEGMENT_BYTES || segment_bytes % BB != 0 || segment_bytes > (1 << 30) {
         return Err(Error::InvalidArgument(format!(
@@ -45,7 +57,8 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
     let slot_blocks = loop {
         if n_segments < MIN_SEGMENTS as u64 {
             return Err(Error::InvalidArgument(format!(
-                "device of {device_bytes} bytes is too small for a store with {segment_bytes}-byte segments (need at least {} segments)",
+                "a store of {device_bytes} bytes is too small: with {segment_bytes}-byte segments it needs at least {} bytes ({} segments)",
+                min_store_bytes(segment_bytes),
                 MIN_SEGMENTS
             )));
         }
@@ -57,7 +70,9 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
         n_segments -= 1;
     };
     if n_segments * segment_blocks > u32::MAX as u64 - 2 {
-        return Err(Error::InvalidArgument("device too large: at most 16 TiB per store".into()));
+        return Err(Error::InvalidArgument(format!(
+            "device too large: at most {MAX_STORE_BYTES} bytes (16 TiB) per store"
+        )));
     }
     let sb = Superblock {
         store_id: random_u64(),
@@ -160,6 +175,10 @@ struct Ckpt {
 }
 
 fn read_superblock(device: &mut dyn Device, path: &str) -> Result<Superblock> {
+    if device.len_bytes() < 2 * BB {
+        let why = format!("shorter than a store's two superblocks, {} bytes", 2 * BB);
+        return Err(Error::NotAStore { path: path.to_string(), why });
+    }
     let buf = read_blocking(device, 0, 2).map_err(|e| Error::io("reading the superblock", e))?;
     let a = Superblock::decode(buf.block(0));
     let b = Superblock::decode(buf.block(1));
@@ -593,14 +612,16 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
     }
     let next_lsn = Lsn(expected.0.max(max_lsn_seen.0.saturating_add(1)));
     let next_seg_seq = h.next_segment_seq.max(max_seq_seen.saturating_add(1));
+    // Where the log ends is normal (unwritten space, or an older lap's records); a torn tail or
+    // discarded segments were warned about above, so the reason is detail for debugging.
     tracing::info!(
-        "recovered store {:016x}: checkpoint {}, {} records replayed, log ends at LSN {} ({})",
+        "opened store {:016x}: checkpoint {}, {} records replayed, log ends at LSN {}",
         sb.store_id,
         h.seq,
         report.records_replayed,
         report.last_lsn,
-        report.log_end
     );
+    tracing::debug!("the log ends at {}", report.log_end);
     let core = Core::new(sb, cfg, state, segs, next_lsn, next_seg_seq, h.seq);
     Ok((core, report))
 }

@@ -10,6 +10,7 @@
 //! default_export = "db"
 //! write_back = true            # answer writes without FUA once queued (docs/durability.md)
 //! zero_fill = false            # write zeros over a new store file first (--zero-fill)
+//! create = true                # create the store if missing (--create; otherwise an error)
 //!
 //! [[volume]]
 //! name = "db"
@@ -173,6 +174,8 @@ pub struct ServeOptions {
     pub write_back: Option<bool>,
     /// Write zeros over a store file when creating it (`CreateOptions::zero_fill`).
     pub zero_fill: Option<bool>,
+    /// Create the store if it does not exist (without it, a missing store is an error).
+    pub create: Option<bool>,
 }
 
 /// Every option decided: what `syncblock serve` runs with.
@@ -192,6 +195,7 @@ pub struct ServeSettings {
     pub admin: Option<SocketAddr>,
     pub write_back: bool,
     pub zero_fill: bool,
+    pub create: bool,
 }
 
 /// The file as written. Unknown keys are errors, not ignored: a misspelt `read_only` would
@@ -206,6 +210,9 @@ struct File {
     default_export: Option<String>,
     write_back: Option<bool>,
     zero_fill: Option<bool>,
+    create: Option<bool>,
+    /// The admin endpoint (also accepted as `replication.admin`, where it was first).
+    admin: Option<SocketAddr>,
     #[serde(default)]
     volume: Vec<FileVolume>,
     replication: Option<ReplNodeOptions>,
@@ -256,7 +263,7 @@ impl<'de> Deserialize<'de> for Size {
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Size, E> {
                 parse_size(s)
                     .map(Size)
-                    .ok_or_else(|| E::custom(format!("invalid size {s:?}: use e.g. \"10GiB\", \"512M\" or 4096")))
+                    .ok_or_else(|| E::custom(format!("invalid size {s:?}: use e.g. \"10GiB\" or \"10G\" (powers of 1024), \"10GB\" (powers of 1000) or 4096")))
             }
         }
         d.deserialize_any(V)
@@ -276,9 +283,14 @@ impl ServeOptions {
             volumes: Vec::new(),
             read_only: Vec::new(),
             replicate: Vec::new(),
-            replication: file.replication.unwrap_or_default(),
+            replication: {
+                let mut r = file.replication.unwrap_or_default();
+                r.admin = file.admin.or(r.admin);
+                r
+            },
             write_back: file.write_back,
             zero_fill: file.zero_fill,
+            create: file.create,
         };
         for v in file.volume {
             if opts.volumes.iter().any(|o| o.name == v.name) {
@@ -350,6 +362,7 @@ impl ServeOptions {
             replication,
             write_back: flags.write_back.or(self.write_back),
             zero_fill: flags.zero_fill.or(self.zero_fill),
+            create: flags.create.or(self.create),
         }
     }
 
@@ -370,6 +383,7 @@ impl ServeOptions {
             admin: self.replication.admin,
             write_back: self.write_back.unwrap_or(true),
             zero_fill: self.zero_fill.unwrap_or(false),
+            create: self.create.unwrap_or(false),
         }
     }
 }
@@ -456,6 +470,7 @@ read_only = true
                 replication: ReplNodeOptions::default(),
                 write_back: None,
                 zero_fill: None,
+                create: None,
             }
         );
     }

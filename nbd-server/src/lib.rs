@@ -7,11 +7,18 @@
 //! - [`server`]: listeners, connections, concurrent transmission with bounded requests in flight.
 //! - [`size`]: human sizes (`10GiB`, `512M`) for the CLI.
 //! - [`config`]: the `syncblock serve` options: TOML file, flags over it, defaults.
+//! - [`admin`]: the HTTP admin endpoint (status, commands, metrics) and its JSON documents.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`target`]: what an export reads and writes (the local store or a replicated volume), and the
+//!   one failure classification the server answers from.
 
+pub mod admin;
 pub mod config;
 pub mod handshake;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod size;
+pub mod target;
 
 pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};

@@ -19,14 +19,16 @@ use std::pin::Pin;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use syncblock_engine::{Error, Extent, Store, VolumeId, MAX_IO_BYTES};
-use syncblock_replicator::{Node, ReplError};
+use syncblock_engine::{Error, ErrorClass, Extent, Store, VolumeId, MAX_IO_BYTES};
+use syncblock_replicator::Node;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
 use crate::handshake::{ExportInfo, Exports, Negotiation, Session, Step};
+use crate::metrics::Op;
 use crate::proto::{self, *};
+use crate::target::{Failure, Target};
 
 /// Structured READs shorter than this are sent as one data chunk without asking the engine which
 /// parts are holes: for the 4 KiB reads of databases and fio that halves the engine round trips,
@@ -79,6 +81,8 @@ pub struct ServerConfig {
     /// and flushes are durable when answered either way. Not used for replicated volumes, whose
     /// writes are answered when both copies have them.
     pub write_back: bool,
+    /// Counts requests, bytes, errors and latency per volume and operation (`GET /metrics`).
+    pub metrics: Option<crate::metrics::IoMetrics>,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             replicated: HashMap::new(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             write_back: true,
+            metrics: None,
         }
     }
 }
@@ -126,6 +131,17 @@ enum ConnError {
 struct Shared {
     store: Store,
     config: ServerConfig,
+}
+
+impl Shared {
+    /// The storage of a volume's export.
+    fn target(&self, volume: VolumeId) -> Target {
+        let store = self.store.clone();
+        match self.config.replicated.get(&volume) {
+            Some(node) => Target::Replicated { store, volume, node: node.clone() },
+            None => Target::Local { store, volume, write_back: self.config.write_back },
+        }
+    }
 }
 
 /// Serves NBD on `listeners` until `shutdown` completes; then stops accepting, lets every
@@ -252,8 +268,7 @@ async fn exports(shared: &Shared) -> Result<Exports, Error> {
         list: list
             .into_iter()
             .map(|v| ExportInfo {
-                read_only: shared.config.read_only.contains(&v.name)
-                    || shared.config.replicated.get(&v.id).is_some_and(|n| !n.is_primary()),
+                read_only: shared.config.read_only.contains(&v.name) || !shared.target(v.id).writable(),
                 name: v.name,
                 volume: v.id,
                 size: v.size_bytes,
@@ -313,8 +328,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Send + Unpin + 'static,
 {
-    let repl = shared.config.replicated.get(&session.export.volume).cloned();
-    let ctx = Arc::new(Ctx { store: shared.store.clone(), session, repl, write_back: shared.config.write_back });
+    let io = shared.config.metrics.as_ref().map(|m| m.volume(&session.export.name));
+    let ctx = Arc::new(Ctx { target: shared.target(session.export.volume), session });
     let mut out = Replies::new(w);
     let mut input = RequestReader::default();
     let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();
@@ -329,12 +344,27 @@ where
                 let units_left = PAYLOAD_UNITS.saturating_sub(payload_units_used + out.units());
                 match input.next_request(units_left)? {
                     Next::Request(req, data) => match ctx.validate(&req) {
-                        Err((errno, msg)) => out.push(error_reply(ctx.session.structured, req.cookie, errno, msg)),
+                        Err((errno, msg)) => {
+                            if let Some(io) = &io {
+                                io.record(op_of(req.command), 0, Duration::ZERO, false);
+                            }
+                            out.push(error_reply(ctx.session.structured, req.cookie, errno, msg))
+                        }
                         Ok(()) => {
                             let units = payload_units(&req);
                             payload_units_used += units;
                             let ctx = ctx.clone();
-                            inflight.push(Box::pin(async move { (ctx.execute(req, data).await, units) }));
+                            let io = io.clone();
+                            inflight.push(Box::pin(async move {
+                                let started = std::time::Instant::now();
+                                let (op, len) = (op_of(req.command), u64::from(req.len));
+                                let reply = ctx.execute(req, data).await;
+                                if let Some(io) = io {
+                                    let bytes = if op == Op::flush || op == Op::block_status { 0 } else { len };
+                                    io.record(op, bytes, started.elapsed(), !is_error(&reply));
+                                }
+                                (reply, units)
+                            }));
                         }
                     },
                     Next::Disconnect => return Ok(()),
@@ -379,6 +409,31 @@ where
     }
     out.finish().await;
     result
+}
+
+/// The metrics' name for a command (validation let only these through).
+fn op_of(command: u16) -> Op {
+    match command {
+        CMD_READ => Op::read,
+        CMD_WRITE => Op::write,
+        CMD_FLUSH => Op::flush,
+        CMD_TRIM => Op::trim,
+        CMD_WRITE_ZEROES => Op::write_zeroes,
+        CMD_BLOCK_STATUS => Op::block_status,
+        _ => Op::cache,
+    }
+}
+
+/// Whether a reply reports an error: a simple reply with a non-zero errno, or a structured reply
+/// whose first chunk is an error chunk (type with the high bit set).
+fn is_error(reply: &Reply) -> bool {
+    let Some(head) = reply.first().filter(|h| h.len() >= 8) else { return false };
+    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    match magic {
+        proto::SIMPLE_REPLY_MAGIC => head[4..8] != [0, 0, 0, 0],
+        proto::STRUCTURED_REPLY_MAGIC => head[6] & 0x80 != 0,
+        _ => false,
+    }
 }
 
 /// A request started on a connection: its reply and the payload units it holds.
@@ -538,21 +593,8 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
 }
 
 struct Ctx {
-    store: Store,
     session: Session,
-    repl: Option<Node>,
-    /// [`ServerConfig::write_back`].
-    write_back: bool,
-}
-
-/// The NBD error for a replicated operation's failure.
-fn repl_errno(err: &ReplError, command: u16) -> u32 {
-    match err {
-        ReplError::Engine(e) => nbd_errno(e, command),
-        ReplError::Stopped(_) => proto::ESHUTDOWN,
-        ReplError::Refused { .. } | ReplError::Invalid(_) | ReplError::Wire(_) | ReplError::Io(_) => proto::EIO,
-        _ => proto::EIO,
-    }
+    target: Target,
 }
 
 fn simple_ok(cookie: u64) -> Reply {
@@ -571,31 +613,19 @@ fn error_reply(structured: bool, cookie: u64, errno: u32, msg: &str) -> Reply {
     vec![b.freeze()]
 }
 
-/// The NBD error for an engine error from `command`. One exhaustive match (the final arm exists
-/// only because `Error` is `#[non_exhaustive]`): every variant the engine has today is classified
-/// here explicitly.
-pub fn nbd_errno(err: &Error, command: u16) -> u32 {
+/// The NBD errno for a failure of `command`: one exhaustive match over the engine's
+/// [`ErrorClass`], the classification the admin endpoint maps too.
+pub fn nbd_errno(class: ErrorClass, command: u16) -> u32 {
     let writes = matches!(command, CMD_WRITE | CMD_WRITE_ZEROES);
-    match err {
-        Error::OutOfRange { .. } if writes => proto::ENOSPC,
-        Error::OutOfRange { .. } => proto::EINVAL,
-        Error::TooLarge { .. } => proto::EINVAL,
-        Error::InvalidArgument(_) | Error::BadVolumeName(_) => proto::EINVAL,
-        Error::NoSpace | Error::TooManyVolumes { .. } => proto::ENOSPC,
-        Error::ShutDown => proto::ESHUTDOWN,
-        Error::Poisoned { .. }
-        | Error::NoSuchVolume(_)
-        | Error::NoSuchVolumeName(_)
-        | Error::VolumeExists(_)
-        | Error::Corrupt { .. }
-        | Error::CorruptStore(_)
-        | Error::CorruptRecord { .. }
-        | Error::NotAStore { .. }
-        | Error::UnsupportedVersion { .. }
-        | Error::UringUnavailable { .. }
-        | Error::Io { .. } => proto::EIO,
-        // A variant added to the engine after this was written: EIO is always a safe answer.
-        _ => proto::EIO,
+    match class {
+        ErrorClass::OutOfRange if writes => proto::ENOSPC,
+        ErrorClass::OutOfRange | ErrorClass::Invalid => proto::EINVAL,
+        ErrorClass::NoSpace => proto::ENOSPC,
+        ErrorClass::ShuttingDown => proto::ESHUTDOWN,
+        ErrorClass::Forbidden => proto::EPERM,
+        // A volume deleted under a session, a refusal by the peer or the witness, a failed or
+        // unusable store: nothing the client can fix by changing the request.
+        ErrorClass::NotFound | ErrorClass::Conflict | ErrorClass::Failed | ErrorClass::Unusable => proto::EIO,
     }
 }
 
@@ -647,76 +677,42 @@ impl Ctx {
     }
 
     async fn execute(&self, req: RequestHeader, data: Bytes) -> Reply {
-        let s = &self.session;
-        let vol = s.export.volume;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = u64::from(req.len);
-        if let Some(node) = &self.repl {
-            let Some(p) = node.primary() else {
-                if matches!(req.command, CMD_READ | CMD_BLOCK_STATUS) {
-                    return if req.command == CMD_READ { self.read(req).await } else { self.block_status(req).await };
-                }
-                if matches!(req.command, CMD_CACHE) {
-                    return simple_ok(req.cookie);
-                }
-                let msg = "this node is no longer the primary of the volume";
-                return error_reply(s.structured, req.cookie, proto::EPERM, msg);
-            };
-            let res = match req.command {
-                CMD_READ => return self.read(req).await,
-                CMD_BLOCK_STATUS => return self.block_status(req).await,
-                CMD_WRITE => p.write(req.offset, data, fua).await,
-                CMD_FLUSH => p.flush().await,
-                CMD_TRIM => match p.trim(req.offset, len).await {
-                    Ok(()) if fua => p.flush().await,
-                    r => r,
-                },
-                CMD_WRITE_ZEROES => {
-                    let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-                    p.write_zeroes(req.offset, len, may_trim, fua).await
-                }
-                _ => Ok(()),
-            };
-            return match res {
-                Ok(()) => simple_ok(req.cookie),
-                Err(e) => error_reply(s.structured, req.cookie, repl_errno(&e, req.command), &e.to_string()),
-            };
-        }
+        let t = &self.target;
         let res = match req.command {
             CMD_READ => return self.read(req).await,
             CMD_BLOCK_STATUS => return self.block_status(req).await,
-            CMD_WRITE if self.write_back && !fua => self.store.write_back(vol, req.offset, data).await,
-            CMD_WRITE => self.store.write(vol, req.offset, data, fua).await,
-            CMD_FLUSH => self.store.flush().await,
-            CMD_TRIM => match self.store.trim(vol, req.offset, len).await {
-                Ok(()) if fua => self.store.flush().await,
-                r => r,
-            },
-            CMD_WRITE_ZEROES => {
-                let may_trim = req.flags & CMD_FLAG_NO_HOLE == 0;
-                self.store.write_zeroes(vol, req.offset, len, may_trim, fua).await
-            }
+            CMD_WRITE => t.write(req.offset, data, fua).await,
+            CMD_FLUSH => t.flush().await,
+            CMD_TRIM => t.trim(req.offset, len, fua).await,
+            CMD_WRITE_ZEROES => t.write_zeroes(req.offset, len, req.flags & CMD_FLAG_NO_HOLE == 0, fua).await,
             // CACHE: the engine has no cache to warm; the range was checked.
             _ => Ok(()),
         };
         match res {
             Ok(()) => simple_ok(req.cookie),
-            Err(e) => error_reply(s.structured, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+            Err(f) => self.failed(&req, &f),
         }
+    }
+
+    /// The error reply for a failed request.
+    fn failed(&self, req: &RequestHeader, f: &Failure) -> Reply {
+        error_reply(self.session.structured, req.cookie, nbd_errno(f.class, req.command), &f.message)
     }
 
     async fn read(&self, req: RequestHeader) -> Reply {
         let s = &self.session;
-        let vol = s.export.volume;
+        let t = &self.target;
         let len = u64::from(req.len);
         if !s.structured {
-            return match self.store.read(vol, req.offset, len).await {
+            return match t.read(req.offset, len).await {
                 Ok(data) => {
                     let mut reply = simple_ok(req.cookie);
                     reply.push(data);
                     reply
                 }
-                Err(e) => error_reply(false, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+                Err(f) => self.failed(&req, &f),
             };
         }
         if len == 0 {
@@ -728,15 +724,13 @@ impl Ctx {
         // sending the few zero bytes it could save. Sending zeros as data is always allowed.
         let df = req.flags & CMD_FLAG_DF != 0 || len < HOLE_SCAN_MIN_BYTES;
         let (data, extents) = if df {
-            (self.store.read(vol, req.offset, len).await, Ok(Vec::new()))
+            (t.read(req.offset, len).await, Ok(Vec::new()))
         } else {
-            tokio::join!(self.store.read(vol, req.offset, len), self.store.block_status(vol, req.offset, len))
+            tokio::join!(t.read(req.offset, len), t.block_status(req.offset, len))
         };
         let (data, extents) = match (data, extents) {
             (Ok(d), Ok(e)) => (d, e),
-            (Err(e), _) | (_, Err(e)) => {
-                return error_reply(true, req.cookie, nbd_errno(&e, req.command), &e.to_string());
-            }
+            (Err(f), _) | (_, Err(f)) => return self.failed(&req, &f),
         };
         // Runs of (start, len, hole) covering the request; data runs merged.
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -774,11 +768,10 @@ impl Ctx {
     }
 
     async fn block_status(&self, req: RequestHeader) -> Reply {
-        let s = &self.session;
         let len = u64::from(req.len);
-        let extents = match self.store.block_status(s.export.volume, req.offset, len).await {
+        let extents = match self.target.block_status(req.offset, len).await {
             Ok(e) => e,
-            Err(e) => return error_reply(true, req.cookie, nbd_errno(&e, req.command), &e.to_string()),
+            Err(f) => return self.failed(&req, &f),
         };
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
         let mut out: Vec<StatusExtent> = Vec::new();
@@ -851,12 +844,13 @@ mod tests {
     #[test]
     fn range_errors_depend_on_the_command() {
         let e = Error::OutOfRange { volume: syncblock_engine::VolumeId(1), offset: 0, len: 1, size: 0 };
-        assert_eq!(nbd_errno(&e, CMD_WRITE), ENOSPC);
-        assert_eq!(nbd_errno(&e, CMD_WRITE_ZEROES), ENOSPC);
-        assert_eq!(nbd_errno(&e, CMD_READ), EINVAL);
-        assert_eq!(nbd_errno(&e, CMD_TRIM), EINVAL);
-        assert_eq!(nbd_errno(&Error::NoSpace, CMD_WRITE), ENOSPC);
-        assert_eq!(nbd_errno(&Error::ShutDown, CMD_FLUSH), ESHUTDOWN);
-        assert_eq!(nbd_errno(&Error::Poisoned { cause: "x".into() }, CMD_WRITE), EIO);
+        assert_eq!(nbd_errno(e.class(), CMD_WRITE), ENOSPC);
+        assert_eq!(nbd_errno(e.class(), CMD_WRITE_ZEROES), ENOSPC);
+        assert_eq!(nbd_errno(e.class(), CMD_READ), EINVAL);
+        assert_eq!(nbd_errno(e.class(), CMD_TRIM), EINVAL);
+        assert_eq!(nbd_errno(Error::NoSpace.class(), CMD_WRITE), ENOSPC);
+        assert_eq!(nbd_errno(Error::ShutDown.class(), CMD_FLUSH), ESHUTDOWN);
+        assert_eq!(nbd_errno(Error::Poisoned { cause: "x".into() }.class(), CMD_WRITE), EIO);
+        assert_eq!(nbd_errno(Error::TooLarge { len: 1 << 40, limit: 1 << 25 }.class(), CMD_READ), EINVAL);
     }
 }

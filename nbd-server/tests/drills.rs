@@ -470,7 +470,7 @@ fn run(max: Duration, program: &str, args: &[&str]) -> (i32, String, String) {
 
 /// `syncblock status --admin admin`: its JSON, or why there is none.
 fn status(admin: &str) -> Result<String, String> {
-    match run(CLI_MAX, BIN, &["status", "--admin", admin]) {
+    match run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]) {
         (0, out, _) => Ok(out),
         (code, out, err) => Err(format!("status exited with {code}: {out}{err}")),
     }
@@ -600,8 +600,9 @@ impl Pair {
             let store = dir.path().join(format!("{name}.img"));
             let admin = free_port_addr();
             let mut args: Vec<String> = vec![
-                format!("--store={}", store.display()),
                 "serve".into(),
+                format!("--store={}", store.display()),
+                "--create".into(),
                 "--size=1GiB".into(),
                 VOLUME.into(),
                 "--listen=127.0.0.1:0".into(),
@@ -741,8 +742,10 @@ fn failover_with_defaults_keeps_every_flushed_block() {
     pair.nodes[s].kill();
     let log = pair.dir().join(format!("{last}-alone.log"));
     let store = pair.dir().join(format!("{last}.img"));
-    let alone =
-        syncblock(&log, &[format!("--store={}", store.display()), "serve".into(), "--listen=127.0.0.1:0".into()]);
+    let alone = syncblock(
+        &log,
+        &["serve".into(), format!("--store={}", store.display()), "--create".into(), "--listen=127.0.0.1:0".into()],
+    );
     let uri = vol_uri(&alone, &log);
     verify_record(pair.dir(), &uri, &format!("{last}'s store on its own after rejoining"));
     alone.stop();
@@ -903,7 +906,7 @@ fn admin_commands_at_a_wrong_port_fail() {
             ));
         }
     }
-    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--admin", &pair.nodes[0].admin]);
+    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--json", "--admin", &pair.nodes[0].admin]);
     if code != 0 || !json_is(&out, &["role"], "primary") {
         failures.push(format!("the admin port: exit {code}, stdout {out:?}, stderr {err:?}"));
     }
@@ -919,8 +922,9 @@ fn immediate_restart_after_sigkill_succeeds() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store.img");
     let args: Vec<String> = vec![
-        format!("--store={}", store.display()),
         "serve".into(),
+        format!("--store={}", store.display()),
+        "--create".into(),
         "--size=1GiB".into(),
         VOLUME.into(),
         "--listen=127.0.0.1:0".into(),
@@ -951,4 +955,56 @@ fn immediate_restart_after_sigkill_succeeds() {
         eprintln!("round {round}: serving again {up:?} after the SIGKILL; {n_durable} durable blocks verified");
     }
     server.stop();
+}
+
+/// A node's disk is replaced while its peer, promoted, serves the volume, and the node comes back
+/// with its first configuration (`--create --role primary`) on the new, empty store: a new pair,
+/// unknown to its peer. It must acknowledge no write (the witness refuses solo operation to a
+/// pair that was never in sync), the real primary keeps serving, and a new store started as
+/// secondary is resynced from it.
+#[test]
+fn a_replaced_store_started_as_primary_acknowledges_nothing() {
+    let _serial = serial();
+    let mut pair = Pair::start(&[]);
+    let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[0].uri.clone(), &["10"]).finish(CLIENT_SLACK);
+    assert!(json_is(out.json("a write before"), &["ok"], "true"));
+    pair.nodes[0].kill();
+    wait_until("b promoted", PROMOTION_MAX, || {
+        let st = pair.nodes[1].status()?;
+        if json_is(&st, &["role"], "primary") {
+            Ok(())
+        } else {
+            Err(st)
+        }
+    });
+    // The new disk: an empty store, and the node's original flags.
+    let a_store = pair.dir().join("a.img");
+    std::fs::remove_file(&a_store).unwrap();
+    pair.nodes[0].start();
+    let a_uri = pair.nodes[0].uri.clone();
+    let (code, out, err) =
+        run(Duration::from_secs(6), "qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 4k", "-c", "flush", &a_uri]);
+    assert!(
+        code != 0 || out.contains("failed") || err.contains("failed"),
+        "the new store's primary acknowledged a write: exit {code}, {out}{err}\n{}",
+        pair.logs()
+    );
+    let st = pair.nodes[0].status().unwrap();
+    assert!(st.contains("never been in sync"), "the witness's refusal shows in a's status: {st}");
+    // The real primary serves on.
+    let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[1].uri.clone(), &["10"]).finish(CLIENT_SLACK);
+    assert!(json_is(out.json("a write through b"), &["ok"], "true"), "{}", pair.logs());
+
+    // The fix docs/operations.md gives: a new store started as secondary.
+    pair.nodes[0].kill();
+    std::fs::remove_file(&a_store).unwrap();
+    for arg in &mut pair.nodes[0].args {
+        if arg == "--role=primary" {
+            *arg = "--role=secondary".into();
+        }
+    }
+    pair.nodes[0].start();
+    pair.wait_in_sync(1, REJOIN_MAX);
+    let out = run(CLI_MAX, BIN, &["verify", "--admin", &pair.nodes[1].admin]);
+    assert_eq!(out.0, 0, "verify after the resync: {}{}", out.1, out.2);
 }

@@ -177,7 +177,7 @@ impl Paths {
         std::fs::write(
             &config,
             format!(
-                "store = \"store.img\"\nstore_size = \"1GiB\"\nlisten = \"127.0.0.1:0\"\nunix = \"nbd.sock\"\n\n\
+                "store = \"store.img\"\ncreate = true\nstore_size = \"1GiB\"\nlisten = \"127.0.0.1:0\"\nunix = \"nbd.sock\"\n\n\
                  [[volume]]\nname = \"fs\"\nsize = {VOLUME_BYTES}\n"
             ),
         )

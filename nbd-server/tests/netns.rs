@@ -298,9 +298,10 @@ fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
     let peer = if host == A { B } else { A };
     let store = lab.dir.path().join(format!("{}.img", host.tag()));
     let mut args: Vec<String> = [
+        "serve",
+        "--create",
         "--store",
         store.to_str().unwrap(),
-        "serve",
         "--size=1GiB",
         "--volume=vol:64MiB",
         "--listen=127.0.0.1:10809",
@@ -335,7 +336,7 @@ fn solo(lab: &Lab, host: Host) -> Proc {
         lab,
         host,
         &format!("{}-solo.log", host.tag()),
-        &["--store", store.to_str().unwrap(), "serve", "--listen=127.0.0.1:10811"],
+        &["serve", "--create", "--store", store.to_str().unwrap(), "--listen=127.0.0.1:10811"],
     );
     p.wait_line("nbd://");
     p
@@ -343,12 +344,12 @@ fn solo(lab: &Lab, host: Host) -> Proc {
 
 /// `syncblock status` of a node, from inside its namespace.
 fn status(lab: &Lab, host: Host) -> String {
-    lab.exec_ok(host, BIN, &["status", "--admin", ADMIN])
+    lab.exec_ok(host, BIN, &["status", "--json", "--admin", ADMIN])
 }
 
 /// `syncblock verify` on the primary `host`: the replicas must not differ.
 fn verify_clean(lab: &Lab, host: Host) {
-    let out = lab.exec_ok(host, BIN, &["verify", "--admin", ADMIN]);
+    let out = lab.exec_ok(host, BIN, &["verify", "--json", "--admin", ADMIN]);
     assert!(out.contains("\"ok\":true") && out.contains("\"blocks_differing\":0,"), "{out}");
 }
 
@@ -445,7 +446,9 @@ fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promo
     println!("A–B cut: a write through A completed alone after {:?}", cut.elapsed());
     let st = status(&lab, A);
     assert!(
-        st.contains("\"role\":\"primary\"") && st.contains("\"solo\":true") && st.contains("\"rpo_zero\":false"),
+        st.contains("\"role\":\"primary\"")
+            && st.contains("\"acking_alone\":true")
+            && st.contains("\"rpo_zero\":false"),
         "{st}"
     );
     assert_eq!(lab.witness_state(), "vol 1 a true\n", "the witness records that A is alone");
@@ -527,7 +530,7 @@ fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins
     // A still thinks it is primary but is not alone with the witness's consent, and holds the
     // unacknowledged write in its log (so the rollback below is not vacuous).
     let st = status(&lab, A);
-    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"solo\":false"), "{st}");
+    assert!(st.contains("\"role\":\"primary\"") && st.contains("\"acking_alone\":false"), "{st}");
     assert!(field_u64(&st, "last_tag") > tag_before, "the isolated write never reached A's log: {st}");
     assert_eq!(lab.witness_state(), "vol 2 b true\n");
     // B serves alone.

@@ -14,7 +14,7 @@ use common::tools::{ok, tool};
 
 /// `syncblock serve` on `store`, its log beside it.
 fn serve(store: &Path, args: &[&str]) -> Proc {
-    let mut all = vec!["--store", store.to_str().unwrap(), "serve"];
+    let mut all = vec!["serve", "--create", "--store", store.to_str().unwrap()];
     all.extend_from_slice(args);
     syncblock(&store.with_extension("log"), &all)
 }
@@ -206,7 +206,7 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
     let config = |node: &str, admin: &str, one: &str, two: &str| {
         let path = dir.path().join(format!("{node}.toml"));
         let text = format!(
-            "store = \"{node}.img\"\nstore_size = \"1GiB\"\nlisten = \"127.0.0.1:0\"\n\
+            "store = \"{node}.img\"\ncreate = true\nstore_size = \"1GiB\"\nlisten = \"127.0.0.1:0\"\n\
              [replication]\nnode = \"{node}\"\ntimeout_ms = 1000\nadmin = \"{admin}\"\n\
              [[volume]]\nname = \"one\"\nsize = \"32MiB\"\nreplicate = {{ {one} }}\n\
              [[volume]]\nname = \"two\"\nsize = \"16MiB\"\nreplicate = {{ {two} }}\n"
@@ -246,31 +246,28 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
         &["-t", "writeback", "-f", "raw", "-c", "write -P 0x22 1M 2M", "-c", "flush", &format!("{a_base}/two")],
     );
 
-    // `status` answers a line per replicated volume; `--volume` picks one.
-    let st = status(&a_admin);
-    let lines: Vec<&str> = st.lines().collect();
-    assert_eq!(lines.len(), 2, "{st}");
-    for (line, name) in lines.iter().zip(["one", "two"]) {
-        assert!(line.contains(&format!("\"volume\":\"{name}\"")) && line.contains("\"role\":\"primary\""), "{line}");
-        assert!(line.contains("\"rpo_zero\":true"), "{line}");
+    // `status` shows every volume; `--volume` picks one.
+    let vols = replication(&a_admin, None);
+    assert_eq!(vols.len(), 2, "{vols:?}");
+    for (v, name) in vols.iter().zip(["one", "two"]) {
+        assert!(v["volume"] == name && v["role"] == "primary" && v["rpo_zero"] == true, "{v}");
     }
-    let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "two"]);
-    assert!(
-        st.lines().count() == 1 && st.contains("\"volume\":\"two\"") && st.contains("\"role\":\"secondary\""),
-        "{st}"
-    );
-    let (code, out, _) = tool(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "three"]);
-    assert!(code == 0 && out.contains("is not replicated by this node"), "{out}");
+    let vols = replication(&b_admin, Some("two"));
+    assert!(vols.len() == 1 && vols[0]["volume"] == "two" && vols[0]["role"] == "secondary", "{vols:?}");
+    let (code, _, err) = tool(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "three"]);
+    assert!(code != 0 && err.contains("no volume three here (volumes: one, two)"), "{err}");
 
     // Promotion is per volume: without --volume it is refused, naming the volumes.
     na.stop();
-    let (code, out, _) = tool(env!("CARGO_BIN_EXE_syncblock"), &["promote", "--admin", &b_admin]);
-    assert!(code != 0 && out.contains("replicates one, two: name one with --volume"), "{out}");
+    let (code, _, err) = tool(env!("CARGO_BIN_EXE_syncblock"), &["promote", "--admin", &b_admin]);
+    assert!(code != 0 && err.contains("replicates one, two: name one with --volume"), "{err}");
     let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["promote", "--admin", &b_admin, "--volume", "two"]);
-    assert!(out.contains("\"ok\":true") && out.contains("\"volume\":\"two\""), "{out}");
-    let st = status(&b_admin);
-    assert!(st.lines().any(|l| l.contains("\"volume\":\"two\"") && l.contains("\"role\":\"primary\"")), "{st}");
-    assert!(st.lines().any(|l| l.contains("\"volume\":\"one\"") && l.contains("\"role\":\"secondary\"")), "{st}");
+    assert!(out.contains("promoted two to primary"), "{out}");
+    let roles: Vec<(String, String)> = replication(&b_admin, None)
+        .iter()
+        .map(|v| (v["volume"].as_str().unwrap().to_string(), v["role"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(roles, [("one".into(), "secondary".into()), ("two".into(), "primary".into())]);
 
     // `two` on b holds what a wrote; `one` stays a read-only replica there.
     let two = format!("{b_base}/two");
@@ -296,7 +293,7 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
     na.wait_line("admin endpoint on ");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &a_admin, "--volume", "two"]);
+        let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--json", "--admin", &a_admin, "--volume", "two"]);
         if st.contains("\"role\":\"primary\"") && st.contains("split brain") && st.contains("syncblock demote") {
             break;
         }
@@ -315,27 +312,40 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
 
     // The operator keeps b's side: a's `two` steps down, its write fails, and b resyncs it.
     let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["demote", "--admin", &a_admin, "--volume", "two"]);
-    assert!(out.contains("\"ok\":true"), "{out}");
+    assert!(out.contains("two is now secondary"), "{out}");
     let (code, out, err) = a_write.join().unwrap();
     assert!(code != 0 || out.contains("failed"), "a's write must fail, not be acknowledged: {out}{err}");
     let (code, out, err) = b_write.join().unwrap();
     assert!(code == 0 && !out.contains("failed"), "b's write completes once a is resynced: {out}{err}");
-    let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &b_admin, "--volume", "two"]);
+    let st = ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--json", "--admin", &b_admin, "--volume", "two"]);
     assert!(st.contains("\"rpo_zero\":true"), "{st}");
     // Both replicas of `two` are b's history: a's write at 8M was rolled back, not kept. (Were the
     // histories matched by epoch number alone, a would keep it and the replicas would differ.)
-    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--admin", &b_admin, "--volume", "two"]);
+    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--json", "--admin", &b_admin, "--volume", "two"]);
     assert!(out.contains("\"blocks_differing\":0,"), "{out}");
-    let st = status(&a_admin);
-    assert!(st.lines().any(|l| l.contains("\"volume\":\"two\"") && l.contains("\"role\":\"secondary\"")), "{st}");
-    assert!(st.lines().any(|l| l.contains("\"volume\":\"one\"") && l.contains("\"rpo_zero\":true")), "{st}");
+    let vols = replication(&a_admin, None);
+    assert!(vols.iter().any(|v| v["volume"] == "two" && v["role"] == "secondary"), "{vols:?}");
+    assert!(vols.iter().any(|v| v["volume"] == "one" && v["rpo_zero"] == true), "{vols:?}");
     na.stop();
     nb.stop();
 }
 
 /// `syncblock status` through a node's admin endpoint.
+/// The replication status of each volume (`volume` only, if given) that `status --json` shows.
+fn replication(admin: &str, volume: Option<&str>) -> Vec<serde_json::Value> {
+    let mut args = vec!["status", "--json", "--admin", admin];
+    args.extend(volume.map(|v| ["--volume", v]).into_iter().flatten());
+    let doc: serde_json::Value = serde_json::from_str(&ok(env!("CARGO_BIN_EXE_syncblock"), &args)).unwrap();
+    doc["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.get("replication").filter(|r| !r.is_null()).cloned())
+        .collect()
+}
+
 fn status(admin: &str) -> String {
-    ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", admin])
+    ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--json", "--admin", admin])
 }
 
 fn free_port_addr() -> String {
@@ -428,12 +438,12 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     }
     // Online verify through the binary: the rejoined replica matches block for block, and the
     // pass shows in the status; verify is refused on the secondary.
-    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--admin", &b_admin]);
+    let out = ok(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--json", "--admin", &b_admin]);
     assert!(out.contains("\"ok\":true") && out.contains("\"blocks_differing\":0,"), "{out}");
     let st = status(&b_admin);
     assert!(st.contains("\"last\":{\"bytes_compared\":67108864,\"blocks_differing\":0"), "{st}");
-    let (code, so, _) = tool(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--admin", &a_admin]);
-    assert!(code != 0 && so.contains("run verify on the primary"), "{so}");
+    let (code, _, err) = tool(env!("CARGO_BIN_EXE_syncblock"), &["verify", "--admin", &a_admin]);
+    assert!(code != 0 && err.contains("run verify on the primary"), "{err}");
     nb.stop();
     na.stop();
     // The rejoined node's store alone holds both phases.

@@ -14,6 +14,7 @@ pub mod primary;
 pub mod secondary;
 pub mod simnet;
 pub mod state;
+pub mod status;
 pub mod wire;
 pub mod witness;
 
@@ -39,6 +40,7 @@ pub use node::{Node, NodeConfig, NodeStatus};
 pub use primary::{PeerView, Primary, PrimaryStatus, Progress, VerifyReport};
 pub use secondary::{Secondary, SecondaryStatus};
 pub use state::{ReplState, Role};
+pub use status::StatusView;
 
 use std::time::Duration;
 
@@ -150,6 +152,17 @@ pub enum ReplError {
 impl ReplError {
     pub fn refused(why: wire::Refusal, reason: impl Into<String>) -> ReplError {
         ReplError::Refused { why, reason: reason.into() }
+    }
+
+    /// The kind of failure, for the layers that answer clients (NBD, the admin endpoint).
+    pub fn class(&self) -> syncblock_engine::ErrorClass {
+        use syncblock_engine::ErrorClass;
+        match self {
+            ReplError::Engine(e) => e.class(),
+            ReplError::Stopped(_) => ErrorClass::ShuttingDown,
+            ReplError::Refused { .. } | ReplError::Invalid(_) => ErrorClass::Conflict,
+            ReplError::Wire(_) | ReplError::Io(_) => ErrorClass::Failed,
+        }
     }
 
     /// The refusal, if the peer or the witness refused.

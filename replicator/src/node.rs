@@ -80,74 +80,9 @@ pub enum NodeStatus {
 }
 
 impl NodeStatus {
-    /// A JSON object (hand-built: the replicator has no serialisation dependency).
-    pub fn to_json(&self) -> String {
-        fn s(v: &Option<String>) -> String {
-            match v {
-                Some(v) => format!("{:?}", v),
-                None => "null".into(),
-            }
-        }
-        match self {
-            NodeStatus::Primary(p) => format!(
-                concat!(
-                    "{{\"role\":\"primary\",\"volume\":{:?},\"epoch\":{},\"policy\":\"{}\",\"last_tag\":{},",
-                    "\"waiting\":{{\"writes\":{},\"oldest_secs\":{}}},",
-                    "\"stages\":{{\"ops\":{},\"handoff_us\":{},\"local_us\":{},\"peer_us\":{},\"answer_us\":{}}},",
-                    "\"peer\":{{\"connected\":{},\"in_sync\":{},\"applied_tag\":{},\"durable_tag\":{},",
-                    "\"solo\":{},\"last_error\":{}}},",
-                    "\"lag_tags\":{},\"lag_bytes\":{},\"rpo_zero\":{},",
-                    "\"resync\":{{\"count\":{},\"full\":{},\"bytes_shipped\":{},\"bytes_skipped\":{},{}}},",
-                    "\"verify\":{{{},\"last\":{}}}}}"
-                ),
-                p.volume,
-                p.epoch,
-                p.policy.name(),
-                p.last_tag,
-                p.waiting,
-                p.waiting_oldest.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
-                p.stages.ops,
-                p.stages.handoff_us,
-                p.stages.local_us,
-                p.stages.peer_us,
-                p.stages.answer_us,
-                p.peer.connected,
-                p.peer.in_sync,
-                p.peer.applied,
-                p.peer.durable,
-                p.peer.solo,
-                s(&p.peer.last_error),
-                p.lag_tags(),
-                p.lag_bytes,
-                p.rpo_zero(),
-                p.peer.resyncs,
-                p.peer.resync_full,
-                p.peer.resync_bytes_shipped,
-                p.peer.resync_bytes_skipped,
-                p.peer.resync.json_fields(),
-                p.peer.verify.json_fields(),
-                p.peer.last_verify.as_ref().map_or("null".into(), |r| r.to_json()),
-            ),
-            NodeStatus::Secondary(x) => format!(
-                concat!(
-                    "{{\"role\":\"secondary\",\"volume\":{:?},\"epoch\":{},\"connected\":{},\"primary\":{},",
-                    "\"consistent\":{},\"resyncing\":{},\"applied_tag\":{},\"durable_tag\":{},\"last_error\":{},",
-                    "\"stages\":{{\"ops\":{},\"apply_us\":{}}}}}"
-                ),
-                x.volume,
-                x.epoch,
-                x.connected,
-                s(&x.primary),
-                x.consistent,
-                x.resyncing,
-                x.applied,
-                x.durable,
-                s(&x.last_error),
-                x.apply_ops,
-                x.apply_us,
-            ),
-            NodeStatus::Stopped { volume } => format!("{{\"role\":\"stopped\",\"volume\":{volume:?}}}"),
-        }
+    /// The serialisable view (`GET /status`).
+    pub fn view(&self) -> crate::status::StatusView {
+        self.into()
     }
 }
 
@@ -157,7 +92,18 @@ impl Node {
         let info = store.volume(&cfg.volume).await?;
         let role = ReplState::decode(&info.attr).map(|s| s.role).unwrap_or(initial);
         if role != initial {
-            tracing::warn!(volume = %cfg.volume, "starting as {role:?}, the role this store last had (not {initial:?})");
+            let name = |r: Role| if r == Role::Primary { "primary" } else { "secondary" };
+            tracing::info!(
+                volume = %cfg.volume,
+                "this store was last {} (the role it had wins over --role {}){}",
+                name(role),
+                name(initial),
+                if role == Role::Primary && cfg.repl.witness.is_some() {
+                    "; asking the witness whether it still is the primary"
+                } else {
+                    ""
+                }
+            );
         }
         if cfg.auto_failover && cfg.repl.witness.is_none() {
             return Err(ReplError::Invalid("automatic failover needs a witness (--witness)".into()));
@@ -167,7 +113,9 @@ impl Node {
         }
         if cfg.repl.policy == Policy::Strict && cfg.auto_failover {
             return Err(ReplError::Invalid(
-                "the strict policy waits for the peer, and after an automatic failover the peer is the node                  that died: the new primary could never write. Use the default policy (degrade: the survivor                  serves alone with the witness's consent) or add --no-auto-failover (promote by hand)"
+                "the strict policy waits for the peer, and after an automatic failover the peer is the node \
+                 that died: the new primary could never write. Use the default policy (degrade: the survivor \
+                 serves alone with the witness's consent) or add --no-auto-failover (promote by hand)"
                     .into(),
             ));
         }
@@ -214,7 +162,7 @@ impl Node {
         match answer {
             Ok(grant) => self.become_primary(Some(grant)).await,
             Err(e @ ReplError::Refused { .. }) => {
-                tracing::warn!(volume = %self.inner.cfg.volume, "not primary any more ({e}); starting as secondary");
+                tracing::warn!(volume = %self.inner.cfg.volume, "another node is primary now ({e}); starting as secondary, to be resynced from it");
                 self.become_secondary().await
             }
             Err(e) => {

@@ -110,6 +110,8 @@ pub enum Refusal {
     SizeMismatch,
     /// Too many connections are handshaking at once: retry.
     Busy,
+    /// The pair has never been in sync, so its primary may not acknowledge alone.
+    NeverSynced,
 }
 
 impl Refusal {
@@ -130,6 +132,7 @@ impl Refusal {
             Refusal::WrongPair => (12, 0),
             Refusal::SizeMismatch => (13, 0),
             Refusal::Busy => (14, 0),
+            Refusal::NeverSynced => (15, 0),
         }
     }
 
@@ -150,6 +153,7 @@ impl Refusal {
             12 => Refusal::WrongPair,
             13 => Refusal::SizeMismatch,
             14 => Refusal::Busy,
+            15 => Refusal::NeverSynced,
             _ => return None,
         })
     }
@@ -791,6 +795,7 @@ mod tests {
             Frame::HelloOk { last_tag: 95, common_tag: 90, runs: vec![(1, 2), (100, 7)] },
             Frame::Refuse { why: Refusal::Deposed { epoch: 4 }, reason: "stale epoch".into() },
             Frame::Refuse { why: Refusal::Busy, reason: String::new() },
+            Frame::Refuse { why: Refusal::NeverSynced, reason: "new pair".into() },
             Frame::Refuse { why: Refusal::PrimaryAlive { retry_after_ms: 250 }, reason: "alive".into() },
             Frame::Write { tag: 7, offset: 4096, fua: true, data: Bytes::from_static(&[1; 512]) },
             Frame::Trim { tag: 8, offset: 0, len: 1 << 40 },

@@ -61,6 +61,11 @@ pub struct Record {
     pub epoch: u64,
     pub primary: String,
     pub solo: bool,
+    /// The pair has been in sync at least once (both copies existed). Until then the primary may
+    /// not acknowledge alone: a new store started as primary beside a peer of another pair (a
+    /// replaced disk started with the wrong role) would otherwise serve an empty volume's writes
+    /// while the real pair serves the other.
+    pub synced: bool,
 }
 
 /// What the witness keeps: records by pair id, and records of the first format (keyed by volume
@@ -74,6 +79,41 @@ pub struct WitnessState {
 
 /// A decision: the record after it, or why it was refused.
 pub type Decision = std::result::Result<Record, (Refusal, String)>;
+
+/// A request, for the witness's log.
+fn describe_request(req: &Frame) -> String {
+    match req {
+        Frame::WitnessReport { pair, volume, node, epoch, in_sync } => format!(
+            "{node} reports {volume} (pair {pair:016x}) as primary in epoch {epoch}, peer {}",
+            if *in_sync { "in sync" } else { "not in sync" }
+        ),
+        Frame::WitnessSolo { pair, volume, node, epoch } => {
+            format!("{node} asks to acknowledge {volume} (pair {pair:016x}) alone in epoch {epoch}")
+        }
+        Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim } => format!(
+            "{node} asks to {} {volume} (pair {pair:016x}) from epoch {epoch} ({}{})",
+            if *reclaim { "reclaim the primary role of" } else { "become primary of" },
+            if *consistent { "consistent replica" } else { "inconsistent replica" },
+            if *force { ", forced" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A decision, for the witness's log. `solo` in a record is the witness's consent that the
+/// primary may acknowledge writes alone (the status calls the primary's use of it `acking_alone`).
+fn describe_decision(d: &Decision) -> String {
+    match d {
+        Ok(r) => format!(
+            "granted: {} is primary of {} in epoch {}{}",
+            r.primary,
+            r.volume,
+            r.epoch,
+            if r.solo { ", may acknowledge alone" } else { "" }
+        ),
+        Err((why, reason)) => format!("refused ({why:?}): {reason}"),
+    }
+}
 
 /// The witness's decisions, without I/O. `now` is passed in so tests (and the simulator) control
 /// time.
@@ -139,7 +179,13 @@ impl Decider {
             Frame::WitnessReport { volume, node, epoch, in_sync, .. } => {
                 let (r, bound) = self.record(pair, volume);
                 let Some(r) = r else {
-                    let r = Record { volume: volume.clone(), epoch: *epoch, primary: node.clone(), solo: false };
+                    let r = Record {
+                        volume: volume.clone(),
+                        epoch: *epoch,
+                        primary: node.clone(),
+                        solo: false,
+                        synced: *in_sync,
+                    };
                     self.state.pairs.insert(pair, r.clone());
                     self.seen.insert(pair, now);
                     return (Ok(r), true);
@@ -151,15 +197,24 @@ impl Decider {
                     );
                     return (Err((Refusal::Deposed { epoch: r.epoch }, why)), bound);
                 }
-                let changed = (*in_sync && r.solo) || bound;
+                let changed = (*in_sync && (r.solo || !r.synced)) || bound;
                 if *in_sync {
                     r.solo = false;
+                    r.synced = true;
                 }
                 let r = r.clone();
                 self.seen.insert(pair, now);
                 (Ok(r), changed)
             }
             Frame::WitnessSolo { volume, node, epoch, .. } => match self.record(pair, volume) {
+                (Some(r), bound) if r.primary == *node && r.epoch == *epoch && !r.synced => {
+                    let why = format!(
+                        "{volume} (pair {pair:016x}) has never been in sync: a new pair acknowledges writes only once \
+                         both copies exist; if the peer belongs to another pair (a replaced store started as \
+                         primary), start this node as secondary to be resynced from it"
+                    );
+                    (Err((Refusal::NeverSynced, why)), bound)
+                }
                 (Some(r), bound) if r.primary == *node && r.epoch == *epoch => {
                     let changed = !r.solo || bound;
                     r.solo = true;
@@ -177,7 +232,14 @@ impl Decider {
                 let (r, bound) = self.record(pair, volume);
                 let Some(r) = r else {
                     if *force {
-                        let r = Record { volume: volume.clone(), epoch: epoch + 1, primary: node.clone(), solo: true };
+                        // Forced by an operator: the candidate's copy is the one to keep.
+                        let r = Record {
+                            volume: volume.clone(),
+                            epoch: epoch + 1,
+                            primary: node.clone(),
+                            solo: true,
+                            synced: true,
+                        };
                         debug_assert!(!*reclaim || *force, "a reclaim is never forced");
                         self.state.pairs.insert(pair, r.clone());
                         self.seen.insert(pair, now);
@@ -246,7 +308,9 @@ impl Decider {
 }
 
 /// First line of a state file of the current format.
-const STATE_HEADER: &str = "syncblock-witness-state 2";
+const STATE_HEADER: &str = "syncblock-witness-state 3";
+/// The previous format (no `synced` flag: its pairs all predate the rule, and count as synced).
+const STATE_HEADER_V2: &str = "syncblock-witness-state 2";
 
 /// A name as one whitespace-free token: bytes that are whitespace, `%` or control characters
 /// become `%XX`.
@@ -289,7 +353,7 @@ pub fn encode_state(state: &WitnessState) -> String {
         text.push_str(&format!(
             "{pair:016x} {} {} {} {}\n",
             r.epoch,
-            u8::from(r.solo),
+            u8::from(r.solo) | u8::from(r.synced) << 1,
             escape(&r.volume),
             escape(&r.primary)
         ));
@@ -305,7 +369,8 @@ pub fn decode_state(text: &str) -> std::result::Result<WitnessState, String> {
     if text.is_empty() {
         return Err("the file is empty".into());
     }
-    if !text.starts_with(STATE_HEADER) {
+    let v2 = text.starts_with(&format!("{STATE_HEADER_V2}\n"));
+    if !v2 && !text.starts_with(STATE_HEADER) {
         return decode_first_format(text);
     }
     let cut = || "no trailer line (the file was cut short)".to_string();
@@ -323,7 +388,7 @@ pub fn decode_state(text: &str) -> std::result::Result<WitnessState, String> {
         return Err(format!("checksum mismatch (stored {crc:08x}, computed {computed:08x})"));
     }
     let lines: Vec<&str> = text[..body_end].lines().skip(1).collect();
-    if text[..body_end].lines().next() != Some(STATE_HEADER) {
+    if text[..body_end].lines().next() != Some(if v2 { STATE_HEADER_V2 } else { STATE_HEADER }) {
         return Err("unknown format version in the header line".into());
     }
     if lines.len() != n {
@@ -335,12 +400,14 @@ pub fn decode_state(text: &str) -> std::result::Result<WitnessState, String> {
         let parsed = (f.len() == 5).then(|| {
             let pair = u64::from_str_radix(f[0], 16).ok()?;
             let epoch = f[1].parse().ok()?;
-            let solo = match f[2] {
-                "0" => false,
-                "1" => true,
+            // Bit 0: solo; bit 1: synced (version 3; every version-2 pair counts as synced).
+            let flags: u8 = match f[2] {
+                "0" | "1" if v2 => f[2].parse::<u8>().ok()? | 2,
+                "0" | "1" | "2" | "3" if !v2 => f[2].parse().ok()?,
                 _ => return None,
             };
-            Some((pair, Record { volume: unescape(f[3])?, epoch, primary: unescape(f[4])?, solo }))
+            let (solo, synced) = (flags & 1 != 0, flags & 2 != 0);
+            Some((pair, Record { volume: unescape(f[3])?, epoch, primary: unescape(f[4])?, solo, synced }))
         });
         match parsed.flatten() {
             Some((0, r)) => state.unbound.insert(r.volume.clone(), r),
@@ -357,10 +424,10 @@ fn decode_first_format(text: &str) -> std::result::Result<WitnessState, String> 
     let mut state = WitnessState::default();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let parsed = (f.len() == 4)
-            .then(|| Some((f[1].parse().ok()?, f[3].parse().ok()?)))
-            .flatten()
-            .map(|(epoch, solo)| Record { volume: f[0].to_string(), epoch, primary: f[2].to_string(), solo });
+        let parsed =
+            (f.len() == 4).then(|| Some((f[1].parse().ok()?, f[3].parse().ok()?))).flatten().map(|(epoch, solo)| {
+                Record { volume: f[0].to_string(), epoch, primary: f[2].to_string(), solo, synced: true }
+            });
         let Some(r) = parsed else {
             return Err(format!("no format header, and line {} is not a first-format record: {line:?}", n + 1));
         };
@@ -457,7 +524,7 @@ async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Pat
                     let reason = format!("witness cannot record decisions: {e}");
                     Frame::Refuse { why: Refusal::WitnessStorage, reason }
                 } else {
-                    tracing::info!("witness: {req:?} → {decision:?}");
+                    tracing::info!("witness: {} → {}", describe_request(&req), describe_decision(&decision));
                     decision_frame(decision, lease)
                 }
             } else {
@@ -579,6 +646,29 @@ mod tests {
     }
 
     #[test]
+    fn a_pair_that_was_never_in_sync_may_not_acknowledge_alone() {
+        let t0 = Instant::now();
+        let mut d = Decider::new(WitnessState::default(), Duration::from_secs(1), t0);
+        let (first, changed) = d.decide(&report("a", 1, false), t0);
+        assert!(changed && !first.unwrap().synced);
+        assert_eq!(why(d.decide(&solo("a", 1), t0).0), Refusal::NeverSynced);
+        // Once both copies existed, recorded durably, the primary may continue alone.
+        let (r, changed) = d.decide(&report("a", 1, true), t0);
+        assert!(changed && r.unwrap().synced);
+        assert!(!d.decide(&report("a", 1, true), t0).1, "nothing new to record");
+        assert!(d.decide(&solo("a", 1), t0).0.unwrap().solo);
+        assert!(decode_state(&encode_state(&d.state)).unwrap().pairs[&PAIR].synced);
+        // A version-2 file's pairs predate the rule: they count as synced.
+        let body = format!("{STATE_HEADER_V2}\n00000000000000ab 3 1 v a\n");
+        let v2 = format!("{body}end 1 {:08x}\n", crc32fast::hash(body.as_bytes()));
+        let r = &decode_state(&v2).unwrap().pairs[&PAIR];
+        assert!(r.synced && r.solo && r.epoch == 3, "{r:?}");
+        // Flags a version-2 file cannot hold are refused there.
+        let body = format!("{STATE_HEADER_V2}\n00000000000000ab 3 3 v a\n");
+        assert!(decode_state(&format!("{body}end 1 {:08x}\n", crc32fast::hash(body.as_bytes()))).is_err());
+    }
+
+    #[test]
     fn a_secondary_is_never_promoted_over_a_primary_that_went_solo() {
         let t0 = Instant::now();
         let s = Duration::from_secs(1);
@@ -647,8 +737,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.state");
         let mut state = WitnessState::default();
-        state.pairs.insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false });
-        state.pairs.insert(7, Record { volume: "my vol%".into(), epoch: 1, primary: "n\u{e9}".into(), solo: true });
+        state
+            .pairs
+            .insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false, synced: true });
+        state.pairs.insert(
+            7,
+            Record { volume: "my vol%".into(), epoch: 1, primary: "n\u{e9}".into(), solo: true, synced: false },
+        );
         save(&path, &state).unwrap();
         assert_eq!(load(&path).unwrap(), state);
         let t0 = Instant::now();
@@ -660,7 +755,9 @@ mod tests {
     #[test]
     fn a_torn_or_corrupt_state_file_is_detected_never_reset() {
         let mut state = WitnessState::default();
-        state.pairs.insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false });
+        state
+            .pairs
+            .insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false, synced: true });
         let text = encode_state(&state);
         assert_eq!(decode_state(&text).unwrap(), state);
         // Every cut short of the whole file, and every single changed byte, is refused.

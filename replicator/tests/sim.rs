@@ -562,7 +562,9 @@ async fn futures_status(w: &World) -> Vec<String> {
     let mut out = Vec::new();
     for n in &w.nodes {
         match &n.node {
-            Some(node) => out.push(format!("{}: {}", n.name, node.status().await.to_json())),
+            Some(node) => {
+                out.push(format!("{}: {}", n.name, serde_json::to_string(&node.status().await.view()).unwrap()))
+            }
             None => out.push(format!("{}: down", n.name)),
         }
     }

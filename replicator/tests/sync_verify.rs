@@ -233,7 +233,7 @@ async fn verify_finds_no_difference_on_a_healthy_pair_under_load() {
     let st = prim.status().await;
     let v = &st.peer.verify;
     assert!(!v.active() && v.bytes_done == VOL_BYTES && v.rate_bytes_per_sec_at(Instant::now()) > 0, "{v:?}");
-    let json = NodeStatus::Primary(st.clone()).to_json();
+    let json = serde_json::to_string(&NodeStatus::Primary(st.clone()).view()).unwrap();
     for key in [
         "\"lag_bytes\":",
         "\"verify\":{\"active\":false",

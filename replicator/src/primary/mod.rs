@@ -209,6 +209,8 @@ impl Primary {
             waiting_oldest: p.waiting_since.map(|t| now.saturating_duration_since(t)),
             last_tag: p.last_tag,
             lag_bytes: p.lag_bytes,
+            lag_age: p.lag_since.map(|t| now.saturating_duration_since(t)),
+            witness: p.witness,
             stages: p.stages,
             peer: self.inner.peer.borrow().clone(),
         }

@@ -56,25 +56,6 @@ impl Progress {
         (self.active() && rate > 0)
             .then(|| Duration::from_secs_f64(self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate as f64))
     }
-
-    /// The fields of a JSON object, without its braces (`rate_bytes_per_sec`, `eta_secs` as of
-    /// now), for callers that add their own.
-    pub fn json_fields(&self) -> String {
-        let now = Instant::now();
-        let eta = match self.eta_at(now) {
-            Some(d) => format!("{:.1}", d.as_secs_f64()),
-            None => "null".into(),
-        };
-        format!(
-            "\"active\":{},\"bytes_total\":{},\"bytes_done\":{},\"elapsed_secs\":{:.3},\"rate_bytes_per_sec\":{},\"eta_secs\":{}",
-            self.active(),
-            self.bytes_total,
-            self.bytes_done,
-            self.elapsed_at(now).as_secs_f64(),
-            self.rate_bytes_per_sec_at(now),
-            eta
-        )
-    }
 }
 
 /// What a verify pass found.
@@ -90,21 +71,6 @@ pub struct VerifyReport {
     /// Blocks rewritten (or trimmed) on the peer from the primary's copy, with `repair`.
     pub blocks_repaired: u64,
     pub elapsed: Duration,
-}
-
-impl VerifyReport {
-    pub fn to_json(&self) -> String {
-        let ranges: Vec<String> = self.ranges.iter().map(|(o, l)| format!("[{o},{l}]")).collect();
-        format!(
-            "{{\"bytes_compared\":{},\"blocks_differing\":{},\"ranges\":[{}],\"ranges_truncated\":{},\"blocks_repaired\":{},\"elapsed_secs\":{:.3}}}",
-            self.bytes_compared,
-            self.blocks_differing,
-            ranges.join(","),
-            self.ranges_truncated,
-            self.blocks_repaired,
-            self.elapsed.as_secs_f64()
-        )
-    }
 }
 
 /// What the primary knows of its peer.
@@ -167,6 +133,11 @@ pub struct PrimaryStatus {
     pub last_tag: u64,
     /// Bytes of writes the peer does not have in its log yet (see `Lag`).
     pub lag_bytes: u64,
+    /// How long ago the oldest of those writes was made (None: the peer has every write).
+    pub lag_age: Option<Duration>,
+    /// Whether the witness answered the last request this primary sent it, and why not (None
+    /// without a witness).
+    pub witness: Option<Result<(), String>>,
     /// Where answered operations spent their time.
     pub stages: super::Stages,
     pub peer: PeerView,

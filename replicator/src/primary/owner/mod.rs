@@ -146,6 +146,11 @@ pub(super) struct Handshake {
 pub(super) struct Published {
     pub last_tag: u64,
     pub lag_bytes: u64,
+    /// When the oldest write the peer lacks was made.
+    pub lag_since: Option<Instant>,
+    /// The witness answered the last request this primary sent it (None without a witness), and
+    /// why not.
+    pub witness: Option<Result<(), String>>,
     pub waiting: usize,
     pub waiting_since: Option<Instant>,
     pub stages: Stages,
@@ -560,7 +565,7 @@ impl Owner {
                 let r = self.store.enqueue_write(self.volume, offset, data.clone(), fua, Tag::seq(tag)).await;
                 let Some((pending, reply)) = queued(r, reply) else { return };
                 self.next_tag += 1;
-                self.lag.wrote(tag, n);
+                self.lag.wrote(tag, n, Instant::now());
                 self.commit_loop.note_write();
                 let peer_fua = fua || self.commit_loop.flush_expected();
                 self.ship(Out::Frame(Frame::Write { tag, offset, fua: peer_fua, data }));
@@ -966,6 +971,11 @@ impl Owner {
         let p = Published {
             last_tag: self.next_tag - 1,
             lag_bytes: self.lag.bytes_after(applied),
+            lag_since: self.lag.oldest_after(applied),
+            witness: self.cfg.witness.map(|_| match self.last_witness_error.as_str() {
+                "" => Ok(()),
+                e => Err(e.to_string()),
+            }),
             waiting: n,
             waiting_since: since,
             stages: self.stages,

@@ -109,6 +109,7 @@ impl Owner {
                 self.solo_until = Some(grant.valid_until);
             }
             (Ask::Solo, Ok(grant)) if now < grant.valid_until => {
+                self.last_witness_error.clear();
                 self.solo_until = Some(grant.valid_until);
                 tracing::warn!(volume = %self.name, "peer away: continuing alone with the witness's consent (RPO > 0 until it resyncs)");
                 self.peer.send_modify(|v| v.solo = true);

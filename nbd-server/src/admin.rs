@@ -1,0 +1,415 @@
+//! The admin endpoint (`--admin`): HTTP/1.1, JSON for status and commands, the Prometheus text
+//! format for metrics. `curl` and any monitoring agent can use it; `syncblock status`, `promote`,
+//! `demote` and `verify` are its clients.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /status[?volume=NAME]` | [`StatusDoc`] |
+//! | `GET /metrics` | Prometheus exposition ([`crate::metrics`]) |
+//! | `POST /promote?[volume=NAME][&force=true]` | [`Answer`] with `epoch` |
+//! | `POST /demote?[volume=NAME]` | [`Answer`] with `role` |
+//! | `POST /verify?[volume=NAME][&repair=true]` | [`Answer`] with `verify` |
+//!
+//! A command that is refused answers 409 (or 404 for an unknown volume, 400 for a bad request)
+//! with `ok: false` and an `error` that names the cause.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES};
+use syncblock_replicator::status::VerifyReportView;
+use syncblock_replicator::{Node, StatusView};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// Admin connections open at once. An operator's CLI, a Prometheus scraper and a supervisor's
+/// health check need a handful; the bound keeps a flood of connections from taking the
+/// descriptors that NBD clients need. Connections beyond it wait to be accepted.
+pub const ADMIN_CONNECTIONS_MAX: usize = 64;
+
+/// What `GET /status` answers: this node's store and each of its volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// The node's name (`--node`).
+    pub node: String,
+    pub version: String,
+    pub store: StoreDoc,
+    pub volumes: Vec<VolumeDoc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreDoc {
+    pub path: String,
+    /// The store file's or device's size.
+    pub size_bytes: u64,
+    /// The log's capacity (the size less the superblocks and checkpoint slots), and how much of
+    /// it is in segments holding data or free.
+    pub log_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    /// Current data in the log.
+    pub live_bytes: u64,
+    /// The volumes' sizes added up: more than `size_bytes` is overcommitted (a volume as large as
+    /// the store is not: the store is then full before the volume, by the log's overhead).
+    pub provisioned_bytes: u64,
+    /// Bytes a sparse store file may still grow by that its file system does not have free.
+    pub backing_shortfall_bytes: u64,
+    pub write_amplification: f64,
+    pub client_written_bytes: u64,
+    pub log_written_bytes: u64,
+    pub cleaner_copied_bytes: u64,
+    pub segments_cleaned: u64,
+    pub checkpoints: u64,
+    pub syncs: u64,
+    pub io_errors: u64,
+    /// An I/O error stopped the store; it refuses writes until restarted.
+    pub poisoned: bool,
+}
+
+impl StoreDoc {
+    /// Promised more than it may be able to hold: volumes larger than the store together, or a
+    /// sparse store file its file system cannot fill.
+    pub fn overcommitted(&self) -> bool {
+        self.provisioned_bytes > self.size_bytes || self.backing_shortfall_bytes > 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeDoc {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Bytes holding written data.
+    pub mapped_bytes: u64,
+    pub read_only: bool,
+    /// Without replication: None.
+    pub replication: Option<StatusView>,
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyReportView>,
+}
+
+/// What the endpoint serves from.
+#[derive(Debug)]
+pub struct Admin {
+    pub store: Store,
+    pub store_path: PathBuf,
+    pub node: String,
+    /// The replicated volumes' nodes.
+    pub nodes: Vec<Node>,
+    pub read_only: Vec<String>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A request refused: the HTTP status and why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: StatusCode,
+    pub error: String,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.code, Json(Answer { ok: false, error: Some(self.error), ..Answer::default() })).into_response()
+    }
+}
+
+fn refuse(code: StatusCode, error: String) -> Refusal {
+    Refusal { code, error }
+}
+
+/// The HTTP status for a failure class: one exhaustive match, as `server::nbd_errno` is for NBD.
+pub fn http_status(class: ErrorClass) -> StatusCode {
+    match class {
+        ErrorClass::Invalid | ErrorClass::OutOfRange => StatusCode::BAD_REQUEST,
+        ErrorClass::NotFound => StatusCode::NOT_FOUND,
+        ErrorClass::Conflict => StatusCode::CONFLICT,
+        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+        ErrorClass::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorClass::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::Failed | ErrorClass::Unusable => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<syncblock_replicator::ReplError> for Refusal {
+    fn from(e: syncblock_replicator::ReplError) -> Refusal {
+        refuse(http_status(e.class()), e.to_string())
+    }
+}
+
+impl From<syncblock_engine::Error> for Refusal {
+    fn from(e: syncblock_engine::Error) -> Refusal {
+        refuse(http_status(e.class()), e.to_string())
+    }
+}
+
+impl Admin {
+    /// A snapshot of the store and its volumes (all, or the one named).
+    pub async fn status(&self, volume: Option<&str>) -> Result<StatusDoc, Refusal> {
+        let stats = self.store.stats().await?;
+        let list = self.store.list_volumes().await?;
+        if let Some(v) = volume.filter(|v| !list.iter().any(|x| x.name == *v)) {
+            let names: Vec<_> = list.iter().map(|x| x.name.as_str()).collect();
+            return Err(refuse(StatusCode::NOT_FOUND, format!("no volume {v} here (volumes: {})", names.join(", "))));
+        }
+        let mut volumes = Vec::new();
+        for v in list.iter().filter(|x| volume.is_none_or(|n| x.name == n)) {
+            let replication = match self.nodes.iter().find(|n| n.volume() == v.name) {
+                Some(n) => Some(n.status().await.view()),
+                None => None,
+            };
+            volumes.push(VolumeDoc {
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                mapped_bytes: v.mapped_bytes,
+                read_only: self.read_only.contains(&v.name),
+                replication,
+            });
+        }
+        let seg = stats.segment_bytes;
+        let log_bytes = u64::from(stats.n_segments) * seg;
+        let bb = BLOCK_BYTES as u64;
+        let store = StoreDoc {
+            path: self.store_path.display().to_string(),
+            size_bytes: device_bytes(&self.store_path).unwrap_or(log_bytes).max(log_bytes),
+            log_bytes,
+            used_bytes: u64::from(stats.n_segments - stats.free_segments.min(stats.n_segments)) * seg,
+            free_bytes: u64::from(stats.free_segments) * seg,
+            live_bytes: stats.live_blocks * bb,
+            provisioned_bytes: list.iter().map(|v| v.size_bytes).sum(),
+            backing_shortfall_bytes: backing_shortfall(&self.store_path),
+            write_amplification: (stats.write_amplification() * 1000.0).round() / 1000.0,
+            client_written_bytes: stats.user_blocks_written * bb,
+            log_written_bytes: stats.log_blocks_written * bb,
+            cleaner_copied_bytes: stats.gc_blocks_copied * bb,
+            segments_cleaned: stats.segments_cleaned,
+            checkpoints: stats.checkpoints,
+            syncs: stats.syncs,
+            io_errors: stats.io_errors,
+            poisoned: stats.poisoned,
+        };
+        Ok(StatusDoc { node: self.node.clone(), version: env!("CARGO_PKG_VERSION").into(), store, volumes })
+    }
+
+    /// The replicated volume a command names, or the only one.
+    fn node(&self, volume: Option<&str>) -> Result<&Node, Refusal> {
+        let names = || self.nodes.iter().map(|n| n.volume()).collect::<Vec<_>>().join(", ");
+        if self.nodes.is_empty() {
+            return Err(refuse(StatusCode::CONFLICT, "this node replicates no volume".into()));
+        }
+        match volume {
+            Some(v) => self.nodes.iter().find(|n| n.volume() == v).ok_or_else(|| {
+                refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("volume {v} is not replicated by this node (it replicates {})", names()),
+                )
+            }),
+            None if self.nodes.len() == 1 => Ok(&self.nodes[0]),
+            None => Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("this node replicates {}: name one with --volume", names()),
+            )),
+        }
+    }
+}
+
+/// The size of the store file or block device at `path`.
+pub fn device_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::io::Seek;
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(std::io::SeekFrom::End(0)).ok()
+}
+
+/// How much a sparse store file may still grow beyond its file system's free space (0 for a
+/// block device, a fully allocated file, or when the sizes cannot be read).
+pub fn backing_shortfall(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = std::fs::metadata(path) else { return 0 };
+    if meta.file_type().is_block_device() {
+        return 0;
+    }
+    let unallocated = meta.len().saturating_sub(meta.blocks() * 512);
+    unallocated.saturating_sub(fs_free_bytes(path).unwrap_or(u64::MAX))
+}
+
+/// Bytes an unprivileged writer may still allocate on the file system holding `path`.
+fn fs_free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory of the right size.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types vary by platform (u32 on some 32-bit ones).
+    #[allow(clippy::unnecessary_cast)]
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    volume: Option<String>,
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    repair: bool,
+}
+
+/// The HTTP routes.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/status", get(get_status))
+        .route("/metrics", get(get_metrics))
+        .route("/promote", post(post_promote))
+        .route("/demote", post(post_demote))
+        .route("/verify", post(post_verify))
+        .fallback(|| async {
+            refuse(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: GET /status, GET /metrics, POST /promote, /demote or /verify".into(),
+            )
+        })
+        .with_state(admin)
+}
+
+async fn get_status(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Result<Json<StatusDoc>, Refusal> {
+    a.status(p.volume.as_deref()).await.map(Json)
+}
+
+/// OpenMetrics to a scraper that asks for it (Prometheus does), the Prometheus text format to
+/// anyone else (`curl`, `promtool check metrics`).
+async fn get_metrics(State(a): State<Arc<Admin>>, headers: axum::http::HeaderMap) -> Response {
+    let doc = match a.status(None).await {
+        Ok(doc) => doc,
+        Err(r) => return r.into_response(),
+    };
+    let text = a.metrics.render(doc);
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    } else {
+        let text = crate::metrics::openmetrics_to_prometheus(&text);
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    }
+}
+
+async fn post_promote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Result<Json<Answer>, Refusal> {
+    let node = a.node(p.volume.as_deref())?;
+    match node.promote(p.force).await {
+        Ok(epoch) => {
+            Ok(Json(Answer { ok: true, volume: Some(node.volume().into()), epoch: Some(epoch), ..Answer::default() }))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn post_demote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Result<Json<Answer>, Refusal> {
+    let node = a.node(p.volume.as_deref())?;
+    match node.demote().await {
+        Ok(()) => Ok(Json(Answer {
+            ok: true,
+            volume: Some(node.volume().into()),
+            role: Some("secondary".into()),
+            ..Answer::default()
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn post_verify(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Result<Json<Answer>, Refusal> {
+    let node = a.node(p.volume.as_deref())?;
+    match node.verify(p.repair).await {
+        Ok(report) => Ok(Json(Answer {
+            ok: true,
+            volume: Some(node.volume().into()),
+            verify: Some((&report).into()),
+            ..Answer::default()
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Serves the admin endpoint on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) -> std::io::Result<()> {
+    let limited = Limited { listener, slots: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)) };
+    axum::serve(limited, router(admin)).await
+}
+
+/// A TCP listener that holds at most [`ADMIN_CONNECTIONS_MAX`] connections open.
+struct Limited {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Slotted;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Slotted, std::net::SocketAddr) {
+        let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, addr)) => return (Slotted { stream, _slot: slot }, addr),
+                // Out of descriptors, or a connection reset before it was accepted: wait a
+                // little rather than spin.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection holding its slot until it closes.
+struct Slotted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Slotted {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Slotted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,298 @@
+//! The command line: every subcommand and its flags. Each flag lives on the subcommands it acts
+//! on (a `--store` on `witness` would do nothing, so it is not accepted there).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use syncblock_nbd::config::{ReplNodeOptions, ReplPolicy, ReplRole, ReplVolume, VolumeSpec};
+use syncblock_nbd::size::parse_size;
+
+/// The default admin endpoint of `syncblock pair` (the NBD port plus one would collide with a
+/// second `pair` less predictably than a fixed, documented port).
+pub const PAIR_ADMIN: &str = "127.0.0.1:7950";
+
+#[derive(Parser, Debug)]
+#[command(name = "syncblock", version, about = "Crash-safe block store exported over NBD, mirrored synchronously")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Worker threads of a serving process.
+#[derive(clap::Args, Debug)]
+pub struct Threads {
+    /// Worker threads [default: half the CPUs, at least 1].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+}
+
+// Parsed once at startup; boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve every volume of a store as an NBD export named after it.
+    Serve {
+        /// The store file or block device [default: syncblock-data/store.img].
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Create the store if it does not exist (without it, a missing store is an error, so that
+        /// a typo in --store never serves a new, empty volume under a known export name).
+        #[arg(long)]
+        create: bool,
+        /// TOML file with these options (format in README.md); flags given as well override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Size of the store file to create with --create [default: 10GiB]. Units: K, M, G, T
+        /// and KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB, TB powers of 1000.
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        /// Volumes to create if missing, as NAME:SIZE (repeatable). Without any, and with no
+        /// volume in the store, a volume "default" as large as the store is created.
+        #[arg(long = "volume", value_name = "NAME:SIZE", value_parser = volume_arg)]
+        volumes: Vec<VolumeSpec>,
+        /// TCP address to listen on [default: 127.0.0.1:10809].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Also listen on this unix socket.
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// The volume served under the empty export name (default: the first volume).
+        #[arg(long)]
+        default_export: Option<String>,
+        /// Export this volume read-only (repeatable).
+        #[arg(long = "read-only", value_name = "NAME")]
+        read_only: Vec<String>,
+        /// Answer a write without FUA only once it is written, not once it is queued
+        /// (write-back, the default). NBD promises durability only for FUA writes and flushes
+        /// either way; write-through also keeps every answered write across a crash of this
+        /// process (not of the machine), at the cost of latency (docs/durability.md).
+        #[arg(long)]
+        write_through: bool,
+        /// When creating the store file, write zeros over all of it first (like `qemu-img create
+        /// -o preallocation=full`): a sparse file makes every durable write about twice as slow
+        /// until the log has wrapped once (ext4 allocates blocks and commits its journal). Takes
+        /// a few seconds per 10 GiB; ignored for an existing store and for block devices.
+        #[arg(long)]
+        zero_fill: bool,
+        /// HTTP admin endpoint: `GET /status` (JSON), `GET /metrics` (Prometheus), and the
+        /// commands behind `syncblock status`, `promote`, `demote` and `verify`.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        #[command(flatten)]
+        repl: ReplArgs,
+        #[command(flatten)]
+        threads: Threads,
+    },
+    /// Run a replicated pair and its witness in one process: a primary serving NBD and a secondary
+    /// on its own store, mirrored synchronously over loopback, with epochs granted by the witness
+    /// (a demonstration of the full path; real deployments run one `serve --role …` per node and
+    /// a `witness` on a third machine). Creates its stores in --data-dir the first time.
+    Pair {
+        /// Size of each store file to create when it does not exist (units as for `serve --size`).
+        #[arg(long, default_value = "10GiB", value_parser = size_arg)]
+        size: u64,
+        /// TCP address for NBD.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: SocketAddr,
+        /// Directory holding both stores and the witness's state.
+        #[arg(long, default_value = "syncblock-data")]
+        data_dir: PathBuf,
+        /// HTTP admin endpoint of the primary, for `syncblock status`, `promote`, `verify` and
+        /// Prometheus (`/metrics`).
+        #[arg(long, default_value = PAIR_ADMIN)]
+        admin: SocketAddr,
+        #[command(flatten)]
+        threads: Threads,
+    },
+    /// Run the witness: the tie-breaker that grants epochs, solo operation and failover.
+    Witness {
+        /// TCP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        listen: SocketAddr,
+        /// File holding the witness's decisions (created if missing).
+        #[arg(long, default_value = "syncblock-data/witness.state")]
+        state: PathBuf,
+        /// The lease a primary holds: it may acknowledge writes alone (degrade policy) for this
+        /// long after sending a request the witness answered, and the witness hands its role to
+        /// another node only after 1.5 leases without a report from it. Failover after a
+        /// primary's crash takes about 1.5 leases (docs/replication.md, "Failover time").
+        #[arg(long, alias = "timeout-ms", default_value = "500", value_name = "MS",
+              value_parser = clap::value_parser!(u64).range(20..=600_000))]
+        lease_ms: u64,
+    },
+    /// Show a node's status: its store, and per volume the role, epoch, peer, lag in bytes and
+    /// seconds, whether RPO = 0 holds, and resync and verify progress.
+    Status {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Only this volume [default: every one].
+        #[arg(long)]
+        volume: Option<String>,
+        /// Print the status as one JSON object (the admin endpoint's `GET /status`).
+        #[arg(long)]
+        json: bool,
+        /// On a primary: wait until every replicated volume (or --volume) has RPO = 0 (its peer
+        /// connected and in sync), showing the resync's progress, then print the status. Fails
+        /// after --wait-max.
+        #[arg(long)]
+        wait_sync: bool,
+        /// The longest --wait-sync waits, in seconds.
+        #[arg(long, default_value = "86400", value_name = "SECS")]
+        wait_max: u64,
+    },
+    /// Compare both replicas of a primary's volume by block checksums while I/O continues; prints
+    /// the differing ranges and fails if there are any.
+    Verify {
+        /// The primary's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Also rewrite the differing blocks on the secondary from the primary's copy.
+        #[arg(long)]
+        repair: bool,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote a secondary to primary (asks the witness, if the node has one).
+    Promote {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// Take over even if the witness says the old primary may hold writes this node lacks.
+        #[arg(long)]
+        force: bool,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Step a primary down to secondary: resolves a split brain without a witness (both nodes
+    /// primary in the same epoch). This node's writes that its peer lacks are discarded when the
+    /// peer resyncs it.
+    Demote {
+        /// The node's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Manage the volumes of a store offline (no server may be running on the store).
+    Volume {
+        /// The store file or block device [default: syncblock-data/store.img].
+        #[arg(long, global = true)]
+        store: Option<PathBuf>,
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
+}
+
+/// Synchronous replication (see docs/replication.md). These flags replicate one volume; the
+/// config file can replicate several, each with its own replication port.
+#[derive(clap::Args, Debug)]
+pub struct ReplArgs {
+    /// This node's role for the replicated volume the first time it runs; afterwards the role the
+    /// store last had wins (promotion and deposition change it). Without it (and without
+    /// `replicate` in the config file), nothing is replicated.
+    #[arg(long, value_enum)]
+    role: Option<ReplRole>,
+    /// The peer's replication address (its --repl-listen), dialed while this node is primary.
+    #[arg(long, requires = "role")]
+    peer: Option<SocketAddr>,
+    /// Where to accept the primary's replication connection while this node is secondary.
+    #[arg(long, requires = "role")]
+    repl_listen: Option<SocketAddr>,
+    /// The replicated volume (default: the default export).
+    #[arg(long, requires = "role")]
+    replicate: Option<String>,
+    /// This node's name in logs, at the witness and in its peer's messages [default: syncblock].
+    #[arg(long)]
+    node: Option<String>,
+    /// Heartbeat timeout: a silent link is declared dead after this long [default: 1000].
+    #[arg(long, value_name = "MS")]
+    repl_timeout_ms: Option<u64>,
+    /// The witness (`syncblock witness`): grants epochs, solo operation and failover.
+    #[arg(long)]
+    witness: Option<SocketAddr>,
+    /// What the primary does while its peer is away: wait (strict, RPO = 0, no automatic
+    /// failover) or continue alone with the witness's consent (degrade) [default: degrade with
+    /// --witness, strict without].
+    #[arg(long, value_enum, requires = "role")]
+    policy: Option<ReplPolicy>,
+    /// Do not promote this node automatically when its primary is gone (with a witness, it does
+    /// by default).
+    #[arg(long, requires = "role")]
+    no_auto_failover: bool,
+}
+
+impl ReplArgs {
+    /// The replicated volume these flags describe (if any) and this node's settings.
+    pub fn options(self, admin: Option<SocketAddr>) -> (Vec<ReplVolume>, ReplNodeOptions) {
+        let volume = self.role.map(|role| ReplVolume {
+            volume: self.replicate,
+            role,
+            peer: self.peer,
+            listen: self.repl_listen,
+            policy: self.policy,
+            auto_failover: !self.no_auto_failover,
+        });
+        let node = ReplNodeOptions { node: self.node, witness: self.witness, timeout_ms: self.repl_timeout_ms, admin };
+        (volume.into_iter().collect(), node)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a thin volume (it uses store space only as it is written).
+    Create {
+        name: String,
+        /// Its size (units as for `serve --size`); a multiple of 4 KiB.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// List the volumes: name, size, bytes written.
+    List,
+    /// Grow or shrink a volume (shrinking discards the blocks past the new end).
+    Resize {
+        name: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// Delete a volume and everything written to it.
+    Delete { name: String },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).ok_or_else(|| {
+        format!("invalid size {s:?}: use e.g. 10GiB or 10G (powers of 1024), 10GB (powers of 1000), or bytes")
+    })
+}
+
+fn volume_arg(s: &str) -> Result<VolumeSpec, String> {
+    VolumeSpec::from_flag(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_are_accepted_only_where_they_act() {
+        assert!(Cli::try_parse_from(["syncblock", "witness", "--store", "x"]).is_err());
+        assert!(Cli::try_parse_from(["syncblock", "status", "--admin", "127.0.0.1:1", "--threads", "2"]).is_err());
+        assert!(Cli::try_parse_from(["syncblock", "pair", "--store", "x"]).is_err());
+        assert!(Cli::try_parse_from(["syncblock", "serve", "--store", "x", "--create", "--threads", "2"]).is_ok());
+        assert!(Cli::try_parse_from(["syncblock", "volume", "list", "--store", "x"]).is_ok());
+        assert!(Cli::try_parse_from(["syncblock", "volume", "--store", "x", "list"]).is_ok());
+    }
+}
