@@ -54,7 +54,7 @@ start_stack() {
   rm -rf "$DIR/s"; mkdir -p "$DIR/s"
   case $1 in
     sb-single)
-      "$BIN" --store "$DIR/s/a.img" serve --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
+      "$BIN" serve --create --store "$DIR/s/a.img" --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
         --listen "127.0.0.1:0" >"$DIR/s/a.out" 2>"$DIR/s/a.log" & PIDS+=($!)
       URI="$(wait_line "$DIR/s/a.out" '(default export' | awk '{print $1}')/vol" ;;
     sb-pair)
@@ -62,16 +62,16 @@ start_stack() {
       "$BIN" witness --listen 127.0.0.1:0 --state "$DIR/s/witness.state" >"$DIR/s/w.out" 2>"$DIR/s/w.log" & PIDS+=($!)
       w=$(wait_line "$DIR/s/w.out" '^witness on ' | awk '{print $3}')
       ar=$(port); br=$(port); AADMIN=127.0.0.1:$(port)
-      "$BIN" --store "$DIR/s/b.img" serve --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
+      "$BIN" serve --create --store "$DIR/s/b.img" --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
         --listen 127.0.0.1:0 --role secondary --repl-listen "127.0.0.1:$br" --peer "127.0.0.1:$ar" \
         --witness "$w" --admin "127.0.0.1:$(port)" --node b >"$DIR/s/b.out" 2>"$DIR/s/b.log" & PIDS+=($!)
       wait_line "$DIR/s/b.out" '^admin endpoint' >/dev/null
-      "$BIN" --store "$DIR/s/a.img" serve --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
+      "$BIN" serve --create --store "$DIR/s/a.img" --size="$STORE_SIZE" --zero-fill --volume="vol:$VOL_SIZE" \
         --listen 127.0.0.1:0 --role primary --repl-listen "127.0.0.1:$ar" --peer "127.0.0.1:$br" \
         --witness "$w" --admin "$AADMIN" --node a >"$DIR/s/a.out" 2>"$DIR/s/a.log" & PIDS+=($!)
       URI="$(wait_line "$DIR/s/a.out" '(default export' | awk '{print $1}')/vol"
       for _ in $(seq 600); do
-        "$BIN" status --admin "$AADMIN" 2>/dev/null | grep -q '"in_sync":true' && break; sleep 0.1
+        "$BIN" status --json --admin "$AADMIN" 2>/dev/null | grep -q '"in_sync":true' && break; sleep 0.1
       done ;;
     qemu-nbd)
       local p; p=$(port)

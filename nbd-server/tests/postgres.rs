@@ -717,11 +717,13 @@ fn check_table(pg: &Pg, host: &Host, ledger: &Mutex<Ledger>) -> Check {
 // ---- The nodes ---------------------------------------------------------------------------------
 
 /// The one place that builds a node's `syncblock` command line (for its first start and its
-/// restarts alike): the default policy and automatic failover, so no `--policy`.
+/// restarts alike, so `--create` on both: it creates the store only if missing): the default
+/// policy and automatic failover, so no `--policy`.
 fn serve_args(store: &Path, role: &str, repl: &str, peer: &str, admin: &str, node: &str, witness: &str) -> Vec<String> {
     vec![
-        format!("--store={}", store.display()),
         "serve".into(),
+        format!("--store={}", store.display()),
+        "--create".into(),
         format!("--size={STORE_SIZE}"),
         format!("--volume={VOLUME}:{VOLUME_BYTES}"),
         "--listen=127.0.0.1:0".into(),
@@ -734,26 +736,26 @@ fn serve_args(store: &Path, role: &str, repl: &str, peer: &str, admin: &str, nod
     ]
 }
 
-/// `syncblock status --admin ADDR`: the status object of the volume, parsed, or why there is none.
+/// `syncblock status --json --admin ADDR`: the replication status of the volume, parsed, or why
+/// there is none.
 fn status(admin: &str) -> Result<serde_json::Value, String> {
-    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--admin", admin]);
+    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]);
     if code != 0 {
         return Err(format!("status exited with {code}: {out}{err}"));
     }
-    // One JSON object per replicated volume, one per line.
-    for line in out.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("status printed {line:?}: {e}"))?;
-        if v["volume"] == VOLUME {
-            return Ok(v);
-        }
+    // The node's document: its store and its volumes, each with its replication status.
+    let doc: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("status printed {out:?}: {e}"))?;
+    let volumes = doc["volumes"].as_array().ok_or_else(|| format!("no volumes in {out}"))?;
+    match volumes.iter().find(|v| v["name"] == VOLUME) {
+        Some(v) if v["replication"].is_object() => Ok(v["replication"].clone()),
+        _ => Err(format!("no replication status for volume {VOLUME} in {out}")),
     }
-    Err(format!("no status for volume {VOLUME} in {out:?}"))
 }
 
-/// `syncblock verify --admin ADDR` on a primary: the report, parsed, if the CLI succeeded (which it
-/// does only when the replicas are identical).
+/// `syncblock verify --json --admin ADDR` on a primary: its answer, parsed, if the CLI succeeded
+/// (which it does only when the replicas are identical).
 fn verify(admin: &str) -> Result<serde_json::Value, String> {
-    let (code, out, err) = run(CLI_MAX, BIN, &["verify", "--admin", admin]);
+    let (code, out, err) = run(CLI_MAX, BIN, &["verify", "--json", "--admin", admin]);
     let report = out.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
     match (code, report) {
         (0, Some(v)) => Ok(v),
