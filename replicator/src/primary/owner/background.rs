@@ -128,12 +128,15 @@ impl Owner {
         self.peer.send_modify(|v| {
             v.in_sync = true;
             // The peer has everything: every write is confirmed by it again (the witness hears
-            // that the pair is in sync at the next report, which clears its solo mark).
+            // that the pair is in sync at the report sent now, which clears its solo mark).
             v.solo = false;
             v.resync.bytes_done = total;
             v.resync.end();
         });
         self.ops_dirty = true;
+        // Tell the witness at once: a pair becomes allowed to continue alone (degrade) only once
+        // the witness has heard it was in sync.
+        self.timers.report = Instant::now();
     }
 
     pub(super) async fn start_verify(&mut self, repair: bool, reply: oneshot::Sender<Result<VerifyReport>>) {
