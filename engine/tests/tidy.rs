@@ -113,3 +113,88 @@ fn the_table_of_limits_and_the_code_agree() {
     }
     assert!(problems.is_empty(), "the table of limits and the code disagree:\n{}", problems.join("\n"));
 }
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn anchors(text: &str) -> Vec<String> {
+    let mut in_code = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        if !in_code && line.starts_with('#') {
+            out.push(slug(line.trim_start_matches('#')));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_docs_links_and_the_paths_they_name_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut docs = vec![root.join("README.md"), root.join("ARCHITECTURE.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            docs.push(p);
+        }
+    }
+    let mut problems = Vec::new();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        let rel = doc.strip_prefix(root).unwrap().display().to_string();
+        let dir = doc.parent().unwrap();
+        // Markdown links to files of the repository and to headings.
+        for link in text.split("](").skip(1).filter_map(|r| r.split(')').next()) {
+            if link.contains("://") || link.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = link.split_once('#').unwrap_or((link, ""));
+            let target = if file.is_empty() { doc.clone() } else { dir.join(file) };
+            if !target.exists() {
+                problems.push(format!("{rel}: link to {link}: no such file"));
+                continue;
+            }
+            if !anchor.is_empty() && target.extension().is_some_and(|x| x == "md") {
+                let there = std::fs::read_to_string(&target).unwrap();
+                if !anchors(&there).iter().any(|a| a == anchor) {
+                    problems.push(format!("{rel}: link to {link}: no such heading"));
+                }
+            }
+        }
+        // Paths of the repository named in backticks (`docs/x.md`, `nbd-server/src/y.rs`).
+        let tops = ["docs/", "benches/", "engine/", "replicator/", "nbd-server/", "dist/", "fuzz/", ".ci/"];
+        let mut in_code = false;
+        let prose = text.lines().filter(|l| {
+            if l.starts_with("```") {
+                in_code = !in_code;
+                return false;
+            }
+            !in_code
+        });
+        for word in prose.flat_map(ticked) {
+            let path = word.split_whitespace().next().unwrap_or("");
+            if !tops.iter().any(|t| path.starts_with(t)) || path.contains(['*', '<', '…', '{']) {
+                continue;
+            }
+            let path = path.trim_end_matches([',', '.', ':', ')']);
+            if !root.join(path).exists() {
+                problems.push(format!("{rel}: names `{path}`, which does not exist"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "stale references in the docs:\n{}", problems.join("\n"));
+}
