@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::proc::Proc;
+use common::proc::{free_port_addr, tail, Proc};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// The Python whose `nbd` module is python3-libnbd (not whichever python3 comes first in PATH).
@@ -409,27 +409,6 @@ fn verify_record(dir: &Path, uri: &str, what: &str) -> u64 {
 }
 
 // ---- Processes and their answers --------------------------------------------------------------
-
-/// An address nobody listens on now: bound to port 0, then released.
-fn free_port_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The last `n` lines of a log file, without the colour codes of its log lines.
-fn tail(log: &Path, n: usize) -> String {
-    let raw = std::fs::read_to_string(log).unwrap_or_default();
-    let mut text = String::with_capacity(raw.len());
-    let mut rest = raw.as_str();
-    while let Some(at) = rest.find("\x1b[") {
-        text += &rest[..at];
-        let code = &rest[at + 2..];
-        rest = code.find('m').map_or("", |end| &code[end + 1..]);
-    }
-    text += rest;
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// `syncblock args…` with stderr appended to `log`.
 fn syncblock(log: &Path, args: &[String]) -> Proc {

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::random_image;
-use common::tools::{ok, path, tool};
+use common::tools::{missing_tool, ok, path, tool};
 
 const VOLUME_BYTES: u64 = 256 << 20;
 /// Longest wait for a process to start serving or to exit.
@@ -34,20 +34,14 @@ fn missing_prerequisite() -> Option<String> {
             return Some(format!("{dev} is missing (a container without FUSE or loop devices?)"));
         }
     }
-    for (name, package) in [
+    missing_tool(&[
         ("nbdfuse", "libnbd-bin"),
         ("losetup", "mount"),
         ("mount", "mount"),
         ("mkfs.ext4", "e2fsprogs"),
         ("e2fsck", "e2fsprogs"),
         ("sha256sum", "coreutils"),
-    ] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Some(format!("{name} is not installed (package {package}; .ci/run installs it)"));
-        }
-    }
-    None
+    ])
 }
 
 /// True if the test can run; panics under CI when it cannot, so CI never passes by skipping.

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::proc::Proc;
+use common::proc::{free_port_addr, Proc};
 use common::tools::{ok, path, tool};
 use syncblock_nbd::admin::StatusDoc;
 use syncblock_replicator::StatusView;
@@ -32,11 +32,6 @@ fn have_promtool() -> bool {
     assert!(!ci, "promtool is not installed (package prometheus; .ci/run installs it)");
     eprintln!("skipping: promtool is not installed (package prometheus)");
     false
-}
-
-fn free_port_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 fn get(admin: &str, path: &str) -> String {

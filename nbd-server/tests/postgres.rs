@@ -51,8 +51,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::proc::Proc;
-use common::tools::{ok, path, tool};
+use common::proc::{free_port_addr, tail, Proc};
+use common::tools::{missing_tool, ok, path, tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// The replicated volume: ext4 with PostgreSQL's ~40 MiB cluster and a few 16 MiB WAL segments.
@@ -145,7 +145,7 @@ fn missing_prerequisite() -> Result<Pg, String> {
             return Err(format!("{dev} is missing (a container without FUSE or loop devices?)"));
         }
     }
-    for (name, package) in [
+    if let Some(why) = missing_tool(&[
         ("nbdfuse", "libnbd-bin"),
         ("fusermount3", "fuse3"),
         ("losetup", "mount"),
@@ -154,11 +154,8 @@ fn missing_prerequisite() -> Result<Pg, String> {
         ("e2fsck", "e2fsprogs"),
         ("unshare", "util-linux"),
         ("setpriv", "util-linux"),
-    ] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Err(format!("{name} is not installed (package {package}; .ci/run installs it)"));
-        }
+    ]) {
+        return Err(why);
     }
     let pid_ns = Command::new("unshare").args(["--pid", "--fork", "true"]).env("PATH", path()).output();
     if !pid_ns.is_ok_and(|o| o.status.success()) {
@@ -874,27 +871,6 @@ impl Cluster {
 }
 
 // ---- Processes and waits -----------------------------------------------------------------------
-
-/// An address nobody listens on now: bound to port 0, then released.
-fn free_port_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// The last `n` lines of a log file, without the colour codes of its log lines.
-fn tail(log: &Path, n: usize) -> String {
-    let raw = std::fs::read_to_string(log).unwrap_or_default();
-    let mut text = String::with_capacity(raw.len());
-    let mut rest = raw.as_str();
-    while let Some(at) = rest.find("\x1b[") {
-        text += &rest[..at];
-        let code = &rest[at + 2..];
-        rest = code.find('m').map_or("", |end| &code[end + 1..]);
-    }
-    text += rest;
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 /// The rest of the first line `p` prints starting with `prefix`; fails with the end of `log` if
 /// the process exits or stays silent.

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::proc::Proc;
+use common::proc::{free_port_addr, Proc};
 use common::tools::{ok, tool};
 
 /// `syncblock serve` on `store`, its log beside it.
@@ -346,11 +346,6 @@ fn replication(admin: &str, volume: Option<&str>) -> Vec<serde_json::Value> {
 
 fn status(admin: &str) -> String {
     ok(env!("CARGO_BIN_EXE_syncblock"), &["status", "--json", "--admin", admin])
-}
-
-fn free_port_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 fn node(store: &Path, name: &str, role: &str, listen: &str, peer: &str, witness: &str, admin: &str) -> Proc {

@@ -1,5 +1,6 @@
 //! A `syncblock` child process whose stdout lines a test can wait for; killed (SIGKILL) and reaped
-//! when dropped, so a failing test leaves nothing running.
+//! when dropped, so a failing test leaves nothing running. Also the helpers every process test
+//! needs: a free port, the end of a log.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -65,4 +66,25 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// An address nobody listens on now: bound to port 0, then released.
+pub fn free_port_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// The last `n` lines of a log file, without the colour codes of its log lines.
+pub fn tail(log: &Path, n: usize) -> String {
+    let raw = std::fs::read_to_string(log).unwrap_or_default();
+    let mut text = String::with_capacity(raw.len());
+    let mut rest = raw.as_str();
+    while let Some(at) = rest.find("\x1b[") {
+        text += &rest[..at];
+        let code = &rest[at + 2..];
+        rest = code.find('m').map_or("", |end| &code[end + 1..]);
+    }
+    text += rest;
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -28,3 +28,13 @@ pub fn ok(name: &str, args: &[&str]) -> String {
     assert_eq!(code, 0, "{name} {args:?} failed:\nstdout:\n{so}\nstderr:\n{se}");
     so
 }
+
+/// The first of `tools` (name, Debian package) that is not installed, as a message naming the
+/// package; None when all are.
+pub fn missing_tool(tools: &[(&str, &str)]) -> Option<String> {
+    tools.iter().find_map(|(name, package)| {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
+        (!found.is_ok_and(|o| o.status.success()))
+            .then(|| format!("{name} is not installed (package {package}; .ci/run installs it)"))
+    })
+}
