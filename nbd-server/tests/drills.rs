@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::proc::{free_port_addr, tail, Proc};
+use common::rng::Rng;
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// The Python whose `nbd` module is python3-libnbd (not whichever python3 comes first in PATH).
@@ -492,31 +493,6 @@ fn json_is(json: &str, keys: &[&str], want: &str) -> bool {
     json_field(json, keys).as_deref() == Some(want)
 }
 
-/// Random choices from a seed (xorshift64): printed, and taken from `DRILL_SEED` if set.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env(test: &str) -> Rng {
-        let seed = std::env::var("DRILL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-        });
-        eprintln!("{test}: seed {seed} (DRILL_SEED={seed} repeats the choices)");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A duration in [lo_ms, hi_ms).
-    fn millis(&mut self, lo_ms: u64, hi_ms: u64) -> Duration {
-        Duration::from_millis(lo_ms + self.next() % (hi_ms - lo_ms))
-    }
-}
-
 // ---- A pair and its witness -----------------------------------------------------------------
 
 /// One node of a pair: its settings are kept so that a restart reuses its store and ports.
@@ -655,7 +631,7 @@ impl Pair {
 #[test]
 fn failover_with_defaults_keeps_every_flushed_block() {
     let _serial = serial();
-    let mut rng = Rng::from_env("failover_with_defaults_keeps_every_flushed_block");
+    let mut rng = Rng::from_env("DRILL_SEED", "failover_with_defaults_keeps_every_flushed_block");
     let mut pair = Pair::start(&[]);
     let (mut p, mut s) = (0, 1);
     for round in 1..=3 {
@@ -737,7 +713,7 @@ fn failover_with_defaults_keeps_every_flushed_block() {
 #[test]
 fn probes_on_a_secondary_replication_port_leave_the_session_alone() {
     let _serial = serial();
-    let mut rng = Rng::from_env("probes_on_a_secondary_replication_port_leave_the_session_alone");
+    let mut rng = Rng::from_env("DRILL_SEED", "probes_on_a_secondary_replication_port_leave_the_session_alone");
     let pair = Pair::start(&[]);
     let before = pair.nodes[0].status().unwrap();
     let resyncs = json_u64(&before, &["resync", "count"]);
@@ -897,7 +873,7 @@ fn admin_commands_at_a_wrong_port_fail() {
 #[test]
 fn immediate_restart_after_sigkill_succeeds() {
     let _serial = serial();
-    let mut rng = Rng::from_env("immediate_restart_after_sigkill_succeeds");
+    let mut rng = Rng::from_env("DRILL_SEED", "immediate_restart_after_sigkill_succeeds");
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store.img");
     let args: Vec<String> = vec![

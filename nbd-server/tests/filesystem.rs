@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::random_image;
-use common::tools::{missing_tool, ok, path, tool};
+use common::tools::{missing_tool, ok, path, quiet, tool, wait_exit};
 
 const VOLUME_BYTES: u64 = 256 << 20;
 /// Longest wait for a process to start serving or to exit.
@@ -126,25 +126,6 @@ impl Drop for Setup {
                 }
             }
         }
-    }
-}
-
-/// Runs a cleanup command, bounded, ignoring failure; true if it succeeded.
-fn quiet(cmd: &str, args: &[&str]) -> bool {
-    let out = Command::new("timeout").args(["-k", "5", "20", cmd]).args(args).env("PATH", path()).output();
-    out.is_ok_and(|o| o.status.success())
-}
-
-fn wait_exit(child: &mut Child, max: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + max;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -52,7 +52,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::proc::{free_port_addr, tail, Proc};
-use common::tools::{missing_tool, ok, path, tool};
+use common::rng::Rng;
+use common::tools::{missing_tool, ok, path, quiet, tool, wait_exit};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// The replicated volume: ext4 with PostgreSQL's ~40 MiB cluster and a few 16 MiB WAL segments.
@@ -347,25 +348,6 @@ fn signal(child: &Child, signal: i32) {
 fn signal_pid(pid: libc::pid_t, signal: i32) {
     // SAFETY: kill has no memory preconditions.
     unsafe { libc::kill(pid, signal) };
-}
-
-/// Runs a cleanup command, bounded, ignoring failure; true if it succeeded.
-fn quiet(cmd: &str, args: &[&str]) -> bool {
-    let out = Command::new("timeout").args(["-k", "5", "20", cmd]).args(args).env("PATH", path()).output();
-    out.is_ok_and(|o| o.status.success())
-}
-
-fn wait_exit(child: &mut Child, max: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + max;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// One host's directories under the test's temp dir.
@@ -908,31 +890,6 @@ fn wait_until<T>(what: &str, max: Duration, mut probe: impl FnMut() -> Result<T,
     }
 }
 
-/// Random choices from a seed (xorshift64): printed, and taken from `PG_SEED` if set.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("PG_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-        });
-        eprintln!("postgres failover test: seed {seed} (PG_SEED={seed} repeats the choices)");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A duration in [lo_ms, hi_ms).
-    fn millis(&mut self, (lo_ms, hi_ms): (u64, u64)) -> Duration {
-        Duration::from_millis(lo_ms + self.next() % (hi_ms - lo_ms))
-    }
-}
-
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -1002,7 +959,7 @@ fn first_host(setup: &mut Setup, pg: &Pg, host: &Host, uri: &str) {
 fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
     let Some(pg) = prerequisites() else { return };
     let rounds: usize = std::env::var("PG_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(ROUNDS_DEFAULT);
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::from_env("PG_SEED", "postgres failover test");
     let started = Instant::now();
     let dir = temp_dir(&pg);
     let root = dir.path().to_path_buf();
@@ -1027,7 +984,7 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
         let (dead, survivor) = (&hosts[p], &hosts[s]);
         let before = ledger.lock().unwrap().committed.len();
         let load = Load::start(&pg, dead, &ledger, &next_tx, round);
-        let load_for = rng.millis(LOAD_MS);
+        let load_for = rng.millis(LOAD_MS.0, LOAD_MS.1);
         std::thread::sleep(load_for);
         if !load.all_running() {
             let (ends, _) = load.finish();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proc;
+pub mod rng;
 pub mod tools;
 
 use std::net::SocketAddr;

@@ -1,7 +1,8 @@
 //! Running external tools from tests: each under `timeout`, with the system directories first in
 //! PATH; a missing tool fails the test, naming the package that provides it.
 
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// Runs `tool args…` under a 60 s timeout; returns (exit code, stdout, stderr).
 pub fn tool(tool: &str, args: &[&str]) -> (i32, String, String) {
@@ -37,4 +38,24 @@ pub fn missing_tool(tools: &[(&str, &str)]) -> Option<String> {
         (!found.is_ok_and(|o| o.status.success()))
             .then(|| format!("{name} is not installed (package {package}; .ci/run installs it)"))
     })
+}
+
+/// Runs a cleanup command, bounded, ignoring failure; true if it succeeded.
+pub fn quiet(cmd: &str, args: &[&str]) -> bool {
+    let out = Command::new("timeout").args(["-k", "5", "20", cmd]).args(args).env("PATH", path()).output();
+    out.is_ok_and(|o| o.status.success())
+}
+
+/// Waits up to `max` for `child` to exit; its status, or None if it still runs.
+pub fn wait_exit(child: &mut Child, max: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + max;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
