@@ -201,7 +201,12 @@ impl Admin {
             live_bytes: stats.live_blocks * bb,
             provisioned_bytes: list.iter().map(|v| v.size_bytes).sum(),
             backing_shortfall_bytes: backing_shortfall(&self.store_path),
-            write_amplification: (stats.write_amplification() * 1000.0).round() / 1000.0,
+            // Before any client write the ratio is the format's own blocks over nothing: say 1.
+            write_amplification: if stats.user_blocks_written == 0 {
+                1.0
+            } else {
+                (stats.write_amplification() * 1000.0).round() / 1000.0
+            },
             client_written_bytes: stats.user_blocks_written * bb,
             log_written_bytes: stats.log_blocks_written * bb,
             cleaner_copied_bytes: stats.gc_blocks_copied * bb,
