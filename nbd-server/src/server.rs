@@ -317,6 +317,9 @@ where
 /// A whole reply, as buffers written back to back (header bytes, then read data uncopied).
 type Reply = Vec<Bytes>;
 
+/// A request's reply: `Ok` for success, `Err` carrying the error reply.
+type Answer = Result<Reply, Reply>;
+
 async fn transmission<R, W>(
     mut r: R,
     w: W,
@@ -358,12 +361,12 @@ where
                             inflight.push(Box::pin(async move {
                                 let started = std::time::Instant::now();
                                 let (op, len) = (op_of(req.command), u64::from(req.len));
-                                let reply = ctx.execute(req, data).await;
+                                let answer = ctx.execute(req, data).await;
                                 if let Some(io) = io {
                                     let bytes = if op == Op::flush || op == Op::block_status { 0 } else { len };
-                                    io.record(op, bytes, started.elapsed(), !is_error(&reply));
+                                    io.record(op, bytes, started.elapsed(), answer.is_ok());
                                 }
-                                (reply, units)
+                                (answer.unwrap_or_else(|failed| failed), units)
                             }));
                         }
                     },
@@ -421,18 +424,6 @@ fn op_of(command: u16) -> Op {
         CMD_WRITE_ZEROES => Op::write_zeroes,
         CMD_BLOCK_STATUS => Op::block_status,
         _ => Op::cache,
-    }
-}
-
-/// Whether a reply reports an error: a simple reply with a non-zero errno, or a structured reply
-/// whose first chunk is an error chunk (type with the high bit set).
-fn is_error(reply: &Reply) -> bool {
-    let Some(head) = reply.first().filter(|h| h.len() >= 8) else { return false };
-    let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    match magic {
-        proto::SIMPLE_REPLY_MAGIC => head[4..8] != [0, 0, 0, 0],
-        proto::STRUCTURED_REPLY_MAGIC => head[6] & 0x80 != 0,
-        _ => false,
     }
 }
 
@@ -676,7 +667,7 @@ impl Ctx {
         Ok(())
     }
 
-    async fn execute(&self, req: RequestHeader, data: Bytes) -> Reply {
+    async fn execute(&self, req: RequestHeader, data: Bytes) -> Answer {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = u64::from(req.len);
         let t = &self.target;
@@ -691,8 +682,8 @@ impl Ctx {
             _ => Ok(()),
         };
         match res {
-            Ok(()) => simple_ok(req.cookie),
-            Err(f) => self.failed(&req, &f),
+            Ok(()) => Ok(simple_ok(req.cookie)),
+            Err(f) => Err(self.failed(&req, &f)),
         }
     }
 
@@ -701,7 +692,7 @@ impl Ctx {
         error_reply(self.session.structured, req.cookie, nbd_errno(f.class, req.command), &f.message)
     }
 
-    async fn read(&self, req: RequestHeader) -> Reply {
+    async fn read(&self, req: RequestHeader) -> Answer {
         let s = &self.session;
         let t = &self.target;
         let len = u64::from(req.len);
@@ -710,15 +701,15 @@ impl Ctx {
                 Ok(data) => {
                     let mut reply = simple_ok(req.cookie);
                     reply.push(data);
-                    reply
+                    Ok(reply)
                 }
-                Err(f) => self.failed(&req, &f),
+                Err(f) => Err(self.failed(&req, &f)),
             };
         }
         if len == 0 {
             let mut b = BytesMut::new();
             encode_chunk_none(&mut b, req.cookie);
-            return vec![b.freeze()];
+            return Ok(vec![b.freeze()]);
         }
         // Small reads skip hole detection: a second engine call (block status) would cost more than
         // sending the few zero bytes it could save. Sending zeros as data is always allowed.
@@ -730,7 +721,7 @@ impl Ctx {
         };
         let (data, extents) = match (data, extents) {
             (Ok(d), Ok(e)) => (d, e),
-            (Err(f), _) | (_, Err(f)) => return self.failed(&req, &f),
+            (Err(f), _) | (_, Err(f)) => return Err(self.failed(&req, &f)),
         };
         // Runs of (start, len, hole) covering the request; data runs merged.
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
@@ -764,14 +755,14 @@ impl Ctx {
                 reply.push(data.slice(from..from + n as usize));
             }
         }
-        reply
+        Ok(reply)
     }
 
-    async fn block_status(&self, req: RequestHeader) -> Reply {
+    async fn block_status(&self, req: RequestHeader) -> Answer {
         let len = u64::from(req.len);
         let extents = match self.target.block_status(req.offset, len).await {
             Ok(e) => e,
-            Err(f) => return self.failed(&req, &f),
+            Err(f) => return Err(self.failed(&req, &f)),
         };
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
         let mut out: Vec<StatusExtent> = Vec::new();
@@ -787,7 +778,7 @@ impl Ctx {
         }
         let mut b = BytesMut::new();
         encode_chunk_block_status(&mut b, req.cookie, CONTEXT_ID_BASE_ALLOCATION, &out, true);
-        vec![b.freeze()]
+        Ok(vec![b.freeze()])
     }
 }
 
