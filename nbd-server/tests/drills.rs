@@ -29,10 +29,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::proc::{free_port_addr, tail, Proc};
+use common::proc::{free_port_addr, tail, wait_line, Proc};
 use common::rng::Rng;
+use common::tools::{run, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
+/// How often `wait_until` probes: status probes start a CLI process each.
+const POLL: Duration = Duration::from_millis(100);
 /// The Python whose `nbd` module is python3-libnbd (not whichever python3 comes first in PATH).
 const PYTHON: &str = "/usr/bin/python3";
 /// The replicated volume's size: the writer picks 4 KiB blocks all over it.
@@ -418,16 +421,6 @@ fn syncblock(log: &Path, args: &[String]) -> Proc {
     Proc::spawn(cmd, log)
 }
 
-/// The rest of the first line `p` prints starting with `prefix`; fails with the end of `log` if
-/// the process exits or stays silent.
-fn wait_line(p: &Proc, prefix: &str, log: &Path) -> String {
-    catch_unwind(AssertUnwindSafe(|| p.wait_line(prefix))).unwrap_or_else(|_| {
-        // Its stdout is closed: give its last words a moment to reach the log.
-        std::thread::sleep(Duration::from_millis(300));
-        panic!("no line {prefix:?} from syncblock; its log {}:\n{}", log.display(), tail(log, 40))
-    })
-}
-
 /// The `nbd://host:port/vol` URI a server printed.
 fn vol_uri(p: &Proc, log: &Path) -> String {
     let rest = wait_line(p, "nbd://", log);
@@ -435,37 +428,11 @@ fn vol_uri(p: &Proc, log: &Path) -> String {
     format!("nbd://{base}/vol")
 }
 
-/// Runs `program args…` for at most `max` (under `timeout`); returns (exit code, stdout, stderr).
-fn run(max: Duration, program: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("timeout")
-        .args(["--kill-after=5", &format!("{}", max.as_secs())])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn timeout");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
 /// `syncblock status --admin admin`: its JSON, or why there is none.
 fn status(admin: &str) -> Result<String, String> {
     match run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]) {
         (0, out, _) => Ok(out),
         (code, out, err) => Err(format!("status exited with {code}: {out}{err}")),
-    }
-}
-
-/// Calls `probe` every 100 ms until it returns `Ok`, for at most `max`; the failure names `what`
-/// and the last error.
-fn wait_until<T>(what: &str, max: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + max;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: not within {max:?}; last: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
     }
 }
 
@@ -595,7 +562,7 @@ impl Pair {
     /// other node says it is secondary.
     fn wait_in_sync(&self, primary: usize, max: Duration) -> String {
         let (p, s) = (&self.nodes[primary], &self.nodes[1 - primary]);
-        wait_until(&format!("{} primary with {} in sync", p.name, s.name), max, || {
+        wait_until(POLL, &format!("{} primary with {} in sync", p.name, s.name), max, || {
             let st = p.status()?;
             let ok = json_is(&st, &["role"], "primary")
                 && json_is(&st, &["peer", "connected"], "true")
@@ -654,7 +621,7 @@ fn failover_with_defaults_keeps_every_flushed_block() {
         assert!(!json_is(&written, &["error"], "null"), "round {round}: the writer did not notice the kill: {written}");
 
         let (survivor, name) = (&pair.nodes[s], pair.nodes[s].name);
-        wait_until(&format!("round {round}: {name} promoted"), PROMOTION_MAX, || {
+        wait_until(POLL, &format!("round {round}: {name} promoted"), PROMOTION_MAX, || {
             let st = survivor.status()?;
             if json_is(&st, &["role"], "primary") {
                 Ok(())
@@ -804,7 +771,7 @@ fn sigterm_stops_a_node_whose_writes_wait_for_its_peer() {
         "a strict FUA write ended without a peer (it must wait): {:?}",
         write.finish(CLIENT_SLACK)
     );
-    let st = wait_until("the primary shows a waiting write", Duration::from_secs(10), || {
+    let st = wait_until(POLL, "the primary shows a waiting write", Duration::from_secs(10), || {
         let st = pair.nodes[0].status()?;
         match json_field(&st, &["waiting", "writes"]).and_then(|n| n.parse::<u64>().ok()) {
             Some(n) if n >= 1 => Ok(st),
@@ -924,7 +891,7 @@ fn a_replaced_store_started_as_primary_acknowledges_nothing() {
     let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[0].uri.clone(), &["10"]).finish(CLIENT_SLACK);
     assert!(json_is(out.json("a write before"), &["ok"], "true"));
     pair.nodes[0].kill();
-    wait_until("b promoted", PROMOTION_MAX, || {
+    wait_until(POLL, "b promoted", PROMOTION_MAX, || {
         let st = pair.nodes[1].status()?;
         if json_is(&st, &["role"], "primary") {
             Ok(())

@@ -43,7 +43,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,11 +50,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::proc::{free_port_addr, tail, Proc};
+use common::proc::{free_port_addr, tail, wait_line, Proc};
 use common::rng::Rng;
-use common::tools::{missing_tool, ok, path, quiet, tool, wait_exit};
+use common::tools::{missing_tool, ok, path, quiet, run, tool, wait_exit, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
+/// How often `wait_until` probes: recovery times are measured with it.
+const POLL: Duration = Duration::from_millis(20);
 /// The replicated volume: ext4 with PostgreSQL's ~40 MiB cluster and a few 16 MiB WAL segments.
 const VOLUME: &str = "vol";
 const VOLUME_BYTES: u64 = 256 << 20;
@@ -814,7 +815,7 @@ impl Cluster {
     /// other node says it is secondary; returns the primary's status.
     fn wait_in_sync(&self, primary: usize, max: Duration) -> serde_json::Value {
         let (p, s) = (&self.nodes[primary], &self.nodes[1 - primary]);
-        wait_until(&format!("{} primary with {} in sync", p.name, s.name), max, || {
+        wait_until(POLL, &format!("{} primary with {} in sync", p.name, s.name), max, || {
             let st = p.status()?;
             let st_s = s.status()?;
             let ok = st["role"] == "primary"
@@ -853,42 +854,6 @@ impl Cluster {
 }
 
 // ---- Processes and waits -----------------------------------------------------------------------
-
-/// The rest of the first line `p` prints starting with `prefix`; fails with the end of `log` if
-/// the process exits or stays silent.
-fn wait_line(p: &Proc, prefix: &str, log: &Path) -> String {
-    catch_unwind(AssertUnwindSafe(|| p.wait_line(prefix))).unwrap_or_else(|_| {
-        // Its stdout is closed: give its last words a moment to reach the log.
-        std::thread::sleep(Duration::from_millis(300));
-        panic!("no line {prefix:?} from syncblock; its log {}:\n{}", log.display(), tail(log, 40))
-    })
-}
-
-/// Runs `program args…` for at most `max` (under `timeout`); returns (exit code, stdout, stderr).
-fn run(max: Duration, program: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("timeout")
-        .args(["--kill-after=5", &format!("{}", max.as_secs())])
-        .arg(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn timeout");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
-/// Calls `probe` every 20 ms until it returns `Ok`, for at most `max`; the failure names `what` and
-/// the last error.
-fn wait_until<T>(what: &str, max: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + max;
-    loop {
-        match probe() {
-            Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: not within {max:?}; last: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
@@ -942,7 +907,7 @@ fn first_host(setup: &mut Setup, pg: &Pg, host: &Host, uri: &str) {
     assert!(out.status.success(), "initdb failed: {}{}", text(&out.stdout), text(&out.stderr));
     ok("sync", &["-f", host.mount_dir.to_str().unwrap()]);
     host.start_postgres(setup, pg);
-    wait_until("postgres accepts connections", WAIT_MAX, || {
+    wait_until(POLL, "postgres accepts connections", WAIT_MAX, || {
         let sock = host.sock_dir.to_str().unwrap();
         match tool(&pg.program("psql"), &["-X", "-h", sock, "-U", "postgres", "-d", "postgres", "-c", "SELECT 1"]) {
             (0, _, _) => Ok(()),
@@ -1011,7 +976,7 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
 
         // The survivor: promoted by itself, then ext4 and PostgreSQL recover on its export.
         let node = &cluster.nodes[s];
-        wait_until(&format!("round {round}: {} promoted", node.name), PROMOTION_MAX, || {
+        wait_until(POLL, &format!("round {round}: {} promoted", node.name), PROMOTION_MAX, || {
             let st = node.status()?;
             if st["role"] == "primary" {
                 Ok(())

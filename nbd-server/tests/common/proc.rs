@@ -3,6 +3,7 @@
 //! needs: a free port, the end of a log.
 
 use std::io::{BufRead, BufReader};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -87,4 +88,14 @@ pub fn tail(log: &Path, n: usize) -> String {
     text += rest;
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The rest of the first line `p` prints starting with `prefix`; fails with the end of `log` if
+/// the process exits or stays silent.
+pub fn wait_line(p: &Proc, prefix: &str, log: &Path) -> String {
+    catch_unwind(AssertUnwindSafe(|| p.wait_line(prefix))).unwrap_or_else(|_| {
+        // Its stdout is closed: give its last words a moment to reach the log.
+        std::thread::sleep(Duration::from_millis(300));
+        panic!("no line {prefix:?} from syncblock; its log {}:\n{}", log.display(), tail(log, 40))
+    })
 }

@@ -1,7 +1,7 @@
 //! Running external tools from tests: each under `timeout`, with the system directories first in
 //! PATH; a missing tool fails the test, naming the package that provides it.
 
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Runs `tool args…` under a 60 s timeout; returns (exit code, stdout, stderr).
@@ -57,5 +57,31 @@ pub fn wait_exit(child: &mut Child, max: Duration) -> Option<std::process::ExitS
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `program args…` for at most `max` (under `timeout`); returns (exit code, stdout, stderr).
+pub fn run(max: Duration, program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", &format!("{}", max.as_secs())])
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn timeout");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// Calls `probe` every `every` until it returns `Ok`, for at most `max`; the failure names `what`
+/// and the last error.
+pub fn wait_until<T>(every: Duration, what: &str, max: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + max;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("{what}: not within {max:?}; last: {e}"),
+            Err(_) => std::thread::sleep(every),
+        }
     }
 }
