@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::proc::Proc;
-use common::tools::tool;
+use common::tools::{can_run, missing_root, tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 
@@ -119,12 +119,7 @@ fn flags_are_refused_where_they_would_do_nothing() {
 /// root and loop devices: under CI their absence fails the test, elsewhere it skips.
 #[test]
 fn create_formats_a_blank_block_device_and_refuses_one_that_holds_data() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let root = unsafe { libc::geteuid() } == 0 && Path::new("/dev/loop-control").exists();
-    if !root {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-        assert!(!ci, "this test needs root and loop devices in CI");
-        eprintln!("skipping: needs root and loop devices");
+    if !can_run("the block device test", missing_root("losetup", &["/dev/loop-control"]).as_deref()) {
         return;
     }
     let (dir, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proc::{free_port_addr, Proc};
-use common::tools::{ok, path, tool};
+use common::tools::{can_run, missing_tool, ok, path, tool};
 use syncblock_nbd::admin::StatusDoc;
 use syncblock_replicator::StatusView;
 
@@ -24,14 +24,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 
 /// True if promtool is here; under CI its absence fails the test.
 fn have_promtool() -> bool {
-    let found = Command::new("sh").arg("-c").arg("command -v promtool").env("PATH", path()).output();
-    if found.is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(!ci, "promtool is not installed (package prometheus; .ci/run installs it)");
-    eprintln!("skipping: promtool is not installed (package prometheus)");
-    false
+    can_run("the metrics tests", missing_tool(&[("promtool", "prometheus")]).as_deref())
 }
 
 fn get(admin: &str, path: &str) -> String {

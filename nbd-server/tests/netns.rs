@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::proc::{Proc, WAIT_MAX};
-use common::tools::{path, tool};
+use common::tools::{can_run, missing_root, missing_tool, path, tool};
 
 /// Longest wait for a process to print its address or exit, or for the pair to settle.
 /// Heartbeat timeout of both nodes (`--repl-timeout-ms`) and of the witness (`--timeout-ms`):
@@ -101,15 +101,12 @@ fn must(cmd: &str, args: &[&str]) -> String {
 
 /// Why this machine cannot run the tests, if it cannot.
 fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root for ip netns and tc".into());
+    if let Some(why) = missing_root("ip netns and tc", &[]) {
+        return Some(why);
     }
-    for (name, package) in [("ip", "iproute2"), ("tc", "iproute2"), ("fio", "fio"), ("qemu-io", "qemu-utils")] {
-        let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).env("PATH", path()).output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            return Some(format!("{name} is not installed (package {package}; .ci/run installs it)"));
-        }
+    let tools = [("ip", "iproute2"), ("tc", "iproute2"), ("fio", "fio"), ("qemu-io", "qemu-utils")];
+    if let Some(why) = missing_tool(&tools) {
+        return Some(why);
     }
     // What a cut needs: a namespace, and a blackhole qdisc in it.
     let probe = format!("{NS_PREFIX}{}-probe", std::process::id());
@@ -124,10 +121,7 @@ fn missing_prerequisite() -> Option<String> {
 fn begin() -> Option<MutexGuard<'static, ()>> {
     // Probed once per process: the tests run on parallel threads.
     static MISSING: OnceLock<Option<String>> = OnceLock::new();
-    if let Some(why) = MISSING.get_or_init(missing_prerequisite) {
-        let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-        assert!(!ci, "the network namespace tests cannot run in CI: {why}");
-        eprintln!("skipping the network namespace test: {why}");
+    if !can_run("the network namespace tests", MISSING.get_or_init(missing_prerequisite).as_deref()) {
         return None;
     }
     Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))

@@ -85,3 +85,31 @@ pub fn wait_until<T>(every: Duration, what: &str, max: Duration, mut probe: impl
         }
     }
 }
+
+/// Whether this runs under CI (`CI` set, and not to `false` or `0`): there a test whose
+/// prerequisites are missing fails instead of skipping, so CI never passes by skipping.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// True if `what` can run here (`missing` is None); otherwise panics under CI, or says why it
+/// skips and returns false.
+pub fn can_run(what: &str, missing: Option<&str>) -> bool {
+    let Some(why) = missing else { return true };
+    assert!(!in_ci(), "{what} cannot run in CI: {why}");
+    eprintln!("skipping {what}: {why}");
+    false
+}
+
+/// Why this process cannot do what needs root and `devices`, if it cannot: not root (`for_what`
+/// says what root is for), or a device node missing.
+pub fn missing_root(for_what: &str, devices: &[&str]) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(format!("needs root for {for_what}"));
+    }
+    devices
+        .iter()
+        .find(|d| !std::path::Path::new(d).exists())
+        .map(|d| format!("{d} is missing (a container without FUSE or loop devices?)"))
+}
