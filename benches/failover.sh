@@ -14,14 +14,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DIR:-/var/tmp/syncblock-failover}; ROUNDS=${ROUNDS:-5}; N=${N:-2000}
 BIN=${BIN:-target/release/syncblock}
-[ -x "$BIN" ] || cargo build --release -p syncblock-nbd
-PY=/usr/bin/python3
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+trap kill_pids EXIT
 now_ms() { date +%s%3N; }
-json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 
 start_node() { # name role repl peer admin nbd store
   "$BIN" serve --create --store "$7" --size=1GiB --volume=vol:256MiB --listen "127.0.0.1:$6" --role "$2" \
@@ -29,8 +25,6 @@ start_node() { # name role repl peer admin nbd store
     --admin "127.0.0.1:$5" --node "$1" >"$DIR/$1.out" 2>>"$DIR/$1.log" &
   echo $!
 }
-wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
-status() { "$BIN" status --json --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
 
 fresh() {
   rm -rf "$DIR"; mkdir -p "$DIR"
@@ -80,7 +74,7 @@ for r in $(seq "$ROUNDS"); do
   fresh; load
   ms=$($PY "${DIR%/}.fua.py" "$A_PID" "nbd://127.0.0.1:$BN/vol") || { echo "round $r: no failover"; tail -5 "$DIR/b.log"; exit 1; }
   times+=("$ms"); echo "round $r: ${ms} ms"
-  cleanup; PIDS=()
+  kill_pids; PIDS=()
 done
 printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "failover median %d ms (min %d, max %d, %d rounds)\n", a[int((NR+1)/2)], a[1], a[NR], NR}'
 

@@ -12,15 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${DIR:-/var/tmp/syncblock-false-failover}; MINUTES=${MINUTES:-10}; HOGS=${HOGS:-$(nproc)}
 BIN=${BIN:-target/release/syncblock}
-[ -x "$BIN" ] || cargo build --release -p syncblock-nbd
-PY=/usr/bin/python3
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
-status() { "$BIN" status --json --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; }
-wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+trap kill_pids EXIT
 
 rm -rf "$DIR"; mkdir -p "$DIR"
 W=$(port); AR=$(port); BR=$(port); AA=$(port); BA=$(port); AN=$(port); BN=$(port)

@@ -22,14 +22,13 @@ DIR=${DIR:-/var/tmp/syncblock-pgbench}; ROUNDS=${ROUNDS:-2}; SCALE=${SCALE:-20};
 SECS=${SECS:-30}; ONLY=${ONLY:-sb-single,sb-pair,qemu-nbd,local}; BIN=${BIN:-target/release/syncblock}
 VOL_SIZE=${VOL_SIZE:-3GiB}; STORE_SIZE=${STORE_SIZE:-6GiB}
 BIN=$(realpath -m "$BIN")
-[ -x "$BIN" ] || cargo build --release -p syncblock-nbd
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-PY=/usr/bin/python3
 AS_PG=(setpriv --reuid="$(id -u postgres)" --regid="$(id -g postgres)" --clear-groups --)
-port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 bytes() { numfmt --from=auto "${1%B}"; }
 
-PIDS=(); MNT="$DIR/mnt"; FUSE="$DIR/fuse"; SOCK="$DIR/sock"; LOOP=""
+MNT="$DIR/mnt"; FUSE="$DIR/fuse"; SOCK="$DIR/sock"; LOOP=""
 # Retries "$@" for up to 10 s: a loop device detached a moment ago may still hold its file.
 retry() { for _ in $(seq 40); do "$@" 2>/dev/null && return 0; sleep 0.25; done; "$@"; }
 teardown() {
