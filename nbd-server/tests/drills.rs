@@ -365,6 +365,19 @@ impl Client {
         self
     }
 
+    /// A writer of 60 s, connected, that has been writing for `for_` and is still running: the
+    /// moment to kill its server.
+    fn writer_under_way(dir: &Path, uri: &str, rng: &mut Rng, round: u32, for_: (u64, u64)) -> Client {
+        let mut writer = Client::spawn(dir, "write", uri, &[&rng.next().to_string(), "60"]).wait_connected();
+        std::thread::sleep(rng.millis(for_.0, for_.1));
+        assert!(
+            writer.running(),
+            "round {round}: the writer stopped before the kill: {:?}",
+            writer.finish(CLIENT_SLACK)
+        );
+        writer
+    }
+
     /// Waits at most `max` for the run to end.
     fn finish(mut self, max: Duration) -> Outcome {
         let deadline = Instant::now() + max;
@@ -602,14 +615,7 @@ fn failover_with_defaults_keeps_every_flushed_block() {
     let mut pair = Pair::start(&[]);
     let (mut p, mut s) = (0, 1);
     for round in 1..=3 {
-        let seed = rng.next().to_string();
-        let mut writer = Client::spawn(pair.dir(), "write", &pair.nodes[p].uri, &[&seed, "60"]).wait_connected();
-        std::thread::sleep(rng.millis(500, 1500));
-        assert!(
-            writer.running(),
-            "round {round}: the writer stopped before the kill: {:?}",
-            writer.finish(CLIENT_SLACK)
-        );
+        let writer = Client::writer_under_way(pair.dir(), &pair.nodes[p].uri, &mut rng, round, (500, 1500));
         let killed = Instant::now();
         pair.nodes[p].kill();
         let out = writer.finish(CLIENT_SLACK);
@@ -859,14 +865,7 @@ fn immediate_restart_after_sigkill_succeeds() {
     };
     let (mut server, mut uri) = start(0);
     for round in 1..=10 {
-        let seed = rng.next().to_string();
-        let mut writer = Client::spawn(dir.path(), "write", &uri, &[&seed, "60"]).wait_connected();
-        std::thread::sleep(rng.millis(200, 800));
-        assert!(
-            writer.running(),
-            "round {round}: the writer stopped before the kill: {:?}",
-            writer.finish(CLIENT_SLACK)
-        );
+        let writer = Client::writer_under_way(dir.path(), &uri, &mut rng, round, (200, 800));
         let killed = Instant::now();
         drop(server);
         (server, uri) = start(round);
