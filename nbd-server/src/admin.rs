@@ -194,7 +194,7 @@ impl Admin {
         let bb = BLOCK_BYTES as u64;
         let store = StoreDoc {
             path: self.store_path.display().to_string(),
-            size_bytes: device_bytes(&self.store_path).unwrap_or(log_bytes).max(log_bytes),
+            size_bytes: store_size_bytes(&self.store_path, &stats),
             log_bytes,
             used_bytes: u64::from(stats.n_segments - stats.free_segments.min(stats.n_segments)) * seg,
             free_bytes: u64::from(stats.free_segments) * seg,
@@ -239,6 +239,13 @@ impl Admin {
             )),
         }
     }
+}
+
+/// What a store holds, against which its volumes' sizes count: the store file's or device's size
+/// (never less than its log's capacity).
+pub fn store_size_bytes(path: &std::path::Path, stats: &syncblock_engine::Stats) -> u64 {
+    let log_bytes = u64::from(stats.n_segments) * stats.segment_bytes;
+    device_bytes(path).unwrap_or(log_bytes).max(log_bytes)
 }
 
 /// The size of the store file or block device at `path`.

@@ -356,7 +356,8 @@ async fn bind(settings: &ServeSettings) -> Result<Bound> {
 }
 
 async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Option<NewStore>) -> Result<()> {
-    let store_size = settings.store_bytes;
+    // The store's file or device: under its temporary name while it is being created.
+    let path = new.as_ref().map_or(&settings.store, |n| &n.temp).clone();
     for v in &settings.volumes {
         let (name, size) = (v.name.as_str(), v.size_bytes);
         match store.volume(name).await {
@@ -374,13 +375,12 @@ async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Opt
     let mut list = store.list_volumes().await?;
     if list.is_empty() {
         // As large as the store file or device (a block device's size, not --size).
-        let path = new.as_ref().map_or(&settings.store, |n| &n.temp);
         let bb = syncblock_engine::BLOCK_BYTES as u64;
-        let size = syncblock_nbd::admin::device_bytes(path).unwrap_or(store_size) / bb * bb;
+        let size = syncblock_nbd::admin::device_bytes(&path).unwrap_or(settings.store_bytes) / bb * bb;
         store.create_volume(DEFAULT_VOLUME, size).await.context("creating the default volume")?;
         list = store.list_volumes().await?;
     }
-    warn_overcommit(&store, new.as_ref().map_or(&settings.store, |n| &n.temp), &list).await;
+    warn_overcommit(&store, &path, &list).await;
     let default_export = settings.default_export.clone().or_else(|| list.first().map(|v| v.name.clone()));
     // Every node started is stopped on the way out, also when a later one fails to start.
     let mut nodes = Vec::new();
@@ -400,8 +400,7 @@ async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Opt
 /// Warns when the volumes together are larger than the store.
 async fn warn_overcommit(store: &Store, path: &Path, list: &[syncblock_engine::VolumeInfo]) {
     let Ok(stats) = store.stats().await else { return };
-    let capacity =
-        syncblock_nbd::admin::device_bytes(path).unwrap_or(0).max(u64::from(stats.n_segments) * stats.segment_bytes);
+    let capacity = syncblock_nbd::admin::store_size_bytes(path, &stats);
     let provisioned: u64 = list.iter().map(|v| v.size_bytes).sum();
     if provisioned > capacity {
         tracing::warn!(
