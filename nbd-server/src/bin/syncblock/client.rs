@@ -156,7 +156,7 @@ pub fn verify(admin: SocketAddr, volume: Option<&str>, repair: bool, json: bool)
         let Ok(doc) = poller.json::<StatusDoc>(false, &format!("/status{}", query(volume.as_deref(), None))) else {
             continue;
         };
-        if let Some(p) = replicated_primary(&doc.volumes) {
+        if let Some(p) = primaries(&doc.volumes).next() {
             if p.verify.progress.active {
                 progress.show(&p.verify.progress);
             }
@@ -200,14 +200,7 @@ pub fn wait_sync(admin: SocketAddr, volume: Option<&str>, max: Duration) -> Resu
     let mut said = None;
     loop {
         let doc: StatusDoc = client.json(false, &path)?;
-        let primaries: Vec<&PrimaryView> = doc
-            .volumes
-            .iter()
-            .filter_map(|v| match &v.replication {
-                Some(StatusView::Primary(p)) => Some(p),
-                _ => None,
-            })
-            .collect();
+        let primaries: Vec<&PrimaryView> = primaries(&doc.volumes).collect();
         if primaries.is_empty() {
             bail!(
                 "{admin} is primary of no replicated volume{}: run --wait-sync against the primary's --admin",
@@ -236,8 +229,9 @@ pub fn wait_sync(admin: SocketAddr, volume: Option<&str>, max: Duration) -> Resu
     }
 }
 
-fn replicated_primary(volumes: &[VolumeDoc]) -> Option<&PrimaryView> {
-    volumes.iter().find_map(|v| match &v.replication {
+/// The replicated volumes this node is primary of.
+fn primaries(volumes: &[VolumeDoc]) -> impl Iterator<Item = &PrimaryView> {
+    volumes.iter().filter_map(|v| match &v.replication {
         Some(StatusView::Primary(p)) => Some(p),
         _ => None,
     })
