@@ -156,10 +156,9 @@ pub fn verify(admin: SocketAddr, volume: Option<&str>, repair: bool, json: bool)
         let Ok(doc) = poller.json::<StatusDoc>(false, &format!("/status{}", query(volume.as_deref(), None))) else {
             continue;
         };
-        if let Some(p) = primaries(&doc.volumes).next() {
-            if p.verify.progress.active {
-                progress.show(&p.verify.progress);
-            }
+        let first = primaries(&doc.volumes).next();
+        if let Some(p) = first.filter(|p| p.verify.progress.active) {
+            progress.show(&p.verify.progress);
         }
     }
     progress.finish();
