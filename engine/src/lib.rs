@@ -10,13 +10,14 @@ pub mod types;
 pub mod uring;
 
 pub use error::{Error, ErrorClass, Result};
-pub use types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES};
+pub use types::{Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 pub mod checkpoint;
 pub mod core;
 pub mod format;
 pub mod index;
 pub mod predict;
 pub mod recovery;
+mod segment_image;
 pub mod sim;
 pub mod state;
 pub mod store;

@@ -16,9 +16,7 @@ use crate::format::{
 };
 use crate::index::phys_of;
 use crate::state::{Staged, State, Volume, MAX_VOLUMES};
-use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES};
-
-const BB: u64 = BLOCK_BYTES as u64;
+use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
 
 /// Smallest segment: 16 blocks (64 KiB). Tests use tiny segments to reach the cleaner quickly;
 /// production stores should use the default.

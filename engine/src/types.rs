@@ -5,6 +5,8 @@ use std::fmt;
 /// The block size of every store: the unit of allocation, checksumming and atomicity.
 pub const BLOCK_BYTES: usize = 4096;
 const _: () = assert!(BLOCK_BYTES % 512 == 0 && BLOCK_BYTES.is_power_of_two());
+/// [`BLOCK_BYTES`] as a `u64`, the type of every byte offset and length in a volume.
+pub const BLOCK_BYTES_U64: u64 = BLOCK_BYTES as u64;
 
 /// Log sequence number: one per record, strictly increasing in log order, never reused.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
