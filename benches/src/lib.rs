@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use syncblock_engine::buf::AlignedBuf;
-use syncblock_engine::{Stats, Store, VolumeId, BLOCK_BYTES};
-
-const BB: u64 = BLOCK_BYTES as u64;
+use syncblock_engine::{Stats, Store, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 
 /// Bytes per write when filling a volume or preallocating a file: large sequential transfers.
 pub const FILL_WRITE_BYTES: u64 = 1 << 20;
@@ -59,7 +57,7 @@ fn is_tmpfs(dir: &Path) -> io::Result<bool> {
 /// allocation (a sparse file's first write to each extent costs extra metadata work in ext4).
 pub fn preallocate(path: &Path, size_bytes: u64) -> io::Result<()> {
     let file = OpenOptions::new().create(true).truncate(false).write(true).custom_flags(libc::O_DIRECT).open(path)?;
-    let chunk_blocks = (FILL_WRITE_BYTES / BB) as usize;
+    let chunk_blocks = (FILL_WRITE_BYTES / BLOCK_BYTES_U64) as usize;
     let mut buf = AlignedBuf::zeroed(chunk_blocks);
     buf.fill(0xa5);
     let mut offset = 0;
@@ -195,7 +193,7 @@ pub async fn run(
     seed: u64,
     watchdog: bool,
 ) -> syncblock_engine::Result<Outcome> {
-    assert!(workload.block_bytes % BB == 0 && workload.block_bytes > 0, "whole blocks only");
+    assert!(workload.block_bytes % BLOCK_BYTES_U64 == 0 && workload.block_bytes > 0, "whole blocks only");
     let n_slots = span_bytes / workload.block_bytes;
     assert!(n_slots > 0, "span smaller than one request");
     let issued = Arc::new(AtomicU64::new(0));
@@ -296,8 +294,9 @@ pub async fn random_overwrite(
     in_flight: usize,
     seed: u64,
 ) -> syncblock_engine::Result<Outcome> {
-    let workload = Workload { pattern: Pattern::RandWrite, block_bytes: BB, in_flight };
-    let outcome = run(store, volume, span_bytes, workload, Limit::ops(total_bytes / BB), seed, true).await?;
+    let workload = Workload { pattern: Pattern::RandWrite, block_bytes: BLOCK_BYTES_U64, in_flight };
+    let outcome =
+        run(store, volume, span_bytes, workload, Limit::ops(total_bytes / BLOCK_BYTES_U64), seed, true).await?;
     store.flush().await?;
     Ok(outcome)
 }

@@ -11,19 +11,19 @@ use syncblock_engine::format::{RecordHeader, SegmentHeader, Superblock};
 use syncblock_engine::sim::{SimDevice, SimDisk};
 use syncblock_engine::{Config, Error, Lsn, Since, Store, BLOCK_BYTES};
 
-const BB: usize = BLOCK_BYTES;
-
 /// Every record in a store image: (device offset of its header, header).
 fn records(image: &[u8]) -> Vec<(usize, RecordHeader)> {
-    let sb = Superblock::decode(&image[..BB]).unwrap();
+    let sb = Superblock::decode(&image[..BLOCK_BYTES]).unwrap();
     let mut out = Vec::new();
     for seg in 0..sb.n_segments {
         let base = sb.segment_offset(seg) as usize;
-        let Ok(sh) = SegmentHeader::decode(&image[base..base + BB], sb.store_id) else { continue };
+        let Ok(sh) = SegmentHeader::decode(&image[base..base + BLOCK_BYTES], sb.store_id) else { continue };
         let mut cursor = 1usize;
         while cursor < sb.segment_blocks as usize {
-            let at = base + cursor * BB;
-            let Ok(rec) = RecordHeader::decode(&image[at..base + sb.segment_blocks as usize * BB], sb.store_id) else {
+            let at = base + cursor * BLOCK_BYTES;
+            let Ok(rec) =
+                RecordHeader::decode(&image[at..base + sb.segment_blocks as usize * BLOCK_BYTES], sb.store_id)
+            else {
                 break;
             };
             if rec.segment_seq != sh.seq {
@@ -61,8 +61,8 @@ fn three_flushed_writes() -> (Vec<u8>, Vec<Vec<u8>>) {
     rt.block_on(store.checkpoint()).unwrap();
     let mut datas = Vec::new();
     for i in 0..3u64 {
-        let data = pattern(i + 1, 4 * BB);
-        rt.block_on(store.write(vol.id, i * 8 * BB as u64, Bytes::from(data.clone()), false)).unwrap();
+        let data = pattern(i + 1, 4 * BLOCK_BYTES);
+        rt.block_on(store.write(vol.id, i * 8 * BLOCK_BYTES as u64, Bytes::from(data.clone()), false)).unwrap();
         rt.block_on(store.flush()).unwrap();
         datas.push(data);
     }
@@ -80,9 +80,9 @@ fn recovery_replays_flushed_log_after_crash() {
     let (image, datas) = three_flushed_writes();
     let (_d, store) = open_image(image);
     let store = store.unwrap();
-    let all = read_all(&store, 24 * BB as u64);
+    let all = read_all(&store, 24 * BLOCK_BYTES as u64);
     for (i, d) in datas.iter().enumerate() {
-        assert_eq!(&all[i * 8 * BB..i * 8 * BB + 4 * BB], &d[..]);
+        assert_eq!(&all[i * 8 * BLOCK_BYTES..i * 8 * BLOCK_BYTES + 4 * BLOCK_BYTES], &d[..]);
     }
     assert_eq!(store.recovery_report().records_replayed, 3);
 }
@@ -106,8 +106,8 @@ fn recovery_refuses_corrupt_data_block_of_a_durable_record() {
     let (mut image, _) = three_flushed_writes();
     let recs = records(&image);
     let (at, rec) = recs.iter().find(|(_, r)| r.entries.iter().any(|e| e.lba.0 == 8)).unwrap();
-    let data_at = at + rec.header_blocks() as usize * BB;
-    image[data_at + 2 * BB + 17] ^= 1;
+    let data_at = at + rec.header_blocks() as usize * BLOCK_BYTES;
+    image[data_at + 2 * BLOCK_BYTES + 17] ^= 1;
     let (_d, r) = open_image(image);
     let e = r.unwrap_err();
     assert!(matches!(&e, Error::CorruptRecord { lsn, .. } if *lsn == rec.lsn), "{e}");
@@ -120,20 +120,20 @@ fn recovery_discards_torn_tail_after_last_flush() {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    let a = pattern(1, 4 * BB);
+    let a = pattern(1, 4 * BLOCK_BYTES);
     rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
     // Not flushed: may be lost, and here it is torn.
-    rt.block_on(store.write(vol.id, 8 * BB as u64, Bytes::from(pattern(2, 4 * BB)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 8 * BLOCK_BYTES as u64, Bytes::from(pattern(2, 4 * BLOCK_BYTES)), false)).unwrap();
     let mut image = crash(store, &disk);
     let recs = records(&image);
     let (at, rec) = recs.last().unwrap();
-    image[at + rec.header_blocks() as usize * BB + 3 * BB + 5] ^= 0xff;
+    image[at + rec.header_blocks() as usize * BLOCK_BYTES + 3 * BLOCK_BYTES + 5] ^= 0xff;
     let (_d, store) = open_image(image);
     let store = store.unwrap();
     assert!(store.recovery_report().discarded_torn.is_some(), "{:?}", store.recovery_report());
-    let all = read_all(&store, 12 * BB as u64);
-    assert_eq!(&all[..4 * BB], &a[..]);
-    assert!(all[8 * BB..].iter().all(|b| *b == 0), "the torn record is discarded whole");
+    let all = read_all(&store, 12 * BLOCK_BYTES as u64);
+    assert_eq!(&all[..4 * BLOCK_BYTES], &a[..]);
+    assert!(all[8 * BLOCK_BYTES..].iter().all(|b| *b == 0), "the torn record is discarded whole");
 }
 
 #[test]
@@ -142,19 +142,22 @@ fn corrupt_data_block_in_checkpointed_segment_is_reported_on_read() {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(5, 8 * BB)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(5, 8 * BLOCK_BYTES)), false)).unwrap();
     store.close().unwrap();
     let mut image = disk.lock().unwrap().written.clone();
     let recs = records(&image);
     let (at, rec) = recs.iter().find(|(_, r)| !r.crcs.is_empty()).unwrap();
-    image[at + (rec.header_blocks() as usize + 3) * BB + 99] ^= 4;
+    image[at + (rec.header_blocks() as usize + 3) * BLOCK_BYTES + 99] ^= 4;
     let (_d, store) = open_image(image);
     let store = store.unwrap();
-    let e = rt.block_on(store.read(vol.id, 3 * BB as u64, 10)).unwrap_err();
+    let e = rt.block_on(store.read(vol.id, 3 * BLOCK_BYTES as u64, 10)).unwrap_err();
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains("segment"), "{e}");
     // Neighbouring blocks are fine.
-    assert_eq!(&rt.block_on(store.read(vol.id, 0, 3 * BB as u64)).unwrap()[..], &pattern(5, 8 * BB)[..3 * BB]);
+    assert_eq!(
+        &rt.block_on(store.read(vol.id, 0, 3 * BLOCK_BYTES as u64)).unwrap()[..],
+        &pattern(5, 8 * BLOCK_BYTES)[..3 * BLOCK_BYTES]
+    );
 }
 
 #[test]
@@ -163,9 +166,9 @@ fn damaged_superblock_copy_falls_back_and_both_damaged_is_not_a_store() {
     image[20] ^= 1;
     let (_d, store) = open_image(image.clone());
     let store = store.unwrap();
-    assert_eq!(&read_all(&store, 4 * BB as u64)[..], &datas[0][..]);
+    assert_eq!(&read_all(&store, 4 * BLOCK_BYTES as u64)[..], &datas[0][..]);
     drop(store);
-    image[BB + 20] ^= 1;
+    image[BLOCK_BYTES + 20] ^= 1;
     let (_d, r) = open_image(image);
     assert!(matches!(r, Err(Error::NotAStore { .. })), "{r:?}");
 }
@@ -177,25 +180,25 @@ fn damaged_newest_checkpoint_falls_back_to_the_older_one() {
     let (disk, store) = open_image(image);
     store.unwrap().close().unwrap();
     let mut image = disk.lock().unwrap().written.clone();
-    let sb = Superblock::decode(&image[..BB]).unwrap();
+    let sb = Superblock::decode(&image[..BLOCK_BYTES]).unwrap();
     // Find the slot with the higher seq and damage its payload.
     let seqs: Vec<u64> = (0..2)
         .map(|s| {
             let o = sb.checkpoint_offsets[s] as usize;
-            syncblock_engine::format::CheckpointHeader::decode(&image[o..o + BB], sb.store_id)
+            syncblock_engine::format::CheckpointHeader::decode(&image[o..o + BLOCK_BYTES], sb.store_id)
                 .map(|h| h.seq)
                 .unwrap_or(0)
         })
         .collect();
     let newest = if seqs[0] > seqs[1] { 0 } else { 1 };
     let o = sb.checkpoint_offsets[newest] as usize;
-    image[o + BB + 40] ^= 0x10;
+    image[o + BLOCK_BYTES + 40] ^= 0x10;
     let (_d, store) = open_image(image);
     let store = store.unwrap();
     assert!(store.recovery_report().checkpoint_fallback.is_some());
-    let all = read_all(&store, 24 * BB as u64);
+    let all = read_all(&store, 24 * BLOCK_BYTES as u64);
     for (i, d) in datas.iter().enumerate() {
-        assert_eq!(&all[i * 8 * BB..i * 8 * BB + 4 * BB], &d[..]);
+        assert_eq!(&all[i * 8 * BLOCK_BYTES..i * 8 * BLOCK_BYTES + 4 * BLOCK_BYTES], &d[..]);
     }
 }
 
@@ -206,7 +209,7 @@ fn one_durable_block_then_failing_writes(
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    let a = pattern(1, BB);
+    let a = pattern(1, BLOCK_BYTES);
     rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
     let n = disk.lock().unwrap().n_writes;
     disk.lock().unwrap().fail_writes_from = Some(n);
@@ -217,21 +220,24 @@ fn one_durable_block_then_failing_writes(
 fn failed_write_poisons_the_store_and_reopen_recovers() {
     let rt = rt();
     let (disk, store, vol, a) = one_durable_block_then_failing_writes(&rt);
-    let e = rt.block_on(store.write(vol.id, BB as u64, Bytes::from(pattern(2, BB)), false)).unwrap_err();
+    let e =
+        rt.block_on(store.write(vol.id, BLOCK_BYTES as u64, Bytes::from(pattern(2, BLOCK_BYTES)), false)).unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e}");
     disk.lock().unwrap().fail_writes_from = None;
     // Even with the device healthy again, the store refuses writes and flushes until reopened.
-    let e = rt.block_on(store.write(vol.id, 2 * BB as u64, Bytes::from(pattern(3, BB)), false)).unwrap_err();
+    let e = rt
+        .block_on(store.write(vol.id, 2 * BLOCK_BYTES as u64, Bytes::from(pattern(3, BLOCK_BYTES)), false))
+        .unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e}");
     assert!(e.to_string().contains("reopen"), "{e}");
     assert!(matches!(rt.block_on(store.flush()), Err(Error::Poisoned { .. })));
     // Reads of acknowledged data still work.
-    assert_eq!(&rt.block_on(store.read(vol.id, 0, BB as u64)).unwrap()[..], &a[..]);
+    assert_eq!(&rt.block_on(store.read(vol.id, 0, BLOCK_BYTES as u64)).unwrap()[..], &a[..]);
     let image = disk.lock().unwrap().written.clone();
     drop(store);
     let (_d, store) = open_image(image);
     let store = store.unwrap();
-    assert_eq!(&read_all(&store, BB as u64)[..], &a[..]);
+    assert_eq!(&read_all(&store, BLOCK_BYTES as u64)[..], &a[..]);
 }
 
 #[test]
@@ -239,13 +245,13 @@ fn a_failed_log_write_behind_a_write_back_answer_fails_the_next_flush() {
     let rt = rt();
     let (disk, store, vol, a) = one_durable_block_then_failing_writes(&rt);
     // Answered once queued: the failure is not known yet.
-    rt.block_on(store.write_back(vol.id, BB as u64, Bytes::from(pattern(2, BB)))).unwrap();
+    rt.block_on(store.write_back(vol.id, BLOCK_BYTES as u64, Bytes::from(pattern(2, BLOCK_BYTES)))).unwrap();
     // The flush that would make it durable reports the failure instead of success.
     let e = rt.block_on(store.flush()).unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e}");
     disk.lock().unwrap().fail_writes_from = None;
     assert!(matches!(
-        rt.block_on(store.write_back(vol.id, 0, Bytes::from(pattern(3, BB)))),
+        rt.block_on(store.write_back(vol.id, 0, Bytes::from(pattern(3, BLOCK_BYTES)))),
         Err(Error::Poisoned { .. })
     ));
     // What was durable before is still there after a reopen.
@@ -253,7 +259,7 @@ fn a_failed_log_write_behind_a_write_back_answer_fails_the_next_flush() {
     drop(store);
     let (_d, store) = open_image(image);
     let store = store.unwrap();
-    assert_eq!(&read_all(&store, BB as u64)[..], &a[..]);
+    assert_eq!(&read_all(&store, BLOCK_BYTES as u64)[..], &a[..]);
 }
 
 #[test]
@@ -262,13 +268,13 @@ fn failed_sync_fails_the_flush_and_poisons() {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, BB)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), false)).unwrap();
     let n = disk.lock().unwrap().n_syncs;
     disk.lock().unwrap().fail_syncs_from = Some(n);
     assert!(matches!(rt.block_on(store.flush()), Err(Error::Poisoned { .. })));
     disk.lock().unwrap().fail_syncs_from = None;
     assert!(matches!(rt.block_on(store.flush()), Err(Error::Poisoned { .. })), "no retried fsync");
-    let e = rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(2, BB)), true)).unwrap_err();
+    let e = rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(2, BLOCK_BYTES)), true)).unwrap_err();
     assert!(matches!(e, Error::Poisoned { .. }), "{e}");
 }
 
@@ -279,7 +285,7 @@ fn full_store_refuses_writes_then_accepts_them_after_trim() {
     let store = open_sim(&disk, Config::default()).unwrap();
     // A thin volume far larger than the store.
     let vol = rt.block_on(store.create_volume("v", 64 << 20)).unwrap();
-    let chunk = 16 * BB;
+    let chunk = 16 * BLOCK_BYTES;
     let mut written = 0u64;
     let err = loop {
         let data = pattern(written, chunk);
@@ -319,10 +325,10 @@ fn volume_table_changes_persist() {
     let b = rt.block_on(store.create_volume("b", 1 << 20)).unwrap();
     assert!(matches!(rt.block_on(store.create_volume("bad name!", 4096)), Err(Error::BadVolumeName(_))));
     assert!(matches!(rt.block_on(store.create_volume("odd", 1000)), Err(Error::InvalidArgument(_))));
-    rt.block_on(store.write(a.id, 0, Bytes::from(pattern(1, 2 * BB)), false)).unwrap();
-    rt.block_on(store.write(a.id, 200 * BB as u64, Bytes::from(pattern(2, BB)), false)).unwrap();
-    rt.block_on(store.resize_volume(a.id, 100 * BB as u64)).unwrap();
-    rt.block_on(store.resize_volume(a.id, 300 * BB as u64)).unwrap();
+    rt.block_on(store.write(a.id, 0, Bytes::from(pattern(1, 2 * BLOCK_BYTES)), false)).unwrap();
+    rt.block_on(store.write(a.id, 200 * BLOCK_BYTES as u64, Bytes::from(pattern(2, BLOCK_BYTES)), false)).unwrap();
+    rt.block_on(store.resize_volume(a.id, 100 * BLOCK_BYTES as u64)).unwrap();
+    rt.block_on(store.resize_volume(a.id, 300 * BLOCK_BYTES as u64)).unwrap();
     rt.block_on(store.delete_volume(b.id)).unwrap();
     let c = rt.block_on(store.create_volume("c", 8192)).unwrap();
     assert_ne!(c.id, b.id, "volume ids are never reused");
@@ -332,10 +338,17 @@ fn volume_table_changes_persist() {
     let vols = rt.block_on(store.list_volumes()).unwrap();
     let names: Vec<_> = vols.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["a", "c"]);
-    assert_eq!(vols[0].size_bytes, 300 * BB as u64);
-    assert_eq!(&rt.block_on(store.read(a.id, 0, 2 * BB as u64)).unwrap()[..], &pattern(1, 2 * BB)[..]);
+    assert_eq!(vols[0].size_bytes, 300 * BLOCK_BYTES as u64);
+    assert_eq!(
+        &rt.block_on(store.read(a.id, 0, 2 * BLOCK_BYTES as u64)).unwrap()[..],
+        &pattern(1, 2 * BLOCK_BYTES)[..]
+    );
     // The block beyond the shrink point was dropped: the regrown area reads as zeros.
-    assert!(rt.block_on(store.read(a.id, 200 * BB as u64, BB as u64)).unwrap().iter().all(|b| *b == 0));
+    assert!(rt
+        .block_on(store.read(a.id, 200 * BLOCK_BYTES as u64, BLOCK_BYTES as u64))
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0));
 }
 
 #[test]
@@ -344,11 +357,11 @@ fn changed_since_lists_live_blocks_written_after_an_lsn() {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
-    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, 8 * BB)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, 8 * BLOCK_BYTES)), false)).unwrap();
     rt.block_on(store.flush()).unwrap();
     let mark = rt.block_on(store.durable_lsn()).unwrap();
-    rt.block_on(store.write(vol.id, 2 * BB as u64, Bytes::from(pattern(2, 2 * BB)), false)).unwrap();
-    rt.block_on(store.write(vol.id, 100 * BB as u64, Bytes::from(pattern(3, BB)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 2 * BLOCK_BYTES as u64, Bytes::from(pattern(2, 2 * BLOCK_BYTES)), false)).unwrap();
+    rt.block_on(store.write(vol.id, 100 * BLOCK_BYTES as u64, Bytes::from(pattern(3, BLOCK_BYTES)), false)).unwrap();
     rt.block_on(store.flush()).unwrap();
     let runs = rt.block_on(store.changed_since(vol.id, Since::Lsn(mark))).unwrap();
     let got: Vec<(u64, u64)> = runs.iter().map(|r| (r.lba.0, r.n_blocks)).collect();

@@ -21,7 +21,6 @@ use syncblock_engine::format::{
 use syncblock_engine::sim::Rng;
 use syncblock_engine::{Lba, Lsn, VolumeId, BLOCK_BYTES};
 
-const BB: usize = BLOCK_BYTES;
 const CASES_DEFAULT: u64 = 20_000;
 
 fn cases() -> u64 {
@@ -168,13 +167,13 @@ fn random_meta(rng: &mut Rng) -> MetaOp {
 }
 
 fn encode_record(rec: &RecordHeader) -> Vec<u8> {
-    let mut b = vec![0u8; rec.header_blocks() as usize * BB];
+    let mut b = vec![0u8; rec.header_blocks() as usize * BLOCK_BYTES];
     rec.encode_into(&mut b, STORE_ID);
     b
 }
 
 fn image_superblock() -> Superblock {
-    Superblock::decode(&checks::image().bytes[..BB]).expect("image superblock")
+    Superblock::decode(&checks::image().bytes[..BLOCK_BYTES]).expect("image superblock")
 }
 
 #[test]
@@ -184,7 +183,7 @@ fn record_header_decoder_survives_random_and_mutated_input() {
     for case in 0..cases() {
         let mut input = vec![0u8];
         if case % 8 == 0 {
-            input.extend(random_bytes(&mut rng, 2 * BB as u64));
+            input.extend(random_bytes(&mut rng, 2 * BLOCK_BYTES as u64));
             input[0] = rng.next_u64() as u8;
         } else {
             input[0] = mode(&mut rng, 0);
@@ -261,7 +260,7 @@ fn superblock_segment_and_meta_decoders_survive_random_and_mutated_input() {
                     segment: rng.below(64) as u32,
                     first_lsn: Lsn(rng.below(1 << 40)),
                 };
-                let mut block = [0u8; BB];
+                let mut block = [0u8; BLOCK_BYTES];
                 h.encode_into(&mut block);
                 let mut b = vec![mode(&mut rng, 1)];
                 b.extend(mutated(&mut rng, block[..128].to_vec()));
@@ -302,7 +301,7 @@ fn opening_a_corrupted_store_never_panics() {
                 0x8000 | rng.below(image.used_blocks.len() as u64) as u16
             };
             // Mostly in the first bytes of the block, where headers keep their fields.
-            let at = if rng.below(2) == 0 { rng.below(128) } else { rng.below(BB as u64) } as u16;
+            let at = if rng.below(2) == 0 { rng.below(128) } else { rng.below(BLOCK_BYTES as u64) } as u16;
             let len = rng.below(8) as u8;
             input.extend_from_slice(&block.to_le_bytes());
             input.extend_from_slice(&at.to_le_bytes());
@@ -338,7 +337,7 @@ fn repairs_still_match_the_format() {
     assert_eq!(Superblock::decode(&b).map(|s| s.store_id), Ok(sb.store_id ^ 1));
 
     let h = SegmentHeader { store_id: 9, seq: 5, segment: 2, first_lsn: Lsn(7) };
-    let mut b = [0u8; BB];
+    let mut b = [0u8; BLOCK_BYTES];
     h.encode_into(&mut b);
     checks::repair_segment_header(&mut b, all);
     assert_eq!(SegmentHeader::decode(&b, STORE_ID), Ok(SegmentHeader { store_id: STORE_ID, ..h }));

@@ -44,9 +44,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use syncblock_engine::sim::Rng;
-use syncblock_engine::{Config, CreateOptions, Error, Store, VolumeId, BLOCK_BYTES};
-
-const BB: u64 = BLOCK_BYTES as u64;
+use syncblock_engine::{Config, CreateOptions, Error, Store, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 
 /// Set (to the test's directory) in the child's environment: run the workload.
 const CHILD_ENV: &str = "SYNCBLOCK_KILL9_CHILD";
@@ -76,7 +74,7 @@ const VOLUME_BYTES: u64 = 32 << 20;
 /// Writers in the child; each owns `VOLUME_BYTES / WRITERS` bytes of the volume.
 const WRITERS: u64 = 4;
 const REGION_BYTES: u64 = VOLUME_BYTES / WRITERS;
-const _: () = assert!(REGION_BYTES % BB == 0);
+const _: () = assert!(REGION_BYTES % BLOCK_BYTES_U64 == 0);
 /// Largest aligned write: 256 KiB.
 const WRITE_BLOCKS_MAX: u64 = 64;
 /// A child that is still alive after this long was forgotten by its parent: it exits.
@@ -112,12 +110,12 @@ fn pattern_bytes(offset: u64, len: u64, gen: u64) -> Vec<u8> {
     let end = offset + len;
     let mut at = offset;
     while at < end {
-        let lba = at / BB;
+        let lba = at / BLOCK_BYTES_U64;
         let block = pattern_block(lba, gen);
-        let from = (at % BB) as usize;
-        let to = ((end - lba * BB).min(BB)) as usize;
+        let from = (at % BLOCK_BYTES_U64) as usize;
+        let to = ((end - lba * BLOCK_BYTES_U64).min(BLOCK_BYTES_U64)) as usize;
         v.extend_from_slice(&block[from..to]);
-        at = lba * BB + to as u64;
+        at = lba * BLOCK_BYTES_U64 + to as u64;
     }
     v
 }
@@ -163,12 +161,12 @@ impl Op {
         if self.len == 0 {
             return 0..0;
         }
-        self.offset / BB..(self.offset + self.len - 1) / BB + 1
+        self.offset / BLOCK_BYTES_U64..(self.offset + self.len - 1) / BLOCK_BYTES_U64 + 1
     }
 
     /// Applies this operation to the content of block `lba`.
     fn apply(&self, lba: u64, block: &mut [u8]) {
-        let (b_start, b_end) = (lba * BB, lba * BB + BB);
+        let (b_start, b_end) = (lba * BLOCK_BYTES_U64, lba * BLOCK_BYTES_U64 + BLOCK_BYTES_U64);
         let (start, end) = (self.offset.max(b_start), (self.offset + self.len).min(b_end));
         if start >= end {
             return;
@@ -339,7 +337,7 @@ fn child_main(dir: PathBuf) {
 
 async fn writer(ctx: Arc<Ctx>, w: u64, mut rng: Rng) {
     let region = w * REGION_BYTES..(w + 1) * REGION_BYTES;
-    let region_blocks = REGION_BYTES / BB;
+    let region_blocks = REGION_BYTES / BLOCK_BYTES_U64;
     loop {
         let dice = rng.below(100);
         let fua = rng.below(8) == 0;
@@ -347,25 +345,25 @@ async fn writer(ctx: Arc<Ctx>, w: u64, mut rng: Rng) {
             // Aligned write, 4 KiB to 256 KiB.
             let n_blocks = 1 + rng.below(WRITE_BLOCKS_MAX);
             let lba = rng.below(region_blocks - n_blocks + 1);
-            let (offset, len) = (region.start + lba * BB, n_blocks * BB);
+            let (offset, len) = (region.start + lba * BLOCK_BYTES_U64, n_blocks * BLOCK_BYTES_U64);
             write(&ctx, offset, len, fua).await;
         } else if dice < 75 {
             // Small write at any byte offset, possibly straddling blocks.
-            let len = 1 + rng.below(2 * BB);
+            let len = 1 + rng.below(2 * BLOCK_BYTES_U64);
             let offset = region.start + rng.below(REGION_BYTES - len + 1);
             write(&ctx, offset, len, fua).await;
         } else if dice < 83 {
             // Trim, aligned or not: only the whole blocks inside are unmapped.
-            let len = 1 + rng.below(32 * BB);
+            let len = 1 + rng.below(32 * BLOCK_BYTES_U64);
             let mut offset = region.start + rng.below(REGION_BYTES - len + 1);
             if rng.below(2) == 0 {
-                offset -= offset % BB;
+                offset -= offset % BLOCK_BYTES_U64;
             }
             let gen = ctx.intend(OpKind::Trim, offset, len);
             ctx.store.trim(ctx.volume, offset, len).await.unwrap_or_else(|e| die("trim", e));
             ctx.acked(gen, false);
         } else if dice < 90 {
-            let len = 1 + rng.below(16 * BB);
+            let len = 1 + rng.below(16 * BLOCK_BYTES_U64);
             let offset = region.start + rng.below(REGION_BYTES - len + 1);
             let may_trim = rng.below(2) == 0;
             let gen = ctx.intend(OpKind::Zero, offset, len);
@@ -378,8 +376,8 @@ async fn writer(ctx: Arc<Ctx>, w: u64, mut rng: Rng) {
             ctx.flush().await;
         } else {
             // Single-block writes: the common case of a filesystem on top.
-            let offset = region.start + rng.below(region_blocks) * BB;
-            write(&ctx, offset, BB, fua).await;
+            let offset = region.start + rng.below(region_blocks) * BLOCK_BYTES_U64;
+            write(&ctx, offset, BLOCK_BYTES_U64, fua).await;
         }
     }
 }
@@ -581,8 +579,8 @@ fn verify(baseline: &[u8], observed: &[u8], log: &RoundLog) -> Vec<String> {
         }
     }
     let mut bad = Vec::new();
-    for lba in 0..VOLUME_BYTES / BB {
-        let range = (lba * BB) as usize..((lba + 1) * BB) as usize;
+    for lba in 0..VOLUME_BYTES / BLOCK_BYTES_U64 {
+        let range = (lba * BLOCK_BYTES_U64) as usize..((lba + 1) * BLOCK_BYTES_U64) as usize;
         let (base, got) = (&baseline[range.clone()], &observed[range]);
         let ops: &[usize] = history.get(&lba).map(|v| v.as_slice()).unwrap_or(&[]);
         // States after 0..=n operations; the durable prefix must be included.

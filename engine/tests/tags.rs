@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use common::*;
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, Since, Store, Tag, VolumeId, BLOCK_BYTES};
-
-const BB: u64 = BLOCK_BYTES as u64;
+use syncblock_engine::{Config, Since, Store, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 
 /// Drops the store without its shutdown checkpoint: the reopened store must replay the log.
 fn crash_and_reopen(store: Store, disk: &Arc<Mutex<SimDisk>>) -> (Store, Arc<Mutex<SimDisk>>) {
@@ -25,7 +23,7 @@ fn crash_and_reopen(store: Store, disk: &Arc<Mutex<SimDisk>>) -> (Store, Arc<Mut
 
 async fn tagged_write(store: &Store, vol: VolumeId, lba: u64, seed: u64, tag: Tag) {
     let data = Bytes::from(pattern(seed, BLOCK_BYTES));
-    store.enqueue_write(vol, lba * BB, data, false, tag).await.unwrap().wait().await.unwrap();
+    store.enqueue_write(vol, lba * BLOCK_BYTES_U64, data, false, tag).await.unwrap().wait().await.unwrap();
 }
 
 fn runs(r: Vec<syncblock_engine::ChangedRun>) -> Vec<(u64, u64)> {
@@ -44,8 +42,14 @@ fn last_tag_follows_tagged_writes_not_resync_writes_and_survives_replay() {
         tagged_write(&store, vol.id, 0, 1, Tag::seq(1)).await;
         tagged_write(&store, vol.id, 1, 2, Tag::seq(2)).await;
         tagged_write(&store, vol.id, 2, 3, Tag::resync(50)).await;
-        store.enqueue_trim(vol.id, 3 * BB, BB, Tag::seq(3)).await.unwrap().wait().await.unwrap();
-        store.write(vol.id, 4 * BB, Bytes::from(pattern(9, BLOCK_BYTES)), false).await.unwrap();
+        store
+            .enqueue_trim(vol.id, 3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Tag::seq(3))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        store.write(vol.id, 4 * BLOCK_BYTES_U64, Bytes::from(pattern(9, BLOCK_BYTES)), false).await.unwrap();
         store.flush().await.unwrap();
     });
     assert_eq!(rt.block_on(store.volume_info(vol.id)).unwrap().last_tag, 3);
@@ -78,7 +82,13 @@ fn tag_scan_finds_writes_and_trims_after_a_tag() {
         for lba in 0..8 {
             tagged_write(&store, vol.id, lba, lba, Tag::seq(lba + 1)).await;
         }
-        store.enqueue_trim(vol.id, 20 * BB, 10 * BB, Tag::seq(9)).await.unwrap().wait().await.unwrap();
+        store
+            .enqueue_trim(vol.id, 20 * BLOCK_BYTES_U64, 10 * BLOCK_BYTES_U64, Tag::seq(9))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
         tagged_write(&store, vol.id, 3, 100, Tag::seq(10)).await;
         store.flush().await.unwrap();
     });
@@ -106,7 +116,13 @@ fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_pa
             tagged_write(&store, vol.id, lba, lba, Tag::seq(tag)).await;
         }
         tag += 1;
-        store.enqueue_trim(vol.id, 100 * BB, 4 * BB, Tag::seq(tag)).await.unwrap().wait().await.unwrap();
+        store
+            .enqueue_trim(vol.id, 100 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::seq(tag))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
     });
     let trim_tag = tag;
     // Rewrite everything (except the trimmed range) several times: the trim's segment becomes
@@ -121,7 +137,7 @@ fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_pa
         }
     });
     let stats = rt.block_on(store.stats()).unwrap();
-    let device_blocks = stats.n_segments as u64 * (stats.segment_bytes / BB);
+    let device_blocks = stats.n_segments as u64 * (stats.segment_bytes / BLOCK_BYTES_U64);
     assert!(
         stats.log_blocks_written > 2 * device_blocks,
         "the workload must reuse segments ({} log blocks, {device_blocks} on the device)",
@@ -143,7 +159,7 @@ fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_pa
             store.checkpoint().await.unwrap();
         }
     });
-    let data = rt.block_on(store.read(vol.id, 511 * BB, BB)).unwrap();
+    let data = rt.block_on(store.read(vol.id, 511 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
     assert_eq!(&data[..], &pattern(50_000 + 11_000 + 511, BLOCK_BYTES)[..]);
 }
 
@@ -154,9 +170,9 @@ fn a_read_queued_after_a_write_sees_it_and_one_queued_before_does_not() {
     let store = open_sim(&disk, Config::default()).unwrap();
     let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
     rt.block_on(async {
-        let before = store.enqueue_read(vol.id, 0, BB).await.unwrap();
+        let before = store.enqueue_read(vol.id, 0, BLOCK_BYTES_U64).await.unwrap();
         let w = store.enqueue_write(vol.id, 0, Bytes::from(pattern(7, BLOCK_BYTES)), false, Tag::seq(1)).await.unwrap();
-        let after = store.enqueue_read(vol.id, 0, BB).await.unwrap();
+        let after = store.enqueue_read(vol.id, 0, BLOCK_BYTES_U64).await.unwrap();
         w.wait().await.unwrap();
         assert!(before.wait().await.unwrap().iter().all(|b| *b == 0));
         assert_eq!(&after.wait().await.unwrap()[..], &pattern(7, BLOCK_BYTES)[..]);
@@ -170,7 +186,7 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
     let disk = sim_disk(16 << 20, 1 << 20);
     let store = open_sim(&disk, Config::default()).unwrap();
     let n_blocks = 64u64;
-    let vol = rt.block_on(store.create_volume("v", n_blocks * BB)).unwrap();
+    let vol = rt.block_on(store.create_volume("v", n_blocks * BLOCK_BYTES_U64)).unwrap();
     // The model: each block's bytes, or None while unmapped.
     let mut model: Vec<Option<Vec<u8>>> = vec![None; n_blocks as usize];
     let mut rng = syncblock_engine::sim::Rng::new(7);
@@ -183,24 +199,31 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
                     for l in lba..lba + n {
                         model[l as usize] = None;
                     }
-                    store.enqueue_trim(vol.id, lba * BB, n * BB, Tag::NONE).await.unwrap()
+                    store.enqueue_trim(vol.id, lba * BLOCK_BYTES_U64, n * BLOCK_BYTES_U64, Tag::NONE).await.unwrap()
                 }
                 1 => {
                     // A sector inside the block: read-modify-write, mapped afterwards.
                     let data = pattern(round, 512);
                     let b = model[lba as usize].get_or_insert_with(|| vec![0; BLOCK_BYTES]);
                     b[1024..1536].copy_from_slice(&data);
-                    store.enqueue_write(vol.id, lba * BB + 1024, Bytes::from(data), false, Tag::NONE).await.unwrap()
+                    store
+                        .enqueue_write(vol.id, lba * BLOCK_BYTES_U64 + 1024, Bytes::from(data), false, Tag::NONE)
+                        .await
+                        .unwrap()
                 }
                 _ => {
                     let data = pattern(1000 + round, BLOCK_BYTES);
                     model[lba as usize] = Some(data.clone());
-                    store.enqueue_write(vol.id, lba * BB, Bytes::from(data), false, Tag::NONE).await.unwrap()
+                    store
+                        .enqueue_write(vol.id, lba * BLOCK_BYTES_U64, Bytes::from(data), false, Tag::NONE)
+                        .await
+                        .unwrap()
                 }
             };
             // Queued right behind the write, usually before it is applied: the answer must
             // include it (from the pending map), as it includes everything queued earlier.
-            let crcs = store.enqueue_block_crcs(vol.id, 0, n_blocks * BB).await.unwrap().wait().await.unwrap();
+            let crcs =
+                store.enqueue_block_crcs(vol.id, 0, n_blocks * BLOCK_BYTES_U64).await.unwrap().wait().await.unwrap();
             let want: Vec<Option<u32>> = model.iter().map(|b| b.as_deref().map(block_crc)).collect();
             assert_eq!(crcs, want, "round {round}");
             pending.wait().await.unwrap();
@@ -209,18 +232,18 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
         store.flush().await.unwrap();
         disk.lock().unwrap().fail_reads_in = Some((0, u64::MAX));
         let want: Vec<Option<u32>> = model[8..24].iter().map(|b| b.as_deref().map(block_crc)).collect();
-        assert_eq!(store.block_crcs(vol.id, 8 * BB, 16 * BB).await.unwrap(), want);
+        assert_eq!(store.block_crcs(vol.id, 8 * BLOCK_BYTES_U64, 16 * BLOCK_BYTES_U64).await.unwrap(), want);
         let mapped = model.iter().position(Option::is_some).unwrap() as u64;
-        assert!(store.read(vol.id, mapped * BB, BB).await.is_err(), "reads do fail");
+        assert!(store.read(vol.id, mapped * BLOCK_BYTES_U64, BLOCK_BYTES_U64).await.is_err(), "reads do fail");
         disk.lock().unwrap().fail_reads_in = None;
         // Unaligned, out-of-range and oversized requests are refused.
-        assert!(store.block_crcs(vol.id, 512, BB).await.is_err());
-        assert!(store.block_crcs(vol.id, 0, BB + 512).await.is_err());
-        assert!(store.block_crcs(vol.id, (n_blocks - 1) * BB, 2 * BB).await.is_err());
-        let big = store.create_volume("big", 2 * syncblock_engine::MAX_CRC_BLOCKS * BB).await.unwrap();
-        assert!(store.block_crcs(big.id, 0, (syncblock_engine::MAX_CRC_BLOCKS + 1) * BB).await.is_err());
+        assert!(store.block_crcs(vol.id, 512, BLOCK_BYTES_U64).await.is_err());
+        assert!(store.block_crcs(vol.id, 0, BLOCK_BYTES_U64 + 512).await.is_err());
+        assert!(store.block_crcs(vol.id, (n_blocks - 1) * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64).await.is_err());
+        let big = store.create_volume("big", 2 * syncblock_engine::MAX_CRC_BLOCKS * BLOCK_BYTES_U64).await.unwrap();
+        assert!(store.block_crcs(big.id, 0, (syncblock_engine::MAX_CRC_BLOCKS + 1) * BLOCK_BYTES_U64).await.is_err());
         assert_eq!(
-            store.block_crcs(big.id, 0, syncblock_engine::MAX_CRC_BLOCKS * BB).await.unwrap().len() as u64,
+            store.block_crcs(big.id, 0, syncblock_engine::MAX_CRC_BLOCKS * BLOCK_BYTES_U64).await.unwrap().len() as u64,
             syncblock_engine::MAX_CRC_BLOCKS
         );
     });
@@ -245,18 +268,24 @@ fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
         for lba in 0..8 {
             tagged_write(&store, vol.id, lba, 100 + lba, Tag::resync(50)).await;
         }
-        store.enqueue_trim(vol.id, 8 * BB, 4 * BB, Tag::resync(50)).await.unwrap().wait().await.unwrap();
+        store
+            .enqueue_trim(vol.id, 8 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::resync(50))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
         store.flush().await.unwrap();
     });
     // Reads see the newest (staged) data.
-    assert_eq!(&rt.block_on(store.read(vol.id, 0, BB)).unwrap()[..], &pattern(100, BLOCK_BYTES)[..]);
-    assert!(rt.block_on(store.read(vol.id, 8 * BB, BB)).unwrap().iter().all(|b| *b == 0));
+    assert_eq!(&rt.block_on(store.read(vol.id, 0, BLOCK_BYTES_U64)).unwrap()[..], &pattern(100, BLOCK_BYTES)[..]);
+    assert!(rt.block_on(store.read(vol.id, 8 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap().iter().all(|b| *b == 0));
     assert_eq!(rt.block_on(store.volume_info(vol.id)).unwrap().staged_blocks, 8);
     // A checkpoint carries the staged blocks; a crash before the commit drops them.
     rt.block_on(store.checkpoint()).unwrap();
     let (store2, disk2) = crash_and_reopen(store, &disk);
     for lba in 0..16 {
-        let got = rt.block_on(store2.read(vol.id, lba * BB, BB)).unwrap();
+        let got = rt.block_on(store2.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
         assert_eq!(&got[..], &pattern(lba, BLOCK_BYTES)[..], "uncommitted resync visible at lba {lba} after a crash");
     }
     assert_eq!(rt.block_on(store2.volume_info(vol.id)).unwrap().staged_blocks, 0);
@@ -266,7 +295,13 @@ fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
         for lba in 0..8 {
             tagged_write(&store2, vol.id, lba, 200 + lba, Tag::resync(60)).await;
         }
-        store2.enqueue_trim(vol.id, 8 * BB, 4 * BB, Tag::resync(60)).await.unwrap().wait().await.unwrap();
+        store2
+            .enqueue_trim(vol.id, 8 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::resync(60))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
         let mut tag = 100;
         for round in 0..14u64 {
             for lba in 16..512 {
@@ -283,16 +318,26 @@ fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
     rt.block_on(store2.set_repl_staged(vol.id, 70, 0, Vec::new(), StagedOp::Commit)).unwrap();
     let (store3, _disk3) = crash_and_reopen(store2, &disk2);
     for lba in 0..8 {
-        let got = rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap();
+        let got = rt.block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
         assert_eq!(&got[..], &pattern(200 + lba, BLOCK_BYTES)[..], "committed resync lost at lba {lba}");
     }
     for lba in 8..12 {
-        assert!(rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap().iter().all(|b| *b == 0));
+        assert!(rt
+            .block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64))
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0));
     }
     for lba in 12..16 {
-        assert_eq!(&rt.block_on(store3.read(vol.id, lba * BB, BB)).unwrap()[..], &pattern(lba, BLOCK_BYTES)[..]);
+        assert_eq!(
+            &rt.block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap()[..],
+            &pattern(lba, BLOCK_BYTES)[..]
+        );
     }
-    assert_eq!(&rt.block_on(store3.read(vol.id, 511 * BB, BB)).unwrap()[..], &pattern(13_000 + 511, BLOCK_BYTES)[..]);
+    assert_eq!(
+        &rt.block_on(store3.read(vol.id, 511 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap()[..],
+        &pattern(13_000 + 511, BLOCK_BYTES)[..]
+    );
     let info = rt.block_on(store3.volume_info(vol.id)).unwrap();
     assert_eq!((info.last_tag, info.staged_blocks), (70, 0));
 }

@@ -21,9 +21,7 @@ use syncblock_engine::format::{
     MAX_HEADER_BLOCKS, RECORD_MAGIC, SEGMENT_MAGIC, SUPERBLOCK_MAGIC,
 };
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, Error, Store, MIN_SEGMENT_BYTES};
-
-const BB: usize = syncblock_engine::BLOCK_BYTES;
+use syncblock_engine::{Config, Error, Store, BLOCK_BYTES, MIN_SEGMENT_BYTES};
 
 /// The store id the decoders are asked to accept (and the one the repair modes write).
 pub const STORE_ID: u64 = 0x5eed_f022_0000_0001;
@@ -128,7 +126,7 @@ pub fn record_header(data: &[u8]) {
         check_record(rest);
         return;
     }
-    let mut b = vec![0u8; MAX_HEADER_BLOCKS as usize * BB];
+    let mut b = vec![0u8; MAX_HEADER_BLOCKS as usize * BLOCK_BYTES];
     let n = rest.len().min(b.len());
     b[..n].copy_from_slice(&rest[..n]);
     repair_record(&mut b, mode);
@@ -147,8 +145,8 @@ pub fn repair_record(b: &mut [u8], mode: u8) {
     }
     if mode & REPAIR_CRC != 0 {
         let header_blocks = get_u32(b, REC_HEADER_BLOCKS) as usize;
-        if (1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks) && header_blocks * BB <= b.len() {
-            let crc = crc_skipping(&b[..header_blocks * BB], REC_CRC);
+        if (1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks) && header_blocks * BLOCK_BYTES <= b.len() {
+            let crc = crc_skipping(&b[..header_blocks * BLOCK_BYTES], REC_CRC);
             put_u32(b, REC_CRC, crc);
         }
     }
@@ -161,7 +159,7 @@ fn check_record(b: &[u8]) {
     let data_blocks: u64 = rec.entries.iter().filter(|e| e.kind.has_data()).map(|e| e.n_blocks as u64).sum();
     assert_eq!(data_blocks, rec.crcs.len() as u64, "entries and CRCs disagree in a decoded header");
     assert!(rec.entries.iter().all(|e| e.n_blocks > 0 && e.lba.0.checked_add(e.n_blocks as u64).is_some()));
-    let mut out = vec![0u8; header_blocks as usize * BB];
+    let mut out = vec![0u8; header_blocks as usize * BLOCK_BYTES];
     rec.encode_into(&mut out, STORE_ID);
     let again = RecordHeader::decode(&out, STORE_ID).expect("a re-encoded record header decodes");
     assert_eq!(again, rec, "decode(encode(header)) differs from header");
@@ -183,7 +181,7 @@ pub fn checkpoint(data: &[u8]) {
         0 => {
             let mut b = rest.to_vec();
             if mode & (REPAIR_MAGIC | REPAIR_STORE | REPAIR_CRC) != 0 {
-                b.resize(b.len().max(BB), 0);
+                b.resize(b.len().max(BLOCK_BYTES), 0);
                 repair_checkpoint_header(&mut b, mode);
             }
             if let Ok(h) = CheckpointHeader::decode(&b, STORE_ID) {
@@ -219,7 +217,7 @@ pub fn repair_checkpoint_header(b: &mut [u8], mode: u8) {
 
 /// Decodes a payload from block-aligned memory, as recovery does (rkyv wants 16-byte alignment).
 pub fn decode_payload(bytes: &[u8]) -> Result<CheckpointData, String> {
-    let mut buf = AlignedBuf::zeroed(bytes.len().div_ceil(BB));
+    let mut buf = AlignedBuf::zeroed(bytes.len().div_ceil(BLOCK_BYTES));
     buf[..bytes.len()].copy_from_slice(bytes);
     CheckpointData::from_bytes(&buf[..bytes.len()])
 }
@@ -298,7 +296,7 @@ pub fn superblock(data: &[u8]) {
     let repair = mode & (REPAIR_MAGIC | REPAIR_STORE | REPAIR_CRC) != 0;
     let mut b = rest.to_vec();
     if repair {
-        b.resize(b.len().max(BB), 0);
+        b.resize(b.len().max(BLOCK_BYTES), 0);
     }
     match mode % 3 {
         0 => {
@@ -314,7 +312,7 @@ pub fn superblock(data: &[u8]) {
                 repair_segment_header(&mut b, mode);
             }
             if let Ok(h) = SegmentHeader::decode(&b, STORE_ID) {
-                let mut out = [0u8; BB];
+                let mut out = [0u8; BLOCK_BYTES];
                 h.encode_into(&mut out);
                 assert_eq!(SegmentHeader::decode(&out, STORE_ID), Ok(h), "segment header round trip");
             }
@@ -328,7 +326,7 @@ pub fn repair_superblock(b: &mut [u8], mode: u8) {
     if mode & REPAIR_MAGIC != 0 {
         b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
         put_u32(b, SB_VERSION, FORMAT_VERSION);
-        put_u32(b, SB_BLOCK_BYTES, BB as u32);
+        put_u32(b, SB_BLOCK_BYTES, BLOCK_BYTES as u32);
     }
     if mode & REPAIR_CRC != 0 {
         let crc = crc_skipping(&b[..SB_CRC_END], SB_CRC);
@@ -354,7 +352,7 @@ pub fn repair_segment_header(b: &mut [u8], mode: u8) {
 /// What `Superblock::decode` promises: the geometry can be used for offset arithmetic safely.
 fn check_superblock(sb: &Superblock) {
     assert_eq!(Superblock::decode(&sb.encode()), Ok(*sb), "superblock round trip");
-    let bb = BB as u64;
+    let bb = BLOCK_BYTES as u64;
     assert!(sb.n_segments > 0 && sb.segment_blocks > 0);
     let last_end = sb
         .segment_offset(sb.n_segments - 1)
@@ -387,7 +385,7 @@ fn check_meta(b: &[u8]) {
 /// slots (sized for 4096 volumes) and 19 segments of 64 KiB.
 pub const IMAGE_BYTES: usize = 2 << 20;
 const IMAGE_VOLUME: &str = "fz";
-const IMAGE_VOLUME_BYTES: u64 = 64 * BB as u64;
+const IMAGE_VOLUME_BYTES: u64 = 64 * BLOCK_BYTES as u64;
 /// Longest any one engine call may take on the simulated device before it counts as a hang.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -411,8 +409,8 @@ pub fn image() -> &'static Image {
 /// Deterministic content for block `lba` written by step `step`.
 fn block_pattern(lba: u64, step: u64) -> Vec<u8> {
     let mut x = (lba << 32 | step).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(BB);
-    while v.len() < BB {
+    let mut v = Vec::with_capacity(BLOCK_BYTES);
+    while v.len() < BLOCK_BYTES {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
@@ -442,15 +440,15 @@ fn build_image() -> Image {
             for i in 0..n {
                 data.extend(block_pattern(lba + i, step));
             }
-            let at = (lba as usize) * BB;
+            let at = (lba as usize) * BLOCK_BYTES;
             expect[at..at + data.len()].copy_from_slice(&data);
-            store.write(vol.id, lba * BB as u64, Bytes::from(data), step % 5 == 0).await.expect("write");
+            store.write(vol.id, lba * BLOCK_BYTES as u64, Bytes::from(data), step % 5 == 0).await.expect("write");
             match step {
                 3 | 11 => store.flush().await.expect("flush"),
                 7 => store.checkpoint().await.expect("checkpoint"),
                 9 => {
-                    store.trim(vol.id, 40 * BB as u64, 3 * BB as u64).await.expect("trim");
-                    expect[40 * BB..43 * BB].fill(0);
+                    store.trim(vol.id, 40 * BLOCK_BYTES as u64, 3 * BLOCK_BYTES as u64).await.expect("trim");
+                    expect[40 * BLOCK_BYTES..43 * BLOCK_BYTES].fill(0);
                 }
                 _ => {}
             }
@@ -474,40 +472,40 @@ fn build_image() -> Image {
     assert!(got[..] == expect[..], "the uncorrupted fuzz image reads back wrong");
     store.close().expect("close");
 
-    let used_blocks = (0..IMAGE_BYTES / BB)
-        .filter(|b| bytes[b * BB..(b + 1) * BB].iter().any(|x| *x != 0))
+    let used_blocks = (0..IMAGE_BYTES / BLOCK_BYTES)
+        .filter(|b| bytes[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES].iter().any(|x| *x != 0))
         .map(|b| b as u32)
         .collect();
-    let superblock = Superblock::decode(&bytes[..BB]).expect("superblock");
+    let superblock = Superblock::decode(&bytes[..BLOCK_BYTES]).expect("superblock");
     Image { bytes, superblock, used_blocks }
 }
 
 /// Rewrites every structure in `image` that carries the store id (superblocks, checkpoint slot
 /// headers, segment and record headers) to carry `store_id`, re-sealing each with its CRC.
 fn set_store_id(image: &mut [u8], store_id: u64) {
-    let sb = Superblock::decode(&image[..BB]).expect("superblock");
+    let sb = Superblock::decode(&image[..BLOCK_BYTES]).expect("superblock");
     let old = sb.store_id;
     let sb = Superblock { store_id, ..sb };
     for copy in 0..2 {
-        image[copy * BB..(copy + 1) * BB].copy_from_slice(&sb.encode());
+        image[copy * BLOCK_BYTES..(copy + 1) * BLOCK_BYTES].copy_from_slice(&sb.encode());
     }
     for offset in sb.checkpoint_offsets {
         let at = offset as usize;
-        if let Ok(h) = CheckpointHeader::decode(&image[at..at + BB], old) {
-            image[at..at + BB].copy_from_slice(&CheckpointHeader { store_id, ..h }.encode());
+        if let Ok(h) = CheckpointHeader::decode(&image[at..at + BLOCK_BYTES], old) {
+            image[at..at + BLOCK_BYTES].copy_from_slice(&CheckpointHeader { store_id, ..h }.encode());
         }
     }
-    let segment_bytes = sb.segment_blocks as usize * BB;
+    let segment_bytes = sb.segment_blocks as usize * BLOCK_BYTES;
     for s in 0..sb.n_segments {
         let start = sb.segment_offset(s) as usize;
         let seg = &mut image[start..start + segment_bytes];
-        let Ok(h) = SegmentHeader::decode(&seg[..BB], old) else { continue };
-        SegmentHeader { store_id, ..h }.encode_into(&mut seg[..BB]);
+        let Ok(h) = SegmentHeader::decode(&seg[..BLOCK_BYTES], old) else { continue };
+        SegmentHeader { store_id, ..h }.encode_into(&mut seg[..BLOCK_BYTES]);
         let mut cursor = 1usize;
         while cursor < sb.segment_blocks as usize {
-            let Ok(rec) = RecordHeader::decode(&seg[cursor * BB..], old) else { break };
-            let len = rec.header_blocks() as usize * BB;
-            rec.encode_into(&mut seg[cursor * BB..cursor * BB + len], store_id);
+            let Ok(rec) = RecordHeader::decode(&seg[cursor * BLOCK_BYTES..], old) else { break };
+            let len = rec.header_blocks() as usize * BLOCK_BYTES;
+            rec.encode_into(&mut seg[cursor * BLOCK_BYTES..cursor * BLOCK_BYTES + len], store_id);
             cursor += (rec.header_blocks() + rec.data_blocks()) as usize;
         }
     }
@@ -524,7 +522,7 @@ pub fn open_corrupted(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let image = image();
     let mut bytes = image.bytes.clone();
-    let n_blocks = IMAGE_BYTES / BB;
+    let n_blocks = IMAGE_BYTES / BLOCK_BYTES;
     let mut input = Input::new(rest);
     while !input.is_empty() {
         let block = input.u16();
@@ -533,7 +531,7 @@ pub fn open_corrupted(data: &[u8]) {
         } else {
             block as usize % n_blocks
         };
-        let at = block * BB + input.u16() as usize % BB;
+        let at = block * BLOCK_BYTES + input.u16() as usize % BLOCK_BYTES;
         let len = 1 + input.u8() as usize % 64;
         let src = input.bytes(len);
         let end = (at + src.len()).min(IMAGE_BYTES);
@@ -552,12 +550,12 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
     use layout::*;
     // Only structures that are there (magic intact): a zeroed slot or unused segment stays zeroed.
     for copy in 0..2 {
-        let block = &mut bytes[copy * BB..(copy + 1) * BB];
+        let block = &mut bytes[copy * BLOCK_BYTES..(copy + 1) * BLOCK_BYTES];
         if block[..8] == SUPERBLOCK_MAGIC {
             repair_superblock(block, REPAIR_CRC);
         }
     }
-    let slot_bytes = sb.checkpoint_slot_blocks as usize * BB;
+    let slot_bytes = sb.checkpoint_slot_blocks as usize * BLOCK_BYTES;
     for offset in sb.checkpoint_offsets {
         let slot = &mut bytes[offset as usize..offset as usize + slot_bytes];
         if get_u32(slot, 0) != CHECKPOINT_MAGIC {
@@ -565,26 +563,26 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
         }
         let payload_bytes = (u64::from_le_bytes(slot[CK_PAYLOAD_BYTES..CK_PAYLOAD_BYTES + 8].try_into().expect("8"))
             as usize)
-            .min(slot_bytes - BB);
-        let crc = crc32fast::hash(&slot[BB..BB + payload_bytes]);
+            .min(slot_bytes - BLOCK_BYTES);
+        let crc = crc32fast::hash(&slot[BLOCK_BYTES..BLOCK_BYTES + payload_bytes]);
         put_u32(slot, CK_PAYLOAD_CRC, crc);
         repair_checkpoint_header(slot, REPAIR_CRC);
     }
     let segment_blocks = sb.segment_blocks as usize;
     for s in 0..sb.n_segments {
         let start = sb.segment_offset(s) as usize;
-        let seg = &mut bytes[start..start + segment_blocks * BB];
+        let seg = &mut bytes[start..start + segment_blocks * BLOCK_BYTES];
         if get_u32(seg, 0) != SEGMENT_MAGIC {
             continue;
         }
-        repair_segment_header(&mut seg[..BB], REPAIR_CRC);
+        repair_segment_header(&mut seg[..BLOCK_BYTES], REPAIR_CRC);
         let mut cursor = 1;
         while cursor < segment_blocks {
-            let header = &mut seg[cursor * BB..];
+            let header = &mut seg[cursor * BLOCK_BYTES..];
             let header_blocks = get_u32(header, REC_HEADER_BLOCKS) as usize;
             if get_u32(header, REC_MAGIC) != RECORD_MAGIC
                 || !(1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks)
-                || header_blocks * BB > header.len()
+                || header_blocks * BLOCK_BYTES > header.len()
             {
                 break;
             }
@@ -597,10 +595,10 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
             }
             let crcs_at = REC_ENTRIES + rec.entries.len() * REC_ENTRY_BYTES;
             for i in 0..n_data {
-                let crc = crc32fast::hash(&seg[(data_at + i) * BB..(data_at + i + 1) * BB]);
-                put_u32(&mut seg[cursor * BB..], crcs_at + 4 * i, crc);
+                let crc = crc32fast::hash(&seg[(data_at + i) * BLOCK_BYTES..(data_at + i + 1) * BLOCK_BYTES]);
+                put_u32(&mut seg[cursor * BLOCK_BYTES..], crcs_at + 4 * i, crc);
             }
-            repair_record(&mut seg[cursor * BB..], REPAIR_CRC);
+            repair_record(&mut seg[cursor * BLOCK_BYTES..], REPAIR_CRC);
             cursor = data_at + n_data;
         }
     }
@@ -622,12 +620,12 @@ fn open_and_read(bytes: Vec<u8>) {
         let volumes = call(store.list_volumes()).await.expect("list_volumes failed on an open store");
         for v in volumes {
             // Bounded: a volume is never larger than the image's, unless the table is forged.
-            let n_blocks = (v.size_bytes / BB as u64).min(2 * IMAGE_VOLUME_BYTES / BB as u64);
+            let n_blocks = (v.size_bytes / BLOCK_BYTES as u64).min(2 * IMAGE_VOLUME_BYTES / BLOCK_BYTES as u64);
             // In runs of 8 blocks: fewer round trips to the engine thread (the fuzzer's speed),
             // while a damaged block still fails only its own run.
             for lba in (0..n_blocks).step_by(8) {
-                let len = (n_blocks - lba).min(8) * BB as u64;
-                match call(store.read(v.id, lba * BB as u64, len)).await {
+                let len = (n_blocks - lba).min(8) * BLOCK_BYTES as u64;
+                match call(store.read(v.id, lba * BLOCK_BYTES as u64, len)).await {
                     Ok(got) => assert_eq!(got.len() as u64, len, "read returned {} bytes, asked for {len}", got.len()),
                     Err(Error::ShutDown) => panic!("the engine thread died while reading {:?} lba {lba}", v.id),
                     Err(_) => {}

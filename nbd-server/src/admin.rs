@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES};
+use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES_U64};
 use syncblock_replicator::status::VerifyReportView;
 use syncblock_replicator::{Node, StatusView};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -191,14 +191,13 @@ impl Admin {
         }
         let seg = stats.segment_bytes;
         let log_bytes = u64::from(stats.n_segments) * seg;
-        let bb = BLOCK_BYTES as u64;
         let store = StoreDoc {
             path: self.store_path.display().to_string(),
             size_bytes: store_size_bytes(&self.store_path, &stats),
             log_bytes,
             used_bytes: u64::from(stats.n_segments - stats.free_segments.min(stats.n_segments)) * seg,
             free_bytes: u64::from(stats.free_segments) * seg,
-            live_bytes: stats.live_blocks * bb,
+            live_bytes: stats.live_blocks * BLOCK_BYTES_U64,
             provisioned_bytes: list.iter().map(|v| v.size_bytes).sum(),
             backing_shortfall_bytes: backing_shortfall(&self.store_path),
             // Before any client write the ratio is the format's own blocks over nothing: say 1.
@@ -207,9 +206,9 @@ impl Admin {
             } else {
                 (stats.write_amplification() * 1000.0).round() / 1000.0
             },
-            client_written_bytes: stats.user_blocks_written * bb,
-            log_written_bytes: stats.log_blocks_written * bb,
-            cleaner_copied_bytes: stats.gc_blocks_copied * bb,
+            client_written_bytes: stats.user_blocks_written * BLOCK_BYTES_U64,
+            log_written_bytes: stats.log_blocks_written * BLOCK_BYTES_U64,
+            cleaner_copied_bytes: stats.gc_blocks_copied * BLOCK_BYTES_U64,
             segments_cleaned: stats.segments_cleaned,
             checkpoints: stats.checkpoints,
             syncs: stats.syncs,

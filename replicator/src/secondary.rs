@@ -654,9 +654,8 @@ mod tests {
 
     use super::*;
     use bytes::Bytes;
-    use syncblock_engine::BLOCK_BYTES;
+    use syncblock_engine::BLOCK_BYTES_U64;
 
-    const BB: u64 = BLOCK_BYTES as u64;
     const VOL: u64 = 4 << 20;
     const EPOCH: u64 = 2;
 
@@ -676,7 +675,12 @@ mod tests {
     }
 
     fn write(tag: u64, lba: u64, fua: bool) -> Frame {
-        Frame::Write { tag, offset: lba * BB, fua, data: Bytes::from(vec![tag as u8; BB as usize]) }
+        Frame::Write {
+            tag,
+            offset: lba * BLOCK_BYTES_U64,
+            fua,
+            data: Bytes::from(vec![tag as u8; BLOCK_BYTES_U64 as usize]),
+        }
     }
 
     /// Feeds `frames`, then retires everything they queued; returns the frames owed.
@@ -715,7 +719,7 @@ mod tests {
     #[tokio::test]
     async fn a_checksum_request_is_answered_at_its_place_in_the_stream() {
         let mut s = session(0).await;
-        let ask = |id| Frame::CrcRequest { id, offset: 0, len: 2 * BB };
+        let ask = |id| Frame::CrcRequest { id, offset: 0, len: 2 * BLOCK_BYTES_U64 };
         let out = feed(&mut s, vec![ask(1), write(1, 1, false), ask(2)]).await.unwrap();
         let replies: Vec<(u64, Vec<Option<u32>>)> = out
             .iter()
@@ -743,7 +747,10 @@ mod tests {
         let st = s.i.state.lock().unwrap().clone();
         assert!(st.consistent);
         assert_eq!(st.history, history);
-        assert_eq!(&store.read(volume, BB, BB).await.unwrap()[..], &vec![8u8; BB as usize][..]);
+        assert_eq!(
+            &store.read(volume, BLOCK_BYTES_U64, BLOCK_BYTES_U64).await.unwrap()[..],
+            &vec![8u8; BLOCK_BYTES_U64 as usize][..]
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use syncblock_engine::Tag;
+use syncblock_engine::{Tag, BLOCK_BYTES_U64};
 use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, Role};
 use tokio::net::TcpListener;
 
@@ -97,7 +97,10 @@ async fn two_pairs_with_the_same_volume_name_share_a_witness_safely() {
     assert_eq!(p2.epoch(), 1);
     let st = p2.status().await;
     assert!(st.rpo_zero(), "pair 2 lost its peer: {st:?}");
-    tokio::time::timeout(Duration::from_secs(5), p2.write(BB, block(7), true)).await.expect("pair 2 writes").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), p2.write(BLOCK_BYTES_U64, block(7), true))
+        .await
+        .expect("pair 2 writes")
+        .unwrap();
     let state = syncblock_replicator::witness::load(&dir.path().join("witness.state")).unwrap();
     let epochs: Vec<(u64, &str)> = {
         let mut e: Vec<(u64, &str)> = state.pairs.values().map(|r| (r.epoch, r.primary.as_str())).collect();
@@ -127,7 +130,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 
     // Acknowledged writes, some flushed.
     for k in 0..64u64 {
-        pa.write(k * BB, block(k), k % 8 == 0).await.unwrap();
+        pa.write(k * BLOCK_BYTES_U64, block(k), k % 8 == 0).await.unwrap();
     }
     pa.flush().await.unwrap();
     let expected = image(&a).await;
@@ -147,19 +150,24 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
     // It serves alone once the witness consents (degrade policy).
     let pb = node_b.primary().unwrap();
     assert_eq!(pb.epoch(), 2);
-    tokio::time::timeout(Duration::from_secs(10), pb.write(100 * BB, block(1000), true))
+    tokio::time::timeout(Duration::from_secs(10), pb.write(100 * BLOCK_BYTES_U64, block(1000), true))
         .await
         .expect("the new primary serves writes alone")
         .unwrap();
     for k in 0..8u64 {
-        pb.write(k * BB, block(2000 + k), false).await.unwrap();
+        pb.write(k * BLOCK_BYTES_U64, block(2000 + k), false).await.unwrap();
     }
     pb.flush().await.unwrap();
 
     // The old primary holds a write that was never replicated (it took it as it died).
     let va = a.volume("v").await.unwrap();
     let divergent_tag = va.last_tag + 1;
-    a.enqueue_write(va.id, 200 * BB, block(3000), true, Tag::seq(divergent_tag)).await.unwrap().wait().await.unwrap();
+    a.enqueue_write(va.id, 200 * BLOCK_BYTES_U64, block(3000), true, Tag::seq(divergent_tag))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
 
     // It comes back believing it is primary: the witness tells it otherwise; it steps down, and
     // the new primary rolls it back and resyncs it.
@@ -173,7 +181,10 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
     tokio::time::timeout(Duration::from_secs(15), v.wait_for(|v| v.in_sync)).await.expect("resync").unwrap();
     pb.flush().await.unwrap();
     let got = image(&a).await;
-    assert!(got[200 * BB as usize..201 * BB as usize].iter().all(|b| *b == 0), "the divergent write survived");
+    assert!(
+        got[200 * BLOCK_BYTES_U64 as usize..201 * BLOCK_BYTES_U64 as usize].iter().all(|b| *b == 0),
+        "the divergent write survived"
+    );
     assert_eq!(got, image(&b).await, "the old primary differs from the new one after resync");
     let st = pb.status().await;
     assert!(st.rpo_zero(), "{st:?}");
@@ -194,7 +205,7 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     let mut v = pa.peer_view();
     tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
     for k in 0..64u64 {
-        pa.write(k * BB, block(k), false).await.unwrap();
+        pa.write(k * BLOCK_BYTES_U64, block(k), false).await.unwrap();
     }
     pa.flush().await.unwrap();
 
@@ -203,7 +214,7 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     let distinct = 500u64;
     for round in 0..3u64 {
         for k in 0..distinct {
-            let w = pa.write((1000 + k) * BB, block(round * 10_000 + k), false);
+            let w = pa.write((1000 + k) * BLOCK_BYTES_U64, block(round * 10_000 + k), false);
             tokio::time::timeout(Duration::from_secs(10), w).await.expect("solo write").unwrap();
         }
     }
@@ -214,9 +225,9 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     let mut v = pa.peer_view();
     tokio::time::timeout(Duration::from_secs(20), v.wait_for(|v| v.in_sync && v.connected)).await.unwrap().unwrap();
     let shipped = pa.status().await.peer.resync_bytes_shipped;
-    let ratio = shipped as f64 / (distinct * BB) as f64;
-    println!("resync shipped {shipped} bytes for {} distinct bytes: {ratio:.3}", distinct * BB);
-    assert!(ratio <= 1.1, "resync shipped {shipped} bytes for {} distinct bytes written", distinct * BB);
+    let ratio = shipped as f64 / (distinct * BLOCK_BYTES_U64) as f64;
+    println!("resync shipped {shipped} bytes for {} distinct bytes: {ratio:.3}", distinct * BLOCK_BYTES_U64);
+    assert!(ratio <= 1.1, "resync shipped {shipped} bytes for {} distinct bytes written", distinct * BLOCK_BYTES_U64);
     pa.flush().await.unwrap();
     assert_eq!(image(&a).await, image(&b).await);
     node_a.stop().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::{Config, Store};
+use syncblock_engine::{Config, Store, BLOCK_BYTES_U64};
 use syncblock_replicator::{Primary, ReplConfig};
 
 const VOL_BYTES: u64 = 64 << 20;
@@ -41,12 +41,12 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
         let p = prim.clone();
         tasks.push(tokio::spawn(async move {
             for k in 0..100u64 {
-                let lba = (t * 7919 + k * 104_729) % (VOL_BYTES / BB);
+                let lba = (t * 7919 + k * 104_729) % (VOL_BYTES / BLOCK_BYTES_U64);
                 match k % 10 {
-                    7 => p.trim(lba * BB, 4 * BB).await.unwrap(),
-                    8 => p.write_zeroes(lba * BB, 2 * BB, false, false).await.unwrap(),
-                    9 => p.write(lba * BB + 512, Bytes::from(vec![t as u8; 1024]), true).await.unwrap(),
-                    _ => p.write(lba * BB, block(t * 1000 + k), false).await.unwrap(),
+                    7 => p.trim(lba * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64).await.unwrap(),
+                    8 => p.write_zeroes(lba * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64, false, false).await.unwrap(),
+                    9 => p.write(lba * BLOCK_BYTES_U64 + 512, Bytes::from(vec![t as u8; 1024]), true).await.unwrap(),
+                    _ => p.write(lba * BLOCK_BYTES_U64, block(t * 1000 + k), false).await.unwrap(),
                 }
             }
         }));
@@ -71,10 +71,10 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
         tokio::spawn(async move {
             for k in 0..distinct {
                 // Each block written twice while the peer is away: shipped once.
-                p.write(k * 2 * BB, block(50_000 + k), false).await.unwrap();
+                p.write(k * 2 * BLOCK_BYTES_U64, block(50_000 + k), false).await.unwrap();
             }
             for k in 0..distinct {
-                p.write(k * 2 * BB, block(60_000 + k), false).await.unwrap();
+                p.write(k * 2 * BLOCK_BYTES_U64, block(60_000 + k), false).await.unwrap();
             }
         })
     };
@@ -83,7 +83,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     let st = prim.status().await;
     assert!(!st.rpo_zero());
     // The waiting write is the lag: one tag, one block.
-    assert_eq!((st.lag_tags(), st.lag_bytes), (1, BB), "{st:?}");
+    assert_eq!((st.lag_tags(), st.lag_bytes), (1, BLOCK_BYTES_U64), "{st:?}");
 
     // 3. The secondary returns (a fresh process on the same store, reopened after a clean close);
     // it receives only what it missed.
@@ -102,7 +102,7 @@ async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     // The first write after the outage started waiting; the others queued behind it: so the resync
     // shipped one version of at most `distinct` blocks, and later writes were streamed.
     assert!(
-        view.resync_bytes_shipped <= distinct * BB * 11 / 10,
+        view.resync_bytes_shipped <= distinct * BLOCK_BYTES_U64 * 11 / 10,
         "resync shipped {} bytes for {} distinct blocks",
         view.resync_bytes_shipped,
         distinct
@@ -138,7 +138,7 @@ async fn a_peer_with_another_volume_size_is_refused_and_untouched() {
     let err = v.last_error.unwrap();
     assert!(err.contains("resize one side"), "{err}");
     assert!(!v.connected);
-    assert_eq!(&b.read(vb.id, 0, BB).await.unwrap()[..], &block(1)[..], "the refused peer's data changed");
+    assert_eq!(&b.read(vb.id, 0, BLOCK_BYTES_U64).await.unwrap()[..], &block(1)[..], "the refused peer's data changed");
     prim.stop();
     sec.stop().await;
 }
@@ -189,7 +189,7 @@ async fn probes_on_the_replication_port_leave_the_live_session_alone() {
         let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
         answers.push(syncblock_replicator::wire::decode_frame(&buf).ok());
         // The live session carries on: writes are confirmed by the peer between probes.
-        tokio::time::timeout(Duration::from_secs(2), prim.write(BB, block(2), true))
+        tokio::time::timeout(Duration::from_secs(2), prim.write(BLOCK_BYTES_U64, block(2), true))
             .await
             .expect("a write during the probes waited")
             .unwrap();
@@ -206,7 +206,7 @@ async fn probes_on_the_replication_port_leave_the_live_session_alone() {
     assert_eq!(v.resyncs, resyncs, "a probe replaced the live session");
     assert!(sec.status().connected && sec.status().last_error.is_none(), "{:?}", sec.status());
     let vb = b.volume("v").await.unwrap();
-    assert_eq!(&b.read(vb.id, BB, BB).await.unwrap()[..], &block(2)[..]);
+    assert_eq!(&b.read(vb.id, BLOCK_BYTES_U64, BLOCK_BYTES_U64).await.unwrap()[..], &block(2)[..]);
     prim.stop();
     sec.stop().await;
 }
@@ -227,7 +227,7 @@ async fn commit_loop_writes_are_durable_on_the_peer_when_acknowledged() {
     const COMMITS: u64 = 50;
     let mut durable_at_ack = 0;
     for k in 0..COMMITS {
-        let tag = prim.write_tagged(k * BB, block(70_000 + k), false).await.unwrap();
+        let tag = prim.write_tagged(k * BLOCK_BYTES_U64, block(70_000 + k), false).await.unwrap();
         if prim.status().await.peer.durable >= tag {
             durable_at_ack += 1;
         }

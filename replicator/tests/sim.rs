@@ -30,11 +30,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use syncblock_engine::sim::{Rng, SimDevice, SimDisk};
-use syncblock_engine::{Config, Driver, Store, BLOCK_BYTES};
+use syncblock_engine::{Config, Driver, Store, BLOCK_BYTES, BLOCK_BYTES_U64};
 use syncblock_replicator::simnet::SimNet;
 use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, ReplState, Role};
 
-const BB: u64 = BLOCK_BYTES as u64;
 const N_LBAS: u64 = 1024;
 const VOL_BYTES: u64 = 4 << 20;
 const REPL_PORT: u16 = 7000;
@@ -262,7 +261,7 @@ async fn open(disk: &Arc<Mutex<SimDisk>>, seed: u64) -> syncblock_engine::Result
 
 async fn image_of(store: &Store) -> Option<Vec<u64>> {
     let v = store.volume("v").await.ok()?;
-    store.read(v.id, 0, N_LBAS * BB).await.ok().map(|d| versions(&d))
+    store.read(v.id, 0, N_LBAS * BLOCK_BYTES_U64).await.ok().map(|d| versions(&d))
 }
 
 /// Whether the volume's live image is a consistent replica: not mid-resync (reads then see the
@@ -346,7 +345,11 @@ async fn run_seed(seed: u64) -> Result<String, String> {
                 let lba = rng.below(N_LBAS);
                 let fua = rng.below(6) == 0;
                 model.lock().unwrap().writes.insert(version, (lba, Outcome::Uncertain));
-                let r = tokio::time::timeout(Duration::from_millis(600), p.write(lba * BB, block(version), fua)).await;
+                let r = tokio::time::timeout(
+                    Duration::from_millis(600),
+                    p.write(lba * BLOCK_BYTES_U64, block(version), fua),
+                )
+                .await;
                 if let Ok(Ok(())) = r {
                     if fua && std::env::var("SIM_DEBUG").is_ok() && !p.status().await.rpo_zero() {
                         eprintln!(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::*;
-use syncblock_engine::{Store, BLOCK_BYTES};
+use syncblock_engine::{Store, BLOCK_BYTES, BLOCK_BYTES_U64};
 use syncblock_replicator::{NodeStatus, Primary, Secondary};
 
 const VOL_BYTES: u64 = 64 << 20;
@@ -93,18 +93,25 @@ async fn full_sync_ships_only_the_blocks_that_differ_and_trims_what_only_the_pee
     // The peer's own changes: 5 blocks rewritten, 3 blocks trimmed (the primary has data there),
     // 2 blocks written in the primary's hole (the primary has none: trimmed on the peer).
     for lba in [3u64, 4, 5, 900, 12_000] {
-        b.write(vb, lba * BB, data(7_000 + lba, BLOCK_BYTES), false).await.unwrap();
+        b.write(vb, lba * BLOCK_BYTES_U64, data(7_000 + lba, BLOCK_BYTES), false).await.unwrap();
     }
-    b.trim(vb, 5_000 * BB, 3 * BB).await.unwrap();
-    b.write(vb, (VOL_BYTES - 2 * BB) / BB * BB, data(99, 2 * BLOCK_BYTES), false).await.unwrap();
+    b.trim(vb, 5_000 * BLOCK_BYTES_U64, 3 * BLOCK_BYTES_U64).await.unwrap();
+    b.write(
+        vb,
+        (VOL_BYTES - 2 * BLOCK_BYTES_U64) / BLOCK_BYTES_U64 * BLOCK_BYTES_U64,
+        data(99, 2 * BLOCK_BYTES),
+        false,
+    )
+    .await
+    .unwrap();
     // And the primary's: one sector of one block.
-    a.write(va, 7_000 * BB + 512, data(5, 512), false).await.unwrap();
+    a.write(va, 7_000 * BLOCK_BYTES_U64 + 512, data(5, 512), false).await.unwrap();
     let (prim, sec) = start_pair(&a, &b).await;
     wait_in_sync(&prim).await;
     let v = prim.status().await.peer;
     println!("a few differing blocks: shipped {} bytes, skipped {}", v.resync_bytes_shipped, v.resync_bytes_skipped);
-    assert_eq!(v.resync_bytes_shipped, (5 + 3 + 1) * BB, "exactly the differing blocks");
-    assert_eq!(v.resync_bytes_skipped, VOL_BYTES - (5 + 3 + 1 + 2) * BB);
+    assert_eq!(v.resync_bytes_shipped, (5 + 3 + 1) * BLOCK_BYTES_U64, "exactly the differing blocks");
+    assert_eq!(v.resync_bytes_skipped, VOL_BYTES - (5 + 3 + 1 + 2) * BLOCK_BYTES_U64);
     assert_identical(&a, &b).await;
     let report = prim.verify(false).await.unwrap();
     assert_eq!(report.blocks_differing, 0, "{report:?}");
@@ -133,17 +140,17 @@ fn workload(
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let lba = x % (VOL_BYTES / BB - 4);
+            let lba = x % (VOL_BYTES / BLOCK_BYTES_U64 - 4);
             if during() {
                 overlapped += 1;
             }
             let (p, k2, x2) = (p.clone(), k, x);
             ops.spawn(async move {
                 match k2 % 8 {
-                    0 => p.trim(lba * BB, 2 * BB).await,
-                    1 => p.write_zeroes(lba * BB + 1024, 1024, false, false).await,
-                    2 | 3 => p.write(lba * BB + 512 * (k2 % 7), data(x2, 512), false).await,
-                    _ => p.write(lba * BB, data(x2, 2 * BLOCK_BYTES), false).await,
+                    0 => p.trim(lba * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64).await,
+                    1 => p.write_zeroes(lba * BLOCK_BYTES_U64 + 1024, 1024, false, false).await,
+                    2 | 3 => p.write(lba * BLOCK_BYTES_U64 + 512 * (k2 % 7), data(x2, 512), false).await,
+                    _ => p.write(lba * BLOCK_BYTES_U64, data(x2, 2 * BLOCK_BYTES), false).await,
                 }
                 .unwrap();
                 drop(permit);
@@ -168,11 +175,11 @@ async fn client_writes_racing_with_a_full_sync_never_leave_the_peer_stale() {
     // The peer differs in every other block of the first half (shipping 16 MiB keeps the sync
     // busy while the clients write), and the primary in one block of every 64 by a sub-block write.
     let (va, vb) = (a.volume("v").await.unwrap().id, b.volume("v").await.unwrap().id);
-    for lba in (0..VOL_BYTES / BB / 2).step_by(2) {
-        b.write(vb, lba * BB, data(lba, BLOCK_BYTES), false).await.unwrap();
+    for lba in (0..VOL_BYTES / BLOCK_BYTES_U64 / 2).step_by(2) {
+        b.write(vb, lba * BLOCK_BYTES_U64, data(lba, BLOCK_BYTES), false).await.unwrap();
     }
-    for lba in (8..VOL_BYTES / BB).step_by(64) {
-        a.write(va, lba * BB + 2048, data(lba + 1, 1024), false).await.unwrap();
+    for lba in (8..VOL_BYTES / BLOCK_BYTES_U64).step_by(64) {
+        a.write(va, lba * BLOCK_BYTES_U64 + 2048, data(lba + 1, 1024), false).await.unwrap();
     }
     let (prim, sec) = start_pair(&a, &b).await;
     let stop = Arc::new(AtomicU64::new(0));
@@ -261,14 +268,22 @@ async fn verify_reports_blocks_changed_behind_the_primarys_back_and_repairs_them
     let vb = b.volume("v").await.unwrap().id;
     // Behind the replicator's back, on the secondary: two adjacent blocks and one more rewritten,
     // one block trimmed, one written where the primary has a hole.
-    b.write(vb, 10 * BB, data(1, 2 * BLOCK_BYTES), false).await.unwrap();
-    b.write(vb, 1000 * BB, data(2, BLOCK_BYTES), false).await.unwrap();
-    b.trim(vb, 1500 * BB, BB).await.unwrap();
-    b.write(vb, (40 << 20) + 3 * BB, data(3, BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, 10 * BLOCK_BYTES_U64, data(1, 2 * BLOCK_BYTES), false).await.unwrap();
+    b.write(vb, 1000 * BLOCK_BYTES_U64, data(2, BLOCK_BYTES), false).await.unwrap();
+    b.trim(vb, 1500 * BLOCK_BYTES_U64, BLOCK_BYTES_U64).await.unwrap();
+    b.write(vb, (40 << 20) + 3 * BLOCK_BYTES_U64, data(3, BLOCK_BYTES), false).await.unwrap();
     let report = prim.verify(false).await.unwrap();
     println!("verify found {report:?}");
     assert_eq!(report.blocks_differing, 5);
-    assert_eq!(report.ranges, [(10 * BB, 2 * BB), (1000 * BB, BB), (1500 * BB, BB), ((40 << 20) + 3 * BB, BB)]);
+    assert_eq!(
+        report.ranges,
+        [
+            (10 * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64),
+            (1000 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
+            (1500 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
+            ((40 << 20) + 3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)
+        ]
+    );
     assert_eq!(report.blocks_repaired, 0);
     assert_eq!(prim.status().await.peer.last_verify, Some(report));
     // Nothing was repaired: the peer still differs.

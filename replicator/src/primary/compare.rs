@@ -1,15 +1,13 @@
 //! Pure helpers of resync, full sync and verify: splitting ranges into windows, and deciding per
 //! block what a checksum comparison calls for.
 
-use syncblock_engine::BLOCK_BYTES;
-
-const BB: u64 = BLOCK_BYTES as u64;
+use syncblock_engine::BLOCK_BYTES_U64;
 
 /// Splits LBA runs into byte windows of at most `window_bytes`.
 pub(super) fn windows(runs: &[(u64, u64)], window_bytes: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for &(lba, n) in runs {
-        let (mut at, end) = (lba * BB, (lba + n) * BB);
+        let (mut at, end) = (lba * BLOCK_BYTES_U64, (lba + n) * BLOCK_BYTES_U64);
         while at < end {
             let len = (end - at).min(window_bytes);
             out.push((at, len));
@@ -43,8 +41,8 @@ pub(super) fn fix_runs(at: u64, mine: &[Option<u32>], theirs: &[Option<u32>]) ->
     for (k, (m, t)) in mine.iter().zip(theirs).enumerate() {
         let f = fix(*m, *t);
         match out.last_mut() {
-            Some(last) if last.2 == f => last.1 += BB,
-            _ => out.push((at + k as u64 * BB, BB, f)),
+            Some(last) if last.2 == f => last.1 += BLOCK_BYTES_U64,
+            _ => out.push((at + k as u64 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, f)),
         }
     }
     out
@@ -59,16 +57,19 @@ mod tests {
         let mine = [Some(1), Some(2), None, None, Some(5), Some(6)];
         let theirs = [Some(1), Some(9), Some(3), None, None, Some(6)];
         assert_eq!(
-            fix_runs(BB, &mine, &theirs),
+            fix_runs(BLOCK_BYTES_U64, &mine, &theirs),
             [
-                (BB, BB, Fix::Same),
-                (2 * BB, BB, Fix::Ship),
-                (3 * BB, BB, Fix::Trim),
-                (4 * BB, BB, Fix::Same),
-                (5 * BB, BB, Fix::Ship),
-                (6 * BB, BB, Fix::Same)
+                (BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same),
+                (2 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Ship),
+                (3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Trim),
+                (4 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same),
+                (5 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Ship),
+                (6 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same)
             ]
         );
-        assert_eq!(windows(&[(0, 3), (10, 1)], 2 * BB), [(0, 2 * BB), (2 * BB, BB), (10 * BB, BB)]);
+        assert_eq!(
+            windows(&[(0, 3), (10, 1)], 2 * BLOCK_BYTES_U64),
+            [(0, 2 * BLOCK_BYTES_U64), (2 * BLOCK_BYTES_U64, BLOCK_BYTES_U64), (10 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)]
+        );
     }
 }

@@ -10,8 +10,6 @@ use bytes::Bytes;
 use syncblock_engine::{Config, CreateOptions, Store, BLOCK_BYTES};
 use syncblock_replicator::{Primary, ReplConfig, Secondary};
 
-pub const BB: u64 = BLOCK_BYTES as u64;
-
 /// A store file of `store_bytes` in `dir` holding one volume "v" of `vol_bytes`. Blocking: call it
 /// from `spawn_blocking` inside a runtime.
 pub fn store(dir: &Path, name: &str, store_bytes: u64, vol_bytes: u64) -> Store {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use syncblock_engine::{Config, CreateOptions, Driver, Store};
+use syncblock_engine::{Config, CreateOptions, Driver, Store, BLOCK_BYTES_U64};
 use syncblock_nbd::admin::Admin;
 use syncblock_nbd::config::{ReplPolicy, ReplRole, ServeOptions, ServeSettings, DEFAULT_STORE};
 use syncblock_nbd::metrics::Metrics;
@@ -210,14 +210,13 @@ fn check_store_size(size: u64) -> Result<()> {
 
 /// A volume's size must be a whole number of blocks; the message offers the nearest sizes that are.
 fn check_volume_size(name: &str, size: u64) -> Result<()> {
-    let bb = syncblock_engine::BLOCK_BYTES as u64;
-    if size == 0 || size % bb != 0 {
-        let below = size / bb * bb;
+    if size == 0 || size % BLOCK_BYTES_U64 != 0 {
+        let below = size / BLOCK_BYTES_U64 * BLOCK_BYTES_U64;
         bail!(
-            "volume {name}: {size} bytes is not a whole number of {bb}-byte blocks; use {} or {} bytes \
+            "volume {name}: {size} bytes is not a whole number of {BLOCK_BYTES_U64}-byte blocks; use {} or {} bytes \
              (sizes in KiB, MiB or GiB always are)",
-            below.max(bb),
-            below + bb
+            below.max(BLOCK_BYTES_U64),
+            below + BLOCK_BYTES_U64
         );
     }
     Ok(())
@@ -375,8 +374,8 @@ async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Opt
     let mut list = store.list_volumes().await?;
     if list.is_empty() {
         // As large as the store file or device (a block device's size, not --size).
-        let bb = syncblock_engine::BLOCK_BYTES as u64;
-        let size = syncblock_nbd::admin::device_bytes(&path).unwrap_or(settings.store_bytes) / bb * bb;
+        let size = syncblock_nbd::admin::device_bytes(&path).unwrap_or(settings.store_bytes) / BLOCK_BYTES_U64
+            * BLOCK_BYTES_U64;
         store.create_volume(DEFAULT_VOLUME, size).await.context("creating the default volume")?;
         list = store.list_volumes().await?;
     }

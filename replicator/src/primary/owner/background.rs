@@ -162,7 +162,7 @@ impl Owner {
         self.verify = Some(Verify {
             generation,
             repair,
-            windows: windows(&[(0, self.size_bytes / BB)], CRC_WINDOW_BYTES),
+            windows: windows(&[(0, self.size_bytes / BLOCK_BYTES_U64)], CRC_WINDOW_BYTES),
             next_ask: 0,
             asked: VecDeque::new(),
             report: VerifyReport::default(),
@@ -202,23 +202,23 @@ impl Owner {
                         (true, None) => Fix::Trim,
                     };
                     match fixes.last_mut() {
-                        Some(last) if last.2 == f => last.1 += BB,
-                        _ => fixes.push((at + k as u64 * BB, BB, f)),
+                        Some(last) if last.2 == f => last.1 += BLOCK_BYTES_U64,
+                        _ => fixes.push((at + k as u64 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, f)),
                     }
                 }
                 let (shipped, trimmed) = self.queue_fixes(tag, &fixes, false).await?;
-                v.report.blocks_repaired += (shipped + trimmed) / BB;
+                v.report.blocks_repaired += (shipped + trimmed) / BLOCK_BYTES_U64;
             }
             for (k, d) in differing.iter().enumerate() {
                 if !*d {
                     continue;
                 }
                 v.report.blocks_differing += 1;
-                let offset = at + k as u64 * BB;
+                let offset = at + k as u64 * BLOCK_BYTES_U64;
                 let n_ranges = v.report.ranges.len();
                 match v.report.ranges.last_mut() {
-                    Some((o, l)) if *o + *l == offset => *l += BB,
-                    _ if n_ranges < VERIFY_RANGES_MAX => v.report.ranges.push((offset, BB)),
+                    Some((o, l)) if *o + *l == offset => *l += BLOCK_BYTES_U64,
+                    _ if n_ranges < VERIFY_RANGES_MAX => v.report.ranges.push((offset, BLOCK_BYTES_U64)),
                     _ => v.report.ranges_truncated = true,
                 }
             }
@@ -251,7 +251,7 @@ impl Owner {
     pub(super) fn ask_crcs(&mut self, offset: u64, len: u64) -> u64 {
         let id = self.next_crc_id;
         self.next_crc_id += 1;
-        self.crc_asked.insert(id, (offset, (len / BB) as usize));
+        self.crc_asked.insert(id, (offset, (len / BLOCK_BYTES_U64) as usize));
         self.ship(Out::Frame(Frame::CrcRequest { id, offset, len }));
         id
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES, KEEP_LAST_TAG};
+use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES_U64, KEEP_LAST_TAG};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -73,7 +73,6 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(2);
 /// Ready events, completions and client operations one turn of the loop handles at most, each:
 /// enough to batch a full queue depth, few enough that a turn stays short.
 const DRAIN_MAX: usize = 64;
-const BB: u64 = BLOCK_BYTES as u64;
 
 /// A client operation, from a [`super::Primary`] handle. Each is answered on its `reply` once it
 /// is in the local log and confirmed by the peer (or acknowledged alone, with the witness's
@@ -848,7 +847,7 @@ impl Owner {
                 }
                 match plan {
                     Ok((ranges, full)) => {
-                        let total: u64 = ranges.iter().map(|(_, n)| n * BB).sum();
+                        let total: u64 = ranges.iter().map(|(_, n)| n * BLOCK_BYTES_U64).sum();
                         self.peer.send_modify(|v| v.resync.bytes_total = total);
                         self.resync = Some(if full {
                             Resync::Compare {
@@ -1039,7 +1038,7 @@ async fn plan_resync(
     // Everything queued before the link existed must be in the log before the scan reads it.
     store.enqueue_flush().await?.wait().await?;
     let full = common == 0;
-    let n_blocks = size_bytes / BB;
+    let n_blocks = size_bytes / BLOCK_BYTES_U64;
     let mut ranges: Vec<(u64, u64)> = if full {
         vec![(0, n_blocks)]
     } else {

@@ -62,7 +62,7 @@ impl Peer {
         while let Some(f) = self.frames.try_frame().unwrap() {
             match &f {
                 Frame::CrcRequest { id, offset, len } => {
-                    let crcs = vec![None; (*len / BB) as usize];
+                    let crcs = vec![None; (*len / BLOCK_BYTES_U64) as usize];
                     self.send(Frame::CrcReply { id: *id, offset: *offset, crcs }).await;
                 }
                 Frame::Ping { nonce, .. } if self.pong => self.send(Frame::Pong { nonce: *nonce }).await,
@@ -143,8 +143,8 @@ impl Harness {
 
     async fn write(&mut self, lba: u64, fua: bool) -> oneshot::Receiver<Result<u64>> {
         let (reply, rx) = oneshot::channel();
-        let data = Bytes::from(vec![lba as u8 + 1; BB as usize]);
-        self.owner.on_command(Command::Write { offset: lba * BB, data, fua, reply }).await;
+        let data = Bytes::from(vec![lba as u8 + 1; BLOCK_BYTES_U64 as usize]);
+        self.owner.on_command(Command::Write { offset: lba * BLOCK_BYTES_U64, data, fua, reply }).await;
         self.after_step();
         rx
     }
