@@ -15,6 +15,7 @@ use crate::format::{
     block_crc, CheckpointHeader, DecodeError, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock,
 };
 use crate::index::phys_of;
+use crate::segment_image::{Records, Stop};
 use crate::state::{Staged, State, Volume, MAX_VOLUMES};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
 
@@ -278,6 +279,11 @@ fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData
 }
 
 /// Recovers the store on `device` and returns a core ready to serve, plus what recovery did.
+///
+/// The phases, each a function below (docs/format.md, "Recovery", walks through them):
+/// superblock → checkpoint → segment headers → the chain to replay → replay → uncommitted
+/// resyncs dropped → a look past the log's end → the verdict on where the log ended → the
+/// segment table settled.
 pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core, RecoveryReport)> {
     let sb = read_superblock(device, path)?;
     if sb.device_bytes > device.len_bytes() {
@@ -288,17 +294,39 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         )));
     }
     let mut report = RecoveryReport::default();
+    let ckpt = newest_checkpoint(device, &sb, &mut report)?;
+    let (mut state, mut segs) = load_checkpoint(&sb, &ckpt.data);
+    let headers = read_segment_headers(device, &sb)?;
+    let chain = Chain::build(&ckpt.header, &headers);
+    let mut replay = replay(device, &sb, &chain, &headers, &mut state, &mut segs, ckpt.header)?;
+    report.records_replayed = replay.records;
+    report.last_lsn = Lsn(replay.expected.0 - 1);
+    drop_uncommitted_resyncs(&mut state);
+    report.discarded_segments = look_past_the_end(device, &sb, &chain, &mut replay)?;
+    judge_the_end(&replay, &chain, &mut report)?;
+    let replayed: Vec<u32> = chain.links.iter().take(replay.segments).map(|l| l.seg).collect();
+    settle_segments(&mut segs, &state, &replayed)?;
+    let next_lsn = Lsn(replay.expected.0.max(replay.max_lsn_seen.0.saturating_add(1)));
+    let next_seg_seq = ckpt.header.next_segment_seq.max(chain.max_seq_seen.saturating_add(1));
+    // Where the log ends is normal (unwritten space, or an older lap's records); a torn tail or
+    // discarded segments were warned about, so the reason is detail for debugging.
+    tracing::info!(
+        "opened store {:016x}: checkpoint {}, {} records replayed, log ends at LSN {}",
+        sb.store_id,
+        ckpt.header.seq,
+        report.records_replayed,
+        report.last_lsn,
+    );
+    tracing::debug!("the log ends at {}", report.log_end);
+    let core = Core::new(sb, cfg, state, segs, next_lsn, next_seg_seq, ckpt.header.seq);
+    Ok((core, report))
+}
 
-    // Newest valid checkpoint.
-    let slots = [read_checkpoint(device, &sb, 0), read_checkpoint(device, &sb, 1)];
+/// The valid checkpoint with the higher seq; a fallback to the older one is logged.
+fn newest_checkpoint(device: &mut dyn Device, sb: &Superblock, report: &mut RecoveryReport) -> Result<Ckpt> {
+    let slots = [read_checkpoint(device, sb, 0), read_checkpoint(device, sb, 1)];
     let (ckpt, other) = match slots {
-        [Ok(a), Ok(b)] => {
-            if a.header.seq > b.header.seq {
-                (a, None)
-            } else {
-                (b, None)
-            }
-        }
+        [Ok(a), Ok(b)] => (if a.header.seq > b.header.seq { a } else { b }, None),
         [Ok(a), Err(e)] => (a, Some((1, e))),
         [Err(e), Ok(b)] => (b, Some((0, e))),
         [Err(a), Err(b)] => {
@@ -316,11 +344,14 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         }
     }
     report.checkpoint_seq = ckpt.header.seq;
+    Ok(ckpt)
+}
 
-    // State from the checkpoint.
+/// The volume table, indexes, live counts and segment table a checkpoint holds (validated).
+fn load_checkpoint(sb: &Superblock, data: &CheckpointData) -> (State, Vec<SegState>) {
     let mut state = State::new(sb.n_segments, sb.segment_blocks);
-    state.next_volume_id = ckpt.data.next_volume_id;
-    for v in &ckpt.data.volumes {
+    state.next_volume_id = data.next_volume_id;
+    for v in &data.volumes {
         state.volumes.insert(
             VolumeId(v.id),
             Volume {
@@ -340,18 +371,22 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         }
     }
     let mut at = 0usize;
-    for r in &ckpt.data.runs {
+    for r in &data.runs {
         let vol = state.volumes.get_mut(&VolumeId(r.volume)).expect("validated");
         for i in 0..r.n_blocks as u64 {
-            let e = ckpt.data.entries[at];
+            let e = data.entries[at];
             at += 1;
             vol.index.set(r.lba + i, e);
             state.live[(phys_of(e).expect("validated") / sb.segment_blocks) as usize] += 1;
         }
     }
-    let mut segs: Vec<SegState> = ckpt.data.segments.iter().map(SegState::from_rec).collect();
+    let segs = data.segments.iter().map(SegState::from_rec).collect();
+    (state, segs)
+}
 
-    // Every segment header, to find the log written after the checkpoint.
+/// Block 0 of every segment, [`HEADER_READ_CHUNK`] at a time: the headers that decode with this
+/// store id and name their own segment.
+fn read_segment_headers(device: &mut dyn Device, sb: &Superblock) -> Result<Vec<Option<SegmentHeader>>> {
     let mut headers: Vec<Option<SegmentHeader>> = vec![None; sb.n_segments as usize];
     for chunk_start in (0..sb.n_segments as usize).step_by(HEADER_READ_CHUNK) {
         let chunk_end = (chunk_start + HEADER_READ_CHUNK).min(sb.n_segments as usize);
@@ -376,154 +411,273 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             }
         }
     }
-    let by_seq: BTreeMap<u64, u32> =
-        headers.iter().enumerate().filter_map(|(i, h)| h.map(|h| (h.seq, i as u32))).collect();
-    let max_seq_seen = by_seq.keys().next_back().copied().unwrap_or(0);
+    Ok(headers)
+}
 
-    // The chain to replay: the checkpoint's tail segment from its tail block, then segments with
-    // consecutive seqs from next_segment_seq.
-    let h = ckpt.header;
-    let mut chain: Vec<(u32, u64, u32)> = Vec::new(); // (segment, seq, start block)
-    if h.tail_segment != u32::MAX {
-        chain.push((h.tail_segment, h.tail_seq, h.tail_block.max(1)));
-    }
-    let mut seq = h.next_segment_seq;
-    while let Some(&s) = by_seq.get(&seq) {
-        chain.push((s, seq, 1));
-        seq += 1;
-    }
+/// One segment of the chain to replay.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    seg: u32,
+    seq: u64,
+    /// Block where replay starts in it.
+    start: usize,
+}
 
-    let mut expected = h.next_lsn;
-    let mut max_durable = Lsn(0);
-    let mut max_lsn_seen = Lsn(h.next_lsn.0 - 1);
-    let mut stop: Option<(u32, u32, String, bool)> = None; // (segment, block, why, looks torn)
-    let mut replayed_segments = 0usize;
-    'chain: for (ci, &(seg, seg_seq, start)) in chain.iter().enumerate() {
-        let hdr_ok = headers[seg as usize].is_some_and(|hh| hh.seq == seg_seq);
-        if !hdr_ok {
-            stop = Some((seg, 0, "segment header missing or from another generation".into(), false));
-            break;
+/// The log written after the checkpoint: its tail segment from its tail block, then the segments
+/// with consecutive seqs from its `next_segment_seq`, as long as each exists.
+struct Chain {
+    links: Vec<Link>,
+    /// Segments by seq, of every header found.
+    by_seq: BTreeMap<u64, u32>,
+    /// The seq after the chain's last.
+    next_seq: u64,
+    max_seq_seen: u64,
+}
+
+impl Chain {
+    fn build(h: &CheckpointHeader, headers: &[Option<SegmentHeader>]) -> Chain {
+        let by_seq: BTreeMap<u64, u32> =
+            headers.iter().enumerate().filter_map(|(i, h)| h.map(|h| (h.seq, i as u32))).collect();
+        let max_seq_seen = by_seq.keys().next_back().copied().unwrap_or(0);
+        let mut links = Vec::new();
+        if h.tail_segment != u32::MAX {
+            links.push(Link { seg: h.tail_segment, seq: h.tail_seq, start: h.tail_block.max(1) as usize });
         }
-        if ci > 0 && headers[seg as usize].map(|hh| hh.first_lsn) != Some(expected) {
-            stop = Some((
-                seg,
-                1,
-                format!("segment starts at {:?}, expected {expected:?}", headers[seg as usize].map(|hh| hh.first_lsn)),
-                false,
-            ));
+        let mut seq = h.next_segment_seq;
+        while let Some(&seg) = by_seq.get(&seq) {
+            links.push(Link { seg, seq, start: 1 });
+            seq += 1;
+        }
+        Chain { links, by_seq, next_seq: seq, max_seq_seen }
+    }
+}
+
+/// Where and why replay stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LogEnd {
+    /// The last segment of the chain was replayed to its end.
+    EndOfChain,
+    /// A chain segment's header is missing or names another generation.
+    SegmentMissing { seg: u32 },
+    /// A chain segment after the first does not start at the expected LSN.
+    SegmentStartsElsewhere { seg: u32, first_lsn: Lsn },
+    /// The segment image walk found no next record (see [`Stop`]).
+    Walk { seg: u32, stop: Stop },
+    /// A valid record of this generation, but not the expected LSN.
+    WrongLsn { seg: u32, block: usize, lsn: Lsn },
+    /// A data block of the next record fails its checksum.
+    DataChecksum { seg: u32, block: usize, lsn: Lsn, index: usize },
+}
+
+/// What kind of place replay stopped at, for the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndKind {
+    /// The end of the chain: nothing more was written, or a whole segment is missing.
+    Chain,
+    /// Unwritten or stale space: zeros, an older lap's record or segment, a gap in the LSNs.
+    Stale,
+    /// A record torn by a crash: its header or a data block fails its checksum, or it runs past
+    /// its segment.
+    Torn,
+}
+
+impl LogEnd {
+    fn kind(&self) -> EndKind {
+        match self {
+            LogEnd::EndOfChain => EndKind::Chain,
+            LogEnd::SegmentMissing { .. } | LogEnd::SegmentStartsElsewhere { .. } | LogEnd::WrongLsn { .. } => {
+                EndKind::Stale
+            }
+            LogEnd::Walk { stop: Stop::NoRecord { error: DecodeError::BadChecksum { .. }, .. }, .. } => EndKind::Torn,
+            LogEnd::Walk { stop: Stop::RunsPastEnd { .. }, .. } => EndKind::Torn,
+            LogEnd::Walk {
+                stop: Stop::NoRecord { .. } | Stop::OtherGeneration { .. } | Stop::NoSegmentHeader(_),
+                ..
+            } => EndKind::Stale,
+            LogEnd::DataChecksum { .. } => EndKind::Torn,
+        }
+    }
+
+    /// Segment and block, for messages.
+    fn place(&self) -> Option<(u32, usize)> {
+        match self {
+            LogEnd::EndOfChain => None,
+            LogEnd::SegmentMissing { seg } => Some((*seg, 0)),
+            LogEnd::SegmentStartsElsewhere { seg, .. } => Some((*seg, 1)),
+            LogEnd::Walk { seg, stop } => Some((
+                *seg,
+                match stop {
+                    Stop::NoSegmentHeader(_) => 0,
+                    Stop::NoRecord { block, .. }
+                    | Stop::OtherGeneration { block, .. }
+                    | Stop::RunsPastEnd { block, .. } => *block,
+                },
+            )),
+            LogEnd::WrongLsn { seg, block, .. } | LogEnd::DataChecksum { seg, block, .. } => Some((*seg, *block)),
+        }
+    }
+
+    fn why(&self, expected: Lsn) -> String {
+        match self {
+            LogEnd::EndOfChain => "end of the last segment".into(),
+            LogEnd::SegmentMissing { .. } => "segment header missing or from another generation".into(),
+            LogEnd::SegmentStartsElsewhere { first_lsn, .. } => {
+                format!("segment starts at LSN {first_lsn}, expected {expected}")
+            }
+            LogEnd::Walk { stop, .. } => stop.to_string(),
+            LogEnd::WrongLsn { lsn, .. } => format!("record LSN {lsn}, expected LSN {expected}"),
+            LogEnd::DataChecksum { lsn, index, .. } => format!("data block {index} of LSN {lsn} fails its checksum"),
+        }
+    }
+}
+
+/// What replay found.
+struct Replay {
+    /// The LSN replay expected next: one past the last record applied.
+    expected: Lsn,
+    end: LogEnd,
+    /// Highest `durable_lsn` any valid record claims, in the log or past its end.
+    max_durable: Lsn,
+    /// Highest LSN any valid record carries.
+    max_lsn_seen: Lsn,
+    /// Chain segments replayed (wholly or in part).
+    segments: usize,
+    records: u64,
+}
+
+/// Applies the chain's records in LSN order, each entirely or not at all, through the same
+/// `State::apply_data` / `apply_meta` as the live engine; stops at the first block that is not the
+/// next record.
+fn replay(
+    device: &mut dyn Device,
+    sb: &Superblock,
+    chain: &Chain,
+    headers: &[Option<SegmentHeader>],
+    state: &mut State,
+    segs: &mut [SegState],
+    h: CheckpointHeader,
+) -> Result<Replay> {
+    let mut r = Replay {
+        expected: h.next_lsn,
+        end: LogEnd::EndOfChain,
+        max_durable: Lsn(0),
+        max_lsn_seen: Lsn(h.next_lsn.0 - 1),
+        segments: 0,
+        records: 0,
+    };
+    'chain: for (ci, link) in chain.links.iter().enumerate() {
+        let Link { seg, seq, start } = *link;
+        let header = headers[seg as usize].filter(|hh| hh.seq == seq);
+        let Some(header) = header else {
+            r.end = LogEnd::SegmentMissing { seg };
+            break;
+        };
+        if ci > 0 && header.first_lsn != r.expected {
+            r.end = LogEnd::SegmentStartsElsewhere { seg, first_lsn: header.first_lsn };
             break;
         }
         let buf = read_blocking(device, sb.segment_offset(seg), sb.segment_blocks as usize)
             .map_err(|e| Error::io(format!("reading segment {seg} during recovery"), e))?;
-        replayed_segments = ci + 1;
+        r.segments = ci + 1;
         let st = &mut segs[seg as usize];
-        st.seq = seg_seq;
+        st.seq = seq;
         if ci > 0 || h.tail_block == 0 {
             st.used_blocks = 1;
             st.min_data_lsn = 0;
             st.max_data_lsn = 0;
             st.trim_tags.clear();
         }
-        let mut cursor = start as usize;
+        let mut records = Records::new(&buf, sb.store_id, seq, start);
         loop {
-            if cursor >= sb.segment_blocks as usize {
-                continue 'chain;
-            }
-            let rec = match RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], sb.store_id) {
-                Ok(r) => r,
-                Err(e) => {
-                    let torn = matches!(e, DecodeError::BadChecksum { .. });
-                    stop = Some((seg, cursor as u32, format!("no valid record ({e})"), torn));
+            let rec = match records.next_record() {
+                Ok(Some(rec)) => rec,
+                Ok(None) => continue 'chain,
+                Err(stop) => {
+                    if let Stop::OtherGeneration { lsn, .. } = stop {
+                        r.max_lsn_seen = r.max_lsn_seen.max(lsn);
+                    }
+                    let at = stop_block(&stop);
+                    let runs_past = matches!(stop, Stop::RunsPastEnd { .. });
+                    r.end = LogEnd::Walk { seg, stop };
                     // End of this segment's records: the next segment of the chain may continue.
-                    if chain
-                        .get(ci + 1)
-                        .is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected))
-                    {
-                        stop = None;
+                    if !runs_past && next_continues_at(chain, headers, ci, r.expected) {
+                        r.end = LogEnd::EndOfChain;
                         continue 'chain;
                     }
-                    scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
+                    scan_rest(&buf, at + 1, seq, sb.store_id, &mut r.max_durable, &mut r.max_lsn_seen);
                     break 'chain;
                 }
             };
-            if rec.segment_seq != seg_seq || rec.lsn != expected {
-                stop = Some((
-                    seg,
-                    cursor as u32,
-                    format!(
-                        "record LSN {} (segment seq {}), expected LSN {expected} in seq {seg_seq}",
-                        rec.lsn, rec.segment_seq
-                    ),
-                    false,
-                ));
-                max_lsn_seen = max_lsn_seen.max(rec.lsn);
-                if chain
-                    .get(ci + 1)
-                    .is_some_and(|&(s, _, _)| headers[s as usize].is_some_and(|hh| hh.first_lsn == expected))
-                {
-                    stop = None;
+            let (rh, block) = (&rec.header, rec.at);
+            if rh.lsn != r.expected {
+                r.max_lsn_seen = r.max_lsn_seen.max(rh.lsn);
+                r.end = LogEnd::WrongLsn { seg, block, lsn: rh.lsn };
+                if next_continues_at(chain, headers, ci, r.expected) {
+                    r.end = LogEnd::EndOfChain;
                     continue 'chain;
                 }
-                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
+                scan_rest(&buf, block + 1, seq, sb.store_id, &mut r.max_durable, &mut r.max_lsn_seen);
                 break 'chain;
             }
-            let hb = rec.header_blocks() as usize;
-            let db = rec.data_blocks() as usize;
-            if cursor + hb + db > sb.segment_blocks as usize {
-                stop = Some((seg, cursor as u32, "record runs past the end of its segment".into(), true));
-                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
-                break 'chain;
-            }
-            let data_at = cursor + hb;
-            let bad = (0..db).find(|i| {
-                block_crc(&buf[(data_at + i) * BLOCK_BYTES..(data_at + i + 1) * BLOCK_BYTES]) != rec.crcs[*i]
-            });
-            if let Some(i) = bad {
-                stop = Some((
-                    seg,
-                    (data_at + i) as u32,
-                    format!("data block {i} of LSN {} fails its checksum", rec.lsn),
-                    true,
-                ));
-                max_lsn_seen = max_lsn_seen.max(rec.lsn);
-                max_durable = max_durable.max(rec.durable_lsn);
-                scan_rest(&buf, cursor + 1, seg_seq, sb.store_id, &mut max_durable, &mut max_lsn_seen);
+            let data = |i: usize| &buf[(rec.data_at + i) * BLOCK_BYTES..(rec.data_at + i + 1) * BLOCK_BYTES];
+            if let Some(index) = (0..rh.data_blocks() as usize).find(|i| block_crc(data(*i)) != rh.crcs[*i]) {
+                r.end = LogEnd::DataChecksum { seg, block: rec.data_at + index, lsn: rh.lsn, index };
+                r.max_lsn_seen = r.max_lsn_seen.max(rh.lsn);
+                r.max_durable = r.max_durable.max(rh.durable_lsn);
+                scan_rest(&buf, block + 1, seq, sb.store_id, &mut r.max_durable, &mut r.max_lsn_seen);
                 break 'chain;
             }
             // Apply, exactly as the live engine did.
-            let first_data_phys = seg * sb.segment_blocks + data_at as u32;
-            match rec.kind {
-                RecordKind::Data => state.apply_data(&rec.entries, &rec.crcs, first_data_phys, |_| {}),
-                RecordKind::Meta => match MetaOp::decode(&rec.meta) {
+            let first_data_phys = seg * sb.segment_blocks + rec.data_at as u32;
+            match rh.kind {
+                RecordKind::Data => state.apply_data(&rh.entries, &rh.crcs, first_data_phys, |_| {}),
+                RecordKind::Meta => match MetaOp::decode(&rh.meta) {
                     Ok(op) => state.apply_meta(&op, |_| {}),
+                    // Case `bad-volume-record` of docs/format.md: a verified record that cannot be
+                    // applied.
                     Err(e) => {
                         return Err(Error::CorruptRecord {
                             segment: SegmentId(seg),
-                            lsn: rec.lsn,
+                            lsn: rh.lsn,
                             what: format!("volume record: {e}"),
                         })
                     }
                 },
             }
-            report.records_replayed += 1;
-            max_durable = max_durable.max(rec.durable_lsn);
-            max_lsn_seen = max_lsn_seen.max(rec.lsn);
+            r.records += 1;
+            r.max_durable = r.max_durable.max(rh.durable_lsn);
+            r.max_lsn_seen = r.max_lsn_seen.max(rh.lsn);
             let st = &mut segs[seg as usize];
-            st.used_blocks = (cursor + hb + db) as u32;
-            st.max_lsn = rec.lsn.0;
-            st.note_trims(&rec.entries);
-            for e in rec.entries.iter().filter(|e| e.kind.has_data()) {
+            st.used_blocks = (rec.data_at + rh.data_blocks() as usize) as u32;
+            st.max_lsn = rh.lsn.0;
+            st.note_trims(&rh.entries);
+            for e in rh.entries.iter().filter(|e| e.kind.has_data()) {
                 st.min_data_lsn = if st.min_data_lsn == 0 { e.data_lsn.0 } else { st.min_data_lsn.min(e.data_lsn.0) };
                 st.max_data_lsn = st.max_data_lsn.max(e.data_lsn.0);
             }
-            expected = expected.next();
-            cursor += hb + db;
+            r.expected = r.expected.next();
         }
     }
-    report.last_lsn = Lsn(expected.0 - 1);
-    // A resync that never committed: its staged blocks are dropped, and the volume is the consistent
-    // image it was before the resync (one that overflowed staging stays inconsistent until a resync
-    // commits).
+    Ok(r)
+}
+
+/// Whether the chain segment after the `ci`th starts at `expected`: then the log goes on there
+/// when this segment's records end before its last block.
+fn next_continues_at(chain: &Chain, headers: &[Option<SegmentHeader>], ci: usize, expected: Lsn) -> bool {
+    chain.links.get(ci + 1).is_some_and(|l| headers[l.seg as usize].is_some_and(|hh| hh.first_lsn == expected))
+}
+
+fn stop_block(stop: &Stop) -> usize {
+    match stop {
+        Stop::NoSegmentHeader(_) => 0,
+        Stop::NoRecord { block, .. } | Stop::OtherGeneration { block, .. } | Stop::RunsPastEnd { block, .. } => *block,
+    }
+}
+
+/// A resync that never committed: its staged blocks are dropped, and the volume is the consistent
+/// image it was before the resync (one that overflowed staging stays inconsistent until a resync
+/// commits).
+fn drop_uncommitted_resyncs(state: &mut State) {
     let staging: Vec<VolumeId> =
         state.volumes.values().filter(|v| !v.staged.is_empty() && !v.staged.overflowed).map(|v| v.id).collect();
     for v in staging {
@@ -531,66 +685,104 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
         tracing::warn!("volume {v}: discarding an uncommitted resync ({n} staged blocks)");
         state.discard_staged(v, |_| {});
     }
+}
 
-    // Records beyond the end of the log: their durable_lsn tells whether the end was a torn tail
-    // (nothing after it was ever acknowledged as durable) or corruption of durable data.
-    let mut discarded = 0u32;
-    for &(seg, seq, _) in chain.iter().skip(replayed_segments) {
-        let _ = seq;
-        discarded += 1;
-        if let Some((d, l)) = scan_durable(device, &sb, seg)? {
-            max_durable = max_durable.max(d);
-            max_lsn_seen = max_lsn_seen.max(l);
+/// Reads the segments written after the log's end (the rest of the chain and every segment with a
+/// later seq): their records' `durable_lsn` tells whether the end was a torn tail (nothing after
+/// it was ever acknowledged as durable) or damage. Returns how many segments are discarded.
+fn look_past_the_end(device: &mut dyn Device, sb: &Superblock, chain: &Chain, r: &mut Replay) -> Result<u32> {
+    let beyond = chain.links.iter().skip(r.segments).map(|l| l.seg);
+    let later: Vec<u32> = beyond.chain(chain.by_seq.range(chain.next_seq..).map(|(_, &seg)| seg)).collect();
+    for &seg in &later {
+        if let Some((d, l)) = scan_durable(device, sb, seg)? {
+            r.max_durable = r.max_durable.max(d);
+            r.max_lsn_seen = r.max_lsn_seen.max(l);
         }
     }
-    for (&s_seq, &seg) in by_seq.range(seq..) {
-        let _ = s_seq;
-        discarded += 1;
-        if let Some((d, l)) = scan_durable(device, &sb, seg)? {
-            max_durable = max_durable.max(d);
-            max_lsn_seen = max_lsn_seen.max(l);
-        }
-    }
-    if stop.is_none() && max_durable >= expected {
-        return Err(Error::CorruptRecord {
-            segment: SegmentId(chain.last().map_or(u32::MAX, |c| c.0)),
-            lsn: expected,
-            what: format!(
-                "the log ends after segment seq {} but later records show LSN {max_durable} was durable: the segment holding LSN {expected} is missing or damaged",
-                seq.saturating_sub(1)
-            ),
-        });
-    }
-    if let Some((seg, block, why, torn)) = &stop {
-        if max_durable >= expected {
-            return Err(Error::CorruptRecord {
-                segment: SegmentId(*seg),
-                lsn: expected,
-                what: format!(
-                    "{why} at block {block}, but later records show LSN {max_durable} was durable: acknowledged data is damaged"
-                ),
-            });
-        }
-        report.log_end = format!("segment {seg} block {block}: {why}");
-        if *torn {
-            tracing::warn!(
-                "recovery discarded a torn tail at segment {seg} block {block}: {why} (never acknowledged as durable)"
-            );
-            report.discarded_torn = Some(report.log_end.clone());
-        }
-    } else {
-        report.log_end = "end of the last segment".into();
-    }
-    if discarded > 0 {
+    if !later.is_empty() {
         tracing::warn!(
-            "recovery discarded {discarded} segment(s) written after the log's end (never acknowledged as durable)"
+            "recovery discarded {} segment(s) written after the log's end (never acknowledged as durable)",
+            later.len()
         );
     }
-    report.discarded_segments = discarded;
+    Ok(later.len() as u32)
+}
 
-    // Segments not in the replayed part of the chain but written after the checkpoint hold nothing
-    // live; everything with no live block becomes free once the recovery checkpoint is durable.
-    let replayed: Vec<u32> = chain.iter().take(replayed_segments).map(|c| c.0).collect();
+/// What recovery makes of the place where replay stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The log's normal end: nothing to say.
+    Clean,
+    /// A torn tail of writes never acknowledged as durable: discarded, with a warning.
+    TornTail,
+    /// Data acknowledged as durable is missing or damaged: the store does not open.
+    Corrupt,
+}
+
+/// The torn-versus-corrupt decision: (where replay stopped, whether a later valid record says the
+/// stop was durable) → verdict, each case labelled as in docs/format.md ("Torn tail or
+/// corruption"). A later record *vouches* for the stop when its `durable_lsn` is at or past the
+/// LSN replay expected there.
+const DECISIONS: [(&str, EndKind, bool, Verdict); 6] = [
+    ("end-of-chain", EndKind::Chain, false, Verdict::Clean),
+    ("end-of-records", EndKind::Stale, false, Verdict::Clean),
+    ("torn-tail", EndKind::Torn, false, Verdict::TornTail),
+    ("missing-segment", EndKind::Chain, true, Verdict::Corrupt),
+    ("damaged-record", EndKind::Stale, true, Verdict::Corrupt),
+    ("damaged-durable-tail", EndKind::Torn, true, Verdict::Corrupt),
+];
+
+fn decide(kind: EndKind, vouched: bool) -> (&'static str, Verdict) {
+    let (label, _, _, verdict) =
+        DECISIONS.iter().find(|(_, k, v, _)| *k == kind && *v == vouched).expect("every case is in the table");
+    (label, *verdict)
+}
+
+/// Applies the verdict: an error naming the segment and LSN for damaged durable data, a warning for
+/// a torn tail, the log's end in the report either way.
+fn judge_the_end(r: &Replay, chain: &Chain, report: &mut RecoveryReport) -> Result<()> {
+    let vouched = r.max_durable >= r.expected;
+    let (label, verdict) = decide(r.end.kind(), vouched);
+    let why = r.end.why(r.expected);
+    report.log_end = match r.end.place() {
+        Some((seg, block)) => format!("segment {seg} block {block}: {why}"),
+        None => why.clone(),
+    };
+    match verdict {
+        Verdict::Clean => Ok(()),
+        Verdict::TornTail => {
+            tracing::warn!("recovery discarded a torn tail at {} (never acknowledged as durable)", report.log_end);
+            report.discarded_torn = Some(report.log_end.clone());
+            Ok(())
+        }
+        Verdict::Corrupt => {
+            let (segment, what) = match r.end.place() {
+                Some((seg, block)) => (
+                    seg,
+                    format!(
+                        "{why} at block {block}, but later records show LSN {} was durable: acknowledged data is damaged ({label})",
+                        r.max_durable
+                    ),
+                ),
+                None => (
+                    chain.links.last().map_or(u32::MAX, |l| l.seg),
+                    format!(
+                        "the log ends after segment seq {} but later records show LSN {} was durable: the segment holding LSN {} is missing or damaged ({label})",
+                        chain.next_seq.saturating_sub(1),
+                        r.max_durable,
+                        r.expected
+                    ),
+                ),
+            };
+            Err(Error::CorruptRecord { segment: SegmentId(segment), lsn: r.expected, what })
+        }
+    }
+}
+
+/// Segments with no live block become free (once the recovery checkpoint is durable); those with
+/// live blocks are sealed. A segment outside the replayed chain that the checkpoint recorded as
+/// empty yet holds live blocks is an inconsistency.
+fn settle_segments(segs: &mut [SegState], state: &State, replayed: &[u32]) -> Result<()> {
     for (i, st) in segs.iter_mut().enumerate() {
         let in_chain = replayed.contains(&(i as u32));
         if state.live[i] == 0 {
@@ -608,37 +800,24 @@ pub fn recover(device: &mut dyn Device, cfg: Config, path: &str) -> Result<(Core
             st.status = SegStatus::Sealed;
         }
     }
-    let next_lsn = Lsn(expected.0.max(max_lsn_seen.0.saturating_add(1)));
-    let next_seg_seq = h.next_segment_seq.max(max_seq_seen.saturating_add(1));
-    // Where the log ends is normal (unwritten space, or an older lap's records); a torn tail or
-    // discarded segments were warned about above, so the reason is detail for debugging.
-    tracing::info!(
-        "opened store {:016x}: checkpoint {}, {} records replayed, log ends at LSN {}",
-        sb.store_id,
-        h.seq,
-        report.records_replayed,
-        report.last_lsn,
-    );
-    tracing::debug!("the log ends at {}", report.log_end);
-    let core = Core::new(sb, cfg, state, segs, next_lsn, next_seg_seq, h.seq);
-    Ok((core, report))
+    Ok(())
 }
 
 /// Highest durable_lsn and LSN among the valid records of a segment outside the replayed log.
 fn scan_durable(device: &mut dyn Device, sb: &Superblock, seg: u32) -> Result<Option<(Lsn, Lsn)>> {
     let buf = read_blocking(device, sb.segment_offset(seg), sb.segment_blocks as usize)
         .map_err(|e| Error::io(format!("reading segment {seg} during recovery"), e))?;
-    let Ok(sh) = SegmentHeader::decode(buf.block(0), sb.store_id) else { return Ok(None) };
-    let mut cursor = 1usize;
+    let Ok(mut records) = Records::of_image(&buf, sb.store_id) else { return Ok(None) };
     let mut best: Option<(Lsn, Lsn)> = None;
-    while cursor < sb.segment_blocks as usize {
-        let Ok(rec) = RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], sb.store_id) else { break };
-        if rec.segment_seq != sh.seq {
-            break;
-        }
+    loop {
+        let (durable_lsn, lsn) = match records.next_record() {
+            Ok(Some(rec)) => (rec.header.durable_lsn, rec.header.lsn),
+            // A record cut short still vouches with its header (its checksum verified it).
+            Err(Stop::RunsPastEnd { durable_lsn, lsn, .. }) => (durable_lsn, lsn),
+            Ok(None) | Err(_) => break,
+        };
         let (d, l) = best.unwrap_or((Lsn(0), Lsn(0)));
-        best = Some((d.max(rec.durable_lsn), l.max(rec.lsn)));
-        cursor += rec.header_blocks() as usize + rec.data_blocks() as usize;
+        best = Some((d.max(durable_lsn), l.max(lsn)));
     }
     Ok(best)
 }
@@ -653,6 +832,31 @@ fn scan_rest(buf: &[u8], from: usize, seg_seq: u64, store_id: u64, max_durable: 
                 *max_durable = (*max_durable).max(rec.durable_lsn);
                 *max_lsn = (*max_lsn).max(rec.lsn);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_place_replay_can_stop_has_one_verdict_each_way() {
+        for kind in [EndKind::Chain, EndKind::Stale, EndKind::Torn] {
+            for vouched in [false, true] {
+                let n = DECISIONS.iter().filter(|(_, k, v, _)| *k == kind && *v == vouched).count();
+                assert_eq!(n, 1, "{kind:?} vouched={vouched}");
+                assert_eq!(decide(kind, vouched).1 == Verdict::Corrupt, vouched, "a vouched stop is corruption");
+            }
+        }
+    }
+
+    #[test]
+    fn the_labels_of_the_decision_table_are_the_ones_docs_format_uses() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/format.md")).expect("format.md");
+        for (label, ..) in DECISIONS.iter().chain(&[("bad-volume-record", EndKind::Chain, false, Verdict::Corrupt)]) {
+            assert!(doc.contains(&format!("`{label}`")), "docs/format.md does not name the case `{label}`");
         }
     }
 }

@@ -1,82 +1,141 @@
-//! Reading a segment image: the records of one segment, read whole, in log order. The cleaner and
-//! the changed-block scans walk segments with it; recovery walks the log with it.
+//! Reading a segment image: the records of one segment, read whole (or up to its used blocks), in
+//! log order. One iterator, [`Records`], serves every reader of segments: recovery's replay and
+//! its look past the log's end, the cleaner and the changed-block scans.
+//!
+//! The iterator checks what makes a block the next record of this segment generation: its header
+//! decodes (magic, version, store, header checksum), it names this generation, and its data lies
+//! inside the image. What a record must be beyond that (the expected LSN, data checksums, live
+//! blocks) is for its caller to judge.
 
-use crate::format::{Entry, RecordHeader, SegmentHeader, Superblock};
-use crate::types::BLOCK_BYTES;
+use crate::format::{DecodeError, Entry, RecordHeader, SegmentHeader, Superblock};
+use crate::types::{Lsn, BLOCK_BYTES};
 
-/// Decodes the records of a segment image (`buf` starts at the segment header) in log order,
-/// calling `f(record, data_at)`, where `data_at` is the block index of the record's first data
-/// block, until `f` returns `Ok(false)` or an error. Errors say where parsing stopped.
-pub(crate) fn for_each_record(
-    sb: &Superblock,
-    buf: &[u8],
-    mut f: impl FnMut(&RecordHeader, usize) -> Result<bool, String>,
-) -> Result<(), String> {
-    let n_blocks = buf.len() / BLOCK_BYTES;
-    if n_blocks == 0 {
-        return Err("empty segment image".into());
-    }
-    let sh = SegmentHeader::decode(&buf[..BLOCK_BYTES], sb.store_id).map_err(|e| format!("segment header: {e}"))?;
-    let mut cursor = 1usize;
-    while cursor < n_blocks {
-        let rec = match RecordHeader::decode(&buf[cursor * BLOCK_BYTES..], sb.store_id) {
-            Ok(r) if r.segment_seq == sh.seq => r,
-            Ok(_) => return Err(format!("record at block {cursor} belongs to another segment generation")),
-            Err(e) => return Err(format!("record at block {cursor}: {e}")),
-        };
-        let data_at = cursor + rec.header_blocks() as usize;
-        if !f(&rec, data_at)? {
-            return Ok(());
-        }
-        cursor = data_at + rec.data_blocks() as usize;
-    }
-    Ok(())
+/// The records of one segment image, from a given block on.
+pub(crate) struct Records<'a> {
+    buf: &'a [u8],
+    store_id: u64,
+    /// The generation (segment seq) whose records these are.
+    seq: u64,
+    cursor: usize,
+    n_blocks: usize,
 }
 
-const RUNS_PAST_END: &str = "record runs past the written part of the segment";
+/// One record found in an image.
+pub(crate) struct Record {
+    pub header: RecordHeader,
+    /// Block of the image where the record's header starts.
+    pub at: usize,
+    /// Block of the image where its data starts.
+    pub data_at: usize,
+}
 
-/// Walks the records of a segment image, calling `f(record, first_data_phys)` for each whole one.
+/// Why a walk stopped before the end of the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Block 0 is not this store's segment header.
+    NoSegmentHeader(DecodeError),
+    /// The block at `block` is not a record header: unwritten or stale space, or a header torn by
+    /// a crash (then the error is a checksum mismatch).
+    NoRecord { block: usize, error: DecodeError },
+    /// A valid record of another generation of this segment (an older lap of the log).
+    OtherGeneration { block: usize, lsn: Lsn, seq: u64 },
+    /// A valid record header whose data runs past the end of the image. Its header was verified,
+    /// so what it claims (`durable_lsn`) still counts.
+    RunsPastEnd { block: usize, lsn: Lsn, durable_lsn: Lsn },
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::NoSegmentHeader(e) => write!(f, "segment header: {e}"),
+            Stop::NoRecord { block, error } => write!(f, "no valid record at block {block} ({error})"),
+            Stop::OtherGeneration { block, lsn, seq } => {
+                write!(f, "record at block {block} (LSN {lsn}) belongs to segment generation {seq}")
+            }
+            Stop::RunsPastEnd { block, lsn, .. } => {
+                write!(f, "record at block {block} (LSN {lsn}) runs past the written part of the segment")
+            }
+        }
+    }
+}
+
+impl<'a> Records<'a> {
+    /// The records of generation `seq` in `buf` (which starts at the segment's block 0), from block
+    /// `from` (at least 1: block 0 is the segment header).
+    pub(crate) fn new(buf: &'a [u8], store_id: u64, seq: u64, from: usize) -> Records<'a> {
+        Records { buf, store_id, seq, cursor: from.max(1), n_blocks: buf.len() / BLOCK_BYTES }
+    }
+
+    /// The records of the generation the image's own segment header names.
+    pub(crate) fn of_image(buf: &'a [u8], store_id: u64) -> Result<Records<'a>, Stop> {
+        let head = buf
+            .get(..BLOCK_BYTES)
+            .ok_or(Stop::NoSegmentHeader(DecodeError::Truncated { need: BLOCK_BYTES, have: buf.len() }))?;
+        let sh = SegmentHeader::decode(head, store_id).map_err(Stop::NoSegmentHeader)?;
+        Ok(Records::new(buf, store_id, sh.seq, 1))
+    }
+
+    /// The next record; `Ok(None)` at the end of the image, and after an error (a stop ends the
+    /// walk).
+    pub(crate) fn next_record(&mut self) -> Result<Option<Record>, Stop> {
+        let block = self.cursor;
+        if block >= self.n_blocks {
+            return Ok(None);
+        }
+        // Whatever happens below, a stop ends the walk.
+        self.cursor = self.n_blocks;
+        let header = RecordHeader::decode(&self.buf[block * BLOCK_BYTES..], self.store_id)
+            .map_err(|error| Stop::NoRecord { block, error })?;
+        if header.segment_seq != self.seq {
+            return Err(Stop::OtherGeneration { block, lsn: header.lsn, seq: header.segment_seq });
+        }
+        let data_at = block + header.header_blocks() as usize;
+        let end = data_at + header.data_blocks() as usize;
+        if end > self.n_blocks {
+            return Err(Stop::RunsPastEnd { block, lsn: header.lsn, durable_lsn: header.durable_lsn });
+        }
+        self.cursor = end;
+        Ok(Some(Record { header, at: block, data_at }))
+    }
+}
+
+/// Walks the whole records of a segment image (read from block 0), calling `f(record,
+/// first_data_phys)` for each. Stops at the first block that is not one.
 pub(crate) fn walk_records(
     sb: &Superblock,
     seg: u32,
     buf: &[u8],
     mut f: impl FnMut(&RecordHeader, u32),
-) -> Result<(), String> {
-    let n_blocks = buf.len() / BLOCK_BYTES;
-    for_each_record(sb, buf, |rec, data_at| {
-        if data_at + rec.data_blocks() as usize > n_blocks {
-            return Err(RUNS_PAST_END.into());
-        }
-        f(rec, seg * sb.segment_blocks + data_at as u32);
-        Ok(true)
-    })
+) -> Result<(), Stop> {
+    let mut records = Records::of_image(buf, sb.store_id)?;
+    while let Some(r) = records.next_record()? {
+        f(&r.header, seg * sb.segment_blocks + r.data_at as u32);
+    }
+    Ok(())
 }
 
-/// Walks the records of a segment image, calling `f(entry, lba, phys, block_idx, crc)` for every
-/// data block until it returns false. Errors say where parsing stopped; blocks before that point
-/// (even of a record cut short) have been visited.
+/// Walks the data blocks of a segment image (read from block 0), calling `f(entry, lba, phys,
+/// block_idx, crc)` for each until it returns false. A record cut short by the end of the image is
+/// not visited.
 pub(crate) fn walk_data_blocks(
     sb: &Superblock,
     seg: u32,
     buf: &[u8],
     mut f: impl FnMut(&Entry, u64, u32, usize, u32) -> bool,
-) -> Result<(), String> {
-    let n_blocks = buf.len() / BLOCK_BYTES;
-    for_each_record(sb, buf, |rec, data_at| {
+) -> Result<(), Stop> {
+    let mut records = Records::of_image(buf, sb.store_id)?;
+    while let Some(r) = records.next_record()? {
         let mut d = 0usize;
-        for e in rec.entries.iter().filter(|e| e.kind.has_data()) {
+        for e in r.header.entries.iter().filter(|e| e.kind.has_data()) {
             for i in 0..e.n_blocks as u64 {
-                let block_idx = data_at + d;
-                if block_idx >= n_blocks {
-                    return Err(RUNS_PAST_END.into());
-                }
+                let block_idx = r.data_at + d;
                 let phys = seg * sb.segment_blocks + block_idx as u32;
-                if !f(e, e.lba.0 + i, phys, block_idx, rec.crcs[d]) {
-                    return Ok(false);
+                if !f(e, e.lba.0 + i, phys, block_idx, r.header.crcs[d]) {
+                    return Ok(());
                 }
                 d += 1;
             }
         }
-        Ok(true)
-    })
+    }
+    Ok(())
 }
