@@ -536,7 +536,7 @@ impl Core {
         if let Some(p) = self.log.pending.get(&(volume, lba)) {
             return CurrentBlock::Known(p.data.clone().unwrap_or_else(|| Bytes::from_static(&ZERO_BLOCK)));
         }
-        if self.log.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
+        if self.log.pending_unmaps.iter().any(|u| u.covers(volume, lba)) {
             return CurrentBlock::Known(Bytes::from_static(&ZERO_BLOCK));
         }
         let entry = self.state.volumes.get(&volume).map(|v| v.effective(lba)).unwrap_or(0);

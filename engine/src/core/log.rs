@@ -25,8 +25,8 @@ pub(super) struct Log {
     /// User data blocks queued in the log but not yet written (open, unsubmitted and in-flight
     /// batches): what write-back has at risk, bounded by [`WRITE_BACK_MAX_BLOCKS`].
     pub(super) unwritten_blocks: u64,
-    /// Unmaps not yet applied: (batch number, volume, first LBA, end LBA).
-    pub(super) pending_unmaps: Vec<(u64, VolumeId, u64, u64)>,
+    /// Unmaps not yet applied.
+    pub(super) pending_unmaps: Vec<PendingUnmap>,
     /// Batches with client writes against flushes and FUA writes; see [`Core::submit_batches`].
     pub(super) commit_loop: CommitLoop,
 }
@@ -105,7 +105,21 @@ pub(super) struct OpenBatch {
     pub(super) gc_blocks: usize,
     /// Blocks touched, for the pending-write map cleanup.
     pub(super) touched: Vec<(VolumeId, u64)>,
-    pub(super) unmaps: Vec<(VolumeId, u64, u64)>,
+    /// Holds unmaps, whose [`PendingUnmap`]s go when it is applied.
+    pub(super) has_unmaps: bool,
+}
+
+/// Blocks of a volume unmapped by a batch not yet applied: they read as zeros meanwhile.
+pub(super) struct PendingUnmap {
+    pub(super) batch_no: u64,
+    pub(super) volume: VolumeId,
+    pub(super) lbas: std::ops::Range<u64>,
+}
+
+impl PendingUnmap {
+    pub(super) fn covers(&self, volume: VolumeId, lba: u64) -> bool {
+        self.volume == volume && self.lbas.contains(&lba)
+    }
 }
 
 pub(super) struct Batch {
@@ -117,7 +131,7 @@ pub(super) struct Batch {
     pub(super) crcs: Vec<u32>,
     pub(super) waiters: Vec<u64>,
     pub(super) touched: Vec<(VolumeId, u64)>,
-    pub(super) unmaps: Vec<(VolumeId, u64, u64)>,
+    pub(super) has_unmaps: bool,
     pub(super) completed: bool,
     /// Cleaner victim whose copies this batch carries, with how many.
     pub(super) gc_victim: Option<(u32, usize)>,
@@ -230,7 +244,7 @@ impl Core {
             meta: None,
             gc_blocks: 0,
             touched: Vec::new(),
-            unmaps: Vec::new(),
+            has_unmaps: false,
         });
         true
     }
@@ -330,8 +344,8 @@ impl Core {
                 tag: tag.seq,
                 resync: tag.resync,
             });
-            b.unmaps.push((volume, lba, lba + n));
-            self.log.pending_unmaps.push((b.no, volume, lba, lba + n));
+            b.has_unmaps = true;
+            self.log.pending_unmaps.push(PendingUnmap { batch_no: b.no, volume, lbas: lba..lba + n });
             // Blocks pending in earlier batches are superseded by this unmap.
             for l in lba..lba + n.min(1 << 16) {
                 if let Some(p) = self.log.pending.get_mut(&(volume, l)) {
@@ -469,7 +483,7 @@ impl Core {
                 crcs: header.crcs,
                 waiters: b.waiters,
                 touched: b.touched,
-                unmaps: b.unmaps,
+                has_unmaps: b.has_unmaps,
                 completed: false,
                 gc_victim,
                 want_durable,
@@ -577,8 +591,8 @@ impl Core {
                     self.log.pending.remove(key);
                 }
             }
-            if !b.unmaps.is_empty() {
-                self.log.pending_unmaps.retain(|u| u.0 != b.no);
+            if b.has_unmaps {
+                self.log.pending_unmaps.retain(|u| u.batch_no != b.no);
             }
             if let (Some((victim, n)), Gc::Copying { seg, in_flight, .. }) = (b.gc_victim, &mut self.gc.phase) {
                 if *seg == victim {

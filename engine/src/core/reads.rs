@@ -78,7 +78,7 @@ impl Core {
                     }
                     continue;
                 }
-                if self.log.pending_unmaps.iter().any(|(_, v, s, e)| *v == volume && (*s..*e).contains(&lba)) {
+                if self.log.pending_unmaps.iter().any(|u| u.covers(volume, lba)) {
                     continue;
                 }
                 let entry = vol.effective(lba);
@@ -148,9 +148,9 @@ impl Core {
         let (first, end) = (offset / BB, (offset + len) / BB);
         let mut out = vec![None; (end - first) as usize];
         vol.for_each_effective(first, end, |lba, e| out[(lba - first) as usize] = Some(crc_of(e)));
-        for &(_, v, s, e) in &self.log.pending_unmaps {
-            if v == volume {
-                for lba in s.max(first)..e.min(end) {
+        for u in &self.log.pending_unmaps {
+            if u.volume == volume {
+                for lba in u.lbas.start.max(first)..u.lbas.end.min(end) {
                     out[(lba - first) as usize] = None;
                 }
             }

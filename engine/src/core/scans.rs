@@ -16,8 +16,8 @@ pub(super) struct Scan {
     pub(super) volume: VolumeId,
     pub(super) since: Since,
     pub(super) segs: Vec<u32>,
-    /// Changed ranges `(first, end)`, merged when the scan ends.
-    pub(super) found: Vec<(u64, u64)>,
+    /// Changed blocks, merged into runs when the scan ends.
+    pub(super) found: Vec<ChangedRun>,
     pub(super) reply: Reply<Vec<ChangedRun>>,
 }
 
@@ -39,9 +39,10 @@ impl Core {
             }
             None => {
                 let mut scan = self.scans.queue.pop_front().expect("scan");
-                scan.found.sort_unstable();
+                scan.found.sort_unstable_by_key(|r| (r.lba, r.n_blocks));
                 let mut runs: Vec<ChangedRun> = Vec::new();
-                for (first, end) in scan.found {
+                for ChangedRun { lba: Lba(first), n_blocks } in scan.found {
+                    let end = first + n_blocks;
                     match runs.last_mut() {
                         Some(r) if r.lba.0 + r.n_blocks >= first => {
                             r.n_blocks = r.n_blocks.max(end - r.lba.0);
@@ -100,7 +101,7 @@ impl Core {
                 if e.kind == EntryKind::Trim {
                     let end = (e.lba.0 + e.n_blocks as u64).min(n_blocks);
                     if e.lba.0 < end {
-                        found.push((e.lba.0, end));
+                        found.push(ChangedRun { lba: e.lba, n_blocks: end - e.lba.0 });
                     }
                     continue;
                 }
@@ -110,7 +111,7 @@ impl Core {
                         && (phys_of(vol.index.get(lba)) == Some(phys0 + i)
                             || vol.staged.writes.get(&lba).and_then(|p| phys_of(*p)) == Some(phys0 + i));
                     if live {
-                        found.push((lba, lba + 1));
+                        found.push(ChangedRun { lba: Lba(lba), n_blocks: 1 });
                     }
                 }
             }
