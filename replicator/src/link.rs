@@ -1,59 +1,49 @@
-//! Reading and writing frames on a TCP stream, with a deadline on every read.
+//! Reading and writing frames on a connection: one reader decodes every frame read, with a
+//! deadline on every wait.
 
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::wire::{Frame, Header, HEADER_BYTES};
+use crate::wire::{Frame, Header, WireError, HEADER_BYTES, MAGIC};
 use crate::ReplError;
 
-/// Reads one frame, failing if nothing complete arrives within `timeout`.
-pub async fn read_frame(r: &mut (impl AsyncRead + Unpin), timeout: Duration) -> Result<Frame, ReplError> {
-    let fut = async {
-        let mut h = [0u8; HEADER_BYTES];
-        // The magic first: another protocol's client (an admin command sent to the wrong port,
-        // an HTTP probe) is turned away as soon as it has sent four bytes, not after a timeout.
-        r.read_exact(&mut h[..4]).await?;
-        let magic = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
-        if magic != crate::wire::MAGIC {
-            return Err(crate::wire::WireError::BadMagic(magic).into());
-        }
-        r.read_exact(&mut h[4..]).await?;
-        let header = Header::decode(&h)?;
-        let mut body = BytesMut::zeroed(header.body_len);
-        r.read_exact(&mut body).await?;
-        Ok::<_, ReplError>(header.decode_body(body.freeze())?)
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(ReplError::Stopped(format!("peer silent for {} ms", timeout.as_millis()))),
-    }
-}
-
-/// Frames decoded from bytes read ahead, for a task that waits for the next frame and for other
-/// things at once (in a `select!`): abandoning a [`FrameReader::fill`] loses nothing, since every
-/// byte read stays in the buffer until its frame is whole.
+/// Frames decoded from a connection's bytes, read ahead in chunks: every frame read from a
+/// connection goes through one, which owns the connection's reading half so that no byte read
+/// ahead can be lost between one frame and the next. [`FrameReader::read_frame`] waits for the
+/// next frame; a task that waits for frames and for other things at once (in a `select!`) calls
+/// [`FrameReader::try_frame`] and [`FrameReader::fill`] instead: abandoning a `fill` loses
+/// nothing, since every byte read stays in the buffer until its frame is whole.
 ///
 /// Memory: bytes are read in chunks of [`READ_CHUNK_BYTES`]; a decoded write's payload shares its
 /// chunk, which lives until every payload cut from it is dropped. The caller bounds how many
 /// decoded frames it keeps (the secondary: `APPLY_QUEUE`), and so the chunks held; a frame larger
 /// than a chunk gets a buffer of its own size, at most the frame size limit.
-#[derive(Debug, Default)]
-pub struct FrameReader {
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    rd: R,
     buf: BytesMut,
 }
 
 /// Bytes asked for per read: a few dozen 4 KiB write frames.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
 
-impl FrameReader {
-    pub fn new() -> FrameReader {
-        FrameReader::default()
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(rd: R) -> FrameReader<R> {
+        FrameReader { rd, buf: BytesMut::new() }
     }
 
     /// The next frame, if all of its bytes have been read. Never waits.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ReplError> {
+        // The magic first: another protocol's client (an admin command sent to the wrong port,
+        // an HTTP probe) is turned away as soon as it has sent four bytes, not after a timeout.
+        if let Some(magic) = self.buf.get(..4) {
+            let magic = u32::from_le_bytes(magic.try_into().expect("4 bytes"));
+            if magic != MAGIC {
+                return Err(WireError::BadMagic(magic).into());
+            }
+        }
         if self.buf.len() < HEADER_BYTES {
             return Ok(None);
         }
@@ -68,28 +58,53 @@ impl FrameReader {
         Ok(Some(header.decode_body(body)?))
     }
 
+    /// The next frame, reading until it is whole; fails if it is not within `timeout` (the whole
+    /// frame: a peer that trickles bytes is as dead as a silent one).
+    pub async fn read_frame(&mut self, timeout: Duration) -> Result<Frame, ReplError> {
+        let whole = async {
+            loop {
+                if let Some(frame) = self.try_frame()? {
+                    return Ok(frame);
+                }
+                self.read_more().await?;
+            }
+        };
+        match tokio::time::timeout(timeout, whole).await {
+            Ok(r) => r,
+            Err(_) => Err(ReplError::Stopped(format!("peer silent for {} ms", timeout.as_millis()))),
+        }
+    }
+
     /// Reads the bytes that arrive next (at least one), failing if none do within `timeout`.
     /// Cancel-safe.
-    pub async fn fill(&mut self, r: &mut (impl AsyncRead + Unpin), timeout: Duration) -> Result<(), ReplError> {
-        if self.buf.capacity() - self.buf.len() < HEADER_BYTES {
-            self.buf.reserve(READ_CHUNK_BYTES);
-        }
-        match tokio::time::timeout(timeout, r.read_buf(&mut self.buf)).await {
-            // Between frames: the peer stopped (or its host closed the socket for it). Only the
-            // link's end, not an error in itself; failure detection decides what it means.
-            Ok(Ok(0)) if self.buf.is_empty() => Err(ReplError::Stopped("the peer closed the connection".into())),
-            Ok(Ok(0)) => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the peer closed the connection in the middle of a frame",
-            )
-            .into()),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
+    pub async fn fill(&mut self, timeout: Duration) -> Result<(), ReplError> {
+        match tokio::time::timeout(timeout, self.read_more()).await {
+            Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("peer silent for {} ms", timeout.as_millis()),
             )
             .into()),
+        }
+    }
+
+    /// Reads what arrives next, at least one byte. Cancel-safe: a read either completes, its bytes
+    /// appended, or never started.
+    async fn read_more(&mut self) -> Result<(), ReplError> {
+        if self.buf.capacity() - self.buf.len() < HEADER_BYTES {
+            self.buf.reserve(READ_CHUNK_BYTES);
+        }
+        match self.rd.read_buf(&mut self.buf).await {
+            // Between frames: the peer stopped (or its host closed the socket for it). Only the
+            // link's end, not an error in itself; failure detection decides what it means.
+            Ok(0) if self.buf.is_empty() => Err(ReplError::Stopped("the peer closed the connection".into())),
+            Ok(0) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection in the middle of a frame",
+            )
+            .into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -141,7 +156,7 @@ mod tests {
         for f in &sent {
             f.encode_into(&mut wire);
         }
-        let (mut tx, mut rx) = tokio::io::duplex(1 << 20);
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
         let writer = tokio::spawn(async move {
             let mut at = 0;
             let mut piece = 1;
@@ -154,7 +169,7 @@ mod tests {
             }
             tx
         });
-        let mut reader = FrameReader::new();
+        let mut reader = FrameReader::new(rx);
         let mut got = Vec::new();
         let mut n_abandoned = 0;
         while got.len() < sent.len() {
@@ -165,7 +180,7 @@ mod tests {
                 break;
             }
             // Often gives up before bytes arrive: the abandoned read must not have eaten any.
-            match tokio::time::timeout(Duration::from_micros(30), reader.fill(&mut rx, Duration::from_secs(10))).await {
+            match tokio::time::timeout(Duration::from_micros(30), reader.fill(Duration::from_secs(10))).await {
                 Ok(r) => r.unwrap(),
                 Err(_) => n_abandoned += 1,
             }
@@ -174,24 +189,48 @@ mod tests {
         assert!(n_abandoned > 0, "no fill was abandoned: the test proved nothing");
         drop(writer.await.unwrap());
         // The peer closed: the next fill says so.
-        let e = reader.fill(&mut rx, Duration::from_secs(10)).await.unwrap_err();
+        let e = reader.fill(Duration::from_secs(10)).await.unwrap_err();
         assert!(e.to_string().contains("closed"), "{e}");
+    }
+
+    /// Waiting for one frame, another protocol is turned away at its first four bytes, and a peer
+    /// gets one deadline for the whole frame, not one per read.
+    #[tokio::test]
+    async fn read_frame_refuses_garbage_at_once_and_bounds_the_whole_frame() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(rx);
+        tx.write_all(b"GET ").await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), reader.read_frame(Duration::from_secs(60))).await;
+        let e = r.expect("waited for a whole header of garbage").unwrap_err();
+        assert!(matches!(e, ReplError::Wire(WireError::BadMagic(_))), "{e}");
+
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(rx);
+        let wire = Frame::Flush { upto: 9 }.encode();
+        let trickle = tokio::spawn(async move {
+            for b in wire.iter() {
+                tx.write_all(&[*b]).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tx
+        });
+        let e = reader.read_frame(Duration::from_millis(50)).await.unwrap_err();
+        assert!(matches!(e, ReplError::Stopped(_)), "{e}");
+        drop(trickle.await.unwrap());
     }
 
     #[tokio::test]
     async fn frame_reader_refuses_garbage_and_corruption() {
-        let mut reader = FrameReader::new();
-        let mut garbage: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-        reader.fill(&mut garbage, Duration::from_secs(1)).await.unwrap();
+        let mut reader = FrameReader::new(&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..]);
+        reader.fill(Duration::from_secs(1)).await.unwrap();
         assert!(reader.try_frame().is_err(), "an HTTP request decoded as a frame");
 
         let mut wire = BytesMut::new();
         Frame::Flush { upto: 9 }.encode_into(&mut wire);
         let last = wire.len() - 1;
         wire[last] ^= 1;
-        let mut reader = FrameReader::new();
-        let mut bytes: &[u8] = &wire;
-        reader.fill(&mut bytes, Duration::from_secs(1)).await.unwrap();
+        let mut reader = FrameReader::new(&wire[..]);
+        reader.fill(Duration::from_secs(1)).await.unwrap();
         assert!(reader.try_frame().is_err(), "a frame with a flipped bit decoded");
     }
 }

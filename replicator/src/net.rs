@@ -7,17 +7,19 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+
+use crate::link::FrameReader;
 
 /// A byte stream to a peer.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
 pub type BoxStream = Box<dyn Stream>;
-/// The reading half, buffered: frames are small (an ack is 32 bytes, a write 4 KiB and a few dozen),
-/// and reading each header and body with its own system call was a large part of a replicated
-/// write's cost.
-pub type ReadPart = BufReader<ReadHalf<BoxStream>>;
+/// The reading half, read through a [`FrameReader`]: frames are small (an ack is 32 bytes, a write
+/// 4 KiB and a few dozen), and reading each header and body with its own system call was a large
+/// part of a replicated write's cost.
+pub type ReadPart = FrameReader<ReadHalf<BoxStream>>;
 pub type WritePart = WriteHalf<BoxStream>;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -35,14 +37,10 @@ pub trait Net: Send + Sync + 'static {
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>>;
 }
 
-/// Bytes read from a connection ahead of need: room for a few dozen 4 KiB write frames, small next
-/// to the link's own bound on frames in flight.
-pub const READ_BUFFER_BYTES: usize = 256 << 10;
-
 /// Splits a stream into halves that can be used by two tasks.
 pub fn split(s: BoxStream) -> (ReadPart, WritePart) {
     let (rd, wr) = tokio::io::split(s);
-    (BufReader::with_capacity(READ_BUFFER_BYTES, rd), wr)
+    (FrameReader::new(rd), wr)
 }
 
 /// Real TCP, with Nagle off (frames are small and latency is the product).

@@ -436,7 +436,7 @@ const SUCCESSOR_HANDSHAKES: usize = 8;
 async fn answer_successor(stream: crate::net::BoxStream, from: SocketAddr, p: &Primary, timeout: Duration) {
     let (mut rd, mut wr) = crate::net::split(stream);
     let refuse = |why: Refusal, reason: String| Frame::Refuse { why, reason };
-    let answer = match crate::link::read_frame(&mut rd, timeout).await {
+    let answer = match rd.read_frame(timeout).await {
         Ok(Frame::Hello { pair, node, .. }) if pair != p.pair() => {
             tracing::warn!(%from, "refusing {node}: it belongs to pair {pair:016x}, this node to {:016x}", p.pair());
             refuse(Refusal::WrongPair, format!("this node belongs to pair {:016x}, not {pair:016x}", p.pair()))

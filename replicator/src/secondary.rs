@@ -25,7 +25,7 @@ use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
 
 use tokio::sync::watch;
 
-use crate::link::{read_frame, write_frame, FrameReader};
+use crate::link::write_frame;
 use crate::net::{BoxListener, BoxStream};
 use crate::state::{common_point, ReplState, Role};
 use crate::wire::{Frame, Refusal, MAX_HELLO_RUNS};
@@ -213,7 +213,7 @@ fn check_hello(i: &Inner, hello: &Frame) -> std::result::Result<(), (Refusal, St
 /// touches: garbage, a wrong peer or a probe is refused (or dropped) and logged here.
 async fn handshake(i: Arc<Inner>, stream: BoxStream, from: SocketAddr) -> Option<Authenticated> {
     let (mut rd, mut wr) = crate::net::split(stream);
-    let hello = match read_frame(&mut rd, i.cfg.timeout).await {
+    let hello = match rd.read_frame(i.cfg.timeout).await {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(volume = %i.name, %from, "replication port: not a syncblock primary ({e}); connection dropped, the live session carries on");
@@ -350,13 +350,12 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
         s.last_error = None;
     });
 
-    let mut frames = FrameReader::new();
     let mut session = Session::new(i.clone(), epoch, common, info.trim_floor);
     let mut out = Vec::new();
     loop {
         // Queue every whole frame already read into the engine, in arrival order.
         while session.has_room() {
-            let Some(frame) = frames.try_frame()? else { break };
+            let Some(frame) = rd.try_frame()? else { break };
             session.on_frame(frame).await?;
         }
         // Wait for the oldest queued operations to complete, or for more bytes from the primary
@@ -366,7 +365,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
         let done = tokio::select! {
             biased;
             done = std::future::poll_fn(|cx| poll_done(&mut session.queue, cx)), if !session.queue.is_empty() => done,
-            r = frames.fill(&mut rd, i.cfg.timeout), if session.has_room() => {
+            r = rd.fill(i.cfg.timeout), if session.has_room() => {
                 r?;
                 continue;
             }

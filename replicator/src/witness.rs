@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use tokio::sync::Mutex;
 
-use crate::link::{read_frame, write_frame};
+use crate::link::write_frame;
 use crate::net::{BoxListener, BoxStream, Net};
 use crate::wire::{Frame, Refusal};
 use crate::{ReplError, Result};
@@ -507,7 +507,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
     let (mut rd, mut wr) = crate::net::split(stream);
     loop {
-        let req = match read_frame(&mut rd, REQUEST_TIMEOUT * 4).await {
+        let req = match rd.read_frame(REQUEST_TIMEOUT * 4).await {
             Ok(f) => f,
             Err(_) => return Ok(()),
         };
@@ -566,7 +566,7 @@ pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration
         let stream = net.connect(addr).await?;
         let (mut rd, mut wr) = crate::net::split(stream);
         write_frame(&mut wr, req).await?;
-        read_frame(&mut rd, timeout).await
+        rd.read_frame(timeout).await
     };
     let answer = tokio::time::timeout(timeout, fut)
         .await

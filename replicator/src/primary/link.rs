@@ -8,7 +8,7 @@ use syncblock_engine::Pending;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use crate::link::{read_frame, write_encoded};
+use crate::link::write_encoded;
 use crate::wire::Frame;
 use crate::{ReplError, Result};
 
@@ -100,7 +100,7 @@ pub(super) async fn reader(
     events: mpsc::Sender<Event>,
 ) {
     let err = loop {
-        match read_frame(&mut rd, timeout).await {
+        match rd.read_frame(timeout).await {
             Ok(f) => {
                 if events.send(Event::Frame(generation, f)).await.is_err() {
                     return;

@@ -1017,7 +1017,7 @@ async fn handshake(net: &dyn crate::net::Net, peer: SocketAddr, timeout: Duratio
         .map_err(|_| ReplError::Stopped("connect timed out".into()))??;
     let (mut rd, mut wr) = crate::net::split(stream);
     crate::link::write_frame(&mut wr, hello).await?;
-    match crate::link::read_frame(&mut rd, timeout).await? {
+    match rd.read_frame(timeout).await? {
         Frame::HelloOk { last_tag, common_tag, runs } => {
             Ok(Handshake { rd, wr, peer_last: last_tag, common: common_tag, runs })
         }

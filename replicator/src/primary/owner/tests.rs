@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use super::*;
 use crate::link::FrameReader;
@@ -37,8 +37,8 @@ async fn harness(policy: Policy) -> Harness {
 /// The peer's end of a link. It answers checksum requests (an empty replica: every block
 /// unmapped) and, when `pong` is set, pings; acknowledgements are the test's to send.
 struct Peer {
-    io: DuplexStream,
-    frames: FrameReader,
+    io: WriteHalf<DuplexStream>,
+    frames: FrameReader<ReadHalf<DuplexStream>>,
     pong: bool,
     /// Every frame received, in order.
     got: Vec<Frame>,
@@ -55,7 +55,7 @@ impl Peer {
 
     /// Reads what has arrived, answering as scripted.
     async fn read(&mut self) {
-        while tokio::time::timeout(Duration::from_millis(1), self.frames.fill(&mut self.io, Duration::from_secs(60)))
+        while tokio::time::timeout(Duration::from_millis(1), self.frames.fill(Duration::from_secs(60)))
             .await
             .is_ok_and(|r| r.is_ok())
         {}
@@ -99,7 +99,8 @@ impl Harness {
         let h = Handshake { rd, wr, peer_last, common, runs: vec![] };
         self.owner.on_event(Event::LinkUp(generation, Box::new(h))).await;
         self.after_step();
-        (generation, Peer { io: theirs, frames: FrameReader::new(), pong: true, got: Vec::new() })
+        let (theirs_rd, theirs_wr) = tokio::io::split(theirs);
+        (generation, Peer { io: theirs_wr, frames: FrameReader::new(theirs_rd), pong: true, got: Vec::new() })
     }
 
     fn after_step(&mut self) {
