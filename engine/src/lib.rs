@@ -6,6 +6,7 @@
 pub mod buf;
 pub mod device;
 pub mod error;
+mod lock;
 pub mod types;
 pub mod uring;
 
