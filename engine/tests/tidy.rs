@@ -1,10 +1,15 @@
 //! Checks the habits of STYLE.md that a machine can check, over every Rust file in the workspace:
 //! each file opens with a `//!` doc comment, every `unsafe` block has a `// SAFETY:` comment just
-//! above it, and no `dbg!` or `todo!` is left behind. And that ARCHITECTURE.md's table of limits
+//! above it, no `dbg!` or `todo!` is left behind, and a file over 1,000 lines says why in a
+//! `//! Size:` line. And that ARCHITECTURE.md's table of limits
 //! and the code agree: every constant the table names is defined in the file it gives, and every
 //! `MAX_*` / `*_MAX` constant of the crates' sources is in the table.
 
 use std::path::{Path, PathBuf};
+
+/// Lines a Rust file may have before its opening doc must say why it is one file: past this, a
+/// newcomer can no longer hold a file in mind, and a file this long has usually grown two subjects.
+const FILE_LINES_MAX: usize = 1000;
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -34,6 +39,13 @@ fn every_rust_file_follows_the_machine_checkable_style() {
             problems.push(format!("{rel}: does not open with a //! doc comment"));
         }
         let lines: Vec<&str> = text.lines().collect();
+        let opening_doc: Vec<&str> = lines.iter().take_while(|l| l.starts_with("//!")).copied().collect();
+        if lines.len() > FILE_LINES_MAX && !opening_doc.iter().any(|l| l.starts_with("//! Size:")) {
+            problems.push(format!(
+                "{rel}: {} lines, over {FILE_LINES_MAX}: split it, or say why it is one file in a `//! Size:` line of its opening doc",
+                lines.len()
+            ));
+        }
         for (i, line) in lines.iter().enumerate() {
             let code = line.split("//").next().unwrap_or("");
             if code.contains(concat!("dbg", "!(")) || code.contains(concat!("todo", "!(")) {

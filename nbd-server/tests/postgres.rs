@@ -36,6 +36,10 @@
 //! reaped, every mount and loop device undone, also after a panic ([`Setup`], [`Proc`]); every wait
 //! is bounded; the ports are free ones found by binding port 0; everything lives in a temp dir under
 //! the target directory.
+//!
+//! Size: one scenario on real processes. The harness (a witness and two nodes, a host's FUSE, loop
+//! and mount stack, PostgreSQL in its own PID namespace, the clients and their record of commits)
+//! serves only this test, and each piece reads best next to the check that uses it.
 
 mod common;
 

@@ -11,6 +11,10 @@
 //! order and the link order are one order (`docs/replication.md`, "Tags"). Every step that must
 //! happen "at a point of that order" — a resync window's block status and reads, a checksum
 //! request, a verify repair — happens inside one step of the loop, between two client operations.
+//!
+//! Size: the loop's state and the handler of each event, which read and write that state; the
+//! background work (resync, verify: `background.rs`), timers (`timers.rs`) and tests (`tests.rs`)
+//! are apart already. Splitting the handlers further would put one state machine in many rooms.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
