@@ -43,6 +43,7 @@ pub(super) enum Piece {
     },
 }
 
+/// A write, trim or zeroing on its way through intake.
 pub(super) struct WriteOp {
     pub(super) volume: VolumeId,
     pub(super) tag: Tag,
@@ -51,6 +52,13 @@ pub(super) struct WriteOp {
     /// Answer once queued in the log if the write-back budget allows (see [`WRITE_BACK_MAX_BLOCKS`]).
     pub(super) write_back: bool,
     pub(super) done: Done,
+}
+
+impl WriteOp {
+    /// An op with no pieces yet, answered on `reply`.
+    fn new(volume: VolumeId, tag: Tag, durable: bool, write_back: bool, reply: Reply<Written>) -> WriteOp {
+        WriteOp { volume, tag, pieces: Vec::new(), durable, write_back, done: Done::Write(reply) }
+    }
 }
 
 pub(super) enum Stall {
@@ -205,67 +213,35 @@ impl Core {
         self.handle(req);
     }
 
+    /// Validates an admitted request and starts it; a refusal is answered at once.
     pub(super) fn handle(&mut self, req: Request) {
         match req {
             Request::Read { volume, offset, len, reply } => self.handle_read(volume, offset, len, reply),
             Request::Write { volume, offset, data, fua, tag, write_back, reply } => {
                 let len = data.len() as u64;
                 match self.check_write(volume, offset, len) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) if len == 0 => {
-                        let _ = reply.send(Ok(Written { durable: false }));
-                    }
-                    Ok(()) => {
-                        let pieces = split_write(offset, data);
-                        self.start_write(WriteOp {
-                            volume,
-                            tag,
-                            pieces,
-                            durable: fua,
-                            write_back: write_back && !fua,
-                            done: Done::Write(reply),
-                        });
+                    Ok(()) if len == 0 => drop(reply.send(Ok(Written { durable: false }))),
+                    r => {
+                        let op = WriteOp::new(volume, tag, fua, write_back && !fua, reply);
+                        self.start_or_refuse(r.map(|()| split_write(offset, data)), op);
                     }
                 }
             }
-            Request::Trim { volume, offset, len, tag, reply } => match self.check_range(volume, offset, len) {
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-                Ok(()) => {
-                    let first = offset.div_ceil(BB);
-                    let end = (offset + len) / BB;
-                    let pieces =
-                        if end > first { vec![Piece::Unmap { lba: first, n_blocks: end - first }] } else { vec![] };
-                    self.start_write(WriteOp {
-                        volume,
-                        tag,
-                        pieces,
-                        durable: false,
-                        write_back: false,
-                        done: Done::Write(reply),
-                    });
-                }
-            },
+            Request::Trim { volume, offset, len, tag, reply } => {
+                // Trim is advisory: the whole blocks inside the range go, partial ones stay. (The
+                // range is checked before its end is computed: it could overflow.)
+                let pieces = self.check_range(volume, offset, len).map(|()| {
+                    let (first, end) = (offset.div_ceil(BB), (offset + len) / BB);
+                    match end > first {
+                        true => vec![Piece::Unmap { lba: first, n_blocks: end - first }],
+                        false => vec![],
+                    }
+                });
+                self.start_or_refuse(pieces, WriteOp::new(volume, tag, false, false, reply));
+            }
             Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply } => {
-                match self.check_range(volume, offset, len) {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) => {
-                        let pieces = split_zeroes(offset, len, may_trim);
-                        self.start_write(WriteOp {
-                            volume,
-                            tag,
-                            pieces,
-                            durable: fua,
-                            write_back: false,
-                            done: Done::Write(reply),
-                        });
-                    }
-                }
+                let pieces = self.check_range(volume, offset, len).map(|()| split_zeroes(offset, len, may_trim));
+                self.start_or_refuse(pieces, WriteOp::new(volume, tag, fua, false, reply));
             }
             Request::Flush { reply } => {
                 // Everything submitted before the flush, not just what was acknowledged: simpler to
@@ -274,86 +250,34 @@ impl Core {
                 self.close_open_batch_for_flush(id);
             }
             Request::BlockStatus { volume, offset, len, reply } => {
-                let _ = reply.send(self.block_status(volume, offset, len));
+                drop(reply.send(self.block_status(volume, offset, len)))
             }
-            Request::BlockCrcs { volume, offset, len, reply } => {
-                let _ = reply.send(self.block_crcs(volume, offset, len));
-            }
+            Request::BlockCrcs { volume, offset, len, reply } => drop(reply.send(self.block_crcs(volume, offset, len))),
             Request::CreateVolume { name, size_bytes, reply } => self.create_volume(name, size_bytes, reply),
             Request::ResizeVolume { volume, size_bytes, reply } => {
-                let r = self
-                    .state
-                    .volumes
-                    .get(&volume)
-                    .ok_or(Error::NoSuchVolume(volume))
-                    .and_then(|_| check_size(size_bytes));
-                match r {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) => self.meta_op(MetaOp::Resize { volume, size_bytes }, Done::Unit(reply)),
-                }
+                let r = self.volume_exists(volume).and_then(|()| check_size(size_bytes));
+                self.meta_or_refuse(r, MetaOp::Resize { volume, size_bytes }, reply);
             }
             Request::DeleteVolume { volume, reply } => {
-                let r = self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume));
-                match r {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) => self.meta_op(MetaOp::Delete { volume }, Done::Unit(reply)),
-                }
+                let r = self.volume_exists(volume);
+                self.meta_or_refuse(r, MetaOp::Delete { volume }, reply);
             }
             Request::ListVolumes { reply } => {
                 let list = self.state.volumes.values().map(|v| self.state.volume_info(v)).collect();
                 let _ = reply.send(Ok(list));
             }
-            Request::ChangedSince { volume, since, reply } => {
-                if !self.state.volumes.contains_key(&volume) {
-                    let _ = reply.send(Err(Error::NoSuchVolume(volume)));
-                    return;
-                }
-                let segs = (0..self.sb.n_segments)
-                    .filter(|s| {
-                        let st = &self.segments.table[*s as usize];
-                        let live = self.state.live[*s as usize] > 0;
-                        st.used_blocks > 0
-                            && st.status != SegStatus::Free
-                            && match since {
-                                Since::Lsn(lsn) => live && st.max_data_lsn > lsn.0,
-                                Since::Tag(_) => live || !st.trim_tags.is_empty(),
-                            }
-                    })
-                    .collect();
-                self.scans.queue.push_back(Scan { volume, since, segs, found: Vec::new(), reply });
-            }
+            Request::ChangedSince { volume, since, reply } => match self.volume_exists(volume) {
+                Ok(()) => self.start_scan(volume, since, reply),
+                Err(e) => drop(reply.send(Err(e))),
+            },
             Request::SetRepl { volume, last_tag, trim_floor, attr, staged, reply } => {
-                let r = (|| {
-                    self.state.volumes.get(&volume).ok_or(Error::NoSuchVolume(volume))?;
-                    if attr.len() > MAX_ATTR_BYTES {
-                        return Err(Error::InvalidArgument(format!(
-                            "replication attribute of {} bytes exceeds {MAX_ATTR_BYTES}",
-                            attr.len()
-                        )));
-                    }
-                    let others = self.state.volumes.values().filter(|v| v.id != volume && !v.attr.is_empty()).count();
-                    if !attr.is_empty() && others >= MAX_ATTR_VOLUMES {
-                        return Err(Error::InvalidArgument(format!(
-                            "{MAX_ATTR_VOLUMES} volumes of this store are already replicated; use another store"
-                        )));
-                    }
-                    Ok(())
-                })();
-                match r {
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                    Ok(()) => {
-                        let op = MetaOp::SetRepl { volume, last_tag, trim_floor, attr, staged };
-                        self.meta_op(op, Done::Unit(reply));
-                        // A raised floor may unpin segments that are already empty.
-                        for seg in 0..self.sb.n_segments {
-                            self.check_segment_empty(seg);
-                        }
+                let r = self.check_set_repl(volume, &attr);
+                let ok = r.is_ok();
+                self.meta_or_refuse(r, MetaOp::SetRepl { volume, last_tag, trim_floor, attr, staged }, reply);
+                if ok {
+                    // A raised floor may unpin segments that are already empty.
+                    for seg in 0..self.sb.n_segments {
+                        self.check_segment_empty(seg);
                     }
                 }
             }
@@ -361,9 +285,7 @@ impl Core {
                 self.ckpt.waiters.push(reply);
                 self.ckpt.wanted = true;
             }
-            Request::Stats { reply } => {
-                let _ = reply.send(Ok(self.stats()));
-            }
+            Request::Stats { reply } => drop(reply.send(Ok(self.stats()))),
             Request::Shutdown { reply } => {
                 self.shutdown = Some(reply);
                 // A clean stop checkpoints, so that the next start replays nothing.
@@ -372,6 +294,45 @@ impl Core {
                 }
             }
         }
+    }
+
+    fn start_or_refuse(&mut self, pieces: Result<Vec<Piece>>, mut op: WriteOp) {
+        match pieces {
+            Ok(pieces) => {
+                op.pieces = pieces;
+                self.start_write(op);
+            }
+            Err(e) => op.done.send(Err(e)),
+        }
+    }
+
+    fn meta_or_refuse(&mut self, check: Result<()>, op: MetaOp, reply: Reply<()>) {
+        match check {
+            Ok(()) => self.meta_op(op, Done::Unit(reply)),
+            Err(e) => drop(reply.send(Err(e))),
+        }
+    }
+
+    fn volume_exists(&self, volume: VolumeId) -> Result<()> {
+        self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume))
+    }
+
+    /// A replication attribute fits its bound, and the store's bound on replicated volumes.
+    fn check_set_repl(&self, volume: VolumeId, attr: &[u8]) -> Result<()> {
+        self.volume_exists(volume)?;
+        if attr.len() > MAX_ATTR_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "replication attribute of {} bytes exceeds {MAX_ATTR_BYTES}",
+                attr.len()
+            )));
+        }
+        let others = self.state.volumes.values().filter(|v| v.id != volume && !v.attr.is_empty()).count();
+        if !attr.is_empty() && others >= MAX_ATTR_VOLUMES {
+            return Err(Error::InvalidArgument(format!(
+                "{MAX_ATTR_VOLUMES} volumes of this store are already replicated; use another store"
+            )));
+        }
+        Ok(())
     }
 
     pub(super) fn check_range(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {

@@ -84,7 +84,7 @@ use durability::{Done, Durability, Waiter};
 use intake::{Intake, Piece, Stall, WriteOp};
 use log::{BlockHash, Log};
 use reads::Reads;
-use scans::{Scan, Scans};
+use scans::Scans;
 use segments::Segments;
 
 pub use log::WRITE_BACK_MAX_BLOCKS;

@@ -22,6 +22,23 @@ pub(super) struct Scan {
 }
 
 impl Core {
+    /// Queues a scan of the segments that may hold blocks of `volume` changed since `since`.
+    pub(super) fn start_scan(&mut self, volume: VolumeId, since: Since, reply: Reply<Vec<ChangedRun>>) {
+        let segs = (0..self.sb.n_segments)
+            .filter(|s| {
+                let st = &self.segments.table[*s as usize];
+                let live = self.state.live[*s as usize] > 0;
+                st.used_blocks > 0
+                    && st.status != SegStatus::Free
+                    && match since {
+                        Since::Lsn(lsn) => live && st.max_data_lsn > lsn.0,
+                        Since::Tag(_) => live || !st.trim_tags.is_empty(),
+                    }
+            })
+            .collect();
+        self.scans.queue.push_back(Scan { volume, since, segs, found: Vec::new(), reply });
+    }
+
     /// Reads the next segment of the scan at the head of the queue, one at a time, or answers the
     /// scan once it has read them all.
     pub(super) fn step_scans(&mut self) -> bool {
