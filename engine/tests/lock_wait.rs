@@ -289,13 +289,25 @@ fn second_open_in_the_same_process_is_refused_at_once() {
 fn lock_held_by_a_dead_process(path: &Path) -> (File, i32) {
     let file = File::open(path).expect("open for the lock holder");
     let fd = file.as_raw_fd();
-    // SAFETY: the forked child calls only flock and _exit, which are async-signal-safe, so forking
+    // SAFETY: the forked child calls only flock, nanosleep and _exit, which are async-signal-safe, so forking
     // this multithreaded process is sound.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
-        // SAFETY: as above; `fd` is open in the child too.
-        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+        // The store was just created and closed in this process: its lock goes only once the
+        // kernel has torn down that engine's io_uring (the very delay `open` waits out), so the
+        // child retries for up to 10 s (nanosleep is async-signal-safe too).
+        let mut rc = -1;
+        for _ in 0..1000 {
+            // SAFETY: as above; `fd` is open in the child too.
+            rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            let pause = libc::timespec { tv_sec: 0, tv_nsec: 10_000_000 };
+            // SAFETY: as above; `pause` is a live timespec and the remainder may be null.
+            unsafe { libc::nanosleep(&pause, std::ptr::null_mut()) };
+        }
         // SAFETY: as above.
         unsafe { libc::_exit(i32::from(rc != 0)) };
     }
