@@ -19,7 +19,7 @@ pub const RECORD_FIXED_BYTES: usize = 64;
 /// Bytes per entry in a record header.
 pub const ENTRY_BYTES: usize = 40;
 /// Upper bound on a record header's size. A batch is at most [`MAX_BATCH_BLOCKS`] data blocks, each
-/// possibly its own entry, plus up to as many trim entries: 64 + 256 × (32 + 4) + 256 × 32 bytes
+/// possibly its own entry, plus up to as many trim entries: 64 + 256 × (40 + 4) + 256 × 40 bytes (21,568)
 /// fit in 6 blocks; 8 leaves room for metadata.
 pub const MAX_HEADER_BLOCKS: u32 = 8;
 /// Largest batch (group commit) in data blocks: 1 MiB. Large enough that sequential bandwidth is
