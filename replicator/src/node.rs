@@ -248,8 +248,7 @@ impl Node {
             }
             // A new pair, named now so the witness can record it.
             state.pair = crate::wire::new_origin();
-            let floor = info.trim_floor.min(info.last_tag);
-            self.inner.store.set_repl(info.id, syncblock_engine::KEEP_LAST_TAG, floor, state.encode()).await?;
+            crate::state::record_state(&self.inner.store, &info, &state, syncblock_engine::StagedOp::Keep).await?;
         }
         let granted = match self.inner.cfg.repl.witness {
             Some(w) => {

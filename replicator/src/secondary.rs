@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::link::write_frame;
 use crate::net::{BoxListener, BoxStream};
-use crate::state::{common_point, ReplState, Role};
+use crate::state::{common_point, record_state, FloorRecord, ReplState, Role};
 use crate::wire::{Frame, Refusal, MAX_HELLO_RUNS};
 use crate::{ReplConfig, ReplError, Result};
 
@@ -35,8 +35,6 @@ use crate::{ReplConfig, ReplError, Result};
 /// primary can pin on a slow secondary (each holds at most one ≤ 32 MiB write); when full, the
 /// reader stops reading the socket and TCP pushes back.
 const APPLY_QUEUE: usize = 256;
-/// Trim-floor updates (a meta record each) are written at most this often.
-const FLOOR_PERIOD: Duration = Duration::from_secs(5);
 
 /// A snapshot for `syncblock status`.
 #[derive(Debug, Clone, Default)]
@@ -112,8 +110,7 @@ impl Secondary {
             tracing::info!(volume = volume_name, epoch = state.epoch, "taking the secondary role");
             state.role = Role::Secondary;
         }
-        let floor = info.trim_floor.min(info.last_tag);
-        store.set_repl(info.id, syncblock_engine::KEEP_LAST_TAG, floor, state.encode()).await?;
+        record_state(&store, &info, &state, StagedOp::Keep).await?;
         let addr = listener.local_addr()?;
         let (status, _) = watch::channel(SecondaryStatus {
             volume: volume_name.to_string(),
@@ -565,9 +562,9 @@ struct Acks {
     durable: u64,
     /// An `Ack` is owed: an operation completed since the last one.
     owed: bool,
-    floor: u64,
+    /// The floor the primary's heartbeats allow, and its record.
     want_floor: u64,
-    floor_written: Instant,
+    floor: FloorRecord,
     /// See [`SecondaryStatus::apply_ops`].
     apply_ops: u64,
     apply_us: u64,
@@ -579,9 +576,8 @@ impl Acks {
             applied: 0,
             durable: 0,
             owed: false,
-            floor,
             want_floor: floor,
-            floor_written: Instant::now(),
+            floor: FloorRecord::new(floor, Instant::now()),
             apply_ops: 0,
             apply_us: 0,
         }
@@ -605,7 +601,7 @@ impl Acks {
             Done::Commit(tag) => {
                 // Durable when it completes, with every write before it: the engine applies every
                 // staged resync block in this one record.
-                self.floor = 0;
+                self.floor.reset(0);
                 self.applied = tag;
                 self.durable = tag;
                 self.owed = true;
@@ -624,12 +620,13 @@ impl Acks {
     /// Persists a raised trim floor now and then, and acknowledges what completed: one cumulative
     /// `Ack` for everything retired together.
     async fn after_retiring(&mut self, i: &Inner, out: &mut Vec<Frame>) -> Result<()> {
-        if self.want_floor > self.floor && self.floor_written.elapsed() >= FLOOR_PERIOD && i.status.borrow().consistent
-        {
-            let attr = i.state.lock().expect("state").encode();
-            i.store.set_repl(i.volume, syncblock_engine::KEEP_LAST_TAG, self.want_floor, attr).await?;
-            self.floor = self.want_floor;
-            self.floor_written = Instant::now();
+        if i.status.borrow().consistent {
+            if let Some(floor) = self.floor.due(self.want_floor, Instant::now()) {
+                let attr = i.state.lock().expect("state").encode();
+                let r = FloorRecord::record(&i.store, i.volume, floor, attr).await;
+                self.floor.written(floor, r.is_ok());
+                r?;
+            }
         }
         if self.owed {
             self.owed = false;

@@ -1,6 +1,11 @@
 //! A replicated volume's persistent replication state (kept in the engine's per-volume attribute,
-//! so it changes in log order with the data), and the log-matching rule that finds the last point
-//! two replicas' histories share.
+//! so it changes in log order with the data) and how it and the trim floor are recorded, and the
+//! log-matching rule that finds the last point two replicas' histories share.
+
+use std::time::Duration;
+
+use syncblock_engine::{StagedOp, Store, VolumeId, VolumeInfo, KEEP_LAST_TAG};
+use tokio::time::Instant;
 
 use crate::wire::{EpochStart, MAX_HISTORY};
 
@@ -90,6 +95,76 @@ impl ReplState {
         self.history.push(EpochStart { epoch, start_tag: next_tag, origin });
         let excess = self.history.len().saturating_sub(MAX_HISTORY);
         self.history.drain(..excess);
+    }
+}
+
+/// Records `state` for the volume `info` describes as a node takes its role, keeping the volume's
+/// last tag and its trim floor (never above that tag); `staged` says what becomes of a resync
+/// staged on it. Returns the floor recorded.
+pub(crate) async fn record_state(
+    store: &Store,
+    info: &VolumeInfo,
+    state: &ReplState,
+    staged: StagedOp,
+) -> syncblock_engine::Result<u64> {
+    let floor = info.trim_floor.min(info.last_tag);
+    store.set_repl_staged(info.id, KEEP_LAST_TAG, floor, state.encode(), staged).await?;
+    Ok(floor)
+}
+
+/// Trim-floor updates (a meta record each) are written at most this often.
+pub(crate) const FLOOR_PERIOD: Duration = Duration::from_secs(5);
+
+/// When a node records a raised trim floor. Trims above the floor are retained for a future
+/// resync, so the floor should follow what both replicas hold; but each record is a meta record in
+/// the log, so it is written at most once a [`FLOOR_PERIOD`], and one at a time. The primary
+/// raises it to what both nodes made durable, the secondary to what the primary's heartbeats
+/// allow; both record it through here ([`FloorRecord::due`], [`FloorRecord::record`]).
+#[derive(Debug)]
+pub(crate) struct FloorRecord {
+    /// The floor last recorded.
+    recorded: u64,
+    /// No record before this: one period after the last.
+    next_at: Instant,
+    /// A record is being written.
+    writing: bool,
+}
+
+impl FloorRecord {
+    /// `recorded` is the floor the volume holds; the first update waits a period from `now`.
+    pub fn new(recorded: u64, now: Instant) -> FloorRecord {
+        FloorRecord { recorded, next_at: now + FLOOR_PERIOD, writing: false }
+    }
+
+    /// The floor to record now, if `want` is above the last one recorded, a period has passed
+    /// since then and no record is being written. The caller then writes it ([`FloorRecord::record`])
+    /// and reports how that went ([`FloorRecord::written`]).
+    pub fn due(&mut self, want: u64, now: Instant) -> Option<u64> {
+        if want <= self.recorded || now < self.next_at || self.writing {
+            return None;
+        }
+        self.writing = true;
+        self.next_at = now + FLOOR_PERIOD;
+        Some(want)
+    }
+
+    /// Writes `floor` as `volume`'s trim floor, with the replication state `attr`, keeping its
+    /// last tag.
+    pub async fn record(store: &Store, volume: VolumeId, floor: u64, attr: Vec<u8>) -> syncblock_engine::Result<()> {
+        store.set_repl(volume, KEEP_LAST_TAG, floor, attr).await
+    }
+
+    /// The record of `floor` that [`FloorRecord::due`] asked for ended; `ok` if it was written.
+    pub fn written(&mut self, floor: u64, ok: bool) {
+        self.writing = false;
+        if ok {
+            self.recorded = self.recorded.max(floor);
+        }
+    }
+
+    /// The floor was recorded as `floor` by another record (a resync's commit resets it to 0).
+    pub fn reset(&mut self, floor: u64) {
+        self.recorded = floor;
     }
 }
 
@@ -204,5 +279,23 @@ mod tests {
     #[test]
     fn an_empty_history_shares_nothing_but_the_empty_prefix() {
         assert_eq!(common_point(&[], 50, &h(&[(1, 1)]), 50), 0);
+    }
+
+    #[test]
+    fn trim_floor_is_recorded_once_a_period_one_record_at_a_time() {
+        let t0 = Instant::now();
+        let mut f = FloorRecord::new(10, t0);
+        assert_eq!(f.due(20, t0), None, "the first record waits a period");
+        let t1 = t0 + FLOOR_PERIOD;
+        assert_eq!(f.due(10, t1), None, "not above the floor recorded");
+        assert_eq!(f.due(20, t1), Some(20));
+        let t2 = t1 + FLOOR_PERIOD;
+        assert_eq!(f.due(30, t2), None, "one record at a time");
+        f.written(20, false);
+        assert_eq!(f.due(30, t2), Some(30), "a failed record is tried again");
+        f.written(30, true);
+        assert_eq!(f.due(30, t2 + FLOOR_PERIOD), None);
+        f.reset(0);
+        assert_eq!(f.due(5, t2 + FLOOR_PERIOD), Some(5), "a commit's reset floor is raised again");
     }
 }

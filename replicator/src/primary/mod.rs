@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncblock_engine::{Store, VolumeId, KEEP_LAST_TAG};
+use syncblock_engine::{Store, VolumeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -103,11 +103,8 @@ impl Primary {
         // Retain trims until the peer confirms it has them (the floor rises as it does). An
         // interrupted resync this node was receiving is dropped: its committed image is what it
         // serves.
-        let floor = info.trim_floor.min(info.last_tag);
         state.consistent = true;
-        store
-            .set_repl_staged(info.id, KEEP_LAST_TAG, floor, state.encode(), syncblock_engine::StagedOp::Discard)
-            .await?;
+        let floor = crate::state::record_state(&store, &info, &state, syncblock_engine::StagedOp::Discard).await?;
         let solo_until = granted
             .as_ref()
             .filter(|g| g.solo && cfg.policy == crate::Policy::Degrade && cfg.witness.is_some())

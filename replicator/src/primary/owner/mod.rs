@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES_U64, KEEP_LAST_TAG};
+use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES_U64};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -32,7 +32,7 @@ use super::compare::windows;
 use super::lag::Lag;
 use super::link::{AbortOnDrop, Out};
 use super::report::{PeerView, Progress, VerifyReport};
-use crate::state::ReplState;
+use crate::state::{FloorRecord, ReplState, FLOOR_PERIOD};
 use crate::wire::{EpochStart, Frame, Refusal};
 use crate::witness::Grant;
 use crate::{Policy, ReplConfig, ReplError, Result};
@@ -54,8 +54,6 @@ pub(super) const EVENTS_MAX: usize = 1024;
 const RESYNC_READ_BYTES: u64 = 1 << 20;
 /// Block status is asked for windows of this size while resyncing: one step of the loop.
 const RESYNC_WINDOW_BYTES: u64 = 64 << 20;
-/// Trim-floor updates (a meta record each) are written at most this often.
-const FLOOR_PERIOD: Duration = Duration::from_secs(5);
 /// Full sync and verify compare checksums in windows of this size: 2048 blocks, an 8 KiB answer
 /// at most. Small enough that one step of the loop is short (one index walk, a few reads queued),
 /// large enough that the per-window round trip is negligible.
@@ -283,9 +281,8 @@ pub(super) struct Owner {
     lag: Lag,
     /// Highest tag made durable locally by a completed flush.
     local_durable: u64,
-    /// The trim floor last recorded, and whether a record is being written.
-    floor: u64,
-    floor_writing: bool,
+    /// The trim floor's record.
+    floor: FloorRecord,
     /// Until when solo operation is valid: one lease after the last request the witness answered
     /// (counted from when it was sent). Past it, solo ends and writes wait again.
     solo_until: Option<Instant>,
@@ -389,8 +386,7 @@ impl Owner {
             publish_due: false,
             lag: Lag::default(),
             local_durable: 0,
-            floor,
-            floor_writing: false,
+            floor: FloorRecord::new(floor, now),
             solo_until,
             ops: BTreeMap::new(),
             next_op: 0,
@@ -868,10 +864,9 @@ impl Owner {
             }
             Event::Witness(ask, r) => self.on_witness(ask, r),
             Event::FloorWritten(floor, r) => {
-                self.floor_writing = false;
-                match r {
-                    Ok(()) => self.floor = self.floor.max(floor),
-                    Err(e) => tracing::warn!(volume = %self.name, "could not record the trim floor: {e}"),
+                self.floor.written(floor, r.is_ok());
+                if let Err(e) = r {
+                    tracing::warn!(volume = %self.name, "could not record the trim floor: {e}");
                 }
             }
         }

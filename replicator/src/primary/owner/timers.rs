@@ -34,14 +34,12 @@ impl Owner {
         }
         if now >= self.timers.floor {
             self.timers.floor = now + FLOOR_PERIOD;
-            let f = self.floor_tag();
-            if f > self.floor && !self.floor_writing {
-                self.floor_writing = true;
+            if let Some(floor) = self.floor.due(self.floor_tag(), now) {
                 let (store, volume, attr, events) =
                     (self.store.clone(), self.volume, self.state.encode(), self.events_tx.clone());
                 tokio::spawn(async move {
-                    let r = store.set_repl(volume, KEEP_LAST_TAG, f, attr).await.map_err(ReplError::from);
-                    let _ = events.send(Event::FloorWritten(f, r)).await;
+                    let r = FloorRecord::record(&store, volume, floor, attr).await.map_err(ReplError::from);
+                    let _ = events.send(Event::FloorWritten(floor, r)).await;
                 });
             }
         }
