@@ -46,6 +46,48 @@ impl Lsn {
     }
 }
 
+impl Lba {
+    /// The byte offset of this block in its volume.
+    pub fn offset_bytes(self) -> u64 {
+        self.0 * BLOCK_BYTES_U64
+    }
+}
+
+/// `n_blocks` consecutive blocks from `lba`. Not to be confused with a [`ByteRange`]: a run counts
+/// blocks, a range bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BlockRun {
+    pub lba: Lba,
+    pub n_blocks: u64,
+}
+
+impl BlockRun {
+    /// The first block after the run.
+    pub fn end(self) -> Lba {
+        Lba(self.lba.0 + self.n_blocks)
+    }
+
+    /// The bytes the run covers.
+    pub fn bytes(self) -> ByteRange {
+        ByteRange { offset: self.lba.offset_bytes(), len: self.n_blocks * BLOCK_BYTES_U64 }
+    }
+}
+
+/// `len` bytes from byte `offset` of a volume: what NBD requests, replication frames and checksum
+/// windows address. See [`BlockRun`] for runs of blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl ByteRange {
+    /// The first byte after the range.
+    pub fn end(self) -> u64 {
+        self.offset + self.len
+    }
+}
+
 /// How a write or trim is tagged for replication: `seq` is its position in the volume's replicated
 /// history (0 = untagged, for volumes that are not replicated). A `resync` write carries data a
 /// resync ships: it is found by later scans like any tagged write, but does not move the volume's
