@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use syncblock_engine::{Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
+use syncblock_engine::{BlockRun, Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
 
 use tokio::sync::watch;
 
@@ -331,8 +331,13 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
     if common > 0 && (info.last_tag > common || !consistent) {
         // Writes this replica holds beyond the shared history (a deposed primary's tail, or a
         // half-applied resync): the primary overwrites them with its own data.
-        runs =
-            i.store.changed_since(i.volume, Since::Tag(common)).await?.iter().map(|r| (r.lba.0, r.n_blocks)).collect();
+        runs = i
+            .store
+            .changed_since(i.volume, Since::Tag(common))
+            .await?
+            .iter()
+            .map(|r| BlockRun { lba: r.lba, n_blocks: r.n_blocks })
+            .collect();
         if runs.len() > MAX_HELLO_RUNS {
             common = 0;
             runs.clear();

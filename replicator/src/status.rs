@@ -250,7 +250,7 @@ impl From<&VerifyReport> for VerifyReportView {
         VerifyReportView {
             bytes_compared: r.bytes_compared,
             blocks_differing: r.blocks_differing,
-            ranges: r.ranges.clone(),
+            ranges: r.ranges.iter().map(|r| (r.offset, r.len)).collect(),
             ranges_truncated: r.ranges_truncated,
             blocks_repaired: r.blocks_repaired,
             elapsed_secs: secs(r.elapsed),

@@ -15,6 +15,7 @@
 //! panics: anything malformed is a [`WireError`] and the connection is dropped.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use syncblock_engine::{BlockRun, Lba};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
 /// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
@@ -183,7 +184,7 @@ pub enum Frame {
     HelloOk {
         last_tag: u64,
         common_tag: u64,
-        runs: Vec<(u64, u64)>,
+        runs: Vec<BlockRun>,
     },
     /// Either way (and from the witness): refused or failed, why, and a message for the log.
     Refuse {
@@ -400,9 +401,9 @@ impl Frame {
                 body.put_u64_le(*last_tag);
                 body.put_u64_le(*common_tag);
                 body.put_u32_le(runs.len() as u32);
-                for (lba, n) in runs {
-                    body.put_u64_le(*lba);
-                    body.put_u64_le(*n);
+                for run in runs {
+                    body.put_u64_le(run.lba.0);
+                    body.put_u64_le(run.n_blocks);
                 }
             }
             Frame::Refuse { why, reason } => {
@@ -692,7 +693,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
                 return Err(WireError::Malformed(what));
             }
             r.need(n * 16)?;
-            let runs = (0..n).map(|_| (r.b.get_u64_le(), r.b.get_u64_le())).collect();
+            let runs = (0..n).map(|_| BlockRun { lba: Lba(r.b.get_u64_le()), n_blocks: r.b.get_u64_le() }).collect();
             Frame::HelloOk { last_tag, common_tag, runs }
         }
         3 => {
@@ -792,7 +793,11 @@ mod tests {
                 node: "a".into(),
                 history: history.clone(),
             },
-            Frame::HelloOk { last_tag: 95, common_tag: 90, runs: vec![(1, 2), (100, 7)] },
+            Frame::HelloOk {
+                last_tag: 95,
+                common_tag: 90,
+                runs: vec![BlockRun { lba: Lba(1), n_blocks: 2 }, BlockRun { lba: Lba(100), n_blocks: 7 }],
+            },
             Frame::Refuse { why: Refusal::Deposed { epoch: 4 }, reason: "stale epoch".into() },
             Frame::Refuse { why: Refusal::Busy, reason: String::new() },
             Frame::Refuse { why: Refusal::NeverSynced, reason: "new pair".into() },
@@ -943,5 +948,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A hello answer's runs are (first block, number of blocks), little-endian, after their count.
+    #[test]
+    fn hello_ok_runs_are_first_block_then_block_count() {
+        let runs = vec![BlockRun { lba: Lba(3), n_blocks: 4 }];
+        let b = Frame::HelloOk { last_tag: 1, common_tag: 2, runs }.encode();
+        let body = &b[HEADER_BYTES..];
+        assert_eq!(body.len(), 8 + 8 + 4 + 16);
+        assert_eq!(&body[16..20], &1u32.to_le_bytes());
+        assert_eq!(&body[20..28], &3u64.to_le_bytes());
+        assert_eq!(&body[28..36], &4u64.to_le_bytes());
     }
 }

@@ -6,6 +6,7 @@
 mod repl_checks;
 
 use syncblock_engine::sim::Rng;
+use syncblock_engine::{BlockRun, Lba};
 use syncblock_replicator::wire::{EpochStart, Frame};
 
 fn cases() -> u64 {
@@ -35,7 +36,11 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
             fua: rng.below(2) == 1,
             data: bytes(rng, 64).into(),
         },
-        2 => Frame::HelloOk { last_tag: 1, common_tag: 0, runs: vec![(rng.next_u64(), rng.below(9))] },
+        2 => Frame::HelloOk {
+            last_tag: 1,
+            common_tag: 0,
+            runs: vec![BlockRun { lba: Lba(rng.next_u64()), n_blocks: rng.below(9) }],
+        },
         3 => Frame::ResyncCommit { tag: rng.next_u64(), epoch: 2, history },
         4 => Frame::WitnessPromote {
             pair: rng.next_u64(),

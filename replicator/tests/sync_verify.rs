@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use common::*;
-use syncblock_engine::{Store, BLOCK_BYTES, BLOCK_BYTES_U64};
+use syncblock_engine::{ByteRange, Store, BLOCK_BYTES, BLOCK_BYTES_U64};
 use syncblock_replicator::{NodeStatus, Primary, Secondary};
 
 const VOL_BYTES: u64 = 64 << 20;
@@ -275,13 +275,14 @@ async fn verify_reports_blocks_changed_behind_the_primarys_back_and_repairs_them
     let report = prim.verify(false).await.unwrap();
     println!("verify found {report:?}");
     assert_eq!(report.blocks_differing, 5);
+    let range = |offset, len| ByteRange { offset, len };
     assert_eq!(
         report.ranges,
         [
-            (10 * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64),
-            (1000 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
-            (1500 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
-            ((40 << 20) + 3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)
+            range(10 * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64),
+            range(1000 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
+            range(1500 * BLOCK_BYTES_U64, BLOCK_BYTES_U64),
+            range((40 << 20) + 3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)
         ]
     );
     assert_eq!(report.blocks_repaired, 0);

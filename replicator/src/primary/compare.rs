@@ -1,17 +1,31 @@
 //! Pure helpers of resync, full sync and verify: splitting ranges into windows, and deciding per
 //! block what a checksum comparison calls for.
 
-use syncblock_engine::BLOCK_BYTES_U64;
+use syncblock_engine::{BlockRun, ByteRange, BLOCK_BYTES_U64};
 
-/// Splits LBA runs into byte windows of at most `window_bytes`.
-pub(super) fn windows(runs: &[(u64, u64)], window_bytes: u64) -> Vec<(u64, u64)> {
+/// Splits runs of blocks into byte windows of at most `window_bytes`.
+pub(super) fn windows(runs: &[BlockRun], window_bytes: u64) -> Vec<ByteRange> {
     let mut out = Vec::new();
-    for &(lba, n) in runs {
-        let (mut at, end) = (lba * BLOCK_BYTES_U64, (lba + n) * BLOCK_BYTES_U64);
+    for run in runs {
+        let ByteRange { offset: mut at, .. } = run.bytes();
+        let end = run.bytes().end();
         while at < end {
             let len = (end - at).min(window_bytes);
-            out.push((at, len));
+            out.push(ByteRange { offset: at, len });
             at += len;
+        }
+    }
+    out
+}
+
+/// Consecutive blocks from byte `at`, one kind each, grouped into runs of equal kind: the bytes
+/// of each run and its kind.
+pub(super) fn runs_of<T: Copy + PartialEq>(at: u64, kinds: impl IntoIterator<Item = T>) -> Vec<(ByteRange, T)> {
+    let mut out: Vec<(ByteRange, T)> = Vec::new();
+    for (block_idx, kind) in kinds.into_iter().enumerate() {
+        match out.last_mut() {
+            Some((range, last)) if *last == kind => range.len += BLOCK_BYTES_U64,
+            _ => out.push((ByteRange { offset: at + block_idx as u64 * BLOCK_BYTES_U64, len: BLOCK_BYTES_U64 }, kind)),
         }
     }
     out
@@ -35,22 +49,21 @@ pub(super) fn fix(mine: Option<u32>, theirs: Option<u32>) -> Fix {
     }
 }
 
-/// Runs of equal [`Fix`] over a window starting at byte `at`: (offset, len, fix).
-pub(super) fn fix_runs(at: u64, mine: &[Option<u32>], theirs: &[Option<u32>]) -> Vec<(u64, u64, Fix)> {
-    let mut out: Vec<(u64, u64, Fix)> = Vec::new();
-    for (k, (m, t)) in mine.iter().zip(theirs).enumerate() {
-        let f = fix(*m, *t);
-        match out.last_mut() {
-            Some(last) if last.2 == f => last.1 += BLOCK_BYTES_U64,
-            _ => out.push((at + k as u64 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, f)),
-        }
-    }
-    out
+/// Runs of equal [`Fix`] over a window starting at byte `at`.
+pub(super) fn fix_runs(at: u64, mine: &[Option<u32>], theirs: &[Option<u32>]) -> Vec<(ByteRange, Fix)> {
+    runs_of(at, mine.iter().zip(theirs).map(|(m, t)| fix(*m, *t)))
 }
 
 #[cfg(test)]
 mod tests {
+    use syncblock_engine::Lba;
+
     use super::*;
+
+    /// `n_blocks` blocks from block `block_idx`, as bytes.
+    fn blocks(block_idx: u64, n_blocks: u64) -> ByteRange {
+        BlockRun { lba: Lba(block_idx), n_blocks }.bytes()
+    }
 
     #[test]
     fn fix_runs_group_blocks_by_what_they_need() {
@@ -59,17 +72,15 @@ mod tests {
         assert_eq!(
             fix_runs(BLOCK_BYTES_U64, &mine, &theirs),
             [
-                (BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same),
-                (2 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Ship),
-                (3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Trim),
-                (4 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same),
-                (5 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Ship),
-                (6 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Fix::Same)
+                (blocks(1, 1), Fix::Same),
+                (blocks(2, 1), Fix::Ship),
+                (blocks(3, 1), Fix::Trim),
+                (blocks(4, 1), Fix::Same),
+                (blocks(5, 1), Fix::Ship),
+                (blocks(6, 1), Fix::Same)
             ]
         );
-        assert_eq!(
-            windows(&[(0, 3), (10, 1)], 2 * BLOCK_BYTES_U64),
-            [(0, 2 * BLOCK_BYTES_U64), (2 * BLOCK_BYTES_U64, BLOCK_BYTES_U64), (10 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)]
-        );
+        let runs = [BlockRun { lba: Lba(0), n_blocks: 3 }, BlockRun { lba: Lba(10), n_blocks: 1 }];
+        assert_eq!(windows(&runs, 2 * BLOCK_BYTES_U64), [blocks(0, 2), blocks(2, 1), blocks(10, 1)]);
     }
 }

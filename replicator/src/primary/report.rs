@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use syncblock_engine::ByteRange;
 use tokio::time::Instant;
 
 /// Progress of a long pass over a volume (a resync or a verify), for `syncblock status`.
@@ -66,7 +67,7 @@ pub struct VerifyReport {
     pub blocks_differing: u64,
     /// The differing ranges as (byte offset, byte length), in order, merged; at most
     /// `VERIFY_RANGES_MAX` of them (`ranges_truncated` says when more were found).
-    pub ranges: Vec<(u64, u64)>,
+    pub ranges: Vec<ByteRange>,
     pub ranges_truncated: bool,
     /// Blocks rewritten (or trimmed) on the peer from the primary's copy, with `repair`.
     pub blocks_repaired: u64,

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::*;
-use crate::primary::compare::{fix, fix_runs, windows, Fix};
+use crate::primary::compare::{fix, fix_runs, runs_of, windows, Fix};
 
 impl Owner {
     /// One step of the resync or the verify pass, when the link has room: each is a point of the
@@ -29,19 +29,19 @@ impl Owner {
         Ok(())
     }
 
-    pub(super) async fn step_ship(&mut self, windows: Vec<(u64, u64)>, next: usize) -> Result<()> {
-        let Some(&(at, len)) = windows.get(next) else {
+    pub(super) async fn step_ship(&mut self, windows: Vec<ByteRange>, next: usize) -> Result<()> {
+        let Some(&window) = windows.get(next) else {
             self.commit();
             return Ok(());
         };
         let tag = self.next_tag - 1;
         // The answer is the state at this point of the order; the reads queued with it see the
         // same state, and reach the peer at this point of the stream.
-        let extents = self.store.block_status(self.volume, at, len).await?;
+        let extents = self.store.block_status(self.volume, window.offset, window.len).await?;
         let mut trimmed = 0;
         for e in extents {
             if e.mapped {
-                self.queue_reads(tag, e.offset, e.len, true).await?;
+                self.queue_reads(tag, ByteRange { offset: e.offset, len: e.len }, true).await?;
             } else {
                 self.ship(Out::Frame(Frame::Trim { tag, offset: e.offset, len: e.len }));
                 trimmed += e.len;
@@ -57,24 +57,23 @@ impl Owner {
     /// taken at a later point P2 and the blocks that differ are shipped (or trimmed) from P2.
     pub(super) async fn step_compare(
         &mut self,
-        windows: Vec<(u64, u64)>,
+        windows: Vec<ByteRange>,
         mut next_ask: usize,
         mut asked: VecDeque<(u64, usize)>,
     ) -> Result<()> {
         while asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
-            let (at, len) = windows[next_ask];
-            asked.push_back((self.ask_crcs(at, len), next_ask));
+            asked.push_back((self.ask_crcs(windows[next_ask]), next_ask));
             next_ask += 1;
         }
         if let Some(&(id, k)) = asked.front() {
             if let Some(theirs) = self.crc_answers.remove(&id) {
                 asked.pop_front();
-                let (at, len) = windows[k];
+                let window = windows[k];
                 let tag = self.next_tag - 1;
-                let mine = self.store.block_crcs(self.volume, at, len).await?;
-                let runs = fix_runs(at, &mine, &theirs);
+                let mine = self.store.block_crcs(self.volume, window.offset, window.len).await?;
+                let runs = fix_runs(window.offset, &mine, &theirs);
                 let (_, trimmed) = self.queue_fixes(tag, &runs, true).await?;
-                let skipped: u64 = runs.iter().filter(|r| r.2 == Fix::Same).map(|r| r.1).sum();
+                let skipped: u64 = runs.iter().filter(|(_, f)| *f == Fix::Same).map(|(r, _)| r.len).sum();
                 self.peer.send_modify(|v| {
                     v.resync.bytes_done += skipped + trimmed;
                     v.resync_bytes_skipped += skipped;
@@ -162,7 +161,10 @@ impl Owner {
         self.verify = Some(Verify {
             generation,
             repair,
-            windows: windows(&[(0, self.size_bytes / BLOCK_BYTES_U64)], CRC_WINDOW_BYTES),
+            windows: windows(
+                &[BlockRun { lba: Lba(0), n_blocks: self.size_bytes / BLOCK_BYTES_U64 }],
+                CRC_WINDOW_BYTES,
+            ),
             next_ask: 0,
             asked: VecDeque::new(),
             report: VerifyReport::default(),
@@ -176,9 +178,9 @@ impl Owner {
     /// same history prefix (see [`super::Primary::verify`]).
     pub(super) async fn step_verify(&mut self, mut v: Verify) -> Result<()> {
         while v.asked.len() < CRC_LOOKAHEAD && v.next_ask < v.windows.len() {
-            let (at, len) = v.windows[v.next_ask];
-            let mine = self.store.enqueue_block_crcs(self.volume, at, len).await?;
-            v.asked.push_back((self.ask_crcs(at, len), v.next_ask, mine));
+            let window = v.windows[v.next_ask];
+            let mine = self.store.enqueue_block_crcs(self.volume, window.offset, window.len).await?;
+            v.asked.push_back((self.ask_crcs(window), v.next_ask, mine));
             v.next_ask += 1;
         }
         let answered = v.asked.front().is_some_and(|(id, _, _)| self.crc_answers.contains_key(id));
@@ -186,26 +188,22 @@ impl Owner {
             let (id, k, mine) = v.asked.pop_front().expect("checked");
             let theirs = self.crc_answers.remove(&id).expect("checked");
             let mine = mine.await?;
-            let (at, len) = v.windows[k];
+            let window = v.windows[k];
             let differing: Vec<bool> = mine.iter().zip(&theirs).map(|(m, t)| fix(*m, *t) != Fix::Same).collect();
             if v.repair && differing.iter().any(|d| *d) {
                 // A later point R than the comparison's: ship this node's state at R (data, or a
                 // trim where it has none now), so that a write between the two points is not
                 // undone. Blocks equal at the comparison stay equal: both apply the same ops.
                 let tag = self.next_tag - 1;
-                let now = self.store.block_crcs(self.volume, at, len).await?;
-                let mut fixes: Vec<(u64, u64, Fix)> = Vec::new();
-                for (k, (c, d)) in now.iter().zip(&differing).enumerate() {
-                    let f = match (d, c) {
+                let now = self.store.block_crcs(self.volume, window.offset, window.len).await?;
+                let fixes = runs_of(
+                    window.offset,
+                    now.iter().zip(&differing).map(|(c, d)| match (d, c) {
                         (false, _) => Fix::Same,
                         (true, Some(_)) => Fix::Ship,
                         (true, None) => Fix::Trim,
-                    };
-                    match fixes.last_mut() {
-                        Some(last) if last.2 == f => last.1 += BLOCK_BYTES_U64,
-                        _ => fixes.push((at + k as u64 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, f)),
-                    }
-                }
+                    }),
+                );
                 let (shipped, trimmed) = self.queue_fixes(tag, &fixes, false).await?;
                 v.report.blocks_repaired += (shipped + trimmed) / BLOCK_BYTES_U64;
             }
@@ -214,16 +212,18 @@ impl Owner {
                     continue;
                 }
                 v.report.blocks_differing += 1;
-                let offset = at + k as u64 * BLOCK_BYTES_U64;
+                let offset = window.offset + k as u64 * BLOCK_BYTES_U64;
                 let n_ranges = v.report.ranges.len();
                 match v.report.ranges.last_mut() {
-                    Some((o, l)) if *o + *l == offset => *l += BLOCK_BYTES_U64,
-                    _ if n_ranges < VERIFY_RANGES_MAX => v.report.ranges.push((offset, BLOCK_BYTES_U64)),
+                    Some(last) if last.end() == offset => last.len += BLOCK_BYTES_U64,
+                    _ if n_ranges < VERIFY_RANGES_MAX => {
+                        v.report.ranges.push(ByteRange { offset, len: BLOCK_BYTES_U64 })
+                    }
                     _ => v.report.ranges_truncated = true,
                 }
             }
-            v.report.bytes_compared += len;
-            self.peer.send_modify(|p| p.verify.bytes_done += len);
+            v.report.bytes_compared += window.len;
+            self.peer.send_modify(|p| p.verify.bytes_done += window.len);
         }
         if v.asked.is_empty() && v.next_ask == v.windows.len() {
             v.report.elapsed = v.started.elapsed();
@@ -248,20 +248,20 @@ impl Owner {
 
     /// Queues a `CrcRequest` at this point of the order: the answer is the peer's image after
     /// every frame queued before it. Registered before the frame can reach the peer.
-    pub(super) fn ask_crcs(&mut self, offset: u64, len: u64) -> u64 {
+    pub(super) fn ask_crcs(&mut self, window: ByteRange) -> u64 {
         let id = self.next_crc_id;
         self.next_crc_id += 1;
-        self.crc_asked.insert(id, (offset, (len / BLOCK_BYTES_U64) as usize));
-        self.ship(Out::Frame(Frame::CrcRequest { id, offset, len }));
+        self.crc_asked.insert(id, window);
+        self.ship(Out::Frame(Frame::CrcRequest { id, offset: window.offset, len: window.len }));
         id
     }
 
-    /// Queues engine reads of `[offset, offset + len)` (in pieces of at most
-    /// `RESYNC_READ_BYTES`) and their frames on the link, at this point of the order.
-    pub(super) async fn queue_reads(&mut self, tag: u64, offset: u64, len: u64, resync: bool) -> Result<()> {
-        let mut o = offset;
-        while o < offset + len {
-            let n = (offset + len - o).min(RESYNC_READ_BYTES);
+    /// Queues engine reads of `range` (in pieces of at most `RESYNC_READ_BYTES`) and their frames
+    /// on the link, at this point of the order.
+    pub(super) async fn queue_reads(&mut self, tag: u64, range: ByteRange, resync: bool) -> Result<()> {
+        let mut o = range.offset;
+        while o < range.end() {
+            let n = (range.end() - o).min(RESYNC_READ_BYTES);
             let read = self.store.enqueue_read(self.volume, o, n).await?;
             self.ship(Out::Read { tag, offset: o, read });
             if resync {
@@ -276,18 +276,23 @@ impl Owner {
     }
 
     /// Queues the repairs `runs` call for; returns bytes shipped as reads and bytes trimmed.
-    pub(super) async fn queue_fixes(&mut self, tag: u64, runs: &[(u64, u64, Fix)], resync: bool) -> Result<(u64, u64)> {
+    pub(super) async fn queue_fixes(
+        &mut self,
+        tag: u64,
+        runs: &[(ByteRange, Fix)],
+        resync: bool,
+    ) -> Result<(u64, u64)> {
         let (mut shipped, mut trimmed) = (0, 0);
-        for &(offset, len, f) in runs {
+        for &(range, f) in runs {
             match f {
                 Fix::Same => {}
                 Fix::Ship => {
-                    self.queue_reads(tag, offset, len, resync).await?;
-                    shipped += len;
+                    self.queue_reads(tag, range, resync).await?;
+                    shipped += range.len;
                 }
                 Fix::Trim => {
-                    self.ship(Out::Frame(Frame::Trim { tag, offset, len }));
-                    trimmed += len;
+                    self.ship(Out::Frame(Frame::Trim { tag, offset: range.offset, len: range.len }));
+                    trimmed += range.len;
                 }
             }
         }

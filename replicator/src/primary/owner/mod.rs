@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use syncblock_engine::{CommitLoop, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES_U64};
+use syncblock_engine::{BlockRun, ByteRange, CommitLoop, Lba, Pending, Since, Store, Tag, VolumeId, BLOCK_BYTES_U64};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -118,8 +118,8 @@ pub(super) enum Event {
     LinkDown(u64, ReplError),
     /// Connected, and the peer accepted the hello.
     LinkUp(u64, Box<Handshake>),
-    /// The resync's plan: the LBA ranges to ship, and whether it is a full sync.
-    ResyncPlan(u64, Result<(Vec<(u64, u64)>, bool)>),
+    /// The resync's plan: the runs of blocks to ship, and whether it is a full sync.
+    ResyncPlan(u64, Result<(Vec<BlockRun>, bool)>),
     /// The witness answered.
     Witness(Ask, Result<Grant>),
     /// The trim floor was recorded (or not).
@@ -139,7 +139,7 @@ pub(super) struct Handshake {
     wr: crate::net::WritePart,
     peer_last: u64,
     common: u64,
-    runs: Vec<(u64, u64)>,
+    runs: Vec<BlockRun>,
 }
 
 /// What the loop publishes besides the peer's view.
@@ -226,9 +226,9 @@ enum Resync {
     /// The local flush and the scan for what changed run off the loop.
     Planning,
     /// Shipping the current contents of the changed ranges, one block-status window per step.
-    Ship { windows: Vec<(u64, u64)>, next: usize },
+    Ship { windows: Vec<ByteRange>, next: usize },
     /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead, compared one per step.
-    Compare { windows: Vec<(u64, u64)>, next_ask: usize, asked: VecDeque<(u64, usize)> },
+    Compare { windows: Vec<ByteRange>, next_ask: usize, asked: VecDeque<(u64, usize)> },
     /// The commit and the ping that proves it applied are queued.
     Committing { tag: u64, nonce: u64 },
 }
@@ -240,7 +240,7 @@ type Crcs = Vec<Option<u32>>;
 struct Verify {
     generation: u64,
     repair: bool,
-    windows: Vec<(u64, u64)>,
+    windows: Vec<ByteRange>,
     next_ask: usize,
     /// (checksum request id, window, this node's answer at the same point of the order).
     asked: VecDeque<(u64, usize, Pending<Crcs>)>,
@@ -297,7 +297,7 @@ pub(super) struct Owner {
     resync: Option<Resync>,
     verify: Option<Verify>,
     /// `CrcRequest`s on the current link: id → (offset, blocks), and the answers not yet used.
-    crc_asked: BTreeMap<u64, (u64, usize)>,
+    crc_asked: BTreeMap<u64, ByteRange>,
     crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
     next_crc_id: u64,
     next_nonce: u64,
@@ -847,7 +847,7 @@ impl Owner {
                 }
                 match plan {
                     Ok((ranges, full)) => {
-                        let total: u64 = ranges.iter().map(|(_, n)| n * BLOCK_BYTES_U64).sum();
+                        let total: u64 = ranges.iter().map(|run| run.bytes().len).sum();
                         self.peer.send_modify(|v| v.resync.bytes_total = total);
                         self.resync = Some(if full {
                             Resync::Compare {
@@ -894,14 +894,19 @@ impl Owner {
                 self.check_commit();
             }
             Frame::CrcReply { id, offset, crcs } => match self.crc_asked.remove(&id) {
-                Some((o, n)) if o == offset && n == crcs.len() => {
+                Some(asked) if asked.offset == offset && asked.len == crcs.len() as u64 * BLOCK_BYTES_U64 => {
                     self.crc_answers.insert(id, crcs);
                 }
-                Some((o, n)) => {
+                Some(asked) => {
+                    let n = asked.len / BLOCK_BYTES_U64;
                     return Err(ReplError::refused(
                         Refusal::Protocol,
-                        format!("checksum reply {id} covers {} blocks at {offset}, asked {n} at {o}", crcs.len()),
-                    ))
+                        format!(
+                            "checksum reply {id} covers {} blocks at {offset}, asked {n} at {}",
+                            crcs.len(),
+                            asked.offset
+                        ),
+                    ));
                 }
                 // Its asker gave up (a verify pass that failed): nothing waits for it.
                 None => {}
@@ -1032,27 +1037,27 @@ async fn plan_resync(
     volume: VolumeId,
     size_bytes: u64,
     common: u64,
-    runs: Vec<(u64, u64)>,
-) -> Result<(Vec<(u64, u64)>, bool)> {
+    runs: Vec<BlockRun>,
+) -> Result<(Vec<BlockRun>, bool)> {
     // Everything queued before the link existed must be in the log before the scan reads it.
     store.enqueue_flush().await?.wait().await?;
     let full = common == 0;
     let n_blocks = size_bytes / BLOCK_BYTES_U64;
-    let mut ranges: Vec<(u64, u64)> = if full {
-        vec![(0, n_blocks)]
+    let mut all: Vec<BlockRun> = if full {
+        vec![BlockRun { lba: Lba(0), n_blocks }]
     } else {
-        let mut r: Vec<(u64, u64)> =
-            store.changed_since(volume, Since::Tag(common)).await?.iter().map(|c| (c.lba.0, c.n_blocks)).collect();
+        let changed = store.changed_since(volume, Since::Tag(common)).await?;
+        let mut r: Vec<BlockRun> = changed.iter().map(|c| BlockRun { lba: c.lba, n_blocks: c.n_blocks }).collect();
         r.extend(runs);
         r
     };
-    ranges.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (lba, n) in ranges {
-        let end = (lba + n).min(n_blocks);
+    all.sort_unstable();
+    let mut merged: Vec<BlockRun> = Vec::new();
+    for run in all {
+        let end = run.end().0.min(n_blocks);
         match merged.last_mut() {
-            Some((l, m)) if *l + *m >= lba => *m = (*m).max(end.saturating_sub(*l)),
-            _ if end > lba => merged.push((lba, end - lba)),
+            Some(last) if last.end() >= run.lba => last.n_blocks = last.n_blocks.max(end.saturating_sub(last.lba.0)),
+            _ if end > run.lba.0 => merged.push(BlockRun { lba: run.lba, n_blocks: end - run.lba.0 }),
             _ => {}
         }
     }

@@ -297,7 +297,7 @@ async fn a_checksum_reply_that_does_not_match_its_request_ends_the_link() {
         let _ = h.owner.step_background().await;
         h.after_step();
     }
-    let (&id, &(offset, _)) = h.owner.crc_asked.iter().next().expect("a checksum request");
+    let (&id, &ByteRange { offset, .. }) = h.owner.crc_asked.iter().next().expect("a checksum request");
     h.owner.on_event(Event::Frame(g, Frame::CrcReply { id, offset, crcs: vec![None; 3] })).await;
     h.after_step();
     let v = h.peer();
