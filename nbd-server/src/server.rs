@@ -19,7 +19,7 @@ use std::pin::Pin;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use syncblock_engine::{Error, ErrorClass, Extent, Store, VolumeId, MAX_IO_BYTES};
+use syncblock_engine::{ByteRange, Error, ErrorClass, Extent, Store, VolumeId, MAX_IO_BYTES};
 use syncblock_replicator::Node;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -723,36 +723,38 @@ impl Ctx {
             (Ok(d), Ok(e)) => (d, e),
             (Err(f), _) | (_, Err(f)) => return Err(self.failed(&req, &f)),
         };
-        // Runs of (start, len, hole) covering the request; data runs merged.
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        // Ranges covering the request and whether each is a hole; data ranges merged.
+        let mut runs: Vec<(ByteRange, bool)> = Vec::new();
         if df {
-            runs.push((req.offset, len, false));
+            runs.push((ByteRange { offset: req.offset, len }, false));
         } else {
-            for (start, n, flags) in clip_extents(&extents, req.offset, len, usize::MAX) {
+            for (range, flags) in clip_extents(&extents, req.offset, len, usize::MAX) {
                 let hole = flags & STATE_ZERO != 0;
                 match runs.last_mut() {
-                    Some(last) if last.2 == hole && last.0 + last.1 == start => last.1 += n,
-                    _ => runs.push((start, n, hole)),
+                    Some((last, last_hole)) if *last_hole == hole && last.end() == range.offset => {
+                        last.len += range.len
+                    }
+                    _ => runs.push((range, hole)),
                 }
             }
-            let covered: u64 = runs.iter().map(|r| r.1).sum();
+            let covered: u64 = runs.iter().map(|(range, _)| range.len).sum();
             if covered < len {
                 // The engine described less than asked: send the rest as data.
-                runs.push((req.offset + covered, len - covered, false));
+                runs.push((ByteRange { offset: req.offset + covered, len: len - covered }, false));
             }
         }
         let mut reply = Vec::with_capacity(runs.len() * 2);
-        for (i, &(start, n, hole)) in runs.iter().enumerate() {
+        for (i, &(range, hole)) in runs.iter().enumerate() {
             let done = i + 1 == runs.len();
             let mut b = BytesMut::new();
             if hole {
-                encode_chunk_offset_hole(&mut b, req.cookie, start, n as u32, done);
+                encode_chunk_offset_hole(&mut b, req.cookie, range.offset, range.len as u32, done);
                 reply.push(b.freeze());
             } else {
-                encode_chunk_offset_data(&mut b, req.cookie, start, n as u32, done);
+                encode_chunk_offset_data(&mut b, req.cookie, range.offset, range.len as u32, done);
                 reply.push(b.freeze());
-                let from = (start - req.offset) as usize;
-                reply.push(data.slice(from..from + n as usize));
+                let from = (range.offset - req.offset) as usize;
+                reply.push(data.slice(from..from + range.len as usize));
             }
         }
         Ok(reply)
@@ -766,10 +768,10 @@ impl Ctx {
         };
         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
         let mut out: Vec<StatusExtent> = Vec::new();
-        for (_, n, flags) in clip_extents(&extents, req.offset, len, max) {
+        for (range, flags) in clip_extents(&extents, req.offset, len, max) {
             match out.last_mut() {
-                Some(last) if last.flags == flags && max > 1 => last.len += n as u32,
-                _ => out.push(StatusExtent { len: n as u32, flags }),
+                Some(last) if last.flags == flags && max > 1 => last.len += range.len as u32,
+                _ => out.push(StatusExtent { len: range.len as u32, flags }),
             }
         }
         if out.is_empty() {
@@ -782,10 +784,10 @@ impl Ctx {
     }
 }
 
-/// The engine's extents clipped to `[offset, offset + len)`, contiguous from `offset`, as
-/// `(start, len, base:allocation flags)`; gaps the engine left are reported as allocated (flags 0,
-/// always safe). At most `max` entries; stops at the first gap after it.
-fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(u64, u64, u32)> {
+/// The engine's extents clipped to `[offset, offset + len)`, contiguous from `offset`, with their
+/// base:allocation flags; gaps the engine left are reported as allocated (flags 0, always safe).
+/// At most `max` entries; stops at the first gap after it.
+fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(ByteRange, u32)> {
     let end = offset + len;
     let mut cursor = offset;
     let mut out = Vec::new();
@@ -799,7 +801,7 @@ fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(u
         }
         if e.offset > cursor {
             let gap_end = e.offset.min(end);
-            out.push((cursor, gap_end - cursor, 0));
+            out.push((ByteRange { offset: cursor, len: gap_end - cursor }, 0));
             cursor = gap_end;
             if out.len() >= max || cursor >= end {
                 break;
@@ -807,7 +809,7 @@ fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(u
         }
         let stop = e_end.min(end);
         let flags = if e.mapped { 0 } else { STATE_HOLE | STATE_ZERO };
-        out.push((cursor, stop - cursor, flags));
+        out.push((ByteRange { offset: cursor, len: stop - cursor }, flags));
         cursor = stop;
     }
     out
@@ -824,11 +826,12 @@ mod tests {
     #[test]
     fn extents_are_clipped_to_the_request_and_gaps_reported_allocated() {
         let e = [ext(0, 8192, true), ext(8192, 8192, false), ext(20480, 4096, true)];
+        let range = |offset, len| ByteRange { offset, len };
         assert_eq!(
             clip_extents(&e, 4096, 20000, usize::MAX),
-            vec![(4096, 4096, 0), (8192, 8192, 3), (16384, 4096, 0), (20480, 3616, 0)]
+            vec![(range(4096, 4096), 0), (range(8192, 8192), 3), (range(16384, 4096), 0), (range(20480, 3616), 0)]
         );
-        assert_eq!(clip_extents(&e, 4096, 100, 1), vec![(4096, 100, 0)]);
+        assert_eq!(clip_extents(&e, 4096, 100, 1), vec![(range(4096, 100), 0)]);
         assert_eq!(clip_extents(&[], 0, 100, 5), vec![]);
     }
 
