@@ -116,16 +116,8 @@ fn main() -> Result<()> {
         Command::Demote { admin, volume } => client::demote(admin, volume.as_deref()),
         Command::Volume { store, command } => {
             let path = store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE));
-            if !path.exists() {
-                bail!(
-                    "no store at {}; likely cause: a wrong --store path, or the store was never created \
-                     (create one with `syncblock serve --create --store {}`)",
-                    path.display(),
-                    path.display()
-                );
-            }
-            let store = Store::open(&path, Config::default())
-                .with_context(|| format!("opening the store {}", path.display()))?;
+            let fix = format!("create one with `syncblock serve --create --store {}`", path.display());
+            let store = open_existing(&path, Config::default(), &fix)?;
             let rt = tokio::runtime::Builder::new_current_thread().build().context("starting the runtime")?;
             let res = rt.block_on(volume(&store, command));
             let closed = store.close().context("closing the store");
@@ -222,26 +214,40 @@ fn check_volume_size(name: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Opens the store at `path`; where there is none, the error names the likely causes and `fix`.
+fn open_existing(path: &Path, cfg: Config, fix: &str) -> Result<Store> {
+    if !path.exists() {
+        bail!(
+            "no store at {}; likely cause: a wrong --store path (relative paths start in the working directory), \
+             or the store was never created; {fix}",
+            path.display()
+        );
+    }
+    Store::open(path, cfg).with_context(|| format!("opening the store {}", path.display()))
+}
+
 /// Opens the store at `path`, or, with `create` (size, zero fill), creates it at a temporary path
 /// beside it (see [`NewStore`]). A missing store without `create` is an error naming the fix.
 pub fn open_or_create(path: &Path, create: Option<(u64, bool)>, cfg: Config) -> Result<(Store, Option<NewStore>)> {
-    if path.exists() {
-        let store = match Store::open(path, cfg.clone()) {
+    let Some((size, zero_fill)) = create.filter(|_| !path.exists()) else {
+        // The store there (or an error naming the fix), unless `--create` finds a block device
+        // that holds none yet: then it formats the device.
+        let store = match open_existing(path, cfg.clone(), "to create it, add --create (and --size)") {
             Ok(store) => store,
-            Err(syncblock_engine::Error::NotAStore { .. }) if create.is_some() && is_block_device(path) => {
+            Err(e)
+                if create.is_some()
+                    && is_block_device(path)
+                    && matches!(
+                        e.downcast_ref::<syncblock_engine::Error>(),
+                        Some(syncblock_engine::Error::NotAStore { .. })
+                    ) =>
+            {
                 return format_block_device(path, cfg).map(|s| (s, None));
             }
-            Err(e) => return Err(e).with_context(|| format!("opening the store {}", path.display())),
+            Err(e) => return Err(e),
         };
         warn_if_sparse_overcommitted(path, syncblock_nbd::admin::device_bytes(path).unwrap_or(0));
         return Ok((store, None));
-    }
-    let Some((size, zero_fill)) = create else {
-        bail!(
-            "no store at {}; likely cause: a wrong --store path (relative paths start in the working directory), \
-             or the store was never created; to create it, add --create (and --size)",
-            path.display()
-        );
     };
     check_store_size(size)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
