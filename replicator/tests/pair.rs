@@ -25,12 +25,7 @@ fn pair_cfg(node: &str) -> ReplConfig {
 async fn secondary_mirrors_writes_resyncs_incrementally_after_an_outage() {
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || (store(&d, "a.img", 256 << 20, VOL_BYTES), store(&d, "b.img", 256 << 20, VOL_BYTES))
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, VOL_BYTES).await;
     let (prim, sec) = start_pair(&a, &b, PAIR_TIMEOUT).await;
     let addr = sec.local_addr();
     wait_in_sync(&prim).await;
@@ -148,12 +143,7 @@ async fn probes_on_the_replication_port_leave_the_live_session_alone() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || (store(&d, "a.img", 256 << 20, VOL_BYTES), store(&d, "b.img", 256 << 20, VOL_BYTES))
-    })
-    .await
-    .unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, VOL_BYTES).await;
     let sec = start_secondary(&b, "127.0.0.1:0".parse().unwrap(), PAIR_TIMEOUT).await;
     let prim = Primary::start(a.clone(), "v", sec.local_addr(), pair_cfg("a"), None).await.unwrap();
     wait_in_sync(&prim).await;
