@@ -38,6 +38,13 @@ pub struct SegmentRec {
     pub trim_tags: Vec<(u32, u64)>,
 }
 
+impl SegmentRec {
+    /// A segment never written, or empty and free.
+    pub fn empty() -> SegmentRec {
+        SegmentRec { seq: 0, used_blocks: 0, min_data_lsn: 0, max_data_lsn: 0, max_lsn: 0, trim_tags: vec![] }
+    }
+}
+
 /// A run of consecutive mapped LBAs in one volume; its packed entries are `entries[first..first+n]`
 /// where `first` is the sum of the preceding runs' lengths.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]

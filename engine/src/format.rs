@@ -91,6 +91,38 @@ pub fn crc_skipping(b: &[u8], crc_at: usize) -> u32 {
     h.finalize()
 }
 
+/// The magic (u32 at byte 0) and format version (u16 at byte 4) that open the segment, record and
+/// checkpoint headers.
+fn check_magic_version(b: &[u8], magic: u32) -> Result<(), DecodeError> {
+    if get_u32(b, 0) != magic {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = get_u16(b, 4) as u32;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::BadVersion(version));
+    }
+    Ok(())
+}
+
+/// The CRC32 stored at `crc_at` against the one computed over `covered` with that field skipped.
+fn check_crc(covered: &[u8], crc_at: usize) -> Result<(), DecodeError> {
+    let expected = get_u32(covered, crc_at);
+    let got = crc_skipping(covered, crc_at);
+    if expected != got {
+        return Err(DecodeError::BadChecksum { expected, got });
+    }
+    Ok(())
+}
+
+/// The store id at byte 8 names `store_id`.
+fn check_store(b: &[u8], store_id: u64) -> Result<(), DecodeError> {
+    let got = get_u64(b, 8);
+    if got != store_id {
+        return Err(DecodeError::WrongStore { expected: store_id, got });
+    }
+    Ok(())
+}
+
 fn check_len(b: &[u8], need: usize) -> Result<(), DecodeError> {
     if b.len() < need {
         return Err(DecodeError::Truncated { need, have: b.len() });
@@ -151,11 +183,7 @@ impl Superblock {
         if version != FORMAT_VERSION {
             return Err(DecodeError::BadVersion(version));
         }
-        let expected = get_u32(b, SB_CRC_AT);
-        let got = crc_skipping(&b[..SB_CRC_AT + 4], SB_CRC_AT);
-        if expected != got {
-            return Err(DecodeError::BadChecksum { expected, got });
-        }
+        check_crc(&b[..SB_CRC_AT + 4], SB_CRC_AT)?;
         if get_u32(b, 12) as usize != BLOCK_BYTES {
             return Err(DecodeError::Invalid("block size"));
         }
@@ -231,22 +259,9 @@ impl SegmentHeader {
 
     pub fn decode(b: &[u8], store_id: u64) -> Result<SegmentHeader, DecodeError> {
         check_len(b, SEG_CRC_AT + 4)?;
-        if get_u32(b, 0) != SEGMENT_MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = get_u16(b, 4) as u32;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::BadVersion(version));
-        }
-        let expected = get_u32(b, SEG_CRC_AT);
-        let got = crc_skipping(&b[..SEG_CRC_AT + 4], SEG_CRC_AT);
-        if expected != got {
-            return Err(DecodeError::BadChecksum { expected, got });
-        }
-        let got_store = get_u64(b, 8);
-        if got_store != store_id {
-            return Err(DecodeError::WrongStore { expected: store_id, got: got_store });
-        }
+        check_magic_version(b, SEGMENT_MAGIC)?;
+        check_crc(&b[..SEG_CRC_AT + 4], SEG_CRC_AT)?;
+        check_store(b, store_id)?;
         Ok(SegmentHeader { store_id, seq: get_u64(b, 16), segment: get_u32(b, 24), first_lsn: Lsn(get_u64(b, 32)) })
     }
 }
@@ -380,13 +395,7 @@ impl RecordHeader {
     /// Decodes a header from the start of `b`. `b` may be longer than the header.
     pub fn decode(b: &[u8], store_id: u64) -> Result<RecordHeader, DecodeError> {
         check_len(b, BLOCK_BYTES)?;
-        if get_u32(b, 0) != RECORD_MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = get_u16(b, 4) as u32;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::BadVersion(version));
-        }
+        check_magic_version(b, RECORD_MAGIC)?;
         let header_blocks = get_u32(b, 32);
         if header_blocks == 0 || header_blocks > MAX_HEADER_BLOCKS {
             return Err(DecodeError::Invalid("header block count"));
@@ -394,11 +403,7 @@ impl RecordHeader {
         let len = header_blocks as usize * BLOCK_BYTES;
         check_len(b, len)?;
         let b = &b[..len];
-        let expected = get_u32(b, REC_CRC_AT);
-        let got = crc_skipping(b, REC_CRC_AT);
-        if expected != got {
-            return Err(DecodeError::BadChecksum { expected, got });
-        }
+        check_crc(b, REC_CRC_AT)?;
         let got_store = get_u64(b, 48);
         if got_store != store_id {
             return Err(DecodeError::WrongStore { expected: store_id, got: got_store });
@@ -623,22 +628,9 @@ impl CheckpointHeader {
 
     pub fn decode(b: &[u8], store_id: u64) -> Result<CheckpointHeader, DecodeError> {
         check_len(b, CK_CRC_AT + 8)?;
-        if get_u32(b, 0) != CHECKPOINT_MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let version = get_u16(b, 4) as u32;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::BadVersion(version));
-        }
-        let expected = get_u32(b, CK_CRC_AT);
-        let got = crc_skipping(&b[..CK_CRC_AT + 8], CK_CRC_AT);
-        if expected != got {
-            return Err(DecodeError::BadChecksum { expected, got });
-        }
-        let got_store = get_u64(b, 8);
-        if got_store != store_id {
-            return Err(DecodeError::WrongStore { expected: store_id, got: got_store });
-        }
+        check_magic_version(b, CHECKPOINT_MAGIC)?;
+        check_crc(&b[..CK_CRC_AT + 8], CK_CRC_AT)?;
+        check_store(b, store_id)?;
         Ok(CheckpointHeader {
             store_id,
             seq: get_u64(b, 16),

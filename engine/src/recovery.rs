@@ -87,17 +87,7 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
     let data = CheckpointData {
         next_volume_id: 1,
         volumes: vec![],
-        segments: vec![
-            SegmentRec {
-                seq: 0,
-                used_blocks: 0,
-                min_data_lsn: 0,
-                max_data_lsn: 0,
-                max_lsn: 0,
-                trim_tags: vec![],
-            };
-            n_segments as usize
-        ],
+        segments: vec![SegmentRec::empty(); n_segments as usize],
         runs: vec![],
         entries: vec![],
     };
@@ -786,14 +776,7 @@ fn settle_segments(segs: &mut [SegState], state: &State, replayed: &[u32]) -> Re
     for (i, st) in segs.iter_mut().enumerate() {
         let in_chain = replayed.contains(&(i as u32));
         if state.live[i] == 0 {
-            *st = SegState::from_rec(&SegmentRec {
-                seq: 0,
-                used_blocks: 0,
-                min_data_lsn: 0,
-                max_data_lsn: 0,
-                max_lsn: 0,
-                trim_tags: vec![],
-            });
+            *st = SegState::from_rec(&SegmentRec::empty());
         } else if !in_chain && st.used_blocks == 0 {
             return Err(Error::CorruptStore(format!("segment {i} holds live blocks but is recorded as empty")));
         } else {

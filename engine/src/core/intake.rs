@@ -546,16 +546,11 @@ impl Core {
 impl Request {
     /// Whether a poisoned engine refuses it: everything that writes, or promises durability.
     fn refused_when_poisoned(&self) -> bool {
-        !matches!(
-            self,
-            Request::Read { .. }
-                | Request::BlockStatus { .. }
-                | Request::BlockCrcs { .. }
-                | Request::ListVolumes { .. }
-                | Request::ChangedSince { .. }
-                | Request::Stats { .. }
-                | Request::Shutdown { .. }
-        )
+        match self {
+            Request::Flush { .. } => true,
+            Request::Shutdown { .. } => false,
+            _ => self.is_mutation(),
+        }
     }
 
     /// Answers the request with an error.
