@@ -13,6 +13,8 @@
 #   STORE_BYTES (2G): our store for the rewritten-store runs (volume = RAW_BYTES, so 50 % full)
 #   FRESH_STORE_BYTES (8G): our store for the *-fresh runs, big enough that the log never wraps
 #   SKIP_BUILD=1: use the already built target/release/engine_fio
+#   ENGINE_BASE=path: another build of engine_fio (e.g. the commit before a refactoring), run in
+#     every round right after ours on the same store, and reported as ours / base
 #
 # Workloads (ours: benches/src/bin/engine_fio.rs; raw: the fio job in fio_args below):
 #   randwrite        4 KiB random writes, 32 in flight, rewritten store (cleaner active)
@@ -49,6 +51,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     (cd "$ROOT" && cargo build --release -p syncblock-benches --bins >&2)
 fi
 ENGINE="$TARGET/release/engine_fio"
+ENGINE_BASE=${ENGINE_BASE:-}
 
 DIR=$(mktemp -d "$BASE/syncblock-compare.XXXXXX")
 trap 'rm -rf "$DIR"' EXIT
@@ -78,12 +81,13 @@ run_raw() {
 }
 
 run_ours() {
+    local engine=${2:-$ENGINE}
     local w=$1 extra=()
     case "$w" in
         randwrite-fresh) w=randwrite; extra=(--fresh --store-bytes "$FRESH_STORE_BYTES" --path "$FRESH") ;;
         *) extra=(--path "$STORE") ;;
     esac
-    "$ENGINE" run --workload "$w" --runtime-s "$RUNTIME" --volume-bytes "$RAW_BYTES" "${extra[@]}"
+    "$engine" run --workload "$w" --runtime-s "$RUNTIME" --volume-bytes "$RAW_BYTES" "${extra[@]}"
 }
 
 echo "== machine: $(nproc) cores, $(uname -r); files in $DIR ($(df -h --output=source,fstype "$DIR" | tail -1 | tr -s ' '))"
@@ -107,6 +111,13 @@ for round in $(seq 1 "$ROUNDS"); do
             iops=0 mib=0 detail="FAILED (see stderr)"
         fi
         printf '%s\t%s\tours\t%s\t%s\t%s\n' "$round" "$w" "$iops" "$mib" "$detail" | tee -a "$RESULTS"
+        if [ -n "$ENGINE_BASE" ]; then
+            if base=$(run_ours "$w" "$ENGINE_BASE"); then
+                printf '%s\t%s\tbase\t%s\t%s\t\n' "$round" "$w" "$(jq -r .iops <<<"$base")" "$(jq -r .mib_s <<<"$base")" | tee -a "$RESULTS"
+            else
+                printf '%s\t%s\tbase\t0\t0\tFAILED\n' "$round" "$w" | tee -a "$RESULTS"
+            fi
+        fi
         raw=$(run_raw "$w")
         printf '%s\t%s\traw\t%s\t%s\t\n' "$round" "$w" "$(jq -r .iops <<<"$raw")" "$(jq -r .mib_s <<<"$raw")" | tee -a "$RESULTS"
     done
@@ -136,5 +147,16 @@ awk -F'\t' -v workloads="$WORKLOADS" '
                 q = q sprintf("%.2f ", v[w, i, "raw"] > 0 ? v[w, i, "ours"] / v[w, i, "raw"] : 0)
             }
             printf "%-16s %-24s %-24s %-20s %8.0f %8.0f %8.2f %8s\n", w, o, r, q, median(oi), median(ri), median(q), target[w]
+        }
+        if (v[ws[1], 1, "base"] == "") exit
+        printf "\n%-16s %-24s %-20s %8s %8s\n", "workload", "base MiB/s", "ours/base", "median", "base/raw"
+        for (k = 1; k <= nw; k++) {
+            w = ws[k]; b = ""; q = ""; qb = ""
+            for (i = 1; i <= rounds; i++) {
+                b = b sprintf("%.0f ", v[w, i, "base"])
+                q = q sprintf("%.2f ", v[w, i, "base"] > 0 ? v[w, i, "ours"] / v[w, i, "base"] : 0)
+                qb = qb sprintf("%.2f ", v[w, i, "raw"] > 0 ? v[w, i, "base"] / v[w, i, "raw"] : 0)
+            }
+            printf "%-16s %-24s %-20s %8.2f %8.2f\n", w, b, q, median(q), median(qb)
         }
     }' "$RESULTS"

@@ -15,6 +15,9 @@
 #   STORE_SIZE (4GiB): our store file; its default volume is as large as the store, fio uses SIZE of it
 #   SYSTEMS ("syncblock raw qemu-nbd nbdkit nbd-server"); qemu-mirror is left out (replication, issue 4)
 #   PEERS (/work/shared/bench/peers.sh or ../shared/bench/peers.sh); SKIP_BUILD=1; KEEP_RESULTS=path
+#   BIN_BASE=path: another build of `syncblock` (e.g. the commit before a refactoring), served from
+#     a store of its own, prefilled the same way, and measured as system "syncblock-base" in every
+#     round (add it to SYSTEMS to choose its place; it is appended otherwise)
 #
 # Fairness: peers.sh writes its files in full with dd before use; we write our store's whole log
 # once (sequential 1 MiB writes over SIZE through NBD, repeated until STORE_SIZE has been written)
@@ -47,9 +50,11 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     (cd "$ROOT" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
 fi
 BIN="$TARGET/release/syncblock"
+BIN_BASE=${BIN_BASE:-}
+if [ -n "$BIN_BASE" ] && [[ " ${SYSTEMS[*]} " != *" syncblock-base "* ]]; then SYSTEMS+=(syncblock-base); fi
 
 DIR=$(mktemp -d "$BASE/syncblock-nbd-peers.XXXXXX")
-SERVER=""; RUNNING=""
+SERVER=""; SERVER_BASE=""; RUNNING=""
 cleanup() {
     set +e
     if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the server it started
@@ -57,24 +62,27 @@ cleanup() {
         kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
     fi
     [ -f "$DIR/peers/nbd-server.pid" ] && kill "$(cat "$DIR/peers/nbd-server.pid")" 2>/dev/null
-    if [ -n "$SERVER" ]; then
-        kill -INT "$SERVER" 2>/dev/null   # clean shutdown: flush + checkpoint
-        for _ in $(seq 50); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
-    fi
+    for s in $SERVER $SERVER_BASE; do
+        kill -INT "$s" 2>/dev/null   # clean shutdown: flush + checkpoint
+        for _ in $(seq 50); do kill -0 "$s" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$s" 2>/dev/null; wait "$s" 2>/dev/null
+    done
     rm -rf "$DIR"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$BIN" serve --create --store "$DIR/store.img" --size "$STORE_SIZE" --listen "127.0.0.1:$PORT" \
-    >"$DIR/server.out" 2>"$DIR/server.err" &
-SERVER=$!
-for _ in $(seq 100); do grep -q '^nbd://' "$DIR/server.out" 2>/dev/null && break; sleep 0.1; done
-URI=$(grep -m1 -o '^nbd://[^ ]*/[^ ]*' "$DIR/server.out" || true)
-[ -n "$URI" ] || { echo "server did not start:" >&2; cat "$DIR/server.err" >&2; exit 1; }
-echo "# syncblock at $URI (store $STORE_SIZE in $DIR); peers: $PEERS; RT=$RT SIZE=$SIZE ROUNDS=$ROUNDS" >&2
+# start_server BIN NAME: serves a new store NAME.img; sets SERVED_PID and SERVED_URI.
+start_server() {
+    local bin=$1 name=$2 port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    "$bin" serve --create --store "$DIR/$name.img" --size "$STORE_SIZE" --listen "127.0.0.1:$port" \
+        >"$DIR/$name.out" 2>"$DIR/$name.err" &
+    SERVED_PID=$!
+    for _ in $(seq 100); do grep -q '^nbd://' "$DIR/$name.out" 2>/dev/null && break; sleep 0.1; done
+    SERVED_URI=$(grep -m1 -o '^nbd://[^ ]*/[^ ]*' "$DIR/$name.out" || true)
+    [ -n "$SERVED_URI" ] || { echo "server $name did not start:" >&2; cat "$DIR/$name.err" >&2; exit 1; }
+}
 
 # Prefill: write the whole log once through NBD (see Fairness above).
 python3 - "$STORE_SIZE" "$SIZE" >"$DIR/loops" <<'EOF'
@@ -84,8 +92,22 @@ def b(s):
     return int(m[1]) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m[2].upper()]
 print(max(1, -(-b(sys.argv[1]) // b(sys.argv[2]))))
 EOF
-fio --name=prefill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
-    --loops="$(cat "$DIR/loops")" --output-format=terse >/dev/null
+prefill() {
+    fio --name=prefill --ioengine=nbd --uri="$1" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
+        --loops="$(cat "$DIR/loops")" --output-format=terse >/dev/null
+}
+
+start_server "$BIN" store
+SERVER=$SERVED_PID URI=$SERVED_URI
+echo "# syncblock at $URI (store $STORE_SIZE in $DIR); peers: $PEERS; RT=$RT SIZE=$SIZE ROUNDS=$ROUNDS" >&2
+prefill "$URI"
+URI_BASE=""
+if [ -n "$BIN_BASE" ]; then
+    start_server "$BIN_BASE" store-base
+    SERVER_BASE=$SERVED_PID URI_BASE=$SERVED_URI
+    echo "# syncblock-base ($BIN_BASE) at $URI_BASE" >&2
+    prefill "$URI_BASE"
+fi
 echo "# prefilled $(cat "$DIR/loops") x $SIZE; load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 RESULTS="$DIR/results.txt"
@@ -93,8 +115,11 @@ for r in $(seq 1 "$ROUNDS"); do
     n=${#SYSTEMS[@]}
     for i in $(seq 0 $((n - 1))); do
         s=${SYSTEMS[$(( (i + r - 1) % n ))]}
-        if [ "$s" = syncblock ]; then args=(--only none --uri "$URI" --name syncblock)
-        else args=(--only "$s"); fi
+        case "$s" in
+            syncblock) args=(--only none --uri "$URI" --name syncblock) ;;
+            syncblock-base) args=(--only none --uri "$URI_BASE" --name syncblock-base) ;;
+            *) args=(--only "$s") ;;
+        esac
         DIR="$DIR/peers" bash "$PEERS" "${args[@]}" >"$DIR/out" 2>&1 & RUNNING=$!
         wait $RUNNING || true; RUNNING=""
         sed "s/^/round=$r /" "$DIR/out" | tee -a "$RESULTS" >&2
@@ -112,6 +137,7 @@ for line in open(sys.argv[1]):
         rows.setdefault((m[3], m[2]), {})[int(m[1])] = float(m[5])
 wls = ["randwrite4k_qd32", "randread4k_qd32", "seqwrite1m_qd8", "syncwrite4k_qd1"]
 systems = ["syncblock", "raw_uring", "qemu-nbd", "nbdkit-file", "nbd-server"]
+systems = [s for s in systems if any(k[1] == s for k in rows)] or systems
 peers = ["qemu-nbd", "nbdkit-file", "nbd-server"]
 rounds = sorted({r for v in rows.values() for r in v})
 med = lambda xs: st.median(xs) if xs else float("nan")
@@ -130,6 +156,18 @@ for w in wls:
         if ps: b.append(o / max(ps))
         if get("raw_uring", r): rw.append(o / get("raw_uring", r))
     print(line + "%12.2f%12.2f%12.2f" % (med(q), med(b), med(rw)))
+if any(s == "syncblock-base" for (_, s) in rows):
+    print("\nAgainst the base build (syncblock-base), medians of per-round ratios:")
+    print("%-18s%12s%12s%16s%16s" % ("workload", "base MiB/s", "ours/base", "base/qemu-nbd", "ours/qemu-nbd"))
+    for w in wls:
+        get = lambda s, r: rows.get((w, s), {}).get(r)
+        ob, bq, oq = [], [], []
+        for r in rounds:
+            o, b_, q_ = get("syncblock", r), get("syncblock-base", r), get("qemu-nbd", r)
+            if o and b_: ob.append(o / b_)
+            if b_ and q_: bq.append(b_ / q_)
+            if o and q_: oq.append(o / q_)
+        print("%-18s%12.1f%12.2f%16.2f%16.2f" % (w, med(list(rows.get((w, "syncblock-base"), {}).values())), med(ob), med(bq), med(oq)))
 print("\nPer round, MiB/s:")
 for w in wls:
     for s in systems:
