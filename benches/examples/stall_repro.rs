@@ -25,9 +25,7 @@ fn main() {
     let rt = syncblock_benches::runtime(1);
     let mut n_hangs = 0;
     for seed in first..first + n {
-        let disk = SimDisk::new(vec![0u8; store_mib << 20]);
-        let mut dev = SimDevice::new(disk.clone());
-        Store::format_device(&mut dev, 1 << 20).expect("format");
+        let disk = SimDisk::formatted(store_mib << 20, 1 << 20).expect("format");
         let dev = SimDevice::new(disk.clone()).with_reordering(seed);
         let store = Store::open_device(Box::new(dev), Config::default(), "sim").expect("open");
         let volume_bytes = volume_mib << 20;

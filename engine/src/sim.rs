@@ -52,6 +52,15 @@ impl SimDisk {
         }))
     }
 
+    /// A zeroed disk of `device_bytes` with a new store formatted on it (segments of
+    /// `segment_bytes`), ready for [`crate::Store::open_device`]: the start of most tests. The
+    /// format's writes are in the log.
+    pub fn formatted(device_bytes: usize, segment_bytes: u64) -> crate::Result<Arc<Mutex<SimDisk>>> {
+        let disk = SimDisk::new(vec![0u8; device_bytes]);
+        crate::Store::format_device(&mut SimDevice::new(disk.clone()), segment_bytes)?;
+        Ok(disk)
+    }
+
     /// Number of logged operations: the I/O boundaries at which a crash can be simulated.
     pub fn n_ops(&self) -> usize {
         self.log.len()

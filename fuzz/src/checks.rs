@@ -424,9 +424,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn build_image() -> Image {
-    let disk = SimDisk::new(vec![0u8; IMAGE_BYTES]);
-    let mut dev = SimDevice::new(disk.clone());
-    Store::format_device(&mut dev, MIN_SEGMENT_BYTES).expect("formatting the fuzz image");
+    let disk = SimDisk::formatted(IMAGE_BYTES, MIN_SEGMENT_BYTES).expect("formatting the fuzz image");
     let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "fuzz-image")
         .expect("opening the fuzz image");
     let rt = runtime();

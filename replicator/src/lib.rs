@@ -27,8 +27,7 @@ pub(crate) mod testutil {
     /// A store on a 32 MiB simulated disk (its engine a task on this runtime) holding volume `v`
     /// of `vol_bytes`.
     pub async fn sim_store(vol_bytes: u64) -> (Store, VolumeInfo) {
-        let disk = SimDisk::new(vec![0u8; 32 << 20]);
-        Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
+        let disk = SimDisk::formatted(32 << 20, 1 << 20).unwrap();
         let engine = Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() };
         let store = Store::open_device_async(Box::new(SimDevice::new(disk)), engine, "sim").await.unwrap();
         let info = store.create_volume("v", vol_bytes).await.unwrap();

@@ -147,9 +147,7 @@ struct SimNode {
 }
 
 fn new_disk() -> Arc<Mutex<SimDisk>> {
-    let disk = SimDisk::new(vec![0u8; 32 << 20]);
-    Store::format_device(&mut SimDevice::new(disk.clone()), 1 << 20).unwrap();
-    disk
+    SimDisk::formatted(32 << 20, 1 << 20).unwrap()
 }
 
 struct World {

@@ -8,9 +8,7 @@ use syncblock_engine::{Config, Store};
 
 /// A formatted simulated disk of `n_segments` segments of `segment_blocks` blocks.
 pub fn sim_disk(device_bytes: usize, segment_bytes: u64) -> Arc<Mutex<SimDisk>> {
-    let disk = SimDisk::new(vec![0u8; device_bytes]);
-    let mut dev = SimDevice::new(disk.clone());
-    Store::format_device(&mut dev, segment_bytes).expect("format");
+    let disk = SimDisk::formatted(device_bytes, segment_bytes).expect("format");
     {
         let mut d = disk.lock().unwrap();
         d.base = d.written.clone();

@@ -7,7 +7,6 @@ pub mod rng;
 pub mod tools;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use syncblock_engine::sim::{SimDevice, SimDisk};
 use syncblock_engine::{Config, CreateOptions, Store};
@@ -29,10 +28,7 @@ pub struct TestServer {
 }
 
 pub fn sim_store() -> Store {
-    let disk = SimDisk::new(vec![0u8; 128 << 20]);
-    let mut dev = SimDevice::new(disk.clone());
-    Store::format_device(&mut dev, 1 << 20).expect("format");
-    let disk: Arc<Mutex<SimDisk>> = disk;
+    let disk = SimDisk::formatted(128 << 20, 1 << 20).expect("format");
     Store::open_device(Box::new(SimDevice::new(disk)), Config::default(), "sim").expect("open")
 }
 
