@@ -31,11 +31,7 @@ pub enum Since {
 }
 
 /// Blocks changed after a point (see [`Since`]): `n_blocks` consecutive LBAs from `lba`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChangedRun {
-    pub lba: Lba,
-    pub n_blocks: u64,
-}
+pub type ChangedRun = BlockRun;
 
 /// Engine counters.
 #[derive(Debug, Clone, Default)]
