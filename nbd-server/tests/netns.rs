@@ -29,7 +29,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::proc::{Proc, WAIT_MAX};
-use common::tools::{can_run, missing_root, missing_tool, path, tool};
+use common::tools::{can_run, fio_crc32c_args, missing_root, missing_tool, path, tool};
 
 /// Longest wait for a process to print its address or exit, or for the pair to settle.
 /// Heartbeat timeout of both nodes (`--repl-timeout-ms`) and of the witness (`--timeout-ms`):
@@ -384,24 +384,10 @@ fn wait_in_sync(lab: &Lab, primary: Host, secondary: Host) {
     });
 }
 
-/// fio's crc32c workload on 8 MiB at `offset`: writes and verifies (`--do_verify=1`), or checks a
-/// region written earlier with the same seed (`--verify_only`).
+/// fio's crc32c workload on 8 MiB at `offset` (see `fio_crc32c_args`) through `host`.
 fn fio(lab: &Lab, host: Host, uri: &str, offset: &str, mode: &str) -> String {
-    let args = [
-        "--name=netns",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        &format!("--offset={offset}"),
-        "--size=8M",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--randseed=77",
-        "--end_fsync=1",
-        "--verify_state_save=0",
-        mode,
-    ];
+    let args = fio_crc32c_args("netns", uri, offset, mode);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = lab.exec_ok(host, "fio", &args);
     assert!(out.contains(if mode == "--verify_only" { "READ:" } else { "WRITE:" }), "{out}");
     out
@@ -421,15 +407,54 @@ fn write_ok(lab: &Lab, host: Host, cmd: &str) {
     assert!(done, "{cmd:?} through {host:?}: {out}");
 }
 
+/// The witness, then B (secondary) and A (primary) with `policy`, in sync, and fio's workload
+/// written through A at 0: where every scenario starts. Returns (witness, A, B).
+fn pair_in_sync(lab: &Lab, policy: &str) -> (Proc, Proc, Proc) {
+    let w = witness(lab);
+    let b = node(lab, B, "secondary", policy);
+    let a = node(lab, A, "primary", policy);
+    wait_in_sync(lab, A, B);
+    fio(lab, A, NBD_URI, "0", "--do_verify=1");
+    (w, a, b)
+}
+
+/// fio's workload written through A at 16M while `check` runs every 200 ms, for at least `WATCH`
+/// from `cut` and until fio is done.
+fn watch_under_load(lab: &Lab, cut: Instant, what: &str, mut check: impl FnMut()) {
+    std::thread::scope(|s| {
+        let load = s.spawn(|| fio(lab, A, NBD_URI, "16M", "--do_verify=1"));
+        while cut.elapsed() < WATCH || !load.is_finished() {
+            check();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        load.join().expect(what);
+    });
+}
+
+fn wait_witness_state(lab: &Lab, want: &str) {
+    wait_for("the witness hears that the pair is in sync again", || {
+        check(lab.witness_state() == want, lab.witness_state())
+    });
+}
+
+/// `host`'s store on its own, its node stopped: fio verifies both regions it wrote (0 and 16M),
+/// and each qemu-io `read -P` of `reads` (command, what it shows) passes.
+fn check_solo(lab: &Lab, host: Host, reads: &[(&str, &str)]) {
+    let solo = solo(lab, host);
+    fio(lab, host, SOLO_URI, "0", "--verify_only");
+    fio(lab, host, SOLO_URI, "16M", "--verify_only");
+    for (cmd, what) in reads {
+        let (done, out) = qemu_io(lab, host, SOLO_URI, cmd, 30);
+        assert!(done, "{what}: {out}");
+    }
+    solo.stop();
+}
+
 #[test]
 fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promoted() {
     let Some(_turn) = begin() else { return };
     let lab = Lab::new();
-    let _w = witness(&lab);
-    let b = node(&lab, B, "secondary", "degrade");
-    let a = node(&lab, A, "primary", "degrade");
-    wait_in_sync(&lab, A, B);
-    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+    let (_w, a, b) = pair_in_sync(&lab, "degrade");
     assert_eq!(lab.witness_state(), "vol 1 a false\n");
 
     lab.cut(A, B);
@@ -448,14 +473,9 @@ fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promo
     assert_eq!(lab.witness_state(), "vol 1 a true\n", "the witness records that A is alone");
 
     // A keeps serving; B, which lost A but still reaches the witness, must stay secondary.
-    std::thread::scope(|s| {
-        let load = s.spawn(|| fio(&lab, A, NBD_URI, "16M", "--do_verify=1"));
-        while cut.elapsed() < WATCH || !load.is_finished() {
-            let st = status(&lab, B);
-            assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":false"), "{st}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        load.join().expect("fio through A during the cut");
+    watch_under_load(&lab, cut, "fio through A during the cut", || {
+        let st = status(&lab, B);
+        assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":false"), "{st}");
     });
     // Not vacuous: B did ask the witness to take over, and was refused.
     wait_for("B's refused takeover in its log", || {
@@ -471,34 +491,25 @@ fn primary_cut_from_its_secondary_continues_alone_and_the_secondary_is_not_promo
     let healed = Instant::now();
     wait_in_sync(&lab, A, B);
     println!("A–B healed: B resynced and in sync after {:?}", healed.elapsed());
-    wait_for("the witness hears that the pair is in sync again", || {
-        check(lab.witness_state() == "vol 1 a false\n", lab.witness_state())
-    });
+    wait_witness_state(&lab, "vol 1 a false\n");
     assert!(status(&lab, B).contains("\"role\":\"secondary\""));
     verify_clean(&lab, A);
     a.stop();
     b.stop();
 
     // B's store on its own holds every write A acknowledged, before and during the cut.
-    let sb = solo(&lab, B);
-    fio(&lab, B, SOLO_URI, "0", "--verify_only");
-    fio(&lab, B, SOLO_URI, "16M", "--verify_only");
-    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0x31 40M 64k", 30);
-    assert!(done, "{out}");
-    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0 48M 4k", 30);
-    assert!(done, "{out}");
-    sb.stop();
+    check_solo(
+        &lab,
+        B,
+        &[("read -P 0x31 40M 64k", "A's write acknowledged alone"), ("read -P 0 48M 4k", "the write refused on B")],
+    );
 }
 
 #[test]
 fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins_rolled_back() {
     let Some(_turn) = begin() else { return };
     let lab = Lab::new();
-    let _w = witness(&lab);
-    let b = node(&lab, B, "secondary", "degrade");
-    let a = node(&lab, A, "primary", "degrade");
-    wait_in_sync(&lab, A, B);
-    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+    let (_w, a, b) = pair_in_sync(&lab, "degrade");
     let tag_before = field_u64(&status(&lab, A), "last_tag");
 
     lab.cut(A, B);
@@ -536,9 +547,7 @@ fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins
     wait_in_sync(&lab, B, A);
     println!("healed: A stepped down and was resynced after {:?}", healed.elapsed());
     assert!(lab.log("a.log").contains("stepping down"), "{}", lab.log("a.log"));
-    wait_for("the witness hears that the pair is in sync again", || {
-        check(lab.witness_state() == "vol 2 b false\n", lab.witness_state())
-    });
+    wait_witness_state(&lab, "vol 2 b false\n");
     verify_clean(&lab, B);
     // Every write acknowledged, through A before the cut and through B after, is on B.
     fio(&lab, B, NBD_URI, "0", "--verify_only");
@@ -547,38 +556,29 @@ fn primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins
     a.stop();
 
     // A's store on its own: the surviving history, without A's unacknowledged write.
-    let sa = solo(&lab, A);
-    fio(&lab, A, SOLO_URI, "0", "--verify_only");
-    fio(&lab, A, SOLO_URI, "16M", "--verify_only");
-    let (done, out) = qemu_io(&lab, A, SOLO_URI, "read -P 0x11 40M 4k", 30);
-    assert!(done, "{out}");
-    let (done, out) = qemu_io(&lab, A, SOLO_URI, "read -P 0 44M 64k", 30);
-    assert!(done, "A's unreplicated write was not rolled back: {out}");
-    sa.stop();
+    check_solo(
+        &lab,
+        A,
+        &[
+            ("read -P 0x11 40M 4k", "B's write after the failover"),
+            ("read -P 0 44M 64k", "A's unreplicated write was not rolled back"),
+        ],
+    );
 }
 
 #[test]
 fn witness_unreachable_from_the_primary_only_changes_nothing_for_clients() {
     let Some(_turn) = begin() else { return };
     let lab = Lab::new();
-    let _w = witness(&lab);
-    let b = node(&lab, B, "secondary", "strict");
-    let a = node(&lab, A, "primary", "strict");
-    wait_in_sync(&lab, A, B);
-    fio(&lab, A, NBD_URI, "0", "--do_verify=1");
+    let (_w, a, b) = pair_in_sync(&lab, "strict");
 
     lab.cut(A, W);
     let cut = Instant::now();
-    std::thread::scope(|s| {
-        let load = s.spawn(|| fio(&lab, A, NBD_URI, "16M", "--do_verify=1"));
-        while cut.elapsed() < WATCH || !load.is_finished() {
-            let st = status(&lab, B);
-            assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":true"), "{st}");
-            let st = status(&lab, A);
-            assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        load.join().expect("fio through A without the witness");
+    watch_under_load(&lab, cut, "fio through A without the witness", || {
+        let st = status(&lab, B);
+        assert!(st.contains("\"role\":\"secondary\"") && st.contains("\"connected\":true"), "{st}");
+        let st = status(&lab, A);
+        assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
     });
     // Well after the witness stopped hearing from A, a write still completes at once.
     let t0 = Instant::now();
@@ -592,10 +592,5 @@ fn witness_unreachable_from_the_primary_only_changes_nothing_for_clients() {
     verify_clean(&lab, A);
     a.stop();
     b.stop();
-    let sb = solo(&lab, B);
-    fio(&lab, B, SOLO_URI, "0", "--verify_only");
-    fio(&lab, B, SOLO_URI, "16M", "--verify_only");
-    let (done, out) = qemu_io(&lab, B, SOLO_URI, "read -P 0x33 40M 64k", 30);
-    assert!(done, "{out}");
-    sb.stop();
+    check_solo(&lab, B, &[("read -P 0x33 40M 64k", "A's write while the witness was unreachable")]);
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::proc::{free_port_addr, Proc};
-use common::tools::{ok, tool};
+use common::tools::{fio_crc32c_args, ok, tool};
 
 /// `syncblock serve` on `store`, its log beside it.
 fn serve(store: &Path, args: &[&str]) -> Proc {
@@ -49,30 +49,29 @@ fn secondary(store: &Path, repl_listen: &str) -> (Proc, String) {
     (p, addr)
 }
 
-fn fio_args(uri: &str, offset: &str, extra: &str) -> Vec<String> {
-    [
-        "--name=repl",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        "--rw=randwrite",
-        "--bs=4k",
-        &format!("--offset={offset}"),
-        "--size=8M",
-        "--iodepth=16",
-        "--verify=crc32c",
-        "--randseed=77",
-        "--end_fsync=1",
-        "--verify_state_save=0",
-        extra,
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
+/// The `vol` export of a server that printed its NBD URI.
+fn vol_uri(p: &Proc) -> String {
+    format!("{}/vol", nbd_uri(p).trim_end_matches("/vol"))
 }
 
-fn fio(args: &[String]) -> String {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok("fio", &a)
+/// fio's crc32c workload (`fio_crc32c_args`) on `uri`, which must succeed; its output.
+fn fio(uri: &str, offset: &str, mode: &str) -> String {
+    let args = fio_crc32c_args("repl", uri, offset, mode);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok("fio", &args)
+}
+
+/// `store` served on its own (unreplicated, its node stopped), and fio's verification of both
+/// regions the tests write (0 and 16M), each run's output passing `verified`; the server and its
+/// URI.
+fn solo_verified(store: &Path, verified: impl Fn(&str) -> bool) -> (Proc, String) {
+    let solo = serve(store, &["--listen=127.0.0.1:0"]);
+    let uri = vol_uri(&solo);
+    for offset in ["0", "16M"] {
+        let out = fio(&uri, offset, "--verify_only");
+        assert!(verified(&out), "{out}");
+    }
+    (solo, uri)
 }
 
 #[test]
@@ -93,17 +92,17 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
             "--repl-timeout-ms=1000",
         ],
     );
-    let uri = format!("{}/vol", nbd_uri(&prim).trim_end_matches("/vol"));
+    let uri = vol_uri(&prim);
 
     // Phase 1, healthy pair.
-    let out = fio(&fio_args(&uri, "0", "--do_verify=1"));
+    let out = fio(&uri, "0", "--do_verify=1");
     assert!(out.contains("WRITE:"), "{out}");
 
     // Phase 2: the secondary dies; writes through the primary wait for it.
     drop(sec);
     let phase2 = {
-        let args = fio_args(&uri, "16M", "--do_verify=1");
-        std::thread::spawn(move || fio(&args))
+        let uri = uri.clone();
+        std::thread::spawn(move || fio(&uri, "16M", "--do_verify=1"))
     };
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!phase2.is_finished(), "fio finished while the secondary was dead: writes were acknowledged alone");
@@ -115,15 +114,11 @@ fn secondary_killed_mid_workload_resyncs_and_holds_every_flushed_block() {
     sec.stop();
 
     // The secondary's store on its own, unreplicated: every block of both phases verifies.
-    let solo = serve(&b, &["--listen=127.0.0.1:0"]);
-    let uri = format!("{}/vol", nbd_uri(&solo).trim_end_matches("/vol"));
-    for offset in ["0", "16M"] {
-        let out = fio(&fio_args(&uri, offset, "--verify_only"));
-        assert!(out.contains("io=8192KiB") || out.contains("io=8.0MiB") || out.contains("8192KiB"), "{out}");
-    }
+    let (solo, uri) =
+        solo_verified(&b, |out| out.contains("io=8192KiB") || out.contains("io=8.0MiB") || out.contains("8192KiB"));
     // Not vacuous: a block overwritten on the secondary alone is caught.
     ok("qemu-io", &["-t", "writeback", "-f", "raw", "-c", "write -P 0x5a 17M 4k", &uri]);
-    let args = fio_args(&uri, "16M", "--verify_only");
+    let args = fio_crc32c_args("repl", &uri, "16M", "--verify_only");
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, _) = tool("fio", &a);
     assert_ne!(code, 0, "verify_only must fail after a block was overwritten");
@@ -219,12 +214,10 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
         cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
         Proc::spawn(cmd, &dir.path().join(log))
     };
-    let b_cfg = config(
-        "b",
-        &b_admin,
-        &format!("role = \"secondary\", listen = \"{b_one}\", peer = \"{a_one}\""),
-        &format!("role = \"secondary\", listen = \"{b_two}\", peer = \"{a_two}\""),
-    );
+    // A volume's `replicate` table.
+    let replicate =
+        |role: &str, listen: &str, peer: &str| format!("role = \"{role}\", listen = \"{listen}\", peer = \"{peer}\"");
+    let b_cfg = config("b", &b_admin, &replicate("secondary", &b_one, &a_one), &replicate("secondary", &b_two, &a_two));
     let nb = start(&b_cfg, "b.log");
     assert_eq!(nb.wait_line("replicating one as secondary on "), b_one);
     assert_eq!(nb.wait_line("replicating two as secondary on "), b_two);
@@ -232,8 +225,8 @@ fn one_process_replicates_several_volumes_each_with_its_own_port_and_role() {
     let a_cfg = config(
         "a",
         &a_admin,
-        &format!("role = \"primary\", peer = \"{b_one}\", listen = \"{a_one}\""),
-        &format!("role = \"primary\", peer = \"{b_two}\", listen = \"{a_two}\", policy = \"strict\""),
+        &replicate("primary", &a_one, &b_one),
+        &(replicate("primary", &a_two, &b_two) + ", policy = \"strict\""),
     );
     let na = start(&a_cfg, "a.log");
     let a_base = nbd_uri(&na).rsplit_once('/').unwrap().0.to_string();
@@ -384,11 +377,11 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     let (a_repl, b_repl, a_admin, b_admin) = (free_port_addr(), free_port_addr(), free_port_addr(), free_port_addr());
     let nb = node(&b, "b", "secondary", &b_repl, &a_repl, &w, &b_admin);
     nb.wait_line("admin endpoint on ");
-    let b_uri = format!("{}/vol", nbd_uri(&nb).trim_end_matches("/vol"));
+    let b_uri = vol_uri(&nb);
     let na = node(&a, "a", "primary", &a_repl, &b_repl, &w, &a_admin);
-    let a_uri = format!("{}/vol", nbd_uri(&na).trim_end_matches("/vol"));
+    let a_uri = vol_uri(&na);
 
-    let out = fio(&fio_args(&a_uri, "0", "--do_verify=1"));
+    let out = fio(&a_uri, "0", "--do_verify=1");
     assert!(out.contains("WRITE:"), "{out}");
     let st = status(&a_admin);
     assert!(st.contains("\"role\":\"primary\"") && st.contains("\"rpo_zero\":true"), "{st}");
@@ -413,10 +406,10 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     println!("failover: primary SIGKILLed → new primary accepted a write in {failover:?}");
     assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
     // Every block fio wrote and flushed through the old primary is on the new one.
-    let out = fio(&fio_args(&b_uri, "0", "--verify_only"));
+    let out = fio(&b_uri, "0", "--verify_only");
     assert!(out.contains("READ:"), "{out}");
     // The new primary keeps serving (alone, with the witness's consent).
-    let out = fio(&fio_args(&b_uri, "16M", "--do_verify=1"));
+    let out = fio(&b_uri, "16M", "--do_verify=1");
     assert!(out.contains("WRITE:"), "{out}");
 
     // The old primary returns, learns it was deposed, steps down and is resynced.
@@ -442,12 +435,7 @@ fn primary_sigkilled_the_secondary_takes_over_with_every_flushed_block_and_the_o
     nb.stop();
     na.stop();
     // The rejoined node's store alone holds both phases.
-    let solo = serve(&a, &["--listen=127.0.0.1:0"]);
-    let uri = format!("{}/vol", nbd_uri(&solo).trim_end_matches("/vol"));
-    for offset in ["0", "16M"] {
-        let out = fio(&fio_args(&uri, offset, "--verify_only"));
-        assert!(out.contains("READ:"), "{out}");
-    }
+    let (solo, _) = solo_verified(&a, |out| out.contains("READ:"));
     solo.stop();
     drop(witness);
 }

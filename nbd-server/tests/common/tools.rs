@@ -113,3 +113,25 @@ pub fn missing_root(for_what: &str, devices: &[&str]) -> Option<String> {
         .find(|d| !std::path::Path::new(d).exists())
         .map(|d| format!("{d} is missing (a container without FUSE or loop devices?)"))
 }
+
+/// fio's crc32c workload on the 8 MiB at `offset` of `uri` (4 KiB random writes 16 deep, seed 77,
+/// an fsync at the end), job `name`: `mode` `--do_verify=1` writes and then verifies, and
+/// `--verify_only` checks a region written earlier with the same seed.
+pub fn fio_crc32c_args(name: &str, uri: &str, offset: &str, mode: &str) -> Vec<String> {
+    let args: [&str; 13] = [
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        &format!("--offset={offset}"),
+        "--size=8M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--randseed=77",
+        "--end_fsync=1",
+        "--verify_state_save=0",
+        mode,
+    ];
+    args.iter().map(|a| a.to_string()).collect()
+}
