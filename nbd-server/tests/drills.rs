@@ -29,17 +29,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::proc::{free_port_addr, tail, wait_line, Proc};
+use common::pair::{serve_args, syncblock, vol_uri, Pair, PairSpec, BIN};
+use common::proc::free_port_addr;
 use common::rng::Rng;
 use common::tools::{run, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// How often `wait_until` probes: status probes start a CLI process each.
 const POLL: Duration = Duration::from_millis(100);
 /// The Python whose `nbd` module is python3-libnbd (not whichever python3 comes first in PATH).
 const PYTHON: &str = "/usr/bin/python3";
 /// The replicated volume's size: the writer picks 4 KiB blocks all over it.
-const VOLUME: &str = "--volume=vol:64MiB";
+const VOLUME_SIZE: &str = "64MiB";
 /// Longest a survivor may take to call itself primary after its primary was SIGKILLed (the spec
 /// says about 1 s; this leaves room for a loaded machine).
 const PROMOTION_MAX: Duration = Duration::from_secs(15);
@@ -50,7 +50,7 @@ const REJOIN_MAX: Duration = Duration::from_secs(30);
 /// Longest a node may take to exit after SIGTERM while a write waits for its peer.
 const SIGTERM_EXIT_MAX: Duration = Duration::from_secs(15);
 /// Longest one NBD write or flush may take while probes hit the secondary's replication port.
-const PROBED_LATENCY_MAX_SECS: f64 = 1.0;
+const PROBED_LATENCY_SECS_MAX: f64 = 1.0;
 /// Longest one `syncblock status` may run (its own timeout for a silent endpoint is 30 s).
 const CLI_MAX: Duration = Duration::from_secs(35);
 /// Longest a client run may take beyond its own deadline (start-up, a last poll).
@@ -427,20 +427,6 @@ fn verify_record(dir: &Path, uri: &str, what: &str) -> u64 {
 
 // ---- Processes and their answers --------------------------------------------------------------
 
-/// `syncblock args…` with stderr appended to `log`.
-fn syncblock(log: &Path, args: &[String]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    Proc::spawn(cmd, log)
-}
-
-/// The `nbd://host:port/vol` URI a server printed.
-fn vol_uri(p: &Proc, log: &Path) -> String {
-    let rest = wait_line(p, "nbd://", log);
-    let base = rest.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
-    format!("nbd://{base}/vol")
-}
-
 /// `syncblock status --admin admin`: its JSON, or why there is none.
 fn status(admin: &str) -> Result<String, String> {
     match run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]) {
@@ -475,131 +461,11 @@ fn json_is(json: &str, keys: &[&str], want: &str) -> bool {
 
 // ---- A pair and its witness -----------------------------------------------------------------
 
-/// One node of a pair: its settings are kept so that a restart reuses its store and ports.
-struct Node {
-    name: &'static str,
-    args: Vec<String>,
-    log: PathBuf,
-    admin: String,
-    repl: String,
-    /// The NBD URI of its volume, from the current process.
-    uri: String,
-    proc: Option<Proc>,
-}
-
-impl Node {
-    fn start(&mut self) {
-        assert!(self.proc.is_none(), "node {} is running", self.name);
-        let p = syncblock(&self.log, &self.args);
-        wait_line(&p, "admin endpoint on ", &self.log);
-        self.uri = vol_uri(&p, &self.log);
-        self.proc = Some(p);
-    }
-
-    /// SIGKILL, and reaped before this returns.
-    fn kill(&mut self) {
-        drop(self.proc.take().unwrap_or_else(|| panic!("node {} is not running", self.name)));
-    }
-
-    fn status(&self) -> Result<String, String> {
-        status(&self.admin)
-    }
-}
-
-/// Node `a` (first primary) and `b` (first secondary) on their own stores, and their witness. The
-/// processes go before the directory holding their stores and logs.
-struct Pair {
-    nodes: [Node; 2],
-    /// The witness and its address.
-    witness: (Proc, String),
-    dir: tempfile::TempDir,
-}
-
-impl Pair {
-    /// Starts the pair as docs/replication.md does by hand, with `flags` added to each node's
-    /// (none: the defaults). The secondary starts first, and the primary's volume is in sync
-    /// when this returns.
-    fn start(flags: &[&str]) -> Pair {
-        // Not /tmp, which may be tmpfs (the stores are real io_uring files).
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let witness = {
-            let log = dir.path().join("witness.log");
-            let state = dir.path().join("witness.state");
-            let args = ["witness", "--listen=127.0.0.1:0", &format!("--state={}", state.display())];
-            let p = syncblock(&log, &args.map(String::from));
-            let at = wait_line(&p, "witness on ", &log);
-            (p, at)
-        };
-        let (a_repl, b_repl) = (free_port_addr(), free_port_addr());
-        let node = |name: &'static str, role: &str, repl: &str, peer: &str| {
-            let store = dir.path().join(format!("{name}.img"));
-            let admin = free_port_addr();
-            let mut args: Vec<String> = vec![
-                "serve".into(),
-                format!("--store={}", store.display()),
-                "--create".into(),
-                "--size=1GiB".into(),
-                VOLUME.into(),
-                "--listen=127.0.0.1:0".into(),
-                format!("--role={role}"),
-                format!("--repl-listen={repl}"),
-                format!("--peer={peer}"),
-                format!("--admin={admin}"),
-                format!("--node={name}"),
-                format!("--witness={}", witness.1),
-            ];
-            args.extend(flags.iter().map(|f| f.to_string()));
-            let log = dir.path().join(format!("{name}.log"));
-            Node { name, args, log, admin, repl: repl.to_string(), uri: String::new(), proc: None }
-        };
-        let mut pair = Pair {
-            nodes: [node("a", "primary", &a_repl, &b_repl), node("b", "secondary", &b_repl, &a_repl)],
-            witness,
-            dir,
-        };
-        pair.nodes[1].start();
-        pair.nodes[0].start();
-        pair.wait_in_sync(0, REJOIN_MAX);
-        pair
-    }
-
-    fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn witness_addr(&self) -> &str {
-        &self.witness.1
-    }
-
-    /// Waits until node `primary` says it is primary with its peer connected and in sync, and the
-    /// other node says it is secondary.
-    fn wait_in_sync(&self, primary: usize, max: Duration) -> String {
-        let (p, s) = (&self.nodes[primary], &self.nodes[1 - primary]);
-        wait_until(POLL, &format!("{} primary with {} in sync", p.name, s.name), max, || {
-            let st = p.status()?;
-            let ok = json_is(&st, &["role"], "primary")
-                && json_is(&st, &["peer", "connected"], "true")
-                && json_is(&st, &["peer", "in_sync"], "true");
-            let st_s = s.status()?;
-            if ok && json_is(&st_s, &["role"], "secondary") {
-                Ok(st)
-            } else {
-                Err(format!("{}: {st}\n{}: {st_s}\n{}", p.name, s.name, self.logs()))
-            }
-        })
-    }
-
-    /// The end of every log, for failure messages.
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for name in ["witness", "a", "b"] {
-            let log = self.dir().join(format!("{name}.log"));
-            if log.exists() {
-                out += &format!("--- {name}.log (end)\n{}\n", tail(&log, 15));
-            }
-        }
-        out
-    }
+/// A pair and its witness (`common::pair`) in a directory of their own, started as
+/// docs/replication.md does by hand, with `flags` added to each node's (none: the defaults).
+fn start_pair(flags: &[&str]) -> Pair {
+    let spec = PairSpec { store_size: "1GiB", volume_size: VOLUME_SIZE, flags, poll: POLL, rejoin_max: REJOIN_MAX };
+    Pair::start_in_temp_dir(&spec)
 }
 
 // ---- The drills -----------------------------------------------------------------------------
@@ -612,7 +478,7 @@ impl Pair {
 fn failover_with_defaults_keeps_every_flushed_block() {
     let _serial = serial();
     let mut rng = Rng::from_env("DRILL_SEED", "failover_with_defaults_keeps_every_flushed_block");
-    let mut pair = Pair::start(&[]);
+    let mut pair = start_pair(&[]);
     let (mut p, mut s) = (0, 1);
     for round in 1..=3 {
         let writer = Client::writer_under_way(pair.dir(), &pair.nodes[p].uri, &mut rng, round, (500, 1500));
@@ -627,14 +493,7 @@ fn failover_with_defaults_keeps_every_flushed_block() {
         assert!(!json_is(&written, &["error"], "null"), "round {round}: the writer did not notice the kill: {written}");
 
         let (survivor, name) = (&pair.nodes[s], pair.nodes[s].name);
-        wait_until(POLL, &format!("round {round}: {name} promoted"), PROMOTION_MAX, || {
-            let st = survivor.status()?;
-            if json_is(&st, &["role"], "primary") {
-                Ok(())
-            } else {
-                Err(format!("{st}\n{}", pair.logs()))
-            }
-        });
+        pair.wait_promoted(s, &format!("round {round}: {name} promoted"), PROMOTION_MAX);
         let promoted = killed.elapsed();
         let left = FAILOVER_MAX.saturating_sub(promoted).as_secs_f64().max(1.0).to_string();
         let out = Client::spawn(pair.dir(), "fua-until", &survivor.uri, &[&left]).finish(FAILOVER_MAX + CLIENT_SLACK);
@@ -644,7 +503,7 @@ fn failover_with_defaults_keeps_every_flushed_block() {
             json_is(json, &["ok"], "true"),
             "round {round}: {name}, promoted after {promoted:?}, acknowledged no FUA write within {FAILOVER_MAX:?}: \
              {json}\n{}\n{}",
-            survivor.status().unwrap_or_else(|e| e),
+            status(&survivor.admin).unwrap_or_else(|e| e),
             pair.logs()
         );
         let n_durable = verify_record(pair.dir(), &survivor.uri, &format!("round {round}: {name} after failover"));
@@ -654,14 +513,14 @@ fn failover_with_defaults_keeps_every_flushed_block() {
              {failover:?}; {n_durable} durable blocks verified on {name} (writer: {written})",
             pair.nodes[p].name
         );
-        let st = survivor.status().unwrap();
+        let st = status(&survivor.admin).unwrap();
         assert!(
             json_is(&st, &["policy"], "degrade"),
             "round {round}: with a witness the default policy is degrade: {st}"
         );
 
         pair.nodes[p].start();
-        pair.wait_in_sync(s, REJOIN_MAX);
+        pair.wait_in_sync(s);
         (p, s) = (s, p);
     }
     // The last rejoined node holds the same blocks: read it alone, on its store.
@@ -687,8 +546,8 @@ fn failover_with_defaults_keeps_every_flushed_block() {
 fn probes_on_a_secondary_replication_port_leave_the_session_alone() {
     let _serial = serial();
     let mut rng = Rng::from_env("DRILL_SEED", "probes_on_a_secondary_replication_port_leave_the_session_alone");
-    let pair = Pair::start(&[]);
-    let before = pair.nodes[0].status().unwrap();
+    let pair = start_pair(&[]);
+    let before = status(&pair.nodes[0].admin).unwrap();
     let resyncs = json_u64(&before, &["resync", "count"]);
     let writer =
         Client::spawn(pair.dir(), "write", &pair.nodes[0].uri, &[&rng.next().to_string(), "8"]).wait_connected();
@@ -742,12 +601,12 @@ fn probes_on_a_secondary_replication_port_leave_the_session_alone() {
     assert!(json_is(json, &["error"], "null"), "a write failed during the probes: {json}\n{}", pair.logs());
     let latency: f64 = json_field(json, &["max_latency_secs"]).unwrap().parse().unwrap();
     assert!(
-        latency <= PROBED_LATENCY_MAX_SECS,
+        latency <= PROBED_LATENCY_SECS_MAX,
         "the writer stalled during the probes (slowest command {latency:.3} s): {json}\n{}",
         pair.logs()
     );
     assert!(json_u64(json, &["writes"]) > 100, "the writer barely wrote: {json}");
-    let after = pair.nodes[0].status().unwrap();
+    let after = status(&pair.nodes[0].admin).unwrap();
     assert_eq!(
         json_u64(&after, &["resync", "count"]),
         resyncs,
@@ -768,7 +627,7 @@ fn probes_on_a_secondary_replication_port_leave_the_session_alone() {
 #[test]
 fn sigterm_stops_a_node_whose_writes_wait_for_its_peer() {
     let _serial = serial();
-    let mut pair = Pair::start(&["--policy=strict", "--no-auto-failover"]);
+    let mut pair = start_pair(&["--policy=strict", "--no-auto-failover"]);
     pair.nodes[1].kill();
     let mut write = Client::spawn(pair.dir(), "fua", &pair.nodes[0].uri, &["60"]);
     std::thread::sleep(Duration::from_secs(1));
@@ -778,7 +637,7 @@ fn sigterm_stops_a_node_whose_writes_wait_for_its_peer() {
         write.finish(CLIENT_SLACK)
     );
     let st = wait_until(POLL, "the primary shows a waiting write", Duration::from_secs(10), || {
-        let st = pair.nodes[0].status()?;
+        let st = status(&pair.nodes[0].admin)?;
         match json_field(&st, &["waiting", "writes"]).and_then(|n| n.parse::<u64>().ok()) {
             Some(n) if n >= 1 => Ok(st),
             _ => Err(st),
@@ -813,11 +672,11 @@ fn sigterm_stops_a_node_whose_writes_wait_for_its_peer() {
 #[test]
 fn admin_commands_at_a_wrong_port_fail() {
     let _serial = serial();
-    let pair = Pair::start(&[]);
+    let pair = start_pair(&[]);
     let nbd_port = pair.nodes[0].uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
     let wrong = [
         ("a node's NBD port", nbd_port),
-        ("the witness", pair.witness_addr().to_string()),
+        ("the witness", pair.witness_addr.clone()),
         ("a secondary's replication port", pair.nodes[1].repl.clone()),
         ("a port nobody listens on", free_port_addr()),
     ];
@@ -849,14 +708,7 @@ fn immediate_restart_after_sigkill_succeeds() {
     let mut rng = Rng::from_env("DRILL_SEED", "immediate_restart_after_sigkill_succeeds");
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store.img");
-    let args: Vec<String> = vec![
-        "serve".into(),
-        format!("--store={}", store.display()),
-        "--create".into(),
-        "--size=1GiB".into(),
-        VOLUME.into(),
-        "--listen=127.0.0.1:0".into(),
-    ];
+    let args = serve_args(&store, "1GiB", VOLUME_SIZE);
     let start = |round: u32| {
         let log = dir.path().join(format!("serve-{round}.log"));
         let p = syncblock(&log, &args);
@@ -886,18 +738,11 @@ fn immediate_restart_after_sigkill_succeeds() {
 #[test]
 fn a_replaced_store_started_as_primary_acknowledges_nothing() {
     let _serial = serial();
-    let mut pair = Pair::start(&[]);
+    let mut pair = start_pair(&[]);
     let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[0].uri.clone(), &["10"]).finish(CLIENT_SLACK);
     assert!(json_is(out.json("a write before"), &["ok"], "true"));
     pair.nodes[0].kill();
-    wait_until(POLL, "b promoted", PROMOTION_MAX, || {
-        let st = pair.nodes[1].status()?;
-        if json_is(&st, &["role"], "primary") {
-            Ok(())
-        } else {
-            Err(st)
-        }
-    });
+    pair.wait_promoted(1, "b promoted", PROMOTION_MAX);
     // The new disk: an empty store, and the node's original flags.
     let a_store = pair.dir().join("a.img");
     std::fs::remove_file(&a_store).unwrap();
@@ -910,7 +755,7 @@ fn a_replaced_store_started_as_primary_acknowledges_nothing() {
         "the new store's primary acknowledged a write: exit {code}, {out}{err}\n{}",
         pair.logs()
     );
-    let st = pair.nodes[0].status().unwrap();
+    let st = status(&pair.nodes[0].admin).unwrap();
     assert!(st.contains("never been in sync"), "the witness's refusal shows in a's status: {st}");
     // The real primary serves on.
     let out = Client::spawn(pair.dir(), "fua-until", &pair.nodes[1].uri.clone(), &["10"]).finish(CLIENT_SLACK);
@@ -925,7 +770,7 @@ fn a_replaced_store_started_as_primary_acknowledges_nothing() {
         }
     }
     pair.nodes[0].start();
-    pair.wait_in_sync(1, REJOIN_MAX);
+    pair.wait_in_sync(1);
     let out = run(CLI_MAX, BIN, &["verify", "--admin", &pair.nodes[1].admin]);
     assert_eq!(out.0, 0, "verify after the resync: {}{}", out.1, out.2);
 }

@@ -33,13 +33,14 @@
 //! (nbdfuse), fuse3, e2fsprogs and PostgreSQL's server (Debian's `postgresql`, found under
 //! /usr/lib/postgresql/VERSION/bin); `.ci/run` installs the packages. Under CI (`CI` set) a missing
 //! prerequisite fails the test; elsewhere the test says why and skips. Every process is killed and
-//! reaped, every mount and loop device undone, also after a panic ([`Setup`], [`Proc`]); every wait
-//! is bounded; the ports are free ones found by binding port 0; everything lives in a temp dir under
-//! the target directory.
+//! reaped, every mount and loop device undone, also after a panic ([`Setup`], `common::proc::Proc`);
+//! every wait is bounded; the ports are free ones found by binding port 0; everything lives in a temp
+//! dir under the target directory.
 //!
-//! Size: one scenario on real processes. The harness (a witness and two nodes, a host's FUSE, loop
-//! and mount stack, PostgreSQL in its own PID namespace, the clients and their record of commits)
-//! serves only this test, and each piece reads best next to the check that uses it.
+//! Size: one scenario on real processes. The witness and the two nodes are `common::pair`'s, shared
+//! with the drills; the rest of the harness (a host's FUSE, loop and mount stack, PostgreSQL in its
+//! own PID namespace, the clients and their record of commits) serves only this test, and each piece
+//! reads best next to the check that uses it.
 
 mod common;
 
@@ -54,15 +55,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::proc::{free_port_addr, tail, wait_line, Proc};
+use common::pair::{Pair, PairSpec, BIN};
+use common::proc::tail;
 use common::rng::Rng;
 use common::tools::{can_run, missing_root, missing_tool, ok, path, quiet, run, tool, wait_exit, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_syncblock");
 /// How often `wait_until` probes: recovery times are measured with it.
 const POLL: Duration = Duration::from_millis(20);
-/// The replicated volume: ext4 with PostgreSQL's ~40 MiB cluster and a few 16 MiB WAL segments.
-const VOLUME: &str = "vol";
+/// The replicated volume (`vol`): ext4 with PostgreSQL's ~40 MiB cluster and a few 16 MiB WAL
+/// segments.
 const VOLUME_BYTES: u64 = 256 << 20;
 /// Each node's store (sparse: it costs only what is written).
 const STORE_SIZE: &str = "1GiB";
@@ -100,7 +101,7 @@ const RECOVERY_MAX: Duration = Duration::from_secs(120);
 const REJOIN_MAX: Duration = Duration::from_secs(60);
 /// Longest a client session may take to notice that its server died.
 const CLIENT_END_MAX: Duration = Duration::from_secs(30);
-/// Longest one `syncblock status` or `verify` may run.
+/// Longest one `syncblock verify` may run.
 const CLI_MAX: Duration = Duration::from_secs(120);
 
 // ---- Prerequisites ----------------------------------------------------------------------------
@@ -693,42 +694,6 @@ fn check_table(pg: &Pg, host: &Host, ledger: &Mutex<Ledger>) -> Check {
 
 // ---- The nodes ---------------------------------------------------------------------------------
 
-/// The one place that builds a node's `syncblock` command line (for its first start and its
-/// restarts alike, so `--create` on both: it creates the store only if missing): the default
-/// policy and automatic failover, so no `--policy`.
-fn serve_args(store: &Path, role: &str, repl: &str, peer: &str, admin: &str, node: &str, witness: &str) -> Vec<String> {
-    vec![
-        "serve".into(),
-        format!("--store={}", store.display()),
-        "--create".into(),
-        format!("--size={STORE_SIZE}"),
-        format!("--volume={VOLUME}:{VOLUME_BYTES}"),
-        "--listen=127.0.0.1:0".into(),
-        format!("--role={role}"),
-        format!("--repl-listen={repl}"),
-        format!("--peer={peer}"),
-        format!("--admin={admin}"),
-        format!("--node={node}"),
-        format!("--witness={witness}"),
-    ]
-}
-
-/// `syncblock status --json --admin ADDR`: the replication status of the volume, parsed, or why
-/// there is none.
-fn status(admin: &str) -> Result<serde_json::Value, String> {
-    let (code, out, err) = run(CLI_MAX, BIN, &["status", "--json", "--admin", admin]);
-    if code != 0 {
-        return Err(format!("status exited with {code}: {out}{err}"));
-    }
-    // The node's document: its store and its volumes, each with its replication status.
-    let doc: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("status printed {out:?}: {e}"))?;
-    let volumes = doc["volumes"].as_array().ok_or_else(|| format!("no volumes in {out}"))?;
-    match volumes.iter().find(|v| v["name"] == VOLUME) {
-        Some(v) if v["replication"].is_object() => Ok(v["replication"].clone()),
-        _ => Err(format!("no replication status for volume {VOLUME} in {out}")),
-    }
-}
-
 /// `syncblock verify --json --admin ADDR` on a primary: its answer, parsed, if the CLI succeeded
 /// (which it does only when the replicas are identical).
 fn verify(admin: &str) -> Result<serde_json::Value, String> {
@@ -740,114 +705,14 @@ fn verify(admin: &str) -> Result<serde_json::Value, String> {
     }
 }
 
-/// One node: its settings are kept so that a restart reuses its store and ports.
-struct Node {
-    name: &'static str,
-    args: Vec<String>,
-    log: PathBuf,
-    admin: String,
-    /// The NBD URI of its volume, from the current process.
-    uri: String,
-    proc: Option<Proc>,
-}
-
-impl Node {
-    fn start(&mut self) {
-        assert!(self.proc.is_none(), "node {} is running", self.name);
-        let mut cmd = Command::new(BIN);
-        cmd.args(&self.args);
-        let p = Proc::spawn(cmd, &self.log);
-        wait_line(&p, "admin endpoint on ", &self.log);
-        let rest = wait_line(&p, "nbd://", &self.log);
-        let base = rest.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
-        self.uri = format!("nbd://{base}/{VOLUME}");
-        self.proc = Some(p);
-    }
-
-    /// SIGKILL, and reaped before this returns.
-    fn kill(&mut self) {
-        drop(self.proc.take().unwrap_or_else(|| panic!("node {} is not running", self.name)));
-    }
-
-    fn status(&self) -> Result<serde_json::Value, String> {
-        status(&self.admin)
-    }
-}
-
-/// A witness and nodes `a` (first primary) and `b` (first secondary), started as
-/// docs/replication.md does by hand, with the defaults.
-struct Cluster {
-    nodes: [Node; 2],
-    witness: Option<Proc>,
-    root: PathBuf,
-}
-
-impl Cluster {
-    fn start(root: &Path) -> Cluster {
-        let log = root.join("witness.log");
-        let state = root.join("witness.state");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["witness", "--listen=127.0.0.1:0", &format!("--state={}", state.display())]);
-        let witness = Proc::spawn(cmd, &log);
-        let witness_at = wait_line(&witness, "witness on ", &log);
-        let (a_repl, b_repl) = (free_port_addr(), free_port_addr());
-        let node = |name: &'static str, role: &str, repl: &str, peer: &str| {
-            let admin = free_port_addr();
-            let store = root.join(format!("{name}.img"));
-            let args = serve_args(&store, role, repl, peer, &admin, name, &witness_at);
-            Node { name, args, log: root.join(format!("{name}.log")), admin, uri: String::new(), proc: None }
-        };
-        let mut cluster = Cluster {
-            nodes: [node("a", "primary", &a_repl, &b_repl), node("b", "secondary", &b_repl, &a_repl)],
-            witness: Some(witness),
-            root: root.to_path_buf(),
-        };
-        cluster.nodes[1].start();
-        cluster.nodes[0].start();
-        cluster.wait_in_sync(0, REJOIN_MAX);
-        cluster
-    }
-
-    /// Waits until node `primary` says it is primary with its peer connected and in sync, and the
-    /// other node says it is secondary; returns the primary's status.
-    fn wait_in_sync(&self, primary: usize, max: Duration) -> serde_json::Value {
-        let (p, s) = (&self.nodes[primary], &self.nodes[1 - primary]);
-        wait_until(POLL, &format!("{} primary with {} in sync", p.name, s.name), max, || {
-            let st = p.status()?;
-            let st_s = s.status()?;
-            let ok = st["role"] == "primary"
-                && st["peer"]["connected"] == true
-                && st["peer"]["in_sync"] == true
-                && st_s["role"] == "secondary";
-            if ok {
-                Ok(st)
-            } else {
-                Err(format!("{}: {st}\n{}: {st_s}\n{}", p.name, s.name, self.logs()))
-            }
-        })
-    }
-
-    /// The end of every node's log, for failure messages.
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for name in ["witness", "a", "b"] {
-            let log = self.root.join(format!("{name}.log"));
-            if log.exists() {
-                out += &format!("--- {name}.log (end)\n{}\n", tail(&log, 15));
-            }
-        }
-        out
-    }
-
-    /// SIGTERM to each node, then the witness; each must exit cleanly.
-    fn stop(mut self) {
-        for node in &mut self.nodes {
-            if let Some(p) = node.proc.take() {
-                p.stop();
-            }
-        }
-        self.witness.take().unwrap().stop();
-    }
+/// A witness and nodes `a` (first primary) and `b` (first secondary) in `root` (`common::pair`),
+/// started as docs/replication.md does by hand, with the defaults: the default policy and
+/// automatic failover, so no `--policy`.
+fn start_cluster(root: &Path) -> Pair {
+    let volume_size = VOLUME_BYTES.to_string();
+    let spec =
+        PairSpec { store_size: STORE_SIZE, volume_size: &volume_size, flags: &[], poll: POLL, rejoin_max: REJOIN_MAX };
+    Pair::start(root, &spec)
 }
 
 // ---- Processes and waits -----------------------------------------------------------------------
@@ -930,7 +795,7 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
         eprintln!("PG_KEEP: keeping {}", root.display());
         std::mem::forget(dir);
     }
-    let mut cluster = Cluster::start(root);
+    let mut cluster = start_cluster(root);
     // Declared after the cluster, so dropped before it: unmounting while the nodes still run.
     let mut setup = Setup::default();
     let hosts = [Host::new(root, "a", &pg), Host::new(root, "b", &pg)];
@@ -973,16 +838,9 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
 
         // The survivor: promoted by itself, then ext4 and PostgreSQL recover on its export.
         let node = &cluster.nodes[s];
-        wait_until(POLL, &format!("round {round}: {} promoted", node.name), PROMOTION_MAX, || {
-            let st = node.status()?;
-            if st["role"] == "primary" {
-                Ok(())
-            } else {
-                Err(format!("{st}\n{}", cluster.logs()))
-            }
-        });
+        cluster.wait_promoted(s, &format!("round {round}: {} promoted", node.name), PROMOTION_MAX);
         let promoted = killed.elapsed();
-        let st = node.status().unwrap();
+        let st = node.replication().unwrap();
         assert_eq!(st["policy"], "degrade", "round {round}: with a witness the default policy is degrade: {st}");
         let dev = survivor.attach(&mut setup, &node.uri);
         let (code, out, err) = tool("e2fsck", &["-f", "-p", &dev]);
@@ -1034,10 +892,10 @@ fn postgres_survives_the_loss_of_its_host_with_every_committed_transaction() {
         // The old primary returns with its first arguments: it must rejoin as secondary and be
         // resynced incrementally, and then the replicas must be identical.
         let resyncs = |st: &serde_json::Value| st["resync"]["count"].as_u64().unwrap_or_else(|| panic!("{st}"));
-        let resyncs_before = resyncs(&cluster.nodes[s].status().unwrap());
+        let resyncs_before = resyncs(&cluster.nodes[s].replication().unwrap());
         let rejoin_started = Instant::now();
         cluster.nodes[p].start();
-        let st = cluster.wait_in_sync(s, REJOIN_MAX);
+        let st = cluster.wait_in_sync(s);
         let rejoined = rejoin_started.elapsed();
         assert!(
             resyncs(&st) > resyncs_before && st["resync"]["full"] == false,
