@@ -17,7 +17,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::random_image;
-use common::tools::{can_run, missing_root, missing_tool, ok, path, quiet, tool, wait_exit};
+use common::tools::{
+    can_run, missing_root, missing_tool, ok, path, quiet, tool, umount_quietly, umount_retrying, wait_exit,
+};
 
 const VOLUME_BYTES: u64 = 256 << 20;
 /// Longest wait for a process to start serving or to exit.
@@ -66,15 +68,7 @@ impl Setup {
     /// panic's `drop` still forces it away.
     fn release(&mut self) {
         match self.0.last_mut().expect("something to release") {
-            Held::Mount(dir) => {
-                // A loop device detached a moment ago may still hold the file: retry briefly.
-                let d = dir.to_str().unwrap();
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while tool("umount", &[d]).0 != 0 {
-                    assert!(Instant::now() < deadline, "umount {d} keeps failing");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
+            Held::Mount(dir) => umount_retrying(dir),
             Held::Loop(dev) => {
                 ok("losetup", &["-d", dev]);
             }
@@ -97,12 +91,7 @@ impl Drop for Setup {
     fn drop(&mut self) {
         while let Some(held) = self.0.pop() {
             match held {
-                Held::Mount(dir) => {
-                    let d = dir.to_str().unwrap_or_default();
-                    if !quiet("umount", &[d]) {
-                        quiet("umount", &["-l", d]);
-                    }
-                }
+                Held::Mount(dir) => umount_quietly(&dir),
                 Held::Loop(dev) => {
                     quiet("losetup", &["-d", &dev]);
                 }

@@ -58,7 +58,10 @@ use std::time::{Duration, Instant};
 use common::pair::{Pair, PairSpec, BIN};
 use common::proc::tail;
 use common::rng::Rng;
-use common::tools::{can_run, missing_root, missing_tool, ok, path, quiet, run, tool, wait_exit, wait_until};
+use common::tools::{
+    can_run, missing_root, missing_tool, ok, path, quiet, run, tool, umount_quietly, umount_retrying, wait_exit,
+    wait_until,
+};
 
 /// How often `wait_until` probes: recovery times are measured with it.
 const POLL: Duration = Duration::from_millis(20);
@@ -281,15 +284,7 @@ impl Setup {
                     let d = dir.to_str().unwrap();
                     ok("umount", &["-l", d]);
                 }
-                Held::Mount(dir) | Held::Fuse(dir) => {
-                    // A loop device detached a moment ago may still hold the file: retry briefly.
-                    let d = dir.to_str().unwrap();
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    while tool("umount", &[d]).0 != 0 {
-                        assert!(Instant::now() < deadline, "umount {d} keeps failing");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
+                Held::Mount(dir) | Held::Fuse(dir) => umount_retrying(dir),
                 Held::Loop(dev) => {
                     // On a dead host the lazily unmounted ext4 may still hold it: then the kernel
                     // frees it once ext4 lets go (autoclear), and losetup -d still succeeds.
@@ -323,12 +318,7 @@ impl Drop for Setup {
                         eprintln!("--- nbdfuse on {host} ---\n{}", tail(&log, 20));
                     }
                 }
-                Held::Mount(dir) | Held::Fuse(dir) => {
-                    let d = dir.to_str().unwrap_or_default();
-                    if !quiet("umount", &[d]) {
-                        quiet("umount", &["-l", d]);
-                    }
-                }
+                Held::Mount(dir) | Held::Fuse(dir) => umount_quietly(&dir),
                 Held::Loop(dev) => {
                     quiet("losetup", &["-d", &dev]);
                 }

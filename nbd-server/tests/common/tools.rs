@@ -135,3 +135,22 @@ pub fn fio_crc32c_args(name: &str, uri: &str, offset: &str, mode: &str) -> Vec<S
     ];
     args.iter().map(|a| a.to_string()).collect()
 }
+
+/// Unmounts `dir`, retrying for up to 10 s: a loop device detached a moment ago may still hold the
+/// file system.
+pub fn umount_retrying(dir: &std::path::Path) {
+    let d = dir.to_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tool("umount", &[d]).0 != 0 {
+        assert!(Instant::now() < deadline, "umount {d} keeps failing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Unmounts `dir` in a cleanup, lazily if a plain unmount fails; never panics.
+pub fn umount_quietly(dir: &std::path::Path) {
+    let d = dir.to_str().unwrap_or_default();
+    if !quiet("umount", &[d]) {
+        quiet("umount", &["-l", d]);
+    }
+}
