@@ -41,8 +41,8 @@ fn random_bytes(rng: &mut Rng, max_len: u64) -> Vec<u8> {
     (0..n).map(|_| rng.next_u64() as u8).collect()
 }
 
-/// Flips, overwrites, inserts or deletes a few bytes.
-fn mutate(rng: &mut Rng, b: &mut Vec<u8>) {
+/// `b` with a few bytes flipped, overwritten, inserted or deleted.
+fn mutated(rng: &mut Rng, mut b: Vec<u8>) -> Vec<u8> {
     for _ in 0..=rng.below(4) {
         match rng.below(5) {
             0 if !b.is_empty() => {
@@ -64,6 +64,7 @@ fn mutate(rng: &mut Rng, b: &mut Vec<u8>) {
             _ => b.truncate(rng.below(b.len() as u64 + 1) as usize),
         }
     }
+    b
 }
 
 fn name(rng: &mut Rng) -> &'static str {
@@ -112,21 +113,31 @@ fn valid_request(rng: &mut Rng) -> Vec<u8> {
     b
 }
 
-#[test]
-fn nbd_handshake_survives_random_and_mutated_negotiations() {
-    let mut rng = Rng::new(0x6e62_6468);
+/// One to five valid request headers in a row.
+fn valid_requests(rng: &mut Rng) -> Vec<u8> {
+    (0..=rng.below(4)).flat_map(|_| valid_request(rng)).collect()
+}
+
+/// Runs `target` on `cases()` inputs from `seed`: a quarter random bytes (up to `random_max_len`),
+/// a quarter `valid` ones, and half `valid` ones mutated.
+fn feed(name: &str, target: fn(&[u8]), seed: u64, random_max_len: u64, valid: fn(&mut Rng) -> Vec<u8>) {
+    let mut rng = Rng::new(seed);
     for case in 0..cases() {
         let input = match case % 4 {
-            0 => random_bytes(&mut rng, 256),
-            1 => valid_handshake(&mut rng),
+            0 => random_bytes(&mut rng, random_max_len),
+            1 => valid(&mut rng),
             _ => {
-                let mut b = valid_handshake(&mut rng);
-                mutate(&mut rng, &mut b);
-                b
+                let b = valid(&mut rng);
+                mutated(&mut rng, b)
             }
         };
-        run("nbd_handshake", nbd_checks::nbd_handshake, &input);
+        run(name, target, &input);
     }
+}
+
+#[test]
+fn nbd_handshake_survives_random_and_mutated_negotiations() {
+    feed("nbd_handshake", nbd_checks::nbd_handshake, 0x6e62_6468, 256, valid_handshake);
 }
 
 #[test]
@@ -143,17 +154,5 @@ fn nbd_handshake_reaches_transmission_from_valid_input() {
 
 #[test]
 fn nbd_request_survives_random_and_mutated_headers() {
-    let mut rng = Rng::new(0x7265_7175);
-    for case in 0..cases() {
-        let input = match case % 4 {
-            0 => random_bytes(&mut rng, 100),
-            1 => (0..=rng.below(4)).flat_map(|_| valid_request(&mut rng)).collect(),
-            _ => {
-                let mut b: Vec<u8> = (0..=rng.below(4)).flat_map(|_| valid_request(&mut rng)).collect();
-                mutate(&mut rng, &mut b);
-                b
-            }
-        };
-        run("nbd_request", nbd_checks::nbd_request, &input);
-    }
+    feed("nbd_request", nbd_checks::nbd_request, 0x7265_7175, 100, valid_requests);
 }
