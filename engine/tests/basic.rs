@@ -2,16 +2,18 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::{Config, CreateOptions, Driver, Error, Store, BLOCK_BYTES};
+use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::{Config, CreateOptions, Driver, Error, Store, VolumeId, VolumeInfo, BLOCK_BYTES};
 
 #[test]
 fn write_read_flush_reopen_on_sim() {
-    let disk = sim_disk(64 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 64 << 20, 16 << 20);
     let a = pattern(1, 3 * BLOCK_BYTES);
     rt.block_on(store.write(vol.id, 8192, Bytes::from(a.clone()), false)).unwrap();
     // Unaligned write over the middle.
@@ -34,10 +36,8 @@ fn write_read_flush_reopen_on_sim() {
 
 #[test]
 fn out_of_range_and_missing_volume_are_errors() {
-    let disk = sim_disk(16 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (_disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     let e = rt.block_on(store.write(vol.id, (1 << 20) - 10, Bytes::from(vec![1u8; 20]), false)).unwrap_err();
     assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
     let e = rt.block_on(store.read(syncblock_engine::VolumeId(99), 0, 1)).unwrap_err();
@@ -112,10 +112,8 @@ fn a_store_can_be_open_only_once() {
 /// write instead of a sync. (Power-cut safety of all three is in `powercut.rs`.)
 #[test]
 fn flushes_sync_exactly_what_is_not_durable() {
-    let disk = sim_disk(64 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 64 << 20, 16 << 20);
     let stats = || rt.block_on(store.stats()).unwrap();
     let write =
         |lba: u64| rt.block_on(store.write(vol.id, lba * 4096, Bytes::from(pattern(lba, 4096)), false)).unwrap();
@@ -220,8 +218,6 @@ fn engine_on_the_callers_runtime_serves_closes_and_stops_when_dropped() {
     reopened.close().unwrap();
 }
 
-/// A simulated device with latency, on a virtual clock: a write takes virtual time, other tasks run
-/// meanwhile, and a crash image taken while it is in flight does not hold it.
 /// A single-threaded runtime on a paused clock: simulated device latency takes virtual time.
 fn paused_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap()
@@ -232,24 +228,37 @@ fn on_this_runtime() -> Config {
     Config { driver: Driver::Runtime(tokio::runtime::Handle::current()), ..Config::default() }
 }
 
-/// Opens a store on `disk` behind a simulated device whose I/O takes about `latency`.
-async fn open_with_latency(
-    disk: &std::sync::Arc<std::sync::Mutex<syncblock_engine::sim::SimDisk>>,
-    latency: std::time::Duration,
-) -> Store {
-    let dev = syncblock_engine::sim::SimDevice::new(disk.clone()).with_latency(latency, 7);
-    Store::open_device_async(Box::new(dev), on_this_runtime(), "sim").await.unwrap()
+/// A store on `disk` behind a simulated device whose I/O takes about `latency`, on the calling
+/// runtime, and its new volume "v" of `volume_bytes`.
+async fn latency_volume(disk: &Arc<Mutex<SimDisk>>, latency: Duration, volume_bytes: u64) -> (Store, VolumeInfo) {
+    let dev = SimDevice::new(disk.clone()).with_latency(latency, 7);
+    let store = Store::open_device_async(Box::new(dev), on_this_runtime(), "sim").await.unwrap();
+    let vol = store.create_volume("v", volume_bytes).await.unwrap();
+    (store, vol)
 }
 
+/// The image a crash now would leave: what the device completed, not what is still in flight.
+fn crash_image_now(disk: &Arc<Mutex<SimDisk>>) -> Vec<u8> {
+    let d = disk.lock().unwrap();
+    d.crash_image(d.n_ops(), 1)
+}
+
+/// `image` recovered on the calling runtime: the store and its volume "v".
+async fn recover_on_this_runtime(image: Vec<u8>) -> (Store, VolumeId) {
+    let dev = Box::new(SimDevice::new(SimDisk::new(image)));
+    let store = Store::open_device_async(dev, on_this_runtime(), "sim").await.unwrap();
+    let vol = store.volume("v").await.unwrap();
+    (store, vol.id)
+}
+
+/// A simulated device with latency, on a virtual clock: a write takes virtual time, other tasks run
+/// meanwhile, and a crash image taken while it is in flight does not hold it.
 #[test]
 fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write() {
-    use std::time::Duration;
-    use syncblock_engine::sim::{SimDevice, SimDisk};
     let disk = sim_disk(64 << 20, 1 << 20);
     let rt = paused_rt();
     rt.block_on(async {
-        let store = open_with_latency(&disk, Duration::from_micros(400)).await;
-        let vol = store.create_volume("v", 16 << 20).await.unwrap();
+        let (store, vol) = latency_volume(&disk, Duration::from_micros(400), 16 << 20).await;
         let t0 = tokio::time::Instant::now();
         store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), true).await.unwrap();
         let took = t0.elapsed();
@@ -261,18 +270,12 @@ fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write(
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
         assert!(!w.is_finished(), "the write completed without virtual time passing");
-        let image = {
-            let d = disk.lock().unwrap();
-            d.crash_image(d.n_ops(), 1)
-        };
+        let image = crash_image_now(&disk);
         w.await.unwrap().unwrap();
-        let crashed = SimDisk::new(image);
-        let reopened =
-            Store::open_device_async(Box::new(SimDevice::new(crashed)), on_this_runtime(), "sim").await.unwrap();
-        let v = reopened.volume("v").await.unwrap();
-        let first = reopened.read(v.id, 0, BLOCK_BYTES as u64).await.unwrap();
+        let (reopened, v) = recover_on_this_runtime(image).await;
+        let first = reopened.read(v, 0, BLOCK_BYTES as u64).await.unwrap();
         assert_eq!(&first[..], &pattern(1, BLOCK_BYTES)[..], "the durable write survives");
-        let second = reopened.read(v.id, 4096, BLOCK_BYTES as u64).await.unwrap();
+        let second = reopened.read(v, 4096, BLOCK_BYTES as u64).await.unwrap();
         assert!(second.iter().all(|b| *b == 0), "the write in flight at the crash is not there");
         drop(reopened);
         drop(store);
@@ -281,32 +284,23 @@ fn sim_device_latency_takes_virtual_time_and_a_crash_meanwhile_misses_the_write(
 
 #[test]
 fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_durable() {
-    use std::time::Duration;
-    use syncblock_engine::sim::{SimDevice, SimDisk};
     let disk = sim_disk(64 << 20, 1 << 20);
     let rt = paused_rt();
     rt.block_on(async {
-        let store = open_with_latency(&disk, Duration::from_micros(400)).await;
-        let vol = store.create_volume("v", 16 << 20).await.unwrap();
+        let (store, vol) = latency_volume(&disk, Duration::from_micros(400), 16 << 20).await;
         let data = pattern(1, 2 * BLOCK_BYTES);
         let t0 = tokio::time::Instant::now();
         store.write_back(vol.id, 4096, Bytes::from(data.clone())).await.unwrap();
         assert_eq!(t0.elapsed(), Duration::ZERO, "answered without waiting for the device");
         assert_eq!(&store.read(vol.id, 4096, 2 * BLOCK_BYTES as u64).await.unwrap()[..], &data[..], "reads see it");
         assert_eq!(store.stats().await.unwrap().write_back_acks, 1);
-        let crash_image = || {
-            let d = disk.lock().unwrap();
-            d.crash_image(d.n_ops(), 1)
-        };
-        let before_flush = crash_image();
+        let before_flush = crash_image_now(&disk);
         store.flush().await.unwrap();
         assert!(t0.elapsed() >= Duration::from_micros(100), "the flush waited for the log write");
-        let after_flush = crash_image();
+        let after_flush = crash_image_now(&disk);
         for (image, expect_data) in [(before_flush, false), (after_flush, true)] {
-            let dev = Box::new(SimDevice::new(SimDisk::new(image)));
-            let reopened = Store::open_device_async(dev, on_this_runtime(), "sim").await.unwrap();
-            let v = reopened.volume("v").await.unwrap();
-            let got = reopened.read(v.id, 4096, 2 * BLOCK_BYTES as u64).await.unwrap();
+            let (reopened, v) = recover_on_this_runtime(image).await;
+            let got = reopened.read(v, 4096, 2 * BLOCK_BYTES as u64).await.unwrap();
             if expect_data {
                 assert_eq!(&got[..], &data[..], "flushed write-back data survives a crash");
             } else {
@@ -319,13 +313,11 @@ fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_dur
 
 #[test]
 fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
-    use std::time::Duration;
     use syncblock_engine::core::WRITE_BACK_MAX_BLOCKS;
     let disk = sim_disk(256 << 20, 4 << 20);
     let rt = paused_rt();
     rt.block_on(async {
-        let store = open_with_latency(&disk, Duration::from_millis(5)).await;
-        let vol = store.create_volume("v", 128 << 20).await.unwrap();
+        let (store, vol) = latency_volume(&disk, Duration::from_millis(5), 128 << 20).await;
         // 1 MiB writes: the budget holds exactly this many before any log write completes.
         let per_write = 256u64;
         let within = (WRITE_BACK_MAX_BLOCKS / per_write) as usize;
@@ -359,10 +351,8 @@ fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
 
 #[test]
 fn write_back_writes_answered_before_close_are_there_after_reopen() {
-    let disk = sim_disk(64 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 16 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 64 << 20, 16 << 20);
     let mut expect = Vec::new();
     for i in 0..64u64 {
         let data = pattern(100 + i, BLOCK_BYTES);

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use common::*;
 use syncblock_engine::format::{RecordHeader, SegmentHeader, Superblock};
-use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::sim::SimDisk;
 use syncblock_engine::{Config, Error, Lsn, Since, Store, BLOCK_BYTES};
 
 /// Every record in a store image: (device offset of its header, header).
@@ -37,27 +37,10 @@ fn records(image: &[u8]) -> Vec<(usize, RecordHeader)> {
     out
 }
 
-/// Stops a store without its shutdown checkpoint, leaving the log as the only record of recent
-/// writes (as after a crash once everything was flushed).
-fn crash(store: Store, disk: &Arc<Mutex<SimDisk>>) -> Vec<u8> {
-    let image = disk.lock().unwrap().written.clone();
-    disk.lock().unwrap().fail_writes_from = Some(0);
-    drop(store);
-    image
-}
-
-fn open_image(image: Vec<u8>) -> (Arc<Mutex<SimDisk>>, syncblock_engine::Result<Store>) {
-    let disk = SimDisk::new(image);
-    let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "img");
-    (disk, store)
-}
-
 /// Three flushed writes of 4 blocks each to LBAs 0, 8, 16 after the volume's creation checkpoint.
 fn three_flushed_writes() -> (Vec<u8>, Vec<Vec<u8>>) {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.checkpoint()).unwrap();
     let mut datas = Vec::new();
     for i in 0..3u64 {
@@ -117,9 +100,7 @@ fn recovery_refuses_corrupt_data_block_of_a_durable_record() {
 #[test]
 fn recovery_discards_torn_tail_after_last_flush() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     let a = pattern(1, 4 * BLOCK_BYTES);
     rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
     // Not flushed: may be lost, and here it is torn.
@@ -139,9 +120,7 @@ fn recovery_discards_torn_tail_after_last_flush() {
 #[test]
 fn corrupt_data_block_in_checkpointed_segment_is_reported_on_read() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(5, 8 * BLOCK_BYTES)), false)).unwrap();
     store.close().unwrap();
     let mut image = disk.lock().unwrap().written.clone();
@@ -202,13 +181,21 @@ fn damaged_newest_checkpoint_falls_back_to_the_older_one() {
     }
 }
 
+/// `store`'s device image, reopened once the store is dropped, holds `block` (block 0): what was
+/// durable before the failure is still there.
+fn reopened_holds(store: Store, disk: &Arc<Mutex<SimDisk>>, block: &[u8]) {
+    let image = disk.lock().unwrap().written.clone();
+    drop(store);
+    let (_d, store) = open_image(image);
+    let store = store.unwrap();
+    assert_eq!(&read_all(&store, BLOCK_BYTES as u64)[..], block);
+}
+
 /// A store with one durable block (block 0, returned) on a device whose writes fail from now on.
 fn one_durable_block_then_failing_writes(
     rt: &tokio::runtime::Runtime,
 ) -> (Arc<Mutex<SimDisk>>, Store, syncblock_engine::VolumeInfo, Vec<u8>) {
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(rt, 16 << 20, 1 << 20);
     let a = pattern(1, BLOCK_BYTES);
     rt.block_on(store.write(vol.id, 0, Bytes::from(a.clone()), true)).unwrap();
     let n = disk.lock().unwrap().n_writes;
@@ -233,11 +220,7 @@ fn failed_write_poisons_the_store_and_reopen_recovers() {
     assert!(matches!(rt.block_on(store.flush()), Err(Error::Poisoned { .. })));
     // Reads of acknowledged data still work.
     assert_eq!(&rt.block_on(store.read(vol.id, 0, BLOCK_BYTES as u64)).unwrap()[..], &a[..]);
-    let image = disk.lock().unwrap().written.clone();
-    drop(store);
-    let (_d, store) = open_image(image);
-    let store = store.unwrap();
-    assert_eq!(&read_all(&store, BLOCK_BYTES as u64)[..], &a[..]);
+    reopened_holds(store, &disk, &a);
 }
 
 #[test]
@@ -255,19 +238,13 @@ fn a_failed_log_write_behind_a_write_back_answer_fails_the_next_flush() {
         Err(Error::Poisoned { .. })
     ));
     // What was durable before is still there after a reopen.
-    let image = disk.lock().unwrap().written.clone();
-    drop(store);
-    let (_d, store) = open_image(image);
-    let store = store.unwrap();
-    assert_eq!(&read_all(&store, BLOCK_BYTES as u64)[..], &a[..]);
+    reopened_holds(store, &disk, &a);
 }
 
 #[test]
 fn failed_sync_fails_the_flush_and_poisons() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), false)).unwrap();
     let n = disk.lock().unwrap().n_syncs;
     disk.lock().unwrap().fail_syncs_from = Some(n);
@@ -354,9 +331,7 @@ fn volume_table_changes_persist() {
 #[test]
 fn changed_since_lists_live_blocks_written_after_an_lsn() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (_disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, 8 * BLOCK_BYTES)), false)).unwrap();
     rt.block_on(store.flush()).unwrap();
     let mark = rt.block_on(store.durable_lsn()).unwrap();

@@ -57,12 +57,17 @@ fn forge_checkpoint_header(disk: &std::sync::Arc<std::sync::Mutex<SimDisk>>, edi
 /// back to 0, so the store would have served with `next_lsn = 0`.
 #[test]
 fn checkpoint_with_next_lsn_zero_is_rejected_not_trusted() {
+    check_forged_checkpoint_is_rejected("next_lsn = 0", |h| h.next_lsn = Lsn(0));
+}
+
+/// Opening a store whose checkpoint header `edit` forged (`what` it says) fails, and does not panic.
+fn check_forged_checkpoint_is_rejected(what: &str, edit: impl Fn(&mut CheckpointHeader)) {
     let disk = sim_disk(16 << 20, 1 << 20);
-    forge_checkpoint_header(&disk, |h| h.next_lsn = Lsn(0));
+    forge_checkpoint_header(&disk, edit);
     let opened = std::panic::catch_unwind(|| open_sim(&disk, Config::default()).map(|s| s.close()));
     match opened {
-        Err(_) => panic!("opening a store whose checkpoint says next_lsn = 0 panicked"),
-        Ok(r) => assert!(r.is_err(), "a checkpoint with next_lsn = 0 was trusted"),
+        Err(_) => panic!("opening a store whose checkpoint says {what} panicked"),
+        Ok(r) => assert!(r.is_err(), "a checkpoint with {what} was trusted"),
     }
 }
 
@@ -74,14 +79,8 @@ fn checkpoint_with_next_lsn_zero_is_rejected_not_trusted() {
 /// so recovery would start from a stale checkpoint.
 #[test]
 fn checkpoint_with_seq_near_u64_max_is_rejected_not_trusted() {
-    let disk = sim_disk(16 << 20, 1 << 20);
     // Odd, so it stays in slot 1 where seq 1 was; two checkpoints later seq would pass u64::MAX.
-    forge_checkpoint_header(&disk, |h| h.seq = u64::MAX - 2);
-    let opened = std::panic::catch_unwind(|| open_sim(&disk, Config::default()).map(|s| s.close()));
-    match opened {
-        Err(_) => panic!("opening a store whose checkpoint says seq = u64::MAX - 2 panicked"),
-        Ok(r) => assert!(r.is_err(), "a checkpoint with seq = u64::MAX - 2 was trusted"),
-    }
+    check_forged_checkpoint_is_rejected("seq = u64::MAX - 2", |h| h.seq = u64::MAX - 2);
 }
 
 /// When the engine thread dies (here: a panic in `step_checkpoint`, see the test above), later
@@ -116,10 +115,8 @@ fn calls_after_the_engine_thread_died_fail_instead_of_hanging() {
 /// a shrink and a grow that came later in the log, so reads changed across a crash.)
 #[test]
 fn resize_does_not_overtake_a_write_in_flight() {
-    let disk = sim_disk(16 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     let at = 200 * BLOCK_BYTES as u64;
     rt.block_on(async {
         let (w, a, b) = tokio::join!(
@@ -133,11 +130,8 @@ fn resize_does_not_overtake_a_write_in_flight() {
     });
     rt.block_on(store.flush()).unwrap();
     let live = rt.block_on(store.read(vol.id, at, BLOCK_BYTES as u64)).unwrap();
-    let image = disk.lock().unwrap().written.clone();
-    disk.lock().unwrap().fail_writes_from = Some(0);
-    drop(store);
-    let crashed = SimDisk::new(image);
-    let store = open_sim(&crashed, Config::default()).unwrap();
+    let (_crashed, store) = open_image(crash(store, &disk));
+    let store = store.unwrap();
     let recovered = rt.block_on(store.read(vol.id, at, BLOCK_BYTES as u64)).unwrap();
     assert_eq!(live, recovered, "the live engine and recovery disagree");
     assert!(live.iter().all(|b| *b == 0), "the shrink came after the write, so the block is gone");
@@ -149,10 +143,8 @@ fn resize_does_not_overtake_a_write_in_flight() {
 /// `JoinHandle`, so the "last handle dropped" shutdown could never run.)
 #[test]
 fn dropping_the_last_handle_stops_the_engine_and_releases_the_device() {
-    let disk = sim_disk(16 << 20, 1 << 20);
     let rt = rt();
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.write(vol.id, 0, Bytes::from(pattern(1, BLOCK_BYTES)), false)).unwrap();
     let clone = store.clone();
     drop(store);

@@ -8,22 +8,28 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::sim::SimDisk;
 use syncblock_engine::{Config, Since, Store, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 
 /// Drops the store without its shutdown checkpoint: the reopened store must replay the log.
 fn crash_and_reopen(store: Store, disk: &Arc<Mutex<SimDisk>>) -> (Store, Arc<Mutex<SimDisk>>) {
-    let image = disk.lock().unwrap().written.clone();
-    disk.lock().unwrap().fail_writes_from = Some(0);
-    drop(store);
-    let disk = SimDisk::new(image);
-    let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "img").unwrap();
-    (store, disk)
+    let (disk, store) = open_image(crash(store, disk));
+    (store.unwrap(), disk)
 }
 
 async fn tagged_write(store: &Store, vol: VolumeId, lba: u64, seed: u64, tag: Tag) {
     let data = Bytes::from(pattern(seed, BLOCK_BYTES));
     store.enqueue_write(vol, lba * BLOCK_BYTES_U64, data, false, tag).await.unwrap().wait().await.unwrap();
+}
+
+async fn tagged_trim(store: &Store, vol: VolumeId, lba: u64, n_blocks: u64, tag: Tag) {
+    let (offset, len) = (lba * BLOCK_BYTES_U64, n_blocks * BLOCK_BYTES_U64);
+    store.enqueue_trim(vol, offset, len, tag).await.unwrap().wait().await.unwrap();
+}
+
+/// One block, read through `rt`.
+fn read_block(rt: &tokio::runtime::Runtime, store: &Store, vol: VolumeId, lba: u64) -> Bytes {
+    rt.block_on(store.read(vol, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap()
 }
 
 fn runs(r: Vec<syncblock_engine::ChangedRun>) -> Vec<(u64, u64)> {
@@ -33,22 +39,14 @@ fn runs(r: Vec<syncblock_engine::ChangedRun>) -> Vec<(u64, u64)> {
 #[test]
 fn last_tag_follows_tagged_writes_not_resync_writes_and_survives_replay() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     assert_eq!(vol.last_tag, 0);
     assert_eq!(vol.trim_floor, u64::MAX, "unreplicated volumes retain no trims");
     rt.block_on(async {
         tagged_write(&store, vol.id, 0, 1, Tag::seq(1)).await;
         tagged_write(&store, vol.id, 1, 2, Tag::seq(2)).await;
         tagged_write(&store, vol.id, 2, 3, Tag::resync(50)).await;
-        store
-            .enqueue_trim(vol.id, 3 * BLOCK_BYTES_U64, BLOCK_BYTES_U64, Tag::seq(3))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        tagged_trim(&store, vol.id, 3, 1, Tag::seq(3)).await;
         store.write(vol.id, 4 * BLOCK_BYTES_U64, Bytes::from(pattern(9, BLOCK_BYTES)), false).await.unwrap();
         store.flush().await.unwrap();
     });
@@ -74,21 +72,13 @@ fn last_tag_follows_tagged_writes_not_resync_writes_and_survives_replay() {
 #[test]
 fn tag_scan_finds_writes_and_trims_after_a_tag() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
     rt.block_on(async {
         for lba in 0..8 {
             tagged_write(&store, vol.id, lba, lba, Tag::seq(lba + 1)).await;
         }
-        store
-            .enqueue_trim(vol.id, 20 * BLOCK_BYTES_U64, 10 * BLOCK_BYTES_U64, Tag::seq(9))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        tagged_trim(&store, vol.id, 20, 10, Tag::seq(9)).await;
         tagged_write(&store, vol.id, 3, 100, Tag::seq(10)).await;
         store.flush().await.unwrap();
     });
@@ -105,9 +95,7 @@ fn tag_scan_finds_writes_and_trims_after_a_tag() {
 fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_passes() {
     let rt = rt();
     // 24 segments of 256 blocks; the volume is 2 MiB (512 blocks), rewritten over and over.
-    let disk = sim_disk(24 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 2 << 20)).unwrap();
+    let (_disk, store, vol) = sim_volume(&rt, 24 << 20, 2 << 20);
     rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
     let mut tag = 0u64;
     rt.block_on(async {
@@ -116,13 +104,7 @@ fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_pa
             tagged_write(&store, vol.id, lba, lba, Tag::seq(tag)).await;
         }
         tag += 1;
-        store
-            .enqueue_trim(vol.id, 100 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::seq(tag))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        tagged_trim(&store, vol.id, 100, 4, Tag::seq(tag)).await;
     });
     let trim_tag = tag;
     // Rewrite everything (except the trimmed range) several times: the trim's segment becomes
@@ -159,16 +141,14 @@ fn trims_above_the_floor_survive_cleaning_and_free_their_space_once_the_floor_pa
             store.checkpoint().await.unwrap();
         }
     });
-    let data = rt.block_on(store.read(vol.id, 511 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
+    let data = read_block(&rt, &store, vol.id, 511);
     assert_eq!(&data[..], &pattern(50_000 + 11_000 + 511, BLOCK_BYTES)[..]);
 }
 
 #[test]
 fn a_read_queued_after_a_write_sees_it_and_one_queued_before_does_not() {
     let rt = rt();
-    let disk = sim_disk(16 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 1 << 20)).unwrap();
+    let (_disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
     rt.block_on(async {
         let before = store.enqueue_read(vol.id, 0, BLOCK_BYTES_U64).await.unwrap();
         let w = store.enqueue_write(vol.id, 0, Bytes::from(pattern(7, BLOCK_BYTES)), false, Tag::seq(1)).await.unwrap();
@@ -252,56 +232,44 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
 /// A resync's writes and trims stay out of the volume's committed image until the commit: a crash
 /// before it recovers the image as it was (the staged blocks are dropped), reads meanwhile see the
 /// newest data, and the cleaner moving staged blocks does not lose them.
+/// A resync's writes under `tag`: blocks 0..8 rewritten (block `lba` with `pattern(seed + lba)`),
+/// 8..12 trimmed.
+async fn stage_resync(store: &Store, vol: VolumeId, seed: u64, tag: Tag) {
+    for lba in 0..8 {
+        tagged_write(store, vol, lba, seed + lba, tag).await;
+    }
+    tagged_trim(store, vol, 8, 4, tag).await;
+}
+
 #[test]
 fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
     use syncblock_engine::StagedOp;
     let rt = rt();
-    let disk = sim_disk(24 << 20, 1 << 20);
-    let store = open_sim(&disk, Config::default()).unwrap();
-    let vol = rt.block_on(store.create_volume("v", 2 << 20)).unwrap();
+    let (disk, store, vol) = sim_volume(&rt, 24 << 20, 2 << 20);
     rt.block_on(store.set_repl(vol.id, 0, 0, Vec::new())).unwrap();
     rt.block_on(async {
         for lba in 0..16 {
             tagged_write(&store, vol.id, lba, lba, Tag::seq(lba + 1)).await;
         }
-        // The resync: rewrites 0..8, trims 8..12, all flagged.
-        for lba in 0..8 {
-            tagged_write(&store, vol.id, lba, 100 + lba, Tag::resync(50)).await;
-        }
-        store
-            .enqueue_trim(vol.id, 8 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::resync(50))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        stage_resync(&store, vol.id, 100, Tag::resync(50)).await;
         store.flush().await.unwrap();
     });
     // Reads see the newest (staged) data.
-    assert_eq!(&rt.block_on(store.read(vol.id, 0, BLOCK_BYTES_U64)).unwrap()[..], &pattern(100, BLOCK_BYTES)[..]);
-    assert!(rt.block_on(store.read(vol.id, 8 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap().iter().all(|b| *b == 0));
+    assert_eq!(&read_block(&rt, &store, vol.id, 0)[..], &pattern(100, BLOCK_BYTES)[..]);
+    assert!(read_block(&rt, &store, vol.id, 8).iter().all(|b| *b == 0));
     assert_eq!(rt.block_on(store.volume_info(vol.id)).unwrap().staged_blocks, 8);
     // A checkpoint carries the staged blocks; a crash before the commit drops them.
     rt.block_on(store.checkpoint()).unwrap();
     let (store2, disk2) = crash_and_reopen(store, &disk);
     for lba in 0..16 {
-        let got = rt.block_on(store2.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
+        let got = read_block(&rt, &store2, vol.id, lba);
         assert_eq!(&got[..], &pattern(lba, BLOCK_BYTES)[..], "uncommitted resync visible at lba {lba} after a crash");
     }
     assert_eq!(rt.block_on(store2.volume_info(vol.id)).unwrap().staged_blocks, 0);
 
     // Again, and this time the cleaner runs in between (rewriting 16..512 many times), then commit.
     rt.block_on(async {
-        for lba in 0..8 {
-            tagged_write(&store2, vol.id, lba, 200 + lba, Tag::resync(60)).await;
-        }
-        store2
-            .enqueue_trim(vol.id, 8 * BLOCK_BYTES_U64, 4 * BLOCK_BYTES_U64, Tag::resync(60))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        stage_resync(&store2, vol.id, 200, Tag::resync(60)).await;
         let mut tag = 100;
         for round in 0..14u64 {
             for lba in 16..512 {
@@ -318,26 +286,16 @@ fn a_resync_is_invisible_to_recovery_until_it_commits_and_survives_cleaning() {
     rt.block_on(store2.set_repl_staged(vol.id, 70, 0, Vec::new(), StagedOp::Commit)).unwrap();
     let (store3, _disk3) = crash_and_reopen(store2, &disk2);
     for lba in 0..8 {
-        let got = rt.block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap();
+        let got = read_block(&rt, &store3, vol.id, lba);
         assert_eq!(&got[..], &pattern(200 + lba, BLOCK_BYTES)[..], "committed resync lost at lba {lba}");
     }
     for lba in 8..12 {
-        assert!(rt
-            .block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64))
-            .unwrap()
-            .iter()
-            .all(|b| *b == 0));
+        assert!(read_block(&rt, &store3, vol.id, lba).iter().all(|b| *b == 0));
     }
     for lba in 12..16 {
-        assert_eq!(
-            &rt.block_on(store3.read(vol.id, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap()[..],
-            &pattern(lba, BLOCK_BYTES)[..]
-        );
+        assert_eq!(&read_block(&rt, &store3, vol.id, lba)[..], &pattern(lba, BLOCK_BYTES)[..]);
     }
-    assert_eq!(
-        &rt.block_on(store3.read(vol.id, 511 * BLOCK_BYTES_U64, BLOCK_BYTES_U64)).unwrap()[..],
-        &pattern(13_000 + 511, BLOCK_BYTES)[..]
-    );
+    assert_eq!(&read_block(&rt, &store3, vol.id, 511)[..], &pattern(13_000 + 511, BLOCK_BYTES)[..]);
     let info = rt.block_on(store3.volume_info(vol.id)).unwrap();
     assert_eq!((info.last_tag, info.staged_blocks), (70, 0));
 }

@@ -4,9 +4,10 @@
 use std::sync::{Arc, Mutex};
 
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, Store};
+use syncblock_engine::{Config, Store, VolumeInfo};
 
-/// A formatted simulated disk of `n_segments` segments of `segment_blocks` blocks.
+/// A simulated disk of `device_bytes` with a store formatted on it in segments of `segment_bytes`; the
+/// formatted image is the base that crash images start from.
 pub fn sim_disk(device_bytes: usize, segment_bytes: u64) -> Arc<Mutex<SimDisk>> {
     let disk = SimDisk::formatted(device_bytes, segment_bytes).expect("format");
     {
@@ -19,6 +20,35 @@ pub fn sim_disk(device_bytes: usize, segment_bytes: u64) -> Arc<Mutex<SimDisk>> 
 
 pub fn open_sim(disk: &Arc<Mutex<SimDisk>>, cfg: Config) -> syncblock_engine::Result<Store> {
     Store::open_device(Box::new(SimDevice::new(disk.clone())), cfg, "sim")
+}
+
+/// A store with the default config on a fresh `sim_disk` of `device_bytes` in 1 MiB segments, and
+/// its one volume, "v", of `volume_bytes`: where most scenarios start.
+pub fn sim_volume(
+    rt: &tokio::runtime::Runtime,
+    device_bytes: usize,
+    volume_bytes: u64,
+) -> (Arc<Mutex<SimDisk>>, Store, VolumeInfo) {
+    let disk = sim_disk(device_bytes, 1 << 20);
+    let store = open_sim(&disk, Config::default()).unwrap();
+    let vol = rt.block_on(store.create_volume("v", volume_bytes)).unwrap();
+    (disk, store, vol)
+}
+
+/// Stops a store without its shutdown checkpoint (every later device write fails), leaving the log
+/// as the only record of recent writes, as after a crash once everything was flushed; the image.
+pub fn crash(store: Store, disk: &Arc<Mutex<SimDisk>>) -> Vec<u8> {
+    let image = disk.lock().unwrap().written.clone();
+    disk.lock().unwrap().fail_writes_from = Some(0);
+    drop(store);
+    image
+}
+
+/// Opens a store image (recovery runs) on a simulated disk of its own.
+pub fn open_image(image: Vec<u8>) -> (Arc<Mutex<SimDisk>>, syncblock_engine::Result<Store>) {
+    let disk = SimDisk::new(image);
+    let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "img");
+    (disk, store)
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
