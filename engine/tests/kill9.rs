@@ -31,18 +31,21 @@
 //! (checkpoints, segment roll-over and the cleaner all run in the child), and that no acknowledged
 //! durability promise is broken by that cut. Power cuts are simulated separately on the sim device.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::child_test_command;
 use syncblock_engine::sim::Rng;
 use syncblock_engine::{Config, CreateOptions, Error, Store, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 
@@ -642,7 +645,6 @@ fn store_survives_sigkill_under_load() {
         return;
     }
     let store_path = dir.join("store.img");
-    let exe = std::env::current_exe().expect("current_exe");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut baseline = vec![0u8; VOLUME_BYTES as usize];
     let started = Instant::now();
@@ -655,16 +657,10 @@ fn store_survives_sigkill_under_load() {
         }
         let round_started = Instant::now();
         let out_path = dir.join(format!("child-{round}.out"));
-        let out = File::create(&out_path).expect("child output");
-        let child = Command::new(&exe)
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        let child = child_test_command(CHILD_TEST, File::create(&out_path).expect("child output"))
             .env(CHILD_ENV, &dir)
             .env(CHILD_ROUND_ENV, round.to_string())
             .env(CHILD_SEED_ENV, rng.next_u64().to_string())
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out)
             .spawn()
             .expect("spawning the child");
         let mut guard = ChildGuard(Some(child));

@@ -7,16 +7,19 @@
 //! The test binary re-executes itself (as `kill9.rs` does): with `SYNCBLOCK_LOCK_WAIT_CHILD` set,
 //! the `lock_wait_child` test opens the store and holds it, idle or writing, until it is killed.
 
+mod common;
+
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::child_test_command;
 use syncblock_engine::uring::LOCK_EXIT_WAIT_MAX;
 use syncblock_engine::{Config, CreateOptions, Error, Store};
 
@@ -111,16 +114,10 @@ impl ChildGuard {
     fn start(dir: &Path, store: &Path, mode: &str, name: &str) -> ChildGuard {
         let out = dir.join(format!("{name}.out"));
         let ready = dir.join(format!("{name}.ready"));
-        let out_file = File::create(&out).expect("child output");
-        let child = Command::new(std::env::current_exe().expect("current_exe"))
-            .args([CHILD_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        let child = child_test_command(CHILD_TEST, File::create(&out).expect("child output"))
             .env(CHILD_ENV, store)
             .env(CHILD_MODE_ENV, mode)
             .env(CHILD_READY_ENV, &ready)
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(out_file.try_clone().expect("dup"))
-            .stderr(out_file)
             .spawn()
             .expect("spawning the child");
         let mut guard = ChildGuard { child: Some(child), out };
@@ -238,6 +235,19 @@ fn open_logged(path: &Path) -> (Result<Store, Error>, String) {
 /// The engine's log line announcing a wait for an exiting lock holder.
 const WAIT_LOG: &str = "waiting up to";
 
+/// Opens `path`, held by `holder` (a running process): the open must be refused at once, as in
+/// use, without waiting. The refusal's message, and how long it took.
+fn refused_at_once(path: &Path, holder: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let (result, log) = open_logged(path);
+    let took = started.elapsed();
+    let message = result.expect_err(&format!("the store is held by {holder}")).to_string();
+    assert!(message.contains("in use by another process"), "{message}");
+    assert!(!log.contains(WAIT_LOG), "waited for {holder}:\n{log}");
+    assert!(took < REFUSAL_MAX, "refused only after {took:?}");
+    (message, took)
+}
+
 #[test]
 fn running_holder_in_another_process_is_refused_at_once() {
     if std::env::var_os(CHILD_ENV).is_some() {
@@ -247,15 +257,9 @@ fn running_holder_in_another_process_is_refused_at_once() {
     let Some(path) = new_store(dir.path()) else { return };
     let mut holder = ChildGuard::start(dir.path(), &path, "hold", "holder");
 
-    let started = Instant::now();
-    let (result, log) = open_logged(&path);
-    let took = started.elapsed();
-    let message = result.expect_err("the store is held by a running process").to_string();
-    assert!(message.contains("in use by another process"), "{message}");
+    let (message, took) = refused_at_once(&path, "a running holder");
     assert!(message.contains(&format!("pid {}", holder.pid())), "{message}");
     assert!(message.contains("stop it first"), "{message}");
-    assert!(!log.contains(WAIT_LOG), "waited for a running holder:\n{log}");
-    assert!(took < REFUSAL_MAX, "refused only after {took:?}");
     println!("refused in {took:?}: {message}");
 
     // The refusal left the holder alone.
@@ -272,14 +276,8 @@ fn second_open_in_the_same_process_is_refused_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let Some(path) = new_store(dir.path()) else { return };
     let store = Store::open(&path, Config::default()).expect("first open");
-    let started = Instant::now();
-    let (result, log) = open_logged(&path);
-    let took = started.elapsed();
-    let message = result.expect_err("the store is already open here").to_string();
-    assert!(message.contains("in use by another process"), "{message}");
+    let (message, _) = refused_at_once(&path, "this very process");
     assert!(message.contains(&format!("this one, pid {}", std::process::id())), "{message}");
-    assert!(!log.contains(WAIT_LOG), "waited for this very process:\n{log}");
-    assert!(took < REFUSAL_MAX, "refused only after {took:?}");
     store.close().expect("close");
 }
 

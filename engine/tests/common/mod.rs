@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+use std::fs::File;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use syncblock_engine::sim::{SimDevice, SimDisk};
@@ -49,6 +51,19 @@ pub fn open_image(image: Vec<u8>) -> (Arc<Mutex<SimDisk>>, syncblock_engine::Res
     let disk = SimDisk::new(image);
     let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "img");
     (disk, store)
+}
+
+/// This test binary re-executed to run only its test `test` (sled's crash tests re-run their own
+/// binary this way): stdin closed, stdout and stderr into `out`, no backtraces. The caller adds
+/// the environment that tells the test it is the child.
+pub fn child_test_command(test: &str, out: File) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("dup"))
+        .stderr(out);
+    cmd
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
