@@ -70,6 +70,20 @@ fn random_bytes(rng: &mut Rng, max_len: u64) -> Vec<u8> {
     (0..n).map(|_| rng.next_u64() as u8).collect()
 }
 
+/// `max_len` random bytes at most, after a random mode byte.
+fn random_input(rng: &mut Rng, max_len: u64) -> Vec<u8> {
+    let mut b = random_bytes(rng, max_len);
+    b.insert(0, rng.next_u64() as u8);
+    b
+}
+
+/// The mode byte `mode`, then `body`: a target's input.
+fn with_mode(mode: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut b = vec![mode];
+    b.extend(body);
+    b
+}
+
 /// A mode byte: the selector `sel` in the low bits, repair bits at random (most often all three,
 /// which reaches furthest).
 fn mode(rng: &mut Rng, sel: u8) -> u8 {
@@ -166,6 +180,20 @@ fn random_meta(rng: &mut Rng) -> MetaOp {
     }
 }
 
+fn random_checkpoint_header(rng: &mut Rng) -> CheckpointHeader {
+    CheckpointHeader {
+        store_id: STORE_ID,
+        seq: rng.below(100),
+        next_lsn: Lsn(rng.below(1 << 40)),
+        next_segment_seq: rng.below(1000),
+        tail_segment: rng.next_u64() as u32,
+        tail_block: rng.below(4096) as u32,
+        tail_seq: rng.below(1000),
+        payload_bytes: rng.below(1 << 20),
+        payload_crc: rng.next_u64() as u32,
+    }
+}
+
 fn encode_record(rec: &RecordHeader) -> Vec<u8> {
     let mut b = vec![0u8; rec.header_blocks() as usize * BLOCK_BYTES];
     rec.encode_into(&mut b, STORE_ID);
@@ -181,15 +209,13 @@ fn record_header_decoder_survives_random_and_mutated_input() {
     install_abort_hook();
     let mut rng = Rng::new(0x7265_636f_7264);
     for case in 0..cases() {
-        let mut input = vec![0u8];
-        if case % 8 == 0 {
-            input.extend(random_bytes(&mut rng, 2 * BLOCK_BYTES as u64));
-            input[0] = rng.next_u64() as u8;
+        let input = if case % 8 == 0 {
+            random_input(&mut rng, 2 * BLOCK_BYTES as u64)
         } else {
-            input[0] = mode(&mut rng, 0);
+            let mode = mode(&mut rng, 0);
             let valid = encode_record(&random_record(&mut rng));
-            input.extend(mutated(&mut rng, valid));
-        }
+            with_mode(mode, mutated(&mut rng, valid))
+        };
         run("record_header", checks::record_header, input);
     }
 }
@@ -202,40 +228,18 @@ fn checkpoint_decoders_survive_random_and_mutated_input() {
         let input = match case % 4 {
             // Slot header, mutated.
             0 => {
-                let h = CheckpointHeader {
-                    store_id: STORE_ID,
-                    seq: rng.below(100),
-                    next_lsn: Lsn(rng.below(1 << 40)),
-                    next_segment_seq: rng.below(1000),
-                    tail_segment: rng.next_u64() as u32,
-                    tail_block: rng.below(4096) as u32,
-                    tail_seq: rng.below(1000),
-                    payload_bytes: rng.below(1 << 20),
-                    payload_crc: rng.next_u64() as u32,
-                };
-                let mut b = vec![mode(&mut rng, 0)];
-                b.extend(mutated(&mut rng, h.encode()[..128].to_vec()));
-                b
+                let h = random_checkpoint_header(&mut rng);
+                with_mode(mode(&mut rng, 0), mutated(&mut rng, h.encode()[..128].to_vec()))
             }
             // A real payload, mutated.
             1 => {
                 let seed_bytes = random_bytes(&mut rng, 200);
                 let data = checks::arbitrary_checkpoint(&mut Input::new(&seed_bytes));
-                let mut b = vec![1u8];
-                b.extend(mutated(&mut rng, data.to_bytes()));
-                b
+                with_mode(1, mutated(&mut rng, data.to_bytes()))
             }
             // Built and mutated inside the target.
-            2 => {
-                let mut b = vec![2u8];
-                b.extend(random_bytes(&mut rng, 400));
-                b
-            }
-            _ => {
-                let mut b = random_bytes(&mut rng, 600);
-                b.insert(0, rng.next_u64() as u8);
-                b
-            }
+            2 => with_mode(2, random_bytes(&mut rng, 400)),
+            _ => random_input(&mut rng, 600),
         };
         run("checkpoint", checks::checkpoint, input);
     }
@@ -248,11 +252,7 @@ fn superblock_segment_and_meta_decoders_survive_random_and_mutated_input() {
     let mut rng = Rng::new(0x73_7570_6572);
     for case in 0..cases() {
         let input = match case % 4 {
-            0 => {
-                let mut b = vec![mode(&mut rng, 0)];
-                b.extend(mutated(&mut rng, sb.encode()[..128].to_vec()));
-                b
-            }
+            0 => with_mode(mode(&mut rng, 0), mutated(&mut rng, sb.encode()[..128].to_vec())),
             1 => {
                 let h = SegmentHeader {
                     store_id: STORE_ID,
@@ -262,21 +262,13 @@ fn superblock_segment_and_meta_decoders_survive_random_and_mutated_input() {
                 };
                 let mut block = [0u8; BLOCK_BYTES];
                 h.encode_into(&mut block);
-                let mut b = vec![mode(&mut rng, 1)];
-                b.extend(mutated(&mut rng, block[..128].to_vec()));
-                b
+                with_mode(mode(&mut rng, 1), mutated(&mut rng, block[..128].to_vec()))
             }
             2 => {
-                let mut b = vec![2u8];
                 let valid = random_meta(&mut rng).encode();
-                b.extend(mutated(&mut rng, valid));
-                b
+                with_mode(2, mutated(&mut rng, valid))
             }
-            _ => {
-                let mut b = random_bytes(&mut rng, 300);
-                b.insert(0, rng.next_u64() as u8);
-                b
-            }
+            _ => random_input(&mut rng, 300),
         };
         run("superblock", checks::superblock, input);
     }
@@ -347,17 +339,7 @@ fn repairs_still_match_the_format() {
     checks::reseal(&mut b, &image.superblock);
     assert!(b == image.bytes, "re-sealing an intact image changed it: a checksum is computed wrongly");
 
-    let ck = CheckpointHeader {
-        store_id: 9,
-        seq: 3,
-        next_lsn: Lsn(9),
-        next_segment_seq: 4,
-        tail_segment: 2,
-        tail_block: 17,
-        tail_seq: 3,
-        payload_bytes: 100,
-        payload_crc: 1,
-    };
+    let ck = CheckpointHeader { store_id: 9, ..random_checkpoint_header(&mut rng) };
     let mut b = ck.encode().to_vec();
     checks::repair_checkpoint_header(&mut b, all);
     assert_eq!(CheckpointHeader::decode(&b, STORE_ID), Ok(CheckpointHeader { store_id: STORE_ID, ..ck }));

@@ -58,14 +58,9 @@ pub const REPAIR_MAGIC: u8 = 0x10;
 pub const REPAIR_STORE: u8 = 0x20;
 pub const REPAIR_CRC: u8 = 0x40;
 
-fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+/// Writes a field's bytes (`v.to_le_bytes()`: every integer on disk is little-endian) at `at`.
+fn put(b: &mut [u8], at: usize, bytes: &[u8]) {
+    b[at..at + bytes.len()].copy_from_slice(bytes);
 }
 fn get_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -133,21 +128,36 @@ pub fn record_header(data: &[u8]) {
     check_record(&b);
 }
 
+/// Repairs the fields that open a segment, record or checkpoint header, as `mode` asks: the magic
+/// (u32 at 0) and format version (u16 at `version_at`), and the store id (u64 at `store_at`).
+fn repair_magic_and_store(b: &mut [u8], mode: u8, magic: u32, version_at: usize, store_at: usize) {
+    if mode & REPAIR_MAGIC != 0 {
+        put(b, 0, &magic.to_le_bytes());
+        put(b, version_at, &(FORMAT_VERSION as u16).to_le_bytes());
+    }
+    if mode & REPAIR_STORE != 0 {
+        put(b, store_at, &STORE_ID.to_le_bytes());
+    }
+}
+
+/// Re-seals a structure's CRC (u32 at `crc_at`, over `b[..crc_end]`) if `mode` asks.
+fn repair_crc(b: &mut [u8], mode: u8, crc_at: usize, crc_end: usize) {
+    if mode & REPAIR_CRC != 0 {
+        let crc = crc_skipping(&b[..crc_end], crc_at);
+        put(b, crc_at, &crc.to_le_bytes());
+    }
+}
+
 /// Applies the repairs `mode` asks for to a record header at the start of `b`.
 pub fn repair_record(b: &mut [u8], mode: u8) {
     use layout::*;
-    if mode & REPAIR_MAGIC != 0 {
-        put_u32(b, REC_MAGIC, RECORD_MAGIC);
-        put_u16(b, REC_VERSION, FORMAT_VERSION as u16);
-    }
-    if mode & REPAIR_STORE != 0 {
-        put_u64(b, REC_STORE, STORE_ID);
-    }
+    repair_magic_and_store(b, mode, RECORD_MAGIC, REC_VERSION, REC_STORE);
+    // The CRC covers the whole header, as many blocks as it says it has.
     if mode & REPAIR_CRC != 0 {
         let header_blocks = get_u32(b, REC_HEADER_BLOCKS) as usize;
         if (1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks) && header_blocks * BLOCK_BYTES <= b.len() {
             let crc = crc_skipping(&b[..header_blocks * BLOCK_BYTES], REC_CRC);
-            put_u32(b, REC_CRC, crc);
+            put(b, REC_CRC, &crc.to_le_bytes());
         }
     }
 }
@@ -202,17 +212,8 @@ pub fn checkpoint(data: &[u8]) {
 
 pub fn repair_checkpoint_header(b: &mut [u8], mode: u8) {
     use layout::*;
-    if mode & REPAIR_MAGIC != 0 {
-        put_u32(b, 0, CHECKPOINT_MAGIC);
-        put_u16(b, CK_VERSION, FORMAT_VERSION as u16);
-    }
-    if mode & REPAIR_STORE != 0 {
-        put_u64(b, CK_STORE, STORE_ID);
-    }
-    if mode & REPAIR_CRC != 0 {
-        let crc = crc_skipping(&b[..CK_CRC_END], CK_CRC);
-        put_u32(b, CK_CRC, crc);
-    }
+    repair_magic_and_store(b, mode, CHECKPOINT_MAGIC, CK_VERSION, CK_STORE);
+    repair_crc(b, mode, CK_CRC, CK_CRC_END);
 }
 
 /// Decodes a payload from block-aligned memory, as recovery does (rkyv wants 16-byte alignment).
@@ -324,29 +325,17 @@ pub fn superblock(data: &[u8]) {
 pub fn repair_superblock(b: &mut [u8], mode: u8) {
     use layout::*;
     if mode & REPAIR_MAGIC != 0 {
-        b[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
-        put_u32(b, SB_VERSION, FORMAT_VERSION);
-        put_u32(b, SB_BLOCK_BYTES, BLOCK_BYTES as u32);
+        put(b, 0, &SUPERBLOCK_MAGIC);
+        put(b, SB_VERSION, &FORMAT_VERSION.to_le_bytes());
+        put(b, SB_BLOCK_BYTES, &(BLOCK_BYTES as u32).to_le_bytes());
     }
-    if mode & REPAIR_CRC != 0 {
-        let crc = crc_skipping(&b[..SB_CRC_END], SB_CRC);
-        put_u32(b, SB_CRC, crc);
-    }
+    repair_crc(b, mode, SB_CRC, SB_CRC_END);
 }
 
 pub fn repair_segment_header(b: &mut [u8], mode: u8) {
     use layout::*;
-    if mode & REPAIR_MAGIC != 0 {
-        put_u32(b, 0, SEGMENT_MAGIC);
-        put_u16(b, SEG_VERSION, FORMAT_VERSION as u16);
-    }
-    if mode & REPAIR_STORE != 0 {
-        put_u64(b, SEG_STORE, STORE_ID);
-    }
-    if mode & REPAIR_CRC != 0 {
-        let crc = crc_skipping(&b[..SEG_CRC_END], SEG_CRC);
-        put_u32(b, SEG_CRC, crc);
-    }
+    repair_magic_and_store(b, mode, SEGMENT_MAGIC, SEG_VERSION, SEG_STORE);
+    repair_crc(b, mode, SEG_CRC, SEG_CRC_END);
 }
 
 /// What `Superblock::decode` promises: the geometry can be used for offset arithmetic safely.
@@ -559,11 +548,9 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
         if get_u32(slot, 0) != CHECKPOINT_MAGIC {
             continue;
         }
-        let payload_bytes = (u64::from_le_bytes(slot[CK_PAYLOAD_BYTES..CK_PAYLOAD_BYTES + 8].try_into().expect("8"))
-            as usize)
-            .min(slot_bytes - BLOCK_BYTES);
+        let payload_bytes = (get_u64(slot, CK_PAYLOAD_BYTES) as usize).min(slot_bytes - BLOCK_BYTES);
         let crc = crc32fast::hash(&slot[BLOCK_BYTES..BLOCK_BYTES + payload_bytes]);
-        put_u32(slot, CK_PAYLOAD_CRC, crc);
+        put(slot, CK_PAYLOAD_CRC, &crc.to_le_bytes());
         repair_checkpoint_header(slot, REPAIR_CRC);
     }
     let segment_blocks = sb.segment_blocks as usize;
@@ -594,7 +581,7 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
             let crcs_at = REC_ENTRIES + rec.entries.len() * REC_ENTRY_BYTES;
             for i in 0..n_data {
                 let crc = crc32fast::hash(&seg[(data_at + i) * BLOCK_BYTES..(data_at + i + 1) * BLOCK_BYTES]);
-                put_u32(&mut seg[cursor * BLOCK_BYTES..], crcs_at + 4 * i, crc);
+                put(&mut seg[cursor * BLOCK_BYTES..], crcs_at + 4 * i, &crc.to_le_bytes());
             }
             repair_record(&mut seg[cursor * BLOCK_BYTES..], REPAIR_CRC);
             cursor = data_at + n_data;
