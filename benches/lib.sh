@@ -1,13 +1,22 @@
-# Helpers shared by the benchmark scripts that start syncblock processes; `source` it after
-# setting BIN (the syncblock binary). Not a script of its own.
+# Helpers shared by the benchmark scripts that start syncblock processes; `source` it, after setting
+# BIN (the syncblock binary, built here if missing) where the script uses a given binary. Not a
+# script of its own.
 #   port          a free TCP port on 127.0.0.1
 #   json EXPR     evaluates EXPR on the JSON object read from stdin (as `d`) and prints it
 #   status PORT   the replication status of the first volume of the node whose admin endpoint is
 #                 on PORT (`syncblock status --json`, `volumes[0].replication`), or {}
 #   wait_admin P  waits (up to 10 s) until that admin endpoint answers
 #   PIDS, kill_pids: processes to SIGKILL on exit (`trap kill_pids EXIT`)
+#   find_peers ROOT       PEERS, unless set: ROOT/../shared/bench/peers.sh or /work/shared/bench/peers.sh
+#   need HINT TOOL...     exits, naming HINT (what to install), if a TOOL is not installed
+#   refuse_tmpfs DIR VAR  FSTYPE: DIR's file system type; exits if it is a tmpfs (VAR: the variable
+#                         that picks another directory)
+#   build_syncblock ROOT  TARGET (CARGO_TARGET_DIR or ROOT/target); builds the release syncblock
+#                         binary there unless SKIP_BUILD=1
+#   stop_server PID       SIGINT (a clean shutdown: flush + checkpoint), SIGKILL after 10 s
+#   stop_peers PID        stops a peers.sh run interrupted mid-cell, and the servers it started
 PY=/usr/bin/python3
-[ -x "$BIN" ] || cargo build --release -p syncblock-nbd
+[ -z "${BIN:-}" ] || [ -x "$BIN" ] || cargo build --release -p syncblock-nbd
 PIDS=()
 kill_pids() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -17,3 +26,40 @@ status() {
     $PY -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps((d.get("volumes") or [{}])[0].get("replication") or {}))'
 }
 wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
+find_peers() {
+  if [ -z "${PEERS:-}" ]; then
+    for p in "$1/../shared/bench/peers.sh" /work/shared/bench/peers.sh; do
+      [ -f "$p" ] && { PEERS=$p; break; }
+    done
+  fi
+  [ -n "${PEERS:-}" ] && [ -f "$PEERS" ] || { echo "peers.sh not found; set PEERS=" >&2; exit 1; }
+}
+need() {
+  local hint=$1 t; shift
+  for t in "$@"; do command -v "$t" >/dev/null || { echo "missing $t ($hint)" >&2; exit 1; }; done
+}
+refuse_tmpfs() {
+  FSTYPE=$(df --output=fstype "$1" | tail -1 | tr -d ' ')
+  if [ "$FSTYPE" = tmpfs ] || [ "$(stat -f -c %T "$1")" = tmpfs ]; then
+    echo "$1 is a tmpfs; set $2 to a directory on the disk under test" >&2
+    exit 1
+  fi
+}
+build_syncblock() {
+  TARGET=${CARGO_TARGET_DIR:-$1/target}
+  if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    (cd "$1" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
+  fi
+}
+stop_server() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -INT "$pid" 2>/dev/null || return 0
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+}
+stop_peers() {
+  [ -n "$1" ] || return 0
+  for c in $(ps -o pid= --ppid "$1"); do kill "$c" 2>/dev/null; done
+  kill "$1" 2>/dev/null; wait "$1" 2>/dev/null
+}

@@ -30,25 +30,13 @@ export RT=${RT:-8} SIZE=${SIZE:-1G}
 STORE_SIZE=${STORE_SIZE:-4GiB}
 SYSTEMS=(${SYSTEMS:-syncblock raw qemu-nbd nbdkit nbd-server})
 BASE=${SYNCBLOCK_BENCH_DIR:-/var/tmp}
-PEERS=${PEERS:-}
-if [ -z "$PEERS" ]; then
-    for p in "$ROOT/../shared/bench/peers.sh" /work/shared/bench/peers.sh; do
-        [ -f "$p" ] && { PEERS=$p; break; }
-    done
-fi
-[ -n "$PEERS" ] && [ -f "$PEERS" ] || { echo "peers.sh not found; set PEERS=" >&2; exit 1; }
-for t in fio qemu-nbd nbdkit nbd-server python3; do
-    command -v $t >/dev/null || { echo "missing $t (apt-get install fio qemu-utils nbdkit nbd-server)" >&2; exit 1; }
-done
-if [ "$(stat -f -c %T "$BASE")" = tmpfs ]; then
-    echo "$BASE is a tmpfs; set SYNCBLOCK_BENCH_DIR to a directory on the disk under test" >&2
-    exit 1
-fi
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+find_peers "$ROOT"
+need "apt-get install fio qemu-utils nbdkit nbd-server" fio qemu-nbd nbdkit nbd-server python3
+refuse_tmpfs "$BASE" SYNCBLOCK_BENCH_DIR
 
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
-fi
+build_syncblock "$ROOT"
 BIN="$TARGET/release/syncblock"
 BIN_BASE=${BIN_BASE:-}
 if [ -n "$BIN_BASE" ] && [[ " ${SYSTEMS[*]} " != *" syncblock-base "* ]]; then SYSTEMS+=(syncblock-base); fi
@@ -57,16 +45,9 @@ DIR=$(mktemp -d "$BASE/syncblock-nbd-peers.XXXXXX")
 SERVER=""; SERVER_BASE=""; RUNNING=""
 cleanup() {
     set +e
-    if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the server it started
-        for c in $(ps -o pid= --ppid "$RUNNING"); do kill "$c" 2>/dev/null; done
-        kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
-    fi
+    stop_peers "$RUNNING"
     [ -f "$DIR/peers/nbd-server.pid" ] && kill "$(cat "$DIR/peers/nbd-server.pid")" 2>/dev/null
-    for s in $SERVER $SERVER_BASE; do
-        kill -INT "$s" 2>/dev/null   # clean shutdown: flush + checkpoint
-        for _ in $(seq 50); do kill -0 "$s" 2>/dev/null || break; sleep 0.2; done
-        kill -KILL "$s" 2>/dev/null; wait "$s" 2>/dev/null
-    done
+    for s in $SERVER $SERVER_BASE; do stop_server "$s"; done
     rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -75,7 +56,7 @@ trap 'exit 130' INT TERM
 # start_server BIN NAME: serves a new store NAME.img; sets SERVED_PID and SERVED_URI.
 start_server() {
     local bin=$1 name=$2 port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    port=$(port)
     "$bin" serve --create --store "$DIR/$name.img" --size "$STORE_SIZE" --listen "127.0.0.1:$port" \
         >"$DIR/$name.out" 2>"$DIR/$name.err" &
     SERVED_PID=$!

@@ -37,30 +37,18 @@ export RT=${RT:-8} SIZE=${SIZE:-1G}
 VOLUME_SIZE=${VOLUME_SIZE:-2GiB}
 STORE_SIZE=${STORE_SIZE:-3GiB}
 BASE=${DIR:-/var/tmp/repl-bench}
-PEERS=${PEERS:-}
-if [ -z "$PEERS" ]; then
-    for p in "$ROOT/../shared/bench/peers.sh" /work/shared/bench/peers.sh; do
-        [ -f "$p" ] && { PEERS=$p; break; }
-    done
-fi
-[ -n "$PEERS" ] && [ -f "$PEERS" ] || { echo "peers.sh not found; set PEERS=" >&2; exit 1; }
-for t in fio qemu-io qemu-img qemu-nbd qemu-storage-daemon python3 timeout ss; do
-    command -v $t >/dev/null || { echo "missing $t (apt-get install fio qemu-utils qemu-system-common iproute2)" >&2; exit 1; }
-done
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+find_peers "$ROOT"
+need "apt-get install fio qemu-utils qemu-system-common iproute2" \
+    fio qemu-io qemu-img qemu-nbd qemu-storage-daemon python3 timeout ss
 mkdir -p "$BASE"
-FSTYPE=$(df --output=fstype "$BASE" | tail -1 | tr -d ' ')
-if [ "$FSTYPE" = tmpfs ] || [ "$(stat -f -c %T "$BASE")" = tmpfs ]; then
-    echo "$BASE is a tmpfs; set DIR to a directory on the disk under test" >&2
-    exit 1
-fi
+refuse_tmpfs "$BASE" DIR
 for port in 10814 10815; do   # peers.sh's qemu-mirror uses fixed ports
     if ss -ltnH "sport = :$port" | grep -q .; then echo "port $port (qemu-mirror in peers.sh) is in use" >&2; exit 1; fi
 done
 
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    (cd "$ROOT" && cargo build --release -p syncblock-nbd --bin syncblock >&2)
-fi
+build_syncblock "$ROOT"
 REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 DIRTY="$(cd "$ROOT" && git status --porcelain -uno 2>/dev/null | wc -l)"
 
@@ -71,21 +59,11 @@ cp "$TARGET/release/syncblock" "$RUN/syncblock"
 BIN="$RUN/syncblock"
 
 PRIMARY=""; SECONDARY=""; SINGLE=""; RUNNING=""
-stop_server() { # pid: SIGINT (flush + checkpoint), then SIGKILL after 10 s
-    local pid=$1
-    [ -n "$pid" ] || return 0
-    kill -INT "$pid" 2>/dev/null || return 0
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
-}
 SAMPLER=""
 cleanup() {
     set +e
     [ -n "$SAMPLER" ] && { kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; }
-    if [ -n "$RUNNING" ]; then   # a peers.sh interrupted mid-run: stop the servers it started
-        for c in $(ps -o pid= --ppid "$RUNNING"); do kill "$c" 2>/dev/null; done
-        kill "$RUNNING" 2>/dev/null; wait "$RUNNING" 2>/dev/null
-    fi
+    stop_peers "$RUNNING"
     stop_server "$PRIMARY"; stop_server "$SECONDARY"; stop_server "$SINGLE"
     if [ "${KEEP:-0}" = 1 ]; then echo "# kept $RUN" >&2; else rm -rf "$RUN"; fi
 }
