@@ -195,6 +195,18 @@ fn new_store(dir: &Path) -> Option<PathBuf> {
     Some(path)
 }
 
+/// A fresh store (`new_store`) in a temp dir, for a test of the parent process. `None` in the child
+/// (whose binary runs every test: only `lock_wait_child` does anything there) or where the engine
+/// cannot run on a real file.
+fn parent_store() -> Option<(tempfile::TempDir, PathBuf)> {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = new_store(dir.path())?;
+    Some((dir, path))
+}
+
 /// Log lines the engine writes, kept for the test to read.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -250,11 +262,7 @@ fn refused_at_once(path: &Path, holder: &str) -> (String, Duration) {
 
 #[test]
 fn running_holder_in_another_process_is_refused_at_once() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some(path) = new_store(dir.path()) else { return };
+    let Some((dir, path)) = parent_store() else { return };
     let mut holder = ChildGuard::start(dir.path(), &path, "hold", "holder");
 
     let (message, took) = refused_at_once(&path, "a running holder");
@@ -270,11 +278,7 @@ fn running_holder_in_another_process_is_refused_at_once() {
 
 #[test]
 fn second_open_in_the_same_process_is_refused_at_once() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some(path) = new_store(dir.path()) else { return };
+    let Some((_dir, path)) = parent_store() else { return };
     let store = Store::open(&path, Config::default()).expect("first open");
     let (message, _) = refused_at_once(&path, "this very process");
     assert!(message.contains(&format!("this one, pid {}", std::process::id())), "{message}");
@@ -320,11 +324,7 @@ fn lock_held_by_a_dead_process(path: &Path) -> (File, i32) {
 /// Deterministic: the holder is gone for sure, and the lock goes 300 ms later.
 #[test]
 fn open_waits_for_a_lock_whose_holder_is_gone() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some(path) = new_store(dir.path()) else { return };
+    let Some((_dir, path)) = parent_store() else { return };
     let (holder, pid) = lock_held_by_a_dead_process(&path);
     let release_after = Duration::from_millis(300);
     let releaser = std::thread::spawn(move || {
@@ -351,11 +351,7 @@ fn open_waits_for_a_lock_whose_holder_is_gone() {
 /// odd rounds after it (the child is gone, its file not yet closed).
 #[test]
 fn store_reopens_at_once_after_its_server_is_sigkilled() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some(path) = new_store(dir.path()) else { return };
+    let Some((dir, path)) = parent_store() else { return };
     let started = Instant::now();
     let mut n_waited = 0;
     for round in 0..RESTART_ROUNDS {
