@@ -20,7 +20,7 @@ use syncblock_engine::format::{
     CheckpointHeader, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock, CHECKPOINT_MAGIC, FORMAT_VERSION,
     MAX_HEADER_BLOCKS, RECORD_MAGIC, SEGMENT_MAGIC, SUPERBLOCK_MAGIC,
 };
-use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::sim::{Rng, SimDevice, SimDisk};
 use syncblock_engine::{Config, Error, Store, BLOCK_BYTES, MIN_SEGMENT_BYTES};
 
 /// The store id the decoders are asked to accept (and the one the repair modes write).
@@ -397,15 +397,8 @@ pub fn image() -> &'static Image {
 
 /// Deterministic content for block `lba` written by step `step`.
 fn block_pattern(lba: u64, step: u64) -> Vec<u8> {
-    let mut x = (lba << 32 | step).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(BLOCK_BYTES);
-    while v.len() < BLOCK_BYTES {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
+    let mut rng = Rng::new(lba << 32 | step);
+    (0..BLOCK_BYTES / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

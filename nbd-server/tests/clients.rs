@@ -127,17 +127,8 @@ fn qemu_img_convert_in_and_out_compares_identical() {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let src = dir.path().join("src.img");
         // 8 MiB: random data, a zero gap, more data.
-        let mut img = vec![0u8; 8 << 20];
-        let mut x = 0x1234_5678_9abc_def1u64;
-        for (i, b) in img.iter_mut().enumerate() {
-            if (2 << 20..5 << 20).contains(&i) {
-                continue;
-            }
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        let mut img = random_image(0x1234_5678_9abc_def1, 8 << 20);
+        img[2 << 20..5 << 20].fill(0);
         std::fs::write(&src, &img).unwrap();
         let uri = s.uri("vol");
         let src = src.to_str().unwrap();

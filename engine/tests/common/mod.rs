@@ -5,7 +5,7 @@ use std::fs::File;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::sim::{Rng, SimDevice, SimDisk};
 use syncblock_engine::{Config, Store, VolumeInfo};
 
 /// A simulated disk of `device_bytes` with a store formatted on it in segments of `segment_bytes`; the
@@ -74,16 +74,10 @@ pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-/// Deterministic block content identifying (tag, lba).
+/// Deterministic content identifying `tag`: `len` bytes drawn from the simulator's seeded `Rng`.
 pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    let mut x = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for chunk in v.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
+    let mut rng = Rng::new(tag);
+    let mut v: Vec<u8> = (0..len.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+    v.truncate(len);
     v
 }

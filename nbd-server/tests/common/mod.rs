@@ -9,7 +9,7 @@ pub mod tools;
 
 use std::net::SocketAddr;
 
-use syncblock_engine::sim::{SimDevice, SimDisk};
+use syncblock_engine::sim::{Rng, SimDevice, SimDisk};
 use syncblock_engine::{Config, CreateOptions, Store};
 use syncblock_nbd::{Listener, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -103,17 +103,11 @@ pub fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// `len` pseudo-random bytes (xorshift64 from `seed`): incompressible, so a copy that drops or
-/// shifts a block cannot compare equal by accident.
+/// `len` pseudo-random bytes (the simulator's `Rng` from `seed`): incompressible, so a copy that
+/// drops or shifts a block cannot compare equal by accident.
 pub fn random_image(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
+    let mut rng = Rng::new(seed);
+    let mut v: Vec<u8> = (0..len.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
     v.truncate(len);
     v
 }
