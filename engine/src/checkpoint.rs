@@ -70,11 +70,11 @@ pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) ->
     let per_block = 16 + 8;
     // A segment lists trim tags for at most a few volumes in practice; 8 is budgeted.
     let per_segment = 48 + 8 * 16;
-    let per_volume = 64 + crate::format::MAX_NAME_BYTES as u64;
+    let per_volume = 64 + crate::format::NAME_BYTES_MAX as u64;
     // Replicated volumes carry a blob and may stage trimmed ranges; staged blocks are data blocks,
     // each mapped once (index or staged), so the per-block budget above covers them.
-    let attrs = (crate::format::MAX_ATTR_VOLUMES
-        * (crate::format::MAX_ATTR_BYTES + 16 + 16 * crate::state::MAX_STAGED_TRIMS + 64)) as u64;
+    let attrs = (crate::format::ATTR_VOLUMES_MAX
+        * (crate::format::ATTR_BYTES_MAX + 16 + 16 * crate::state::STAGED_TRIMS_MAX + 64)) as u64;
     4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume + attrs
 }
 

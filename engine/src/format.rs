@@ -18,20 +18,20 @@ pub const CHECKPOINT_MAGIC: u32 = u32::from_le_bytes(*b"SBCK");
 pub const RECORD_FIXED_BYTES: usize = 64;
 /// Bytes per entry in a record header.
 pub const ENTRY_BYTES: usize = 40;
-/// Upper bound on a record header's size. A batch is at most [`MAX_BATCH_BLOCKS`] data blocks, each
+/// Upper bound on a record header's size. A batch is at most [`BATCH_BLOCKS_MAX`] data blocks, each
 /// possibly its own entry, plus up to as many trim entries: 64 + 256 × (40 + 4) + 256 × 40 bytes (21,568)
 /// fit in 6 blocks; 8 leaves room for metadata.
-pub const MAX_HEADER_BLOCKS: u32 = 8;
+pub const HEADER_BLOCKS_MAX: u32 = 8;
 /// Largest batch (group commit) in data blocks: 1 MiB. Large enough that sequential bandwidth is
 /// reached on SSDs and virtio disks, small enough that a batch's latency stays well under a
 /// millisecond and the header stays a few blocks.
-pub const MAX_BATCH_BLOCKS: u32 = 256;
+pub const BATCH_BLOCKS_MAX: u32 = 256;
 /// Longest volume name.
-pub const MAX_NAME_BYTES: usize = 64;
+pub const NAME_BYTES_MAX: usize = 64;
 
 const _: () = assert!(
-    RECORD_FIXED_BYTES + MAX_BATCH_BLOCKS as usize * (ENTRY_BYTES + 4) + 256
-        <= MAX_HEADER_BLOCKS as usize * BLOCK_BYTES
+    RECORD_FIXED_BYTES + BATCH_BLOCKS_MAX as usize * (ENTRY_BYTES + 4) + 256
+        <= HEADER_BLOCKS_MAX as usize * BLOCK_BYTES
 );
 
 /// Why a structure was rejected.
@@ -353,7 +353,7 @@ impl RecordHeader {
     pub fn encode_into(&self, b: &mut [u8], store_id: u64) {
         let header_blocks = self.header_blocks();
         let len = header_blocks as usize * BLOCK_BYTES;
-        debug_assert!(header_blocks <= MAX_HEADER_BLOCKS);
+        debug_assert!(header_blocks <= HEADER_BLOCKS_MAX);
         debug_assert_eq!(
             self.entries.iter().filter(|e| e.kind.has_data()).map(|e| e.n_blocks as usize).sum::<usize>(),
             self.crcs.len()
@@ -397,7 +397,7 @@ impl RecordHeader {
         check_len(b, BLOCK_BYTES)?;
         check_magic_version(b, RECORD_MAGIC)?;
         let header_blocks = get_u32(b, 32);
-        if header_blocks == 0 || header_blocks > MAX_HEADER_BLOCKS {
+        if header_blocks == 0 || header_blocks > HEADER_BLOCKS_MAX {
             return Err(DecodeError::Invalid("header block count"));
         }
         let len = header_blocks as usize * BLOCK_BYTES;
@@ -476,12 +476,12 @@ impl RecordHeader {
 /// Longest replication attribute blob ([`MetaOp::SetRepl`]): the replicator's per-volume state
 /// (epoch history, role, peer identity) fits in a few hundred bytes; the cap keeps every checkpoint's
 /// volume table small and a meta record within one header block.
-pub const MAX_ATTR_BYTES: usize = 512;
+pub const ATTR_BYTES_MAX: usize = 512;
 /// Most volumes of one store that may carry a replication blob at once. Checkpoint slots are sized
-/// for the worst case, and budgeting every one of [`crate::state::MAX_VOLUMES`] volumes a full blob
+/// for the worst case, and budgeting every one of [`crate::state::VOLUMES_MAX`] volumes a full blob
 /// would cost small stores megabytes; 64 replicated volumes per store is far beyond what one pair of
 /// disks serves well.
-pub const MAX_ATTR_VOLUMES: usize = 64;
+pub const ATTR_VOLUMES_MAX: usize = 64;
 
 /// A volume-table change, the payload of a Meta record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -558,7 +558,7 @@ impl MetaOp {
         let payload = &b[16..];
         match b[0] {
             1 => {
-                if payload_len > MAX_NAME_BYTES {
+                if payload_len > NAME_BYTES_MAX {
                     return Err(DecodeError::Invalid("meta name length"));
                 }
                 let name = std::str::from_utf8(payload).map_err(|_| DecodeError::Invalid("meta name utf-8"))?;
@@ -566,7 +566,7 @@ impl MetaOp {
             }
             2 if payload_len == 0 => Ok(MetaOp::Resize { volume, size_bytes }),
             3 if payload_len == 0 => Ok(MetaOp::Delete { volume }),
-            op @ 4..=6 if payload_len >= 8 && payload_len - 8 <= MAX_ATTR_BYTES => Ok(MetaOp::SetRepl {
+            op @ 4..=6 if payload_len >= 8 && payload_len - 8 <= ATTR_BYTES_MAX => Ok(MetaOp::SetRepl {
                 volume,
                 last_tag: size_bytes,
                 trim_floor: get_u64(payload, 0),
@@ -715,7 +715,7 @@ mod tests {
 
     #[test]
     fn largest_batch_header_fits_the_limit() {
-        assert!(header_blocks_for(MAX_BATCH_BLOCKS as usize, MAX_BATCH_BLOCKS as usize, 0) <= 3);
+        assert!(header_blocks_for(BATCH_BLOCKS_MAX as usize, BATCH_BLOCKS_MAX as usize, 0) <= 3);
     }
 
     #[test]

@@ -23,9 +23,9 @@ pub mod sim;
 pub mod state;
 pub mod store;
 
-pub use crate::core::{ChangedRun, Config, Driver, Extent, Since, Stats, Written, MAX_CRC_BLOCKS, MAX_IO_BYTES};
+pub use crate::core::{ChangedRun, Config, Driver, Extent, Since, Stats, Written, CRC_BLOCKS_MAX, IO_BYTES_MAX};
 pub use format::StagedOp;
 pub use predict::CommitLoop;
-pub use recovery::{min_store_bytes, RecoveryReport, DEFAULT_SEGMENT_BYTES, MAX_STORE_BYTES, MIN_SEGMENT_BYTES};
+pub use recovery::{min_store_bytes, RecoveryReport, DEFAULT_SEGMENT_BYTES, SEGMENT_BYTES_MIN, STORE_BYTES_MAX};
 pub use state::{VolumeInfo, KEEP_LAST_TAG};
 pub use store::{CreateOptions, Pending, Store};

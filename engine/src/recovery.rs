@@ -16,37 +16,37 @@ use crate::format::{
 };
 use crate::index::phys_of;
 use crate::segment_image::{Records, Stop};
-use crate::state::{Staged, State, Volume, MAX_VOLUMES};
+use crate::state::{Staged, State, Volume, VOLUMES_MAX};
 use crate::types::{Lsn, SegmentId, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
 
 /// Smallest segment: 16 blocks (64 KiB). Tests use tiny segments to reach the cleaner quickly;
 /// production stores should use the default.
-pub const MIN_SEGMENT_BYTES: u64 = 16 * BB;
+pub const SEGMENT_BYTES_MIN: u64 = 16 * BB;
 /// Default segment: 8 MiB. Large enough that cleaning reads and log writes are long sequential
 /// transfers, small enough that a 10 GiB store has over a thousand segments to choose victims from.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 8 << 20;
 /// Fewest segments a store may have: two for the cleaner's reserve and two for data.
-const MIN_SEGMENTS: u32 = 4;
+const SEGMENTS_MIN: u32 = 4;
 /// Segment headers read per device round during recovery: bounds recovery's memory to 4 MiB.
 const HEADER_READ_CHUNK: usize = 1024;
 
 /// Writes an empty store onto `device`.
 /// The largest store: block numbers on the device are 32-bit.
-pub const MAX_STORE_BYTES: u64 = (u32::MAX as u64 - 2) * BB;
+pub const STORE_BYTES_MAX: u64 = (u32::MAX as u64 - 2) * BB;
 
 /// The smallest device a store with `segment_bytes`-byte segments fits on: the superblocks, two
-/// checkpoint slots and [`MIN_SEGMENTS`] segments.
+/// checkpoint slots and [`SEGMENTS_MIN`] segments.
 pub fn min_store_bytes(segment_bytes: u64) -> u64 {
     let segment_blocks = segment_bytes / BB;
-    let n = MIN_SEGMENTS as u64;
-    let payload = max_payload_bytes(n, n * segment_blocks, MAX_VOLUMES as u64);
+    let n = SEGMENTS_MIN as u64;
+    let payload = max_payload_bytes(n, n * segment_blocks, VOLUMES_MAX as u64);
     (2 + 2 * (1 + payload.div_ceil(BB)) + n * segment_blocks) * BB
 }
 
 pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock> {
-    if segment_bytes < MIN_SEGMENT_BYTES || segment_bytes % BB != 0 || segment_bytes > (1 << 30) {
+    if segment_bytes < SEGMENT_BYTES_MIN || segment_bytes % BB != 0 || segment_bytes > (1 << 30) {
         return Err(Error::InvalidArgument(format!(
-            "segment size {segment_bytes} must be a multiple of 4096 between {MIN_SEGMENT_BYTES} and 1 GiB"
+            "segment size {segment_bytes} must be a multiple of 4096 between {SEGMENT_BYTES_MIN} and 1 GiB"
         )));
     }
     let device_bytes = device.len_bytes() / BB * BB;
@@ -54,14 +54,14 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
     let segment_blocks = segment_bytes / BB;
     let mut n_segments = total_blocks.saturating_sub(2) / segment_blocks;
     let slot_blocks = loop {
-        if n_segments < MIN_SEGMENTS as u64 {
+        if n_segments < SEGMENTS_MIN as u64 {
             return Err(Error::InvalidArgument(format!(
                 "a store of {device_bytes} bytes is too small: with {segment_bytes}-byte segments it needs at least {} bytes ({} segments)",
                 min_store_bytes(segment_bytes),
-                MIN_SEGMENTS
+                SEGMENTS_MIN
             )));
         }
-        let payload = max_payload_bytes(n_segments, n_segments * segment_blocks, MAX_VOLUMES as u64);
+        let payload = max_payload_bytes(n_segments, n_segments * segment_blocks, VOLUMES_MAX as u64);
         let slot_blocks = 1 + payload.div_ceil(BB);
         if 2 + 2 * slot_blocks + n_segments * segment_blocks <= total_blocks {
             break slot_blocks;
@@ -70,7 +70,7 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
     };
     if n_segments * segment_blocks > u32::MAX as u64 - 2 {
         return Err(Error::InvalidArgument(format!(
-            "device too large: at most {MAX_STORE_BYTES} bytes (16 TiB) per store"
+            "device too large: at most {STORE_BYTES_MAX} bytes (16 TiB) per store"
         )));
     }
     let sb = Superblock {
@@ -228,7 +228,7 @@ fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData
     if d.segments.len() != sb.n_segments as usize {
         return Err("segment table size does not match the superblock".into());
     }
-    if d.volumes.len() > MAX_VOLUMES {
+    if d.volumes.len() > VOLUMES_MAX {
         return Err("too many volumes".into());
     }
     if h.tail_segment != u32::MAX && (h.tail_segment >= sb.n_segments || h.tail_block > sb.segment_blocks) {
@@ -257,8 +257,8 @@ fn validate_checkpoint(sb: &Superblock, h: &CheckpointHeader, d: &CheckpointData
     }
     for v in &d.volumes {
         let size = sizes[&v.id];
-        if v.staged.len() > crate::state::MAX_STAGED_BLOCKS + 1
-            || v.staged_trims.len() > crate::state::MAX_STAGED_TRIMS + 1
+        if v.staged.len() > crate::state::STAGED_BLOCKS_MAX + 1
+            || v.staged_trims.len() > crate::state::STAGED_TRIMS_MAX + 1
             || v.staged.iter().any(|(lba, e)| *lba >= size || phys_of(*e).is_none_or(|p| p as u64 >= data_blocks))
             || v.staged_trims.iter().any(|(first, end)| first >= end || *end > size)
         {

@@ -11,7 +11,7 @@ use crate::types::{VolumeId, BLOCK_BYTES};
 
 /// Most volumes one store holds. Every checkpoint carries the whole volume table and each volume has
 /// its own index root; beyond a few thousand volumes, a deployment should use more stores.
-pub const MAX_VOLUMES: usize = 4096;
+pub const VOLUMES_MAX: usize = 4096;
 
 /// `last_tag` value of a [`MetaOp::SetRepl`] that leaves the volume's last tag as it is (a primary
 /// updating its trim floor while its own writes keep moving the tag).
@@ -20,10 +20,10 @@ pub const KEEP_LAST_TAG: u64 = u64::MAX;
 /// Most blocks a volume stages for an uncommitted resync (4 GiB of data, about 40 MiB of memory).
 /// A larger resync overflows: what is staged is applied at once and the rest goes straight to the
 /// index, so the volume is inconsistent until the commit (as DRBD's resync target always is).
-pub const MAX_STAGED_BLOCKS: usize = 1 << 20;
+pub const STAGED_BLOCKS_MAX: usize = 1 << 20;
 /// Most disjoint trimmed ranges a volume stages; past this, the resync overflows likewise. Bounded
 /// so that checkpoint slots can be sized for the worst case (64 replicated volumes × 128 × 16 B).
-pub const MAX_STAGED_TRIMS: usize = 128;
+pub const STAGED_TRIMS_MAX: usize = 128;
 
 /// What an uncommitted resync wrote to a volume: kept aside from the index, so that the volume's
 /// committed image (what recovery rebuilds, what a promotion serves) stays the consistent image it
@@ -236,7 +236,7 @@ impl State {
                             on_dead(seg(old_phys));
                         }
                     }
-                    if staged && vol.staged.writes.len() > MAX_STAGED_BLOCKS {
+                    if staged && vol.staged.writes.len() > STAGED_BLOCKS_MAX {
                         overflow(vol, &mut self.live, segment_blocks, &mut on_dead);
                     }
                 }
@@ -257,7 +257,7 @@ impl State {
                             }
                         }
                         vol.staged.add_trim(e.lba.0, end);
-                        if vol.staged.trims.len() > MAX_STAGED_TRIMS {
+                        if vol.staged.trims.len() > STAGED_TRIMS_MAX {
                             overflow(vol, live, segment_blocks, &mut on_dead);
                         }
                         continue;
@@ -376,7 +376,7 @@ fn merge_staged(vol: &mut Volume, live: &mut [u32], segment_blocks: u32, on_dead
 /// A resync outgrew staging: apply what is staged and let the rest go straight to the index.
 fn overflow(vol: &mut Volume, live: &mut [u32], segment_blocks: u32, on_dead: &mut impl FnMut(usize)) {
     tracing::warn!(
-        "volume {}: resync larger than {MAX_STAGED_BLOCKS} blocks or {MAX_STAGED_TRIMS} trimmed ranges; \
+        "volume {}: resync larger than {STAGED_BLOCKS_MAX} blocks or {STAGED_TRIMS_MAX} trimmed ranges; \
          applying it directly: the replica is inconsistent until the resync commits",
         vol.name
     );

@@ -315,7 +315,7 @@ impl Store {
         fua: bool,
         tag: Tag,
     ) -> Result<Pending<Written>> {
-        let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
+        let bytes = if may_trim { 0 } else { len.min(crate::core::IO_BYTES_MAX) };
         self.enqueue(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply }).await
     }
 
@@ -361,7 +361,7 @@ impl Store {
     /// (write-back, as a disk's volatile cache does): reads see it at once, and any flush (or FUA
     /// write) queued after it makes it durable or fails. A crash of the process before then may
     /// lose it, which NBD allows for a write without FUA that no flush has covered. The engine
-    /// answers writes this way only while [`crate::core::WRITE_BACK_MAX_BLOCKS`] allows.
+    /// answers writes this way only while [`crate::core::WRITE_BACK_BLOCKS_MAX`] allows.
     pub async fn write_back(&self, volume: VolumeId, offset: u64, data: Bytes) -> Result<()> {
         self.call_write(volume, offset, data, false, true).await
     }
@@ -387,7 +387,7 @@ impl Store {
     }
 
     pub async fn write_zeroes(&self, volume: VolumeId, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<()> {
-        let bytes = if may_trim { 0 } else { len.min(crate::core::MAX_IO_BYTES) };
+        let bytes = if may_trim { 0 } else { len.min(crate::core::IO_BYTES_MAX) };
         let tag = Tag::NONE;
         self.call(bytes, |reply| Request::WriteZeroes { volume, offset, len, may_trim, fua, tag, reply })
             .await
@@ -398,7 +398,7 @@ impl Store {
         self.call(0, |reply| Request::BlockStatus { volume, offset, len, reply }).await
     }
 
-    /// The CRC32 of each block of a block-aligned range (at most [`crate::core::MAX_CRC_BLOCKS`]
+    /// The CRC32 of each block of a block-aligned range (at most [`crate::core::CRC_BLOCKS_MAX`]
     /// blocks), `None` for unmapped ones: answered from the index without reading data, as of
     /// every request queued before it (unapplied writes included).
     pub async fn block_crcs(&self, volume: VolumeId, offset: u64, len: u64) -> Result<Vec<Option<u32>>> {

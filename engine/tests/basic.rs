@@ -313,14 +313,14 @@ fn write_back_is_answered_before_the_disk_has_it_and_the_next_flush_makes_it_dur
 
 #[test]
 fn write_back_answers_at_most_its_budget_ahead_of_the_disk() {
-    use syncblock_engine::core::WRITE_BACK_MAX_BLOCKS;
+    use syncblock_engine::core::WRITE_BACK_BLOCKS_MAX;
     let disk = sim_disk(256 << 20, 4 << 20);
     let rt = paused_rt();
     rt.block_on(async {
         let (store, vol) = latency_volume(&disk, Duration::from_millis(5), 128 << 20).await;
         // 1 MiB writes: the budget holds exactly this many before any log write completes.
         let per_write = 256u64;
-        let within = (WRITE_BACK_MAX_BLOCKS / per_write) as usize;
+        let within = (WRITE_BACK_BLOCKS_MAX / per_write) as usize;
         let t0 = tokio::time::Instant::now();
         let tasks: Vec<_> = (0..within + 4)
             .map(|i| {

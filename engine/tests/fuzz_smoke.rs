@@ -16,7 +16,7 @@ use std::sync::{Mutex, Once};
 
 use checks::{Input, REPAIR_CRC, REPAIR_MAGIC, REPAIR_STORE, STORE_ID};
 use syncblock_engine::format::{
-    CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock, MAX_BATCH_BLOCKS,
+    CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock, BATCH_BLOCKS_MAX,
 };
 use syncblock_engine::sim::Rng;
 use syncblock_engine::{Lba, Lsn, VolumeId, BLOCK_BYTES};
@@ -135,7 +135,7 @@ fn random_record(rng: &mut Rng) -> RecordHeader {
     for _ in 0..1 + rng.below(8) {
         let kind = [EntryKind::Write, EntryKind::Trim, EntryKind::Copy][rng.below(3) as usize];
         let n_blocks = if kind.has_data() {
-            (1 + rng.below(16)).min(MAX_BATCH_BLOCKS as u64 - crcs.len() as u64) as u32
+            (1 + rng.below(16)).min(BATCH_BLOCKS_MAX as u64 - crcs.len() as u64) as u32
         } else {
             1 + rng.below(1 << 20) as u32
         };

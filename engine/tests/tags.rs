@@ -220,11 +220,11 @@ fn block_crcs_see_every_queued_write_and_trim_and_read_no_data() {
         assert!(store.block_crcs(vol.id, 512, BLOCK_BYTES_U64).await.is_err());
         assert!(store.block_crcs(vol.id, 0, BLOCK_BYTES_U64 + 512).await.is_err());
         assert!(store.block_crcs(vol.id, (n_blocks - 1) * BLOCK_BYTES_U64, 2 * BLOCK_BYTES_U64).await.is_err());
-        let big = store.create_volume("big", 2 * syncblock_engine::MAX_CRC_BLOCKS * BLOCK_BYTES_U64).await.unwrap();
-        assert!(store.block_crcs(big.id, 0, (syncblock_engine::MAX_CRC_BLOCKS + 1) * BLOCK_BYTES_U64).await.is_err());
+        let big = store.create_volume("big", 2 * syncblock_engine::CRC_BLOCKS_MAX * BLOCK_BYTES_U64).await.unwrap();
+        assert!(store.block_crcs(big.id, 0, (syncblock_engine::CRC_BLOCKS_MAX + 1) * BLOCK_BYTES_U64).await.is_err());
         assert_eq!(
-            store.block_crcs(big.id, 0, syncblock_engine::MAX_CRC_BLOCKS * BLOCK_BYTES_U64).await.unwrap().len() as u64,
-            syncblock_engine::MAX_CRC_BLOCKS
+            store.block_crcs(big.id, 0, syncblock_engine::CRC_BLOCKS_MAX * BLOCK_BYTES_U64).await.unwrap().len() as u64,
+            syncblock_engine::CRC_BLOCKS_MAX
         );
     });
 }

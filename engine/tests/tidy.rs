@@ -2,8 +2,9 @@
 //! each file opens with a `//!` doc comment, every `unsafe` block has a `// SAFETY:` comment just
 //! above it, no `dbg!` or `todo!` is left behind, and a file over 1,000 lines says why in a
 //! `//! Size:` line. And that ARCHITECTURE.md's table of limits
-//! and the code agree: every constant the table names is defined in the file it gives, and every
-//! `MAX_*` / `*_MAX` constant of the crates' sources is in the table.
+//! and the code agree: every constant the table names is defined in the file it gives, every
+//! `*_MAX` constant of the crates' sources is in the table, and limits are named one way, qualifier
+//! last (`IO_BYTES_MAX`, not `MAX_IO_BYTES`).
 
 use std::path::{Path, PathBuf};
 
@@ -115,8 +116,24 @@ fn the_table_of_limits_and_the_code_agree() {
             }
         }
     }
+    // One naming convention for limits, qualifier last (`IO_BYTES_MAX`, `SEGMENT_BYTES_MIN`), in
+    // every Rust file of the workspace.
+    let mut everywhere = Vec::new();
+    rust_files(root, &mut everywhere);
+    for file in &everywhere {
+        for n in consts(&std::fs::read_to_string(file).unwrap()) {
+            let qualifier_first = ["MAX_", "MIN_"].iter().any(|q| n.starts_with(q));
+            let qualifier_inside = ["_MAX_", "_MIN_"].iter().any(|q| n.contains(q));
+            if qualifier_first || qualifier_inside {
+                let rel = file.strip_prefix(root).unwrap().display();
+                problems.push(format!(
+                    "{rel}: limit `{n}` puts its qualifier first or inside; name limits `THING_UNIT_MAX`"
+                ));
+            }
+        }
+    }
     for (file, names) in &defined {
-        for n in names.iter().filter(|n| n.starts_with("MAX_") || n.ends_with("_MAX")) {
+        for n in names.iter().filter(|n| n.ends_with("_MAX")) {
             if !named.contains(n) {
                 let rel = file.strip_prefix(root).unwrap().display();
                 problems.push(format!("{rel}: limit `{n}` is not in ARCHITECTURE.md's table of limits"));

@@ -18,10 +18,10 @@ use syncblock_engine::buf::AlignedBuf;
 use syncblock_engine::checkpoint::{CheckpointData, RunRec, SegmentRec, VolumeRec};
 use syncblock_engine::format::{
     CheckpointHeader, MetaOp, RecordHeader, RecordKind, SegmentHeader, Superblock, CHECKPOINT_MAGIC, FORMAT_VERSION,
-    MAX_HEADER_BLOCKS, RECORD_MAGIC, SEGMENT_MAGIC, SUPERBLOCK_MAGIC,
+    HEADER_BLOCKS_MAX, RECORD_MAGIC, SEGMENT_MAGIC, SUPERBLOCK_MAGIC,
 };
 use syncblock_engine::sim::{Rng, SimDevice, SimDisk};
-use syncblock_engine::{Config, Error, Store, BLOCK_BYTES, MIN_SEGMENT_BYTES};
+use syncblock_engine::{Config, Error, Store, BLOCK_BYTES, SEGMENT_BYTES_MIN};
 
 /// The store id the decoders are asked to accept (and the one the repair modes write).
 pub const STORE_ID: u64 = 0x5eed_f022_0000_0001;
@@ -112,7 +112,7 @@ impl<'a> Input<'a> {
 // record_header
 
 /// `record_header` target. Mode byte: without repair bits, the rest is decoded as it is (any
-/// length); with any, it is copied into a zeroed buffer of [`MAX_HEADER_BLOCKS`] blocks and the
+/// length); with any, it is copied into a zeroed buffer of [`HEADER_BLOCKS_MAX`] blocks and the
 /// chosen fields are repaired. Property: decoding never panics, and a decoded header re-encodes to
 /// bytes that decode to the same header.
 pub fn record_header(data: &[u8]) {
@@ -121,7 +121,7 @@ pub fn record_header(data: &[u8]) {
         check_record(rest);
         return;
     }
-    let mut b = vec![0u8; MAX_HEADER_BLOCKS as usize * BLOCK_BYTES];
+    let mut b = vec![0u8; HEADER_BLOCKS_MAX as usize * BLOCK_BYTES];
     let n = rest.len().min(b.len());
     b[..n].copy_from_slice(&rest[..n]);
     repair_record(&mut b, mode);
@@ -155,7 +155,7 @@ pub fn repair_record(b: &mut [u8], mode: u8) {
     // The CRC covers the whole header, as many blocks as it says it has.
     if mode & REPAIR_CRC != 0 {
         let header_blocks = get_u32(b, REC_HEADER_BLOCKS) as usize;
-        if (1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks) && header_blocks * BLOCK_BYTES <= b.len() {
+        if (1..=HEADER_BLOCKS_MAX as usize).contains(&header_blocks) && header_blocks * BLOCK_BYTES <= b.len() {
             let crc = crc_skipping(&b[..header_blocks * BLOCK_BYTES], REC_CRC);
             put(b, REC_CRC, &crc.to_le_bytes());
         }
@@ -165,7 +165,7 @@ pub fn repair_record(b: &mut [u8], mode: u8) {
 fn check_record(b: &[u8]) {
     let Ok(rec) = RecordHeader::decode(b, STORE_ID) else { return };
     let header_blocks = rec.header_blocks();
-    assert!((1..=MAX_HEADER_BLOCKS).contains(&header_blocks), "decoded header claims {header_blocks} blocks");
+    assert!((1..=HEADER_BLOCKS_MAX).contains(&header_blocks), "decoded header claims {header_blocks} blocks");
     let data_blocks: u64 = rec.entries.iter().filter(|e| e.kind.has_data()).map(|e| e.n_blocks as u64).sum();
     assert_eq!(data_blocks, rec.crcs.len() as u64, "entries and CRCs disagree in a decoded header");
     assert!(rec.entries.iter().all(|e| e.n_blocks > 0 && e.lba.0.checked_add(e.n_blocks as u64).is_some()));
@@ -361,7 +361,7 @@ fn check_superblock(sb: &Superblock) {
 fn check_meta(b: &[u8]) {
     if let Ok(op) = MetaOp::decode(b) {
         if let MetaOp::Create { name, .. } = &op {
-            assert!(name.len() <= syncblock_engine::format::MAX_NAME_BYTES);
+            assert!(name.len() <= syncblock_engine::format::NAME_BYTES_MAX);
         }
         assert_eq!(MetaOp::decode(&op.encode()).as_ref(), Ok(&op), "volume-table op round trip");
     }
@@ -406,7 +406,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn build_image() -> Image {
-    let disk = SimDisk::formatted(IMAGE_BYTES, MIN_SEGMENT_BYTES).expect("formatting the fuzz image");
+    let disk = SimDisk::formatted(IMAGE_BYTES, SEGMENT_BYTES_MIN).expect("formatting the fuzz image");
     let store = Store::open_device(Box::new(SimDevice::new(disk.clone())), Config::default(), "fuzz-image")
         .expect("opening the fuzz image");
     let rt = runtime();
@@ -559,7 +559,7 @@ pub fn reseal(bytes: &mut [u8], sb: &Superblock) {
             let header = &mut seg[cursor * BLOCK_BYTES..];
             let header_blocks = get_u32(header, REC_HEADER_BLOCKS) as usize;
             if get_u32(header, REC_MAGIC) != RECORD_MAGIC
-                || !(1..=MAX_HEADER_BLOCKS as usize).contains(&header_blocks)
+                || !(1..=HEADER_BLOCKS_MAX as usize).contains(&header_blocks)
                 || header_blocks * BLOCK_BYTES > header.len()
             {
                 break;

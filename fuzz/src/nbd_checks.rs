@@ -16,7 +16,7 @@
 
 use bytes::{BufMut, BytesMut};
 use syncblock_engine::VolumeId;
-use syncblock_nbd::handshake::{ExportInfo, Exports, Negotiation, Step, MAX_OPTIONS};
+use syncblock_nbd::handshake::{ExportInfo, Exports, Negotiation, Step, OPTIONS_MAX};
 use syncblock_nbd::proto::{self, ProtoError, RequestHeader};
 
 /// The exports every handshake input negotiates against: a writable default, a read-only one.
@@ -64,7 +64,7 @@ fn option_replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
 /// the very bytes they were given; every reply the state machine writes is well framed and names
 /// the option it answers; an option error is never followed by transmission in the same step; a
 /// transmission session names an export that exists, with flags that match its read-only state;
-/// negotiation ends within [`MAX_OPTIONS`] options.
+/// negotiation ends within [`OPTIONS_MAX`] options.
 pub fn nbd_handshake(data: &[u8]) {
     if data.len() >= proto::OPTION_HEADER_BYTES {
         let hdr: [u8; proto::OPTION_HEADER_BYTES] = data[..proto::OPTION_HEADER_BYTES].try_into().expect("16 bytes");
@@ -114,7 +114,7 @@ pub fn nbd_handshake(data: &[u8]) {
             neg.on_option(option, payload, &exports, &mut out)
         };
         n_options += 1;
-        assert!(n_options <= MAX_OPTIONS, "negotiation must end within MAX_OPTIONS options");
+        assert!(n_options <= OPTIONS_MAX, "negotiation must end within OPTIONS_MAX options");
         match step {
             Step::Transmit(session) => {
                 let export = exports.find(&session.export.name).expect("session names a real export");
@@ -171,7 +171,7 @@ fn check_payload_decoders(data: &[u8]) {
     }
     match proto::decode_meta_request(data) {
         Ok(req) => {
-            assert!(req.queries.len() as u32 <= proto::MAX_META_QUERIES);
+            assert!(req.queries.len() as u32 <= proto::META_QUERIES_MAX);
             let mut b = BytesMut::new();
             b.put_u32(req.export.len() as u32);
             b.put_slice(req.export.as_bytes());
@@ -182,7 +182,7 @@ fn check_payload_decoders(data: &[u8]) {
             }
             assert_eq!(&b[..], data, "meta request re-encodes");
         }
-        Err(ProtoError::StringTooLong(n)) => assert!(n > proto::MAX_STRING_BYTES),
+        Err(ProtoError::StringTooLong(n)) => assert!(n > proto::STRING_BYTES_MAX),
         Err(_) => {}
     }
 }

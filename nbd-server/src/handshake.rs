@@ -6,19 +6,19 @@
 //! so tests drive it directly.
 
 use bytes::BytesMut;
-use syncblock_engine::{VolumeId, MAX_IO_BYTES};
+use syncblock_engine::{VolumeId, IO_BYTES_MAX};
 
 use crate::proto::{self, BlockSize, ClientFlags};
 
 /// Most options one client may send before entering transmission; more means a confused or
 /// hostile client, and we close the connection. Real clients send fewer than ten.
-pub const MAX_OPTIONS: u32 = 1024;
+pub const OPTIONS_MAX: u32 = 1024;
 
 /// What we advertise in NBD_INFO_BLOCK_SIZE. The engine is byte-granular (it read-modify-writes
 /// partial blocks), so the honest minimum is 1; 4 KiB is its block and avoids that
 /// read-modify-write; the maximum is the engine's largest single I/O.
-pub const BLOCK_SIZE: BlockSize = BlockSize { min: 1, preferred: 4096, max: MAX_IO_BYTES as u32 };
-const _: () = assert!(MAX_IO_BYTES <= u32::MAX as u64 && MAX_IO_BYTES >= 1 << 20);
+pub const BLOCK_SIZE: BlockSize = BlockSize { min: 1, preferred: 4096, max: IO_BYTES_MAX as u32 };
+const _: () = assert!(IO_BYTES_MAX <= u32::MAX as u64 && IO_BYTES_MAX >= 1 << 20);
 
 /// One export as the handshake sees it: an engine volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +110,7 @@ impl Negotiation {
 
     fn count(&mut self) -> Step {
         self.n_options += 1;
-        if self.n_options >= MAX_OPTIONS {
+        if self.n_options >= OPTIONS_MAX {
             Step::Close
         } else {
             Step::Continue
@@ -436,7 +436,7 @@ mod tests {
     fn too_many_options_close_the_connection() {
         let mut n = fixed();
         let mut last = Step::Continue;
-        for _ in 0..MAX_OPTIONS {
+        for _ in 0..OPTIONS_MAX {
             last = run(&mut n, 99, &[]).0;
         }
         assert_eq!(last, Step::Close);

@@ -21,4 +21,4 @@ pub mod server;
 pub mod size;
 pub mod target;
 
-pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, MAX_IN_FLIGHT};
+pub use server::{serve, Listener, ServerConfig, ServerError, HANDSHAKE_TIMEOUT, IN_FLIGHT_MAX};

@@ -54,13 +54,13 @@ pub const INFO_DESCRIPTION: u16 = 2;
 pub const INFO_BLOCK_SIZE: u16 = 3;
 
 /// Longest string (export name, context name, description) we accept or send: the spec's limit.
-pub const MAX_STRING_BYTES: usize = 4096;
+pub const STRING_BYTES_MAX: usize = 4096;
 /// Largest option payload we buffer. The largest legitimate one is SET_META_CONTEXT with a few
 /// 4 KiB queries; anything bigger is drained and refused with `NBD_REP_ERR_TOO_BIG`.
-pub const MAX_OPTION_BYTES: u32 = 64 << 10;
+pub const OPTION_BYTES_MAX: u32 = 64 << 10;
 /// Most meta-context queries we look at in one option; more is refused as invalid. The spec has
 /// exactly one context we serve, so a client never needs more than a handful.
-pub const MAX_META_QUERIES: u32 = 128;
+pub const META_QUERIES_MAX: u32 = 128;
 
 /// The one metadata context we serve.
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
@@ -132,13 +132,13 @@ pub enum ProtoError {
     Truncated { needed: usize, have: usize },
     #[error("unknown client flags {0:#x}")]
     UnknownClientFlags(u32),
-    #[error("string of {0} bytes exceeds the limit of {MAX_STRING_BYTES}")]
+    #[error("string of {0} bytes exceeds the limit of {STRING_BYTES_MAX}")]
     StringTooLong(usize),
     #[error("string contains a NUL byte or is not UTF-8")]
     BadString,
     #[error("{0} trailing bytes after the option payload")]
     TrailingBytes(usize),
-    #[error("{0} meta-context queries exceed the limit of {MAX_META_QUERIES}")]
+    #[error("{0} meta-context queries exceed the limit of {META_QUERIES_MAX}")]
     TooManyQueries(u32),
 }
 
@@ -181,7 +181,7 @@ impl<'a> Reader<'a> {
 
     /// A string of `len` bytes: bounded, UTF-8, no NUL.
     pub fn string(&mut self, len: usize) -> Result<String, ProtoError> {
-        if len > MAX_STRING_BYTES {
+        if len > STRING_BYTES_MAX {
             return Err(ProtoError::StringTooLong(len));
         }
         let b = self.take(len)?;
@@ -281,7 +281,7 @@ pub fn decode_meta_request(data: &[u8]) -> Result<MetaRequest, ProtoError> {
     let mut r = Reader::new(data);
     let export = r.string32()?;
     let n = r.u32()?;
-    if n > MAX_META_QUERIES {
+    if n > META_QUERIES_MAX {
         return Err(ProtoError::TooManyQueries(n));
     }
     let mut queries = Vec::with_capacity(n as usize);
@@ -303,7 +303,7 @@ pub fn encode_option_reply(out: &mut BytesMut, option: u32, reply: u32, payload:
 
 /// An error reply carrying a human-readable message (truncated to the string limit).
 pub fn encode_option_error(out: &mut BytesMut, option: u32, reply: u32, message: &str) {
-    let msg = truncate_str(message, MAX_STRING_BYTES);
+    let msg = truncate_str(message, STRING_BYTES_MAX);
     encode_option_reply(out, option, reply, msg.as_bytes());
 }
 
@@ -312,7 +312,7 @@ pub fn encode_rep_server(out: &mut BytesMut, option: u32, name: &str, descriptio
     let mut p = BytesMut::new();
     p.put_u32(name.len() as u32);
     p.put_slice(name.as_bytes());
-    p.put_slice(truncate_str(description, MAX_STRING_BYTES).as_bytes());
+    p.put_slice(truncate_str(description, STRING_BYTES_MAX).as_bytes());
     encode_option_reply(out, option, REP_SERVER, &p);
 }
 
@@ -351,11 +351,11 @@ pub fn encode_rep_info(out: &mut BytesMut, option: u32, info: &Info<'_>) {
         }
         Info::Name(name) => {
             p.put_u16(INFO_NAME);
-            p.put_slice(truncate_str(name, MAX_STRING_BYTES).as_bytes());
+            p.put_slice(truncate_str(name, STRING_BYTES_MAX).as_bytes());
         }
         Info::Description(d) => {
             p.put_u16(INFO_DESCRIPTION);
-            p.put_slice(truncate_str(d, MAX_STRING_BYTES).as_bytes());
+            p.put_slice(truncate_str(d, STRING_BYTES_MAX).as_bytes());
         }
         Info::BlockSize(bs) => {
             p.put_u16(INFO_BLOCK_SIZE);
@@ -463,7 +463,7 @@ pub fn encode_chunk_offset_hole(out: &mut BytesMut, cookie: u64, offset: u64, le
 
 /// NBD_REPLY_TYPE_ERROR: an errno and a message (truncated to fit the 16-bit length).
 pub fn encode_chunk_error(out: &mut BytesMut, cookie: u64, error: u32, message: &str) {
-    let msg = truncate_str(message, MAX_STRING_BYTES);
+    let msg = truncate_str(message, STRING_BYTES_MAX);
     encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
     out.put_u32(error);
     out.put_u16(msg.len() as u16);
@@ -664,8 +664,8 @@ mod tests {
     #[test]
     fn long_strings_are_truncated_on_a_char_boundary() {
         let s = "é".repeat(3000); // 6000 bytes
-        let t = truncate_str(&s, MAX_STRING_BYTES);
-        assert!(t.len() <= MAX_STRING_BYTES && t.is_char_boundary(t.len()));
+        let t = truncate_str(&s, STRING_BYTES_MAX);
+        assert!(t.len() <= STRING_BYTES_MAX && t.is_char_boundary(t.len()));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use syncblock_engine::{ByteRange, Error, ErrorClass, Extent, Store, VolumeId, MAX_IO_BYTES};
+use syncblock_engine::{ByteRange, Error, ErrorClass, Extent, Store, VolumeId, IO_BYTES_MAX};
 use syncblock_replicator::Node;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -33,29 +33,29 @@ use crate::target::{Failure, Target};
 /// Structured READs shorter than this are sent as one data chunk without asking the engine which
 /// parts are holes: for the 4 KiB reads of databases and fio that halves the engine round trips,
 /// while large reads (qemu-img convert, nbdcopy: 64 KiB to 32 MiB) still get holes.
-pub const HOLE_SCAN_MIN_BYTES: u64 = 64 << 10;
+pub const HOLE_SCAN_BYTES_MIN: u64 = 64 << 10;
 
 /// Requests in flight per connection. 64 covers every mainstream client's queue depth per
 /// connection (qemu uses 16, fio jobs are usually ≤ 32, the kernel 128 but it blocks fine) while
 /// bounding the tasks one client can make us hold.
-pub const MAX_IN_FLIGHT: usize = 64;
+pub const IN_FLIGHT_MAX: usize = 64;
 
 /// Payload bytes (WRITE data received, READ data requested) in flight per connection: 128 MiB, so
 /// four maximal 32 MiB requests still run together while memory per client stays bounded.
-pub const MAX_IN_FLIGHT_PAYLOAD_BYTES: u64 = 128 << 20;
+pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u64 = 128 << 20;
 /// Unit of the payload budget.
 const PAYLOAD_UNIT_BYTES: u64 = 64 << 10;
-const PAYLOAD_UNITS: u32 = (MAX_IN_FLIGHT_PAYLOAD_BYTES / PAYLOAD_UNIT_BYTES) as u32;
+const PAYLOAD_UNITS: u32 = (IN_FLIGHT_PAYLOAD_BYTES_MAX / PAYLOAD_UNIT_BYTES) as u32;
 
 /// Read-ahead buffer per connection in transmission: a client with 32 small writes in flight sends
 /// them back to back, and reading each header and payload with its own system call showed in
 /// profiles. Payloads larger than the buffer are read straight into their own memory.
 const READ_BUFFER_BYTES: usize = 256 << 10;
-const _: () = assert!(MAX_IO_BYTES <= MAX_IN_FLIGHT_PAYLOAD_BYTES);
+const _: () = assert!(IO_BYTES_MAX <= IN_FLIGHT_PAYLOAD_BYTES_MAX);
 
 /// Most extents in one block status reply. The spec caps this at 2^20; 64 Ki keeps a reply under
 /// 512 KiB, and a client asks again for the rest.
-pub const MAX_STATUS_EXTENTS: usize = 1 << 16;
+pub const STATUS_EXTENTS_MAX: usize = 1 << 16;
 
 /// How long a client may take from connecting to entering transmission (or ending negotiation).
 /// Real clients negotiate in a few round trips, milliseconds even across a WAN; 30 s leaves room for
@@ -124,7 +124,7 @@ enum ConnError {
     Io(#[from] io::Error),
     #[error("engine: {0}")]
     Engine(#[from] Error),
-    #[error("WRITE payload of {0} bytes exceeds the {MAX_IO_BYTES}-byte limit")]
+    #[error("WRITE payload of {0} bytes exceeds the {IO_BYTES_MAX}-byte limit")]
     PayloadTooLarge(u32),
 }
 
@@ -295,7 +295,7 @@ where
         r.read_exact(&mut hdr).await?;
         let hdr = decode_option_header(&hdr)?;
         out.clear();
-        let step = if hdr.len > MAX_OPTION_BYTES {
+        let step = if hdr.len > OPTION_BYTES_MAX {
             tokio::io::copy(&mut (&mut *r).take(u64::from(hdr.len)), &mut tokio::io::sink()).await?;
             neg.on_oversized_option(hdr.option, &mut out)
         } else {
@@ -343,7 +343,7 @@ where
             // written count against the payload budget too: a client that sends requests but
             // does not read replies is stopped, not buffered for without bound.
             let mut blocked = false;
-            while inflight.len() < MAX_IN_FLIGHT {
+            while inflight.len() < IN_FLIGHT_MAX {
                 let units_left = PAYLOAD_UNITS.saturating_sub(payload_units_used + out.units());
                 match input.next_request(units_left)? {
                     Next::Request(req, data) => match ctx.validate(&req) {
@@ -378,7 +378,7 @@ where
                     }
                 }
             }
-            let can_read = !blocked && inflight.len() < MAX_IN_FLIGHT;
+            let can_read = !blocked && inflight.len() < IN_FLIGHT_MAX;
             // Completions first, then writing replies, then reading requests. All three, and
             // the requests' own progress, go on at once: a client slow to read its replies must
             // not stall requests in flight (a replicated write may hold the volume's sequencer).
@@ -463,7 +463,7 @@ impl RequestReader {
         }
         let mut whole = REQUEST_HEADER_BYTES;
         if req.command == CMD_WRITE {
-            if u64::from(req.len) > MAX_IO_BYTES {
+            if u64::from(req.len) > IO_BYTES_MAX {
                 // Larger than any client may send (the spec allows a hard disconnect); not worth
                 // draining.
                 return Err(ConnError::PayloadTooLarge(req.len));
@@ -499,7 +499,7 @@ impl RequestReader {
 fn payload_units(req: &RequestHeader) -> u32 {
     match req.command {
         CMD_READ | CMD_WRITE => {
-            let bytes = u64::from(req.len).min(MAX_IO_BYTES);
+            let bytes = u64::from(req.len).min(IO_BYTES_MAX);
             (bytes.div_ceil(PAYLOAD_UNIT_BYTES) as u32).max(1)
         }
         _ => 1,
@@ -542,10 +542,10 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     /// after the write returned.
     async fn write_some(&mut self) -> io::Result<()> {
         /// Slices per system call: Linux's IOV_MAX is 1024.
-        const MAX_IOVECS: usize = 1024;
+        const IOVECS_MAX: usize = 1024;
         let res = {
             let slices: Vec<io::IoSlice<'_>> =
-                self.pending.iter().take(MAX_IOVECS).map(|b| io::IoSlice::new(b)).collect();
+                self.pending.iter().take(IOVECS_MAX).map(|b| io::IoSlice::new(b)).collect();
             self.w.write_vectored(&slices).await
         };
         let mut n = match res {
@@ -642,7 +642,7 @@ impl Ctx {
         if writes && s.export.read_only {
             return Err((EPERM, "export is read-only"));
         }
-        if req.command == CMD_READ && u64::from(req.len) > MAX_IO_BYTES {
+        if req.command == CMD_READ && u64::from(req.len) > IO_BYTES_MAX {
             return Err((EINVAL, "request exceeds the maximum block size"));
         }
         if req.command != CMD_FLUSH {
@@ -713,7 +713,7 @@ impl Ctx {
         }
         // Small reads skip hole detection: a second engine call (block status) would cost more than
         // sending the few zero bytes it could save. Sending zeros as data is always allowed.
-        let df = req.flags & CMD_FLAG_DF != 0 || len < HOLE_SCAN_MIN_BYTES;
+        let df = req.flags & CMD_FLAG_DF != 0 || len < HOLE_SCAN_BYTES_MIN;
         let (data, extents) = if df {
             (t.read(req.offset, len).await, Ok(Vec::new()))
         } else {
@@ -766,7 +766,7 @@ impl Ctx {
             Ok(e) => e,
             Err(f) => return Err(self.failed(&req, &f)),
         };
-        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_STATUS_EXTENTS };
+        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { STATUS_EXTENTS_MAX };
         let mut out: Vec<StatusExtent> = Vec::new();
         for (range, flags) in clip_extents(&extents, req.offset, len, max) {
             match out.last_mut() {

@@ -193,7 +193,7 @@ fn pipelined_requests_all_get_replies_and_bad_magic_closes_only_that_connection(
     run(async |server| {
         let mut c = connect(server.addr, "vol", false, false).await;
         let mut other = connect(server.addr, "vol", true, false).await;
-        // 200 requests without waiting (more than MAX_IN_FLIGHT: exercises backpressure).
+        // 200 requests without waiting (more than IN_FLIGHT_MAX: exercises backpressure).
         let n = 200u64;
         for i in 0..n {
             c.send(0, WRITE, i, i * 4096, 4096, &pattern(i as u8, 4096)).await;

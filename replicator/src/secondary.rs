@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::link::write_frame;
 use crate::net::{BoxListener, BoxStream};
 use crate::state::{common_point, record_state, FloorRecord, ReplState, Role};
-use crate::wire::{Frame, Refusal, MAX_HELLO_RUNS};
+use crate::wire::{Frame, Refusal, HELLO_RUNS_MAX};
 use crate::{ReplConfig, ReplError, Result};
 
 /// Engine operations queued but not yet acknowledged to the primary. Bounds the memory a fast
@@ -338,7 +338,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
             .iter()
             .map(|r| BlockRun { lba: r.lba, n_blocks: r.n_blocks })
             .collect();
-        if runs.len() > MAX_HELLO_RUNS {
+        if runs.len() > HELLO_RUNS_MAX {
             common = 0;
             runs.clear();
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use syncblock_engine::{StagedOp, Store, VolumeId, VolumeInfo, KEEP_LAST_TAG};
 use tokio::time::Instant;
 
-use crate::wire::{EpochStart, MAX_HISTORY};
+use crate::wire::{EpochStart, HISTORY_MAX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -24,7 +24,7 @@ pub struct ReplState {
     /// False while a resync is half-applied: the image is then not a prefix of any history, and the
     /// node must not be promoted.
     pub consistent: bool,
-    /// Where each epoch's tags start, oldest first (at most `MAX_HISTORY`).
+    /// Where each epoch's tags start, oldest first (at most `HISTORY_MAX`).
     pub history: Vec<EpochStart>,
     /// The pair this replica belongs to: drawn by the pair's first primary, taken by its
     /// secondary at the first sync, fixed from then on. 0: not part of a pair yet. The witness
@@ -44,7 +44,7 @@ impl ReplState {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![ATTR_VERSION, self.role as u8, self.consistent as u8, 0];
         b.extend_from_slice(&self.epoch.to_le_bytes());
-        let h = &self.history[self.history.len().saturating_sub(MAX_HISTORY)..];
+        let h = &self.history[self.history.len().saturating_sub(HISTORY_MAX)..];
         b.extend_from_slice(&(h.len() as u32).to_le_bytes());
         for e in h {
             b.extend_from_slice(&e.epoch.to_le_bytes());
@@ -68,7 +68,7 @@ impl ReplState {
         let epoch = u64::from_le_bytes(b[4..12].try_into().ok()?);
         let n = u32::from_le_bytes(b[12..16].try_into().ok()?) as usize;
         let tail = if b[0] >= 3 { 8 } else { 0 };
-        if n > MAX_HISTORY || b.len() != 16 + entry * n + tail {
+        if n > HISTORY_MAX || b.len() != 16 + entry * n + tail {
             return None;
         }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8"));
@@ -93,7 +93,7 @@ impl ReplState {
         self.epoch = epoch;
         self.history.retain(|e| e.start_tag < next_tag);
         self.history.push(EpochStart { epoch, start_tag: next_tag, origin });
-        let excess = self.history.len().saturating_sub(MAX_HISTORY);
+        let excess = self.history.len().saturating_sub(HISTORY_MAX);
         self.history.drain(..excess);
     }
 }
@@ -189,7 +189,7 @@ fn covering(history: &[EpochStart], tag: u64) -> Option<EpochStart> {
 pub fn common_point(a: &[EpochStart], a_last: u64, b: &[EpochStart], b_last: u64) -> u64 {
     let mut t = a_last.min(b_last);
     // Each step moves `t` below the start of at least one epoch entry, so this ends.
-    for _ in 0..=2 * MAX_HISTORY + 2 {
+    for _ in 0..=2 * HISTORY_MAX + 2 {
         if t == 0 {
             return 0;
         }

@@ -7,7 +7,7 @@
 //! 4  version  u16  PROTOCOL_VERSION
 //! 6  kind     u8
 //! 7  zero     u8
-//! 8  body_len u32  <= MAX_BODY_BYTES
+//! 8  body_len u32  <= BODY_BYTES_MAX
 //! 12 crc      u32  CRC32 of header bytes 0..12 followed by the body
 //! ```
 //!
@@ -26,21 +26,21 @@ pub const PROTOCOL_VERSION: u16 = 4;
 pub const HEADER_BYTES: usize = 16;
 /// Largest frame body: one write of the engine's largest I/O (32 MiB) plus its fields. Anything
 /// larger is refused before a byte of it is buffered.
-pub const MAX_BODY_BYTES: usize = (32 << 20) + 64;
+pub const BODY_BYTES_MAX: usize = (32 << 20) + 64;
 /// Most changed runs a secondary reports in its hello. 1 Mi runs is 16 MiB on the wire; a replica
 /// that diverged in more places than that gets a full resync instead.
-pub const MAX_HELLO_RUNS: usize = 1 << 20;
+pub const HELLO_RUNS_MAX: usize = 1 << 20;
 /// Most blocks one `CrcReply` carries: the engine's limit for one checksum request (256 MiB of
 /// volume; a 264 KiB frame at most).
-pub const MAX_CRC_BLOCKS: usize = syncblock_engine::MAX_CRC_BLOCKS as usize;
+pub const CRC_BLOCKS_MAX: usize = syncblock_engine::CRC_BLOCKS_MAX as usize;
 /// Write payloads at least this large leave the link writer without being copied into its
 /// buffer ([`Frame::encode_split`]): a 1 MiB copy per frame was a tenth of a sequential writer's
 /// time on a primary running both nodes on one thread.
 pub const SPLIT_PAYLOAD_MIN: usize = 64 << 10;
 /// Longest epoch history carried (and stored): each failover adds one entry.
-pub const MAX_HISTORY: usize = 16;
+pub const HISTORY_MAX: usize = 16;
 /// Longest volume or node name.
-pub const MAX_NAME_BYTES: usize = 64;
+pub const NAME_BYTES_MAX: usize = 64;
 
 /// Where one epoch's history starts: tags from `start_tag` on (until the next entry's start) were
 /// assigned by the primary of `epoch`.
@@ -241,7 +241,7 @@ pub enum Frame {
     },
     /// Primary → secondary: answer with the CRC32 of each block of `[offset, offset + len)` as
     /// your image holds it after every frame sent before this one (block-aligned, at most
-    /// `MAX_CRC_BLOCKS` blocks).
+    /// `CRC_BLOCKS_MAX` blocks).
     CrcRequest {
         id: u64,
         offset: u64,
@@ -301,7 +301,7 @@ pub enum WireError {
         "peer speaks replication protocol version {got}, this node speaks {PROTOCOL_VERSION}: upgrade one of them"
     )]
     Version { got: u16 },
-    #[error("frame body of {0} bytes exceeds the {MAX_BODY_BYTES}-byte limit")]
+    #[error("frame body of {0} bytes exceeds the {BODY_BYTES_MAX}-byte limit")]
     TooLarge(usize),
     #[error("frame checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): corrupted in transit")]
     Checksum { stored: u32, computed: u32 },
@@ -355,7 +355,7 @@ impl Frame {
     /// the CRC of the header's first 12 bytes and the body.
     fn seal(&self, header: &mut [u8], parts: &[&[u8]]) {
         let body_len: usize = parts.iter().map(|p| p.len()).sum();
-        debug_assert!(body_len <= MAX_BODY_BYTES);
+        debug_assert!(body_len <= BODY_BYTES_MAX);
         header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         header[6] = self.kind();
@@ -478,7 +478,7 @@ impl Frame {
             Frame::CrcReply { id, offset, crcs } => {
                 // A bitmap of mapped blocks (bit i of byte i / 8), then the CRCs of the mapped
                 // ones: a hole costs one bit.
-                let crcs = &crcs[..crcs.len().min(MAX_CRC_BLOCKS)];
+                let crcs = &crcs[..crcs.len().min(CRC_BLOCKS_MAX)];
                 body.put_u64_le(*id);
                 body.put_u64_le(*offset);
                 body.put_u32_le(crcs.len() as u32);
@@ -513,7 +513,7 @@ impl Header {
             return Err(WireError::Version { got: version });
         }
         let body_len = u32::from_le_bytes(b[8..12].try_into().expect("4")) as usize;
-        if body_len > MAX_BODY_BYTES {
+        if body_len > BODY_BYTES_MAX {
             return Err(WireError::TooLarge(body_len));
         }
         Ok(Header {
@@ -550,12 +550,12 @@ pub fn decode_frame(b: &[u8]) -> Result<Frame, WireError> {
 }
 
 /// Longest refusal reason carried: enough for any message, small enough to log.
-pub const MAX_REASON_BYTES: usize = 4096;
+pub const REASON_BYTES_MAX: usize = 4096;
 
-/// `s` cut to at most [`MAX_REASON_BYTES`], at a character boundary (so that what is decoded
+/// `s` cut to at most [`REASON_BYTES_MAX`], at a character boundary (so that what is decoded
 /// encodes to the same bytes).
 fn capped(s: &str) -> &str {
-    let mut end = s.len().min(MAX_REASON_BYTES);
+    let mut end = s.len().min(REASON_BYTES_MAX);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -572,13 +572,13 @@ fn put_write_fields(b: &mut BytesMut, tag: u64, offset: u64, fua: bool) {
 }
 
 fn put_str(b: &mut BytesMut, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(MAX_NAME_BYTES)];
+    let s = &s.as_bytes()[..s.len().min(NAME_BYTES_MAX)];
     b.put_u16_le(s.len() as u16);
     b.put_slice(s);
 }
 
 fn put_history(b: &mut BytesMut, h: &[EpochStart]) {
-    let h = &h[h.len().saturating_sub(MAX_HISTORY)..];
+    let h = &h[h.len().saturating_sub(HISTORY_MAX)..];
     b.put_u16_le(h.len() as u16);
     for e in h {
         b.put_u64_le(e.epoch);
@@ -625,7 +625,7 @@ impl Reader {
     }
     fn str(&mut self) -> Result<String, WireError> {
         let n = self.u16()? as usize;
-        if n > MAX_NAME_BYTES {
+        if n > NAME_BYTES_MAX {
             return Err(WireError::Malformed(self.what));
         }
         self.need(n)?;
@@ -634,7 +634,7 @@ impl Reader {
     }
     fn history(&mut self) -> Result<Vec<EpochStart>, WireError> {
         let n = self.u16()? as usize;
-        if n > MAX_HISTORY {
+        if n > HISTORY_MAX {
             return Err(WireError::Malformed(self.what));
         }
         let mut h = Vec::with_capacity(n);
@@ -689,7 +689,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
             let last_tag = r.u64()?;
             let common_tag = r.u64()?;
             let n = r.u32()? as usize;
-            if n > MAX_HELLO_RUNS {
+            if n > HELLO_RUNS_MAX {
                 return Err(WireError::Malformed(what));
             }
             r.need(n * 16)?;
@@ -753,7 +753,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         18 => {
             let (id, offset) = (r.u64()?, r.u64()?);
             let n = r.u32()? as usize;
-            if n > MAX_CRC_BLOCKS {
+            if n > CRC_BLOCKS_MAX {
                 return Err(WireError::Malformed(what));
             }
             let map_bytes = n.div_ceil(8);
@@ -913,7 +913,7 @@ mod tests {
         assert!(malformed(&padded));
         // More blocks than any request may cover.
         let mut huge = body[..16].to_vec();
-        huge.extend_from_slice(&(MAX_CRC_BLOCKS as u32 + 1).to_le_bytes());
+        huge.extend_from_slice(&(CRC_BLOCKS_MAX as u32 + 1).to_le_bytes());
         assert!(malformed(&huge));
         // A request with a field missing.
         assert_eq!(decode_frame(&sealed(17, &[0; 23])), Err(WireError::Malformed("crc-request")));

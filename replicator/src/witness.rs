@@ -479,11 +479,11 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
     );
     let decider = Arc::new(Mutex::new(Decider::new(state, lease, Instant::now())));
     let state_path = Arc::new(state_path);
-    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, from) = listener.accept().await?;
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%from, "witness: {MAX_CONNECTIONS} connections open; refusing one more");
+            tracing::warn!(%from, "witness: {CONNECTIONS_MAX} connections open; refusing one more");
             continue;
         };
         let decider = decider.clone();
@@ -499,7 +499,7 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
 
 /// Connections the witness serves at once: each node opens one per request (a few per second per
 /// pair); 1024 leaves room for hundreds of pairs while a flood cannot exhaust descriptors.
-const MAX_CONNECTIONS: usize = 1024;
+const CONNECTIONS_MAX: usize = 1024;
 
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -32,9 +32,9 @@ const TFLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_WRITE_ZEROES
     | TFLAG_CAN_MULTI_CONN;
 /// Largest request payload accepted (what NBD clients send at most).
-const MAX_PAYLOAD: u32 = 32 << 20;
+const PAYLOAD_MAX: u32 = 32 << 20;
 /// Largest option payload read during the handshake.
-const MAX_OPTION: u32 = 64 << 10;
+const OPTION_MAX: u32 = 64 << 10;
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
@@ -90,7 +90,7 @@ fn handshake(s: &mut TcpStream) -> io::Result<bool> {
         let magic = u64::from_be_bytes(h[0..8].try_into().expect("8"));
         let option = u32::from_be_bytes(h[8..12].try_into().expect("4"));
         let len = u32::from_be_bytes(h[12..16].try_into().expect("4"));
-        if magic != IHAVEOPT || len > MAX_OPTION {
+        if magic != IHAVEOPT || len > OPTION_MAX {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "bad option header"));
         }
         let mut data = vec![0u8; len as usize];
@@ -151,7 +151,7 @@ fn transmission(s: &mut TcpStream) -> io::Result<()> {
                 return Ok(());
             }
             let payload = if kind == CMD_WRITE { len as usize } else { 0 };
-            if len > MAX_PAYLOAD {
+            if len > PAYLOAD_MAX {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "request too large"));
             }
             if avail < REQUEST_HEADER_BYTES + payload {
@@ -176,8 +176,8 @@ fn transmission(s: &mut TcpStream) -> io::Result<()> {
             end -= start;
             start = 0;
         }
-        if buf.len() - end < REQUEST_HEADER_BYTES + MAX_PAYLOAD as usize && buf.len() < (MAX_PAYLOAD as usize) * 2 {
-            buf.resize((MAX_PAYLOAD as usize) * 2, 0);
+        if buf.len() - end < REQUEST_HEADER_BYTES + PAYLOAD_MAX as usize && buf.len() < (PAYLOAD_MAX as usize) * 2 {
+            buf.resize((PAYLOAD_MAX as usize) * 2, 0);
         }
         let n = s.read(&mut buf[end..])?;
         if n == 0 {

@@ -15,7 +15,7 @@ pub(super) struct Cleaner {
 
 /// Most blocks the cleaner adds to one batch, so that foreground writes always get at least half of
 /// every batch while the cleaner runs.
-pub(super) const GC_BLOCKS_PER_BATCH_MAX: usize = MAX_BATCH_BLOCKS as usize / 2;
+pub(super) const GC_BLOCKS_PER_BATCH_MAX: usize = BATCH_BLOCKS_MAX as usize / 2;
 
 #[derive(Default)]
 pub(super) enum Gc {

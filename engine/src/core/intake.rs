@@ -49,7 +49,7 @@ pub(super) struct WriteOp {
     pub(super) tag: Tag,
     pub(super) pieces: Vec<Piece>,
     pub(super) durable: bool,
-    /// Answer once queued in the log if the write-back budget allows (see [`WRITE_BACK_MAX_BLOCKS`]).
+    /// Answer once queued in the log if the write-back budget allows (see [`WRITE_BACK_BLOCKS_MAX`]).
     pub(super) write_back: bool,
     pub(super) done: Done,
 }
@@ -75,7 +75,7 @@ pub(super) enum CurrentBlock {
 
 pub(super) fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_BYTES
+        && name.len() <= NAME_BYTES_MAX
         && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
     if ok {
         Ok(())
@@ -320,16 +320,16 @@ impl Core {
     /// A replication attribute fits its bound, and the store's bound on replicated volumes.
     fn check_set_repl(&self, volume: VolumeId, attr: &[u8]) -> Result<()> {
         self.volume_exists(volume)?;
-        if attr.len() > MAX_ATTR_BYTES {
+        if attr.len() > ATTR_BYTES_MAX {
             return Err(Error::InvalidArgument(format!(
-                "replication attribute of {} bytes exceeds {MAX_ATTR_BYTES}",
+                "replication attribute of {} bytes exceeds {ATTR_BYTES_MAX}",
                 attr.len()
             )));
         }
         let others = self.state.volumes.values().filter(|v| v.id != volume && !v.attr.is_empty()).count();
-        if !attr.is_empty() && others >= MAX_ATTR_VOLUMES {
+        if !attr.is_empty() && others >= ATTR_VOLUMES_MAX {
             return Err(Error::InvalidArgument(format!(
-                "{MAX_ATTR_VOLUMES} volumes of this store are already replicated; use another store"
+                "{ATTR_VOLUMES_MAX} volumes of this store are already replicated; use another store"
             )));
         }
         Ok(())
@@ -344,8 +344,8 @@ impl Core {
     }
 
     pub(super) fn check_write(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
-        if len > MAX_IO_BYTES {
-            return Err(Error::TooLarge { len, limit: MAX_IO_BYTES });
+        if len > IO_BYTES_MAX {
+            return Err(Error::TooLarge { len, limit: IO_BYTES_MAX });
         }
         self.check_range(volume, offset, len)
     }
@@ -432,8 +432,8 @@ impl Core {
             if self.state.volumes.values().any(|v| v.name == name) {
                 return Err(Error::VolumeExists(name.clone()));
             }
-            if self.state.volumes.len() >= MAX_VOLUMES {
-                return Err(Error::TooManyVolumes { limit: MAX_VOLUMES });
+            if self.state.volumes.len() >= VOLUMES_MAX {
+                return Err(Error::TooManyVolumes { limit: VOLUMES_MAX });
             }
             Ok(())
         });

@@ -23,7 +23,7 @@ pub(super) struct Log {
     /// The newest unapplied write of each block.
     pub(super) pending: HashMap<(VolumeId, u64), PendingBlock, BlockHash>,
     /// User data blocks queued in the log but not yet written (open, unsubmitted and in-flight
-    /// batches): what write-back has at risk, bounded by [`WRITE_BACK_MAX_BLOCKS`].
+    /// batches): what write-back has at risk, bounded by [`WRITE_BACK_BLOCKS_MAX`].
     pub(super) unwritten_blocks: u64,
     /// Unmaps not yet applied.
     pub(super) pending_unmaps: Vec<PendingUnmap>,
@@ -80,7 +80,7 @@ impl std::hash::Hasher for BlockHasher {
 pub(super) type BlockHash = std::hash::BuildHasherDefault<BlockHasher>;
 
 /// A log write this large (512 KiB) counts as bandwidth-bound (see [`Core::submit_batches`]).
-pub(super) const BIG_BATCH_BLOCKS: usize = MAX_BATCH_BLOCKS as usize / 2;
+pub(super) const BIG_BATCH_BLOCKS: usize = BATCH_BLOCKS_MAX as usize / 2;
 
 /// Write-back answers a write once it is queued only while at most this many user blocks (16 MiB)
 /// are queued and not yet written; beyond it, writes are answered when written, which paces a
@@ -89,7 +89,7 @@ pub(super) const BIG_BATCH_BLOCKS: usize = MAX_BATCH_BLOCKS as usize / 2;
 /// four full batches in flight (the default `max_inflight_batches`) and three times as many
 /// queued behind them: enough that a sequential writer with 8 MiB in flight never waits on it,
 /// and well under a second of this disk's sequential bandwidth.
-pub const WRITE_BACK_MAX_BLOCKS: u64 = 4096;
+pub const WRITE_BACK_BLOCKS_MAX: u64 = 4096;
 
 pub(super) struct OpenBatch {
     pub(super) no: u64,
@@ -191,7 +191,7 @@ impl Core {
             } else {
                 w.done.send(Ok(()));
             }
-        } else if write_back && self.log.unwritten_blocks <= WRITE_BACK_MAX_BLOCKS {
+        } else if write_back && self.log.unwritten_blocks <= WRITE_BACK_BLOCKS_MAX {
             // Write-back: the blocks are in the pending map (reads see them) and in a batch that
             // any later flush waits for, so the answer can go now. Should the log write fail, the
             // engine is poisoned and that flush fails: the client learns it at the flush, where
@@ -256,7 +256,7 @@ impl Core {
             return 0;
         }
         let used = b.data.len();
-        if used >= MAX_BATCH_BLOCKS as usize {
+        if used >= BATCH_BLOCKS_MAX as usize {
             return 0;
         }
         let seg_room = self.sb.segment_blocks - b.start_block - b.with_seg_header as u32;
@@ -265,7 +265,7 @@ impl Core {
         if need > seg_room {
             return 0;
         }
-        (MAX_BATCH_BLOCKS as usize - used).min((seg_room - need + 1) as usize)
+        (BATCH_BLOCKS_MAX as usize - used).min((seg_room - need + 1) as usize)
     }
 
     pub(super) fn add_block(
@@ -381,7 +381,7 @@ impl Core {
         if let Some(b) = &self.log.open {
             let seg_room = self.sb.segment_blocks - b.start_block - b.with_seg_header as u32;
             let need = b.data.len() as u32 + header_blocks_for(b.entries.len() + 1, b.data.len(), 0);
-            if b.meta.is_none() && need <= seg_room && b.entries.len() < MAX_BATCH_BLOCKS as usize {
+            if b.meta.is_none() && need <= seg_room && b.entries.len() < BATCH_BLOCKS_MAX as usize {
                 return true;
             }
             self.seal_open_batch();

@@ -70,12 +70,12 @@ use crate::device::{Completion, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::{
     block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader,
-    StagedOp, Superblock, MAX_ATTR_BYTES, MAX_ATTR_VOLUMES, MAX_BATCH_BLOCKS, MAX_NAME_BYTES,
+    StagedOp, Superblock, ATTR_BYTES_MAX, ATTR_VOLUMES_MAX, BATCH_BLOCKS_MAX, NAME_BYTES_MAX,
 };
 use crate::index::{crc_of, phys_of};
 use crate::predict::CommitLoop;
 use crate::segment_image::{walk_data_blocks, walk_records};
-use crate::state::{State, VolumeInfo, MAX_VOLUMES};
+use crate::state::{State, VolumeInfo, VOLUMES_MAX};
 use crate::types::{BlockRun, Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
 
 use checkpointer::{Checkpointer, CkptPhase};
@@ -87,9 +87,9 @@ use reads::Reads;
 use scans::Scans;
 use segments::Segments;
 
-pub use log::WRITE_BACK_MAX_BLOCKS;
-pub use reads::MAX_CRC_BLOCKS;
-pub use request::{ChangedRun, Config, Driver, Extent, Reply, Request, Since, Stats, Written, MAX_IO_BYTES};
+pub use log::WRITE_BACK_BLOCKS_MAX;
+pub use reads::CRC_BLOCKS_MAX;
+pub use request::{ChangedRun, Config, Driver, Extent, Reply, Request, Since, Stats, Written, IO_BYTES_MAX};
 pub(crate) use segments::{SegState, SegStatus};
 
 static ZERO_BLOCK: [u8; BLOCK_BYTES] = [0; BLOCK_BYTES];

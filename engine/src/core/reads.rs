@@ -27,7 +27,7 @@ pub(super) struct ReadPart {
 
 /// Most blocks one [`Request::BlockCrcs`] may cover: 256 MiB of volume, a 512 KiB answer. A
 /// replicator compares checksums window by window; this bounds the memory one request pins.
-pub const MAX_CRC_BLOCKS: u64 = 1 << 16;
+pub const CRC_BLOCKS_MAX: u64 = 1 << 16;
 
 /// A read waiting for its device reads.
 pub(super) struct ReadWaiter {
@@ -44,8 +44,8 @@ impl Core {
     /// Serves a read from the pending blocks and the index: one device read per run of physically
     /// consecutive blocks, each checked against its checksum when it returns.
     pub(super) fn handle_read(&mut self, volume: VolumeId, offset: u64, len: u64, reply: Reply<Bytes>) {
-        if len > MAX_IO_BYTES {
-            let _ = reply.send(Err(Error::TooLarge { len, limit: MAX_IO_BYTES }));
+        if len > IO_BYTES_MAX {
+            let _ = reply.send(Err(Error::TooLarge { len, limit: IO_BYTES_MAX }));
             return;
         }
         if let Err(e) = self.check_range(volume, offset, len) {
@@ -141,8 +141,8 @@ impl Core {
                 "block checksums need a block-aligned range, got {len} bytes at {offset}"
             )));
         }
-        if len / BB > MAX_CRC_BLOCKS {
-            return Err(Error::TooLarge { len, limit: MAX_CRC_BLOCKS * BB });
+        if len / BB > CRC_BLOCKS_MAX {
+            return Err(Error::TooLarge { len, limit: CRC_BLOCKS_MAX * BB });
         }
         let vol = self.state.volumes.get(&volume).expect("checked");
         let (first, end) = (offset / BB, (offset + len) / BB);

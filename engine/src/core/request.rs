@@ -6,7 +6,7 @@ use super::*;
 /// Largest byte count of one read or write request: 32 MiB, the largest payload NBD clients send
 /// and the figure NBD servers conventionally advertise as their maximum block size. It bounds the
 /// memory one request can pin.
-pub const MAX_IO_BYTES: u64 = 32 << 20;
+pub const IO_BYTES_MAX: u64 = 32 << 20;
 
 pub type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -86,7 +86,7 @@ pub enum Request {
         fua: bool,
         tag: Tag,
         /// May be answered once it is queued in the log, before it is written (write-back; see
-        /// [`WRITE_BACK_MAX_BLOCKS`]). Ignored with `fua`.
+        /// [`WRITE_BACK_BLOCKS_MAX`]). Ignored with `fua`.
         write_back: bool,
         reply: Reply<Written>,
     },

@@ -72,14 +72,14 @@ pub(crate) struct SegState {
     /// For PendingFree: the LSN that must be durable before reuse.
     pub free_after_lsn: Lsn,
     /// Per volume, the highest tag of a trim entry in this segment (at most
-    /// [`MAX_TRIM_TAGS_PER_SEGMENT`]; beyond that one wildcard entry for volume `u32::MAX`).
+    /// [`TRIM_TAGS_PER_SEGMENT_MAX`]; beyond that one wildcard entry for volume `u32::MAX`).
     pub trim_tags: Vec<(u32, u64)>,
 }
 
 /// Volumes whose trim tags a segment tracks one by one. Past this, the segment keeps one wildcard
 /// entry with the highest tag, which pins it for every retaining volume: conservative, and it keeps
 /// the checkpoint's per-segment record bounded (the slot is sized for this many).
-pub const MAX_TRIM_TAGS_PER_SEGMENT: usize = 8;
+pub const TRIM_TAGS_PER_SEGMENT_MAX: usize = 8;
 
 /// Volume id of the wildcard trim-tag entry.
 pub const ANY_VOLUME: u32 = u32::MAX;
@@ -92,7 +92,7 @@ impl SegState {
             let n = self.trim_tags.len();
             match self.trim_tags.iter_mut().find(|t| t.0 == v) {
                 Some(t) => t.1 = t.1.max(e.tag),
-                None if n < MAX_TRIM_TAGS_PER_SEGMENT => self.trim_tags.push((v, e.tag)),
+                None if n < TRIM_TAGS_PER_SEGMENT_MAX => self.trim_tags.push((v, e.tag)),
                 None => {
                     let max = self.trim_tags.iter().map(|t| t.1).max().unwrap_or(0).max(e.tag);
                     self.trim_tags = vec![(ANY_VOLUME, max)];

@@ -19,7 +19,7 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// loopback), but a large volume on a busy pair can take minutes.
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longest admin answer read: a status with many volumes, a verify report's ranges.
-const ADMIN_ANSWER_MAX_BYTES: u64 = 4 << 20;
+const ADMIN_ANSWER_BYTES_MAX: u64 = 4 << 20;
 /// How often a running verify's progress is read.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often progress is printed as a plain line when the output is not a terminal.
@@ -61,7 +61,7 @@ impl Client {
         let body = resp
             .body_mut()
             .with_config()
-            .limit(ADMIN_ANSWER_MAX_BYTES)
+            .limit(ADMIN_ANSWER_BYTES_MAX)
             .read_to_string()
             .map_err(|e| not_admin(admin, &format!("its answer could not be read ({e})")))?;
         Ok((status, body))

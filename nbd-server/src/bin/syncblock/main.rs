@@ -194,7 +194,7 @@ fn check_store_size(size: u64) -> Result<()> {
     if size < min {
         bail!("--size {size} is too small for a store: the minimum is {min} bytes ({})", format_size(min));
     }
-    if size > syncblock_engine::MAX_STORE_BYTES {
+    if size > syncblock_engine::STORE_BYTES_MAX {
         bail!("--size {} is too large: a store holds at most 16 TiB; use several stores", format_size(size));
     }
     Ok(())
