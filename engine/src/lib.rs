@@ -11,7 +11,7 @@ pub mod types;
 pub mod uring;
 
 pub use error::{Error, ErrorClass, Result};
-pub use types::{BlockRun, ByteRange, Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
+pub use types::{BlockRun, ByteRange, Epoch, Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64};
 pub mod checkpoint;
 pub mod core;
 pub mod format;

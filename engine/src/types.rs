@@ -24,6 +24,11 @@ pub struct VolumeId(pub u32);
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct SegmentId(pub u32);
 
+/// A replication epoch: one per primary's term, strictly increasing across failovers. Zero means
+/// the volume has never had a primary. Ordered, so a newer epoch compares greater.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
 macro_rules! debug_display {
     ($($t:ident => $prefix:literal),*) => {$(
         impl fmt::Debug for $t {
@@ -38,11 +43,18 @@ macro_rules! debug_display {
         }
     )*};
 }
-debug_display!(Lsn => "lsn:", Lba => "lba:", VolumeId => "vol:", SegmentId => "seg:");
+debug_display!(Lsn => "lsn:", Lba => "lba:", VolumeId => "vol:", SegmentId => "seg:", Epoch => "epoch:");
 
 impl Lsn {
     pub fn next(self) -> Lsn {
         Lsn(self.0 + 1)
+    }
+}
+
+impl Epoch {
+    /// The epoch after this one: the next primary's.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
     }
 }
 

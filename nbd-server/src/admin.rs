@@ -334,7 +334,7 @@ async fn post_promote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> R
     let node = a.node(p.volume.as_deref())?;
     match node.promote(p.force).await {
         Ok(epoch) => {
-            Ok(Json(Answer { ok: true, volume: Some(node.volume().into()), epoch: Some(epoch), ..Answer::default() }))
+            Ok(Json(Answer { ok: true, volume: Some(node.volume().into()), epoch: Some(epoch.0), ..Answer::default() }))
         }
         Err(e) => Err(e.into()),
     }

@@ -141,7 +141,7 @@ mod tests {
                     data: data.slice(..4096 * (1 + n as usize % 3)),
                 },
                 1 => Frame::Ack { applied: n, durable: n - 1 },
-                2 => Frame::Ping { epoch: 3, nonce: n, floor: n / 2 },
+                2 => Frame::Ping { epoch: syncblock_engine::Epoch(3), nonce: n, floor: n / 2 },
                 _ => Frame::Flush { upto: n },
             })
             .collect()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use syncblock_engine::Store;
+use syncblock_engine::{Epoch, Store};
 use tokio::sync::watch;
 
 use crate::primary::{Primary, PrimaryStatus};
@@ -143,7 +143,7 @@ impl Node {
     async fn restart_as_primary(&self) -> Result<()> {
         let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
         let state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Primary));
-        if state.epoch == 0 {
+        if state.epoch == Epoch(0) {
             // First start ever: the primary's first report registers it at the witness.
             return self.become_primary(None).await;
         }
@@ -218,13 +218,13 @@ impl Node {
     }
 
     /// Takes the primary role: asks the witness for the next epoch (or, without one, takes it).
-    pub async fn promote(&self, force: bool) -> Result<u64> {
+    pub async fn promote(&self, force: bool) -> Result<Epoch> {
         self.promote_as(force, false).await
     }
 
     /// [`Node::promote`]; with `reclaim`, only if the witness still records this node as the
     /// primary (a primary that restarted while the witness was away).
-    async fn promote_as(&self, force: bool, reclaim: bool) -> Result<u64> {
+    async fn promote_as(&self, force: bool, reclaim: bool) -> Result<Epoch> {
         let _g = self.inner.changing.lock().await;
         if let Some(p) = self.primary() {
             return Ok(p.epoch());
@@ -268,7 +268,7 @@ impl Node {
         tracing::warn!(volume = %self.inner.cfg.volume, ?granted, "promoting this node to primary");
         self.stop_current().await;
         self.become_primary_locked(granted).await?;
-        Ok(self.primary().map(|p| p.epoch()).unwrap_or(0))
+        Ok(self.primary().map_or(Epoch(0), |p| p.epoch()))
     }
 
     /// Steps down to secondary by the operator's decision. This resolves a split brain without a
@@ -508,9 +508,9 @@ async fn watch_primary(node: Node, sec: Secondary) {
         match node.promote_as(false, reclaim).await {
             Ok(epoch) => {
                 if reclaim {
-                    tracing::warn!(volume = %node.inner.cfg.volume, epoch, "the witness renewed this node's primary role");
+                    tracing::warn!(volume = %node.inner.cfg.volume, epoch = epoch.0, "the witness renewed this node's primary role");
                 } else {
-                    tracing::warn!(volume = %node.inner.cfg.volume, epoch, "automatic failover: this node is now primary");
+                    tracing::warn!(volume = %node.inner.cfg.volume, epoch = epoch.0, "automatic failover: this node is now primary");
                 }
                 return;
             }

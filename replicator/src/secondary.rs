@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use syncblock_engine::{BlockRun, Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
+use syncblock_engine::{BlockRun, Epoch, Pending, Since, StagedOp, Store, Tag, VolumeId, Written};
 
 use tokio::sync::watch;
 
@@ -40,7 +40,7 @@ const APPLY_QUEUE: usize = 256;
 #[derive(Debug, Clone, Default)]
 pub struct SecondaryStatus {
     pub volume: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub connected: bool,
     pub primary: Option<String>,
     pub consistent: bool,
@@ -107,7 +107,7 @@ impl Secondary {
         let info = store.volume(volume_name).await?;
         let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
         if state.role != Role::Secondary {
-            tracing::info!(volume = volume_name, epoch = state.epoch, "taking the secondary role");
+            tracing::info!(volume = volume_name, epoch = state.epoch.0, "taking the secondary role");
             state.role = Role::Secondary;
         }
         record_state(&store, &info, &state, StagedOp::Keep).await?;
@@ -343,7 +343,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
             runs.clear();
         }
     }
-    tracing::info!(volume = %i.name, %from, primary = %node, epoch, common, my_last = info.last_tag, divergent_runs = runs.len(), "primary connected");
+    tracing::info!(volume = %i.name, %from, primary = %node, epoch = epoch.0, common, my_last = info.last_tag, divergent_runs = runs.len(), "primary connected");
     write_frame(&mut wr, &Frame::HelloOk { last_tag: info.last_tag, common_tag: common, runs }).await?;
     i.status.send_modify(|s| {
         s.connected = true;
@@ -392,7 +392,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
 struct Session {
     i: Arc<Inner>,
     /// The primary's epoch, fixed for the session.
-    epoch: u64,
+    epoch: Epoch,
     /// The common point agreed in the handshake.
     common: u64,
     resyncing: bool,
@@ -402,7 +402,7 @@ struct Session {
 }
 
 impl Session {
-    fn new(i: Arc<Inner>, epoch: u64, common: u64, floor: u64) -> Session {
+    fn new(i: Arc<Inner>, epoch: Epoch, common: u64, floor: u64) -> Session {
         Session {
             i,
             epoch,
@@ -658,7 +658,7 @@ mod tests {
     use syncblock_engine::BLOCK_BYTES_U64;
 
     const VOL: u64 = 4 << 20;
-    const EPOCH: u64 = 2;
+    const EPOCH: Epoch = Epoch(2);
 
     async fn session(common: u64) -> Session {
         let (store, info) = crate::testutil::sim_store(VOL).await;
@@ -757,7 +757,7 @@ mod tests {
     #[tokio::test]
     async fn frames_that_break_the_session_rules_end_it() {
         let mut s = session(5).await;
-        let e = feed(&mut s, vec![Frame::Ping { epoch: EPOCH + 1, nonce: 1, floor: 0 }]).await.unwrap_err();
+        let e = feed(&mut s, vec![Frame::Ping { epoch: EPOCH.next(), nonce: 1, floor: 0 }]).await.unwrap_err();
         assert_eq!(e.refusal(), Some(Refusal::Protocol), "{e}");
         let mut s = session(5).await;
         let e = feed(&mut s, vec![Frame::ResyncBegin { common_tag: 4 }]).await.unwrap_err();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use syncblock_engine::{StagedOp, Store, VolumeId, VolumeInfo, KEEP_LAST_TAG};
+use syncblock_engine::{Epoch, StagedOp, Store, VolumeId, VolumeInfo, KEEP_LAST_TAG};
 use tokio::time::Instant;
 
 use crate::wire::{EpochStart, HISTORY_MAX};
@@ -20,7 +20,7 @@ pub enum Role {
 pub struct ReplState {
     pub role: Role,
     /// Highest epoch this node has seen; it refuses primaries of a lower one.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// False while a resync is half-applied: the image is then not a prefix of any history, and the
     /// node must not be promoted.
     pub consistent: bool,
@@ -38,16 +38,16 @@ const ATTR_VERSION: u8 = 3;
 
 impl ReplState {
     pub fn new(role: Role) -> ReplState {
-        ReplState { role, epoch: 0, consistent: true, history: Vec::new(), pair: 0 }
+        ReplState { role, epoch: Epoch(0), consistent: true, history: Vec::new(), pair: 0 }
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![ATTR_VERSION, self.role as u8, self.consistent as u8, 0];
-        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.epoch.0.to_le_bytes());
         let h = &self.history[self.history.len().saturating_sub(HISTORY_MAX)..];
         b.extend_from_slice(&(h.len() as u32).to_le_bytes());
         for e in h {
-            b.extend_from_slice(&e.epoch.to_le_bytes());
+            b.extend_from_slice(&e.epoch.0.to_le_bytes());
             b.extend_from_slice(&e.start_tag.to_le_bytes());
             b.extend_from_slice(&e.origin.to_le_bytes());
         }
@@ -65,7 +65,7 @@ impl ReplState {
             1 => Role::Secondary,
             _ => return None,
         };
-        let epoch = u64::from_le_bytes(b[4..12].try_into().ok()?);
+        let epoch = Epoch(u64::from_le_bytes(b[4..12].try_into().ok()?));
         let n = u32::from_le_bytes(b[12..16].try_into().ok()?) as usize;
         let tail = if b[0] >= 3 { 8 } else { 0 };
         if n > HISTORY_MAX || b.len() != 16 + entry * n + tail {
@@ -76,7 +76,7 @@ impl ReplState {
             .map(|i| {
                 let at = 16 + entry * i;
                 EpochStart {
-                    epoch: u64_at(at),
+                    epoch: Epoch(u64_at(at)),
                     start_tag: u64_at(at + 8),
                     origin: if entry == 24 { u64_at(at + 16) } else { 0 },
                 }
@@ -88,7 +88,7 @@ impl ReplState {
 
     /// Starts epoch `epoch` as primary at `next_tag`; `origin` tells this start apart from any
     /// other of the same epoch number (see [`EpochStart`]).
-    pub fn begin_epoch(&mut self, epoch: u64, next_tag: u64, origin: u64) {
+    pub fn begin_epoch(&mut self, epoch: Epoch, next_tag: u64, origin: u64) {
         self.role = Role::Primary;
         self.epoch = epoch;
         self.history.retain(|e| e.start_tag < next_tag);
@@ -211,13 +211,13 @@ mod tests {
 
     /// Entries whose origin is their epoch number: one start per epoch, as with a witness.
     fn h(v: &[(u64, u64)]) -> Vec<EpochStart> {
-        v.iter().map(|&(epoch, start_tag)| EpochStart { epoch, start_tag, origin: epoch }).collect()
+        v.iter().map(|&(epoch, start_tag)| EpochStart { epoch: Epoch(epoch), start_tag, origin: epoch }).collect()
     }
 
     #[test]
     fn state_round_trips() {
         let mut s = ReplState::new(Role::Secondary);
-        s.begin_epoch(4, 10, 0xfeed);
+        s.begin_epoch(Epoch(4), 10, 0xfeed);
         s.consistent = false;
         s.pair = 0x1234_5678_9abc;
         assert_eq!(ReplState::decode(&s.encode()), Some(s.clone()));
@@ -237,8 +237,8 @@ mod tests {
         b.extend_from_slice(&5u64.to_le_bytes());
         b.extend_from_slice(&40u64.to_le_bytes());
         let s = ReplState::decode(&b).unwrap();
-        assert_eq!((s.role, s.epoch, s.consistent), (Role::Secondary, 5, true));
-        assert_eq!(s.history, vec![EpochStart { epoch: 5, start_tag: 40, origin: 0 }]);
+        assert_eq!((s.role, s.epoch, s.consistent), (Role::Secondary, Epoch(5), true));
+        assert_eq!(s.history, vec![EpochStart { epoch: Epoch(5), start_tag: 40, origin: 0 }]);
         b.push(0);
         assert_eq!(ReplState::decode(&b), None, "a length that fits neither entry size");
     }
@@ -247,10 +247,14 @@ mod tests {
     fn two_starts_of_one_epoch_number_share_nothing_after_their_start() {
         // Without a witness: A restarted as primary of epoch 2 at tag 51 while B, promoted by hand,
         // took epoch 2 at tag 51 as well. Their tags from 51 on are different writes.
-        let a =
-            vec![EpochStart { epoch: 1, start_tag: 1, origin: 9 }, EpochStart { epoch: 2, start_tag: 51, origin: 100 }];
-        let b =
-            vec![EpochStart { epoch: 1, start_tag: 1, origin: 9 }, EpochStart { epoch: 2, start_tag: 51, origin: 200 }];
+        let a = vec![
+            EpochStart { epoch: Epoch(1), start_tag: 1, origin: 9 },
+            EpochStart { epoch: Epoch(2), start_tag: 51, origin: 100 },
+        ];
+        let b = vec![
+            EpochStart { epoch: Epoch(1), start_tag: 1, origin: 9 },
+            EpochStart { epoch: Epoch(2), start_tag: 51, origin: 200 },
+        ];
         assert_eq!(common_point(&a, 60, &b, 70), 50);
         assert_eq!(common_point(&b, 70, &a, 60), 50);
         assert_eq!(common_point(&a, 60, &a, 70), 60, "the same start is shared");

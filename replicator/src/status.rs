@@ -1,6 +1,7 @@
 //! The status of a replicated volume as the admin endpoint shows it (`GET /status`, `syncblock
-//! status --json`): plain serialisable views of [`NodeStatus`], with times in seconds and the
-//! derived figures (lag, RPO) computed once. The CLI reads them back with the same types.
+//! status --json`): plain serialisable views of [`NodeStatus`], with times in seconds, epochs as
+//! plain numbers and the derived figures (lag, RPO) computed once. The CLI reads them back with
+//! the same types.
 
 use std::time::Duration;
 
@@ -193,7 +194,7 @@ impl From<&PrimaryStatus> for PrimaryView {
         let now = Instant::now();
         PrimaryView {
             volume: p.volume.clone(),
-            epoch: p.epoch,
+            epoch: p.epoch.0,
             policy: p.policy.name().into(),
             last_tag: p.last_tag,
             waiting: WaitingView { writes: p.waiting as u64, oldest_secs: p.waiting_oldest.map(secs) },
@@ -262,7 +263,7 @@ impl From<&SecondaryStatus> for SecondaryView {
     fn from(x: &SecondaryStatus) -> SecondaryView {
         SecondaryView {
             volume: x.volume.clone(),
-            epoch: x.epoch,
+            epoch: x.epoch.0,
             connected: x.connected,
             primary: x.primary.clone(),
             consistent: x.consistent,

@@ -15,7 +15,7 @@
 //! panics: anything malformed is a [`WireError`] and the connection is dropped.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use syncblock_engine::{BlockRun, Lba};
+use syncblock_engine::{BlockRun, Epoch, Lba};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
 /// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
@@ -52,7 +52,7 @@ pub const NAME_BYTES_MAX: usize = 64;
 /// for shared ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochStart {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub start_tag: u64,
     pub origin: u64,
 }
@@ -82,14 +82,14 @@ pub enum Refusal {
     Protocol,
     /// Epoch `epoch` of this pair belongs to another node. The only refusal that deposes a
     /// primary, and only when `epoch` is newer than its own: that proves a successor exists.
-    Deposed { epoch: u64 },
+    Deposed { epoch: Epoch },
     /// Both sides are primary in the same epoch `epoch` (taken without a witness); an operator
     /// decides with `syncblock demote`.
-    SplitBrain { epoch: u64 },
+    SplitBrain { epoch: Epoch },
     /// The refuser is stepping down (it learned of a newer epoch from this request): retry.
     SteppingDown,
     /// The requester has seen only an epoch older than `epoch`, the pair's current one.
-    Behind { epoch: u64 },
+    Behind { epoch: Epoch },
     /// The witness heard from the current primary recently; it may be asked again in
     /// `retry_after_ms`.
     PrimaryAlive { retry_after_ms: u64 },
@@ -119,10 +119,10 @@ impl Refusal {
     fn code(&self) -> (u16, u64) {
         match *self {
             Refusal::Protocol => (0, 0),
-            Refusal::Deposed { epoch } => (1, epoch),
-            Refusal::SplitBrain { epoch } => (2, epoch),
+            Refusal::Deposed { epoch } => (1, epoch.0),
+            Refusal::SplitBrain { epoch } => (2, epoch.0),
             Refusal::SteppingDown => (3, 0),
-            Refusal::Behind { epoch } => (4, epoch),
+            Refusal::Behind { epoch } => (4, epoch.0),
             Refusal::PrimaryAlive { retry_after_ms } => (5, retry_after_ms),
             Refusal::SoloPrimary => (6, 0),
             Refusal::LeaseLive { retry_after_ms } => (7, retry_after_ms),
@@ -140,10 +140,10 @@ impl Refusal {
     fn from_code(code: u16, arg: u64) -> Option<Refusal> {
         Some(match code {
             0 => Refusal::Protocol,
-            1 => Refusal::Deposed { epoch: arg },
-            2 => Refusal::SplitBrain { epoch: arg },
+            1 => Refusal::Deposed { epoch: Epoch(arg) },
+            2 => Refusal::SplitBrain { epoch: Epoch(arg) },
             3 => Refusal::SteppingDown,
-            4 => Refusal::Behind { epoch: arg },
+            4 => Refusal::Behind { epoch: Epoch(arg) },
             5 => Refusal::PrimaryAlive { retry_after_ms: arg },
             6 => Refusal::SoloPrimary,
             7 => Refusal::LeaseLive { retry_after_ms: arg },
@@ -172,7 +172,7 @@ pub enum Frame {
     /// id, drawn by its first primary and fixed on the secondary at its first sync.
     Hello {
         pair: u64,
-        epoch: u64,
+        epoch: Epoch,
         last_tag: u64,
         size_bytes: u64,
         volume: String,
@@ -221,7 +221,7 @@ pub enum Frame {
     },
     /// Heartbeat. `floor` is the tag known durable on both nodes (the trim-retention floor).
     Ping {
-        epoch: u64,
+        epoch: Epoch,
         nonce: u64,
         floor: u64,
     },
@@ -236,7 +236,7 @@ pub enum Frame {
     /// The secondary now holds the primary's history up to `tag`, with `history`.
     ResyncCommit {
         tag: u64,
-        epoch: u64,
+        epoch: Epoch,
         history: Vec<EpochStart>,
     },
     /// Primary → secondary: answer with the CRC32 of each block of `[offset, offset + len)` as
@@ -260,7 +260,7 @@ pub enum Frame {
         pair: u64,
         volume: String,
         node: String,
-        epoch: u64,
+        epoch: Epoch,
         in_sync: bool,
     },
     /// Primary → witness: my peer is gone; may I acknowledge writes alone (the `degrade` policy)?
@@ -268,7 +268,7 @@ pub enum Frame {
         pair: u64,
         volume: String,
         node: String,
-        epoch: u64,
+        epoch: Epoch,
     },
     /// Secondary → witness: my primary is gone; may I take over? `force` skips the safety checks
     /// (an operator accepting data loss). `reclaim`: only if I still am the recorded primary (a
@@ -277,7 +277,7 @@ pub enum Frame {
         pair: u64,
         volume: String,
         node: String,
-        epoch: u64,
+        epoch: Epoch,
         consistent: bool,
         force: bool,
         reclaim: bool,
@@ -285,7 +285,7 @@ pub enum Frame {
     /// Witness → node: the pair's record after the request was granted. The requester's lease
     /// (solo operation) runs `lease_ms` from when it sent the request.
     WitnessGrant {
-        epoch: u64,
+        epoch: Epoch,
         primary: String,
         solo: bool,
         lease_ms: u32,
@@ -390,7 +390,7 @@ impl Frame {
         match self {
             Frame::Hello { pair, epoch, last_tag, size_bytes, volume, node, history } => {
                 body.put_u64_le(*pair);
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 body.put_u64_le(*last_tag);
                 body.put_u64_le(*size_bytes);
                 put_str(body, volume);
@@ -433,7 +433,7 @@ impl Frame {
                 body.put_u64_le(*durable);
             }
             Frame::Ping { epoch, nonce, floor } => {
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 body.put_u64_le(*nonce);
                 body.put_u64_le(*floor);
             }
@@ -441,31 +441,31 @@ impl Frame {
             Frame::ResyncBegin { common_tag } => body.put_u64_le(*common_tag),
             Frame::ResyncCommit { tag, epoch, history } => {
                 body.put_u64_le(*tag);
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 put_history(body, history);
             }
             Frame::WitnessReport { pair, volume, node, epoch, in_sync } => {
                 body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 body.put_u8(*in_sync as u8);
             }
             Frame::WitnessSolo { pair, volume, node, epoch } => {
                 body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
             }
             Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim } => {
                 body.put_u64_le(*pair);
                 put_str(body, volume);
                 put_str(body, node);
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 body.put_u8(*consistent as u8 | (*force as u8) << 1 | (*reclaim as u8) << 2);
             }
             Frame::WitnessGrant { epoch, primary, solo, lease_ms } => {
-                body.put_u64_le(*epoch);
+                body.put_u64_le(epoch.0);
                 put_str(body, primary);
                 body.put_u8(*solo as u8);
                 body.put_u32_le(*lease_ms);
@@ -581,7 +581,7 @@ fn put_history(b: &mut BytesMut, h: &[EpochStart]) {
     let h = &h[h.len().saturating_sub(HISTORY_MAX)..];
     b.put_u16_le(h.len() as u16);
     for e in h {
-        b.put_u64_le(e.epoch);
+        b.put_u64_le(e.epoch.0);
         b.put_u64_le(e.start_tag);
         b.put_u64_le(e.origin);
     }
@@ -623,6 +623,9 @@ impl Reader {
         self.need(8)?;
         Ok(self.b.get_u64_le())
     }
+    fn epoch(&mut self) -> Result<Epoch, WireError> {
+        self.u64().map(Epoch)
+    }
     fn str(&mut self) -> Result<String, WireError> {
         let n = self.u16()? as usize;
         if n > NAME_BYTES_MAX {
@@ -639,7 +642,7 @@ impl Reader {
         }
         let mut h = Vec::with_capacity(n);
         for _ in 0..n {
-            h.push(EpochStart { epoch: self.u64()?, start_tag: self.u64()?, origin: self.u64()? });
+            h.push(EpochStart { epoch: self.epoch()?, start_tag: self.u64()?, origin: self.u64()? });
         }
         Ok(h)
     }
@@ -678,7 +681,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
     let frame = match kind {
         1 => Frame::Hello {
             pair: r.u64()?,
-            epoch: r.u64()?,
+            epoch: r.epoch()?,
             last_tag: r.u64()?,
             size_bytes: r.u64()?,
             volume: r.str()?,
@@ -727,20 +730,20 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         }
         7 => Frame::Flush { upto: r.u64()? },
         8 => Frame::Ack { applied: r.u64()?, durable: r.u64()? },
-        9 => Frame::Ping { epoch: r.u64()?, nonce: r.u64()?, floor: r.u64()? },
+        9 => Frame::Ping { epoch: r.epoch()?, nonce: r.u64()?, floor: r.u64()? },
         10 => Frame::Pong { nonce: r.u64()? },
         11 => Frame::ResyncBegin { common_tag: r.u64()? },
-        12 => Frame::ResyncCommit { tag: r.u64()?, epoch: r.u64()?, history: r.history()? },
+        12 => Frame::ResyncCommit { tag: r.u64()?, epoch: r.epoch()?, history: r.history()? },
         13 => Frame::WitnessReport {
             pair: r.u64()?,
             volume: r.str()?,
             node: r.str()?,
-            epoch: r.u64()?,
+            epoch: r.epoch()?,
             in_sync: r.bool()?,
         },
-        14 => Frame::WitnessSolo { pair: r.u64()?, volume: r.str()?, node: r.str()?, epoch: r.u64()? },
+        14 => Frame::WitnessSolo { pair: r.u64()?, volume: r.str()?, node: r.str()?, epoch: r.epoch()? },
         15 => {
-            let (pair, volume, node, epoch) = (r.u64()?, r.str()?, r.str()?, r.u64()?);
+            let (pair, volume, node, epoch) = (r.u64()?, r.str()?, r.str()?, r.epoch()?);
             let flags = r.u8()?;
             if flags & !7 != 0 {
                 return Err(WireError::Malformed(what));
@@ -748,7 +751,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
             let (consistent, force, reclaim) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
             Frame::WitnessPromote { pair, volume, node, epoch, consistent, force, reclaim }
         }
-        16 => Frame::WitnessGrant { epoch: r.u64()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
+        16 => Frame::WitnessGrant { epoch: r.epoch()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
         17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
         18 => {
             let (id, offset) = (r.u64()?, r.u64()?);
@@ -780,13 +783,13 @@ mod tests {
 
     fn samples() -> Vec<Frame> {
         let history = vec![
-            EpochStart { epoch: 1, start_tag: 1, origin: 7 },
-            EpochStart { epoch: 3, start_tag: 90, origin: u64::MAX },
+            EpochStart { epoch: Epoch(1), start_tag: 1, origin: 7 },
+            EpochStart { epoch: Epoch(3), start_tag: 90, origin: u64::MAX },
         ];
         vec![
             Frame::Hello {
                 pair: 0xfeed,
-                epoch: 3,
+                epoch: Epoch(3),
                 last_tag: 99,
                 size_bytes: 1 << 30,
                 volume: "db".into(),
@@ -798,7 +801,7 @@ mod tests {
                 common_tag: 90,
                 runs: vec![BlockRun { lba: Lba(1), n_blocks: 2 }, BlockRun { lba: Lba(100), n_blocks: 7 }],
             },
-            Frame::Refuse { why: Refusal::Deposed { epoch: 4 }, reason: "stale epoch".into() },
+            Frame::Refuse { why: Refusal::Deposed { epoch: Epoch(4) }, reason: "stale epoch".into() },
             Frame::Refuse { why: Refusal::Busy, reason: String::new() },
             Frame::Refuse { why: Refusal::NeverSynced, reason: "new pair".into() },
             Frame::Refuse { why: Refusal::PrimaryAlive { retry_after_ms: 250 }, reason: "alive".into() },
@@ -807,22 +810,22 @@ mod tests {
             Frame::Zeroes { tag: 9, offset: 512, len: 1024, may_trim: true, fua: false },
             Frame::Flush { upto: 9 },
             Frame::Ack { applied: 9, durable: 8 },
-            Frame::Ping { epoch: 3, nonce: 77, floor: 5 },
+            Frame::Ping { epoch: Epoch(3), nonce: 77, floor: 5 },
             Frame::Pong { nonce: 77 },
             Frame::ResyncBegin { common_tag: 90 },
-            Frame::ResyncCommit { tag: 120, epoch: 3, history },
-            Frame::WitnessReport { pair: 9, volume: "db".into(), node: "a".into(), epoch: 3, in_sync: true },
-            Frame::WitnessSolo { pair: 9, volume: "db".into(), node: "a".into(), epoch: 3 },
+            Frame::ResyncCommit { tag: 120, epoch: Epoch(3), history },
+            Frame::WitnessReport { pair: 9, volume: "db".into(), node: "a".into(), epoch: Epoch(3), in_sync: true },
+            Frame::WitnessSolo { pair: 9, volume: "db".into(), node: "a".into(), epoch: Epoch(3) },
             Frame::WitnessPromote {
                 pair: 9,
                 volume: "db".into(),
                 node: "b".into(),
-                epoch: 3,
+                epoch: Epoch(3),
                 consistent: true,
                 force: false,
                 reclaim: true,
             },
-            Frame::WitnessGrant { epoch: 4, primary: "b".into(), solo: false, lease_ms: 500 },
+            Frame::WitnessGrant { epoch: Epoch(4), primary: "b".into(), solo: false, lease_ms: 500 },
             Frame::CrcRequest { id: 5, offset: 8 << 20, len: 8 << 20 },
             Frame::CrcReply { id: 5, offset: 8 << 20, crcs: vec![Some(7), None, None, Some(0), Some(u32::MAX)] },
             Frame::CrcReply { id: 6, offset: 0, crcs: vec![] },
@@ -857,8 +860,8 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_a_history_entry() {
-        let history = vec![EpochStart { epoch: 2, start_tag: 51, origin: 0x0102_0304_0506_0708 }];
-        let b = Frame::ResyncCommit { tag: 9, epoch: 2, history }.encode();
+        let history = vec![EpochStart { epoch: Epoch(2), start_tag: 51, origin: 0x0102_0304_0506_0708 }];
+        let b = Frame::ResyncCommit { tag: 9, epoch: Epoch(2), history }.encode();
         let mut body = vec![9, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0];
         body.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, 51, 0, 0, 0, 0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(&b[16..], &body[..]);
@@ -921,7 +924,7 @@ mod tests {
 
     #[test]
     fn refusals_carry_a_code_and_unknown_or_non_canonical_ones_are_malformed() {
-        let f = Frame::Refuse { why: Refusal::Deposed { epoch: 7 }, reason: "b is primary".into() };
+        let f = Frame::Refuse { why: Refusal::Deposed { epoch: Epoch(7) }, reason: "b is primary".into() };
         let b = f.encode();
         let mut body = vec![1, 0, 7, 0, 0, 0, 0, 0, 0, 0];
         body.extend_from_slice(b"b is primary");

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use syncblock_engine::Epoch;
 use tokio::time::Instant;
 
 use tokio::sync::Mutex;
@@ -58,7 +59,7 @@ pub fn takeover_window(lease: Duration) -> Duration {
 pub struct Record {
     /// The replicated volume's name, for messages and the state file (not a key).
     pub volume: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub primary: String,
     pub solo: bool,
     /// The pair has been in sync at least once (both copies existed). Until then the primary may
@@ -235,7 +236,7 @@ impl Decider {
                         // Forced by an operator: the candidate's copy is the one to keep.
                         let r = Record {
                             volume: volume.clone(),
-                            epoch: epoch + 1,
+                            epoch: epoch.next(),
                             primary: node.clone(),
                             solo: true,
                             synced: true,
@@ -252,7 +253,7 @@ impl Decider {
                     // The primary itself, restarting: a fresh epoch, so that no (epoch, tag) it
                     // assigns after a crash can collide with one it assigned before (which its
                     // peer may hold while the crash lost it here).
-                    r.epoch += 1;
+                    r.epoch = r.epoch.next();
                     let r = r.clone();
                     self.seen.insert(pair, now);
                     return (Ok(r), true);
@@ -295,7 +296,7 @@ impl Decider {
                         return refuse(Refusal::PrimaryAlive { retry_after_ms: wait_ms(window) }, msg);
                     }
                 }
-                r.epoch += 1;
+                r.epoch = r.epoch.next();
                 r.primary = node.clone();
                 r.solo = true;
                 let r = r.clone();
@@ -352,7 +353,7 @@ pub fn encode_state(state: &WitnessState) -> String {
     for (pair, r) in state.pairs.iter().map(|(p, r)| (*p, r)).chain(unbound) {
         text.push_str(&format!(
             "{pair:016x} {} {} {} {}\n",
-            r.epoch,
+            r.epoch.0,
             u8::from(r.solo) | u8::from(r.synced) << 1,
             escape(&r.volume),
             escape(&r.primary)
@@ -399,7 +400,7 @@ pub fn decode_state(text: &str) -> std::result::Result<WitnessState, String> {
         let f: Vec<&str> = line.split(' ').collect();
         let parsed = (f.len() == 5).then(|| {
             let pair = u64::from_str_radix(f[0], 16).ok()?;
-            let epoch = f[1].parse().ok()?;
+            let epoch = Epoch(f[1].parse().ok()?);
             // Bit 0: solo; bit 1: synced (version 3; every version-2 pair counts as synced).
             let flags: u8 = match f[2] {
                 "0" | "1" if v2 => f[2].parse::<u8>().ok()? | 2,
@@ -426,7 +427,7 @@ fn decode_first_format(text: &str) -> std::result::Result<WitnessState, String> 
         let f: Vec<&str> = line.split_whitespace().collect();
         let parsed =
             (f.len() == 4).then(|| Some((f[1].parse().ok()?, f[3].parse().ok()?))).flatten().map(|(epoch, solo)| {
-                Record { volume: f[0].to_string(), epoch, primary: f[2].to_string(), solo, synced: true }
+                Record { volume: f[0].to_string(), epoch: Epoch(epoch), primary: f[2].to_string(), solo, synced: true }
             });
         let Some(r) = parsed else {
             return Err(format!("no format header, and line {} is not a first-format record: {line:?}", n + 1));
@@ -550,7 +551,7 @@ fn decision_frame(d: Decision, lease: Duration) -> Frame {
 /// What the witness granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub primary: String,
     pub solo: bool,
     /// How long after sending the request the requester may act on a solo grant.
@@ -591,21 +592,21 @@ mod tests {
     const PAIR: u64 = 0xab;
 
     fn report(node: &str, epoch: u64, in_sync: bool) -> Frame {
-        Frame::WitnessReport { pair: PAIR, volume: "v".into(), node: node.into(), epoch, in_sync }
+        Frame::WitnessReport { pair: PAIR, volume: "v".into(), node: node.into(), epoch: Epoch(epoch), in_sync }
     }
     fn promote(node: &str, epoch: u64, force: bool) -> Frame {
         Frame::WitnessPromote {
             pair: PAIR,
             volume: "v".into(),
             node: node.into(),
-            epoch,
+            epoch: Epoch(epoch),
             consistent: true,
             force,
             reclaim: false,
         }
     }
     fn solo(node: &str, epoch: u64) -> Frame {
-        Frame::WitnessSolo { pair: PAIR, volume: "v".into(), node: node.into(), epoch }
+        Frame::WitnessSolo { pair: PAIR, volume: "v".into(), node: node.into(), epoch: Epoch(epoch) }
     }
     fn why(d: Decision) -> Refusal {
         d.unwrap_err().0
@@ -620,29 +621,29 @@ mod tests {
         assert_eq!(d.decide(&report("a", 1, true), t0).0.unwrap().primary, "a");
         assert_eq!(why(d.decide(&promote("b", 1, false), t0 + s).0), Refusal::PrimaryAlive { retry_after_ms: 2000 });
         let granted = d.decide(&promote("b", 1, false), t0 + 3 * s).0.unwrap();
-        assert_eq!((granted.epoch, granted.primary.as_str()), (2, "b"));
+        assert_eq!((granted.epoch, granted.primary.as_str()), (Epoch(2), "b"));
         // A reclaim (a primary restarting) by a node that is no longer primary is a deposition,
         // never a takeover.
         let reclaim = Frame::WitnessPromote {
             pair: PAIR,
             volume: "v".into(),
             node: "a".into(),
-            epoch: 1,
+            epoch: Epoch(1),
             consistent: true,
             force: false,
             reclaim: true,
         };
-        assert_eq!(why(d.decide(&reclaim, t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
+        assert_eq!(why(d.decide(&reclaim, t0 + 3 * s).0), Refusal::Deposed { epoch: Epoch(2) });
         // The deposed primary learns it at its next report, and cannot go solo.
-        assert_eq!(why(d.decide(&report("a", 1, true), t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
-        assert_eq!(why(d.decide(&solo("a", 1), t0 + 3 * s).0), Refusal::Deposed { epoch: 2 });
+        assert_eq!(why(d.decide(&report("a", 1, true), t0 + 3 * s).0), Refusal::Deposed { epoch: Epoch(2) });
+        assert_eq!(why(d.decide(&solo("a", 1), t0 + 3 * s).0), Refusal::Deposed { epoch: Epoch(2) });
         // Nor be promoted back: b serves alone (promoted solo) until a has resynced, and then
         // only once b is silent.
         assert!(d.decide(&report("b", 2, false), t0 + 4 * s).0.is_ok());
         assert_eq!(why(d.decide(&promote("a", 2, false), t0 + 5 * s).0), Refusal::SoloPrimary);
         assert!(d.decide(&report("b", 2, true), t0 + 6 * s).0.is_ok());
         assert!(matches!(why(d.decide(&promote("a", 2, false), t0 + 7 * s).0), Refusal::PrimaryAlive { .. }));
-        assert_eq!(d.decide(&promote("a", 2, false), t0 + 9 * s).0.unwrap().epoch, 3);
+        assert_eq!(d.decide(&promote("a", 2, false), t0 + 9 * s).0.unwrap().epoch, Epoch(3));
     }
 
     #[test]
@@ -662,7 +663,7 @@ mod tests {
         let body = format!("{STATE_HEADER_V2}\n00000000000000ab 3 1 v a\n");
         let v2 = format!("{body}end 1 {:08x}\n", crc32fast::hash(body.as_bytes()));
         let r = &decode_state(&v2).unwrap().pairs[&PAIR];
-        assert!(r.synced && r.solo && r.epoch == 3, "{r:?}");
+        assert!(r.synced && r.solo && r.epoch == Epoch(3), "{r:?}");
         // Flags a version-2 file cannot hold are refused there.
         let body = format!("{STATE_HEADER_V2}\n00000000000000ab 3 3 v a\n");
         assert!(decode_state(&format!("{body}end 1 {:08x}\n", crc32fast::hash(body.as_bytes()))).is_err());
@@ -695,13 +696,13 @@ mod tests {
             pair: PAIR,
             volume: "v".into(),
             node: "b".into(),
-            epoch: 1,
+            epoch: Epoch(1),
             consistent: false,
             force: true,
             reclaim: false,
         };
         assert_eq!(why(d.decide(&inconsistent, t0).0), Refusal::Inconsistent);
-        assert_eq!(d.decide(&promote("b", 1, true), t0).0.unwrap().epoch, 2);
+        assert_eq!(d.decide(&promote("b", 1, true), t0).0.unwrap().epoch, Epoch(2));
     }
 
     #[test]
@@ -725,9 +726,9 @@ mod tests {
         // Pair 2's primary keeps reporting; pair 1's dies: only pair 1 fails over.
         let t1 = t0 + 2 * s;
         d.decide(&as_pair(2, report("a", 5, true)), t1).0.unwrap();
-        assert_eq!(d.decide(&as_pair(1, promote("b", 1, false)), t1).0.unwrap().epoch, 2);
+        assert_eq!(d.decide(&as_pair(1, promote("b", 1, false)), t1).0.unwrap().epoch, Epoch(2));
         assert!(matches!(why(d.decide(&as_pair(2, promote("b", 5, false)), t1).0), Refusal::PrimaryAlive { .. }));
-        assert_eq!(d.decide(&as_pair(2, report("a", 5, true)), t1).0.unwrap().epoch, 5);
+        assert_eq!(d.decide(&as_pair(2, report("a", 5, true)), t1).0.unwrap().epoch, Epoch(5));
         // No pair id: never registered.
         assert_eq!(why(d.decide(&as_pair(0, report("a", 1, true)), t1).0), Refusal::NotRegistered);
     }
@@ -737,27 +738,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.state");
         let mut state = WitnessState::default();
-        state
-            .pairs
-            .insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false, synced: true });
+        state.pairs.insert(
+            PAIR,
+            Record { volume: "v".into(), epoch: Epoch(3), primary: "a".into(), solo: false, synced: true },
+        );
         state.pairs.insert(
             7,
-            Record { volume: "my vol%".into(), epoch: 1, primary: "n\u{e9}".into(), solo: true, synced: false },
+            Record { volume: "my vol%".into(), epoch: Epoch(1), primary: "n\u{e9}".into(), solo: true, synced: false },
         );
         save(&path, &state).unwrap();
         assert_eq!(load(&path).unwrap(), state);
         let t0 = Instant::now();
         let mut d = Decider::new(load(&path).unwrap(), Duration::from_secs(2), t0);
         assert!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(1)).0.is_err());
-        assert_eq!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(4)).0.unwrap().epoch, 4);
+        assert_eq!(d.decide(&promote("b", 3, false), t0 + Duration::from_secs(4)).0.unwrap().epoch, Epoch(4));
     }
 
     #[test]
     fn a_torn_or_corrupt_state_file_is_detected_never_reset() {
         let mut state = WitnessState::default();
-        state
-            .pairs
-            .insert(PAIR, Record { volume: "v".into(), epoch: 3, primary: "a".into(), solo: false, synced: true });
+        state.pairs.insert(
+            PAIR,
+            Record { volume: "v".into(), epoch: Epoch(3), primary: "a".into(), solo: false, synced: true },
+        );
         let text = encode_state(&state);
         assert_eq!(decode_state(&text).unwrap(), state);
         // Every cut short of the whole file, and every single changed byte, is refused.
@@ -786,7 +789,7 @@ mod tests {
         let mut d = Decider::new(state, Duration::from_secs(1), t0);
         // A report from a at epoch 3 binds v's record to the pair and is granted.
         let (r, changed) = d.decide(&report("a", 3, true), t0);
-        assert_eq!((r.unwrap().epoch, changed), (3, true));
+        assert_eq!((r.unwrap().epoch, changed), (Epoch(3), true));
         assert_eq!(d.state.pairs[&PAIR].volume, "v");
         assert!(!d.state.unbound.contains_key("v") && d.state.unbound.contains_key("w"));
         assert!(decode_state("v x a false\n").is_err());

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use syncblock_engine::{Tag, BLOCK_BYTES_U64};
+use syncblock_engine::{Epoch, Tag, BLOCK_BYTES_U64};
 use syncblock_replicator::{Node, NodeConfig, Policy, ReplConfig, Role};
 use tokio::net::TcpListener;
 
@@ -90,11 +90,11 @@ async fn two_pairs_with_the_same_volume_name_share_a_witness_safely() {
         .await
         .expect("pair 1 fails over")
         .unwrap();
-    assert_eq!(node_b1.primary().unwrap().epoch(), 2);
+    assert_eq!(node_b1.primary().unwrap().epoch(), Epoch(2));
     // Well past the takeover window, pair 2's primary still reports and writes with its peer.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(node_a2.is_primary() && !node_b2.is_primary());
-    assert_eq!(p2.epoch(), 1);
+    assert_eq!(p2.epoch(), Epoch(1));
     let st = p2.status().await;
     assert!(st.rpo_zero(), "pair 2 lost its peer: {st:?}");
     tokio::time::timeout(Duration::from_secs(5), p2.write(BLOCK_BYTES_U64, block(7), true))
@@ -102,12 +102,12 @@ async fn two_pairs_with_the_same_volume_name_share_a_witness_safely() {
         .expect("pair 2 writes")
         .unwrap();
     let state = syncblock_replicator::witness::load(&dir.path().join("witness.state")).unwrap();
-    let epochs: Vec<(u64, &str)> = {
-        let mut e: Vec<(u64, &str)> = state.pairs.values().map(|r| (r.epoch, r.primary.as_str())).collect();
+    let epochs: Vec<(Epoch, &str)> = {
+        let mut e: Vec<(Epoch, &str)> = state.pairs.values().map(|r| (r.epoch, r.primary.as_str())).collect();
         e.sort();
         e
     };
-    assert_eq!(epochs, [(1, "a"), (2, "b")], "{state:?}");
+    assert_eq!(epochs, [(Epoch(1), "a"), (Epoch(2), "b")], "{state:?}");
 
     for n in [node_a2, node_b2, node_b1] {
         n.stop().await;
@@ -149,7 +149,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 
     // It serves alone once the witness consents (degrade policy).
     let pb = node_b.primary().unwrap();
-    assert_eq!(pb.epoch(), 2);
+    assert_eq!(pb.epoch(), Epoch(2));
     tokio::time::timeout(Duration::from_secs(10), pb.write(100 * BLOCK_BYTES_U64, block(1000), true))
         .await
         .expect("the new primary serves writes alone")

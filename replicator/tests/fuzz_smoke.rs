@@ -6,7 +6,7 @@
 mod repl_checks;
 
 use syncblock_engine::sim::Rng;
-use syncblock_engine::{BlockRun, Lba};
+use syncblock_engine::{BlockRun, Epoch, Lba};
 use syncblock_replicator::wire::{EpochStart, Frame};
 
 fn cases() -> u64 {
@@ -19,11 +19,12 @@ fn bytes(rng: &mut Rng, max_len: u64) -> Vec<u8> {
 }
 
 fn valid(rng: &mut Rng) -> Vec<u8> {
-    let history = vec![EpochStart { epoch: rng.below(9), start_tag: rng.below(1000), origin: rng.below(u64::MAX) }];
+    let history =
+        vec![EpochStart { epoch: Epoch(rng.below(9)), start_tag: rng.below(1000), origin: rng.below(u64::MAX) }];
     let f = match rng.below(6) {
         0 => Frame::Hello {
             pair: rng.next_u64(),
-            epoch: rng.next_u64(),
+            epoch: Epoch(rng.next_u64()),
             last_tag: rng.next_u64(),
             size_bytes: rng.next_u64(),
             volume: "v".into(),
@@ -41,12 +42,12 @@ fn valid(rng: &mut Rng) -> Vec<u8> {
             common_tag: 0,
             runs: vec![BlockRun { lba: Lba(rng.next_u64()), n_blocks: rng.below(9) }],
         },
-        3 => Frame::ResyncCommit { tag: rng.next_u64(), epoch: 2, history },
+        3 => Frame::ResyncCommit { tag: rng.next_u64(), epoch: Epoch(2), history },
         4 => Frame::WitnessPromote {
             pair: rng.next_u64(),
             volume: "v".into(),
             node: "b".into(),
-            epoch: rng.next_u64(),
+            epoch: Epoch(rng.next_u64()),
             consistent: true,
             force: rng.below(2) == 1,
             reclaim: rng.below(2) == 1,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use syncblock_engine::{Config, Store, BLOCK_BYTES_U64};
+use syncblock_engine::{Config, Epoch, Store, BLOCK_BYTES_U64};
 use syncblock_replicator::{Primary, ReplConfig};
 
 const VOL_BYTES: u64 = 64 << 20;
@@ -149,7 +149,7 @@ async fn probes_on_the_replication_port_leave_the_live_session_alone() {
     wait_in_sync(&prim).await;
     prim.write(0, block(1), true).await.unwrap();
     let resyncs = prim.peer_view().borrow().resyncs;
-    let hello = |pair: u64, epoch: u64| Frame::Hello {
+    let hello = |pair: u64, epoch: Epoch| Frame::Hello {
         pair,
         epoch,
         last_tag: 0,
@@ -164,8 +164,8 @@ async fn probes_on_the_replication_port_leave_the_live_session_alone() {
         b"\x00\x01garbage garbage garbage".to_vec(),
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         vec![],
-        hello(prim.pair() ^ 1, prim.epoch() + 5).encode().to_vec(),
-        hello(prim.pair(), 0).encode().to_vec(),
+        hello(prim.pair() ^ 1, Epoch(prim.epoch().0 + 5)).encode().to_vec(),
+        hello(prim.pair(), Epoch(0)).encode().to_vec(),
     ];
     let silent = tokio::net::TcpStream::connect(sec.local_addr()).await.unwrap();
     let mut answers = Vec::new();

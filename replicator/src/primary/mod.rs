@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncblock_engine::{Store, VolumeId};
+use syncblock_engine::{Epoch, Store, VolumeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -48,7 +48,7 @@ struct Handle {
     stop: watch::Sender<bool>,
     volume: VolumeId,
     name: String,
-    epoch: u64,
+    epoch: Epoch,
     pair: u64,
     policy: crate::Policy,
 }
@@ -86,7 +86,7 @@ impl Primary {
                  peer first"
             )));
         }
-        let epoch = granted.as_ref().map_or(state.epoch + 1, |g| g.epoch);
+        let epoch = granted.as_ref().map_or(state.epoch.next(), |g| g.epoch);
         if epoch <= state.epoch {
             return Err(ReplError::Invalid(format!(
                 "granted epoch {epoch} is not newer than this node's epoch {}",
@@ -99,7 +99,12 @@ impl Primary {
             // sync, and the witness keys its record by it.
             state.pair = crate::wire::new_origin();
         }
-        tracing::info!(volume = volume_name, epoch, pair = format!("{:016x}", state.pair), "taking the primary role");
+        tracing::info!(
+            volume = volume_name,
+            epoch = epoch.0,
+            pair = format!("{:016x}", state.pair),
+            "taking the primary role"
+        );
         // Retain trims until the peer confirms it has them (the floor rises as it does). An
         // interrupted resync this node was receiving is dropped: its committed image is what it
         // serves.
@@ -185,7 +190,7 @@ impl Primary {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.inner.epoch
     }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use syncblock_engine::ByteRange;
+use syncblock_engine::{ByteRange, Epoch};
 use tokio::time::Instant;
 
 /// Progress of a long pass over a volume (a resync or a verify), for `syncblock status`.
@@ -126,7 +126,7 @@ impl PeerView {
 #[derive(Debug, Clone)]
 pub struct PrimaryStatus {
     pub volume: String,
-    pub epoch: u64,
+    pub epoch: Epoch,
     pub policy: crate::Policy,
     /// Client operations waiting for the peer's confirmation, and how long the oldest has waited.
     pub waiting: usize,

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use syncblock_engine::Store;
+use syncblock_engine::{Epoch, Store};
 use syncblock_nbd::config::{ReplNodeOptions, ReplRole, ReplVolume, ServeOptions, VolumeSpec, DEFAULT_REPL_TIMEOUT_MS};
 
 use crate::{bind, engine_config, open_or_create, repl_config, serve, DEFAULT_VOLUME};
@@ -123,7 +123,7 @@ async fn reseed_pair_witness(primary: &Store, state_path: &Path) -> Result<()> {
     }
     let Ok(v) = primary.volume(DEFAULT_VOLUME).await else { return Ok(()) };
     let Some(st) = syncblock_replicator::ReplState::decode(&v.attr) else { return Ok(()) };
-    if st.epoch == 0 || st.role != syncblock_replicator::Role::Primary {
+    if st.epoch == Epoch(0) || st.role != syncblock_replicator::Role::Primary {
         return Ok(());
     }
     use syncblock_replicator::witness::{Record, WitnessState};

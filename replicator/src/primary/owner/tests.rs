@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use syncblock_engine::Epoch;
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 
 use super::*;
@@ -11,7 +12,7 @@ use crate::link::FrameReader;
 use crate::state::Role;
 
 const VOL: u64 = 4 << 20;
-const EPOCH: u64 = 3;
+const EPOCH: Epoch = Epoch(3);
 
 struct Harness {
     owner: Owner,
@@ -239,13 +240,13 @@ async fn witness_disk_failure_does_not_depose() {
     let storage = ReplError::refused(Refusal::WitnessStorage, "witness cannot record decisions: disk full");
     h.owner.on_witness(Ask::Report, Err(storage));
     // Neither does a refusal naming this node's own epoch, nor an older one.
-    for epoch in [EPOCH - 1, EPOCH] {
+    for epoch in [Epoch(EPOCH.0 - 1), EPOCH] {
         h.owner.on_witness(Ask::Report, Err(ReplError::refused(Refusal::Deposed { epoch }, "stale")));
     }
     h.after_step();
     assert_eq!(h.peer().deposed, None);
     // A newer epoch does.
-    h.owner.on_witness(Ask::Report, Err(ReplError::refused(Refusal::Deposed { epoch: EPOCH + 1 }, "b is primary")));
+    h.owner.on_witness(Ask::Report, Err(ReplError::refused(Refusal::Deposed { epoch: EPOCH.next() }, "b is primary")));
     assert!(h.peer().deposed.is_some_and(|why| why.contains("b is primary")));
 }
 
@@ -257,7 +258,10 @@ async fn only_a_peer_that_saw_a_newer_epoch_deposes_the_primary() {
     assert_eq!(h.peer().deposed, None);
     assert!(!h.peer().connected);
     let (g, _p) = h.link_up(0, 0).await;
-    h.owner.link_failed(g, ReplError::refused(Refusal::Deposed { epoch: EPOCH + 2 }, "peer refused: stale epoch"));
+    h.owner.link_failed(
+        g,
+        ReplError::refused(Refusal::Deposed { epoch: Epoch(EPOCH.0 + 2) }, "peer refused: stale epoch"),
+    );
     assert!(h.peer().deposed.is_some());
 }
 
