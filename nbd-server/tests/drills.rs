@@ -152,6 +152,13 @@ def connect(uri):
     return h
 
 
+def announce_durable(st):
+    """Says once, on its own line, that a write is durable: the moment a drill may kill the server."""
+    if st["durable"] > 0 and not st.get("announced"):
+        st["announced"] = True
+        print("durable", flush=True)
+
+
 def write(uri, record, seed, secs):
     rng = random.Random(seed)
     rec = Record(record)
@@ -204,6 +211,7 @@ def write(uri, record, seed, secs):
                         rec.add("D", off, dig, seq)
                     st["durable"] += len(payload)
                     rec.sync()
+                    announce_durable(st)
                     continue
                 seq, off, dig, _ = payload
                 busy.discard(off)
@@ -213,6 +221,7 @@ def write(uri, record, seed, secs):
                     st["durable"] += 1
                     rec.add("D", off, dig, seq)
                     rec.sync()
+                    announce_durable(st)
                 else:
                     unflushed.append((seq, off, dig))
         h.flush()
@@ -223,6 +232,7 @@ def write(uri, record, seed, secs):
     except nbd.Error as e:
         st["error"] = str(e)
     st["secs"] = time.monotonic() - start
+    st.pop("announced", None)
     emit(st)
 
 
@@ -365,10 +375,26 @@ impl Client {
         self
     }
 
-    /// A writer of 60 s, connected, that has been writing for `for_` and is still running: the
-    /// moment to kill its server.
+    /// A writer that has made a write durable (it printed "durable"), so that a kill from here on
+    /// has acknowledged data to lose. Under load the first flush can take longer than a drill's
+    /// random wait; the drills count on at least one durable write.
+    fn wait_durable(mut self) -> Client {
+        let deadline = Instant::now() + CLIENT_SLACK;
+        while !std::fs::read_to_string(&self.stdout).unwrap_or_default().contains("\ndurable\n") {
+            if !self.running() || Instant::now() >= deadline {
+                let what = self.what.clone();
+                panic!("{what} made no write durable: {:?}", self.finish(Duration::ZERO));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self
+    }
+
+    /// A writer of 60 s, connected, with a durable write, that has been writing for `for_` more
+    /// and is still running: the moment to kill its server.
     fn writer_under_way(dir: &Path, uri: &str, rng: &mut Rng, round: u32, for_: (u64, u64)) -> Client {
-        let mut writer = Client::spawn(dir, "write", uri, &[&rng.next().to_string(), "60"]).wait_connected();
+        let mut writer =
+            Client::spawn(dir, "write", uri, &[&rng.next().to_string(), "60"]).wait_connected().wait_durable();
         std::thread::sleep(rng.millis(for_.0, for_.1));
         assert!(
             writer.running(),
