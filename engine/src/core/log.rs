@@ -625,7 +625,8 @@ impl Core {
 
     /// The batches form one run of LSNs ending just below the next one, the unsubmitted ones are
     /// its tail, the head is not yet applied because it has not completed, the pending blocks
-    /// belong to batches in it, and no index entry points into a batch in flight.
+    /// belong to batches in it (checked while there are at most 64: the check is quadratic and
+    /// runs after every step), and no index entry points into a batch in flight.
     pub(super) fn check_log(&self) {
         let log = &self.log;
         if let (Some(first), Some(last)) = (log.batches.keys().next(), log.batches.keys().next_back()) {
