@@ -795,12 +795,12 @@ fn clip_extents(extents: &[Extent], offset: u64, len: u64, max: usize) -> Vec<(B
         if out.len() >= max || cursor >= end {
             break;
         }
-        let e_end = e.offset.saturating_add(e.len);
-        if e_end <= cursor || e.len == 0 {
+        let e_end = e.range.offset.saturating_add(e.range.len);
+        if e_end <= cursor || e.range.len == 0 {
             continue;
         }
-        if e.offset > cursor {
-            let gap_end = e.offset.min(end);
+        if e.range.offset > cursor {
+            let gap_end = e.range.offset.min(end);
             out.push((ByteRange { offset: cursor, len: gap_end - cursor }, 0));
             cursor = gap_end;
             if out.len() >= max || cursor >= end {
@@ -820,7 +820,7 @@ mod tests {
     use super::*;
 
     fn ext(offset: u64, len: u64, mapped: bool) -> Extent {
-        Extent { offset, len, mapped }
+        Extent { range: ByteRange { offset, len }, mapped }
     }
 
     #[test]

@@ -76,7 +76,7 @@ use crate::index::{crc_of, phys_of};
 use crate::predict::CommitLoop;
 use crate::segment_image::{walk_data_blocks, walk_records};
 use crate::state::{State, VolumeInfo, VOLUMES_MAX};
-use crate::types::{BlockRun, Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
+use crate::types::{BlockRun, ByteRange, Lba, Lsn, SegmentId, Tag, VolumeId, BLOCK_BYTES, BLOCK_BYTES_U64 as BB};
 
 use checkpointer::{Checkpointer, CkptPhase};
 use cleaner::{Cleaner, Gc};

@@ -176,8 +176,8 @@ impl Core {
                 return;
             }
             match extents.last_mut() {
-                Some(e) if e.mapped == mapped && e.offset + e.len == start => e.len += stop - start,
-                _ => extents.push(Extent { offset: start, len: stop - start, mapped }),
+                Some(e) if e.mapped == mapped && e.range.end() == start => e.range.len += stop - start,
+                _ => extents.push(Extent { range: ByteRange { offset: start, len: stop - start }, mapped }),
             }
         };
         let mut cursor = first;

@@ -10,11 +10,10 @@ pub const IO_BYTES_MAX: u64 = 32 << 20;
 
 pub type Reply<T> = oneshot::Sender<Result<T>>;
 
-/// A run of blocks and whether they are mapped, for NBD block status.
+/// A byte range of a volume and whether it is mapped, for NBD block status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
-    pub offset: u64,
-    pub len: u64,
+    pub range: ByteRange,
     /// False for unwritten or trimmed ranges, which read as zeros.
     pub mapped: bool,
 }

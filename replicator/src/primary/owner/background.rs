@@ -41,10 +41,10 @@ impl Owner {
         let mut trimmed = 0;
         for e in extents {
             if e.mapped {
-                self.queue_reads(tag, ByteRange { offset: e.offset, len: e.len }, true).await?;
+                self.queue_reads(tag, e.range, true).await?;
             } else {
-                self.ship(Out::Frame(Frame::Trim { tag, offset: e.offset, len: e.len }));
-                trimmed += e.len;
+                self.ship(Out::Frame(Frame::Trim { tag, offset: e.range.offset, len: e.range.len }));
+                trimmed += e.range.len;
             }
         }
         self.peer.send_modify(|v| v.resync.bytes_done += trimmed);
