@@ -494,15 +494,7 @@ impl LogEnd {
             LogEnd::EndOfChain => None,
             LogEnd::SegmentMissing { seg } => Some((*seg, 0)),
             LogEnd::SegmentStartsElsewhere { seg, .. } => Some((*seg, 1)),
-            LogEnd::Walk { seg, stop } => Some((
-                *seg,
-                match stop {
-                    Stop::NoSegmentHeader(_) => 0,
-                    Stop::NoRecord { block, .. }
-                    | Stop::OtherGeneration { block, .. }
-                    | Stop::RunsPastEnd { block, .. } => *block,
-                },
-            )),
+            LogEnd::Walk { seg, stop } => Some((*seg, stop.block())),
             LogEnd::WrongLsn { seg, block, .. } | LogEnd::DataChecksum { seg, block, .. } => Some((*seg, *block)),
         }
     }
@@ -586,7 +578,7 @@ fn replay(
                     if let Stop::OtherGeneration { lsn, .. } = stop {
                         r.max_lsn_seen = r.max_lsn_seen.max(lsn);
                     }
-                    let at = stop_block(&stop);
+                    let at = stop.block();
                     let runs_past = matches!(stop, Stop::RunsPastEnd { .. });
                     r.end = LogEnd::Walk { seg, stop };
                     // End of this segment's records: the next segment of the chain may continue.
@@ -655,13 +647,6 @@ fn replay(
 /// when this segment's records end before its last block.
 fn next_continues_at(chain: &Chain, headers: &[Option<SegmentHeader>], ci: usize, expected: Lsn) -> bool {
     chain.links.get(ci + 1).is_some_and(|l| headers[l.seg as usize].is_some_and(|hh| hh.first_lsn == expected))
-}
-
-fn stop_block(stop: &Stop) -> usize {
-    match stop {
-        Stop::NoSegmentHeader(_) => 0,
-        Stop::NoRecord { block, .. } | Stop::OtherGeneration { block, .. } | Stop::RunsPastEnd { block, .. } => *block,
-    }
 }
 
 /// A resync that never committed: its staged blocks are dropped, and the volume is the consistent

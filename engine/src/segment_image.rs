@@ -44,6 +44,18 @@ pub(crate) enum Stop {
     RunsPastEnd { block: usize, lsn: Lsn, durable_lsn: Lsn },
 }
 
+impl Stop {
+    /// The block of the image where the walk stopped.
+    pub(crate) fn block(&self) -> usize {
+        match self {
+            Stop::NoSegmentHeader(_) => 0,
+            Stop::NoRecord { block, .. } | Stop::OtherGeneration { block, .. } | Stop::RunsPastEnd { block, .. } => {
+                *block
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Stop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

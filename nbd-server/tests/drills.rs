@@ -363,27 +363,25 @@ impl Client {
 
     /// A writer connected to its server (it printed "connected"): from here on, killing the server
     /// interrupts its writes rather than its start-up.
-    fn wait_connected(mut self) -> Client {
-        let deadline = Instant::now() + CLIENT_SLACK;
-        while !std::fs::read_to_string(&self.stdout).unwrap_or_default().starts_with("connected\n") {
-            if !self.running() || Instant::now() >= deadline {
-                let what = self.what.clone();
-                panic!("{what} did not connect: {:?}", self.finish(Duration::ZERO));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self
+    fn wait_connected(self) -> Client {
+        self.wait_output(|out| out.starts_with("connected\n"), "did not connect")
     }
 
     /// A writer that has made a write durable (it printed "durable"), so that a kill from here on
     /// has acknowledged data to lose. Under load the first flush can take longer than a drill's
     /// random wait; the drills count on at least one durable write.
-    fn wait_durable(mut self) -> Client {
+    fn wait_durable(self) -> Client {
+        self.wait_output(|out| out.contains("\ndurable\n"), "made no write durable")
+    }
+
+    /// Waits at most [`CLIENT_SLACK`] for the client's output so far to pass `ready`; panics with
+    /// `failed` and the client's outcome if it ends or the time runs out first.
+    fn wait_output(mut self, ready: impl Fn(&str) -> bool, failed: &str) -> Client {
         let deadline = Instant::now() + CLIENT_SLACK;
-        while !std::fs::read_to_string(&self.stdout).unwrap_or_default().contains("\ndurable\n") {
+        while !ready(&std::fs::read_to_string(&self.stdout).unwrap_or_default()) {
             if !self.running() || Instant::now() >= deadline {
                 let what = self.what.clone();
-                panic!("{what} made no write durable: {:?}", self.finish(Duration::ZERO));
+                panic!("{what} {failed}: {:?}", self.finish(Duration::ZERO));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
