@@ -26,10 +26,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES_U64};
 use syncblock_replicator::status::VerifyReportView;
+use syncblock_replicator::tls::Tls;
 use syncblock_replicator::{Node, StatusView};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_openssl::SslStream;
 
 use crate::metrics::Metrics;
 
@@ -367,14 +369,16 @@ async fn post_verify(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Re
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) -> std::io::Result<()> {
-    let limited = Limited { listener, slots: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)) };
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, tls: Option<Arc<Tls>>) -> std::io::Result<()> {
+    let limited = Limited { listener, tls, slots: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)) };
     axum::serve(limited, router(admin)).await
 }
 
-/// A TCP listener that holds at most [`ADMIN_CONNECTIONS_MAX`] connections open.
+/// A TCP listener that holds at most [`ADMIN_CONNECTIONS_MAX`] connections open, and with TLS
+/// credentials runs each connection's handshake (on the connection's own task: see [`AdminIo`]).
 struct Limited {
     listener: TcpListener,
+    tls: Option<Arc<Tls>>,
     slots: Arc<Semaphore>,
 }
 
@@ -386,7 +390,23 @@ impl axum::serve::Listener for Limited {
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             match self.listener.accept().await {
-                Ok((stream, addr)) => return (Slotted { stream, _slot: slot }, addr),
+                Ok((stream, addr)) => {
+                    let io = match &self.tls {
+                        None => AdminIo::Plain(stream),
+                        Some(tls) => {
+                            let tls = tls.clone();
+                            AdminIo::Handshaking(Box::pin(async move {
+                                // Any identity the credentials prove may use the endpoint: the
+                                // CA or the PSK file is the list of who may.
+                                tls.accept(stream).await.map(|(s, _)| s).map_err(|e| {
+                                    tracing::warn!("{addr}: admin endpoint: TLS handshake refused: {e}");
+                                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                                })
+                            }))
+                        }
+                    };
+                    return (Slotted { io, _slot: slot }, addr);
+                }
                 // Out of descriptors, or a connection reset before it was accepted: wait a
                 // little rather than spin.
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
@@ -399,28 +419,75 @@ impl axum::serve::Listener for Limited {
     }
 }
 
+type Handshake = Pin<Box<dyn std::future::Future<Output = std::io::Result<SslStream<TcpStream>>> + Send>>;
+
+/// An admin connection: plain, or TLS whose handshake runs on the first read or write, so that
+/// it happens on the connection's task and a client that stalls mid-handshake holds up nobody.
+enum AdminIo {
+    Plain(TcpStream),
+    Handshaking(Handshake),
+    Tls(Box<SslStream<TcpStream>>),
+    Failed,
+}
+
+impl AdminIo {
+    /// Drives the handshake; `Ready(Ok)` once the stream can carry data.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            match self {
+                AdminIo::Handshaking(h) => match h.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(s)) => *self = AdminIo::Tls(Box::new(s)),
+                    Poll::Ready(Err(e)) => {
+                        *self = AdminIo::Failed;
+                        return Poll::Ready(Err(e));
+                    }
+                },
+                AdminIo::Failed => {
+                    return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "TLS refused")))
+                }
+                _ => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
 /// A connection holding its slot until it closes.
 struct Slotted {
-    stream: TcpStream,
+    io: AdminIo,
     _slot: OwnedSemaphorePermit,
 }
 
+macro_rules! with_stream {
+    ($self:ident, $cx:ident, $method:ident($($arg:expr),*)) => {{
+        let io = &mut $self.get_mut().io;
+        if let Poll::Ready(Err(e)) = io.poll_ready($cx) {
+            return Poll::Ready(Err(e));
+        }
+        match io {
+            AdminIo::Plain(s) => Pin::new(s).$method($($arg),*),
+            AdminIo::Tls(s) => Pin::new(&mut **s).$method($($arg),*),
+            _ => Poll::Pending,
+        }
+    }};
+}
+
 impl AsyncRead for Slotted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        with_stream!(self, cx, poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for Slotted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        with_stream!(self, cx, poll_write(cx, buf))
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        with_stream!(self, cx, poll_flush(cx))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        with_stream!(self, cx, poll_shutdown(cx))
     }
 }

@@ -41,6 +41,12 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use std::collections::HashMap;
+
+use syncblock_replicator::tls::TlsFiles;
+
+use crate::handshake::TlsMode;
+use crate::server::AccessRule;
 use crate::size::parse_size;
 
 /// The store `syncblock serve` creates when neither the flags nor the file name one.
@@ -68,6 +74,17 @@ pub enum ConfigError {
     DuplicateReplication(String),
     #[error("replicated volume {volume:?}: {problem}")]
     BadReplication { volume: String, problem: String },
+    #[error("invalid --allow {0:?}: expected VOLUME:IDENTITY or VOLUME:IDENTITY:ro, e.g. db:app1")]
+    BadAllowFlag(String),
+    #[error("{0}")]
+    Tls(String),
+    /// A listener on an address other hosts can reach, without TLS.
+    #[error(
+        "{what} listens on {addr}, which other hosts can reach, without TLS: anyone who reaches it can {risk}. \
+         Configure TLS (--tls-cert/--tls-key/--tls-ca or --tls-psk; docs/security.md), bind a loopback address, \
+         or pass --insecure (`insecure = true` in the file) to accept the risk"
+    )]
+    Exposed { what: &'static str, addr: SocketAddr, risk: &'static str },
 }
 
 /// A replicated volume's role the first time its node runs (afterwards the role the store
@@ -160,6 +177,13 @@ impl VolumeSpec {
 /// Serve options from one source (file or flags). `None` or empty means "not given here".
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServeOptions {
+    /// TLS credentials, for NBD and the replication, witness and admin links.
+    pub tls: TlsFiles,
+    pub tls_mode: Option<TlsMode>,
+    /// Export access lists: (volume, rule).
+    pub access: Vec<(String, AccessRule)>,
+    /// Allow listeners on non-loopback addresses without TLS.
+    pub insecure: Option<bool>,
     pub store: Option<PathBuf>,
     pub store_bytes: Option<u64>,
     pub listen: Option<SocketAddr>,
@@ -181,6 +205,10 @@ pub struct ServeOptions {
 /// Every option decided: what `syncblock serve` runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeSettings {
+    pub tls: TlsFiles,
+    pub tls_mode: TlsMode,
+    pub access: HashMap<String, Vec<AccessRule>>,
+    pub insecure: bool,
     pub store: PathBuf,
     pub store_bytes: u64,
     pub listen: SocketAddr,
@@ -213,9 +241,21 @@ struct File {
     create: Option<bool>,
     /// The admin endpoint (also accepted as `replication.admin`, where it was first).
     admin: Option<SocketAddr>,
+    insecure: Option<bool>,
+    tls: Option<FileTls>,
     #[serde(default)]
     volume: Vec<FileVolume>,
     replication: Option<ReplNodeOptions>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    mode: Option<TlsMode>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    psk: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -225,6 +265,8 @@ struct FileVolume {
     size: Size,
     #[serde(default)]
     read_only: bool,
+    /// The client identities that may open this volume (all of them, without a list).
+    access: Option<Vec<AccessRule>>,
     replicate: Option<FileReplicate>,
 }
 
@@ -274,7 +316,15 @@ impl ServeOptions {
     /// Parses a config file's text. Relative paths in it are taken relative to `base`.
     pub fn from_toml(text: &str, base: &Path) -> Result<ServeOptions, ConfigError> {
         let file: File = toml::from_str(text)?;
+        let (tls, tls_mode) = match file.tls {
+            Some(t) => (TlsFiles { cert: t.cert, key: t.key, ca: t.ca, psk: t.psk }.relative_to(base), t.mode),
+            None => (TlsFiles::default(), None),
+        };
         let mut opts = ServeOptions {
+            tls,
+            tls_mode,
+            access: Vec::new(),
+            insecure: file.insecure,
             store: file.store.map(|p| base.join(p)),
             store_bytes: file.store_size.map(|s| s.0),
             listen: file.listen,
@@ -298,6 +348,9 @@ impl ServeOptions {
             }
             if v.read_only {
                 opts.read_only.push(v.name.clone());
+            }
+            for rule in v.access.into_iter().flatten() {
+                opts.access.push((v.name.clone(), rule));
             }
             if let Some(r) = v.replicate {
                 let rv = ReplVolume {
@@ -350,7 +403,13 @@ impl ServeOptions {
                 self.read_only.push(name);
             }
         }
+        let mut access = self.access;
+        access.extend(flags.access);
         ServeOptions {
+            tls: flags.tls.or(self.tls),
+            tls_mode: flags.tls_mode.or(self.tls_mode),
+            access,
+            insecure: flags.insecure.or(self.insecure),
             store: flags.store.or(self.store),
             store_bytes: flags.store_bytes.or(self.store_bytes),
             listen: flags.listen.or(self.listen),
@@ -366,9 +425,19 @@ impl ServeOptions {
         }
     }
 
-    /// Fills every option not given with its default.
+    /// Fills every option not given with its default. TLS defaults to `require` once any
+    /// credential is given (a server that trusts no one by default), `off` otherwise.
     pub fn resolve(self) -> ServeSettings {
+        let tls_mode = self.tls_mode.unwrap_or(if self.tls.is_empty() { TlsMode::Off } else { TlsMode::Require });
+        let mut access: HashMap<String, Vec<AccessRule>> = HashMap::new();
+        for (volume, rule) in self.access {
+            access.entry(volume).or_default().push(rule);
+        }
         ServeSettings {
+            tls: self.tls,
+            tls_mode,
+            access,
+            insecure: self.insecure.unwrap_or(false),
             store: self.store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
             store_bytes: self.store_bytes.unwrap_or(DEFAULT_STORE_BYTES),
             listen: self.listen.unwrap_or(DEFAULT_LISTEN),
@@ -388,7 +457,86 @@ impl ServeOptions {
     }
 }
 
+/// Parses `--allow VOLUME:IDENTITY[:ro]`.
+pub fn allow_flag(spec: &str) -> Result<(String, AccessRule), ConfigError> {
+    let bad = || ConfigError::BadAllowFlag(spec.to_string());
+    let (volume, rest) = spec.split_once(':').ok_or_else(bad)?;
+    let (identity, read_only) = match rest.rsplit_once(':') {
+        Some((id, "ro")) => (id, true),
+        Some((id, "rw")) => (id, false),
+        Some(_) => return Err(bad()),
+        None => (rest, false),
+    };
+    if volume.is_empty() || identity.is_empty() {
+        return Err(bad());
+    }
+    Ok((volume.to_string(), AccessRule { identity: identity.to_string(), read_only }))
+}
+
+/// What an open listener of each kind lets a stranger do, for the `--insecure` refusal.
+pub const NBD_RISK: &str = "read and overwrite every volume";
+pub const REPLICATION_RISK: &str = "pose as this node's peer and write its replicas";
+pub const ADMIN_RISK: &str = "promote, demote and verify this node's volumes";
+pub const WITNESS_RISK: &str = "grant epochs and solo operation to any node, causing split brain";
+
+/// Refuses a listener that other hosts can reach without TLS, unless `insecure`; with it, says
+/// so loudly in the log.
+pub fn check_exposed(
+    what: &'static str,
+    addr: SocketAddr,
+    risk: &'static str,
+    tls: bool,
+    insecure: bool,
+) -> Result<(), ConfigError> {
+    if tls || addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(ConfigError::Exposed { what, addr, risk });
+    }
+    tracing::warn!("INSECURE: {what} listens on {addr} without TLS (--insecure): anyone who reaches it can {risk}");
+    Ok(())
+}
+
 impl ServeSettings {
+    /// Checks the TLS settings against each other and every listener against `--insecure`.
+    pub fn check_security(&self) -> Result<(), ConfigError> {
+        let tls = !self.tls.is_empty();
+        if self.tls_mode != TlsMode::Off && !tls {
+            return Err(ConfigError::Tls(
+                "--tls=on and --tls=require need credentials: --tls-cert and --tls-key (and --tls-ca to \
+                 require client certificates), or --tls-psk"
+                    .into(),
+            ));
+        }
+        if let Some(volume) = self.access.keys().next() {
+            if self.tls_mode == TlsMode::Off {
+                return Err(ConfigError::Tls(format!(
+                    "volume {volume:?} has an access list, but TLS is off: client identities are proven in the \
+                     TLS handshake, so an access list needs TLS credentials with --tls-ca or --tls-psk"
+                )));
+            }
+            if self.tls.ca.is_none() && self.tls.psk.is_none() {
+                return Err(ConfigError::Tls(format!(
+                    "volume {volume:?} has an access list, but clients prove no identity: give --tls-ca \
+                     (client certificates) or --tls-psk"
+                )));
+            }
+        }
+        check_exposed("NBD", self.listen, NBD_RISK, self.tls_mode == TlsMode::Require, self.insecure)?;
+        for r in &self.replicate {
+            if let Some(addr) = r.listen {
+                check_exposed("replication", addr, REPLICATION_RISK, tls, self.insecure)?;
+            }
+        }
+        if let Some(addr) = self.admin {
+            // The admin endpoint takes commands: TLS that only encrypts is not enough off loopback.
+            let authenticated = self.tls.ca.is_some() || self.tls.psk.is_some();
+            check_exposed("the admin endpoint", addr, ADMIN_RISK, authenticated, self.insecure)?;
+        }
+        Ok(())
+    }
+
     /// The replicated volumes with the default export's name filled in, checked: each volume
     /// replicated once, each role with the address it needs.
     pub fn replicated_volumes(&self, default_export: Option<&str>) -> Result<Vec<(String, ReplVolume)>, ConfigError> {
@@ -459,6 +607,10 @@ read_only = true
         assert_eq!(
             opts,
             ServeOptions {
+                tls: TlsFiles::default(),
+                tls_mode: None,
+                access: vec![],
+                insecure: None,
                 store: Some("/etc/syncblock/data/store.img".into()),
                 store_bytes: Some(100 << 30),
                 listen: Some("0.0.0.0:10810".parse().unwrap()),

@@ -20,13 +20,40 @@ pub const OPTIONS_MAX: u32 = 1024;
 pub const BLOCK_SIZE: BlockSize = BlockSize { min: 1, preferred: 4096, max: IO_BYTES_MAX as u32 };
 const _: () = assert!(IO_BYTES_MAX <= u32::MAX as u64 && IO_BYTES_MAX >= 1 << 20);
 
-/// One export as the handshake sees it: an engine volume.
+/// One export as the handshake sees it: an engine volume, and whether this client may open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportInfo {
     pub name: String,
     pub volume: VolumeId,
     pub size: u64,
     pub read_only: bool,
+    pub admission: Admission,
+}
+
+/// Whether the client on this connection may open an export (decided by the server from the
+/// export's access list and the identity the client proved in TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    /// The export has an access list and the client has not started TLS yet (`--tls=on`): INFO
+    /// and GO answer `NBD_REP_ERR_TLS_REQD`, as the spec's SELECTIVETLS mode does.
+    NeedsTls,
+    /// The client's identity is not on the export's access list: `NBD_REP_ERR_POLICY`.
+    Denied,
+}
+
+/// The server's TLS mode (`--tls`, named as nbdkit names them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// STARTTLS is refused (`NBD_REP_ERR_POLICY`).
+    #[default]
+    Off,
+    /// TLS offered; a client may go on without it, to exports without an access list.
+    On,
+    /// Every option but STARTTLS and ABORT is refused until TLS is on (`NBD_REP_ERR_TLS_REQD`),
+    /// so nothing about the exports is revealed to a client that has not started it.
+    Require,
 }
 
 /// The exports on offer, taken fresh from the engine before each option.
@@ -82,12 +109,19 @@ pub enum Step {
     Close,
     /// Write the replies, then start transmission.
     Transmit(Session),
+    /// Write the replies (the STARTTLS ack), then run the TLS handshake, call
+    /// [`Negotiation::tls_started`] and read the next option over TLS.
+    StartTls,
 }
 
 /// Negotiation state of one connection.
 #[derive(Debug)]
 pub struct Negotiation {
     client: ClientFlags,
+    tls: TlsMode,
+    tls_active: bool,
+    /// Why the last option was refused by an export's access list, for the server's log.
+    denied: Option<String>,
     structured: bool,
     /// The export (canonical name) `base:allocation` was selected for by SET_META_CONTEXT.
     meta_export: Option<String>,
@@ -96,7 +130,24 @@ pub struct Negotiation {
 
 impl Negotiation {
     pub fn new(client: ClientFlags) -> Negotiation {
-        Negotiation { client, structured: false, meta_export: None, n_options: 0 }
+        Negotiation::with_tls(client, TlsMode::Off)
+    }
+
+    pub fn with_tls(client: ClientFlags, tls: TlsMode) -> Negotiation {
+        Negotiation { client, tls, tls_active: false, denied: None, structured: false, meta_export: None, n_options: 0 }
+    }
+
+    /// TLS is now on: everything negotiated before it is forgotten (the spec: a client must not
+    /// rely on it, and a man in the middle may have sent it).
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured = false;
+        self.meta_export = None;
+    }
+
+    /// The export the last option was refused by its access list, if it was.
+    pub fn take_denied(&mut self) -> Option<String> {
+        self.denied.take()
     }
 
     /// Handles an option whose payload was too large to buffer (already drained by the caller).
@@ -124,10 +175,41 @@ impl Negotiation {
             // Without fixed newstyle the client cannot parse option replies.
             return Step::Close;
         }
+        if self.tls == TlsMode::Require && !self.tls_active {
+            match option {
+                OPT_STARTTLS | OPT_ABORT => {}
+                // No reply is possible to EXPORT_NAME but the export itself: a hard close.
+                OPT_EXPORT_NAME => return Step::Close,
+                _ => {
+                    encode_option_error(out, option, REP_ERR_TLS_REQD, "this server requires TLS: send STARTTLS first");
+                    return self.count();
+                }
+            }
+        }
         match option {
+            OPT_STARTTLS => {
+                if !data.is_empty() {
+                    encode_option_error(out, option, REP_ERR_INVALID, "STARTTLS takes no payload");
+                } else if self.tls_active {
+                    encode_option_error(out, option, REP_ERR_INVALID, "TLS is already on");
+                } else if self.tls == TlsMode::Off {
+                    encode_option_error(out, option, REP_ERR_POLICY, "TLS is not configured on this server");
+                } else {
+                    encode_option_reply(out, option, REP_ACK, &[]);
+                    self.n_options += 1;
+                    return Step::StartTls;
+                }
+                self.count()
+            }
             OPT_EXPORT_NAME => {
                 let Ok(name) = Reader::new(data).string(data.len()) else { return Step::Close };
                 let Some(export) = exports.find(&name) else { return Step::Close };
+                if export.admission != Admission::Allowed {
+                    if export.admission == Admission::Denied {
+                        self.denied = Some(export.name.clone());
+                    }
+                    return Step::Close;
+                }
                 let session = self.session(export);
                 encode_export_name_reply(out, export.size, session.flags, self.client.no_zeroes);
                 Step::Transmit(session)
@@ -140,7 +222,7 @@ impl Negotiation {
                 if !data.is_empty() {
                     encode_option_error(out, option, REP_ERR_INVALID, "LIST takes no payload");
                 } else {
-                    for e in &exports.list {
+                    for e in exports.list.iter().filter(|e| e.admission == Admission::Allowed) {
                         encode_rep_server(out, option, &e.name, &description(e));
                     }
                     encode_option_reply(out, option, REP_ACK, &[]);
@@ -159,6 +241,13 @@ impl Negotiation {
                     encode_option_error(out, option, REP_ERR_UNKNOWN, &format!("no export named {:?}", req.name));
                     return self.count();
                 };
+                if let Some((err, msg)) = refusal(export) {
+                    encode_option_error(out, option, err, &msg);
+                    if export.admission == Admission::Denied {
+                        self.denied = Some(export.name.clone());
+                    }
+                    return self.count();
+                }
                 let session = self.session(export);
                 encode_rep_info(out, option, &Info::Export { size: export.size, flags: session.flags });
                 if req.infos.contains(&INFO_NAME) {
@@ -215,6 +304,10 @@ impl Negotiation {
             encode_option_error(out, option, REP_ERR_UNKNOWN, &format!("no export named {:?}", req.export));
             return;
         };
+        if let Some((err, msg)) = refusal(export) {
+            encode_option_error(out, option, err, &msg);
+            return;
+        }
         let selected = if set {
             // `base:` is a wildcard only for LIST; SET ignores it. Unknown names are ignored.
             req.queries.iter().any(|q| q == CONTEXT_BASE_ALLOCATION)
@@ -241,6 +334,20 @@ impl Negotiation {
     }
 }
 
+/// The option error for an export this client may not open.
+fn refusal(e: &ExportInfo) -> Option<(u32, String)> {
+    match e.admission {
+        Admission::Allowed => None,
+        Admission::NeedsTls => {
+            Some((proto::REP_ERR_TLS_REQD, format!("export {:?} requires TLS: send STARTTLS first", e.name)))
+        }
+        Admission::Denied => Some((
+            proto::REP_ERR_POLICY,
+            format!("export {:?}: this client's identity is not allowed to open it", e.name),
+        )),
+    }
+}
+
 fn description(e: &ExportInfo) -> String {
     format!("syncblock volume {}{}", e.name, if e.read_only { " (read-only)" } else { "" })
 }
@@ -254,8 +361,20 @@ mod tests {
     fn exports() -> Exports {
         Exports {
             list: vec![
-                ExportInfo { name: "a".into(), volume: VolumeId(1), size: 1 << 20, read_only: false },
-                ExportInfo { name: "ro".into(), volume: VolumeId(2), size: 4096, read_only: true },
+                ExportInfo {
+                    name: "a".into(),
+                    volume: VolumeId(1),
+                    size: 1 << 20,
+                    read_only: false,
+                    admission: Admission::Allowed,
+                },
+                ExportInfo {
+                    name: "ro".into(),
+                    volume: VolumeId(2),
+                    size: 4096,
+                    read_only: true,
+                    admission: Admission::Allowed,
+                },
             ],
             default_name: Some("a".into()),
         }

@@ -25,7 +25,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 
-use crate::handshake::{ExportInfo, Exports, Negotiation, Session, Step};
+use std::task::{Context, Poll};
+
+use syncblock_replicator::tls::Tls;
+use tokio::io::ReadBuf;
+use tokio_openssl::SslStream;
+
+use crate::handshake::{Admission, ExportInfo, Exports, Negotiation, Session, Step, TlsMode};
 use crate::metrics::Op;
 use crate::proto::{self, *};
 use crate::target::{Failure, Target};
@@ -64,6 +70,28 @@ pub const STATUS_EXTENTS_MAX: usize = 1 << 16;
 /// port scanner, a buggy client retrying) would exhaust the descriptors the real clients need.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Connections one listener serves at once. Each costs a descriptor, a task and up to
+/// [`IN_FLIGHT_PAYLOAD_BYTES_MAX`] of buffers under load; real deployments open a few per client
+/// (qemu one per disk, multi-conn clients up to 16), so 512 serves a host of VMs while a flood
+/// cannot take all of a default 1,024-descriptor limit. More are accepted and closed at once.
+pub const CONNECTIONS_MAX: usize = 512;
+
+/// Connections still negotiating (TLS handshake included) per listener. Real clients negotiate in
+/// milliseconds; a flood of stalled handshakes is bounded here, and by [`HANDSHAKE_TIMEOUT`] in
+/// time, so it cannot take the slots of clients that have entered transmission.
+pub const HANDSHAKES_MAX: usize = 64;
+
+/// Which clients may open an export, when it has an access list: one entry per client identity
+/// (the CN of its certificate, or its PSK identity).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRule {
+    pub identity: String,
+    /// This client gets the export read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// Server configuration (what the exports are comes from the engine's volume list).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -83,6 +111,11 @@ pub struct ServerConfig {
     pub write_back: bool,
     /// Counts requests, bytes, errors and latency per volume and operation (`GET /metrics`).
     pub metrics: Option<crate::metrics::IoMetrics>,
+    /// TLS credentials (required unless `tls_mode` is off).
+    pub tls: Option<Arc<Tls>>,
+    pub tls_mode: TlsMode,
+    /// Exports with an access list, by name: only the identities listed may open them.
+    pub access: HashMap<String, Vec<AccessRule>>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +127,9 @@ impl Default for ServerConfig {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             write_back: true,
             metrics: None,
+            tls: None,
+            tls_mode: TlsMode::Off,
+            access: HashMap::new(),
         }
     }
 }
@@ -126,6 +162,8 @@ enum ConnError {
     Engine(#[from] Error),
     #[error("WRITE payload of {0} bytes exceeds the {IO_BYTES_MAX}-byte limit")]
     PayloadTooLarge(u32),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 struct Shared {
@@ -134,6 +172,19 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether `identity` may open export `name`, and whether read-only, given whether TLS is on.
+    fn admission(&self, name: &str, identity: Option<&str>, tls_active: bool) -> (Admission, bool) {
+        let Some(rules) = self.config.access.get(name) else { return (Admission::Allowed, false) };
+        match identity {
+            Some(id) => match rules.iter().find(|r| r.identity == id) {
+                Some(r) => (Admission::Allowed, r.read_only),
+                None => (Admission::Denied, false),
+            },
+            None if !tls_active && self.config.tls_mode != TlsMode::Off => (Admission::NeedsTls, false),
+            None => (Admission::Denied, false),
+        }
+    }
+
     /// The storage of a volume's export.
     fn target(&self, volume: VolumeId) -> Target {
         let store = self.store.clone();
@@ -183,6 +234,9 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
+    let mut refused_logged: Option<std::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -190,23 +244,30 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let permits =
+                    connections.clone().try_acquire_owned().ok().zip(handshakes.clone().try_acquire_owned().ok());
+                let Some((connection_permit, handshake_permit)) = permits else {
+                    // Closed at once (dropping the stream), logged at most once a second.
+                    if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        refused_logged = Some(std::time::Instant::now());
+                        tracing::warn!(
+                            "{peer}: connection refused: this listener has {} connections ({CONNECTIONS_MAX} at \
+                             most), {} of them negotiating ({HANDSHAKES_MAX} at most)",
+                            CONNECTIONS_MAX - connections.available_permits(),
+                            HANDSHAKES_MAX - handshakes.available_permits(),
+                        );
+                    }
+                    continue;
+                };
                 let shared = shared.clone();
                 let stop = stop.clone();
                 let alive = alive.clone();
                 tokio::spawn(async move {
-                    // Owned halves: the reader and the writer task use the socket without sharing a
-                    // lock (`tokio::io::split`'s mutex showed up as contention under load).
-                    match stream {
-                        Stream::Tcp(s) => {
-                            let _ = s.set_nodelay(true);
-                            let (r, w) = s.into_split();
-                            connection(r, w, &peer, shared, stop).await;
-                        }
-                        Stream::Unix(s) => {
-                            let (r, w) = s.into_split();
-                            connection(r, w, &peer, shared, stop).await;
-                        }
+                    if let Stream::Tcp(s) = &stream {
+                        let _ = s.set_nodelay(true);
                     }
+                    connection(stream, &peer, shared, stop, handshake_permit).await;
+                    drop(connection_permit);
                     drop(alive);
                 });
             }
@@ -227,6 +288,36 @@ enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
+/// A connection during negotiation: plain, or TLS after STARTTLS.
+enum Conn {
+    Plain(Stream),
+    Tls(Box<SslStream<Stream>>),
+}
+
+/// Implements tokio's I/O traits for an enum of streams by passing each call to its variant.
+macro_rules! delegate_io {
+    ($ty:ty, $($variant:path),+) => {
+        impl AsyncRead for $ty {
+            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() { $($variant(s) => Pin::new(s).poll_read(cx, buf),)+ }
+            }
+        }
+        impl AsyncWrite for $ty {
+            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+                match self.get_mut() { $($variant(s) => Pin::new(s).poll_write(cx, buf),)+ }
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() { $($variant(s) => Pin::new(s).poll_flush(cx),)+ }
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() { $($variant(s) => Pin::new(s).poll_shutdown(cx),)+ }
+            }
+        }
+    };
+}
+delegate_io!(Stream, Stream::Tcp, Stream::Unix);
+delegate_io!(Conn, Conn::Plain, Conn::Tls);
+
 async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
     match listener {
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
@@ -234,17 +325,20 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
     }
 }
 
-async fn connection<R, W>(mut r: R, mut w: W, peer: &str, shared: Arc<Shared>, mut stop: watch::Receiver<bool>)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+async fn connection(
+    stream: Stream,
+    peer: &str,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let timeout = shared.config.handshake_timeout;
-    let session = tokio::select! {
+    let negotiated = tokio::select! {
         _ = stop.wait_for(|s| *s) => return,
-        s = tokio::time::timeout(timeout, negotiate(&mut r, &mut w, &shared)) => s,
+        s = tokio::time::timeout(timeout, negotiate(Conn::Plain(stream), peer, &shared)) => s,
     };
-    let session = match session {
+    drop(handshake_permit);
+    let (conn, session) = match negotiated {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -257,59 +351,103 @@ where
         }
     };
     tracing::debug!("{peer}: serving export {:?} (structured replies: {})", session.export.name, session.structured);
-    if let Err(e) = transmission(r, w, session, shared, stop).await {
+    // Owned halves for plain sockets: the reader and the writer use the socket without sharing a
+    // lock (`tokio::io::split`'s mutex showed up as contention under load). A TLS stream has one
+    // state for both directions, so it is split with that lock.
+    let ended = match conn {
+        Conn::Plain(Stream::Tcp(s)) => {
+            let (r, w) = s.into_split();
+            transmission(r, w, session, shared, stop).await
+        }
+        Conn::Plain(Stream::Unix(s)) => {
+            let (r, w) = s.into_split();
+            transmission(r, w, session, shared, stop).await
+        }
+        Conn::Tls(s) => {
+            let (r, w) = tokio::io::split(*s);
+            transmission(r, w, session, shared, stop).await
+        }
+    };
+    if let Err(e) = ended {
         tracing::info!("{peer}: connection closed: {e}");
     }
 }
 
-async fn exports(shared: &Shared) -> Result<Exports, Error> {
+/// The exports as this connection's client sees them: who it proved to be decides which it may
+/// open.
+async fn exports(shared: &Shared, identity: Option<&str>, tls_active: bool) -> Result<Exports, Error> {
     let list = shared.store.list_volumes().await?;
     Ok(Exports {
         list: list
             .into_iter()
-            .map(|v| ExportInfo {
-                read_only: shared.config.read_only.contains(&v.name) || !shared.target(v.id).writable(),
-                name: v.name,
-                volume: v.id,
-                size: v.size_bytes,
+            .map(|v| {
+                let (admission, acl_read_only) = shared.admission(&v.name, identity, tls_active);
+                ExportInfo {
+                    read_only: acl_read_only
+                        || shared.config.read_only.contains(&v.name)
+                        || !shared.target(v.id).writable(),
+                    admission,
+                    name: v.name,
+                    volume: v.id,
+                    size: v.size_bytes,
+                }
             })
             .collect(),
         default_name: shared.config.default_export.clone(),
     })
 }
 
-async fn negotiate<R, W>(r: &mut R, w: &mut W, shared: &Shared) -> Result<Option<Session>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// Negotiates on `conn` (upgrading it to TLS on STARTTLS) until the client enters transmission
+/// (`Some`) or ends (`None`).
+async fn negotiate(mut conn: Conn, peer: &str, shared: &Shared) -> Result<Option<(Conn, Session)>, ConnError> {
     let mut out = BytesMut::new();
     encode_greeting(&mut out);
-    w.write_all(&out).await?;
-    w.flush().await?;
+    conn.write_all(&out).await?;
+    conn.flush().await?;
     let mut flags = [0u8; 4];
-    r.read_exact(&mut flags).await?;
-    let mut neg = Negotiation::new(decode_client_flags(flags)?);
+    conn.read_exact(&mut flags).await?;
+    let mut neg = Negotiation::with_tls(decode_client_flags(flags)?, shared.config.tls_mode);
+    let mut identity: Option<String> = None;
     loop {
         let mut hdr = [0u8; OPTION_HEADER_BYTES];
-        r.read_exact(&mut hdr).await?;
+        conn.read_exact(&mut hdr).await?;
         let hdr = decode_option_header(&hdr)?;
         out.clear();
         let step = if hdr.len > OPTION_BYTES_MAX {
-            tokio::io::copy(&mut (&mut *r).take(u64::from(hdr.len)), &mut tokio::io::sink()).await?;
+            tokio::io::copy(&mut (&mut conn).take(u64::from(hdr.len)), &mut tokio::io::sink()).await?;
             neg.on_oversized_option(hdr.option, &mut out)
         } else {
             let mut data = vec![0u8; hdr.len as usize];
-            r.read_exact(&mut data).await?;
-            let exports = exports(shared).await?;
+            conn.read_exact(&mut data).await?;
+            let tls_active = matches!(conn, Conn::Tls(_));
+            let exports = exports(shared, identity.as_deref(), tls_active).await?;
             neg.on_option(hdr.option, &data, &exports, &mut out)
         };
-        w.write_all(&out).await?;
-        w.flush().await?;
+        if let Some(export) = neg.take_denied() {
+            let who =
+                identity.as_deref().map_or("a client without a TLS identity".into(), |i| format!("identity {i:?}"));
+            tracing::warn!("{peer}: refused export {export:?} to {who}: not on its access list");
+        }
+        conn.write_all(&out).await?;
+        conn.flush().await?;
         match step {
             Step::Continue => {}
             Step::Close => return Ok(None),
-            Step::Transmit(s) => return Ok(Some(s)),
+            Step::Transmit(s) => return Ok(Some((conn, s))),
+            Step::StartTls => {
+                let (Conn::Plain(stream), Some(tls)) = (conn, shared.config.tls.as_ref()) else {
+                    return Err(ConnError::Tls("STARTTLS on a connection that cannot start TLS".into()));
+                };
+                let (s, id) = tls.accept(stream).await.map_err(|e| {
+                    tracing::warn!("{peer}: TLS handshake refused: {e}");
+                    ConnError::Tls(e.to_string())
+                })?;
+                let who = id.as_deref().map_or("no client identity".into(), |i| format!("identity {i:?}"));
+                tracing::debug!("{peer}: TLS on ({who})");
+                identity = id;
+                conn = Conn::Tls(Box::new(s));
+                neg.tls_started();
+            }
         }
     }
 }

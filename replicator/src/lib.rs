@@ -15,6 +15,7 @@ pub mod secondary;
 pub mod simnet;
 pub mod state;
 pub mod status;
+pub mod tls;
 pub mod wire;
 pub mod witness;
 

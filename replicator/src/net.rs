@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 
 use crate::link::FrameReader;
+use crate::tls::{Tls, TlsError};
 
 /// A byte stream to a peer.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -23,9 +24,65 @@ pub type ReadPart = FrameReader<ReadHalf<BoxStream>>;
 pub type WritePart = WriteHalf<BoxStream>;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// A connection accepted but not yet established: its security handshake (TLS, when the listener
+/// has it) runs in [`Incoming::establish`], on the connection's own task, so that a peer that
+/// stalls mid-handshake holds up only itself, never the accept loop.
+pub struct Incoming {
+    pub from: SocketAddr,
+    stream: BoxStream,
+    tls: Option<Arc<Tls>>,
+}
+
+/// An established connection, and who is at its other end.
+pub struct Peer {
+    pub stream: BoxStream,
+    pub who: Who,
+}
+
+/// Where a peer connects from and the identity it proved (`None` on a link without
+/// authentication: plain TCP on loopback, or TLS without a CA or PSK keys).
+#[derive(Debug, Clone)]
+pub struct Who {
+    pub from: SocketAddr,
+    pub identity: Option<String>,
+}
+
+impl Incoming {
+    pub fn plain(stream: BoxStream, from: SocketAddr) -> Incoming {
+        Incoming { from, stream, tls: None }
+    }
+
+    /// Completes the handshake (bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]).
+    pub async fn establish(self) -> Result<Peer, TlsError> {
+        let Incoming { from, stream, tls } = self;
+        match tls {
+            None => Ok(Peer { stream, who: Who { from, identity: None } }),
+            Some(tls) => {
+                let (s, identity) = tls.accept(stream).await?;
+                Ok(Peer { stream: Box::new(s), who: Who { from, identity } })
+            }
+        }
+    }
+}
+
+impl Who {
+    /// Refuses a peer that names itself (in a hello or a witness request) other than the identity
+    /// it proved. Without authentication there is nothing to check against.
+    pub fn check_claim(&self, claimed: &str) -> Result<(), String> {
+        match &self.identity {
+            Some(id) if id != claimed => Err(format!(
+                "{} proved it is {id:?} but calls itself {claimed:?}; refused (a node's certificate CN \
+                 or PSK identity must be its node name)",
+                self.from
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// A bound listener.
 pub trait Listener: Send + 'static {
-    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, SocketAddr)>>;
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>>;
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
@@ -50,11 +107,11 @@ pub struct TcpNet;
 struct TcpListenerBox(tokio::net::TcpListener);
 
 impl Listener for TcpListenerBox {
-    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, SocketAddr)>> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>> {
         Box::pin(async move {
             let (s, from) = self.0.accept().await?;
             s.set_nodelay(true)?;
-            Ok((Box::new(s) as BoxStream, from))
+            Ok(Incoming::plain(Box::new(s), from))
         })
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -83,4 +140,61 @@ pub fn tcp_listener(l: tokio::net::TcpListener) -> BoxListener {
 /// The default network.
 pub fn tcp() -> Arc<dyn Net> {
     Arc::new(TcpNet)
+}
+
+/// TLS over another network: every connection it opens runs a client handshake with this
+/// process's credentials, and every connection its listeners accept a server handshake (in
+/// [`Incoming::establish`]). Wraps the simulation's network as readily as TCP.
+pub struct TlsNet {
+    inner: Arc<dyn Net>,
+    tls: Arc<Tls>,
+}
+
+impl TlsNet {
+    pub fn new(inner: Arc<dyn Net>, tls: Arc<Tls>) -> Arc<dyn Net> {
+        Arc::new(TlsNet { inner, tls })
+    }
+}
+
+struct TlsListener {
+    inner: BoxListener,
+    tls: Arc<Tls>,
+}
+
+impl Listener for TlsListener {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>> {
+        Box::pin(async move {
+            let mut incoming = self.inner.accept().await?;
+            incoming.tls = Some(self.tls.clone());
+            Ok(incoming)
+        })
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Wraps a listener so that its connections run a TLS server handshake.
+pub fn tls_listener(inner: BoxListener, tls: Arc<Tls>) -> BoxListener {
+    Box::new(TlsListener { inner, tls })
+}
+
+impl Net for TlsNet {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let s = self.inner.connect(addr).await?;
+            let s = self
+                .tls
+                .connect(s, None)
+                .await
+                .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS with {addr}: {e}")))?;
+            Ok(Box::new(s) as BoxStream)
+        })
+    }
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
+        Box::pin(async move {
+            let inner = self.inner.bind(addr).await?;
+            Ok(Box::new(TlsListener { inner, tls: self.tls.clone() }) as BoxListener)
+        })
+    }
 }

@@ -416,14 +416,18 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
             _ = p.stopped() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, from)) = accepted else { return };
+        let Ok(incoming) = accepted else { return };
+        let from = incoming.from;
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::warn!(%from, "replication port: {SUCCESSOR_HANDSHAKES} handshakes in progress; dropping one more");
             continue;
         };
         let p = p.clone();
         tokio::spawn(async move {
-            answer_successor(stream, from, &p, timeout).await;
+            match incoming.establish().await {
+                Ok(peer) => answer_successor(peer, &p, timeout).await,
+                Err(e) => tracing::warn!(%from, "replication port: TLS handshake failed: {e}; connection dropped"),
+            }
             drop(permit);
         });
     }
@@ -432,10 +436,16 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
 /// Connections answered at once on a primary's replication port (a successor's hello, probes).
 const SUCCESSOR_HANDSHAKES: usize = 8;
 
-async fn answer_successor(stream: crate::net::BoxStream, from: SocketAddr, p: &Primary, timeout: Duration) {
-    let (mut rd, mut wr) = crate::net::split(stream);
+async fn answer_successor(peer: crate::net::Peer, p: &Primary, timeout: Duration) {
+    let (from, who) = (peer.who.from, peer.who);
+    let (mut rd, mut wr) = crate::net::split(peer.stream);
     let refuse = |why: Refusal, reason: String| Frame::Refuse { why, reason };
     let answer = match rd.read_frame(timeout).await {
+        Ok(Frame::Hello { node, .. }) if who.check_claim(&node).is_err() => {
+            let reason = who.check_claim(&node).unwrap_err();
+            tracing::warn!("replication port: {reason}");
+            refuse(Refusal::Protocol, reason)
+        }
         Ok(Frame::Hello { pair, node, .. }) if pair != p.pair() => {
             tracing::warn!(%from, "refusing {node}: it belongs to pair {pair:016x}, this node to {:016x}", p.pair());
             refuse(Refusal::WrongPair, format!("this node belongs to pair {:016x}, not {pair:016x}", p.pair()))

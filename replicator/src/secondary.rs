@@ -26,7 +26,7 @@ use syncblock_engine::{BlockRun, Epoch, Pending, Since, StagedOp, Store, Tag, Vo
 use tokio::sync::watch;
 
 use crate::link::write_frame;
-use crate::net::{BoxListener, BoxStream};
+use crate::net::{BoxListener, Incoming};
 use crate::state::{common_point, record_state, FloorRecord, ReplState, Role};
 use crate::wire::{Frame, Refusal, HELLO_RUNS_MAX};
 use crate::{ReplConfig, ReplError, Result};
@@ -208,8 +208,16 @@ fn check_hello(i: &Inner, hello: &Frame) -> std::result::Result<(), (Refusal, St
 
 /// Reads a connection's hello and checks it, apart from the live session, which it never
 /// touches: garbage, a wrong peer or a probe is refused (or dropped) and logged here.
-async fn handshake(i: Arc<Inner>, stream: BoxStream, from: SocketAddr) -> Option<Authenticated> {
-    let (mut rd, mut wr) = crate::net::split(stream);
+async fn handshake(i: Arc<Inner>, incoming: Incoming) -> Option<Authenticated> {
+    let from = incoming.from;
+    let peer = match incoming.establish().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(volume = %i.name, %from, "replication port: TLS handshake failed: {e}; connection dropped");
+            return None;
+        }
+    };
+    let (mut rd, mut wr) = crate::net::split(peer.stream);
     let hello = match rd.read_frame(i.cfg.timeout).await {
         Ok(h) => h,
         Err(e) => {
@@ -217,6 +225,13 @@ async fn handshake(i: Arc<Inner>, stream: BoxStream, from: SocketAddr) -> Option
             return None;
         }
     };
+    if let Frame::Hello { node, .. } = &hello {
+        if let Err(reason) = peer.who.check_claim(node) {
+            tracing::warn!(volume = %i.name, %from, "refusing a primary: {reason}");
+            let _ = write_frame(&mut wr, &Frame::Refuse { why: Refusal::Protocol, reason }).await;
+            return None;
+        }
+    }
     if let Err((why, reason)) = check_hello(&i, &hello) {
         tracing::warn!(volume = %i.name, %from, "refusing a primary: {reason}");
         let _ = write_frame(&mut wr, &Frame::Refuse { why, reason }).await;
@@ -252,14 +267,15 @@ async fn accept_loop(i: Arc<Inner>, mut listener: BoxListener) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            Some(Err(Ok((stream, from)))) => {
+            Some(Err(Ok(incoming))) => {
+                let from = incoming.from;
                 let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                     tracing::warn!(volume = %i.name, %from, "replication port: {HANDSHAKES_MAX} handshakes in progress; dropping one more");
                     continue;
                 };
                 let (i2, tx) = (i.clone(), auth_tx.clone());
                 tokio::spawn(async move {
-                    if let Some(a) = handshake(i2, stream, from).await {
+                    if let Some(a) = handshake(i2, incoming).await {
                         let _ = tx.send(a).await;
                     }
                     drop(permit);

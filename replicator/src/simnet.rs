@@ -15,7 +15,7 @@ use syncblock_engine::sim::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::net::{BoxFuture, BoxListener, BoxStream, Listener, Net};
+use crate::net::{BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net};
 
 /// Bytes buffered in each direction of a simulated connection, like a socket buffer.
 const PIPE_BYTES: usize = 256 << 10;
@@ -147,9 +147,11 @@ impl Drop for SimListener {
 }
 
 impl Listener for SimListener {
-    fn accept(&mut self) -> BoxFuture<'_, io::Result<(BoxStream, SocketAddr)>> {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>> {
         Box::pin(async move {
-            self.rx.recv().await.ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "listener closed"))
+            let (s, from) =
+                self.rx.recv().await.ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "listener closed"))?;
+            Ok(Incoming::plain(s, from))
         })
     }
     fn local_addr(&self) -> io::Result<SocketAddr> {

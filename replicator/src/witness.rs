@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tokio::sync::Mutex;
 
 use crate::link::write_frame;
-use crate::net::{BoxListener, BoxStream, Net};
+use crate::net::{BoxListener, Net, Peer};
 use crate::wire::{Frame, Refusal};
 use crate::{ReplError, Result};
 
@@ -482,7 +482,8 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
     let state_path = Arc::new(state_path);
     let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
-        let (stream, from) = listener.accept().await?;
+        let incoming = listener.accept().await?;
+        let from = incoming.from;
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(%from, "witness: {CONNECTIONS_MAX} connections open; refusing one more");
             continue;
@@ -490,7 +491,15 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
         let decider = decider.clone();
         let state_path = state_path.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, &decider, &state_path).await {
+            let peer = match incoming.establish().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(%from, "witness: TLS handshake failed: {e}; connection dropped");
+                    drop(permit);
+                    return;
+                }
+            };
+            if let Err(e) = serve_one(peer, &decider, &state_path).await {
                 tracing::debug!(%from, "witness connection: {e}");
             }
             drop(permit);
@@ -505,14 +514,24 @@ const CONNECTIONS_MAX: usize = 1024;
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve_one(stream: BoxStream, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
-    let (mut rd, mut wr) = crate::net::split(stream);
+async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
+    let (mut rd, mut wr) = crate::net::split(peer.stream);
+    let who = peer.who;
     loop {
         let req = match rd.read_frame(REQUEST_TIMEOUT * 4).await {
             Ok(f) => f,
             Err(_) => return Ok(()),
         };
-        let answer = {
+        let claimed = match &req {
+            Frame::WitnessReport { node, .. }
+            | Frame::WitnessSolo { node, .. }
+            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err(),
+            _ => None,
+        };
+        let answer = if let Some(reason) = claimed {
+            tracing::warn!("witness: {reason}");
+            Frame::Refuse { why: Refusal::Protocol, reason }
+        } else {
             // One decision at a time, made durable before it is answered.
             let mut d = decider.lock().await;
             let before = d.state.clone();

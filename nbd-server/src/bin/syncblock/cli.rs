@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use syncblock_nbd::config::{ReplNodeOptions, ReplPolicy, ReplRole, ReplVolume, VolumeSpec};
+use syncblock_nbd::handshake::TlsMode;
+use syncblock_nbd::server::AccessRule;
 use syncblock_nbd::size::parse_size;
 
 /// The default admin endpoint of `syncblock pair` (the NBD port plus one would collide with a
@@ -17,6 +19,61 @@ pub const PAIR_ADMIN: &str = "127.0.0.1:7950";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// TLS credentials (docs/security.md): the same flags on every command that opens or accepts a
+/// link.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This process's certificate (PEM). A node's certificate carries its node name as CN (peers
+    /// check it) and, for NBD clients, its host name or address as a subject alternative name.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM). Given, every peer must present a certificate signed by it: NBD
+    /// clients, replication peers, witness and admin callers.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// PSK file of `identity:hexkey` lines (`psktool -u NAME -p FILE` makes one). A node
+    /// connects as its node name, which must have a key in the file.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+}
+
+/// The credentials of an admin command (`status`, `verify`, `promote`, `demote`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct AdminTls {
+    #[command(flatten)]
+    pub files: TlsArgs,
+    /// The PSK identity to connect as [default: the only identity in --tls-psk].
+    #[arg(long, value_name = "NAME", requires = "tls_psk")]
+    pub tls_user: Option<String>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> syncblock_replicator::tls::TlsFiles {
+        syncblock_replicator::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+            psk: self.tls_psk.clone(),
+        }
+    }
+}
+
+impl AdminTls {
+    /// The admin endpoint at `addr`, reached with these credentials (if any).
+    pub fn admin_at(&self, addr: SocketAddr) -> anyhow::Result<crate::client::AdminAt> {
+        let files = self.files.files();
+        let tls = if files.is_empty() {
+            None
+        } else {
+            Some(syncblock_replicator::tls::Tls::load_client(&files, self.tls_user.as_deref())?)
+        };
+        Ok(crate::client::AdminAt { addr, tls })
+    }
 }
 
 /// Worker threads of a serving process.
@@ -79,6 +136,20 @@ pub enum Command {
         /// commands behind `syncblock status`, `promote`, `demote` and `verify`.
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// NBD TLS: off, on (offered; plaintext clients may use exports without an access list)
+        /// or require [default: require with credentials, off without].
+        #[arg(long, value_enum)]
+        tls: Option<TlsMode>,
+        #[command(flatten)]
+        tls_files: TlsArgs,
+        /// Only this client identity (certificate CN or PSK identity) may open VOLUME; `:ro` makes
+        /// it read-only for that client. Repeatable; a volume without any is open to every client
+        /// that passes TLS.
+        #[arg(long = "allow", value_name = "VOLUME:IDENTITY[:ro]", value_parser = allow_arg)]
+        allow: Vec<(String, AccessRule)>,
+        /// Allow listening on addresses other hosts can reach without TLS (logged as INSECURE).
+        #[arg(long)]
+        insecure: bool,
         #[command(flatten)]
         repl: ReplArgs,
         #[command(flatten)]
@@ -120,6 +191,11 @@ pub enum Command {
         #[arg(long, alias = "timeout-ms", default_value = "500", value_name = "MS",
               value_parser = clap::value_parser!(u64).range(20..=600_000))]
         lease_ms: u64,
+        #[command(flatten)]
+        tls_files: TlsArgs,
+        /// Allow listening on an address other hosts can reach without TLS (logged as INSECURE).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Show a node's status: its store, and per volume the role, epoch, peer, lag in bytes and
     /// seconds, whether RPO = 0 holds, and resync and verify progress.
@@ -141,6 +217,8 @@ pub enum Command {
         /// The longest --wait-sync waits, in seconds.
         #[arg(long, default_value = "86400", value_name = "SECS")]
         wait_max: u64,
+        #[command(flatten)]
+        tls: AdminTls,
     },
     /// Compare both replicas of a primary's volume by block checksums while I/O continues; prints
     /// the differing ranges and fails if there are any.
@@ -157,6 +235,8 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: AdminTls,
     },
     /// Promote a secondary to primary (asks the witness, if the node has one).
     Promote {
@@ -169,6 +249,8 @@ pub enum Command {
         /// The replicated volume (needed when the node replicates more than one).
         #[arg(long)]
         volume: Option<String>,
+        #[command(flatten)]
+        tls: AdminTls,
     },
     /// Step a primary down to secondary: resolves a split brain without a witness (both nodes
     /// primary in the same epoch). This node's writes that its peer lacks are discarded when the
@@ -180,6 +262,8 @@ pub enum Command {
         /// The replicated volume (needed when the node replicates more than one).
         #[arg(long)]
         volume: Option<String>,
+        #[command(flatten)]
+        tls: AdminTls,
     },
     /// Manage the volumes of a store offline (no server may be running on the store).
     Volume {
@@ -270,6 +354,10 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| {
         format!("invalid size {s:?}: use e.g. 10GiB or 10G (powers of 1024), 10GB (powers of 1000), or bytes")
     })
+}
+
+fn allow_arg(s: &str) -> Result<(String, AccessRule), String> {
+    syncblock_nbd::config::allow_flag(s).map_err(|e| e.to_string())
 }
 
 fn volume_arg(s: &str) -> Result<VolumeSpec, String> {

@@ -25,46 +25,82 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often progress is printed as a plain line when the output is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
-struct Client {
-    admin: SocketAddr,
-    agent: ureq::Agent,
+/// Where the admin endpoint is and how to reach it.
+#[derive(Clone)]
+pub struct AdminAt {
+    pub addr: SocketAddr,
+    /// TLS credentials, when the node's admin endpoint requires them.
+    pub tls: Option<std::sync::Arc<syncblock_replicator::tls::Tls>>,
 }
 
+struct Client {
+    admin: SocketAddr,
+    tls: Option<std::sync::Arc<syncblock_replicator::tls::Tls>>,
+    timeout: Duration,
+}
+
+/// The admin endpoint speaks HTTP/1.1; this client sends one request per connection
+/// (`Connection: close`) over plain TCP or TLS with the caller's credentials and reads the
+/// answer to its end. (ureq, used before, cannot present a PSK.)
 impl Client {
-    fn new(admin: SocketAddr, timeout: Duration) -> Client {
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .max_response_header_size(64 << 10)
-            .build();
-        Client { admin, agent: config.into() }
+    fn new(at: &AdminAt, timeout: Duration) -> Client {
+        Client { admin: at.addr, tls: at.tls.clone(), timeout }
     }
 
     /// Sends a request; returns the HTTP status and the body, or an error naming the likely cause.
     fn call(&self, post: bool, path: &str) -> Result<(u16, String)> {
-        let url = format!("http://{}{path}", self.admin);
-        let res = if post { self.agent.post(&url).send_empty() } else { self.agent.get(&url).call() };
+        use std::io::{Read, Write};
         let admin = self.admin;
-        let mut resp = res.map_err(|e| match e {
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+        let io_err = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
                 "nothing listens on {admin}; likely cause: the node is not running, was started without --admin, \
                  or --admin names another address"
             ),
-            ureq::Error::Timeout(_) => anyhow::anyhow!(
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
                 "the admin endpoint {admin} did not answer in time; likely cause: the node is overloaded or stuck, \
                  or --admin points at a port that never answers"
             ),
-            ureq::Error::ConnectionFailed => anyhow::anyhow!("could not connect to the admin endpoint {admin}"),
-            other => not_admin(admin, &format!("its answer is not HTTP ({other})")),
-        })?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(ADMIN_ANSWER_BYTES_MAX)
-            .read_to_string()
-            .map_err(|e| not_admin(admin, &format!("its answer could not be read ({e})")))?;
-        Ok((status, body))
+            _ => anyhow::anyhow!("the admin endpoint {admin}: {e}"),
+        };
+        let tcp =
+            std::net::TcpStream::connect_timeout(&admin, self.timeout.min(Duration::from_secs(30))).map_err(io_err)?;
+        tcp.set_read_timeout(Some(self.timeout)).map_err(io_err)?;
+        tcp.set_write_timeout(Some(self.timeout)).map_err(io_err)?;
+        let request = format!(
+            "{} {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            if post { "POST" } else { "GET" }
+        );
+        let mut raw = Vec::new();
+        let limit = ADMIN_ANSWER_BYTES_MAX + (64 << 10);
+        match &self.tls {
+            None => {
+                let mut s = tcp;
+                s.write_all(request.as_bytes()).map_err(io_err)?;
+                (&mut s).take(limit).read_to_end(&mut raw).map_err(io_err)?;
+            }
+            Some(tls) => {
+                let mut s = tls.connect_blocking(tcp).map_err(|e| {
+                    anyhow::anyhow!(
+                        "TLS with the admin endpoint {admin}: {e}; likely cause: the node's admin endpoint does \
+                         not use TLS, or these credentials are not the ones it trusts"
+                    )
+                })?;
+                s.write_all(request.as_bytes()).map_err(io_err)?;
+                match (&mut s).take(limit).read_to_end(&mut raw) {
+                    Ok(_) => {}
+                    // A server that closes without close_notify still sent the whole answer.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof || !raw.is_empty() => {}
+                    Err(e) => return Err(io_err(e)),
+                }
+            }
+        }
+        if raw.is_empty() && self.tls.is_none() {
+            bail!(
+                "the admin endpoint {admin} closed the connection without answering; likely cause: it requires \
+                 TLS: give --tls-cert/--tls-key/--tls-ca or --tls-psk"
+            );
+        }
+        parse_response(&raw).map_err(|why| not_admin(admin, &why))
     }
 
     /// A request whose answer is `T` (on success) or an [`Answer`] with the error.
@@ -79,6 +115,46 @@ impl Client {
             _ => Err(not_admin(self.admin, &format!("it answered HTTP {status} {}", shown(&body)))),
         }
     }
+}
+
+/// Splits an HTTP/1.1 answer into its status and body (`Content-Length` or chunked).
+fn parse_response(raw: &[u8]) -> std::result::Result<(u16, String), String> {
+    let text_end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("its answer is not HTTP")?;
+    let head = String::from_utf8_lossy(&raw[..text_end]);
+    let mut body = &raw[text_end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| format!("its answer is not HTTP ({})", shown(status_line)))?;
+    let header = |name: &str| {
+        head.split("\r\n").skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_ascii_lowercase())
+        })
+    };
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut out = Vec::new();
+        loop {
+            let line_end = body.windows(2).position(|w| w == b"\r\n").ok_or("a chunk is cut short")?;
+            let size_text = String::from_utf8_lossy(&body[..line_end]);
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or_default().trim(), 16)
+                .map_err(|_| "a chunk size is not hexadecimal")?;
+            body = &body[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(body.get(..size).ok_or("a chunk is cut short")?);
+            body = body.get(size + 2..).unwrap_or_default();
+        }
+        return Ok((status, String::from_utf8_lossy(&out).into_owned()));
+    }
+    if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body = body.get(..len).ok_or("its answer is cut short")?;
+    }
+    Ok((status, String::from_utf8_lossy(body).into_owned()))
 }
 
 /// The start of an answer, printable.
@@ -119,7 +195,7 @@ fn encode(v: &str) -> String {
         .collect()
 }
 
-pub fn status(admin: SocketAddr, volume: Option<&str>, json: bool) -> Result<()> {
+pub fn status(admin: &AdminAt, volume: Option<&str>, json: bool) -> Result<()> {
     let doc: StatusDoc = Client::new(admin, ADMIN_TIMEOUT).json(false, &format!("/status{}", query(volume, None)))?;
     if json {
         println!("{}", serde_json::to_string(&doc)?);
@@ -129,14 +205,14 @@ pub fn status(admin: SocketAddr, volume: Option<&str>, json: bool) -> Result<()>
     Ok(())
 }
 
-pub fn promote(admin: SocketAddr, volume: Option<&str>, force: bool) -> Result<()> {
+pub fn promote(admin: &AdminAt, volume: Option<&str>, force: bool) -> Result<()> {
     let path = format!("/promote{}", query(volume, Some(("force", force))));
     let a: Answer = Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("promotion refused")?;
     println!("promoted {} to primary in epoch {}", a.volume.unwrap_or_default(), a.epoch.unwrap_or_default());
     Ok(())
 }
 
-pub fn demote(admin: SocketAddr, volume: Option<&str>) -> Result<()> {
+pub fn demote(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
     let path = format!("/demote{}", query(volume, None));
     let a: Answer = Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("demotion failed")?;
     println!("{} is now secondary", a.volume.unwrap_or_default());
@@ -145,10 +221,11 @@ pub fn demote(admin: SocketAddr, volume: Option<&str>) -> Result<()> {
 
 /// Runs a verify pass, showing its progress (a bar on a terminal, a line every few seconds
 /// otherwise), and fails if the replicas differ (unless `repair` rewrote them).
-pub fn verify(admin: SocketAddr, volume: Option<&str>, repair: bool, json: bool) -> Result<()> {
+pub fn verify(admin: &AdminAt, volume: Option<&str>, repair: bool, json: bool) -> Result<()> {
     let path = format!("/verify{}", query(volume, Some(("repair", repair))));
     let volume = volume.map(str::to_string);
-    let worker = std::thread::spawn(move || Client::new(admin, VERIFY_TIMEOUT).json::<Answer>(true, &path));
+    let worker_at = admin.clone();
+    let worker = std::thread::spawn(move || Client::new(&worker_at, VERIFY_TIMEOUT).json::<Answer>(true, &path));
     let poller = Client::new(admin, ADMIN_TIMEOUT);
     let mut progress = Progress::new("verify");
     while !worker.is_finished() {
@@ -191,7 +268,7 @@ pub fn verify(admin: SocketAddr, volume: Option<&str>, repair: bool, json: bool)
 
 /// Waits until every replicated volume this node is primary of (or `volume`) has RPO = 0,
 /// showing the progress of a running resync.
-pub fn wait_sync(admin: SocketAddr, volume: Option<&str>, max: Duration) -> Result<()> {
+pub fn wait_sync(admin: &AdminAt, volume: Option<&str>, max: Duration) -> Result<()> {
     let client = Client::new(admin, ADMIN_TIMEOUT);
     let path = format!("/status{}", query(volume, None));
     let deadline = Instant::now() + max;
@@ -202,7 +279,8 @@ pub fn wait_sync(admin: SocketAddr, volume: Option<&str>, max: Duration) -> Resu
         let primaries: Vec<&PrimaryView> = primaries(&doc.volumes).collect();
         if primaries.is_empty() {
             bail!(
-                "{admin} is primary of no replicated volume{}: run --wait-sync against the primary's --admin",
+                "{} is primary of no replicated volume{}: run --wait-sync against the primary's --admin",
+                admin.addr,
                 volume.map_or(String::new(), |v| format!(" named {v}"))
             );
         }

@@ -50,6 +50,10 @@ fn main() -> Result<()> {
             write_through,
             zero_fill,
             admin,
+            tls,
+            tls_files,
+            allow,
+            insecure,
             repl,
             threads,
         } => {
@@ -59,6 +63,10 @@ fn main() -> Result<()> {
             };
             let (replicate, replication) = repl.options(admin);
             let flags = ServeOptions {
+                tls: tls_files.files(),
+                tls_mode: tls,
+                access: allow,
+                insecure: insecure.then_some(true),
                 store,
                 store_bytes: size,
                 listen,
@@ -80,7 +88,16 @@ fn main() -> Result<()> {
             let rt = runtime(threads.threads)?;
             pair::run(&rt, size, listen, &data_dir, admin)
         }
-        Command::Witness { listen, state, lease_ms } => {
+        Command::Witness { listen, state, lease_ms, tls_files, insecure } => {
+            let files = tls_files.files();
+            let tls = if files.is_empty() { None } else { Some(syncblock_replicator::tls::Tls::load(&files, None)?) };
+            syncblock_nbd::config::check_exposed(
+                "the witness",
+                listen,
+                syncblock_nbd::config::WITNESS_RISK,
+                tls.is_some(),
+                insecure,
+            )?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(async {
                 let stop = shutdown_signal();
@@ -100,20 +117,25 @@ fn main() -> Result<()> {
                     state.display()
                 );
                 tokio::select! {
-                    r = syncblock_replicator::witness::run(syncblock_replicator::net::tcp_listener(l), state, lease) => r.context("witness"),
+                    r = syncblock_replicator::witness::run(with_tls(syncblock_replicator::net::tcp_listener(l), tls), state, lease) => r.context("witness"),
                     _ = stop => Ok(()),
                 }
             })
         }
-        Command::Status { admin, volume, json, wait_sync, wait_max } => {
+        Command::Status { admin, volume, json, wait_sync, wait_max, tls } => {
+            let admin = tls.admin_at(admin)?;
             if wait_sync {
-                client::wait_sync(admin, volume.as_deref(), std::time::Duration::from_secs(wait_max))?;
+                client::wait_sync(&admin, volume.as_deref(), std::time::Duration::from_secs(wait_max))?;
             }
-            client::status(admin, volume.as_deref(), json)
+            client::status(&admin, volume.as_deref(), json)
         }
-        Command::Verify { admin, repair, volume, json } => client::verify(admin, volume.as_deref(), repair, json),
-        Command::Promote { admin, force, volume } => client::promote(admin, volume.as_deref(), force),
-        Command::Demote { admin, volume } => client::demote(admin, volume.as_deref()),
+        Command::Verify { admin, repair, volume, json, tls } => {
+            client::verify(&tls.admin_at(admin)?, volume.as_deref(), repair, json)
+        }
+        Command::Promote { admin, force, volume, tls } => {
+            client::promote(&tls.admin_at(admin)?, volume.as_deref(), force)
+        }
+        Command::Demote { admin, volume, tls } => client::demote(&tls.admin_at(admin)?, volume.as_deref()),
         Command::Volume { store, command } => {
             let path = store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE));
             let fix = format!("create one with `syncblock serve --create --store {}`", path.display());
@@ -327,16 +349,37 @@ fn run_serve(rt: &tokio::runtime::Runtime, settings: ServeSettings) -> Result<()
     res.and(closed)
 }
 
-/// The listeners of a `serve` process, bound before anything is created.
+/// The listeners of a `serve` process, bound before anything is created, and its credentials.
 struct Bound {
     nbd: Vec<Listener>,
     nbd_addr: SocketAddr,
     admin: Option<tokio::net::TcpListener>,
+    tls: Option<Arc<syncblock_replicator::tls::Tls>>,
+}
+
+/// A listener whose connections run a TLS server handshake when `tls` is given.
+fn with_tls(
+    l: syncblock_replicator::net::BoxListener,
+    tls: Option<Arc<syncblock_replicator::tls::Tls>>,
+) -> syncblock_replicator::net::BoxListener {
+    match tls {
+        Some(tls) => syncblock_replicator::net::tls_listener(l, tls),
+        None => l,
+    }
 }
 
 async fn bind(settings: &ServeSettings) -> Result<Bound> {
     // Checked first: a bad setting must not leave a new store behind either.
     settings.replicated_volumes(settings.default_export.as_deref().or(Some(DEFAULT_VOLUME)))?;
+    settings.check_security()?;
+    let tls = if settings.tls.is_empty() {
+        None
+    } else {
+        // A replicating node proves its node name to its peer and witness: its certificate must be
+        // for that name and its PSK identity is that name.
+        let name = (!settings.replicate.is_empty()).then_some(settings.node.as_str());
+        Some(syncblock_replicator::tls::Tls::load(&settings.tls, name).context("TLS credentials")?)
+    };
     for v in &settings.volumes {
         check_volume_size(&v.name, v.size_bytes)?;
     }
@@ -357,7 +400,7 @@ async fn bind(settings: &ServeSettings) -> Result<Bound> {
         })?),
         None => None,
     };
-    Ok(Bound { nbd, nbd_addr, admin })
+    Ok(Bound { nbd, nbd_addr, admin, tls })
 }
 
 async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Option<NewStore>) -> Result<()> {
@@ -390,7 +433,8 @@ async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Opt
     // Every node started is stopped on the way out, also when a later one fails to start.
     let mut nodes = Vec::new();
     let res = async {
-        let replicated = start_replication(&store, &settings, default_export.as_deref(), &mut nodes).await?;
+        let replicated =
+            start_replication(&store, &settings, bound.tls.clone(), default_export.as_deref(), &mut nodes).await?;
         if let Some(new) = &mut new {
             store.flush().await.context("flushing the new store")?;
             new.commit()?;
@@ -447,6 +491,7 @@ pub fn repl_config(
 async fn start_replication(
     store: &Store,
     settings: &ServeSettings,
+    tls: Option<Arc<syncblock_replicator::tls::Tls>>,
     default_export: Option<&str>,
     nodes: &mut Vec<syncblock_replicator::Node>,
 ) -> Result<std::collections::HashMap<syncblock_engine::VolumeId, syncblock_replicator::Node>> {
@@ -459,7 +504,14 @@ async fn start_replication(
             repl_listen: r.listen.unwrap_or(unset),
             peer: r.peer.unwrap_or(unset),
             auto_failover: settings.witness.is_some() && r.auto_failover,
-            repl: repl_config(&settings.node, settings.witness, timeout, r.policy),
+            repl: syncblock_replicator::ReplConfig {
+                // Replication and witness links run TLS with this node's credentials when it has any.
+                net: match &tls {
+                    Some(tls) => syncblock_replicator::net::TlsNet::new(syncblock_replicator::net::tcp(), tls.clone()),
+                    None => syncblock_replicator::net::tcp(),
+                },
+                ..repl_config(&settings.node, settings.witness, timeout, r.policy)
+            },
         };
         tracing::info!(
             "replicating {name} as node {}: policy {}, takes over when its primary is gone: {}, link timeout {:?}, heartbeat {:?}, {}",
@@ -508,7 +560,9 @@ async fn serve_nbd(
     nodes: &[syncblock_replicator::Node],
     bound: Bound,
 ) -> Result<()> {
-    let (unix, read_only) = (settings.unix.clone(), settings.read_only.clone());
+    let (unix, read_only, tls) = (settings.unix.clone(), settings.read_only.clone(), bound.tls.clone());
+    // With TLS required, clients must use the TLS form of the URI.
+    let scheme = if settings.tls_mode == syncblock_nbd::handshake::TlsMode::Require { "nbds" } else { "nbd" };
     let addr = bound.nbd_addr;
     let stop_signal = shutdown_signal();
     // Requests are counted only when someone can read the counts.
@@ -523,16 +577,18 @@ async fn serve_nbd(
             metrics: metrics.clone(),
         });
         let at = l.local_addr()?;
-        println!("admin endpoint on http://{at}  (`syncblock status --admin {at}`; Prometheus: /metrics)");
+        let admin_tls = tls.clone();
+        let https = if admin_tls.is_some() { "https" } else { "http" };
+        println!("admin endpoint on {https}://{at}  (`syncblock status --admin {at}`; Prometheus: /metrics)");
         tokio::spawn(async move {
-            if let Err(e) = syncblock_nbd::admin::serve(l, admin).await {
+            if let Err(e) = syncblock_nbd::admin::serve(l, admin, admin_tls).await {
                 tracing::error!("the admin endpoint stopped: {e}");
             }
         });
     }
     for v in list {
         println!(
-            "nbd://{addr}/{}  ({}{})",
+            "{scheme}://{addr}/{}  ({}{})",
             v.name,
             format_size(v.size_bytes),
             if replicated.get(&v.id).is_some_and(|n| !n.is_primary()) {
@@ -548,7 +604,7 @@ async fn serve_nbd(
         }
     }
     if let Some(d) = &default_export {
-        println!("nbd://{addr}  (default export: {d})");
+        println!("{scheme}://{addr}  (default export: {d})");
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -559,6 +615,9 @@ async fn serve_nbd(
         replicated,
         write_back,
         metrics: metrics.map(|m| m.io.clone()),
+        tls: tls.clone(),
+        tls_mode: settings.tls_mode,
+        access: settings.access.clone(),
         ..ServerConfig::default()
     };
     let nodes = nodes.to_vec();
