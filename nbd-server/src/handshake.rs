@@ -569,4 +569,73 @@ mod tests {
         assert_eq!(replies(&out)[0].1, REP_ERR_TOO_BIG);
         assert_eq!(n.on_oversized_option(OPT_EXPORT_NAME, &mut out), Step::Close);
     }
+
+    fn tls(mode: TlsMode) -> Negotiation {
+        Negotiation::with_tls(ClientFlags { fixed_newstyle: true, no_zeroes: true }, mode)
+    }
+
+    #[test]
+    fn starttls_is_refused_when_off_acked_when_on_and_invalid_twice_or_with_payload() {
+        let mut n = fixed();
+        let (step, out) = run(&mut n, OPT_STARTTLS, &[]);
+        assert_eq!((step, replies(&out)[0].1), (Step::Continue, REP_ERR_POLICY));
+        let mut n = tls(TlsMode::On);
+        assert_eq!(replies(&run(&mut n, OPT_STARTTLS, b"x").1)[0].1, REP_ERR_INVALID);
+        let (step, out) = run(&mut n, OPT_STARTTLS, &[]);
+        assert_eq!((step, replies(&out)[0].1), (Step::StartTls, REP_ACK));
+        n.tls_started();
+        assert_eq!(replies(&run(&mut n, OPT_STARTTLS, &[]).1)[0].1, REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn require_mode_answers_tls_reqd_to_all_but_starttls_and_abort_and_closes_on_export_name() {
+        let mut n = tls(TlsMode::Require);
+        for opt in [OPT_LIST, OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, 99] {
+            let (step, out) = run(&mut n, opt, &info_payload("a", &[]));
+            let r = replies(&out);
+            assert_eq!((step, r.len(), r[0].1), (Step::Continue, 1, REP_ERR_TLS_REQD), "option {opt}");
+            assert!(!String::from_utf8_lossy(&r[0].2).contains("a\""), "an export name before TLS");
+        }
+        assert_eq!(run(&mut n, OPT_EXPORT_NAME, b"a"), (Step::Close, vec![]));
+        let mut n = tls(TlsMode::Require);
+        assert_eq!(run(&mut n, OPT_ABORT, &[]).0, Step::Close);
+        let mut n = tls(TlsMode::Require);
+        assert_eq!(run(&mut n, OPT_STARTTLS, &[]).0, Step::StartTls);
+        n.tls_started();
+        assert!(matches!(run(&mut n, OPT_GO, &info_payload("a", &[])).0, Step::Transmit(_)));
+    }
+
+    #[test]
+    fn starttls_forgets_what_was_negotiated_before_it() {
+        let mut n = tls(TlsMode::On);
+        run(&mut n, OPT_STRUCTURED_REPLY, &[]);
+        run(&mut n, OPT_SET_META_CONTEXT, &meta_payload("a", &["base:allocation"]));
+        assert_eq!(run(&mut n, OPT_STARTTLS, &[]).0, Step::StartTls);
+        n.tls_started();
+        let Step::Transmit(s) = run(&mut n, OPT_GO, &info_payload("a", &[])).0 else { panic!() };
+        assert!(!s.structured && !s.base_allocation, "state from before TLS survived it");
+    }
+
+    #[test]
+    fn admission_hides_and_refuses_exports() {
+        let mut ex = exports();
+        ex.list[0].admission = Admission::Denied;
+        ex.list[1].admission = Admission::NeedsTls;
+        let mut n = fixed();
+        let mut out = BytesMut::new();
+        n.on_option(OPT_LIST, &[], &ex, &mut out);
+        assert_eq!(replies(&out).iter().map(|r| r.1).collect::<Vec<_>>(), vec![REP_ACK], "nothing openable listed");
+        out.clear();
+        assert_eq!(n.on_option(OPT_GO, &info_payload("a", &[]), &ex, &mut out), Step::Continue);
+        assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+        assert_eq!(n.take_denied().as_deref(), Some("a"));
+        out.clear();
+        n.on_option(OPT_INFO, &info_payload("ro", &[]), &ex, &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ERR_TLS_REQD);
+        assert_eq!(n.take_denied(), None);
+        out.clear();
+        n.on_option(OPT_LIST_META_CONTEXT, &meta_payload("a", &[]), &ex, &mut out);
+        assert_eq!(replies(&out)[0].1, REP_ERR_POLICY);
+        assert_eq!(n.on_option(OPT_EXPORT_NAME, b"a", &ex, &mut out), Step::Close);
+    }
 }

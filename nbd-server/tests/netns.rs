@@ -269,6 +269,21 @@ fn spawn(lab: &Lab, host: Host, log: &str, args: &[&str]) -> Proc {
     Proc::spawn(cmd, &lab.dir.path().join(log))
 }
 
+/// The PSK file every host of a lab uses: the replication and witness links between namespaces
+/// run TLS, as a deployment across hosts must (`--insecure` aside). Keys are random per lab.
+fn psk_file(lab: &Lab) -> String {
+    let path = lab.dir.path().join("keys.psk");
+    if !path.exists() {
+        use std::io::Read as _;
+        let mut random = [0u8; 64];
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut random)).expect("random bytes");
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let text = format!("a:{}\nb:{}\n", hex(&random[..32]), hex(&random[32..]));
+        std::fs::write(&path, text).expect("psk file");
+    }
+    format!("--tls-psk={}", path.display())
+}
+
 fn witness(lab: &Lab) -> Proc {
     let state = lab.dir.path().join("witness.state");
     let p = spawn(
@@ -278,6 +293,7 @@ fn witness(lab: &Lab) -> Proc {
         &[
             "witness",
             &format!("--listen=0.0.0.0:{WITNESS_PORT}"),
+            &psk_file(lab),
             &format!("--state={}", state.display()),
             &format!("--timeout-ms={TIMEOUT_MS}"),
         ],
@@ -307,6 +323,9 @@ fn node(lab: &Lab, host: Host, role: &str, policy: &str) -> Proc {
         &format!("--node={}", host.tag()),
         &format!("--repl-timeout-ms={TIMEOUT_MS}"),
         &format!("--admin={ADMIN}"),
+        &psk_file(lab),
+        // The clients here use plain NBD on the namespace's loopback; TLS is for the links.
+        "--tls=off",
     ]
     .iter()
     .map(|a| a.to_string())

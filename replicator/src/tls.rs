@@ -239,6 +239,11 @@ impl Tls {
         // The server's order decides: a TLS 1.3 PSK from a file is a SHA-256 key (OpenSSL and GnuTLS
         // agree on that), so a suite with SHA-256 must win for PSK clients to be served.
         server.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
+        // A TLS 1.2 peer that asks to renegotiate is refused (TLS 1.3 has no renegotiation): it
+        // buys an attacker a costly handshake on an established connection and us nothing.
+        for b in [&mut *server, &mut *client] {
+            b.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
+        }
         // Needed by OpenSSL whenever peers are verified and a PSK session is looked up.
         server.set_session_id_context(b"syncblock").map_err(ossl("OpenSSL"))?;
         let mut parts = Vec::new();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pair;
+pub mod pki;
 pub mod proc;
 pub mod rng;
 pub mod tools;
@@ -137,7 +138,7 @@ pub async fn greet(addr: SocketAddr) -> TcpStream {
     s
 }
 
-pub async fn send_option(s: &mut TcpStream, opt: u32, data: &[u8]) {
+pub async fn send_option<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, opt: u32, data: &[u8]) {
     let mut b = Vec::new();
     b.extend_from_slice(b"IHAVEOPT");
     b.extend_from_slice(&opt.to_be_bytes());
@@ -147,7 +148,7 @@ pub async fn send_option(s: &mut TcpStream, opt: u32, data: &[u8]) {
 }
 
 /// (option, reply type, payload)
-pub async fn read_option_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+pub async fn read_option_reply<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).await.expect("option reply");
     assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REP_MAGIC);
