@@ -488,7 +488,17 @@ fn json_is(json: &str, keys: &[&str], want: &str) -> bool {
 /// A pair and its witness (`common::pair`) in a directory of their own, started as
 /// docs/replication.md does by hand, with `flags` added to each node's (none: the defaults).
 fn start_pair(flags: &[&str]) -> Pair {
-    let spec = PairSpec { store_size: "1GiB", volume_size: VOLUME_SIZE, flags, poll: POLL, rejoin_max: REJOIN_MAX };
+    let spec = PairSpec {
+        store_size: "1GiB",
+        volume_size: VOLUME_SIZE,
+        flags,
+        witness_flags: &[],
+        client_flags: &[],
+        witness_flags: &[],
+        client_flags: &[],
+        poll: POLL,
+        rejoin_max: REJOIN_MAX,
+    };
     Pair::start_in_temp_dir(&spec)
 }
 

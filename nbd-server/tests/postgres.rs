@@ -700,8 +700,15 @@ fn verify(admin: &str) -> Result<serde_json::Value, String> {
 /// automatic failover, so no `--policy`.
 fn start_cluster(root: &Path) -> Pair {
     let volume_size = VOLUME_BYTES.to_string();
-    let spec =
-        PairSpec { store_size: STORE_SIZE, volume_size: &volume_size, flags: &[], poll: POLL, rejoin_max: REJOIN_MAX };
+    let spec = PairSpec {
+        store_size: STORE_SIZE,
+        volume_size: &volume_size,
+        flags: &[],
+        witness_flags: &[],
+        client_flags: &[],
+        poll: POLL,
+        rejoin_max: REJOIN_MAX,
+    };
     Pair::start(root, &spec)
 }
 

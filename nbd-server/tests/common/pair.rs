@@ -24,11 +24,12 @@ pub fn syncblock(log: &Path, args: &[String]) -> Proc {
     Proc::spawn(cmd, log)
 }
 
-/// The `nbd://host:port/vol` URI a server printed.
+/// The `nbd://host:port/vol` URI a server printed (`nbds://` when it requires TLS).
 pub fn vol_uri(p: &Proc, log: &Path) -> String {
-    let rest = wait_line(p, "nbd://", log);
+    let rest = wait_line(p, "nbd", log);
+    let (scheme, rest) = rest.split_once("://").unwrap_or_else(|| panic!("not a URI: nbd{rest}"));
     let base = rest.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
-    format!("nbd://{base}/{VOLUME}")
+    format!("nbd{scheme}://{base}/{VOLUME}")
 }
 
 /// `serve` on `store` (created if missing, a file of `store_size`) with the volume `vol` of
@@ -47,8 +48,10 @@ pub fn serve_args(store: &Path, store_size: &str, volume_size: &str) -> Vec<Stri
 
 /// `syncblock status --json --admin ADDR`: the replication status of the volume, parsed, or why
 /// there is none.
-pub fn replication_status(admin: &str) -> Result<serde_json::Value, String> {
-    let (code, out, err) = run(STATUS_MAX, BIN, &["status", "--json", "--admin", admin]);
+pub fn replication_status(admin: &str, client_flags: &[String]) -> Result<serde_json::Value, String> {
+    let mut args = vec!["status", "--json", "--admin", admin];
+    args.extend(client_flags.iter().map(String::as_str));
+    let (code, out, err) = run(STATUS_MAX, BIN, &args);
     if code != 0 {
         return Err(format!("status exited with {code}: {out}{err}"));
     }
@@ -73,6 +76,8 @@ pub struct Node {
     /// The NBD URI of its volume, from the current process.
     pub uri: String,
     pub proc: Option<Proc>,
+    /// Credentials for its admin endpoint (`status --tls-…`).
+    pub client_flags: Vec<String>,
 }
 
 impl Node {
@@ -90,7 +95,7 @@ impl Node {
     }
 
     pub fn replication(&self) -> Result<serde_json::Value, String> {
-        replication_status(&self.admin)
+        replication_status(&self.admin, &self.client_flags)
     }
 }
 
@@ -100,8 +105,12 @@ pub struct PairSpec<'a> {
     pub store_size: &'a str,
     /// The volume `vol`.
     pub volume_size: &'a str,
-    /// Added to each node's command line (none: the defaults).
+    /// Added to each node's command line (none: the defaults); `{node}` becomes the node's name.
     pub flags: &'a [&'a str],
+    /// Added to the witness's command line.
+    pub witness_flags: &'a [&'a str],
+    /// Added to every admin command (`status`): the credentials of the caller.
+    pub client_flags: &'a [&'a str],
     /// How often waits probe the nodes' status (each probe starts a CLI process).
     pub poll: Duration,
     /// Longest a node may take to be in sync with its primary: at the start, or restarted, resynced.
@@ -126,8 +135,10 @@ impl Pair {
     pub fn start(root: &Path, spec: &PairSpec) -> Pair {
         let log = root.join("witness.log");
         let state = root.join("witness.state");
-        let witness =
-            syncblock(&log, &["witness".into(), "--listen=127.0.0.1:0".into(), format!("--state={}", state.display())]);
+        let mut witness_args =
+            vec!["witness".into(), "--listen=127.0.0.1:0".into(), format!("--state={}", state.display())];
+        witness_args.extend(spec.witness_flags.iter().map(|f| f.to_string()));
+        let witness = syncblock(&log, &witness_args);
         let witness_addr = wait_line(&witness, "witness on ", &log);
         let (a_repl, b_repl) = (free_port_addr(), free_port_addr());
         let node = |name: &'static str, role: &str, repl: &str, peer: &str| {
@@ -141,9 +152,10 @@ impl Pair {
                 format!("--node={name}"),
                 format!("--witness={witness_addr}"),
             ]);
-            args.extend(spec.flags.iter().map(|f| f.to_string()));
+            args.extend(spec.flags.iter().map(|f| f.replace("{node}", name)));
             let log = root.join(format!("{name}.log"));
-            Node { name, args, log, admin, repl: repl.to_string(), uri: String::new(), proc: None }
+            let client_flags = spec.client_flags.iter().map(|f| f.to_string()).collect();
+            Node { name, args, log, admin, repl: repl.to_string(), uri: String::new(), proc: None, client_flags }
         };
         let mut pair = Pair {
             nodes: [node("a", "primary", &a_repl, &b_repl), node("b", "secondary", &b_repl, &a_repl)],

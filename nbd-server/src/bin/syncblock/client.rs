@@ -76,7 +76,12 @@ impl Client {
             None => {
                 let mut s = tcp;
                 s.write_all(request.as_bytes()).map_err(io_err)?;
-                (&mut s).take(limit).read_to_end(&mut raw).map_err(io_err)?;
+                match (&mut s).take(limit).read_to_end(&mut raw) {
+                    Ok(_) => {}
+                    // A TLS endpoint resets a plaintext request (the bytes were not a handshake).
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && raw.is_empty() => {}
+                    Err(e) => return Err(io_err(e)),
+                }
             }
             Some(tls) => {
                 let mut s = tls.connect_blocking(tcp).map_err(|e| {

@@ -1,0 +1,155 @@
+//! A replicated pair with every link under TLS: NBD (required), replication and witness (mutual,
+//! each node proving its node name), and the admin endpoint (callers must present credentials).
+//! The pair replicates, fails over when its primary is killed, and keeps every write; impostors
+//! and callers without credentials are refused with the reason.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::pair::{syncblock, Pair, PairSpec};
+use common::pki::Pki;
+use common::proc::{tail, wait_line};
+use common::tools::{run, tool, wait_until};
+
+const POLL: Duration = Duration::from_millis(200);
+const REJOIN_MAX: Duration = Duration::from_secs(60);
+const FAILOVER_MAX: Duration = Duration::from_secs(30);
+
+/// qemu-io `cmds` on `uri` (nbds://host:port/vol) with the x509 credentials in `dir`.
+fn qemu_io(uri: &str, dir: &Path, cmds: &[&str]) -> (i32, String, String) {
+    let rest = uri.strip_prefix("nbds://").expect("a TLS URI");
+    let (hostport, export) = rest.split_once('/').unwrap();
+    let (host, port) = hostport.rsplit_once(':').unwrap();
+    let mut a = vec![
+        "--object".to_string(),
+        format!("tls-creds-x509,id=tls0,dir={},endpoint=client", dir.display()),
+        "--image-opts".into(),
+        format!("driver=nbd,host={host},port={port},export={export},tls-creds=tls0"),
+    ];
+    for c in cmds {
+        a.push("-c".into());
+        a.push(c.to_string());
+    }
+    let args: Vec<&str> = a.iter().map(String::as_str).collect();
+    tool("qemu-io", &args)
+}
+
+#[test]
+fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), &["a", "b", "witness", "ops"]);
+    let d = pki.dir.display().to_string();
+    let flags: Vec<String> = vec![
+        format!("--tls-cert={d}/{{node}}-cert.pem"),
+        format!("--tls-key={d}/{{node}}-key.pem"),
+        format!("--tls-ca={d}/ca-cert.pem"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let witness_flags = [
+        format!("--tls-cert={d}/witness-cert.pem"),
+        format!("--tls-key={d}/witness-key.pem"),
+        format!("--tls-ca={d}/ca-cert.pem"),
+    ];
+    let witness_flags: Vec<&str> = witness_flags.iter().map(String::as_str).collect();
+    let client = [
+        format!("--tls-cert={d}/ops-cert.pem"),
+        format!("--tls-key={d}/ops-key.pem"),
+        format!("--tls-ca={d}/ca-cert.pem"),
+    ];
+    let client: Vec<&str> = client.iter().map(String::as_str).collect();
+    let spec = PairSpec {
+        store_size: "1GiB",
+        volume_size: "64MiB",
+        flags: &flags,
+        witness_flags: &witness_flags,
+        client_flags: &client,
+        poll: POLL,
+        rejoin_max: REJOIN_MAX,
+    };
+    // In sync means the replication link, the witness link and the admin endpoint all work over TLS.
+    std::fs::create_dir_all(dir.path().join("pair")).unwrap();
+    let mut pair = Pair::start(&dir.path().join("pair"), &spec);
+    let ops = pki.client_dir("ops");
+    let a_uri = pair.nodes[0].uri.clone();
+    assert!(a_uri.starts_with("nbds://"), "{a_uri}");
+    let (code, out, err) = qemu_io(&a_uri, &ops, &["write -f -P 0x6b 0 1M", "flush"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", pair.logs());
+
+    // The admin endpoint refuses a caller without credentials, and one from another CA.
+    let (code, _, err) =
+        run(Duration::from_secs(30), env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &pair.nodes[0].admin]);
+    assert_ne!(code, 0, "status without credentials was answered");
+    assert!(err.contains("TLS"), "the refusal should say TLS is required: {err}");
+    let mallory = [
+        "status".to_string(),
+        "--admin".into(),
+        pair.nodes[0].admin.clone(),
+        format!("--tls-cert={d}/mallory-cert.pem"),
+        format!("--tls-key={d}/mallory-key.pem"),
+        format!("--tls-ca={d}/ca-cert.pem"),
+    ];
+    let mallory: Vec<&str> = mallory.iter().map(String::as_str).collect();
+    let (code, _, _) = run(Duration::from_secs(30), env!("CARGO_BIN_EXE_syncblock"), &mallory);
+    assert_ne!(code, 0, "status with a certificate of another CA was answered");
+
+    // An impostor on b's replication port: a certificate from another CA is refused in the handshake.
+    let imp_log = dir.path().join("impostor.log");
+    let imp_store = dir.path().join("impostor.img");
+    let mut imp_args = common::pair::serve_args(&imp_store, "1GiB", "64MiB");
+    imp_args.extend([
+        "--role=primary".to_string(),
+        format!("--peer={}", pair.nodes[1].repl),
+        "--node=mallory".into(),
+        format!("--tls-cert={d}/mallory-cert.pem"),
+        format!("--tls-key={d}/mallory-key.pem"),
+        format!("--tls-ca={d}/rogue-ca-cert.pem"),
+    ]);
+    let imp = syncblock(&imp_log, &imp_args);
+    wait_line(&imp, "nbd", &imp_log);
+    let b_log = pair.root.join("b.log");
+    wait_until(POLL, "b to refuse the impostor's handshake", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&b_log).unwrap_or_default();
+        if text.contains("TLS handshake failed") {
+            Ok(())
+        } else {
+            Err(tail(&b_log, 10))
+        }
+    });
+    imp.stop();
+    // b is still a's secondary, in sync.
+    pair.wait_in_sync(0);
+
+    // A node whose certificate is for another name does not start.
+    let (code, _, err) = run(
+        Duration::from_secs(30),
+        env!("CARGO_BIN_EXE_syncblock"),
+        &[
+            "serve",
+            "--create",
+            "--store",
+            dir.path().join("x.img").to_str().unwrap(),
+            "--size=1GiB",
+            "--role=secondary",
+            "--repl-listen=127.0.0.1:0",
+            "--node=b",
+            &format!("--tls-cert={d}/a-cert.pem"),
+            &format!("--tls-key={d}/a-key.pem"),
+            &format!("--tls-ca={d}/ca-cert.pem"),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("certificate is for \"a\" but this node is named \"b\""), "{err}");
+
+    // Failover over TLS: kill a; b is promoted through the witness and serves what a acknowledged.
+    pair.nodes[0].kill();
+    pair.wait_promoted(1, "b promoted after a was killed", FAILOVER_MAX);
+    let b_uri = pair.nodes[1].uri.clone();
+    let (code, out, err) = qemu_io(&b_uri, &ops, &["read -P 0x6b 0 1M", "write -f -P 0x6c 1M 64k"]);
+    assert!(code == 0 && !out.contains("Pattern verification failed"), "{out}{err}\n{}", pair.logs());
+    // a returns as b's secondary and resyncs over TLS.
+    pair.nodes[0].start();
+    pair.wait_in_sync(1);
+    pair.stop();
+}
