@@ -830,4 +830,89 @@ auto_failover = false
             assert!(matches!(VolumeSpec::from_flag(bad), Err(ConfigError::BadVolumeFlag(_))), "{bad}");
         }
     }
+
+    #[test]
+    fn tls_table_access_lists_and_insecure_parse_and_resolve() {
+        let opts = parse(
+            r#"
+listen = "0.0.0.0:10809"
+insecure = false
+[tls]
+cert = "tls/node-cert.pem"
+key = "tls/node-key.pem"
+ca = "/etc/ca.pem"
+
+[[volume]]
+name = "db"
+size = "1GiB"
+access = [{ identity = "app1" }, { identity = "backup", read_only = true }]
+"#,
+        )
+        .unwrap();
+        assert_eq!(opts.tls.cert.as_deref(), Some(Path::new("/etc/syncblock/tls/node-cert.pem")));
+        assert_eq!(opts.tls.ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let flags = ServeOptions { access: vec![allow_flag("logs:ops:ro").unwrap()], ..ServeOptions::default() };
+        let s = opts.overridden_by(flags).resolve();
+        assert_eq!(s.tls_mode, TlsMode::Require, "credentials make TLS required by default");
+        assert_eq!(
+            s.access["db"],
+            vec![
+                AccessRule { identity: "app1".into(), read_only: false },
+                AccessRule { identity: "backup".into(), read_only: true }
+            ]
+        );
+        assert_eq!(s.access["logs"], vec![AccessRule { identity: "ops".into(), read_only: true }]);
+        s.check_security().unwrap();
+        assert!(parse("[tls]\nmodee = \"on\"").is_err(), "unknown keys in [tls] are refused");
+    }
+
+    #[test]
+    fn allow_flags_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            allow_flag("db:app1").unwrap(),
+            ("db".into(), AccessRule { identity: "app1".into(), read_only: false })
+        );
+        assert_eq!(allow_flag("db:CN x:ro").unwrap().1, AccessRule { identity: "CN x".into(), read_only: true });
+        for bad in ["db", ":app1", "db:", "db:app1:rx"] {
+            assert!(allow_flag(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn security_checks_refuse_exposed_plaintext_and_inconsistent_tls() {
+        let base = || ServeOptions::default().resolve();
+        // Loopback without TLS: as before.
+        base().check_security().unwrap();
+        // An address other hosts reach, without TLS: refused unless --insecure.
+        let exposed = ServeSettings { listen: "0.0.0.0:10809".parse().unwrap(), ..base() };
+        let e = exposed.check_security().unwrap_err().to_string();
+        assert!(e.contains("--insecure") && e.contains(NBD_RISK), "{e}");
+        ServeSettings { insecure: true, ..exposed.clone() }.check_security().unwrap();
+        // TLS "on" still serves plaintext: exposed as well.
+        let files = TlsFiles { cert: Some("c".into()), key: Some("k".into()), ..TlsFiles::default() };
+        let on = ServeSettings { tls: files.clone(), tls_mode: TlsMode::On, ..exposed.clone() };
+        assert!(on.check_security().is_err());
+        ServeSettings { tls_mode: TlsMode::Require, ..on.clone() }.check_security().unwrap();
+        // A mode without credentials, and access lists without client identities.
+        let e = ServeSettings { tls_mode: TlsMode::Require, ..base() }.check_security().unwrap_err().to_string();
+        assert!(e.contains("need credentials"), "{e}");
+        let mut access = HashMap::new();
+        access.insert("db".to_string(), vec![AccessRule { identity: "a".into(), read_only: false }]);
+        let e = ServeSettings { tls: files.clone(), tls_mode: TlsMode::Require, access: access.clone(), ..base() }
+            .check_security()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prove no identity"), "{e}");
+        let e = ServeSettings { access, ..base() }.check_security().unwrap_err().to_string();
+        assert!(e.contains("TLS is off"), "{e}");
+        // The admin endpoint off loopback needs authenticated callers, not only encryption.
+        let admin = ServeSettings {
+            tls: files,
+            tls_mode: TlsMode::Require,
+            admin: Some("10.0.0.1:7950".parse().unwrap()),
+            ..base()
+        };
+        let e = admin.check_security().unwrap_err().to_string();
+        assert!(e.contains(ADMIN_RISK), "{e}");
+    }
 }

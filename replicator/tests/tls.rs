@@ -1,0 +1,93 @@
+//! The replication link under TLS (PSK, written here; the X.509 case runs through the binary in
+//! nbd-server/tests/tls_pair.rs): a pair mirrors writes over it; a peer with the wrong key, or one
+//! that proves one name and calls itself another, never becomes the secondary's primary.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use syncblock_replicator::net::{tcp, tcp_listener, tls_listener, TlsNet};
+use syncblock_replicator::tls::{Tls, TlsFiles};
+use syncblock_replicator::{Primary, ReplConfig, Secondary};
+
+const TIMEOUT: Duration = Duration::from_millis(1000);
+
+fn psk_file(dir: &Path, name: &str, a_key: &str) -> TlsFiles {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("a:{a_key}\nb:{}\n", "b2".repeat(32))).unwrap();
+    TlsFiles { psk: Some(path), ..TlsFiles::default() }
+}
+
+async fn secondary(b: &syncblock_engine::Store, tls: Arc<Tls>) -> Secondary {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Secondary::start(b.clone(), "v", tls_listener(tcp_listener(l), tls), cfg("b", TIMEOUT)).await.unwrap()
+}
+
+fn primary_cfg(node: &str, tls: Arc<Tls>) -> ReplConfig {
+    ReplConfig { net: TlsNet::new(tcp(), tls), ..cfg(node, TIMEOUT) }
+}
+
+async fn in_sync_within(p: &Primary, max: Duration) -> bool {
+    let mut w = p.peer_view();
+    let synced = tokio::time::timeout(max, w.wait_for(|v| v.in_sync)).await.is_ok();
+    synced
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_mirrors_writes_over_psk_tls() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, 64 << 20).await;
+    let files = psk_file(dir.path(), "keys.psk", &"a1".repeat(32));
+    let sec = secondary(&b, Tls::load(&files, Some("b")).unwrap()).await;
+    let prim =
+        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&files, Some("a")).unwrap()), None)
+            .await
+            .unwrap();
+    wait_in_sync(&prim).await;
+    for k in 0..200u64 {
+        prim.write(k * 8192, block(k), k % 7 == 0).await.unwrap();
+    }
+    prim.flush().await.unwrap();
+    assert_eq!(image(&a).await, image(&b).await, "the secondary differs after writes over TLS");
+    prim.stop();
+    sec.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_or_a_false_name_never_reaches_the_secondary() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, 64 << 20).await;
+    let files = psk_file(dir.path(), "keys.psk", &"a1".repeat(32));
+    let sec = secondary(&b, Tls::load(&files, Some("b")).unwrap()).await;
+
+    // Knows a key for "a", but not the right one.
+    let wrong = psk_file(dir.path(), "wrong.psk", &"ff".repeat(32));
+    let prim =
+        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&wrong, Some("a")).unwrap()), None)
+            .await
+            .unwrap();
+    assert!(!in_sync_within(&prim, Duration::from_secs(3)).await, "a primary with a wrong key got in sync");
+    prim.stop();
+
+    // Proves it is "a" (the right key) but says "b" in its hello.
+    let liar =
+        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("b", Tls::load(&files, Some("a")).unwrap()), None)
+            .await
+            .unwrap();
+    assert!(!in_sync_within(&liar, Duration::from_secs(3)).await, "a peer calling itself another name got in sync");
+    liar.stop();
+
+    // The real "a" is served as ever.
+    let prim =
+        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&files, Some("a")).unwrap()), None)
+            .await
+            .unwrap();
+    assert!(in_sync_within(&prim, Duration::from_secs(20)).await, "the real primary was refused");
+    prim.stop();
+    sec.stop().await;
+}
