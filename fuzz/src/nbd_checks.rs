@@ -8,7 +8,9 @@
 //! `syncblock_nbd`, `syncblock_engine` and `bytes`.
 //!
 //! Input formats.
-//! - `nbd_handshake`: 4 bytes of client flags (as the wire has them), then options, each a selector
+//! - `nbd_handshake`: a setup byte (bits 0–1: the TLS mode, off/on/require/require; bits 2–3 and
+//!   4–5: the admission of export "vol" and of "ro" for this client: allowed, needs TLS, denied,
+//!   allowed), 4 bytes of client flags (as the wire has them), then options, each a selector
 //!   byte (option number: low nibble picks a known option or, if ≥ 11, is used raw with the next
 //!   byte), a 16-bit big-endian payload length, and that many payload bytes (fewer at the end).
 //!   The first 16 bytes are also decoded as an option header on their own.
@@ -16,18 +18,27 @@
 
 use bytes::{BufMut, BytesMut};
 use syncblock_engine::VolumeId;
-use syncblock_nbd::handshake::{ExportInfo, Exports, Negotiation, Step, OPTIONS_MAX};
+use syncblock_nbd::handshake::{Admission, ExportInfo, Exports, Negotiation, Step, TlsMode, OPTIONS_MAX};
 use syncblock_nbd::proto::{self, ProtoError, RequestHeader};
 
-/// The exports every handshake input negotiates against: a writable default, a read-only one.
+/// The exports every handshake input negotiates against: a writable default, a read-only one, both
+/// open to the client.
 pub fn exports() -> Exports {
+    exports_with(Admission::Allowed, Admission::Allowed)
+}
+
+fn exports_with(vol: Admission, ro: Admission) -> Exports {
     Exports {
         list: vec![
-            ExportInfo { name: "vol".into(), volume: VolumeId(1), size: 64 << 20, read_only: false },
-            ExportInfo { name: "ro".into(), volume: VolumeId(2), size: 1 << 20, read_only: true },
+            ExportInfo { name: "vol".into(), volume: VolumeId(1), size: 64 << 20, read_only: false, admission: vol },
+            ExportInfo { name: "ro".into(), volume: VolumeId(2), size: 1 << 20, read_only: true, admission: ro },
         ],
         default_name: Some("vol".into()),
     }
+}
+
+fn admission(bits: u8) -> Admission {
+    [Admission::Allowed, Admission::NeedsTls, Admission::Denied, Admission::Allowed][usize::from(bits & 3)]
 }
 
 /// The options a selector's low nibble picks (0 = EXPORT_NAME … 10 = SET_META_CONTEXT).
@@ -78,6 +89,8 @@ pub fn nbd_handshake(data: &[u8]) {
     }
     check_payload_decoders(data);
 
+    let Some((&setup, data)) = data.split_first() else { return };
+    let mode = [TlsMode::Off, TlsMode::On, TlsMode::Require, TlsMode::Require][usize::from(setup & 3)];
     let mut flags = [0u8; 4];
     let n = data.len().min(4);
     flags[..n].copy_from_slice(&data[..n]);
@@ -85,8 +98,9 @@ pub fn nbd_handshake(data: &[u8]) {
         assert_ne!(u32::from_be_bytes(flags) & !3, 0, "only unknown flags are refused");
         return;
     };
-    let exports = exports();
-    let mut neg = Negotiation::new(client);
+    let exports = exports_with(admission(setup >> 2), admission(setup >> 4));
+    let mut neg = Negotiation::with_tls(client, mode);
+    let mut tls_active = false;
     let mut rest = &data[n..];
     let mut n_options = 0u32;
     while !rest.is_empty() {
@@ -115,9 +129,44 @@ pub fn nbd_handshake(data: &[u8]) {
         };
         n_options += 1;
         assert!(n_options <= OPTIONS_MAX, "negotiation must end within OPTIONS_MAX options");
+        if mode == TlsMode::Require && !tls_active && option != proto::OPT_STARTTLS && option != proto::OPT_ABORT {
+            // Nothing is revealed before TLS: one TLS_REQD (or a close), never transmission.
+            match &step {
+                Step::Close => assert!(out.is_empty() || option != proto::OPT_EXPORT_NAME),
+                Step::Continue => {
+                    let replies = option_replies(&out);
+                    assert_eq!(replies.len(), 1, "one reply before TLS");
+                    let typ = replies[0].1;
+                    assert!(
+                        typ == proto::REP_ERR_TLS_REQD || typ == proto::REP_ERR_TOO_BIG,
+                        "option {option} before TLS in require mode got {typ:#x}"
+                    );
+                }
+                other => panic!("option {option} before TLS in require mode: {other:?}"),
+            }
+        }
+        for r in option_replies(if option == proto::OPT_EXPORT_NAME { &[] } else { &out }) {
+            if r.1 == proto::REP_SERVER {
+                let name_len = u32::from_be_bytes(r.2[..4].try_into().expect("4 bytes")) as usize;
+                let name = String::from_utf8_lossy(&r.2[4..4 + name_len]).into_owned();
+                let e = exports.find(&name).expect("LIST names a real export");
+                assert_eq!(e.admission, Admission::Allowed, "LIST showed {name} to a client that may not open it");
+            }
+        }
         match step {
+            Step::StartTls => {
+                assert_ne!(mode, TlsMode::Off, "STARTTLS accepted with TLS off");
+                assert!(!tls_active, "STARTTLS accepted twice");
+                assert_eq!(option, proto::OPT_STARTTLS);
+                assert!(payload.is_empty(), "STARTTLS with a payload accepted");
+                assert_eq!(option_replies(&out), vec![(option, proto::REP_ACK, vec![])], "STARTTLS is acked alone");
+                neg.tls_started();
+                tls_active = true;
+            }
             Step::Transmit(session) => {
+                assert!(mode != TlsMode::Require || tls_active, "transmission before TLS in require mode");
                 let export = exports.find(&session.export.name).expect("session names a real export");
+                assert_eq!(export.admission, Admission::Allowed, "transmission to an export the client may not open");
                 assert_eq!(export, &session.export);
                 assert_eq!(session.flags & proto::TFLAG_READ_ONLY != 0, export.read_only);
                 assert!(session.structured || !session.base_allocation, "meta context needs structured replies");

@@ -79,9 +79,10 @@ fn option(sel: u8, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A plausible negotiation: client flags, then a few options with valid payloads, usually ending in GO.
+/// A plausible negotiation: the setup byte (TLS mode and admissions), client flags, then a few
+/// options with valid payloads (STARTTLS among them), usually ending in GO.
 fn valid_handshake(rng: &mut Rng) -> Vec<u8> {
-    let mut b = vec![0, 0, 0, [3u8, 1, 0, 2][rng.below(4) as usize]];
+    let mut b = vec![rng.next_u64() as u8, 0, 0, 0, [3u8, 1, 0, 2][rng.below(4) as usize]];
     for _ in 0..rng.below(6) {
         let o = match rng.below(8) {
             0 => option(2, &[]),                                                           // LIST
@@ -91,7 +92,7 @@ fn valid_handshake(rng: &mut Rng) -> Vec<u8> {
             4 => option(8, &meta_payload(name(rng), &["base:allocation", "qemu:x"][..rng.below(3) as usize])),
             5 => option(11 + rng.below(5) as u8, b"junk"), // a raw, unknown option number
             6 => option(0xc5, &info_payload(name(rng), &[])), // GO flagged oversized
-            _ => option(3, &[]),                           // STARTTLS: unsupported
+            _ => option(3, &[]),                           // STARTTLS
         };
         b.extend_from_slice(&o);
     }
@@ -149,7 +150,14 @@ fn nbd_handshake_reaches_transmission_from_valid_input() {
     let mut out = bytes::BytesMut::new();
     let step = n.on_option(proto::OPT_GO, &info_payload("", &[3]), &nbd_checks::exports(), &mut out);
     assert!(matches!(step, Step::Transmit(_)));
-    run("nbd_handshake", nbd_checks::nbd_handshake, &[&[0, 0, 0, 3][..], &option(5, &info_payload("", &[3]))].concat());
+    run(
+        "nbd_handshake",
+        nbd_checks::nbd_handshake,
+        &[&[0, 0, 0, 0, 3][..], &option(5, &info_payload("", &[3]))].concat(),
+    );
+    // And in require mode through STARTTLS.
+    let starttls = [&[2, 0, 0, 0, 3][..], &option(3, &[]), &option(5, &info_payload("", &[3]))].concat();
+    run("nbd_handshake", nbd_checks::nbd_handshake, &starttls);
 }
 
 #[test]
