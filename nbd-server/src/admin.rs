@@ -26,12 +26,11 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use syncblock_engine::{ErrorClass, Store, BLOCK_BYTES_U64};
 use syncblock_replicator::status::VerifyReportView;
-use syncblock_replicator::tls::Tls;
+use syncblock_replicator::tls::{Tls, TlsStream};
 use syncblock_replicator::{Node, StatusView};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_openssl::SslStream;
 
 use crate::metrics::Metrics;
 
@@ -419,14 +418,14 @@ impl axum::serve::Listener for Limited {
     }
 }
 
-type Handshake = Pin<Box<dyn std::future::Future<Output = std::io::Result<SslStream<TcpStream>>> + Send>>;
+type Handshake = Pin<Box<dyn std::future::Future<Output = std::io::Result<TlsStream<TcpStream>>> + Send>>;
 
 /// An admin connection: plain, or TLS whose handshake runs on the first read or write, so that
 /// it happens on the connection's task and a client that stalls mid-handshake holds up nobody.
 enum AdminIo {
     Plain(TcpStream),
     Handshaking(Handshake),
-    Tls(Box<SslStream<TcpStream>>),
+    Tls(Box<TlsStream<TcpStream>>),
     Failed,
 }
 

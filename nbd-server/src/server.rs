@@ -27,9 +27,8 @@ use tokio::sync::{mpsc, watch};
 
 use std::task::{Context, Poll};
 
-use syncblock_replicator::tls::Tls;
+use syncblock_replicator::tls::{Tls, TlsStream};
 use tokio::io::ReadBuf;
-use tokio_openssl::SslStream;
 
 use crate::handshake::{Admission, ExportInfo, Exports, Negotiation, Session, Step, TlsMode};
 use crate::metrics::Op;
@@ -291,7 +290,7 @@ enum Stream {
 /// A connection during negotiation: plain, or TLS after STARTTLS.
 enum Conn {
     Plain(Stream),
-    Tls(Box<SslStream<Stream>>),
+    Tls(Box<TlsStream<Stream>>),
 }
 
 /// Implements tokio's I/O traits for an enum of streams by passing each call to its variant.

@@ -244,6 +244,10 @@ impl Tls {
         for b in [&mut *server, &mut *client] {
             b.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
         }
+        // Read whole socket buffers at a time, not one record header and body per system call.
+        for b in [&mut *server, &mut *client] {
+            b.set_read_ahead(true);
+        }
         // Needed by OpenSSL whenever peers are verified and a PSK session is looked up.
         server.set_session_id_context(b"syncblock").map_err(ossl("OpenSSL"))?;
         let mut parts = Vec::new();
@@ -343,7 +347,7 @@ impl Tls {
 
     /// Runs the server side of a handshake on `stream`, within [`HANDSHAKE_TIMEOUT`]. Returns the
     /// encrypted stream and the identity the client proved (`None` without a CA or PSK).
-    pub async fn accept<S>(&self, stream: S) -> Result<(SslStream<S>, Option<String>), TlsError>
+    pub async fn accept<S>(&self, stream: S) -> Result<(TlsStream<S>, Option<String>), TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -354,14 +358,14 @@ impl Tls {
             Ok(Err(e)) => Err(TlsError::Handshake(explain(&e, s.ssl()))),
             Ok(Ok(())) => {
                 let id = peer_identity(s.ssl());
-                Ok((s, id))
+                Ok((TlsStream { inner: s, scratch: Vec::new() }, id))
             }
         }
     }
 
     /// Runs the client side of a handshake on `stream`. With a CA, the server's certificate must
     /// be signed by it, and if `expect` is given, be for that name.
-    pub async fn connect<S>(&self, stream: S, expect: Option<&str>) -> Result<SslStream<S>, TlsError>
+    pub async fn connect<S>(&self, stream: S, expect: Option<&str>) -> Result<TlsStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -382,7 +386,7 @@ impl Tls {
                 )));
             }
         }
-        Ok(s)
+        Ok(TlsStream { inner: s, scratch: Vec::new() })
     }
 }
 
@@ -397,6 +401,81 @@ impl Tls {
             openssl::ssl::HandshakeError::Failure(m) => TlsError::Handshake(explain(m.error(), m.ssl())),
             other => TlsError::Handshake(other.to_string()),
         })
+    }
+}
+
+/// Bytes gathered from a vectored write into one TLS record: the largest record TLS has.
+const RECORD_BYTES: usize = 16 << 10;
+
+/// A TLS stream whose vectored writes become one record, not one record (and one system call) per
+/// buffer. The NBD server writes every reply that is ready in one vectored write; `tokio-openssl`
+/// alone would send each as its own record: 32 small records and system calls for a queue depth of
+/// 32, which cost a third of the throughput of 4 KiB writes. Reads use OpenSSL's read-ahead.
+pub struct TlsStream<S> {
+    inner: SslStream<S>,
+    scratch: Vec<u8>,
+}
+
+impl<S> TlsStream<S> {
+    pub fn ssl(&self) -> &SslRef {
+        self.inner.ssl()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let first = bufs.iter().find(|b| !b.is_empty()).map_or(0, |b| b.len());
+        if first >= RECORD_BYTES {
+            return Pin::new(&mut this.inner)
+                .poll_write(cx, &bufs.iter().find(|b| !b.is_empty()).expect("non-empty")[..]);
+        }
+        // The same prefix of the caller's bytes on every retry: OpenSSL may see a moved buffer
+        // (ACCEPT_MOVING_WRITE_BUFFER) but never other bytes.
+        this.scratch.clear();
+        for b in bufs {
+            let room = RECORD_BYTES - this.scratch.len();
+            this.scratch.extend_from_slice(&b[..b.len().min(room)]);
+            if this.scratch.len() == RECORD_BYTES {
+                break;
+            }
+        }
+        let TlsStream { inner, scratch } = this;
+        Pin::new(inner).poll_write(cx, scratch)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

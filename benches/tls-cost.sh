@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# What TLS costs: a replicated pair (a witness and two `syncblock serve` nodes on loopback, default
+# settings) with every link under TLS (NBD required, replication, witness; X.509 with a CA, so
+# AES-GCM), interleaved with the same pair without TLS, and beside qemu-nbd with and without TLS on
+# the same disk. Every round runs each system once per workload, in a rotating order (the machine
+# is noisy); the script prints per-cell figures and the medians of per-round ratios against the
+# targets of issue 15 (TLS/plain: randwrite ≥ 0.85, seqwrite ≥ 0.7, write+fsync ≥ 0.9; TLS pair /
+# qemu-nbd TLS randwrite ≥ 2).
+#
+#   bash benches/tls-cost.sh                 # 3 rounds x 4 systems x 3 workloads x 8 s, ~6 min
+#   ROUNDS=5 RT=10 bash benches/tls-cost.sh
+#
+# Environment (all optional): DIR (/var/tmp/tls-bench): scratch directory on the disk under test;
+# ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches; SKIP_BUILD=1.
+#
+# fio's nbd engine (libnbd) cannot be given a certificate directory in its URI (libnbd refuses
+# local files in URIs unless the program allows them), so fio runs as the user `nobody` with HOME
+# set to a directory whose .pki/libnbd holds the client's credentials: libnbd's default place for
+# a non-root user (docs/security.md). Every system's fio runs that way, TLS or not.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+RT=${RT:-8}
+SIZE=${SIZE:-1G}
+BASE=${DIR:-/var/tmp/tls-bench}
+# shellcheck source=benches/lib.sh
+. "$ROOT/benches/lib.sh"
+need "apt-get install fio qemu-utils openssl util-linux" fio qemu-nbd openssl setpriv
+mkdir -p "$BASE"
+refuse_tmpfs "$BASE" DIR
+build_syncblock "$ROOT"
+RUN=$(mktemp -d "$BASE/run.XXXXXX")
+trap 'kill_pids; rm -rf "$RUN"' EXIT
+cd "$RUN"
+cp "$TARGET/release/syncblock" "$RUN/syncblock"
+BIN="$RUN/syncblock"
+REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+# Credentials, made as docs/security.md shows.
+mkdir pki && (
+  cd pki
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj '/CN=syncblock CA' -keyout ca-key.pem -out ca-cert.pem 2>/dev/null
+  for name in a b witness bench server; do
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$name" \
+      -keyout $name-key.pem -out $name.csr 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' > $name.ext
+    openssl x509 -req -in $name.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 3650 \
+      -extfile $name.ext -out $name-cert.pem 2>/dev/null
+  done
+)
+mkdir -p home/.pki/libnbd qemu-server
+cp pki/ca-cert.pem home/.pki/libnbd/; cp pki/bench-cert.pem home/.pki/libnbd/client-cert.pem
+cp pki/bench-key.pem home/.pki/libnbd/client-key.pem
+cp pki/ca-cert.pem qemu-server/; cp pki/server-cert.pem qemu-server/server-cert.pem
+cp pki/server-key.pem qemu-server/server-key.pem
+chmod -R a+rX "$RUN"
+chmod 0644 home/.pki/libnbd/client-key.pem
+CLIENT_TLS=(--tls-cert pki/bench-cert.pem --tls-key pki/bench-key.pem --tls-ca pki/ca-cert.pem)
+
+# A pair: witness, then b (secondary) and a (primary), each on its own store, defaults otherwise.
+# $1: tag; $2: "tls" or "plain". Sets URI_<tag> and ADMIN_<tag>.
+start_pair() {
+  local tag=$1 mode=$2 w_port a_repl b_repl a_admin b_admin nbd
+  w_port=$(port); a_repl=$(port); b_repl=$(port); a_admin=$(port); b_admin=$(port); nbd=$(port)
+  local -a w_tls=() a_tls=() b_tls=() st=()
+  if [ "$mode" = tls ]; then
+    w_tls=(--tls-cert pki/witness-cert.pem --tls-key pki/witness-key.pem --tls-ca pki/ca-cert.pem)
+    a_tls=(--tls-cert pki/a-cert.pem --tls-key pki/a-key.pem --tls-ca pki/ca-cert.pem)
+    b_tls=(--tls-cert pki/b-cert.pem --tls-key pki/b-key.pem --tls-ca pki/ca-cert.pem)
+    st=("${CLIENT_TLS[@]}")
+  fi
+  "$BIN" witness --listen 127.0.0.1:$w_port --state $tag-witness.state "${w_tls[@]}" >$tag-witness.log 2>&1 &
+  PIDS+=($!)
+  "$BIN" serve --create --store $tag-b.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$(port) \
+    --role secondary --repl-listen 127.0.0.1:$b_repl --peer 127.0.0.1:$a_repl --node b \
+    --witness 127.0.0.1:$w_port --admin 127.0.0.1:$b_admin "${b_tls[@]}" >$tag-b.log 2>&1 &
+  PIDS+=($!)
+  "$BIN" serve --create --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
+    --role primary --repl-listen 127.0.0.1:$a_repl --peer 127.0.0.1:$b_repl --node a \
+    --witness 127.0.0.1:$w_port --admin 127.0.0.1:$a_admin "${a_tls[@]}" >$tag-a.log 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 200); do "$BIN" status --admin 127.0.0.1:$a_admin "${st[@]}" >/dev/null 2>&1 && break; sleep 0.05; done
+  "$BIN" status --admin 127.0.0.1:$a_admin --wait-sync --wait-max 60 "${st[@]}" >/dev/null ||
+    { echo "pair $tag did not get in sync; logs in $RUN" >&2; for f in $tag-*.log; do echo "== $f" >&2; grep -v "^ *[0-9]*: \|^ *at " "$f" | tail -n 5 >&2; done; exit 1; }
+  local scheme=nbd; [ "$mode" = tls ] && scheme=nbds
+  eval "URI_$tag=$scheme://127.0.0.1:$nbd/vol"
+}
+
+start_qemu() { # $1 tag, $2 tls|plain
+  local p; p=$(port)
+  truncate -s 2G $1.img
+  local -a t=()
+  [ "$2" = tls ] && t=(--object tls-creds-x509,id=tls0,dir=$RUN/qemu-server,endpoint=server,verify-peer=yes --tls-creds tls0)
+  qemu-nbd "${t[@]}" -f raw --aio=io_uring --cache=none --discard=unmap -b 127.0.0.1 -p $p -t -e 8 $1.img >$1.log 2>&1 &
+  PIDS+=($!)
+  sleep 1
+  local scheme=nbd; [ "$2" = tls ] && scheme=nbds
+  eval "URI_$1=$scheme://127.0.0.1:$p/"
+}
+
+FIO_AS=(setpriv --reuid=nobody --regid=nogroup --clear-groups env HOME=$RUN/home)
+fio_cell() { # uri, fio args...: prints "iops MiB/s" or "FAILED"
+  local uri=$1; shift
+  "${FIO_AS[@]}" fio --name=x --size=$SIZE --runtime=$RT --time_based --group_reporting --output-format=json \
+    --ioengine=nbd --uri="$uri" "$@" 2>/dev/null | sed -n '/^{/,$p' | $PY -c '
+import json,sys
+try:
+    j=json.load(sys.stdin)["jobs"][0]
+except Exception:
+    print("FAILED"); sys.exit()
+io=j["read"] if j["read"]["io_bytes"]>0 else j["write"]
+print("%.0f %.1f" % (io["iops"], io["bw"]/1024))'
+}
+
+echo "tls-cost: rev $REV, $ROUNDS rounds x ${RT}s, region $SIZE, in $RUN" >&2
+start_pair plain plain
+start_pair tls tls
+start_qemu qnbd plain
+start_qemu qnbdtls tls
+# Every system's volume written once in full over the region, so that all rounds measure
+# rewrites (the log wrapped, the cleaner on for syncblock; allocated blocks for qemu-nbd).
+for sys in plain tls qnbd qnbdtls; do
+  uri_var=URI_$sys
+  "${FIO_AS[@]}" fio --name=fill --ioengine=nbd --uri="${!uri_var}" --rw=write --bs=1m --iodepth=8 --size=$SIZE \
+    >/dev/null 2>&1 || { echo "prefill of $sys failed" >&2; exit 1; }
+done
+
+WORKLOADS=(
+  "randwrite4k_qd32 --rw=randwrite --bs=4k --iodepth=32"
+  "seqwrite1m_qd8 --rw=write --bs=1m --iodepth=8"
+  "syncwrite4k_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+)
+SYSTEMS=(plain tls qnbd qnbdtls)
+RESULTS=$RUN/results.txt
+: >"$RESULTS"
+for r in $(seq 1 "$ROUNDS"); do
+  for w in "${WORKLOADS[@]}"; do
+    set -- $w; wn=$1; shift
+    n=${#SYSTEMS[@]}
+    for i in $(seq 0 $((n - 1))); do
+      sys=${SYSTEMS[$(( (i + r + ${#wn}) % n ))]}
+      uri_var=URI_$sys
+      out=$(fio_cell "${!uri_var}" "$@")
+      echo "$r $wn $sys $out" | tee -a "$RESULTS" >&2
+    done
+  done
+done
+
+$PY - "$RESULTS" <<'EOF'
+import sys, statistics
+cells = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) < 5: continue
+    r, w, s, iops = f[0], f[1], f[2], float(f[3])
+    cells[(r, w, s)] = iops
+rounds = sorted({k[0] for k in cells}); works = sorted({k[1] for k in cells})
+def med(w, a, b):
+    v = [cells[(r, w, a)] / cells[(r, w, b)] for r in rounds if (r, w, a) in cells and (r, w, b) in cells and cells[(r, w, b)] > 0]
+    return statistics.median(v) if v else float("nan")
+target = {"randwrite4k_qd32": 0.85, "seqwrite1m_qd8": 0.7, "syncwrite4k_qd1": 0.9}
+print("%-18s %12s %12s %10s %10s %12s %14s" % ("workload", "tls pair", "plain pair", "tls/plain", "target", "qemu TLS/pl", "tls/qemu-tls"))
+for w in works:
+    m = lambda s: statistics.median([cells[(r, w, s)] for r in rounds if (r, w, s) in cells] or [float("nan")])
+    print("%-18s %12.0f %12.0f %10.2f %10s %12.2f %14.2f" % (w, m("tls"), m("plain"), med(w, "tls", "plain"),
+          ">= %.2f" % target[w], med(w, "qnbdtls", "qnbd"), med(w, "tls", "qnbdtls")))
+print("(iops are medians over rounds; ratios are medians of per-round ratios; seqwrite iops are 1 MiB writes)")
+EOF
