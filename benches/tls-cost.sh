@@ -31,7 +31,9 @@ mkdir -p "$BASE"
 refuse_tmpfs "$BASE" DIR
 build_syncblock "$ROOT"
 RUN=$(mktemp -d "$BASE/run.XXXXXX")
-trap 'kill_pids; rm -rf "$RUN"' EXIT
+# The run directory goes at the end unless a cell failed (its logs stay for a look) or KEEP=1.
+FAILED=0
+trap 'kill_pids; if [ "$FAILED" = 0 ] && [ "${KEEP:-0}" != 1 ]; then rm -rf "$RUN"; else echo "logs kept in $RUN" >&2; fi' EXIT
 cd "$RUN"
 cp "$TARGET/release/syncblock" "$RUN/syncblock"
 BIN="$RUN/syncblock"
@@ -142,7 +144,11 @@ for r in $(seq 1 "$ROUNDS"); do
     for i in $(seq 0 $((n - 1))); do
       sys=${SYSTEMS[$(( (i + r + ${#wn}) % n ))]}
       uri_var=URI_$sys
-      out=$(fio_cell "${!uri_var}" "$@")
+      out=$(fio_cell "${!uri_var}" "$@") || out=FAILED
+      if [ "$out" = FAILED ]; then
+        FAILED=1
+        for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null || echo "process $pid has exited" >&2; done
+      fi
       echo "$r $wn $sys $out" | tee -a "$RESULTS" >&2
     done
   done

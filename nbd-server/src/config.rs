@@ -80,9 +80,9 @@ pub enum ConfigError {
     Tls(String),
     /// A listener on an address other hosts can reach, without TLS.
     #[error(
-        "{what} listens on {addr}, which other hosts can reach, without TLS: anyone who reaches it can {risk}. \
-         Configure TLS (--tls-cert/--tls-key/--tls-ca or --tls-psk; docs/security.md), bind a loopback address, \
-         or pass --insecure (`insecure = true` in the file) to accept the risk"
+        "{what} listens on {addr}, which other hosts can reach, without TLS that authenticates its clients: anyone \
+         who reaches it can {risk}. Configure TLS (--tls-cert/--tls-key with --tls-ca, or --tls-psk; \
+         docs/security.md), bind a loopback address, or pass --insecure to accept the risk"
     )]
     Exposed { what: &'static str, addr: SocketAddr, risk: &'static str },
 }
@@ -116,6 +116,9 @@ pub struct ReplVolume {
     pub role: ReplRole,
     /// The peer's replication listener, dialed while this node is primary.
     pub peer: Option<SocketAddr>,
+    /// The peer's node name: only it may connect as this volume's primary or successor, and with
+    /// TLS certificates it must prove that name when this node connects to it.
+    pub peer_node: Option<String>,
     /// This node's replication listener, where the primary connects while this node is secondary.
     pub listen: Option<SocketAddr>,
     /// `None`: the default for the node (degrade with a witness, strict without).
@@ -275,6 +278,7 @@ struct FileVolume {
 struct FileReplicate {
     role: ReplRole,
     peer: Option<SocketAddr>,
+    peer_node: Option<String>,
     listen: Option<SocketAddr>,
     policy: Option<ReplPolicy>,
     #[serde(default = "yes")]
@@ -357,6 +361,7 @@ impl ServeOptions {
                     volume: Some(v.name.clone()),
                     role: r.role,
                     peer: r.peer,
+                    peer_node: r.peer_node,
                     listen: r.listen,
                     policy: r.policy,
                     auto_failover: r.auto_failover,
@@ -524,14 +529,15 @@ impl ServeSettings {
             }
         }
         check_exposed("NBD", self.listen, NBD_RISK, self.tls_mode == TlsMode::Require, self.insecure)?;
+        // The replication and admin ports take a node's writes and commands: TLS that only
+        // encrypts (a certificate without a CA) is not enough off loopback.
+        let authenticated = self.tls.ca.is_some() || self.tls.psk.is_some();
         for r in &self.replicate {
             if let Some(addr) = r.listen {
-                check_exposed("replication", addr, REPLICATION_RISK, tls, self.insecure)?;
+                check_exposed("replication", addr, REPLICATION_RISK, authenticated, self.insecure)?;
             }
         }
         if let Some(addr) = self.admin {
-            // The admin endpoint takes commands: TLS that only encrypts is not enough off loopback.
-            let authenticated = self.tls.ca.is_some() || self.tls.psk.is_some();
             check_exposed("the admin endpoint", addr, ADMIN_RISK, authenticated, self.insecure)?;
         }
         Ok(())
@@ -657,6 +663,7 @@ auto_failover = false
             volume: Some("db".into()),
             role: ReplRole::Primary,
             peer: Some("10.0.0.2:7000".parse().unwrap()),
+            peer_node: None,
             listen: None,
             policy: None,
             auto_failover: true,
@@ -665,6 +672,7 @@ auto_failover = false
             volume: Some("logs".into()),
             role: ReplRole::Secondary,
             peer: None,
+            peer_node: None,
             listen: Some("0.0.0.0:7001".parse().unwrap()),
             policy: Some(ReplPolicy::Degrade),
             auto_failover: false,

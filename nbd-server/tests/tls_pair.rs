@@ -45,6 +45,8 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
         format!("--tls-cert={d}/{{node}}-cert.pem"),
         format!("--tls-key={d}/{{node}}-key.pem"),
         format!("--tls-ca={d}/ca-cert.pem"),
+        // Each node names its peer: only it may connect as primary, and it must prove the name.
+        "--peer-node={peer}".into(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let witness_flags = [

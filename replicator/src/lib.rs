@@ -67,6 +67,10 @@ pub struct ReplConfig {
     pub witness: Option<std::net::SocketAddr>,
     /// What the primary does while its peer is away.
     pub policy: Policy,
+    /// The peer's node name, if configured: a hello from another node is refused, and with TLS the
+    /// peer's certificate must be for this name (a node connecting proves it in `net::Who`; a
+    /// node connected to, in `TlsNet`'s expectations). `None`: any node that names this pair.
+    pub peer_node: Option<String>,
     /// The network (TCP, or the simulation's).
     pub net: std::sync::Arc<dyn net::Net>,
 }
@@ -79,6 +83,7 @@ impl std::fmt::Debug for ReplConfig {
             .field("timeout", &self.timeout)
             .field("witness", &self.witness)
             .field("policy", &self.policy)
+            .field("peer_node", &self.peer_node)
             .finish_non_exhaustive()
     }
 }
@@ -124,6 +129,7 @@ impl Default for ReplConfig {
             reconnect: Duration::from_millis(100),
             witness: None,
             policy: Policy::Strict,
+            peer_node: None,
             net: net::tcp(),
         }
     }

@@ -148,11 +148,23 @@ pub fn tcp() -> Arc<dyn Net> {
 pub struct TlsNet {
     inner: Arc<dyn Net>,
     tls: Arc<Tls>,
+    /// The name the server at an address must prove (its certificate's CN), where known.
+    expect: std::collections::HashMap<SocketAddr, String>,
 }
 
 impl TlsNet {
     pub fn new(inner: Arc<dyn Net>, tls: Arc<Tls>) -> Arc<dyn Net> {
-        Arc::new(TlsNet { inner, tls })
+        TlsNet::expecting(inner, tls, [])
+    }
+
+    /// A `TlsNet` whose connections to each address check that the server is the named node (with
+    /// certificates; a PSK server proves only that it knows the connecting node's key).
+    pub fn expecting(
+        inner: Arc<dyn Net>,
+        tls: Arc<Tls>,
+        expect: impl IntoIterator<Item = (SocketAddr, String)>,
+    ) -> Arc<dyn Net> {
+        Arc::new(TlsNet { inner, tls, expect: expect.into_iter().collect() })
     }
 }
 
@@ -185,7 +197,7 @@ impl Net for TlsNet {
             let s = self.inner.connect(addr).await?;
             let s = self
                 .tls
-                .connect(s, None)
+                .connect(s, self.expect.get(&addr).map(String::as_str))
                 .await
                 .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS with {addr}: {e}")))?;
             Ok(Box::new(s) as BoxStream)

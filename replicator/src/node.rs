@@ -336,7 +336,7 @@ impl Node {
         // the witness cannot) tells it that it was deposed.
         match c.repl.net.bind(c.repl_listen).await {
             Ok(l) => {
-                tokio::spawn(listen_for_successor(l, p.clone(), c.repl.timeout));
+                tokio::spawn(listen_for_successor(l, p.clone(), c.repl.timeout, c.repl.peer_node.clone()));
             }
             Err(e) => tracing::debug!(volume = %c.volume, "primary cannot listen on {}: {e}", c.repl_listen),
         }
@@ -408,7 +408,12 @@ async fn bind_retrying(net: &dyn crate::net::Net, addr: SocketAddr) -> Result<cr
 /// down and the newcomer resyncs it). Anything else is refused. Ends when the primary stops or is
 /// deposed. Each connection is handled on its own task, at most `SUCCESSOR_HANDSHAKES` at once, so
 /// a silent or slow client cannot keep a successor out.
-async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary, timeout: Duration) {
+async fn listen_for_successor(
+    mut listener: crate::net::BoxListener,
+    p: Primary,
+    timeout: Duration,
+    peer_node: Option<String>,
+) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(SUCCESSOR_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
@@ -422,10 +427,10 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
             tracing::warn!(%from, "replication port: {SUCCESSOR_HANDSHAKES} handshakes in progress; dropping one more");
             continue;
         };
-        let p = p.clone();
+        let (p, peer_node) = (p.clone(), peer_node.clone());
         tokio::spawn(async move {
             match incoming.establish().await {
-                Ok(peer) => answer_successor(peer, &p, timeout).await,
+                Ok(peer) => answer_successor(peer, &p, timeout, peer_node).await,
                 Err(e) => tracing::warn!(%from, "replication port: TLS handshake failed: {e}; connection dropped"),
             }
             drop(permit);
@@ -436,7 +441,7 @@ async fn listen_for_successor(mut listener: crate::net::BoxListener, p: Primary,
 /// Connections answered at once on a primary's replication port (a successor's hello, probes).
 const SUCCESSOR_HANDSHAKES: usize = 8;
 
-async fn answer_successor(peer: crate::net::Peer, p: &Primary, timeout: Duration) {
+async fn answer_successor(peer: crate::net::Peer, p: &Primary, timeout: Duration, peer_node: Option<String>) {
     let (from, who) = (peer.who.from, peer.who);
     let (mut rd, mut wr) = crate::net::split(peer.stream);
     let refuse = |why: Refusal, reason: String| Frame::Refuse { why, reason };
@@ -444,6 +449,11 @@ async fn answer_successor(peer: crate::net::Peer, p: &Primary, timeout: Duration
         Ok(Frame::Hello { node, .. }) if who.check_claim(&node).is_err() => {
             let reason = who.check_claim(&node).unwrap_err();
             tracing::warn!("replication port: {reason}");
+            refuse(Refusal::Protocol, reason)
+        }
+        Ok(Frame::Hello { node, .. }) if peer_node.as_deref().is_some_and(|p| p != node) => {
+            let reason = format!("this node replicates with {:?}, not with {node:?}", peer_node.unwrap_or_default());
+            tracing::warn!(%from, "replication port: {reason}");
             refuse(Refusal::Protocol, reason)
         }
         Ok(Frame::Hello { pair, node, .. }) if pair != p.pair() => {

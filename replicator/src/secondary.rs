@@ -181,6 +181,10 @@ fn check_hello(i: &Inner, hello: &Frame) -> std::result::Result<(), (Refusal, St
         let s = i.state.lock().expect("state");
         (s.pair, s.epoch)
     };
+    if let Some(peer) = i.cfg.peer_node.as_deref().filter(|p| *p != node) {
+        let msg = format!("this node replicates {:?} with {peer:?}, not with {node:?}", i.name);
+        return Err((Refusal::Protocol, msg));
+    }
     if *volume != i.name {
         Err((Refusal::WrongVolume, format!("this node replicates volume {:?}, not {volume:?}", i.name)))
     } else if *size_bytes != i.size_bytes {

@@ -516,6 +516,11 @@ fn explain(e: &openssl::ssl::Error, ssl: &SslRef) -> String {
         "; likely cause: the client has no certificate, and this server requires one signed by its CA"
     } else if text.contains("wrong version number") || text.contains("packet length too long") {
         "; likely cause: the peer does not speak TLS here (plaintext, or another protocol)"
+    } else if text.contains("http request") {
+        "; likely cause: plain HTTP sent to a TLS endpoint (use https://, or `syncblock status` with --tls-… credentials)"
+    } else if text.contains("no suitable signature algorithm") {
+        "; likely cause: the client offers only certificate authentication and this server has no certificate \
+         (PSK only), or a PSK identity it does not know"
     } else if text.contains("no shared cipher") {
         "; likely cause: the client offers neither a certificate cipher this server can use nor PSK"
     } else if text.contains("unexpected eof") || e.code() == openssl::ssl::ErrorCode::SYSCALL {

@@ -91,3 +91,20 @@ async fn a_wrong_key_or_a_false_name_never_reaches_the_secondary() {
     prim.stop();
     sec.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_that_names_its_peer_refuses_every_other_node() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 256 << 20, 64 << 20).await;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sec_cfg = ReplConfig { peer_node: Some("a".into()), ..cfg("b", TIMEOUT) };
+    let sec = Secondary::start(b.clone(), "v", tcp_listener(l), sec_cfg).await.unwrap();
+    let other = Primary::start(a.clone(), "v", sec.local_addr(), cfg("c", TIMEOUT), None).await.unwrap();
+    assert!(!in_sync_within(&other, Duration::from_secs(3)).await, "a node other than the named peer got in sync");
+    other.stop();
+    let prim = Primary::start(a.clone(), "v", sec.local_addr(), cfg("a", TIMEOUT), None).await.unwrap();
+    assert!(in_sync_within(&prim, Duration::from_secs(20)).await, "the named peer was refused");
+    prim.stop();
+    sec.stop().await;
+}

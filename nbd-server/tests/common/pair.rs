@@ -105,7 +105,8 @@ pub struct PairSpec<'a> {
     pub store_size: &'a str,
     /// The volume `vol`.
     pub volume_size: &'a str,
-    /// Added to each node's command line (none: the defaults); `{node}` becomes the node's name.
+    /// Added to each node's command line (none: the defaults); `{node}` becomes the node's name,
+    /// `{peer}` its peer's.
     pub flags: &'a [&'a str],
     /// Added to the witness's command line.
     pub witness_flags: &'a [&'a str],
@@ -152,7 +153,8 @@ impl Pair {
                 format!("--node={name}"),
                 format!("--witness={witness_addr}"),
             ]);
-            args.extend(spec.flags.iter().map(|f| f.replace("{node}", name)));
+            let peer_name = if name == "a" { "b" } else { "a" };
+            args.extend(spec.flags.iter().map(|f| f.replace("{node}", name).replace("{peer}", peer_name)));
             let log = root.join(format!("{name}.log"));
             let client_flags = spec.client_flags.iter().map(|f| f.to_string()).collect();
             Node { name, args, log, admin, repl: repl.to_string(), uri: String::new(), proc: None, client_flags }

@@ -287,6 +287,10 @@ pub struct ReplArgs {
     /// The peer's replication address (its --repl-listen), dialed while this node is primary.
     #[arg(long, requires = "role")]
     peer: Option<SocketAddr>,
+    /// The peer's node name (its --node): only it may connect as this volume's primary, and with
+    /// TLS certificates it must prove that name [default: any node that names this pair].
+    #[arg(long, requires = "role", value_name = "NAME")]
+    peer_node: Option<String>,
     /// Where to accept the primary's replication connection while this node is secondary.
     #[arg(long, requires = "role")]
     repl_listen: Option<SocketAddr>,
@@ -320,6 +324,7 @@ impl ReplArgs {
             volume: self.replicate,
             role,
             peer: self.peer,
+            peer_node: self.peer_node,
             listen: self.repl_listen,
             policy: self.policy,
             auto_failover: !self.no_auto_failover,

@@ -95,7 +95,7 @@ fn main() -> Result<()> {
                 "the witness",
                 listen,
                 syncblock_nbd::config::WITNESS_RISK,
-                tls.is_some(),
+                tls.as_ref().is_some_and(|t| t.authenticates()),
                 insecure,
             )?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -505,11 +505,17 @@ async fn start_replication(
             peer: r.peer.unwrap_or(unset),
             auto_failover: settings.witness.is_some() && r.auto_failover,
             repl: syncblock_replicator::ReplConfig {
-                // Replication and witness links run TLS with this node's credentials when it has any.
+                // Replication and witness links run TLS with this node's credentials when it has
+                // any; the peer, when named, must prove its name.
                 net: match &tls {
-                    Some(tls) => syncblock_replicator::net::TlsNet::new(syncblock_replicator::net::tcp(), tls.clone()),
+                    Some(tls) => syncblock_replicator::net::TlsNet::expecting(
+                        syncblock_replicator::net::tcp(),
+                        tls.clone(),
+                        r.peer.zip(r.peer_node.clone()),
+                    ),
                     None => syncblock_replicator::net::tcp(),
                 },
+                peer_node: r.peer_node.clone(),
                 ..repl_config(&settings.node, settings.witness, timeout, r.policy)
             },
         };
@@ -579,7 +585,9 @@ async fn serve_nbd(
         let at = l.local_addr()?;
         let admin_tls = tls.clone();
         let https = if admin_tls.is_some() { "https" } else { "http" };
-        println!("admin endpoint on {https}://{at}  (`syncblock status --admin {at}`; Prometheus: /metrics)");
+        let creds =
+            if admin_tls.is_some() { " --tls-cert … --tls-key … --tls-ca … (or --tls-psk …)" } else { "" };
+        println!("admin endpoint on {https}://{at}  (`syncblock status --admin {at}{creds}`; Prometheus: /metrics)");
         tokio::spawn(async move {
             if let Err(e) = syncblock_nbd::admin::serve(l, admin, admin_tls).await {
                 tracing::error!("the admin endpoint stopped: {e}");
@@ -600,7 +608,7 @@ async fn serve_nbd(
             }
         );
         if let Some(p) = &unix {
-            println!("nbd+unix:///{}?socket={}", v.name, p.display());
+            println!("{scheme}+unix:///{}?socket={}", v.name, p.display());
         }
     }
     if let Some(d) = &default_export {

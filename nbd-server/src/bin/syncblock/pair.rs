@@ -100,6 +100,7 @@ async fn pair(
         volume: Some(DEFAULT_VOLUME.into()),
         role: ReplRole::Primary,
         peer: Some(sec_addr),
+        peer_node: None,
         listen: None,
         policy: None,
         auto_failover: false,
