@@ -740,6 +740,11 @@ auto_failover = false
         assert_eq!(opts.replication.admin, Some("127.0.0.1:7200".parse().unwrap()));
         assert_eq!(opts.write_back, Some(true));
         assert_eq!(opts.zero_fill, Some(true));
+        assert_eq!(opts.replicate[0].peer_node.as_deref(), Some("b"));
+        let s = opts.resolve();
+        assert_eq!((s.tls_mode, s.access["db"].len()), (TlsMode::Require, 2));
+        // The example binds addresses other hosts reach: it must pass the checks at start.
+        s.check_security().unwrap();
     }
 
     #[test]
