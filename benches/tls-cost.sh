@@ -5,10 +5,16 @@
 # the same disk. Every round runs each system once per workload, in a rotating order (the machine
 # is noisy); the script prints per-cell figures and the medians of per-round ratios against the
 # targets of issue 15 (TLS/plain: randwrite ≥ 0.85, seqwrite ≥ 0.7, write+fsync ≥ 0.9; TLS pair /
-# qemu-nbd TLS randwrite ≥ 2).
+# qemu-nbd TLS randwrite ≥ 2). An unreplicated `serve` with and without TLS runs too: qemu-nbd is
+# unreplicated, so that is the like-for-like comparison with it.
 #
-#   bash benches/tls-cost.sh                 # 3 rounds x 4 systems x 3 workloads x 8 s, ~6 min
+#   bash benches/tls-cost.sh                 # 3 rounds x 6 systems x 3 workloads x 8 s, ~10 min
 #   ROUNDS=5 RT=10 bash benches/tls-cost.sh
+#
+# The stores are created with --zero-fill (both pairs alike): a sparse store file makes every durable
+# write wait for ext4 to allocate until the log has wrapped once, which on this machine's disk made
+# cell-to-cell noise larger than the effect measured. TLS flags are the only difference between the
+# pairs; everything else is the default.
 #
 # Environment (all optional): DIR (/var/tmp/tls-bench): scratch directory on the disk under test;
 # ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches; SKIP_BUILD=1.
@@ -75,11 +81,11 @@ start_pair() {
   fi
   "$BIN" witness --listen 127.0.0.1:$w_port --state $tag-witness.state "${w_tls[@]}" >$tag-witness.log 2>&1 &
   PIDS+=($!)
-  "$BIN" serve --create --store $tag-b.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$(port) \
+  "$BIN" serve --create --zero-fill --store $tag-b.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$(port) \
     --role secondary --repl-listen 127.0.0.1:$b_repl --peer 127.0.0.1:$a_repl --node b \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$b_admin "${b_tls[@]}" >$tag-b.log 2>&1 &
   PIDS+=($!)
-  "$BIN" serve --create --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
+  "$BIN" serve --create --zero-fill --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
     --role primary --repl-listen 127.0.0.1:$a_repl --peer 127.0.0.1:$b_repl --node a \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$a_admin "${a_tls[@]}" >$tag-a.log 2>&1 &
   PIDS+=($!)
@@ -90,9 +96,24 @@ start_pair() {
   eval "URI_$tag=$scheme://127.0.0.1:$nbd/vol"
 }
 
+# An unreplicated `syncblock serve` (defaults), for the comparison with qemu-nbd, which is
+# unreplicated too. $1: tag; $2: "tls" or "plain".
+start_single() {
+  local tag=$1 nbd; nbd=$(port)
+  local -a t=()
+  [ "$2" = tls ] && t=(--tls-cert pki/server-cert.pem --tls-key pki/server-key.pem --tls-ca pki/ca-cert.pem)
+  "$BIN" serve --create --zero-fill --store $tag.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
+    "${t[@]}" >$tag.log 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 600); do grep -q "://127.0.0.1:$nbd/vol" $tag.log 2>/dev/null && break; sleep 0.1; done
+  local scheme=nbd; [ "$2" = tls ] && scheme=nbds
+  eval "URI_$tag=$scheme://127.0.0.1:$nbd/vol"
+}
+
 start_qemu() { # $1 tag, $2 tls|plain
   local p; p=$(port)
-  truncate -s 2G $1.img
+  # Allocated, as the syncblock stores are (--zero-fill).
+  dd if=/dev/zero of=$1.img bs=1M count=2048 oflag=direct status=none
   local -a t=()
   [ "$2" = tls ] && t=(--object tls-creds-x509,id=tls0,dir=$RUN/qemu-server,endpoint=server,verify-peer=yes --tls-creds tls0)
   qemu-nbd "${t[@]}" -f raw --aio=io_uring --cache=none --discard=unmap -b 127.0.0.1 -p $p -t -e 8 $1.img >$1.log 2>&1 &
@@ -119,11 +140,13 @@ print("%.0f %.1f" % (io["iops"], io["bw"]/1024))'
 echo "tls-cost: rev $REV, $ROUNDS rounds x ${RT}s, region $SIZE, in $RUN" >&2
 start_pair plain plain
 start_pair tls tls
+start_single single plain
+start_single singletls tls
 start_qemu qnbd plain
 start_qemu qnbdtls tls
 # Every system's volume written once in full over the region, so that all rounds measure
 # rewrites (the log wrapped, the cleaner on for syncblock; allocated blocks for qemu-nbd).
-for sys in plain tls qnbd qnbdtls; do
+for sys in plain tls single singletls qnbd qnbdtls; do
   uri_var=URI_$sys
   "${FIO_AS[@]}" fio --name=fill --ioengine=nbd --uri="${!uri_var}" --rw=write --bs=1m --iodepth=8 --size=$SIZE \
     >/dev/null 2>&1 || { echo "prefill of $sys failed" >&2; exit 1; }
@@ -134,7 +157,7 @@ WORKLOADS=(
   "seqwrite1m_qd8 --rw=write --bs=1m --iodepth=8"
   "syncwrite4k_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
 )
-SYSTEMS=(plain tls qnbd qnbdtls)
+SYSTEMS=(plain tls single singletls qnbd qnbdtls)
 RESULTS=$RUN/results.txt
 : >"$RESULTS"
 for r in $(seq 1 "$ROUNDS"); do
@@ -167,10 +190,12 @@ def med(w, a, b):
     v = [cells[(r, w, a)] / cells[(r, w, b)] for r in rounds if (r, w, a) in cells and (r, w, b) in cells and cells[(r, w, b)] > 0]
     return statistics.median(v) if v else float("nan")
 target = {"randwrite4k_qd32": 0.85, "seqwrite1m_qd8": 0.7, "syncwrite4k_qd1": 0.9}
-print("%-18s %12s %12s %10s %10s %12s %14s" % ("workload", "tls pair", "plain pair", "tls/plain", "target", "qemu TLS/pl", "tls/qemu-tls"))
+print("%-18s %9s %9s %9s %8s | %9s %9s %9s | %9s %9s %9s" % ("workload", "pair TLS", "pair", "TLS/plain", "target",
+      "serve TLS", "serve", "TLS/plain", "qemu TLS", "TLS/plain", "serve/qemu (TLS)"))
 for w in works:
     m = lambda s: statistics.median([cells[(r, w, s)] for r in rounds if (r, w, s) in cells] or [float("nan")])
-    print("%-18s %12.0f %12.0f %10.2f %10s %12.2f %14.2f" % (w, m("tls"), m("plain"), med(w, "tls", "plain"),
-          ">= %.2f" % target[w], med(w, "qnbdtls", "qnbd"), med(w, "tls", "qnbdtls")))
+    print("%-18s %9.0f %9.0f %9.2f %8s | %9.0f %9.0f %9.2f | %9.0f %9.2f %9.2f" % (w, m("tls"), m("plain"),
+          med(w, "tls", "plain"), ">= %.2f" % target[w], m("singletls"), m("single"), med(w, "singletls", "single"),
+          m("qnbdtls"), med(w, "qnbdtls", "qnbd"), med(w, "singletls", "qnbdtls")))
 print("(iops are medians over rounds; ratios are medians of per-round ratios; seqwrite iops are 1 MiB writes)")
 EOF

@@ -59,6 +59,10 @@ impl Incoming {
             None => Ok(Peer { stream, who: Who { from, identity: None } }),
             Some(tls) => {
                 let (s, identity) = tls.accept(stream).await?;
+                if tls.authenticates() && identity.is_none() {
+                    // Signed by the CA but naming no one (no CN): it cannot be held to a name.
+                    return Err(TlsError::Handshake("the peer's certificate has no common name (CN)".into()));
+                }
                 Ok(Peer { stream: Box::new(s), who: Who { from, identity } })
             }
         }
