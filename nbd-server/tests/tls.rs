@@ -290,12 +290,7 @@ fn access_lists_decide_who_opens_which_export_and_how() {
         assert!(!list.contains("export=\"vol\""), "vol listed to an identity that may not open it:\n{list}");
         assert!(list.contains("export=\"open\""), "{list}");
         // The mallory certificate (CN=app1 from another CA) is no key to app1's export.
-        let mallory = dir.path().join("mallory");
-        std::fs::create_dir_all(&mallory).unwrap();
-        std::fs::copy(p.ca(), mallory.join("ca-cert.pem")).unwrap();
-        std::fs::copy(p.cert("mallory"), mallory.join("client-cert.pem")).unwrap();
-        std::fs::copy(p.key("mallory"), mallory.join("client-key.pem")).unwrap();
-        let (code, _, _) = tool("nbdinfo", &[&format!("{}?tls-certificates={}", nbds(s, "vol"), mallory.display())]);
+        let (code, _, _) = tool("nbdinfo", &[&x509_uri(s, p, "mallory", "vol")]);
         assert_ne!(code, 0, "a certificate from another CA was accepted");
     });
 }
@@ -410,11 +405,7 @@ fn refusals_name_their_cause_in_the_log() {
     let wrong = p.wrong_psk();
     let unknown = dir.path().join("unknown.psk");
     std::fs::write(&unknown, format!("carol:{}\n", "11".repeat(32))).unwrap();
-    let mallory = dir.path().join("mallory");
-    std::fs::create_dir_all(&mallory).unwrap();
-    std::fs::copy(p.ca(), mallory.join("ca-cert.pem")).unwrap();
-    std::fs::copy(p.cert("mallory"), mallory.join("client-cert.pem")).unwrap();
-    std::fs::copy(p.key("mallory"), mallory.join("client-key.pem")).unwrap();
+    let mallory = p.client_dir("mallory");
     let no_cert = dir.path().join("nocert");
     std::fs::create_dir_all(&no_cert).unwrap();
     std::fs::copy(p.ca(), no_cert.join("ca-cert.pem")).unwrap();

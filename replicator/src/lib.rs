@@ -73,6 +73,8 @@ pub struct ReplConfig {
     pub peer_node: Option<String>,
     /// The network (TCP, or the simulation's).
     pub net: std::sync::Arc<dyn net::Net>,
+    /// The connection to the witness, kept between requests (shared by clones).
+    pub witness_link: witness::Link,
 }
 
 impl std::fmt::Debug for ReplConfig {
@@ -131,6 +133,7 @@ impl Default for ReplConfig {
             policy: Policy::Strict,
             peer_node: None,
             net: net::tcp(),
+            witness_link: witness::Link::default(),
         }
     }
 }

@@ -157,8 +157,14 @@ impl Node {
             force: false,
             reclaim: true,
         };
-        let answer =
-            crate::witness::ask(self.inner.cfg.repl.net.as_ref(), witness, &req, self.inner.cfg.repl.timeout).await;
+        let answer = crate::witness::ask(
+            self.inner.cfg.repl.net.as_ref(),
+            &self.inner.cfg.repl.witness_link,
+            witness,
+            &req,
+            self.inner.cfg.repl.timeout,
+        )
+        .await;
         match answer {
             Ok(grant) => self.become_primary(Some(grant)).await,
             Err(e @ ReplError::Refused { .. }) => {
@@ -261,7 +267,16 @@ impl Node {
                     force,
                     reclaim,
                 };
-                Some(crate::witness::ask(self.inner.cfg.repl.net.as_ref(), w, &req, self.inner.cfg.repl.timeout).await?)
+                Some(
+                    crate::witness::ask(
+                        self.inner.cfg.repl.net.as_ref(),
+                        &self.inner.cfg.repl.witness_link,
+                        w,
+                        &req,
+                        self.inner.cfg.repl.timeout,
+                    )
+                    .await?,
+                )
             }
             None => None,
         };

@@ -481,8 +481,16 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
     let decider = Arc::new(Mutex::new(Decider::new(state, lease, Instant::now())));
     let state_path = Arc::new(state_path);
     let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    // The connections' tasks belong to this future: when the witness stops (its task aborted, as
+    // the simulation's power cut does, or `pair` ending), every connection closes with it. A node
+    // keeps its connection between requests (`Link`), and a connection outliving its witness
+    // would answer from a decider that is no longer the witness's.
+    let mut tasks = tokio::task::JoinSet::new();
     loop {
-        let incoming = listener.accept().await?;
+        let incoming = tokio::select! {
+            a = listener.accept() => a?,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
         let from = incoming.from;
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tracing::warn!(%from, "witness: {CONNECTIONS_MAX} connections open; refusing one more");
@@ -490,7 +498,7 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
         };
         let decider = decider.clone();
         let state_path = state_path.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let peer = match incoming.establish().await {
                 Ok(p) => p,
                 Err(e) => {
@@ -507,8 +515,8 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
     }
 }
 
-/// Connections the witness serves at once: each node opens one per request (a few per second per
-/// pair); 1024 leaves room for hundreds of pairs while a flood cannot exhaust descriptors.
+/// Connections the witness serves at once: each replicated volume of each node keeps one (`Link`);
+/// 1024 leaves room for hundreds of pairs while a flood cannot exhaust descriptors.
 const CONNECTIONS_MAX: usize = 1024;
 
 /// Bound on a witness request's wait for its frame.
@@ -580,17 +588,48 @@ pub struct Grant {
 }
 
 /// Asks the witness at `addr`; a refusal is [`ReplError::Refused`] with its [`Refusal`].
-pub async fn ask(net: &dyn Net, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Grant> {
+/// A node's connection to its witness, kept between requests: a request then costs one round trip
+/// instead of a connection and, with TLS, a full handshake (about a millisecond of CPU on each
+/// side, eight times a second per replicated volume; under load those handshakes were late
+/// enough for the witness to hand a busy primary's role to its peer). Clones share the connection.
+/// A connection that fails or times out is dropped, never reused: an answer arriving late must
+/// not be read as the answer to the next request.
+#[derive(Clone, Default)]
+pub struct Link(Arc<std::sync::Mutex<Option<(SocketAddr, crate::net::ReadPart, crate::net::WritePart)>>>);
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("witness::Link")
+    }
+}
+
+/// Sends `req` to the witness at `addr` over `link` (reusing its connection if it has one to
+/// `addr`, opening one otherwise) and returns its grant.
+pub async fn ask(net: &dyn Net, link: &Link, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Grant> {
     let sent = Instant::now();
-    let fut = async {
-        let stream = net.connect(addr).await?;
-        let (mut rd, mut wr) = crate::net::split(stream);
+    let kept = link.0.lock().expect("witness link").take().filter(|(at, _, _)| *at == addr);
+    let reused = kept.is_some();
+    let exchange = |conn: Option<(SocketAddr, crate::net::ReadPart, crate::net::WritePart)>| async move {
+        let (mut rd, mut wr) = match conn {
+            Some((_, rd, wr)) => (rd, wr),
+            None => crate::net::split(net.connect(addr).await?),
+        };
         write_frame(&mut wr, req).await?;
-        rd.read_frame(timeout).await
+        let answer = rd.read_frame(timeout).await?;
+        Ok::<_, ReplError>((answer, rd, wr))
     };
-    let answer = tokio::time::timeout(timeout, fut)
+    let fut = async {
+        match exchange(kept).await {
+            // The kept connection may have died in the meantime (the witness restarted, or closed
+            // it as idle): one more try on a new one.
+            Err(_) if reused => exchange(None).await,
+            other => other,
+        }
+    };
+    let (answer, rd, wr) = tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ReplError::Stopped(format!("witness {addr} did not answer within {timeout:?}")))??;
+    *link.0.lock().expect("witness link") = Some((addr, rd, wr));
     match answer {
         Frame::WitnessGrant { epoch, primary, solo, lease_ms } => {
             let lease = Duration::from_millis(lease_ms.into());
@@ -825,7 +864,9 @@ mod tests {
             let addr = l.local_addr().unwrap();
             let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1)));
             let net = crate::net::tcp();
-            let e = ask(net.as_ref(), addr, &report("a", 1, true), Duration::from_secs(5)).await.unwrap_err();
+            let e = ask(net.as_ref(), &Link::default(), addr, &report("a", 1, true), Duration::from_secs(5))
+                .await
+                .unwrap_err();
             match e {
                 ReplError::Refused { why, reason } => {
                     assert_eq!(why, Refusal::WitnessStorage, "{reason}");

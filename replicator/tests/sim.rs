@@ -184,7 +184,10 @@ impl World {
                 reconnect: Duration::from_millis(20),
                 witness: Some(SocketAddr::new(ip(3), WITNESS_PORT)),
                 policy: self.policy,
+                // Each node names its peer, as a deployment with TLS does.
+                peer_node: Some(peer.name.into()),
                 net: self.net.host(me.ip),
+                witness_link: Default::default(),
             },
         }
     }

@@ -77,9 +77,10 @@ impl Owner {
     pub(super) fn ask_witness(&mut self, ask: Ask, req: Frame) {
         let Some(witness) = self.cfg.witness else { return };
         self.witness_asking = true;
-        let (net, timeout, events) = (self.cfg.net.clone(), self.cfg.timeout, self.events_tx.clone());
+        let (net, link, timeout, events) =
+            (self.cfg.net.clone(), self.cfg.witness_link.clone(), self.cfg.timeout, self.events_tx.clone());
         tokio::spawn(async move {
-            let r = crate::witness::ask(net.as_ref(), witness, &req, timeout).await;
+            let r = crate::witness::ask(net.as_ref(), &link, witness, &req, timeout).await;
             let _ = events.send(Event::Witness(ask, r)).await;
         });
     }
