@@ -494,8 +494,6 @@ fn start_pair(flags: &[&str]) -> Pair {
         flags,
         witness_flags: &[],
         client_flags: &[],
-        witness_flags: &[],
-        client_flags: &[],
         poll: POLL,
         rejoin_max: REJOIN_MAX,
     };

@@ -357,12 +357,14 @@ fn solo(lab: &Lab, host: Host) -> Proc {
 
 /// `syncblock status` of a node, from inside its namespace.
 fn status(lab: &Lab, host: Host) -> String {
-    lab.exec_ok(host, BIN, &["status", "--json", "--admin", ADMIN])
+    let psk = psk_file(lab);
+    lab.exec_ok(host, BIN, &["status", "--json", "--admin", ADMIN, &psk, "--tls-user", host.tag()])
 }
 
 /// `syncblock verify` on the primary `host`: the replicas must not differ.
 fn verify_clean(lab: &Lab, host: Host) {
-    let out = lab.exec_ok(host, BIN, &["verify", "--json", "--admin", ADMIN]);
+    let psk = psk_file(lab);
+    let out = lab.exec_ok(host, BIN, &["verify", "--json", "--admin", ADMIN, &psk, "--tls-user", host.tag()]);
     assert!(out.contains("\"ok\":true") && out.contains("\"blocks_differing\":0,"), "{out}");
 }
 
