@@ -157,7 +157,7 @@ pub struct TlsNet {
 }
 
 impl TlsNet {
-    pub fn new(inner: Arc<dyn Net>, tls: Arc<Tls>) -> Arc<dyn Net> {
+    pub fn over(inner: Arc<dyn Net>, tls: Arc<Tls>) -> Arc<dyn Net> {
         TlsNet::expecting(inner, tls, [])
     }
 

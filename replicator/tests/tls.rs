@@ -27,7 +27,7 @@ async fn secondary(b: &syncblock_engine::Store, tls: Arc<Tls>) -> Secondary {
 }
 
 fn primary_cfg(node: &str, tls: Arc<Tls>) -> ReplConfig {
-    ReplConfig { net: TlsNet::new(tcp(), tls), ..cfg(node, TIMEOUT) }
+    ReplConfig { net: TlsNet::over(tcp(), tls), ..cfg(node, TIMEOUT) }
 }
 
 async fn in_sync_within(p: &Primary, max: Duration) -> bool {
