@@ -245,8 +245,21 @@ impl Tls {
             b.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
         }
         // Read whole socket buffers at a time, not one record header and body per system call.
+        // And keep the record buffers: the `openssl` crate's contexts free them whenever they are
+        // empty (RELEASE_BUFFERS), which on a busy link is a free and an allocation per record.
         for b in [&mut *server, &mut *client] {
             b.set_read_ahead(true);
+            const SSL_CTRL_CLEAR_MODE: std::ffi::c_int = 78;
+            // SAFETY: the pointer is the builder's live SSL_CTX; SSL_CTRL_CLEAR_MODE only clears
+            // mode bits and takes no pointer argument.
+            unsafe {
+                openssl_sys::SSL_CTX_ctrl(
+                    b.as_ptr(),
+                    SSL_CTRL_CLEAR_MODE,
+                    openssl_sys::SSL_MODE_RELEASE_BUFFERS,
+                    std::ptr::null_mut(),
+                )
+            };
         }
         // Needed by OpenSSL whenever peers are verified and a PSK session is looked up.
         server.set_session_id_context(b"syncblock").map_err(ossl("OpenSSL"))?;
