@@ -521,7 +521,7 @@ impl ServeSettings {
                      TLS handshake, so an access list needs TLS credentials with --tls-ca or --tls-psk"
                 )));
             }
-            if self.tls.ca.is_none() && self.tls.psk.is_none() {
+            if !self.tls.authenticates() {
                 return Err(ConfigError::Tls(format!(
                     "volume {volume:?} has an access list, but clients prove no identity: give --tls-ca \
                      (client certificates) or --tls-psk"
@@ -531,7 +531,7 @@ impl ServeSettings {
         check_exposed("NBD", self.listen, NBD_RISK, self.tls_mode == TlsMode::Require, self.insecure)?;
         // The replication and admin ports take a node's writes and commands: TLS that only
         // encrypts (a certificate without a CA) is not enough off loopback.
-        let authenticated = self.tls.ca.is_some() || self.tls.psk.is_some();
+        let authenticated = self.tls.authenticates();
         for r in &self.replicate {
             if let Some(addr) = r.listen {
                 check_exposed("replication", addr, REPLICATION_RISK, authenticated, self.insecure)?;

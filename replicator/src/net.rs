@@ -70,6 +70,17 @@ impl Incoming {
 }
 
 impl Who {
+    /// Refuses a peer that names itself `claimed` (in its hello) but proved another identity, or is
+    /// not the node this one replicates with (`peer_node`, when configured): the one check of a
+    /// secondary's port and of a primary's port for successors.
+    pub fn check_peer(&self, claimed: &str, peer_node: Option<&str>) -> Result<(), String> {
+        self.check_claim(claimed)?;
+        match peer_node {
+            Some(peer) if peer != claimed => Err(format!("this node replicates with {peer:?}, not with {claimed:?}")),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses a peer that names itself (in a hello or a witness request) other than the identity
     /// it proved. Without authentication there is nothing to check against.
     pub fn check_claim(&self, claimed: &str) -> Result<(), String> {
@@ -208,9 +219,6 @@ impl Net for TlsNet {
         })
     }
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
-        Box::pin(async move {
-            let inner = self.inner.bind(addr).await?;
-            Ok(Box::new(TlsListener { inner, tls: self.tls.clone() }) as BoxListener)
-        })
+        Box::pin(async move { Ok(tls_listener(self.inner.bind(addr).await?, self.tls.clone())) })
     }
 }

@@ -460,14 +460,14 @@ async fn answer_successor(peer: crate::net::Peer, p: &Primary, timeout: Duration
     let (from, who) = (peer.who.from, peer.who);
     let (mut rd, mut wr) = crate::net::split(peer.stream);
     let refuse = |why: Refusal, reason: String| Frame::Refuse { why, reason };
-    let answer = match rd.read_frame(timeout).await {
-        Ok(Frame::Hello { node, .. }) if who.check_claim(&node).is_err() => {
-            let reason = who.check_claim(&node).unwrap_err();
-            tracing::warn!("replication port: {reason}");
-            refuse(Refusal::Protocol, reason)
-        }
-        Ok(Frame::Hello { node, .. }) if peer_node.as_deref().is_some_and(|p| p != node) => {
-            let reason = format!("this node replicates with {:?}, not with {node:?}", peer_node.unwrap_or_default());
+    let frame = rd.read_frame(timeout).await;
+    let named = match &frame {
+        Ok(Frame::Hello { node, .. }) => who.check_peer(node, peer_node.as_deref()),
+        _ => Ok(()),
+    };
+    let answer = match frame {
+        Ok(Frame::Hello { .. }) if named.is_err() => {
+            let reason = named.expect_err("checked");
             tracing::warn!(%from, "replication port: {reason}");
             refuse(Refusal::Protocol, reason)
         }

@@ -181,10 +181,6 @@ fn check_hello(i: &Inner, hello: &Frame) -> std::result::Result<(), (Refusal, St
         let s = i.state.lock().expect("state");
         (s.pair, s.epoch)
     };
-    if let Some(peer) = i.cfg.peer_node.as_deref().filter(|p| *p != node) {
-        let msg = format!("this node replicates {:?} with {peer:?}, not with {node:?}", i.name);
-        return Err((Refusal::Protocol, msg));
-    }
     if *volume != i.name {
         Err((Refusal::WrongVolume, format!("this node replicates volume {:?}, not {volume:?}", i.name)))
     } else if *size_bytes != i.size_bytes {
@@ -230,7 +226,7 @@ async fn handshake(i: Arc<Inner>, incoming: Incoming) -> Option<Authenticated> {
         }
     };
     if let Frame::Hello { node, .. } = &hello {
-        if let Err(reason) = peer.who.check_claim(node) {
+        if let Err(reason) = peer.who.check_peer(node, i.cfg.peer_node.as_deref()) {
             tracing::warn!(volume = %i.name, %from, "refusing a primary: {reason}");
             let _ = write_frame(&mut wr, &Frame::Refuse { why: Refusal::Protocol, reason }).await;
             return None;

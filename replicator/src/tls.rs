@@ -66,6 +66,12 @@ impl TlsFiles {
         self.cert.is_none() && self.key.is_none() && self.ca.is_none() && self.psk.is_none()
     }
 
+    /// Peers must prove an identity: a CA (client certificates) or a PSK file. A certificate alone
+    /// only encrypts.
+    pub fn authenticates(&self) -> bool {
+        self.ca.is_some() || self.psk.is_some()
+    }
+
     /// Resolves relative paths against `dir` (a config file's directory).
     pub fn relative_to(mut self, dir: &Path) -> TlsFiles {
         for p in [&mut self.cert, &mut self.key, &mut self.ca, &mut self.psk].into_iter().flatten() {
@@ -139,6 +145,17 @@ impl PskKeys {
         Ok(PskKeys(keys))
     }
 
+    /// Reads and parses the PSK file at `path`.
+    pub fn load(path: &Path) -> Result<PskKeys, TlsError> {
+        let text = std::fs::read(path).map_err(|source| TlsError::File {
+            what: "PSK file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        PskKeys::parse(&String::from_utf8_lossy(&text))
+            .map_err(|e| TlsError::Config(format!("PSK file {}: {e}", path.display())))
+    }
+
     pub fn get(&self, identity: &str) -> Option<&[u8]> {
         self.0.get(identity).map(|k| k.as_slice())
     }
@@ -195,13 +212,7 @@ impl Tls {
         let identity = match (psk_identity, &files.psk) {
             (Some(id), _) => Some(id),
             (None, Some(path)) => {
-                let text = std::fs::read(path).map_err(|source| TlsError::File {
-                    what: "PSK file",
-                    path: path.clone(),
-                    source,
-                })?;
-                let keys = PskKeys::parse(&String::from_utf8_lossy(&text))
-                    .map_err(|e| TlsError::Config(format!("PSK file {}: {e}", path.display())))?;
+                let keys = PskKeys::load(path)?;
                 if keys.0.len() != 1 {
                     return Err(TlsError::Config(format!(
                         "PSK file {} has {} identities: name the one to use with --tls-user",
@@ -231,23 +242,20 @@ impl Tls {
         let ossl = |what: &'static str| move |e: openssl::error::ErrorStack| TlsError::Config(format!("{what}: {e}"));
         let mut server = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(ossl("OpenSSL"))?;
         let mut client = SslConnector::builder(SslMethod::tls_client()).map_err(ossl("OpenSSL"))?;
+        // The server's order decides: a TLS 1.3 PSK from a file is a SHA-256 key (OpenSSL and GnuTLS
+        // agree on that), so a suite with SHA-256 must win for PSK clients to be served.
+        server.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
         for b in [&mut *server, &mut *client] {
             b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(ossl("OpenSSL"))?;
             b.set_cipher_list(TLS12_CIPHERS).map_err(ossl("cipher list"))?;
             b.set_ciphersuites(TLS13_CIPHERS).map_err(ossl("TLS 1.3 cipher suites"))?;
-        }
-        // The server's order decides: a TLS 1.3 PSK from a file is a SHA-256 key (OpenSSL and GnuTLS
-        // agree on that), so a suite with SHA-256 must win for PSK clients to be served.
-        server.set_options(openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE);
-        // A TLS 1.2 peer that asks to renegotiate is refused (TLS 1.3 has no renegotiation): it
-        // buys an attacker a costly handshake on an established connection and us nothing.
-        for b in [&mut *server, &mut *client] {
+            // A TLS 1.2 peer that asks to renegotiate is refused (TLS 1.3 has no renegotiation):
+            // it buys an attacker a costly handshake on an established connection and us nothing.
             b.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
-        }
-        // Read whole socket buffers at a time, not one record header and body per system call.
-        // And keep the record buffers: the `openssl` crate's contexts free them whenever they are
-        // empty (RELEASE_BUFFERS), which on a busy link is a free and an allocation per record.
-        for b in [&mut *server, &mut *client] {
+            // Read whole socket buffers at a time, not one record header and body per system call.
+            // And keep the record buffers: the `openssl` crate's contexts free them whenever they
+            // are empty (RELEASE_BUFFERS), which on a busy link is a free and an allocation per
+            // record.
             b.set_read_ahead(true);
             const SSL_CTRL_CLEAR_MODE: std::ffi::c_int = 78;
             // SAFETY: the pointer is the builder's live SSL_CTX; SSL_CTRL_CLEAR_MODE only clears
@@ -308,9 +316,7 @@ impl Tls {
             client.set_verify(SslVerifyMode::NONE);
         }
         if let Some(psk) = &files.psk {
-            let text = read("PSK file", psk)?;
-            let keys = PskKeys::parse(&String::from_utf8_lossy(&text))
-                .map_err(|e| cfg(format!("PSK file {}: {e}", psk.display())))?;
+            let keys = PskKeys::load(psk)?;
             let n = keys.0.len();
             let server_keys = keys.clone();
             server.set_psk_server_callback(move |ssl, identity, out| {
@@ -343,11 +349,10 @@ impl Tls {
             }
             parts.push(format!("PSK file with {n} identities"));
         }
-        let authenticates = files.ca.is_some() || files.psk.is_some();
         Ok(Arc::new(Tls {
             server: server.build().into_context(),
             client: client.build().into_context(),
-            authenticates,
+            authenticates: files.authenticates(),
             summary: parts.join(", "),
         }))
     }
@@ -401,9 +406,7 @@ impl Tls {
         }
         Ok(TlsStream { inner: s, scratch: Vec::new() })
     }
-}
 
-impl Tls {
     /// The client side of a handshake on a blocking socket (the admin commands).
     pub fn connect_blocking(
         &self,

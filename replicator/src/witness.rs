@@ -587,7 +587,6 @@ pub struct Grant {
     pub valid_until: Instant,
 }
 
-/// Asks the witness at `addr`; a refusal is [`ReplError::Refused`] with its [`Refusal`].
 /// A node's connection to its witness, kept between requests: a request then costs one round trip
 /// instead of a connection and, with TLS, a full handshake (about a millisecond of CPU on each
 /// side, eight times a second per replicated volume; under load those handshakes were late
@@ -603,8 +602,8 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// Sends `req` to the witness at `addr` over `link` (reusing its connection if it has one to
-/// `addr`, opening one otherwise) and returns its grant.
+/// Asks the witness at `addr` over `link` (reusing its connection if it has one to `addr`, opening
+/// one otherwise); a refusal is [`ReplError::Refused`] with its [`Refusal`].
 pub async fn ask(net: &dyn Net, link: &Link, addr: SocketAddr, req: &Frame, timeout: Duration) -> Result<Grant> {
     let sent = Instant::now();
     let kept = link.0.lock().expect("witness link").take().filter(|(at, _, _)| *at == addr);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use syncblock_engine::Store;
 use syncblock_replicator::net::{tcp, tcp_listener, tls_listener, TlsNet};
 use syncblock_replicator::tls::{Tls, TlsFiles};
 use syncblock_replicator::{Primary, ReplConfig, Secondary};
@@ -26,8 +27,11 @@ async fn secondary(b: &syncblock_engine::Store, tls: Arc<Tls>) -> Secondary {
     Secondary::start(b.clone(), "v", tls_listener(tcp_listener(l), tls), cfg("b", TIMEOUT)).await.unwrap()
 }
 
-fn primary_cfg(node: &str, tls: Arc<Tls>) -> ReplConfig {
-    ReplConfig { net: TlsNet::over(tcp(), tls), ..cfg(node, TIMEOUT) }
+/// A primary of `a`'s volume named `node` in its hello, connecting to `sec` over TLS as PSK
+/// identity `identity` with the keys of `files`.
+async fn tls_primary(a: &Store, sec: &Secondary, node: &str, files: &TlsFiles, identity: &str) -> Primary {
+    let cfg = ReplConfig { net: TlsNet::over(tcp(), Tls::load(files, Some(identity)).unwrap()), ..cfg(node, TIMEOUT) };
+    Primary::start(a.clone(), "v", sec.local_addr(), cfg, None).await.unwrap()
 }
 
 async fn in_sync_within(p: &Primary, max: Duration) -> bool {
@@ -43,10 +47,7 @@ async fn a_pair_mirrors_writes_over_psk_tls() {
     let (a, b) = two_stores(dir.path(), 256 << 20, 64 << 20).await;
     let files = psk_file(dir.path(), "keys.psk", &"a1".repeat(32));
     let sec = secondary(&b, Tls::load(&files, Some("b")).unwrap()).await;
-    let prim =
-        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&files, Some("a")).unwrap()), None)
-            .await
-            .unwrap();
+    let prim = tls_primary(&a, &sec, "a", &files, "a").await;
     wait_in_sync(&prim).await;
     for k in 0..200u64 {
         prim.write(k * 8192, block(k), k % 7 == 0).await.unwrap();
@@ -67,26 +68,17 @@ async fn a_wrong_key_or_a_false_name_never_reaches_the_secondary() {
 
     // Knows a key for "a", but not the right one.
     let wrong = psk_file(dir.path(), "wrong.psk", &"ff".repeat(32));
-    let prim =
-        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&wrong, Some("a")).unwrap()), None)
-            .await
-            .unwrap();
+    let prim = tls_primary(&a, &sec, "a", &wrong, "a").await;
     assert!(!in_sync_within(&prim, Duration::from_secs(3)).await, "a primary with a wrong key got in sync");
     prim.stop();
 
     // Proves it is "a" (the right key) but says "b" in its hello.
-    let liar =
-        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("b", Tls::load(&files, Some("a")).unwrap()), None)
-            .await
-            .unwrap();
+    let liar = tls_primary(&a, &sec, "b", &files, "a").await;
     assert!(!in_sync_within(&liar, Duration::from_secs(3)).await, "a peer calling itself another name got in sync");
     liar.stop();
 
     // The real "a" is served as ever.
-    let prim =
-        Primary::start(a.clone(), "v", sec.local_addr(), primary_cfg("a", Tls::load(&files, Some("a")).unwrap()), None)
-            .await
-            .unwrap();
+    let prim = tls_primary(&a, &sec, "a", &files, "a").await;
     assert!(in_sync_within(&prim, Duration::from_secs(20)).await, "the real primary was refused");
     prim.stop();
     sec.stop().await;
