@@ -7,6 +7,7 @@
 //! peer is brought back by shipping what changed after the last tag both sides share.
 //! `docs/replication.md` states the rules and the argument.
 
+pub mod authority;
 pub mod link;
 pub mod net;
 pub mod node;
@@ -62,9 +63,9 @@ pub struct ReplConfig {
     pub timeout: Duration,
     /// Pause between reconnection attempts.
     pub reconnect: Duration,
-    /// The witness that grants epochs and solo operation; without one, a pair has a fixed primary
-    /// and only the strict policy.
-    pub witness: Option<std::net::SocketAddr>,
+    /// The authority that grants epochs and solo operation (a witness, or etcd in cluster mode);
+    /// without one, a pair has a fixed primary and only the strict policy.
+    pub authority: Option<authority::SharedAuthority>,
     /// What the primary does while its peer is away.
     pub policy: Policy,
     /// The peer's node name, if configured: a hello from another node is refused, and with TLS the
@@ -73,8 +74,6 @@ pub struct ReplConfig {
     pub peer_node: Option<String>,
     /// The network (TCP, or the simulation's).
     pub net: std::sync::Arc<dyn net::Net>,
-    /// The connection to the witness, kept between requests (shared by clones).
-    pub witness_link: witness::Link,
 }
 
 impl std::fmt::Debug for ReplConfig {
@@ -83,7 +82,7 @@ impl std::fmt::Debug for ReplConfig {
             .field("node", &self.node)
             .field("heartbeat", &self.heartbeat)
             .field("timeout", &self.timeout)
-            .field("witness", &self.witness)
+            .field("authority", &self.authority.as_ref().map(|a| a.describe()))
             .field("policy", &self.policy)
             .field("peer_node", &self.peer_node)
             .finish_non_exhaustive()
@@ -129,11 +128,10 @@ impl Default for ReplConfig {
             heartbeat: Duration::from_millis(125),
             timeout: Duration::from_secs(1),
             reconnect: Duration::from_millis(100),
-            witness: None,
+            authority: None,
             policy: Policy::Strict,
             peer_node: None,
             net: net::tcp(),
-            witness_link: witness::Link::default(),
         }
     }
 }

@@ -98,17 +98,17 @@ impl Node {
                 "this store was last {} (the role it had wins over --role {}){}",
                 name(role),
                 name(initial),
-                if role == Role::Primary && cfg.repl.witness.is_some() {
+                if role == Role::Primary && cfg.repl.authority.is_some() {
                     "; asking the witness whether it still is the primary"
                 } else {
                     ""
                 }
             );
         }
-        if cfg.auto_failover && cfg.repl.witness.is_none() {
+        if cfg.auto_failover && cfg.repl.authority.is_none() {
             return Err(ReplError::Invalid("automatic failover needs a witness (--witness)".into()));
         }
-        if cfg.repl.policy == Policy::Degrade && cfg.repl.witness.is_none() {
+        if cfg.repl.policy == Policy::Degrade && cfg.repl.authority.is_none() {
             return Err(ReplError::Invalid("the degrade policy needs a witness (--witness)".into()));
         }
         if cfg.repl.policy == Policy::Strict && cfg.auto_failover {
@@ -131,7 +131,7 @@ impl Node {
             }),
         };
         match role {
-            Role::Primary if node.inner.cfg.repl.witness.is_some() => node.restart_as_primary().await?,
+            Role::Primary if node.inner.cfg.repl.authority.is_some() => node.restart_as_primary().await?,
             Role::Primary => node.become_primary(None).await?,
             Role::Secondary => node.become_secondary().await?,
         }
@@ -147,7 +147,7 @@ impl Node {
             // First start ever: the primary's first report registers it at the witness.
             return self.become_primary(None).await;
         }
-        let witness = self.inner.cfg.repl.witness.expect("checked by the caller");
+        let authority = self.inner.cfg.repl.authority.clone().expect("checked by the caller");
         let req = Frame::WitnessPromote {
             pair: state.pair,
             volume: self.inner.cfg.volume.clone(),
@@ -157,14 +157,7 @@ impl Node {
             force: false,
             reclaim: true,
         };
-        let answer = crate::witness::ask(
-            self.inner.cfg.repl.net.as_ref(),
-            &self.inner.cfg.repl.witness_link,
-            witness,
-            &req,
-            self.inner.cfg.repl.timeout,
-        )
-        .await;
+        let answer = authority.ask(&req, self.inner.cfg.repl.timeout).await;
         match answer {
             Ok(grant) => self.become_primary(Some(grant)).await,
             Err(e @ ReplError::Refused { .. }) => {
@@ -244,7 +237,7 @@ impl Node {
                 self.inner.cfg.volume
             )));
         }
-        if state.pair == 0 && self.inner.cfg.repl.witness.is_some() {
+        if state.pair == 0 && self.inner.cfg.repl.authority.is_some() {
             if !force {
                 return Err(ReplError::Invalid(format!(
                     "{} has never synced with a primary, so it belongs to no pair yet; promote it with \
@@ -256,8 +249,8 @@ impl Node {
             state.pair = crate::wire::new_origin();
             crate::state::record_state(&self.inner.store, &info, &state, syncblock_engine::StagedOp::Keep).await?;
         }
-        let granted = match self.inner.cfg.repl.witness {
-            Some(w) => {
+        let granted = match self.inner.cfg.repl.authority.clone() {
+            Some(authority) => {
                 let req = Frame::WitnessPromote {
                     pair: state.pair,
                     volume: self.inner.cfg.volume.clone(),
@@ -267,16 +260,7 @@ impl Node {
                     force,
                     reclaim,
                 };
-                Some(
-                    crate::witness::ask(
-                        self.inner.cfg.repl.net.as_ref(),
-                        &self.inner.cfg.repl.witness_link,
-                        w,
-                        &req,
-                        self.inner.cfg.repl.timeout,
-                    )
-                    .await?,
-                )
+                Some(authority.ask(&req, self.inner.cfg.repl.timeout).await?)
             }
             None => None,
         };
@@ -393,7 +377,7 @@ impl Node {
         let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, c.repl.clone()).await?;
         *self.inner.current.lock().expect("role") = Current::Secondary(s.clone());
         self.inner.role_changes.send_modify(|n| *n += 1);
-        if c.repl.witness.is_some() {
+        if c.repl.authority.is_some() {
             tokio::spawn(watch_primary(self.clone(), s));
         }
         Ok(())

@@ -173,138 +173,156 @@ impl Decider {
     }
 
     fn decide_pair(&mut self, pair: u64, req: &Frame, now: Instant) -> (Decision, bool) {
-        let lease = self.lease;
-        let window = takeover_window(lease);
         let silent = self.silent_for(pair, now);
-        match req {
-            Frame::WitnessReport { volume, node, epoch, in_sync, .. } => {
-                let (r, bound) = self.record(pair, volume);
-                let Some(r) = r else {
-                    let r = Record {
-                        volume: volume.clone(),
-                        epoch: *epoch,
-                        primary: node.clone(),
-                        solo: false,
-                        synced: *in_sync,
-                    };
-                    self.state.pairs.insert(pair, r.clone());
-                    self.seen.insert(pair, now);
-                    return (Ok(r), true);
+        let volume = match req {
+            Frame::WitnessReport { volume, .. }
+            | Frame::WitnessSolo { volume, .. }
+            | Frame::WitnessPromote { volume, .. } => volume,
+            _ => unreachable!("checked by decide"),
+        };
+        let (_, bound) = self.record(pair, volume);
+        let mut record = self.state.pairs.remove(&pair);
+        let (decision, changed) = decide_record(&mut record, pair, req, silent, self.lease);
+        if let Some(r) = record {
+            self.state.pairs.insert(pair, r);
+        }
+        if decision.is_ok() {
+            self.seen.insert(pair, now);
+        }
+        (decision, changed || bound)
+    }
+}
+
+/// The rules (the module's doc states them), applied to one pair's record: `record` is updated in
+/// place (created by a first report or a forced promotion), and the answer says whether it changed
+/// and must be made durable before the requester hears of it. `silent`: how long the record's
+/// primary has given no sign of life (the witness: since its last granted request; etcd: zero while
+/// the primary's node lease exists, unbounded once it has expired). Both authorities decide with
+/// this one function, so a pair behaves the same whichever it has.
+pub fn decide_record(
+    record: &mut Option<Record>,
+    pair: u64,
+    req: &Frame,
+    silent: Duration,
+    lease: Duration,
+) -> (Decision, bool) {
+    let window = takeover_window(lease);
+    match req {
+        Frame::WitnessReport { volume, node, epoch, in_sync, .. } => {
+            let Some(r) = record else {
+                let r = Record {
+                    volume: volume.clone(),
+                    epoch: *epoch,
+                    primary: node.clone(),
+                    solo: false,
+                    synced: *in_sync,
                 };
-                if r.primary != *node || r.epoch != *epoch {
-                    let why = format!(
-                        "{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) was deposed",
-                        r.primary, r.epoch
-                    );
-                    return (Err((Refusal::Deposed { epoch: r.epoch }, why)), bound);
-                }
-                let changed = (*in_sync && (r.solo || !r.synced)) || bound;
-                if *in_sync {
-                    r.solo = false;
-                    r.synced = true;
-                }
-                let r = r.clone();
-                self.seen.insert(pair, now);
-                (Ok(r), changed)
+                *record = Some(r.clone());
+                return (Ok(r), true);
+            };
+            if r.primary != *node || r.epoch != *epoch {
+                let why = format!(
+                    "{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) was deposed",
+                    r.primary, r.epoch
+                );
+                return (Err((Refusal::Deposed { epoch: r.epoch }, why)), false);
             }
-            Frame::WitnessSolo { volume, node, epoch, .. } => match self.record(pair, volume) {
-                (Some(r), bound) if r.primary == *node && r.epoch == *epoch && !r.synced => {
-                    let why = format!(
-                        "{volume} (pair {pair:016x}) has never been in sync: a new pair acknowledges writes only once \
+            let changed = *in_sync && (r.solo || !r.synced);
+            if *in_sync {
+                r.solo = false;
+                r.synced = true;
+            }
+            (Ok(r.clone()), changed)
+        }
+        Frame::WitnessSolo { volume, node, epoch, .. } => match record.as_mut() {
+            Some(r) if r.primary == *node && r.epoch == *epoch && !r.synced => {
+                let why = format!(
+                    "{volume} (pair {pair:016x}) has never been in sync: a new pair acknowledges writes only once \
                          both copies exist; if the peer belongs to another pair (a replaced store started as \
                          primary), start this node as secondary to be resynced from it"
-                    );
-                    (Err((Refusal::NeverSynced, why)), bound)
-                }
-                (Some(r), bound) if r.primary == *node && r.epoch == *epoch => {
-                    let changed = !r.solo || bound;
-                    r.solo = true;
-                    let r = r.clone();
-                    self.seen.insert(pair, now);
-                    (Ok(r), changed)
-                }
-                (Some(r), bound) => {
-                    let why = format!("{} is primary of {volume} in epoch {}", r.primary, r.epoch);
-                    (Err((Refusal::Deposed { epoch: r.epoch }, why)), bound)
-                }
-                (None, _) => (Err((Refusal::NotRegistered, format!("{volume} has no primary registered"))), false),
-            },
-            Frame::WitnessPromote { volume, node, epoch, consistent, force, reclaim, .. } => {
-                let (r, bound) = self.record(pair, volume);
-                let Some(r) = r else {
-                    if *force {
-                        // Forced by an operator: the candidate's copy is the one to keep.
-                        let r = Record {
-                            volume: volume.clone(),
-                            epoch: epoch.next(),
-                            primary: node.clone(),
-                            solo: true,
-                            synced: true,
-                        };
-                        debug_assert!(!*reclaim || *force, "a reclaim is never forced");
-                        self.state.pairs.insert(pair, r.clone());
-                        self.seen.insert(pair, now);
-                        return (Ok(r), true);
-                    }
-                    let why = format!("{volume} has no primary registered yet; nothing to take over");
-                    return (Err((Refusal::NotRegistered, why)), false);
-                };
-                if r.primary == *node {
-                    // The primary itself, restarting: a fresh epoch, so that no (epoch, tag) it
-                    // assigns after a crash can collide with one it assigned before (which its
-                    // peer may hold while the crash lost it here).
-                    r.epoch = r.epoch.next();
-                    let r = r.clone();
-                    self.seen.insert(pair, now);
+                );
+                (Err((Refusal::NeverSynced, why)), false)
+            }
+            Some(r) if r.primary == *node && r.epoch == *epoch => {
+                let changed = !r.solo;
+                r.solo = true;
+                (Ok(r.clone()), changed)
+            }
+            Some(r) => {
+                let why = format!("{} is primary of {volume} in epoch {}", r.primary, r.epoch);
+                (Err((Refusal::Deposed { epoch: r.epoch }, why)), false)
+            }
+            None => (Err((Refusal::NotRegistered, format!("{volume} has no primary registered"))), false),
+        },
+        Frame::WitnessPromote { volume, node, epoch, consistent, force, reclaim, .. } => {
+            let Some(r) = record else {
+                if *force {
+                    // Forced by an operator: the candidate's copy is the one to keep.
+                    let r = Record {
+                        volume: volume.clone(),
+                        epoch: epoch.next(),
+                        primary: node.clone(),
+                        solo: true,
+                        synced: true,
+                    };
+                    debug_assert!(!*reclaim || *force, "a reclaim is never forced");
+                    *record = Some(r.clone());
                     return (Ok(r), true);
                 }
-                let refuse = |why: Refusal, msg: String| (Err((why, msg)), bound);
-                if *reclaim {
-                    let msg = format!("{} is primary of {volume} in epoch {}; {node} is not", r.primary, r.epoch);
-                    return refuse(Refusal::Deposed { epoch: r.epoch }, msg);
-                }
-                if *epoch < r.epoch && !*force {
-                    let msg = format!("{node} has seen epoch {epoch} only; {volume} is in epoch {}", r.epoch);
-                    return refuse(Refusal::Behind { epoch: r.epoch }, msg);
-                }
-                if !*consistent {
-                    return refuse(
-                        Refusal::Inconsistent,
-                        format!("{node} holds a half-applied resync of {volume}; it cannot take over"),
-                    );
-                }
-                let wait_ms = |d: Duration| (d.saturating_sub(silent).as_millis() as u64).max(1);
-                if *force && r.solo && silent < window {
-                    let msg = format!(
-                        "{} may still be acknowledging writes of {volume} alone (its solo lease has not \
-                         expired); try again in {:?}",
-                        r.primary,
-                        window.saturating_sub(silent)
-                    );
-                    return refuse(Refusal::LeaseLive { retry_after_ms: wait_ms(window) }, msg);
-                }
-                if !*force {
-                    if r.solo {
-                        let msg = format!(
-                            "{} acknowledged writes of {volume} alone; {node} lacks them (use --force to accept the loss)",
-                            r.primary
-                        );
-                        return refuse(Refusal::SoloPrimary, msg);
-                    }
-                    if silent < window {
-                        let msg = format!("{} (primary of {volume}) reported {silent:?} ago", r.primary);
-                        return refuse(Refusal::PrimaryAlive { retry_after_ms: wait_ms(window) }, msg);
-                    }
-                }
+                let why = format!("{volume} has no primary registered yet; nothing to take over");
+                return (Err((Refusal::NotRegistered, why)), false);
+            };
+            if r.primary == *node {
+                // The primary itself, restarting: a fresh epoch, so that no (epoch, tag) it
+                // assigns after a crash can collide with one it assigned before (which its
+                // peer may hold while the crash lost it here).
                 r.epoch = r.epoch.next();
-                r.primary = node.clone();
-                r.solo = true;
-                let r = r.clone();
-                self.seen.insert(pair, now);
-                (Ok(r), true)
+                return (Ok(r.clone()), true);
             }
-            _ => unreachable!("checked by decide"),
+            let refuse = |why: Refusal, msg: String| (Err((why, msg)), false);
+            if *reclaim {
+                let msg = format!("{} is primary of {volume} in epoch {}; {node} is not", r.primary, r.epoch);
+                return refuse(Refusal::Deposed { epoch: r.epoch }, msg);
+            }
+            if *epoch < r.epoch && !*force {
+                let msg = format!("{node} has seen epoch {epoch} only; {volume} is in epoch {}", r.epoch);
+                return refuse(Refusal::Behind { epoch: r.epoch }, msg);
+            }
+            if !*consistent {
+                return refuse(
+                    Refusal::Inconsistent,
+                    format!("{node} holds a half-applied resync of {volume}; it cannot take over"),
+                );
+            }
+            let wait_ms = |d: Duration| (d.saturating_sub(silent).as_millis() as u64).max(1);
+            if *force && r.solo && silent < window {
+                let msg = format!(
+                    "{} may still be acknowledging writes of {volume} alone (its solo lease has not \
+                         expired); try again in {:?}",
+                    r.primary,
+                    window.saturating_sub(silent)
+                );
+                return refuse(Refusal::LeaseLive { retry_after_ms: wait_ms(window) }, msg);
+            }
+            if !*force {
+                if r.solo {
+                    let msg = format!(
+                        "{} acknowledged writes of {volume} alone; {node} lacks them (use --force to accept the loss)",
+                        r.primary
+                    );
+                    return refuse(Refusal::SoloPrimary, msg);
+                }
+                if silent < window {
+                    let msg = format!("{} (primary of {volume}) reported {silent:?} ago", r.primary);
+                    return refuse(Refusal::PrimaryAlive { retry_after_ms: wait_ms(window) }, msg);
+                }
+            }
+            r.epoch = r.epoch.next();
+            r.primary = node.clone();
+            r.solo = true;
+            (Ok(r.clone()), true)
         }
+        other => (Err((Refusal::Protocol, format!("not an authority request: {other:?}"))), false),
     }
 }
 

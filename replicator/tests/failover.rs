@@ -26,7 +26,10 @@ fn node_cfg(node: &str, listen: SocketAddr, peer: SocketAddr, witness: SocketAdd
             heartbeat: Duration::from_millis(100),
             timeout: Duration::from_millis(800),
             reconnect: Duration::from_millis(50),
-            witness: Some(witness),
+            authority: Some(syncblock_replicator::authority::Witness::shared(
+                syncblock_replicator::net::tcp(),
+                witness,
+            )),
             policy: Policy::Degrade,
             ..ReplConfig::default()
         },

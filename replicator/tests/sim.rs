@@ -182,12 +182,14 @@ impl World {
                 heartbeat: Duration::from_millis(40),
                 timeout: Duration::from_millis(250),
                 reconnect: Duration::from_millis(20),
-                witness: Some(SocketAddr::new(ip(3), WITNESS_PORT)),
+                authority: Some(syncblock_replicator::authority::Witness::shared(
+                    self.net.host(me.ip),
+                    SocketAddr::new(ip(3), WITNESS_PORT),
+                )),
                 policy: self.policy,
                 // Each node names its peer, as a deployment with TLS does.
                 peer_node: Some(peer.name.into()),
                 net: self.net.host(me.ip),
-                witness_link: Default::default(),
             },
         }
     }

@@ -112,7 +112,7 @@ impl Primary {
         let floor = crate::state::record_state(&store, &info, &state, syncblock_engine::StagedOp::Discard).await?;
         let solo_until = granted
             .as_ref()
-            .filter(|g| g.solo && cfg.policy == crate::Policy::Degrade && cfg.witness.is_some())
+            .filter(|g| g.solo && cfg.policy == crate::Policy::Degrade && cfg.authority.is_some())
             .map(|g| g.valid_until);
         let (pair, policy) = (state.pair, cfg.policy);
         let (owner, parts) = Owner::new(

@@ -462,9 +462,10 @@ async fn warn_overcommit(store: &Store, path: &Path, list: &[syncblock_engine::V
 }
 
 /// A node's replication settings; `policy` not given is the default for it (degrade with a
-/// witness, strict without).
+/// witness, strict without). The witness is reached over `net`.
 pub fn repl_config(
     node: &str,
+    net: Arc<dyn syncblock_replicator::net::Net>,
     witness: Option<SocketAddr>,
     timeout: std::time::Duration,
     policy: Option<ReplPolicy>,
@@ -476,7 +477,8 @@ pub fn repl_config(
         // Eight heartbeats per timeout, and never fewer than the default's: the heartbeat also
         // renews the witness's lease.
         heartbeat: (timeout / 8).clamp(std::time::Duration::from_millis(10), defaults.heartbeat),
-        witness,
+        authority: witness.map(|w| syncblock_replicator::authority::Witness::shared(net.clone(), w)),
+        net,
         policy: match policy {
             Some(ReplPolicy::Strict) => syncblock_replicator::Policy::Strict,
             Some(ReplPolicy::Degrade) => syncblock_replicator::Policy::Degrade,
@@ -505,18 +507,23 @@ async fn start_replication(
             peer: r.peer.unwrap_or(unset),
             auto_failover: settings.witness.is_some() && r.auto_failover,
             repl: syncblock_replicator::ReplConfig {
+                peer_node: r.peer_node.clone(),
                 // Replication and witness links run TLS with this node's credentials when it has
                 // any; the peer, when named, must prove its name.
-                net: match &tls {
-                    Some(tls) => syncblock_replicator::net::TlsNet::expecting(
-                        syncblock_replicator::net::tcp(),
-                        tls.clone(),
-                        r.peer.zip(r.peer_node.clone()),
-                    ),
-                    None => syncblock_replicator::net::tcp(),
-                },
-                peer_node: r.peer_node.clone(),
-                ..repl_config(&settings.node, settings.witness, timeout, r.policy)
+                ..repl_config(
+                    &settings.node,
+                    match &tls {
+                        Some(tls) => syncblock_replicator::net::TlsNet::expecting(
+                            syncblock_replicator::net::tcp(),
+                            tls.clone(),
+                            r.peer.zip(r.peer_node.clone()),
+                        ),
+                        None => syncblock_replicator::net::tcp(),
+                    },
+                    settings.witness,
+                    timeout,
+                    r.policy,
+                )
             },
         };
         tracing::info!(

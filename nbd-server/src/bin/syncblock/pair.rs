@@ -85,7 +85,7 @@ async fn pair(
         repl_listen: loopback,
         peer: loopback,
         auto_failover: false,
-        repl: repl_config("secondary", Some(witness), timeout, None),
+        repl: repl_config("secondary", syncblock_replicator::net::tcp(), Some(witness), timeout, None),
     };
     let sec = syncblock_replicator::Node::start(b, ncfg, syncblock_replicator::Role::Secondary)
         .await

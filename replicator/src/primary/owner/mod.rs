@@ -542,7 +542,7 @@ impl Owner {
         if let LinkState::Down { retry_at } = self.link {
             next = next.min(retry_at);
         }
-        if self.cfg.witness.is_some() && !self.witness_asking {
+        if self.cfg.authority.is_some() && !self.witness_asking {
             next = next.min(t.report);
         }
         if let Some(until) = self.solo_until.filter(|_| self.peer.borrow().solo) {
@@ -975,7 +975,7 @@ impl Owner {
             last_tag: self.next_tag - 1,
             lag_bytes: self.lag.bytes_after(applied),
             lag_since: self.lag.oldest_after(applied),
-            witness: self.cfg.witness.map(|_| match self.last_witness_error.as_str() {
+            witness: self.cfg.authority.as_ref().map(|_| match self.last_witness_error.as_str() {
                 "" => Ok(()),
                 e => Err(e.to_string()),
             }),

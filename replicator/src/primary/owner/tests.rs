@@ -27,7 +27,7 @@ async fn harness(policy: Policy) -> Harness {
     let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let cfg = ReplConfig {
         node: "a".into(),
-        witness: (policy == Policy::Degrade).then_some(unused),
+        authority: (policy == Policy::Degrade).then(|| crate::authority::Witness::shared(crate::net::tcp(), unused)),
         policy,
         ..ReplConfig::default()
     };

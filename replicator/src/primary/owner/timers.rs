@@ -23,7 +23,7 @@ impl Owner {
                 self.connect();
             }
         }
-        if self.cfg.witness.is_some() && !self.witness_asking && now >= self.timers.report {
+        if self.cfg.authority.is_some() && !self.witness_asking && now >= self.timers.report {
             self.report_to_witness();
             self.timers.report = now + self.witness_period;
         }
@@ -75,12 +75,11 @@ impl Owner {
     }
 
     pub(super) fn ask_witness(&mut self, ask: Ask, req: Frame) {
-        let Some(witness) = self.cfg.witness else { return };
+        let Some(authority) = self.cfg.authority.clone() else { return };
         self.witness_asking = true;
-        let (net, link, timeout, events) =
-            (self.cfg.net.clone(), self.cfg.witness_link.clone(), self.cfg.timeout, self.events_tx.clone());
+        let (timeout, events) = (self.cfg.timeout, self.events_tx.clone());
         tokio::spawn(async move {
-            let r = crate::witness::ask(net.as_ref(), &link, witness, &req, timeout).await;
+            let r = authority.ask(&req, timeout).await;
             let _ = events.send(Event::Witness(ask, r)).await;
         });
     }
