@@ -1,0 +1,204 @@
+//! etcd as the authority: a volume's record (`grants/NAME`) changes only by a transaction that
+//! compares the record's revision with the one the decision was made from, and that this node's
+//! `alive/` key still carries its own lease. The rules are the witness's
+//! ([`crate::witness::decide_record`]); what the witness learns from reports (is the primary
+//! alive?) comes here from the primary's node lease: `alive/PRIMARY` exists or not.
+//!
+//! Solo operation (the primary acknowledging alone) is bounded by this node's lease: a grant is
+//! valid until two thirds of the lease's TTL after the last keep-alive etcd answered was *sent*.
+//! etcd can expire the lease (and so let another node take the volume over) no earlier than a TTL
+//! after it *received* that keep-alive, so a node whose clock runs up to a third slow has stopped
+//! acknowledging alone by then. docs/cluster.md gives the whole argument, and where etcd can break it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use syncblock_engine::Epoch;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{Cluster, GrantDoc};
+use crate::authority::{Authority, BoxFuture};
+use crate::wire::{Frame, Refusal};
+use crate::witness::{decide_record, Grant, Record};
+use crate::{ReplError, Result};
+
+/// How soon a node refused because the primary's node is alive asks again. 200 ms: a failover
+/// then starts at most this long after etcd expires the dead node's lease, and a node asks at most
+/// five times a second per volume while it waits.
+pub const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+/// How long a report is answered from the record this node last read, without asking etcd: 1 s.
+/// Reports only confirm what the record says (a primary learns it was deposed from its peer and
+/// from the epoch checks on the data path within a heartbeat; here within a second), so a primary
+/// costs etcd one read a second, not one per heartbeat.
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// This node's standing in the cluster: its lease, and until when it may act on a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub lease: i64,
+    /// `None`: no keep-alive answered recently (etcd unreachable, or the lease lost).
+    pub valid_until: Option<Instant>,
+    /// What a grant's lease is: two thirds of the TTL.
+    pub grant_lease: Duration,
+}
+
+/// The authority of one node's volumes in a cluster.
+pub struct Etcd {
+    cluster: Cluster,
+    node: String,
+    standing: watch::Receiver<Standing>,
+    cache: Mutex<HashMap<String, (GrantDoc, Instant)>>,
+}
+
+impl Etcd {
+    pub fn new(cluster: Cluster, node: String, standing: watch::Receiver<Standing>) -> Etcd {
+        Etcd { cluster, node, standing, cache: Mutex::new(HashMap::new()) }
+    }
+
+    fn grant(&self, doc: &GrantDoc, standing: &Standing) -> Result<Grant> {
+        let valid_until = standing.valid_until.ok_or_else(|| {
+            ReplError::Stopped(format!("{}: no etcd keep-alive answered recently; granting nothing", self.node))
+        })?;
+        Ok(Grant {
+            epoch: Epoch(doc.epoch),
+            primary: doc.primary.clone(),
+            solo: doc.solo,
+            lease: standing.grant_lease,
+            valid_until,
+        })
+    }
+
+    async fn decide(&self, req: &Frame) -> Result<Grant> {
+        let (pair, volume, node) = match req {
+            Frame::WitnessReport { pair, volume, node, .. }
+            | Frame::WitnessSolo { pair, volume, node, .. }
+            | Frame::WitnessPromote { pair, volume, node, .. } => (*pair, volume, node),
+            other => return Err(ReplError::refused(Refusal::Protocol, format!("not an authority request: {other:?}"))),
+        };
+        if *node != self.node {
+            return Err(ReplError::Invalid(format!("{} cannot ask on behalf of {node}", self.node)));
+        }
+        let standing = *self.standing.borrow();
+        if standing.valid_until.is_none_or(|t| Instant::now() >= t) {
+            return Err(ReplError::Stopped(format!(
+                "{}: this node's etcd lease is not current (no keep-alive answered); granting nothing",
+                self.node
+            )));
+        }
+        if let Frame::WitnessReport { epoch, in_sync, .. } = req {
+            let cached = self.cache.lock().expect("cache").get(volume.as_str()).cloned();
+            if let Some((g, at)) = cached {
+                let current = g.primary == *node && g.epoch == epoch.0 && g.pair == pair;
+                if current && at.elapsed() < CACHE_FOR && !(*in_sync && (g.solo || !g.synced)) {
+                    return self.grant(&g, &standing);
+                }
+            }
+        }
+        let grant_key = self.cluster.key(&format!("grants/{volume}"));
+        let mine = self.cluster.key(&format!("alive/{node}"));
+        let mut kv = self.cluster.client().kv_client();
+        for _ in 0..5 {
+            let resp = kv.get(grant_key.clone(), None).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+            let (doc, rev) = match resp.kvs().first() {
+                Some(kv) => {
+                    let doc: GrantDoc = serde_json::from_slice(kv.value()).map_err(|e| {
+                        ReplError::Stopped(format!("etcd holds a malformed record at {grant_key}: {e}"))
+                    })?;
+                    (Some(doc), kv.mod_revision())
+                }
+                None => (None, 0),
+            };
+            if let Some(d) = &doc {
+                if pair != 0 && d.pair != pair {
+                    let why = format!(
+                        "{volume} in the cluster is pair {:016x}; this replica is of pair {pair:016x} (a volume of \
+                         the same name that was deleted)",
+                        d.pair
+                    );
+                    return Err(ReplError::refused(Refusal::NotRegistered, why));
+                }
+            }
+            let mut record = doc.as_ref().map(|d| Record {
+                volume: volume.clone(),
+                epoch: Epoch(d.epoch),
+                primary: d.primary.clone(),
+                solo: d.solo,
+                synced: d.synced,
+            });
+            let other = record.as_ref().map(|r| r.primary.clone()).filter(|p| p != node);
+            let other_alive = match &other {
+                Some(p) => {
+                    let key = self.cluster.key(&format!("alive/{p}"));
+                    let r = kv.get(key, None).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                    !r.kvs().is_empty()
+                }
+                None => true,
+            };
+            let silent = if other_alive { Duration::ZERO } else { Duration::MAX };
+            let (decision, changed) = decide_record(&mut record, pair, req, silent, RETRY_AFTER * 2 / 3);
+            let r = match decision {
+                Ok(r) => r,
+                Err((Refusal::PrimaryAlive { .. }, _)) => {
+                    let why = format!(
+                        "{} (primary of {volume}) is alive: its node's etcd lease holds",
+                        other.as_deref().unwrap_or("?")
+                    );
+                    let retry = RETRY_AFTER.as_millis() as u64;
+                    return Err(ReplError::refused(Refusal::PrimaryAlive { retry_after_ms: retry }, why));
+                }
+                Err((why, reason)) => return Err(ReplError::refused(why, reason)),
+            };
+            let new = GrantDoc {
+                pair: doc.as_ref().map_or(pair, |d| d.pair),
+                epoch: r.epoch.0,
+                primary: r.primary.clone(),
+                solo: r.solo,
+                synced: r.synced,
+            };
+            if changed {
+                let mut when = vec![
+                    if rev == 0 {
+                        Compare::version(grant_key.clone(), CompareOp::Equal, 0)
+                    } else {
+                        Compare::mod_revision(grant_key.clone(), CompareOp::Equal, rev)
+                    },
+                    Compare::lease(mine.clone(), CompareOp::Equal, standing.lease),
+                ];
+                if let (Some(p), false) = (&other, other_alive) {
+                    if r.primary == *node {
+                        // Taken over because the primary's node is gone: only while it still is.
+                        when.push(Compare::version(self.cluster.key(&format!("alive/{p}")), CompareOp::Equal, 0));
+                    }
+                }
+                let value = serde_json::to_vec(&new).expect("serialisable");
+                let txn = Txn::new().when(when).and_then(vec![TxnOp::put(grant_key.clone(), value, None)]);
+                let resp = kv.txn(txn).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                if !resp.succeeded() {
+                    // The record moved, or this node's lease did: decide again from what is there now.
+                    continue;
+                }
+            }
+            self.cache.lock().expect("cache").insert(volume.clone(), (new.clone(), Instant::now()));
+            return self.grant(&new, &standing);
+        }
+        Err(ReplError::Stopped(format!("{volume}: its etcd record kept changing (five tries)")))
+    }
+}
+
+impl Authority for Etcd {
+    fn ask<'a>(&'a self, req: &'a Frame, timeout: Duration) -> BoxFuture<'a, Result<Grant>> {
+        Box::pin(async move {
+            tokio::time::timeout(timeout.max(Duration::from_secs(1)), self.decide(req))
+                .await
+                .map_err(|_| ReplError::Stopped(format!("etcd did not answer within {timeout:?}")))?
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd ({})", self.cluster.endpoints)
+    }
+}

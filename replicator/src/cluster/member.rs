@@ -1,0 +1,418 @@
+//! One node's membership: it registers (`members/NAME`, and `alive/NAME` under a lease it keeps
+//! alive), watches the cluster, and runs a replicator [`Node`] for every volume it holds a
+//! replica of, stopping and deleting the ones it no longer holds. The NBD server asks it which
+//! volumes this node serves, and where the others are served.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use syncblock_engine::Store;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::authority::{Etcd, Standing};
+use super::router::{Router, RoutedNet};
+use super::{Cluster, ClusterError, MemberInfo, Snapshot, VolumeSpec};
+use crate::net::BoxListener;
+use crate::state::{ReplState, Role};
+use crate::{Node, NodeConfig, Policy, ReplConfig};
+
+/// The lease TTL asked of etcd by default: 1 s. A dead node's volumes fail over about a TTL after
+/// its last keep-alive (plus etcd's expiry check, every 500 ms), so this sets the failover time.
+/// etcd raises a shorter TTL to its minimum, 1.5 election timeouts rounded up (2 s with etcd's
+/// defaults; 1 s with `--election-timeout 500 --heartbeat-interval 50`, which docs/cluster.md uses).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
+
+/// What a node needs to join.
+#[derive(Clone)]
+pub struct MemberConfig {
+    pub info: MemberInfo,
+    /// The lease TTL to ask for (etcd may grant more).
+    pub ttl: Duration,
+    /// Replication settings shared by every volume (network with or without TLS, timeouts).
+    pub repl: ReplConfig,
+}
+
+struct Running {
+    node: Node,
+    id: u64,
+}
+
+struct Inner {
+    store: Store,
+    cluster: Cluster,
+    cfg: MemberConfig,
+    router: Arc<Router>,
+    authority: Arc<Etcd>,
+    standing: watch::Receiver<Standing>,
+    running: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    /// The volumes' nodes, for the NBD server (read without waiting on `running`).
+    nodes: std::sync::Mutex<BTreeMap<String, Node>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    stop: watch::Sender<bool>,
+}
+
+/// A node's membership in the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Member {
+    inner: Arc<Inner>,
+}
+
+impl Member {
+    /// Registers this node and starts serving its share of the cluster. `repl_listener` is the
+    /// node's one replication listener (TLS-wrapped when the node has credentials).
+    pub async fn join(
+        store: Store,
+        cluster: Cluster,
+        cfg: MemberConfig,
+        repl_listener: BoxListener,
+    ) -> Result<Member, ClusterError> {
+        super::check_name("node", &cfg.info.name)?;
+        let router = Router::start(repl_listener, cfg.info.name.clone())
+            .map_err(|e| ClusterError::Refused(format!("replication listener: {e}")))?;
+        let (standing_tx, standing) = register(&cluster, &cfg).await?;
+        let authority = Arc::new(Etcd::new(cluster.clone(), cfg.info.name.clone(), standing.clone()));
+        let member = Member {
+            inner: Arc::new(Inner {
+                store,
+                cluster,
+                cfg,
+                router,
+                authority,
+                standing,
+                running: tokio::sync::Mutex::new(BTreeMap::new()),
+                nodes: std::sync::Mutex::new(BTreeMap::new()),
+                snapshot: watch::channel(Arc::new(Snapshot::default())).0,
+                stop: watch::channel(false).0,
+            }),
+        };
+        tokio::spawn(keep_alive(member.inner.clone(), standing_tx));
+        let first = member.inner.cluster.snapshot().await?;
+        member.reconcile(first).await;
+        tokio::spawn(watch_cluster(member.clone()));
+        Ok(member)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.cfg.info.name
+    }
+
+    /// The replicator node of `volume`, if this node holds a replica of it.
+    pub fn node(&self, volume: &str) -> Option<Node> {
+        self.inner.nodes.lock().expect("nodes").get(volume).cloned()
+    }
+
+    /// Every volume this node holds a replica of, with its replicator node.
+    pub fn nodes(&self) -> BTreeMap<String, Node> {
+        self.inner.nodes.lock().expect("nodes").clone()
+    }
+
+    /// The cluster as last read.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.borrow().clone()
+    }
+
+    /// Changes whenever the cluster was read again.
+    pub fn changes(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.inner.snapshot.subscribe()
+    }
+
+    /// Why this node does not serve `export`, naming the node that does, if another does (or
+    /// none can now). `None`: this node serves it, or no such volume exists.
+    pub fn served_elsewhere(&self, export: &str) -> Option<String> {
+        if self.node(export).is_some_and(|n| n.is_primary()) {
+            return None;
+        }
+        let snap = self.snapshot();
+        let v = snap.volumes.get(export)?;
+        let primary = snap.primary_of(v);
+        let me = self.name();
+        Some(match snap.members.get(primary) {
+            Some(m) if snap.alive.contains_key(primary) && primary != me => {
+                format!("volume {export:?} is served by node {primary} at nbd://{}/{export}", m.nbd)
+            }
+            _ if primary == me => {
+                format!("volume {export:?}: node {me} is becoming its primary; try again in a moment")
+            }
+            _ => format!("volume {export:?}: its primary {primary} is down and no node serves it yet; try again"),
+        })
+    }
+
+    /// Whether this node's etcd lease is current.
+    pub fn standing(&self) -> Standing {
+        *self.inner.standing.borrow()
+    }
+
+    /// Stops every volume's replicator node and deregisters (revoking the lease, so that the
+    /// volumes this node was primary of fail over at once rather than after a TTL).
+    pub async fn stop(&self) {
+        let _ = self.inner.stop.send(true);
+        let running = std::mem::take(&mut *self.inner.running.lock().await);
+        for (name, r) in running {
+            r.node.stop().await;
+            self.inner.router.forget(&name);
+        }
+        self.inner.nodes.lock().expect("nodes").clear();
+        let lease = self.inner.standing.borrow().lease;
+        let _ = self.inner.cluster.client().lease_client().revoke(lease).await;
+    }
+
+    /// Starts the volumes placed here that are not running, and stops (and deletes) the ones that
+    /// are no longer placed here.
+    async fn reconcile(&self, snap: Snapshot) {
+        let snap = Arc::new(snap);
+        self.inner.snapshot.send_replace(snap.clone());
+        if *self.inner.stop.borrow() {
+            return;
+        }
+        let me = self.name().to_string();
+        let mine: BTreeMap<&String, &VolumeSpec> =
+            snap.volumes.iter().filter(|(_, v)| v.replicas.contains(&me)).collect();
+        let mut running = self.inner.running.lock().await;
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| mine.get(name).is_none_or(|v| v.id != r.id))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in gone {
+            let r = running.remove(&name).expect("listed");
+            self.inner.nodes.lock().expect("nodes").remove(&name);
+            r.node.stop().await;
+            self.inner.router.forget(&name);
+            if let Err(e) = self.delete_local(&name).await {
+                tracing::warn!(volume = %name, "removing this node's replica: {e}");
+            } else {
+                tracing::info!(volume = %name, "volume deleted or moved away: this node's replica removed");
+            }
+        }
+        for (name, spec) in mine {
+            if running.contains_key(name) {
+                continue;
+            }
+            match self.start_volume(&snap, spec).await {
+                Ok(node) => {
+                    self.inner.nodes.lock().expect("nodes").insert(name.clone(), node.clone());
+                    running.insert(name.clone(), Running { node, id: spec.id });
+                }
+                Err(e) => tracing::warn!(volume = %name, "cannot start this node's replica yet: {e}"),
+            }
+        }
+    }
+
+    async fn delete_local(&self, name: &str) -> syncblock_engine::Result<()> {
+        match self.inner.store.volume(name).await {
+            Ok(info) => self.inner.store.delete_volume(info.id).await,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Creates this node's replica of `spec` if it has none (or only one of a deleted volume of the
+    /// same name) and starts its replicator node.
+    async fn start_volume(&self, snap: &Snapshot, spec: &VolumeSpec) -> crate::Result<Node> {
+        let me = self.name();
+        let store = &self.inner.store;
+        let Some(peer_name) = spec.replicas.iter().find(|r| *r != me) else {
+            return Err(crate::ReplError::Invalid(format!("{} has no replica on another node", spec.name)));
+        };
+        let Some(peer) = snap.members.get(peer_name) else {
+            return Err(crate::ReplError::Invalid(format!("{peer_name} (its peer) has never joined")));
+        };
+        let first_role = if spec.replicas.first().is_some_and(|f| f == me) { Role::Primary } else { Role::Secondary };
+        let existing = store.volume(&spec.name).await.ok();
+        let stale = existing.as_ref().is_some_and(|info| ReplState::decode(&info.attr).is_some_and(|s| s.pair != spec.id));
+        if stale {
+            tracing::warn!(volume = %spec.name, "this node's replica belongs to a deleted volume of the same name; replacing it");
+            self.delete_local(&spec.name).await?;
+        }
+        if existing.is_none() || stale {
+            let info = store.create_volume(&spec.name, spec.size).await?;
+            let mut state = ReplState::new(first_role);
+            state.pair = spec.id;
+            crate::state::record_state(store, &info, &state, syncblock_engine::StagedOp::Keep).await?;
+        }
+        let base = &self.inner.cfg.repl;
+        let ncfg = NodeConfig {
+            volume: spec.name.clone(),
+            repl_listen: self.inner.router.local_addr(),
+            peer: peer.repl,
+            auto_failover: true,
+            repl: ReplConfig {
+                net: Arc::new(RoutedNet {
+                    inner: base.net.clone(),
+                    router: self.inner.router.clone(),
+                    volume: spec.name.clone(),
+                }),
+                authority: Some(self.inner.authority.clone()),
+                policy: Policy::Degrade,
+                peer_node: Some(peer_name.clone()),
+                ..base.clone()
+            },
+        };
+        tracing::info!(volume = %spec.name, peer = %peer_name, "starting this node's replica");
+        Node::start(store.clone(), ncfg, first_role).await
+    }
+}
+
+/// Registers `cfg.info` under a new lease: waits out a previous run's lease of the same name (a
+/// node restarting after a crash) for up to three TTLs, and refuses a name another live node holds.
+async fn register(
+    cluster: &Cluster,
+    cfg: &MemberConfig,
+) -> Result<(watch::Sender<Standing>, watch::Receiver<Standing>), ClusterError> {
+    let name = &cfg.info.name;
+    let mut client = cluster.client();
+    let ttl_secs = cfg.ttl.as_secs_f64().ceil().max(1.0) as i64;
+    let alive_key = cluster.key(&format!("alive/{name}"));
+    let member_key = cluster.key(&format!("members/{name}"));
+    let deadline = Instant::now() + cfg.ttl.max(Duration::from_secs(2)) * 3;
+    loop {
+        let sent = Instant::now();
+        let granted = client.lease_grant(ttl_secs, None).await.map_err(|e| cluster.err(e))?;
+        let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
+        let value = serde_json::to_vec(&cfg.info).expect("serialisable");
+        let txn = Txn::new().when(vec![Compare::version(alive_key.clone(), CompareOp::Equal, 0)]).and_then(vec![
+            TxnOp::put(member_key.clone(), value, None),
+            TxnOp::put(alive_key.clone(), b"1".to_vec(), Some(PutOptions::new().with_lease(granted.id()))),
+        ]);
+        let resp = client.txn(txn).await.map_err(|e| cluster.err(e))?;
+        if resp.succeeded() {
+            if granted.ttl() > ttl_secs {
+                tracing::info!(
+                    "etcd granted a {}s lease (its minimum; asked {ttl_secs}s): failover takes about that long; \
+                     see docs/cluster.md for etcd settings that allow 1 s",
+                    granted.ttl()
+                );
+            }
+            tracing::info!(node = %name, lease = format!("{:x}", granted.id()), ?ttl, "joined the cluster");
+            let standing = Standing { lease: granted.id(), valid_until: Some(sent + ttl * 2 / 3), grant_lease: ttl * 2 / 3 };
+            return Ok(watch::channel(standing));
+        }
+        let _ = client.lease_revoke(granted.id()).await;
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Refused(format!(
+                "a node named {name} is alive in the cluster (its alive key stayed for {:?}); two nodes cannot share a name",
+                deadline.saturating_duration_since(sent) + cfg.ttl * 3
+            )));
+        }
+        tracing::info!(node = %name, "a previous run of this node still holds its lease; waiting for it to expire");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Keeps the lease alive: a keep-alive every third of the TTL; each one etcd answers extends this
+/// node's standing to two thirds of the TTL after it was sent. A lease etcd has expired (the node
+/// was cut off longer than its TTL) is replaced by a new registration; the volumes it was primary
+/// of may have failed over meanwhile, which their replicator nodes learn from the grants.
+async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
+    let mut stop = inner.stop.subscribe();
+    let mut client = inner.cluster.client();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let lease = standing.borrow().lease;
+        let grant_lease = standing.borrow().grant_lease;
+        let period = (grant_lease / 2).max(Duration::from_millis(100));
+        let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("etcd keep-alive: {}; retrying", inner.cluster.err(e));
+                tokio::select! { _ = tokio::time::sleep(period / 2) => continue, _ = stop.wait_for(|s| *s) => return }
+            }
+        };
+        loop {
+            let sent = Instant::now();
+            let answered = async {
+                keeper.keep_alive().await?;
+                answers.message().await
+            };
+            let r = tokio::select! {
+                r = tokio::time::timeout(period, answered) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match r {
+                Ok(Ok(Some(a))) if a.ttl() > 0 => {
+                    let ttl = Duration::from_secs(a.ttl() as u64);
+                    standing.send_modify(|s| {
+                        s.valid_until = Some(sent + ttl * 2 / 3);
+                        s.grant_lease = ttl * 2 / 3;
+                    });
+                }
+                Ok(Ok(Some(_))) => {
+                    tracing::error!(
+                        "etcd expired this node's lease (cut off from etcd longer than its TTL); registering again"
+                    );
+                    standing.send_modify(|s| s.valid_until = None);
+                    match register(&inner.cluster, &inner.cfg).await {
+                        Ok((_, rx)) => {
+                            let fresh = *rx.borrow();
+                            standing.send_replace(fresh);
+                        }
+                        Err(e) => tracing::error!("registering again: {e}"),
+                    }
+                    break;
+                }
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                    tracing::warn!("etcd keep-alive went unanswered; reconnecting");
+                    break;
+                }
+            }
+            let next = sent + period;
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// Reads the cluster again whenever something under the prefix changes (at most every 50 ms, so
+/// a burst of changes costs one read), and reconciles.
+async fn watch_cluster(member: Member) {
+    let inner = &member.inner;
+    let mut stop = inner.stop.subscribe();
+    let mut client = inner.cluster.client();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let rev = inner.snapshot.borrow().revision;
+        let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+        let mut stream = match client.watch(inner.cluster.key(""), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("etcd watch: {}; retrying", inner.cluster.err(e));
+                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.wait_for(|s| *s) => return }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match msg {
+                Ok(Some(resp)) if resp.canceled() => break,
+                Ok(Some(resp)) => {
+                    let relevant = resp.events().iter().any(|e| e.event_type() == EventType::Delete || e.kv().is_some());
+                    if !relevant {
+                        continue;
+                    }
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            match inner.cluster.snapshot().await {
+                Ok(snap) => member.reconcile(snap).await,
+                Err(e) => tracing::warn!("reading the cluster: {e}"),
+            }
+        }
+        // The watch ended (etcd restarted, a member was lost, compaction): read everything again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match inner.cluster.snapshot().await {
+            Ok(snap) => member.reconcile(snap).await,
+            Err(e) => tracing::warn!("reading the cluster: {e}"),
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Cluster mode: many volumes on many nodes, with etcd as the authority.
+//!
+//! A node (`syncblock node`) runs one store and joins the cluster: it records itself under
+//! `members/NAME` (its addresses, zone and capacity; kept after it dies, so `node list` can say it
+//! is down) and proves it is alive with `alive/NAME`, a key bound to an etcd lease it keeps alive
+//! (`Registration`). `volume create` places a volume's two replicas with [`placement`] and writes
+//! `volumes/NAME`; every node watches `volumes/` and runs a replicator [`crate::Node`] for each
+//! volume it holds a replica of, the first listed as primary. `grants/NAME` is the volume's
+//! authority record (epoch, primary, solo), changed only by compare-and-swap transactions in
+//! [`authority::Etcd`], which applies the witness's rules. docs/cluster.md lists every key and
+//! argues why no volume ever has two primaries acknowledging writes.
+
+pub mod authority;
+pub mod member;
+pub mod placement;
+pub mod router;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+/// Every key lives under this prefix (so an etcd cluster can be shared with other users).
+pub const DEFAULT_PREFIX: &str = "/syncblock";
+
+/// How long an etcd request may take before the caller hears "unreachable": 5 s, longer than an
+/// etcd leader election (1 s by default) so that losing one member of three never fails a
+/// request, and short enough that a command against a dead etcd fails while the operator waits.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest volume or node name: names are etcd keys, NBD export names and log fields.
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// A node as recorded in `members/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Where NBD clients reach it (`host:port`).
+    pub nbd: String,
+    /// Its replication listener (one per node, shared by all its volumes).
+    pub repl: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+    /// Bytes of volume data its store can hold.
+    pub capacity: u64,
+}
+
+/// A volume as recorded in `volumes/NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub size: u64,
+    /// The nodes holding a replica; the first was its first primary.
+    pub replicas: Vec<String>,
+    /// The pair id (`ReplState::pair`): a replica left over from a deleted volume of the same name
+    /// carries another and is never mistaken for this one.
+    pub id: u64,
+}
+
+/// A volume's authority record, `grants/NAME`: the witness's record for a pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantDoc {
+    pub pair: u64,
+    pub epoch: u64,
+    pub primary: String,
+    pub solo: bool,
+    pub synced: bool,
+}
+
+/// Why a cluster operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("etcd at {endpoints}: {source} (is etcd running there, and reachable from this host?)")]
+    Unreachable { endpoints: String, source: etcd_client::Error },
+    /// The request conflicts with the cluster's state; nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+    #[error("etcd holds a malformed value at {key}: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+/// A name usable as a key, an export name and a log field.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_BYTES_MAX
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ClusterError::Refused(format!(
+            "{what} name {name:?}: use 1 to {NAME_BYTES_MAX} letters, digits, '.', '_' or '-', not starting with '.'"
+        )))
+    }
+}
+
+/// A connection to the cluster's etcd. Cheap to clone (the gRPC channel is shared).
+#[derive(Clone)]
+pub struct Cluster {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("endpoints", &self.endpoints).finish_non_exhaustive()
+    }
+}
+
+/// What `volume list` shows for one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub size: u64,
+    /// The node serving it now (the grant's primary; the placement's first before its first grant).
+    pub primary: String,
+    pub secondary: Option<String>,
+    /// `in-sync`, `degraded` (the primary acknowledges alone), `new` (never synced yet), or
+    /// `down` (its primary's node is not alive).
+    pub state: String,
+    pub epoch: u64,
+    /// Where to connect: `nbd://HOST:PORT/NAME` on its primary.
+    pub nbd: String,
+}
+
+/// What `node list` shows for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeView {
+    pub name: String,
+    pub zone: Option<String>,
+    pub alive: bool,
+    pub volumes: u32,
+    pub primaries: u32,
+    pub capacity: u64,
+    /// Capacity not yet promised to a volume (volumes are thin, but placed as if full).
+    pub free: u64,
+    pub nbd: String,
+}
+
+/// A snapshot of everything in the cluster, read at one etcd revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub revision: i64,
+    pub members: BTreeMap<String, MemberInfo>,
+    pub alive: BTreeMap<String, i64>,
+    pub volumes: BTreeMap<String, VolumeSpec>,
+    pub grants: BTreeMap<String, GrantDoc>,
+}
+
+impl Snapshot {
+    /// Placement's view of every member: one pass over the volumes.
+    pub fn loads(&self) -> Vec<placement::NodeLoad> {
+        // (committed bytes, replicas, primaries) by node.
+        let mut by: BTreeMap<&str, (u64, u32, u32)> = BTreeMap::new();
+        for v in self.volumes.values() {
+            for r in &v.replicas {
+                let e = by.entry(r).or_default();
+                e.0 = e.0.saturating_add(v.size);
+                e.1 += 1;
+            }
+            by.entry(self.primary_of(v)).or_default().2 += 1;
+        }
+        self.members
+            .values()
+            .map(|m| {
+                let (committed, replicas, primaries) = by.get(m.name.as_str()).copied().unwrap_or_default();
+                placement::NodeLoad {
+                    name: m.name.clone(),
+                    zone: m.zone.clone(),
+                    alive: self.alive.contains_key(&m.name),
+                    capacity: m.capacity,
+                    committed,
+                    primaries,
+                    replicas,
+                }
+            })
+            .collect()
+    }
+
+    /// The node that is (or, before the first grant, will be) the volume's primary.
+    pub fn primary_of<'a>(&'a self, v: &'a VolumeSpec) -> &'a str {
+        match self.grants.get(&v.name) {
+            Some(g) if g.pair == v.id => &g.primary,
+            _ => v.replicas.first().map_or("", String::as_str),
+        }
+    }
+
+    pub fn volume_views(&self) -> Vec<VolumeView> {
+        self.volumes
+            .values()
+            .map(|v| {
+                let primary = self.primary_of(v).to_string();
+                let grant = self.grants.get(&v.name).filter(|g| g.pair == v.id);
+                let state = if !self.alive.contains_key(&primary) {
+                    "down"
+                } else {
+                    match grant {
+                        None => "new",
+                        Some(g) if !g.synced => "new",
+                        Some(g) if g.solo => "degraded",
+                        Some(_) => "in-sync",
+                    }
+                };
+                let nbd = self.members.get(&primary).map_or(String::new(), |m| format!("nbd://{}/{}", m.nbd, v.name));
+                VolumeView {
+                    name: v.name.clone(),
+                    size: v.size,
+                    secondary: v.replicas.iter().find(|r| **r != primary).cloned(),
+                    primary,
+                    state: state.into(),
+                    epoch: grant.map_or(0, |g| g.epoch),
+                    nbd,
+                }
+            })
+            .collect()
+    }
+
+    pub fn node_views(&self) -> Vec<NodeView> {
+        self.loads()
+            .into_iter()
+            .map(|l| NodeView {
+                nbd: self.members.get(&l.name).map_or(String::new(), |m| m.nbd.clone()),
+                name: l.name,
+                zone: l.zone,
+                alive: l.alive,
+                volumes: l.replicas,
+                primaries: l.primaries,
+                capacity: l.capacity,
+                free: l.capacity.saturating_sub(l.committed),
+            })
+            .collect()
+    }
+}
+
+impl Cluster {
+    /// Connects to etcd at `endpoints` (comma-separated URLs, e.g. `http://127.0.0.1:2379`); the
+    /// client fails over between them. Checks that etcd answers.
+    pub async fn connect(endpoints: &str) -> Result<Cluster> {
+        Self::connect_prefixed(endpoints, DEFAULT_PREFIX).await
+    }
+
+    pub async fn connect_prefixed(endpoints: &str, prefix: &str) -> Result<Cluster> {
+        let list: Vec<String> =
+            endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        if list.is_empty() {
+            return Err(ClusterError::Refused("--etcd names no endpoint".into()));
+        }
+        let unreachable = |source| ClusterError::Unreachable { endpoints: endpoints.to_string(), source };
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&list, Some(options)))
+            .await
+            .map_err(|_| {
+                ClusterError::Unreachable {
+                    endpoints: endpoints.to_string(),
+                    source: etcd_client::Error::InvalidArgs("no answer within 5 s".into()),
+                }
+            })?
+            .map_err(unreachable)?;
+        let cluster = Cluster { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: endpoints.into() };
+        // A request, so that a dead endpoint list fails here, with its cause.
+        cluster.client.kv_client().get(cluster.key("members/"), Some(GetOptions::new().with_count_only())).await.map_err(unreachable)?;
+        Ok(cluster)
+    }
+
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
+    pub(crate) fn err(&self, source: etcd_client::Error) -> ClusterError {
+        ClusterError::Unreachable { endpoints: self.endpoints.clone(), source }
+    }
+
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Everything, at one revision.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut kv = self.client.kv_client();
+        let resp = kv.get(self.key(""), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
+        let mut s = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Snapshot::default() };
+        let base = self.key("");
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let Some(rest) = key.strip_prefix(&base) else { continue };
+            let corrupt = |why: String| ClusterError::Corrupt { key: key.clone(), why };
+            if let Some(name) = rest.strip_prefix("members/") {
+                s.members.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+            } else if let Some(name) = rest.strip_prefix("alive/") {
+                s.alive.insert(name.into(), kv.lease());
+            } else if let Some(name) = rest.strip_prefix("volumes/") {
+                s.volumes.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+            } else if let Some(name) = rest.strip_prefix("grants/") {
+                s.grants.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Places and records a new volume; refuses (changing nothing) a duplicate name, a size no
+    /// live node can hold, or too few live nodes (in distinct zones, where nodes have zones).
+    pub async fn create_volume(&self, name: &str, size: u64, replicas: usize) -> Result<VolumeSpec> {
+        check_name("volume", name)?;
+        let block = syncblock_engine::BLOCK_BYTES_U64;
+        if size == 0 || size % block != 0 {
+            return Err(ClusterError::Refused(format!("size {size}: must be a positive multiple of {block} bytes")));
+        }
+        for _ in 0..5 {
+            let snap = self.snapshot().await?;
+            if snap.volumes.contains_key(name) {
+                return Err(ClusterError::Refused(format!("volume {name:?} already exists")));
+            }
+            let chosen =
+                placement::place(&snap.loads(), size, replicas).map_err(|e| ClusterError::Refused(e.to_string()))?;
+            let spec = VolumeSpec { name: name.into(), size, replicas: chosen, id: crate::wire::new_origin() };
+            let key = self.key(&format!("volumes/{name}"));
+            // Nothing changed since the snapshot: no other volume placed meanwhile (which could
+            // have taken the room counted here), the chosen nodes still alive.
+            let mut when = vec![Compare::version(key.clone(), CompareOp::Equal, 0)];
+            when.push(Compare::mod_revision(self.key("volumes/"), CompareOp::Less, snap.revision + 1).with_prefix());
+            for n in &spec.replicas {
+                when.push(Compare::version(self.key(&format!("alive/{n}")), CompareOp::Greater, 0));
+            }
+            let value = serde_json::to_vec(&spec).expect("serialisable");
+            let txn = Txn::new().when(when).and_then(vec![TxnOp::put(key, value, None)]);
+            let resp = self.client.kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+            if resp.succeeded() {
+                return Ok(spec);
+            }
+        }
+        Err(ClusterError::Refused(format!(
+            "volume {name:?}: the cluster kept changing while placing it (five tries); try again"
+        )))
+    }
+
+    /// Deletes a volume's record and its grant; the nodes holding its replicas delete their copies.
+    pub async fn delete_volume(&self, name: &str) -> Result<()> {
+        check_name("volume", name)?;
+        let key = self.key(&format!("volumes/{name}"));
+        let txn = Txn::new()
+            .when(vec![Compare::version(key.clone(), CompareOp::Greater, 0)])
+            .and_then(vec![TxnOp::delete(key, None), TxnOp::delete(self.key(&format!("grants/{name}")), None)]);
+        let resp = self.client.kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+        if !resp.succeeded() {
+            return Err(ClusterError::Refused(format!("no volume named {name:?}")));
+        }
+        Ok(())
+    }
+}

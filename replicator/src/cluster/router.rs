@@ -1,0 +1,218 @@
+//! One replication listener per node, shared by all its volumes: a volume's cost on a node is not
+//! a port and an accept loop of its own. The router accepts, runs the TLS handshake, reads the
+//! first frame (a primary's `Hello`, which names the volume) and hands the connection, that frame
+//! replayed in front of it, to the listener of that volume: the secondary's accept loop (or a
+//! primary's successor port) then reads and checks the hello as it would on a port of its own.
+//! [`RoutedNet`] is the per-volume `Net` whose `bind` returns that listener.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+
+use crate::link::{write_frame, FrameReader};
+use crate::net::{BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net, Peer};
+use crate::wire::{Frame, Refusal};
+
+/// Connections being routed at once (handshake and first frame): as many as a secondary's own
+/// port allows, so a flood of silent connections cannot hold up a real primary for long.
+pub const ROUTING_MAX: usize = 64;
+
+/// How long a connection has to complete its handshake and send its first frame: 5 s, as a
+/// secondary's hello timeout on a loaded machine.
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections handed to one volume and not yet accepted by it: a primary connects once per
+/// session, so a few suffice; more are refused rather than queued without bound.
+const QUEUE_PER_VOLUME: usize = 8;
+
+/// A node's replication listener and the volumes it routes to.
+pub struct Router {
+    addr: SocketAddr,
+    node: String,
+    routes: Mutex<HashMap<String, mpsc::Sender<Incoming>>>,
+}
+
+impl Router {
+    /// Starts routing the connections `listener` accepts; runs until the process ends or the
+    /// returned router is dropped with every route.
+    pub fn start(mut listener: BoxListener, node: String) -> io::Result<Arc<Router>> {
+        let router = Arc::new(Router { addr: listener.local_addr()?, node, routes: Mutex::new(HashMap::new()) });
+        let weak = Arc::downgrade(&router);
+        tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(ROUTING_MAX));
+            loop {
+                let incoming = match listener.accept().await {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::warn!("replication accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Some(router) = weak.upgrade() else { return };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(from = %incoming.from, "replication port: {ROUTING_MAX} connections being routed; dropping one more");
+                    continue;
+                };
+                tokio::spawn(async move {
+                    router.route(incoming).await;
+                    drop(permit);
+                });
+            }
+        });
+        Ok(router)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn route(&self, incoming: Incoming) {
+        let from = incoming.from;
+        let first = async {
+            let peer = incoming.establish().await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+            let Peer { mut stream, who } = peer;
+            let mut rd = FrameReader::new(&mut stream);
+            let hello = rd.read_frame(FIRST_FRAME_TIMEOUT).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
+            let (_, rest) = rd.into_parts();
+            Ok::<_, String>((stream, who, hello, rest))
+        };
+        let (mut stream, who, hello, rest) = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, first).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(why)) => {
+                tracing::warn!(%from, "replication port: {why}; connection dropped");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%from, "replication port: no hello within {FIRST_FRAME_TIMEOUT:?}; connection dropped");
+                return;
+            }
+        };
+        let Frame::Hello { volume, .. } = &hello else {
+            tracing::warn!(%from, "replication port: first frame {hello:?} is not a hello; connection dropped");
+            return;
+        };
+        let route = self.routes.lock().expect("routes").get(volume).cloned();
+        let refused = match route {
+            None => Some(format!("node {} holds no replica of {volume}", self.node)),
+            Some(tx) => {
+                let mut head = Vec::new();
+                let _ = write_frame(&mut head, &hello).await;
+                head.extend_from_slice(&rest);
+                let replayed = Replayed { head: Bytes::from(head), inner: stream };
+                match tx.try_send(Incoming::established(Peer { stream: Box::new(replayed), who })) {
+                    Ok(()) => return,
+                    Err(_) => {
+                        // Closed: the volume is between roles (or being deleted); the primary
+                        // retries. Full: a burst of connections no accept loop is taking.
+                        tracing::warn!(%from, %volume, "replication port: the volume is not accepting connections now; dropped");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(reason) = refused {
+            tracing::warn!(%from, "replication port: {reason}; refused");
+            let _ = write_frame(&mut stream, &Frame::Refuse { why: Refusal::NotRegistered, reason }).await;
+        }
+    }
+
+    /// The listener for `volume`'s connections, replacing any earlier one (a role change binds
+    /// again before the old role's listener is dropped).
+    fn listen(self: &Arc<Router>, volume: &str) -> BoxListener {
+        let (tx, rx) = mpsc::channel(QUEUE_PER_VOLUME);
+        self.routes.lock().expect("routes").insert(volume.to_string(), tx);
+        Box::new(Routed { rx, addr: self.addr })
+    }
+
+    /// Stops routing to `volume` (deleted, or no longer on this node).
+    pub fn forget(&self, volume: &str) {
+        self.routes.lock().expect("routes").remove(volume);
+    }
+}
+
+struct Routed {
+    rx: mpsc::Receiver<Incoming>,
+    addr: SocketAddr,
+}
+
+impl Listener for Routed {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>> {
+        Box::pin(async move {
+            match self.rx.recv().await {
+                Some(i) => Ok(i),
+                // Replaced by a newer listener of the same volume: this one never accepts again.
+                None => std::future::pending().await,
+            }
+        })
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+/// One volume's network on a node: connections go out through `inner`; listening means taking
+/// this volume's connections from the node's router (the address asked for is the router's).
+pub struct RoutedNet {
+    pub inner: Arc<dyn Net>,
+    pub router: Arc<Router>,
+    pub volume: String,
+}
+
+impl Net for RoutedNet {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxStream>> {
+        self.inner.connect(addr)
+    }
+    fn bind(&self, _addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
+        Box::pin(async move { Ok(self.router.listen(&self.volume)) })
+    }
+}
+
+/// A stream whose first bytes (the frame the router read, and whatever came after it) are served
+/// from memory before the socket is read again.
+struct Replayed {
+    head: Bytes,
+    inner: BoxStream,
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.head.has_remaining() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
