@@ -34,6 +34,10 @@ fn exports_with(vol: Admission, ro: Admission) -> Exports {
             ExportInfo { name: "ro".into(), volume: VolumeId(2), size: 1 << 20, read_only: true, admission: ro },
         ],
         default_name: Some("vol".into()),
+        // Cluster mode's answer for an export another node serves.
+        elsewhere: Some(syncblock_nbd::handshake::Elsewhere(std::sync::Arc::new(|name: &str| {
+            (name == "moved").then(|| format!("volume {name:?} is served by node n2 at nbd://127.0.0.1:10902/{name}"))
+        }))),
     }
 }
 

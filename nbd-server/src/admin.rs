@@ -120,9 +120,32 @@ pub struct Admin {
     pub store_path: PathBuf,
     pub node: String,
     /// The replicated volumes' nodes.
-    pub nodes: Vec<Node>,
+    pub nodes: Nodes,
     pub read_only: Vec<String>,
     pub metrics: Arc<Metrics>,
+}
+
+/// The replicated volumes' nodes: fixed for `serve`, read at each request in cluster mode (where
+/// volumes come and go).
+#[derive(Clone)]
+pub enum Nodes {
+    Fixed(Vec<Node>),
+    Live(Arc<dyn Fn() -> Vec<Node> + Send + Sync>),
+}
+
+impl Nodes {
+    pub fn get(&self) -> Vec<Node> {
+        match self {
+            Nodes::Fixed(v) => v.clone(),
+            Nodes::Live(f) => f(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.get().iter()).finish()
+    }
 }
 
 /// A request refused: the HTTP status and why.
@@ -177,8 +200,9 @@ impl Admin {
             return Err(refuse(StatusCode::NOT_FOUND, format!("no volume {v} here (volumes: {})", names.join(", "))));
         }
         let mut volumes = Vec::new();
+        let nodes = self.nodes.get();
         for v in list.iter().filter(|x| volume.is_none_or(|n| x.name == n)) {
-            let replication = match self.nodes.iter().find(|n| n.volume() == v.name) {
+            let replication = match nodes.iter().find(|n| n.volume() == v.name) {
                 Some(n) => Some(n.status().await.view()),
                 None => None,
             };
@@ -220,19 +244,20 @@ impl Admin {
     }
 
     /// The replicated volume a command names, or the only one.
-    fn node(&self, volume: Option<&str>) -> Result<&Node, Refusal> {
-        let names = || self.nodes.iter().map(|n| n.volume()).collect::<Vec<_>>().join(", ");
-        if self.nodes.is_empty() {
+    fn node(&self, volume: Option<&str>) -> Result<Node, Refusal> {
+        let nodes = self.nodes.get();
+        let names = || nodes.iter().map(|n| n.volume()).collect::<Vec<_>>().join(", ");
+        if nodes.is_empty() {
             return Err(refuse(StatusCode::CONFLICT, "this node replicates no volume".into()));
         }
         match volume {
-            Some(v) => self.nodes.iter().find(|n| n.volume() == v).ok_or_else(|| {
+            Some(v) => nodes.iter().find(|n| n.volume() == v).cloned().ok_or_else(|| {
                 refuse(
                     StatusCode::NOT_FOUND,
                     format!("volume {v} is not replicated by this node (it replicates {})", names()),
                 )
             }),
-            None if self.nodes.len() == 1 => Ok(&self.nodes[0]),
+            None if nodes.len() == 1 => Ok(nodes[0].clone()),
             None => Err(refuse(
                 StatusCode::BAD_REQUEST,
                 format!("this node replicates {}: name one with --volume", names()),

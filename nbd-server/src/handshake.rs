@@ -62,9 +62,29 @@ pub struct Exports {
     pub list: Vec<ExportInfo>,
     /// The volume that the empty export name selects, if any.
     pub default_name: Option<String>,
+    /// In cluster mode, why an export not on offer here is served elsewhere (naming the node that
+    /// serves it), so that a client's error says where to reconnect.
+    pub elsewhere: Option<Elsewhere>,
+}
+
+/// Given an export name, the message for a client that asked the wrong node for it.
+#[derive(Clone)]
+pub struct Elsewhere(pub std::sync::Arc<ElsewhereFn>);
+
+pub type ElsewhereFn = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+impl std::fmt::Debug for Elsewhere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Elsewhere")
+    }
 }
 
 impl Exports {
+    /// The error message for an export name not on offer.
+    pub fn not_here(&self, name: &str) -> String {
+        self.elsewhere.as_ref().and_then(|e| (e.0)(name)).unwrap_or_else(|| format!("no export named {name:?}"))
+    }
+
     /// The export `name` selects; the empty name selects the default export.
     pub fn find(&self, name: &str) -> Option<&ExportInfo> {
         let name = if name.is_empty() { self.default_name.as_deref()? } else { name };
@@ -238,7 +258,7 @@ impl Negotiation {
                     }
                 };
                 let Some(export) = exports.find(&req.name) else {
-                    encode_option_error(out, option, REP_ERR_UNKNOWN, &format!("no export named {:?}", req.name));
+                    encode_option_error(out, option, REP_ERR_UNKNOWN, &exports.not_here(&req.name));
                     return self.count();
                 };
                 if let Some((err, msg)) = refusal(export) {
@@ -301,7 +321,7 @@ impl Negotiation {
             }
         };
         let Some(export) = exports.find(&req.export) else {
-            encode_option_error(out, option, REP_ERR_UNKNOWN, &format!("no export named {:?}", req.export));
+            encode_option_error(out, option, REP_ERR_UNKNOWN, &exports.not_here(&req.export));
             return;
         };
         if let Some((err, msg)) = refusal(export) {
@@ -377,6 +397,7 @@ mod tests {
                 },
             ],
             default_name: Some("a".into()),
+            elsewhere: None,
         }
     }
 

@@ -115,6 +115,18 @@ pub struct ServerConfig {
     pub tls_mode: TlsMode,
     /// Exports with an access list, by name: only the identities listed may open them.
     pub access: HashMap<String, Vec<AccessRule>>,
+    /// Cluster mode: which volumes this node serves, decided by the cluster.
+    pub directory: Option<Arc<dyn Directory>>,
+}
+
+/// Cluster mode's view of the exports: a volume is served by its primary only; another node
+/// answers a client with an error naming the node that serves it.
+pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
+    /// The replicator node of `volume`, if this node holds a replica.
+    fn node(&self, volume: &str) -> Option<Node>;
+    /// Why this node does not serve `export`, naming the node that does; `None` if it serves it
+    /// (or no such volume exists).
+    fn elsewhere(&self, export: &str) -> Option<String>;
 }
 
 impl Default for ServerConfig {
@@ -129,6 +141,7 @@ impl Default for ServerConfig {
             tls: None,
             tls_mode: TlsMode::Off,
             access: HashMap::new(),
+            directory: None,
         }
     }
 }
@@ -185,10 +198,11 @@ impl Shared {
     }
 
     /// The storage of a volume's export.
-    fn target(&self, volume: VolumeId) -> Target {
+    fn target(&self, volume: VolumeId, name: &str) -> Target {
         let store = self.store.clone();
-        match self.config.replicated.get(&volume) {
-            Some(node) => Target::Replicated { store, volume, node: node.clone() },
+        let node = self.config.replicated.get(&volume).cloned();
+        match node.or_else(|| self.config.directory.as_ref().and_then(|d| d.node(name))) {
+            Some(node) => Target::Replicated { store, volume, node },
             None => Target::Local { store, volume, write_back: self.config.write_back },
         }
     }
@@ -375,8 +389,13 @@ async fn connection(
 /// The exports as this connection's client sees them: who it proved to be decides which it may
 /// open.
 async fn exports(shared: &Shared, identity: Option<&str>, tls_active: bool) -> Result<Exports, Error> {
-    let list = shared.store.list_volumes().await?;
+    let mut list = shared.store.list_volumes().await?;
+    let directory = shared.config.directory.clone();
+    if let Some(d) = &directory {
+        list.retain(|v| d.elsewhere(&v.name).is_none());
+    }
     Ok(Exports {
+        elsewhere: directory.map(|d| crate::handshake::Elsewhere(Arc::new(move |name: &str| d.elsewhere(name)))),
         list: list
             .into_iter()
             .map(|v| {
@@ -384,7 +403,7 @@ async fn exports(shared: &Shared, identity: Option<&str>, tls_active: bool) -> R
                 ExportInfo {
                     read_only: acl_read_only
                         || shared.config.read_only.contains(&v.name)
-                        || !shared.target(v.id).writable(),
+                        || !shared.target(v.id, &v.name).writable(),
                     admission,
                     name: v.name,
                     volume: v.id,
@@ -469,7 +488,7 @@ where
     W: AsyncWrite + Send + Unpin + 'static,
 {
     let io = shared.config.metrics.as_ref().map(|m| m.volume(&session.export.name));
-    let ctx = Arc::new(Ctx { target: shared.target(session.export.volume), session });
+    let ctx = Arc::new(Ctx { target: shared.target(session.export.volume, &session.export.name), session });
     let mut out = Replies::new(w);
     let mut input = RequestReader::default();
     let mut inflight: FuturesUnordered<InFlight> = FuturesUnordered::new();

@@ -8,6 +8,7 @@
 //! `docs/replication.md` states the rules and the argument.
 
 pub mod authority;
+pub mod cluster;
 pub mod link;
 pub mod net;
 pub mod node;

@@ -34,6 +34,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader { rd, buf: BytesMut::new() }
     }
 
+    /// The reader and the bytes read past the frames taken so far.
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.rd, self.buf)
+    }
+
     /// The next frame, if all of its bytes have been read. Never waits.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ReplError> {
         // The magic first: another protocol's client (an admin command sent to the wrong port,

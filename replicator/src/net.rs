@@ -31,6 +31,8 @@ pub struct Incoming {
     pub from: SocketAddr,
     stream: BoxStream,
     tls: Option<Arc<Tls>>,
+    /// Already established, by whoever handed it on (a node's replication router).
+    proven: Option<Who>,
 }
 
 /// An established connection, and who is at its other end.
@@ -49,12 +51,20 @@ pub struct Who {
 
 impl Incoming {
     pub fn plain(stream: BoxStream, from: SocketAddr) -> Incoming {
-        Incoming { from, stream, tls: None }
+        Incoming { from, stream, tls: None, proven: None }
+    }
+
+    /// A connection established elsewhere (its handshake done, its peer's identity known).
+    pub fn established(peer: Peer) -> Incoming {
+        Incoming { from: peer.who.from, stream: peer.stream, tls: None, proven: Some(peer.who) }
     }
 
     /// Completes the handshake (bounded by [`crate::tls::HANDSHAKE_TIMEOUT`]).
     pub async fn establish(self) -> Result<Peer, TlsError> {
-        let Incoming { from, stream, tls } = self;
+        let Incoming { from, stream, tls, proven } = self;
+        if let Some(who) = proven {
+            return Ok(Peer { stream, who });
+        }
         match tls {
             None => Ok(Peer { stream, who: Who { from, identity: None } }),
             Some(tls) => {

@@ -102,7 +102,10 @@ impl Etcd {
         let mine = self.cluster.key(&format!("alive/{node}"));
         let mut kv = self.cluster.client().kv_client();
         for _ in 0..5 {
-            let resp = kv.get(grant_key.clone(), None).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+            let resp = kv
+                .get(grant_key.clone(), None)
+                .await
+                .map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
             let (doc, rev) = match resp.kvs().first() {
                 Some(kv) => {
                     let doc: GrantDoc = serde_json::from_slice(kv.value()).map_err(|e| {

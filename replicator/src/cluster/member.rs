@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::authority::{Etcd, Standing};
-use super::router::{Router, RoutedNet};
+use super::router::{RoutedNet, Router};
 use super::{Cluster, ClusterError, MemberInfo, Snapshot, VolumeSpec};
 use crate::net::BoxListener;
 use crate::state::{ReplState, Role};
@@ -221,7 +221,8 @@ impl Member {
         };
         let first_role = if spec.replicas.first().is_some_and(|f| f == me) { Role::Primary } else { Role::Secondary };
         let existing = store.volume(&spec.name).await.ok();
-        let stale = existing.as_ref().is_some_and(|info| ReplState::decode(&info.attr).is_some_and(|s| s.pair != spec.id));
+        let stale =
+            existing.as_ref().is_some_and(|info| ReplState::decode(&info.attr).is_some_and(|s| s.pair != spec.id));
         if stale {
             tracing::warn!(volume = %spec.name, "this node's replica belongs to a deleted volume of the same name; replacing it");
             self.delete_local(&spec.name).await?;
@@ -286,7 +287,8 @@ async fn register(
                 );
             }
             tracing::info!(node = %name, lease = format!("{:x}", granted.id()), ?ttl, "joined the cluster");
-            let standing = Standing { lease: granted.id(), valid_until: Some(sent + ttl * 2 / 3), grant_lease: ttl * 2 / 3 };
+            let standing =
+                Standing { lease: granted.id(), valid_until: Some(sent + ttl * 2 / 3), grant_lease: ttl * 2 / 3 };
             return Ok(watch::channel(standing));
         }
         let _ = client.lease_revoke(granted.id()).await;
@@ -395,7 +397,8 @@ async fn watch_cluster(member: Member) {
             match msg {
                 Ok(Some(resp)) if resp.canceled() => break,
                 Ok(Some(resp)) => {
-                    let relevant = resp.events().iter().any(|e| e.event_type() == EventType::Delete || e.kv().is_some());
+                    let relevant =
+                        resp.events().iter().any(|e| e.event_type() == EventType::Delete || e.kv().is_some());
                     if !relevant {
                         continue;
                     }

@@ -247,8 +247,7 @@ impl Cluster {
     }
 
     pub async fn connect_prefixed(endpoints: &str, prefix: &str) -> Result<Cluster> {
-        let list: Vec<String> =
-            endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+        let list: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
         if list.is_empty() {
             return Err(ClusterError::Refused("--etcd names no endpoint".into()));
         }
@@ -259,16 +258,19 @@ impl Cluster {
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
         let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&list, Some(options)))
             .await
-            .map_err(|_| {
-                ClusterError::Unreachable {
-                    endpoints: endpoints.to_string(),
-                    source: etcd_client::Error::InvalidArgs("no answer within 5 s".into()),
-                }
+            .map_err(|_| ClusterError::Unreachable {
+                endpoints: endpoints.to_string(),
+                source: etcd_client::Error::InvalidArgs("no answer within 5 s".into()),
             })?
             .map_err(unreachable)?;
         let cluster = Cluster { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: endpoints.into() };
         // A request, so that a dead endpoint list fails here, with its cause.
-        cluster.client.kv_client().get(cluster.key("members/"), Some(GetOptions::new().with_count_only())).await.map_err(unreachable)?;
+        cluster
+            .client
+            .kv_client()
+            .get(cluster.key("members/"), Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(unreachable)?;
         Ok(cluster)
     }
 

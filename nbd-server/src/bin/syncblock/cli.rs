@@ -265,13 +265,77 @@ pub enum Command {
         #[command(flatten)]
         tls: AdminTls,
     },
-    /// Manage the volumes of a store offline (no server may be running on the store).
+    /// Manage volumes: of a cluster (with --etcd), or of a store offline (no server may be
+    /// running on the store).
     Volume {
         /// The store file or block device [default: syncblock-data/store.img].
-        #[arg(long, global = true)]
+        #[arg(long, global = true, conflicts_with = "etcd")]
         store: Option<PathBuf>,
+        /// The cluster's etcd endpoints, comma-separated (docs/cluster.md).
+        #[arg(long, global = true, value_name = "URLS")]
+        etcd: Option<String>,
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// Run a cluster node (docs/cluster.md): one store, registered in etcd, serving the volumes it
+    /// is primary of and replicating those it holds; or `node list`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Node {
+        #[command(subcommand)]
+        command: Option<NodeCommand>,
+        #[command(flatten)]
+        run: NodeArgs,
+    },
+}
+
+/// `syncblock node`'s flags.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// The cluster's etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// This node's name in the cluster (unique; its certificate's CN with TLS).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Its store [default: syncblock-data/NAME.img]; created with --size if missing.
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The store's size when it is created.
+    #[arg(long, value_parser = size_arg, default_value = "10GiB")]
+    pub size: u64,
+    /// NBD listener: clients connect here for the volumes this node is primary of.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub listen: SocketAddr,
+    /// The one replication listener of this node, shared by all its volumes.
+    #[arg(long, default_value = "127.0.0.1:7900")]
+    pub repl_listen: SocketAddr,
+    /// Admin endpoint (status, metrics).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Failure domain (rack, room, site): a volume's replicas are placed in different zones.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// The etcd lease TTL this node asks for, in ms; a dead node's volumes fail over about this
+    /// long after its death (etcd may raise it to its minimum) [default: 1000].
+    #[arg(long, value_name = "MS")]
+    pub lease_ms: Option<u64>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Allow listening on non-loopback addresses without TLS that authenticates callers.
+    #[arg(long)]
+    pub insecure: bool,
+    #[command(flatten)]
+    pub threads: Threads,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the cluster's nodes: name, zone, alive, volumes, primaries, free bytes.
+    List {
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -336,15 +400,25 @@ impl ReplArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
-    /// Create a thin volume (it uses store space only as it is written).
+    /// Create a thin volume (it uses store space only as it is written). With --etcd, placed on
+    /// --replicas nodes; prints the volume as JSON.
     Create {
         name: String,
         /// Its size (units as for `serve --size`); a multiple of 4 KiB.
-        #[arg(value_parser = size_arg)]
-        size: u64,
+        #[arg(value_parser = size_arg, required_unless_present = "size_flag")]
+        size: Option<u64>,
+        /// The size, as a flag (the same as the positional size).
+        #[arg(long = "size", id = "size_flag", value_parser = size_arg, conflicts_with = "size")]
+        size_flag: Option<u64>,
+        /// Copies in the cluster (with --etcd): a primary and its synchronous mirror.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..=2))]
+        replicas: u16,
     },
-    /// List the volumes: name, size, bytes written.
-    List,
+    /// List the volumes: name, size, bytes written; with --etcd, where each is served.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow or shrink a volume (shrinking discards the blocks past the new end).
     Resize {
         name: String,

@@ -10,6 +10,7 @@
 
 mod cli;
 mod client;
+mod cluster;
 mod notify;
 mod pair;
 
@@ -136,7 +137,10 @@ fn main() -> Result<()> {
             client::promote(&tls.admin_at(admin)?, volume.as_deref(), force)
         }
         Command::Demote { admin, volume, tls } => client::demote(&tls.admin_at(admin)?, volume.as_deref()),
-        Command::Volume { store, command } => {
+        Command::Volume { etcd: Some(etcd), command, .. } => cluster::volume_command(&etcd, command),
+        Command::Node { command: Some(command), .. } => cluster::node_command(command),
+        Command::Node { command: None, run } => cluster::run_node(run),
+        Command::Volume { store, etcd: None, command } => {
             let path = store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE));
             let fix = format!("create one with `syncblock serve --create --store {}`", path.display());
             let store = open_existing(&path, Config::default(), &fix)?;
@@ -585,7 +589,7 @@ async fn serve_nbd(
             store: store.clone(),
             store_path: settings.store.clone(),
             node: settings.node.clone(),
-            nodes: nodes.to_vec(),
+            nodes: syncblock_nbd::admin::Nodes::Fixed(nodes.to_vec()),
             read_only: read_only.clone(),
             metrics: metrics.clone(),
         });
@@ -692,11 +696,12 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 async fn volume(store: &Store, command: VolumeCommand) -> Result<()> {
     match command {
-        VolumeCommand::Create { name, size } => {
+        VolumeCommand::Create { name, size, size_flag, .. } => {
+            let size = size.or(size_flag).context("give the volume's size")?;
             let v = store.create_volume(&name, size).await?;
             println!("created {} ({})", v.name, format_size(v.size_bytes));
         }
-        VolumeCommand::List => {
+        VolumeCommand::List { .. } => {
             for v in store.list_volumes().await? {
                 println!("{}\t{}\t{} mapped", v.name, format_size(v.size_bytes), format_size(v.mapped_bytes));
             }

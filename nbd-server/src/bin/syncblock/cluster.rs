@@ -1,0 +1,238 @@
+//! Cluster mode's commands (docs/cluster.md): `node` runs a cluster node, `node list`, and
+//! `volume create|list|delete --etcd`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use syncblock_nbd::config::{check_exposed, ADMIN_RISK, NBD_RISK, REPLICATION_RISK};
+use syncblock_nbd::handshake::TlsMode;
+use syncblock_nbd::metrics::Metrics;
+use syncblock_nbd::server::{Directory, Listener, ServerConfig};
+use syncblock_nbd::size::format_size;
+use syncblock_replicator::cluster::member::{Member, MemberConfig, DEFAULT_TTL};
+use syncblock_replicator::cluster::{Cluster, MemberInfo};
+use syncblock_replicator::Node;
+
+use crate::cli::{NodeArgs, NodeCommand, VolumeCommand};
+
+/// The NBD server's view of the cluster: it serves a volume while this node is its primary.
+#[derive(Clone)]
+struct ClusterDirectory(Member);
+
+impl std::fmt::Debug for ClusterDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterDirectory({})", self.0.name())
+    }
+}
+
+impl Directory for ClusterDirectory {
+    fn node(&self, volume: &str) -> Option<Node> {
+        self.0.node(volume)
+    }
+    fn elsewhere(&self, export: &str) -> Option<String> {
+        self.0.served_elsewhere(export)
+    }
+}
+
+/// The bytes of volume data a store can hold: its log less the segments the cleaner keeps free
+/// (the engine's reserve, and one in 64 for its working room), so that placement never promises a
+/// node more than it can write.
+fn capacity(stats: &syncblock_engine::Stats) -> u64 {
+    let reserve = 4 + u64::from(stats.n_segments) / 64;
+    u64::from(stats.n_segments).saturating_sub(reserve) * stats.segment_bytes
+}
+
+pub fn run_node(args: NodeArgs) -> Result<()> {
+    let Some(etcd) = args.etcd.clone() else { bail!("syncblock node needs --etcd (the cluster's etcd endpoints)") };
+    let Some(name) = args.name.clone() else { bail!("syncblock node needs --name (this node's name in the cluster)") };
+    syncblock_replicator::cluster::check_name("node", &name)?;
+    let tls_files = args.tls.files();
+    let tls_on = !tls_files.is_empty();
+    let authenticates = tls_files.authenticates();
+    check_exposed("NBD", args.listen, NBD_RISK, tls_on, args.insecure)?;
+    check_exposed("replication", args.repl_listen, REPLICATION_RISK, authenticates, args.insecure)?;
+    if let Some(a) = args.admin {
+        check_exposed("admin", a, ADMIN_RISK, authenticates, args.insecure)?;
+    }
+    let tls = if tls_on {
+        Some(syncblock_replicator::tls::Tls::load(&tls_files, Some(&name)).context("TLS credentials")?)
+    } else {
+        None
+    };
+    let path = args.store.clone().unwrap_or_else(|| PathBuf::from(format!("syncblock-data/{name}.img")));
+    let rt = crate::runtime(args.threads.threads)?;
+    let (store, mut new) = crate::open_or_create(&path, Some((args.size, false)), crate::engine_config(&rt))?;
+    if let Some(n) = &mut new {
+        rt.block_on(store.flush()).context("flushing the new store")?;
+        n.commit()?;
+    }
+    let res = rt.block_on(node(store.clone(), path, args, etcd, name, tls));
+    let closed = store.close().context("closing the store");
+    res.and(closed)
+}
+
+async fn node(
+    store: syncblock_engine::Store,
+    path: PathBuf,
+    args: NodeArgs,
+    etcd: String,
+    name: String,
+    tls: Option<Arc<syncblock_replicator::tls::Tls>>,
+) -> Result<()> {
+    let nbd = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
+        format!("NBD listener {}; likely cause: the port is in use: choose another with --listen", args.listen)
+    })?;
+    let repl = tokio::net::TcpListener::bind(args.repl_listen).await.with_context(|| {
+        format!(
+            "replication listener {}; likely cause: the port is in use: choose another with --repl-listen",
+            args.repl_listen
+        )
+    })?;
+    let admin = match args.admin {
+        Some(at) => Some(tokio::net::TcpListener::bind(at).await.with_context(|| {
+            format!("admin endpoint {at}; likely cause: the port is in use: choose another with --admin")
+        })?),
+        None => None,
+    };
+    let nbd_addr = nbd.local_addr()?;
+    let stats = store.stats().await?;
+    let info = MemberInfo {
+        name: name.clone(),
+        zone: args.zone.clone(),
+        nbd: nbd_addr.to_string(),
+        repl: repl.local_addr()?,
+        admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
+        capacity: capacity(&stats),
+    };
+    let cluster = Cluster::connect(&etcd).await.context("connecting to etcd")?;
+    let net = match &tls {
+        Some(t) => syncblock_replicator::net::TlsNet::over(syncblock_replicator::net::tcp(), t.clone()),
+        None => syncblock_replicator::net::tcp(),
+    };
+    let repl_cfg = syncblock_replicator::ReplConfig {
+        peer_node: None,
+        ..crate::repl_config(&name, net, None, Duration::from_secs(1), None)
+    };
+    let cfg = MemberConfig { info, ttl: args.lease_ms.map_or(DEFAULT_TTL, Duration::from_millis), repl: repl_cfg };
+    let listener = crate::with_tls(syncblock_replicator::net::tcp_listener(repl), tls.clone());
+    let member = Member::join(store.clone(), cluster, cfg, listener).await.context("joining the cluster")?;
+    let metrics = admin.is_some().then(|| Arc::new(Metrics::new()));
+    if let (Some(l), Some(metrics)) = (admin, &metrics) {
+        let m = member.clone();
+        let a = Arc::new(syncblock_nbd::admin::Admin {
+            store: store.clone(),
+            store_path: path.clone(),
+            node: name.clone(),
+            nodes: syncblock_nbd::admin::Nodes::Live(Arc::new(move || m.nodes().into_values().collect())),
+            read_only: Vec::new(),
+            metrics: metrics.clone(),
+        });
+        let admin_tls = tls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = syncblock_nbd::admin::serve(l, a, admin_tls).await {
+                tracing::error!("the admin endpoint stopped: {e}");
+            }
+        });
+    }
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    println!("node {name} joined the cluster; NBD on {scheme}://{nbd_addr}/VOLUME for the volumes it is primary of");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let config = ServerConfig {
+        directory: Some(Arc::new(ClusterDirectory(member.clone()))),
+        metrics: metrics.map(|m| m.io.clone()),
+        tls: tls.clone(),
+        tls_mode: if tls.is_some() { TlsMode::Require } else { TlsMode::Off },
+        ..ServerConfig::default()
+    };
+    let stop_signal = crate::shutdown_signal();
+    crate::notify::ready(&format!("node {name} serving on nbd://{nbd_addr}"));
+    let m = member.clone();
+    let shutdown = async move {
+        stop_signal.await;
+        // Stepping down first: the volumes this node is primary of fail over now, not a lease
+        // later, and writes in flight finish or fail instead of waiting for a peer.
+        m.stop().await;
+    };
+    syncblock_nbd::serve(store, config, vec![Listener::Tcp(nbd)], shutdown).await?;
+    Ok(())
+}
+
+pub fn node_command(command: NodeCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    match command {
+        NodeCommand::List { etcd, json } => rt.block_on(async {
+            let cluster = Cluster::connect(&etcd).await?;
+            let views = cluster.snapshot().await?.node_views();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<10} {:<6} {:>8} {:>10} {:>12} {:>12}  NBD",
+                "NAME", "ZONE", "ALIVE", "VOLUMES", "PRIMARIES", "CAPACITY", "FREE"
+            );
+            for n in views {
+                println!(
+                    "{:<16} {:<10} {:<6} {:>8} {:>10} {:>12} {:>12}  {}",
+                    n.name,
+                    n.zone.as_deref().unwrap_or("-"),
+                    if n.alive { "yes" } else { "NO" },
+                    n.volumes,
+                    n.primaries,
+                    format_size(n.capacity),
+                    format_size(n.free),
+                    n.nbd
+                );
+            }
+            Ok(())
+        }),
+    }
+}
+
+pub fn volume_command(etcd: &str, command: VolumeCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async {
+        let cluster = Cluster::connect(etcd).await?;
+        match command {
+            VolumeCommand::Create { name, size, size_flag, replicas } => {
+                let size = size.or(size_flag).context("give the volume's size")?;
+                let spec = cluster.create_volume(&name, size, usize::from(replicas)).await?;
+                let snap = cluster.snapshot().await?;
+                let view = snap.volume_views().into_iter().find(|v| v.name == spec.name);
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            }
+            VolumeCommand::List { json } => {
+                let views = cluster.snapshot().await?.volume_views();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&views)?);
+                    return Ok(());
+                }
+                println!(
+                    "{:<20} {:>10} {:<12} {:<12} {:<9} {:>6}  NBD",
+                    "NAME", "SIZE", "PRIMARY", "SECONDARY", "STATE", "EPOCH"
+                );
+                for v in views {
+                    println!(
+                        "{:<20} {:>10} {:<12} {:<12} {:<9} {:>6}  {}",
+                        v.name,
+                        format_size(v.size),
+                        v.primary,
+                        v.secondary.as_deref().unwrap_or("-"),
+                        v.state,
+                        v.epoch,
+                        v.nbd
+                    );
+                }
+            }
+            VolumeCommand::Delete { name } => {
+                cluster.delete_volume(&name).await?;
+                println!("deleted {name}");
+            }
+            VolumeCommand::Resize { .. } => bail!("resizing a cluster volume is not supported yet"),
+        }
+        Ok(())
+    })
+}
