@@ -2,6 +2,7 @@
 //! NBD client that speaks the wire format byte by byte (independent of the server's encoders).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pair;
 pub mod pki;
 pub mod proc;

@@ -309,18 +309,21 @@ async fn register(
 /// of may have failed over meanwhile, which their replicator nodes learn from the grants.
 async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
     let mut stop = inner.stop.subscribe();
-    let mut client = inner.cluster.client();
     loop {
         if *stop.borrow() {
             return;
         }
+        let mut client = inner.cluster.client();
         let lease = standing.borrow().lease;
         let grant_lease = standing.borrow().grant_lease;
         let period = (grant_lease / 2).max(Duration::from_millis(100));
         let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("etcd keep-alive: {}; retrying", inner.cluster.err(e));
+                tracing::warn!("etcd keep-alive: {}; reconnecting", inner.cluster.err(e));
+                if let Err(e) = inner.cluster.reconnect().await {
+                    tracing::warn!("reconnecting to etcd: {e}");
+                }
                 tokio::select! { _ = tokio::time::sleep(period / 2) => continue, _ = stop.wait_for(|s| *s) => return }
             }
         };
@@ -358,6 +361,9 @@ async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                     tracing::warn!("etcd keep-alive went unanswered; reconnecting");
+                    if let Err(e) = inner.cluster.reconnect().await {
+                        tracing::warn!("reconnecting to etcd: {e}");
+                    }
                     break;
                 }
             }
@@ -375,17 +381,20 @@ async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
 async fn watch_cluster(member: Member) {
     let inner = &member.inner;
     let mut stop = inner.stop.subscribe();
-    let mut client = inner.cluster.client();
     loop {
         if *stop.borrow() {
             return;
         }
+        let mut client = inner.cluster.client();
         let rev = inner.snapshot.borrow().revision;
         let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
         let mut stream = match client.watch(inner.cluster.key(""), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!("etcd watch: {}; retrying", inner.cluster.err(e));
+                tracing::warn!("etcd watch: {}; reconnecting", inner.cluster.err(e));
+                if let Err(e) = inner.cluster.reconnect().await {
+                    tracing::warn!("reconnecting to etcd: {e}");
+                }
                 tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.wait_for(|s| *s) => return }
             }
         };

@@ -1,0 +1,239 @@
+//! Cluster mode (docs/cluster.md) on real etcd and real `syncblock node` processes over loopback:
+//! volumes created, listed, placed across zones and deleted; refusals that change nothing; a node
+//! SIGKILLed while its volume is written, its secondary taking over with every flushed block, and
+//! the node coming back to resync; and the loss of one etcd member of three stopping neither I/O
+//! nor failover. Clients are qemu-io (qemu-utils), whose errors print the server's message.
+//!
+//! The tests take turns (their failover timings should not depend on one another's load). Every
+//! process is SIGKILLed and reaped when its handle drops, every port is a free one, every wait is
+//! bounded.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::cluster::{cli, volume, volumes, ClusterNode, Etcd};
+use common::tools::{can_run, missing_tool, run, wait_until};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ready(what: &str) -> bool {
+    can_run(
+        what,
+        missing_tool(&[("etcd", "etcd-server"), ("etcdctl", "etcd-client"), ("qemu-io", "qemu-utils")]).as_deref(),
+    )
+}
+
+/// Most a failover may take here, from SIGKILL to a write acknowledged by the new primary: the
+/// lease (1 s), etcd's expiry check (500 ms), the promotion and a client's reconnect, with room
+/// for a loaded 2-core machine. The benchmark (benches/cluster-failover.sh) measures the real figure.
+const FAILOVER_MAX: Duration = Duration::from_secs(15);
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> (i32, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let (code, out, err) = run(Duration::from_secs(60), "qemu-io", &args);
+    (code, format!("{out}{err}"))
+}
+
+fn qemu_ok(uri: &str, cmds: &[&str]) {
+    let (code, out) = qemu_io(uri, cmds);
+    assert!(
+        code == 0 && !out.contains("failed") && !out.contains("Pattern verification"),
+        "qemu-io {cmds:?} on {uri}: {out}"
+    );
+}
+
+#[test]
+fn volumes_are_placed_across_zones_listed_refused_and_deleted() {
+    if !ready("cluster volumes") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 1);
+    let ep = etcd.endpoints();
+    let zones = [("n1", "z1"), ("n2", "z1"), ("n3", "z2"), ("n4", "z2")];
+    let nodes: Vec<ClusterNode> = zones.iter().map(|(n, z)| ClusterNode::start(dir.path(), &ep, n, Some(z))).collect();
+    let zone_of = |n: &str| zones.iter().find(|(name, _)| *name == n).unwrap().1;
+
+    for i in 0..6 {
+        let (code, out, err) = cli(&ep, &["volume", "create", &format!("v{i}"), "--size", "64MiB"]);
+        assert_eq!(code, 0, "create v{i}: {out}{err}");
+        let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(printed["name"], format!("v{i}"));
+    }
+    let list = volumes(&ep);
+    assert_eq!(list.len(), 6);
+    let mut primaries = std::collections::BTreeMap::<String, u32>::new();
+    for v in &list {
+        let (p, s) = (v["primary"].as_str().unwrap(), v["secondary"].as_str().unwrap());
+        assert_ne!(zone_of(p), zone_of(s), "{v}: both replicas in one zone");
+        *primaries.entry(p.to_string()).or_default() += 1;
+        assert!(v["nbd"].as_str().unwrap().ends_with(&format!("/{}", v["name"].as_str().unwrap())));
+    }
+    // Six primaries over four nodes: none has more than two.
+    assert!(primaries.values().all(|&n| n <= 2), "primaries unbalanced: {primaries:?}");
+    // Every volume becomes a synced pair, and serves I/O on its primary.
+    wait_until(Duration::from_millis(200), "every volume in sync", Duration::from_secs(60), || {
+        let l = volumes(&ep);
+        l.iter().all(|v| v["state"] == "in-sync").then_some(()).ok_or_else(|| format!("{l:?}"))
+    });
+    let v0 = volume(&ep, "v0");
+    qemu_ok(v0["nbd"].as_str().unwrap(), &["write -P 0x5a 0 64k", "flush", "read -P 0x5a 0 64k"]);
+    // Any other node names the one that serves it.
+    let other = nodes.iter().find(|n| n.name != v0["primary"]).unwrap();
+    let (code, out) = qemu_io(&other.uri("v0"), &["read 0 4k"]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains(&format!("volume \"v0\" is served by node {}", v0["primary"].as_str().unwrap())),
+        "the wrong node's refusal does not name the primary: {out}"
+    );
+    let (code, out) = qemu_io(&other.uri("nosuch"), &["read 0 4k"]);
+    assert_ne!(code, 0, "{out}");
+
+    // `node list` counts what each node holds.
+    let (code, out, err) = cli(&ep, &["node", "list", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let nl: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(nl.len(), 4);
+    assert_eq!(nl.iter().map(|n| n["volumes"].as_u64().unwrap()).sum::<u64>(), 12);
+    assert!(nl.iter().all(|n| n["alive"] == true && n["zone"].is_string()));
+
+    // Refusals change nothing and say why.
+    let refused = |args: &[&str], why: &str| {
+        let (code, out, err) = cli(&ep, args);
+        assert_ne!(code, 0, "{args:?} was accepted: {out}");
+        assert!(err.contains(why), "{args:?}: expected {why:?} in: {err}");
+    };
+    refused(&["volume", "create", "v0", "--size", "64MiB"], "already exists");
+    refused(&["volume", "create", "odd", "--size", "1000"], "multiple of 4096");
+    refused(&["volume", "create", "huge", "--size", "900GiB"], "capacity");
+    refused(&["volume", "create", "bad/name", "--size", "1MiB"], "letters, digits");
+    refused(&["volume", "delete", "nosuch"], "no volume named");
+    assert_eq!(volumes(&ep).len(), 6);
+    let (code, _, err) =
+        run(Duration::from_secs(30), common::pair::BIN, &["volume", "list", "--etcd", "http://127.0.0.1:1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is etcd running there"), "{err}");
+
+    // Deleted: gone from the list, and from the stores of the nodes that held it.
+    let (p, s) = (v0["primary"].as_str().unwrap().to_string(), v0["secondary"].as_str().unwrap().to_string());
+    let (code, out, err) = cli(&ep, &["volume", "delete", "v0"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(volumes(&ep).iter().all(|v| v["name"] != "v0"));
+    for n in nodes.iter().filter(|n| n.name == p || n.name == s) {
+        wait_until(Duration::from_millis(100), "replica removed", Duration::from_secs(30), || {
+            let log = std::fs::read_to_string(&n.log).unwrap();
+            log.contains("this node's replica removed").then_some(()).ok_or_else(|| "not yet".to_string())
+        });
+    }
+    // A volume of the same name again is a new, empty volume.
+    let (code, out, err) = cli(&ep, &["volume", "create", "v0", "--size", "64MiB"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_millis(200), "new v0 in sync", Duration::from_secs(60), || {
+        (volume(&ep, "v0")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+    let v0 = volume(&ep, "v0");
+    qemu_ok(v0["nbd"].as_str().unwrap(), &["read -P 0 0 64k"]);
+}
+
+/// Kills a volume's primary node while it is written: the secondary takes over with every block
+/// that was flushed; the node comes back, learns it was deposed and is resynced incrementally.
+#[test]
+fn a_lost_node_fails_over_and_comes_back_to_resync() {
+    if !ready("cluster failover") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 1);
+    let ep = etcd.endpoints();
+    let mut nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    for v in ["a", "b"] {
+        let (code, out, err) = cli(&ep, &["volume", "create", v, "--size", "128MiB"]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    wait_until(Duration::from_millis(200), "in sync", Duration::from_secs(60), || {
+        let l = volumes(&ep);
+        l.iter().all(|v| v["state"] == "in-sync").then_some(()).ok_or_else(|| format!("{l:?}"))
+    });
+    let a = volume(&ep, "a");
+    let (old, new) = (a["primary"].as_str().unwrap().to_string(), a["secondary"].as_str().unwrap().to_string());
+    qemu_ok(a["nbd"].as_str().unwrap(), &["write -P 0x11 0 1M", "flush"]);
+
+    let killed = Instant::now();
+    nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
+    let survivor_uri = nodes.iter().find(|n| n.name == new).unwrap().uri("a");
+    wait_until(Duration::from_millis(50), "the survivor serves writes", FAILOVER_MAX, || {
+        let (code, out) = qemu_io(&survivor_uri, &["write -P 0x22 1M 64k", "flush"]);
+        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
+    });
+    eprintln!("failover: {:?} from SIGKILL to a flushed write on {new}", killed.elapsed());
+    qemu_ok(&survivor_uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k"]);
+    let after = volume(&ep, "a");
+    assert_eq!(after["primary"], new.as_str());
+    assert_eq!(after["state"], "degraded", "{after}");
+    assert!(after["epoch"].as_u64().unwrap() >= 2, "{after}");
+    // Writes keep coming while the old node is down.
+    qemu_ok(&survivor_uri, &["write -P 0x33 2M 256k", "flush"]);
+
+    // It returns: deposed, it starts as secondary and is resynced from the new primary.
+    nodes.iter_mut().find(|n| n.name == old).unwrap().restart();
+    wait_until(Duration::from_millis(200), "back in sync", Duration::from_secs(60), || {
+        let v = volume(&ep, "a");
+        (v["state"] == "in-sync" && v["primary"] == new.as_str()).then_some(()).ok_or_else(|| v.to_string())
+    });
+    let log = std::fs::read_to_string(&nodes.iter().find(|n| n.name == old).unwrap().log).unwrap();
+    assert!(log.contains("starting as secondary"), "the old primary did not step down");
+    // Both copies are equal: `verify` on the new primary compares every block.
+    let admin = nodes.iter().find(|n| n.name == new).unwrap().admin.clone();
+    let (code, out, err) =
+        run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin, "--volume", "a"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+    qemu_ok(&survivor_uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k", "read -P 0x33 2M 256k"]);
+}
+
+/// Three etcd members, one lost: I/O goes on, and a failover still happens.
+#[test]
+fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
+    if !ready("cluster etcd member loss") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(dir.path(), 3);
+    let ep = etcd.endpoints();
+    let mut nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (code, out, err) = cli(&ep, &["volume", "create", "m", "--size", "64MiB"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_millis(200), "in sync", Duration::from_secs(60), || {
+        (volume(&ep, "m")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+    let m = volume(&ep, "m");
+    qemu_ok(m["nbd"].as_str().unwrap(), &["write -P 0x44 0 256k", "flush"]);
+    etcd.kill(0);
+    // I/O and the cluster's commands go on with two members.
+    qemu_ok(m["nbd"].as_str().unwrap(), &["write -P 0x55 256k 256k", "flush"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(volume(&ep, "m")["primary"], m["primary"], "a lost etcd member moved the volume");
+    // And failover still works.
+    let (old, new) = (m["primary"].as_str().unwrap().to_string(), m["secondary"].as_str().unwrap().to_string());
+    nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
+    let uri = nodes.iter().find(|n| n.name == new).unwrap().uri("m");
+    wait_until(Duration::from_millis(50), "failover with two etcd members", FAILOVER_MAX, || {
+        let (code, out) = qemu_io(&uri, &["write -P 0x66 512k 64k", "flush"]);
+        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
+    });
+    qemu_ok(&uri, &["read -P 0x44 0 256k", "read -P 0x55 256k 256k", "read -P 0x66 512k 64k"]);
+}

@@ -1,0 +1,170 @@
+//! Real etcd (one member or three) and `syncblock node` processes on loopback, for the cluster
+//! tests: every port a free one, every process killed and reaped when dropped, every wait bounded.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::pair::{syncblock, BIN};
+use super::proc::{free_port_addr, Proc};
+use super::tools::{run, wait_until};
+
+/// How long a cluster command may take (its own etcd timeout is 5 s).
+pub const CMD_MAX: Duration = Duration::from_secs(30);
+
+struct EtcdMember {
+    name: String,
+    client: String,
+    peer: String,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of one or more members, with the election settings docs/cluster.md gives
+/// (50 ms heartbeats, 500 ms election timeout: 1 s leases are allowed).
+pub struct Etcd {
+    members: Vec<EtcdMember>,
+    dir: PathBuf,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Etcd {
+    pub fn start(dir: &Path, n: usize) -> Etcd {
+        let members: Vec<EtcdMember> = (0..n)
+            .map(|i| EtcdMember {
+                name: format!("e{i}"),
+                client: format!("http://{}", free_port_addr()),
+                peer: format!("http://{}", free_port_addr()),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd { members, dir: dir.to_path_buf() };
+        for i in 0..n {
+            etcd.spawn(i);
+        }
+        let endpoints = etcd.endpoints();
+        wait_until(Duration::from_millis(200), "etcd healthy", Duration::from_secs(30), || {
+            let (code, out, err) =
+                run(Duration::from_secs(10), "etcdctl", &["--endpoints", &endpoints, "endpoint", "health"]);
+            if code == 0 {
+                Ok(())
+            } else {
+                Err(format!("{out}{err}"))
+            }
+        });
+        etcd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer)).collect();
+        let m = &self.members[i];
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .args(["--data-dir", &self.dir.join(&m.name).display().to_string()])
+            .args(["--listen-client-urls", &m.client, "--advertise-client-urls", &m.client])
+            .args(["--listen-peer-urls", &m.peer, "--initial-advertise-peer-urls", &m.peer])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", "syncblock-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (package etcd-server; .ci/run installs it)");
+        self.members[i].child = Some(child);
+    }
+
+    /// The client endpoints, comma-separated, as `--etcd` takes them.
+    pub fn endpoints(&self) -> String {
+        self.members.iter().map(|m| m.client.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One `syncblock node`: its command line (a restart reuses store and ports) and its process.
+pub struct ClusterNode {
+    pub name: String,
+    args: Vec<String>,
+    pub log: PathBuf,
+    pub nbd: String,
+    pub admin: String,
+    proc: Option<Proc>,
+}
+
+impl ClusterNode {
+    /// Starts node `name` (store `DIR/NAME.img`, 1 GiB) and waits until it has joined.
+    pub fn start(dir: &Path, etcd: &str, name: &str, zone: Option<&str>) -> ClusterNode {
+        let nbd = free_port_addr();
+        let admin = free_port_addr();
+        let mut args = vec![
+            "node".to_string(),
+            format!("--etcd={etcd}"),
+            format!("--name={name}"),
+            format!("--store={}", dir.join(format!("{name}.img")).display()),
+            "--size=1GiB".into(),
+            format!("--listen={nbd}"),
+            format!("--repl-listen={}", free_port_addr()),
+            format!("--admin={admin}"),
+        ];
+        if let Some(z) = zone {
+            args.push(format!("--zone={z}"));
+        }
+        let mut node =
+            ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, proc: None };
+        node.restart();
+        node
+    }
+
+    /// Starts the node again with the same command line (after [`ClusterNode::kill`]).
+    pub fn restart(&mut self) {
+        let p = syncblock(&self.log, &self.args);
+        super::proc::wait_line(&p, &format!("node {} joined the cluster", self.name), &self.log);
+        self.proc = Some(p);
+    }
+
+    /// SIGKILL: the process dies without closing anything in order, as in a crash.
+    pub fn kill(&mut self) {
+        self.proc.take();
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+}
+
+/// `syncblock ARGS… --etcd=ETCD`: (exit code, stdout, stderr).
+pub fn cli(etcd: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.push(format!("--etcd={etcd}"));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    run(CMD_MAX, BIN, &refs)
+}
+
+/// `volume list --json`, parsed.
+pub fn volumes(etcd: &str) -> Vec<serde_json::Value> {
+    let (code, out, err) = cli(etcd, &["volume", "list", "--json"]);
+    assert_eq!(code, 0, "volume list: {out}{err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().clone()
+}
+
+/// The `volume list` entry of `name`.
+pub fn volume(etcd: &str, name: &str) -> serde_json::Value {
+    volumes(etcd).into_iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name} listed"))
+}
