@@ -116,17 +116,7 @@ pub struct ServerConfig {
     /// Exports with an access list, by name: only the identities listed may open them.
     pub access: HashMap<String, Vec<AccessRule>>,
     /// Cluster mode: which volumes this node serves, decided by the cluster.
-    pub directory: Option<Arc<dyn Directory>>,
-}
-
-/// Cluster mode's view of the exports: a volume is served by its primary only; another node
-/// answers a client with an error naming the node that serves it.
-pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
-    /// The replicator node of `volume`, if this node holds a replica.
-    fn node(&self, volume: &str) -> Option<Node>;
-    /// Why this node does not serve `export`, naming the node that does; `None` if it serves it
-    /// (or no such volume exists).
-    fn elsewhere(&self, export: &str) -> Option<String>;
+    pub directory: Option<Arc<dyn crate::target::Directory>>,
 }
 
 impl Default for ServerConfig {

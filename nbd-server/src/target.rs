@@ -108,3 +108,13 @@ impl Target {
         }
     }
 }
+
+/// Cluster mode's view of the exports: a volume is served by its primary only; another node
+/// answers a client with an error naming the node that serves it.
+pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
+    /// The replicator node of `volume`, if this node holds a replica.
+    fn node(&self, volume: &str) -> Option<syncblock_replicator::Node>;
+    /// Why this node does not serve `export`, naming the node that does; `None` if it serves it
+    /// (or no such volume exists).
+    fn elsewhere(&self, export: &str) -> Option<String>;
+}

@@ -237,3 +237,58 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     });
     qemu_ok(&uri, &["read -P 0x44 0 256k", "read -P 0x55 256k 256k", "read -P 0x66 512k 64k"]);
 }
+
+/// A node gone past the grace period: its volume fails over, then gets a new replica on the third
+/// node (a full copy), verified equal; when the node returns, its stale replica is removed.
+#[test]
+fn a_node_gone_past_the_grace_period_is_replaced_and_its_stale_replica_removed() {
+    if !ready("cluster re-protection") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 1);
+    let ep = etcd.endpoints();
+    let grace = ["--grace=3"];
+    let mut nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start_with(dir.path(), &ep, n, None, &grace)).collect();
+    let (code, out, err) = cli(&ep, &["volume", "create", "r", "--size", "128MiB"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(Duration::from_millis(200), "in sync", Duration::from_secs(60), || {
+        (volume(&ep, "r")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+    let r = volume(&ep, "r");
+    let (old, survivor) = (r["primary"].as_str().unwrap().to_string(), r["secondary"].as_str().unwrap().to_string());
+    let third = ["n1", "n2", "n3"].into_iter().find(|n| *n != old && *n != survivor).unwrap().to_string();
+    qemu_ok(r["nbd"].as_str().unwrap(), &["write -P 0x77 0 4M", "flush"]);
+    nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
+    let uri = nodes.iter().find(|n| n.name == survivor).unwrap().uri("r");
+    wait_until(Duration::from_millis(50), "failover", FAILOVER_MAX, || {
+        let (code, out) = qemu_io(&uri, &["write -P 0x78 4M 1M", "flush"]);
+        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
+    });
+    // Past the grace period: the survivor moves the lost replica to the third node and copies
+    // the whole volume there.
+    wait_until(Duration::from_millis(250), "re-protected and in sync", Duration::from_secs(90), || {
+        let v = volume(&ep, "r");
+        (v["primary"] == survivor.as_str() && v["secondary"] == third.as_str() && v["state"] == "in-sync")
+            .then_some(())
+            .ok_or_else(|| v.to_string())
+    });
+    qemu_ok(&uri, &["write -P 0x79 5M 1M", "flush"]);
+    let admin = nodes.iter().find(|n| n.name == survivor).unwrap().admin.clone();
+    let (code, out, err) =
+        run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin, "--volume", "r"]);
+    assert_eq!(code, 0, "verify after re-protection: {out}{err}");
+    // The old node returns: the volume is no longer its; its copy goes.
+    let back = nodes.iter_mut().find(|n| n.name == old).unwrap();
+    back.restart();
+    let log = back.log.clone();
+    wait_until(Duration::from_millis(100), "stale replica removed", Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&log).unwrap();
+        text.contains("this node's replica removed").then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+    let v = volume(&ep, "r");
+    assert_eq!((v["primary"].as_str(), v["secondary"].as_str()), (Some(survivor.as_str()), Some(third.as_str())));
+    qemu_ok(&uri, &["read -P 0x77 0 4M", "read -P 0x78 4M 1M", "read -P 0x79 5M 1M"]);
+}

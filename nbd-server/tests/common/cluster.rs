@@ -111,6 +111,11 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Starts node `name` (store `DIR/NAME.img`, 1 GiB) and waits until it has joined.
     pub fn start(dir: &Path, etcd: &str, name: &str, zone: Option<&str>) -> ClusterNode {
+        Self::start_with(dir, etcd, name, zone, &[])
+    }
+
+    /// [`ClusterNode::start`] with more flags.
+    pub fn start_with(dir: &Path, etcd: &str, name: &str, zone: Option<&str>, extra: &[&str]) -> ClusterNode {
         let nbd = free_port_addr();
         let admin = free_port_addr();
         let mut args = vec![
@@ -126,6 +131,7 @@ impl ClusterNode {
         if let Some(z) = zone {
             args.push(format!("--zone={z}"));
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut node =
             ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, proc: None };
         node.restart();

@@ -51,7 +51,10 @@ pub struct Etcd {
     cluster: Cluster,
     node: String,
     standing: watch::Receiver<Standing>,
-    cache: Mutex<HashMap<String, (GrantDoc, Instant)>>,
+    /// The record each volume had when this node last read or wrote it, under which lease, and
+    /// when. An entry serves reports only under the same lease: a node whose lease expired (and
+    /// that registered again) may have lost its role meanwhile, even by a forced takeover.
+    cache: Mutex<HashMap<String, (GrantDoc, i64, Instant)>>,
 }
 
 impl Etcd {
@@ -91,8 +94,8 @@ impl Etcd {
         }
         if let Frame::WitnessReport { epoch, in_sync, .. } = req {
             let cached = self.cache.lock().expect("cache").get(volume.as_str()).cloned();
-            if let Some((g, at)) = cached {
-                let current = g.primary == *node && g.epoch == epoch.0 && g.pair == pair;
+            if let Some((g, lease, at)) = cached {
+                let current = g.primary == *node && g.epoch == epoch.0 && g.pair == pair && lease == standing.lease;
                 if current && at.elapsed() < CACHE_FOR && !(*in_sync && (g.solo || !g.synced)) {
                     return self.grant(&g, &standing);
                 }
@@ -185,7 +188,7 @@ impl Etcd {
                     continue;
                 }
             }
-            self.cache.lock().expect("cache").insert(volume.clone(), (new.clone(), Instant::now()));
+            self.cache.lock().expect("cache").insert(volume.clone(), (new.clone(), standing.lease, Instant::now()));
             return self.grant(&new, &standing);
         }
         Err(ReplError::Stopped(format!("{volume}: its etcd record kept changing (five tries)")))

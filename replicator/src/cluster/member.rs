@@ -25,6 +25,11 @@ use crate::{Node, NodeConfig, Policy, ReplConfig};
 /// defaults; 1 s with `--election-timeout 500 --heartbeat-interval 50`, which docs/cluster.md uses).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 
+/// How long a node may be gone before the volumes it held are given a new replica elsewhere
+/// (re-protection, a full copy): 10 minutes, as Ceph and Vitastor default to, so a reboot or a
+/// short network outage costs an incremental resync when the node returns, not a full copy.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
+
 /// What a node needs to join.
 #[derive(Clone)]
 pub struct MemberConfig {
@@ -33,11 +38,16 @@ pub struct MemberConfig {
     pub ttl: Duration,
     /// Replication settings shared by every volume (network with or without TLS, timeouts).
     pub repl: ReplConfig,
+    /// How long a peer node may be dead before this node, as primary, moves the volume's other
+    /// replica elsewhere ([`DEFAULT_GRACE`]).
+    pub grace: Duration,
 }
 
 struct Running {
     node: Node,
     id: u64,
+    /// The node it replicates with.
+    peer: String,
 }
 
 struct Inner {
@@ -52,6 +62,10 @@ struct Inner {
     nodes: std::sync::Mutex<BTreeMap<String, Node>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     stop: watch::Sender<bool>,
+    /// Since when (by this node's clock) each member has been seen dead.
+    dead_since: std::sync::Mutex<BTreeMap<String, Instant>>,
+    /// Local volumes the cluster does not know, warned about once.
+    unknown_warned: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// A node's membership in the cluster. Cheap to clone.
@@ -86,6 +100,8 @@ impl Member {
                 nodes: std::sync::Mutex::new(BTreeMap::new()),
                 snapshot: watch::channel(Arc::new(Snapshot::default())).0,
                 stop: watch::channel(false).0,
+                dead_since: std::sync::Mutex::new(BTreeMap::new()),
+                unknown_warned: Default::default(),
             }),
         };
         tokio::spawn(keep_alive(member.inner.clone(), standing_tx));
@@ -168,9 +184,30 @@ impl Member {
             return;
         }
         let me = self.name().to_string();
+        let now = Instant::now();
+        {
+            let mut dead = self.inner.dead_since.lock().expect("dead");
+            dead.retain(|n, _| !snap.alive.contains_key(n));
+            for n in snap.members.keys().filter(|n| !snap.alive.contains_key(*n)) {
+                dead.entry(n.clone()).or_insert(now);
+            }
+        }
         let mine: BTreeMap<&String, &VolumeSpec> =
             snap.volumes.iter().filter(|(_, v)| v.replicas.contains(&me)).collect();
         let mut running = self.inner.running.lock().await;
+        // Re-protected: the same volume with another peer. Its node restarts on the new
+        // configuration, keeping this node's copy.
+        let repeered: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| mine.get(name).is_some_and(|v| v.id == r.id && !v.replicas.contains(&r.peer)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in repeered {
+            let r = running.remove(&name).expect("listed");
+            tracing::info!(volume = %name, old_peer = %r.peer, "the volume's other replica moved; restarting with its new peer");
+            r.node.stop().await;
+            self.inner.nodes.lock().expect("nodes").remove(&name);
+        }
         let gone: Vec<String> = running
             .iter()
             .filter(|(name, r)| mine.get(name).is_none_or(|v| v.id != r.id))
@@ -187,16 +224,77 @@ impl Member {
                 tracing::info!(volume = %name, "volume deleted or moved away: this node's replica removed");
             }
         }
+        // Copies left from before this node went away: a volume now held by other nodes (it was
+        // re-protected while this node was gone) is removed; one the cluster does not know is
+        // kept, with a warning, because an etcd that lost its data, or the wrong --etcd, must
+        // never make a node delete what it holds.
+        if let Ok(local) = self.inner.store.list_volumes().await {
+            for v in local.iter().filter(|v| !running.contains_key(&v.name) && !mine.contains_key(&v.name)) {
+                match snap.volumes.get(&v.name) {
+                    Some(spec) => match self.inner.store.delete_volume(v.id).await {
+                        Ok(()) => tracing::info!(
+                            volume = %v.name,
+                            holders = %spec.replicas.join(","),
+                            "the volume moved to other nodes while this one was away: this node's replica removed"
+                        ),
+                        Err(e) => tracing::warn!(volume = %v.name, "removing a stale replica: {e}"),
+                    },
+                    None => {
+                        if self.inner.unknown_warned.lock().expect("warned").insert(v.name.clone()) {
+                            tracing::warn!(
+                                volume = %v.name,
+                                "this store holds a volume the cluster does not know (deleted while this node was \
+                                 away, or the wrong --etcd?); keeping it: delete it by hand once sure"
+                            );
+                        }
+                    }
+                }
+            }
+        }
         for (name, spec) in mine {
             if running.contains_key(name) {
                 continue;
             }
             match self.start_volume(&snap, spec).await {
-                Ok(node) => {
+                Ok((node, peer)) => {
                     self.inner.nodes.lock().expect("nodes").insert(name.clone(), node.clone());
-                    running.insert(name.clone(), Running { node, id: spec.id });
+                    running.insert(name.clone(), Running { node, id: spec.id, peer });
                 }
                 Err(e) => tracing::warn!(volume = %name, "cannot start this node's replica yet: {e}"),
+            }
+        }
+        drop(running);
+        self.reprotect(&snap).await;
+    }
+
+    /// For each volume this node is the granted primary of whose other replica's node has been
+    /// dead longer than the grace period: a new replica elsewhere (the volume's record changes;
+    /// every node's reconcile then starts, restarts or removes its part).
+    async fn reprotect(&self, snap: &Snapshot) {
+        let me = self.name();
+        let grace = self.inner.cfg.grace;
+        let overdue: Vec<(String, String)> = {
+            let dead = self.inner.dead_since.lock().expect("dead");
+            snap.volumes
+                .values()
+                .filter(|v| snap.grants.get(&v.name).is_some_and(|g| g.pair == v.id && g.primary == me))
+                .filter_map(|v| {
+                    let lost = v.replicas.iter().find(|r| *r != me)?;
+                    let since = dead.get(lost)?;
+                    (since.elapsed() >= grace).then(|| (v.name.clone(), lost.clone()))
+                })
+                .collect()
+        };
+        for (name, lost) in overdue {
+            match self.inner.cluster.replace_replica(&name, &lost, me).await {
+                Ok(Some(spec)) => tracing::warn!(
+                    volume = %name,
+                    %lost,
+                    new = %spec.replicas.last().map_or("", String::as_str),
+                    "re-protecting: {lost} has been gone longer than {grace:?}; a full copy goes to the new replica"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(volume = %name, "cannot re-protect yet: {e}"),
             }
         }
     }
@@ -210,7 +308,7 @@ impl Member {
 
     /// Creates this node's replica of `spec` if it has none (or only one of a deleted volume of the
     /// same name) and starts its replicator node.
-    async fn start_volume(&self, snap: &Snapshot, spec: &VolumeSpec) -> crate::Result<Node> {
+    async fn start_volume(&self, snap: &Snapshot, spec: &VolumeSpec) -> crate::Result<(Node, String)> {
         let me = self.name();
         let store = &self.inner.store;
         let Some(peer_name) = spec.replicas.iter().find(|r| *r != me) else {
@@ -252,7 +350,7 @@ impl Member {
             },
         };
         tracing::info!(volume = %spec.name, peer = %peer_name, "starting this node's replica");
-        Node::start(store.clone(), ncfg, first_role).await
+        Ok((Node::start(store.clone(), ncfg, first_role).await?, peer_name.clone()))
     }
 }
 
@@ -400,8 +498,15 @@ async fn watch_cluster(member: Member) {
         };
         loop {
             let msg = tokio::select! {
-                m = stream.message() => m,
+                m = stream.message() => Some(m),
                 _ = stop.wait_for(|s| *s) => return,
+                // Grace periods run out without anything changing in etcd.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
+            };
+            let Some(msg) = msg else {
+                let snap = inner.snapshot.borrow().clone();
+                member.reprotect(&snap).await;
+                continue;
             };
             match msg {
                 Ok(Some(resp)) if resp.canceled() => break,

@@ -385,6 +385,38 @@ impl Cluster {
         )))
     }
 
+    /// Re-protection: moves `name`'s replica off `lost` (a node dead past the grace period) to a
+    /// node placement chooses, keeping `keep` (the surviving primary) first. `None` if there is
+    /// nothing to do any more (the volume is gone, already moved, or `lost` came back). The change
+    /// is made only if the volume's record is the one read and `lost` is still dead.
+    pub async fn replace_replica(&self, name: &str, lost: &str, keep: &str) -> Result<Option<VolumeSpec>> {
+        let key = self.key(&format!("volumes/{name}"));
+        let resp = self.client().kv_client().get(key.clone(), None).await.map_err(|e| self.err(e))?;
+        let Some(kv) = resp.kvs().first() else { return Ok(None) };
+        let spec: VolumeSpec = serde_json::from_slice(kv.value())
+            .map_err(|e| ClusterError::Corrupt { key: key.clone(), why: e.to_string() })?;
+        let snap = self.snapshot().await?;
+        if !spec.replicas.iter().any(|r| r == lost) || snap.alive.contains_key(lost) {
+            return Ok(None);
+        }
+        let new = placement::replace(&snap.loads(), spec.size, &[keep], &[lost])
+            .map_err(|e| ClusterError::Refused(format!("re-protecting {name}: {e}")))?;
+        let mut moved = spec.clone();
+        moved.replicas = std::iter::once(keep.to_string())
+            .chain(spec.replicas.iter().filter(|r| *r != keep && *r != lost).cloned())
+            .chain(std::iter::once(new.clone()))
+            .collect();
+        let txn = Txn::new()
+            .when(vec![
+                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
+                Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
+            ])
+            .and_then(vec![TxnOp::put(key, serde_json::to_vec(&moved).expect("serialisable"), None)]);
+        let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(resp.succeeded().then_some(moved))
+    }
+
     /// Deletes a volume's record and its grant; the nodes holding its replicas delete their copies.
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         check_name("volume", name)?;

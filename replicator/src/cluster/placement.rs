@@ -1,5 +1,5 @@
 //! Cluster mode's placement: which nodes hold the replicas of a new volume, and which node takes a new
-//! replica when one is lost. Pure functions of a snapshot of node loads, so that the control loop and the
+//! replica when one is lost. Pure functions of a snapshot of node loads, so that `volume create`, re-protection and the
 //! simulation can call them with no I/O, and deterministic, so that a simulation seed replays the same
 //! placements.
 //!

@@ -21,8 +21,9 @@ use crate::link::{write_frame, FrameReader};
 use crate::net::{BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net, Peer};
 use crate::wire::{Frame, Refusal};
 
-/// Connections being routed at once (handshake and first frame): as many as a secondary's own
-/// port allows, so a flood of silent connections cannot hold up a real primary for long.
+/// Connections being routed at once (handshake and first frame): one node's port serves all its
+/// volumes, so this is eight times a single secondary's `HANDSHAKES_MAX`; a flood of silent
+/// connections beyond it is dropped, and each is bounded by [`FIRST_FRAME_TIMEOUT`].
 pub const ROUTING_MAX: usize = 64;
 
 /// How long a connection has to complete its handshake and send its first frame: 5 s, as a

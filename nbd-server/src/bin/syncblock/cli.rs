@@ -319,6 +319,10 @@ pub struct NodeArgs {
     /// long after its death (etcd may raise it to its minimum) [default: 1000].
     #[arg(long, value_name = "MS")]
     pub lease_ms: Option<u64>,
+    /// Seconds a peer node may be gone before this node, as a volume's primary, gives the volume
+    /// a new replica on another node (a full copy); a node back sooner resyncs incrementally.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub grace: u64,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Allow listening on non-loopback addresses without TLS that authenticates callers.

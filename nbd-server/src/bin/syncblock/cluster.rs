@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use syncblock_nbd::config::{check_exposed, ADMIN_RISK, NBD_RISK, REPLICATION_RISK};
 use syncblock_nbd::handshake::TlsMode;
 use syncblock_nbd::metrics::Metrics;
-use syncblock_nbd::server::{Directory, Listener, ServerConfig};
+use syncblock_nbd::server::{Listener, ServerConfig};
 use syncblock_nbd::size::format_size;
+use syncblock_nbd::target::Directory;
 use syncblock_replicator::cluster::member::{Member, MemberConfig, DEFAULT_TTL};
 use syncblock_replicator::cluster::{Cluster, MemberInfo};
 use syncblock_replicator::Node;
@@ -115,7 +116,12 @@ async fn node(
         peer_node: None,
         ..crate::repl_config(&name, net, None, Duration::from_secs(1), None)
     };
-    let cfg = MemberConfig { info, ttl: args.lease_ms.map_or(DEFAULT_TTL, Duration::from_millis), repl: repl_cfg };
+    let cfg = MemberConfig {
+        info,
+        ttl: args.lease_ms.map_or(DEFAULT_TTL, Duration::from_millis),
+        repl: repl_cfg,
+        grace: Duration::from_secs(args.grace),
+    };
     let listener = crate::with_tls(syncblock_replicator::net::tcp_listener(repl), tls.clone());
     let member = Member::join(store.clone(), cluster, cfg, listener).await.context("joining the cluster")?;
     let metrics = admin.is_some().then(|| Arc::new(Metrics::new()));
