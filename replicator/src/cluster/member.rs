@@ -273,17 +273,9 @@ impl Member {
     async fn reprotect(&self, snap: &Snapshot) {
         let me = self.name();
         let grace = self.inner.cfg.grace;
-        let overdue: Vec<(String, String)> = {
+        let overdue = {
             let dead = self.inner.dead_since.lock().expect("dead");
-            snap.volumes
-                .values()
-                .filter(|v| snap.grants.get(&v.name).is_some_and(|g| g.pair == v.id && g.primary == me))
-                .filter_map(|v| {
-                    let lost = v.replicas.iter().find(|r| *r != me)?;
-                    let since = dead.get(lost)?;
-                    (since.elapsed() >= grace).then(|| (v.name.clone(), lost.clone()))
-                })
-                .collect()
+            super::plan::overdue(snap, me, &dead, Instant::now(), grace)
         };
         for (name, lost) in overdue {
             match self.inner.cluster.replace_replica(&name, &lost, me).await {

@@ -13,6 +13,7 @@
 pub mod authority;
 pub mod member;
 pub mod placement;
+pub mod plan;
 pub mod router;
 
 use std::collections::BTreeMap;
@@ -396,16 +397,15 @@ impl Cluster {
         let spec: VolumeSpec = serde_json::from_slice(kv.value())
             .map_err(|e| ClusterError::Corrupt { key: key.clone(), why: e.to_string() })?;
         let snap = self.snapshot().await?;
-        if !spec.replicas.iter().any(|r| r == lost) || snap.alive.contains_key(lost) {
+        if snap.alive.contains_key(lost) {
             return Ok(None);
         }
-        let new = placement::replace(&snap.loads(), spec.size, &[keep], &[lost])
-            .map_err(|e| ClusterError::Refused(format!("re-protecting {name}: {e}")))?;
-        let mut moved = spec.clone();
-        moved.replicas = std::iter::once(keep.to_string())
-            .chain(spec.replicas.iter().filter(|r| *r != keep && *r != lost).cloned())
-            .chain(std::iter::once(new.clone()))
-            .collect();
+        let Some(moved) = plan::replacement(&snap.loads(), &spec, lost, keep)
+            .map_err(|e| ClusterError::Refused(format!("re-protecting {name}: {e}")))?
+        else {
+            return Ok(None);
+        };
+        let new = moved.replicas.last().expect("a new replica").clone();
         let txn = Txn::new()
             .when(vec![
                 Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
