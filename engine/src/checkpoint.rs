@@ -66,16 +66,40 @@ pub struct CheckpointData {
 /// Bytes a checkpoint payload may need for a store of this geometry, assuming every data block is
 /// mapped by its own run (the worst case: 16 bytes of run + 8 of entry per block), plus the segment
 /// and volume tables. Sizing the slots for the worst case means a checkpoint can always be written.
-pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) -> u64 {
+pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64, attr_volumes: u64) -> u64 {
+    base_payload_bytes(n_segments, data_blocks, max_volumes) + attr_volumes * ATTR_BUDGET_BYTES
+}
+
+/// What a replicated volume may add to a checkpoint: its blob and its most staged trimmed ranges
+/// (staged blocks are data blocks, each mapped once, index or staged, so the per-block budget
+/// covers them).
+const ATTR_BUDGET_BYTES: u64 =
+    (crate::format::ATTR_BYTES_MAX + 16 + 16 * crate::state::STAGED_TRIMS_MAX + 64) as u64;
+
+fn base_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) -> u64 {
     let per_block = 16 + 8;
     // A segment lists trim tags for at most a few volumes in practice; 8 is budgeted.
     let per_segment = 48 + 8 * 16;
     let per_volume = 64 + crate::format::NAME_BYTES_MAX as u64;
-    // Replicated volumes carry a blob and may stage trimmed ranges; staged blocks are data blocks,
-    // each mapped once (index or staged), so the per-block budget above covers them.
-    let attrs = (crate::format::ATTR_VOLUMES_MAX
-        * (crate::format::ATTR_BYTES_MAX + 16 + 16 * crate::state::STAGED_TRIMS_MAX + 64)) as u64;
-    4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume + attrs
+    4 * BLOCK_BYTES as u64 + data_blocks * per_block + n_segments * per_segment + max_volumes * per_volume
+}
+
+/// Replicated volumes budgeted when a store with this data area is formatted.
+pub fn attr_volumes_for_format(data_blocks: u64) -> u64 {
+    let per = crate::format::ATTR_DATA_BYTES_PER_VOLUME / BLOCK_BYTES as u64;
+    (data_blocks / per).clamp(crate::format::ATTR_VOLUMES_MIN as u64, crate::state::VOLUMES_MAX as u64)
+}
+
+/// Replicated volumes a store's checkpoint slots hold in the worst case: the limit of an open store
+/// (at least [`crate::format::ATTR_VOLUMES_MIN`], which every format budgeted).
+pub fn attr_volumes_fitting(sb: &crate::format::Superblock) -> usize {
+    let segment_blocks = u64::from(sb.segment_blocks);
+    let n = u64::from(sb.n_segments);
+    let base = base_payload_bytes(n, n * segment_blocks, crate::state::VOLUMES_MAX as u64);
+    // A slot is a header block and the payload's blocks.
+    let payload = sb.checkpoint_slot_blocks.saturating_sub(1) * BLOCK_BYTES as u64;
+    let fit = payload.saturating_sub(base) / ATTR_BUDGET_BYTES;
+    (fit as usize).clamp(crate::format::ATTR_VOLUMES_MIN, crate::state::VOLUMES_MAX)
 }
 
 impl CheckpointData {
@@ -96,6 +120,41 @@ impl CheckpointData {
 mod tests {
     use super::*;
     use crate::buf::AlignedBuf;
+
+    /// A superblock with the slots a format budgeting `attrs` replicated volumes would give.
+    fn geometry(n_segments: u32, segment_blocks: u32, attrs: u64) -> crate::format::Superblock {
+        let data = u64::from(n_segments) * u64::from(segment_blocks);
+        let payload = max_payload_bytes(u64::from(n_segments), data, crate::state::VOLUMES_MAX as u64, attrs);
+        let slot = 1 + payload.div_ceil(BLOCK_BYTES as u64);
+        crate::format::Superblock {
+            store_id: 1,
+            device_bytes: 0,
+            segment_blocks,
+            n_segments,
+            checkpoint_slot_blocks: slot,
+            checkpoint_offsets: [0, 0],
+            data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn a_store_allows_the_replicated_volumes_its_slots_hold_and_no_more() {
+        // 8 MiB segments: 4 (the smallest store), 128 (1 GiB), 5,120 (40 GiB), 100,000 (800 GiB).
+        for n in [4u32, 128, 5_120, 100_000] {
+            let data = u64::from(n) * 2048;
+            let budget = attr_volumes_for_format(data);
+            let sb = geometry(n, 2048, budget);
+            let fit = attr_volumes_fitting(&sb);
+            assert!(fit as u64 >= budget, "{n} segments: budgeted {budget}, the slot holds {fit}");
+            let worst = max_payload_bytes(u64::from(n), data, crate::state::VOLUMES_MAX as u64, fit as u64);
+            assert!(worst <= (sb.checkpoint_slot_blocks - 1) * BLOCK_BYTES as u64, "{n} segments: {fit} overflow");
+        }
+        // Small stores keep the 64 of every earlier format; a 40 GiB store holds thousands.
+        assert_eq!(attr_volumes_for_format(128 * 2048), crate::format::ATTR_VOLUMES_MIN as u64);
+        assert_eq!(attr_volumes_fitting(&geometry(128, 2048, 64)), crate::format::ATTR_VOLUMES_MIN);
+        assert!(attr_volumes_for_format(5_120 * 2048) >= 2_000);
+        assert_eq!(attr_volumes_for_format(100_000 * 2048), crate::state::VOLUMES_MAX as u64);
+    }
 
     #[test]
     fn checkpoint_round_trips_and_rejects_garbage() {

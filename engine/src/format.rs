@@ -477,11 +477,18 @@ impl RecordHeader {
 /// (epoch history, role, peer identity) fits in a few hundred bytes; the cap keeps every checkpoint's
 /// volume table small and a meta record within one header block.
 pub const ATTR_BYTES_MAX: usize = 512;
-/// Most volumes of one store that may carry a replication blob at once. Checkpoint slots are sized
-/// for the worst case, and budgeting every one of [`crate::state::VOLUMES_MAX`] volumes a full blob
-/// would cost small stores megabytes; 64 replicated volumes per store is far beyond what one pair of
-/// disks serves well.
-pub const ATTR_VOLUMES_MAX: usize = 64;
+/// Volumes of one store that may carry a replication blob at once, at the least: checkpoint slots are
+/// sized for the worst case (every such volume a full blob and its most staged trims, about 2.6 KiB),
+/// so a store budgets one replicated volume per [`ATTR_DATA_BYTES_PER_VOLUME`] of its data area, and
+/// never fewer than 64 (what every store had before cluster mode; a small store pays ~170 KiB per
+/// slot for them) nor more than [`crate::state::VOLUMES_MAX`]. A cluster node holds a replica of
+/// many volumes (a 40 GiB store: 2,560). The limit of an open store is what its slots hold
+/// ([`crate::checkpoint::attr_volumes_fitting`]), so stores formatted before keep their 64.
+pub const ATTR_VOLUMES_MIN: usize = 64;
+
+/// Data area per replicated volume budgeted at format time: 16 MiB, so the replication state's share
+/// of a checkpoint slot stays under 0.02 % of the data area.
+pub const ATTR_DATA_BYTES_PER_VOLUME: u64 = 16 << 20;
 
 /// A volume-table change, the payload of a Meta record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::buf::AlignedBuf;
 use crate::checkpoint::SegmentRec;
-use crate::checkpoint::{max_payload_bytes, CheckpointData};
+use crate::checkpoint::{attr_volumes_for_format, max_payload_bytes, CheckpointData};
 use crate::core::{Config, Core, SegState, SegStatus};
 use crate::device::{read_blocking, sync_blocking, write_blocking, Device, IoKind, IoOp};
 use crate::error::{Error, Result};
@@ -39,7 +39,7 @@ pub const STORE_BYTES_MAX: u64 = (u32::MAX as u64 - 2) * BB;
 pub fn min_store_bytes(segment_bytes: u64) -> u64 {
     let segment_blocks = segment_bytes / BB;
     let n = SEGMENTS_MIN as u64;
-    let payload = max_payload_bytes(n, n * segment_blocks, VOLUMES_MAX as u64);
+    let payload = max_payload_bytes(n, n * segment_blocks, VOLUMES_MAX as u64, attr_volumes_for_format(n * segment_blocks));
     (2 + 2 * (1 + payload.div_ceil(BB)) + n * segment_blocks) * BB
 }
 
@@ -61,7 +61,9 @@ pub fn format(device: &mut dyn Device, segment_bytes: u64) -> Result<Superblock>
                 SEGMENTS_MIN
             )));
         }
-        let payload = max_payload_bytes(n_segments, n_segments * segment_blocks, VOLUMES_MAX as u64);
+        let data_blocks = n_segments * segment_blocks;
+        let payload =
+            max_payload_bytes(n_segments, data_blocks, VOLUMES_MAX as u64, attr_volumes_for_format(data_blocks));
         let slot_blocks = 1 + payload.div_ceil(BB);
         if 2 + 2 * slot_blocks + n_segments * segment_blocks <= total_blocks {
             break slot_blocks;

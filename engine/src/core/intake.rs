@@ -327,9 +327,11 @@ impl Core {
             )));
         }
         let others = self.state.volumes.values().filter(|v| v.id != volume && !v.attr.is_empty()).count();
-        if !attr.is_empty() && others >= ATTR_VOLUMES_MAX {
+        let max = crate::checkpoint::attr_volumes_fitting(&self.sb);
+        if !attr.is_empty() && others >= max {
             return Err(Error::InvalidArgument(format!(
-                "{ATTR_VOLUMES_MAX} volumes of this store are already replicated; use another store"
+                "{max} volumes of this store are already replicated, all its checkpoints budget for; use another \
+                 store, or a larger one (a store budgets one per 16 MiB of its size)"
             )));
         }
         Ok(())

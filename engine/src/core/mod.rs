@@ -70,7 +70,7 @@ use crate::device::{Completion, IoKind, IoOp};
 use crate::error::{Error, Result};
 use crate::format::{
     block_crc, header_blocks_for, CheckpointHeader, Entry, EntryKind, MetaOp, RecordHeader, RecordKind, SegmentHeader,
-    StagedOp, Superblock, ATTR_BYTES_MAX, ATTR_VOLUMES_MAX, BATCH_BLOCKS_MAX, NAME_BYTES_MAX,
+    StagedOp, Superblock, ATTR_BYTES_MAX, BATCH_BLOCKS_MAX, NAME_BYTES_MAX,
 };
 use crate::index::{crc_of, phys_of};
 use crate::predict::CommitLoop;

@@ -317,8 +317,14 @@ impl Member {
             tracing::warn!(volume = %spec.name, "this node's replica belongs to a deleted volume of the same name; replacing it");
             self.delete_local(&spec.name).await?;
         }
-        if existing.is_none() || stale {
-            let info = store.create_volume(&spec.name, spec.size).await?;
+        let info = match existing {
+            Some(info) if !stale => info,
+            _ => store.create_volume(&spec.name, spec.size).await?,
+        };
+        // The volume's pair id comes from the cluster, never drawn by its first primary: a replica
+        // whose state could not be recorded (the store's bound on replicated volumes) gets it on
+        // the next try instead of a primary role under an id of its own.
+        if ReplState::decode(&info.attr).is_none() {
             let mut state = ReplState::new(first_role);
             state.pair = spec.id;
             crate::state::record_state(store, &info, &state, syncblock_engine::StagedOp::Keep).await?;
