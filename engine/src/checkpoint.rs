@@ -73,8 +73,7 @@ pub fn max_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64, at
 /// What a replicated volume may add to a checkpoint: its blob and its most staged trimmed ranges
 /// (staged blocks are data blocks, each mapped once, index or staged, so the per-block budget
 /// covers them).
-const ATTR_BUDGET_BYTES: u64 =
-    (crate::format::ATTR_BYTES_MAX + 16 + 16 * crate::state::STAGED_TRIMS_MAX + 64) as u64;
+const ATTR_BUDGET_BYTES: u64 = (crate::format::ATTR_BYTES_MAX + 16 + 16 * crate::state::STAGED_TRIMS_MAX + 64) as u64;
 
 fn base_payload_bytes(n_segments: u64, data_blocks: u64, max_volumes: u64) -> u64 {
     let per_block = 16 + 8;

@@ -39,7 +39,8 @@ pub const STORE_BYTES_MAX: u64 = (u32::MAX as u64 - 2) * BB;
 pub fn min_store_bytes(segment_bytes: u64) -> u64 {
     let segment_blocks = segment_bytes / BB;
     let n = SEGMENTS_MIN as u64;
-    let payload = max_payload_bytes(n, n * segment_blocks, VOLUMES_MAX as u64, attr_volumes_for_format(n * segment_blocks));
+    let payload =
+        max_payload_bytes(n, n * segment_blocks, VOLUMES_MAX as u64, attr_volumes_for_format(n * segment_blocks));
     (2 + 2 * (1 + payload.div_ceil(BB)) + n * segment_blocks) * BB
 }
 

@@ -116,6 +116,27 @@ impl ClusterNode {
 
     /// [`ClusterNode::start`] with more flags.
     pub fn start_with(dir: &Path, etcd: &str, name: &str, zone: Option<&str>, extra: &[&str]) -> ClusterNode {
+        // A free port is found by binding port 0 and letting it go, so another process may take
+        // it before the node binds it: then the node exits naming the port, and starts again on
+        // fresh ones.
+        for _ in 0..4 {
+            let mut node = Self::configure(dir, etcd, name, zone, extra);
+            let log_before = std::fs::read_to_string(&node.log).unwrap_or_default().len();
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.restart()));
+            match started {
+                Ok(()) => return node,
+                Err(e) => {
+                    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                    if !log[log_before.min(log.len())..].contains("Address already in use") {
+                        std::panic::resume_unwind(e);
+                    }
+                }
+            }
+        }
+        panic!("node {name}: every port tried was taken");
+    }
+
+    fn configure(dir: &Path, etcd: &str, name: &str, zone: Option<&str>, extra: &[&str]) -> ClusterNode {
         let nbd = free_port_addr();
         let admin = free_port_addr();
         let mut args = vec![
@@ -132,10 +153,7 @@ impl ClusterNode {
             args.push(format!("--zone={z}"));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut node =
-            ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, proc: None };
-        node.restart();
-        node
+        ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, proc: None }
     }
 
     /// Starts the node again with the same command line (after [`ClusterNode::kill`]).

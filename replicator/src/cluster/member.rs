@@ -46,8 +46,9 @@ pub struct MemberConfig {
 struct Running {
     node: Node,
     id: u64,
-    /// The node it replicates with.
+    /// The node it replicates with, and that node's replication address when this one started.
     peer: String,
+    peer_addr: std::net::SocketAddr,
 }
 
 struct Inner {
@@ -195,11 +196,14 @@ impl Member {
         let mine: BTreeMap<&String, &VolumeSpec> =
             snap.volumes.iter().filter(|(_, v)| v.replicas.contains(&me)).collect();
         let mut running = self.inner.running.lock().await;
-        // Re-protected: the same volume with another peer. Its node restarts on the new
-        // configuration, keeping this node's copy.
+        // Re-protected (the same volume with another peer), or the peer came back on another
+        // address: its node restarts on the new configuration, keeping this node's copy.
         let repeered: Vec<String> = running
             .iter()
-            .filter(|(name, r)| mine.get(name).is_some_and(|v| v.id == r.id && !v.replicas.contains(&r.peer)))
+            .filter(|(name, r)| {
+                let moved = snap.members.get(&r.peer).is_some_and(|m| m.repl != r.peer_addr);
+                mine.get(name).is_some_and(|v| v.id == r.id && (moved || !v.replicas.contains(&r.peer)))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in repeered {
@@ -256,9 +260,9 @@ impl Member {
                 continue;
             }
             match self.start_volume(&snap, spec).await {
-                Ok((node, peer)) => {
+                Ok((node, peer, peer_addr)) => {
                     self.inner.nodes.lock().expect("nodes").insert(name.clone(), node.clone());
-                    running.insert(name.clone(), Running { node, id: spec.id, peer });
+                    running.insert(name.clone(), Running { node, id: spec.id, peer, peer_addr });
                 }
                 Err(e) => tracing::warn!(volume = %name, "cannot start this node's replica yet: {e}"),
             }
@@ -300,7 +304,11 @@ impl Member {
 
     /// Creates this node's replica of `spec` if it has none (or only one of a deleted volume of the
     /// same name) and starts its replicator node.
-    async fn start_volume(&self, snap: &Snapshot, spec: &VolumeSpec) -> crate::Result<(Node, String)> {
+    async fn start_volume(
+        &self,
+        snap: &Snapshot,
+        spec: &VolumeSpec,
+    ) -> crate::Result<(Node, String, std::net::SocketAddr)> {
         let me = self.name();
         let store = &self.inner.store;
         let Some(peer_name) = spec.replicas.iter().find(|r| *r != me) else {
@@ -348,7 +356,7 @@ impl Member {
             },
         };
         tracing::info!(volume = %spec.name, peer = %peer_name, "starting this node's replica");
-        Ok((Node::start(store.clone(), ncfg, first_role).await?, peer_name.clone()))
+        Ok((Node::start(store.clone(), ncfg, first_role).await?, peer_name.clone(), peer.repl))
     }
 }
 
