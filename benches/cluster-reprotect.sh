@@ -70,9 +70,12 @@ fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1M --size="$SIZE" --
   --output-format=json >/dev/null
 randwrite() { # $1: runtime, $2: extra fio args
   fio --name=fg --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
-    --time_based --runtime="$1" --randrepeat=0 $2 --output-format=json
+    --time_based --runtime="$1" --randrepeat=0 $2 --output-format=json 2>>"$RUN/fio.err" ||
+    { echo "fio failed: $(tail -3 "$RUN/fio.err")" >&2; return 1; }
 }
-BEFORE=$(randwrite "$RT" "" | json 'd["jobs"][0]["write"]["iops"]')
+randwrite "$RT" "" >"$RUN/before.json"
+# fio's nbd engine prints a line before the JSON.
+BEFORE=$(sed -n '/^{/,$p' "$RUN/before.json" | json 'd["jobs"][0]["write"]["iops"]')
 echo "   foreground 4 KiB random writes, in sync: ${BEFORE%.*} IOPS"
 
 echo "3. SIGKILL of $SECONDARY; re-protection after the 5 s grace period ..."

@@ -52,6 +52,9 @@ struct Inner {
     stop: watch::Sender<bool>,
     /// When this node last became primary, for failover measurements.
     promoted_at: Mutex<Option<Instant>>,
+    /// The peer's replication address and name (`cfg.peer` and `cfg.repl.peer_node` until
+    /// [`Node::set_peer`] moves them).
+    peer: Mutex<(SocketAddr, Option<String>)>,
 }
 
 /// A node's replicated volume. Cheap to clone.
@@ -119,6 +122,7 @@ impl Node {
                     .into(),
             ));
         }
+        let peer = (cfg.peer, cfg.repl.peer_node.clone());
         let node = Node {
             inner: Arc::new(Inner {
                 store,
@@ -128,6 +132,7 @@ impl Node {
                 role_changes: watch::channel(0).0,
                 stop: watch::channel(false).0,
                 promoted_at: Mutex::new(None),
+                peer: Mutex::new(peer),
             }),
         };
         match role {
@@ -171,6 +176,17 @@ impl Node {
                 tracing::warn!(volume = %self.inner.cfg.volume, "witness unreachable ({e}); starting as secondary until it answers");
                 self.become_secondary().await
             }
+        }
+    }
+
+    /// Replicates with a peer at `addr` from now on (cluster mode moved the volume's other replica,
+    /// or the peer's node came back on another address), without stopping: a primary drops its
+    /// link and connects there, and clients' requests carry on.
+    pub async fn set_peer(&self, addr: SocketAddr, name: Option<String>) -> Result<()> {
+        *self.inner.peer.lock().expect("peer") = (addr, name);
+        match self.primary() {
+            Some(p) => p.repeer(addr).await,
+            None => Ok(()),
         }
     }
 
@@ -330,12 +346,14 @@ impl Node {
 
     async fn become_primary_inner(&self, granted: Option<Grant>) -> Result<()> {
         let c = &self.inner.cfg;
-        let p = Primary::start(self.inner.store.clone(), &c.volume, c.peer, c.repl.clone(), granted).await?;
+        let (peer, peer_node) = self.inner.peer.lock().expect("peer").clone();
+        let repl = ReplConfig { peer_node: peer_node.clone(), ..c.repl.clone() };
+        let p = Primary::start(self.inner.store.clone(), &c.volume, peer, repl, granted).await?;
         // A primary keeps its replication port open: a newer primary that reaches it there (when
         // the witness cannot) tells it that it was deposed.
         match c.repl.net.bind(c.repl_listen).await {
             Ok(l) => {
-                tokio::spawn(listen_for_successor(l, p.clone(), c.repl.timeout, c.repl.peer_node.clone()));
+                tokio::spawn(listen_for_successor(l, p.clone(), c.repl.timeout, peer_node));
             }
             Err(e) => tracing::debug!(volume = %c.volume, "primary cannot listen on {}: {e}", c.repl_listen),
         }
@@ -374,7 +392,9 @@ impl Node {
     async fn become_secondary_inner(&self) -> Result<()> {
         let c = &self.inner.cfg;
         let listener = bind_retrying(c.repl.net.as_ref(), c.repl_listen).await?;
-        let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, c.repl.clone()).await?;
+        let peer_node = self.inner.peer.lock().expect("peer").1.clone();
+        let repl = ReplConfig { peer_node, ..c.repl.clone() };
+        let s = Secondary::start(self.inner.store.clone(), &c.volume, listener, repl).await?;
         *self.inner.current.lock().expect("role") = Current::Secondary(s.clone());
         self.inner.role_changes.send_modify(|n| *n += 1);
         if c.repl.authority.is_some() {

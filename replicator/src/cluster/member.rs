@@ -197,20 +197,23 @@ impl Member {
             snap.volumes.iter().filter(|(_, v)| v.replicas.contains(&me)).collect();
         let mut running = self.inner.running.lock().await;
         // Re-protected (the same volume with another peer), or the peer came back on another
-        // address: its node restarts on the new configuration, keeping this node's copy.
-        let repeered: Vec<String> = running
-            .iter()
-            .filter(|(name, r)| {
-                let moved = snap.members.get(&r.peer).is_some_and(|m| m.repl != r.peer_addr);
-                mine.get(name).is_some_and(|v| v.id == r.id && (moved || !v.replicas.contains(&r.peer)))
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in repeered {
-            let r = running.remove(&name).expect("listed");
-            tracing::info!(volume = %name, old_peer = %r.peer, "the volume's other replica moved; restarting with its new peer");
-            r.node.stop().await;
-            self.inner.nodes.lock().expect("nodes").remove(&name);
+        // address: the volume's node replicates there from now on, without stopping (its clients'
+        // requests carry on).
+        for (name, r) in running.iter_mut() {
+            let Some(v) = mine.get(name).filter(|v| v.id == r.id) else { continue };
+            let Some(peer) = v.replicas.iter().find(|p| **p != me) else { continue };
+            let Some(addr) = snap.members.get(peer).map(|m| m.repl) else { continue };
+            if *peer == r.peer && addr == r.peer_addr {
+                continue;
+            }
+            tracing::info!(volume = %name, old = %r.peer, new = %peer, %addr, "the volume's other replica moved");
+            match r.node.set_peer(addr, Some(peer.clone())).await {
+                Ok(()) => {
+                    r.peer = peer.clone();
+                    r.peer_addr = addr;
+                }
+                Err(e) => tracing::warn!(volume = %name, "moving to the new peer: {e}"),
+            }
         }
         let gone: Vec<String> = running
             .iter()

@@ -174,6 +174,17 @@ impl Primary {
         }
     }
 
+    /// Replicates to a peer at `addr` from now on (the link in use is dropped). Writes go on: those
+    /// waiting for the old peer's acknowledgement wait for the new one's resync, or for solo
+    /// consent, as after any lost link.
+    pub async fn repeer(&self, addr: std::net::SocketAddr) -> Result<()> {
+        self.inner
+            .commands
+            .send((Instant::now(), Command::Repeer(addr)))
+            .await
+            .map_err(|_| ReplError::Stopped("the primary stopped".into()))
+    }
+
     /// Marks this primary deposed (a newer epoch exists): waiting and new writes fail.
     pub fn depose(&self, why: String) {
         if self.inner.commands.try_send((Instant::now(), Command::Depose(why.clone()))).is_err() {

@@ -107,6 +107,9 @@ pub(super) enum Command {
     },
     /// A newer primary reached this node's replication port (see `node::listen_for_successor`).
     Depose(String),
+    /// The peer is now at this address (cluster mode moved the volume's other replica, or its node
+    /// came back on another address): drop the link and connect there.
+    Repeer(SocketAddr),
 }
 
 /// What the link's tasks and the loop's helper futures report. Link events carry the link's
@@ -598,6 +601,22 @@ impl Owner {
             }
             Command::Verify { repair, reply } => self.start_verify(repair, reply).await,
             Command::Depose(why) => self.depose(why),
+            Command::Repeer(addr) => {
+                if addr == self.peer_addr {
+                    return;
+                }
+                tracing::info!(volume = %self.name, old = %self.peer_addr, new = %addr, "the peer moved: replicating to its new address");
+                self.peer_addr = addr;
+                let generation = match &self.link {
+                    LinkState::Up(l) => Some(l.generation),
+                    LinkState::Connecting { generation } => Some(*generation),
+                    LinkState::Down { .. } => None,
+                };
+                if let Some(g) = generation {
+                    self.link_failed(g, ReplError::Stopped(format!("the peer moved to {addr}")));
+                }
+                self.link = LinkState::Down { retry_at: Instant::now() };
+            }
         }
     }
 
