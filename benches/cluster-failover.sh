@@ -37,6 +37,7 @@ build_syncblock "$ROOT"
 BIN=$TARGET/release/syncblock
 RUN=$(mktemp -d "$BASE/run.XXXXXX")
 trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
+trap 'exit 1' INT TERM
 
 EC=$(port); EP=$(port)
 etcd --name e1 --data-dir "$RUN/etcd" --listen-client-urls "http://127.0.0.1:$EC" \

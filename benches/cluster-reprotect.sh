@@ -34,6 +34,7 @@ build_syncblock "$ROOT"
 BIN=$TARGET/release/syncblock
 RUN=$(mktemp -d "$BASE/run.XXXXXX")
 trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
+trap 'exit 1' INT TERM
 now() { date +%s.%N; }
 
 echo "1. the disk, idle: sequential 1 MiB writes ..."
@@ -80,7 +81,11 @@ echo "   foreground 4 KiB random writes, in sync: ${BEFORE%.*} IOPS"
 
 echo "3. SIGKILL of $SECONDARY; re-protection after the 5 s grace period ..."
 FIO_START=$(now)
-randwrite 300 "--write_iops_log=$RUN/fg --log_avg_msec=500" >"$RUN/fg.json" &
+# fio itself in the background (not a function's subshell), so that SIGINT reaches it and it
+# writes its IOPS log as it stops.
+fio --name=fg --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
+  --time_based --runtime=300 --randrepeat=0 --write_iops_log="$RUN/fg" --log_avg_msec=500 \
+  --output-format=json >"$RUN/fg.json" 2>>"$RUN/fio.err" &
 FIO=$!
 PIDS+=($FIO)
 sleep 2

@@ -36,6 +36,11 @@ pub const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// costs etcd one read a second, not one per heartbeat.
 pub const CACHE_FOR: Duration = Duration::from_secs(1);
 
+/// How long a report waits for etcd before it is answered from the record last read under the same
+/// lease: 300 ms, well inside the grant (two thirds of a TTL), so a slow etcd read never lets a
+/// solo grant lapse while this node's lease is kept.
+pub const REPORT_WAIT: Duration = Duration::from_millis(300);
+
 /// This node's standing in the cluster: its lease, and until when it may act on a grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing {
@@ -60,6 +65,16 @@ pub struct Etcd {
 impl Etcd {
     pub fn new(cluster: Cluster, node: String, standing: watch::Receiver<Standing>) -> Etcd {
         Etcd { cluster, node, standing, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The record a report may be answered from if etcd is slow: read under the current lease,
+    /// naming the reporter as primary of the reported epoch, and not one the report would change.
+    fn cached_report(&self, req: &Frame) -> Option<GrantDoc> {
+        let Frame::WitnessReport { pair, volume, node, epoch, in_sync } = req else { return None };
+        let lease = self.standing.borrow().lease;
+        let (g, l, _) = self.cache.lock().expect("cache").get(volume.as_str()).cloned()?;
+        let current = g.primary == *node && g.epoch == epoch.0 && g.pair == *pair && l == lease;
+        (current && !(*in_sync && (g.solo || !g.synced))).then_some(g)
     }
 
     fn grant(&self, doc: &GrantDoc, standing: &Standing) -> Result<Grant> {
@@ -198,9 +213,22 @@ impl Etcd {
 impl Authority for Etcd {
     fn ask<'a>(&'a self, req: &'a Frame, timeout: Duration) -> BoxFuture<'a, Result<Grant>> {
         Box::pin(async move {
-            tokio::time::timeout(timeout.max(Duration::from_secs(1)), self.decide(req))
-                .await
-                .map_err(|_| ReplError::Stopped(format!("etcd did not answer within {timeout:?}")))?
+            // A report that etcd is slow to answer (a loaded node or etcd) is answered from the
+            // record last read under this same lease: nobody can have taken the volume over
+            // meanwhile, since a takeover needs this node's alive key gone, which ends the lease
+            // (a forced one of a volume not solo leaves it, but this node then acknowledges
+            // nothing alone: solo needs a fresh grant, which never comes from the cache).
+            let fallback = self.cached_report(req);
+            let limit = if fallback.is_some() { REPORT_WAIT } else { timeout.max(Duration::from_secs(1)) };
+            match tokio::time::timeout(limit, self.decide(req)).await {
+                Ok(Ok(g)) => Ok(g),
+                Ok(Err(e)) if e.refusal().is_some() => Err(e),
+                Ok(Err(e)) => fallback.map_or(Err(e), |g| self.grant(&g, &self.standing.borrow())),
+                Err(_) => fallback.map_or_else(
+                    || Err(ReplError::Stopped(format!("etcd did not answer within {limit:?}"))),
+                    |g| self.grant(&g, &self.standing.borrow()),
+                ),
+            }
         })
     }
 

@@ -105,7 +105,19 @@ impl Member {
                 unknown_warned: Default::default(),
             }),
         };
-        tokio::spawn(keep_alive(member.inner.clone(), standing_tx));
+        // The lease is kept on a thread of its own, with its own connection to etcd: a node busy
+        // copying a volume (or serving clients) on its runtime's workers must not miss its
+        // keep-alives, which would end its solo grants (writes then wait for a peer still being
+        // copied) and, past the TTL, fail its volumes over.
+        let lease_cluster = member.inner.cluster.separate().await?;
+        let (cfg, stop) = (member.inner.cfg.clone(), member.inner.stop.subscribe());
+        std::thread::Builder::new()
+            .name("etcd-lease".into())
+            .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(keep_alive(lease_cluster, cfg, stop, standing_tx)),
+                Err(e) => tracing::error!("cannot start the lease thread's runtime: {e}"),
+            })
+            .map_err(|e| ClusterError::Refused(format!("starting the lease thread: {e}")))?;
         let first = member.inner.cluster.snapshot().await?;
         member.reconcile(first).await;
         tokio::spawn(watch_cluster(member.clone()));
@@ -414,21 +426,25 @@ async fn register(
 /// node's standing to two thirds of the TTL after it was sent. A lease etcd has expired (the node
 /// was cut off longer than its TTL) is replaced by a new registration; the volumes it was primary
 /// of may have failed over meanwhile, which their replicator nodes learn from the grants.
-async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
-    let mut stop = inner.stop.subscribe();
+async fn keep_alive(
+    cluster: Cluster,
+    cfg: MemberConfig,
+    mut stop: watch::Receiver<bool>,
+    standing: watch::Sender<Standing>,
+) {
     loop {
         if *stop.borrow() {
             return;
         }
-        let mut client = inner.cluster.client();
+        let mut client = cluster.client();
         let lease = standing.borrow().lease;
         let grant_lease = standing.borrow().grant_lease;
         let period = (grant_lease / 2).max(Duration::from_millis(100));
         let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("etcd keep-alive: {}; reconnecting", inner.cluster.err(e));
-                if let Err(e) = inner.cluster.reconnect().await {
+                tracing::warn!("etcd keep-alive: {}; reconnecting", cluster.err(e));
+                if let Err(e) = cluster.reconnect().await {
                     tracing::warn!("reconnecting to etcd: {e}");
                 }
                 tokio::select! { _ = tokio::time::sleep(period / 2) => continue, _ = stop.wait_for(|s| *s) => return }
@@ -457,7 +473,7 @@ async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
                         "etcd expired this node's lease (cut off from etcd longer than its TTL); registering again"
                     );
                     standing.send_modify(|s| s.valid_until = None);
-                    match register(&inner.cluster, &inner.cfg).await {
+                    match register(&cluster, &cfg).await {
                         Ok((_, rx)) => {
                             let fresh = *rx.borrow();
                             standing.send_replace(fresh);
@@ -468,7 +484,7 @@ async fn keep_alive(inner: Arc<Inner>, standing: watch::Sender<Standing>) {
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                     tracing::warn!("etcd keep-alive went unanswered; reconnecting");
-                    if let Err(e) = inner.cluster.reconnect().await {
+                    if let Err(e) = cluster.reconnect().await {
                         tracing::warn!("reconnecting to etcd: {e}");
                     }
                     break;

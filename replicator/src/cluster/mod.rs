@@ -305,6 +305,11 @@ impl Cluster {
             .map_err(|source| ClusterError::Unreachable { endpoints: endpoints.to_string(), source })
     }
 
+    /// Another connection to the same cluster, not shared with this one (for a thread of its own).
+    pub async fn separate(&self) -> Result<Cluster> {
+        Self::connect_prefixed(&self.endpoints, &self.prefix).await
+    }
+
     /// Connects again to the endpoints that answer now (after requests kept failing: the members
     /// this client used may be the ones lost).
     pub async fn reconnect(&self) -> Result<()> {
