@@ -14,7 +14,10 @@ impl Owner {
     /// One step of the resync or the verify pass, when the link has room: each is a point of the
     /// sequencer's order, between two client operations.
     pub(super) async fn step_background(&mut self) -> Result<()> {
-        let room = matches!(&self.link, LinkState::Up(l) if l.backlog.is_empty());
+        // Room: nothing in the backlog, and at most `RESYNC_AHEAD_MAX` items queued on the link,
+        // so a client write shipped now waits behind a few MiB of resync, not a queue's worth.
+        let room = matches!(&self.link, LinkState::Up(l)
+            if l.backlog.is_empty() && LINK_QUEUE - l.tx.capacity() <= RESYNC_AHEAD_MAX);
         if !room {
             return Ok(());
         }
