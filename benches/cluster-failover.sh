@@ -39,14 +39,7 @@ RUN=$(mktemp -d "$BASE/run.XXXXXX")
 trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
 trap 'exit 1' INT TERM
 
-EC=$(port); EP=$(port)
-etcd --name e1 --data-dir "$RUN/etcd" --listen-client-urls "http://127.0.0.1:$EC" \
-  --advertise-client-urls "http://127.0.0.1:$EC" --listen-peer-urls "http://127.0.0.1:$EP" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "e1=http://127.0.0.1:$EP" \
-  --heartbeat-interval 50 --election-timeout 500 >"$RUN/etcd.log" 2>&1 &
-PIDS+=($!)
-ETCD="http://127.0.0.1:$EC"
-for _ in $(seq 100); do "$BIN" node list --etcd "$ETCD" >/dev/null 2>&1 && break; sleep 0.1; done
+start_etcd "$RUN"
 
 declare -A NODE_PID
 for i in $(seq 1 "$NODES"); do

@@ -43,14 +43,7 @@ DISK=$(fio --name=disk --filename="$RUN/disk.test" --rw=write --bs=1M --size="$S
 rm -f "$RUN/disk.test"
 echo "   $((DISK >> 20)) MiB/s"
 
-EC=$(port); EP=$(port)
-etcd --name e1 --data-dir "$RUN/etcd" --listen-client-urls "http://127.0.0.1:$EC" \
-  --advertise-client-urls "http://127.0.0.1:$EC" --listen-peer-urls "http://127.0.0.1:$EP" \
-  --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "e1=http://127.0.0.1:$EP" \
-  --heartbeat-interval 50 --election-timeout 500 >"$RUN/etcd.log" 2>&1 &
-PIDS+=($!)
-ETCD="http://127.0.0.1:$EC"
-for _ in $(seq 100); do "$BIN" node list --etcd "$ETCD" >/dev/null 2>&1 && break; sleep 0.1; done
+start_etcd "$RUN"
 declare -A NODE_PID
 for i in 1 2 3; do
   "$BIN" node --etcd "$ETCD" --name "n$i" --store "$RUN/n$i.img" --size 16GiB --grace 5 \

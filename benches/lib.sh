@@ -15,6 +15,9 @@
 #                         binary there unless SKIP_BUILD=1
 #   stop_server PID       SIGINT (a clean shutdown: flush + checkpoint), SIGKILL after 10 s
 #   stop_peers PID        stops a peers.sh run interrupted mid-cell, and the servers it started
+#   start_etcd DIR        one etcd member with its data in DIR/etcd, on free ports, with the
+#                         election settings docs/cluster.md advises (1 s leases); sets ETCD (its
+#                         client URL) and waits until `syncblock node list` answers
 PY=/usr/bin/python3
 [ -z "${BIN:-}" ] || [ -x "$BIN" ] || cargo build --release -p syncblock-nbd
 PIDS=()
@@ -62,4 +65,15 @@ stop_peers() {
   [ -n "$1" ] || return 0
   for c in $(ps -o pid= --ppid "$1"); do kill "$c" 2>/dev/null; done
   kill "$1" 2>/dev/null; wait "$1" 2>/dev/null
+}
+start_etcd() {
+  local ec ep
+  ec=$(port); ep=$(port)
+  etcd --name e1 --data-dir "$1/etcd" --listen-client-urls "http://127.0.0.1:$ec" \
+    --advertise-client-urls "http://127.0.0.1:$ec" --listen-peer-urls "http://127.0.0.1:$ep" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ep" --initial-cluster "e1=http://127.0.0.1:$ep" \
+    --heartbeat-interval 50 --election-timeout 500 >"$1/etcd.log" 2>&1 &
+  PIDS+=($!)
+  ETCD="http://127.0.0.1:$ec"
+  for _ in $(seq 100); do "$BIN" node list --etcd "$ETCD" >/dev/null 2>&1 && break; sleep 0.1; done
 }
