@@ -24,6 +24,8 @@ struct EtcdMember {
 pub struct Etcd {
     members: Vec<EtcdMember>,
     dir: PathBuf,
+    /// Server certificate, key and the CA clients must present a certificate from (TLS etcd).
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Drop for Etcd {
@@ -39,22 +41,36 @@ impl Drop for Etcd {
 
 impl Etcd {
     pub fn start(dir: &Path, n: usize) -> Etcd {
+        Self::start_tls(dir, n, None)
+    }
+
+    /// `n` members whose clients must use TLS with a certificate signed by `ca` (`cert` and `key`
+    /// are the server's, and also serve etcdctl's health check as a client).
+    pub fn start_tls(dir: &Path, n: usize, tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember {
                 name: format!("e{i}"),
-                client: format!("http://{}", free_port_addr()),
+                client: format!("{scheme}://{}", free_port_addr()),
                 peer: format!("http://{}", free_port_addr()),
                 child: None,
             })
             .collect();
-        let mut etcd = Etcd { members, dir: dir.to_path_buf() };
+        let mut etcd = Etcd { members, dir: dir.to_path_buf(), tls };
         for i in 0..n {
             etcd.spawn(i);
         }
         let endpoints = etcd.endpoints();
+        let mut health = vec!["--endpoints".to_string(), endpoints.clone()];
+        if let Some((cert, key, ca)) = &etcd.tls {
+            for (flag, p) in [("--cert", cert), ("--key", key), ("--cacert", ca)] {
+                health.extend([flag.to_string(), p.display().to_string()]);
+            }
+        }
+        health.extend(["endpoint".to_string(), "health".to_string()]);
+        let health: Vec<&str> = health.iter().map(String::as_str).collect();
         wait_until(Duration::from_millis(200), "etcd healthy", Duration::from_secs(30), || {
-            let (code, out, err) =
-                run(Duration::from_secs(10), "etcdctl", &["--endpoints", &endpoints, "endpoint", "health"]);
+            let (code, out, err) = run(Duration::from_secs(10), "etcdctl", &health);
             if code == 0 {
                 Ok(())
             } else {
@@ -68,7 +84,15 @@ impl Etcd {
         let initial: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer)).collect();
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some((cert, key, ca)) = &self.tls {
+            cmd.args(["--cert-file", &cert.display().to_string(), "--key-file", &key.display().to_string()]).args([
+                "--trusted-ca-file",
+                &ca.display().to_string(),
+                "--client-cert-auth",
+            ]);
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .args(["--data-dir", &self.dir.join(&m.name).display().to_string()])
             .args(["--listen-client-urls", &m.client, "--advertise-client-urls", &m.client])

@@ -108,6 +108,34 @@ pub struct Cluster {
     client: std::sync::Arc<std::sync::RwLock<Client>>,
     prefix: String,
     endpoints: String,
+    tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd (its `--trusted-ca-file`, and with `--client-cert-auth` a client certificate):
+/// PEM files. The endpoints are then `https://` URLs.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EtcdTls {
+    fn config(&self) -> Result<etcd_client::OpenSslClientConfig> {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).map_err(|e| ClusterError::Refused(format!("etcd TLS file {}: {e}", p.display())))
+        };
+        let mut cfg = etcd_client::OpenSslClientConfig::default();
+        if let Some(ca) = &self.ca {
+            cfg = cfg.ca_cert_pem(&read(ca)?);
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => cfg = cfg.client_cert_pem_and_key(&read(c)?, &read(k)?),
+            (None, None) => {}
+            _ => return Err(ClusterError::Refused("--etcd-cert and --etcd-key go together".into())),
+        }
+        Ok(cfg)
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -249,15 +277,21 @@ impl Cluster {
     }
 
     pub async fn connect_prefixed(endpoints: &str, prefix: &str) -> Result<Cluster> {
+        Self::connect_with(endpoints, prefix, None).await
+    }
+
+    /// [`Cluster::connect`] under a prefix, over TLS when `tls` is given.
+    pub async fn connect_with(endpoints: &str, prefix: &str, tls: Option<EtcdTls>) -> Result<Cluster> {
         let list: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
         if list.is_empty() {
             return Err(ClusterError::Refused("--etcd names no endpoint".into()));
         }
-        let client = Self::connect_live(endpoints, &list).await?;
+        let client = Self::connect_live(endpoints, &list, tls.as_ref()).await?;
         Ok(Cluster {
             client: std::sync::Arc::new(std::sync::RwLock::new(client)),
             prefix: prefix.trim_end_matches('/').to_string(),
             endpoints: endpoints.into(),
+            tls,
         })
     }
 
@@ -265,11 +299,14 @@ impl Cluster {
     /// endpoint it has never reached and fails it there, rather than trying another, so a member
     /// that is down when a command starts (one of three lost) would fail every other command;
     /// probing each first leaves it out.
-    async fn connect_live(endpoints: &str, list: &[String]) -> Result<Client> {
-        let options = ConnectOptions::new()
+    async fn connect_live(endpoints: &str, list: &[String], tls: Option<&EtcdTls>) -> Result<Client> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        if let Some(t) = tls {
+            options = options.with_openssl_tls(t.config()?);
+        }
         let probe = |e: String| {
             let options = options.clone();
             async move {
@@ -307,7 +344,7 @@ impl Cluster {
 
     /// Another connection to the same cluster, not shared with this one (for a thread of its own).
     pub async fn separate(&self) -> Result<Cluster> {
-        Self::connect_prefixed(&self.endpoints, &self.prefix).await
+        Self::connect_with(&self.endpoints, &self.prefix, self.tls.clone()).await
     }
 
     /// Connects again to the endpoints that answer now (after requests kept failing: the members
@@ -315,7 +352,7 @@ impl Cluster {
     pub async fn reconnect(&self) -> Result<()> {
         let list: Vec<String> =
             self.endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
-        let client = Self::connect_live(&self.endpoints, &list).await?;
+        let client = Self::connect_live(&self.endpoints, &list, self.tls.as_ref()).await?;
         *self.client.write().expect("client") = client;
         Ok(())
     }

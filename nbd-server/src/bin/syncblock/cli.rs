@@ -274,6 +274,8 @@ pub enum Command {
         /// The cluster's etcd endpoints, comma-separated (docs/cluster.md).
         #[arg(long, global = true, value_name = "URLS")]
         etcd: Option<String>,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
         #[command(subcommand)]
         command: VolumeCommand,
     },
@@ -288,12 +290,38 @@ pub enum Command {
     },
 }
 
+/// TLS to etcd (docs/cluster.md): PEM files; the `--etcd` endpoints are then `https://` URLs.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct EtcdTlsArgs {
+    /// CA certificate(s) that signed etcd's server certificate.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate, for an etcd that requires one (`--client-cert-auth`).
+    #[arg(long, value_name = "FILE", requires = "etcd_key", global = true)]
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert", global = true)]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    pub fn tls(&self) -> Option<syncblock_replicator::cluster::EtcdTls> {
+        (self.etcd_ca.is_some() || self.etcd_cert.is_some()).then(|| syncblock_replicator::cluster::EtcdTls {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        })
+    }
+}
+
 /// `syncblock node`'s flags.
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
     /// The cluster's etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
     #[arg(long, value_name = "URLS")]
     pub etcd: Option<String>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
     /// This node's name in the cluster (unique; its certificate's CN with TLS).
     #[arg(long)]
     pub name: Option<String>,
@@ -338,6 +366,8 @@ pub enum NodeCommand {
     List {
         #[arg(long, value_name = "URLS")]
         etcd: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
         #[arg(long)]
         json: bool,
     },

@@ -137,10 +137,12 @@ fn main() -> Result<()> {
             client::promote(&tls.admin_at(admin)?, volume.as_deref(), force)
         }
         Command::Demote { admin, volume, tls } => client::demote(&tls.admin_at(admin)?, volume.as_deref()),
-        Command::Volume { etcd: Some(etcd), command, .. } => cluster::volume_command(&etcd, command),
+        Command::Volume { etcd: Some(etcd), etcd_tls, command, .. } => {
+            cluster::volume_command(&etcd, etcd_tls.tls(), command)
+        }
         Command::Node { command: Some(command), .. } => cluster::node_command(command),
         Command::Node { command: None, run } => cluster::run_node(run),
-        Command::Volume { store, etcd: None, command } => {
+        Command::Volume { store, etcd: None, command, .. } => {
             let path = store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE));
             let fix = format!("create one with `syncblock serve --create --store {}`", path.display());
             let store = open_existing(&path, Config::default(), &fix)?;
