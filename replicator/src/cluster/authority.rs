@@ -133,6 +133,30 @@ impl Etcd {
                 }
                 None => (None, 0),
             };
+            // A promotion (or reclaim) only of a node the volume's record lists, and only while that
+            // record is the one read: a replica that re-protection moved away, still running on a
+            // node that was cut off from etcd, must never take the volume over (found by the
+            // control-plane simulation: it was promoted, then deleted its copy).
+            let mut listed_rev = None;
+            if matches!(req, Frame::WitnessPromote { .. }) {
+                let vkey = self.cluster.key(&format!("volumes/{volume}"));
+                let r = kv
+                    .get(vkey.clone(), None)
+                    .await
+                    .map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                if let Some(v) = r.kvs().first() {
+                    let spec: super::VolumeSpec = serde_json::from_slice(v.value())
+                        .map_err(|e| ReplError::Stopped(format!("etcd holds a malformed record at {vkey}: {e}")))?;
+                    if !spec.replicas.iter().any(|r| r == node) {
+                        let why = format!(
+                            "{node} holds no replica of {volume} any more (its replicas are on {})",
+                            spec.replicas.join(", ")
+                        );
+                        return Err(ReplError::refused(Refusal::NotRegistered, why));
+                    }
+                    listed_rev = Some((vkey, v.mod_revision()));
+                }
+            }
             if let Some(d) = &doc {
                 if pair != 0 && d.pair != pair {
                     let why = format!(
@@ -189,6 +213,9 @@ impl Etcd {
                     },
                     Compare::lease(mine.clone(), CompareOp::Equal, standing.lease),
                 ];
+                if let Some((vkey, vrev)) = &listed_rev {
+                    when.push(Compare::mod_revision(vkey.clone(), CompareOp::Equal, *vrev));
+                }
                 if let (Some(p), false) = (&other, other_alive) {
                     if r.primary == *node {
                         // Taken over because the primary's node is gone: only while it still is.

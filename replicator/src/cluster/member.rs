@@ -296,6 +296,13 @@ impl Member {
             let dead = self.inner.dead_since.lock().expect("dead");
             super::plan::overdue(snap, me, &dead, Instant::now(), grace)
         };
+        // Not a volume still connected to the "lost" node: that node is only cut off from etcd, and
+        // its replica is current. Moving it would copy the volume again for nothing, and an in-sync
+        // report in flight could clear the solo mark the move sets (found by the control-plane
+        // simulation).
+        let connected =
+            |name: &str| self.node(name).and_then(|n| n.primary()).is_some_and(|p| p.peer_view().borrow().connected);
+        let overdue: Vec<(String, String)> = overdue.into_iter().filter(|(name, _)| !connected(name)).collect();
         for (name, lost) in overdue {
             match self.inner.cluster.replace_replica(&name, &lost, me).await {
                 Ok(Some(spec)) => tracing::warn!(

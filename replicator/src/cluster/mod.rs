@@ -448,13 +448,31 @@ impl Cluster {
             return Ok(None);
         };
         let new = moved.replicas.last().expect("a new replica").clone();
-        let txn = Txn::new()
-            .when(vec![
-                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
-                Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
-                Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
-            ])
-            .and_then(vec![TxnOp::put(key, serde_json::to_vec(&moved).expect("serialisable"), None)]);
+        let mut when = vec![
+            Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+            Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
+            Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
+        ];
+        let mut ops = vec![TxnOp::put(key, serde_json::to_vec(&moved).expect("serialisable"), None)];
+        // The record becomes solo in the same transaction: the new replica is empty until its
+        // copy completes, and a solo record refuses every unforced promotion (found by the
+        // control-plane simulation: a volume moved while its record was not solo promoted the
+        // empty replica when its primary died during the copy).
+        let grant_key = self.key(&format!("grants/{name}"));
+        let resp = self.client().kv_client().get(grant_key.clone(), None).await.map_err(|e| self.err(e))?;
+        if let Some(g) = resp.kvs().first() {
+            let mut doc: GrantDoc = serde_json::from_slice(g.value())
+                .map_err(|e| ClusterError::Corrupt { key: grant_key.clone(), why: e.to_string() })?;
+            if doc.pair == spec.id && doc.primary == keep {
+                doc.solo = true;
+                when.push(Compare::mod_revision(grant_key.clone(), CompareOp::Equal, g.mod_revision()));
+                ops.push(TxnOp::put(grant_key, serde_json::to_vec(&doc).expect("serialisable"), None));
+            } else {
+                // Not the granted primary any more: someone else decides.
+                return Ok(None);
+            }
+        }
+        let txn = Txn::new().when(when).and_then(ops);
         let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
         Ok(resp.succeeded().then_some(moved))
     }
