@@ -44,6 +44,33 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> (i32, String) {
     (code, format!("{out}{err}"))
 }
 
+/// Creates volume `name` of `size` and waits until both its copies are in sync.
+fn create_in_sync(ep: &str, name: &str, size: &str) -> serde_json::Value {
+    let (code, out, err) = cli(ep, &["volume", "create", name, "--size", size]);
+    assert_eq!(code, 0, "create {name}: {out}{err}");
+    wait_until(Duration::from_millis(200), &format!("{name} in sync"), Duration::from_secs(60), || {
+        let v = volume(ep, name);
+        (v["state"] == "in-sync").then_some(v.clone()).ok_or_else(|| v.to_string())
+    })
+}
+
+/// Retries `cmds` (writes ending in a flush) on `uri` until they succeed: a failover's end, seen
+/// by a client.
+fn wait_writable(uri: &str, cmds: &[&str], what: &str) {
+    wait_until(Duration::from_millis(50), what, FAILOVER_MAX, || {
+        let (code, out) = qemu_io(uri, cmds);
+        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
+    });
+}
+
+/// Waits until the node's log says it removed a replica.
+fn wait_removed(node: &ClusterNode) {
+    wait_until(Duration::from_millis(100), "replica removed", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(&node.log).unwrap();
+        log.contains("this node's replica removed").then_some(()).ok_or_else(|| "not yet".to_string())
+    });
+}
+
 fn qemu_ok(uri: &str, cmds: &[&str]) {
     let (code, out) = qemu_io(uri, cmds);
     assert!(
@@ -131,18 +158,10 @@ fn volumes_are_placed_across_zones_listed_refused_and_deleted() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(volumes(&ep).iter().all(|v| v["name"] != "v0"));
     for n in nodes.iter().filter(|n| n.name == p || n.name == s) {
-        wait_until(Duration::from_millis(100), "replica removed", Duration::from_secs(30), || {
-            let log = std::fs::read_to_string(&n.log).unwrap();
-            log.contains("this node's replica removed").then_some(()).ok_or_else(|| "not yet".to_string())
-        });
+        wait_removed(n);
     }
     // A volume of the same name again is a new, empty volume.
-    let (code, out, err) = cli(&ep, &["volume", "create", "v0", "--size", "64MiB"]);
-    assert_eq!(code, 0, "{out}{err}");
-    wait_until(Duration::from_millis(200), "new v0 in sync", Duration::from_secs(60), || {
-        (volume(&ep, "v0")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
-    });
-    let v0 = volume(&ep, "v0");
+    let v0 = create_in_sync(&ep, "v0", "64MiB");
     qemu_ok(v0["nbd"].as_str().unwrap(), &["read -P 0 0 64k"]);
 }
 
@@ -174,10 +193,7 @@ fn a_lost_node_fails_over_and_comes_back_to_resync() {
     let killed = Instant::now();
     nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
     let survivor_uri = nodes.iter().find(|n| n.name == new).unwrap().uri("a");
-    wait_until(Duration::from_millis(50), "the survivor serves writes", FAILOVER_MAX, || {
-        let (code, out) = qemu_io(&survivor_uri, &["write -P 0x22 1M 64k", "flush"]);
-        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
-    });
+    wait_writable(&survivor_uri, &["write -P 0x22 1M 64k", "flush"], "the survivor serves writes");
     eprintln!("failover: {:?} from SIGKILL to a flushed write on {new}", killed.elapsed());
     qemu_ok(&survivor_uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k"]);
     let after = volume(&ep, "a");
@@ -215,12 +231,7 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     let ep = etcd.endpoints();
     let mut nodes: Vec<ClusterNode> =
         ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
-    let (code, out, err) = cli(&ep, &["volume", "create", "m", "--size", "64MiB"]);
-    assert_eq!(code, 0, "{out}{err}");
-    wait_until(Duration::from_millis(200), "in sync", Duration::from_secs(60), || {
-        (volume(&ep, "m")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
-    });
-    let m = volume(&ep, "m");
+    let m = create_in_sync(&ep, "m", "64MiB");
     qemu_ok(m["nbd"].as_str().unwrap(), &["write -P 0x44 0 256k", "flush"]);
     etcd.kill(0);
     // I/O and the cluster's commands go on with two members.
@@ -231,10 +242,7 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     let (old, new) = (m["primary"].as_str().unwrap().to_string(), m["secondary"].as_str().unwrap().to_string());
     nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
     let uri = nodes.iter().find(|n| n.name == new).unwrap().uri("m");
-    wait_until(Duration::from_millis(50), "failover with two etcd members", FAILOVER_MAX, || {
-        let (code, out) = qemu_io(&uri, &["write -P 0x66 512k 64k", "flush"]);
-        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
-    });
+    wait_writable(&uri, &["write -P 0x66 512k 64k", "flush"], "failover with two etcd members");
     qemu_ok(&uri, &["read -P 0x44 0 256k", "read -P 0x55 256k 256k", "read -P 0x66 512k 64k"]);
 }
 
@@ -252,21 +260,13 @@ fn a_node_gone_past_the_grace_period_is_replaced_and_its_stale_replica_removed()
     let grace = ["--grace=3"];
     let mut nodes: Vec<ClusterNode> =
         ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start_with(dir.path(), &ep, n, None, &grace)).collect();
-    let (code, out, err) = cli(&ep, &["volume", "create", "r", "--size", "128MiB"]);
-    assert_eq!(code, 0, "{out}{err}");
-    wait_until(Duration::from_millis(200), "in sync", Duration::from_secs(60), || {
-        (volume(&ep, "r")["state"] == "in-sync").then_some(()).ok_or_else(|| "not yet".to_string())
-    });
-    let r = volume(&ep, "r");
+    let r = create_in_sync(&ep, "r", "128MiB");
     let (old, survivor) = (r["primary"].as_str().unwrap().to_string(), r["secondary"].as_str().unwrap().to_string());
     let third = ["n1", "n2", "n3"].into_iter().find(|n| *n != old && *n != survivor).unwrap().to_string();
     qemu_ok(r["nbd"].as_str().unwrap(), &["write -P 0x77 0 4M", "flush"]);
     nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
     let uri = nodes.iter().find(|n| n.name == survivor).unwrap().uri("r");
-    wait_until(Duration::from_millis(50), "failover", FAILOVER_MAX, || {
-        let (code, out) = qemu_io(&uri, &["write -P 0x78 4M 1M", "flush"]);
-        (code == 0 && !out.contains("failed")).then_some(()).ok_or(out)
-    });
+    wait_writable(&uri, &["write -P 0x78 4M 1M", "flush"], "failover");
     // Past the grace period: the survivor moves the lost replica to the third node and copies
     // the whole volume there.
     wait_until(Duration::from_millis(250), "re-protected and in sync", Duration::from_secs(90), || {
@@ -283,11 +283,7 @@ fn a_node_gone_past_the_grace_period_is_replaced_and_its_stale_replica_removed()
     // The old node returns: the volume is no longer its; its copy goes.
     let back = nodes.iter_mut().find(|n| n.name == old).unwrap();
     back.restart();
-    let log = back.log.clone();
-    wait_until(Duration::from_millis(100), "stale replica removed", Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&log).unwrap();
-        text.contains("this node's replica removed").then_some(()).ok_or_else(|| "not yet".to_string())
-    });
+    wait_removed(back);
     let v = volume(&ep, "r");
     assert_eq!((v["primary"].as_str(), v["secondary"].as_str()), (Some(survivor.as_str()), Some(third.as_str())));
     qemu_ok(&uri, &["read -P 0x77 0 4M", "read -P 0x78 4M 1M", "read -P 0x79 5M 1M"]);
