@@ -67,14 +67,18 @@ impl Etcd {
         Etcd { cluster, node, standing, cache: Mutex::new(HashMap::new()) }
     }
 
-    /// The record a report may be answered from if etcd is slow: read under the current lease,
-    /// naming the reporter as primary of the reported epoch, and not one the report would change.
-    fn cached_report(&self, req: &Frame) -> Option<GrantDoc> {
+    /// The record a report may be answered from without asking etcd, and when it was read: read
+    /// under `lease` (the current one), naming the reporter as primary of the reported epoch, and
+    /// not one the report would change.
+    fn cached_report(&self, req: &Frame, lease: i64) -> Option<(GrantDoc, Instant)> {
         let Frame::WitnessReport { pair, volume, node, epoch, in_sync } = req else { return None };
-        let lease = self.standing.borrow().lease;
-        let (g, l, _) = self.cache.lock().expect("cache").get(volume.as_str()).cloned()?;
+        let (g, l, at) = self.cache.lock().expect("cache").get(volume.as_str()).cloned()?;
         let current = g.primary == *node && g.epoch == epoch.0 && g.pair == *pair && l == lease;
-        (current && !(*in_sync && (g.solo || !g.synced))).then_some(g)
+        (current && !(*in_sync && (g.solo || !g.synced))).then_some((g, at))
+    }
+
+    fn etcd_error(&self, e: etcd_client::Error) -> ReplError {
+        ReplError::Stopped(self.cluster.err(e).to_string())
     }
 
     fn grant(&self, doc: &GrantDoc, standing: &Standing) -> Result<Grant> {
@@ -107,28 +111,18 @@ impl Etcd {
                 self.node
             )));
         }
-        if let Frame::WitnessReport { epoch, in_sync, .. } = req {
-            let cached = self.cache.lock().expect("cache").get(volume.as_str()).cloned();
-            if let Some((g, lease, at)) = cached {
-                let current = g.primary == *node && g.epoch == epoch.0 && g.pair == pair && lease == standing.lease;
-                if current && at.elapsed() < CACHE_FOR && !(*in_sync && (g.solo || !g.synced)) {
-                    return self.grant(&g, &standing);
-                }
-            }
+        if let Some((g, _)) = self.cached_report(req, standing.lease).filter(|(_, at)| at.elapsed() < CACHE_FOR) {
+            return self.grant(&g, &standing);
         }
         let grant_key = self.cluster.key(&format!("grants/{volume}"));
         let mine = self.cluster.key(&format!("alive/{node}"));
         let mut kv = self.cluster.client().kv_client();
         for _ in 0..5 {
-            let resp = kv
-                .get(grant_key.clone(), None)
-                .await
-                .map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+            let resp = kv.get(grant_key.clone(), None).await.map_err(|e| self.etcd_error(e))?;
             let (doc, rev) = match resp.kvs().first() {
                 Some(kv) => {
-                    let doc: GrantDoc = serde_json::from_slice(kv.value()).map_err(|e| {
-                        ReplError::Stopped(format!("etcd holds a malformed record at {grant_key}: {e}"))
-                    })?;
+                    let doc: GrantDoc =
+                        super::decode(&grant_key, kv.value()).map_err(|e| ReplError::Stopped(e.to_string()))?;
                     (Some(doc), kv.mod_revision())
                 }
                 None => (None, 0),
@@ -140,13 +134,10 @@ impl Etcd {
             let mut listed_rev = None;
             if matches!(req, Frame::WitnessPromote { .. }) {
                 let vkey = self.cluster.key(&format!("volumes/{volume}"));
-                let r = kv
-                    .get(vkey.clone(), None)
-                    .await
-                    .map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                let r = kv.get(vkey.clone(), None).await.map_err(|e| self.etcd_error(e))?;
                 if let Some(v) = r.kvs().first() {
-                    let spec: super::VolumeSpec = serde_json::from_slice(v.value())
-                        .map_err(|e| ReplError::Stopped(format!("etcd holds a malformed record at {vkey}: {e}")))?;
+                    let spec: super::VolumeSpec =
+                        super::decode(&vkey, v.value()).map_err(|e| ReplError::Stopped(e.to_string()))?;
                     if !spec.replicas.iter().any(|r| r == node) {
                         let why = format!(
                             "{node} holds no replica of {volume} any more (its replicas are on {})",
@@ -178,7 +169,7 @@ impl Etcd {
             let other_alive = match &other {
                 Some(p) => {
                     let key = self.cluster.key(&format!("alive/{p}"));
-                    let r = kv.get(key, None).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                    let r = kv.get(key, None).await.map_err(|e| self.etcd_error(e))?;
                     !r.kvs().is_empty()
                 }
                 None => true,
@@ -224,7 +215,7 @@ impl Etcd {
                 }
                 let value = serde_json::to_vec(&new).expect("serialisable");
                 let txn = Txn::new().when(when).and_then(vec![TxnOp::put(grant_key.clone(), value, None)]);
-                let resp = kv.txn(txn).await.map_err(|e| ReplError::Stopped(self.cluster.err(e).to_string()))?;
+                let resp = kv.txn(txn).await.map_err(|e| self.etcd_error(e))?;
                 if !resp.succeeded() {
                     // The record moved, or this node's lease did: decide again from what is there now.
                     continue;
@@ -245,7 +236,7 @@ impl Authority for Etcd {
             // meanwhile, since a takeover needs this node's alive key gone, which ends the lease
             // (a forced one of a volume not solo leaves it, but this node then acknowledges
             // nothing alone: solo needs a fresh grant, which never comes from the cache).
-            let fallback = self.cached_report(req);
+            let fallback = self.cached_report(req, self.standing.borrow().lease).map(|(g, _)| g);
             let limit = if fallback.is_some() { REPORT_WAIT } else { timeout.max(Duration::from_secs(1)) };
             match tokio::time::timeout(limit, self.decide(req)).await {
                 Ok(Ok(g)) => Ok(g),

@@ -143,11 +143,6 @@ impl Member {
         self.inner.snapshot.borrow().clone()
     }
 
-    /// Changes whenever the cluster was read again.
-    pub fn changes(&self) -> watch::Receiver<Arc<Snapshot>> {
-        self.inner.snapshot.subscribe()
-    }
-
     /// Why this node does not serve `export`, naming the node that does, if another does (or
     /// none can now). `None`: this node serves it, or no such volume exists.
     pub fn served_elsewhere(&self, export: &str) -> Option<String> {
@@ -167,11 +162,6 @@ impl Member {
             }
             _ => format!("volume {export:?}: its primary {primary} is down and no node serves it yet; try again"),
         })
-    }
-
-    /// Whether this node's etcd lease is current.
-    pub fn standing(&self) -> Standing {
-        *self.inner.standing.borrow()
     }
 
     /// Stops every volume's replicator node and deregisters (revoking the lease, so that the

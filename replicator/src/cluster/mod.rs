@@ -3,7 +3,7 @@
 //! A node (`syncblock node`) runs one store and joins the cluster: it records itself under
 //! `members/NAME` (its addresses, zone and capacity; kept after it dies, so `node list` can say it
 //! is down) and proves it is alive with `alive/NAME`, a key bound to an etcd lease it keeps alive
-//! (`Registration`). `volume create` places a volume's two replicas with [`placement`] and writes
+//! (`member.rs`). `volume create` places a volume's two replicas with [`placement`] and writes
 //! `volumes/NAME`; every node watches `volumes/` and runs a replicator [`crate::Node`] for each
 //! volume it holds a replica of, the first listed as primary. `grants/NAME` is the volume's
 //! authority record (epoch, primary, solo), changed only by compare-and-swap transactions in
@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Every key lives under this prefix (so an etcd cluster can be shared with other users).
@@ -86,6 +87,11 @@ pub enum ClusterError {
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
 
+/// A JSON value read from etcd at `key`.
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|e| ClusterError::Corrupt { key: key.to_string(), why: e.to_string() })
+}
+
 /// A name usable as a key, an export name and a log field.
 pub fn check_name(what: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
@@ -107,7 +113,9 @@ pub struct Cluster {
     /// Replaced by [`Cluster::reconnect`] (clones share it).
     client: std::sync::Arc<std::sync::RwLock<Client>>,
     prefix: String,
+    /// As given (for messages), and one URL each.
     endpoints: String,
+    list: Vec<String>,
     tls: Option<EtcdTls>,
 }
 
@@ -182,6 +190,9 @@ pub struct Snapshot {
     pub alive: BTreeMap<String, i64>,
     pub volumes: BTreeMap<String, VolumeSpec>,
     pub grants: BTreeMap<String, GrantDoc>,
+    /// Each key's mod revision (by the key's path under the prefix, e.g. `volumes/NAME`), for the
+    /// compare-and-swap transactions made from this snapshot.
+    pub revisions: BTreeMap<String, i64>,
 }
 
 impl Snapshot {
@@ -270,18 +281,13 @@ impl Snapshot {
 }
 
 impl Cluster {
-    /// Connects to etcd at `endpoints` (comma-separated URLs, e.g. `http://127.0.0.1:2379`); the
-    /// client fails over between them. Checks that etcd answers.
-    pub async fn connect(endpoints: &str) -> Result<Cluster> {
-        Self::connect_prefixed(endpoints, DEFAULT_PREFIX).await
+    /// Connects to etcd at `endpoints` (comma-separated URLs, e.g. `http://127.0.0.1:2379`), over
+    /// TLS when `tls` is given; the client fails over between them. Checks that etcd answers.
+    pub async fn connect(endpoints: &str, tls: Option<EtcdTls>) -> Result<Cluster> {
+        Self::open(endpoints, DEFAULT_PREFIX, tls).await
     }
 
-    pub async fn connect_prefixed(endpoints: &str, prefix: &str) -> Result<Cluster> {
-        Self::connect_with(endpoints, prefix, None).await
-    }
-
-    /// [`Cluster::connect`] under a prefix, over TLS when `tls` is given.
-    pub async fn connect_with(endpoints: &str, prefix: &str, tls: Option<EtcdTls>) -> Result<Cluster> {
+    async fn open(endpoints: &str, prefix: &str, tls: Option<EtcdTls>) -> Result<Cluster> {
         let list: Vec<String> = endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
         if list.is_empty() {
             return Err(ClusterError::Refused("--etcd names no endpoint".into()));
@@ -291,6 +297,7 @@ impl Cluster {
             client: std::sync::Arc::new(std::sync::RwLock::new(client)),
             prefix: prefix.trim_end_matches('/').to_string(),
             endpoints: endpoints.into(),
+            list,
             tls,
         })
     }
@@ -344,15 +351,13 @@ impl Cluster {
 
     /// Another connection to the same cluster, not shared with this one (for a thread of its own).
     pub async fn separate(&self) -> Result<Cluster> {
-        Self::connect_with(&self.endpoints, &self.prefix, self.tls.clone()).await
+        Self::open(&self.endpoints, &self.prefix, self.tls.clone()).await
     }
 
     /// Connects again to the endpoints that answer now (after requests kept failing: the members
     /// this client used may be the ones lost).
     pub async fn reconnect(&self) -> Result<()> {
-        let list: Vec<String> =
-            self.endpoints.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
-        let client = Self::connect_live(&self.endpoints, &list, self.tls.as_ref()).await?;
+        let client = Self::connect_live(&self.endpoints, &self.list, self.tls.as_ref()).await?;
         *self.client.write().expect("client") = client;
         Ok(())
     }
@@ -378,16 +383,16 @@ impl Cluster {
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let Some(rest) = key.strip_prefix(&base) else { continue };
-            let corrupt = |why: String| ClusterError::Corrupt { key: key.clone(), why };
             if let Some(name) = rest.strip_prefix("members/") {
-                s.members.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+                s.members.insert(name.into(), decode(&key, kv.value())?);
             } else if let Some(name) = rest.strip_prefix("alive/") {
                 s.alive.insert(name.into(), kv.lease());
             } else if let Some(name) = rest.strip_prefix("volumes/") {
-                s.volumes.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+                s.volumes.insert(name.into(), decode(&key, kv.value())?);
             } else if let Some(name) = rest.strip_prefix("grants/") {
-                s.grants.insert(name.into(), serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?);
+                s.grants.insert(name.into(), decode(&key, kv.value())?);
             }
+            s.revisions.insert(rest.to_string(), kv.mod_revision());
         }
         Ok(s)
     }
@@ -433,23 +438,21 @@ impl Cluster {
     /// nothing to do any more (the volume is gone, already moved, or `lost` came back). The change
     /// is made only if the volume's record is the one read and `lost` is still dead.
     pub async fn replace_replica(&self, name: &str, lost: &str, keep: &str) -> Result<Option<VolumeSpec>> {
-        let key = self.key(&format!("volumes/{name}"));
-        let resp = self.client().kv_client().get(key.clone(), None).await.map_err(|e| self.err(e))?;
-        let Some(kv) = resp.kvs().first() else { return Ok(None) };
-        let spec: VolumeSpec = serde_json::from_slice(kv.value())
-            .map_err(|e| ClusterError::Corrupt { key: key.clone(), why: e.to_string() })?;
         let snap = self.snapshot().await?;
+        let Some(spec) = snap.volumes.get(name) else { return Ok(None) };
         if snap.alive.contains_key(lost) {
             return Ok(None);
         }
-        let Some(moved) = plan::replacement(&snap.loads(), &spec, lost, keep)
+        let key = self.key(&format!("volumes/{name}"));
+        let rev = |k: &str| snap.revisions.get(k).copied().unwrap_or(0);
+        let Some(moved) = plan::replacement(&snap.loads(), spec, lost, keep)
             .map_err(|e| ClusterError::Refused(format!("re-protecting {name}: {e}")))?
         else {
             return Ok(None);
         };
         let new = moved.replicas.last().expect("a new replica").clone();
         let mut when = vec![
-            Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+            Compare::mod_revision(key.clone(), CompareOp::Equal, rev(&format!("volumes/{name}"))),
             Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
             Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
         ];
@@ -458,14 +461,11 @@ impl Cluster {
         // copy completes, and a solo record refuses every unforced promotion (found by the
         // control-plane simulation: a volume moved while its record was not solo promoted the
         // empty replica when its primary died during the copy).
-        let grant_key = self.key(&format!("grants/{name}"));
-        let resp = self.client().kv_client().get(grant_key.clone(), None).await.map_err(|e| self.err(e))?;
-        if let Some(g) = resp.kvs().first() {
-            let mut doc: GrantDoc = serde_json::from_slice(g.value())
-                .map_err(|e| ClusterError::Corrupt { key: grant_key.clone(), why: e.to_string() })?;
-            if doc.pair == spec.id && doc.primary == keep {
-                doc.solo = true;
-                when.push(Compare::mod_revision(grant_key.clone(), CompareOp::Equal, g.mod_revision()));
+        if let Some(g) = snap.grants.get(name) {
+            if g.pair == spec.id && g.primary == keep {
+                let doc = GrantDoc { solo: true, ..g.clone() };
+                let grant_key = self.key(&format!("grants/{name}"));
+                when.push(Compare::mod_revision(grant_key.clone(), CompareOp::Equal, rev(&format!("grants/{name}"))));
                 ops.push(TxnOp::put(grant_key, serde_json::to_vec(&doc).expect("serialisable"), None));
             } else {
                 // Not the granted primary any more: someone else decides.

@@ -123,9 +123,7 @@ async fn node(
         admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
         capacity: capacity(&stats),
     };
-    let cluster = Cluster::connect_with(&etcd, syncblock_replicator::cluster::DEFAULT_PREFIX, args.etcd_tls.tls())
-        .await
-        .context("connecting to etcd")?;
+    let cluster = Cluster::connect(&etcd, args.etcd_tls.tls()).await.context("connecting to etcd")?;
     let net = match &tls {
         Some(t) => syncblock_replicator::net::TlsNet::over(syncblock_replicator::net::tcp(), t.clone()),
         None => syncblock_replicator::net::tcp(),
@@ -188,8 +186,7 @@ pub fn node_command(command: NodeCommand) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     match command {
         NodeCommand::List { etcd, etcd_tls, json } => rt.block_on(async {
-            let cluster =
-                Cluster::connect_with(&etcd, syncblock_replicator::cluster::DEFAULT_PREFIX, etcd_tls.tls()).await?;
+            let cluster = Cluster::connect(&etcd, etcd_tls.tls()).await?;
             let views = cluster.snapshot().await?.node_views();
             if json {
                 println!("{}", serde_json::to_string_pretty(&views)?);
@@ -224,7 +221,7 @@ pub fn volume_command(
 ) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let cluster = Cluster::connect_with(etcd, syncblock_replicator::cluster::DEFAULT_PREFIX, tls).await?;
+        let cluster = Cluster::connect(etcd, tls).await?;
         match command {
             VolumeCommand::Create { name, size, size_flag, replicas } => {
                 let size = size.or(size_flag).context("give the volume's size")?;
