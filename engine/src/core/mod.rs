@@ -254,6 +254,7 @@ impl Core {
         s.next_lsn = self.log.next_lsn;
         s.durable_lsn = self.durability.durable_lsn;
         s.free_segments = self.free_segments() as u32;
+        s.reserved_segments = self.gc_low_segments() as u32;
         s.live_blocks = self.state.live.iter().map(|l| *l as u64).sum();
         s.index_heap_bytes = self.state.volumes.values().map(|v| v.index.heap_bytes() as u64).sum();
         s

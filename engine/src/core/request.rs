@@ -39,6 +39,9 @@ pub struct Stats {
     pub durable_lsn: Lsn,
     pub n_segments: u32,
     pub free_segments: u32,
+    /// Segments the cleaner keeps free (its reserve and working room): what a store can hold of
+    /// volume data is its log less these.
+    pub reserved_segments: u32,
     pub segment_bytes: u64,
     pub live_blocks: u64,
     pub index_heap_bytes: u64,

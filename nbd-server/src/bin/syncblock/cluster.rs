@@ -37,12 +37,10 @@ impl Directory for ClusterDirectory {
     }
 }
 
-/// The bytes of volume data a store can hold: its log less the segments the cleaner keeps free
-/// (the engine's reserve, and one in 64 for its working room), so that placement never promises a
-/// node more than it can write.
+/// The bytes of volume data a store can hold: its log less the segments the cleaner keeps free, so
+/// that placement never promises a node more than it can write.
 fn capacity(stats: &syncblock_engine::Stats) -> u64 {
-    let reserve = 4 + u64::from(stats.n_segments) / 64;
-    u64::from(stats.n_segments).saturating_sub(reserve) * stats.segment_bytes
+    u64::from(stats.n_segments.saturating_sub(stats.reserved_segments)) * stats.segment_bytes
 }
 
 /// A cluster node holds many volumes, each with a few small, long-lived buffers and tasks that run
@@ -53,9 +51,7 @@ fn capacity(stats: &syncblock_engine::Stats) -> u64 {
 /// network run on the workers, so they are the threads that allocate; the blocking pool's threads
 /// share the arenas.
 fn limit_malloc_arenas(threads: Option<u16>) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = threads.map_or((cpus / 2).max(1), usize::from);
-    let arenas = workers.clamp(1, 64) as libc::c_int;
+    let arenas = crate::workers(threads).clamp(1, 64) as libc::c_int;
     // SAFETY: mallopt only sets a tuning parameter of glibc's allocator, before threads start.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }

@@ -167,13 +167,17 @@ fn main() -> Result<()> {
 /// at depth 32 and 3.45 k write+fsync at depth 1 against 53 k and 3.0 k with two (3 rounds each,
 /// docs/benchmarks-replication.md).
 fn runtime(threads: Option<u16>) -> Result<tokio::runtime::Runtime> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = threads.map_or((cpus / 2).max(1), usize::from);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(workers(threads))
         .enable_all()
         .build()
         .context("starting the tokio runtime")
+}
+
+/// The runtime's worker threads: `--threads`, or half the CPUs (at least one).
+fn workers(threads: Option<u16>) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    threads.map_or((cpus / 2).max(1), usize::from)
 }
 
 /// The engine runs on the server's runtime: a request, its log write and its reply are then
