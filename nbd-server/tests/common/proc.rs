@@ -15,6 +15,7 @@ pub const WAIT_MAX: Duration = Duration::from_secs(60);
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
+    log: std::path::PathBuf,
 }
 
 impl Drop for Proc {
@@ -27,8 +28,8 @@ impl Drop for Proc {
 impl Proc {
     /// Spawns `cmd` with its stdout piped here (for [`Proc::wait_line`]) and its stderr appended
     /// to `log`.
-    pub fn spawn(mut cmd: Command, log: &Path) -> Proc {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    pub fn spawn(mut cmd: Command, log_path: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).unwrap();
         let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().expect("spawn syncblock");
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -37,7 +38,7 @@ impl Proc {
                 let _ = tx.send(line);
             }
         });
-        Proc { child, lines }
+        Proc { child, lines, log: log_path.to_path_buf() }
     }
 
     /// The rest of the first printed line that starts with `prefix`.
@@ -48,7 +49,10 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return line[prefix.len()..].to_string(),
                 Ok(_) => {}
-                Err(e) => panic!("syncblock printed no line starting with {prefix:?} ({e})"),
+                Err(e) => panic!(
+                    "syncblock printed no line starting with {prefix:?} ({e}); its log ends:\n{}",
+                    tail(&self.log, 20)
+                ),
             }
         }
     }
@@ -69,8 +73,31 @@ impl Proc {
     }
 }
 
-/// An address nobody listens on now: bound to port 0, then released.
+/// An address nobody listens on now, for a process to bind later.
+///
+/// The port is taken from below the kernel's ephemeral range (`ip_local_port_range`), where
+/// `bind(port 0)` never lands: a port picked here and released cannot be handed meanwhile to a
+/// process binding port 0 (an NBD listener, an outgoing connection), which is how CI once lost a
+/// node's replication address to another node's NBD listener. Within this range the picks are
+/// spread by pid, time and a counter, and each is checked free by binding it.
 pub fn free_port_addr() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // A range of ports below the ephemeral ones, clear of the well-known ports.
+    let (start, span) = if low > 12_000 { (low - 10_000, 10_000) } else { (1024, low.saturating_sub(1024).max(1)) };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let seed = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = start + seed.wrapping_add(n.wrapping_mul(7919)) % span;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap().to_string();
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().to_string()
 }
