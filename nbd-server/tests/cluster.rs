@@ -13,7 +13,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::cluster::{cli, volume, volumes, ClusterNode, Etcd};
+use common::cluster::{cli, connections_to, volume, volumes, ClusterNode, Etcd};
 use common::tools::{can_run, missing_tool, run, wait_until};
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -178,7 +178,7 @@ fn a_lost_node_fails_over_and_comes_back_to_resync() {
     let ep = etcd.endpoints();
     let mut nodes: Vec<ClusterNode> =
         ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
-    for v in ["a", "b"] {
+    for v in ["a", "b", "c", "d", "e", "f", "g", "h"] {
         let (code, out, err) = cli(&ep, &["volume", "create", v, "--size", "128MiB"]);
         assert_eq!(code, 0, "{out}{err}");
     }
@@ -186,6 +186,26 @@ fn a_lost_node_fails_over_and_comes_back_to_resync() {
         let l = volumes(&ep);
         l.iter().all(|v| v["state"] == "in-sync").then_some(()).ok_or_else(|| format!("{l:?}"))
     });
+    // The volumes two nodes share travel on one connection from primary to secondary, however
+    // many they are: a node's replication port has one connection from each node that is primary
+    // of one of its secondaries.
+    let listed = volumes(&ep);
+    let links: usize = nodes.iter().map(|n| connections_to(&n.repl)).sum();
+    assert!(links > 0 && links <= 6, "8 volumes on 3 nodes over {links} connections");
+    for n in &nodes {
+        let primaries: std::collections::BTreeSet<&str> = listed
+            .iter()
+            .filter(|v| v["secondary"] == n.name.as_str())
+            .map(|v| v["primary"].as_str().unwrap())
+            .collect();
+        let secondaries = listed.iter().filter(|v| v["secondary"] == n.name.as_str()).count();
+        assert_eq!(
+            connections_to(&n.repl),
+            primaries.len(),
+            "{} is secondary of {secondaries} volumes from {primaries:?}",
+            n.name
+        );
+    }
     let a = volume(&ep, "a");
     let (old, new) = (a["primary"].as_str().unwrap().to_string(), a["secondary"].as_str().unwrap().to_string());
     qemu_ok(a["nbd"].as_str().unwrap(), &["write -P 0x11 0 1M", "flush"]);

@@ -129,6 +129,8 @@ pub struct ClusterNode {
     pub log: PathBuf,
     pub nbd: String,
     pub admin: String,
+    /// The replication listener's address.
+    pub repl: String,
     proc: Option<Proc>,
 }
 
@@ -163,6 +165,7 @@ impl ClusterNode {
     fn configure(dir: &Path, etcd: &str, name: &str, zone: Option<&str>, extra: &[&str]) -> ClusterNode {
         let nbd = free_port_addr();
         let admin = free_port_addr();
+        let repl = free_port_addr();
         let mut args = vec![
             "node".to_string(),
             format!("--etcd={etcd}"),
@@ -170,14 +173,14 @@ impl ClusterNode {
             format!("--store={}", dir.join(format!("{name}.img")).display()),
             "--size=1GiB".into(),
             format!("--listen={nbd}"),
-            format!("--repl-listen={}", free_port_addr()),
+            format!("--repl-listen={repl}"),
             format!("--admin={admin}"),
         ];
         if let Some(z) = zone {
             args.push(format!("--zone={z}"));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, proc: None }
+        ClusterNode { name: name.into(), args, log: dir.join(format!("{name}.log")), nbd, admin, repl, proc: None }
     }
 
     /// Starts the node again with the same command line (after [`ClusterNode::kill`]).
@@ -215,4 +218,21 @@ pub fn volumes(etcd: &str) -> Vec<serde_json::Value> {
 /// The `volume list` entry of `name`.
 pub fn volume(etcd: &str, name: &str) -> serde_json::Value {
     volumes(etcd).into_iter().find(|v| v["name"] == name).unwrap_or_else(|| panic!("no volume {name} listed"))
+}
+
+/// Established TCP connections on this machine to `addr` (`IP:PORT`, IPv4), counted on the
+/// connecting side, from `/proc/net/tcp`.
+pub fn connections_to(addr: &str) -> usize {
+    let sa: std::net::SocketAddrV4 = addr.parse().expect("an IPv4 address");
+    let want = format!("{:08X}:{:04X}", u32::from_le_bytes(sa.ip().octets()), sa.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // f[2]: the remote address; f[3]: the state, 01 = ESTABLISHED.
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count()
 }

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::authority::{Etcd, Standing};
+use super::mux::MuxNet;
 use super::router::{RoutedNet, Router};
 use super::{Cluster, ClusterError, MemberInfo, Snapshot, VolumeSpec};
 use crate::net::BoxListener;
@@ -56,6 +57,8 @@ struct Inner {
     cluster: Cluster,
     cfg: MemberConfig,
     router: Arc<Router>,
+    /// Outgoing replication: one link per peer node for all the volumes this node is primary of.
+    links: Arc<MuxNet>,
     authority: Arc<Etcd>,
     standing: watch::Receiver<Standing>,
     running: tokio::sync::Mutex<BTreeMap<String, Running>>,
@@ -93,6 +96,7 @@ impl Member {
             inner: Arc::new(Inner {
                 store,
                 cluster,
+                links: MuxNet::over(cfg.repl.net.clone()),
                 cfg,
                 router,
                 authority,
@@ -357,7 +361,7 @@ impl Member {
             auto_failover: true,
             repl: ReplConfig {
                 net: Arc::new(RoutedNet {
-                    inner: base.net.clone(),
+                    inner: self.inner.links.clone(),
                     router: self.inner.router.clone(),
                     volume: spec.name.clone(),
                 }),

@@ -12,6 +12,7 @@
 
 pub mod authority;
 pub mod member;
+pub mod mux;
 pub mod placement;
 pub mod plan;
 pub mod router;

@@ -14,12 +14,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::link::{write_frame, FrameReader};
 use crate::net::{BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net, Peer};
-use crate::wire::{Frame, Refusal};
+use crate::wire::{Frame, Refusal, MAGIC};
+
+use super::mux;
 
 /// Connections being routed at once (handshake and first frame): one node's port serves all its
 /// volumes, so this is eight times a single secondary's `HANDSHAKES_MAX`; a flood of silent
@@ -33,6 +35,11 @@ pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections handed to one volume and not yet accepted by it: a primary connects once per
 /// session, so a few suffice; more are refused rather than queued without bound.
 const QUEUE_PER_VOLUME: usize = 8;
+
+/// Node links one router serves at once: one from each node that replicates to this one, so a
+/// cluster's size (1,000 nodes in the simulation) with room to spare; beyond it a link is refused
+/// and its volumes retry.
+pub const LINKS_MAX: usize = 1024;
 
 /// A node's replication listener and the volumes it routes to.
 pub struct Router {
@@ -49,6 +56,7 @@ impl Router {
         let weak = Arc::downgrade(&router);
         tokio::spawn(async move {
             let permits = Arc::new(tokio::sync::Semaphore::new(ROUTING_MAX));
+            let links = Arc::new(tokio::sync::Semaphore::new(LINKS_MAX));
             loop {
                 let incoming = match listener.accept().await {
                     Ok(i) => i,
@@ -63,9 +71,25 @@ impl Router {
                     tracing::warn!(from = %incoming.from, "replication port: {ROUTING_MAX} connections being routed; dropping one more");
                     continue;
                 };
+                let (permits, links) = (permits.clone(), links.clone());
                 tokio::spawn(async move {
-                    router.route(incoming).await;
-                    drop(permit);
+                    let from = incoming.from;
+                    match tokio::time::timeout(FIRST_FRAME_TIMEOUT, sniff(incoming)).await {
+                        Ok(Ok((peer, Kind::Single))) => router.route(peer).await,
+                        Ok(Ok((peer, Kind::Link))) => {
+                            drop(permit);
+                            let Ok(_link) = links.try_acquire_owned() else {
+                                tracing::warn!(%from, "replication port: {LINKS_MAX} node links open; refusing one more");
+                                return;
+                            };
+                            router.serve_link(peer, permits).await;
+                        }
+                        Ok(Err(why)) => tracing::warn!(%from, "replication port: {why}; connection dropped"),
+                        Err(_) => tracing::warn!(
+                            %from,
+                            "replication port: no hello within {FIRST_FRAME_TIMEOUT:?}; connection dropped"
+                        ),
+                    }
                 });
             }
         });
@@ -76,24 +100,41 @@ impl Router {
         self.addr
     }
 
-    async fn route(&self, incoming: Incoming) {
-        let from = incoming.from;
+    /// Routes each stream a node link carries, as a connection of its own (with the identity the
+    /// link proved); returns when the link closes.
+    async fn serve_link(self: &Arc<Router>, peer: Peer, permits: Arc<tokio::sync::Semaphore>) {
+        let Peer { stream, who } = peer;
+        tracing::debug!(from = %who.from, "node link accepted");
+        let (tx, mut streams) = mpsc::channel(mux::STREAMS_QUEUED);
+        let _session = mux::run(stream, yamux::Mode::Server, Some(tx));
+        while let Some(stream) = streams.recv().await {
+            // Streams from an established link wait their turn (a restarted node's volumes all
+            // reconnect at once); a connection of its own would have been dropped.
+            let Ok(permit) = permits.clone().acquire_owned().await else { return };
+            let (router, who) = (self.clone(), who.clone());
+            tokio::spawn(async move {
+                router.route(Peer { stream, who }).await;
+                drop(permit);
+            });
+        }
+        tracing::debug!(from = %who.from, "node link closed");
+    }
+
+    /// Reads a connection's first frame (a hello naming the volume) and hands the connection to
+    /// that volume's listener.
+    async fn route(&self, peer: Peer) {
+        let from = peer.who.from;
         let first = async {
-            let peer = incoming.establish().await.map_err(|e| format!("TLS handshake failed: {e}"))?;
             let Peer { mut stream, who } = peer;
             let mut rd = FrameReader::new(&mut stream);
             let hello = rd.read_frame(FIRST_FRAME_TIMEOUT).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
             let (_, rest) = rd.into_parts();
             Ok::<_, String>((stream, who, hello, rest))
         };
-        let (mut stream, who, hello, rest) = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, first).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(why)) => {
+        let (mut stream, who, hello, rest) = match first.await {
+            Ok(x) => x,
+            Err(why) => {
                 tracing::warn!(%from, "replication port: {why}; connection dropped");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(%from, "replication port: no hello within {FIRST_FRAME_TIMEOUT:?}; connection dropped");
                 return;
             }
         };
@@ -138,6 +179,31 @@ impl Router {
     pub fn forget(&self, volume: &str) {
         self.routes.lock().expect("routes").remove(volume);
     }
+}
+
+/// What a replication connection carries.
+enum Kind {
+    /// One volume's frames (a node that does not multiplex, or a test's client).
+    Single,
+    /// A node link: many volumes' streams.
+    Link,
+}
+
+/// Completes a connection's handshake and reads its first bytes: a frame's magic (one volume's
+/// connection, replayed in front of the stream) or a link's preamble (consumed).
+async fn sniff(incoming: Incoming) -> Result<(Peer, Kind), String> {
+    let Peer { mut stream, who } = incoming.establish().await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let mut head = [0u8; 8];
+    stream.read_exact(&mut head[..4]).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
+    if u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) == MAGIC {
+        let replayed = Replayed { head: Bytes::copy_from_slice(&head[..4]), inner: stream };
+        return Ok((Peer { stream: Box::new(replayed), who }, Kind::Single));
+    }
+    stream.read_exact(&mut head[4..]).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
+    if head != mux::LINK_PREAMBLE {
+        return Err(format!("not a syncblock peer (first bytes {head:02x?})"));
+    }
+    Ok((Peer { stream, who }, Kind::Link))
 }
 
 struct Routed {

@@ -1,0 +1,262 @@
+//! Node links: every volume pair two nodes share travels over one connection between them, not a
+//! connection (and a TLS session, and a socket's buffers) per volume.
+//!
+//! A node that needs a stream to a peer's replication address (a primary reaching its secondary)
+//! asks its [`MuxNet`]: the first request dials the peer, runs the TLS handshake once and opens a
+//! multiplexed session (yamux: per-stream flow control, so a volume whose secondary applies slowly
+//! holds up only its own stream); every later request to that address opens one more stream on the
+//! same connection. The peer's [`super::router::Router`] recognises the session by
+//! [`LINK_PREAMBLE`] and routes each stream it carries by its first frame, exactly as it routes a
+//! connection of its own. The pair's code sees a byte stream either way.
+//!
+//! Each direction has its own link (a node dials for the volumes it is primary of), so two nodes
+//! share at most two connections, whatever the number of volumes between them. A link that dies
+//! (its peer crashed: the socket closes) fails all its streams at once; each volume then reconnects
+//! as it would after losing a connection of its own, and the first to do so dials a new link. A
+//! link that goes silent (a peer's host lost without closing its sockets) is replaced by the next
+//! request once nothing has been read from it for [`LINK_SILENT_MAX`]: every volume on it sends
+//! heartbeats that its peer answers, so a live link is never silent that long.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+use crate::net::{BoxFuture, BoxListener, BoxStream, Net};
+
+/// The first bytes a node sends on a link, before the multiplexed session: a router tells a link
+/// from a single volume's connection (which starts with a frame's magic) and from garbage.
+pub const LINK_PREAMBLE: [u8; 8] = *b"SBLINK01";
+
+/// Streams one link carries at once. A store replicates at most 4,096 volumes (the engine's
+/// checkpoint budget), each with one stream per direction and, across a reconnection, one more
+/// briefly: 8,192 covers every volume two nodes can share. The multiplexer grants each stream a
+/// 256 KiB receive window, so a link's buffered bytes are bounded by this number times 256 KiB; in
+/// practice a stream's reader takes frames as they come (its own bound is the secondary's apply
+/// queue), and an idle stream holds no buffer.
+pub const LINK_STREAMS_MAX: usize = 8192;
+
+/// A link from which nothing has been read for this long is replaced by the next request for a
+/// stream: 1 s, the replication link's default timeout (eight missed heartbeats). Replacing a live
+/// link wrongly would cost its volumes a reconnection, never data.
+pub const LINK_SILENT_MAX: Duration = Duration::from_secs(1);
+
+/// Requests to open a stream waiting for a link's session task.
+const OPENS_QUEUED: usize = 64;
+
+/// Streams a peer opened that wait to be routed on the accepting side: 256, as many as the
+/// multiplexer lets a peer open before it acknowledges any (yamux's ack backlog), so a restarted
+/// node's volumes reconnecting at once queue rather than fail; one more is dropped with a warning
+/// and its volume retries.
+pub const STREAMS_QUEUED: usize = 256;
+
+/// The multiplexer's settings for a node link.
+pub fn config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    // The window cap first: yamux asserts window >= streams × 256 KiB after each setter.
+    cfg.set_max_connection_receive_window(Some(LINK_STREAMS_MAX * yamux::DEFAULT_CREDIT as usize));
+    cfg.set_max_num_streams(LINK_STREAMS_MAX);
+    // A 4 KiB write frame and its header go out as one data frame; a 1 MiB one as a few.
+    cfg.set_split_send_size(256 << 10);
+    cfg
+}
+
+type OpenReply = oneshot::Sender<io::Result<yamux::Stream>>;
+
+/// One live link to a peer address (a handle to its session task; the session ends once every
+/// handle is gone and, on the dialing side, so do its streams).
+#[derive(Clone)]
+pub(super) struct Link {
+    opens: mpsc::Sender<OpenReply>,
+    /// When a byte was last read from the peer (milliseconds since `born`).
+    last_read: Arc<AtomicU64>,
+    born: Instant,
+}
+
+impl Link {
+    fn dead(&self) -> bool {
+        if self.opens.is_closed() {
+            return true;
+        }
+        let read = Duration::from_millis(self.last_read.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(read) > LINK_SILENT_MAX
+    }
+
+    async fn open(&self) -> io::Result<BoxStream> {
+        let (tx, rx) = oneshot::channel();
+        self.opens.send(tx).await.map_err(|_| closed())?;
+        let stream = rx.await.map_err(|_| closed())??;
+        Ok(Box::new(stream.compat()))
+    }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "the link to the peer node closed")
+}
+
+/// The network of a node in a cluster: connections go out as streams on one link per peer
+/// address, over `inner` (TCP, or TLS over TCP); listening is the router's business.
+pub struct MuxNet {
+    inner: Arc<dyn Net>,
+    links: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Link>>>>>,
+}
+
+impl MuxNet {
+    pub fn over(inner: Arc<dyn Net>) -> Arc<MuxNet> {
+        Arc::new(MuxNet { inner, links: Mutex::new(HashMap::new()) })
+    }
+
+    /// Live links (for status and tests).
+    pub fn links(&self) -> usize {
+        let slots: Vec<_> = self.links.lock().expect("links").values().cloned().collect();
+        slots.iter().filter(|s| s.try_lock().is_ok_and(|l| l.as_ref().is_some_and(|l| !l.dead()))).count()
+    }
+
+    async fn dial(&self, addr: SocketAddr) -> io::Result<Link> {
+        let mut stream = self.inner.connect(addr).await?;
+        stream.write_all(&LINK_PREAMBLE).await?;
+        tracing::debug!(%addr, "link to a peer node opened");
+        Ok(run(stream, yamux::Mode::Client, None))
+    }
+}
+
+impl Net for MuxNet {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let slot = self.links.lock().expect("links").entry(addr).or_default().clone();
+            // One dial per address at a time: the volumes that lose a link together all wait for
+            // the first one's new link rather than each dialing its own.
+            let link = {
+                let mut held = slot.lock().await;
+                match held.as_ref() {
+                    Some(link) if !link.dead() => link.clone(),
+                    _ => {
+                        let link = self.dial(addr).await?;
+                        *held = Some(link.clone());
+                        link
+                    }
+                }
+            };
+            link.open().await
+        })
+    }
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
+        self.inner.bind(addr)
+    }
+}
+
+/// Runs a link's session on a task of its own: opens the streams asked for and hands each stream
+/// the peer opens to `inbound` (a client-side link refuses them: only the dialing side opens).
+/// Ends when the connection does, or once every [`Link`] handle to it is gone.
+pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Sender<BoxStream>>) -> Link {
+    let born = Instant::now();
+    let last_read = Arc::new(AtomicU64::new(0));
+    let watched = Watched { inner: stream, last_read: last_read.clone(), born };
+    let mut conn = yamux::Connection::new(watched.compat(), config(), mode);
+    let (opens, mut requests) = mpsc::channel::<OpenReply>(OPENS_QUEUED);
+    tokio::spawn(async move {
+        let mut waiting: Option<OpenReply> = None;
+        let mut handles_gone = false;
+        let end = std::future::poll_fn(|cx| {
+            // Streams asked for, one at a time (the multiplexer may make an opener wait for the
+            // peer to acknowledge earlier streams).
+            loop {
+                if waiting.is_none() && !handles_gone {
+                    match requests.poll_recv(cx) {
+                        Poll::Ready(Some(reply)) => waiting = Some(reply),
+                        Poll::Ready(None) => handles_gone = true,
+                        Poll::Pending => {}
+                    }
+                }
+                let Some(reply) = waiting.take() else { break };
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(Ok(s)) => {
+                        let _ = reply.send(Ok(s));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        let _ = reply.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, e.to_string())));
+                        return Poll::Ready(Some(e));
+                    }
+                    Poll::Pending => {
+                        waiting = Some(reply);
+                        break;
+                    }
+                }
+            }
+            if handles_gone && inbound.is_none() {
+                // Nobody can open a stream on this link again; its streams end with it.
+                return Poll::Ready(None);
+            }
+            // Reading and writing the connection happen here, whatever else is asked.
+            loop {
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(s))) => match &inbound {
+                        Some(tx) => {
+                            if tx.try_send(Box::new(s.compat())).is_err() {
+                                tracing::warn!("node link: too many streams waiting to be routed; one dropped");
+                            }
+                        }
+                        None => drop(s),
+                    },
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(e)),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await;
+        match end {
+            Some(e) => tracing::info!("node link closed: {e}"),
+            None => tracing::debug!("node link closed"),
+        }
+    });
+    Link { opens, last_read, born }
+}
+
+/// A stream that notes when it last read something.
+struct Watched {
+    inner: BoxStream,
+    last_read: Arc<AtomicU64>,
+    born: Instant,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last_read.store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,237 @@
+//! Node links (`cluster::mux`) over real TCP on loopback, through a node's router: many volumes'
+//! streams share one connection, a stream whose reader stalls holds up no other, a silent or closed
+//! link is replaced by the next stream asked for, and garbage on the port is turned away.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use syncblock_engine::Epoch;
+use syncblock_replicator::cluster::mux::{MuxNet, LINK_PREAMBLE, LINK_SILENT_MAX};
+use syncblock_replicator::cluster::router::{RoutedNet, Router};
+use syncblock_replicator::link::{write_frame, FrameReader};
+use syncblock_replicator::net::{self, BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net};
+use syncblock_replicator::wire::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A TCP listener that counts the connections it accepts.
+struct Counting {
+    inner: BoxListener,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Listener for Counting {
+    fn accept(&mut self) -> BoxFuture<'_, io::Result<Incoming>> {
+        Box::pin(async move {
+            let i = self.inner.accept().await?;
+            self.accepted.fetch_add(1, Ordering::SeqCst);
+            Ok(i)
+        })
+    }
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+async fn router() -> (Arc<Router>, SocketAddr, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let inner = net::tcp().bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let r = Router::start(Box::new(Counting { inner, accepted: accepted.clone() }), "n2".into()).unwrap();
+    let addr = r.local_addr();
+    (r, addr, accepted)
+}
+
+fn hello(volume: &str) -> Frame {
+    Frame::Hello {
+        pair: 7,
+        epoch: Epoch(1),
+        last_tag: 0,
+        size_bytes: 1 << 20,
+        volume: volume.into(),
+        node: "n1".into(),
+        history: vec![],
+    }
+}
+
+fn ping(nonce: u64) -> Frame {
+    Frame::Ping { epoch: Epoch(1), nonce, floor: 0 }
+}
+
+/// A volume's listener on the router, as its secondary would bind it.
+async fn listen(router: &Arc<Router>, volume: &str) -> BoxListener {
+    let routed = RoutedNet { inner: net::tcp(), router: router.clone(), volume: volume.into() };
+    routed.bind("127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+/// Connects `volume` through `links`, sends its hello and takes the connection on the secondary's
+/// side: (primary's stream, secondary's reader and stream).
+async fn pair_up(links: &MuxNet, addr: SocketAddr, listener: &mut BoxListener, volume: &str) -> (BoxStream, BoxStream) {
+    let mut out = links.connect(addr).await.unwrap();
+    write_frame(&mut out, &hello(volume)).await.unwrap();
+    let incoming = tokio::time::timeout(WAIT, listener.accept()).await.expect("routed in time").unwrap();
+    let mut peer = incoming.establish().await.unwrap().stream;
+    let mut rd = FrameReader::new(&mut peer);
+    match rd.read_frame(WAIT).await.unwrap() {
+        Frame::Hello { volume: v, .. } => assert_eq!(v, volume),
+        other => panic!("first frame {other:?}"),
+    }
+    (out, peer)
+}
+
+async fn read_frame(s: &mut BoxStream) -> Frame {
+    FrameReader::new(s).read_frame(WAIT).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_volumes_share_one_connection_each_way() {
+    let (router, addr, accepted) = router().await;
+    let links = MuxNet::over(net::tcp());
+    let mut pairs = Vec::new();
+    for i in 0..40 {
+        let name = format!("v{i}");
+        let mut l = listen(&router, &name).await;
+        pairs.push((name.clone(), pair_up(&links, addr, &mut l, &name).await, l));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "40 volumes took more than one connection");
+    assert_eq!(links.links(), 1);
+    // Both ways, on every stream, interleaved.
+    for (i, (_, (out, back), _)) in pairs.iter_mut().enumerate() {
+        write_frame(out, &ping(i as u64)).await.unwrap();
+        write_frame(back, &ping(1000 + i as u64)).await.unwrap();
+    }
+    for (i, (_, (out, back), _)) in pairs.iter_mut().enumerate() {
+        assert!(matches!(read_frame(back).await, Frame::Ping { nonce, .. } if nonce == i as u64));
+        assert!(matches!(read_frame(out).await, Frame::Ping { nonce, .. } if nonce == 1000 + i as u64));
+    }
+    // A 1 MiB write goes through whole.
+    let data = Bytes::from((0..1 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let (out, back) = &mut pairs[3].1;
+    // (Written while read: it is four times a stream's window.)
+    let frame = Frame::Write { tag: 9, offset: 4096, fua: false, data: data.clone() };
+    let write = write_frame(out, &frame);
+    let (w, got) = tokio::join!(write, read_frame(back));
+    w.unwrap();
+    match got {
+        Frame::Write { tag: 9, offset: 4096, data: got, .. } => assert!(got == data),
+        other => panic!("{other:?}"),
+    }
+    // Closing one volume's stream ends it on the other side and leaves the others alone.
+    let (_, (mut out, mut back), _) = pairs.remove(0);
+    out.shutdown().await.unwrap();
+    drop(out);
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, back.read(&mut buf)).await.expect("EOF in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let (_, (out, back), _) = &mut pairs[0];
+    write_frame(out, &ping(77)).await.unwrap();
+    assert!(matches!(read_frame(back).await, Frame::Ping { nonce: 77, .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_reader_stalls_holds_up_no_other() {
+    let (router, addr, _) = router().await;
+    let links = MuxNet::over(net::tcp());
+    let mut la = listen(&router, "slow").await;
+    let mut lb = listen(&router, "fast").await;
+    let (mut slow_out, _slow_back) = pair_up(&links, addr, &mut la, "slow").await;
+    let (mut fast_out, mut fast_back) = pair_up(&links, addr, &mut lb, "fast").await;
+    // Nobody reads "slow": its writer fills its window and then waits…
+    let block = Bytes::from(vec![0xab; 64 << 10]);
+    let stalled = tokio::spawn(async move {
+        for tag in 0..64u64 {
+            let f = Frame::Write { tag, offset: 0, fua: false, data: block.clone() };
+            write_frame(&mut slow_out, &f).await.unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stalled.is_finished(), "4 MiB went into a stream nobody reads: no flow control");
+    // …while "fast" goes on.
+    for n in 0..100 {
+        write_frame(&mut fast_out, &ping(n)).await.unwrap();
+        assert!(matches!(read_frame(&mut fast_back).await, Frame::Ping { nonce, .. } if nonce == n));
+    }
+    stalled.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_or_closed_link_is_replaced_by_the_next_stream() {
+    // A "peer" that accepts links and reads their preamble; then it says nothing (a host gone
+    // without closing its sockets), except that it closes the links it is told to (a process
+    // that died).
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (close_tx, mut close) = tokio::sync::mpsc::channel::<()>(1);
+    let held = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        loop {
+            tokio::select! {
+                a = tcp.accept() => {
+                    let (mut s, _) = a.unwrap();
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let mut pre = [0u8; 8];
+                    s.read_exact(&mut pre).await.unwrap();
+                    assert_eq!(pre, LINK_PREAMBLE);
+                    keep.push(s);
+                }
+                Some(()) = close.recv() => keep.clear(),
+            }
+        }
+    });
+    let links = MuxNet::over(net::tcp());
+    let _s1 = links.connect(addr).await.unwrap();
+    let _s2 = links.connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "two streams, one link");
+    // Past the silence limit, the next stream comes on a new link.
+    tokio::time::sleep(LINK_SILENT_MAX + Duration::from_millis(200)).await;
+    let mut s3 = links.connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "a silent link was reused");
+    // The peer closes its links: their streams end, and the next stream dials again at once.
+    close_tx.send(()).await.unwrap();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(WAIT, s3.read(&mut b)).await.expect("the stream ended in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _s4 = links.connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "a closed link was reused");
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_port_is_dropped_and_routing_goes_on() {
+    let (router, addr, _) = router().await;
+    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"SBLINK02xxxxxxxx", b"\0\0\0\0\0\0\0\0\0\0"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(WAIT, s.read(&mut b)).await.expect("closed in time");
+        assert!(matches!(r, Ok(0) | Err(_)), "{junk:?} got {r:?}");
+    }
+    // A link whose stream sends garbage loses that stream, not the link.
+    let links = MuxNet::over(net::tcp());
+    let mut bad = links.connect(addr).await.unwrap();
+    bad.write_all(b"not a frame at all").await.unwrap();
+    let mut l = listen(&router, "ok").await;
+    let (mut out, mut back) = pair_up(&links, addr, &mut l, "ok").await;
+    write_frame(&mut out, &ping(3)).await.unwrap();
+    assert!(matches!(read_frame(&mut back).await, Frame::Ping { nonce: 3, .. }));
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(WAIT, bad.read(&mut b)).await.expect("closed in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    // And a volume nobody holds is refused by name.
+    let mut nobody = links.connect(addr).await.unwrap();
+    write_frame(&mut nobody, &hello("nobody")).await.unwrap();
+    match read_frame(&mut nobody).await {
+        Frame::Refuse { reason, .. } => assert!(reason.contains("holds no replica of nobody"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
