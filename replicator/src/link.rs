@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::wire::{Frame, Header, WireError, HEADER_BYTES, MAGIC};
@@ -16,22 +16,31 @@ use crate::ReplError;
 /// [`FrameReader::try_frame`] and [`FrameReader::fill`] instead: abandoning a `fill` loses
 /// nothing, since every byte read stays in the buffer until its frame is whole.
 ///
-/// Memory: bytes are read in chunks of [`READ_CHUNK_BYTES`]; a decoded write's payload shares its
-/// chunk, which lives until every payload cut from it is dropped. The caller bounds how many
-/// decoded frames it keeps (the secondary: `APPLY_QUEUE`), and so the chunks held; a frame larger
-/// than a chunk gets a buffer of its own size, at most the frame size limit.
+/// Memory: bytes are read in chunks of at most [`READ_CHUNK_BYTES`]; a decoded write's payload
+/// shares its chunk, which lives until every payload cut from it is dropped. The caller bounds how
+/// many decoded frames it keeps (the secondary: `APPLY_QUEUE`), and so the chunks held; a frame
+/// larger than a chunk gets a buffer of its own size, at most the frame size limit.
+///
+/// The chunk follows the traffic: it doubles while reads fill it and halves while they take a
+/// quarter of it or less, down to [`READ_CHUNK_MIN`]; once every byte read has been taken, a
+/// buffer much larger than the chunk is let go. An idle link (a ping and a pong every 125 ms)
+/// so holds a few KiB, not 256 KiB whose pages its heartbeats would touch one by one over minutes:
+/// a node with thousands of idle volumes pays for that per volume.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
+    chunk: usize,
 }
 
-/// Bytes asked for per read: a few dozen 4 KiB write frames.
+/// Bytes asked for per read at most: a few dozen 4 KiB write frames.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Bytes asked for per read at least: a page, a hundred heartbeats.
+pub const READ_CHUNK_MIN: usize = 4 << 10;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(rd: R) -> FrameReader<R> {
-        FrameReader { rd, buf: BytesMut::new() }
+        FrameReader { rd, buf: BytesMut::new(), chunk: READ_CHUNK_MIN }
     }
 
     /// The reader and the bytes read past the frames taken so far.
@@ -96,10 +105,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads what arrives next, at least one byte. Cancel-safe: a read either completes, its bytes
     /// appended, or never started.
     async fn read_more(&mut self) -> Result<(), ReplError> {
-        if self.buf.capacity() - self.buf.len() < HEADER_BYTES {
-            self.buf.reserve(READ_CHUNK_BYTES);
+        if self.buf.is_empty() && self.buf.capacity() > 2 * self.chunk {
+            self.buf = BytesMut::new();
         }
-        match self.rd.read_buf(&mut self.buf).await {
+        if self.buf.capacity() - self.buf.len() < HEADER_BYTES.max(self.chunk / 4) {
+            self.buf.reserve(self.chunk);
+        }
+        // At most a chunk per read: a reader that must initialize what it is lent (a multiplexed
+        // stream) touches no more than that.
+        let room = (self.buf.capacity() - self.buf.len()).min(self.chunk.max(HEADER_BYTES));
+        let read = self.rd.read_buf(&mut (&mut self.buf).limit(room)).await;
+        if let Ok(n) = read {
+            if n == room {
+                self.chunk = (self.chunk * 2).min(READ_CHUNK_BYTES);
+            } else if n <= self.chunk / 4 {
+                self.chunk = (self.chunk / 2).max(READ_CHUNK_MIN);
+            }
+        }
+        match read {
             // Between frames: the peer stopped (or its host closed the socket for it). Only the
             // link's end, not an error in itself; failure detection decides what it means.
             Ok(0) if self.buf.is_empty() => Err(ReplError::Stopped("the peer closed the connection".into())),
