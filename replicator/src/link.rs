@@ -37,6 +37,7 @@ pub struct FrameReader<R> {
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
 /// Bytes asked for per read at least: a page, a hundred heartbeats.
 pub const READ_CHUNK_MIN: usize = 4 << 10;
+const _: () = assert!(READ_CHUNK_MIN / 4 >= HEADER_BYTES);
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(rd: R) -> FrameReader<R> {
@@ -108,12 +109,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if self.buf.is_empty() && self.buf.capacity() > 2 * self.chunk {
             self.buf = BytesMut::new();
         }
-        if self.buf.capacity() - self.buf.len() < HEADER_BYTES.max(self.chunk / 4) {
+        // (A chunk, at least `READ_CHUNK_MIN`, always holds a frame header.)
+        if self.buf.capacity() - self.buf.len() < self.chunk / 4 {
             self.buf.reserve(self.chunk);
         }
         // At most a chunk per read: a reader that must initialize what it is lent (a multiplexed
         // stream) touches no more than that.
-        let room = (self.buf.capacity() - self.buf.len()).min(self.chunk.max(HEADER_BYTES));
+        let room = (self.buf.capacity() - self.buf.len()).min(self.chunk);
         let read = self.rd.read_buf(&mut (&mut self.buf).limit(room)).await;
         if let Ok(n) = read {
             if n == room {

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::link::{write_frame, FrameReader};
@@ -74,8 +74,12 @@ impl Router {
                 let (permits, links) = (permits.clone(), links.clone());
                 tokio::spawn(async move {
                     let from = incoming.from;
-                    match tokio::time::timeout(FIRST_FRAME_TIMEOUT, sniff(incoming)).await {
-                        Ok(Ok((peer, Kind::Single))) => router.route(peer).await,
+                    // One bound for the handshake, the first bytes and the hello together.
+                    let deadline = tokio::time::Instant::now() + FIRST_FRAME_TIMEOUT;
+                    match tokio::time::timeout_at(deadline, sniff(incoming)).await {
+                        Ok(Ok((peer, Kind::Single))) => {
+                            router.route(peer, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+                        }
                         Ok(Ok((peer, Kind::Link))) => {
                             drop(permit);
                             let Ok(_link) = links.try_acquire_owned() else {
@@ -113,21 +117,21 @@ impl Router {
             let Ok(permit) = permits.clone().acquire_owned().await else { return };
             let (router, who) = (self.clone(), who.clone());
             tokio::spawn(async move {
-                router.route(Peer { stream, who }).await;
+                router.route(Peer { stream, who }, FIRST_FRAME_TIMEOUT).await;
                 drop(permit);
             });
         }
         tracing::debug!(from = %who.from, "node link closed");
     }
 
-    /// Reads a connection's first frame (a hello naming the volume) and hands the connection to
-    /// that volume's listener.
-    async fn route(&self, peer: Peer) {
+    /// Reads a connection's first frame (a hello naming the volume, due `within`) and hands the
+    /// connection to that volume's listener.
+    async fn route(&self, peer: Peer, within: Duration) {
         let from = peer.who.from;
         let first = async {
             let Peer { mut stream, who } = peer;
             let mut rd = FrameReader::new(&mut stream);
-            let hello = rd.read_frame(FIRST_FRAME_TIMEOUT).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
+            let hello = rd.read_frame(within).await.map_err(|e| format!("not a syncblock peer ({e})"))?;
             let (_, rest) = rd.into_parts();
             Ok::<_, String>((stream, who, hello, rest))
         };
@@ -262,24 +266,4 @@ impl AsyncRead for Replayed {
     }
 }
 
-impl AsyncWrite for Replayed {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+crate::net::forward_writes!(Replayed);
