@@ -14,79 +14,151 @@ impl Owner {
     /// One step of the resync or the verify pass, when the link has room: each is a point of the
     /// sequencer's order, between two client operations.
     pub(super) async fn step_background(&mut self) -> Result<()> {
-        // Room: nothing in the backlog, and at most `RESYNC_AHEAD_MAX` items queued on the link,
-        // so a client write shipped now waits behind a few MiB of resync, not a queue's worth.
-        let room = matches!(&self.link, LinkState::Up(l)
-            if l.backlog.is_empty() && LINK_QUEUE - l.tx.capacity() <= RESYNC_AHEAD_MAX);
-        if !room {
+        let LinkState::Up(l) = &self.link else { return Ok(()) };
+        // Nothing is queued while the link's backlog holds anything: the loop takes no client
+        // operation then either, and waits for the writer to catch up.
+        if !l.backlog.is_empty() {
             return Ok(());
         }
-        match self.resync.take() {
-            Some(Resync::Ship { windows, next }) => self.step_ship(windows, next).await?,
-            Some(Resync::Compare { windows, next_ask, asked }) => self.step_compare(windows, next_ask, asked).await?,
-            other => self.resync = other,
+        let queued = LINK_QUEUE - l.tx.capacity();
+        // The resync's budget: what it may have unconfirmed, less while clients are active.
+        let now = Instant::now();
+        let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
+        let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
+        let budget = max.saturating_sub(self.resync_unconfirmed);
+        if budget > 0 {
+            match self.resync.take() {
+                Some(Resync::Ship { todo }) => self.step_ship(todo, budget).await?,
+                Some(Resync::Compare { windows, next_ask, asked, todo }) => {
+                    self.step_compare(windows, next_ask, asked, todo, budget).await?
+                }
+                other => self.resync = other,
+            }
         }
-        if let Some(v) = self.verify.take() {
-            self.step_verify(v).await?;
+        // A verify pass steps while at most `VERIFY_AHEAD_MAX` items wait on the link.
+        if queued <= VERIFY_AHEAD_MAX {
+            if let Some(v) = self.verify.take() {
+                self.step_verify(v).await?;
+            }
         }
         Ok(())
     }
 
-    pub(super) async fn step_ship(&mut self, windows: Vec<ByteRange>, next: usize) -> Result<()> {
-        let Some(&window) = windows.get(next) else {
+    /// Ships up to `budget` bytes of data of the changed ranges, from where the last step ended.
+    pub(super) async fn step_ship(&mut self, mut todo: VecDeque<ByteRange>, budget: u64) -> Result<()> {
+        if todo.is_empty() {
             self.commit();
             return Ok(());
-        };
+        }
+        let data = self.ship_current(&mut todo, budget).await?;
+        self.confirm_step(data);
+        self.resync = Some(Resync::Ship { todo });
+        Ok(())
+    }
+
+    /// Ships this node's current state of the first of `todo` (sorted, not overlapping), at this
+    /// point of the order: data where it is mapped, a trim where it is not, until `budget` bytes
+    /// of data are queued or `SHIP_SPAN_BYTES` are covered; what is left stays in `todo`.
+    /// Returns the data bytes queued.
+    ///
+    /// Correct at any point of the order, however long after the ranges were found to differ:
+    /// the peer gets what this node holds now, and every operation after this point reaches
+    /// both nodes. (A trim decided earlier and sent later could undo a client write between the
+    /// two points, which is why mapped or not is asked here, not remembered.)
+    async fn ship_current(&mut self, todo: &mut VecDeque<ByteRange>, budget: u64) -> Result<u64> {
+        let (Some(first), Some(last)) = (todo.front().copied(), todo.back().copied()) else { return Ok(0) };
+        let span_end = last.end().min(first.offset + SHIP_SPAN_BYTES);
         let tag = self.next_tag - 1;
-        // The answer is the state at this point of the order; the reads queued with it see the
-        // same state, and reach the peer at this point of the stream.
-        let extents = self.store.block_status(self.volume, window.offset, window.len).await?;
-        let mut trimmed = 0;
-        for e in extents {
-            if e.mapped {
-                self.queue_reads(tag, e.range, true).await?;
-            } else {
-                self.ship(Out::Frame(Frame::Trim { tag, offset: e.range.offset, len: e.range.len }));
-                trimmed += e.range.len;
+        let extents = self.store.block_status(self.volume, first.offset, span_end - first.offset).await?;
+        let (mut data, mut trimmed) = (0, 0);
+        let mut extents = extents.into_iter().peekable();
+        'ranges: while let Some(r) = todo.pop_front() {
+            let mut at = r.offset;
+            while at < r.end() {
+                while extents.peek().is_some_and(|e| e.range.end() <= at) {
+                    extents.next();
+                }
+                // Past the span (or, impossibly, past what block status described): next step.
+                let Some(e) = extents.peek().filter(|e| e.range.offset <= at) else { break };
+                let piece_end = e.range.end().min(r.end());
+                if !e.mapped {
+                    self.ship(Out::Frame(Frame::Trim { tag, offset: at, len: piece_end - at }));
+                    trimmed += piece_end - at;
+                    at = piece_end;
+                    continue;
+                }
+                let n = (piece_end - at).min(budget - data);
+                self.queue_reads(tag, ByteRange { offset: at, len: n }, true).await?;
+                data += n;
+                at += n;
+                if data == budget {
+                    break;
+                }
+            }
+            if at < r.end() {
+                todo.push_front(ByteRange { offset: at, len: r.end() - at });
+                break 'ranges;
+            }
+            if data == budget {
+                break;
             }
         }
         self.peer.send_modify(|v| v.resync.bytes_done += trimmed);
-        self.resync = Some(Resync::Ship { windows, next: next + 1 });
-        Ok(())
+        Ok(data)
+    }
+
+    /// Ends a resync step that queued `data` bytes with a ping: its pong, answered after the
+    /// peer applied everything before it, confirms them (see `RESYNC_UNCONFIRMED_MAX`), and
+    /// wakes the loop for the next step.
+    fn confirm_step(&mut self, data: u64) {
+        self.next_nonce += 1;
+        let nonce = self.next_nonce;
+        let floor = self.floor_tag();
+        self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
+        self.resync_marks.push_back((nonce, data));
+        self.resync_unconfirmed += data;
     }
 
     /// A full sync, window by window (see `docs/replication.md`, "Full sync"): the peer's
     /// checksums are asked at a point P1 of the order; when the answer is in, this node's are
-    /// taken at a later point P2 and the blocks that differ are shipped (or trimmed) from P2.
+    /// taken at a later point P2, and the blocks that differ are shipped (or trimmed), as they
+    /// are when their turn comes, a budget at a time.
     pub(super) async fn step_compare(
         &mut self,
         windows: Vec<ByteRange>,
         mut next_ask: usize,
         mut asked: VecDeque<(u64, usize)>,
+        mut todo: VecDeque<ByteRange>,
+        budget: u64,
     ) -> Result<()> {
-        while asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
-            asked.push_back((self.ask_crcs(windows[next_ask]), next_ask));
-            next_ask += 1;
-        }
-        if let Some(&(id, k)) = asked.front() {
-            if let Some(theirs) = self.crc_answers.remove(&id) {
-                asked.pop_front();
+        if todo.is_empty() {
+            if let Some(theirs) = asked.front().and_then(|(id, _)| self.crc_answers.remove(id)) {
+                let (_, k) = asked.pop_front().expect("checked");
                 let window = windows[k];
-                let tag = self.next_tag - 1;
                 let mine = self.store.block_crcs(self.volume, window.offset, window.len).await?;
                 let runs = fix_runs(window.offset, &mine, &theirs);
-                let (_, trimmed) = self.queue_fixes(tag, &runs, true).await?;
                 let skipped: u64 = runs.iter().filter(|(_, f)| *f == Fix::Same).map(|(r, _)| r.len).sum();
+                todo.extend(runs.iter().filter(|(_, f)| *f != Fix::Same).map(|(r, _)| *r));
                 self.peer.send_modify(|v| {
-                    v.resync.bytes_done += skipped + trimmed;
+                    v.resync.bytes_done += skipped;
                     v.resync_bytes_skipped += skipped;
                 });
             }
         }
-        if asked.is_empty() && next_ask == windows.len() {
+        if !todo.is_empty() {
+            let data = self.ship_current(&mut todo, budget).await?;
+            self.confirm_step(data);
+        }
+        // Asked only with nothing left to ship: an answer goes stale (blocks written since read
+        // as different) while it waits, and shipping can take long under a busy volume's budget.
+        while todo.is_empty() && asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
+            asked.push_back((self.ask_crcs(windows[next_ask]), next_ask));
+            next_ask += 1;
+        }
+        if asked.is_empty() && todo.is_empty() && next_ask == windows.len() {
             self.commit();
         } else {
-            self.resync = Some(Resync::Compare { windows, next_ask, asked });
+            self.resync = Some(Resync::Compare { windows, next_ask, asked, todo });
         }
         Ok(())
     }
@@ -207,7 +279,7 @@ impl Owner {
                         (true, None) => Fix::Trim,
                     }),
                 );
-                let (shipped, trimmed) = self.queue_fixes(tag, &fixes, false).await?;
+                let (shipped, trimmed) = self.queue_fixes(tag, &fixes).await?;
                 v.report.blocks_repaired += (shipped + trimmed) / BLOCK_BYTES_U64;
             }
             for (k, d) in differing.iter().enumerate() {
@@ -278,19 +350,15 @@ impl Owner {
         Ok(())
     }
 
-    /// Queues the repairs `runs` call for; returns bytes shipped as reads and bytes trimmed.
-    pub(super) async fn queue_fixes(
-        &mut self,
-        tag: u64,
-        runs: &[(ByteRange, Fix)],
-        resync: bool,
-    ) -> Result<(u64, u64)> {
+    /// Queues the repairs `runs` call for, now (a verify's repair); returns bytes shipped as
+    /// reads and bytes trimmed.
+    pub(super) async fn queue_fixes(&mut self, tag: u64, runs: &[(ByteRange, Fix)]) -> Result<(u64, u64)> {
         let (mut shipped, mut trimmed) = (0, 0);
         for &(range, f) in runs {
             match f {
                 Fix::Same => {}
                 Fix::Ship => {
-                    self.queue_reads(tag, range, resync).await?;
+                    self.queue_reads(tag, range, false).await?;
                     shipped += range.len;
                 }
                 Fix::Trim => {

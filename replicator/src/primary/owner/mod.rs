@@ -52,13 +52,26 @@ const LINK_QUEUE: usize = 256;
 pub(super) const EVENTS_MAX: usize = 1024;
 /// Resync reads are issued in pieces of at most this much: one engine batch.
 const RESYNC_READ_BYTES: u64 = 1 << 20;
-/// Items the link may hold before the resync (or verify) takes its next step: 8, about 8 MiB of
-/// resync reads, so the volume's own writes, queued behind them in the engine and on the link,
-/// wait ~20 ms at disk speed instead of the whole queue's 256 MiB (a full copy at re-protection
-/// took a volume from 15–20 k to ~400 random writes a second). The link still always has work.
-const RESYNC_AHEAD_MAX: usize = 8;
-/// Block status is asked for windows of this size while resyncing: one step of the loop.
-const RESYNC_WINDOW_BYTES: u64 = 64 << 20;
+/// Items the link may hold before a verify pass takes its next step: 8, at most about 8 MiB of
+/// repairs, so the volume's own writes, queued behind them in the engine and on the link, wait
+/// ~20 ms at disk speed instead of the whole queue's 256 MiB. The link still always has work.
+const VERIFY_AHEAD_MAX: usize = 8;
+/// Resync data shipped and not yet confirmed applied by the peer (each step ends with a ping; its
+/// pong confirms the step), while the volume's clients are quiet: enough to keep a disk that
+/// writes ~500 MiB/s busy across a round trip of ~20 ms through the primary's read, the link and
+/// the peer's write. Everything in flight is ahead of a client write that arrives now, in the
+/// engine, on the link, in the socket buffers and in the peer's apply queue.
+const RESYNC_UNCONFIRMED_MAX: u64 = 16 << 20;
+/// The same while clients are active (an operation in flight, or one within `CLIENT_QUIET`): a
+/// client write then waits behind at most this much resync data, a few milliseconds, and the
+/// resync still moves by this much per round trip.
+const RESYNC_UNCONFIRMED_BUSY_MAX: u64 = 1 << 20;
+/// Clients count as active this long after their last operation: longer than the gap between
+/// the operations of a client that writes and flushes one at a time.
+const CLIENT_QUIET: Duration = Duration::from_millis(50);
+/// A resync step asks block status for at most this much of the volume at once: one index walk
+/// of 2048 blocks, a short step of the loop.
+const SHIP_SPAN_BYTES: u64 = 8 << 20;
 /// Full sync and verify compare checksums in windows of this size: 2048 blocks, an 8 KiB answer
 /// at most. Small enough that one step of the loop is short (one index walk, a few reads queued),
 /// large enough that the per-window round trip is negligible.
@@ -233,10 +246,12 @@ struct Link {
 enum Resync {
     /// The local flush and the scan for what changed run off the loop.
     Planning,
-    /// Shipping the current contents of the changed ranges, one block-status window per step.
-    Ship { windows: Vec<ByteRange>, next: usize },
-    /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead, compared one per step.
-    Compare { windows: Vec<ByteRange>, next_ask: usize, asked: VecDeque<(u64, usize)> },
+    /// Shipping the current contents of the changed ranges (`todo`: what is left of them), up to
+    /// a step's budget at a time.
+    Ship { todo: VecDeque<ByteRange> },
+    /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead, compared one at a time; the
+    /// ranges found different (`todo`) are shipped before the next comparison.
+    Compare { windows: Vec<ByteRange>, next_ask: usize, asked: VecDeque<(u64, usize)>, todo: VecDeque<ByteRange> },
     /// The commit and the ping that proves it applied are queued.
     Committing { tag: u64, nonce: u64 },
 }
@@ -309,6 +324,12 @@ pub(super) struct Owner {
     crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
     next_crc_id: u64,
     next_nonce: u64,
+    /// Resync steps not yet confirmed by the peer: (the step's ping nonce, its data bytes),
+    /// oldest first, and their sum (see `RESYNC_UNCONFIRMED_MAX`).
+    resync_marks: VecDeque<(u64, u64)>,
+    resync_unconfirmed: u64,
+    /// When the last client operation arrived (see `CLIENT_QUIET`).
+    last_client: Option<Instant>,
     witness_asking: bool,
     witness_period: Duration,
     away_since: Option<Instant>,
@@ -409,6 +430,9 @@ impl Owner {
             crc_answers: BTreeMap::new(),
             next_crc_id: 1,
             next_nonce: 0,
+            resync_marks: VecDeque::new(),
+            resync_unconfirmed: 0,
+            last_client: None,
             witness_asking: false,
             witness_period: heartbeat,
             away_since: None,
@@ -565,6 +589,9 @@ impl Owner {
     // ---- client operations -------------------------------------------------------------------
 
     async fn on_command(&mut self, c: Command) {
+        if matches!(c, Command::Write { .. } | Command::Trim { .. } | Command::Zeroes { .. } | Command::Flush { .. }) {
+            self.last_client = Some(Instant::now());
+        }
         match c {
             Command::Write { offset, data, fua, reply } => {
                 let tag = self.next_tag;
@@ -790,6 +817,8 @@ impl Owner {
             v.resync_bytes_skipped = 0;
             v.streamed_from = from;
         });
+        self.resync_marks.clear();
+        self.resync_unconfirmed = 0;
         self.ship(Out::Frame(Frame::ResyncBegin { common_tag: common }));
         self.resync = Some(Resync::Planning);
         let (store, volume, size_bytes, events) =
@@ -829,6 +858,8 @@ impl Owner {
             self.peer.send_modify(|p| p.verify.end());
         }
         self.resync = None;
+        self.resync_marks.clear();
+        self.resync_unconfirmed = 0;
         self.peer.send_modify(|v| {
             v.last_error = Some(msg);
             v.connected = false;
@@ -878,9 +909,10 @@ impl Owner {
                                 windows: windows(&ranges, CRC_WINDOW_BYTES),
                                 next_ask: 0,
                                 asked: VecDeque::new(),
+                                todo: VecDeque::new(),
                             }
                         } else {
-                            Resync::Ship { windows: windows(&ranges, RESYNC_WINDOW_BYTES), next: 0 }
+                            Resync::Ship { todo: ranges.iter().map(|run| run.bytes()).collect() }
                         });
                     }
                     Err(e) => self.link_failed(generation, e),
@@ -910,6 +942,10 @@ impl Owner {
                 self.check_commit();
             }
             Frame::Pong { nonce } => {
+                while self.resync_marks.front().is_some_and(|(n, _)| *n <= nonce) {
+                    let (_, bytes) = self.resync_marks.pop_front().expect("checked");
+                    self.resync_unconfirmed -= bytes;
+                }
                 self.peer.send_if_modified(|v| {
                     let changed = nonce > v.pong;
                     v.pong = v.pong.max(nonce);

@@ -338,3 +338,61 @@ async fn a_commit_loop_flush_needs_no_frame_once_the_peer_made_the_write_durable
     assert_eq!(fua, [false, false, true, true], "the commit loop was not recognised");
     assert_eq!(peer.flushes(), 2, "flushes after FUA writes sent a frame");
 }
+
+/// Bytes of data in the `Write` frames of `frames`.
+fn write_bytes(frames: &[Frame]) -> u64 {
+    frames.iter().map(|f| if let Frame::Write { data, .. } = f { data.len() as u64 } else { 0 }).sum()
+}
+
+/// The primary holds 3 MiB the (empty) peer lacks.
+async fn three_mib_to_resync(h: &Harness) {
+    let (store, volume) = (h.owner.store.clone(), h.owner.volume);
+    for k in 0..3u64 {
+        store.write(volume, k << 20, Bytes::from(vec![k as u8 + 1; 1 << 20]), false).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_yields_to_a_busy_volume_and_goes_on_as_the_peer_confirms() {
+    let mut h = harness(Policy::Strict).await;
+    three_mib_to_resync(&h).await;
+    // A client write waits (the peer never acknowledges it): the volume is busy throughout.
+    let mut w = h.write(1000, false).await;
+    let (_, mut peer) = h.link_up(0, 0).await;
+    peer.pong = false;
+    let mut confirmed = 0;
+    for round in 0..10 {
+        h.settle(Some(&mut peer)).await;
+        let unconfirmed = write_bytes(&peer.got[confirmed..]);
+        assert!(unconfirmed <= RESYNC_UNCONFIRMED_BUSY_MAX, "round {round}: {unconfirmed} bytes unconfirmed");
+        if peer.got.iter().any(|f| matches!(f, Frame::ResyncCommit { .. })) {
+            assert!(round >= 3, "3 MiB shipped in {round} round trips");
+            assert_eq!(write_bytes(&peer.got), (3 << 20) + BLOCK_BYTES_U64, "everything, once");
+            assert!(pending(&mut w));
+            return;
+        }
+        // The peer confirms everything it has so far.
+        let (k, nonce) = peer
+            .got
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(k, f)| if let Frame::Ping { nonce, .. } = f { Some((k, *nonce)) } else { None })
+            .expect("each resync step ends with a ping");
+        peer.send(Frame::Pong { nonce }).await;
+        confirmed = k + 1;
+    }
+    panic!("the resync never committed: {} bytes shipped", write_bytes(&peer.got));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_of_an_idle_volume_does_not_wait_for_confirmations() {
+    let mut h = harness(Policy::Strict).await;
+    three_mib_to_resync(&h).await;
+    let (_, mut peer) = h.link_up(0, 0).await;
+    peer.pong = false;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(write_bytes(&peer.got), 3 << 20);
+    assert!(peer.got.iter().any(|f| matches!(f, Frame::ResyncCommit { .. })), "not committed");
+    const { assert!(3 << 20 <= RESYNC_UNCONFIRMED_MAX) };
+}
