@@ -220,6 +220,8 @@ pub enum Frame {
         durable: u64,
     },
     /// Heartbeat. `floor` is the tag known durable on both nodes (the trim-retention floor).
+    /// Answered in stream order, after everything before it applied; nonce 0 is a keepalive that
+    /// confirms nothing (the primary sends it where a heartbeat cannot wait its turn).
     Ping {
         epoch: Epoch,
         nonce: u64,

@@ -235,3 +235,64 @@ async fn garbage_on_the_port_is_dropped_and_routing_goes_on() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A primary's link is split between a writing task and a reading task, and the secondary answers
+/// every frame: several streams at once, all on one thread, with answers large enough that the
+/// readers send window updates often. yamux 0.13 gave the two halves of a stream one waker slot
+/// in its command channel, so a reader's window update could overwrite a waiting writer's waker;
+/// at re-protection under client load (benches/cluster-reprotect.sh, four nodes on two cores) the
+/// writer then slept until the link timed out, every few seconds. This test did not catch that
+/// on an idle machine, but a lost wake-up here is a hang, which it does catch.
+#[tokio::test(flavor = "current_thread")]
+async fn streams_split_between_a_writer_and_a_reader_task_never_stall() {
+    const STREAMS: usize = 8;
+    const FRAMES: u64 = 256;
+    let (router, addr, _) = router().await;
+    let links = MuxNet::over(net::tcp());
+    let mut tasks = tokio::task::JoinSet::new();
+    for v in 0..STREAMS {
+        let name = format!("v{v}");
+        let mut l = listen(&router, &name).await;
+        let (out, back) = pair_up(&links, addr, &mut l, &name).await;
+        // The secondary: one task that reads each write and answers it at once.
+        tasks.spawn(async move {
+            let (r, mut w) = tokio::io::split(back);
+            let mut rd = FrameReader::new(r);
+            let answer = Bytes::from(vec![0xa5; 64 << 10]);
+            for _ in 0..FRAMES {
+                match rd.read_frame(WAIT).await.unwrap() {
+                    Frame::Write { tag, .. } => {
+                        let f = Frame::Write { tag, offset: 0, fua: false, data: answer.clone() };
+                        write_frame(&mut w, &f).await.unwrap()
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            drop(l);
+        });
+        let (mut rd, mut wr) = net::split(out);
+        tasks.spawn(async move {
+            let data = Bytes::from(vec![0x5a; 256 << 10]);
+            for tag in 0..FRAMES {
+                write_frame(&mut wr, &Frame::Write { tag, offset: 0, fua: false, data: data.clone() }).await.unwrap();
+            }
+            // Kept open until the answers are in.
+            tokio::time::sleep(WAIT).await;
+        });
+        tasks.spawn(async move {
+            for n in 0..FRAMES {
+                match rd.read_frame(WAIT).await {
+                    Ok(Frame::Write { tag, .. }) => assert_eq!(tag, n),
+                    other => panic!("answer {n}: {other:?}"),
+                }
+            }
+        });
+    }
+    // Every secondary and every reader done (the writers wait): 8 × 64 MiB one way, 8 × 16 back.
+    let done = async {
+        for _ in 0..2 * STREAMS {
+            tasks.join_next().await.unwrap().unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), done).await.expect("a split stream stalled");
+}

@@ -30,7 +30,7 @@ impl Owner {
             match self.resync.take() {
                 Some(Resync::Ship { todo }) => self.step_ship(todo, budget).await?,
                 Some(Resync::Compare { windows, next_ask, asked, todo }) => {
-                    self.step_compare(windows, next_ask, asked, todo, budget).await?
+                    self.step_compare(windows, next_ask, asked, todo, budget, busy).await?
                 }
                 other => self.resync = other,
             }
@@ -130,6 +130,7 @@ impl Owner {
         mut asked: VecDeque<(u64, usize)>,
         mut todo: VecDeque<ByteRange>,
         budget: u64,
+        busy: bool,
     ) -> Result<()> {
         if todo.is_empty() {
             if let Some(theirs) = asked.front().and_then(|(id, _)| self.crc_answers.remove(id)) {
@@ -149,9 +150,10 @@ impl Owner {
             let data = self.ship_current(&mut todo, budget).await?;
             self.confirm_step(data);
         }
-        // Asked only with nothing left to ship: an answer goes stale (blocks written since read
-        // as different) while it waits, and shipping can take long under a busy volume's budget.
-        while todo.is_empty() && asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
+        // While clients are active, asked only with nothing left to ship: an answer goes stale
+        // (blocks written since read as different) while it waits, and shipping takes long under
+        // a busy volume's budget. Otherwise ahead, so that shipping never waits for an answer.
+        while (todo.is_empty() || !busy) && asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
             asked.push_back((self.ask_crcs(windows[next_ask]), next_ask));
             next_ask += 1;
         }

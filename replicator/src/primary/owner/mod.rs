@@ -794,7 +794,15 @@ impl Owner {
         tracing::info!(volume = %self.name, peer = %self.peer_addr, peer_last, common, "peer connected; resyncing");
         self.last_link_error.clear();
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
-        let writer = tokio::spawn(super::link::writer(generation, wr, rx, self.events_tx.clone()));
+        let keepalive = super::link::keepalive(self.state.epoch);
+        let writer = tokio::spawn(super::link::writer(
+            generation,
+            wr,
+            rx,
+            self.events_tx.clone(),
+            keepalive,
+            self.cfg.heartbeat,
+        ));
         let reader = tokio::spawn(super::link::reader(generation, rd, self.cfg.timeout, self.events_tx.clone()));
         self.link = LinkState::Up(Link {
             generation,
