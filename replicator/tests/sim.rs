@@ -190,6 +190,7 @@ impl World {
                 // Each node names its peer, as a deployment with TLS does.
                 peer_node: Some(peer.name.into()),
                 net: self.net.host(me.ip),
+                ..ReplConfig::default()
             },
         }
     }

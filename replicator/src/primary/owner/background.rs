@@ -25,7 +25,16 @@ impl Owner {
         let now = Instant::now();
         let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
         let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
-        let budget = max.saturating_sub(self.resync_unconfirmed);
+        let mut budget = max.saturating_sub(self.resync_unconfirmed);
+        // And within what the node's other copies leave (`RESYNC_NODE_BYTES_MAX`). With none
+        // left, the step waits for the next turn of the loop (a heartbeat's pong comes every
+        // 125 ms at the latest).
+        if budget > 0 && self.resync.is_some() {
+            let shared = &self.cfg.resync_bytes;
+            let take = budget.min(shared.available_permits() as u64) / BLOCK_BYTES_U64 * BLOCK_BYTES_U64;
+            self.step_permit = u32::try_from(take).ok().and_then(|n| shared.clone().try_acquire_many_owned(n).ok());
+            budget = self.step_permit.as_ref().map_or(0, |p| p.num_permits() as u64);
+        }
         if budget > 0 {
             match self.resync.take() {
                 Some(Resync::Ship { todo }) => self.step_ship(todo, budget).await?,
@@ -35,6 +44,8 @@ impl Owner {
                 other => self.resync = other,
             }
         }
+        // What the step did not use goes back at once.
+        self.step_permit = None;
         // A verify pass steps while at most `VERIFY_AHEAD_MAX` items wait on the link.
         if queued <= VERIFY_AHEAD_MAX {
             if let Some(v) = self.verify.take() {
@@ -115,7 +126,8 @@ impl Owner {
         let nonce = self.next_nonce;
         let floor = self.floor_tag();
         self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
-        self.resync_marks.push_back((nonce, data));
+        let held = self.step_permit.as_mut().and_then(|p| p.split(data as usize));
+        self.resync_marks.push_back((nonce, data, held));
         self.resync_unconfirmed += data;
     }
 

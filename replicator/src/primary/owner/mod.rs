@@ -324,10 +324,12 @@ pub(super) struct Owner {
     crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
     next_crc_id: u64,
     next_nonce: u64,
-    /// Resync steps not yet confirmed by the peer: (the step's ping nonce, its data bytes),
-    /// oldest first, and their sum (see `RESYNC_UNCONFIRMED_MAX`).
-    resync_marks: VecDeque<(u64, u64)>,
+    /// Resync steps not yet confirmed by the peer: (the step's ping nonce, its data bytes, the
+    /// node-wide permits they hold), oldest first, and their sum (see `RESYNC_UNCONFIRMED_MAX`).
+    resync_marks: VecDeque<(u64, u64, Option<tokio::sync::OwnedSemaphorePermit>)>,
     resync_unconfirmed: u64,
+    /// The node-wide resync bytes taken for the step being made (`ReplConfig::resync_bytes`).
+    step_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When the last client operation arrived (see `CLIENT_QUIET`).
     last_client: Option<Instant>,
     witness_asking: bool,
@@ -432,6 +434,7 @@ impl Owner {
             next_nonce: 0,
             resync_marks: VecDeque::new(),
             resync_unconfirmed: 0,
+            step_permit: None,
             last_client: None,
             witness_asking: false,
             witness_period: heartbeat,
@@ -950,8 +953,8 @@ impl Owner {
                 self.check_commit();
             }
             Frame::Pong { nonce } => {
-                while self.resync_marks.front().is_some_and(|(n, _)| *n <= nonce) {
-                    let (_, bytes) = self.resync_marks.pop_front().expect("checked");
+                while self.resync_marks.front().is_some_and(|(n, _, _)| *n <= nonce) {
+                    let (_, bytes, _permit) = self.resync_marks.pop_front().expect("checked");
                     self.resync_unconfirmed -= bytes;
                 }
                 self.peer.send_if_modified(|v| {

@@ -20,6 +20,11 @@ struct Harness {
 }
 
 async fn harness(policy: Policy) -> Harness {
+    harness_sharing(policy, ReplConfig::default().resync_bytes).await
+}
+
+/// A harness whose resyncs share `resync_bytes` (a node's other volumes hold the rest).
+async fn harness_sharing(policy: Policy, resync_bytes: Arc<tokio::sync::Semaphore>) -> Harness {
     let (store, info) = crate::testutil::sim_store(VOL).await;
     let mut state = ReplState::new(Role::Primary);
     state.begin_epoch(EPOCH, 1, 11);
@@ -29,6 +34,7 @@ async fn harness(policy: Policy) -> Harness {
         node: "a".into(),
         authority: (policy == Policy::Degrade).then(|| crate::authority::Witness::shared(crate::net::tcp(), unused)),
         policy,
+        resync_bytes,
         ..ReplConfig::default()
     };
     let (owner, parts) = Owner::new(store, info.id, "v".into(), VOL, unused, cfg, state, 0, 0, None);
@@ -395,4 +401,26 @@ async fn a_resync_of_an_idle_volume_does_not_wait_for_confirmations() {
     assert_eq!(write_bytes(&peer.got), 3 << 20);
     assert!(peer.got.iter().any(|f| matches!(f, Frame::ResyncCommit { .. })), "not committed");
     const { assert!(3 << 20 <= RESYNC_UNCONFIRMED_MAX) };
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_takes_only_what_the_nodes_other_copies_leave() {
+    // The node's other volumes hold all but 1 MiB of the shared resync bytes.
+    let shared = Arc::new(tokio::sync::Semaphore::new(crate::RESYNC_NODE_BYTES_MAX as usize));
+    let others = shared.clone().try_acquire_many_owned((crate::RESYNC_NODE_BYTES_MAX - (1 << 20)) as u32).unwrap();
+    let mut h = harness_sharing(Policy::Strict, shared.clone()).await;
+    three_mib_to_resync(&h).await;
+    let (_, mut peer) = h.link_up(0, 0).await;
+    peer.pong = false;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(write_bytes(&peer.got), 1 << 20, "an idle volume's copy beyond the node's bound");
+    assert_eq!(shared.available_permits(), 0);
+    // The others finish: the copy goes on, and once the peer confirmed it all, holds nothing.
+    drop(others);
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(write_bytes(&peer.got), 3 << 20);
+    let nonce = peer.got.iter().rev().find_map(|f| if let Frame::Ping { nonce, .. } = f { Some(*nonce) } else { None });
+    peer.send(Frame::Pong { nonce: nonce.unwrap() }).await;
+    h.settle(Some(&mut peer)).await;
+    assert_eq!(shared.available_permits() as u64, crate::RESYNC_NODE_BYTES_MAX);
 }
