@@ -74,13 +74,12 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>,
         while let Some(out) = next.take() {
             let frame = match out {
                 Out::Frame(f) => f,
-                Out::Read { tag, offset, read } => {
+                Out::Read { tag, offset, mut read } => {
                     // What is buffered goes first, while the read completes.
                     if !buf.is_empty() {
                         write_encoded(wr, &buf).await?;
                         buf.clear();
                     }
-                    let mut read = read;
                     let data = loop {
                         tokio::select! {
                             r = &mut read => break r?,

@@ -66,7 +66,7 @@ const HEAP_FREE_KEPT_MAX: usize = 16 << 20;
 /// Gives freed heap memory back to the system when glibc keeps more than `HEAP_FREE_KEPT_MAX`
 /// of it. A node's large buffers (1 MiB resync reads and writes, NBD requests) come from the
 /// heap once glibc has raised its mmap threshold, and a burst leaves the heap large: re-protecting
-/// 20 volumes at once took a node from 60 MiB of RSS to 336–381 MiB, and it stayed there once
+/// 20 volumes at once took a node from 60 MiB of RSS to 318–381 MiB, and it stayed there once
 /// the copies were done (with the threshold fixed instead, the peak was 100–125 MiB and the RSS
 /// fell back to 29 MiB, but every large buffer then cost a mapping and its page faults).
 async fn trim_heap() {

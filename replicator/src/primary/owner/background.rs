@@ -25,7 +25,8 @@ impl Owner {
         let now = Instant::now();
         let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
         let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
-        let mut budget = max.saturating_sub(self.resync_unconfirmed);
+        let unconfirmed: u64 = self.resync_marks.iter().map(|(_, held)| held.num_permits() as u64).sum();
+        let mut budget = max.saturating_sub(unconfirmed);
         // And within what the node's other copies leave (`RESYNC_NODE_BYTES_MAX`). With none
         // left, the step waits for the next turn of the loop (a heartbeat's pong comes every
         // 125 ms at the latest).
@@ -83,7 +84,7 @@ impl Owner {
         let extents = self.store.block_status(self.volume, first.offset, span_end - first.offset).await?;
         let (mut data, mut trimmed) = (0, 0);
         let mut extents = extents.into_iter().peekable();
-        'ranges: while let Some(r) = todo.pop_front() {
+        while let Some(r) = todo.pop_front() {
             let mut at = r.offset;
             while at < r.end() {
                 while extents.peek().is_some_and(|e| e.range.end() <= at) {
@@ -108,7 +109,7 @@ impl Owner {
             }
             if at < r.end() {
                 todo.push_front(ByteRange { offset: at, len: r.end() - at });
-                break 'ranges;
+                break;
             }
             if data == budget {
                 break;
@@ -122,13 +123,10 @@ impl Owner {
     /// peer applied everything before it, confirms them (see `RESYNC_UNCONFIRMED_MAX`), and
     /// wakes the loop for the next step.
     fn confirm_step(&mut self, data: u64) {
-        self.next_nonce += 1;
-        let nonce = self.next_nonce;
-        let floor = self.floor_tag();
-        self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
+        let nonce = self.ship_ping();
+        // A step runs only with its budget taken (`step_background`) and ships at most that.
         let held = self.step_permit.as_mut().and_then(|p| p.split(data as usize));
-        self.resync_marks.push_back((nonce, data, held));
-        self.resync_unconfirmed += data;
+        self.resync_marks.push_back((nonce, held.expect("a step ships at most the bytes it took")));
     }
 
     /// A full sync, window by window (see `docs/replication.md`, "Full sync"): the peer's
@@ -185,10 +183,7 @@ impl Owner {
         let tag = self.next_tag - 1;
         let history: Vec<EpochStart> = self.state.history.clone();
         self.ship(Out::Frame(Frame::ResyncCommit { tag, epoch: self.state.epoch, history }));
-        self.next_nonce += 1;
-        let nonce = self.next_nonce;
-        let floor = self.floor_tag();
-        self.ship(Out::Frame(Frame::Ping { epoch: self.state.epoch, nonce, floor }));
+        let nonce = self.ship_ping();
         self.resync = Some(Resync::Committing { tag, nonce });
     }
 

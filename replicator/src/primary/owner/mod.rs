@@ -326,10 +326,9 @@ pub(super) struct Owner {
     crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
     next_crc_id: u64,
     next_nonce: u64,
-    /// Resync steps not yet confirmed by the peer: (the step's ping nonce, its data bytes, the
-    /// node-wide permits they hold), oldest first, and their sum (see `RESYNC_UNCONFIRMED_MAX`).
-    resync_marks: VecDeque<(u64, u64, Option<tokio::sync::OwnedSemaphorePermit>)>,
-    resync_unconfirmed: u64,
+    /// Resync steps not yet confirmed by the peer, oldest first: the step's ping nonce, and the
+    /// node-wide permits its data bytes hold, one per byte (see `RESYNC_UNCONFIRMED_MAX`).
+    resync_marks: VecDeque<(u64, tokio::sync::OwnedSemaphorePermit)>,
     /// The node-wide resync bytes taken for the step being made (`ReplConfig::resync_bytes`).
     step_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// When the last client operation arrived (see `CLIENT_QUIET`).
@@ -435,7 +434,6 @@ impl Owner {
             next_crc_id: 1,
             next_nonce: 0,
             resync_marks: VecDeque::new(),
-            resync_unconfirmed: 0,
             step_permit: None,
             last_client: None,
             witness_asking: false,
@@ -831,7 +829,6 @@ impl Owner {
             v.streamed_from = from;
         });
         self.resync_marks.clear();
-        self.resync_unconfirmed = 0;
         self.ship(Out::Frame(Frame::ResyncBegin { common_tag: common }));
         self.resync = Some(Resync::Planning);
         let (store, volume, size_bytes, events) =
@@ -872,7 +869,6 @@ impl Owner {
         }
         self.resync = None;
         self.resync_marks.clear();
-        self.resync_unconfirmed = 0;
         self.peer.send_modify(|v| {
             v.last_error = Some(msg);
             v.connected = false;
@@ -955,9 +951,9 @@ impl Owner {
                 self.check_commit();
             }
             Frame::Pong { nonce } => {
-                while self.resync_marks.front().is_some_and(|(n, _, _)| *n <= nonce) {
-                    let (_, bytes, _permit) = self.resync_marks.pop_front().expect("checked");
-                    self.resync_unconfirmed -= bytes;
+                // The permits of the steps it confirms go back to the node.
+                while self.resync_marks.front().is_some_and(|(n, _)| *n <= nonce) {
+                    self.resync_marks.pop_front();
                 }
                 self.peer.send_if_modified(|v| {
                     let changed = nonce > v.pong;

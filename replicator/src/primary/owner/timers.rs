@@ -13,9 +13,7 @@ impl Owner {
             self.publish_now();
         }
         if self.link_up() && now >= self.timers.ping {
-            self.next_nonce += 1;
-            let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
-            self.ship(Out::Frame(Frame::Ping { epoch, nonce, floor }));
+            self.ship_ping();
             self.timers.ping = now + self.cfg.heartbeat;
         }
         if let LinkState::Down { retry_at } = self.link {
@@ -47,6 +45,15 @@ impl Owner {
             self.timers.warn = now + Duration::from_secs(1);
             self.warn_if_waiting(now);
         }
+    }
+
+    /// Queues a ping with the next nonce and the current floor; returns the nonce. The peer
+    /// answers it in stream order, once everything queued before it applied.
+    pub(super) fn ship_ping(&mut self) -> u64 {
+        self.next_nonce += 1;
+        let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
+        self.ship(Out::Frame(Frame::Ping { epoch, nonce, floor }));
+        nonce
     }
 
     /// The tag known durable on both nodes: trims above it are still needed by a future resync.
