@@ -147,6 +147,29 @@ async fn negotiating(addr: SocketAddr) -> tokio::net::TcpStream {
     c
 }
 
+// libssl's, linked through openssl-sys, which does not declare it.
+extern "C" {
+    fn SSL_renegotiate(ssl: *mut openssl_sys::SSL) -> std::ffi::c_int;
+}
+
+/// A TLS 1.2 client (app1's certificate) connected over `raw` and asking to renegotiate: its next
+/// handshake step sends a new ClientHello.
+async fn renegotiating(raw: tokio::net::TcpStream, p: &Pki) -> tokio_openssl::SslStream<tokio::net::TcpStream> {
+    use foreign_types::ForeignTypeRef;
+    use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
+    let mut b = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    b.set_max_proto_version(Some(SslVersion::TLS1_2)).unwrap();
+    b.set_certificate_file(p.cert("app1"), SslFiletype::PEM).unwrap();
+    b.set_private_key_file(p.key("app1"), SslFiletype::PEM).unwrap();
+    b.set_verify(SslVerifyMode::NONE);
+    let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
+    let mut t = tokio_openssl::SslStream::new(ssl, raw).unwrap();
+    std::pin::Pin::new(&mut t).connect().await.expect("TLS 1.2 handshake");
+    // SAFETY: the pointer is the stream's live SSL; SSL_renegotiate only marks it to renegotiate.
+    assert_eq!(unsafe { SSL_renegotiate(t.ssl().as_ptr()) }, 1);
+    t
+}
+
 /// Whether the server closed the connection (EOF or reset) within `max`; what it sends before
 /// (a TLS alert) is read and dropped.
 async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, max: Duration) -> bool {
@@ -348,6 +371,16 @@ fn misbehaving_clients_around_the_handshake_are_cut_off_without_touching_others(
         let mut g = client.connect(g, None).await.unwrap();
         g.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(closed_within(&mut g, Duration::from_secs(5)).await, "garbage over TLS");
+
+        // A TLS 1.2 client that asks to renegotiate after the handshake gets a fatal alert (not
+        // the warning that would let it carry on) and is closed.
+        let mut g = negotiating(s.addr).await;
+        send_option(&mut g, OPT_STARTTLS, &[]).await;
+        read_option_reply(&mut g).await;
+        let mut r = renegotiating(g, &p).await;
+        let e = std::pin::Pin::new(&mut r).do_handshake().await.expect_err("the server let a renegotiation run");
+        assert!(e.to_string().contains("alert handshake failure"), "renegotiation refused how? {e}");
+        assert!(closed_within(&mut r, Duration::from_secs(5)).await, "a renegotiating client");
 
         // A flood of connections that never negotiate: at most HANDSHAKES_MAX wait; the next is
         // closed at once; the client in transmission is untouched.

@@ -249,9 +249,6 @@ impl Tls {
             b.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(ossl("OpenSSL"))?;
             b.set_cipher_list(TLS12_CIPHERS).map_err(ossl("cipher list"))?;
             b.set_ciphersuites(TLS13_CIPHERS).map_err(ossl("TLS 1.3 cipher suites"))?;
-            // A TLS 1.2 peer that asks to renegotiate is refused (TLS 1.3 has no renegotiation):
-            // it buys an attacker a costly handshake on an established connection and us nothing.
-            b.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
             // Read whole socket buffers at a time, not one record header and body per system call.
             // And keep the record buffers: the `openssl` crate's contexts free them whenever they
             // are empty (RELEASE_BUFFERS), which on a busy link is a free and an allocation per
@@ -269,6 +266,30 @@ impl Tls {
                 )
             };
         }
+        // A TLS 1.2 peer that asks to renegotiate (TLS 1.3 has none) is cut off: a renegotiation
+        // buys an attacker a costly handshake on an established connection and us nothing.
+        // `NO_RENEGOTIATION` (or OpenSSL 3's default) would only answer each attempt with a warning
+        // alert and keep the connection, so renegotiation is allowed in OpenSSL and every ClientHello after the
+        // first handshake fails here, before any key exchange, with a fatal alert: the connection's
+        // next read fails and its task closes it. A peer's Finished is recorded only once a
+        // handshake completes, so the first handshake (and a TLS 1.3 retried hello) passes.
+        server.set_client_hello_callback(|ssl, alert| {
+            if ssl.peer_finished(&mut [0u8; 64]) == 0 {
+                return Ok(openssl::ssl::ClientHelloResponse::SUCCESS);
+            }
+            tracing::warn!("a TLS peer asked to renegotiate; refused, and its connection is closed");
+            // `no_renegotiation` is a warning-level alert by the RFC; a fatal one says handshake_failure.
+            *alert = openssl::ssl::SslAlert::HANDSHAKE_FAILURE;
+            Err(openssl::error::ErrorStack::get())
+        });
+        // OpenSSL 3 ignores a client's renegotiation with a warning unless told to allow it, and
+        // then the callback above would never run. SSL_OP_ALLOW_CLIENT_RENEGOTIATION is bit 8
+        // (ssl.h); the `openssl` crate does not name it.
+        if openssl::version::number() >= 0x3000_0000 {
+            server.set_options(openssl::ssl::SslOptions::from_bits_retain(1 << 8));
+        }
+        // Our own outgoing links ignore a server's request to renegotiate.
+        client.set_options(openssl::ssl::SslOptions::NO_RENEGOTIATION);
         // Needed by OpenSSL whenever peers are verified and a PSK session is looked up.
         server.set_session_id_context(b"syncblock").map_err(ossl("OpenSSL"))?;
         let mut parts = Vec::new();
