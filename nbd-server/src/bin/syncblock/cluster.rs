@@ -56,36 +56,6 @@ fn limit_malloc_arenas(threads: Option<u16>) {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
-/// How often a node checks how much freed memory glibc's heap keeps (see [`trim_heap`]).
-const HEAP_TRIM_EVERY: Duration = Duration::from_secs(5);
-/// Freed heap memory a node keeps before it gives it back: 16 MiB, a few hundred I/O buffers
-/// ready for reuse; beyond that, the trim's cost (a pass over the free lists, a few
-/// milliseconds on a blocking thread every few seconds at most) buys memory back.
-const HEAP_FREE_KEPT_MAX: usize = 16 << 20;
-
-/// Gives freed heap memory back to the system when glibc keeps more than `HEAP_FREE_KEPT_MAX`
-/// of it. A node's large buffers (1 MiB resync reads and writes, NBD requests) come from the
-/// heap once glibc has raised its mmap threshold, and a burst leaves the heap large: re-protecting
-/// 20 volumes at once took a node from 60 MiB of RSS to 318–381 MiB, and it stayed there once
-/// the copies were done (with the threshold fixed instead, the peak was 100–125 MiB and the RSS
-/// fell back to 29 MiB, but every large buffer then cost a mapping and its page faults).
-async fn trim_heap() {
-    let mut tick = tokio::time::interval(HEAP_TRIM_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let _ = tokio::task::spawn_blocking(|| {
-            // SAFETY: mallinfo2 only reads glibc's allocator statistics.
-            let free = unsafe { libc::mallinfo2() }.fordblks;
-            if free > HEAP_FREE_KEPT_MAX {
-                // SAFETY: malloc_trim only releases free memory; live allocations are untouched.
-                unsafe { libc::malloc_trim(0) };
-            }
-        })
-        .await;
-    }
-}
-
 pub fn run_node(args: NodeArgs) -> Result<()> {
     let Some(etcd) = args.etcd.clone() else { bail!("syncblock node needs --etcd (the cluster's etcd endpoints)") };
     let Some(name) = args.name.clone() else { bail!("syncblock node needs --name (this node's name in the cluster)") };
@@ -124,7 +94,7 @@ async fn node(
     name: String,
     tls: Option<Arc<syncblock_replicator::tls::Tls>>,
 ) -> Result<()> {
-    tokio::spawn(trim_heap());
+    tokio::spawn(crate::heap::trim_heap());
     let nbd = tokio::net::TcpListener::bind(args.listen).await.with_context(|| {
         format!("NBD listener {}; likely cause: the port is in use: choose another with --listen", args.listen)
     })?;

@@ -11,6 +11,7 @@
 mod cli;
 mod client;
 mod cluster;
+mod heap;
 mod notify;
 mod pair;
 
@@ -414,6 +415,7 @@ async fn bind(settings: &ServeSettings) -> Result<Bound> {
 }
 
 async fn serve(store: Store, settings: ServeSettings, bound: Bound, mut new: Option<NewStore>) -> Result<()> {
+    tokio::spawn(crate::heap::trim_heap());
     // The store's file or device: under its temporary name while it is being created.
     let path = new.as_ref().map_or(&settings.store, |n| &n.temp).clone();
     for v in &settings.volumes {

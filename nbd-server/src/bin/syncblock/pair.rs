@@ -64,6 +64,7 @@ async fn pair(
     data_dir: &Path,
     bound: crate::Bound,
 ) -> Result<()> {
+    tokio::spawn(crate::heap::trim_heap());
     let timeout = std::time::Duration::from_millis(DEFAULT_REPL_TIMEOUT_MS);
     let state_path = data_dir.join("witness.state");
     reseed_pair_witness(&a, &state_path).await?;
