@@ -12,14 +12,22 @@
 //!
 //! A command that is refused answers 409 (or 404 for an unknown volume, 400 for a bad request)
 //! with `ok: false` and an `error` that names the cause.
+//!
+//! **Who may call** ([`Admin::access`], `--admin-allow IDENTITY[:ro]`): without a list, every
+//! identity the TLS credentials prove (a plaintext endpoint listens on loopback only). With one,
+//! only the identities it names, and one marked `:ro` only reads (`GET /status`, `GET /metrics`):
+//! a Prometheus scraper's certificate then cannot promote or demote. Others get 403 and a log line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -123,6 +131,8 @@ pub struct Admin {
     pub nodes: Nodes,
     pub read_only: Vec<String>,
     pub metrics: Arc<Metrics>,
+    /// Who may call (see the module's doc): empty, every identity the credentials prove.
+    pub access: Vec<crate::server::AccessRule>,
 }
 
 /// The replicated volumes' nodes: fixed for `serve`, read at each request in cluster mode (where
@@ -318,8 +328,56 @@ struct Params {
     repair: bool,
 }
 
+impl Admin {
+    /// Whether `identity` may make a request that only reads (`read`) or one that commands.
+    pub fn allows(&self, identity: Option<&str>, read: bool) -> Result<(), String> {
+        if self.access.is_empty() {
+            return Ok(());
+        }
+        let Some(id) = identity else {
+            return Err("the caller proved no identity, and the endpoint has an access list (--admin-allow)".into());
+        };
+        match self.access.iter().find(|r| r.identity == id) {
+            None => Err(format!("identity {id:?} is not on the admin access list (--admin-allow)")),
+            Some(r) if r.read_only && !read => Err(format!(
+                "identity {id:?} may only read (GET /status, /metrics): it is on the admin access list as {id}:ro"
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// A connection's address and, over TLS, the identity its handshake proved. The handshake runs on
+/// the connection's first read, so the identity is set before any request is parsed.
+#[derive(Clone, Debug)]
+struct Caller {
+    addr: SocketAddr,
+    identity: Arc<OnceLock<Option<String>>>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, Limited>> for Caller {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Limited>) -> Caller {
+        stream.remote_addr().clone()
+    }
+}
+
+/// Refuses, with 403 and a log line, a request its caller may not make ([`Admin::allows`]).
+async fn authorize(
+    State(a): State<Arc<Admin>>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let identity = caller.identity.get().cloned().flatten();
+    if let Err(why) = a.allows(identity.as_deref(), req.method() == Method::GET) {
+        tracing::warn!("{}: admin endpoint: refused {} {}: {why}", caller.addr, req.method(), req.uri().path());
+        return refuse(StatusCode::FORBIDDEN, why).into_response();
+    }
+    next.run(req).await
+}
+
 /// The HTTP routes.
-pub fn router(admin: Arc<Admin>) -> Router {
+fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/status", get(get_status))
         .route("/metrics", get(get_metrics))
@@ -332,6 +390,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
                 "no such endpoint: GET /status, GET /metrics, POST /promote, /demote or /verify".into(),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), authorize))
         .with_state(admin)
 }
 
@@ -395,7 +454,7 @@ async fn post_verify(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Re
 /// Serves the admin endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, tls: Option<Arc<Tls>>) -> std::io::Result<()> {
     let limited = Limited { listener, tls, slots: Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX)) };
-    axum::serve(limited, router(admin)).await
+    axum::serve(limited, router(admin).into_make_service_with_connect_info::<Caller>()).await
 }
 
 /// A TCP listener that holds at most [`ADMIN_CONNECTIONS_MAX`] connections open, and with TLS
@@ -408,28 +467,34 @@ struct Limited {
 
 impl axum::serve::Listener for Limited {
     type Io = Slotted;
-    type Addr = std::net::SocketAddr;
+    type Addr = Caller;
 
-    async fn accept(&mut self) -> (Slotted, std::net::SocketAddr) {
+    async fn accept(&mut self) -> (Slotted, Caller) {
         let slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
         loop {
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
+                    let identity = Arc::new(OnceLock::new());
                     let io = match &self.tls {
-                        None => AdminIo::Plain(stream),
+                        None => {
+                            let _ = identity.set(None);
+                            AdminIo::Plain(stream)
+                        }
                         Some(tls) => {
-                            let tls = tls.clone();
+                            let (tls, proven) = (tls.clone(), identity.clone());
                             AdminIo::Handshaking(Box::pin(async move {
-                                // Any identity the credentials prove may use the endpoint: the
-                                // CA or the PSK file is the list of who may.
-                                tls.accept(stream).await.map(|(s, _)| s).map_err(|e| {
+                                // Every identity the CA or the PSK file proves gets this far;
+                                // the access list, if any, decides per request (`authorize`).
+                                let (s, id) = tls.accept(stream).await.map_err(|e| {
                                     tracing::warn!("{addr}: admin endpoint: TLS handshake refused: {e}");
                                     std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
-                                })
+                                })?;
+                                let _ = proven.set(id);
+                                Ok(s)
                             }))
                         }
                     };
-                    return (Slotted { io, _slot: slot }, addr);
+                    return (Slotted { io, _slot: slot }, Caller { addr, identity });
                 }
                 // Out of descriptors, or a connection reset before it was accepted: wait a
                 // little rather than spin.
@@ -438,8 +503,8 @@ impl axum::serve::Listener for Limited {
         }
     }
 
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
+    fn local_addr(&self) -> std::io::Result<Caller> {
+        Ok(Caller { addr: self.listener.local_addr()?, identity: Arc::new(OnceLock::new()) })
     }
 }
 

@@ -11,6 +11,7 @@
 //! write_back = true            # answer writes without FUA once queued (docs/durability.md)
 //! zero_fill = false            # write zeros over a new store file first (--zero-fill)
 //! create = true                # create the store if missing (--create; otherwise an error)
+//! # admin_allow = ["ops", "prometheus:ro"]   # who may call the admin endpoint (needs a CA or PSK)
 //!
 //! [[volume]]
 //! name = "db"
@@ -76,6 +77,8 @@ pub enum ConfigError {
     BadReplication { volume: String, problem: String },
     #[error("invalid --allow {0:?}: expected VOLUME:IDENTITY or VOLUME:IDENTITY:ro, e.g. db:app1")]
     BadAllowFlag(String),
+    #[error("invalid --admin-allow {0:?}: expected IDENTITY or IDENTITY:ro, e.g. ops or prometheus:ro")]
+    BadAdminAllowFlag(String),
     #[error("{0}")]
     Tls(String),
     /// A listener on an address other hosts can reach, without TLS.
@@ -185,6 +188,8 @@ pub struct ServeOptions {
     pub tls_mode: Option<TlsMode>,
     /// Export access lists: (volume, rule).
     pub access: Vec<(String, AccessRule)>,
+    /// Who may call the admin endpoint (`crate::admin::Admin::access`).
+    pub admin_access: Vec<AccessRule>,
     /// Allow listeners on non-loopback addresses without TLS.
     pub insecure: Option<bool>,
     pub store: Option<PathBuf>,
@@ -211,6 +216,7 @@ pub struct ServeSettings {
     pub tls: TlsFiles,
     pub tls_mode: TlsMode,
     pub access: HashMap<String, Vec<AccessRule>>,
+    pub admin_access: Vec<AccessRule>,
     pub insecure: bool,
     pub store: PathBuf,
     pub store_bytes: u64,
@@ -244,6 +250,8 @@ struct File {
     create: Option<bool>,
     /// The admin endpoint (also accepted as `replication.admin`, where it was first).
     admin: Option<SocketAddr>,
+    /// Who may call it: `IDENTITY` or `IDENTITY:ro` each, as the flag.
+    admin_allow: Option<Vec<String>>,
     insecure: Option<bool>,
     tls: Option<FileTls>,
     #[serde(default)]
@@ -324,10 +332,12 @@ impl ServeOptions {
             Some(t) => (TlsFiles { cert: t.cert, key: t.key, ca: t.ca, psk: t.psk }.relative_to(base), t.mode),
             None => (TlsFiles::default(), None),
         };
+        let admin_access = file.admin_allow.iter().flatten().map(|a| admin_allow_flag(a)).collect::<Result<_, _>>()?;
         let mut opts = ServeOptions {
             tls,
             tls_mode,
             access: Vec::new(),
+            admin_access,
             insecure: file.insecure,
             store: file.store.map(|p| base.join(p)),
             store_bytes: file.store_size.map(|s| s.0),
@@ -410,10 +420,13 @@ impl ServeOptions {
         }
         let mut access = self.access;
         access.extend(flags.access);
+        let mut admin_access = self.admin_access;
+        admin_access.extend(flags.admin_access);
         ServeOptions {
             tls: flags.tls.or(self.tls),
             tls_mode: flags.tls_mode.or(self.tls_mode),
             access,
+            admin_access,
             insecure: flags.insecure.or(self.insecure),
             store: flags.store.or(self.store),
             store_bytes: flags.store_bytes.or(self.store_bytes),
@@ -442,6 +455,7 @@ impl ServeOptions {
             tls: self.tls,
             tls_mode,
             access,
+            admin_access: self.admin_access,
             insecure: self.insecure.unwrap_or(false),
             store: self.store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
             store_bytes: self.store_bytes.unwrap_or(DEFAULT_STORE_BYTES),
@@ -460,6 +474,40 @@ impl ServeOptions {
             create: self.create.unwrap_or(false),
         }
     }
+}
+
+/// Refuses an admin access list that cannot work: without an admin endpoint, or without
+/// credentials that make callers prove an identity (a CA or a PSK file).
+pub fn check_admin_access(access: &[AccessRule], has_admin: bool, authenticated: bool) -> Result<(), ConfigError> {
+    let Some(first) = access.first() else { return Ok(()) };
+    if !has_admin {
+        return Err(ConfigError::Tls(format!(
+            "--admin-allow {:?} is given, but there is no admin endpoint: add --admin ADDR",
+            first.identity
+        )));
+    }
+    if !authenticated {
+        return Err(ConfigError::Tls(
+            "--admin-allow names identities, but admin callers prove none: give --tls-ca (client certificates) \
+             or --tls-psk"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `--admin-allow IDENTITY[:ro]`.
+pub fn admin_allow_flag(spec: &str) -> Result<AccessRule, ConfigError> {
+    let (identity, read_only) = match spec.rsplit_once(':') {
+        Some((id, "ro")) => (id, true),
+        Some((id, "rw")) => (id, false),
+        Some(_) => return Err(ConfigError::BadAdminAllowFlag(spec.to_string())),
+        None => (spec, false),
+    };
+    if identity.is_empty() {
+        return Err(ConfigError::BadAdminAllowFlag(spec.to_string()));
+    }
+    Ok(AccessRule { identity: identity.to_string(), read_only })
 }
 
 /// Parses `--allow VOLUME:IDENTITY[:ro]`.
@@ -540,7 +588,7 @@ impl ServeSettings {
         if let Some(addr) = self.admin {
             check_exposed("the admin endpoint", addr, ADMIN_RISK, authenticated, self.insecure)?;
         }
-        Ok(())
+        check_admin_access(&self.admin_access, self.admin.is_some(), authenticated)
     }
 
     /// The replicated volumes with the default export's name filled in, checked: each volume
@@ -616,6 +664,7 @@ read_only = true
                 tls: TlsFiles::default(),
                 tls_mode: None,
                 access: vec![],
+                admin_access: vec![],
                 insecure: None,
                 store: Some("/etc/syncblock/data/store.img".into()),
                 store_bytes: Some(100 << 30),
@@ -920,12 +969,37 @@ access = [{ identity = "app1" }, { identity = "backup", read_only = true }]
         assert!(e.contains("TLS is off"), "{e}");
         // The admin endpoint off loopback needs authenticated callers, not only encryption.
         let admin = ServeSettings {
-            tls: files,
+            tls: files.clone(),
             tls_mode: TlsMode::Require,
             admin: Some("10.0.0.1:7950".parse().unwrap()),
             ..base()
         };
         let e = admin.check_security().unwrap_err().to_string();
         assert!(e.contains(ADMIN_RISK), "{e}");
+        // An admin access list needs an endpoint and callers that prove identities.
+        let ops = vec![admin_allow_flag("ops").unwrap()];
+        let e = ServeSettings { admin_access: ops.clone(), ..base() }.check_security().unwrap_err().to_string();
+        assert!(e.contains("no admin endpoint"), "{e}");
+        let local = ServeSettings { admin: Some("127.0.0.1:7950".parse().unwrap()), admin_access: ops, ..base() };
+        let e = local.clone().check_security().unwrap_err().to_string();
+        assert!(e.contains("prove none"), "{e}");
+        let ca = TlsFiles { ca: Some("ca".into()), ..files };
+        ServeSettings { tls: ca, tls_mode: TlsMode::Require, ..local }.check_security().unwrap();
+    }
+
+    #[test]
+    fn admin_allow_flags_and_file_entries_parse_and_bad_ones_are_refused() {
+        assert_eq!(admin_allow_flag("ops").unwrap(), AccessRule { identity: "ops".into(), read_only: false });
+        assert_eq!(admin_allow_flag("CN x:ro").unwrap(), AccessRule { identity: "CN x".into(), read_only: true });
+        assert_eq!(admin_allow_flag("a:b:rw").unwrap(), AccessRule { identity: "a:b".into(), read_only: false });
+        for bad in ["", ":ro", "ops:admin"] {
+            assert!(admin_allow_flag(bad).is_err(), "{bad}");
+        }
+        let file = parse("admin = \"127.0.0.1:7950\"\nadmin_allow = [\"ops\", \"prometheus:ro\"]\n").unwrap();
+        assert_eq!(file.admin_access.len(), 2);
+        assert!(file.admin_access[1].read_only);
+        assert!(parse("admin_allow = [\"ops:x\"]\n").is_err());
+        let flags = ServeOptions { admin_access: vec![admin_allow_flag("alice").unwrap()], ..ServeOptions::default() };
+        assert_eq!(file.overridden_by(flags).resolve().admin_access.len(), 3);
     }
 }

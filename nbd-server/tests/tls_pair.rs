@@ -39,7 +39,7 @@ fn qemu_io(uri: &str, dir: &Path, cmds: &[&str]) -> (i32, String, String) {
 #[test]
 fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let pki = Pki::new(&dir.path().join("pki"), &["a", "b", "witness", "ops"]);
+    let pki = Pki::new(&dir.path().join("pki"), &["a", "b", "witness", "ops", "prom", "app1"]);
     let d = pki.dir.display().to_string();
     let flags: Vec<String> = vec![
         format!("--tls-cert={d}/{{node}}-cert.pem"),
@@ -47,6 +47,9 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
         format!("--tls-ca={d}/ca-cert.pem"),
         // Each node names its peer: only it may connect as primary, and it must prove the name.
         "--peer-node={peer}".into(),
+        // The admin endpoint's access list: ops may do everything, prom only read.
+        "--admin-allow=ops".into(),
+        "--admin-allow=prom:ro".into(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let witness_flags = [
@@ -95,6 +98,31 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
     let mallory: Vec<&str> = mallory.iter().map(String::as_str).collect();
     let (code, _, _) = run(Duration::from_secs(30), env!("CARGO_BIN_EXE_syncblock"), &mallory);
     assert_ne!(code, 0, "status with a certificate of another CA was answered");
+    // The access list: prom reads but may not command; app1, signed by the same CA, is not on it.
+    let admin_as = |who: &str, cmd: &str| {
+        let args = [
+            cmd.to_string(),
+            "--admin".into(),
+            pair.nodes[0].admin.clone(),
+            format!("--tls-cert={d}/{who}-cert.pem"),
+            format!("--tls-key={d}/{who}-key.pem"),
+            format!("--tls-ca={d}/ca-cert.pem"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(Duration::from_secs(60), env!("CARGO_BIN_EXE_syncblock"), &args)
+    };
+    let (code, out, err) = admin_as("prom", "status");
+    assert_eq!(code, 0, "a reader's status was refused: {out}{err}");
+    let (code, out, err) = admin_as("prom", "verify");
+    assert_ne!(code, 0, "a reader ran a verify: {out}");
+    assert!(err.contains("may only read"), "{err}");
+    let (code, _, err) = admin_as("app1", "status");
+    assert_ne!(code, 0, "an identity not on the list read the status");
+    assert!(err.contains("not on the admin access list"), "{err}");
+    let (code, out, err) = admin_as("ops", "verify");
+    assert_eq!(code, 0, "the operator's verify failed: {out}{err}");
+    let a_log = std::fs::read_to_string(pair.root.join("a.log")).unwrap();
+    assert!(a_log.contains("admin endpoint: refused POST /verify: identity \"prom\" may only read"), "{a_log}");
 
     // An impostor on b's replication port: a certificate from another CA is refused in the handshake.
     let imp_log = dir.path().join("impostor.log");

@@ -147,6 +147,11 @@ pub enum Command {
         /// that passes TLS.
         #[arg(long = "allow", value_name = "VOLUME:IDENTITY[:ro]", value_parser = allow_arg)]
         allow: Vec<(String, AccessRule)>,
+        /// Only this identity (certificate CN or PSK identity) may call the admin endpoint; `:ro`
+        /// lets it only read (status, metrics), not promote, demote or verify. Repeatable; without
+        /// any, every identity the TLS credentials prove may call it.
+        #[arg(long = "admin-allow", value_name = "IDENTITY[:ro]", value_parser = admin_allow_arg)]
+        admin_allow: Vec<AccessRule>,
         /// Allow listening on addresses other hosts can reach without TLS (logged as INSECURE).
         #[arg(long)]
         insecure: bool,
@@ -340,6 +345,10 @@ pub struct NodeArgs {
     /// Admin endpoint (status, metrics).
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Only this identity may call the admin endpoint; `:ro` lets it only read (see `serve
+    /// --admin-allow`). Repeatable.
+    #[arg(long = "admin-allow", value_name = "IDENTITY[:ro]", value_parser = admin_allow_arg)]
+    pub admin_allow: Vec<AccessRule>,
     /// Failure domain (rack, room, site): a volume's replicas are placed in different zones.
     #[arg(long)]
     pub zone: Option<String>,
@@ -467,6 +476,10 @@ fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).ok_or_else(|| {
         format!("invalid size {s:?}: use e.g. 10GiB or 10G (powers of 1024), 10GB (powers of 1000), or bytes")
     })
+}
+
+fn admin_allow_arg(s: &str) -> Result<AccessRule, String> {
+    syncblock_nbd::config::admin_allow_flag(s).map_err(|e| e.to_string())
 }
 
 fn allow_arg(s: &str) -> Result<(String, AccessRule), String> {

@@ -65,6 +65,7 @@ pub fn run_node(args: NodeArgs) -> Result<()> {
     let authenticates = tls_files.authenticates();
     check_exposed("NBD", args.listen, NBD_RISK, tls_on, args.insecure)?;
     check_exposed("replication", args.repl_listen, REPLICATION_RISK, authenticates, args.insecure)?;
+    syncblock_nbd::config::check_admin_access(&args.admin_allow, args.admin.is_some(), authenticates)?;
     if let Some(a) = args.admin {
         check_exposed("admin", a, ADMIN_RISK, authenticates, args.insecure)?;
     }
@@ -147,6 +148,7 @@ async fn node(
             nodes: syncblock_nbd::admin::Nodes::Live(Arc::new(move || m.nodes().into_values().collect())),
             read_only: Vec::new(),
             metrics: metrics.clone(),
+            access: args.admin_allow.clone(),
         });
         let admin_tls = tls.clone();
         tokio::spawn(async move {

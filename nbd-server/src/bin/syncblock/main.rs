@@ -55,6 +55,7 @@ fn main() -> Result<()> {
             tls,
             tls_files,
             allow,
+            admin_allow,
             insecure,
             repl,
             threads,
@@ -68,6 +69,7 @@ fn main() -> Result<()> {
                 tls: tls_files.files(),
                 tls_mode: tls,
                 access: allow,
+                admin_access: admin_allow,
                 insecure: insecure.then_some(true),
                 store,
                 store_bytes: size,
@@ -600,6 +602,7 @@ async fn serve_nbd(
             nodes: syncblock_nbd::admin::Nodes::Fixed(nodes.to_vec()),
             read_only: read_only.clone(),
             metrics: metrics.clone(),
+            access: settings.admin_access.clone(),
         });
         let at = l.local_addr()?;
         let admin_tls = tls.clone();
