@@ -489,13 +489,20 @@ pub fn save(path: &Path, state: &WitnessState) -> Result<()> {
 }
 
 /// Serves witness requests on `listener`, keeping records in `state_path`; grants carry `lease`.
-pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration) -> Result<()> {
+///
+/// `allow`: the node names (proven identities) that may make requests; empty, every identity the
+/// listener's credentials prove (the caller checks that a list comes with credentials that prove
+/// identities). A node name on the list may still act in any pair: the witness does not know which
+/// two nodes make up a pair.
+pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration, allow: Vec<String>) -> Result<()> {
     let state = load(&state_path)?;
     tracing::info!(
-        "witness on {} with {} pair records (lease {lease:?})",
+        "witness on {} with {} pair records (lease {lease:?}){}",
         listener.local_addr()?,
-        state.pairs.len() + state.unbound.len()
+        state.pairs.len() + state.unbound.len(),
+        if allow.is_empty() { String::new() } else { format!(", nodes allowed: {}", allow.join(", ")) }
     );
+    let allow = Arc::new(allow);
     let decider = Arc::new(Mutex::new(Decider::new(state, lease, Instant::now())));
     let state_path = Arc::new(state_path);
     let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
@@ -516,6 +523,7 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
         };
         let decider = decider.clone();
         let state_path = state_path.clone();
+        let allow = allow.clone();
         tasks.spawn(async move {
             let peer = match incoming.establish().await {
                 Ok(p) => p,
@@ -525,7 +533,7 @@ pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration
                     return;
                 }
             };
-            if let Err(e) = serve_one(peer, &decider, &state_path).await {
+            if let Err(e) = serve_one(peer, &decider, &state_path, &allow).await {
                 tracing::debug!(%from, "witness connection: {e}");
             }
             drop(permit);
@@ -540,7 +548,7 @@ const CONNECTIONS_MAX: usize = 1024;
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path) -> Result<()> {
+async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allow: &[String]) -> Result<()> {
     let (mut rd, mut wr) = crate::net::split(peer.stream);
     let who = peer.who;
     loop {
@@ -551,7 +559,15 @@ async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path) -> R
         let claimed = match &req {
             Frame::WitnessReport { node, .. }
             | Frame::WitnessSolo { node, .. }
-            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err(),
+            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err().or_else(|| {
+                (!allow.is_empty() && !allow.contains(node)).then(|| {
+                    format!(
+                        "{}: node {node:?} is not on this witness's list of nodes (--allow {}); refused",
+                        who.from,
+                        allow.join(" --allow ")
+                    )
+                })
+            }),
             _ => None,
         };
         let answer = if let Some(reason) = claimed {
@@ -879,7 +895,7 @@ mod tests {
             let path = dir.path().join("missing").join("witness.state");
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
-            let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1)));
+            let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1), Vec::new()));
             let net = crate::net::tcp();
             let e = ask(net.as_ref(), &Link::default(), addr, &report("a", 1, true), Duration::from_secs(5))
                 .await

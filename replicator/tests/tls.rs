@@ -100,3 +100,56 @@ async fn a_secondary_that_names_its_peer_refuses_every_other_node() {
     prim.stop();
     sec.stop().await;
 }
+
+/// A witness with a list of nodes (`--allow`) refuses every other identity its credentials prove,
+/// and serves the listed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_witness_with_a_node_list_refuses_every_other_identity() {
+    use syncblock_engine::Epoch;
+    use syncblock_replicator::wire::{Frame, Refusal};
+    use syncblock_replicator::witness::{ask, run, Link};
+    use syncblock_replicator::ReplError;
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.psk");
+    std::fs::write(&path, format!("a:{}\nb:{}\nc:{}\n", "a1".repeat(32), "b2".repeat(32), "c3".repeat(32))).unwrap();
+    let files = TlsFiles { psk: Some(path), ..TlsFiles::default() };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let listener = tls_listener(tcp_listener(l), Tls::load(&files, None).unwrap());
+    let witness =
+        tokio::spawn(run(listener, dir.path().join("w.state"), Duration::from_secs(1), vec!["a".into(), "b".into()]));
+    let report = |node: &str| Frame::WitnessReport {
+        pair: 7,
+        volume: "v".into(),
+        node: node.into(),
+        epoch: Epoch(1),
+        in_sync: true,
+    };
+    let as_node = |node: &str| TlsNet::over(tcp(), Tls::load(&files, Some(node)).unwrap());
+
+    // c proves its name, but is not on the list: refused before any decision.
+    let c = as_node("c");
+    match ask(&*c, &Link::default(), addr, &report("c"), TIMEOUT * 5).await {
+        Err(ReplError::Refused { why: Refusal::Protocol, reason }) => {
+            assert!(reason.contains("not on this witness's list of nodes"), "{reason}")
+        }
+        other => panic!("a node not on the list was answered: {other:?}"),
+    }
+    // a is on it: its report registers the pair.
+    let a = as_node("a");
+    let grant = ask(&*a, &Link::default(), addr, &report("a"), TIMEOUT * 5).await.expect("a listed node is served");
+    assert_eq!(grant.primary, "a");
+    // c still cannot take the pair over, even forced.
+    let promote = Frame::WitnessPromote {
+        pair: 7,
+        volume: "v".into(),
+        node: "c".into(),
+        epoch: Epoch(1),
+        consistent: true,
+        force: true,
+        reclaim: false,
+    };
+    assert!(ask(&*c, &Link::default(), addr, &promote, TIMEOUT * 5).await.is_err(), "c took over the pair");
+    witness.abort();
+}

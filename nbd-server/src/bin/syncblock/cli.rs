@@ -198,6 +198,11 @@ pub enum Command {
         lease_ms: u64,
         #[command(flatten)]
         tls_files: TlsArgs,
+        /// Only this node (its certificate CN or PSK identity) may ask for epochs, solo operation
+        /// and promotion. Repeatable; without any, every identity the TLS credentials prove may.
+        /// Needs --tls-ca or --tls-psk.
+        #[arg(long = "allow", value_name = "NODE")]
+        allow: Vec<String>,
         /// Allow listening on an address other hosts can reach without TLS (logged as INSECURE).
         #[arg(long)]
         insecure: bool,

@@ -92,9 +92,15 @@ fn main() -> Result<()> {
             let rt = runtime(threads.threads)?;
             pair::run(&rt, size, listen, &data_dir, admin)
         }
-        Command::Witness { listen, state, lease_ms, tls_files, insecure } => {
+        Command::Witness { listen, state, lease_ms, tls_files, allow, insecure } => {
             let files = tls_files.files();
             let tls = if files.is_empty() { None } else { Some(syncblock_replicator::tls::Tls::load(&files, None)?) };
+            if !allow.is_empty() && !tls.as_ref().is_some_and(|t| t.authenticates()) {
+                anyhow::bail!(
+                    "--allow names nodes, but they prove no identity to this witness: give --tls-ca (node \
+                     certificates) or --tls-psk"
+                );
+            }
             syncblock_nbd::config::check_exposed(
                 "the witness",
                 listen,
@@ -121,7 +127,7 @@ fn main() -> Result<()> {
                     state.display()
                 );
                 tokio::select! {
-                    r = syncblock_replicator::witness::run(with_tls(syncblock_replicator::net::tcp_listener(l), tls), state, lease) => r.context("witness"),
+                    r = syncblock_replicator::witness::run(with_tls(syncblock_replicator::net::tcp_listener(l), tls), state, lease, allow) => r.context("witness"),
                     _ = stop => Ok(()),
                 }
             })
