@@ -27,6 +27,7 @@
 //! [replication]
 //! node = "a"                   # this node's name at the witness and in its peer's logs
 //! witness = "10.0.0.3:7100"
+//! witness_node = "witness"     # with a CA: the name the witness's certificate must carry
 //! timeout_ms = 1000
 //! admin = "127.0.0.1:7200"     # for `syncblock status`, `promote`, `verify`
 //!
@@ -154,6 +155,8 @@ impl ReplVolume {
 pub struct ReplNodeOptions {
     pub node: Option<String>,
     pub witness: Option<SocketAddr>,
+    /// The name the witness must prove (its certificate's CN) when this node dials it.
+    pub witness_node: Option<String>,
     pub timeout_ms: Option<u64>,
     pub admin: Option<SocketAddr>,
 }
@@ -228,6 +231,7 @@ pub struct ServeSettings {
     pub replicate: Vec<ReplVolume>,
     pub node: String,
     pub witness: Option<SocketAddr>,
+    pub witness_node: Option<String>,
     pub repl_timeout_ms: u64,
     pub admin: Option<SocketAddr>,
     pub write_back: bool,
@@ -404,6 +408,7 @@ impl ServeOptions {
         let replication = ReplNodeOptions {
             node: f.node.or(n.node),
             witness: f.witness.or(n.witness),
+            witness_node: f.witness_node.or(n.witness_node),
             timeout_ms: f.timeout_ms.or(n.timeout_ms),
             admin: f.admin.or(n.admin),
         };
@@ -467,6 +472,7 @@ impl ServeOptions {
             replicate: self.replicate,
             node: self.replication.node.unwrap_or_else(|| DEFAULT_NODE.into()),
             witness: self.replication.witness,
+            witness_node: self.replication.witness_node,
             repl_timeout_ms: self.replication.timeout_ms.unwrap_or(DEFAULT_REPL_TIMEOUT_MS),
             admin: self.replication.admin,
             write_back: self.write_back.unwrap_or(true),
@@ -587,6 +593,14 @@ impl ServeSettings {
         }
         if let Some(addr) = self.admin {
             check_exposed("the admin endpoint", addr, ADMIN_RISK, authenticated, self.insecure)?;
+        }
+        if let Some(name) = &self.witness_node {
+            if self.tls.ca.is_none() {
+                return Err(ConfigError::Tls(format!(
+                    "--witness-node {name:?} is checked against the witness's certificate: give --tls-ca (and \
+                     --tls-cert/--tls-key); a PSK witness proves only that it knows this node's key"
+                )));
+            }
         }
         check_admin_access(&self.admin_access, self.admin.is_some(), authenticated)
     }
@@ -984,7 +998,11 @@ access = [{ identity = "app1" }, { identity = "backup", read_only = true }]
         let e = local.clone().check_security().unwrap_err().to_string();
         assert!(e.contains("prove none"), "{e}");
         let ca = TlsFiles { ca: Some("ca".into()), ..files };
-        ServeSettings { tls: ca, tls_mode: TlsMode::Require, ..local }.check_security().unwrap();
+        ServeSettings { tls: ca.clone(), tls_mode: TlsMode::Require, ..local }.check_security().unwrap();
+        // The witness's name is checked in its certificate: that needs a CA.
+        let named = ServeSettings { witness_node: Some("witness".into()), ..base() };
+        assert!(named.clone().check_security().unwrap_err().to_string().contains("--witness-node"));
+        ServeSettings { tls: ca, tls_mode: TlsMode::Require, ..named }.check_security().unwrap();
     }
 
     #[test]

@@ -47,6 +47,8 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
         format!("--tls-ca={d}/ca-cert.pem"),
         // Each node names its peer: only it may connect as primary, and it must prove the name.
         "--peer-node={peer}".into(),
+        // And the witness must prove its name.
+        "--witness-node=witness".into(),
         // The admin endpoint's access list: ops may do everything, prom only read.
         "--admin-allow=ops".into(),
         "--admin-allow=prom:ro".into(),
@@ -153,6 +155,31 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
     imp.stop();
     // b is still a's secondary, in sync.
     pair.wait_in_sync(0);
+
+    // A node told to expect another name of its witness refuses the real one (signed by the CA).
+    let w_log = dir.path().join("wrong-witness.log");
+    let mut w_args = common::pair::serve_args(&dir.path().join("ww.img"), "1GiB", "64MiB");
+    w_args.extend([
+        "--role=primary".to_string(),
+        "--peer=127.0.0.1:9".into(),
+        "--repl-listen=127.0.0.1:0".into(),
+        "--node=ops".into(),
+        format!("--witness={}", pair.witness_addr),
+        "--witness-node=elsewhere".into(),
+        format!("--tls-cert={d}/ops-cert.pem"),
+        format!("--tls-key={d}/ops-key.pem"),
+        format!("--tls-ca={d}/ca-cert.pem"),
+    ]);
+    let ww = syncblock(&w_log, &w_args);
+    wait_until(POLL, "the node to refuse its witness's name", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&w_log).unwrap_or_default();
+        if text.contains(r#"certificate is for "witness", not "elsewhere""#) {
+            Ok(())
+        } else {
+            Err(tail(&w_log, 10))
+        }
+    });
+    ww.stop();
 
     // A node whose certificate is for another name does not start.
     let (code, _, err) = run(

@@ -418,6 +418,10 @@ pub struct ReplArgs {
     /// The witness (`syncblock witness`): grants epochs, solo operation and failover.
     #[arg(long)]
     witness: Option<SocketAddr>,
+    /// With certificates: the name (CN) the witness's certificate must carry; a server signed by
+    /// the CA under another name is refused [default: any the CA signed].
+    #[arg(long, value_name = "NAME", requires = "witness")]
+    witness_node: Option<String>,
     /// What the primary does while its peer is away: wait (strict, RPO = 0, no automatic
     /// failover) or continue alone with the witness's consent (degrade) [default: degrade with
     /// --witness, strict without].
@@ -441,7 +445,13 @@ impl ReplArgs {
             policy: self.policy,
             auto_failover: !self.no_auto_failover,
         });
-        let node = ReplNodeOptions { node: self.node, witness: self.witness, timeout_ms: self.repl_timeout_ms, admin };
+        let node = ReplNodeOptions {
+            node: self.node,
+            witness: self.witness,
+            witness_node: self.witness_node,
+            timeout_ms: self.repl_timeout_ms,
+            admin,
+        };
         (volume.into_iter().collect(), node)
     }
 }

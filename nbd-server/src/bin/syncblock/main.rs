@@ -536,7 +536,10 @@ async fn start_replication(
                         Some(tls) => syncblock_replicator::net::TlsNet::expecting(
                             syncblock_replicator::net::tcp(),
                             tls.clone(),
-                            r.peer.zip(r.peer_node.clone()),
+                            r.peer
+                                .zip(r.peer_node.clone())
+                                .into_iter()
+                                .chain(settings.witness.zip(settings.witness_node.clone())),
                         ),
                         None => syncblock_replicator::net::tcp(),
                     },
