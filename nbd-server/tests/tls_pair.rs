@@ -126,6 +126,25 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
     assert!(err.contains("not on the admin access list"), "{err}");
     let (code, out, err) = admin_as("ops", "verify");
     assert_eq!(code, 0, "the operator's verify failed: {out}{err}");
+    // --admin-node: the endpoint must be the node named; a's endpoint is not b.
+    let named = |node: &str| {
+        let args = [
+            "status".to_string(),
+            "--admin".into(),
+            pair.nodes[0].admin.clone(),
+            format!("--admin-node={node}"),
+            format!("--tls-cert={d}/ops-cert.pem"),
+            format!("--tls-key={d}/ops-key.pem"),
+            format!("--tls-ca={d}/ca-cert.pem"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(Duration::from_secs(60), env!("CARGO_BIN_EXE_syncblock"), &args)
+    };
+    let (code, out, err) = named("a");
+    assert_eq!(code, 0, "status of a, expecting a: {out}{err}");
+    let (code, _, err) = named("b");
+    assert_ne!(code, 0, "a's endpoint passed for b");
+    assert!(err.contains(r#"certificate is for "a", not "b""#), "{err}");
     let a_log = std::fs::read_to_string(pair.root.join("a.log")).unwrap();
     assert!(a_log.contains("admin endpoint: refused POST /verify: identity \"prom\" may only read"), "{a_log}");
 

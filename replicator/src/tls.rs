@@ -416,28 +416,24 @@ impl Tls {
             Ok(Err(e)) => return Err(TlsError::Handshake(explain(&e, s.ssl()))),
             Ok(Ok(())) => {}
         }
-        if let (Some(expect), Some(cert)) = (expect, s.ssl().peer_certificate()) {
-            let got = common_name(&cert);
-            if got.as_deref() != Some(expect) {
-                return Err(TlsError::Handshake(format!(
-                    "the server's certificate is for {:?}, not {expect:?}",
-                    got.unwrap_or_default()
-                )));
-            }
-        }
+        check_server_name(s.ssl(), expect)?;
         Ok(TlsStream { inner: s, scratch: Vec::new() })
     }
 
-    /// The client side of a handshake on a blocking socket (the admin commands).
+    /// The client side of a handshake on a blocking socket (the admin commands); `expect` as in
+    /// [`Tls::connect`].
     pub fn connect_blocking(
         &self,
         stream: std::net::TcpStream,
+        expect: Option<&str>,
     ) -> Result<openssl::ssl::SslStream<std::net::TcpStream>, TlsError> {
         let ssl = Ssl::new(&self.client).map_err(|e| TlsError::Handshake(e.to_string()))?;
-        ssl.connect(stream).map_err(|e| match e {
+        let s = ssl.connect(stream).map_err(|e| match e {
             openssl::ssl::HandshakeError::Failure(m) => TlsError::Handshake(explain(m.error(), m.ssl())),
             other => TlsError::Handshake(other.to_string()),
-        })
+        })?;
+        check_server_name(s.ssl(), expect)?;
+        Ok(s)
     }
 }
 
@@ -514,6 +510,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
+}
+
+/// With certificates and a name to `expect`, refuses a server whose certificate (verified against
+/// the CA) carries another CN. A PSK server has no certificate: it proved only that it knows the
+/// client's key.
+fn check_server_name(ssl: &SslRef, expect: Option<&str>) -> Result<(), TlsError> {
+    if let (Some(expect), Some(cert)) = (expect, ssl.peer_certificate()) {
+        let got = common_name(&cert);
+        if got.as_deref() != Some(expect) {
+            return Err(TlsError::Handshake(format!(
+                "the server's certificate is for {:?}, not {expect:?}",
+                got.unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The identity a peer proved: its PSK identity, or its verified certificate's CN.

@@ -31,11 +31,14 @@ pub struct AdminAt {
     pub addr: SocketAddr,
     /// TLS credentials, when the node's admin endpoint requires them.
     pub tls: Option<std::sync::Arc<syncblock_replicator::tls::Tls>>,
+    /// The name the endpoint's certificate must carry (`--admin-node`).
+    pub node: Option<String>,
 }
 
 struct Client {
     admin: SocketAddr,
     tls: Option<std::sync::Arc<syncblock_replicator::tls::Tls>>,
+    node: Option<String>,
     timeout: Duration,
 }
 
@@ -44,7 +47,7 @@ struct Client {
 /// answer to its end. (ureq, used before, cannot present a PSK.)
 impl Client {
     fn new(at: &AdminAt, timeout: Duration) -> Client {
-        Client { admin: at.addr, tls: at.tls.clone(), timeout }
+        Client { admin: at.addr, tls: at.tls.clone(), node: at.node.clone(), timeout }
     }
 
     /// Sends a request; returns the HTTP status and the body, or an error naming the likely cause.
@@ -84,10 +87,11 @@ impl Client {
                 }
             }
             Some(tls) => {
-                let mut s = tls.connect_blocking(tcp).map_err(|e| {
+                let mut s = tls.connect_blocking(tcp, self.node.as_deref()).map_err(|e| {
                     anyhow::anyhow!(
                         "TLS with the admin endpoint {admin}: {e}; likely cause: the node's admin endpoint does \
-                         not use TLS, or these credentials are not the ones it trusts"
+                         not use TLS, these credentials are not the ones it trusts, or (with --admin-node) it is \
+                         another node"
                     )
                 })?;
                 s.write_all(request.as_bytes()).map_err(io_err)?;
