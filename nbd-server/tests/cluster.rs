@@ -309,6 +309,58 @@ fn a_node_gone_past_the_grace_period_is_replaced_and_its_stale_replica_removed()
     qemu_ok(&uri, &["read -P 0x77 0 4M", "read -P 0x78 4M 1M", "read -P 0x79 5M 1M"]);
 }
 
+/// `node remove`: refused for a live node and an unknown one; for a dead node, its volumes get a
+/// new replica at once although the grace period (the default, ten minutes) is far off; the node
+/// started again joins as new and its stale replica goes.
+#[test]
+fn a_removed_node_is_replaced_without_waiting_for_the_grace_period() {
+    if !ready("node remove") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 1);
+    let ep = etcd.endpoints();
+    let mut nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let r = create_in_sync(&ep, "r", "64MiB");
+    let (primary, lost) = (r["primary"].as_str().unwrap().to_string(), r["secondary"].as_str().unwrap().to_string());
+    let third = ["n1", "n2", "n3"].into_iter().find(|n| *n != primary && *n != lost).unwrap().to_string();
+    qemu_ok(r["nbd"].as_str().unwrap(), &["write -P 0x5a 0 2M", "flush"]);
+
+    let (code, _, err) = cli(&ep, &["node", "remove", &lost]);
+    assert_ne!(code, 0, "a live node was removed");
+    assert!(err.contains("is alive"), "{err}");
+    let (code, _, err) = cli(&ep, &["node", "remove", "n9"]);
+    assert_ne!(code, 0, "an unknown node was removed");
+    assert!(err.contains("not a member"), "{err}");
+
+    nodes.iter_mut().find(|n| n.name == lost).unwrap().kill();
+    // Once etcd has expired the node's lease (a TTL), it can be removed.
+    wait_until(Duration::from_millis(200), "the dead node removed", Duration::from_secs(20), || {
+        let (code, out, err) = cli(&ep, &["node", "remove", &lost]);
+        (code == 0).then_some(out).ok_or(err)
+    });
+    let listed = cli(&ep, &["node", "list", "--json"]).1;
+    assert!(!listed.contains(&format!("\"{lost}\"")), "the removed node is still listed: {listed}");
+    wait_until(Duration::from_millis(250), "re-protected at once", Duration::from_secs(60), || {
+        let v = volume(&ep, "r");
+        (v["primary"] == primary.as_str() && v["secondary"] == third.as_str() && v["state"] == "in-sync")
+            .then_some(())
+            .ok_or_else(|| v.to_string())
+    });
+    let (code, _, err) = cli(&ep, &["node", "remove", &lost]);
+    assert!(code != 0 && err.contains("already removed"), "{err}");
+    // Back again: a member like any other, without the volume it held.
+    let back = nodes.iter_mut().find(|n| n.name == lost).unwrap();
+    back.restart();
+    wait_removed(back);
+    let listed = cli(&ep, &["node", "list", "--json"]).1;
+    assert!(listed.contains(&format!("\"{lost}\"")), "the node that came back is not listed: {listed}");
+    let uri = nodes.iter().find(|n| n.name == primary).unwrap().uri("r");
+    qemu_ok(&uri, &["read -P 0x5a 0 2M"]);
+}
+
 /// etcd that accepts only TLS clients with a certificate from its CA: nodes and commands given
 /// `--etcd-ca/--etcd-cert/--etcd-key` work; without a client certificate, or without TLS, a
 /// command is refused with a message naming etcd.

@@ -393,9 +393,12 @@ async fn register(
         let granted = client.lease_grant(ttl_secs, None).await.map_err(|e| cluster.err(e))?;
         let ttl = Duration::from_secs(granted.ttl().max(1) as u64);
         let value = serde_json::to_vec(&cfg.info).expect("serialisable");
+        // A node an operator removed joins again as new: its removal mark goes (its replicas that
+        // were moved meanwhile are stale, and reconcile removes them).
         let txn = Txn::new().when(vec![Compare::version(alive_key.clone(), CompareOp::Equal, 0)]).and_then(vec![
             TxnOp::put(member_key.clone(), value, None),
             TxnOp::put(alive_key.clone(), b"1".to_vec(), Some(PutOptions::new().with_lease(granted.id()))),
+            TxnOp::delete(cluster.key(&format!("removed/{name}")), None),
         ]);
         let resp = client.txn(txn).await.map_err(|e| cluster.err(e))?;
         if resp.succeeded() {

@@ -191,6 +191,9 @@ pub struct Snapshot {
     pub alive: BTreeMap<String, i64>,
     pub volumes: BTreeMap<String, VolumeSpec>,
     pub grants: BTreeMap<String, GrantDoc>,
+    /// Nodes an operator removed (`removed/NAME`, by `syncblock node remove`) that have not
+    /// registered again: their replicas are re-protected without waiting for the grace period.
+    pub removed: std::collections::BTreeSet<String>,
     /// Each key's mod revision (by the key's path under the prefix, e.g. `volumes/NAME`), for the
     /// compare-and-swap transactions made from this snapshot.
     pub revisions: BTreeMap<String, i64>,
@@ -392,6 +395,8 @@ impl Cluster {
                 s.volumes.insert(name.into(), decode(&key, kv.value())?);
             } else if let Some(name) = rest.strip_prefix("grants/") {
                 s.grants.insert(name.into(), decode(&key, kv.value())?);
+            } else if let Some(name) = rest.strip_prefix("removed/") {
+                s.removed.insert(name.into());
             }
             s.revisions.insert(rest.to_string(), kv.mod_revision());
         }
@@ -476,6 +481,42 @@ impl Cluster {
         let txn = Txn::new().when(when).and_then(ops);
         let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
         Ok(resp.succeeded().then_some(moved))
+    }
+
+    /// Removes a dead node for good (`syncblock node remove`): its record goes, and `removed/NAME`
+    /// tells the primaries of the volumes it held a replica of to give them a new one now instead
+    /// of after the grace period. Refused (changing nothing) for a node that is alive: it would go
+    /// on serving what it holds. A removed node that starts again registers as new, and its stale
+    /// replicas are removed like those of a node gone past the grace period. Returns the volumes
+    /// that held a replica on it.
+    pub async fn remove_node(&self, name: &str) -> Result<Vec<String>> {
+        check_name("node", name)?;
+        let snap = self.snapshot().await?;
+        if snap.alive.contains_key(name) {
+            return Err(ClusterError::Refused(format!(
+                "node {name:?} is alive: stop it first (a removed node must not go on serving its volumes); \
+                 its volumes then fail over, and `node remove` gives them new replicas at once"
+            )));
+        }
+        if !snap.members.contains_key(name) {
+            let why = if snap.removed.contains(name) { "was already removed" } else { "is not a member" };
+            return Err(ClusterError::Refused(format!("node {name:?} {why}")));
+        }
+        let (alive, member) = (self.key(&format!("alive/{name}")), self.key(&format!("members/{name}")));
+        let txn = Txn::new()
+            .when(vec![
+                Compare::version(alive, CompareOp::Equal, 0),
+                Compare::version(member.clone(), CompareOp::Greater, 0),
+            ])
+            .and_then(vec![
+                TxnOp::delete(member, None),
+                TxnOp::put(self.key(&format!("removed/{name}")), b"1".to_vec(), None),
+            ]);
+        let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+        if !resp.succeeded() {
+            return Err(ClusterError::Refused(format!("node {name:?} registered again meanwhile; nothing removed")));
+        }
+        Ok(snap.volumes.values().filter(|v| v.replicas.iter().any(|r| r == name)).map(|v| v.name.clone()).collect())
     }
 
     /// Deletes a volume's record and its grant; the nodes holding its replicas delete their copies.

@@ -11,8 +11,8 @@ use super::placement::{self, NodeLoad, PlaceError};
 use super::{Snapshot, VolumeSpec};
 
 /// The volumes `me` must re-protect now: those whose granted primary it is and whose other
-/// replica's node has been dead (by `dead_since`, this node's observation) for `grace` or more.
-/// Returns (volume, lost node).
+/// replica's node has been dead (by `dead_since`, this node's observation) for `grace` or more, or
+/// is dead and was removed by an operator (`removed/NAME`). Returns (volume, lost node).
 pub fn overdue(
     snap: &Snapshot,
     me: &str,
@@ -25,6 +25,9 @@ pub fn overdue(
         .filter(|v| snap.grants.get(&v.name).is_some_and(|g| g.pair == v.id && g.primary == me))
         .filter_map(|v| {
             let lost = v.replicas.iter().find(|r| *r != me)?;
+            if snap.removed.contains(lost) && !snap.alive.contains_key(lost) {
+                return Some((v.name.clone(), lost.clone()));
+            }
             let since = dead_since.get(lost)?;
             (now.saturating_duration_since(*since) >= grace).then(|| (v.name.clone(), lost.clone()))
         })
@@ -92,6 +95,25 @@ mod tests {
         assert!(overdue(&s, "b", &dead, t0 + grace, grace).is_empty());
         s.grants.get_mut("v").unwrap().pair = 8;
         assert!(overdue(&s, "a", &dead, t0 + grace, grace).is_empty());
+    }
+
+    #[test]
+    fn a_removed_dead_node_is_replaced_at_once_and_a_live_one_never() {
+        let mut s = snap();
+        s.alive.remove("b");
+        s.members.remove("b");
+        s.removed.insert("b".into());
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(600);
+        // Not even seen dying by this node (no dead_since entry): removed is enough.
+        assert_eq!(overdue(&s, "a", &BTreeMap::new(), t0, grace), vec![("v".to_string(), "b".to_string())]);
+        // Registered again (alive), it keeps its replica until the grace period says otherwise.
+        s.alive.insert("b".into(), 2);
+        assert!(overdue(&s, "a", &BTreeMap::new(), t0, grace).is_empty());
+        // The new replica never goes to the removed node.
+        s.alive.remove("b");
+        let moved = replacement(&s.loads(), &s.volumes["v"], "b", "a").unwrap().unwrap();
+        assert_eq!(moved.replicas, vec!["a".to_string(), "d".to_string()]);
     }
 
     #[test]

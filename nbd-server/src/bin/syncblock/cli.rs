@@ -50,6 +50,10 @@ pub struct AdminTls {
     /// The PSK identity to connect as [default: the only identity in --tls-psk].
     #[arg(long, value_name = "NAME", requires = "tls_psk")]
     pub tls_user: Option<String>,
+    /// The node name (CN) the admin endpoint's certificate must carry; a server the CA signed
+    /// under another name is refused [default: any the CA signed].
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub admin_node: Option<String>,
 }
 
 impl TlsArgs {
@@ -72,7 +76,7 @@ impl AdminTls {
         } else {
             Some(syncblock_replicator::tls::Tls::load_client(&files, self.tls_user.as_deref())?)
         };
-        Ok(crate::client::AdminAt { addr, tls })
+        Ok(crate::client::AdminAt { addr, tls, node: self.admin_node.clone() })
     }
 }
 
@@ -384,6 +388,17 @@ pub enum NodeCommand {
         etcd_tls: EtcdTlsArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Remove a dead node for good: the volumes it held a replica of get a new replica on another
+    /// node now, not after the grace period (`--grace`). Refused for a node that is alive. A
+    /// removed node that starts again joins as new, and its stale replicas are removed.
+    Remove {
+        /// The node's name.
+        name: String,
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
     },
 }
 

@@ -210,6 +210,20 @@ pub fn node_command(command: NodeCommand) -> Result<()> {
             }
             Ok(())
         }),
+        NodeCommand::Remove { name, etcd, etcd_tls } => rt.block_on(async {
+            let cluster = Cluster::connect(&etcd, etcd_tls.tls()).await?;
+            let volumes = cluster.remove_node(&name).await?;
+            if volumes.is_empty() {
+                println!("node {name} removed; it held no replica");
+            } else {
+                println!(
+                    "node {name} removed; {} volume(s) get a new replica now (their primaries copy them): {}",
+                    volumes.len(),
+                    volumes.join(", ")
+                );
+            }
+            Ok(())
+        }),
     }
 }
 
