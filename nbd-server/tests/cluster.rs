@@ -71,6 +71,15 @@ fn wait_removed(node: &ClusterNode) {
     });
 }
 
+/// One etcd member and nodes n1, n2 and n3 (with `extra` flags): the etcd (stopped when dropped),
+/// its endpoints, the nodes.
+fn three_nodes(dir: &std::path::Path, extra: &[&str]) -> (Etcd, String, Vec<ClusterNode>) {
+    let etcd = Etcd::start(dir, 1);
+    let ep = etcd.endpoints();
+    let nodes = ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start_with(dir, &ep, n, None, extra)).collect();
+    (etcd, ep, nodes)
+}
+
 fn qemu_ok(uri: &str, cmds: &[&str]) {
     let (code, out) = qemu_io(uri, cmds);
     assert!(
@@ -174,10 +183,7 @@ fn a_lost_node_fails_over_and_comes_back_to_resync() {
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path(), 1);
-    let ep = etcd.endpoints();
-    let mut nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (_etcd, ep, mut nodes) = three_nodes(dir.path(), &[]);
     for v in ["a", "b", "c", "d", "e", "f", "g", "h"] {
         let (code, out, err) = cli(&ep, &["volume", "create", v, "--size", "128MiB"]);
         assert_eq!(code, 0, "{out}{err}");
@@ -275,11 +281,7 @@ fn a_node_gone_past_the_grace_period_is_replaced_and_its_stale_replica_removed()
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path(), 1);
-    let ep = etcd.endpoints();
-    let grace = ["--grace=3"];
-    let mut nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start_with(dir.path(), &ep, n, None, &grace)).collect();
+    let (_etcd, ep, mut nodes) = three_nodes(dir.path(), &["--grace=3"]);
     let r = create_in_sync(&ep, "r", "128MiB");
     let (old, survivor) = (r["primary"].as_str().unwrap().to_string(), r["secondary"].as_str().unwrap().to_string());
     let third = ["n1", "n2", "n3"].into_iter().find(|n| *n != old && *n != survivor).unwrap().to_string();
@@ -319,10 +321,7 @@ fn a_removed_node_is_replaced_without_waiting_for_the_grace_period() {
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path(), 1);
-    let ep = etcd.endpoints();
-    let mut nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (_etcd, ep, mut nodes) = three_nodes(dir.path(), &[]);
     let r = create_in_sync(&ep, "r", "64MiB");
     let (primary, lost) = (r["primary"].as_str().unwrap().to_string(), r["secondary"].as_str().unwrap().to_string());
     let third = ["n1", "n2", "n3"].into_iter().find(|n| *n != primary && *n != lost).unwrap().to_string();

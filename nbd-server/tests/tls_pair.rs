@@ -92,20 +92,9 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
         run(Duration::from_secs(30), env!("CARGO_BIN_EXE_syncblock"), &["status", "--admin", &pair.nodes[0].admin]);
     assert_ne!(code, 0, "status without credentials was answered");
     assert!(err.contains("TLS"), "the refusal should say TLS is required: {err}");
-    let mallory = [
-        "status".to_string(),
-        "--admin".into(),
-        pair.nodes[0].admin.clone(),
-        format!("--tls-cert={d}/mallory-cert.pem"),
-        format!("--tls-key={d}/mallory-key.pem"),
-        format!("--tls-ca={d}/ca-cert.pem"),
-    ];
-    let mallory: Vec<&str> = mallory.iter().map(String::as_str).collect();
-    let (code, _, _) = run(Duration::from_secs(30), env!("CARGO_BIN_EXE_syncblock"), &mallory);
-    assert_ne!(code, 0, "status with a certificate of another CA was answered");
-    // The access list: prom reads but may not command; app1, signed by the same CA, is not on it.
-    let admin_as = |who: &str, cmd: &str| {
-        let args = [
+    // An admin command as `who` (its certificate), with `extra` flags.
+    let admin_as = |who: &str, cmd: &str, extra: &[&str]| {
+        let mut args = vec![
             cmd.to_string(),
             "--admin".into(),
             pair.nodes[0].admin.clone(),
@@ -113,36 +102,27 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
             format!("--tls-key={d}/{who}-key.pem"),
             format!("--tls-ca={d}/ca-cert.pem"),
         ];
+        args.extend(extra.iter().map(|e| e.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run(Duration::from_secs(60), env!("CARGO_BIN_EXE_syncblock"), &args)
     };
-    let (code, out, err) = admin_as("prom", "status");
+    let (code, _, _) = admin_as("mallory", "status", &[]);
+    assert_ne!(code, 0, "status with a certificate of another CA was answered");
+    // The access list: prom reads but may not command; app1, signed by the same CA, is not on it.
+    let (code, out, err) = admin_as("prom", "status", &[]);
     assert_eq!(code, 0, "a reader's status was refused: {out}{err}");
-    let (code, out, err) = admin_as("prom", "verify");
+    let (code, out, err) = admin_as("prom", "verify", &[]);
     assert_ne!(code, 0, "a reader ran a verify: {out}");
     assert!(err.contains("may only read"), "{err}");
-    let (code, _, err) = admin_as("app1", "status");
+    let (code, _, err) = admin_as("app1", "status", &[]);
     assert_ne!(code, 0, "an identity not on the list read the status");
     assert!(err.contains("not on the admin access list"), "{err}");
-    let (code, out, err) = admin_as("ops", "verify");
+    let (code, out, err) = admin_as("ops", "verify", &[]);
     assert_eq!(code, 0, "the operator's verify failed: {out}{err}");
     // --admin-node: the endpoint must be the node named; a's endpoint is not b.
-    let named = |node: &str| {
-        let args = [
-            "status".to_string(),
-            "--admin".into(),
-            pair.nodes[0].admin.clone(),
-            format!("--admin-node={node}"),
-            format!("--tls-cert={d}/ops-cert.pem"),
-            format!("--tls-key={d}/ops-key.pem"),
-            format!("--tls-ca={d}/ca-cert.pem"),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(Duration::from_secs(60), env!("CARGO_BIN_EXE_syncblock"), &args)
-    };
-    let (code, out, err) = named("a");
+    let (code, out, err) = admin_as("ops", "status", &["--admin-node=a"]);
     assert_eq!(code, 0, "status of a, expecting a: {out}{err}");
-    let (code, _, err) = named("b");
+    let (code, _, err) = admin_as("ops", "status", &["--admin-node=b"]);
     assert_ne!(code, 0, "a's endpoint passed for b");
     assert!(err.contains(r#"certificate is for "a", not "b""#), "{err}");
     let a_log = std::fs::read_to_string(pair.root.join("a.log")).unwrap();
