@@ -42,7 +42,7 @@ pub const REPROTECT_COPIES_MAX: usize = 4;
 
 /// How long a volume this node just moved counts as copying before its link to the new replica is
 /// up: 10 s, ten times a link timeout.
-const REPROTECT_CONNECT_WAIT: Duration = Duration::from_secs(10);
+pub const REPROTECT_CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 /// What a node needs to join.
 #[derive(Clone)]
