@@ -101,7 +101,7 @@ use std::time::Duration;
 use syncblock_engine::sim::Rng;
 use syncblock_engine::Epoch;
 use syncblock_replicator::cluster::authority::{CACHE_FOR, RETRY_AFTER};
-use syncblock_replicator::cluster::member::{DEFAULT_TTL, REPROTECT_CONNECT_WAIT, REPROTECT_COPIES_MAX};
+use syncblock_replicator::cluster::member::DEFAULT_TTL;
 use syncblock_replicator::cluster::placement::{self, NodeLoad};
 use syncblock_replicator::cluster::{plan, GrantDoc, MemberInfo, Snapshot, VolumeSpec};
 use syncblock_replicator::wire::{Frame, Refusal};
@@ -655,11 +655,6 @@ struct Node {
     last_pass: Ms,
     replacing: VecDeque<(u32, u32)>,
     replace_busy: bool,
-    /// Volumes this node moved (re-protection): volume → (new node, when). Each counts against
-    /// `REPROTECT_COPIES_MAX` until the new copy is in sync, as `member.rs` counts them.
-    moved: BTreeMap<u32, (u32, Ms)>,
-    /// When the pass that waits for a copy slot looks again (one such tick at a time).
-    slot_tick: Ms,
     /// Full copies this node receives: volume → bytes left.
     copies_in: BTreeMap<u32, f64>,
     copy_at: Ms,
@@ -875,8 +870,6 @@ impl Sim {
                 last_pass: 0,
                 replacing: VecDeque::new(),
                 replace_busy: false,
-                moved: BTreeMap::new(),
-                slot_tick: 0,
                 copies_in: BTreeMap::new(),
                 copy_at: 0,
                 copy_gen: 0,
@@ -2408,38 +2401,14 @@ impl Sim {
         if !node.dead_since.values().any(ripe) || !(node.reprotect_due || crossed) {
             return;
         }
-        let mut due: Vec<(u32, u32)> = plan::overdue(&node.snap, &node.name, &node.dead_since, now_i, grace)
+        let due: Vec<(u32, u32)> = plan::overdue(&node.snap, &node.name, &node.dead_since, now_i, grace)
             .into_iter()
             .map(|(volume, lost)| (self.vol_by_name[&volume], self.by_name[&lost]))
             .filter(|&(v, lost)| !(self.cfg.reprotect_only_disconnected && self.connected(v, n, lost)))
             .collect();
-        // At most REPROTECT_COPIES_MAX copies at a time, as member.rs: a moved volume counts
-        // until its new copy is in sync, while connected or within REPROTECT_CONNECT_WAIT of the
-        // move. With more due, the pass looks again a second later.
-        let wait = REPROTECT_CONNECT_WAIT.as_millis() as Ms;
-        let copying: Vec<u32> = self.nodes[n as usize]
-            .moved
-            .iter()
-            .filter(|(&v, &(new, at))| {
-                let in_sync =
-                    self.copy_idx(v, new).and_then(|j| self.vols[v as usize].copies[j].run).is_some_and(|r| r.in_sync);
-                !in_sync && (self.now < at + wait || self.connected(v, n, new))
-            })
-            .map(|(&v, _)| v)
-            .collect();
         let node = &mut self.nodes[n as usize];
-        node.moved.retain(|v, _| copying.contains(v));
-        let room = REPROTECT_COPIES_MAX.saturating_sub(copying.len());
-        let full = due.len() > room;
-        due.truncate(room);
-        node.reprotect_due = full;
+        node.reprotect_due = false;
         node.last_pass = self.now;
-        if full && node.slot_tick <= self.now {
-            node.slot_tick = self.now + REPROTECT_EVERY_MS;
-            let inc = node.inc;
-            self.at(REPROTECT_EVERY_MS, Ev::ReprotectTick { node: n, inc });
-        }
-        let node = &mut self.nodes[n as usize];
         node.replacing.extend(due);
         if !node.replacing.is_empty() {
             node.replace_busy = true;
@@ -2564,8 +2533,6 @@ impl Sim {
         }
         if self.txn(&when, puts) {
             self.report.reprotections += 1;
-            let now = self.now;
-            self.nodes[n as usize].moved.insert(vol, (new, now));
         } else {
             self.replace_failed(n);
         }
@@ -2605,8 +2572,6 @@ impl Sim {
         node.reprotect_due = false;
         node.replacing.clear();
         node.replace_busy = false;
-        node.moved.clear();
-        node.slot_tick = 0;
         node.copies_in.clear();
         node.copy_gen += 1;
         let copies: Vec<u32> = node.copies.iter().copied().collect();

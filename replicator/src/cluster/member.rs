@@ -31,19 +31,6 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(1);
 /// short network outage costs an incremental resync when the node returns, not a full copy.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
 
-/// Full copies a node runs at once as primary (a connected peer not yet in sync): it moves another
-/// volume to a new replica only while fewer are copying. Four, because four copies each keep their
-/// whole 16 MiB window unconfirmed (`RESYNC_UNCONFIRMED_MAX`) within the node's 64 MiB in flight
-/// (`crate::RESYNC_NODE_BYTES_MAX`): more would only share the same bandwidth, each finishing later,
-/// and all of them would stay single-copy until nearly the end. Started a few at a time, the
-/// first volumes are back to two copies early, and a node that lost hundreds of volumes writes
-/// to etcd a few at a time, as copies finish.
-pub const REPROTECT_COPIES_MAX: usize = 4;
-
-/// How long a volume this node just moved counts as copying before its link to the new replica is
-/// up: 10 s, ten times a link timeout.
-pub const REPROTECT_CONNECT_WAIT: Duration = Duration::from_secs(10);
-
 /// What a node needs to join.
 #[derive(Clone)]
 pub struct MemberConfig {
@@ -81,9 +68,6 @@ struct Inner {
     stop: watch::Sender<bool>,
     /// Since when (by this node's clock) each member has been seen dead.
     dead_since: std::sync::Mutex<BTreeMap<String, Instant>>,
-    /// Volumes this node moved to a new replica, and when: a copy counts against
-    /// `REPROTECT_COPIES_MAX` from the move on, before its link is up.
-    moved: std::sync::Mutex<BTreeMap<String, Instant>>,
     /// Local volumes the cluster does not know, warned about once.
     unknown_warned: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -122,7 +106,6 @@ impl Member {
                 snapshot: watch::channel(Arc::new(Snapshot::default())).0,
                 stop: watch::channel(false).0,
                 dead_since: std::sync::Mutex::new(BTreeMap::new()),
-                moved: std::sync::Mutex::new(BTreeMap::new()),
                 unknown_warned: Default::default(),
             }),
         };
@@ -314,44 +297,15 @@ impl Member {
         let connected =
             |name: &str| self.node(name).and_then(|n| n.primary()).is_some_and(|p| p.peer_view().borrow().connected);
         let overdue: Vec<(String, String)> = overdue.into_iter().filter(|(name, _)| !connected(name)).collect();
-        if overdue.is_empty() {
-            return;
-        }
-        // A copy in progress: this node is the volume's primary and its peer is not in sync yet,
-        // while connected, or for `REPROTECT_CONNECT_WAIT` after this node moved the volume (the
-        // new replica is being started). A peer this node cannot reach for longer does not count:
-        // it would hold a slot forever.
-        let nodes = self.nodes();
-        let copying = {
-            let mut moved = self.inner.moved.lock().expect("moved");
-            moved.retain(|_, at| at.elapsed() < REPROTECT_CONNECT_WAIT);
-            nodes
-                .iter()
-                .filter(|(name, n)| {
-                    n.primary().is_some_and(|p| {
-                        let v = p.peer_view();
-                        let v = v.borrow();
-                        !v.in_sync && (v.connected || moved.contains_key(*name))
-                    })
-                })
-                .count()
-        };
-        let room = REPROTECT_COPIES_MAX.saturating_sub(copying);
-        if overdue.len() > room {
-            tracing::debug!(copying, waiting = overdue.len() - room, "re-protection: copies already running");
-        }
-        for (name, lost) in overdue.into_iter().take(room) {
+        for (name, lost) in overdue {
             match self.inner.cluster.replace_replica(&name, &lost, me).await {
-                Ok(Some(spec)) => {
-                    self.inner.moved.lock().expect("moved").insert(name.clone(), Instant::now());
-                    tracing::warn!(
-                        volume = %name,
-                        %lost,
-                        new = %spec.replicas.last().map_or("", String::as_str),
-                        "re-protecting: {lost} has been gone longer than {grace:?} (or was removed); a full copy goes \
-                         to the new replica"
-                    )
-                }
+                Ok(Some(spec)) => tracing::warn!(
+                    volume = %name,
+                    %lost,
+                    new = %spec.replicas.last().map_or("", String::as_str),
+                    "re-protecting: {lost} has been gone longer than {grace:?} (or was removed); a full copy goes to the new \
+                     replica"
+                ),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(volume = %name, "cannot re-protect yet: {e}"),
             }
