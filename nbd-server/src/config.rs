@@ -502,34 +502,28 @@ pub fn check_admin_access(access: &[AccessRule], has_admin: bool, authenticated:
     Ok(())
 }
 
-/// Parses `--admin-allow IDENTITY[:ro]`.
-pub fn admin_allow_flag(spec: &str) -> Result<AccessRule, ConfigError> {
+/// Parses `IDENTITY[:ro]` (or `:rw`), the rule part of `--admin-allow` and `--allow`; `None` for
+/// another suffix or an empty identity.
+fn access_rule(spec: &str) -> Option<AccessRule> {
     let (identity, read_only) = match spec.rsplit_once(':') {
         Some((id, "ro")) => (id, true),
         Some((id, "rw")) => (id, false),
-        Some(_) => return Err(ConfigError::BadAdminAllowFlag(spec.to_string())),
+        Some(_) => return None,
         None => (spec, false),
     };
-    if identity.is_empty() {
-        return Err(ConfigError::BadAdminAllowFlag(spec.to_string()));
-    }
-    Ok(AccessRule { identity: identity.to_string(), read_only })
+    (!identity.is_empty()).then(|| AccessRule { identity: identity.to_string(), read_only })
+}
+
+/// Parses `--admin-allow IDENTITY[:ro]`.
+pub fn admin_allow_flag(spec: &str) -> Result<AccessRule, ConfigError> {
+    access_rule(spec).ok_or_else(|| ConfigError::BadAdminAllowFlag(spec.to_string()))
 }
 
 /// Parses `--allow VOLUME:IDENTITY[:ro]`.
 pub fn allow_flag(spec: &str) -> Result<(String, AccessRule), ConfigError> {
     let bad = || ConfigError::BadAllowFlag(spec.to_string());
-    let (volume, rest) = spec.split_once(':').ok_or_else(bad)?;
-    let (identity, read_only) = match rest.rsplit_once(':') {
-        Some((id, "ro")) => (id, true),
-        Some((id, "rw")) => (id, false),
-        Some(_) => return Err(bad()),
-        None => (rest, false),
-    };
-    if volume.is_empty() || identity.is_empty() {
-        return Err(bad());
-    }
-    Ok((volume.to_string(), AccessRule { identity: identity.to_string(), read_only }))
+    let (volume, rest) = spec.split_once(':').filter(|(v, _)| !v.is_empty()).ok_or_else(bad)?;
+    Ok((volume.to_string(), access_rule(rest).ok_or_else(bad)?))
 }
 
 /// What an open listener of each kind lets a stranger do, for the `--insecure` refusal.

@@ -268,11 +268,12 @@ impl Tls {
         }
         // A TLS 1.2 peer that asks to renegotiate (TLS 1.3 has none) is cut off: a renegotiation
         // buys an attacker a costly handshake on an established connection and us nothing.
-        // `NO_RENEGOTIATION` (or OpenSSL 3's default) would only answer each attempt with a warning
-        // alert and keep the connection, so renegotiation is allowed in OpenSSL and every ClientHello after the
-        // first handshake fails here, before any key exchange, with a fatal alert: the connection's
-        // next read fails and its task closes it. A peer's Finished is recorded only once a
-        // handshake completes, so the first handshake (and a TLS 1.3 retried hello) passes.
+        // `NO_RENEGOTIATION` (or OpenSSL 3's default) would only answer each attempt with a
+        // warning alert and keep the connection, so renegotiation is allowed in OpenSSL, and every
+        // ClientHello after the first handshake fails here, before any key exchange, with a fatal
+        // alert: the connection's next read fails and its task closes it. A peer's Finished is
+        // recorded only once a handshake completes, so the first handshake (and a TLS 1.3 retried
+        // hello) passes.
         server.set_client_hello_callback(|ssl, alert| {
             if ssl.peer_finished(&mut [0u8; 64]) == 0 {
                 return Ok(openssl::ssl::ClientHelloResponse::SUCCESS);
