@@ -58,9 +58,8 @@ fn pair_over_tls_replicates_fails_over_and_refuses_impostors() {
         format!("--tls-cert={d}/witness-cert.pem"),
         format!("--tls-key={d}/witness-key.pem"),
         format!("--tls-ca={d}/ca-cert.pem"),
-        // Only the pair's nodes may ask the witness for anything.
-        "--allow=a".into(),
-        "--allow=b".into(),
+        // Only the pair's nodes may ask the witness for anything, and only about their pair.
+        "--allow=a,b".into(),
     ];
     let witness_flags: Vec<&str> = witness_flags.iter().map(String::as_str).collect();
     let client = [

@@ -488,19 +488,90 @@ pub fn save(path: &Path, state: &WitnessState) -> Result<()> {
     Ok(())
 }
 
+/// Who may make requests of a witness (`syncblock witness --allow`). Each entry is one node, which
+/// may act in any pair, or the two nodes of one pair (`a,b`), each of which may act only in a pair
+/// whose record names one of the two as primary. A node of another pair that the witness also
+/// serves can then neither report for, nor be promoted in, a pair that is not its own, even
+/// though its certificate is signed by the same CA. A pair the witness has no record of yet may be
+/// registered by any listed node: the record names its registering primary from then on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allow {
+    entries: Vec<Vec<String>>,
+}
+
+impl Allow {
+    /// Parses `--allow` values: `NODE` or `NODE,NODE`.
+    pub fn parse<S: AsRef<str>>(flags: &[S]) -> std::result::Result<Allow, String> {
+        let mut entries = Vec::new();
+        for flag in flags {
+            let flag = flag.as_ref();
+            let names: Vec<String> = flag.split(',').map(|n| n.trim().to_string()).collect();
+            if names.iter().any(String::is_empty) || names.len() > 2 || (names.len() == 2 && names[0] == names[1]) {
+                return Err(format!(
+                    "invalid --allow {flag:?}: expected NODE (any pair) or NODE,NODE (the two nodes of one pair), \
+                     e.g. a,b"
+                ));
+            }
+            entries.push(names);
+        }
+        Ok(Allow { entries })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Why the request's node may not make it, given the witness's records; `None` if it may.
+    fn refuses(&self, req: &Frame, state: &WitnessState) -> Option<String> {
+        let (Frame::WitnessReport { pair, volume, node, .. }
+        | Frame::WitnessSolo { pair, volume, node, .. }
+        | Frame::WitnessPromote { pair, volume, node, .. }) = req
+        else {
+            return None;
+        };
+        if self.entries.is_empty() {
+            return None;
+        }
+        let mine: Vec<&Vec<String>> = self.entries.iter().filter(|e| e.contains(node)).collect();
+        if mine.is_empty() {
+            return Some(format!("node {node:?} is not on this witness's list of nodes (--allow {self}); refused"));
+        }
+        if mine.iter().any(|e| e.len() == 1) {
+            return None;
+        }
+        // The record the request would act on: the pair's, or a first-format record it would bind.
+        let record = state.pairs.get(pair).or_else(|| state.unbound.get(volume))?;
+        if mine.iter().any(|e| e.contains(&record.primary)) {
+            return None;
+        }
+        let pairs: Vec<String> = mine.iter().map(|e| e.join(",")).collect();
+        Some(format!(
+            "node {node:?} may act only in its own pair (--allow {}), but {volume} (pair {pair:016x}) has {:?} as \
+             primary; refused",
+            pairs.join(" --allow "),
+            record.primary
+        ))
+    }
+}
+
+impl std::fmt::Display for Allow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries: Vec<String> = self.entries.iter().map(|e| e.join(",")).collect();
+        f.write_str(&entries.join(" --allow "))
+    }
+}
+
 /// Serves witness requests on `listener`, keeping records in `state_path`; grants carry `lease`.
 ///
-/// `allow`: the node names (proven identities) that may make requests; empty, every identity the
-/// listener's credentials prove (the caller checks that a list comes with credentials that prove
-/// identities). A node name on the list may still act in any pair: the witness does not know which
-/// two nodes make up a pair.
-pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration, allow: Vec<String>) -> Result<()> {
+/// `allow`: who may make requests ([`Allow`]); empty, every identity the listener's credentials
+/// prove (the caller checks that a list comes with credentials that prove identities).
+pub async fn run(mut listener: BoxListener, state_path: PathBuf, lease: Duration, allow: Allow) -> Result<()> {
     let state = load(&state_path)?;
     tracing::info!(
         "witness on {} with {} pair records (lease {lease:?}){}",
         listener.local_addr()?,
         state.pairs.len() + state.unbound.len(),
-        if allow.is_empty() { String::new() } else { format!(", nodes allowed: {}", allow.join(", ")) }
+        if allow.is_empty() { String::new() } else { format!(", only --allow {allow}") }
     );
     let allow = Arc::new(allow);
     let decider = Arc::new(Mutex::new(Decider::new(state, lease, Instant::now())));
@@ -548,7 +619,7 @@ const CONNECTIONS_MAX: usize = 1024;
 /// Bound on a witness request's wait for its frame.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allow: &[String]) -> Result<()> {
+async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allow: &Allow) -> Result<()> {
     let (mut rd, mut wr) = crate::net::split(peer.stream);
     let who = peer.who;
     loop {
@@ -559,23 +630,16 @@ async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allo
         let claimed = match &req {
             Frame::WitnessReport { node, .. }
             | Frame::WitnessSolo { node, .. }
-            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err().or_else(|| {
-                (!allow.is_empty() && !allow.contains(node)).then(|| {
-                    format!(
-                        "{}: node {node:?} is not on this witness's list of nodes (--allow {}); refused",
-                        who.from,
-                        allow.join(" --allow ")
-                    )
-                })
-            }),
+            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err(),
             _ => None,
         };
+        // One decision at a time, made durable before it is answered.
+        let mut d = decider.lock().await;
+        let claimed = claimed.or_else(|| allow.refuses(&req, &d.state).map(|r| format!("{}: {r}", who.from)));
         let answer = if let Some(reason) = claimed {
             tracing::warn!("witness: {reason}");
             Frame::Refuse { why: Refusal::Protocol, reason }
         } else {
-            // One decision at a time, made durable before it is answered.
-            let mut d = decider.lock().await;
             let before = d.state.clone();
             let (decision, changed) = d.decide(&req, Instant::now());
             let lease = d.lease;
@@ -593,6 +657,7 @@ async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allo
                 decision_frame(decision, lease)
             }
         };
+        drop(d);
         write_frame(&mut wr, &answer).await?;
     }
 }
@@ -701,6 +766,39 @@ mod tests {
     }
     fn why(d: Decision) -> Refusal {
         d.unwrap_err().0
+    }
+
+    #[test]
+    fn a_node_named_with_its_partner_acts_only_in_their_pair() {
+        let allow = Allow::parse(&["a,b", "c, d", "ops"]).unwrap();
+        let t0 = Instant::now();
+        let mut d = Decider::new(WitnessState::default(), Duration::from_secs(1), t0);
+        // Any listed node may register a pair the witness does not know yet.
+        assert_eq!(allow.refuses(&report("a", 1, true), &d.state), None);
+        d.decide(&report("a", 1, true), t0).0.unwrap();
+        // a's partner may ask to take it over; c and d, of another pair, may not, forced or not.
+        assert_eq!(allow.refuses(&promote("b", 1, false), &d.state), None);
+        for n in ["c", "d"] {
+            let why = allow.refuses(&promote(n, 1, true), &d.state).expect("another pair's node was let in");
+            assert!(why.contains("may act only in its own pair (--allow c,d)") && why.contains("\"a\""), "{why}");
+            assert!(allow.refuses(&report(n, 1, true), &d.state).is_some());
+            assert!(allow.refuses(&solo(n, 1), &d.state).is_some());
+        }
+        // A node named alone acts in any pair; a node not named, in none.
+        assert_eq!(allow.refuses(&promote("ops", 1, true), &d.state), None);
+        let why = allow.refuses(&report("e", 1, true), &d.state).unwrap();
+        assert!(why.contains("not on this witness's list of nodes (--allow a,b --allow c,d --allow ops)"), "{why}");
+        // A first-format record (keyed by volume) counts as the pair it would be bound to.
+        let mut old = WitnessState::default();
+        let rec = Record { volume: "v".into(), epoch: Epoch(4), primary: "a".into(), solo: false, synced: true };
+        old.unbound.insert("v".into(), rec);
+        assert!(allow.refuses(&report("c", 4, true), &old).is_some());
+        assert_eq!(allow.refuses(&report("a", 4, true), &old), None);
+        // No list: everyone the credentials prove.
+        assert_eq!(Allow::default().refuses(&promote("e", 1, true), &d.state), None);
+        for bad in ["", "a,", "a,a", "a,b,c", ",b"] {
+            assert!(Allow::parse(&[bad]).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]
@@ -895,7 +993,7 @@ mod tests {
             let path = dir.path().join("missing").join("witness.state");
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap();
-            let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1), Vec::new()));
+            let task = tokio::spawn(run(crate::net::tcp_listener(l), path, Duration::from_secs(1), Allow::default()));
             let net = crate::net::tcp();
             let e = ask(net.as_ref(), &Link::default(), addr, &report("a", 1, true), Duration::from_secs(5))
                 .await

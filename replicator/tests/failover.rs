@@ -48,7 +48,7 @@ async fn start_pair(
         syncblock_replicator::net::tcp_listener(witness_listener),
         dir.join("witness.state"),
         Duration::from_millis(800),
-        Vec::new(),
+        syncblock_replicator::witness::Allow::default(),
     ));
     let (a_repl, b_repl, node_a, node_b) = start_nodes(a, b, witness).await;
     (witness_task, witness, a_repl, b_repl, node_a, node_b)

@@ -199,7 +199,7 @@ impl World {
         let l = self.net.host(ip(3)).bind(SocketAddr::new(ip(3), WITNESS_PORT)).await.unwrap();
         let path = self.witness_state.clone();
         self.witness_task = Some(tokio::spawn(async move {
-            let _ = syncblock_replicator::witness::run(l, path, Duration::from_millis(250), Vec::new()).await;
+            let _ = syncblock_replicator::witness::run(l, path, Duration::from_millis(250), Default::default()).await;
         }));
     }
 

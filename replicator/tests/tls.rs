@@ -101,55 +101,69 @@ async fn a_secondary_that_names_its_peer_refuses_every_other_node() {
     sec.stop().await;
 }
 
-/// A witness with a list of nodes (`--allow`) refuses every other identity its credentials prove,
-/// and serves the listed ones.
+/// A witness with a list of nodes (`--allow a,b --allow c,d`) refuses every other identity its
+/// credentials prove, serves the listed ones, and keeps each pair's nodes out of the other pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_witness_with_a_node_list_refuses_every_other_identity() {
+async fn a_witness_with_a_node_list_refuses_every_other_identity_and_other_pairs_nodes() {
     use syncblock_engine::Epoch;
     use syncblock_replicator::wire::{Frame, Refusal};
-    use syncblock_replicator::witness::{ask, run, Link};
+    use syncblock_replicator::witness::{ask, run, Allow, Link};
     use syncblock_replicator::ReplError;
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.psk");
-    std::fs::write(&path, format!("a:{}\nb:{}\nc:{}\n", "a1".repeat(32), "b2".repeat(32), "c3".repeat(32))).unwrap();
+    let keys: String = ["a", "b", "c", "d", "e"].iter().map(|n| format!("{n}:{}\n", "a1".repeat(32))).collect();
+    std::fs::write(&path, keys).unwrap();
     let files = TlsFiles { psk: Some(path), ..TlsFiles::default() };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let listener = tls_listener(tcp_listener(l), Tls::load(&files, None).unwrap());
-    let witness =
-        tokio::spawn(run(listener, dir.path().join("w.state"), Duration::from_secs(1), vec!["a".into(), "b".into()]));
-    let report = |node: &str| Frame::WitnessReport {
-        pair: 7,
+    let allow = Allow::parse(&["a,b", "c,d"]).unwrap();
+    let witness = tokio::spawn(run(listener, dir.path().join("w.state"), Duration::from_secs(1), allow));
+    let report = |pair: u64, node: &str| Frame::WitnessReport {
+        pair,
         volume: "v".into(),
         node: node.into(),
         epoch: Epoch(1),
         in_sync: true,
     };
     let as_node = |node: &str| TlsNet::over(tcp(), Tls::load(&files, Some(node)).unwrap());
-
-    // c proves its name, but is not on the list: refused before any decision.
-    let c = as_node("c");
-    match ask(&*c, &Link::default(), addr, &report("c"), TIMEOUT * 5).await {
+    let refused = |r: Result<_, ReplError>, what: &str| match r {
         Err(ReplError::Refused { why: Refusal::Protocol, reason }) => {
-            assert!(reason.contains("not on this witness's list of nodes"), "{reason}")
+            assert!(reason.contains(what), "{reason}")
         }
-        other => panic!("a node not on the list was answered: {other:?}"),
-    }
-    // a is on it: its report registers the pair.
+        other => panic!("answered instead of refused ({what}): {other:?}"),
+    };
+
+    // e proves its name, but is not on the list: refused before any decision.
+    let e = as_node("e");
+    refused(
+        ask(&*e, &Link::default(), addr, &report(7, "e"), TIMEOUT * 5).await,
+        "not on this witness's list of nodes",
+    );
+    // a is on it: its report registers pair 7; c registers pair 8.
     let a = as_node("a");
-    let grant = ask(&*a, &Link::default(), addr, &report("a"), TIMEOUT * 5).await.expect("a listed node is served");
+    let grant = ask(&*a, &Link::default(), addr, &report(7, "a"), TIMEOUT * 5).await.expect("a listed node is served");
     assert_eq!(grant.primary, "a");
-    // c still cannot take the pair over, even forced.
-    let promote = Frame::WitnessPromote {
+    let c = as_node("c");
+    let grant = ask(&*c, &Link::default(), addr, &report(8, "c"), TIMEOUT * 5).await.expect("c's own pair");
+    assert_eq!(grant.primary, "c");
+    // c cannot take pair 7 over, even forced: it is the other pair's node.
+    let promote = |node: &str, force: bool| Frame::WitnessPromote {
         pair: 7,
         volume: "v".into(),
-        node: "c".into(),
+        node: node.into(),
         epoch: Epoch(1),
         consistent: true,
-        force: true,
+        force,
         reclaim: false,
     };
-    assert!(ask(&*c, &Link::default(), addr, &promote, TIMEOUT * 5).await.is_err(), "c took over the pair");
+    refused(ask(&*c, &Link::default(), addr, &promote("c", true), TIMEOUT * 5).await, "may act only in its own pair");
+    // b, a's partner, is heard: while a reports, the witness's rules (not the list) refuse it.
+    let b = as_node("b");
+    match ask(&*b, &Link::default(), addr, &promote("b", false), TIMEOUT * 5).await {
+        Err(ReplError::Refused { why, .. }) => assert_ne!(why, Refusal::Protocol, "b was refused by the list"),
+        other => panic!("b took over a live primary: {other:?}"),
+    }
     witness.abort();
 }

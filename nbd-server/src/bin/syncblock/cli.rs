@@ -203,9 +203,10 @@ pub enum Command {
         #[command(flatten)]
         tls_files: TlsArgs,
         /// Only this node (its certificate CN or PSK identity) may ask for epochs, solo operation
-        /// and promotion. Repeatable; without any, every identity the TLS credentials prove may.
-        /// Needs --tls-ca or --tls-psk.
-        #[arg(long = "allow", value_name = "NODE")]
+        /// and promotion, in any pair; `A,B`: nodes A and B, each only in the pair of the two.
+        /// Repeatable; without any, every identity the TLS credentials prove may. Needs --tls-ca
+        /// or --tls-psk.
+        #[arg(long = "allow", value_name = "NODE[,NODE]")]
         allow: Vec<String>,
         /// Allow listening on an address other hosts can reach without TLS (logged as INSECURE).
         #[arg(long)]

@@ -95,6 +95,7 @@ fn main() -> Result<()> {
         Command::Witness { listen, state, lease_ms, tls_files, allow, insecure } => {
             let files = tls_files.files();
             let tls = if files.is_empty() { None } else { Some(syncblock_replicator::tls::Tls::load(&files, None)?) };
+            let allow = syncblock_replicator::witness::Allow::parse(&allow).map_err(anyhow::Error::msg)?;
             if !allow.is_empty() && !tls.as_ref().is_some_and(|t| t.authenticates()) {
                 anyhow::bail!(
                     "--allow names nodes, but they prove no identity to this witness: give --tls-ca (node \

@@ -74,7 +74,7 @@ async fn pair(
         syncblock_replicator::net::tcp_listener(wl),
         state_path,
         syncblock_replicator::witness::DEFAULT_LEASE,
-        Vec::new(),
+        syncblock_replicator::witness::Allow::default(),
     ));
     println!("witness (in-process) on {witness}  (grants the primary its epoch; nothing to connect to)");
     if b.volume(DEFAULT_VOLUME).await.is_err() {
