@@ -25,7 +25,7 @@
 //!   read, made and written at three different moments and the compares matter.
 //! - *nodes*: each registers, keeps its lease alive every grant-lease/2 and holds a standing valid
 //!   until two thirds of a TTL after the last answered keep-alive was *sent*; re-registers when etcd
-//!   says the lease is gone; re-reads the cluster 50 ms after a change it watches and reconciles
+//!   says the lease is gone; applies the changes its watch reports and reconciles 50 ms after one
 //!   (starting replicas, moving them to a new peer without stopping them as `Node::set_peer` does,
 //!   deleting those moved away, noting since when each member has been dead); re-protects. A node
 //!   cut off from etcd gets no answers (requests fail after 1 s) and no watch events until it heals.
@@ -117,7 +117,7 @@ const TIB: u64 = 1 << 40;
 
 /// etcd looks for expired leases this often: a lease ends up to this long after its TTL.
 const ETCD_EXPIRY_CHECK_MS: Ms = 500;
-/// A node re-reads the cluster this long after a change it is told of (member.rs `watch_cluster`).
+/// A node reconciles this long after a change its watch reports (member.rs `watch_cluster`).
 const WATCH_DEBOUNCE_MS: Ms = 50;
 /// A node re-reads everything this long after its watch is re-established (member.rs).
 const WATCH_RESTART_MS: Ms = 500;
@@ -369,12 +369,11 @@ struct ZoneReport {
     storm_writes_mean: u64,
     /// Single-key reads per second (the authority's), busiest second of the storm.
     storm_reads_peak: u64,
-    /// Whole-prefix reads per second the real watchers make (each node re-reads everything after any
-    /// change), and the keys they return, busiest second of the storm.
-    storm_watch_reads_peak: u64,
-    storm_watch_keys_peak: u64,
+    /// Watch notifications per second etcd sends (one per write to each watching node; nodes apply
+    /// them and read the whole prefix only when their watch breaks), busiest second of the storm.
+    storm_watch_events_peak: u64,
     /// Keep-alives per second, compare-and-swaps that lost, and whole-prefix reads the simulated
-    /// nodes made, in the storm.
+    /// nodes made (after a start or a broken watch, and re-protection's), in the storm.
     storm_keepalives_peak: u64,
     storm_failed_txns: u64,
     storm_node_reads_peak: u64,
@@ -512,14 +511,13 @@ struct Sec {
     reads: u64,
     txn_failed: u64,
     keepalives: u64,
-    /// Whole-prefix reads the simulated nodes made (reconciles, re-protection's snapshot), and the
-    /// keys re-protection's snapshots returned (`replace_replica` reads everything per volume).
+    /// Whole-prefix reads the simulated nodes made (a first reconcile after a start or a broken
+    /// watch, re-protection's snapshot), and the keys re-protection's snapshots returned
+    /// (`replace_replica` reads everything per volume).
     node_reads: u64,
     reprotect_keys: u64,
-    /// Whole-prefix reads every watching node makes after a change (50 ms slots with a write × nodes
-    /// watching), and the keys they return.
-    watch_reads: u64,
-    watch_keys: u64,
+    /// Watch notifications: each write, to every watching node.
+    watch_events: u64,
 }
 
 // ---- nodes and replicas -------------------------------------------------------------------------
@@ -830,7 +828,6 @@ struct Sim {
     faults_until: Ms,
     zone_down: Option<u32>,
     secs: Vec<Sec>,
-    last_write_slot: Option<Ms>,
     report: Report,
     copy_bytes: u64,
     last_failover: Ms,
@@ -923,7 +920,6 @@ impl Sim {
             faults_until: 0,
             zone_down: None,
             secs: Vec::new(),
-            last_write_slot: None,
             report: Report { seed: cfg.seed, ..Report::default() },
             copy_bytes: 0,
             last_failover: 0,
@@ -1049,16 +1045,10 @@ impl Sim {
     // ---- etcd writes and what they wake ----
 
     fn wrote(&mut self) {
-        let slot = self.now / WATCH_DEBOUNCE_MS;
-        let (live, keys) = (self.n_live, self.etcd.n_keys);
-        let fresh = self.last_write_slot != Some(slot);
-        self.last_write_slot = Some(slot);
+        let live = self.n_live;
         let sec = self.sec();
         sec.writes += 1;
-        if fresh {
-            sec.watch_reads += live;
-            sec.watch_keys += live * keys;
-        }
+        sec.watch_events += live;
     }
 
     fn txn(&mut self, when: &[Cmp], puts: Vec<Put>) -> bool {
@@ -2319,11 +2309,15 @@ impl Sim {
             // The watch is broken; healing re-reads everything.
             return;
         }
-        self.sec().node_reads += 1;
         let now_i = self.instant(self.now);
         let node = &mut self.nodes[n as usize];
-        // The first reconcile of this life (after a start) looks at every member and every copy.
+        // The first reconcile of this life (after a start) looks at every member and every copy;
+        // it is the one that reads the whole prefix (later ones apply what the watch reported).
         let full = std::mem::take(&mut node.full_reconcile);
+        if full {
+            self.sec().node_reads += 1;
+        }
+        let node = &mut self.nodes[n as usize];
         let seen = if full { 0 } else { node.alive_cursor };
         node.alive_cursor = self.alive_log.len();
         let changed: Vec<u32> = if full { (0..self.cfg.n_nodes).collect() } else { self.alive_log[seen..].to_vec() };
@@ -3059,8 +3053,7 @@ impl Sim {
         r.storm_writes_peak = storm.iter().map(|s| s.writes).max().unwrap_or(0);
         r.storm_writes_mean = storm.iter().map(|s| s.writes).sum::<u64>() / storm.len().max(1) as u64;
         r.storm_reads_peak = storm.iter().map(|s| s.reads).max().unwrap_or(0);
-        r.storm_watch_reads_peak = storm.iter().map(|s| s.watch_reads).max().unwrap_or(0);
-        r.storm_watch_keys_peak = storm.iter().map(|s| s.watch_keys).max().unwrap_or(0);
+        r.storm_watch_events_peak = storm.iter().map(|s| s.watch_events).max().unwrap_or(0);
         r.storm_keepalives_peak = storm.iter().map(|s| s.keepalives).max().unwrap_or(0);
         r.storm_failed_txns = storm.iter().map(|s| s.txn_failed).sum();
         r.storm_node_reads_peak = storm.iter().map(|s| s.node_reads).max().unwrap_or(0);
@@ -3140,12 +3133,13 @@ fn print_report(cfg: &Config, r: &Report, wall: Duration) {
             secs(z.last_failover_ms)
         );
         eprintln!(
-            "    also: keep-alives/s peak {}, {} compare-and-swaps lost, whole-prefix reads/s by reconciles peak {}",
+            "    also: keep-alives/s peak {}, {} compare-and-swaps lost, whole-prefix reads/s by nodes peak {}",
             z.storm_keepalives_peak, z.storm_failed_txns, z.storm_node_reads_peak
         );
         eprintln!(
-            "    watchers re-reading the whole prefix after changes: {} reads/s, {:.2e} keys/s at the peak",
-            z.storm_watch_reads_peak, z.storm_watch_keys_peak as f64
+            "    watch notifications to the nodes (each applies them; no whole-prefix read per change): {:.2e}/s at \
+             the peak",
+            z.storm_watch_events_peak as f64
         );
         eprintln!(
             "    re-protection: {} replicas moved, etcd writes/s peak {}, its snapshots read {:.2e} keys/s at the \

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
 use syncblock_engine::Store;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -504,18 +504,21 @@ async fn keep_alive(
     }
 }
 
-/// Reads the cluster again whenever something under the prefix changes (at most every 50 ms, so
-/// a burst of changes costs one read), and reconciles.
+/// Follows the cluster: applies each change under the prefix that the watch reports to this node's
+/// copy of the cluster, gathering what arrives within 50 ms of a change into one reconcile, so a
+/// burst of changes costs one. The whole prefix is read again only when the watch breaks (etcd
+/// restarted, a member was lost, the revision to resume from was compacted) or a record does not
+/// decode.
 async fn watch_cluster(member: Member) {
     let inner = &member.inner;
     let mut stop = inner.stop.subscribe();
+    let mut snap: Snapshot = (*inner.snapshot.borrow().clone()).clone();
     loop {
         if *stop.borrow() {
             return;
         }
         let mut client = inner.cluster.client();
-        let rev = inner.snapshot.borrow().revision;
-        let opts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+        let opts = WatchOptions::new().with_prefix().with_start_revision(snap.revision + 1);
         let mut stream = match client.watch(inner.cluster.key(""), Some(opts)).await {
             Ok(s) => s,
             Err(e) => {
@@ -526,7 +529,7 @@ async fn watch_cluster(member: Member) {
                 tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.wait_for(|s| *s) => return }
             }
         };
-        loop {
+        'watching: loop {
             let msg = tokio::select! {
                 m = stream.message() => Some(m),
                 _ = stop.wait_for(|s| *s) => return,
@@ -538,28 +541,49 @@ async fn watch_cluster(member: Member) {
                 member.reprotect(&snap).await;
                 continue;
             };
+            let mut broken = false;
             match msg {
-                Ok(Some(resp)) if resp.canceled() => break,
-                Ok(Some(resp)) => {
-                    let relevant =
-                        resp.events().iter().any(|e| e.event_type() == EventType::Delete || e.kv().is_some());
-                    if !relevant {
-                        continue;
-                    }
+                Ok(Some(resp)) if !resp.canceled() && resp.events().is_empty() => continue,
+                Ok(Some(resp)) if !resp.canceled() => broken |= !applied(inner, &mut snap, &resp),
+                _ => break 'watching,
+            }
+            // What else arrives within 50 ms joins this reconcile.
+            let gather = tokio::time::sleep(Duration::from_millis(50));
+            tokio::pin!(gather);
+            while !broken {
+                tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(resp)) if !resp.canceled() => broken |= !applied(inner, &mut snap, &resp),
+                        _ => broken = true,
+                    },
+                    _ = &mut gather => break,
+                    _ = stop.wait_for(|s| *s) => return,
                 }
-                _ => break,
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            match inner.cluster.snapshot().await {
-                Ok(snap) => member.reconcile(snap).await,
-                Err(e) => tracing::warn!("reading the cluster: {e}"),
+            if broken {
+                break 'watching;
             }
+            member.reconcile(snap.clone()).await;
         }
-        // The watch ended (etcd restarted, a member was lost, compaction): read everything again.
+        // The watch ended, or a change could not be applied: read everything again.
         tokio::time::sleep(Duration::from_millis(100)).await;
         match inner.cluster.snapshot().await {
-            Ok(snap) => member.reconcile(snap).await,
+            Ok(s) => {
+                snap = s;
+                member.reconcile(snap.clone()).await;
+            }
             Err(e) => tracing::warn!("reading the cluster: {e}"),
+        }
+    }
+}
+
+/// Applies a watch response to `snap`; false (with a log line) if it could not be.
+fn applied(inner: &Inner, snap: &mut Snapshot, resp: &etcd_client::WatchResponse) -> bool {
+    match inner.cluster.apply(snap, resp) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("applying a change from etcd: {e}; reading the cluster again");
+            false
         }
     }
 }

@@ -184,7 +184,7 @@ pub struct NodeView {
 }
 
 /// A snapshot of everything in the cluster, read at one etcd revision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub revision: i64,
     pub members: BTreeMap<String, MemberInfo>,
@@ -200,6 +200,46 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Records `key` (under `base`, the cluster's prefix) as holding `value`, as read or as a watch
+    /// reported it written at `revision`.
+    pub fn put(&mut self, base: &str, key: &[u8], value: &[u8], lease: i64, revision: i64) -> Result<()> {
+        let key = String::from_utf8_lossy(key);
+        let Some(rest) = key.strip_prefix(base) else { return Ok(()) };
+        if let Some(name) = rest.strip_prefix("members/") {
+            self.members.insert(name.into(), decode(&key, value)?);
+        } else if let Some(name) = rest.strip_prefix("alive/") {
+            self.alive.insert(name.into(), lease);
+        } else if let Some(name) = rest.strip_prefix("volumes/") {
+            self.volumes.insert(name.into(), decode(&key, value)?);
+        } else if let Some(name) = rest.strip_prefix("grants/") {
+            self.grants.insert(name.into(), decode(&key, value)?);
+        } else if let Some(name) = rest.strip_prefix("removed/") {
+            self.removed.insert(name.into());
+        }
+        self.revisions.insert(rest.to_string(), revision);
+        self.revision = self.revision.max(revision);
+        Ok(())
+    }
+
+    /// Records `key` as deleted at `revision`.
+    pub fn delete(&mut self, base: &str, key: &[u8], revision: i64) {
+        let key = String::from_utf8_lossy(key);
+        let Some(rest) = key.strip_prefix(base) else { return };
+        if let Some(name) = rest.strip_prefix("members/") {
+            self.members.remove(name);
+        } else if let Some(name) = rest.strip_prefix("alive/") {
+            self.alive.remove(name);
+        } else if let Some(name) = rest.strip_prefix("volumes/") {
+            self.volumes.remove(name);
+        } else if let Some(name) = rest.strip_prefix("grants/") {
+            self.grants.remove(name);
+        } else if let Some(name) = rest.strip_prefix("removed/") {
+            self.removed.remove(name);
+        }
+        self.revisions.remove(rest);
+        self.revision = self.revision.max(revision);
+    }
+
     /// Placement's view of every member: one pass over the volumes.
     pub fn loads(&self) -> Vec<placement::NodeLoad> {
         // (committed bytes, replicas, primaries) by node.
@@ -385,22 +425,25 @@ impl Cluster {
         let mut s = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Snapshot::default() };
         let base = self.key("");
         for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let Some(rest) = key.strip_prefix(&base) else { continue };
-            if let Some(name) = rest.strip_prefix("members/") {
-                s.members.insert(name.into(), decode(&key, kv.value())?);
-            } else if let Some(name) = rest.strip_prefix("alive/") {
-                s.alive.insert(name.into(), kv.lease());
-            } else if let Some(name) = rest.strip_prefix("volumes/") {
-                s.volumes.insert(name.into(), decode(&key, kv.value())?);
-            } else if let Some(name) = rest.strip_prefix("grants/") {
-                s.grants.insert(name.into(), decode(&key, kv.value())?);
-            } else if let Some(name) = rest.strip_prefix("removed/") {
-                s.removed.insert(name.into());
-            }
-            s.revisions.insert(rest.to_string(), kv.mod_revision());
+            s.put(&base, kv.key(), kv.value(), kv.lease(), kv.mod_revision())?;
         }
         Ok(s)
+    }
+
+    /// Brings `snap` up to date with one watch response's events, in order, so that a watching
+    /// node need not read the whole prefix again after every change: at 1,000 nodes that read was
+    /// 2,000 whole-prefix reads a second in a failover storm (the control-plane simulation). An
+    /// error (a record that does not decode) leaves `snap` partly updated: read it again.
+    pub fn apply(&self, snap: &mut Snapshot, resp: &etcd_client::WatchResponse) -> Result<()> {
+        let base = self.key("");
+        for e in resp.events() {
+            let Some(kv) = e.kv() else { continue };
+            match e.event_type() {
+                etcd_client::EventType::Put => snap.put(&base, kv.key(), kv.value(), kv.lease(), kv.mod_revision())?,
+                etcd_client::EventType::Delete => snap.delete(&base, kv.key(), kv.mod_revision()),
+            }
+        }
+        Ok(())
     }
 
     /// Places and records a new volume; refuses (changing nothing) a duplicate name, a size no
@@ -531,5 +574,99 @@ impl Cluster {
             return Err(ClusterError::Refused(format!("no volume named {name:?}")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BASE: &str = "/syncblock/";
+
+    /// A value for `rest` (a key under the prefix) that decodes, varying with `n`.
+    fn value(rest: &str, n: u8) -> Vec<u8> {
+        let name = rest.split('/').nth(1).unwrap_or("x");
+        let doc = if rest.starts_with("members/") {
+            serde_json::to_vec(&MemberInfo {
+                name: name.into(),
+                zone: (n % 2 == 0).then(|| format!("z{n}")),
+                nbd: format!("127.0.0.1:{}", 10_000 + n as u16),
+                repl: "127.0.0.1:7000".parse().unwrap(),
+                admin: None,
+                capacity: n as u64 * 4096,
+            })
+        } else if rest.starts_with("volumes/") {
+            serde_json::to_vec(&VolumeSpec {
+                name: name.into(),
+                size: n as u64 * 4096,
+                replicas: vec!["a".into(), "b".into()],
+                id: n as u64 + 1,
+            })
+        } else if rest.starts_with("grants/") {
+            serde_json::to_vec(&GrantDoc {
+                pair: n as u64 + 1,
+                epoch: n as u64,
+                primary: "a".into(),
+                solo: n % 3 == 0,
+                synced: true,
+            })
+        } else {
+            return Vec::new();
+        };
+        doc.unwrap()
+    }
+
+    const KEYS: [&str; 10] = [
+        "members/a",
+        "members/b",
+        "alive/a",
+        "alive/b",
+        "volumes/v1",
+        "volumes/v2",
+        "grants/v1",
+        "grants/v2",
+        "removed/b",
+        "other/thing",
+    ];
+
+    proptest! {
+        /// A node that applies every change a watch reports holds what a fresh read of the whole
+        /// prefix would give it: the same records, leases, per-key revisions and revision.
+        #[test]
+        fn applying_watched_changes_equals_reading_everything_again(
+            ops in proptest::collection::vec((0..KEYS.len(), any::<bool>(), any::<u8>()), 0..60)
+        ) {
+            let mut watched = Snapshot::default();
+            // etcd's view: key → (value, lease, mod revision).
+            let mut store: BTreeMap<&str, (Vec<u8>, i64, i64)> = BTreeMap::new();
+            for (rev, (k, put, n)) in ops.into_iter().enumerate() {
+                let rev = rev as i64 + 1;
+                let key = format!("{BASE}{}", KEYS[k]);
+                if put {
+                    let v = value(KEYS[k], n);
+                    watched.put(BASE, key.as_bytes(), &v, n as i64, rev).unwrap();
+                    store.insert(KEYS[k], (v, n as i64, rev));
+                } else {
+                    watched.delete(BASE, key.as_bytes(), rev);
+                    store.remove(KEYS[k]);
+                }
+                // A fresh read at this revision (keys come back in any order; here, sorted).
+                let mut read = Snapshot { revision: rev, ..Snapshot::default() };
+                for (rest, (v, lease, r)) in &store {
+                    read.put(BASE, format!("{BASE}{rest}").as_bytes(), v, *lease, *r).unwrap();
+                }
+                prop_assert_eq!(&watched, &read);
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_an_error_and_keys_elsewhere_are_ignored() {
+        let mut s = Snapshot::default();
+        assert!(s.put(BASE, b"/syncblock/volumes/v", b"{not json", 0, 3).is_err());
+        s.put(BASE, b"/elsewhere/volumes/v", b"{not json", 0, 4).unwrap();
+        s.delete(BASE, b"/elsewhere/volumes/v", 5);
+        assert_eq!(s, Snapshot::default());
     }
 }
