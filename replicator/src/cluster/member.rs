@@ -68,6 +68,8 @@ struct Inner {
     stop: watch::Sender<bool>,
     /// Since when (by this node's clock) each member has been seen dead.
     dead_since: std::sync::Mutex<BTreeMap<String, Instant>>,
+    /// Set after each reconcile: the re-protector looks again.
+    reprotect_due: tokio::sync::Notify,
     /// Local volumes the cluster does not know, warned about once.
     unknown_warned: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -106,6 +108,7 @@ impl Member {
                 snapshot: watch::channel(Arc::new(Snapshot::default())).0,
                 stop: watch::channel(false).0,
                 dead_since: std::sync::Mutex::new(BTreeMap::new()),
+                reprotect_due: tokio::sync::Notify::new(),
                 unknown_warned: Default::default(),
             }),
         };
@@ -125,6 +128,7 @@ impl Member {
         let first = member.inner.cluster.snapshot().await?;
         member.reconcile(first).await;
         tokio::spawn(watch_cluster(member.clone()));
+        tokio::spawn(reprotector(member.clone()));
         Ok(member)
     }
 
@@ -277,39 +281,23 @@ impl Member {
             }
         }
         drop(running);
-        self.reprotect(&snap).await;
+        self.inner.reprotect_due.notify_one();
     }
 
-    /// For each volume this node is the granted primary of whose other replica's node has been
-    /// dead longer than the grace period: a new replica elsewhere (the volume's record changes;
-    /// every node's reconcile then starts, restarts or removes its part).
-    async fn reprotect(&self, snap: &Snapshot) {
-        let me = self.name();
-        let grace = self.inner.cfg.grace;
-        let overdue = {
-            let dead = self.inner.dead_since.lock().expect("dead");
-            super::plan::overdue(snap, me, &dead, Instant::now(), grace)
-        };
-        // Not a volume still connected to the "lost" node: that node is only cut off from etcd, and
-        // its replica is current. Moving it would copy the volume again for nothing, and an in-sync
-        // report in flight could clear the solo mark the move sets (found by the control-plane
-        // simulation).
-        let connected =
-            |name: &str| self.node(name).and_then(|n| n.primary()).is_some_and(|p| p.peer_view().borrow().connected);
-        let overdue: Vec<(String, String)> = overdue.into_iter().filter(|(name, _)| !connected(name)).collect();
-        for (name, lost) in overdue {
-            match self.inner.cluster.replace_replica(&name, &lost, me).await {
-                Ok(Some(spec)) => tracing::warn!(
-                    volume = %name,
-                    %lost,
-                    new = %spec.replicas.last().map_or("", String::as_str),
-                    "re-protecting: {lost} has been gone longer than {grace:?} (or was removed); a full copy goes to the new \
-                     replica"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(volume = %name, "cannot re-protect yet: {e}"),
-            }
-        }
+    /// The volumes this node is the granted primary of whose other replica's node has been dead
+    /// longer than the grace period (or was removed), with that node.
+    fn overdue(&self, snap: &Snapshot) -> Vec<(String, String)> {
+        let dead = self.inner.dead_since.lock().expect("dead");
+        super::plan::overdue(snap, self.name(), &dead, Instant::now(), self.inner.cfg.grace)
+    }
+
+    /// Whether this node's replica of `name` runs as primary connected to its peer. Such a volume
+    /// is not moved even if its peer's node is "lost": that node is only cut off from etcd, and
+    /// its replica is current. Moving it would copy the volume again for nothing, and an in-sync
+    /// report in flight could clear the solo mark the move sets (found by the control-plane
+    /// simulation).
+    fn connected(&self, name: &str) -> bool {
+        self.node(name).and_then(|n| n.primary()).is_some_and(|p| p.peer_view().borrow().connected)
     }
 
     async fn delete_local(&self, name: &str) -> syncblock_engine::Result<()> {
@@ -531,15 +519,8 @@ async fn watch_cluster(member: Member) {
         };
         'watching: loop {
             let msg = tokio::select! {
-                m = stream.message() => Some(m),
+                m = stream.message() => m,
                 _ = stop.wait_for(|s| *s) => return,
-                // Grace periods run out without anything changing in etcd.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
-            };
-            let Some(msg) = msg else {
-                let snap = inner.snapshot.borrow().clone();
-                member.reprotect(&snap).await;
-                continue;
             };
             let mut broken = false;
             match msg {
@@ -573,6 +554,62 @@ async fn watch_cluster(member: Member) {
                 member.reconcile(snap.clone()).await;
             }
             Err(e) => tracing::warn!("reading the cluster: {e}"),
+        }
+    }
+}
+
+/// Re-protections a node starts per second at most. Each is an etcd transaction; without a bound,
+/// the survivors of a lost zone start all of theirs at once when its grace period ends (50,000
+/// etcd writes a second at 1,000 nodes in the control-plane simulation, several times what an etcd
+/// cluster sustains, and keep-alives wait behind them). 10 a second puts 100 moves of one node
+/// 10 s apart, against copies that take minutes each at any realistic volume size.
+pub const REPROTECT_STARTS_PER_SEC_MAX: u32 = 10;
+
+/// Gives each volume this node is primary of a new replica elsewhere once its other replica's
+/// node has been gone longer than the grace period (the volume's record changes; every node's
+/// reconcile then starts, restarts or removes its part). Runs apart from the watch, so that
+/// moves, paced by [`REPROTECT_STARTS_PER_SEC_MAX`], never delay a reconcile; looks again after
+/// each reconcile and every second (grace periods run out without anything changing in etcd).
+async fn reprotector(member: Member) {
+    let inner = &member.inner;
+    let mut stop = inner.stop.subscribe();
+    let gap = Duration::from_secs(1) / REPROTECT_STARTS_PER_SEC_MAX;
+    let mut next = Instant::now();
+    let grace = inner.cfg.grace;
+    loop {
+        tokio::select! {
+            _ = inner.reprotect_due.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let watched = inner.snapshot.borrow().clone();
+        let overdue = member.overdue(&watched);
+        if overdue.is_empty() {
+            continue;
+        }
+        // A copy of its own, which each move updates: the next placement counts this one.
+        let mut snap = (*watched).clone();
+        drop(watched);
+        for (name, lost) in overdue {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if member.connected(&name) {
+                continue;
+            }
+            next = Instant::now() + gap;
+            match inner.cluster.replace_replica(&mut snap, &name, &lost, member.name()).await {
+                Ok(Some(spec)) => tracing::warn!(
+                    volume = %name,
+                    %lost,
+                    new = %spec.replicas.last().map_or("", String::as_str),
+                    "re-protecting: {lost} has been gone longer than {grace:?} (or was removed); a full copy goes to the new \
+                     replica"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(volume = %name, "cannot re-protect yet: {e}"),
+            }
         }
     }
 }

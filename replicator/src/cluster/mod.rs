@@ -483,11 +483,21 @@ impl Cluster {
     }
 
     /// Re-protection: moves `name`'s replica off `lost` (a node dead past the grace period) to a
-    /// node placement chooses, keeping `keep` (the surviving primary) first. `None` if there is
-    /// nothing to do any more (the volume is gone, already moved, or `lost` came back). The change
-    /// is made only if the volume's record is the one read and `lost` is still dead.
-    pub async fn replace_replica(&self, name: &str, lost: &str, keep: &str) -> Result<Option<VolumeSpec>> {
-        let snap = self.snapshot().await?;
+    /// node placement chooses from `snap`'s loads, keeping `keep` (the surviving primary) first.
+    /// `None` if there is nothing to do any more (the volume is gone, already moved, or `lost`
+    /// came back), or if `snap` was out of date: the change is made only if the volume's record
+    /// (and its grant) are still those of `snap`, `lost` is still dead and the new node alive. On
+    /// success `snap` is updated with the change, so that the next placement made from it counts
+    /// this one. `snap` is the node's watched copy of the cluster, not a read of its own: at 1,000
+    /// nodes a whole-prefix read per move was 10⁹ keys a second once a zone's grace period ended
+    /// (the control-plane simulation).
+    pub async fn replace_replica(
+        &self,
+        snap: &mut Snapshot,
+        name: &str,
+        lost: &str,
+        keep: &str,
+    ) -> Result<Option<VolumeSpec>> {
         let Some(spec) = snap.volumes.get(name) else { return Ok(None) };
         if snap.alive.contains_key(lost) {
             return Ok(None);
@@ -505,7 +515,8 @@ impl Cluster {
             Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
             Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
         ];
-        let mut ops = vec![TxnOp::put(key, serde_json::to_vec(&moved).expect("serialisable"), None)];
+        let mut ops = vec![TxnOp::put(key.clone(), serde_json::to_vec(&moved).expect("serialisable"), None)];
+        let mut solo = None;
         // The record becomes solo in the same transaction: the new replica is empty until its
         // copy completes, and a solo record refuses every unforced promotion (found by the
         // control-plane simulation: a volume moved while its record was not solo promoted the
@@ -515,7 +526,9 @@ impl Cluster {
                 let doc = GrantDoc { solo: true, ..g.clone() };
                 let grant_key = self.key(&format!("grants/{name}"));
                 when.push(Compare::mod_revision(grant_key.clone(), CompareOp::Equal, rev(&format!("grants/{name}"))));
-                ops.push(TxnOp::put(grant_key, serde_json::to_vec(&doc).expect("serialisable"), None));
+                let value = serde_json::to_vec(&doc).expect("serialisable");
+                ops.push(TxnOp::put(grant_key.clone(), value.clone(), None));
+                solo = Some((grant_key, value));
             } else {
                 // Not the granted primary any more: someone else decides.
                 return Ok(None);
@@ -523,7 +536,18 @@ impl Cluster {
         }
         let txn = Txn::new().when(when).and_then(ops);
         let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
-        Ok(resp.succeeded().then_some(moved))
+        if !resp.succeeded() {
+            return Ok(None);
+        }
+        // What the transaction wrote, at its revision (the response's: a transaction's puts all
+        // carry it).
+        let at = resp.header().map_or(snap.revision, |h| h.revision());
+        let base = self.key("");
+        snap.put(&base, key.as_bytes(), &serde_json::to_vec(&moved).expect("serialisable"), 0, at)?;
+        if let Some((grant_key, value)) = solo {
+            snap.put(&base, grant_key.as_bytes(), &value, 0, at)?;
+        }
+        Ok(Some(moved))
     }
 
     /// Removes a dead node for good (`syncblock node remove`): its record goes, and `removed/NAME`
