@@ -1155,17 +1155,23 @@ impl Sim {
             return;
         }
         let size = self.vols[v as usize].size;
+        let primary = self.primary_idx(v);
+        let id = self.etcd.spec(v).map(|s| s.id);
+        let copying = self.etcd.grant(v).is_some_and(|g| Some(g.pair) == id && g.solo);
         for n in self.vols[v as usize].spec_nodes.clone() {
             let l = &mut self.loads[n as usize];
+            let incoming = if copying && Some(n) != primary { size } else { 0 };
             if add {
                 l.committed += size;
                 l.replicas += 1;
+                l.incoming += incoming;
             } else {
                 l.committed -= size;
                 l.replicas -= 1;
+                l.incoming -= incoming;
             }
         }
-        if let Some(p) = self.primary_idx(v) {
+        if let Some(p) = primary {
             if add {
                 self.loads[p as usize].primaries += 1;
                 self.primary_of[p as usize].insert(v);
@@ -2964,6 +2970,7 @@ impl Sim {
                     committed: 0,
                     primaries: 0,
                     replicas: 0,
+                    incoming: 0,
                 }
             })
             .collect();

@@ -242,20 +242,25 @@ impl Snapshot {
 
     /// Placement's view of every member: one pass over the volumes.
     pub fn loads(&self) -> Vec<placement::NodeLoad> {
-        // (committed bytes, replicas, primaries) by node.
-        let mut by: BTreeMap<&str, (u64, u32, u32)> = BTreeMap::new();
+        // (committed bytes, replicas, primaries, incoming bytes) by node.
+        let mut by: BTreeMap<&str, (u64, u32, u32, u64)> = BTreeMap::new();
         for v in self.volumes.values() {
+            let primary = self.primary_of(v);
+            let copying = self.grants.get(&v.name).is_some_and(|g| g.pair == v.id && g.solo);
             for r in &v.replicas {
                 let e = by.entry(r).or_default();
                 e.0 = e.0.saturating_add(v.size);
                 e.1 += 1;
+                if copying && r != primary {
+                    e.3 = e.3.saturating_add(v.size);
+                }
             }
-            by.entry(self.primary_of(v)).or_default().2 += 1;
+            by.entry(primary).or_default().2 += 1;
         }
         self.members
             .values()
             .map(|m| {
-                let (committed, replicas, primaries) = by.get(m.name.as_str()).copied().unwrap_or_default();
+                let (committed, replicas, primaries, incoming) = by.get(m.name.as_str()).copied().unwrap_or_default();
                 placement::NodeLoad {
                     name: m.name.clone(),
                     zone: m.zone.clone(),
@@ -264,6 +269,7 @@ impl Snapshot {
                     committed,
                     primaries,
                     replicas,
+                    incoming,
                 }
             })
             .collect()

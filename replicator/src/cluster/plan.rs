@@ -83,6 +83,20 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_being_copied_counts_as_incoming_on_its_secondary_only() {
+        let mut s = snap();
+        let load = |s: &Snapshot, n: &str| s.loads().into_iter().find(|l| l.name == n).unwrap();
+        // `v` is solo with primary a: b is receiving its copy.
+        assert_eq!((load(&s, "a").incoming, load(&s, "b").incoming), (0, 1 << 20));
+        s.grants.get_mut("v").unwrap().solo = false;
+        assert_eq!(load(&s, "b").incoming, 0);
+        // A grant of an older pair of the same name says nothing about this one.
+        let g = s.grants.get_mut("v").unwrap();
+        (g.solo, g.pair) = (true, 6);
+        assert_eq!(load(&s, "b").incoming, 0);
+    }
+
+    #[test]
     fn only_the_granted_primary_re_protects_and_only_after_the_grace_period() {
         let mut s = snap();
         s.alive.remove("b");
