@@ -360,6 +360,79 @@ fn a_removed_node_is_replaced_without_waiting_for_the_grace_period() {
     qemu_ok(&uri, &["read -P 0x5a 0 2M"]);
 }
 
+/// Each node follows etcd by applying the changes its watch reports (it reads the whole prefix
+/// only when the watch breaks): after a run of creates and a burst of concurrent deletes, many of
+/// them within one 50 ms gathering, every node runs exactly the volumes placed on it, in sync, and
+/// has removed its replicas of the deleted ones.
+#[test]
+fn nodes_follow_bursts_of_changes_from_their_watch() {
+    if !ready("watch bursts") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, ep, nodes) = three_nodes(dir.path(), &[]);
+    let names: Vec<String> = (0..12).map(|i| format!("w{i}")).collect();
+    for n in &names {
+        let (code, out, err) = cli(&ep, &["volume", "create", n, "--size", "16MiB"]);
+        assert_eq!(code, 0, "create {n}: {out}{err}");
+    }
+    let deleted: Vec<&String> = names.iter().step_by(3).collect();
+    std::thread::scope(|s| {
+        for n in &deleted {
+            let ep = &ep;
+            s.spawn(move || {
+                let (code, out, err) = cli(ep, &["volume", "delete", n]);
+                assert_eq!(code, 0, "delete {n}: {out}{err}");
+            });
+        }
+    });
+    let kept: Vec<&String> = names.iter().filter(|n| !deleted.contains(n)).collect();
+    // What each node's admin endpoint says it runs, against where `volume list` places volumes.
+    let runs = |node: &ClusterNode| -> Result<Vec<String>, String> {
+        let (code, out, err) =
+            run(Duration::from_secs(10), common::pair::BIN, &["status", "--json", "--admin", &node.admin]);
+        if code != 0 {
+            return Err(format!("status of {}: {out}{err}", node.name));
+        }
+        let doc: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{out}: {e}"))?;
+        let mut names: Vec<String> = doc["volumes"]
+            .as_array()
+            .ok_or_else(|| format!("no volumes in {out}"))?
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        Ok(names)
+    };
+    wait_until(Duration::from_millis(250), "every node runs what is placed on it", Duration::from_secs(60), || {
+        let listed = volumes(&ep);
+        let mut listed_names: Vec<&str> = listed.iter().filter_map(|v| v["name"].as_str()).collect();
+        listed_names.sort();
+        let mut want: Vec<&str> = kept.iter().map(|n| n.as_str()).collect();
+        want.sort();
+        if listed_names != want {
+            return Err(format!("listed {listed_names:?}, expected {want:?}"));
+        }
+        if let Some(v) = listed.iter().find(|v| v["state"] != "in-sync") {
+            return Err(format!("not in sync yet: {v}"));
+        }
+        for node in &nodes {
+            let mut placed: Vec<String> = listed
+                .iter()
+                .filter(|v| v["primary"] == node.name.as_str() || v["secondary"] == node.name.as_str())
+                .filter_map(|v| v["name"].as_str().map(str::to_string))
+                .collect();
+            placed.sort();
+            let running = runs(node)?;
+            if running != placed {
+                return Err(format!("{} runs {running:?}, placed there: {placed:?}", node.name));
+            }
+        }
+        Ok(())
+    });
+}
+
 /// etcd that accepts only TLS clients with a certificate from its CA: nodes and commands given
 /// `--etcd-ca/--etcd-cert/--etcd-key` work; without a client certificate, or without TLS, a
 /// command is refused with a message naming etcd.
