@@ -82,10 +82,14 @@ echo "   foreground 4 KiB random writes, in sync: ${BEFORE%.*} IOPS"
 # the move was seen), DONE and NEW (the new secondary).
 await_copy() {
   MOVED=""
+  # One `volume list` per look, both fields from it: the looks themselves (a process and a Python
+  # each) take CPU from the copy on this two-core machine.
+  local s st
   for _ in $(seq 900); do
-    s=$(vol secondary)
+    read -r s st < <("$BIN" volume list --json --etcd "$ETCD" |
+      json "' '.join(str([v for v in d if v['name']=='r'][0][k]) for k in ('secondary', 'state'))")
     if [ -z "$MOVED" ] && [ "$s" != "$1" ]; then MOVED=$(now); NEW=$s; fi
-    [ -n "$MOVED" ] && [ "$(vol state)" = in-sync ] && break
+    [ -n "$MOVED" ] && [ "$st" = in-sync ] && break
     sleep 0.2
   done
   DONE=$(now)
