@@ -424,3 +424,42 @@ async fn a_resync_takes_only_what_the_nodes_other_copies_leave() {
     h.settle(Some(&mut peer)).await;
     assert_eq!(shared.available_permits() as u64, crate::RESYNC_NODE_BYTES_MAX);
 }
+
+/// An idle volume's loop wakes for its timers (heartbeats every 125 ms, the floor, the warning
+/// check), not every `PUBLISH_EVERY`: a quiet timer turn that publishes a deferred status sets no
+/// new deadline. Before, each such turn deferred the next publish, and an idle volume woke every
+/// 2 ms for ever (5,000 turns in 10 s).
+#[tokio::test(start_paused = true)]
+async fn an_idle_primary_wakes_for_its_timers_only() {
+    let mut h = harness(Policy::Strict).await;
+    let (_, mut peer) = h.in_sync().await;
+    let Harness { owner, _parts: parts } = h;
+    let turns = owner.turns.clone();
+    let task = tokio::spawn(owner.run());
+    // A write and its answer first: busy turns, a publish deferred.
+    let (reply, rx) = oneshot::channel();
+    let data = Bytes::from(vec![7u8; BLOCK_BYTES_U64 as usize]);
+    parts.commands.send((Instant::now(), Command::Write { offset: 0, data, fua: false, reply })).await.unwrap();
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        peer.read().await;
+        if let Some(tag) = peer.writes().last().map(|w| w.0) {
+            peer.ack(tag, tag).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rx.await.expect("answered").expect("the write succeeded");
+    let before = turns.load(std::sync::atomic::Ordering::Relaxed);
+    // Then 10 s idle, the peer answering heartbeats.
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        peer.read().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let idle = turns.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // 80 heartbeats and their pongs, ~100 floor and warning checks: a few hundred.
+    assert!(idle < 1_000, "{idle} turns of the loop in 10 s idle");
+    assert!(idle >= 80, "{idle} turns: the heartbeats did not run");
+    let _ = parts.stop.send(true);
+    task.await.unwrap();
+}
