@@ -92,9 +92,18 @@ per_volume() {
 per_volume
 # Heartbeats keep every link busy a little: a buffer that their bytes walk through shows up only
 # over time, so the figure is taken again after a while idle.
+# CPU while idle, over the same wait: what heartbeats, reports and timers cost.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A CPU0
+for n in "${!NODE_PID[@]}"; do CPU0[$n]=$(ticks "${NODE_PID[$n]}"); done
 sleep "${IDLE_S:-60}"
 echo "again after ${IDLE_S:-60} s more idle:"
 per_volume
+echo "CPU while idle (those ${IDLE_S:-60} s):"
+for n in $(echo "${!NODE_PID[@]}" | tr ' ' '\n' | sort); do
+  used=$(( $(ticks "${NODE_PID[$n]}") - CPU0[$n] ))
+  echo "  $n: $(echo "scale=1; 100 * $used / $(getconf CLK_TCK) / ${IDLE_S:-60}" | bc -l) % of a core"
+done
 
 "$BIN" volume list --json --etcd "$ETCD" >"$RUN/volumes.json"
 VICTIM=$(json "max(set(v['primary'] for v in d), key=lambda n: sum(v['primary']==n for v in d))" <"$RUN/volumes.json")
