@@ -73,7 +73,7 @@
 //! off from etcd, can be promoted once the primary dies, and then deletes its copy (seed 36;
 //! `a_replica_moved_away_can_be_promoted`). `solo_on_move`, `reprotect_only_disconnected` and
 //! `promote_only_listed` model the three fixes now in the code (`Cluster::replace_replica`,
-//! `member.rs` `reprotect`, the etcd authority); they are on by default, and `CLUSTER_SIM_FIXES=0`
+//! `member.rs` `reprotector`, the etcd authority); they are on by default, and `CLUSTER_SIM_FIXES=0`
 //! models the code as it was. 400 seeds at 300 faults a minute pass with them.
 //!
 //! **Not modelled**: the data path (writes are assumed continuous, so acknowledging means writes
@@ -81,8 +81,8 @@
 //! lease) and compaction; clock drift (the margin in the standing exists for it); a copy's sender's
 //! bandwidth (only receivers share theirs); a full copy resuming after an interruption (it restarts);
 //! volume creation and deletion during a run (volumes are created at the start, placed one by one,
-//! with no concurrent creates to race); the etcd reads of an in-sync primary's reports (one a
-//! second each, once the report cache expires: about as many reads per second as volumes); thin
+//! with no concurrent creates to race); the etcd reads of an in-sync primary's reports (one every
+//! 5 s each, once the report cache expires: a fifth as many reads per second as volumes); thin
 //! volumes (a full copy moves the whole size).
 //!
 //! **Determinism**: one thread, virtual time in milliseconds, an event queue ordered by (time,
