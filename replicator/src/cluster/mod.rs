@@ -199,22 +199,53 @@ pub struct Snapshot {
     pub revisions: BTreeMap<String, i64>,
 }
 
+/// What a key under the cluster's prefix holds (the table in docs/cluster.md), and whose it is.
+enum KeyOf<'a> {
+    Member(&'a str),
+    Alive(&'a str),
+    Volume(&'a str),
+    Grant(&'a str),
+    Removed(&'a str),
+    Other,
+}
+
+impl<'a> KeyOf<'a> {
+    /// `rest`: the key without the prefix, e.g. `volumes/db`.
+    fn parse(rest: &'a str) -> KeyOf<'a> {
+        match rest.split_once('/') {
+            Some(("members", name)) => KeyOf::Member(name),
+            Some(("alive", name)) => KeyOf::Alive(name),
+            Some(("volumes", name)) => KeyOf::Volume(name),
+            Some(("grants", name)) => KeyOf::Grant(name),
+            Some(("removed", name)) => KeyOf::Removed(name),
+            _ => KeyOf::Other,
+        }
+    }
+}
+
 impl Snapshot {
     /// Records `key` (under `base`, the cluster's prefix) as holding `value`, as read or as a watch
     /// reported it written at `revision`.
     pub fn put(&mut self, base: &str, key: &[u8], value: &[u8], lease: i64, revision: i64) -> Result<()> {
         let key = String::from_utf8_lossy(key);
         let Some(rest) = key.strip_prefix(base) else { return Ok(()) };
-        if let Some(name) = rest.strip_prefix("members/") {
-            self.members.insert(name.into(), decode(&key, value)?);
-        } else if let Some(name) = rest.strip_prefix("alive/") {
-            self.alive.insert(name.into(), lease);
-        } else if let Some(name) = rest.strip_prefix("volumes/") {
-            self.volumes.insert(name.into(), decode(&key, value)?);
-        } else if let Some(name) = rest.strip_prefix("grants/") {
-            self.grants.insert(name.into(), decode(&key, value)?);
-        } else if let Some(name) = rest.strip_prefix("removed/") {
-            self.removed.insert(name.into());
+        match KeyOf::parse(rest) {
+            KeyOf::Member(name) => {
+                self.members.insert(name.into(), decode(&key, value)?);
+            }
+            KeyOf::Alive(name) => {
+                self.alive.insert(name.into(), lease);
+            }
+            KeyOf::Volume(name) => {
+                self.volumes.insert(name.into(), decode(&key, value)?);
+            }
+            KeyOf::Grant(name) => {
+                self.grants.insert(name.into(), decode(&key, value)?);
+            }
+            KeyOf::Removed(name) => {
+                self.removed.insert(name.into());
+            }
+            KeyOf::Other => {}
         }
         self.revisions.insert(rest.to_string(), revision);
         self.revision = self.revision.max(revision);
@@ -225,16 +256,23 @@ impl Snapshot {
     pub fn delete(&mut self, base: &str, key: &[u8], revision: i64) {
         let key = String::from_utf8_lossy(key);
         let Some(rest) = key.strip_prefix(base) else { return };
-        if let Some(name) = rest.strip_prefix("members/") {
-            self.members.remove(name);
-        } else if let Some(name) = rest.strip_prefix("alive/") {
-            self.alive.remove(name);
-        } else if let Some(name) = rest.strip_prefix("volumes/") {
-            self.volumes.remove(name);
-        } else if let Some(name) = rest.strip_prefix("grants/") {
-            self.grants.remove(name);
-        } else if let Some(name) = rest.strip_prefix("removed/") {
-            self.removed.remove(name);
+        match KeyOf::parse(rest) {
+            KeyOf::Member(name) => {
+                self.members.remove(name);
+            }
+            KeyOf::Alive(name) => {
+                self.alive.remove(name);
+            }
+            KeyOf::Volume(name) => {
+                self.volumes.remove(name);
+            }
+            KeyOf::Grant(name) => {
+                self.grants.remove(name);
+            }
+            KeyOf::Removed(name) => {
+                self.removed.remove(name);
+            }
+            KeyOf::Other => {}
         }
         self.revisions.remove(rest);
         self.revision = self.revision.max(revision);
@@ -521,8 +559,8 @@ impl Cluster {
             Compare::version(self.key(&format!("alive/{lost}")), CompareOp::Equal, 0),
             Compare::version(self.key(&format!("alive/{new}")), CompareOp::Greater, 0),
         ];
-        let mut ops = vec![TxnOp::put(key.clone(), serde_json::to_vec(&moved).expect("serialisable"), None)];
-        let mut solo = None;
+        // The keys the transaction writes, with their values: the same go into `snap` after it.
+        let mut writes = vec![(key, serde_json::to_vec(&moved).expect("serialisable"))];
         // The record becomes solo in the same transaction: the new replica is empty until its
         // copy completes, and a solo record refuses every unforced promotion (found by the
         // control-plane simulation: a volume moved while its record was not solo promoted the
@@ -532,14 +570,13 @@ impl Cluster {
                 let doc = GrantDoc { solo: true, ..g.clone() };
                 let grant_key = self.key(&format!("grants/{name}"));
                 when.push(Compare::mod_revision(grant_key.clone(), CompareOp::Equal, rev(&format!("grants/{name}"))));
-                let value = serde_json::to_vec(&doc).expect("serialisable");
-                ops.push(TxnOp::put(grant_key.clone(), value.clone(), None));
-                solo = Some((grant_key, value));
+                writes.push((grant_key, serde_json::to_vec(&doc).expect("serialisable")));
             } else {
                 // Not the granted primary any more: someone else decides.
                 return Ok(None);
             }
         }
+        let ops: Vec<TxnOp> = writes.iter().map(|(k, v)| TxnOp::put(k.clone(), v.clone(), None)).collect();
         let txn = Txn::new().when(when).and_then(ops);
         let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
         if !resp.succeeded() {
@@ -549,9 +586,8 @@ impl Cluster {
         // carry it).
         let at = resp.header().map_or(snap.revision, |h| h.revision());
         let base = self.key("");
-        snap.put(&base, key.as_bytes(), &serde_json::to_vec(&moved).expect("serialisable"), 0, at)?;
-        if let Some((grant_key, value)) = solo {
-            snap.put(&base, grant_key.as_bytes(), &value, 0, at)?;
+        for (k, v) in &writes {
+            snap.put(&base, k.as_bytes(), v, 0, at)?;
         }
         Ok(Some(moved))
     }
