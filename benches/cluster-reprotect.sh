@@ -62,7 +62,11 @@ for i in 1 2 3 4; do
   for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/n$i.out" && break; sleep 0.1; done
 done
 "$BIN" volume create r --size "${SIZE}iB" --etcd "$ETCD" >/dev/null
-vol() { "$BIN" volume list --json --etcd "$ETCD" | json "[v for v in d if v['name']=='r'][0]['$1']"; }
+# Fields of volume r from one `volume list`, space-separated: vol FIELD...
+vol() {
+  "$BIN" volume list --json --etcd "$ETCD" |
+    json "' '.join(str([v for v in d if v['name']=='r'][0][k]) for k in '$*'.split())"
+}
 for _ in $(seq 200); do [ "$(vol state)" = in-sync ] && break; sleep 0.2; done
 URI=$(vol nbd); PRIMARY=$(vol primary); SECONDARY=$(vol secondary)
 echo "2. volume r ($SIZE) on $PRIMARY (primary) and $SECONDARY: filling it ..."
@@ -86,8 +90,7 @@ await_copy() {
   # each) take CPU from the copy on this two-core machine.
   local s st
   for _ in $(seq 900); do
-    read -r s st < <("$BIN" volume list --json --etcd "$ETCD" |
-      json "' '.join(str([v for v in d if v['name']=='r'][0][k]) for k in ('secondary', 'state'))")
+    read -r s st < <(vol secondary state)
     if [ -z "$MOVED" ] && [ "$s" != "$1" ]; then MOVED=$(now); NEW=$s; fi
     [ -n "$MOVED" ] && [ "$st" = in-sync ] && break
     sleep 0.2

@@ -390,15 +390,10 @@ fn nodes_follow_bursts_of_changes_from_their_watch() {
     let kept: Vec<&String> = names.iter().filter(|n| !deleted.contains(n)).collect();
     // What each node's admin endpoint says it runs, against where `volume list` places volumes.
     let runs = |node: &ClusterNode| -> Result<Vec<String>, String> {
-        let (code, out, err) =
-            run(Duration::from_secs(10), common::pair::BIN, &["status", "--json", "--admin", &node.admin]);
-        if code != 0 {
-            return Err(format!("status of {}: {out}{err}", node.name));
-        }
-        let doc: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{out}: {e}"))?;
+        let doc = common::pair::status_doc(&node.admin, &[]).map_err(|e| format!("{}: {e}", node.name))?;
         let mut names: Vec<String> = doc["volumes"]
             .as_array()
-            .ok_or_else(|| format!("no volumes in {out}"))?
+            .ok_or_else(|| format!("no volumes in {doc}"))?
             .iter()
             .filter_map(|v| v["name"].as_str().map(str::to_string))
             .collect();

@@ -544,11 +544,10 @@ impl Allow {
         if mine.iter().any(|e| e.contains(&record.primary)) {
             return None;
         }
-        let pairs: Vec<String> = mine.iter().map(|e| e.join(",")).collect();
+        let own = Allow { entries: mine.into_iter().cloned().collect() };
         Some(format!(
-            "node {node:?} may act only in its own pair (--allow {}), but {volume} (pair {pair:016x}) has {:?} as \
+            "node {node:?} may act only in its own pair (--allow {own}), but {volume} (pair {pair:016x}) has {:?} as \
              primary; refused",
-            pairs.join(" --allow "),
             record.primary
         ))
     }

@@ -46,21 +46,25 @@ pub fn serve_args(store: &Path, store_size: &str, volume_size: &str) -> Vec<Stri
     ]
 }
 
-/// `syncblock status --json --admin ADDR`: the replication status of the volume, parsed, or why
-/// there is none.
-pub fn replication_status(admin: &str, client_flags: &[String]) -> Result<serde_json::Value, String> {
+/// `syncblock status --json --admin ADDR`: the node's document (its store and its volumes, each
+/// with its replication status), parsed, or why there is none.
+pub fn status_doc(admin: &str, client_flags: &[String]) -> Result<serde_json::Value, String> {
     let mut args = vec!["status", "--json", "--admin", admin];
     args.extend(client_flags.iter().map(String::as_str));
     let (code, out, err) = run(STATUS_MAX, BIN, &args);
     if code != 0 {
         return Err(format!("status exited with {code}: {out}{err}"));
     }
-    // The node's document: its store and its volumes, each with its replication status.
-    let doc: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("status printed {out:?}: {e}"))?;
-    let volumes = doc["volumes"].as_array().ok_or_else(|| format!("no volumes in {out}"))?;
+    serde_json::from_str(&out).map_err(|e| format!("status printed {out:?}: {e}"))
+}
+
+/// The replication status of the volume, from [`status_doc`], or why there is none.
+pub fn replication_status(admin: &str, client_flags: &[String]) -> Result<serde_json::Value, String> {
+    let doc = status_doc(admin, client_flags)?;
+    let volumes = doc["volumes"].as_array().ok_or_else(|| format!("no volumes in {doc}"))?;
     match volumes.iter().find(|v| v["name"] == VOLUME) {
         Some(v) if v["replication"].is_object() => Ok(v["replication"].clone()),
-        _ => Err(format!("no replication status for volume {VOLUME} in {out}")),
+        _ => Err(format!("no replication status for volume {VOLUME} in {doc}")),
     }
 }
 
