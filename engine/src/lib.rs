@@ -23,7 +23,10 @@ pub mod sim;
 pub mod state;
 pub mod store;
 
-pub use crate::core::{ChangedRun, Config, Driver, Extent, Since, Stats, Written, CRC_BLOCKS_MAX, IO_BYTES_MAX};
+pub use crate::core::{
+    BlockPlace, ChangedRun, Config, Driver, Extent, Since, Stats, Written, CRC_BLOCKS_MAX, IO_BYTES_MAX,
+    PLACES_BLOCKS_MAX, READ_BLOCKS_MAX,
+};
 pub use format::StagedOp;
 pub use predict::CommitLoop;
 pub use recovery::{min_store_bytes, RecoveryReport, DEFAULT_SEGMENT_BYTES, SEGMENT_BYTES_MIN, STORE_BYTES_MAX};

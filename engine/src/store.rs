@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::format::StagedOp;
 use crate::recovery::{self, RecoveryReport};
 use crate::state::VolumeInfo;
-use crate::types::{Lsn, Tag, VolumeId};
+use crate::types::{BlockRun, Lsn, Tag, VolumeId, BLOCK_BYTES_U64};
 use crate::uring::UringDevice;
 
 /// Admission budget, in units of one request plus one unit per 64 KiB of payload: about 8192
@@ -414,6 +414,23 @@ impl Store {
         len: u64,
     ) -> Result<Pending<Vec<Option<u32>>>> {
         self.enqueue(0, |reply| Request::BlockCrcs { volume, offset, len, reply }).await
+    }
+
+    /// Where the mapped blocks of `runs` (sorted, disjoint, at most
+    /// [`crate::core::PLACES_BLOCKS_MAX`] blocks) lie, in LBA order, unmapped ones left out: as of
+    /// every request queued before it, answered from memory. Sorting the answer by place gives the
+    /// order in which [`Store::enqueue_read_blocks`] reads them fastest.
+    pub async fn block_places(&self, volume: VolumeId, runs: Vec<BlockRun>) -> Result<Vec<crate::core::BlockPlace>> {
+        self.call(0, |reply| Request::BlockPlaces { volume, runs, reply }).await
+    }
+
+    /// Queues a read of the blocks `lbas` names, in any order (at most
+    /// [`crate::core::READ_BLOCKS_MAX`]): it sees every write queued before it, and none queued
+    /// after (see [`Store::enqueue`]). Blocks close together in the log are read together. Each is
+    /// answered in the order asked, `None` for an unmapped one.
+    pub async fn enqueue_read_blocks(&self, volume: VolumeId, lbas: Vec<u64>) -> Result<Pending<Vec<Option<Bytes>>>> {
+        let bytes = lbas.len() as u64 * BLOCK_BYTES_U64;
+        self.enqueue(bytes, |reply| Request::ReadBlocks { volume, lbas, reply }).await
     }
 
     pub async fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {

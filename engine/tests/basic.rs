@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{Config, CreateOptions, Driver, Error, Store, VolumeId, VolumeInfo, BLOCK_BYTES};
+use syncblock_engine::{BlockRun, Config, CreateOptions, Driver, Error, Lba, Store, VolumeId, VolumeInfo, BLOCK_BYTES};
 
 #[test]
 fn write_read_flush_reopen_on_sim() {
@@ -44,6 +44,56 @@ fn out_of_range_and_missing_volume_are_errors() {
     assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
     let e = rt.block_on(store.create_volume("v", 1 << 20)).unwrap_err();
     assert!(matches!(e, Error::VolumeExists(_)), "{e}");
+    store.close().unwrap();
+}
+
+/// A copy's reads in log order refuse what a client read would: blocks outside the volume, too
+/// many at once, runs out of order; and a block read in log order is checked against its checksum
+/// like any other.
+#[test]
+fn reads_in_log_order_refuse_bad_requests_and_find_corruption() {
+    let rt = rt();
+    let (disk, store, vol) = sim_volume(&rt, 16 << 20, 1 << 20);
+    let read = |lbas: Vec<u64>| rt.block_on(async { store.enqueue_read_blocks(vol.id, lbas).await?.wait().await });
+    let e = read(vec![0, 256]).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    let e = read(vec![u64::MAX]).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    let e = read(vec![0; syncblock_engine::READ_BLOCKS_MAX + 1]).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    let run = |lba, n_blocks| BlockRun { lba: Lba(lba), n_blocks };
+    for bad in [vec![run(4, 2), run(0, 2)], vec![run(0, 4), run(2, 4)], vec![run(250, 7)], vec![run(u64::MAX, 2)]] {
+        let e = rt.block_on(store.block_places(vol.id, bad.clone())).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}: {e}");
+    }
+    let e = rt.block_on(store.block_places(VolumeId(99), vec![run(0, 1)])).unwrap_err();
+    assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+
+    // Blocks 3, 1 and 0 written in that order lie in the log in that order.
+    for (lba, seed) in [(3, 3), (1, 1), (0, 0)] {
+        rt.block_on(store.write(vol.id, lba * 4096, Bytes::from(pattern(seed, BLOCK_BYTES)), false)).unwrap();
+    }
+    rt.block_on(store.flush()).unwrap();
+    let mut places = rt.block_on(store.block_places(vol.id, vec![run(0, 8)])).unwrap();
+    assert_eq!(places.iter().map(|p| p.lba).collect::<Vec<_>>(), [0, 1, 3]);
+    places.sort_unstable();
+    assert_eq!(places.iter().map(|p| p.lba).collect::<Vec<_>>(), [3, 1, 0]);
+    let got = read(vec![3, 2, 1, 0]).unwrap();
+    assert_eq!(got[1], None);
+    for (i, seed) in [(0, 3), (2, 1), (3, 0)] {
+        assert_eq!(got[i].as_deref(), Some(&pattern(seed, BLOCK_BYTES)[..]), "block {i}");
+    }
+
+    // Flip a byte of block 1 on the disk: its read in log order fails, naming the corruption.
+    {
+        let mut d = disk.lock().unwrap();
+        let block = pattern(1, BLOCK_BYTES);
+        let at = d.written.chunks(BLOCK_BYTES).position(|b| b == &block[..]).expect("block 1 on the disk");
+        d.written[at * BLOCK_BYTES + 17] ^= 0xff;
+    }
+    let e = read(vec![0, 1, 3]).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+    assert_eq!(read(vec![0, 3]).unwrap().len(), 2);
     store.close().unwrap();
 }
 

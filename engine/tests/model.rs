@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::*;
 use proptest::prelude::*;
 use syncblock_engine::sim::SimDevice;
-use syncblock_engine::{Config, Store, VolumeId};
+use syncblock_engine::{BlockRun, Config, Lba, Store, Tag, VolumeId};
 
 const VOL_BYTES: u64 = 384 * 1024;
 const N_VOLS: usize = 3;
@@ -41,6 +41,12 @@ enum Op {
         offset: u64,
         len: u64,
     },
+    /// Where the blocks of two runs lie (`block_places`), then a read of all their blocks in log
+    /// order (`enqueue_read_blocks`): what a replica's copy does.
+    ReadPlaced {
+        vol: usize,
+        runs: [(u64, u64); 2],
+    },
     Checkpoint,
     Reopen,
 }
@@ -64,6 +70,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..N_VOLS, range(), any::<bool>()).prop_map(|(vol, (offset, len), may_trim)| Op::Zero { vol, offset, len, may_trim }),
         2 => Just(Op::Flush),
         5 => (0..N_VOLS, range()).prop_map(|(vol, (offset, len))| Op::Read { vol, offset, len }),
+        2 => (0..N_VOLS, [(0..VOL_BYTES / 4096, 1..40u64), (0..VOL_BYTES / 4096, 1..40u64)])
+            .prop_map(|(vol, runs)| Op::ReadPlaced { vol, runs }),
         1 => Just(Op::Checkpoint),
         1 => Just(Op::Reopen),
     ]
@@ -118,6 +126,7 @@ fn run(ops: Vec<Op>, seed: u64, disk_bytes: usize) -> syncblock_engine::Stats {
                     "step {step}: read {offset}+{len} of v{vol} differs from the model"
                 );
             }
+            Op::ReadPlaced { vol, runs } => read_placed(&rt, &store, vols[vol], runs, &mut model[vol], step),
             Op::Checkpoint => rt.block_on(store.checkpoint()).unwrap(),
             Op::Reopen => {
                 let st = rt.block_on(store.stats()).unwrap();
@@ -144,6 +153,59 @@ fn run(ops: Vec<Op>, seed: u64, disk_bytes: usize) -> syncblock_engine::Stats {
     }
     store.close().unwrap();
     stats
+}
+
+/// Checks `block_places` and `enqueue_read_blocks` against the model: places name exactly the
+/// blocks the read finds mapped, in LBA order inside the runs, and the read (in log order, as a
+/// replica's copy asks) returns each block's data, `None` only where the model holds zeros.
+/// A write to the first run's first block is queued, not awaited, just before: the places and the
+/// read must see it while it is still unapplied.
+fn read_placed(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    vol: VolumeId,
+    runs: [(u64, u64); 2],
+    model: &mut [u8],
+    step: usize,
+) {
+    let n = VOL_BYTES / 4096;
+    let mut runs: Vec<(u64, u64)> = runs.iter().map(|&(b, len)| (b, (b + len).min(n))).collect();
+    runs.sort_unstable();
+    if runs[1].0 <= runs[0].1 {
+        runs = vec![(runs[0].0, runs[0].1.max(runs[1].1))];
+    }
+    let block_runs: Vec<BlockRun> = runs.iter().map(|&(a, b)| BlockRun { lba: Lba(a), n_blocks: b - a }).collect();
+    let data = Bytes::from(pattern(step as u64 ^ 0x5eed, 4096));
+    let offset = runs[0].0 * 4096;
+    let written = rt.block_on(store.enqueue_write(vol, offset, data.clone(), false, Tag::NONE)).unwrap();
+    model[offset as usize..offset as usize + 4096].copy_from_slice(&data);
+    let places = rt.block_on(store.block_places(vol, block_runs)).unwrap();
+    assert!(places.windows(2).all(|w| w[0].lba < w[1].lba), "step {step}: places out of LBA order: {places:?}");
+    assert!(
+        places.iter().all(|p| runs.iter().any(|&(a, b)| (a..b).contains(&p.lba))),
+        "step {step}: place outside the runs"
+    );
+    let mut by_place = places.clone();
+    by_place.sort_unstable();
+    let placed: std::collections::BTreeSet<u64> = places.iter().map(|p| p.lba).collect();
+    let mut lbas: Vec<u64> = by_place.iter().map(|p| p.lba).collect();
+    lbas.extend(runs.iter().flat_map(|&(a, b)| a..b).filter(|l| !placed.contains(l)));
+    let got = rt.block_on(async { store.enqueue_read_blocks(vol, lbas.clone()).await.unwrap().wait().await }).unwrap();
+    assert_eq!(got.len(), lbas.len());
+    for (lba, block) in lbas.iter().zip(got) {
+        let want = &model[(lba * 4096) as usize..((lba + 1) * 4096) as usize];
+        match block {
+            Some(d) => {
+                assert!(placed.contains(lba), "step {step}: block {lba} read as mapped but not placed");
+                assert!(d[..] == want[..], "step {step}: block {lba} read in log order differs from the model");
+            }
+            None => {
+                assert!(!placed.contains(lba), "step {step}: block {lba} placed but read as unmapped");
+                assert!(want.iter().all(|&b| b == 0), "step {step}: block {lba} read as unmapped but holds data");
+            }
+        }
+    }
+    rt.block_on(written.wait()).unwrap();
 }
 
 proptest! {

@@ -253,6 +253,8 @@ impl Core {
                 drop(reply.send(self.block_status(volume, offset, len)))
             }
             Request::BlockCrcs { volume, offset, len, reply } => drop(reply.send(self.block_crcs(volume, offset, len))),
+            Request::BlockPlaces { volume, runs, reply } => drop(reply.send(self.block_places(volume, &runs))),
+            Request::ReadBlocks { volume, lbas, reply } => self.handle_read_blocks(volume, lbas, reply),
             Request::CreateVolume { name, size_bytes, reply } => self.create_volume(name, size_bytes, reply),
             Request::ResizeVolume { volume, size_bytes, reply } => {
                 let r = self.volume_exists(volume).and_then(|()| check_size(size_bytes));
@@ -570,6 +572,8 @@ impl Request {
             | Request::Shutdown { reply } => drop(reply.send(Err(e))),
             Request::BlockStatus { reply, .. } => drop(reply.send(Err(e))),
             Request::BlockCrcs { reply, .. } => drop(reply.send(Err(e))),
+            Request::BlockPlaces { reply, .. } => drop(reply.send(Err(e))),
+            Request::ReadBlocks { reply, .. } => drop(reply.send(Err(e))),
             Request::CreateVolume { reply, .. } => drop(reply.send(Err(e))),
             Request::ListVolumes { reply } => drop(reply.send(Err(e))),
             Request::ChangedSince { reply, .. } => drop(reply.send(Err(e))),

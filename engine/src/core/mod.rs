@@ -11,7 +11,7 @@
 //! | machine | file | owns |
 //! |---|---|---|
 //! | [`Intake`] | `intake.rs` | the request queue, validation, read-modify-write stalls, volume changes |
-//! | [`Reads`] | `reads.rs` | reads in flight; block status and checksums |
+//! | [`Reads`] | `reads.rs` | reads in flight; block status, checksums and places |
 //! | [`Log`] | `log.rs` | the open batch, sealed and in-flight batches, LSNs, the pending-block map |
 //! | [`Durability`] | `durability.rs` | writers waiting for their batches, syncs, the durable LSN |
 //! | [`Segments`] | `segments.rs` | the segment table: free, open, sealed, reuse |
@@ -88,7 +88,7 @@ use scans::Scans;
 use segments::Segments;
 
 pub use log::WRITE_BACK_BLOCKS_MAX;
-pub use reads::CRC_BLOCKS_MAX;
+pub use reads::{BlockPlace, CRC_BLOCKS_MAX, PLACES_BLOCKS_MAX, READ_BLOCKS_MAX};
 pub use request::{ChangedRun, Config, Driver, Extent, Reply, Request, Since, Stats, Written, IO_BYTES_MAX};
 pub(crate) use segments::{SegState, SegStatus};
 
@@ -105,6 +105,7 @@ enum Token {
     Batch(Lsn),
     Sync { through: Lsn },
     Read(reads::ReadPart),
+    Blocks(reads::BlocksPart),
     RmwRead { lba: u64, seg: u32, crc: u32, phys: u32 },
     GcRead { seg: u32 },
     ScanRead { seg: u32 },
@@ -342,6 +343,7 @@ impl Core {
             Token::Batch(lsn) => self.batch_written(lsn, c.result),
             Token::Sync { through } => self.synced(c.token, through, c.result),
             Token::Read(part) => self.read_done(part, c),
+            Token::Blocks(part) => self.blocks_read_done(part, c),
             Token::RmwRead { lba, seg, crc, phys } => self.rmw_read_done(lba, seg, crc, phys, c),
             Token::GcRead { seg } => self.victim_read(seg, c),
             Token::ScanRead { seg } => self.scan_read(seg, c),

@@ -129,6 +129,20 @@ pub enum Request {
         len: u64,
         reply: Reply<Vec<Option<u32>>>,
     },
+    /// Where the mapped blocks of the runs (sorted, disjoint, at most [`PLACES_BLOCKS_MAX`]
+    /// blocks) lie, in LBA order, from memory: the state after every request queued before it.
+    BlockPlaces {
+        volume: VolumeId,
+        runs: Vec<BlockRun>,
+        reply: Reply<Vec<BlockPlace>>,
+    },
+    /// Reads the named blocks (at most [`READ_BLOCKS_MAX`]), in as few device reads as their
+    /// places allow: a replica's copy reading in log order. `None` for an unmapped block.
+    ReadBlocks {
+        volume: VolumeId,
+        lbas: Vec<u64>,
+        reply: Reply<Vec<Option<Bytes>>>,
+    },
     CreateVolume {
         name: String,
         size_bytes: u64,
@@ -181,6 +195,8 @@ impl Request {
                 | Request::Flush { .. }
                 | Request::BlockStatus { .. }
                 | Request::BlockCrcs { .. }
+                | Request::BlockPlaces { .. }
+                | Request::ReadBlocks { .. }
                 | Request::ListVolumes { .. }
                 | Request::ChangedSince { .. }
                 | Request::Stats { .. }

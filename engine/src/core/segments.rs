@@ -144,6 +144,7 @@ impl Core {
         for t in self.io.tokens.values() {
             match t {
                 Token::Read(part) => readers[part.seg as usize] += 1,
+                Token::Blocks(part) => readers[part.seg as usize] += 1,
                 Token::RmwRead { seg, .. } | Token::GcRead { seg } | Token::ScanRead { seg } => {
                     readers[*seg as usize] += 1
                 }
