@@ -31,10 +31,18 @@ use crate::state::{common_point, record_state, FloorRecord, ReplState, Role};
 use crate::wire::{Frame, Refusal, HELLO_RUNS_MAX};
 use crate::{ReplConfig, ReplError, Result};
 
-/// Engine operations queued but not yet acknowledged to the primary. Bounds the memory a fast
-/// primary can pin on a slow secondary (each holds at most one ≤ 32 MiB write); when full, the
-/// reader stops reading the socket and TCP pushes back.
-const APPLY_QUEUE: usize = 256;
+/// Engine operations queued but not yet acknowledged to the primary, and the write data they hold
+/// (`APPLY_QUEUE_BYTES`): past either, the reader stops reading the socket and TCP pushes back.
+/// The count bounds the items a stream of small frames queues: 4096 keeps 16 MiB of 4 KiB writes
+/// in flight, four of the engine's 1 MiB batches and as many queued behind them. (At 256, a copy
+/// shipping a scattered volume as 4 KiB writes had 1 MiB in the engine at a time, one batch, and
+/// ran at half the disk's rate.)
+const APPLY_QUEUE: usize = 4096;
+/// The write data queued operations may hold: bounds the memory a fast primary can pin on a slow
+/// secondary, whatever the size of its frames (a frame is queued while the total is below this,
+/// so it is exceeded by at most one ≤ 32 MiB write). 64 MiB is what the primary's resync keeps
+/// unconfirmed, plus room for client writes streamed meanwhile.
+const APPLY_QUEUE_BYTES: u64 = 96 << 20;
 
 /// A snapshot for `syncblock status`.
 #[derive(Debug, Clone, Default)]
@@ -85,6 +93,8 @@ enum Applied {
     /// reports durable, outside a resync (whose writes count only once committed).
     Op {
         tag: u64,
+        /// Write data it holds.
+        bytes: u64,
         fua: bool,
         streamed: bool,
         /// When its frame was decoded.
@@ -382,7 +392,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
         // which acknowledges at once.
         let done = tokio::select! {
             biased;
-            done = std::future::poll_fn(|cx| poll_done(&mut session.queue, cx)), if !session.queue.is_empty() => done,
+            done = std::future::poll_fn(|cx| poll_done(&mut session.queue, &mut session.queued_bytes, cx)), if !session.queue.is_empty() => done,
             r = rd.fill(i.cfg.timeout), if session.has_room() => {
                 r?;
                 continue;
@@ -414,24 +424,19 @@ struct Session {
     resyncing: bool,
     /// Queued in the engine, not yet retired: completions are retired in this order.
     queue: VecDeque<Applied>,
+    /// Write data held by `queue` (see `APPLY_QUEUE_BYTES`).
+    queued_bytes: u64,
     acks: Acks,
 }
 
 impl Session {
     fn new(i: Arc<Inner>, epoch: Epoch, common: u64, floor: u64) -> Session {
-        Session {
-            i,
-            epoch,
-            common,
-            resyncing: false,
-            queue: VecDeque::with_capacity(APPLY_QUEUE),
-            acks: Acks::new(floor),
-        }
+        Session { i, epoch, common, resyncing: false, queue: VecDeque::new(), queued_bytes: 0, acks: Acks::new(floor) }
     }
 
     /// Whether another frame may be queued (see `APPLY_QUEUE`).
     fn has_room(&self) -> bool {
-        self.queue.len() < APPLY_QUEUE
+        self.queue.len() < APPLY_QUEUE && self.queued_bytes < APPLY_QUEUE_BYTES
     }
 
     /// Queues `frame` into the engine behind every earlier one; an error ends the session.
@@ -442,6 +447,7 @@ impl Session {
         let item = match frame {
             Frame::Write { tag, offset, fua, data } => Applied::Op {
                 tag,
+                bytes: data.len() as u64,
                 fua,
                 streamed: !resyncing,
                 received: Instant::now(),
@@ -449,6 +455,7 @@ impl Session {
             },
             Frame::Trim { tag, offset, len } => Applied::Op {
                 tag,
+                bytes: 0,
                 fua: false,
                 streamed: !resyncing,
                 received: Instant::now(),
@@ -456,6 +463,7 @@ impl Session {
             },
             Frame::Zeroes { tag, offset, len, may_trim, fua } => Applied::Op {
                 tag,
+                bytes: 0,
                 fua,
                 streamed: !resyncing,
                 received: Instant::now(),
@@ -515,6 +523,9 @@ impl Session {
                 return Err(ReplError::refused(Refusal::Protocol, msg));
             }
         };
+        if let Applied::Op { bytes, .. } = &item {
+            self.queued_bytes += bytes;
+        }
         self.queue.push_back(item);
         Ok(())
     }
@@ -539,14 +550,15 @@ enum Done {
     Crcs(u64, u64, Vec<Option<u32>>),
 }
 
-/// Takes every item at the front of `queue` that has completed, in order; pending while the first
-/// has not.
-fn poll_done(queue: &mut VecDeque<Applied>, cx: &mut Context<'_>) -> Poll<Vec<Result<Done>>> {
+/// Takes every item at the front of `queue` that has completed, in order (less the write data
+/// they held from `queued_bytes`); pending while the first has not.
+fn poll_done(queue: &mut VecDeque<Applied>, queued_bytes: &mut u64, cx: &mut Context<'_>) -> Poll<Vec<Result<Done>>> {
     let mut done = Vec::new();
     while let Some(head) = queue.front_mut() {
         let d = match head {
-            Applied::Op { tag, fua, streamed, received, done } => match Pin::new(done).poll(cx) {
+            Applied::Op { tag, bytes, fua, streamed, received, done } => match Pin::new(done).poll(cx) {
                 Poll::Ready(r) => {
+                    *queued_bytes -= *bytes;
                     r.map(|w| Done::Op { tag: *tag, durable: *fua || (*streamed && w.durable), received: *received })
                 }
                 Poll::Pending => break,
@@ -707,7 +719,7 @@ mod tests {
         }
         let mut out = Vec::new();
         while !s.queue.is_empty() {
-            let done = std::future::poll_fn(|cx| poll_done(&mut s.queue, cx)).await;
+            let done = std::future::poll_fn(|cx| poll_done(&mut s.queue, &mut s.queued_bytes, cx)).await;
             s.on_done(done, &mut out).await?;
         }
         Ok(out)
@@ -731,6 +743,30 @@ mod tests {
         // A FUA write is durable with everything before it when it completes.
         let out = feed(&mut s, vec![write(4, 3, false), write(5, 4, true)]).await.unwrap();
         assert_eq!(acks(&out).last(), Some(&(5, 5)));
+    }
+
+    /// The apply queue is bounded by the write data it holds and by its length: a stream of
+    /// large writes stops being read at `APPLY_QUEUE_BYTES`, one of small operations at
+    /// `APPLY_QUEUE`, and retiring them makes room again.
+    #[tokio::test]
+    async fn the_apply_queue_is_bounded_by_bytes_and_by_operations() {
+        let mut s = session(0).await;
+        let big = |tag| Frame::Write { tag, offset: 0, fua: false, data: Bytes::from(vec![tag as u8; 1 << 20]) };
+        let n = APPLY_QUEUE_BYTES >> 20;
+        for tag in 1..=n {
+            assert!(s.has_room(), "room for write {tag} of {n}");
+            s.on_frame(big(tag)).await.unwrap();
+        }
+        assert!(!s.has_room(), "{} MiB queued", s.queued_bytes >> 20);
+        assert_eq!(feed(&mut s, vec![]).await.unwrap().len(), 1, "one cumulative ack");
+        assert_eq!((s.queued_bytes, s.has_room()), (0, true));
+        for tag in n + 1..=n + APPLY_QUEUE as u64 {
+            assert!(s.has_room(), "room for trim {tag}");
+            s.on_frame(Frame::Trim { tag, offset: 0, len: BLOCK_BYTES_U64 }).await.unwrap();
+        }
+        assert!(!s.has_room());
+        feed(&mut s, vec![]).await.unwrap();
+        assert!(s.has_room());
     }
 
     #[tokio::test]

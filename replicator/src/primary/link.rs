@@ -10,6 +10,8 @@ use tokio::sync::mpsc;
 
 use crate::link::write_encoded;
 use crate::wire::Frame;
+
+use super::compare::block_frames;
 use crate::{ReplError, Result};
 
 use super::owner::Event;
@@ -23,6 +25,14 @@ pub(super) enum Out {
         tag: u64,
         offset: u64,
         read: Pending<Bytes>,
+    },
+    /// Resync data read in log order: the engine read of the blocks `lbas` names was queued in the
+    /// loop's order; they are shipped, once read, as writes and trims (see
+    /// [`crate::primary::compare::block_frames`]) with `tag`.
+    Blocks {
+        tag: u64,
+        lbas: Vec<u64>,
+        read: Pending<Vec<Option<Bytes>>>,
     },
 }
 
@@ -72,24 +82,20 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>,
         let mut next = Some(out);
         // Everything queued meanwhile goes out in the same write, up to a read still pending.
         while let Some(out) = next.take() {
-            let frame = match out {
-                Out::Frame(f) => f,
-                Out::Read { tag, offset, mut read } => {
-                    // What is buffered goes first, while the read completes.
-                    if !buf.is_empty() {
-                        write_encoded(wr, &buf).await?;
-                        buf.clear();
-                    }
-                    let data = loop {
-                        tokio::select! {
-                            r = &mut read => break r?,
-                            _ = tokio::time::sleep(keepalive.every) => write_encoded(wr, &keepalive.frame).await?
-                        }
-                    };
-                    Frame::Write { tag, offset, fua: false, data }
+            let frames = match out {
+                Out::Frame(f) => vec![f],
+                Out::Read { tag, offset, read } => {
+                    let data = wait_read(wr, &mut buf, read, keepalive).await?;
+                    vec![Frame::Write { tag, offset, fua: false, data }]
+                }
+                Out::Blocks { tag, lbas, read } => {
+                    let blocks = wait_read(wr, &mut buf, read, keepalive).await?;
+                    block_frames(tag, &lbas, blocks)
                 }
             };
-            add_frame(wr, &mut buf, &frame).await?;
+            for frame in &frames {
+                add_frame(wr, &mut buf, frame).await?;
+            }
             if buf.len() < COALESCE_BYTES {
                 next = rx.try_recv().ok();
             }
@@ -97,6 +103,26 @@ async fn write_all(wr: &mut crate::net::WritePart, rx: &mut mpsc::Receiver<Out>,
         if !buf.is_empty() {
             write_encoded(wr, &buf).await?;
             buf.clear();
+        }
+    }
+}
+
+/// Waits for a resync read: what is buffered goes first, while it completes, and a keepalive goes
+/// out every `keepalive.every` until it has.
+async fn wait_read<T>(
+    wr: &mut crate::net::WritePart,
+    buf: &mut BytesMut,
+    mut read: Pending<T>,
+    keepalive: &Keepalive,
+) -> Result<T> {
+    if !buf.is_empty() {
+        write_encoded(wr, buf).await?;
+        buf.clear();
+    }
+    loop {
+        tokio::select! {
+            r = &mut read => return Ok(r?),
+            _ = tokio::time::sleep(keepalive.every) => write_encoded(wr, &keepalive.frame).await?
         }
     }
 }

@@ -8,7 +8,16 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::*;
-use crate::primary::compare::{fix, fix_runs, runs_of, windows, Fix};
+use crate::primary::compare::{blocks_in, fix, fix_runs, log_order, runs_of, take_blocks, windows, Fix};
+
+/// A full sync's state, taken out of [`Resync::Compare`] for a step.
+pub(super) struct Compare {
+    windows: Vec<ByteRange>,
+    next_ask: usize,
+    asked: VecDeque<(u64, usize)>,
+    todo: VecDeque<ByteRange>,
+    order: LogOrder,
+}
 
 impl Owner {
     /// One step of the resync or the verify pass, when the link has room: each is a point of the
@@ -21,32 +30,16 @@ impl Owner {
             return Ok(());
         }
         let queued = LINK_QUEUE - l.tx.capacity();
-        // The resync's budget: what it may have unconfirmed, less while clients are active.
-        let now = Instant::now();
-        let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
-        let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
-        let unconfirmed: u64 = self.resync_marks.iter().map(|(_, held)| held.num_permits() as u64).sum();
-        let mut budget = max.saturating_sub(unconfirmed);
-        // And within what the node's other copies leave (`RESYNC_NODE_BYTES_MAX`). With none
-        // left, the step waits for the next turn of the loop (a heartbeat's pong comes every
-        // 125 ms at the latest).
-        if budget > 0 && self.resync.is_some() {
-            let shared = &self.cfg.resync_bytes;
-            let take = budget.min(shared.available_permits() as u64) / BLOCK_BYTES_U64 * BLOCK_BYTES_U64;
-            self.step_permit = u32::try_from(take).ok().and_then(|n| shared.clone().try_acquire_many_owned(n).ok());
-            budget = self.step_permit.as_ref().map_or(0, |p| p.num_permits() as u64);
-        }
-        if budget > 0 {
-            match self.resync.take() {
-                Some(Resync::Ship { todo }) => self.step_ship(todo, budget).await?,
-                Some(Resync::Compare { windows, next_ask, asked, todo }) => {
-                    self.step_compare(windows, next_ask, asked, todo, budget, busy).await?
-                }
-                other => self.resync = other,
+        // Steps of at most `RESYNC_STEP_BYTES_MAX`, each confirmed by its own pong, until the
+        // budget is used: the window refills as the peer applies each, so reads, the link and
+        // the peer's writes overlap instead of taking turns.
+        for _ in 0..RESYNC_UNCONFIRMED_MAX / RESYNC_STEP_BYTES_MAX {
+            let steps = self.resync_marks.len();
+            self.step_resync().await?;
+            if self.resync_marks.len() == steps || !matches!(&self.link, LinkState::Up(l) if l.backlog.is_empty()) {
+                break;
             }
         }
-        // What the step did not use goes back at once.
-        self.step_permit = None;
         // A verify pass steps while at most `VERIFY_AHEAD_MAX` items wait on the link.
         if queued <= VERIFY_AHEAD_MAX {
             if let Some(v) = self.verify.take() {
@@ -56,67 +49,106 @@ impl Owner {
         Ok(())
     }
 
-    /// Ships up to `budget` bytes of data of the changed ranges, from where the last step ended.
-    pub(super) async fn step_ship(&mut self, mut todo: VecDeque<ByteRange>, budget: u64) -> Result<()> {
-        if todo.is_empty() {
-            self.commit();
+    /// One step of the resync, within its budget: what it may have unconfirmed (less while
+    /// clients are active), what the node's other copies leave, and `RESYNC_STEP_BYTES_MAX`.
+    async fn step_resync(&mut self) -> Result<()> {
+        if self.resync.is_none() {
             return Ok(());
         }
-        let data = self.ship_current(&mut todo, budget).await?;
-        self.confirm_step(data);
-        self.resync = Some(Resync::Ship { todo });
+        let now = Instant::now();
+        let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
+        let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
+        let unconfirmed: u64 = self.resync_marks.iter().map(|(_, held)| held.num_permits() as u64).sum();
+        let budget = max.saturating_sub(unconfirmed).min(RESYNC_STEP_BYTES_MAX);
+        // And within what the node's other copies leave (`RESYNC_NODE_BYTES_MAX`). With none
+        // left, the step waits for the next turn of the loop (a heartbeat's pong comes every
+        // 125 ms at the latest).
+        let shared = &self.cfg.resync_bytes;
+        let take = budget.min(shared.available_permits() as u64) / BLOCK_BYTES_U64 * BLOCK_BYTES_U64;
+        self.step_permit = u32::try_from(take).ok().and_then(|n| shared.clone().try_acquire_many_owned(n).ok());
+        let budget = self.step_permit.as_ref().map_or(0, |p| p.num_permits() as u64);
+        if budget > 0 {
+            match self.resync.take() {
+                Some(Resync::Ship { todo, order }) => self.step_ship(todo, order, budget).await?,
+                Some(Resync::Compare { windows, next_ask, asked, todo, order }) => {
+                    self.step_compare(Compare { windows, next_ask, asked, todo, order }, budget, busy).await?
+                }
+                other => self.resync = other,
+            }
+        }
+        // What the step did not use goes back at once.
+        self.step_permit = None;
         Ok(())
     }
 
-    /// Ships this node's current state of the first of `todo` (sorted, not overlapping), at this
-    /// point of the order: data where it is mapped, a trim where it is not, until `budget` bytes
-    /// of data are queued or `SHIP_SPAN_BYTES` are covered; what is left stays in `todo`.
-    /// Returns the data bytes queued.
+    /// Ships up to `budget` bytes of data of the changed ranges, from where the last step ended.
+    pub(super) async fn step_ship(
+        &mut self,
+        mut todo: VecDeque<ByteRange>,
+        mut order: LogOrder,
+        budget: u64,
+    ) -> Result<()> {
+        if order.is_done() {
+            if todo.is_empty() {
+                self.commit();
+                return Ok(());
+            }
+            order = self.plan_order(&mut todo).await?;
+        }
+        let data = self.ship_ordered(&mut order, budget).await?;
+        self.confirm_step(data);
+        self.resync = Some(Resync::Ship { todo, order });
+        Ok(())
+    }
+
+    /// Plans the next pass of shipping, at this point of the order: takes up to
+    /// `ORDER_BLOCKS_MAX` blocks from the front of `todo`, ships a trim now for each stretch of
+    /// them this node does not map, and returns the mapped ones in the order they lie in its log,
+    /// to be read and shipped a budget at a time ([`Owner::ship_ordered`]).
     ///
     /// Correct at any point of the order, however long after the ranges were found to differ:
     /// the peer gets what this node holds now, and every operation after this point reaches
     /// both nodes. (A trim decided earlier and sent later could undo a client write between the
-    /// two points, which is why mapped or not is asked here, not remembered.)
-    async fn ship_current(&mut self, todo: &mut VecDeque<ByteRange>, budget: u64) -> Result<u64> {
-        let (Some(first), Some(last)) = (todo.front().copied(), todo.back().copied()) else { return Ok(0) };
-        let span_end = last.end().min(first.offset + SHIP_SPAN_BYTES);
+    /// two points, which is why mapped or not is asked here, not remembered; and a block planned
+    /// here is read again, with whatever it holds then, when its turn comes.)
+    async fn plan_order(&mut self, todo: &mut VecDeque<ByteRange>) -> Result<LogOrder> {
+        let runs = take_blocks(todo, ORDER_BLOCKS_MAX);
+        let places = self.store.block_places(self.volume, runs.clone()).await?;
+        let (holes, lbas) = if places.len() > SORT_INLINE_MAX {
+            tokio::task::spawn_blocking(move || log_order(&runs, places))
+                .await
+                .map_err(|e| ReplError::Stopped(format!("sorting a resync pass: {e}")))?
+        } else {
+            log_order(&runs, places)
+        };
         let tag = self.next_tag - 1;
-        let extents = self.store.block_status(self.volume, first.offset, span_end - first.offset).await?;
-        let (mut data, mut trimmed) = (0, 0);
-        let mut extents = extents.into_iter().peekable();
-        while let Some(r) = todo.pop_front() {
-            let mut at = r.offset;
-            while at < r.end() {
-                while extents.peek().is_some_and(|e| e.range.end() <= at) {
-                    extents.next();
-                }
-                // Past the span (or, impossibly, past what block status described): next step.
-                let Some(e) = extents.peek().filter(|e| e.range.offset <= at) else { break };
-                let piece_end = e.range.end().min(r.end());
-                if !e.mapped {
-                    self.ship(Out::Frame(Frame::Trim { tag, offset: at, len: piece_end - at }));
-                    trimmed += piece_end - at;
-                    at = piece_end;
-                    continue;
-                }
-                let n = (piece_end - at).min(budget - data);
-                self.queue_reads(tag, ByteRange { offset: at, len: n }, true).await?;
-                data += n;
-                at += n;
-                if data == budget {
-                    break;
-                }
-            }
-            if at < r.end() {
-                todo.push_front(ByteRange { offset: at, len: r.end() - at });
-                break;
-            }
-            if data == budget {
-                break;
-            }
+        let mut trimmed = 0;
+        for h in holes {
+            self.ship(Out::Frame(Frame::Trim { tag, offset: h.offset, len: h.len }));
+            trimmed += h.len;
         }
         self.peer.send_modify(|v| v.resync.bytes_done += trimmed);
-        Ok(data)
+        Ok(LogOrder { lbas, next: 0 })
+    }
+
+    /// Queues reads of the next blocks of `order`, up to `budget` bytes, as of this point of the
+    /// order (a block trimmed since the pass was planned is shipped as a trim); returns the data
+    /// bytes queued.
+    async fn ship_ordered(&mut self, order: &mut LogOrder, budget: u64) -> Result<u64> {
+        let tag = self.next_tag - 1;
+        let n = ((budget / BLOCK_BYTES_U64) as usize).min(order.lbas.len() - order.next);
+        let step = &order.lbas[order.next..order.next + n];
+        for piece in step.chunks((RESYNC_READ_BYTES / BLOCK_BYTES_U64) as usize) {
+            let read = self.store.enqueue_read_blocks(self.volume, piece.to_vec()).await?;
+            self.ship(Out::Blocks { tag, lbas: piece.to_vec(), read });
+        }
+        order.next += n;
+        let bytes = n as u64 * BLOCK_BYTES_U64;
+        self.peer.send_modify(|v| {
+            v.resync.bytes_done += bytes;
+            v.resync_bytes_shipped += bytes;
+        });
+        Ok(bytes)
     }
 
     /// Ends a resync step that queued `data` bytes with a ping: its pong, answered after the
@@ -131,19 +163,12 @@ impl Owner {
 
     /// A full sync, window by window (see `docs/replication.md`, "Full sync"): the peer's
     /// checksums are asked at a point P1 of the order; when the answer is in, this node's are
-    /// taken at a later point P2, and the blocks that differ are shipped (or trimmed), as they
-    /// are when their turn comes, a budget at a time.
-    pub(super) async fn step_compare(
-        &mut self,
-        windows: Vec<ByteRange>,
-        mut next_ask: usize,
-        mut asked: VecDeque<(u64, usize)>,
-        mut todo: VecDeque<ByteRange>,
-        budget: u64,
-        busy: bool,
-    ) -> Result<()> {
-        if todo.is_empty() {
-            if let Some(theirs) = asked.front().and_then(|(id, _)| self.crc_answers.remove(id)) {
+    /// taken at a later point P2, and the blocks that differ are shipped (or trimmed) in log
+    /// order, as they are when their turn comes, a budget at a time.
+    pub(super) async fn step_compare(&mut self, c: Compare, budget: u64, busy: bool) -> Result<()> {
+        let Compare { windows, mut next_ask, mut asked, mut todo, mut order } = c;
+        if order.is_done() {
+            while let Some(theirs) = asked.front().and_then(|(id, _)| self.crc_answers.remove(id)) {
                 let (_, k) = asked.pop_front().expect("checked");
                 let window = windows[k];
                 let mine = self.store.block_crcs(self.volume, window.offset, window.len).await?;
@@ -155,22 +180,28 @@ impl Owner {
                     v.resync_bytes_skipped += skipped;
                 });
             }
+            let compared = asked.is_empty() && next_ask == windows.len();
+            if !todo.is_empty() && (compared || blocks_in(&todo) >= ORDER_BLOCKS_MAX) {
+                order = self.plan_order(&mut todo).await?;
+            }
         }
-        if !todo.is_empty() {
-            let data = self.ship_current(&mut todo, budget).await?;
+        if !order.is_done() {
+            let data = self.ship_ordered(&mut order, budget).await?;
             self.confirm_step(data);
         }
-        // While clients are active, asked only with nothing left to ship: an answer goes stale
+        // While clients are active, asked only with nothing being shipped: an answer goes stale
         // (blocks written since read as different) while it waits, and shipping takes long under
-        // a busy volume's budget. Otherwise ahead, so that shipping never waits for an answer.
-        while (todo.is_empty() || !busy) && asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
+        // a busy volume's budget. Otherwise ahead, so that shipping never waits for an answer. And
+        // only while what is left to ship is less than a pass, which bounds `todo`.
+        let room = blocks_in(&todo) < ORDER_BLOCKS_MAX;
+        while (order.is_done() || !busy) && room && asked.len() < CRC_LOOKAHEAD && next_ask < windows.len() {
             asked.push_back((self.ask_crcs(windows[next_ask]), next_ask));
             next_ask += 1;
         }
-        if asked.is_empty() && todo.is_empty() && next_ask == windows.len() {
+        if asked.is_empty() && todo.is_empty() && order.is_done() && next_ask == windows.len() {
             self.commit();
         } else {
-            self.resync = Some(Resync::Compare { windows, next_ask, asked, todo });
+            self.resync = Some(Resync::Compare { windows, next_ask, asked, todo, order });
         }
         Ok(())
     }

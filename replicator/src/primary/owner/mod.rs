@@ -62,6 +62,10 @@ const VERIFY_AHEAD_MAX: usize = 8;
 /// the peer's write. Everything in flight is ahead of a client write that arrives now, in the
 /// engine, on the link, in the socket buffers and in the peer's apply queue.
 const RESYNC_UNCONFIRMED_MAX: u64 = 16 << 20;
+/// One resync step ships at most this much, and ends with a ping whose pong confirms it: with
+/// `RESYNC_UNCONFIRMED_MAX` in steps of this size, the window refills a step at a time as the peer
+/// applies them, instead of all at once after the last (stop and wait).
+const RESYNC_STEP_BYTES_MAX: u64 = 4 << 20;
 /// The same while clients are active (an operation in flight, or one within `CLIENT_QUIET`): a
 /// client write then waits behind at most this much resync data, a few milliseconds, and the
 /// resync still moves by this much per round trip. At re-protection under 4 KiB QD32 random
@@ -71,9 +75,14 @@ const RESYNC_UNCONFIRMED_BUSY_MAX: u64 = 512 << 10;
 /// Clients count as active this long after their last operation: longer than the gap between
 /// the operations of a client that writes and flushes one at a time.
 const CLIENT_QUIET: Duration = Duration::from_millis(50);
-/// A resync step asks block status for at most this much of the volume at once: one index walk
-/// of 2048 blocks, a short step of the loop.
-const SHIP_SPAN_BYTES: u64 = 8 << 20;
+/// A resync ships at most this many blocks of its ranges per pass in log order (see
+/// `Owner::plan_order`): 2 GiB of data, a plan of 4 MiB (8 MiB while it is sorted). Within a pass
+/// the blocks are read in the order they lie on the device, so a volume scattered by random writes
+/// is read mostly sequentially; a volume larger than this, scattered over its whole log, is read
+/// in passes each touching a part of the log's blocks.
+const ORDER_BLOCKS_MAX: u64 = 1 << 19;
+/// Places sorted off the loop (on a blocking thread) past this many: a few milliseconds of sort.
+const SORT_INLINE_MAX: usize = 1 << 14;
 /// Full sync and verify compare checksums in windows of this size: 2048 blocks, an 8 KiB answer
 /// at most. Small enough that one step of the loop is short (one index walk, a few reads queued),
 /// large enough that the per-window round trip is negligible.
@@ -248,14 +257,36 @@ struct Link {
 enum Resync {
     /// The local flush and the scan for what changed run off the loop.
     Planning,
-    /// Shipping the current contents of the changed ranges (`todo`: what is left of them), up to
-    /// a step's budget at a time.
-    Ship { todo: VecDeque<ByteRange> },
-    /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead, compared one at a time; the
-    /// ranges found different (`todo`) are shipped before the next comparison.
-    Compare { windows: Vec<ByteRange>, next_ask: usize, asked: VecDeque<(u64, usize)>, todo: VecDeque<ByteRange> },
+    /// Shipping the current contents of the changed ranges (`todo`: what is left of them), a pass
+    /// of at most `ORDER_BLOCKS_MAX` blocks at a time in log order (`order`), up to a step's budget
+    /// at a time.
+    Ship { todo: VecDeque<ByteRange>, order: LogOrder },
+    /// A full sync: checksum windows, asked `CRC_LOOKAHEAD` ahead and compared in order; the
+    /// ranges found different (`todo`) are shipped as in `Ship` once every window is compared or
+    /// they make up a pass.
+    Compare {
+        windows: Vec<ByteRange>,
+        next_ask: usize,
+        asked: VecDeque<(u64, usize)>,
+        todo: VecDeque<ByteRange>,
+        order: LogOrder,
+    },
     /// The commit and the ping that proves it applied are queued.
     Committing { tag: u64, nonce: u64 },
+}
+
+/// A pass of a resync: blocks to ship, in the order they lie in this node's log when the pass
+/// was planned, and how many are shipped.
+#[derive(Default)]
+pub(super) struct LogOrder {
+    lbas: Vec<u64>,
+    next: usize,
+}
+
+impl LogOrder {
+    fn is_done(&self) -> bool {
+        self.next >= self.lbas.len()
+    }
 }
 
 /// Block checksums of a window, `None` for an unmapped block.
@@ -940,9 +971,11 @@ impl Owner {
                                 next_ask: 0,
                                 asked: VecDeque::new(),
                                 todo: VecDeque::new(),
+                                order: LogOrder::default(),
                             }
                         } else {
-                            Resync::Ship { todo: ranges.iter().map(|run| run.bytes()).collect() }
+                            let todo = ranges.iter().map(|run| run.bytes()).collect();
+                            Resync::Ship { todo, order: LogOrder::default() }
                         });
                     }
                     Err(e) => self.link_failed(generation, e),
