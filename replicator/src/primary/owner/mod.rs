@@ -79,10 +79,19 @@ const CLIENT_QUIET: Duration = Duration::from_millis(50);
 /// `Owner::plan_order`): 2 GiB of data, a plan of 4 MiB (8 MiB while it is sorted). Within a pass
 /// the blocks are read in the order they lie on the device, so a volume scattered by random writes
 /// is read mostly sequentially; a volume larger than this, scattered over its whole log, is read
-/// in passes each touching a part of the log's blocks.
+/// in passes each touching a part of the log's blocks. (256 under unit tests, so that their 4 MiB
+/// volumes take several passes.)
+#[cfg(not(test))]
 const ORDER_BLOCKS_MAX: u64 = 1 << 19;
-/// Places sorted off the loop (on a blocking thread) past this many: a few milliseconds of sort.
-const SORT_INLINE_MAX: usize = 1 << 14;
+#[cfg(test)]
+const ORDER_BLOCKS_MAX: u64 = 1 << 8;
+/// Places sorted off the loop (on a blocking thread) past this many: a sort of 4096 takes about
+/// 0.1 ms; one of 512 Ki, tens of milliseconds. (64 under unit tests, so that they sort off the
+/// loop too.)
+#[cfg(not(test))]
+const SORT_INLINE_MAX: usize = 1 << 12;
+#[cfg(test)]
+const SORT_INLINE_MAX: usize = 1 << 6;
 /// Full sync and verify compare checksums in windows of this size: 2048 blocks, an 8 KiB answer
 /// at most. Small enough that one step of the loop is short (one index walk, a few reads queued),
 /// large enough that the per-window round trip is negligible.

@@ -205,6 +205,38 @@ async fn a_write_is_answered_only_once_both_logs_have_it() {
     assert_eq!(w.try_recv().unwrap().unwrap(), 2);
 }
 
+/// A full sync ships a volume scattered by its writes in the order its blocks lie in the log: in
+/// passes of `ORDER_BLOCKS_MAX` blocks (256 here, a quarter of the volume), each sorted off the
+/// loop (past `SORT_INLINE_MAX`), every block once with its data; then the commit.
+#[tokio::test(start_paused = true)]
+async fn a_full_sync_ships_blocks_in_log_order_pass_by_pass() {
+    let mut h = harness(Policy::Strict).await;
+    let n = VOL / BLOCK_BYTES_U64;
+    // Every block written once, in a scattered order (389 is prime to 1024): the log holds them so.
+    let written: Vec<u64> = (0..n).map(|i| i * 389 % n).collect();
+    let fill = |lba: u64| (lba % 251) as u8 + 1;
+    for &lba in &written {
+        let data = Bytes::from(vec![fill(lba); BLOCK_BYTES_U64 as usize]);
+        h.owner.store.write(h.owner.volume, lba * BLOCK_BYTES_U64, data, false).await.unwrap();
+    }
+    let (_, mut peer) = h.link_up(0, 0).await;
+    h.settle(Some(&mut peer)).await;
+    let mut shipped = Vec::new();
+    for f in &peer.got {
+        if let Frame::Write { offset, data, .. } = f {
+            let lba = offset / BLOCK_BYTES_U64;
+            assert!(data.len() == BLOCK_BYTES_U64 as usize && data.iter().all(|&b| b == fill(lba)), "block {lba}");
+            shipped.push(lba);
+        }
+    }
+    let pass = ORDER_BLOCKS_MAX;
+    let expected: Vec<u64> =
+        (0..n / pass).flat_map(|p| written.iter().copied().filter(move |lba| lba / pass == p)).collect();
+    assert_eq!(shipped, expected, "each pass in the order the blocks were written");
+    assert!(peer.got.iter().any(|f| matches!(f, Frame::ResyncCommit { .. })), "committed");
+    assert_eq!(h.peer().resync_bytes_shipped, VOL);
+}
+
 #[tokio::test(start_paused = true)]
 async fn peer_returns_during_resync() {
     let mut h = harness(Policy::Strict).await;
