@@ -210,6 +210,55 @@ async fn client_writes_racing_with_a_full_sync_never_leave_the_peer_stale() {
     sec.stop().await;
 }
 
+/// A full sync to an empty peer of a volume whose blocks lie in the log far from volume order (48
+/// MiB written block by block in a scattered order, then holes trimmed into it), while clients
+/// write: the copy reads in log order (sorted off the loop: 12,288 places), and leaves identical
+/// replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_of_a_scattered_volume_racing_with_clients_leaves_identical_replicas() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = stores(dir.path()).await;
+    let va = a.volume("v").await.unwrap().id;
+    let n = (48u64 << 20) / BLOCK_BYTES_U64;
+    for i in 0..n {
+        // 7919 is prime, so prime to n = 12,288: every block once, neighbours far apart in the log.
+        let lba = i * 7919 % n;
+        a.write(va, lba * BLOCK_BYTES_U64, data(lba, BLOCK_BYTES), false).await.unwrap();
+    }
+    for lba in (100..n).step_by(1000) {
+        a.trim(va, lba * BLOCK_BYTES_U64, 16 * BLOCK_BYTES_U64).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    let (prim, sec) = start_pair(&a, &b).await;
+    let stop = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for t in 0..2u64 {
+        let view = prim.peer_view();
+        writers.push(workload(&prim, 500 + t, stop.clone(), move || view.borrow().resync.active()));
+    }
+    wait_in_sync(&prim).await;
+    stop.store(1, Ordering::Relaxed);
+    let mut overlapped = 0;
+    for w in writers {
+        overlapped += w.await.unwrap();
+    }
+    prim.flush().await.unwrap();
+    let v = prim.status().await.peer;
+    println!(
+        "scattered full sync: {overlapped} client operations during it; shipped {} bytes, skipped {}",
+        v.resync_bytes_shipped, v.resync_bytes_skipped
+    );
+    assert!(v.resync_full);
+    // Every mapped block, less the few the clients trimmed before their comparison.
+    assert!(v.resync_bytes_shipped > 44 << 20, "{v:?}");
+    let report = prim.verify(false).await.unwrap();
+    assert_eq!(report.blocks_differing, 0, "{report:?}");
+    assert_identical(&a, &b).await;
+    prim.stop();
+    sec.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_finds_no_difference_on_a_healthy_pair_under_load() {
     init_tracing();

@@ -85,6 +85,7 @@ const CLIENT_QUIET: Duration = Duration::from_millis(50);
 const ORDER_BLOCKS_MAX: u64 = 1 << 19;
 #[cfg(test)]
 const ORDER_BLOCKS_MAX: u64 = 1 << 8;
+const _: () = assert!(ORDER_BLOCKS_MAX <= syncblock_engine::PLACES_BLOCKS_MAX, "a pass is one place request");
 /// Places sorted off the loop (on a blocking thread) past this many: a sort of 4096 takes about
 /// 0.1 ms; one of 512 Ki, tens of milliseconds. (64 under unit tests, so that they sort off the
 /// loop too.)
