@@ -25,7 +25,7 @@ pub mod store;
 
 pub use crate::core::{
     BlockPlace, ChangedRun, Config, Driver, Extent, Since, Stats, Written, CRC_BLOCKS_MAX, IO_BYTES_MAX,
-    PLACES_BLOCKS_MAX, READ_BLOCKS_MAX,
+    PLACES_BLOCKS_MAX, SCATTERED_BLOCKS_MAX,
 };
 pub use format::StagedOp;
 pub use predict::CommitLoop;

@@ -302,6 +302,19 @@ impl Store {
         .await
     }
 
+    /// Queues a write of whole blocks at scattered LBAs (see [`Store::enqueue`] for the ordering
+    /// promise), at most [`crate::core::SCATTERED_BLOCKS_MAX`]: one request, one answer, the
+    /// blocks applied in the order given.
+    pub async fn enqueue_write_blocks(
+        &self,
+        volume: VolumeId,
+        blocks: Vec<(u64, Bytes)>,
+        tag: Tag,
+    ) -> Result<Pending<Written>> {
+        let bytes = blocks.len() as u64 * BLOCK_BYTES_U64;
+        self.enqueue(bytes, |reply| Request::WriteBlocks { volume, blocks, tag, reply }).await
+    }
+
     pub async fn enqueue_trim(&self, volume: VolumeId, offset: u64, len: u64, tag: Tag) -> Result<Pending<Written>> {
         self.enqueue(0, |reply| Request::Trim { volume, offset, len, tag, reply }).await
     }
@@ -425,7 +438,7 @@ impl Store {
     }
 
     /// Queues a read of the blocks `lbas` names, in any order (at most
-    /// [`crate::core::READ_BLOCKS_MAX`]): it sees every write queued before it, and none queued
+    /// [`crate::core::SCATTERED_BLOCKS_MAX`]): it sees every write queued before it, and none queued
     /// after (see [`Store::enqueue`]). Blocks close together in the log are read together. Each is
     /// answered in the order asked, `None` for an unmapped one.
     pub async fn enqueue_read_blocks(&self, volume: VolumeId, lbas: Vec<u64>) -> Result<Pending<Vec<Option<Bytes>>>> {

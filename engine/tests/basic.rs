@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use syncblock_engine::sim::{SimDevice, SimDisk};
-use syncblock_engine::{BlockRun, Config, CreateOptions, Driver, Error, Lba, Store, VolumeId, VolumeInfo, BLOCK_BYTES};
+use syncblock_engine::{
+    BlockRun, Config, CreateOptions, Driver, Error, Lba, Store, Tag, VolumeId, VolumeInfo, BLOCK_BYTES,
+};
 
 #[test]
 fn write_read_flush_reopen_on_sim() {
@@ -59,7 +61,7 @@ fn reads_in_log_order_refuse_bad_requests_and_find_corruption() {
     assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
     let e = read(vec![u64::MAX]).unwrap_err();
     assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
-    let e = read(vec![0; syncblock_engine::READ_BLOCKS_MAX + 1]).unwrap_err();
+    let e = read(vec![0; syncblock_engine::SCATTERED_BLOCKS_MAX + 1]).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     let run = |lba, n_blocks| BlockRun { lba: Lba(lba), n_blocks };
     for bad in [vec![run(4, 2), run(0, 2)], vec![run(0, 4), run(2, 4)], vec![run(250, 7)], vec![run(u64::MAX, 2)]] {
@@ -68,6 +70,19 @@ fn reads_in_log_order_refuse_bad_requests_and_find_corruption() {
     }
     let e = rt.block_on(store.block_places(VolumeId(99), vec![run(0, 1)])).unwrap_err();
     assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+    let write = |blocks: Vec<(u64, Bytes)>| {
+        rt.block_on(async { store.enqueue_write_blocks(vol.id, blocks, Tag::NONE).await?.wait().await })
+    };
+    let block = Bytes::from(pattern(9, BLOCK_BYTES));
+    let e = write(vec![(0, block.clone()), (256, block.clone())]).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    let e = write(vec![(u64::MAX, block.clone())]).unwrap_err();
+    assert!(matches!(e, Error::OutOfRange { .. }), "{e}");
+    let e = write(vec![(0, block.slice(1..))]).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    let e = write(vec![(0, block.clone()); syncblock_engine::SCATTERED_BLOCKS_MAX + 1]).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    assert!(read(vec![0]).unwrap()[0].is_none(), "a refused write wrote nothing");
 
     // Blocks 3, 1 and 0 written in that order lie in the log in that order.
     for (lba, seed) in [(3, 3), (1, 1), (0, 0)] {

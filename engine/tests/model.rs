@@ -47,6 +47,13 @@ enum Op {
         vol: usize,
         runs: [(u64, u64); 2],
     },
+    /// Whole blocks at scattered LBAs in one request (`enqueue_write_blocks`), in the order
+    /// given (an LBA named twice ends with its last data).
+    WriteScattered {
+        vol: usize,
+        lbas: Vec<u64>,
+        seed: u64,
+    },
     Checkpoint,
     Reopen,
 }
@@ -72,6 +79,8 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (0..N_VOLS, range()).prop_map(|(vol, (offset, len))| Op::Read { vol, offset, len }),
         2 => (0..N_VOLS, [(0..VOL_BYTES / 4096, 1..40u64), (0..VOL_BYTES / 4096, 1..40u64)])
             .prop_map(|(vol, runs)| Op::ReadPlaced { vol, runs }),
+        2 => (0..N_VOLS, proptest::collection::vec(0..VOL_BYTES / 4096, 1..24), any::<u64>())
+            .prop_map(|(vol, lbas, seed)| Op::WriteScattered { vol, lbas, seed }),
         1 => Just(Op::Checkpoint),
         1 => Just(Op::Reopen),
     ]
@@ -127,6 +136,19 @@ fn run(ops: Vec<Op>, seed: u64, disk_bytes: usize) -> syncblock_engine::Stats {
                 );
             }
             Op::ReadPlaced { vol, runs } => read_placed(&rt, &store, vols[vol], runs, &mut model[vol], step),
+            Op::WriteScattered { vol, lbas, seed } => {
+                let blocks: Vec<(u64, Bytes)> = lbas
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &lba)| (lba, Bytes::from(pattern(seed ^ i as u64, 4096))))
+                    .collect();
+                for (lba, data) in &blocks {
+                    model[vol][(*lba * 4096) as usize..(*lba * 4096 + 4096) as usize].copy_from_slice(data);
+                }
+                let tag = Tag::NONE;
+                rt.block_on(async { store.enqueue_write_blocks(vols[vol], blocks, tag).await.unwrap().wait().await })
+                    .unwrap();
+            }
             Op::Checkpoint => rt.block_on(store.checkpoint()).unwrap(),
             Op::Reopen => {
                 let st = rt.block_on(store.stats()).unwrap();

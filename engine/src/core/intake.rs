@@ -255,6 +255,12 @@ impl Core {
             Request::BlockCrcs { volume, offset, len, reply } => drop(reply.send(self.block_crcs(volume, offset, len))),
             Request::BlockPlaces { volume, runs, reply } => drop(reply.send(self.block_places(volume, &runs))),
             Request::ReadBlocks { volume, lbas, reply } => self.handle_read_blocks(volume, lbas, reply),
+            Request::WriteBlocks { volume, blocks, tag, reply } => {
+                let pieces = self
+                    .check_blocks(volume, &blocks)
+                    .map(|()| blocks.into_iter().map(|(lba, data)| Piece::Data { lba, data }).collect::<Vec<_>>());
+                self.start_or_refuse(pieces, WriteOp::new(volume, tag, false, false, reply));
+            }
             Request::CreateVolume { name, size_bytes, reply } => self.create_volume(name, size_bytes, reply),
             Request::ResizeVolume { volume, size_bytes, reply } => {
                 let r = self.volume_exists(volume).and_then(|()| check_size(size_bytes));
@@ -345,6 +351,26 @@ impl Core {
             Some(end) if end <= vol.size_bytes => Ok(()),
             _ => Err(Error::OutOfRange { volume, offset, len, size: vol.size_bytes }),
         }
+    }
+
+    /// A write of scattered blocks: at most `SCATTERED_BLOCKS_MAX`, each one whole block inside
+    /// the volume.
+    fn check_blocks(&self, volume: VolumeId, blocks: &[(u64, Bytes)]) -> Result<()> {
+        if blocks.len() > SCATTERED_BLOCKS_MAX {
+            let len = blocks.len() as u64 * BB;
+            return Err(Error::TooLarge { len, limit: SCATTERED_BLOCKS_MAX as u64 * BB });
+        }
+        self.volume_exists(volume)?;
+        for (lba, data) in blocks {
+            if data.len() != BLOCK_BYTES {
+                return Err(Error::InvalidArgument(format!(
+                    "a write of scattered blocks takes whole blocks, got {} bytes for block {lba}",
+                    data.len()
+                )));
+            }
+            self.check_range(volume, lba.checked_mul(BB).unwrap_or(u64::MAX), BB)?;
+        }
+        Ok(())
     }
 
     pub(super) fn check_write(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {
@@ -561,9 +587,10 @@ impl Request {
     fn refuse(self, e: Error) {
         match self {
             Request::Read { reply, .. } => drop(reply.send(Err(e))),
-            Request::Write { reply, .. } | Request::Trim { reply, .. } | Request::WriteZeroes { reply, .. } => {
-                drop(reply.send(Err(e)))
-            }
+            Request::Write { reply, .. }
+            | Request::WriteBlocks { reply, .. }
+            | Request::Trim { reply, .. }
+            | Request::WriteZeroes { reply, .. } => drop(reply.send(Err(e))),
             Request::Flush { reply }
             | Request::ResizeVolume { reply, .. }
             | Request::DeleteVolume { reply, .. }

@@ -88,7 +88,7 @@ use scans::Scans;
 use segments::Segments;
 
 pub use log::WRITE_BACK_BLOCKS_MAX;
-pub use reads::{BlockPlace, CRC_BLOCKS_MAX, PLACES_BLOCKS_MAX, READ_BLOCKS_MAX};
+pub use reads::{BlockPlace, CRC_BLOCKS_MAX, PLACES_BLOCKS_MAX, SCATTERED_BLOCKS_MAX};
 pub use request::{ChangedRun, Config, Driver, Extent, Reply, Request, Since, Stats, Written, IO_BYTES_MAX};
 pub(crate) use segments::{SegState, SegStatus};
 

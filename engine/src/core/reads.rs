@@ -33,9 +33,9 @@ pub(super) struct ReadPart {
 /// replicator compares checksums window by window; this bounds the memory one request pins.
 pub const CRC_BLOCKS_MAX: u64 = 1 << 16;
 
-/// Most blocks one [`Request::ReadBlocks`] may name: as much data as [`IO_BYTES_MAX`], for the
-/// same reason (it bounds the memory one request pins).
-pub const READ_BLOCKS_MAX: usize = (IO_BYTES_MAX / BB) as usize;
+/// Most blocks one [`Request::ReadBlocks`] or [`Request::WriteBlocks`] may name: as much data as
+/// [`IO_BYTES_MAX`], for the same reason (it bounds the memory one request pins).
+pub const SCATTERED_BLOCKS_MAX: usize = (IO_BYTES_MAX / BB) as usize;
 
 /// Most blocks one [`Request::BlockPlaces`] may cover: 4 GiB of volume, an answer of 12 MiB at
 /// most. A replica's copy plans this much at a time.
@@ -376,9 +376,9 @@ impl Core {
     /// block checked against its checksum. Answers each block in the order asked, `None` for an
     /// unmapped one.
     pub(super) fn handle_read_blocks(&mut self, volume: VolumeId, lbas: Vec<u64>, reply: Reply<Vec<Option<Bytes>>>) {
-        if lbas.len() > READ_BLOCKS_MAX {
+        if lbas.len() > SCATTERED_BLOCKS_MAX {
             let len = lbas.len() as u64 * BB;
-            let _ = reply.send(Err(Error::TooLarge { len, limit: READ_BLOCKS_MAX as u64 * BB }));
+            let _ = reply.send(Err(Error::TooLarge { len, limit: SCATTERED_BLOCKS_MAX as u64 * BB }));
             return;
         }
         if let Some(bad) =

@@ -136,7 +136,16 @@ pub enum Request {
         runs: Vec<BlockRun>,
         reply: Reply<Vec<BlockPlace>>,
     },
-    /// Reads the named blocks (at most [`READ_BLOCKS_MAX`]), in as few device reads as their
+    /// Writes whole blocks at the named LBAs (at most [`SCATTERED_BLOCKS_MAX`]), in the order
+    /// given, as one write: what a replica applies of a copy shipped in log order, where
+    /// consecutive blocks are rarely neighbours in the volume.
+    WriteBlocks {
+        volume: VolumeId,
+        blocks: Vec<(u64, Bytes)>,
+        tag: Tag,
+        reply: Reply<Written>,
+    },
+    /// Reads the named blocks (at most [`SCATTERED_BLOCKS_MAX`]), in as few device reads as their
     /// places allow: a replica's copy reading in log order. `None` for an unmapped block.
     ReadBlocks {
         volume: VolumeId,
