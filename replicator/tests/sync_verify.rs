@@ -181,33 +181,48 @@ async fn client_writes_racing_with_a_full_sync_never_leave_the_peer_stale() {
     for lba in (8..VOL_BYTES / BLOCK_BYTES_U64).step_by(64) {
         a.write(va, lba * BLOCK_BYTES_U64 + 2048, data(lba + 1, 1024), false).await.unwrap();
     }
-    let (prim, sec) = start_pair(&a, &b).await;
-    let stop = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for t in 0..4u64 {
-        let view = prim.peer_view();
-        writers.push(workload(&prim, 1000 + t, stop.clone(), move || view.borrow().resync.active()));
-    }
-    wait_in_sync(&prim).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(1, Ordering::Relaxed);
-    let mut overlapped = 0;
-    for w in writers {
-        overlapped += w.await.unwrap();
-    }
-    prim.flush().await.unwrap();
-    let v = prim.status().await.peer;
+    let (overlapped, v) = full_sync_racing_with_clients(&a, &b, 4, 1000, Duration::from_millis(200)).await;
     println!(
         "racing full sync: {overlapped} client operations issued during it; shipped {} bytes, skipped {}",
         v.resync_bytes_shipped, v.resync_bytes_skipped
     );
     assert!(overlapped > 0, "the workload did not overlap the sync");
     assert!(v.resync_bytes_skipped > VOL_BYTES / 2, "most blocks matched: {v:?}");
+}
+
+/// Starts the pair with `writers` clients (seeds from `seed`) writing while its resync runs, waits
+/// until it is in sync and `linger` more, stops them, and checks that a verify pass finds no
+/// difference and that the replicas are identical. Returns how many client operations overlapped
+/// the resync, and the peer's view at the end.
+async fn full_sync_racing_with_clients(
+    a: &Store,
+    b: &Store,
+    writers: u64,
+    seed: u64,
+    linger: Duration,
+) -> (u64, syncblock_replicator::PeerView) {
+    let (prim, sec) = start_pair(a, b).await;
+    let stop = Arc::new(AtomicU64::new(0));
+    let mut running = Vec::new();
+    for t in 0..writers {
+        let view = prim.peer_view();
+        running.push(workload(&prim, seed + t, stop.clone(), move || view.borrow().resync.active()));
+    }
+    wait_in_sync(&prim).await;
+    tokio::time::sleep(linger).await;
+    stop.store(1, Ordering::Relaxed);
+    let mut overlapped = 0;
+    for w in running {
+        overlapped += w.await.unwrap();
+    }
+    prim.flush().await.unwrap();
+    let v = prim.status().await.peer;
     let report = prim.verify(false).await.unwrap();
     assert_eq!(report.blocks_differing, 0, "{report:?}");
-    assert_identical(&a, &b).await;
+    assert_identical(a, b).await;
     prim.stop();
     sec.stop().await;
+    (overlapped, v)
 }
 
 /// A full sync to an empty peer of a volume whose blocks lie in the log far from volume order (48
@@ -230,21 +245,7 @@ async fn a_full_sync_of_a_scattered_volume_racing_with_clients_leaves_identical_
         a.trim(va, lba * BLOCK_BYTES_U64, 16 * BLOCK_BYTES_U64).await.unwrap();
     }
     a.flush().await.unwrap();
-    let (prim, sec) = start_pair(&a, &b).await;
-    let stop = Arc::new(AtomicU64::new(0));
-    let mut writers = Vec::new();
-    for t in 0..2u64 {
-        let view = prim.peer_view();
-        writers.push(workload(&prim, 500 + t, stop.clone(), move || view.borrow().resync.active()));
-    }
-    wait_in_sync(&prim).await;
-    stop.store(1, Ordering::Relaxed);
-    let mut overlapped = 0;
-    for w in writers {
-        overlapped += w.await.unwrap();
-    }
-    prim.flush().await.unwrap();
-    let v = prim.status().await.peer;
+    let (overlapped, v) = full_sync_racing_with_clients(&a, &b, 2, 500, Duration::ZERO).await;
     println!(
         "scattered full sync: {overlapped} client operations during it; shipped {} bytes, skipped {}",
         v.resync_bytes_shipped, v.resync_bytes_skipped
@@ -252,11 +253,6 @@ async fn a_full_sync_of_a_scattered_volume_racing_with_clients_leaves_identical_
     assert!(v.resync_full);
     // Every mapped block, less the few the clients trimmed before their comparison.
     assert!(v.resync_bytes_shipped > 44 << 20, "{v:?}");
-    let report = prim.verify(false).await.unwrap();
-    assert_eq!(report.blocks_differing, 0, "{report:?}");
-    assert_identical(&a, &b).await;
-    prim.stop();
-    sec.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
