@@ -9,7 +9,8 @@
 #      foreground rate while both copies are in sync;
 #   3. SIGKILL of the secondary's node, the volume idle: after the grace period the primary moves
 #      the lost replica to another node and copies the whole volume there. The copy rate (SIZE /
-#      time from the move to both copies in sync) against the disk (target >= 0.8);
+#      time from the move to both copies in sync) against the disk (target >= 0.8), and what the
+#      disk read and wrote meanwhile (/proc/diskstats) against what it sustains copying a file;
 #   4. the same again (SIGKILL of the new secondary's node, the copy goes to the last node) while
 #      the fio of step 2 runs, logging its IOPS every 500 ms: the foreground IOPS during the copy
 #      against in sync (target >= 0.5), and the copy rate under that load.
@@ -101,13 +102,27 @@ await_copy() {
 }
 BYTES=$($PY -c "import sys; s=sys.argv[1]; m={'K':1<<10,'M':1<<20,'G':1<<30}; print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))" "$SIZE")
 
+# Bytes the disk under DIR has read and written so far ("R W"), from /proc/diskstats (sectors of
+# 512 bytes): how busy the copy keeps the disk, both directions.
+DEV=$(basename "$(df --output=source "$RUN" | tail -1)")
+disk_bytes() {
+  awk -v d="$DEV" '$3 == d { printf "%.0f %.0f\n", $6 * 512, $10 * 512 }' /proc/diskstats
+}
 echo "3. SIGKILL of $SECONDARY, the volume idle; re-protection after the 5 s grace period ..."
 kill -9 "${NODE_PID[$SECONDARY]}"
+# The grace period is idle: what the disk moves from here on is the copy's.
+read -r R0 W0 < <(disk_bytes || echo "0 0")
 await_copy "$SECONDARY"
+read -r R1 W1 < <(disk_bytes || echo "0 0")
 SECS=$(echo "$DONE - $MOVED" | bc -l)
 COPY=$(echo "$BYTES / $SECS" | bc -l)
 CONNECTS_BEFORE=$(grep -c "peer connected; resyncing" "$RUN/$PRIMARY.log" || true)
 printf '   moved to %s; copied %s in %.1f s: %d MiB/s\n' "$NEW" "$SIZE" "$SECS" "$(echo "$COPY / 1048576" | bc)"
+if [ "$R1" -gt 0 ]; then
+  printf '   the disk (%s) meanwhile: read %d MiB/s, wrote %d MiB/s, %d MiB/s together (it sustains %d together copying a file)\n' \
+    "$DEV" "$(echo "($R1 - $R0) / $SECS / 1048576" | bc)" "$(echo "($W1 - $W0) / $SECS / 1048576" | bc)" \
+    "$(echo "($R1 - $R0 + $W1 - $W0) / $SECS / 1048576" | bc)" "$((2 * DISKCOPY >> 20))"
+fi
 SECONDARY=$NEW
 
 echo "4. SIGKILL of $SECONDARY while 4 KiB random writes run ..."
