@@ -50,7 +50,8 @@ impl Owner {
     }
 
     /// One step of the resync, within its budget: what it may have unconfirmed (less while
-    /// clients are active), what the node's other copies leave, and `RESYNC_STEP_BYTES_MAX`.
+    /// clients are active), what the node's other copies leave, and `RESYNC_STEP_BYTES_MAX`
+    /// (`RESYNC_STEP_BUSY_BYTES_MAX` while clients are active).
     async fn step_resync(&mut self) -> Result<()> {
         if self.resync.is_none() {
             return Ok(());
@@ -59,7 +60,8 @@ impl Owner {
         let busy = !self.ops.is_empty() || self.last_client.is_some_and(|t| now < t + CLIENT_QUIET);
         let max = if busy { RESYNC_UNCONFIRMED_BUSY_MAX } else { RESYNC_UNCONFIRMED_MAX };
         let unconfirmed: u64 = self.resync_marks.iter().map(|(_, held)| held.num_permits() as u64).sum();
-        let budget = max.saturating_sub(unconfirmed).min(RESYNC_STEP_BYTES_MAX);
+        let step_max = if busy { RESYNC_STEP_BUSY_BYTES_MAX } else { RESYNC_STEP_BYTES_MAX };
+        let budget = max.saturating_sub(unconfirmed).min(step_max);
         // And within what the node's other copies leave (`RESYNC_NODE_BYTES_MAX`). With none
         // left, the step waits for the next turn of the loop (a heartbeat's pong comes every
         // 125 ms at the latest).
