@@ -72,8 +72,7 @@ pub(super) struct BlocksPart {
 /// A read of scattered blocks waiting for its device reads.
 pub(super) struct BlocksWaiter {
     out: Vec<Option<Bytes>>,
-    remaining: usize,
-    error: Option<Error>,
+    parts: Parts,
     reply: Reply<Vec<Option<Bytes>>>,
 }
 
@@ -83,9 +82,29 @@ pub(super) struct ReadWaiter {
     pub(super) buf: Option<BytesMut>,
     pub(super) head: usize,
     pub(super) len: usize,
-    pub(super) remaining: usize,
-    pub(super) error: Option<Error>,
+    pub(super) parts: Parts,
     pub(super) reply: Reply<Bytes>,
+}
+
+/// The device reads a read is still waiting for, and the first error one of them had.
+pub(super) struct Parts {
+    remaining: usize,
+    error: Option<Error>,
+}
+
+impl Parts {
+    fn new(remaining: usize) -> Parts {
+        Parts { remaining, error: None }
+    }
+
+    /// One device read returned (with `error`, kept if it is the first); true once all have.
+    fn done(&mut self, error: Option<Error>) -> bool {
+        if self.error.is_none() {
+            self.error = error;
+        }
+        self.remaining -= 1;
+        self.remaining == 0
+    }
 }
 
 impl Core {
@@ -156,7 +175,7 @@ impl Core {
         self.reads.next_id += 1;
         self.reads
             .waiting
-            .insert(read_id, ReadWaiter { buf, head, len: len as usize, remaining: runs.len(), error: None, reply });
+            .insert(read_id, ReadWaiter { buf, head, len: len as usize, parts: Parts::new(runs.len()), reply });
         for (block_idx, phys, crcs) in runs {
             let seg = phys / self.sb.segment_blocks;
             self.segments.table[seg as usize].readers += 1;
@@ -255,57 +274,64 @@ impl Core {
     pub(super) fn read_done(&mut self, part: ReadPart, c: Completion) {
         let ReadPart { read_id, block_idx, n_blocks, seg, crcs, phys } = part;
         self.release_reader(seg);
-        let result =
-            c.result.map_err(|e| Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e));
-        let mut error = None;
+        let checks = crcs.iter().enumerate().map(|(i, &crc)| (i as u32, crc));
         let mut direct = None;
-        match (result, c.buf) {
-            (Ok(()), Some(buf)) => {
-                for (i, expected) in crcs.iter().enumerate() {
-                    let got = block_crc(buf.block(i));
-                    if got != *expected {
-                        let e = self.corrupt_error(
-                            seg,
-                            phys + i as u32,
-                            format!("block checksum {got:#010x}, expected {expected:#010x}"),
-                        );
-                        tracing::error!("{e}");
-                        error = Some(e);
-                        break;
-                    }
-                }
-                if error.is_none() {
-                    if let Some(w) = self.reads.waiting.get_mut(&read_id) {
-                        match &mut w.buf {
-                            Some(b) => {
-                                b[block_idx * BLOCK_BYTES..(block_idx + n_blocks) * BLOCK_BYTES].copy_from_slice(&buf)
-                            }
-                            None => direct = Some(buf),
+        let error = match self.checked_read(seg, phys, c, checks) {
+            Ok(buf) => {
+                if let Some(w) = self.reads.waiting.get_mut(&read_id) {
+                    match &mut w.buf {
+                        Some(b) => {
+                            b[block_idx * BLOCK_BYTES..(block_idx + n_blocks) * BLOCK_BYTES].copy_from_slice(&buf)
                         }
+                        None => direct = Some(buf),
                     }
                 }
+                None
             }
-            (Err(e), _) => error = Some(e),
-            (Ok(()), None) => error = Some(Error::InvalidArgument("read returned no buffer".into())),
-        }
+            Err(e) => Some(e),
+        };
         let Some(w) = self.reads.waiting.get_mut(&read_id) else { return };
-        if w.error.is_none() {
-            w.error = error;
-        }
-        w.remaining -= 1;
-        if w.remaining == 0 {
+        if w.parts.done(error) {
             let w = self.reads.waiting.remove(&read_id).expect("read waiter");
             let data = match (w.buf, direct) {
                 (Some(b), _) => Some(b.freeze()),
                 (None, Some(d)) => Some(Bytes::from_owner(d)),
                 (None, None) => None,
             };
-            let _ = w.reply.send(match (w.error, data) {
+            let _ = w.reply.send(match (w.parts.error, data) {
                 (Some(e), _) => Err(e),
                 (None, Some(d)) => Ok(d.slice(w.head..w.head + w.len)),
                 (None, None) => Err(Error::InvalidArgument("read completed without data".into())),
             });
         }
+    }
+
+    /// The buffer of a completed device read of blocks from `phys` (in segment `seg`), with block
+    /// `at` of it checked against checksum `crc` for each `(at, crc)` of `checks`: a failed read is
+    /// an I/O error naming the device offset, a mismatch a corruption error (logged) naming the
+    /// segment and the block.
+    fn checked_read(
+        &self,
+        seg: u32,
+        phys: u32,
+        c: Completion,
+        checks: impl IntoIterator<Item = (u32, u32)>,
+    ) -> Result<AlignedBuf> {
+        let buf = match (c.result, c.buf) {
+            (Ok(()), Some(buf)) => buf,
+            (Err(e), _) => return Err(Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e)),
+            (Ok(()), None) => return Err(Error::InvalidArgument("read returned no buffer".into())),
+        };
+        for (at, expected) in checks {
+            let got = block_crc(buf.block(at as usize));
+            if got != expected {
+                let what = format!("block checksum {got:#010x}, expected {expected:#010x}");
+                let e = self.corrupt_error(seg, phys + at, what);
+                tracing::error!("{e}");
+                return Err(e);
+            }
+        }
+        Ok(buf)
     }
 }
 
@@ -434,7 +460,7 @@ impl Core {
             return;
         }
         self.reads.next_id += 1;
-        self.reads.scattered.insert(read_id, BlocksWaiter { out, remaining: parts.len(), error: None, reply });
+        self.reads.scattered.insert(read_id, BlocksWaiter { out, parts: Parts::new(parts.len()), reply });
         for part in parts {
             self.segments.table[part.seg as usize].readers += 1;
             let (offset, n) = (self.phys_offset_bytes(part.phys), part.n_blocks as usize);
@@ -446,37 +472,23 @@ impl Core {
     pub(super) fn blocks_read_done(&mut self, part: BlocksPart, c: Completion) {
         let BlocksPart { read_id, seg, phys, wanted, .. } = part;
         self.release_reader(seg);
-        let mut error = None;
-        match (c.result, c.buf) {
-            (Ok(()), Some(buf)) => {
-                let bad = wanted.iter().find(|&&(at, crc, _)| block_crc(buf.block(at as usize)) != crc);
-                if let Some(&(at, crc, _)) = bad {
-                    let got = block_crc(buf.block(at as usize));
-                    let e =
-                        self.corrupt_error(seg, phys + at, format!("block checksum {got:#010x}, expected {crc:#010x}"));
-                    tracing::error!("{e}");
-                    error = Some(e);
-                } else if let Some(w) = self.reads.scattered.get_mut(&read_id) {
+        let error = match self.checked_read(seg, phys, c, wanted.iter().map(|&(at, crc, _)| (at, crc))) {
+            Ok(buf) => {
+                if let Some(w) = self.reads.scattered.get_mut(&read_id) {
                     let buf = Bytes::from_owner(buf);
                     for (at, _, i) in wanted {
                         let at = at as usize * BLOCK_BYTES;
                         w.out[i as usize] = Some(buf.slice(at..at + BLOCK_BYTES));
                     }
                 }
+                None
             }
-            (Err(e), _) => {
-                error = Some(Error::io(format!("read at device offset {}", self.phys_offset_bytes(phys)), e))
-            }
-            (Ok(()), None) => error = Some(Error::InvalidArgument("read returned no buffer".into())),
-        }
+            Err(e) => Some(e),
+        };
         let Some(w) = self.reads.scattered.get_mut(&read_id) else { return };
-        if w.error.is_none() {
-            w.error = error;
-        }
-        w.remaining -= 1;
-        if w.remaining == 0 {
+        if w.parts.done(error) {
             let w = self.reads.scattered.remove(&read_id).expect("read waiter");
-            let _ = w.reply.send(match w.error {
+            let _ = w.reply.send(match w.parts.error {
                 Some(e) => Err(e),
                 None => Ok(w.out),
             });
