@@ -461,9 +461,16 @@ impl Session {
         let Some(Group { tag, received, blocks }) = self.group.take() else { return Ok(()) };
         let bytes = blocks.len() as u64 * BLOCK_BYTES_U64;
         let done = self.i.store.enqueue_write_blocks(self.i.volume, blocks, Tag::resync(tag)).await?;
-        self.queued_bytes += bytes;
-        self.queue.push_back(Applied::Op { tag, bytes, fua: false, streamed: false, received, done });
+        self.push(Applied::Op { tag, bytes, fua: false, streamed: false, received, done });
         Ok(())
+    }
+
+    /// Appends `item` to the queue, counting the write data it holds.
+    fn push(&mut self, item: Applied) {
+        if let Applied::Op { bytes, .. } = &item {
+            self.queued_bytes += bytes;
+        }
+        self.queue.push_back(item);
     }
 
     /// Gathers `frame` into the group of one-block resync writes if it is one (same tag, room
@@ -490,6 +497,8 @@ impl Session {
     /// Queues `frame` into the engine behind every earlier one; an error ends the session.
     async fn on_frame(&mut self, frame: Frame) -> Result<()> {
         let Some(frame) = self.gather(frame) else { return Ok(()) };
+        // Not for the group being gathered: that group goes first, in stream order, and this frame
+        // may start the next one.
         self.flush_group().await?;
         let Some(frame) = self.gather(frame) else { return Ok(()) };
         let i = &self.i;
@@ -529,7 +538,7 @@ impl Session {
                     let msg = format!("epoch changed mid-session ({} → {e})", self.epoch);
                     return Err(ReplError::refused(Refusal::Protocol, msg));
                 }
-                self.queue.push_back(Applied::Floor(floor));
+                self.push(Applied::Floor(floor));
                 Applied::Pong(nonce)
             }
             Frame::ResyncBegin { common_tag } => {
@@ -574,10 +583,7 @@ impl Session {
                 return Err(ReplError::refused(Refusal::Protocol, msg));
             }
         };
-        if let Applied::Op { bytes, .. } = &item {
-            self.queued_bytes += bytes;
-        }
-        self.queue.push_back(item);
+        self.push(item);
         Ok(())
     }
 
