@@ -70,6 +70,9 @@ fn reads_in_log_order_refuse_bad_requests_and_find_corruption() {
     }
     let e = rt.block_on(store.block_places(VolumeId(99), vec![run(0, 1)])).unwrap_err();
     assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
+    // Even naming no block (this once panicked the engine's thread).
+    let e = rt.block_on(async { store.enqueue_read_blocks(VolumeId(99), vec![]).await?.wait().await }).unwrap_err();
+    assert!(matches!(e, Error::NoSuchVolume(_)), "{e}");
     let write = |blocks: Vec<(u64, Bytes)>| {
         rt.block_on(async { store.enqueue_write_blocks(vol.id, blocks, Tag::NONE).await?.wait().await })
     };

@@ -96,6 +96,15 @@ pub(super) fn check_size(size_bytes: u64) -> Result<()> {
 }
 
 /// Splits a byte-granular write into whole-block data and partial-block pieces.
+/// A read or write of scattered blocks names at most `SCATTERED_BLOCKS_MAX`.
+pub(super) fn check_scattered(n_blocks: usize) -> Result<()> {
+    if n_blocks > SCATTERED_BLOCKS_MAX {
+        let len = n_blocks as u64 * BB;
+        return Err(Error::TooLarge { len, limit: SCATTERED_BLOCKS_MAX as u64 * BB });
+    }
+    Ok(())
+}
+
 pub(super) fn split_write(offset: u64, data: Bytes) -> Vec<Piece> {
     let mut pieces = Vec::new();
     let mut off = offset;
@@ -321,7 +330,7 @@ impl Core {
         }
     }
 
-    fn volume_exists(&self, volume: VolumeId) -> Result<()> {
+    pub(super) fn volume_exists(&self, volume: VolumeId) -> Result<()> {
         self.state.volumes.get(&volume).map(|_| ()).ok_or(Error::NoSuchVolume(volume))
     }
 
@@ -356,10 +365,7 @@ impl Core {
     /// A write of scattered blocks: at most `SCATTERED_BLOCKS_MAX`, each one whole block inside
     /// the volume.
     fn check_blocks(&self, volume: VolumeId, blocks: &[(u64, Bytes)]) -> Result<()> {
-        if blocks.len() > SCATTERED_BLOCKS_MAX {
-            let len = blocks.len() as u64 * BB;
-            return Err(Error::TooLarge { len, limit: SCATTERED_BLOCKS_MAX as u64 * BB });
-        }
+        check_scattered(blocks.len())?;
         self.volume_exists(volume)?;
         for (lba, data) in blocks {
             if data.len() != BLOCK_BYTES {
@@ -368,9 +374,14 @@ impl Core {
                     data.len()
                 )));
             }
-            self.check_range(volume, lba.checked_mul(BB).unwrap_or(u64::MAX), BB)?;
+            self.check_block(volume, *lba)?;
         }
         Ok(())
+    }
+
+    /// Block `lba` lies inside the volume (an LBA whose byte offset overflows does not).
+    pub(super) fn check_block(&self, volume: VolumeId, lba: u64) -> Result<()> {
+        self.check_range(volume, lba.saturating_mul(BB), BB)
     }
 
     pub(super) fn check_write(&self, volume: VolumeId, offset: u64, len: u64) -> Result<()> {

@@ -81,7 +81,7 @@ use crate::types::{BlockRun, ByteRange, Lba, Lsn, SegmentId, Tag, VolumeId, BLOC
 use checkpointer::{Checkpointer, CkptPhase};
 use cleaner::{Cleaner, Gc};
 use durability::{Done, Durability, Waiter};
-use intake::{Intake, Piece, Stall, WriteOp};
+use intake::{check_scattered, Intake, Piece, Stall, WriteOp};
 use log::{BlockHash, Log};
 use reads::Reads;
 use scans::Scans;

@@ -402,15 +402,11 @@ impl Core {
     /// block checked against its checksum. Answers each block in the order asked, `None` for an
     /// unmapped one.
     pub(super) fn handle_read_blocks(&mut self, volume: VolumeId, lbas: Vec<u64>, reply: Reply<Vec<Option<Bytes>>>) {
-        if lbas.len() > SCATTERED_BLOCKS_MAX {
-            let len = lbas.len() as u64 * BB;
-            let _ = reply.send(Err(Error::TooLarge { len, limit: SCATTERED_BLOCKS_MAX as u64 * BB }));
-            return;
-        }
-        if let Some(bad) =
-            lbas.iter().find(|&&lba| lba.checked_mul(BB).is_none_or(|o| self.check_range(volume, o, BB).is_err()))
-        {
-            let _ = reply.send(self.check_range(volume, bad.saturating_mul(BB), BB).map(|()| Vec::new()));
+        let check = check_scattered(lbas.len())
+            .and_then(|()| self.volume_exists(volume))
+            .and_then(|()| lbas.iter().try_for_each(|&lba| self.check_block(volume, lba)));
+        if let Err(e) = check {
+            let _ = reply.send(Err(e));
             return;
         }
         let mut out: Vec<Option<Bytes>> = vec![None; lbas.len()];
