@@ -21,8 +21,9 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"SBRP");
 /// Bumped on any incompatible change; peers must speak the same version. 2: block checksum frames
 /// (`CrcRequest`, `CrcReply`) for checksum-skipping full sync and online verify. 3: each epoch
 /// history entry carries its `origin`. 4: typed refusals (`Refuse` carries a [`Refusal`] code), the
-/// pair id in `Hello` and the witness requests, the lease in `WitnessGrant`.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// pair id in `Hello` and the witness requests, the lease in `WitnessGrant`. 5: `WitnessHandover`
+/// (a planned switchover).
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const HEADER_BYTES: usize = 16;
 /// Largest frame body: one write of the engine's largest I/O (32 MiB) plus its fields. Anything
 /// larger is refused before a byte of it is buffered.
@@ -284,6 +285,15 @@ pub enum Frame {
         force: bool,
         reclaim: bool,
     },
+    /// Primary → witness: I have stopped acknowledging writes, and my peer `to` holds every one I
+    /// acknowledged; make it the primary (a planned switchover).
+    WitnessHandover {
+        pair: u64,
+        volume: String,
+        node: String,
+        epoch: Epoch,
+        to: String,
+    },
     /// Witness → node: the pair's record after the request was granted. The requester's lease
     /// (solo operation) runs `lease_ms` from when it sent the request.
     WitnessGrant {
@@ -314,6 +324,18 @@ pub enum WireError {
 }
 
 impl Frame {
+    /// The pair, volume and asking node of a request to an authority (a witness or etcd); `None`
+    /// for every other frame.
+    pub fn authority_request(&self) -> Option<(u64, &str, &str)> {
+        match self {
+            Frame::WitnessReport { pair, volume, node, .. }
+            | Frame::WitnessSolo { pair, volume, node, .. }
+            | Frame::WitnessPromote { pair, volume, node, .. }
+            | Frame::WitnessHandover { pair, volume, node, .. } => Some((*pair, volume, node)),
+            _ => None,
+        }
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Frame::Hello { .. } => 1,
@@ -334,6 +356,7 @@ impl Frame {
             Frame::WitnessGrant { .. } => 16,
             Frame::CrcRequest { .. } => 17,
             Frame::CrcReply { .. } => 18,
+            Frame::WitnessHandover { .. } => 19,
         }
     }
 
@@ -465,6 +488,13 @@ impl Frame {
                 put_str(body, node);
                 body.put_u64_le(epoch.0);
                 body.put_u8(*consistent as u8 | (*force as u8) << 1 | (*reclaim as u8) << 2);
+            }
+            Frame::WitnessHandover { pair, volume, node, epoch, to } => {
+                body.put_u64_le(*pair);
+                put_str(body, volume);
+                put_str(body, node);
+                body.put_u64_le(epoch.0);
+                put_str(body, to);
             }
             Frame::WitnessGrant { epoch, primary, solo, lease_ms } => {
                 body.put_u64_le(epoch.0);
@@ -755,6 +785,13 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         }
         16 => Frame::WitnessGrant { epoch: r.epoch()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
         17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
+        19 => Frame::WitnessHandover {
+            pair: r.u64()?,
+            volume: r.str()?,
+            node: r.str()?,
+            epoch: r.epoch()?,
+            to: r.str()?,
+        },
         18 => {
             let (id, offset) = (r.u64()?, r.u64()?);
             let n = r.u32()? as usize;
@@ -828,6 +865,7 @@ mod tests {
                 reclaim: true,
             },
             Frame::WitnessGrant { epoch: Epoch(4), primary: "b".into(), solo: false, lease_ms: 500 },
+            Frame::WitnessHandover { pair: 9, volume: "db".into(), node: "a".into(), epoch: Epoch(3), to: "b".into() },
             Frame::CrcRequest { id: 5, offset: 8 << 20, len: 8 << 20 },
             Frame::CrcReply { id: 5, offset: 8 << 20, crcs: vec![Some(7), None, None, Some(0), Some(u32::MAX)] },
             Frame::CrcReply { id: 6, offset: 0, crcs: vec![] },

@@ -22,6 +22,10 @@
 //!   primary stops acknowledging alone one lease after it *sent* its last answered request, and
 //!   the witness counts the window from when it *received* it.
 //!   From the current primary (restarting): a fresh epoch, always.
+//! - **Handover** from the current primary, which has stopped acknowledging writes and whose peer
+//!   holds every one it acknowledged (a planned switchover): granted (epoch + 1, the named peer
+//!   becomes primary, `solo` clear) only if the record is not `solo` and the pair has been in
+//!   sync. The new primary takes the role at its next Promote, as the recorded primary.
 //! - The first Report of an unknown pair registers its sender as primary of its epoch.
 //!
 //! Every grant carries the lease, so nodes and witness cannot disagree on it.
@@ -97,6 +101,9 @@ fn describe_request(req: &Frame) -> String {
             if *consistent { "consistent replica" } else { "inconsistent replica" },
             if *force { ", forced" } else { "" }
         ),
+        Frame::WitnessHandover { pair, volume, node, epoch, to } => {
+            format!("{node} asks to hand {volume} (pair {pair:016x}, epoch {epoch}) over to {to}")
+        }
         other => format!("{other:?}"),
     }
 }
@@ -154,11 +161,8 @@ impl Decider {
     /// Applies a request; returns the decision and whether the state changed (and must be made
     /// durable before the answer goes out).
     pub fn decide(&mut self, req: &Frame, now: Instant) -> (Decision, bool) {
-        let pair = match req {
-            Frame::WitnessReport { pair, .. }
-            | Frame::WitnessSolo { pair, .. }
-            | Frame::WitnessPromote { pair, .. } => *pair,
-            other => return (Err((Refusal::Protocol, format!("not a witness request: {other:?}"))), false),
+        let Some((pair, _, _)) = req.authority_request() else {
+            return (Err((Refusal::Protocol, format!("not a witness request: {req:?}"))), false);
         };
         if pair == 0 {
             return (
@@ -174,12 +178,7 @@ impl Decider {
 
     fn decide_pair(&mut self, pair: u64, req: &Frame, now: Instant) -> (Decision, bool) {
         let silent = self.silent_for(pair, now);
-        let volume = match req {
-            Frame::WitnessReport { volume, .. }
-            | Frame::WitnessSolo { volume, .. }
-            | Frame::WitnessPromote { volume, .. } => volume,
-            _ => unreachable!("checked by decide"),
-        };
+        let Some((_, volume, _)) = req.authority_request() else { unreachable!("checked by decide") };
         let (_, bound) = self.record(pair, volume);
         let mut record = self.state.pairs.remove(&pair);
         let (decision, changed) = decide_record(&mut record, pair, req, silent, self.lease);
@@ -320,6 +319,37 @@ pub fn decide_record(
             r.epoch = r.epoch.next();
             r.primary = node.clone();
             r.solo = true;
+            (Ok(r.clone()), true)
+        }
+        Frame::WitnessHandover { volume, node, epoch, to, .. } => {
+            let Some(r) = record.as_mut() else {
+                let why = format!("{volume} has no primary registered; nothing to hand over");
+                return (Err((Refusal::NotRegistered, why)), false);
+            };
+            if r.primary != *node || r.epoch != *epoch {
+                let why = format!("{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) is not", r.primary, r.epoch);
+                return (Err((Refusal::Deposed { epoch: r.epoch }, why)), false);
+            }
+            if to == node {
+                return (Err((Refusal::Protocol, format!("{node} cannot hand {volume} over to itself"))), false);
+            }
+            if !r.synced {
+                let why = format!("{volume} has never been in sync: {to} holds nothing to serve");
+                return (Err((Refusal::NeverSynced, why)), false);
+            }
+            if r.solo {
+                let why = format!(
+                    "{node} may have acknowledged writes of {volume} alone, which {to} may lack: a switchover \
+                     waits until the pair is in sync again (reported so)"
+                );
+                return (Err((Refusal::SoloPrimary, why)), false);
+            }
+            // The new primary starts with its peer holding everything it holds: it acknowledges
+            // nothing alone until it asks, so the old primary may take the role back by the
+            // ordinary rules if the new one dies before they are in sync again.
+            r.epoch = r.epoch.next();
+            r.primary = to.clone();
+            r.solo = false;
             (Ok(r.clone()), true)
         }
         other => (Err((Refusal::Protocol, format!("not an authority request: {other:?}"))), false),
@@ -523,12 +553,8 @@ impl Allow {
 
     /// Why the request's node may not make it, given the witness's records; `None` if it may.
     fn refuses(&self, req: &Frame, state: &WitnessState) -> Option<String> {
-        let (Frame::WitnessReport { pair, volume, node, .. }
-        | Frame::WitnessSolo { pair, volume, node, .. }
-        | Frame::WitnessPromote { pair, volume, node, .. }) = req
-        else {
-            return None;
-        };
+        let Some((pair, volume, node)) = req.authority_request() else { return None };
+        let (pair, volume, node) = (&pair, &volume.to_string(), &node.to_string());
         if self.entries.is_empty() {
             return None;
         }
@@ -538,6 +564,11 @@ impl Allow {
         }
         if mine.iter().any(|e| e.len() == 1) {
             return None;
+        }
+        if let Frame::WitnessHandover { to, .. } = req {
+            if !mine.iter().any(|e| e.contains(to)) {
+                return Some(format!("node {node:?} may hand {volume} over only to a node of its own pair, not {to:?}"));
+            }
         }
         // The record the request would act on: the pair's, or a first-format record it would bind.
         let record = state.pairs.get(pair).or_else(|| state.unbound.get(volume))?;
@@ -626,12 +657,7 @@ async fn serve_one(peer: Peer, decider: &Mutex<Decider>, state_path: &Path, allo
             Ok(f) => f,
             Err(_) => return Ok(()),
         };
-        let claimed = match &req {
-            Frame::WitnessReport { node, .. }
-            | Frame::WitnessSolo { node, .. }
-            | Frame::WitnessPromote { node, .. } => who.check_claim(node).err(),
-            _ => None,
-        };
+        let claimed = req.authority_request().and_then(|(_, _, node)| who.check_claim(node).err());
         // One decision at a time, made durable before it is answered.
         let mut d = decider.lock().await;
         let claimed = claimed.or_else(|| allow.refuses(&req, &d.state).map(|r| format!("{}: {r}", who.from)));

@@ -97,11 +97,14 @@ impl Etcd {
     }
 
     async fn decide(&self, req: &Frame) -> Result<Grant> {
-        let (pair, volume, node) = match req {
-            Frame::WitnessReport { pair, volume, node, .. }
-            | Frame::WitnessSolo { pair, volume, node, .. }
-            | Frame::WitnessPromote { pair, volume, node, .. } => (*pair, volume, node),
-            other => return Err(ReplError::refused(Refusal::Protocol, format!("not an authority request: {other:?}"))),
+        let Some((pair, volume, node)) = req.authority_request() else {
+            return Err(ReplError::refused(Refusal::Protocol, format!("not an authority request: {req:?}")));
+        };
+        let (volume, node) = (&volume.to_string(), &node.to_string());
+        // A handover names its new primary: it must hold a replica and be alive.
+        let handed_to = match req {
+            Frame::WitnessHandover { to, .. } => Some(to.as_str()),
+            _ => None,
         };
         if *node != self.node {
             return Err(ReplError::Invalid(format!("{} cannot ask on behalf of {node}", self.node)));
@@ -134,7 +137,7 @@ impl Etcd {
             // node that was cut off from etcd, must never take the volume over (found by the
             // control-plane simulation: it was promoted, then deleted its copy).
             let mut listed_rev = None;
-            if matches!(req, Frame::WitnessPromote { .. }) {
+            if matches!(req, Frame::WitnessPromote { .. } | Frame::WitnessHandover { .. }) {
                 let vkey = self.cluster.key(&format!("volumes/{volume}"));
                 let r = kv.get(vkey.clone(), None).await.map_err(|e| self.etcd_error(e))?;
                 if let Some(v) = r.kvs().first() {
@@ -145,6 +148,10 @@ impl Etcd {
                             "{node} holds no replica of {volume} any more (its replicas are on {})",
                             spec.replicas.join(", ")
                         );
+                        return Err(ReplError::refused(Refusal::NotRegistered, why));
+                    }
+                    if let Some(to) = handed_to.filter(|to| !spec.replicas.iter().any(|r| r == to)) {
+                        let why = format!("{to} holds no replica of {volume} (its replicas are on {})", spec.replicas.join(", "));
                         return Err(ReplError::refused(Refusal::NotRegistered, why));
                     }
                     listed_rev = Some((vkey, v.mod_revision()));
@@ -176,6 +183,13 @@ impl Etcd {
                 }
                 None => true,
             };
+            if let Some(to) = handed_to {
+                let r = kv.get(self.cluster.key(&format!("alive/{to}")), None).await.map_err(|e| self.etcd_error(e))?;
+                if r.kvs().is_empty() {
+                    let why = format!("{to} is not alive (no etcd lease): {volume} cannot be handed over to it");
+                    return Err(ReplError::refused(Refusal::NotRegistered, why));
+                }
+            }
             let silent = if other_alive { Duration::ZERO } else { Duration::MAX };
             let (decision, changed) = decide_record(&mut record, pair, req, silent, RETRY_AFTER * 2 / 3);
             let r = match decision {
@@ -208,6 +222,10 @@ impl Etcd {
                 ];
                 if let Some((vkey, vrev)) = &listed_rev {
                     when.push(Compare::mod_revision(vkey.clone(), CompareOp::Equal, *vrev));
+                }
+                if let Some(to) = handed_to {
+                    // Handed over only to a live node: one whose lease holds when the record moves.
+                    when.push(Compare::version(self.cluster.key(&format!("alive/{to}")), CompareOp::Greater, 0));
                 }
                 if let (Some(p), false) = (&other, other_alive) {
                     if r.primary == *node {
