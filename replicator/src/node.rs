@@ -302,6 +302,32 @@ impl Node {
         self.become_secondary_locked().await
     }
 
+    /// Hands the primary role to the peer, a planned switchover (see [`Primary::hand_over`]), and
+    /// returns once this node has stepped down to secondary, with the authority's grant to the
+    /// peer. The peer takes the role at its next request to the authority, which it makes as soon
+    /// as this node's link to it closes, and then resyncs this node (nothing differs).
+    pub async fn switchover(&self) -> Result<Grant> {
+        let volume = &self.inner.cfg.volume;
+        let Some(p) = self.primary() else {
+            return Err(ReplError::Invalid(format!(
+                "this node is not the primary of {volume}: run the switchover on its primary"
+            )));
+        };
+        let Some(to) = self.inner.peer.lock().expect("peer").1.clone() else {
+            return Err(ReplError::Invalid(format!(
+                "the peer of {volume} has no configured node name (--peer-node): the witness must be told which \
+                 node takes over"
+            )));
+        };
+        let grant = p.hand_over(&to).await?;
+        let mut roles = self.role_changes();
+        let stepped_down = roles.wait_for(|_| !self.primary().is_some_and(|cur| cur.same(&p)));
+        if tokio::time::timeout(self.inner.cfg.repl.timeout * 10, stepped_down).await.is_err() {
+            tracing::warn!(volume = %volume, "switchover granted, but this node has not stepped down yet");
+        }
+        Ok(grant)
+    }
+
     /// Compares both replicas (see [`Primary::verify`]); only on the primary.
     pub async fn verify(&self, repair: bool) -> Result<crate::primary::VerifyReport> {
         match self.primary() {

@@ -707,6 +707,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         16 => "witness-grant",
         17 => "crc-request",
         18 => "crc-reply",
+        19 => "witness-handover",
         k => return Err(WireError::UnknownKind(k)),
     };
     let mut r = Reader { b: body, what };
@@ -785,13 +786,9 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         }
         16 => Frame::WitnessGrant { epoch: r.epoch()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
         17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
-        19 => Frame::WitnessHandover {
-            pair: r.u64()?,
-            volume: r.str()?,
-            node: r.str()?,
-            epoch: r.epoch()?,
-            to: r.str()?,
-        },
+        19 => {
+            Frame::WitnessHandover { pair: r.u64()?, volume: r.str()?, node: r.str()?, epoch: r.epoch()?, to: r.str()? }
+        }
         18 => {
             let (id, offset) = (r.u64()?, r.u64()?);
             let n = r.u32()? as usize;
@@ -894,7 +891,7 @@ mod tests {
     #[test]
     fn golden_bytes_of_an_ack() {
         let b = Frame::Ack { applied: 1, durable: 0 }.encode();
-        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 4, 0, 8, 0, 16, 0, 0, 0]);
+        assert_eq!(&b[..12], &[b'S', b'B', b'R', b'P', 5, 0, 8, 0, 16, 0, 0, 0]);
         assert_eq!(&b[16..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 

@@ -327,7 +327,8 @@ pub fn decide_record(
                 return (Err((Refusal::NotRegistered, why)), false);
             };
             if r.primary != *node || r.epoch != *epoch {
-                let why = format!("{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) is not", r.primary, r.epoch);
+                let why =
+                    format!("{} is primary of {volume} in epoch {}; {node} (epoch {epoch}) is not", r.primary, r.epoch);
                 return (Err((Refusal::Deposed { epoch: r.epoch }, why)), false);
             }
             if to == node {
@@ -567,7 +568,9 @@ impl Allow {
         }
         if let Frame::WitnessHandover { to, .. } = req {
             if !mine.iter().any(|e| e.contains(to)) {
-                return Some(format!("node {node:?} may hand {volume} over only to a node of its own pair, not {to:?}"));
+                return Some(format!(
+                    "node {node:?} may hand {volume} over only to a node of its own pair, not {to:?}"
+                ));
             }
         }
         // The record the request would act on: the pair's, or a first-format record it would bind.

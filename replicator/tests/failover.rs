@@ -238,3 +238,92 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     node_b.stop().await;
     witness_task.abort();
 }
+
+/// A planned switchover: while a client keeps writing, the primary hands its role to its in-sync
+/// peer. Every write it acknowledged is on the new primary, which takes the role in a newer epoch,
+/// serves, and resyncs the old primary (now its secondary) to an identical image. A switchover is
+/// refused on a node that is not primary, and while the peer is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledged_write() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
+    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = witness_listener.local_addr().unwrap();
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(witness_listener),
+        dir.path().join("witness.state"),
+        Duration::from_millis(800),
+        syncblock_replicator::witness::Allow::default(),
+    ));
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let named = |node: &str, peer: &str, listen, to| {
+        let mut cfg = node_cfg(node, listen, to, witness);
+        cfg.repl.peer_node = Some(peer.into());
+        cfg
+    };
+    let node_b = Node::start(b.clone(), named("b", "a", b_repl, a_repl), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), named("a", "b", a_repl, b_repl), Role::Primary).await.unwrap();
+    let pa = node_a.primary().unwrap();
+    let err = node_b.switchover().await.expect_err("the secondary cannot switch over");
+    assert!(err.to_string().contains("not the primary"), "{err}");
+    let mut v = pa.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+
+    // A client writes block after block, each acknowledged or refused, until the role moves.
+    let writer = {
+        let pa = pa.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for k in 0..4096u64 {
+                match pa.write((k % 512) * BLOCK_BYTES_U64, block(k), k % 16 == 0).await {
+                    Ok(()) => acked.push(k),
+                    Err(_) => break,
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let grant = node_a.switchover().await.expect("switchover");
+    assert_eq!((grant.primary.as_str(), grant.epoch, grant.solo), ("b", Epoch(2), false));
+    assert!(!node_a.is_primary(), "the old primary stepped down");
+    let acked = writer.await.unwrap();
+    assert!(acked.len() < 4096, "the client's writes went on after the switchover");
+    let mut roles = node_b.role_changes();
+    tokio::time::timeout(Duration::from_secs(5), roles.wait_for(|_| node_b.is_primary()))
+        .await
+        .expect("the peer takes the role")
+        .unwrap();
+    let pb = node_b.primary().unwrap();
+    assert!(pb.epoch() > Epoch(2), "the new primary is in a newer epoch than the grant's");
+
+    // Every acknowledged write is on the new primary (the last write of each block wins).
+    let got = image(&b).await;
+    let mut last = std::collections::BTreeMap::new();
+    for k in &acked {
+        last.insert(k % 512, *k);
+    }
+    for (lba, k) in &last {
+        let at = (*lba * BLOCK_BYTES_U64) as usize;
+        assert_eq!(&got[at..at + BLOCK_BYTES_U64 as usize], &block(*k)[..], "block {lba} (write {k}) lost");
+    }
+
+    // The new primary serves, and resyncs the old one to the same image.
+    let mut v = pb.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.expect("resync").unwrap();
+    pb.write(600 * BLOCK_BYTES_U64, block(9999), true).await.unwrap();
+    pb.flush().await.unwrap();
+    assert_eq!(image(&a).await, image(&b).await, "the replicas differ after the switchover");
+    assert!(pb.status().await.rpo_zero());
+
+    // With the peer away, a switchover is refused and writes carry on.
+    node_a.stop().await;
+    tokio::time::timeout(Duration::from_secs(5), v.wait_for(|v| !v.connected)).await.unwrap().unwrap();
+    let err = node_b.switchover().await.expect_err("no switchover to an absent peer");
+    assert!(err.to_string().contains("not in sync"), "{err}");
+    assert!(node_b.is_primary());
+
+    node_b.stop().await;
+    witness_task.abort();
+}

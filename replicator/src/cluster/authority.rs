@@ -151,7 +151,10 @@ impl Etcd {
                         return Err(ReplError::refused(Refusal::NotRegistered, why));
                     }
                     if let Some(to) = handed_to.filter(|to| !spec.replicas.iter().any(|r| r == to)) {
-                        let why = format!("{to} holds no replica of {volume} (its replicas are on {})", spec.replicas.join(", "));
+                        let why = format!(
+                            "{to} holds no replica of {volume} (its replicas are on {})",
+                            spec.replicas.join(", ")
+                        );
                         return Err(ReplError::refused(Refusal::NotRegistered, why));
                     }
                     listed_rev = Some((vkey, v.mod_revision()));

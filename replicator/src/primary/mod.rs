@@ -291,4 +291,13 @@ impl Primary {
     pub async fn verify(&self, repair: bool) -> Result<VerifyReport> {
         self.call(|reply| Command::Verify { repair, reply }).await
     }
+
+    /// Hands the primary role to the peer node `to`, a planned switchover (`owner/handover.rs`):
+    /// new client operations wait while those in flight are confirmed by the peer, then the
+    /// authority makes `to` primary in the next epoch and this primary steps down (its waiting
+    /// operations fail, as at any deposition). Refused at once unless the peer is in sync; given
+    /// up, with writes continuing here, if the peer does not confirm what is in flight within 5 s.
+    pub async fn hand_over(&self, to: &str) -> Result<Grant> {
+        self.call(|reply| Command::HandOver { to: to.to_string(), reply }).await
+    }
 }

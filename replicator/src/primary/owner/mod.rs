@@ -38,6 +38,7 @@ use crate::witness::Grant;
 use crate::{Policy, ReplConfig, ReplError, Result};
 
 mod background;
+mod handover;
 mod timers;
 
 /// Frames queued on the link's writer. Each holds at most one client write (≤ 32 MiB, bounded
@@ -155,6 +156,11 @@ pub(super) enum Command {
     /// The peer is now at this address (cluster mode moved the volume's other replica, or its node
     /// came back on another address): drop the link and connect there.
     Repeer(SocketAddr),
+    /// Hand the primary role to the peer node `to` (see `handover.rs`).
+    HandOver {
+        to: String,
+        reply: oneshot::Sender<Result<Grant>>,
+    },
 }
 
 /// What the link's tasks and the loop's helper futures report. Link events carry the link's
@@ -178,6 +184,7 @@ pub(super) enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ask {
     Report,
+    Handover,
     Solo,
 }
 
@@ -381,6 +388,8 @@ pub(super) struct Owner {
     /// When the last client operation arrived (see `CLIENT_QUIET`).
     last_client: Option<Instant>,
     witness_asking: bool,
+    /// A switchover under way: no client operation is taken meanwhile.
+    handover: Option<handover::Handover>,
     witness_period: Duration,
     away_since: Option<Instant>,
     last_witness_error: String,
@@ -487,6 +496,7 @@ impl Owner {
             step_permit: None,
             last_client: None,
             witness_asking: false,
+            handover: None,
             witness_period: heartbeat,
             away_since: None,
             last_witness_error: String::new(),
@@ -539,6 +549,7 @@ impl Owner {
             }
             changed |= self.drain_ready().await;
             self.complete_ops();
+            self.step_handover();
             self.check_invariants();
             // Not after a quiet timer turn: the timer that published a deferred status would
             // otherwise defer the next one, and an idle volume woke every `PUBLISH_EVERY` (2 ms)
@@ -589,7 +600,7 @@ impl Owner {
             let accepting = match &self.link {
                 LinkState::Up(l) => l.backlog.is_empty(),
                 _ => true,
-            };
+            } && self.handover.is_none();
             if !accepting || self.deposed.borrow().is_some() || *self.stop.borrow() {
                 break;
             }
@@ -606,10 +617,12 @@ impl Owner {
     }
 
     async fn select(&mut self) -> Next {
+        // No client operation is taken while the link's writer is behind, or while a switchover
+        // waits for those in flight.
         let accepting = match &self.link {
             LinkState::Up(l) => l.backlog.is_empty(),
             _ => true,
-        };
+        } && self.handover.is_none();
         let room = match &self.link {
             LinkState::Up(l) if !l.backlog.is_empty() => Some(l.tx.clone()),
             _ => None,
@@ -653,6 +666,9 @@ impl Owner {
         }
         if self.publish_due {
             next = next.min(self.published_at + PUBLISH_EVERY);
+        }
+        if let Some(h) = &self.handover {
+            next = next.min(h.until());
         }
         next
     }
@@ -704,6 +720,7 @@ impl Owner {
             }
             Command::Verify { repair, reply } => self.start_verify(repair, reply).await,
             Command::Depose(why) => self.depose(why),
+            Command::HandOver { to, reply } => self.start_handover(to, reply),
             Command::Repeer(addr) => {
                 if addr == self.peer_addr {
                     return;

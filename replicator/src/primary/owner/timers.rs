@@ -102,6 +102,9 @@ impl Owner {
 
     pub(super) fn on_witness(&mut self, ask: Ask, r: Result<Grant>) {
         self.witness_asking = false;
+        if ask == Ask::Handover {
+            return self.on_handover_answer(r);
+        }
         let now = Instant::now();
         match (ask, r) {
             (Ask::Report, Ok(grant)) => {
@@ -120,6 +123,8 @@ impl Owner {
                 self.peer.send_modify(|v| v.solo = true);
                 self.ops_dirty = true;
             }
+            // Answered above.
+            (Ask::Handover, Ok(_)) => {}
             (Ask::Solo, Ok(_)) => {
                 tracing::warn!(volume = %self.name, "the witness's solo grant arrived after its lease ran out")
             }
