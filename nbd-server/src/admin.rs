@@ -1,6 +1,6 @@
 //! The admin endpoint (`--admin`): HTTP/1.1, JSON for status and commands, the Prometheus text
 //! format for metrics. `curl` and any monitoring agent can use it; `syncblock status`, `promote`,
-//! `demote` and `verify` are its clients.
+//! `demote`, `switchover` and `verify` are its clients.
 //!
 //! | request | answer |
 //! |---|---|
@@ -8,6 +8,7 @@
 //! | `GET /metrics` | Prometheus exposition ([`crate::metrics`]) |
 //! | `POST /promote?[volume=NAME][&force=true]` | [`Answer`] with `epoch` |
 //! | `POST /demote?[volume=NAME]` | [`Answer`] with `role` |
+//! | `POST /switchover?[volume=NAME]` | [`Answer`] with `primary` (the peer, now primary) and `epoch` |
 //! | `POST /verify?[volume=NAME][&repair=true]` | [`Answer`] with `verify` |
 //!
 //! A command that is refused answers 409 (or 404 for an unknown volume, 400 for a bad request)
@@ -117,6 +118,9 @@ pub struct Answer {
     pub epoch: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// After a switchover: the node that is primary now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReportView>,
 }
@@ -383,11 +387,12 @@ fn router(admin: Arc<Admin>) -> Router {
         .route("/metrics", get(get_metrics))
         .route("/promote", post(post_promote))
         .route("/demote", post(post_demote))
+        .route("/switchover", post(post_switchover))
         .route("/verify", post(post_verify))
         .fallback(|| async {
             refuse(
                 StatusCode::NOT_FOUND,
-                "no such endpoint: GET /status, GET /metrics, POST /promote, /demote or /verify".into(),
+                "no such endpoint: GET /status, GET /metrics, POST /promote, /demote, /switchover or /verify".into(),
             )
         })
         .layer(axum::middleware::from_fn_with_state(admin.clone(), authorize))
@@ -432,6 +437,21 @@ async fn post_demote(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Re
             ok: true,
             volume: Some(node.volume().into()),
             role: Some("secondary".into()),
+            ..Answer::default()
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn post_switchover(State(a): State<Arc<Admin>>, Query(p): Query<Params>) -> Result<Json<Answer>, Refusal> {
+    let node = a.node(p.volume.as_deref())?;
+    match node.switchover().await {
+        Ok(grant) => Ok(Json(Answer {
+            ok: true,
+            volume: Some(node.volume().into()),
+            epoch: Some(grant.epoch.0),
+            role: Some("secondary".into()),
+            primary: Some(grant.primary),
             ..Answer::default()
         })),
         Err(e) => Err(e.into()),

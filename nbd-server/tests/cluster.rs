@@ -480,3 +480,46 @@ fn a_tls_etcd_with_client_certificates_is_used_and_required() {
     assert_ne!(code, 0);
     assert!(err.contains("etcd at"), "{err}");
 }
+
+/// A planned switchover (`syncblock switchover --admin`): the primary of a volume in sync hands
+/// its role to the secondary, which serves every flushed block and takes writes in a newer epoch,
+/// while the old primary stays on as its in-sync secondary (verified block by block). Asked of the
+/// secondary, a switchover is refused and changes nothing.
+#[test]
+fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
+    if !ready("cluster switchover") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, ep, nodes) = three_nodes(dir.path(), &[]);
+    let v = create_in_sync(&ep, "s", "64MiB");
+    let (old, new) = (v["primary"].as_str().unwrap().to_string(), v["secondary"].as_str().unwrap().to_string());
+    let epoch = v["epoch"].as_u64().unwrap();
+    let admin = |name: &str| nodes.iter().find(|n| n.name == name).unwrap().admin.clone();
+    qemu_ok(v["nbd"].as_str().unwrap(), &["write -P 0x44 0 1M", "flush"]);
+
+    let (code, out, err) =
+        run(Duration::from_secs(60), common::pair::BIN, &["switchover", "--admin", &admin(&new), "--volume", "s"]);
+    assert_ne!(code, 0, "a secondary switched over: {out}");
+    assert!(err.contains("not the primary"), "{err}");
+    assert_eq!(volume(&ep, "s")["primary"], old.as_str());
+
+    let (code, out, err) =
+        run(Duration::from_secs(60), common::pair::BIN, &["switchover", "--admin", &admin(&old), "--volume", "s"]);
+    assert_eq!(code, 0, "switchover: {out}{err}");
+    assert!(out.contains(&format!("handed over to {new}")), "{out}");
+    let new_uri = nodes.iter().find(|n| n.name == new).unwrap().uri("s");
+    wait_writable(&new_uri, &["write -P 0x55 1M 64k", "flush"], "the new primary serves writes");
+    qemu_ok(&new_uri, &["read -P 0x44 0 1M", "read -P 0x55 1M 64k"]);
+    wait_until(Duration::from_millis(200), "in sync on the new primary", Duration::from_secs(60), || {
+        let v = volume(&ep, "s");
+        (v["state"] == "in-sync" && v["primary"] == new.as_str() && v["secondary"] == old.as_str())
+            .then_some(())
+            .ok_or_else(|| v.to_string())
+    });
+    assert!(volume(&ep, "s")["epoch"].as_u64().unwrap() > epoch);
+    let (code, out, err) =
+        run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin(&new), "--volume", "s"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+}

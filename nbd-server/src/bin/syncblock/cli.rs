@@ -280,6 +280,20 @@ pub enum Command {
         #[command(flatten)]
         tls: AdminTls,
     },
+    /// Hand a primary's role to its in-sync peer, a planned switchover: new writes wait while those
+    /// in flight are confirmed by the peer, the witness (or etcd) makes the peer primary, and this
+    /// node steps down to secondary. Clients then reconnect to the peer. Refused unless the peer is
+    /// in sync.
+    Switchover {
+        /// The primary's --admin address.
+        #[arg(long)]
+        admin: SocketAddr,
+        /// The replicated volume (needed when the node replicates more than one).
+        #[arg(long)]
+        volume: Option<String>,
+        #[command(flatten)]
+        tls: AdminTls,
+    },
     /// Manage volumes: of a cluster (with --etcd), or of a store offline (no server may be
     /// running on the store).
     Volume {

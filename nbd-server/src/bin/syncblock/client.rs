@@ -1,4 +1,4 @@
-//! The admin endpoint's clients: `status`, `promote`, `demote`, `verify`. They speak HTTP to the
+//! The admin endpoint's clients: `status`, `promote`, `demote`, `switchover`, `verify`. They speak HTTP to the
 //! node's `--admin` address and read its JSON with the same types the node writes
 //! (`syncblock_nbd::admin`).
 
@@ -225,6 +225,18 @@ pub fn demote(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
     let path = format!("/demote{}", query(volume, None));
     let a: Answer = Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("demotion failed")?;
     println!("{} is now secondary", a.volume.unwrap_or_default());
+    Ok(())
+}
+
+pub fn switchover(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
+    let path = format!("/switchover{}", query(volume, None));
+    let a: Answer = Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("switchover refused")?;
+    println!(
+        "{} handed over to {} (epoch {}); this node is now secondary",
+        a.volume.unwrap_or_default(),
+        a.primary.unwrap_or_default(),
+        a.epoch.unwrap_or_default()
+    );
     Ok(())
 }
 

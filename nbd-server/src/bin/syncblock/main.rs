@@ -147,6 +147,7 @@ fn main() -> Result<()> {
             client::promote(&tls.admin_at(admin)?, volume.as_deref(), force)
         }
         Command::Demote { admin, volume, tls } => client::demote(&tls.admin_at(admin)?, volume.as_deref()),
+        Command::Switchover { admin, volume, tls } => client::switchover(&tls.admin_at(admin)?, volume.as_deref()),
         Command::Volume { etcd: Some(etcd), etcd_tls, command, .. } => {
             cluster::volume_command(&etcd, etcd_tls.tls(), command)
         }
