@@ -483,8 +483,8 @@ fn a_tls_etcd_with_client_certificates_is_used_and_required() {
 
 /// A planned switchover (`syncblock switchover --admin`): the primary of a volume in sync hands
 /// its role to the secondary, which serves every flushed block and takes writes in a newer epoch,
-/// while the old primary stays on as its in-sync secondary (verified block by block). Asked of the
-/// secondary, a switchover is refused and changes nothing.
+/// while the old primary stays on as its in-sync secondary (verified block by block) and redirects
+/// clients to it. Asked of the secondary, a switchover is refused and changes nothing.
 #[test]
 fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
     if !ready("cluster switchover") {
@@ -519,6 +519,10 @@ fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
             .ok_or_else(|| v.to_string())
     });
     assert!(volume(&ep, "s")["epoch"].as_u64().unwrap() > epoch);
+    // A client of the old primary is told where the volume is served now.
+    let old_uri = nodes.iter().find(|n| n.name == old).unwrap().uri("s");
+    let (code, out) = qemu_io(&old_uri, &["read 0 4k"]);
+    assert!(code != 0 && out.contains(&format!("volume \"s\" is served by node {new}")), "{out}");
     let (code, out, err) =
         run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin(&new), "--volume", "s"]);
     assert_eq!(code, 0, "verify: {out}{err}");
