@@ -262,3 +262,44 @@ fn a_witness_that_cannot_save_refuses_with_a_storage_refusal_that_deposes_nobody
         task.abort();
     });
 }
+
+fn handover(node: &str, epoch: u64, to: &str) -> Frame {
+    Frame::WitnessHandover { pair: PAIR, volume: "v".into(), node: node.into(), epoch: Epoch(epoch), to: to.into() }
+}
+
+/// A switchover: granted only to the recorded primary of the current epoch, of a pair in sync and
+/// not solo; the peer becomes primary in the next epoch without solo, takes the role at its next
+/// request, and the old primary is deposed. A node of another pair is never handed a role.
+#[test]
+fn a_handover_moves_the_role_only_from_the_primary_of_a_pair_in_sync() {
+    let t0 = Instant::now();
+    let mut d = Decider::new(WitnessState::default(), Duration::from_secs(1), t0);
+    d.decide(&report("a", 1, false), t0).0.unwrap();
+    assert_eq!(why(d.decide(&handover("a", 1, "b"), t0).0), Refusal::NeverSynced);
+    d.decide(&report("a", 1, true), t0).0.unwrap();
+    d.decide(&solo("a", 1), t0).0.unwrap();
+    assert_eq!(why(d.decide(&handover("a", 1, "b"), t0).0), Refusal::SoloPrimary, "the peer may lack writes");
+    d.decide(&report("a", 1, true), t0).0.unwrap();
+    assert_eq!(why(d.decide(&handover("b", 1, "a"), t0).0), Refusal::Deposed { epoch: Epoch(1) });
+    assert_eq!(why(d.decide(&handover("a", 0, "b"), t0).0), Refusal::Deposed { epoch: Epoch(1) });
+    assert_eq!(why(d.decide(&handover("a", 1, "a"), t0).0), Refusal::Protocol);
+
+    let (granted, changed) = d.decide(&handover("a", 1, "b"), t0);
+    let granted = granted.unwrap();
+    assert!(changed, "a handover is recorded before it is answered");
+    assert_eq!((granted.epoch, granted.primary.as_str(), granted.solo), (Epoch(2), "b", false));
+    // The old primary is deposed at its next report; the new one takes the role at once, however
+    // recently the old one reported.
+    assert_eq!(why(d.decide(&report("a", 1, true), t0).0), Refusal::Deposed { epoch: Epoch(2) });
+    let taken = d.decide(&promote("b", 2, false), t0).0.unwrap();
+    assert_eq!((taken.epoch, taken.primary.as_str()), (Epoch(3), "b"));
+    // Unknown pairs have nothing to hand over.
+    let stranger =
+        Frame::WitnessHandover { pair: 7, volume: "w".into(), node: "a".into(), epoch: Epoch(1), to: "b".into() };
+    assert_eq!(why(d.decide(&stranger, t0).0), Refusal::NotRegistered);
+    // With a node list, only to a node of the primary's own pair.
+    let allow = Allow::parse(&["a,b", "c,d"]).unwrap();
+    assert_eq!(allow.refuses(&handover("b", 3, "a"), &d.state), None);
+    let why = allow.refuses(&handover("b", 3, "c"), &d.state).expect("handed to another pair's node");
+    assert!(why.contains("only to a node of its own pair"), "{why}");
+}
