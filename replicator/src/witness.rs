@@ -554,7 +554,7 @@ impl Allow {
 
     /// Why the request's node may not make it, given the witness's records; `None` if it may.
     fn refuses(&self, req: &Frame, state: &WitnessState) -> Option<String> {
-        let Some((pair, volume, node)) = req.authority_request() else { return None };
+        let (pair, volume, node) = req.authority_request()?;
         let (pair, volume, node) = (&pair, &volume.to_string(), &node.to_string());
         if self.entries.is_empty() {
             return None;
