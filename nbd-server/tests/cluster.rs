@@ -484,7 +484,8 @@ fn a_tls_etcd_with_client_certificates_is_used_and_required() {
 /// A planned switchover (`syncblock switchover --admin`): the primary of a volume in sync hands
 /// its role to the secondary, which serves every flushed block and takes writes in a newer epoch,
 /// while the old primary stays on as its in-sync secondary (verified block by block) and redirects
-/// clients to it. Asked of the secondary, a switchover is refused and changes nothing.
+/// clients to it. Asked of the secondary, a switchover is refused and changes nothing. Then `node
+/// drain` moves every primary off the busiest node and `node balance` spreads them again.
 #[test]
 fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
     if !ready("cluster switchover") {
@@ -526,4 +527,27 @@ fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
     let (code, out, err) =
         run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin(&new), "--volume", "s"]);
     assert_eq!(code, 0, "verify: {out}{err}");
+
+    // Draining a node moves every primary role off it; balancing spreads them again.
+    for k in 0..5 {
+        create_in_sync(&ep, &format!("b{k}"), "16MiB");
+    }
+    let primaries = |node: &str| volumes(&ep).iter().filter(|v| v["primary"] == node).count();
+    let busiest = ["n1", "n2", "n3"].into_iter().max_by_key(|n| primaries(n)).unwrap();
+    let held = primaries(busiest);
+    let (code, out, err) = cli(&ep, &["node", "drain", busiest]);
+    assert_eq!(code, 0, "drain: {out}{err}");
+    assert!(out.contains(&format!("{busiest} is primary of no volume now ({held} moved)")), "{out}");
+    assert_eq!(primaries(busiest), 0);
+    let (code, out, err) = cli(&ep, &["node", "drain", "n9"]);
+    assert!(code != 0 && err.contains("no node n9"), "{out}{err}");
+    wait_until(Duration::from_millis(200), "in sync after the drain", Duration::from_secs(60), || {
+        let l = volumes(&ep);
+        l.iter().all(|v| v["state"] == "in-sync").then_some(()).ok_or_else(|| format!("{l:?}"))
+    });
+    let (code, out, err) = cli(&ep, &["node", "balance"]);
+    assert_eq!(code, 0, "balance: {out}{err}");
+    assert!(primaries(busiest) > 0, "balancing gave the drained node nothing back: {out}");
+    let (code, out, err) = cli(&ep, &["node", "balance", "--dry-run"]);
+    assert!(code == 0 && out.contains("0 move(s) planned"), "balanced twice: {out}{err}");
 }

@@ -55,6 +55,71 @@ pub fn replacement(
     Ok(Some(moved))
 }
 
+/// A planned switchover: `volume`'s primary role from node `from` to node `to` (its secondary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub volume: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The switchovers that empty `node` of primaries (`syncblock node drain`): one per volume it is
+/// the primary of and that is in sync with a live secondary; the others are returned apart, with
+/// their state, since handing them over could lose writes (they stay where they are).
+pub fn drain(snap: &Snapshot, node: &str) -> (Vec<Move>, Vec<(String, String)>) {
+    let (mut moves, mut stuck) = (Vec::new(), Vec::new());
+    for v in snap.volume_views().into_iter().filter(|v| v.primary == node) {
+        match &v.secondary {
+            Some(s) if v.state == "in-sync" && snap.alive.contains_key(s) => {
+                moves.push(Move { volume: v.name, from: v.primary, to: s.clone() })
+            }
+            Some(s) if !snap.alive.contains_key(s) => stuck.push((v.name, format!("its secondary {s} is down"))),
+            _ => stuck.push((v.name, format!("not in sync ({})", v.state))),
+        }
+    }
+    (moves, stuck)
+}
+
+/// The switchovers that spread primaries evenly over the live nodes (`syncblock node balance`),
+/// after failovers left them on the survivors: while a node holds at least two primaries more
+/// than some secondary of one of its in-sync volumes, that volume moves there (to the secondary
+/// with the fewest primaries). Each move lowers the spread, so there are at most as many moves as
+/// volumes. Primaries can only move to a volume's own secondary: a node holding few replicas
+/// ends with few primaries.
+pub fn balance(snap: &Snapshot) -> Vec<Move> {
+    let views = snap.volume_views();
+    let mut count: BTreeMap<&str, usize> = snap.alive.keys().map(|n| (n.as_str(), 0)).collect();
+    for v in &views {
+        if let Some(c) = count.get_mut(v.primary.as_str()) {
+            *c += 1;
+        }
+    }
+    let mut movable: Vec<&super::VolumeView> = views
+        .iter()
+        .filter(|v| v.state == "in-sync" && v.secondary.as_ref().is_some_and(|s| count.contains_key(s.as_str())))
+        .collect();
+    let mut moves = Vec::new();
+    loop {
+        // The best move: from the busiest primary to the idlest secondary that gains by it.
+        let best = movable
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let s = v.secondary.as_deref().expect("filtered");
+                let (from, to) = (count[v.primary.as_str()], count[s]);
+                (from >= to + 2).then_some((from - to, std::cmp::Reverse(to), i))
+            })
+            .max_by_key(|(gain, idle, i)| (*gain, *idle, std::cmp::Reverse(*i)));
+        let Some((_, _, i)) = best else { break };
+        let v = movable.swap_remove(i);
+        let s = v.secondary.as_deref().expect("filtered");
+        *count.get_mut(v.primary.as_str()).expect("counted") -= 1;
+        *count.get_mut(s).expect("counted") += 1;
+        moves.push(Move { volume: v.name.clone(), from: v.primary.clone(), to: s.to_string() });
+    }
+    moves
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +203,81 @@ mod tests {
         // c shares a's zone; d is the only live node elsewhere.
         assert_eq!(moved.replicas, vec!["a".to_string(), "d".to_string()]);
         assert_eq!(replacement(&s.loads(), &moved, "b", "a").unwrap(), None);
+    }
+
+    /// `n` volumes `v0..` between `p` and `s`, in sync, with `p` primary.
+    fn pairs(s: &mut Snapshot, from: usize, n: usize, p: &str, sec: &str) {
+        for k in from..from + n {
+            let name = format!("v{k}");
+            let id = 100 + k as u64;
+            let spec = VolumeSpec { name: name.clone(), size: 1 << 20, replicas: vec![p.into(), sec.into()], id };
+            s.volumes.insert(name.clone(), spec);
+            let grant = GrantDoc { pair: id, epoch: 3, primary: p.into(), solo: false, synced: true };
+            s.grants.insert(name, grant);
+        }
+    }
+
+    fn primaries(s: &Snapshot, moves: &[Move]) -> BTreeMap<String, usize> {
+        let mut s = s.clone();
+        for m in moves {
+            s.grants.get_mut(&m.volume).unwrap().primary = m.to.clone();
+        }
+        let mut count = BTreeMap::new();
+        for v in s.volume_views() {
+            *count.entry(v.primary).or_insert(0) += 1;
+        }
+        count
+    }
+
+    #[test]
+    fn balancing_evens_out_primaries_over_live_secondaries_only() {
+        let mut s = snap();
+        s.volumes.clear();
+        s.grants.clear();
+        // After failovers: a holds all 12 primaries; its secondaries are b (6) and c (6).
+        pairs(&mut s, 0, 6, "a", "b");
+        pairs(&mut s, 6, 6, "a", "c");
+        let moves = balance(&s);
+        assert_eq!(moves.len(), 8, "{moves:?}");
+        assert_eq!(primaries(&s, &moves), BTreeMap::from([("a".into(), 4), ("b".into(), 4), ("c".into(), 4)]));
+        assert!(moves.iter().all(|m| m.from == "a" && s.volumes[&m.volume].replicas.contains(&m.to)));
+        assert!(balance(&{
+            let mut t = s.clone();
+            for m in &moves {
+                t.grants.get_mut(&m.volume).unwrap().primary = m.to.clone();
+            }
+            t
+        })
+        .is_empty());
+        // Not to a dead node, and not a volume that is not in sync.
+        s.alive.remove("c");
+        s.grants.get_mut("v0").unwrap().solo = true;
+        let moves = balance(&s);
+        assert!(moves.iter().all(|m| m.to == "b" && m.volume != "v0"), "{moves:?}");
+        assert_eq!(moves.len(), 5, "every in-sync volume with b moves (a keeps 7 against b's 5): {moves:?}");
+    }
+
+    #[test]
+    fn draining_moves_every_in_sync_primary_and_names_the_rest() {
+        let mut s = snap();
+        s.volumes.clear();
+        s.grants.clear();
+        pairs(&mut s, 0, 3, "a", "b");
+        pairs(&mut s, 3, 2, "b", "a");
+        pairs(&mut s, 5, 1, "a", "c");
+        s.grants.get_mut("v1").unwrap().solo = true;
+        s.alive.remove("c");
+        let (moves, stuck) = drain(&s, "a");
+        let moved: Vec<&str> = moves.iter().map(|m| m.volume.as_str()).collect();
+        assert_eq!(moved, ["v0", "v2"]);
+        assert!(moves.iter().all(|m| m.from == "a" && m.to == "b"));
+        assert_eq!(
+            stuck,
+            vec![
+                ("v1".to_string(), "not in sync (degraded)".to_string()),
+                ("v5".to_string(), "its secondary c is down".to_string()),
+            ]
+        );
+        assert_eq!(drain(&s, "d"), (vec![], vec![]));
     }
 }

@@ -415,6 +415,34 @@ pub enum NodeCommand {
         #[command(flatten)]
         etcd_tls: EtcdTlsArgs,
     },
+    /// Move every primary role off a node (a switchover of each volume it is primary of and that is
+    /// in sync, to that volume's secondary), before maintenance: stopping it then costs its
+    /// volumes no failover. Its replicas stay; volumes not in sync are named and left. Asks each
+    /// move of the node's admin endpoint (`node --admin`).
+    Drain {
+        /// The node's name.
+        name: String,
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+        #[command(flatten)]
+        admin_tls: AdminTls,
+    },
+    /// Spread primary roles evenly over the live nodes again (after failovers or a drain left them
+    /// on a few): switchovers of in-sync volumes to their secondaries, from the nodes with the most
+    /// primaries to those with the fewest.
+    Balance {
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        #[command(flatten)]
+        etcd_tls: EtcdTlsArgs,
+        #[command(flatten)]
+        admin_tls: AdminTls,
+        /// Print the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Synchronous replication (see docs/replication.md). These flags replicate one volume; the

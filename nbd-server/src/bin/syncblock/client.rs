@@ -229,8 +229,7 @@ pub fn demote(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
 }
 
 pub fn switchover(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
-    let path = format!("/switchover{}", query(volume, None));
-    let a: Answer = Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("switchover refused")?;
+    let a = hand_over(admin, volume)?;
     println!(
         "{} handed over to {} (epoch {}); this node is now secondary",
         a.volume.unwrap_or_default(),
@@ -238,6 +237,12 @@ pub fn switchover(admin: &AdminAt, volume: Option<&str>) -> Result<()> {
         a.epoch.unwrap_or_default()
     );
     Ok(())
+}
+
+/// Asks the primary at `admin` to hand `volume` over to its peer; the answer names the new primary.
+pub fn hand_over(admin: &AdminAt, volume: Option<&str>) -> Result<Answer> {
+    let path = format!("/switchover{}", query(volume, None));
+    Client::new(admin, ADMIN_TIMEOUT).json(true, &path).context("switchover refused")
 }
 
 /// Runs a verify pass, showing its progress (a bar on a terminal, a line every few seconds

@@ -13,7 +13,7 @@ use syncblock_nbd::server::{Listener, ServerConfig};
 use syncblock_nbd::size::format_size;
 use syncblock_nbd::target::Directory;
 use syncblock_replicator::cluster::member::{Member, MemberConfig, DEFAULT_TTL};
-use syncblock_replicator::cluster::{Cluster, MemberInfo};
+use syncblock_replicator::cluster::{plan, Cluster, MemberInfo};
 use syncblock_replicator::Node;
 
 use crate::cli::{NodeArgs, NodeCommand, VolumeCommand};
@@ -210,6 +210,39 @@ pub fn node_command(command: NodeCommand) -> Result<()> {
             }
             Ok(())
         }),
+        NodeCommand::Drain { name, etcd, etcd_tls, admin_tls } => {
+            let snap = rt.block_on(async { Cluster::connect(&etcd, etcd_tls.tls()).await?.snapshot().await })?;
+            if !snap.members.contains_key(&name) {
+                bail!("no node {name} in the cluster (see `syncblock node list`)");
+            }
+            let (moves, stuck) = plan::drain(&snap, &name);
+            for (volume, why) in &stuck {
+                println!("{volume}: left on {name}: {why}");
+            }
+            run_moves(&snap, &moves, &admin_tls)?;
+            if !stuck.is_empty() {
+                bail!(
+                    "{} volume(s) still have their primary on {name}; drain again once they are in sync",
+                    stuck.len()
+                );
+            }
+            println!("{name} is primary of no volume now ({} moved)", moves.len());
+            Ok(())
+        }
+        NodeCommand::Balance { etcd, etcd_tls, admin_tls, dry_run } => {
+            let snap = rt.block_on(async { Cluster::connect(&etcd, etcd_tls.tls()).await?.snapshot().await })?;
+            let moves = plan::balance(&snap);
+            if dry_run {
+                for m in &moves {
+                    println!("{}: {} -> {}", m.volume, m.from, m.to);
+                }
+                println!("{} move(s) planned", moves.len());
+                return Ok(());
+            }
+            run_moves(&snap, &moves, &admin_tls)?;
+            println!("primaries balanced ({} moved)", moves.len());
+            Ok(())
+        }
         NodeCommand::Remove { name, etcd, etcd_tls } => rt.block_on(async {
             let cluster = Cluster::connect(&etcd, etcd_tls.tls()).await?;
             let volumes = cluster.remove_node(&name).await?;
@@ -224,6 +257,49 @@ pub fn node_command(command: NodeCommand) -> Result<()> {
             }
             Ok(())
         }),
+    }
+}
+
+/// Switchovers asked at once, each of its primary's admin endpoint: enough to drain a node of
+/// hundreds of primaries in seconds, few enough that its admin endpoint (64 connections,
+/// `ADMIN_CONNECTIONS_MAX`) always has room for others.
+const MOVES_AT_ONCE: usize = 16;
+
+/// Makes `moves`, up to `MOVES_AT_ONCE` at a time, printing each; fails if any was refused.
+fn run_moves(
+    snap: &syncblock_replicator::cluster::Snapshot,
+    moves: &[plan::Move],
+    tls: &crate::cli::AdminTls,
+) -> Result<()> {
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    for chunk in moves.chunks(MOVES_AT_ONCE) {
+        std::thread::scope(|scope| {
+            for m in chunk {
+                let failed = &failed;
+                scope.spawn(move || {
+                    let r = snap
+                        .members
+                        .get(&m.from)
+                        .and_then(|i| i.admin)
+                        .with_context(|| format!("node {} has no admin endpoint (start it with --admin)", m.from))
+                        .and_then(|addr| tls.admin_at(addr))
+                        .and_then(|at| crate::client::hand_over(&at, Some(&m.volume)));
+                    match r {
+                        Ok(a) => {
+                            println!("{}: {} -> {} (epoch {})", m.volume, m.from, m.to, a.epoch.unwrap_or_default())
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            println!("{}: not moved from {}: {e:#}", m.volume, m.from);
+                        }
+                    }
+                });
+            }
+        });
+    }
+    match failed.into_inner() {
+        0 => Ok(()),
+        n => bail!("{n} of {} switchover(s) refused (see above)", moves.len()),
     }
 }
 
