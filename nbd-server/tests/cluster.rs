@@ -551,3 +551,41 @@ fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
     let (code, out, err) = cli(&ep, &["node", "balance", "--dry-run"]);
     assert!(code == 0 && out.contains("0 move(s) planned"), "balanced twice: {out}{err}");
 }
+
+/// `volume resize` grows a cluster volume: both replicas restart at the new size, clients see it
+/// on reconnecting, what was written stays, the grown part takes writes, and the copies verify
+/// equal. Shrinking, and growing past what the nodes can hold, are refused and change nothing.
+#[test]
+fn a_cluster_volume_grows_on_both_replicas() {
+    if !ready("cluster resize") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, ep, nodes) = three_nodes(dir.path(), &[]);
+    let v = create_in_sync(&ep, "g", "64MiB");
+    qemu_ok(v["nbd"].as_str().unwrap(), &["write -P 0x66 0 1M", "flush"]);
+
+    let (code, out, err) = cli(&ep, &["volume", "resize", "g", "32MiB"]);
+    assert!(code != 0 && err.contains("shrinking a cluster volume"), "{out}{err}");
+    let (code, out, err) = cli(&ep, &["volume", "resize", "g", "1000TiB"]);
+    assert!(code != 0 && err.contains("not promised to volumes"), "{out}{err}");
+    assert_eq!(volume(&ep, "g")["size"], 64u64 << 20);
+
+    let (code, out, err) = cli(&ep, &["volume", "resize", "g", "128MiB"]);
+    assert_eq!(code, 0, "resize: {out}{err}");
+    assert_eq!(volume(&ep, "g")["size"], 128u64 << 20);
+    let uri = volume(&ep, "g")["nbd"].as_str().unwrap().to_string();
+    wait_writable(&uri, &["write -P 0x77 100M 1M", "flush"], "the grown part takes writes");
+    qemu_ok(&uri, &["read -P 0x66 0 1M", "read -P 0x77 100M 1M"]);
+    wait_until(Duration::from_millis(200), "in sync at the new size", Duration::from_secs(60), || {
+        let v = volume(&ep, "g");
+        (v["state"] == "in-sync").then_some(()).ok_or_else(|| v.to_string())
+    });
+    let primary = volume(&ep, "g")["primary"].as_str().unwrap().to_string();
+    let admin = nodes.iter().find(|n| n.name == primary).unwrap().admin.clone();
+    let (code, out, err) =
+        run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin, "--volume", "g"]);
+    assert_eq!(code, 0, "verify: {out}{err}");
+    assert!(out.contains("128MiB compared") && out.contains(" 0 block(s) differ"), "verify of the grown volume: {out}");
+}

@@ -47,6 +47,8 @@ pub struct MemberConfig {
 struct Running {
     node: Node,
     id: u64,
+    /// The volume's size when it started: a record that grew restarts it (see `reconcile`).
+    size: u64,
     /// The node it replicates with, and that node's replication address when this one started.
     peer: String,
     peer_addr: std::net::SocketAddr,
@@ -225,6 +227,20 @@ impl Member {
                 Err(e) => tracing::warn!(volume = %name, "moving to the new peer: {e}"),
             }
         }
+        // Grown (`volume resize`): the replica stops, and starts again below at the new size (its
+        // copy grown first), so that both nodes agree on the size in their handshake. Its clients
+        // reconnect, as after a switchover.
+        let grown: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| mine.get(name).is_some_and(|v| v.id == r.id && v.size != r.size))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in grown {
+            let r = running.remove(&name).expect("listed");
+            self.inner.nodes.lock().expect("nodes").remove(&name);
+            tracing::info!(volume = %name, old = r.size, new = mine[&name].size, "the volume was resized: restarting its replica");
+            r.node.stop().await;
+        }
         let gone: Vec<String> = running
             .iter()
             .filter(|(name, r)| mine.get(name).is_none_or(|v| v.id != r.id))
@@ -275,7 +291,7 @@ impl Member {
             match self.start_volume(&snap, spec).await {
                 Ok((node, peer, peer_addr)) => {
                     self.inner.nodes.lock().expect("nodes").insert(name.clone(), node.clone());
-                    running.insert(name.clone(), Running { node, id: spec.id, peer, peer_addr });
+                    running.insert(name.clone(), Running { node, id: spec.id, size: spec.size, peer, peer_addr });
                 }
                 Err(e) => tracing::warn!(volume = %name, "cannot start this node's replica yet: {e}"),
             }
@@ -330,10 +346,15 @@ impl Member {
             tracing::warn!(volume = %spec.name, "this node's replica belongs to a deleted volume of the same name; replacing it");
             self.delete_local(&spec.name).await?;
         }
-        let info = match existing {
+        let mut info = match existing {
             Some(info) if !stale => info,
             _ => store.create_volume(&spec.name, spec.size).await?,
         };
+        // The volume grew (while this replica ran, or while this node was away).
+        if info.size_bytes < spec.size {
+            store.resize_volume(info.id, spec.size).await?;
+            info = store.volume(&spec.name).await?;
+        }
         // The volume's pair id comes from the cluster, never drawn by its first primary: a replica
         // whose state could not be recorded (the store's bound on replicated volumes) gets it on
         // the next try instead of a primary role under an id of its own.

@@ -669,6 +669,62 @@ impl Cluster {
         Ok(snap.volumes.values().filter(|v| v.replicas.iter().any(|r| r == name)).map(|v| v.name.clone()).collect())
     }
 
+    /// Grows a volume to `size` bytes: its record is rewritten if no volume changed since the
+    /// snapshot the room was counted from (as `create_volume` does), and each node holding a
+    /// replica grows its copy and restarts the volume's replication (`member.rs`), so that both
+    /// copies agree on the size again; clients reconnect to see it. Shrinking is refused: it
+    /// would discard the blocks past the new end on both copies.
+    pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeSpec> {
+        check_name("volume", name)?;
+        let block = syncblock_engine::BLOCK_BYTES_U64;
+        if size == 0 || size % block != 0 {
+            return Err(ClusterError::Refused(format!("size {size}: must be a positive multiple of {block} bytes")));
+        }
+        for _ in 0..5 {
+            let snap = self.snapshot().await?;
+            let Some(spec) = snap.volumes.get(name) else {
+                return Err(ClusterError::Refused(format!("no volume named {name:?}")));
+            };
+            if size < spec.size {
+                return Err(ClusterError::Refused(format!(
+                    "{name} is {} bytes: shrinking a cluster volume would discard its blocks past {size} on both \
+                     replicas; create a smaller volume and copy what it needs instead",
+                    spec.size
+                )));
+            }
+            if size == spec.size {
+                return Ok(spec.clone());
+            }
+            let growth = size - spec.size;
+            let loads = snap.loads();
+            for r in &spec.replicas {
+                let free = loads.iter().find(|l| l.name == *r).map_or(0, |l| l.capacity.saturating_sub(l.committed));
+                if free < growth {
+                    return Err(ClusterError::Refused(format!(
+                        "node {r}, which holds a replica of {name}, has {free} bytes not promised to volumes; \
+                         growing {name} by {growth} needs that much on each of its nodes"
+                    )));
+                }
+            }
+            let grown = VolumeSpec { size, ..spec.clone() };
+            let key = self.key(&format!("volumes/{name}"));
+            let rev = snap.revisions.get(&format!("volumes/{name}")).copied().unwrap_or(0);
+            let when = vec![
+                Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
+                Compare::mod_revision(self.key("volumes/"), CompareOp::Less, snap.revision + 1).with_prefix(),
+            ];
+            let value = serde_json::to_vec(&grown).expect("serialisable");
+            let txn = Txn::new().when(when).and_then(vec![TxnOp::put(key, value, None)]);
+            let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+            if resp.succeeded() {
+                return Ok(grown);
+            }
+        }
+        Err(ClusterError::Refused(format!(
+            "volume {name:?}: the cluster kept changing while resizing it (five tries); try again"
+        )))
+    }
+
     /// Deletes a volume's record and its grant; the nodes holding its replicas delete their copies.
     pub async fn delete_volume(&self, name: &str) -> Result<()> {
         check_name("volume", name)?;

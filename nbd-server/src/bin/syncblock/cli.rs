@@ -535,7 +535,8 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Grow or shrink a volume (shrinking discards the blocks past the new end).
+    /// Grow or shrink a volume of a store (shrinking discards the blocks past the new end); with
+    /// --etcd, grow a cluster volume (both replicas restart at the new size; clients reconnect).
     Resize {
         name: String,
         #[arg(value_parser = size_arg)]

@@ -346,7 +346,13 @@ pub fn volume_command(
                 cluster.delete_volume(&name).await?;
                 println!("deleted {name}");
             }
-            VolumeCommand::Resize { .. } => bail!("resizing a cluster volume is not supported yet"),
+            VolumeCommand::Resize { name, size } => {
+                let spec = cluster.resize_volume(&name, size).await?;
+                println!(
+                    "{name} is {} now; its replicas restart at that size (clients reconnect to see it)",
+                    format_size(spec.size)
+                );
+            }
         }
         Ok(())
     })
