@@ -11,6 +11,7 @@
 //! argues why no volume ever has two primaries acknowledging writes.
 
 pub mod authority;
+mod channel;
 pub mod member;
 pub mod mux;
 pub mod placement;
@@ -130,20 +131,32 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
-    fn config(&self) -> Result<etcd_client::OpenSslClientConfig> {
+    /// The TLS side of a connection to etcd: its CA, this client's certificate, and HTTP/2 by
+    /// ALPN (gRPC needs it). A new one per client: OpenSSL's builder is used up by each.
+    fn ssl(&self) -> Result<openssl::ssl::SslConnectorBuilder> {
         let read = |p: &std::path::PathBuf| {
             std::fs::read(p).map_err(|e| ClusterError::Refused(format!("etcd TLS file {}: {e}", p.display())))
         };
-        let mut cfg = etcd_client::OpenSslClientConfig::default();
+        let bad = |what: &str, e: openssl::error::ErrorStack| ClusterError::Refused(format!("etcd TLS {what}: {e}"));
+        let mut b =
+            openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).map_err(|e| bad("setup", e))?;
+        b.set_alpn_protos(b"\x02h2").map_err(|e| bad("setup", e))?;
         if let Some(ca) = &self.ca {
-            cfg = cfg.ca_cert_pem(&read(ca)?);
+            for cert in openssl::x509::X509::stack_from_pem(&read(ca)?).map_err(|e| bad("CA", e))? {
+                b.cert_store_mut().add_cert(cert).map_err(|e| bad("CA", e))?;
+            }
         }
         match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => cfg = cfg.client_cert_pem_and_key(&read(c)?, &read(k)?),
+            (Some(c), Some(k)) => {
+                let cert = openssl::x509::X509::from_pem(&read(c)?).map_err(|e| bad("certificate", e))?;
+                let key = openssl::pkey::PKey::private_key_from_pem(&read(k)?).map_err(|e| bad("key", e))?;
+                b.set_certificate(&cert).map_err(|e| bad("certificate", e))?;
+                b.set_private_key(&key).map_err(|e| bad("key", e))?;
+            }
             (None, None) => {}
             _ => return Err(ClusterError::Refused("--etcd-cert and --etcd-key go together".into())),
         }
-        Ok(cfg)
+        Ok(b)
     }
 }
 
@@ -368,44 +381,13 @@ impl Snapshot {
     }
 }
 
-/// A client of `endpoints`. Without TLS, over tonic's own channel ([`NoDelay`]); with TLS, over
-/// etcd-client's OpenSSL channel.
+/// A client of `endpoints`, over [`channel::NoDelay`]: with `ssl`, over TLS.
 async fn client<E: AsRef<str>>(
     endpoints: &[E],
     options: ConnectOptions,
-    plain: bool,
+    ssl: Option<openssl::ssl::SslConnectorBuilder>,
 ) -> std::result::Result<Client, etcd_client::Error> {
-    if plain {
-        Client::connect_with_balanced_channel(endpoints, Some(options), NoDelay).await
-    } else {
-        Client::connect(endpoints, Some(options)).await
-    }
-}
-
-/// The etcd client's channel to a plain (`http://`) etcd: tonic's, whose connections set
-/// `TCP_NODELAY`. etcd-client built with `tls-openssl` dials every endpoint, plain ones too,
-/// through a connector left with Nagle's algorithm on, and a request whose frames went out in two
-/// writes waited for the server's delayed acknowledgement: 40 ms on about half of the requests,
-/// 130-170 ms per promotion or switchover grant (three or four requests), measured here. With TLS
-/// the OpenSSL channel is still used, and still pays that (docs/cluster.md, "TLS to etcd").
-struct NoDelay;
-
-impl etcd_client::BalancedChannelBuilder for NoDelay {
-    type Error = tonic::transport::Error;
-
-    fn balanced_channel(
-        self,
-        buffer: usize,
-    ) -> std::result::Result<
-        (
-            etcd_client::Channel,
-            tokio::sync::mpsc::Sender<tonic::transport::channel::Change<http::Uri, tonic::transport::Endpoint>>,
-        ),
-        Self::Error,
-    > {
-        let (channel, tx) = tonic::transport::Channel::balance_channel(buffer);
-        Ok((etcd_client::Channel::Tonic(channel), tx))
-    }
+    Client::connect_with_balanced_channel(endpoints, Some(options), channel::NoDelay(ssl)).await
 }
 
 impl Cluster {
@@ -435,19 +417,20 @@ impl Cluster {
     /// that is down when a command starts (one of three lost) would fail every other command;
     /// probing each first leaves it out.
     async fn connect_live(endpoints: &str, list: &[String], tls: Option<&EtcdTls>) -> Result<Client> {
-        let mut options = ConnectOptions::new()
+        let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
-        if let Some(t) = tls {
-            options = options.with_openssl_tls(t.config()?);
-        }
-        let plain = tls.is_none();
+        let ssl = || tls.map(EtcdTls::ssl).transpose();
+        // Bad TLS files are refused as such, before any endpoint is tried.
+        ssl()?;
         let probe = |e: String| {
             let options = options.clone();
+            let ssl = ssl();
             async move {
                 let r = async {
-                    let mut c = client(&[e.as_str()], options, plain).await?;
+                    let ssl = ssl.map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
+                    let mut c = client(&[e.as_str()], options, ssl).await?;
                     c.status().await
                 };
                 let r = tokio::time::timeout(Duration::from_secs(3), r).await;
@@ -473,7 +456,7 @@ impl Cluster {
         if !failures.is_empty() {
             tracing::warn!("etcd endpoints not answering (left out for now): {}", failures.join("; "));
         }
-        client(&live, options, plain)
+        client(&live, options, ssl()?)
             .await
             .map_err(|source| ClusterError::Unreachable { endpoints: endpoints.to_string(), source })
     }
