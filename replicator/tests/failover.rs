@@ -195,7 +195,6 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 
     node_a.stop().await;
     node_b.stop().await;
-    witness_task.abort();
 }
 
 /// Under the degrade policy the primary keeps writing while its peer is away; when the peer
@@ -236,7 +235,6 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     assert_eq!(image(&a).await, image(&b).await);
     node_a.stop().await;
     node_b.stop().await;
-    witness_task.abort();
 }
 
 /// A planned switchover: while a client keeps writing, the primary hands its role to its in-sync
@@ -317,6 +315,16 @@ async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledg
     assert_eq!(image(&a).await, image(&b).await, "the replicas differ after the switchover");
     assert!(pb.status().await.rpo_zero());
 
+    // Without an answer from the witness, the switchover is refused and writes carry on here.
+    witness_task.abort();
+    let _ = witness_task.await;
+    let err = node_b.switchover().await.expect_err("no switchover without the witness");
+    assert!(node_b.is_primary(), "stepped down without a grant: {err}");
+    tokio::time::timeout(Duration::from_secs(5), pb.write(601 * BLOCK_BYTES_U64, block(9998), true))
+        .await
+        .expect("writes are taken again after a refused switchover")
+        .unwrap();
+
     // With the peer away, a switchover is refused and writes carry on.
     node_a.stop().await;
     tokio::time::timeout(Duration::from_secs(5), v.wait_for(|v| !v.connected)).await.unwrap().unwrap();
@@ -325,5 +333,4 @@ async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledg
     assert!(node_b.is_primary());
 
     node_b.stop().await;
-    witness_task.abort();
 }
