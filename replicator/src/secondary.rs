@@ -22,9 +22,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use syncblock_engine::{
-    BlockRun, Epoch, Pending, Since, StagedOp, Store, Tag, VolumeId, Written, BLOCK_BYTES, BLOCK_BYTES_U64,
-};
+use syncblock_engine::{BlockRun, Epoch, Pending, Since, StagedOp, Store, Tag, VolumeId, Written, BLOCK_BYTES};
 
 use tokio::sync::watch;
 
@@ -46,11 +44,6 @@ const APPLY_QUEUE: usize = 4096;
 /// so it is exceeded by at most one ≤ 32 MiB write). 64 MiB is what the primary's resync keeps
 /// unconfirmed, plus room for client writes streamed meanwhile.
 const APPLY_QUEUE_BYTES: u64 = 96 << 20;
-/// A resync's one-block writes that arrive together with the same tag are applied as one engine
-/// request of at most this many blocks (1 MiB, a log batch): a copy shipped in log order is
-/// mostly blocks that are not neighbours in the volume, and one request per block cost this
-/// node's loop as much as the rest of their handling.
-const GROUP_BLOCKS_MAX: usize = 256;
 
 /// A snapshot for `syncblock status`.
 #[derive(Debug, Clone, Default)]
@@ -394,7 +387,6 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
             let Some(frame) = rd.try_frame()? else { break };
             session.on_frame(frame).await?;
         }
-        session.flush_group().await?;
         // Wait for the oldest queued operations to complete, or for more bytes from the primary
         // (unless the queue is full: then TCP pushes back), whichever comes first. One task does
         // both, so a frame costs no hand-off between tasks: the engine's reply wakes this task,
@@ -435,34 +427,13 @@ struct Session {
     queue: VecDeque<Applied>,
     /// Write data held by `queue` (see `APPLY_QUEUE_BYTES`).
     queued_bytes: u64,
-    /// One-block resync writes gathered to go into the engine as one request (see
-    /// `GROUP_BLOCKS_MAX`), queued before any other frame, and whenever the frames read so far
-    /// are queued.
-    group: Option<Group>,
     acks: Acks,
-}
-
-/// One-block resync writes with one tag, gathered (see [`Session::gather`]).
-struct Group {
-    tag: u64,
-    received: Instant,
-    /// (LBA, data) of each, in arrival order.
-    blocks: Vec<(u64, Bytes)>,
 }
 
 impl Session {
     fn new(i: Arc<Inner>, epoch: Epoch, common: u64, floor: u64) -> Session {
         let queue = VecDeque::new();
-        Session { i, epoch, common, resyncing: false, queue, queued_bytes: 0, group: None, acks: Acks::new(floor) }
-    }
-
-    /// Queues the gathered one-block resync writes, if any, as one engine request.
-    async fn flush_group(&mut self) -> Result<()> {
-        let Some(Group { tag, received, blocks }) = self.group.take() else { return Ok(()) };
-        let bytes = blocks.len() as u64 * BLOCK_BYTES_U64;
-        let done = self.i.store.enqueue_write_blocks(self.i.volume, blocks, Tag::resync(tag)).await?;
-        self.push(Applied::Op { tag, bytes, fua: false, streamed: false, received, done });
-        Ok(())
+        Session { i, epoch, common, resyncing: false, queue, queued_bytes: 0, acks: Acks::new(floor) }
     }
 
     /// Appends `item` to the queue, counting the write data it holds.
@@ -473,22 +444,6 @@ impl Session {
         self.queue.push_back(item);
     }
 
-    /// Gathers `frame` into the group of one-block resync writes if it is one (same tag, room
-    /// left); otherwise hands it back.
-    fn gather(&mut self, frame: Frame) -> Option<Frame> {
-        let Frame::Write { tag, offset, fua: false, data } = &frame else { return Some(frame) };
-        if !self.resyncing || data.len() != BLOCK_BYTES || offset % BLOCK_BYTES_U64 != 0 {
-            return Some(frame);
-        }
-        let block = (offset / BLOCK_BYTES_U64, data.clone());
-        match &mut self.group {
-            Some(g) if g.tag == *tag && g.blocks.len() < GROUP_BLOCKS_MAX => g.blocks.push(block),
-            Some(_) => return Some(frame),
-            None => self.group = Some(Group { tag: *tag, received: Instant::now(), blocks: vec![block] }),
-        }
-        None
-    }
-
     /// Whether another frame may be queued (see `APPLY_QUEUE`).
     fn has_room(&self) -> bool {
         self.queue.len() < APPLY_QUEUE && self.queued_bytes < APPLY_QUEUE_BYTES
@@ -496,11 +451,6 @@ impl Session {
 
     /// Queues `frame` into the engine behind every earlier one; an error ends the session.
     async fn on_frame(&mut self, frame: Frame) -> Result<()> {
-        let Some(frame) = self.gather(frame) else { return Ok(()) };
-        // Not for the group being gathered: that group goes first, in stream order, and this frame
-        // may start the next one.
-        self.flush_group().await?;
-        let Some(frame) = self.gather(frame) else { return Ok(()) };
         let i = &self.i;
         let resyncing = self.resyncing;
         let tag_of = |seq: u64| if resyncing { Tag::resync(seq) } else { Tag::seq(seq) };
@@ -513,6 +463,25 @@ impl Session {
                 received: Instant::now(),
                 done: i.store.enqueue_write(i.volume, offset, data, fua, tag_of(tag)).await?,
             },
+            // A resync's scattered blocks, as one engine request.
+            Frame::WriteBlocks { tag, lbas, data } if resyncing => {
+                let blocks: Vec<(u64, Bytes)> = lbas
+                    .iter()
+                    .enumerate()
+                    .map(|(k, lba)| (*lba, data.slice(k * BLOCK_BYTES..(k + 1) * BLOCK_BYTES)))
+                    .collect();
+                Applied::Op {
+                    tag,
+                    bytes: data.len() as u64,
+                    fua: false,
+                    streamed: false,
+                    received: Instant::now(),
+                    done: i.store.enqueue_write_blocks(i.volume, blocks, Tag::resync(tag)).await?,
+                }
+            }
+            Frame::WriteBlocks { .. } => {
+                return Err(ReplError::refused(Refusal::Protocol, "scattered blocks outside a resync"));
+            }
             Frame::Trim { tag, offset, len } => Applied::Op {
                 tag,
                 bytes: 0,
@@ -774,7 +743,6 @@ mod tests {
         for f in frames {
             s.on_frame(f).await?;
         }
-        s.flush_group().await?;
         let mut out = Vec::new();
         while !s.queue.is_empty() {
             let done = std::future::poll_fn(|cx| poll_done(&mut s.queue, &mut s.queued_bytes, cx)).await;
@@ -864,35 +832,38 @@ mod tests {
         );
     }
 
-    /// A resync's one-block writes with one tag go into the engine as one request, up to
-    /// `GROUP_BLOCKS_MAX`; a new tag, another kind of frame or the end of what was read closes the
-    /// group, and every block lands where its frame said.
+    /// A resync's scattered blocks (`WriteBlocks`) go into the engine as one request each, every
+    /// block landing where its LBA says, in the frame's order (the last of two writes of a block
+    /// wins); outside a resync such a frame ends the session.
     #[tokio::test]
-    async fn a_resyncs_one_block_writes_are_applied_in_groups() {
+    async fn a_resyncs_scattered_blocks_are_applied_as_one_request() {
         let mut s = session(0).await;
-        let (store, volume) = (s.i.store.clone(), s.i.volume);
+        let blocks = |tag: u64, lbas: &[u64]| {
+            let mut data = bytes::BytesMut::new();
+            for (k, lba) in lbas.iter().enumerate() {
+                data.extend_from_slice(&vec![(tag as u8) ^ (*lba as u8) ^ (k as u8); BLOCK_BYTES]);
+            }
+            Frame::WriteBlocks { tag, lbas: lbas.to_vec(), data: data.freeze() }
+        };
+        let e = feed(&mut s, vec![blocks(1, &[3])]).await.unwrap_err();
+        assert!(e.to_string().contains("outside a resync"), "{e}");
+        let mut s = session(0).await;
         s.on_frame(Frame::ResyncBegin { common_tag: 0 }).await.unwrap();
         let queued = s.queue.len();
-        // Blocks 300, 299, ... 0 with tag 1 (a group and a full one), then two with tag 2, then a
-        // ping, then one more with tag 2.
-        for lba in (0..=300u64).rev() {
-            s.on_frame(write(1, lba, false)).await.unwrap();
-        }
-        s.on_frame(write(2, 400, false)).await.unwrap();
-        s.on_frame(write(2, 500, false)).await.unwrap();
-        s.on_frame(Frame::Ping { epoch: EPOCH, nonce: 1, floor: 0 }).await.unwrap();
-        s.on_frame(write(2, 600, false)).await.unwrap();
-        // Groups of 256 and 45 with tag 1, one of 2 with tag 2, the ping's floor and pong.
-        assert_eq!(s.queue.len() - queued, 5);
-        s.flush_group().await.unwrap();
-        assert_eq!(s.queue.len() - queued, 6);
-        assert_eq!(s.queued_bytes, 304 * BLOCK_BYTES_U64);
-        let out = feed(&mut s, vec![]).await.unwrap();
+        let first: Vec<u64> = (0..256u64).rev().map(|k| k * 3).collect();
+        s.on_frame(blocks(1, &first)).await.unwrap();
+        s.on_frame(blocks(2, &[7, 900, 7])).await.unwrap();
+        assert_eq!(s.queue.len() - queued, 2, "one engine request per frame");
+        assert_eq!(s.queued_bytes, 259 * BLOCK_BYTES_U64);
+        let out = feed(&mut s, vec![Frame::Ping { epoch: EPOCH, nonce: 1, floor: 0 }]).await.unwrap();
         assert_eq!(acks(&out).last().map(|a| a.0), Some(2), "{out:?}");
         assert_eq!(s.queued_bytes, 0);
-        for (lba, tag) in [(0, 1u8), (255, 1), (300, 1), (400, 2), (600, 2)] {
+        let (store, volume) = (s.i.store.clone(), s.i.volume);
+        for (lba, want) in
+            [(0, 1 ^ 255u8), (765, 1 ^ (765 % 256) as u8), (900, 2 ^ (900 % 256) as u8 ^ 1), (7, 2 ^ 7 ^ 2)]
+        {
             let got = store.read(volume, lba * BLOCK_BYTES_U64, BLOCK_BYTES_U64).await.unwrap();
-            assert!(got.iter().all(|&b| b == tag), "block {lba}");
+            assert!(got.iter().all(|&b| b == want), "block {lba}: {} against {want}", got[0]);
         }
     }
 

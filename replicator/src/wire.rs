@@ -198,6 +198,14 @@ pub enum Frame {
         fua: bool,
         data: Bytes,
     },
+    /// Primary → secondary, in a resync only: whole blocks at scattered LBAs, `data` holding them
+    /// in the order of `lbas` (one engine read of the resync, in the order the blocks lie in the
+    /// primary's log). At least one and at most [`WRITE_BLOCKS_MAX`] blocks.
+    WriteBlocks {
+        tag: u64,
+        lbas: Vec<u64>,
+        data: Bytes,
+    },
     Trim {
         tag: u64,
         offset: u64,
@@ -357,6 +365,7 @@ impl Frame {
             Frame::CrcRequest { .. } => 17,
             Frame::CrcReply { .. } => 18,
             Frame::WitnessHandover { .. } => 19,
+            Frame::WriteBlocks { .. } => 20,
         }
     }
 
@@ -399,13 +408,19 @@ impl Frame {
     /// `None` for any other frame, and for writes under [`SPLIT_PAYLOAD_MIN`] bytes (copying those
     /// into the link's buffer is cheaper than a second system call).
     pub fn encode_split(&self) -> Option<(BytesMut, Bytes)> {
-        let Frame::Write { tag, offset, fua, data } = self else { return None };
-        if data.len() < SPLIT_PAYLOAD_MIN {
-            return None;
-        }
-        let mut head = BytesMut::with_capacity(HEADER_BYTES + WRITE_FIELDS_BYTES);
+        let mut head = BytesMut::new();
         head.put_bytes(0, HEADER_BYTES);
-        put_write_fields(&mut head, *tag, *offset, *fua);
+        let data = match self {
+            Frame::Write { tag, offset, fua, data } if data.len() >= SPLIT_PAYLOAD_MIN => {
+                put_write_fields(&mut head, *tag, *offset, *fua);
+                data
+            }
+            Frame::WriteBlocks { tag, lbas, data } if data.len() >= SPLIT_PAYLOAD_MIN => {
+                put_blocks_fields(&mut head, *tag, lbas);
+                data
+            }
+            _ => return None,
+        };
         let (header, fields) = head.split_at_mut(HEADER_BYTES);
         self.seal(header, &[fields, data]);
         Some((head, data.clone()))
@@ -439,6 +454,10 @@ impl Frame {
             }
             Frame::Write { tag, offset, fua, data } => {
                 put_write_fields(body, *tag, *offset, *fua);
+                body.put_slice(data);
+            }
+            Frame::WriteBlocks { tag, lbas, data } => {
+                put_blocks_fields(body, *tag, lbas);
                 body.put_slice(data);
             }
             Frame::Trim { tag, offset, len } => {
@@ -594,8 +613,18 @@ fn capped(s: &str) -> &str {
     &s[..end]
 }
 
-/// A `Write` body's fields before its data: tag, offset, FUA.
-const WRITE_FIELDS_BYTES: usize = 17;
+/// Blocks one `WriteBlocks` frame carries at most: one resync read (1 MiB), so a frame is one
+/// engine request on the secondary and its body stays far below `BODY_BYTES_MAX`.
+pub const WRITE_BLOCKS_MAX: usize = 256;
+
+/// A `WriteBlocks` body's fields before its data: tag, block count, the LBAs.
+fn put_blocks_fields(b: &mut BytesMut, tag: u64, lbas: &[u64]) {
+    b.put_u64_le(tag);
+    b.put_u32_le(lbas.len() as u32);
+    for lba in lbas {
+        b.put_u64_le(*lba);
+    }
+}
 
 fn put_write_fields(b: &mut BytesMut, tag: u64, offset: u64, fua: bool) {
     b.put_u64_le(tag);
@@ -708,6 +737,7 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         17 => "crc-request",
         18 => "crc-reply",
         19 => "witness-handover",
+        20 => "write-blocks",
         k => return Err(WireError::UnknownKind(k)),
     };
     let mut r = Reader { b: body, what };
@@ -786,6 +816,20 @@ fn decode_body(kind: u8, body: Bytes) -> Result<Frame, WireError> {
         }
         16 => Frame::WitnessGrant { epoch: r.epoch()?, primary: r.str()?, solo: r.bool()?, lease_ms: r.u32()? },
         17 => Frame::CrcRequest { id: r.u64()?, offset: r.u64()?, len: r.u64()? },
+        20 => {
+            let tag = r.u64()?;
+            let n = r.u32()? as usize;
+            if n == 0 || n > WRITE_BLOCKS_MAX {
+                return Err(WireError::Malformed(what));
+            }
+            r.need(n * 8)?;
+            let lbas: Vec<u64> = (0..n).map(|_| r.b.get_u64_le()).collect();
+            if r.b.remaining() != n * syncblock_engine::BLOCK_BYTES {
+                return Err(WireError::Malformed(what));
+            }
+            let data = r.b.split_off(0);
+            Frame::WriteBlocks { tag, lbas, data }
+        }
         19 => {
             Frame::WitnessHandover { pair: r.u64()?, volume: r.str()?, node: r.str()?, epoch: r.epoch()?, to: r.str()? }
         }

@@ -195,6 +195,7 @@ async fn the_secondary_takes_over_and_the_old_primary_is_rolled_back_when_it_ret
 
     node_a.stop().await;
     node_b.stop().await;
+    witness_task.abort();
 }
 
 /// Under the degrade policy the primary keeps writing while its peer is away; when the peer
@@ -235,6 +236,7 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     assert_eq!(image(&a).await, image(&b).await);
     node_a.stop().await;
     node_b.stop().await;
+    witness_task.abort();
 }
 
 /// A planned switchover: while a client keeps writing, the primary hands its role to its in-sync

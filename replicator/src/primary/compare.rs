@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use bytes::{Bytes, BytesMut};
 use syncblock_engine::{BlockPlace, BlockRun, ByteRange, Lba, BLOCK_BYTES, BLOCK_BYTES_U64};
 
-use crate::wire::Frame;
+use crate::wire::{Frame, WRITE_BLOCKS_MAX};
 
 /// Splits runs of blocks into byte windows of at most `window_bytes`.
 pub(super) fn windows(runs: &[BlockRun], window_bytes: u64) -> Vec<ByteRange> {
@@ -109,36 +109,46 @@ pub(super) fn log_order(runs: &[BlockRun], mut places: Vec<BlockPlace>) -> (Vec<
     (holes, places.into_iter().map(|p| p.lba).collect())
 }
 
-/// The frames that ship blocks read in log order (`lbas`, and each one's data or `None` for a block
-/// found unmapped): a write per run of consecutive mapped blocks, a trim per run of unmapped ones.
+/// The frames that ship one resync read of blocks in log order (`lbas`, and each one's data or
+/// `None` for a block found unmapped by then): the blocks read as one `WriteBlocks`, in the order
+/// read, and a trim per run of consecutive unmapped ones. One frame for up to a read's 256 blocks,
+/// where a frame per block had the new replica decode and queue each on its own.
 pub(super) fn block_frames(tag: u64, lbas: &[u64], blocks: Vec<Option<Bytes>>) -> Vec<Frame> {
-    let mut out = Vec::new();
-    // The run being gathered: its first block, its length, and its data (none for unmapped).
-    let (mut first, mut n, mut data): (u64, u64, Vec<Bytes>) = (0, 0, Vec::new());
+    let mut trims = Vec::new();
+    let (mut mapped, mut data) = (Vec::new(), BytesMut::new());
+    // The run of unmapped blocks being gathered: its first block and its length.
+    let (mut first, mut n) = (0u64, 0u64);
     for (&lba, block) in lbas.iter().zip(blocks) {
-        let continues = n > 0 && lba == first + n && block.is_some() != data.is_empty();
-        if !continues {
-            push_run(tag, first, n, std::mem::take(&mut data), &mut out);
-            (first, n) = (lba, 0);
+        match block {
+            Some(b) => {
+                mapped.push(lba);
+                data.extend_from_slice(&b);
+            }
+            None if n > 0 && lba == first + n => n += 1,
+            None => {
+                push_trim(tag, first, n, &mut trims);
+                (first, n) = (lba, 1);
+            }
         }
-        n += 1;
-        data.extend(block);
     }
-    push_run(tag, first, n, data, &mut out);
+    push_trim(tag, first, n, &mut trims);
+    // A resync read is at most one frame's blocks (`RESYNC_READ_BYTES`); more go in several.
+    let data = data.freeze();
+    let mut out: Vec<Frame> = mapped
+        .chunks(WRITE_BLOCKS_MAX)
+        .enumerate()
+        .map(|(k, lbas)| {
+            let at = k * WRITE_BLOCKS_MAX * BLOCK_BYTES;
+            Frame::WriteBlocks { tag, lbas: lbas.to_vec(), data: data.slice(at..at + lbas.len() * BLOCK_BYTES) }
+        })
+        .collect();
+    out.extend(trims);
     out
 }
 
-fn push_run(tag: u64, first: u64, n: u64, data: Vec<Bytes>, out: &mut Vec<Frame>) {
-    let (offset, len) = (first * BLOCK_BYTES_U64, n * BLOCK_BYTES_U64);
-    match data.len() {
-        _ if n == 0 => {}
-        0 => out.push(Frame::Trim { tag, offset, len }),
-        1 => out.push(Frame::Write { tag, offset, fua: false, data: data.into_iter().next().expect("one block") }),
-        _ => {
-            let mut joined = BytesMut::with_capacity(data.len() * BLOCK_BYTES);
-            data.iter().for_each(|d| joined.extend_from_slice(d));
-            out.push(Frame::Write { tag, offset, fua: false, data: joined.freeze() });
-        }
+fn push_trim(tag: u64, first: u64, n: u64, out: &mut Vec<Frame>) {
+    if n > 0 {
+        out.push(Frame::Trim { tag, offset: first * BLOCK_BYTES_U64, len: n * BLOCK_BYTES_U64 });
     }
 }
 
@@ -199,25 +209,20 @@ mod tests {
     }
 
     #[test]
-    fn blocks_read_in_log_order_become_a_frame_per_run() {
+    fn blocks_read_in_log_order_become_one_frame_and_a_trim_per_unmapped_run() {
         let b = |x: u8| Some(Bytes::from(vec![x; BLOCK_BYTES]));
         let lbas = [7, 8, 9, 3, 4, 5, 6, 20];
         let frames = block_frames(5, &lbas, vec![b(1), b(2), None, None, None, b(3), b(4), b(5)]);
-        let mut joined = vec![1u8; BLOCK_BYTES];
-        joined.extend(vec![2u8; BLOCK_BYTES]);
-        let mut joined2 = vec![3u8; BLOCK_BYTES];
-        joined2.extend(vec![4u8; BLOCK_BYTES]);
-        let write = |lba: u64, data: Vec<u8>| Frame::Write {
-            tag: 5,
-            offset: lba * BLOCK_BYTES_U64,
-            fua: false,
-            data: data.into(),
-        };
+        let data: Vec<u8> = [1u8, 2, 3, 4, 5].iter().flat_map(|x| vec![*x; BLOCK_BYTES]).collect();
         let trim = |lba: u64, n: u64| Frame::Trim { tag: 5, offset: lba * BLOCK_BYTES_U64, len: n * BLOCK_BYTES_U64 };
-        assert_eq!(
-            frames,
-            [write(7, joined), trim(9, 1), trim(3, 2), write(5, joined2), write(20, vec![5u8; BLOCK_BYTES])]
-        );
+        let blocks = Frame::WriteBlocks { tag: 5, lbas: vec![7, 8, 5, 6, 20], data: data.into() };
+        assert_eq!(frames, [blocks, trim(9, 1), trim(3, 2)]);
         assert_eq!(block_frames(5, &[], vec![]), []);
+        // More blocks than one frame takes go in several, in order.
+        let many: Vec<u64> = (0..300).collect();
+        let frames = block_frames(1, &many, many.iter().map(|k| b(*k as u8)).collect());
+        let sizes: Vec<usize> =
+            frames.iter().map(|f| if let Frame::WriteBlocks { lbas, .. } = f { lbas.len() } else { 0 }).collect();
+        assert_eq!(sizes, [WRITE_BLOCKS_MAX, 300 - WRITE_BLOCKS_MAX]);
     }
 }

@@ -48,6 +48,7 @@ fn samples() -> Vec<Frame> {
         },
         Frame::WitnessGrant { epoch: Epoch(4), primary: "b".into(), solo: false, lease_ms: 500 },
         Frame::WitnessHandover { pair: 9, volume: "db".into(), node: "a".into(), epoch: Epoch(3), to: "b".into() },
+        Frame::WriteBlocks { tag: 8, lbas: vec![9, 3, 1 << 40], data: Bytes::from(vec![6u8; 3 * 4096]) },
         Frame::CrcRequest { id: 5, offset: 8 << 20, len: 8 << 20 },
         Frame::CrcReply { id: 5, offset: 8 << 20, crcs: vec![Some(7), None, None, Some(0), Some(u32::MAX)] },
         Frame::CrcReply { id: 6, offset: 0, crcs: vec![] },
@@ -69,6 +70,11 @@ fn a_split_write_is_the_same_bytes_as_an_encoded_one() {
         let (head, payload) = f.encode_split().expect("large enough to split");
         assert_eq!([&head[..], &payload[..]].concat(), f.encode().to_vec());
     }
+    let lbas: Vec<u64> = (0..WRITE_BLOCKS_MAX as u64).rev().collect();
+    let blocks = Frame::WriteBlocks { tag: 3, lbas, data: Bytes::from(vec![9u8; WRITE_BLOCKS_MAX * 4096]) };
+    let (head, payload) = blocks.encode_split().expect("a read's blocks split");
+    assert_eq!([&head[..], &payload[..]].concat(), blocks.encode().to_vec());
+    assert_eq!(decode_frame(&blocks.encode()).unwrap(), blocks);
     let small = Frame::Write { tag: 1, offset: 0, fua: false, data: Bytes::from(vec![1u8; 4096]) };
     assert!(small.encode_split().is_none() && Frame::Flush { upto: 1 }.encode_split().is_none());
 }
@@ -185,4 +191,21 @@ fn hello_ok_runs_are_first_block_then_block_count() {
     assert_eq!(&body[16..20], &1u32.to_le_bytes());
     assert_eq!(&body[20..28], &3u64.to_le_bytes());
     assert_eq!(&body[28..36], &4u64.to_le_bytes());
+}
+
+#[test]
+fn scattered_blocks_must_match_their_count() {
+    let malformed = |body: &[u8]| decode_frame(&sealed(20, body)) == Err(WireError::Malformed("write-blocks"));
+    let frame = |n: u32, lbas: usize, blocks: usize| {
+        let mut b = 7u64.to_le_bytes().to_vec();
+        b.extend(n.to_le_bytes());
+        b.extend(vec![0u8; lbas * 8 + blocks * 4096]);
+        b
+    };
+    assert!(!malformed(&frame(2, 2, 2)));
+    assert!(malformed(&frame(0, 0, 0)), "no block");
+    assert!(malformed(&frame(2, 2, 1)), "a block short");
+    assert!(malformed(&frame(2, 2, 3)), "a block too many");
+    assert!(malformed(&frame(2, 1, 0)), "LBAs short");
+    assert!(malformed(&frame(WRITE_BLOCKS_MAX as u32 + 1, 0, 0)), "more than a read");
 }

@@ -223,10 +223,12 @@ async fn a_full_sync_ships_blocks_in_log_order_pass_by_pass() {
     h.settle(Some(&mut peer)).await;
     let mut shipped = Vec::new();
     for f in &peer.got {
-        if let Frame::Write { offset, data, .. } = f {
-            let lba = offset / BLOCK_BYTES_U64;
-            assert!(data.len() == BLOCK_BYTES_U64 as usize && data.iter().all(|&b| b == fill(lba)), "block {lba}");
-            shipped.push(lba);
+        if let Frame::WriteBlocks { lbas, data, .. } = f {
+            assert_eq!(data.len(), lbas.len() * BLOCK_BYTES_U64 as usize);
+            for (lba, block) in lbas.iter().zip(data.chunks(BLOCK_BYTES_U64 as usize)) {
+                assert!(block.iter().all(|&b| b == fill(*lba)), "block {lba}");
+                shipped.push(*lba);
+            }
         }
     }
     let pass = ORDER_BLOCKS_MAX;
@@ -377,9 +379,15 @@ async fn a_commit_loop_flush_needs_no_frame_once_the_peer_made_the_write_durable
     assert_eq!(peer.flushes(), 2, "flushes after FUA writes sent a frame");
 }
 
-/// Bytes of data in the `Write` frames of `frames`.
+/// Bytes of data in the `Write` and `WriteBlocks` frames of `frames`.
 fn write_bytes(frames: &[Frame]) -> u64 {
-    frames.iter().map(|f| if let Frame::Write { data, .. } = f { data.len() as u64 } else { 0 }).sum()
+    frames
+        .iter()
+        .map(|f| match f {
+            Frame::Write { data, .. } | Frame::WriteBlocks { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The primary holds 3 MiB the (empty) peer lacks.
