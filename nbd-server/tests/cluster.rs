@@ -537,6 +537,14 @@ fn a_switchover_moves_the_primary_to_the_in_sync_secondary() {
         run(Duration::from_secs(120), common::pair::BIN, &["verify", "--admin", &admin(&new), "--volume", "s"]);
     assert_eq!(code, 0, "verify: {out}{err}");
 
+    // Named by volume through etcd, the role moves back.
+    let (code, out, err) = cli(&ep, &["volume", "switchover", "s"]);
+    assert_eq!(code, 0, "volume switchover: {out}{err}");
+    assert!(out.contains(&format!("s: {new} -> {old}")), "{out}");
+    assert_eq!(volume(&ep, "s")["primary"], old.as_str());
+    let (code, out, err) = cli(&ep, &["volume", "switchover", "nope"]);
+    assert!(code != 0 && err.contains("no volume named"), "{out}{err}");
+
     // Draining a node moves every primary role off it; balancing spreads them again.
     for k in 0..5 {
         create_in_sync(&ep, &format!("b{k}"), "16MiB");

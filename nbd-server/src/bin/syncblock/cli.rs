@@ -544,6 +544,13 @@ pub enum VolumeCommand {
     },
     /// Delete a volume and everything written to it.
     Delete { name: String },
+    /// With --etcd: move a cluster volume's primary role to its in-sync secondary (a planned
+    /// switchover, asked of its primary's admin endpoint; see `syncblock switchover`).
+    Switchover {
+        name: String,
+        #[command(flatten)]
+        admin_tls: AdminTls,
+    },
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {

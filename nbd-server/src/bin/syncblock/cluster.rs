@@ -342,6 +342,16 @@ pub fn volume_command(
                     );
                 }
             }
+            VolumeCommand::Switchover { name, admin_tls } => {
+                let snap = cluster.snapshot().await?;
+                let Some(v) = snap.volume_views().into_iter().find(|v| v.name == name) else {
+                    bail!("no volume named {name:?}");
+                };
+                let Some(to) = v.secondary.clone().filter(|_| v.state == "in-sync") else {
+                    bail!("{name} is {} (primary {}): a switchover needs both copies in sync", v.state, v.primary);
+                };
+                run_moves(&snap, &[plan::Move { volume: name, from: v.primary, to }], &admin_tls)?;
+            }
             VolumeCommand::Delete { name } => {
                 cluster.delete_volume(&name).await?;
                 println!("deleted {name}");

@@ -733,6 +733,9 @@ async fn volume(store: &Store, command: VolumeCommand) -> Result<()> {
             store.resize_volume(v.id, size).await?;
             println!("resized {name} to {}", format_size(size));
         }
+        VolumeCommand::Switchover { .. } => {
+            bail!("a store's volumes are not replicated: switch over a cluster volume with --etcd, or a pair's with `syncblock switchover --admin`")
+        }
         VolumeCommand::Delete { name } => {
             let v = store.volume(&name).await?;
             store.delete_volume(v.id).await?;
