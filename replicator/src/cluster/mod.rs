@@ -538,10 +538,7 @@ impl Cluster {
             for n in &spec.replicas {
                 when.push(Compare::version(self.key(&format!("alive/{n}")), CompareOp::Greater, 0));
             }
-            let value = serde_json::to_vec(&spec).expect("serialisable");
-            let txn = Txn::new().when(when).and_then(vec![TxnOp::put(key, value, None)]);
-            let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
-            if resp.succeeded() {
+            if self.put_if(key, &spec, when).await? {
                 return Ok(spec);
             }
         }
@@ -696,16 +693,21 @@ impl Cluster {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, rev),
                 Compare::mod_revision(self.key("volumes/"), CompareOp::Less, snap.revision + 1).with_prefix(),
             ];
-            let value = serde_json::to_vec(&grown).expect("serialisable");
-            let txn = Txn::new().when(when).and_then(vec![TxnOp::put(key, value, None)]);
-            let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
-            if resp.succeeded() {
+            if self.put_if(key, &grown, when).await? {
                 return Ok(grown);
             }
         }
         Err(ClusterError::Refused(format!(
             "volume {name:?}: the cluster kept changing while resizing it (five tries); try again"
         )))
+    }
+
+    /// Writes `value` (as JSON) at `key` if every compare of `when` holds; whether it did.
+    async fn put_if(&self, key: String, value: &impl Serialize, when: Vec<Compare>) -> Result<bool> {
+        let value = serde_json::to_vec(value).expect("serialisable");
+        let txn = Txn::new().when(when).and_then(vec![TxnOp::put(key, value, None)]);
+        let resp = self.client().kv_client().txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(resp.succeeded())
     }
 
     /// Deletes a volume's record and its grant; the nodes holding its replicas delete their copies.
