@@ -205,6 +205,14 @@ mod tests {
         assert_eq!(replacement(&s.loads(), &moved, "b", "a").unwrap(), None);
     }
 
+    /// [`snap`]'s nodes, without its volume.
+    fn nodes_only() -> Snapshot {
+        let mut s = snap();
+        s.volumes.clear();
+        s.grants.clear();
+        s
+    }
+
     /// `n` volumes `v0..` between `p` and `s`, in sync, with `p` primary.
     fn pairs(s: &mut Snapshot, from: usize, n: usize, p: &str, sec: &str) {
         for k in from..from + n {
@@ -217,13 +225,18 @@ mod tests {
         }
     }
 
-    fn primaries(s: &Snapshot, moves: &[Move]) -> BTreeMap<String, usize> {
+    /// `s` with `moves` made.
+    fn moved(s: &Snapshot, moves: &[Move]) -> Snapshot {
         let mut s = s.clone();
         for m in moves {
             s.grants.get_mut(&m.volume).unwrap().primary = m.to.clone();
         }
+        s
+    }
+
+    fn primaries(s: &Snapshot, moves: &[Move]) -> BTreeMap<String, usize> {
         let mut count = BTreeMap::new();
-        for v in s.volume_views() {
+        for v in moved(s, moves).volume_views() {
             *count.entry(v.primary).or_insert(0) += 1;
         }
         count
@@ -231,9 +244,7 @@ mod tests {
 
     #[test]
     fn balancing_evens_out_primaries_over_live_secondaries_only() {
-        let mut s = snap();
-        s.volumes.clear();
-        s.grants.clear();
+        let mut s = nodes_only();
         // After failovers: a holds all 12 primaries; its secondaries are b (6) and c (6).
         pairs(&mut s, 0, 6, "a", "b");
         pairs(&mut s, 6, 6, "a", "c");
@@ -241,14 +252,7 @@ mod tests {
         assert_eq!(moves.len(), 8, "{moves:?}");
         assert_eq!(primaries(&s, &moves), BTreeMap::from([("a".into(), 4), ("b".into(), 4), ("c".into(), 4)]));
         assert!(moves.iter().all(|m| m.from == "a" && s.volumes[&m.volume].replicas.contains(&m.to)));
-        assert!(balance(&{
-            let mut t = s.clone();
-            for m in &moves {
-                t.grants.get_mut(&m.volume).unwrap().primary = m.to.clone();
-            }
-            t
-        })
-        .is_empty());
+        assert!(balance(&moved(&s, &moves)).is_empty(), "balanced twice");
         // Not to a dead node, and not a volume that is not in sync.
         s.alive.remove("c");
         s.grants.get_mut("v0").unwrap().solo = true;
@@ -259,9 +263,7 @@ mod tests {
 
     #[test]
     fn draining_moves_every_in_sync_primary_and_names_the_rest() {
-        let mut s = snap();
-        s.volumes.clear();
-        s.grants.clear();
+        let mut s = nodes_only();
         pairs(&mut s, 0, 3, "a", "b");
         pairs(&mut s, 3, 2, "b", "a");
         pairs(&mut s, 5, 1, "a", "c");
