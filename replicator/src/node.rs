@@ -553,6 +553,13 @@ async fn watch_primary(node: Node, sec: Secondary) {
     let mut next_ask = Instant::now();
     let mut last_refusal = String::new();
     loop {
+        // A primary that was connected and is gone is asked about at once, whatever an earlier
+        // refusal said to wait: after a switchover to this node, the old primary's link closing
+        // is the sign that this node is now the recorded primary, and the role should be taken
+        // without delay (the old primary, one epoch behind the grant, cannot take it meanwhile).
+        if status.borrow().connected {
+            next_ask = Instant::now();
+        }
         let wake = if status.borrow().connected { Instant::now() + timeout / 4 } else { next_ask };
         tokio::select! {
             biased;

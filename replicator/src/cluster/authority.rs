@@ -261,7 +261,19 @@ impl Authority for Etcd {
             // nothing alone: solo needs a fresh grant, which never comes from the cache).
             let fallback = self.cached_report(req, self.standing.borrow().lease).map(|(g, _)| g);
             let limit = if fallback.is_some() { REPORT_WAIT } else { timeout.max(Duration::from_secs(1)) };
-            match tokio::time::timeout(limit, self.decide(req)).await {
+            // A request that failed without an answer (an etcd member lost since the client
+            // connected) is made once more: the client's channel now avoids that member
+            // (`channel.rs`, `FAILED_AVOID`).
+            let twice = async {
+                match self.decide(req).await {
+                    Err(e) if e.refusal().is_none() => {
+                        tracing::debug!("etcd request failed ({e}); asking once more");
+                        self.decide(req).await
+                    }
+                    r => r,
+                }
+            };
+            match tokio::time::timeout(limit, twice).await {
                 Ok(Ok(g)) => Ok(g),
                 Ok(Err(e)) if e.refusal().is_some() => Err(e),
                 Ok(Err(e)) => fallback.map_or(Err(e), |g| self.grant(&g, &self.standing.borrow())),

@@ -4,10 +4,10 @@
 //! connector left at its default, `TCP_NODELAY` off. A gRPC request goes out in more than one
 //! write, and the second waited for etcd's delayed acknowledgement of the first: 40 ms on about
 //! half of the requests, 130-170 ms per promotion or switchover grant (three or four requests),
-//! measured in session 17. [`NoDelay`] builds the client's channel instead: tonic's own for a plain
-//! etcd (its connections set `TCP_NODELAY`), and for TLS the same OpenSSL connection etcd-client
-//! makes, over a connector that sets it, balanced over the endpoints as etcd-client balances them
-//! (an endpoint whose request failed is avoided for [`FAILED_AVOID`]).
+//! measured in session 17. [`NoDelay`] builds the client's channel instead: the same connections
+//! etcd-client makes (plain, or OpenSSL for `https://`) over a connector that sets it, balanced
+//! over the endpoints as etcd-client balances them (an endpoint whose request failed is avoided
+//! for [`FAILED_AVOID`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,9 +41,12 @@ impl BalancedChannelBuilder for NoDelay {
     type Error = etcd_client::Error;
 
     fn balanced_channel(self, buffer: usize) -> Result<(Channel, Updates), Self::Error> {
-        let Some(ssl) = self.0 else {
-            let (channel, tx) = tonic::transport::Channel::balance_channel(buffer);
-            return Ok((Channel::Tonic(channel), tx));
+        // Plain endpoints (`http://`) pass through the TLS connector untouched; it is used for both
+        // so that both get the balancing below. (tonic's own balanced channel keeps sending to a
+        // member that is down: half of the requests after a member was lost failed.)
+        let ssl = match self.0 {
+            Some(ssl) => ssl,
+            None => openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())?,
         };
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
