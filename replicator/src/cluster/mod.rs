@@ -390,6 +390,15 @@ async fn client<E: AsRef<str>>(
     Client::connect_with_balanced_channel(endpoints, Some(options), channel::NoDelay(ssl)).await
 }
 
+/// A volume size: a positive multiple of the block size.
+fn check_size(size: u64) -> Result<()> {
+    let block = syncblock_engine::BLOCK_BYTES_U64;
+    if size == 0 || size % block != 0 {
+        return Err(ClusterError::Refused(format!("size {size}: must be a positive multiple of {block} bytes")));
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Connects to etcd at `endpoints` (comma-separated URLs, e.g. `http://127.0.0.1:2379`), over
     /// TLS when `tls` is given; the client fails over between them. Checks that etcd answers.
@@ -518,10 +527,7 @@ impl Cluster {
     /// live node can hold, or too few live nodes (in distinct zones, where nodes have zones).
     pub async fn create_volume(&self, name: &str, size: u64, replicas: usize) -> Result<VolumeSpec> {
         check_name("volume", name)?;
-        let block = syncblock_engine::BLOCK_BYTES_U64;
-        if size == 0 || size % block != 0 {
-            return Err(ClusterError::Refused(format!("size {size}: must be a positive multiple of {block} bytes")));
-        }
+        check_size(size)?;
         for _ in 0..5 {
             let snap = self.snapshot().await?;
             if snap.volumes.contains_key(name) {
@@ -656,10 +662,7 @@ impl Cluster {
     /// would discard the blocks past the new end on both copies.
     pub async fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeSpec> {
         check_name("volume", name)?;
-        let block = syncblock_engine::BLOCK_BYTES_U64;
-        if size == 0 || size % block != 0 {
-            return Err(ClusterError::Refused(format!("size {size}: must be a positive multiple of {block} bytes")));
-        }
+        check_size(size)?;
         for _ in 0..5 {
             let snap = self.snapshot().await?;
             let Some(spec) = snap.volumes.get(name) else {
