@@ -555,11 +555,11 @@ impl Allow {
     /// Why the request's node may not make it, given the witness's records; `None` if it may.
     fn refuses(&self, req: &Frame, state: &WitnessState) -> Option<String> {
         let (pair, volume, node) = req.authority_request()?;
-        let (pair, volume, node) = (&pair, &volume.to_string(), &node.to_string());
         if self.entries.is_empty() {
             return None;
         }
-        let mine: Vec<&Vec<String>> = self.entries.iter().filter(|e| e.contains(node)).collect();
+        let names = |e: &Vec<String>, n: &str| e.iter().any(|x| x == n);
+        let mine: Vec<&Vec<String>> = self.entries.iter().filter(|e| names(e, node)).collect();
         if mine.is_empty() {
             return Some(format!("node {node:?} is not on this witness's list of nodes (--allow {self}); refused"));
         }
@@ -567,14 +567,14 @@ impl Allow {
             return None;
         }
         if let Frame::WitnessHandover { to, .. } = req {
-            if !mine.iter().any(|e| e.contains(to)) {
+            if !mine.iter().any(|e| names(e, to)) {
                 return Some(format!(
                     "node {node:?} may hand {volume} over only to a node of its own pair, not {to:?}"
                 ));
             }
         }
         // The record the request would act on: the pair's, or a first-format record it would bind.
-        let record = state.pairs.get(pair).or_else(|| state.unbound.get(volume))?;
+        let record = state.pairs.get(&pair).or_else(|| state.unbound.get(volume))?;
         if mine.iter().any(|e| e.contains(&record.primary)) {
             return None;
         }

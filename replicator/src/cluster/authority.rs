@@ -100,7 +100,6 @@ impl Etcd {
         let Some((pair, volume, node)) = req.authority_request() else {
             return Err(ReplError::refused(Refusal::Protocol, format!("not an authority request: {req:?}")));
         };
-        let (volume, node) = (&volume.to_string(), &node.to_string());
         // A handover names its new primary: it must hold a replica and be alive.
         let handed_to = match req {
             Frame::WitnessHandover { to, .. } => Some(to.as_str()),
@@ -171,7 +170,7 @@ impl Etcd {
                 }
             }
             let mut record = doc.as_ref().map(|d| Record {
-                volume: volume.clone(),
+                volume: volume.to_string(),
                 epoch: Epoch(d.epoch),
                 primary: d.primary.clone(),
                 solo: d.solo,
@@ -244,7 +243,7 @@ impl Etcd {
                     continue;
                 }
             }
-            self.cache.lock().expect("cache").insert(volume.clone(), (new.clone(), standing.lease, Instant::now()));
+            self.cache.lock().expect("cache").insert(volume.to_string(), (new.clone(), standing.lease, Instant::now()));
             return self.grant(&new, &standing);
         }
         Err(ReplError::Stopped(format!("{volume}: its etcd record kept changing (five tries)")))

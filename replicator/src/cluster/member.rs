@@ -236,10 +236,9 @@ impl Member {
             .map(|(n, _)| n.clone())
             .collect();
         for name in grown {
-            let r = running.remove(&name).expect("listed");
-            self.inner.nodes.lock().expect("nodes").remove(&name);
-            tracing::info!(volume = %name, old = r.size, new = mine[&name].size, "the volume was resized: restarting its replica");
-            r.node.stop().await;
+            let old = running[&name].size;
+            tracing::info!(volume = %name, old, new = mine[&name].size, "the volume was resized: restarting its replica");
+            self.stop_replica(&mut running, &name).await;
         }
         let gone: Vec<String> = running
             .iter()
@@ -247,9 +246,7 @@ impl Member {
             .map(|(n, _)| n.clone())
             .collect();
         for name in gone {
-            let r = running.remove(&name).expect("listed");
-            self.inner.nodes.lock().expect("nodes").remove(&name);
-            r.node.stop().await;
+            self.stop_replica(&mut running, &name).await;
             self.inner.router.forget(&name);
             if let Err(e) = self.delete_local(&name).await {
                 tracing::warn!(volume = %name, "removing this node's replica: {e}");
@@ -314,6 +311,13 @@ impl Member {
     /// simulation).
     fn connected(&self, name: &str) -> bool {
         self.node(name).and_then(|n| n.primary()).is_some_and(|p| p.peer_view().borrow().connected)
+    }
+
+    /// Stops the running replica `name` and stops offering it to the NBD server.
+    async fn stop_replica(&self, running: &mut BTreeMap<String, Running>, name: &str) {
+        let r = running.remove(name).expect("running");
+        self.inner.nodes.lock().expect("nodes").remove(name);
+        r.node.stop().await;
     }
 
     async fn delete_local(&self, name: &str) -> syncblock_engine::Result<()> {

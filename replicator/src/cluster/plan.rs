@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::placement::{self, NodeLoad, PlaceError};
-use super::{Snapshot, VolumeSpec};
+use super::{Snapshot, VolumeSpec, VolumeView};
 
 /// The volumes `me` must re-protect now: those whose granted primary it is and whose other
 /// replica's node has been dead (by `dead_since`, this node's observation) for `grace` or more, or
@@ -69,15 +69,24 @@ pub struct Move {
 pub fn drain(snap: &Snapshot, node: &str) -> (Vec<Move>, Vec<(String, String)>) {
     let (mut moves, mut stuck) = (Vec::new(), Vec::new());
     for v in snap.volume_views().into_iter().filter(|v| v.primary == node) {
-        match &v.secondary {
-            Some(s) if v.state == "in-sync" && snap.alive.contains_key(s) => {
-                moves.push(Move { volume: v.name, from: v.primary, to: s.clone() })
-            }
-            Some(s) if !snap.alive.contains_key(s) => stuck.push((v.name, format!("its secondary {s} is down"))),
-            _ => stuck.push((v.name, format!("not in sync ({})", v.state))),
+        match switchover(snap, &v) {
+            Ok(m) => moves.push(m),
+            Err(why) => stuck.push((v.name, why)),
         }
     }
     (moves, stuck)
+}
+
+/// The switchover of volume `v` to its secondary (`syncblock volume switchover`, and each of a
+/// drain's), or why it would be refused: only to a live secondary of a volume in sync.
+pub fn switchover(snap: &Snapshot, v: &VolumeView) -> Result<Move, String> {
+    match &v.secondary {
+        Some(s) if v.state == "in-sync" && snap.alive.contains_key(s) => {
+            Ok(Move { volume: v.name.clone(), from: v.primary.clone(), to: s.clone() })
+        }
+        Some(s) if !snap.alive.contains_key(s) => Err(format!("its secondary {s} is down")),
+        _ => Err(format!("not in sync ({})", v.state)),
+    }
 }
 
 /// The switchovers that spread primaries evenly over the live nodes (`syncblock node balance`),

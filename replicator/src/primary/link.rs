@@ -27,7 +27,7 @@ pub(super) enum Out {
         read: Pending<Bytes>,
     },
     /// Resync data read in log order: the engine read of the blocks `lbas` names was queued in the
-    /// loop's order; they are shipped, once read, as writes and trims (see
+    /// loop's order; they are shipped, once read, as a `WriteBlocks` frame and trims (see
     /// [`crate::primary::compare::block_frames`]) with `tag`.
     Blocks {
         tag: u64,

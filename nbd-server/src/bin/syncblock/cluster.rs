@@ -347,10 +347,9 @@ pub fn volume_command(
                 let Some(v) = snap.volume_views().into_iter().find(|v| v.name == name) else {
                     bail!("no volume named {name:?}");
                 };
-                let Some(to) = v.secondary.clone().filter(|_| v.state == "in-sync") else {
-                    bail!("{name} is {} (primary {}): a switchover needs both copies in sync", v.state, v.primary);
-                };
-                run_moves(&snap, &[plan::Move { volume: name, from: v.primary, to }], &admin_tls)?;
+                let m = plan::switchover(&snap, &v)
+                    .map_err(|why| anyhow::anyhow!("{name} cannot switch over from {}: {why}", v.primary))?;
+                run_moves(&snap, &[m], &admin_tls)?;
             }
             VolumeCommand::Delete { name } => {
                 cluster.delete_volume(&name).await?;
