@@ -84,21 +84,38 @@ BEFORE=$(sed -n '/^{/,$p' "$RUN/before.json" | json 'd["jobs"][0]["write"]["iops
 echo "   foreground 4 KiB random writes, in sync: ${BEFORE%.*} IOPS"
 
 # Waits until the replica on $1 has moved away and the volume is in sync again; sets MOVED (when
-# the move was seen), DONE and NEW (the new secondary).
+# the primary learned of the move), DONE (when it committed the copy) and NEW (the new secondary).
+# Both times come from the primary's own log lines, read every 0.1 s: asking etcd instead (a
+# `volume list`, a process and a Python each time) took a tenth of this two-core machine from the
+# copy being measured, and its 0.2 s step made a 3 s copy's figure wobble.
 await_copy() {
-  MOVED=""
-  # One `volume list` per look, both fields from it: the looks themselves (a process and a Python
-  # each) take CPU from the copy on this two-core machine.
-  local s st
-  for _ in $(seq 900); do
-    read -r s st < <(vol secondary state)
-    if [ -z "$MOVED" ] && [ "$s" != "$1" ]; then MOVED=$(now); NEW=$s; fi
-    [ -n "$MOVED" ] && [ "$st" = in-sync ] && break
-    sleep 0.2
+  local log="$RUN/$PRIMARY.log" moves commits got=""
+  moves=$(grep -c "other replica moved" "$log" || true)
+  commits=$(grep -c "resync committed at tag" "$log" || true)
+  for _ in $(seq 9000); do
+    if [ "$(grep -c "other replica moved" "$log" || true)" -gt "$moves" ] &&
+      [ "$(grep -c "resync committed at tag" "$log" || true)" -gt "$commits" ]; then
+      got=1
+      break
+    fi
+    sleep 0.1
   done
-  DONE=$(now)
-  [ -n "$MOVED" ] && [ "$(vol state)" = in-sync ] ||
-    { echo "the copy away from $1 did not finish; logs in $RUN" >&2; KEEP=1; exit 1; }
+  [ -n "$got" ] || { echo "the copy away from $1 did not finish; logs in $RUN" >&2; KEEP=1; exit 1; }
+  # The last move, and the first commit after it.
+  read -r MOVED DONE NEW < <($PY - "$log" <<'PYEOF'
+import re, sys
+from datetime import datetime
+lines = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in open(sys.argv[1], errors="replace")]
+when = lambda l: datetime.fromisoformat(l.split()[0].replace("Z", "+00:00")).timestamp()
+moved = [i for i, l in enumerate(lines) if "other replica moved" in l][-1]
+done = next(i for i in range(moved, len(lines)) if "resync committed at tag" in lines[i])
+new = re.search(r"new=(\S+)", lines[moved]).group(1)
+print(when(lines[moved]), when(lines[done]), new)
+PYEOF
+  )
+  read -r s st < <(vol secondary state)
+  [ "$s" = "$NEW" ] && [ "$st" = in-sync ] ||
+    { echo "the primary's log says the copy to $NEW finished, etcd says $s, $st; logs in $RUN" >&2; KEEP=1; exit 1; }
 }
 BYTES=$($PY -c "import sys; s=sys.argv[1]; m={'K':1<<10,'M':1<<20,'G':1<<30}; print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))" "$SIZE")
 

@@ -39,9 +39,10 @@ pub const LINK_PREAMBLE: [u8; 8] = *b"SBLINK01";
 /// Streams one link carries at once. A store replicates at most 4,096 volumes (the engine's
 /// checkpoint budget), each with one stream per direction and, across a reconnection, one more
 /// briefly: 8,192 covers every volume two nodes can share. The multiplexer grants each stream a
-/// 256 KiB receive window, so a link's buffered bytes are bounded by this number times 256 KiB; in
-/// practice a stream's reader takes frames as they come (its own bound is the secondary's apply
-/// queue), and an idle stream holds no buffer.
+/// 256 KiB receive window, so a link's buffered bytes are bounded by this number times 256 KiB
+/// (plus what the windows may grow by, [`LINK_WINDOW_GROWTH_MAX`]); in practice a stream's reader
+/// takes frames as they come (its own bound is the secondary's apply queue), and an idle stream
+/// holds no buffer.
 pub const LINK_STREAMS_MAX: usize = 8192;
 
 /// A link from which nothing has been read for this long is replaced by the next request for a
@@ -58,11 +59,26 @@ const OPENS_QUEUED: usize = 64;
 /// and its volume retries.
 pub const STREAMS_QUEUED: usize = 256;
 
+/// What a link's streams may grow their receive windows by, beyond the 256 KiB each starts with,
+/// all together: 64 MiB, the resync data a node keeps in flight to all its copies at once
+/// (`RESYNC_NODE_BYTES_MAX`), so that the streams a node's copies run on can each grow a window
+/// of a few MiB. The multiplexer grows a stream's window (doubling it, never shrinking it) when
+/// the stream's reader takes a window's worth quickly, so only a stream that moves bulk data
+/// grows one, and a reader that stops reading stops its growth.
+///
+/// Without this room no window can grow, and a copy to a new replica ran lock-step: the primary
+/// sent 256 KiB, the window was spent, and it waited for the peer's process to be scheduled, read
+/// and grant more; the two nodes then took turns on the CPU instead of working at once. With
+/// every store in RAM but the new replica's, a 2 GiB copy went from 475–676 MiB/s to 729–921
+/// MiB/s (docs/cluster.md, "Re-protection").
+pub const LINK_WINDOW_GROWTH_MAX: usize = 64 << 20;
+
 /// The multiplexer's settings for a node link.
 pub fn config() -> yamux::Config {
     let mut cfg = yamux::Config::default();
     // The window cap first: yamux asserts window >= streams × 256 KiB after each setter.
-    cfg.set_max_connection_receive_window(Some(LINK_STREAMS_MAX * yamux::DEFAULT_CREDIT as usize));
+    let base = LINK_STREAMS_MAX * yamux::DEFAULT_CREDIT as usize;
+    cfg.set_max_connection_receive_window(Some(base + LINK_WINDOW_GROWTH_MAX));
     cfg.set_max_num_streams(LINK_STREAMS_MAX);
     // A 4 KiB write frame and its header go out as one data frame; a 1 MiB one as a few.
     cfg.set_split_send_size(256 << 10);
