@@ -398,11 +398,31 @@ impl Node {
             let _g = node.inner.changing.lock().await;
             if node.primary().is_some_and(|cur| cur.same(&p)) {
                 node.stop_current().await;
+                if let Some(epoch) = p.handed_over() {
+                    if let Err(e) = node.record_seen(epoch).await {
+                        tracing::error!(volume = %node.inner.cfg.volume, "cannot record epoch {epoch} as seen: {e}");
+                    }
+                }
                 if let Err(e) = node.become_secondary_locked().await {
                     tracing::error!(volume = %node.inner.cfg.volume, "cannot become secondary: {e}");
                 }
             }
         });
+        Ok(())
+    }
+
+    /// Records `epoch` as seen by this replica, as a secondary that accepted a primary of it would
+    /// (see [`Primary::handed_over`]).
+    async fn record_seen(&self, epoch: Epoch) -> Result<()> {
+        let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
+        let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
+        if state.epoch >= epoch {
+            return Ok(());
+        }
+        state.epoch = epoch;
+        state.role = Role::Secondary;
+        crate::state::record_state(&self.inner.store, &info, &state, syncblock_engine::StagedOp::Keep).await?;
+        tracing::info!(volume = %self.inner.cfg.volume, epoch = epoch.0, "recorded the switchover's epoch as seen");
         Ok(())
     }
 

@@ -346,8 +346,9 @@ pub fn decide_record(
                 return (Err((Refusal::SoloPrimary, why)), false);
             }
             // The new primary starts with its peer holding everything it holds: it acknowledges
-            // nothing alone until it asks, so the old primary may take the role back by the
-            // ordinary rules if the new one dies before they are in sync again.
+            // nothing alone until it asks, so the old primary (which steps down having seen this
+            // epoch, `Primary::handed_over`) may take the role back by the ordinary rules if the
+            // new one dies before they are in sync again, or before it takes the role at all.
             r.epoch = r.epoch.next();
             r.primary = to.clone();
             r.solo = false;

@@ -336,3 +336,64 @@ async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledg
 
     node_b.stop().await;
 }
+
+/// A switchover whose new primary dies before it takes the role: the old primary stepped down
+/// having seen the grant's epoch, holds every acknowledged write (none can be acknowledged in the
+/// new epoch without it, the grant leaving the pair not solo), and takes the role back once the
+/// witness has not heard from the new primary for its takeover window. Before, it asked as a node
+/// of the older epoch and was refused (`Behind`) for as long as the new primary stayed away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_new_primary_dies_before_taking_the_role_the_old_one_takes_it_back() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
+    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = witness_listener.local_addr().unwrap();
+    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(witness_listener),
+        dir.path().join("witness.state"),
+        Duration::from_millis(800),
+        syncblock_replicator::witness::Allow::default(),
+    ));
+    // `b` reaches no witness: granted the role, it cannot take it (as if it died at once).
+    let nowhere = free_addr().await;
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let mut cfg_b = node_cfg("b", b_repl, a_repl, nowhere);
+    cfg_b.repl.peer_node = Some("a".into());
+    let mut cfg_a = node_cfg("a", a_repl, b_repl, witness);
+    cfg_a.repl.peer_node = Some("b".into());
+    let node_b = Node::start(b.clone(), cfg_b, Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), cfg_a, Role::Primary).await.unwrap();
+    let pa = node_a.primary().unwrap();
+    let mut v = pa.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+    for k in 0..64u64 {
+        pa.write(k * BLOCK_BYTES_U64, block(k), false).await.unwrap();
+    }
+    pa.flush().await.unwrap();
+
+    let grant = node_a.switchover().await.expect("switchover");
+    assert_eq!((grant.primary.as_str(), grant.epoch), ("b", Epoch(2)));
+    assert!(!node_a.is_primary(), "the old primary stepped down");
+    node_b.stop().await;
+
+    let mut roles = node_a.role_changes();
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_a.is_primary()))
+        .await
+        .expect("the old primary takes the role back")
+        .unwrap();
+    let pa = node_a.primary().unwrap();
+    assert_eq!(pa.epoch(), Epoch(3), "a newer epoch than the switchover's");
+    let got = image(&a).await;
+    for k in 0..64u64 {
+        let at = (k * BLOCK_BYTES_U64) as usize;
+        assert_eq!(&got[at..at + BLOCK_BYTES_U64 as usize], &block(k)[..], "block {k} lost");
+    }
+    // Alone, with the witness's consent (the degrade policy): it serves writes.
+    tokio::time::timeout(Duration::from_secs(5), pa.write(100 * BLOCK_BYTES_U64, block(100), true))
+        .await
+        .expect("writes are served")
+        .unwrap();
+    node_a.stop().await;
+    witness_task.abort();
+}

@@ -44,6 +44,7 @@ struct Handle {
     commands: mpsc::Sender<(Instant, Command)>,
     peer: Arc<watch::Sender<PeerView>>,
     deposed: Arc<watch::Sender<Option<String>>>,
+    handed_over: Arc<std::sync::atomic::AtomicU64>,
     published: watch::Receiver<Published>,
     stop: watch::Sender<bool>,
     volume: VolumeId,
@@ -133,6 +134,7 @@ impl Primary {
                 commands: parts.commands,
                 peer: parts.peer,
                 deposed: parts.deposed,
+                handed_over: parts.handed_over,
                 published: parts.published,
                 stop: parts.stop,
                 volume: info.id,
@@ -161,6 +163,18 @@ impl Primary {
             Err(_) => "primary dropped".into(),
         };
         why
+    }
+
+    /// The epoch in which a switchover made the peer primary, once this primary was deposed by
+    /// one. The node steps down having seen that epoch: if the new primary dies before it takes
+    /// the role, this node holds every write the volume acknowledged (none can have been
+    /// acknowledged in the new epoch without it, the grant leaving the pair not solo) and may take
+    /// the role back by the ordinary rules, which refuse a node that has seen an older epoch only.
+    pub fn handed_over(&self) -> Option<Epoch> {
+        match self.inner.handed_over.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            e => Some(Epoch(e)),
+        }
     }
 
     /// Resolves when this primary is stopped or deposed.

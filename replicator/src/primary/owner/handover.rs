@@ -127,6 +127,9 @@ impl Owner {
         match r {
             Ok(grant) => {
                 tracing::warn!(volume = %self.name, to = %grant.primary, epoch = grant.epoch.0, "switchover granted: stepping down to secondary");
+                // Known before the deposition is: the node records the grant's epoch as seen when
+                // it steps down (see `Primary::handed_over`).
+                self.handed_over.store(grant.epoch.0, std::sync::atomic::Ordering::Release);
                 self.depose(format!("handed over to {} in epoch {}", grant.primary, grant.epoch));
                 let _ = h.reply.send(Ok(grant));
             }

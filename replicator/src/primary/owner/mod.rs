@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -353,6 +354,8 @@ pub(super) struct Owner {
     /// Why this primary was deposed, once it is: apart from `peer`, so that what waits for a
     /// deposition is not woken by every acknowledgement.
     deposed: Arc<watch::Sender<Option<String>>>,
+    /// The epoch a switchover granted, once it has (0: none): see [`super::Primary::handed_over`].
+    handed_over: Arc<AtomicU64>,
     published: watch::Sender<Published>,
     /// When the status was last published, and whether it is due again (see `PUBLISH_EVERY`).
     published_at: Instant,
@@ -429,6 +432,7 @@ enum Next {
 pub(super) struct Parts {
     pub peer: Arc<watch::Sender<PeerView>>,
     pub deposed: Arc<watch::Sender<Option<String>>>,
+    pub handed_over: Arc<AtomicU64>,
     pub published: watch::Receiver<Published>,
     pub commands: mpsc::Sender<(Instant, Command)>,
     pub stop: watch::Sender<bool>,
@@ -455,6 +459,7 @@ impl Owner {
         let peer = Arc::new(watch::channel(PeerView { applied: last_tag, solo, ..PeerView::default() }).0);
         let (published_tx, published) = watch::channel(Published { last_tag, ..Published::default() });
         let deposed = Arc::new(watch::channel(None).0);
+        let handed_over = Arc::new(AtomicU64::new(0));
         let (commands_tx, commands) = mpsc::channel(LINK_QUEUE);
         let (stop_tx, stop) = watch::channel(false);
         let (events_tx, events) = mpsc::channel(EVENTS_MAX);
@@ -472,6 +477,7 @@ impl Owner {
             commit_loop: CommitLoop::default(),
             peer: peer.clone(),
             deposed: deposed.clone(),
+            handed_over: handed_over.clone(),
             published: published_tx,
             published_at: now,
             publish_due: false,
@@ -517,7 +523,7 @@ impl Owner {
             #[cfg(test)]
             turns: Default::default(),
         };
-        (owner, Parts { peer, deposed, published, commands: commands_tx, stop: stop_tx })
+        (owner, Parts { peer, deposed, handed_over, published, commands: commands_tx, stop: stop_tx })
     }
 
     /// Runs until stopped or deposed; then fails every operation still waiting.
