@@ -43,16 +43,9 @@ trap 'exit 1' INT TERM
 start_etcd "$RUN"
 
 declare -A NODE_PID
-for i in $(seq 1 "$NODES"); do
-  "$BIN" node --etcd "$ETCD" --name "n$i" --store "$RUN/n$i.img" --size "$STORE" \
-    --listen "127.0.0.1:$(port)" --repl-listen "127.0.0.1:$(port)" --admin "127.0.0.1:$(port)" \
-    >"$RUN/n$i.out" 2>"$RUN/n$i.log" &
-  NODE_PID[n$i]=$!
-  PIDS+=($!)
-done
-for i in $(seq 1 "$NODES"); do
-  for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/n$i.out" && break; sleep 0.1; done
-done
+for i in $(seq 1 "$NODES"); do start_node "n$i" "$STORE" --admin "127.0.0.1:$(port)"; done
+# shellcheck disable=SC2046
+await_joined $(for i in $(seq 1 "$NODES"); do echo "n$i"; done)
 sleep 2
 rss() { ps -o rss= -p "$1" | tr -d ' '; }
 declare -A RSS0

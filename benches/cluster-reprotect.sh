@@ -52,16 +52,8 @@ echo "   $((DISKCOPY >> 20)) MiB/s written while reading"
 
 start_etcd "$RUN"
 declare -A NODE_PID
-for i in 1 2 3 4; do
-  "$BIN" node --etcd "$ETCD" --name "n$i" --store "$RUN/n$i.img" --size 16GiB --grace 5 \
-    --listen "127.0.0.1:$(port)" --repl-listen "127.0.0.1:$(port)" \
-    >"$RUN/n$i.out" 2>"$RUN/n$i.log" &
-  NODE_PID[n$i]=$!
-  PIDS+=($!)
-done
-for i in 1 2 3 4; do
-  for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/n$i.out" && break; sleep 0.1; done
-done
+for i in 1 2 3 4; do start_node "n$i" 16GiB --grace 5; done
+await_joined n1 n2 n3 n4
 "$BIN" volume create r --size "${SIZE}iB" --etcd "$ETCD" >/dev/null
 # Fields of volume r from one `volume list`, space-separated: vol FIELD...
 vol() {
@@ -119,26 +111,44 @@ PYEOF
 }
 BYTES=$($PY -c "import sys; s=sys.argv[1]; m={'K':1<<10,'M':1<<20,'G':1<<30}; print(int(s[:-1])*m[s[-1]] if s[-1] in m else int(s))" "$SIZE")
 
-# Bytes the disk under DIR has read and written so far ("R W"), from /proc/diskstats (sectors of
-# 512 bytes): how busy the copy keeps the disk, both directions.
+# What the disk under DIR read and wrote during the copy: /proc/diskstats (sectors of 512 bytes)
+# sampled every 0.1 s from the kill on, then taken between the samples nearest MOVED and DONE (the
+# grace period before the copy is not always idle: the cleaner may be reclaiming what the random
+# writes left). Prints "READ WRITE" in bytes per second.
 DEV=$(basename "$(df --output=source "$RUN" | tail -1)")
-disk_bytes() {
-  awk -v d="$DEV" '$3 == d { printf "%.0f %.0f\n", $6 * 512, $10 * 512 }' /proc/diskstats
+sample_disk() {
+  while :; do
+    awk -v d="$DEV" -v t="$(now)" '$3 == d { printf "%s %.0f %.0f\n", t, $6 * 512, $10 * 512 }' /proc/diskstats
+    sleep 0.1
+  done >"$RUN/disk.samples"
+}
+copy_disk_rates() {
+  $PY - "$RUN/disk.samples" "$MOVED" "$DONE" <<'PYEOF'
+import sys
+rows = [tuple(map(float, l.split())) for l in open(sys.argv[1]) if len(l.split()) == 3]
+t0, t1 = float(sys.argv[2]), float(sys.argv[3])
+near = lambda t: min(rows, key=lambda r: abs(r[0] - t))
+a, b = near(t0), near(t1)
+secs = b[0] - a[0]
+print(f"{(b[1] - a[1]) / secs:.0f} {(b[2] - a[2]) / secs:.0f}" if secs > 0 else "0 0")
+PYEOF
 }
 echo "3. SIGKILL of $SECONDARY, the volume idle; re-protection after the 5 s grace period ..."
+sample_disk &
+SAMPLER=$!
+PIDS+=($SAMPLER)
 kill -9 "${NODE_PID[$SECONDARY]}"
-# The grace period is idle: what the disk moves from here on is the copy's.
-read -r R0 W0 < <(disk_bytes || echo "0 0")
+{ wait "${NODE_PID[$SECONDARY]}"; } 2>/dev/null || true  # reaped here, so bash prints no "Killed" into the output
 await_copy "$SECONDARY"
-read -r R1 W1 < <(disk_bytes || echo "0 0")
+kill "$SAMPLER" 2>/dev/null || true
 SECS=$(echo "$DONE - $MOVED" | bc -l)
 COPY=$(echo "$BYTES / $SECS" | bc -l)
 CONNECTS_BEFORE=$(grep -c "peer connected; resyncing" "$RUN/$PRIMARY.log" || true)
 printf '   moved to %s; copied %s in %.1f s: %d MiB/s\n' "$NEW" "$SIZE" "$SECS" "$(echo "$COPY / 1048576" | bc)"
-if [ "$R1" -gt 0 ]; then
-  printf '   the disk (%s) meanwhile: read %d MiB/s, wrote %d MiB/s, %d MiB/s together (it sustains %d together copying a file)\n' \
-    "$DEV" "$(echo "($R1 - $R0) / $SECS / 1048576" | bc)" "$(echo "($W1 - $W0) / $SECS / 1048576" | bc)" \
-    "$(echo "($R1 - $R0 + $W1 - $W0) / $SECS / 1048576" | bc)" "$((2 * DISKCOPY >> 20))"
+read -r RD WR < <(copy_disk_rates || echo "0 0")
+if [ "${RD%.*}" -gt 0 ]; then
+  printf '   the disk (%s) during the copy: read %d MiB/s, wrote %d MiB/s, %d MiB/s together (it sustains %d together copying a file)\n' \
+    "$DEV" "$((RD >> 20))" "$((WR >> 20))" "$(((RD + WR) >> 20))" "$((2 * DISKCOPY >> 20))"
 fi
 SECONDARY=$NEW
 
@@ -153,6 +163,7 @@ FIO=$!
 PIDS+=($FIO)
 sleep 2
 kill -9 "${NODE_PID[$SECONDARY]}"
+{ wait "${NODE_PID[$SECONDARY]}"; } 2>/dev/null || true  # reaped here, so bash prints no "Killed" into the output
 await_copy "$SECONDARY"
 kill -INT "$FIO" 2>/dev/null || true
 wait "$FIO" 2>/dev/null || true

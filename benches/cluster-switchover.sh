@@ -36,17 +36,13 @@ trap 'exit 1' INT TERM
 
 start_etcd "$RUN"
 declare -A ADMIN NBD_AT
+declare -A NODE_PID
 for n in n1 n2; do
   ADMIN[$n]=127.0.0.1:$(port)
   NBD_AT[$n]=127.0.0.1:$(port)
-  "$BIN" node --etcd "$ETCD" --name "$n" --store "$RUN/$n.img" --size 16GiB \
-    --listen "${NBD_AT[$n]}" --repl-listen "127.0.0.1:$(port)" --admin "${ADMIN[$n]}" \
-    >"$RUN/$n.out" 2>"$RUN/$n.log" &
-  PIDS+=($!)
+  start_node "$n" 16GiB --listen "${NBD_AT[$n]}" --admin "${ADMIN[$n]}"
 done
-for n in n1 n2; do
-  for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/$n.out" && break; sleep 0.1; done
-done
+await_joined n1 n2
 for v in $(seq 1 "$VOLUMES"); do
   "$BIN" volume create "v$v" --size 256MiB --etcd "$ETCD" >/dev/null
 done

@@ -77,3 +77,23 @@ start_etcd() {
   ETCD="http://127.0.0.1:$ec"
   for _ in $(seq 100); do "$BIN" node list --etcd "$ETCD" >/dev/null 2>&1 && break; sleep 0.1; done
 }
+# Starts `syncblock node` $1 with a store of size $2 in $RUN, on free loopback ports (NBD and
+# replication; pass `--listen ADDR` to choose the NBD one), logging to $RUN/$1.out and .log; any
+# further flags follow ($3...: `--admin ADDR`, `--grace 5`). Its pid goes in NODE_PID[$1] (an
+# associative array the caller declares) and PIDS.
+start_node() {
+  local name=$1 size=$2 listen=()
+  shift 2
+  case " $* " in *" --listen "*) ;; *) listen=(--listen "127.0.0.1:$(port)") ;; esac
+  "$BIN" node --etcd "$ETCD" --name "$name" --store "$RUN/$name.img" --size "$size" \
+    --repl-listen "127.0.0.1:$(port)" "${listen[@]}" "$@" >"$RUN/$name.out" 2>"$RUN/$name.log" &
+  NODE_PID[$name]=$!
+  PIDS+=($!)
+}
+# Waits until each node named has joined the cluster (20 s at most each).
+await_joined() {
+  local n
+  for n in "$@"; do
+    for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/$n.out" && break; sleep 0.1; done
+  done
+}
