@@ -10,7 +10,9 @@
 //! replica goes is [`plan::replacement`] (so [`placement::replace`]); every authority decision (report,
 //! solo, promotion, reclaim, forced promotion) is [`decide_record`] with the etcd authority's inputs
 //! (`silent` zero while `alive/PRIMARY` exists, unbounded once it is gone). Timings are the real
-//! defaults: the lease TTL ([`DEFAULT_TTL`]), the retry pause ([`RETRY_AFTER`]), the report cache
+//! defaults: the lease TTL ([`DEFAULT_TTL`]), the retry pause ([`RETRY_AFTER`]: the real node is
+//! woken earlier when its watch sees the primary's alive key go; the simulation keeps the longest
+//! wait, which only delays its failovers), the report cache
 //! ([`CACHE_FOR`]), and the link timeout, heartbeat and reconnect pause of [`ReplConfig::default`].
 //!
 //! **What is simulated around them**, following `cluster/authority.rs`, `cluster/member.rs`,

@@ -67,6 +67,9 @@ struct Inner {
     /// The volumes' nodes, for the NBD server (read without waiting on `running`).
     nodes: std::sync::Mutex<BTreeMap<String, Node>>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Bumped as soon as the watch sees a node's `alive/` key deleted (before the 50 ms gathering
+    /// of a reconcile): requests held because a primary is alive decide again at once.
+    alive_gone: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     /// Since when (by this node's clock) each member has been seen dead.
     dead_since: std::sync::Mutex<BTreeMap<String, Instant>>,
@@ -95,7 +98,8 @@ impl Member {
         let router = Router::start(repl_listener, cfg.info.name.clone())
             .map_err(|e| ClusterError::Refused(format!("replication listener: {e}")))?;
         let (standing_tx, standing) = register(&cluster, &cfg).await?;
-        let authority = Arc::new(Etcd::new(cluster.clone(), cfg.info.name.clone(), standing.clone()));
+        let (alive_gone, alive_gone_rx) = watch::channel(0u64);
+        let authority = Arc::new(Etcd::new(cluster.clone(), cfg.info.name.clone(), standing.clone(), alive_gone_rx));
         let member = Member {
             inner: Arc::new(Inner {
                 store,
@@ -108,6 +112,7 @@ impl Member {
                 running: tokio::sync::Mutex::new(BTreeMap::new()),
                 nodes: std::sync::Mutex::new(BTreeMap::new()),
                 snapshot: watch::channel(Arc::new(Snapshot::default())).0,
+                alive_gone,
                 stop: watch::channel(false).0,
                 dead_since: std::sync::Mutex::new(BTreeMap::new()),
                 reprotect_due: tokio::sync::Notify::new(),
@@ -575,6 +580,9 @@ async fn watch_cluster(member: Member) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         match inner.cluster.snapshot().await {
             Ok(s) => {
+                if snap.alive.keys().any(|n| !s.alive.contains_key(n)) {
+                    inner.alive_gone.send_modify(|n| *n += 1);
+                }
                 snap = s;
                 member.reconcile(snap.clone()).await;
             }
@@ -641,6 +649,17 @@ async fn reprotector(member: Member) {
 
 /// Applies a watch response to `snap`; false (with a log line) if it could not be.
 fn applied(inner: &Inner, snap: &mut Snapshot, resp: &etcd_client::WatchResponse) -> bool {
+    let alive = inner.cluster.key("alive/");
+    let mut gone = false;
+    for e in resp.events().iter().filter(|e| e.event_type() == etcd_client::EventType::Delete) {
+        let Some(name) = e.kv().and_then(|kv| kv.key().strip_prefix(alive.as_bytes())) else { continue };
+        let name = String::from_utf8_lossy(name);
+        tracing::warn!(node = %name, "node {name} is gone from the cluster: its alive key was deleted (lease expired or revoked)");
+        gone = true;
+    }
+    if gone {
+        inner.alive_gone.send_modify(|n| *n += 1);
+    }
     match inner.cluster.apply(snap, resp) {
         Ok(()) => true,
         Err(e) => {
