@@ -133,6 +133,9 @@ impl Etcd {
         let grant_key = self.cluster.key(&format!("grants/{volume}"));
         let mine = self.cluster.key(&format!("alive/{node}"));
         let mut kv = self.cluster.client().kv_client();
+        // The hold for a live primary's alive key to go ends here, however many other nodes' keys
+        // go meanwhile (each wakes the request, which decides again, within the same hold).
+        let hold_until = Instant::now() + RETRY_AFTER;
         for _ in 0..5 {
             // Deletions seen from here on wake a request held because the primary is alive.
             let mut gone = self.alive_gone.clone();
@@ -212,8 +215,9 @@ impl Etcd {
             let r = match decision {
                 Ok(r) => r,
                 Err((Refusal::PrimaryAlive { .. }, _)) => {
-                    if let Ok(Ok(())) = tokio::time::timeout(RETRY_AFTER, gone.changed()).await {
-                        // A node's lease expired meanwhile, perhaps the primary's: decide again.
+                    if let Ok(Ok(())) = tokio::time::timeout_at(hold_until, gone.changed()).await {
+                        // A node's lease expired meanwhile, perhaps the primary's: decide again
+                        // (at most five decisions in all, as for records that keep changing).
                         continue;
                     }
                     let why = format!(
