@@ -42,16 +42,42 @@ async fn start_pair(
     a: &syncblock_engine::Store,
     b: &syncblock_engine::Store,
 ) -> (tokio::task::JoinHandle<syncblock_replicator::Result<()>>, SocketAddr, SocketAddr, SocketAddr, Node, Node) {
-    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let witness = witness_listener.local_addr().unwrap();
-    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        syncblock_replicator::net::tcp_listener(witness_listener),
+    let (witness_task, witness) = start_witness(dir).await;
+    let (a_repl, b_repl, node_a, node_b) = start_nodes(a, b, witness).await;
+    (witness_task, witness, a_repl, b_repl, node_a, node_b)
+}
+
+/// A witness on loopback deciding with an 800 ms timeout, its state file in `dir`.
+async fn start_witness(
+    dir: &std::path::Path,
+) -> (tokio::task::JoinHandle<syncblock_replicator::Result<()>>, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let witness = listener.local_addr().unwrap();
+    let task = tokio::spawn(syncblock_replicator::witness::run(
+        syncblock_replicator::net::tcp_listener(listener),
         dir.join("witness.state"),
         Duration::from_millis(800),
         syncblock_replicator::witness::Allow::default(),
     ));
-    let (a_repl, b_repl, node_a, node_b) = start_nodes(a, b, witness).await;
-    (witness_task, witness, a_repl, b_repl, node_a, node_b)
+    (task, witness)
+}
+
+/// Waits until `p`'s peer is in sync, then writes blocks 0..64 (block `k` holds `block(k)`) and
+/// flushes them.
+async fn write_64_in_sync(p: &syncblock_replicator::Primary) {
+    let mut v = p.peer_view();
+    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
+    for k in 0..64u64 {
+        p.write(k * BLOCK_BYTES_U64, block(k), false).await.unwrap();
+    }
+    p.flush().await.unwrap();
+}
+
+/// `node_cfg` for a node that knows its peer's name (which a switchover needs).
+fn named_cfg(node: &str, peer: &str, listen: SocketAddr, to: SocketAddr, witness: SocketAddr) -> NodeConfig {
+    let mut cfg = node_cfg(node, listen, to, witness);
+    cfg.repl.peer_node = Some(peer.into());
+    cfg
 }
 
 /// Nodes `a` (primary) and `b` (secondary) of a pair on loopback, with `witness`.
@@ -206,12 +232,7 @@ async fn after_an_outage_the_resync_ships_only_the_distinct_data_written_meanwhi
     let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
     let (witness_task, witness, a_repl, b_repl, node_a, node_b) = start_pair(dir.path(), &a, &b).await;
     let pa = node_a.primary().unwrap();
-    let mut v = pa.peer_view();
-    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
-    for k in 0..64u64 {
-        pa.write(k * BLOCK_BYTES_U64, block(k), false).await.unwrap();
-    }
-    pa.flush().await.unwrap();
+    write_64_in_sync(&pa).await;
 
     // The secondary goes away; the primary carries on alone once the witness consents.
     node_b.stop().await;
@@ -248,22 +269,10 @@ async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledg
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let witness = witness_listener.local_addr().unwrap();
-    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        syncblock_replicator::net::tcp_listener(witness_listener),
-        dir.path().join("witness.state"),
-        Duration::from_millis(800),
-        syncblock_replicator::witness::Allow::default(),
-    ));
+    let (witness_task, witness) = start_witness(dir.path()).await;
     let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let named = |node: &str, peer: &str, listen, to| {
-        let mut cfg = node_cfg(node, listen, to, witness);
-        cfg.repl.peer_node = Some(peer.into());
-        cfg
-    };
-    let node_b = Node::start(b.clone(), named("b", "a", b_repl, a_repl), Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), named("a", "b", a_repl, b_repl), Role::Primary).await.unwrap();
+    let node_b = Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, witness), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), named_cfg("a", "b", a_repl, b_repl, witness), Role::Primary).await.unwrap();
     let pa = node_a.primary().unwrap();
     let err = node_b.switchover().await.expect_err("the secondary cannot switch over");
     assert!(err.to_string().contains("not the primary"), "{err}");
@@ -347,30 +356,14 @@ async fn when_the_new_primary_dies_before_taking_the_role_the_old_one_takes_it_b
     init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let witness_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let witness = witness_listener.local_addr().unwrap();
-    let witness_task = tokio::spawn(syncblock_replicator::witness::run(
-        syncblock_replicator::net::tcp_listener(witness_listener),
-        dir.path().join("witness.state"),
-        Duration::from_millis(800),
-        syncblock_replicator::witness::Allow::default(),
-    ));
+    let (witness_task, witness) = start_witness(dir.path()).await;
     // `b` reaches no witness: granted the role, it cannot take it (as if it died at once).
     let nowhere = free_addr().await;
     let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let mut cfg_b = node_cfg("b", b_repl, a_repl, nowhere);
-    cfg_b.repl.peer_node = Some("a".into());
-    let mut cfg_a = node_cfg("a", a_repl, b_repl, witness);
-    cfg_a.repl.peer_node = Some("b".into());
-    let node_b = Node::start(b.clone(), cfg_b, Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), cfg_a, Role::Primary).await.unwrap();
+    let node_b = Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, nowhere), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), named_cfg("a", "b", a_repl, b_repl, witness), Role::Primary).await.unwrap();
     let pa = node_a.primary().unwrap();
-    let mut v = pa.peer_view();
-    tokio::time::timeout(Duration::from_secs(10), v.wait_for(|v| v.in_sync)).await.unwrap().unwrap();
-    for k in 0..64u64 {
-        pa.write(k * BLOCK_BYTES_U64, block(k), false).await.unwrap();
-    }
-    pa.flush().await.unwrap();
+    write_64_in_sync(&pa).await;
 
     let grant = node_a.switchover().await.expect("switchover");
     assert_eq!((grant.primary.as_str(), grant.epoch), ("b", Epoch(2)));
