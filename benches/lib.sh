@@ -18,10 +18,12 @@
 #   start_etcd DIR        one etcd member with its data in DIR/etcd, on free ports, with the
 #                         election settings docs/cluster.md advises (1 s leases); sets ETCD (its
 #                         client URL) and waits until `syncblock node list` answers
+#   start_node NAME SIZE [FLAGS...]  a `syncblock node` with its store in RUN (see below)
+#   await_joined NAME...  waits until those nodes have joined the cluster
 PY=/usr/bin/python3
 [ -z "${BIN:-}" ] || [ -x "$BIN" ] || cargo build --release -p syncblock-nbd
 PIDS=()
-kill_pids() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+kill_pids() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; { wait; } 2>/dev/null || true; }
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 status() {
