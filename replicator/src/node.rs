@@ -415,7 +415,8 @@ impl Node {
     /// (see [`Primary::handed_over`]).
     async fn record_seen(&self, epoch: Epoch) -> Result<()> {
         let info = self.inner.store.volume(&self.inner.cfg.volume).await?;
-        let mut state = ReplState::decode(&info.attr).unwrap_or_else(|| ReplState::new(Role::Secondary));
+        // A primary's state always decodes; were it not to, nothing is written over it here.
+        let Some(mut state) = ReplState::decode(&info.attr) else { return Ok(()) };
         if state.epoch >= epoch {
             return Ok(());
         }
