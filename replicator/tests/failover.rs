@@ -390,3 +390,78 @@ async fn when_the_new_primary_dies_before_taking_the_role_the_old_one_takes_it_b
     node_a.stop().await;
     witness_task.abort();
 }
+
+/// An authority whose answers to a switchover are lost: the witness decides it, the asker hears
+/// nothing.
+struct LosesHandoverAnswers(syncblock_replicator::authority::SharedAuthority);
+
+impl syncblock_replicator::authority::Authority for LosesHandoverAnswers {
+    fn ask<'a>(
+        &'a self,
+        req: &'a syncblock_replicator::wire::Frame,
+        timeout: Duration,
+    ) -> syncblock_replicator::authority::BoxFuture<
+        'a,
+        syncblock_replicator::Result<syncblock_replicator::witness::Grant>,
+    > {
+        Box::pin(async move {
+            let r = self.0.ask(req, timeout).await;
+            if matches!(req, syncblock_replicator::wire::Frame::WitnessHandover { .. }) {
+                return Err(syncblock_replicator::ReplError::Stopped("test: the answer was lost".into()));
+            }
+            r
+        })
+    }
+
+    fn describe(&self) -> String {
+        "a witness that loses switchover answers".into()
+    }
+}
+
+/// The same with the grant's answer lost: the old primary, writing on in its epoch, is deposed by
+/// its next report, and takes the refusal's epoch (the one past its switchover's) for the grant it
+/// did not hear, so it too may take the role back when the new primary dies before taking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_switchover_answer_is_lost_and_the_new_primary_dies_the_old_one_takes_the_role_back() {
+    init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
+    let (witness_task, witness) = start_witness(dir.path()).await;
+    let nowhere = free_addr().await;
+    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+    let mut cfg_a = named_cfg("a", "b", a_repl, b_repl, witness);
+    cfg_a.repl.authority = Some(std::sync::Arc::new(LosesHandoverAnswers(
+        syncblock_replicator::authority::Witness::shared(syncblock_replicator::net::tcp(), witness),
+    )));
+    let node_b = Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, nowhere), Role::Secondary).await.unwrap();
+    let node_a = Node::start(a.clone(), cfg_a, Role::Primary).await.unwrap();
+    let pa = node_a.primary().unwrap();
+    write_64_in_sync(&pa).await;
+
+    let err = node_a.switchover().await.expect_err("the answer is lost");
+    assert!(err.to_string().contains("answer was lost"), "{err}");
+    let mut roles = node_a.role_changes();
+    tokio::time::timeout(Duration::from_secs(5), roles.wait_for(|_| !node_a.is_primary()))
+        .await
+        .expect("the next report deposes the old primary")
+        .unwrap();
+    node_b.stop().await;
+
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_a.is_primary()))
+        .await
+        .expect("the old primary takes the role back")
+        .unwrap();
+    let pa = node_a.primary().unwrap();
+    assert_eq!(pa.epoch(), Epoch(3), "a newer epoch than the switchover's");
+    let got = image(&a).await;
+    for k in 0..64u64 {
+        let at = (k * BLOCK_BYTES_U64) as usize;
+        assert_eq!(&got[at..at + BLOCK_BYTES_U64 as usize], &block(k)[..], "block {k} lost");
+    }
+    tokio::time::timeout(Duration::from_secs(5), pa.write(100 * BLOCK_BYTES_U64, block(100), true))
+        .await
+        .expect("writes are served")
+        .unwrap();
+    node_a.stop().await;
+    witness_task.abort();
+}

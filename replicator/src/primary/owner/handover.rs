@@ -121,7 +121,8 @@ impl Owner {
     /// The authority's answer to the switchover: granted, this primary steps down; refused (or not
     /// answered), it takes client operations again. A grant whose answer was lost leaves this node
     /// writing in its old epoch with its peer, which still confirms every write: its next report
-    /// is refused as deposed, and it steps down then, its peer holding every write it acknowledged.
+    /// is refused as deposed, and it steps down then, its peer holding every write it acknowledged
+    /// (and it records the grant's epoch as seen, as after an answered grant: `on_deposed_in`).
     pub(super) fn on_handover_answer(&mut self, r: Result<Grant>) {
         let Some(h) = self.handover.take() else { return };
         match r {
@@ -135,11 +136,31 @@ impl Owner {
             }
             Err(e) => {
                 tracing::warn!(volume = %self.name, "switchover refused: {e}; writes continue on this node");
+                if e.refusal().is_none() {
+                    // No answer: the authority may have granted it. If so, this node learns it
+                    // from a refusal naming the next epoch (`on_deposed_in`).
+                    self.handover_unanswered = Some(self.state.epoch);
+                }
                 if self.deposed_by(&e) {
                     self.depose(e.to_string());
                 }
                 let _ = h.reply.send(Err(e));
             }
+        }
+    }
+
+    /// A refusal from the authority deposed this primary: it names the record's epoch. One
+    /// exactly past the epoch of a switchover whose answer never came is taken for that
+    /// switchover's grant, and the node steps down having seen it, as after an answered grant. (A
+    /// report granted since does not clear the mark: etcd may answer it from the record it held
+    /// before the switchover. Were the epoch a takeover's instead, the record would be solo, and
+    /// the rules refuse this node the role for that; solo is cleared only once the new primary's
+    /// peer is in sync, and that peer is either this node, which then has seen the epoch anyway,
+    /// or in a cluster another node, which leaves this one without a replica to promote.)
+    pub(super) fn on_deposed_in(&mut self, epoch: syncblock_engine::Epoch) {
+        if self.handover_unanswered.is_some_and(|asked| asked.next() == epoch) {
+            tracing::warn!(volume = %self.name, epoch = epoch.0, "deposed in the epoch of a switchover whose grant was not heard: the switchover was granted");
+            self.handed_over.store(epoch.0, std::sync::atomic::Ordering::Release);
         }
     }
 }

@@ -393,6 +393,9 @@ pub(super) struct Owner {
     witness_asking: bool,
     /// A switchover under way: no client operation is taken meanwhile.
     handover: Option<handover::Handover>,
+    /// The epoch a switchover was asked in when the authority's answer never came: granted, the
+    /// record moved to the next epoch (see `Owner::on_handover_answer`).
+    handover_unanswered: Option<syncblock_engine::Epoch>,
     witness_period: Duration,
     away_since: Option<Instant>,
     last_witness_error: String,
@@ -503,6 +506,7 @@ impl Owner {
             last_client: None,
             witness_asking: false,
             handover: None,
+            handover_unanswered: None,
             witness_period: heartbeat,
             away_since: None,
             last_witness_error: String::new(),

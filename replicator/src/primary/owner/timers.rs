@@ -130,6 +130,9 @@ impl Owner {
             }
             (_, Err(e)) if self.deposed_by(&e) => {
                 tracing::error!(volume = %self.name, "the witness says this primary was deposed: {e}");
+                if let Some(Refusal::Deposed { epoch }) = e.refusal() {
+                    self.on_deposed_in(epoch);
+                }
                 self.depose(e.to_string());
                 return;
             }
