@@ -370,25 +370,31 @@ async fn when_the_new_primary_dies_before_taking_the_role_the_old_one_takes_it_b
     assert!(!node_a.is_primary(), "the old primary stepped down");
     node_b.stop().await;
 
-    let mut roles = node_a.role_changes();
-    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_a.is_primary()))
+    takes_the_role_back(&node_a, &a).await;
+    node_a.stop().await;
+    witness_task.abort();
+}
+
+/// `node` (the old primary of a switchover) becomes primary again within 10 s, in epoch 3, holding
+/// the 64 blocks of [`write_64_in_sync`], and serves writes (alone, with the witness's consent:
+/// the degrade policy).
+async fn takes_the_role_back(node: &Node, store: &syncblock_engine::Store) {
+    let mut roles = node.role_changes();
+    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node.is_primary()))
         .await
         .expect("the old primary takes the role back")
         .unwrap();
-    let pa = node_a.primary().unwrap();
-    assert_eq!(pa.epoch(), Epoch(3), "a newer epoch than the switchover's");
-    let got = image(&a).await;
+    let p = node.primary().unwrap();
+    assert_eq!(p.epoch(), Epoch(3), "a newer epoch than the switchover's");
+    let got = image(store).await;
     for k in 0..64u64 {
         let at = (k * BLOCK_BYTES_U64) as usize;
         assert_eq!(&got[at..at + BLOCK_BYTES_U64 as usize], &block(k)[..], "block {k} lost");
     }
-    // Alone, with the witness's consent (the degrade policy): it serves writes.
-    tokio::time::timeout(Duration::from_secs(5), pa.write(100 * BLOCK_BYTES_U64, block(100), true))
+    tokio::time::timeout(Duration::from_secs(5), p.write(100 * BLOCK_BYTES_U64, block(100), true))
         .await
         .expect("writes are served")
         .unwrap();
-    node_a.stop().await;
-    witness_task.abort();
 }
 
 /// An authority whose answers to a switchover are lost: the witness decides it, the asker hears
@@ -446,22 +452,7 @@ async fn when_a_switchover_answer_is_lost_and_the_new_primary_dies_the_old_one_t
         .expect("the next report deposes the old primary")
         .unwrap();
     node_b.stop().await;
-
-    tokio::time::timeout(Duration::from_secs(10), roles.wait_for(|_| node_a.is_primary()))
-        .await
-        .expect("the old primary takes the role back")
-        .unwrap();
-    let pa = node_a.primary().unwrap();
-    assert_eq!(pa.epoch(), Epoch(3), "a newer epoch than the switchover's");
-    let got = image(&a).await;
-    for k in 0..64u64 {
-        let at = (k * BLOCK_BYTES_U64) as usize;
-        assert_eq!(&got[at..at + BLOCK_BYTES_U64 as usize], &block(k)[..], "block {k} lost");
-    }
-    tokio::time::timeout(Duration::from_secs(5), pa.write(100 * BLOCK_BYTES_U64, block(100), true))
-        .await
-        .expect("writes are served")
-        .unwrap();
+    takes_the_role_back(&node_a, &a).await;
     node_a.stop().await;
     witness_task.abort();
 }
