@@ -33,12 +33,7 @@ BASE=${DIR:-/var/tmp/cluster-bench}
 . "$ROOT/benches/lib.sh"
 need "apt-get install etcd-server python3-libnbd" etcd
 $PY -c 'import nbd' 2>/dev/null || { echo "missing the python3 nbd module (apt-get install python3-libnbd)" >&2; exit 1; }
-mkdir -p "$BASE"
-build_syncblock "$ROOT"
-BIN=$TARGET/release/syncblock
-RUN=$(mktemp -d "$BASE/run.XXXXXX")
-trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
-trap 'exit 1' INT TERM
+open_run "$ROOT"
 
 start_etcd "$RUN"
 

@@ -21,15 +21,7 @@ BASE=${DIR:-/var/tmp/cluster-bench}
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 need "apt-get install etcd-server fio" etcd fio
-mkdir -p "$BASE"
-refuse_tmpfs "$BASE" DIR
-if [ -z "${BIN:-}" ]; then
-  build_syncblock "$ROOT"
-  BIN=$TARGET/release/syncblock
-fi
-RUN=$(mktemp -d "$BASE/run.XXXXXX")
-trap 'kill_pids; rm -rf "$RUN"' EXIT
-trap 'exit 1' INT TERM
+open_run "$ROOT"
 
 start_etcd "$RUN"
 declare -A NODE_PID

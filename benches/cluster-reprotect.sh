@@ -30,13 +30,7 @@ BASE=${DIR:-/var/tmp/cluster-bench}
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 need "apt-get install etcd-server fio" etcd fio
-mkdir -p "$BASE"
-refuse_tmpfs "$BASE" DIR
-build_syncblock "$ROOT"
-BIN=$TARGET/release/syncblock
-RUN=$(mktemp -d "$BASE/run.XXXXXX")
-trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
-trap 'exit 1' INT TERM
+open_run "$ROOT"
 now() { date +%s.%N; }
 
 echo "1. the disk, idle: sequential 1 MiB writes ..."

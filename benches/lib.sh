@@ -20,10 +20,11 @@
 #                         client URL) and waits until `syncblock node list` answers
 #   start_node NAME SIZE [FLAGS...]  a `syncblock node` with its store in RUN (see below)
 #   await_joined NAME...  waits until those nodes have joined the cluster
+#   open_run ROOT         BASE, BIN and RUN for a cluster benchmark, and its exit trap
 PY=/usr/bin/python3
 [ -z "${BIN:-}" ] || [ -x "$BIN" ] || cargo build --release -p syncblock-nbd
 PIDS=()
-kill_pids() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; { wait; } 2>/dev/null || true; }
+kill_pids() { local p; for p in "${PIDS[@]}"; do { kill -9 "$p" && wait "$p"; } 2>/dev/null || true; done; }
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 json() { $PY -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 status() {
@@ -98,4 +99,19 @@ await_joined() {
   for n in "$@"; do
     for _ in $(seq 200); do grep -qs "joined the cluster" "$RUN/$n.out" && break; sleep 0.1; done
   done
+}
+# The opening of a cluster benchmark: BASE made (refused if it is a tmpfs: the stores must be on
+# the disk under test), the syncblock binary built unless BIN names one ($1: the repository), and
+# RUN a fresh directory under BASE, removed on exit (kept with KEEP=1) once every process in PIDS
+# has been killed.
+open_run() {
+  mkdir -p "$BASE"
+  refuse_tmpfs "$BASE" DIR
+  if [ -z "${BIN:-}" ]; then
+    build_syncblock "$1"
+    BIN=$TARGET/release/syncblock
+  fi
+  RUN=$(mktemp -d "$BASE/run.XXXXXX")
+  trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
+  trap 'exit 1' INT TERM
 }
