@@ -497,6 +497,22 @@ impl Cluster {
 
     /// Everything, at one revision.
     pub async fn snapshot(&self) -> Result<Snapshot> {
+        match self.read_snapshot().await {
+            // A read that failed in transport (a member lost since this client connected, or a
+            // connection its server closed) is made once more, over a fresh connection to the
+            // members that answer now. Once, in a three-member test with one member lost, a
+            // `volume list` failed with a broken pipe on a live member's connection.
+            Err(ClusterError::Unreachable { .. }) => {
+                if let Err(e) = self.reconnect().await {
+                    tracing::debug!("reconnecting to etcd after a failed read: {e}");
+                }
+                self.read_snapshot().await
+            }
+            r => r,
+        }
+    }
+
+    async fn read_snapshot(&self) -> Result<Snapshot> {
         let mut kv = self.client().kv_client();
         let resp = kv.get(self.key(""), Some(GetOptions::new().with_prefix())).await.map_err(|e| self.err(e))?;
         let mut s = Snapshot { revision: resp.header().map_or(0, |h| h.revision()), ..Snapshot::default() };
