@@ -403,21 +403,23 @@ impl Frame {
         header[12..16].copy_from_slice(&h.finalize().to_le_bytes());
     }
 
-    /// A large `Write` frame as its head (header and fixed fields) and its payload, uncopied, to
-    /// be written one after the other: `head ++ payload` is exactly [`Frame::encode`]'s bytes.
-    /// `None` for any other frame, and for writes under [`SPLIT_PAYLOAD_MIN`] bytes (copying those
-    /// into the link's buffer is cheaper than a second system call).
+    /// A large `Write` or `WriteBlocks` frame as its head (header and fields) and its payload,
+    /// uncopied, to be written one after the other: `head ++ payload` is exactly
+    /// [`Frame::encode`]'s bytes. `None` for any other frame, and for payloads under
+    /// [`SPLIT_PAYLOAD_MIN`] bytes (copying those into the link's buffer is cheaper than a second
+    /// system call). The link's writer asks this of every frame it sends, so a frame it declines
+    /// costs no allocation.
     pub fn encode_split(&self) -> Option<(BytesMut, Bytes)> {
-        let mut head = BytesMut::new();
-        head.put_bytes(0, HEADER_BYTES);
-        let data = match self {
+        let (mut head, data) = match self {
             Frame::Write { tag, offset, fua, data } if data.len() >= SPLIT_PAYLOAD_MIN => {
+                let mut head = BytesMut::zeroed(HEADER_BYTES);
                 put_write_fields(&mut head, *tag, *offset, *fua);
-                data
+                (head, data)
             }
             Frame::WriteBlocks { tag, lbas, data } if data.len() >= SPLIT_PAYLOAD_MIN => {
+                let mut head = BytesMut::zeroed(HEADER_BYTES);
                 put_blocks_fields(&mut head, *tag, lbas);
-                data
+                (head, data)
             }
             _ => return None,
         };
