@@ -264,32 +264,29 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     qemu_ok(m["nbd"].as_str().unwrap(), &["write -P 0x55 256k 256k", "flush"]);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(volume(&ep, "m")["primary"], m["primary"], "a lost etcd member moved the volume");
-    // A switchover there and back: each grant is a request of a node that connected to all three
-    // (the way back waits until the new primary has its peer in sync again).
-    let (code, out, err) = cli(&ep, &["volume", "switchover", "m"]);
-    assert_eq!(code, 0, "switchover with two etcd members: {out}{err}");
-    wait_until(Duration::from_millis(200), "the switchover back", Duration::from_secs(30), || {
-        let (code, out, err) = cli(&ep, &["volume", "switchover", "m"]);
-        (code == 0).then_some(()).ok_or(format!("{out}{err}"))
-    });
-    assert_eq!(volume(&ep, "m")["primary"], m["primary"]);
+    switch_over_and_back(&ep, "m", m["primary"].as_str().unwrap());
     // Serving again before it is killed below (taking the role comes a moment after the grant).
     wait_writable(m["nbd"].as_str().unwrap(), &["write -P 0x55 256k 256k", "flush"], "the switched-back primary");
-    // A switchover there and back: each grant is a request of a node that connected to all three
-    // (the way back waits until the new primary has its peer in sync again).
-    let (code, out, err) = cli(&ep, &["volume", "switchover", "m"]);
-    assert_eq!(code, 0, "switchover with two etcd members: {out}{err}");
-    wait_until(Duration::from_millis(200), "the switchover back", Duration::from_secs(30), || {
-        let (code, out, err) = cli(&ep, &["volume", "switchover", "m"]);
-        (code == 0).then_some(()).ok_or(format!("{out}{err}"))
-    });
-    assert_eq!(volume(&ep, "m")["primary"], m["primary"]);
+    switch_over_and_back(&ep, "m", m["primary"].as_str().unwrap());
     // And failover still works.
     let (old, new) = (m["primary"].as_str().unwrap().to_string(), m["secondary"].as_str().unwrap().to_string());
     nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
     let uri = nodes.iter().find(|n| n.name == new).unwrap().uri("m");
     wait_writable(&uri, &["write -P 0x66 512k 64k", "flush"], "failover with two etcd members");
     qemu_ok(&uri, &["read -P 0x44 0 256k", "read -P 0x55 256k 256k", "read -P 0x66 512k 64k"]);
+}
+
+/// A switchover of volume `name` there and back, with the etcd at `ep`, ending with `primary`
+/// primary again: each grant is a request of a node that connected to all of etcd's members (the
+/// way back waits until the new primary has its peer in sync again).
+fn switch_over_and_back(ep: &str, name: &str, primary: &str) {
+    let (code, out, err) = cli(ep, &["volume", "switchover", name]);
+    assert_eq!(code, 0, "switchover with two etcd members: {out}{err}");
+    wait_until(Duration::from_millis(200), "the switchover back", Duration::from_secs(30), || {
+        let (code, out, err) = cli(ep, &["volume", "switchover", name]);
+        (code == 0).then_some(()).ok_or(format!("{out}{err}"))
+    });
+    assert_eq!(volume(ep, name)["primary"], primary);
 }
 
 /// A node gone past the grace period: its volume fails over, then gets a new replica on the third
