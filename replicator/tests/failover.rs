@@ -353,26 +353,52 @@ async fn a_switchover_hands_the_role_to_the_in_sync_peer_and_loses_no_acknowledg
 /// of the older epoch and was refused (`Behind`) for as long as the new primary stayed away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_new_primary_dies_before_taking_the_role_the_old_one_takes_it_back() {
-    init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let (witness_task, witness) = start_witness(dir.path()).await;
-    // `b` reaches no witness: granted the role, it cannot take it (as if it died at once).
-    let nowhere = free_addr().await;
-    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let node_b = Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, nowhere), Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), named_cfg("a", "b", a_repl, b_repl, witness), Role::Primary).await.unwrap();
-    let pa = node_a.primary().unwrap();
-    write_64_in_sync(&pa).await;
-
-    let grant = node_a.switchover().await.expect("switchover");
+    let p = StallPair::start(|witness| witness).await;
+    let grant = p.node_a.switchover().await.expect("switchover");
     assert_eq!((grant.primary.as_str(), grant.epoch), ("b", Epoch(2)));
-    assert!(!node_a.is_primary(), "the old primary stepped down");
-    node_b.stop().await;
+    assert!(!p.node_a.is_primary(), "the old primary stepped down");
+    p.new_primary_dies_and_old_takes_the_role_back().await;
+}
 
-    takes_the_role_back(&node_a, &a).await;
-    node_a.stop().await;
-    witness_task.abort();
+/// A witness and a pair for the switchover-stall tests: `a` primary, asking its authority as
+/// `authority` wraps the witness; `b` secondary, reaching no witness, so that granted the role it
+/// cannot take it (as if it died at once); the 64 blocks of [`write_64_in_sync`] written.
+struct StallPair {
+    _dir: tempfile::TempDir,
+    a: syncblock_engine::Store,
+    witness_task: tokio::task::JoinHandle<syncblock_replicator::Result<()>>,
+    node_a: Node,
+    node_b: Node,
+}
+
+impl StallPair {
+    async fn start(
+        authority: impl FnOnce(
+            syncblock_replicator::authority::SharedAuthority,
+        ) -> syncblock_replicator::authority::SharedAuthority,
+    ) -> StallPair {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
+        let (witness_task, witness) = start_witness(dir.path()).await;
+        let nowhere = free_addr().await;
+        let (a_repl, b_repl) = (free_addr().await, free_addr().await);
+        let mut cfg_a = named_cfg("a", "b", a_repl, b_repl, witness);
+        cfg_a.repl.authority = cfg_a.repl.authority.map(authority);
+        let node_b =
+            Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, nowhere), Role::Secondary).await.unwrap();
+        let node_a = Node::start(a.clone(), cfg_a, Role::Primary).await.unwrap();
+        write_64_in_sync(&node_a.primary().unwrap()).await;
+        StallPair { _dir: dir, a, witness_task, node_a, node_b }
+    }
+
+    /// `b` stops, and `a`, stepped down, takes the role back (see [`takes_the_role_back`]).
+    async fn new_primary_dies_and_old_takes_the_role_back(self) {
+        self.node_b.stop().await;
+        takes_the_role_back(&self.node_a, &self.a).await;
+        self.node_a.stop().await;
+        self.witness_task.abort();
+    }
 }
 
 /// `node` (the old primary of a switchover) becomes primary again within 10 s, in epoch 3, holding
@@ -429,30 +455,13 @@ impl syncblock_replicator::authority::Authority for LosesHandoverAnswers {
 /// did not hear, so it too may take the role back when the new primary dies before taking it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_a_switchover_answer_is_lost_and_the_new_primary_dies_the_old_one_takes_the_role_back() {
-    init_tracing();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = two_stores(dir.path(), 128 << 20, VOL_BYTES).await;
-    let (witness_task, witness) = start_witness(dir.path()).await;
-    let nowhere = free_addr().await;
-    let (a_repl, b_repl) = (free_addr().await, free_addr().await);
-    let mut cfg_a = named_cfg("a", "b", a_repl, b_repl, witness);
-    cfg_a.repl.authority = Some(std::sync::Arc::new(LosesHandoverAnswers(
-        syncblock_replicator::authority::Witness::shared(syncblock_replicator::net::tcp(), witness),
-    )));
-    let node_b = Node::start(b.clone(), named_cfg("b", "a", b_repl, a_repl, nowhere), Role::Secondary).await.unwrap();
-    let node_a = Node::start(a.clone(), cfg_a, Role::Primary).await.unwrap();
-    let pa = node_a.primary().unwrap();
-    write_64_in_sync(&pa).await;
-
-    let err = node_a.switchover().await.expect_err("the answer is lost");
+    let p = StallPair::start(|witness| std::sync::Arc::new(LosesHandoverAnswers(witness))).await;
+    let err = p.node_a.switchover().await.expect_err("the answer is lost");
     assert!(err.to_string().contains("answer was lost"), "{err}");
-    let mut roles = node_a.role_changes();
-    tokio::time::timeout(Duration::from_secs(5), roles.wait_for(|_| !node_a.is_primary()))
+    let mut roles = p.node_a.role_changes();
+    tokio::time::timeout(Duration::from_secs(5), roles.wait_for(|_| !p.node_a.is_primary()))
         .await
         .expect("the next report deposes the old primary")
         .unwrap();
-    node_b.stop().await;
-    takes_the_role_back(&node_a, &a).await;
-    node_a.stop().await;
-    witness_task.abort();
+    p.new_primary_dies_and_old_takes_the_role_back().await;
 }
