@@ -245,6 +245,50 @@ fn a_lost_node_fails_over_and_comes_back_to_resync() {
     qemu_ok(&survivor_uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k", "read -P 0x33 2M 256k"]);
 }
 
+/// A node that hangs with its sockets open (SIGSTOP) is noticed by the node link's own heartbeat,
+/// not by each volume's: while quiet, a volume pings its peer only once a second and its stream may
+/// stay silent for 4 s, yet its primary goes on alone once the link has heard nothing for 1 s.
+/// Before that, a quiet volume stays in sync and connected past its own silence limit. The node
+/// resumes (SIGCONT) and is resynced.
+#[test]
+fn a_hung_secondary_node_is_noticed_by_its_link_and_the_primary_goes_on_alone() {
+    if !ready("cluster hung node") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let (_etcd, ep, nodes) = three_nodes(dir.path(), &[]);
+    let a = create_in_sync(&ep, "a", "64MiB");
+    let find = |name: &serde_json::Value| nodes.iter().find(|n| n.name == name.as_str().unwrap()).unwrap();
+    let (primary, secondary) = (find(&a["primary"]), find(&a["secondary"]));
+    let uri = primary.uri("a");
+    qemu_ok(&uri, &["write -P 0x11 0 1M", "flush"]);
+    let connects = || {
+        let log = std::fs::read_to_string(&primary.log).unwrap();
+        log.lines().filter(|l| l.contains("peer connected") && l.contains(" volume=a ")).count()
+    };
+    let before = connects();
+    assert!(before >= 1, "the primary's log names no connection of volume a");
+    // Quiet for longer than a volume's own silence limit (`ReplConfig::silence_limit`, 4 s).
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(volume(&ep, "a")["state"], "in-sync");
+    assert_eq!(connects(), before, "a quiet volume's link was taken for dead");
+
+    secondary.freeze(true);
+    let hung = Instant::now();
+    wait_writable(&uri, &["write -P 0x22 1M 64k", "flush"], "the primary writes on alone");
+    eprintln!("hung secondary: {:?} to a flushed write on the primary alone", hung.elapsed());
+    let log = std::fs::read_to_string(&primary.log).unwrap();
+    assert!(log.contains("nothing heard from the peer node"), "the node link did not notice the hang");
+
+    secondary.freeze(false);
+    wait_until(Duration::from_millis(200), "back in sync", Duration::from_secs(60), || {
+        let v = volume(&ep, "a");
+        (v["state"] == "in-sync" && v["primary"] == a["primary"]).then_some(()).ok_or_else(|| v.to_string())
+    });
+    qemu_ok(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k"]);
+}
+
 /// Three etcd members, one lost: I/O goes on, and a failover still happens.
 #[test]
 fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {

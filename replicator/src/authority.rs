@@ -23,6 +23,13 @@ pub trait Authority: Send + Sync + 'static {
     fn ask<'a>(&'a self, req: &'a Frame, timeout: Duration) -> BoxFuture<'a, Result<Grant>>;
     /// For logs and the status: "witness 10.0.0.3:7100", "etcd".
     fn describe(&self) -> String;
+    /// Whether a primary that is in sync, connected and not solo may report only every
+    /// [`crate::QUIET_EVERY`]. A witness may not: it takes a primary whose reports stop for its
+    /// lease as gone. etcd may: it tells a primary's node gone by its own lease, and its answers
+    /// to such reports confirm a cached record (`cluster::authority::CACHE_FOR`).
+    fn quiet_reports(&self) -> bool {
+        false
+    }
 }
 
 pub type SharedAuthority = Arc<dyn Authority>;

@@ -81,6 +81,30 @@ pub struct ReplConfig {
     pub resync_bytes: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
+/// How often a quiet volume whose stream rides a beating node link ([`net::Net::links_beat`])
+/// pings its peer, and reports to an authority that allows it ([`authority::Authority::quiet_reports`]):
+/// 1 s, against [`ReplConfig::heartbeat`] (125 ms) while it has anything to send. The link's own
+/// heartbeat (`cluster::mux::LINK_BEAT`) proves the peer node alive for all its volumes at once,
+/// and closes every stream when the peer goes silent; a volume's own pings then only prove that
+/// its peer's session still answers. With 100 idle replicas a node spent 3.7–3.9 % of a core on
+/// 8 pings, 8 pongs and 8 reports a second per volume (docs/cluster.md, "CPU while idle").
+pub const QUIET_EVERY: Duration = Duration::from_secs(1);
+
+impl ReplConfig {
+    /// How long a volume's stream may carry nothing before it is declared dead: the timeout, or on
+    /// a beating node link, where a quiet volume pings only every [`QUIET_EVERY`], three quiet
+    /// pings more (4 s by default). A peer node that dies or goes silent is noticed by its link
+    /// within [`ReplConfig::timeout`] whatever this is; this bounds only a session that stopped
+    /// answering on a live node.
+    pub fn silence_limit(&self) -> Duration {
+        if self.net.links_beat() {
+            self.timeout + 3 * QUIET_EVERY
+        } else {
+            self.timeout
+        }
+    }
+}
+
 /// Resync data in flight for one node's volumes together: 64 MiB, four volumes copying at their
 /// full window (16 MiB each) at once. A node lost for good leaves hundreds of volumes to copy
 /// again on the others; without a shared bound each would hold its own 16 MiB of reads in flight

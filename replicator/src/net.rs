@@ -156,6 +156,13 @@ pub type BoxListener = Box<dyn Listener>;
 pub trait Net: Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxStream>>;
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>>;
+    /// Whether the connections of this network ride node links that carry a heartbeat of their
+    /// own and close every stream once the peer node goes silent (`cluster::mux`). A volume on
+    /// such a link need not prove the peer alive by itself: it pings and reports only at
+    /// [`crate::QUIET_EVERY`] while it has nothing to send ([`crate::ReplConfig::silence_limit`]).
+    fn links_beat(&self) -> bool {
+        false
+    }
 }
 
 /// Splits a stream into halves that can be used by two tasks.

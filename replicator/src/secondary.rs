@@ -394,7 +394,7 @@ async fn session(i: &Arc<Inner>, auth: Authenticated, mut stop: watch::Receiver<
         let done = tokio::select! {
             biased;
             done = std::future::poll_fn(|cx| poll_done(&mut session.queue, &mut session.queued_bytes, cx)), if !session.queue.is_empty() => done,
-            r = rd.fill(i.cfg.timeout), if session.has_room() => {
+            r = rd.fill(i.cfg.silence_limit()), if session.has_room() => {
                 r?;
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Node links (`cluster::mux`) over real TCP on loopback, through a node's router: many volumes'
-//! streams share one connection, a stream whose reader stalls holds up no other, a silent or closed
-//! link is replaced by the next stream asked for, and garbage on the port is turned away.
+//! streams share one connection, a stream whose reader stalls holds up no other, a link's own
+//! heartbeat keeps it up while its streams are idle, a silent link fails its streams on both sides
+//! and is replaced by the next stream asked for, and garbage on the port is turned away.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use syncblock_engine::Epoch;
-use syncblock_replicator::cluster::mux::{MuxNet, LINK_PREAMBLE, LINK_SILENT_MAX};
+use syncblock_replicator::cluster::mux::{self, MuxNet, LINK_PREAMBLE, LINK_SILENT_MAX};
 use syncblock_replicator::cluster::router::{RoutedNet, Router};
 use syncblock_replicator::link::{write_frame, FrameReader};
 use syncblock_replicator::net::{self, BoxFuture, BoxListener, BoxStream, Incoming, Listener, Net};
@@ -185,18 +186,20 @@ async fn a_silent_or_closed_link_is_replaced_by_the_next_stream() {
         }
     });
     let links = MuxNet::over(net::tcp());
-    let _s1 = links.connect(addr).await.unwrap();
+    let mut s1 = links.connect(addr).await.unwrap();
     let _s2 = links.connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "two streams, one link");
-    // Past the silence limit, the next stream comes on a new link.
-    tokio::time::sleep(LINK_SILENT_MAX + Duration::from_millis(200)).await;
+    // Past the silence limit the link closes, failing its streams, and the next stream comes on
+    // a new link.
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(LINK_SILENT_MAX * 3, s1.read(&mut b)).await.expect("the silent link's stream ended");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let mut s3 = links.connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "a silent link was reused");
     // The peer closes its links: their streams end, and the next stream dials again at once.
     close_tx.send(()).await.unwrap();
-    let mut b = [0u8; 1];
     let r = tokio::time::timeout(WAIT, s3.read(&mut b)).await.expect("the stream ended in time");
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -204,6 +207,65 @@ async fn a_silent_or_closed_link_is_replaced_by_the_next_stream() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 3, "a closed link was reused");
     held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_link_stays_up_on_its_own_heartbeat() {
+    let (router, addr, accepted) = router().await;
+    let links = MuxNet::over(net::tcp());
+    let mut l = listen(&router, "v").await;
+    let (mut out, mut back) = pair_up(&links, addr, &mut l, "v").await;
+    // Nothing on the volume's stream for three times the silence limit: the link's beat carries it.
+    tokio::time::sleep(LINK_SILENT_MAX * 3).await;
+    write_frame(&mut out, &ping(5)).await.unwrap();
+    assert!(matches!(read_frame(&mut back).await, Frame::Ping { nonce: 5, .. }));
+    write_frame(&mut back, &ping(6)).await.unwrap();
+    assert!(matches!(read_frame(&mut out).await, Frame::Ping { nonce: 6, .. }));
+    let _again = links.connect(addr).await.unwrap();
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "the idle link was replaced");
+    assert_eq!(links.links(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialing_node_gone_silent_fails_the_streams_its_link_carries() {
+    use futures_util::future::poll_fn;
+    use std::future::Future;
+    use std::task::Poll;
+    use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+    let (router, addr, _) = router().await;
+    let mut l = listen(&router, "v").await;
+    // A node that opens a link and one volume's stream on it, sends its hello, and then stops
+    // (a host gone without closing its socket): no beat, nothing at all.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&LINK_PREAMBLE).await.unwrap();
+    let mut conn = yamux::Connection::new(tcp.compat(), mux::config(), yamux::Mode::Client);
+    let stream = poll_fn(|cx| conn.poll_new_outbound(cx)).await.unwrap();
+    let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+    let driver = tokio::spawn(async move {
+        // Drives the connection (sending what its stream writes) until told to go silent.
+        poll_fn(|cx| {
+            if std::pin::Pin::new(&mut stop).poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            while let Poll::Ready(Some(_)) = conn.poll_next_inbound(cx) {}
+            Poll::Pending
+        })
+        .await;
+        conn
+    });
+    let mut out = stream.compat();
+    write_frame(&mut out, &hello("v")).await.unwrap();
+    let incoming = tokio::time::timeout(WAIT, l.accept()).await.expect("routed in time").unwrap();
+    let mut back = incoming.establish().await.unwrap().stream;
+    assert!(matches!(read_frame(&mut back).await, Frame::Hello { .. }));
+    stop_tx.send(()).unwrap();
+    let _silent = driver.await.unwrap();
+    let t = std::time::Instant::now();
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(WAIT, back.read(&mut b)).await.expect("the stream ended in time");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let took = t.elapsed();
+    assert!(took < LINK_SILENT_MAX * 3, "the silent link's stream ended after {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

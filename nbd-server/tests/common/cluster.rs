@@ -195,6 +195,12 @@ impl ClusterNode {
         self.proc.take();
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a node that hangs with its sockets open, and
+    /// resumes.
+    pub fn freeze(&self, frozen: bool) {
+        self.proc.as_ref().expect("running").signal(if frozen { libc::SIGSTOP } else { libc::SIGCONT });
+    }
+
     pub fn uri(&self, volume: &str) -> String {
         format!("nbd://{}/{volume}", self.nbd)
     }

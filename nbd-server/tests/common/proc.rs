@@ -57,6 +57,14 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (SIGSTOP and SIGCONT freeze and thaw the process: its sockets stay open and
+    /// nothing answers on them, as with a host that hangs).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.
+        let r = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(r, 0, "kill({signal}): {}", std::io::Error::last_os_error());
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(mut self) {
         // SAFETY: kill has no memory preconditions; the pid is our child, not yet reaped.

@@ -309,4 +309,8 @@ impl Authority for Etcd {
     fn describe(&self) -> String {
         format!("etcd ({})", self.cluster.endpoints)
     }
+
+    fn quiet_reports(&self) -> bool {
+        true
+    }
 }

@@ -12,12 +12,18 @@
 //! Each direction has its own link (a node dials for the volumes it is primary of), so two nodes
 //! share at most two connections, whatever the number of volumes between them. A link that dies
 //! (its peer crashed: the socket closes) fails all its streams at once; each volume then reconnects
-//! as it would after losing a connection of its own, and the first to do so dials a new link. A
-//! link that goes silent (a peer's host lost without closing its sockets) is replaced by the next
-//! request once nothing has been read from it for [`LINK_SILENT_MAX`]: every volume on it sends
-//! heartbeats that its peer answers, so a live link is never silent that long.
+//! as it would after losing a connection of its own, and the first to do so dials a new link.
+//!
+//! A link has a heartbeat of its own, for all its volumes: the dialing node opens a first stream
+//! on it that carries a ping every [`LINK_BEAT`], which the peer's router answers with a pong
+//! ([`answer_beats`]). Each side ends a link from which nothing has been read for
+//! [`LINK_SILENT_MAX`] (a peer's host lost without closing its sockets, or a peer process
+//! stopped): all its streams fail at once, as if the socket had closed. So a volume on a link
+//! need not prove its peer node alive by itself; while it has nothing to send it pings only every
+//! [`crate::QUIET_EVERY`] ([`crate::net::Net::links_beat`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -30,7 +36,9 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+use crate::link::write_frame;
 use crate::net::{BoxFuture, BoxListener, BoxStream, Net};
+use crate::wire::Frame;
 
 /// The first bytes a node sends on a link, before the multiplexed session: a router tells a link
 /// from a single volume's connection (which starts with a frame's magic) and from garbage.
@@ -45,10 +53,16 @@ pub const LINK_PREAMBLE: [u8; 8] = *b"SBLINK01";
 /// holds no buffer.
 pub const LINK_STREAMS_MAX: usize = 8192;
 
-/// A link from which nothing has been read for this long is replaced by the next request for a
-/// stream: 1 s, the replication link's default timeout (eight missed heartbeats). Replacing a live
-/// link wrongly would cost its volumes a reconnection, never data.
+/// A link from which nothing has been read for this long is closed, failing all its streams, and
+/// is replaced by the next request for a stream: 1 s, the replication link's default timeout
+/// (eight missed beats). Closing a live link wrongly would cost its volumes a reconnection, never
+/// data.
 pub const LINK_SILENT_MAX: Duration = Duration::from_secs(1);
+
+/// How often the dialing node pings on a link's beat stream (and so how often each side hears
+/// from the other on an idle link): 125 ms, the replication heartbeat, so that a link's silence
+/// is noticed as soon as one volume's was before links had a heartbeat of their own.
+pub const LINK_BEAT: Duration = Duration::from_millis(125);
 
 /// Requests to open a stream waiting for a link's session task.
 const OPENS_QUEUED: usize = 64;
@@ -140,7 +154,64 @@ impl MuxNet {
         let mut stream = self.inner.connect(addr).await?;
         stream.write_all(&LINK_PREAMBLE).await?;
         tracing::debug!(%addr, "link to a peer node opened");
-        Ok(run(stream, yamux::Mode::Client, None))
+        let link = run(stream, yamux::Mode::Client, None);
+        let beats = link.open().await?;
+        tokio::spawn(beat(beats));
+        Ok(link)
+    }
+}
+
+/// The dialing side of a link's heartbeat: a ping every [`LINK_BEAT`] on the link's first stream;
+/// the pongs are read and dropped (reading them is what keeps the link heard, in its session).
+/// Ends with the link.
+async fn beat(stream: BoxStream) {
+    let (mut rd, mut wr) = crate::net::split(stream);
+    let mut tick = tokio::time::interval(LINK_BEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                nonce += 1;
+                let ping = Frame::Ping { epoch: syncblock_engine::Epoch(0), nonce, floor: 0 };
+                if write_frame(&mut wr, &ping).await.is_err() {
+                    return;
+                }
+            }
+            r = rd.fill(LINK_SILENT_MAX * 4) => {
+                if r.is_err() {
+                    return;
+                }
+                // Pongs only; anything else ends the beat (and the peer's session notices).
+                while let Ok(Some(f)) = rd.try_frame() {
+                    if !matches!(f, Frame::Pong { .. }) {
+                        tracing::warn!("node link: {f:?} on the beat stream; beat stopped");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The accepting side of a link's heartbeat: its router hands it the stream whose first frame was
+/// a ping (nonce `first`), that frame consumed. Answers each ping with a pong until the stream ends
+/// or carries something else.
+pub(super) async fn answer_beats(stream: BoxStream, first: u64) {
+    let (mut rd, mut wr) = crate::net::split(stream);
+    let mut nonce = first;
+    loop {
+        if write_frame(&mut wr, &Frame::Pong { nonce }).await.is_err() {
+            return;
+        }
+        match rd.read_frame(LINK_SILENT_MAX * 4).await {
+            Ok(Frame::Ping { nonce: n, .. }) => nonce = n,
+            Ok(f) => {
+                tracing::warn!("node link: {f:?} on the beat stream; beat stopped");
+                return;
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -167,6 +238,9 @@ impl Net for MuxNet {
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
         self.inner.bind(addr)
     }
+    fn links_beat(&self) -> bool {
+        true
+    }
 }
 
 /// Runs a link's session on a task of its own: opens the streams asked for and hands each stream
@@ -178,10 +252,23 @@ pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Se
     let watched = Watched { inner: stream, last_read: last_read.clone(), born };
     let mut conn = yamux::Connection::new(watched.compat(), config(), mode);
     let (opens, mut requests) = mpsc::channel::<OpenReply>(OPENS_QUEUED);
+    let heard = last_read.clone();
     tokio::spawn(async move {
         let mut waiting: Option<OpenReply> = None;
         let mut handles_gone = false;
+        // When to look whether the peer went silent (see `LINK_SILENT_MAX`).
+        let mut check = Box::pin(tokio::time::sleep(LINK_SILENT_MAX));
         let end = std::future::poll_fn(|cx| {
+            while check.as_mut().poll(cx).is_ready() {
+                let silent = born.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                if silent > LINK_SILENT_MAX {
+                    let why = format!("nothing heard from the peer node for {} ms", silent.as_millis());
+                    return Poll::Ready(Some(yamux::ConnectionError::Io(io::Error::new(io::ErrorKind::TimedOut, why))));
+                }
+                check
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + (LINK_SILENT_MAX - silent) + Duration::from_millis(1));
+            }
             // Streams asked for, one at a time (the multiplexer may make an opener wait for the
             // peer to acknowledge earlier streams).
             loop {

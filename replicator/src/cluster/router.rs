@@ -78,7 +78,9 @@ impl Router {
                     let deadline = tokio::time::Instant::now() + FIRST_FRAME_TIMEOUT;
                     match tokio::time::timeout_at(deadline, sniff(incoming)).await {
                         Ok(Ok((peer, Kind::Single))) => {
-                            router.route(peer, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+                            router
+                                .route(peer, deadline.saturating_duration_since(tokio::time::Instant::now()), false)
+                                .await
                         }
                         Ok(Ok((peer, Kind::Link))) => {
                             drop(permit);
@@ -117,7 +119,7 @@ impl Router {
             let Ok(permit) = permits.clone().acquire_owned().await else { return };
             let (router, who) = (self.clone(), who.clone());
             tokio::spawn(async move {
-                router.route(Peer { stream, who }, FIRST_FRAME_TIMEOUT).await;
+                router.route(Peer { stream, who }, FIRST_FRAME_TIMEOUT, true).await;
                 drop(permit);
             });
         }
@@ -125,8 +127,9 @@ impl Router {
     }
 
     /// Reads a connection's first frame (a hello naming the volume, due `within`) and hands the
-    /// connection to that volume's listener.
-    async fn route(&self, peer: Peer, within: Duration) {
+    /// connection to that volume's listener; or, for a stream of a node link (`on_link`) that
+    /// starts with a ping, answers the link's heartbeat on a task of its own.
+    async fn route(&self, peer: Peer, within: Duration, on_link: bool) {
         let from = peer.who.from;
         let first = async {
             let Peer { mut stream, who } = peer;
@@ -142,6 +145,11 @@ impl Router {
                 return;
             }
         };
+        if let (Frame::Ping { nonce, .. }, true) = (&hello, on_link) {
+            let replayed = Replayed { head: rest.freeze(), inner: stream };
+            tokio::spawn(mux::answer_beats(Box::new(replayed), *nonce));
+            return;
+        }
         let Frame::Hello { volume, .. } = &hello else {
             tracing::warn!(%from, "replication port: first frame {hello:?} is not a hello; connection dropped");
             return;
@@ -244,6 +252,9 @@ impl Net for RoutedNet {
     }
     fn bind(&self, _addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxListener>> {
         Box::pin(async move { Ok(self.router.listen(&self.volume)) })
+    }
+    fn links_beat(&self) -> bool {
+        self.inner.links_beat()
     }
 }
 

@@ -383,6 +383,13 @@ pub(super) struct Owner {
     crc_answers: BTreeMap<u64, Vec<Option<u32>>>,
     next_crc_id: u64,
     next_nonce: u64,
+    /// Whether anything but a ping went on the link since the last heartbeat ping, and the floor
+    /// that ping carried: a volume with neither to tell pings only every `QUIET_EVERY` on a beating
+    /// node link (see `Owner::on_timers`).
+    shipped: bool,
+    pinged_floor: u64,
+    /// The next heartbeat ping is a quiet one: the first frame shipped brings it forward.
+    quiet_ping: bool,
     /// Resync steps not yet confirmed by the peer, oldest first: the step's ping nonce, and the
     /// node-wide permits its data bytes hold, one per byte (see `RESYNC_UNCONFIRMED_MAX`).
     resync_marks: VecDeque<(u64, tokio::sync::OwnedSemaphorePermit)>,
@@ -501,6 +508,9 @@ impl Owner {
             crc_answers: BTreeMap::new(),
             next_crc_id: 1,
             next_nonce: 0,
+            shipped: false,
+            pinged_floor: 0,
+            quiet_ping: false,
             resync_marks: VecDeque::new(),
             step_permit: None,
             last_client: None,
@@ -829,6 +839,15 @@ impl Owner {
 
     /// Queues on the link if there is one (nothing is queued without: the next resync ships it).
     fn ship(&mut self, out: Out) {
+        if !self.link_up() {
+            return;
+        }
+        self.shipped = true;
+        if self.quiet_ping {
+            // Something to tell again: heartbeats at their own pace until the volume is quiet.
+            self.quiet_ping = false;
+            self.timers.ping = self.timers.ping.min(Instant::now() + self.cfg.heartbeat);
+        }
         let LinkState::Up(link) = &mut self.link else { return };
         if !link.backlog.is_empty() {
             link.backlog.push_back(out);
@@ -901,7 +920,8 @@ impl Owner {
             keepalive,
             self.cfg.heartbeat,
         ));
-        let reader = tokio::spawn(super::link::reader(generation, rd, self.cfg.timeout, self.events_tx.clone()));
+        let reader =
+            tokio::spawn(super::link::reader(generation, rd, self.cfg.silence_limit(), self.events_tx.clone()));
         self.link = LinkState::Up(Link {
             generation,
             tx,
@@ -955,6 +975,9 @@ impl Owner {
             self.last_link_error = msg.clone();
         }
         self.link = LinkState::Down { retry_at: Instant::now() + self.cfg.reconnect };
+        // A quiet volume reports again at the heartbeat's pace: the peer's absence counts from
+        // the next report (`away_since`).
+        self.timers.report = self.timers.report.min(Instant::now() + self.witness_period);
         // Checksum requests of the dead link get no answer: a verify pass fails, a resync ends.
         self.crc_asked.clear();
         self.crc_answers.clear();

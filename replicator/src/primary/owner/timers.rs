@@ -4,6 +4,8 @@
 
 use tokio::time::Instant;
 
+use crate::QUIET_EVERY;
+
 use super::*;
 
 impl Owner {
@@ -13,8 +15,13 @@ impl Owner {
             self.publish_now();
         }
         if self.link_up() && now >= self.timers.ping {
+            // Quiet: nothing shipped since the last ping and no new floor to tell, on a node link
+            // whose own heartbeat proves the peer node alive.
+            let quiet = !self.shipped && self.floor_tag() == self.pinged_floor && self.cfg.net.links_beat();
             self.ship_ping();
-            self.timers.ping = now + self.cfg.heartbeat;
+            self.shipped = false;
+            self.quiet_ping = quiet;
+            self.timers.ping = now + if quiet { QUIET_EVERY } else { self.cfg.heartbeat };
         }
         if let LinkState::Down { retry_at } = self.link {
             if now >= retry_at {
@@ -23,7 +30,7 @@ impl Owner {
         }
         if self.cfg.authority.is_some() && !self.witness_asking && now >= self.timers.report {
             self.report_to_witness();
-            self.timers.report = now + self.witness_period;
+            self.timers.report = now + self.report_period();
         }
         let lease_over = self.solo_until.is_none_or(|t| now >= t);
         if self.peer.borrow().solo && lease_over {
@@ -52,8 +59,25 @@ impl Owner {
     pub(super) fn ship_ping(&mut self) -> u64 {
         self.next_nonce += 1;
         let (epoch, nonce, floor) = (self.state.epoch, self.next_nonce, self.floor_tag());
+        self.pinged_floor = floor;
         self.ship(Out::Frame(Frame::Ping { epoch, nonce, floor }));
         nonce
+    }
+
+    /// How long until the next report: the witness period, or [`QUIET_EVERY`] for a volume in
+    /// sync, connected, not solo and not handing over, if the authority allows it
+    /// ([`crate::authority::Authority::quiet_reports`]). Such a report only confirms the record:
+    /// no write can be acknowledged without the peer meanwhile.
+    fn report_period(&self) -> Duration {
+        let quiet = self.cfg.authority.as_ref().is_some_and(|a| a.quiet_reports()) && self.handover.is_none() && {
+            let v = self.peer.borrow();
+            v.connected && v.in_sync && !v.solo
+        };
+        if quiet {
+            self.witness_period.max(QUIET_EVERY)
+        } else {
+            self.witness_period
+        }
     }
 
     /// The tag known durable on both nodes: trims above it are still needed by a future resync.
