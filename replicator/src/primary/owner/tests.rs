@@ -25,6 +25,30 @@ async fn harness(policy: Policy) -> Harness {
 
 /// A harness whose resyncs share `resync_bytes` (a node's other volumes hold the rest).
 async fn harness_sharing(policy: Policy, resync_bytes: Arc<tokio::sync::Semaphore>) -> Harness {
+    harness_on(policy, resync_bytes, crate::net::tcp()).await
+}
+
+/// TCP whose connections count as riding node links with a heartbeat of their own
+/// (`Net::links_beat`), as a cluster node's do.
+struct Beating;
+
+impl crate::net::Net for Beating {
+    fn connect(&self, addr: SocketAddr) -> crate::net::BoxFuture<'_, std::io::Result<crate::net::BoxStream>> {
+        crate::net::TcpNet.connect(addr)
+    }
+    fn bind(&self, addr: SocketAddr) -> crate::net::BoxFuture<'_, std::io::Result<crate::net::BoxListener>> {
+        crate::net::TcpNet.bind(addr)
+    }
+    fn links_beat(&self) -> bool {
+        true
+    }
+}
+
+async fn harness_on(
+    policy: Policy,
+    resync_bytes: Arc<tokio::sync::Semaphore>,
+    net: Arc<dyn crate::net::Net>,
+) -> Harness {
     let (store, info) = crate::testutil::sim_store(VOL).await;
     let mut state = ReplState::new(Role::Primary);
     state.begin_epoch(EPOCH, 1, 11);
@@ -35,6 +59,7 @@ async fn harness_sharing(policy: Policy, resync_bytes: Arc<tokio::sync::Semaphor
         authority: (policy == Policy::Degrade).then(|| crate::authority::Witness::shared(crate::net::tcp(), unused)),
         policy,
         resync_bytes,
+        net,
         ..ReplConfig::default()
     };
     let (owner, parts) = Owner::new(store, info.id, "v".into(), VOL, unused, cfg, state, 0, 0, None);
@@ -500,6 +525,66 @@ async fn an_idle_primary_wakes_for_its_timers_only() {
     // 80 heartbeats and their pongs, ~100 floor and warning checks: a few hundred.
     assert!(idle < 1_000, "{idle} turns of the loop in 10 s idle");
     assert!(idle >= 80, "{idle} turns: the heartbeats did not run");
+    let _ = parts.stop.send(true);
+    task.await.unwrap();
+}
+
+/// Lets `d` pass, the peer reading and answering pings.
+async fn idle_for(peer: &mut Peer, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        peer.read().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// On a node link that beats on its own, a primary with nothing to send pings once a second
+/// (`QUIET_EVERY`), not every heartbeat; its first write brings the heartbeat back at once.
+#[tokio::test(start_paused = true)]
+async fn a_quiet_primary_on_a_beating_link_pings_once_a_second_until_it_writes() {
+    let mut h = harness_on(Policy::Strict, ReplConfig::default().resync_bytes, Arc::new(Beating)).await;
+    let heartbeat = h.owner.cfg.heartbeat;
+    let (_, mut peer) = h.in_sync().await;
+    let Harness { owner, _parts: parts } = h;
+    let task = tokio::spawn(owner.run());
+    let pings = |p: &Peer| p.got.iter().filter(|f| matches!(f, Frame::Ping { nonce, .. } if *nonce > 0)).count();
+    // The first seconds settle (the floor the sync left is told once); then 10 s quiet.
+    idle_for(&mut peer, Duration::from_secs(3)).await;
+    let before = pings(&peer);
+    idle_for(&mut peer, Duration::from_secs(10)).await;
+    let quiet = pings(&peer) - before;
+    assert!((9..=11).contains(&quiet), "{quiet} pings in 10 s quiet (one a second expected; 80 at the heartbeat)");
+    // Right after a quiet ping, a write: the next ping follows within a heartbeat, not a second
+    // later; then the volume is quiet again.
+    let n = pings(&peer);
+    while pings(&peer) == n {
+        peer.read().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (reply, rx) = oneshot::channel();
+    let data = Bytes::from(vec![7u8; BLOCK_BYTES_U64 as usize]);
+    parts.commands.send((Instant::now(), Command::Write { offset: 0, data, fua: true, reply })).await.unwrap();
+    let sent = Instant::now();
+    let n = pings(&peer);
+    let mut first = None;
+    while first.is_none() && Instant::now() < sent + Duration::from_secs(2) {
+        peer.read().await;
+        if let Some(t) = peer.writes().last().map(|w| w.0) {
+            peer.ack(t, t).await;
+        }
+        if pings(&peer) > n {
+            first = Some(sent.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rx.await.expect("answered").expect("the write succeeded");
+    let first = first.expect("a ping after the write");
+    assert!(first <= heartbeat + Duration::from_millis(20), "the first ping came {first:?} after the write");
+    idle_for(&mut peer, Duration::from_secs(1)).await;
+    let before = pings(&peer);
+    idle_for(&mut peer, Duration::from_secs(5)).await;
+    let quiet = pings(&peer) - before;
+    assert!((4..=6).contains(&quiet), "{quiet} pings in 5 s quiet again after the write");
     let _ = parts.stop.send(true);
     task.await.unwrap();
 }
