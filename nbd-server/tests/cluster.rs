@@ -289,6 +289,50 @@ fn a_hung_secondary_node_is_noticed_by_its_link_and_the_primary_goes_on_alone() 
     qemu_ok(&uri, &["read -P 0x11 0 1M", "read -P 0x22 1M 64k"]);
 }
 
+/// Grant transactions that come together go to etcd as one request (`cluster/batch.rs`): 64 at
+/// once cost a few etcd revisions, not 64, and each keeps its own compares and its own outcome
+/// (one whose compare fails changes nothing and fails alone).
+#[test]
+fn grant_transactions_that_come_together_are_few_etcd_writes() {
+    use syncblock_replicator::cluster::batch::{Batcher, Compare, CompareOp};
+    use syncblock_replicator::cluster::Cluster;
+    if !ready("etcd batches") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cluster = Cluster::connect(&etcd.endpoints(), None).await.unwrap();
+        let before = cluster.snapshot().await.unwrap().revision;
+        let batch = Batcher::new(cluster.clone());
+        let puts = (0..64).map(|i| {
+            let (batch, key) = (batch.clone(), cluster.key(&format!("test/t{i}")));
+            // t7 must exist already (it does not): its compare fails.
+            let op = if i == 7 { CompareOp::Greater } else { CompareOp::Equal };
+            tokio::spawn(
+                async move { batch.put_if(vec![Compare::version(key.clone(), op, 0)], key, b"{}".to_vec()).await },
+            )
+        });
+        let mut held = Vec::new();
+        for p in puts.collect::<Vec<_>>() {
+            held.push(p.await.unwrap().expect("etcd answered"));
+        }
+        let after = cluster.snapshot().await.unwrap().revision;
+        assert!(held.iter().enumerate().all(|(i, h)| *h == (i != 7)), "{held:?}");
+        let writes = after - before;
+        eprintln!("63 grant changes: {writes} etcd revisions");
+        assert!((1..=8).contains(&writes), "63 grant changes took {writes} etcd revisions");
+        // Again for a key already written: a second batch decides from what the first left.
+        let key = cluster.key("test/t0");
+        assert!(!batch
+            .put_if(vec![Compare::version(key.clone(), CompareOp::Equal, 0)], key, b"{}".to_vec())
+            .await
+            .unwrap());
+    });
+}
+
 /// Three etcd members, one lost: I/O goes on, and a failover still happens.
 #[test]
 fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {

@@ -14,11 +14,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp};
 use syncblock_engine::Epoch;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::batch::Batcher;
 use super::{Cluster, GrantDoc};
 use crate::authority::{Authority, BoxFuture};
 use crate::wire::{Frame, Refusal};
@@ -68,6 +69,8 @@ pub struct Etcd {
     /// when. An entry serves reports only under the same lease: a node whose lease expired (and
     /// that registered again) may have lost its role meanwhile, even by a forced takeover.
     cache: Mutex<HashMap<String, (GrantDoc, i64, Instant)>>,
+    /// This node's record changes, sent together when they come together.
+    batch: Batcher,
 }
 
 impl Etcd {
@@ -78,7 +81,8 @@ impl Etcd {
         standing: watch::Receiver<Standing>,
         alive_gone: watch::Receiver<u64>,
     ) -> Etcd {
-        Etcd { cluster, node, standing, alive_gone, cache: Mutex::new(HashMap::new()) }
+        let batch = Batcher::new(cluster.clone());
+        Etcd { cluster, node, standing, alive_gone, cache: Mutex::new(HashMap::new()), batch }
     }
 
     /// The record a report may be answered from without asking etcd, and when it was read: read
@@ -258,9 +262,8 @@ impl Etcd {
                     }
                 }
                 let value = serde_json::to_vec(&new).expect("serialisable");
-                let txn = Txn::new().when(when).and_then(vec![TxnOp::put(grant_key.clone(), value, None)]);
-                let resp = kv.txn(txn).await.map_err(|e| self.etcd_error(e))?;
-                if !resp.succeeded() {
+                // With the other volumes' changes queued meanwhile, in one request (`batch.rs`).
+                if !self.batch.put_if(when, grant_key.clone(), value).await? {
                     // The record moved, or this node's lease did: decide again from what is there now.
                     continue;
                 }

@@ -11,6 +11,7 @@
 //! argues why no volume ever has two primaries acknowledging writes.
 
 pub mod authority;
+pub mod batch;
 mod channel;
 pub mod member;
 pub mod mux;
