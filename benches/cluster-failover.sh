@@ -32,6 +32,7 @@ BASE=${DIR:-/var/tmp/cluster-bench}
 # shellcheck source=benches/lib.sh
 . "$ROOT/benches/lib.sh"
 need "apt-get install etcd-server python3-libnbd" etcd
+need "apt-get install etcd-client" etcdctl
 $PY -c 'import nbd' 2>/dev/null || { echo "missing the python3 nbd module (apt-get install python3-libnbd)" >&2; exit 1; }
 open_run "$ROOT"
 
@@ -98,6 +99,7 @@ VICTIM=$(json "max(set(v['primary'] for v in d), key=lambda n: sum(v['primary']=
 "$BIN" node list --json --etcd "$ETCD" >"$RUN/nodes.json"
 echo
 echo "killing $VICTIM (primary of $(json "sum(v['primary']=='$VICTIM' for v in d)" <"$RUN/volumes.json") volumes) ..."
+REV0=$(etcd_revision)
 $PY - "$RUN/volumes.json" "$RUN/nodes.json" "$VICTIM" "${NODE_PID[$VICTIM]}" <<'EOF'
 import json, os, signal, sys, threading, time
 import nbd
@@ -164,6 +166,12 @@ print("flushed data checked on every failed-over volume: %s" % ("all present" if
 open(os.path.join(os.path.dirname(sys.argv[1]), "failover.times"), "w").write(" ".join("%.6f" % t for t in ts))
 sys.exit(1 if failed else 0)
 EOF
+# What the failover cost etcd: its writes in the 5 s after the kill (the victim's lease expiring,
+# the takeovers of its primaries, the survivors' requests to acknowledge alone for the volumes whose
+# secondary it was, and their records becoming synced again), each node's grant changes that came
+# together being one write (replicator/src/cluster/batch.rs).
+sleep "$($PY -c "import time; print(max(0, float(open('$RUN/kill.time').read()) + 5 - time.time()))")"
+echo "etcd writes in the 5 s after the kill: $(($(etcd_revision) - REV0)) (for $(json "sum(v['primary']=='$VICTIM' or v['secondary']=='$VICTIM' for v in d)" <"$RUN/volumes.json") volumes that lost a replica)"
 # How much of that is etcd's: when the survivors saw the victim's alive key go (its lease TTL, and
 # etcd's expiry check every 500 ms), and how long after that the volumes served again.
 $PY - "$RUN" "$VICTIM" <<'EOF'

@@ -80,6 +80,10 @@ start_etcd() {
   ETCD="http://127.0.0.1:$ec"
   for _ in $(seq 100); do "$BIN" node list --etcd "$ETCD" >/dev/null 2>&1 && break; sleep 0.1; done
 }
+# etcd's current revision (one more for each write it applied).
+etcd_revision() {
+  etcdctl --endpoints "$ETCD" endpoint status -w json | $PY -c 'import json,sys; print(json.load(sys.stdin)[0]["Status"]["header"]["revision"])'
+}
 # Starts `syncblock node` $1 with a store of size $2 in $RUN, on free loopback ports (NBD and
 # replication; pass `--listen ADDR` to choose the NBD one), logging to $RUN/$1.out and .log; any
 # further flags follow ($3...: `--admin ADDR`, `--grace 5`). Its pid goes in NODE_PID[$1] (an

@@ -662,6 +662,11 @@ struct Node {
     copy_gen: u32,
     /// Bytes of full copies this node has started receiving.
     received: u64,
+    /// Grant transactions waiting for this node's batch in flight (`cluster/batch.rs`), when the
+    /// last batch reached etcd, and whether the next is scheduled.
+    batch: Vec<Box<Req>>,
+    batch_at: Option<Ms>,
+    batch_due: bool,
 }
 
 struct Vol {
@@ -736,25 +741,102 @@ enum Ev {
     FaultTick,
     Fault(Fault),
     Heal(Heal, u32),
-    Register { node: u32, inc: u32 },
-    RegisterAtEtcd { node: u32, inc: u32, sent: Ms },
-    Registered { node: u32, inc: u32, lease: i64, sent: Ms },
-    KeepAlive { node: u32, inc: u32, lease: i64 },
-    KeepAliveAtEtcd { node: u32, inc: u32, lease: i64, sent: Ms },
-    KeepAliveAnswer { node: u32, inc: u32, lease: i64, sent: Ms, ok: bool },
-    Reconcile { node: u32, inc: u32 },
-    ReprotectTick { node: u32, inc: u32 },
-    ReplaceNext { node: u32, inc: u32 },
-    ReplaceRead { node: u32, inc: u32, vol: u32, lost: u32, sent: Ms },
-    ReplaceTxn { node: u32, inc: u32, vol: u32, lost: u32, new: u32, rev: (i64, i64), moved: Box<VolumeSpec>, sent: Ms },
-    Ask { vol: u32, node: u32, gen: u32, ask: Ask },
+    Register {
+        node: u32,
+        inc: u32,
+    },
+    RegisterAtEtcd {
+        node: u32,
+        inc: u32,
+        sent: Ms,
+    },
+    Registered {
+        node: u32,
+        inc: u32,
+        lease: i64,
+        sent: Ms,
+    },
+    KeepAlive {
+        node: u32,
+        inc: u32,
+        lease: i64,
+    },
+    KeepAliveAtEtcd {
+        node: u32,
+        inc: u32,
+        lease: i64,
+        sent: Ms,
+    },
+    KeepAliveAnswer {
+        node: u32,
+        inc: u32,
+        lease: i64,
+        sent: Ms,
+        ok: bool,
+    },
+    Reconcile {
+        node: u32,
+        inc: u32,
+    },
+    ReprotectTick {
+        node: u32,
+        inc: u32,
+    },
+    ReplaceNext {
+        node: u32,
+        inc: u32,
+    },
+    ReplaceRead {
+        node: u32,
+        inc: u32,
+        vol: u32,
+        lost: u32,
+        sent: Ms,
+    },
+    ReplaceTxn {
+        node: u32,
+        inc: u32,
+        vol: u32,
+        lost: u32,
+        new: u32,
+        rev: (i64, i64),
+        moved: Box<VolumeSpec>,
+        sent: Ms,
+    },
+    Ask {
+        vol: u32,
+        node: u32,
+        gen: u32,
+        ask: Ask,
+    },
     AuthRead(Box<Req>),
     AuthTxn(Box<Req>),
+    /// A node's queued grant transactions reach etcd, together.
+    AuthBatch {
+        node: u32,
+    },
     AuthAnswer(Box<Req>),
-    LinkUp { vol: u32, node: u32, gen: u32, token: u32 },
-    Depose { vol: u32, node: u32, gen: u32 },
-    ResyncDone { vol: u32, node: u32, gen: u32, token: u32 },
-    CopyCheck { node: u32, gen: u32 },
+    LinkUp {
+        vol: u32,
+        node: u32,
+        gen: u32,
+        token: u32,
+    },
+    Depose {
+        vol: u32,
+        node: u32,
+        gen: u32,
+    },
+    ResyncDone {
+        vol: u32,
+        node: u32,
+        gen: u32,
+        token: u32,
+    },
+    CopyCheck {
+        node: u32,
+        gen: u32,
+    },
 }
 
 struct Item {
@@ -875,6 +957,9 @@ impl Sim {
                 copy_at: 0,
                 copy_gen: 0,
                 received: 0,
+                batch: Vec::new(),
+                batch_at: None,
+                batch_due: false,
             })
             .collect::<Vec<_>>();
         let vols = (0..cfg.n_volumes)
@@ -2019,36 +2104,111 @@ impl Sim {
         }
     }
 
-    fn on_auth_txn(&mut self, mut req: Box<Req>) {
+    /// A grant transaction reaches etcd. A node sends its grant transactions in batches
+    /// (`cluster/batch.rs`): one that reaches etcd while the node's previous batch is still in
+    /// flight (less than a round trip after it reached etcd) waited at the node for its answer,
+    /// and goes with the others that waited, a round trip after the previous one.
+    fn on_auth_txn(&mut self, req: Box<Req>) {
         if self.cut(req.node) {
             return self.answer_timeout(req);
         }
-        let v = req.vol;
-        let mut when = vec![
-            if req.rev == 0 {
-                cmp(Key::Grant(v), Field::Version, Ordering::Equal, 0)
-            } else {
-                cmp(Key::Grant(v), Field::ModRev, Ordering::Equal, req.rev)
-            },
-            cmp(Key::Alive(req.node), Field::Lease, Ordering::Equal, req.lease),
-        ];
-        if let Some(p) = req.takeover_of {
-            when.push(cmp(Key::Alive(p), Field::Version, Ordering::Equal, 0));
+        let n = req.node as usize;
+        let round_trip = 2 * self.cfg.etcd_ms;
+        match self.nodes[n].batch_at {
+            Some(at) if self.now < at + round_trip => {
+                self.nodes[n].batch.push(req);
+                if !std::mem::replace(&mut self.nodes[n].batch_due, true) {
+                    let node = n as u32;
+                    self.at(at + round_trip - self.now, Ev::AuthBatch { node });
+                }
+            }
+            _ => self.commit_batch(n as u32, vec![req]),
         }
-        if let Some(rev) = req.spec_rev {
-            when.push(cmp(Key::Volume(v), Field::ModRev, Ordering::Equal, rev));
+    }
+
+    fn on_auth_batch(&mut self, node: u32) {
+        let n = node as usize;
+        self.nodes[n].batch_due = false;
+        // Requests of an earlier life of the node were never sent.
+        let inc = self.nodes[n].inc;
+        let alive = self.nodes[n].alive;
+        let queued: Vec<Box<Req>> = std::mem::take(&mut self.nodes[n].batch);
+        let queued: Vec<Box<Req>> = queued.into_iter().filter(|r| alive && r.inc == inc).collect();
+        if queued.is_empty() {
+            return;
         }
-        let new = req.new.clone().expect("decided");
-        if self.txn(&when, vec![Put::Grant(v, new.clone())]) {
-            self.answer(req, Ok(new));
-        } else {
-            // The record moved, or this node's lease did: decide again from what is there now.
-            req.tries += 1;
-            if req.tries >= AUTH_TRIES {
-                self.answer(req, Err(AskErr::Unreachable));
+        if self.cut(node) {
+            for req in queued {
+                self.answer_timeout(req);
+            }
+            return;
+        }
+        self.commit_batch(node, queued);
+    }
+
+    /// One etcd request of nested transactions, one per volume (a second one for a volume waits
+    /// for the next batch, as `batch.rs` does): one revision and one write if any of them
+    /// changed something.
+    fn commit_batch(&mut self, node: u32, reqs: Vec<Box<Req>>) {
+        let n = node as usize;
+        self.nodes[n].batch_at = Some(self.now);
+        let mut seen = BTreeSet::new();
+        let mut puts = Vec::new();
+        let mut held = Vec::new();
+        for req in reqs {
+            if !seen.insert(req.vol) {
+                let round_trip = 2 * self.cfg.etcd_ms;
+                self.nodes[n].batch.push(req);
+                if !std::mem::replace(&mut self.nodes[n].batch_due, true) {
+                    self.at(round_trip, Ev::AuthBatch { node });
+                }
+                continue;
+            }
+            let v = req.vol;
+            let mut when = vec![
+                if req.rev == 0 {
+                    cmp(Key::Grant(v), Field::Version, Ordering::Equal, 0)
+                } else {
+                    cmp(Key::Grant(v), Field::ModRev, Ordering::Equal, req.rev)
+                },
+                cmp(Key::Alive(req.node), Field::Lease, Ordering::Equal, req.lease),
+            ];
+            if let Some(p) = req.takeover_of {
+                when.push(cmp(Key::Alive(p), Field::Version, Ordering::Equal, 0));
+            }
+            if let Some(rev) = req.spec_rev {
+                when.push(cmp(Key::Volume(v), Field::ModRev, Ordering::Equal, rev));
+            }
+            // The nested transactions touch different records: each decides on what was there
+            // before the batch.
+            let ok = when.iter().all(|c| self.etcd.holds(c));
+            if ok {
+                puts.push(Put::Grant(v, req.new.clone().expect("decided")));
             } else {
-                let d = self.d() * 2;
-                self.at(d, Ev::AuthRead(req));
+                self.sec().txn_failed += 1;
+            }
+            held.push((req, ok));
+        }
+        if !puts.is_empty() {
+            self.etcd.rev += 1;
+            self.wrote();
+            for put in puts {
+                self.apply(put);
+            }
+        }
+        for (mut req, ok) in held {
+            if ok {
+                let new = req.new.clone().expect("decided");
+                self.answer(req, Ok(new));
+            } else {
+                // The record moved, or this node's lease did: decide again from what is there now.
+                req.tries += 1;
+                if req.tries >= AUTH_TRIES {
+                    self.answer(req, Err(AskErr::Unreachable));
+                } else {
+                    let d = self.d() * 2;
+                    self.at(d, Ev::AuthRead(req));
+                }
             }
         }
     }
@@ -2852,6 +3012,7 @@ impl Sim {
             Ev::Ask { vol, node, gen, ask } => self.on_ask(vol, node, gen, ask),
             Ev::AuthRead(req) => self.on_auth_read(req),
             Ev::AuthTxn(req) => self.on_auth_txn(req),
+            Ev::AuthBatch { node } => self.on_auth_batch(node),
             Ev::AuthAnswer(req) => self.on_auth_answer(req),
             Ev::LinkUp { vol, node, gen, token } => self.on_link_up(vol, node, gen, token),
             Ev::Depose { vol, node, gen } => self.on_depose(vol, node, gen),
