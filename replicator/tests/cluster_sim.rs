@@ -1554,7 +1554,9 @@ impl Sim {
         let (node, gen) = (c.node, r.gen);
         match r.role {
             Role::Primary if r.link != Link::Up && !r.solo && !r.soloing => {
-                let when = (r.away_since + self.t.link_timeout).max(self.now) + self.jitter(self.t.heartbeat);
+                // One link timeout after the link failed (timers.rs `ask_solo_if_due`): the
+                // volumes that lost a link with one node together all ask at once.
+                let when = (r.away_since + self.t.link_timeout).max(self.now);
                 self.run_mut(v, i).soloing = true;
                 self.at(when - self.now, Ev::Ask { vol: v, node, gen, ask: Ask::Solo });
             }

@@ -333,6 +333,8 @@ struct Verify {
 struct Timers {
     ping: Instant,
     report: Instant,
+    /// The earliest next request to continue alone (`Owner::ask_solo_if_due`).
+    solo: Instant,
     floor: Instant,
     warn: Instant,
 }
@@ -523,6 +525,7 @@ impl Owner {
             timers: Timers {
                 ping: now + heartbeat,
                 report: now,
+                solo: now,
                 floor: now + FLOOR_PERIOD,
                 warn: now + WAIT_WARN_AFTER,
             },
@@ -680,6 +683,9 @@ impl Owner {
         }
         if self.cfg.authority.is_some() && !self.witness_asking {
             next = next.min(t.report);
+            if let Some(solo) = self.solo_due() {
+                next = next.min(solo);
+            }
         }
         if let Some(until) = self.solo_until.filter(|_| self.peer.borrow().solo) {
             next = next.min(until);
@@ -930,6 +936,7 @@ impl Owner {
             _reader: AbortOnDrop(reader),
         });
         let from = self.next_tag;
+        self.away_since = None;
         self.peer.send_modify(|v| {
             v.connected = true;
             v.in_sync = false;
@@ -975,9 +982,13 @@ impl Owner {
             self.last_link_error = msg.clone();
         }
         self.link = LinkState::Down { retry_at: Instant::now() + self.cfg.reconnect };
-        // A quiet volume reports again at the heartbeat's pace: the peer's absence counts from
-        // the next report (`away_since`).
-        self.timers.report = self.timers.report.min(Instant::now() + self.witness_period);
+        // The peer is away from now: in the link timeout this primary asks to continue alone
+        // (`ask_solo_if_due`). A quiet volume reports again at the heartbeat's pace.
+        let now = Instant::now();
+        if self.peer.borrow().connected || self.away_since.is_none() {
+            self.away_since = Some(now);
+        }
+        self.timers.report = self.timers.report.min(now + self.witness_period);
         // Checksum requests of the dead link get no answer: a verify pass fails, a resync ends.
         self.crc_asked.clear();
         self.crc_answers.clear();

@@ -330,6 +330,34 @@ async fn only_a_peer_that_saw_a_newer_epoch_deposes_the_primary() {
     assert!(h.peer().deposed.is_some());
 }
 
+/// A primary whose peer's link fails asks to continue alone one link timeout later, whatever its
+/// report timer says: every volume whose link failed with the same node asks at once (a cluster
+/// node then sends their requests to etcd together), and none waits for its next report past the
+/// timeout. Refused or unanswered, it asks again a witness period later, not in a loop.
+#[tokio::test(start_paused = true)]
+async fn a_peer_away_for_the_link_timeout_is_met_by_one_request_to_go_on_alone() {
+    let mut h = harness(Policy::Degrade).await;
+    let (g, _p) = h.link_up(0, 0).await;
+    h.owner.timers.report = Instant::now() + Duration::from_secs(3600);
+    h.owner.link_failed(g, ReplError::Stopped("the peer closed the connection".into()));
+    h.owner.timers.report = Instant::now() + Duration::from_secs(3600);
+    let timeout = h.owner.cfg.timeout;
+    assert_eq!(h.owner.solo_due(), Some(Instant::now() + timeout), "the loop does not wake for it");
+    tokio::time::advance(timeout - Duration::from_millis(1)).await;
+    h.owner.on_timers();
+    assert!(!h.owner.witness_asking, "asked to go on alone before the link timeout");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    h.owner.on_timers();
+    assert!(h.owner.witness_asking, "no request to go on alone at the link timeout");
+    // Unanswered: not asked again before a witness period has passed.
+    h.owner.witness_asking = false;
+    h.owner.on_timers();
+    assert!(!h.owner.witness_asking, "asked again at once");
+    tokio::time::advance(h.owner.witness_period).await;
+    h.owner.on_timers();
+    assert!(h.owner.witness_asking, "not asked again after a witness period");
+}
+
 #[tokio::test(start_paused = true)]
 async fn solo_ends_when_its_lease_runs_out() {
     let mut h = harness(Policy::Degrade).await;

@@ -28,6 +28,7 @@ impl Owner {
                 self.connect();
             }
         }
+        self.ask_solo_if_due(now);
         if self.cfg.authority.is_some() && !self.witness_asking && now >= self.timers.report {
             self.report_to_witness();
             self.timers.report = now + self.report_period();
@@ -174,22 +175,39 @@ impl Owner {
         if ask != Ask::Report {
             return;
         }
-        // Under the degrade policy, a peer away for the link timeout: ask to continue alone.
-        let (connected, solo) = {
-            let v = self.peer.borrow();
-            (v.connected, v.solo)
-        };
+        let connected = self.peer.borrow().connected;
         self.away_since = if connected { None } else { self.away_since.or(Some(now)) };
-        let away_long = self.away_since.is_some_and(|t| now.saturating_duration_since(t) >= self.cfg.timeout);
-        if self.cfg.policy == Policy::Degrade && away_long && !solo {
-            let req = Frame::WitnessSolo {
-                pair: self.state.pair,
-                volume: self.name.clone(),
-                node: self.cfg.node.clone(),
-                epoch: self.state.epoch,
-            };
-            self.ask_witness(Ask::Solo, req);
+        self.ask_solo_if_due(now);
+    }
+
+    /// When to ask to continue alone (see [`Owner::ask_solo_if_due`]), if the peer is away.
+    pub(super) fn solo_due(&self) -> Option<Instant> {
+        if self.cfg.policy != Policy::Degrade || self.cfg.authority.is_none() {
+            return None;
         }
+        let v = self.peer.borrow();
+        let since = self.away_since.filter(|_| !v.connected && !v.solo)?;
+        Some((since + self.cfg.timeout).max(self.timers.solo))
+    }
+
+    /// Under the degrade policy, a peer away for the link timeout: asks the authority to continue
+    /// alone, then again every witness period until it grants it or the peer is back. The peer is
+    /// away from the moment its link failed (or, never connected, from the first report), so the
+    /// volumes whose links failed together, with a peer node, all ask at once, and a cluster node
+    /// sends their requests to etcd together (`cluster/batch.rs`). Before, each asked on its first
+    /// report past the timeout, up to two report periods late and spread over one.
+    pub(super) fn ask_solo_if_due(&mut self, now: Instant) {
+        if self.witness_asking || self.solo_due().is_none_or(|t| now < t) {
+            return;
+        }
+        self.timers.solo = now + self.witness_period;
+        let req = Frame::WitnessSolo {
+            pair: self.state.pair,
+            volume: self.name.clone(),
+            node: self.cfg.node.clone(),
+            epoch: self.state.epoch,
+        };
+        self.ask_witness(Ask::Solo, req);
     }
 
     pub(super) fn warn_if_waiting(&mut self, now: Instant) {
