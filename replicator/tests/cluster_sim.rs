@@ -664,6 +664,8 @@ struct Node {
     received: u64,
     /// Grant transactions waiting for this node's batch in flight (`cluster/batch.rs`), when the
     /// last batch reached etcd, and whether the next is scheduled.
+    // Boxed: a request moves from event to event as a `Box<Req>`.
+    #[allow(clippy::vec_box)]
     batch: Vec<Box<Req>>,
     batch_at: Option<Ms>,
     batch_due: bool,
@@ -2151,6 +2153,7 @@ impl Sim {
     /// One etcd request of nested transactions, one per volume (a second one for a volume waits
     /// for the next batch, as `batch.rs` does): one revision and one write if any of them
     /// changed something.
+    #[allow(clippy::vec_box)]
     fn commit_batch(&mut self, node: u32, reqs: Vec<Box<Req>>) {
         let n = node as usize;
         self.nodes[n].batch_at = Some(self.now);
