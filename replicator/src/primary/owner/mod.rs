@@ -408,6 +408,8 @@ pub(super) struct Owner {
     witness_period: Duration,
     away_since: Option<Instant>,
     last_witness_error: String,
+    /// The request `last_witness_error` answered.
+    witness_error_from: Ask,
     timers: Timers,
     warned: Option<Instant>,
     events_tx: mpsc::Sender<Event>,
@@ -522,6 +524,7 @@ impl Owner {
             witness_period: heartbeat,
             away_since: None,
             last_witness_error: String::new(),
+            witness_error_from: Ask::Report,
             timers: Timers {
                 ping: now + heartbeat,
                 report: now,
@@ -937,6 +940,10 @@ impl Owner {
         });
         let from = self.next_tag;
         self.away_since = None;
+        if self.witness_error_from == Ask::Solo {
+            // The peer is back: a refusal to go on alone no longer matters.
+            self.last_witness_error.clear();
+        }
         self.peer.send_modify(|v| {
             v.connected = true;
             v.in_sync = false;

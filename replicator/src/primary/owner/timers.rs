@@ -133,7 +133,11 @@ impl Owner {
         let now = Instant::now();
         match (ask, r) {
             (Ask::Report, Ok(grant)) => {
-                self.last_witness_error.clear();
+                // A refusal to go on alone stands until it is granted or the peer is back: reports
+                // and requests to go on alone alternate, and the status must not hide it.
+                if self.witness_error_from != Ask::Solo {
+                    self.last_witness_error.clear();
+                }
                 // Reports renew the lease: at least four per lease, whatever the heartbeat.
                 self.witness_period = self.cfg.heartbeat.min(grant.lease / 4).max(Duration::from_millis(5));
                 // Solo operation is a lease: valid for the witness's lease from the last request
@@ -170,6 +174,7 @@ impl Owner {
                     tracing::warn!(volume = %self.name, "{msg}");
                     self.last_witness_error = msg;
                 }
+                self.witness_error_from = ask;
             }
         }
         if ask != Ask::Report {
