@@ -8,7 +8,8 @@
 //! witness's consent, B is refused promotion: no split brain); A cut from everything (B is
 //! promoted, A acknowledges nothing, and once healed A steps down, loses its unreplicated write and
 //! is resynced); the witness unreachable from A only (nothing changes for clients, B stays
-//! secondary). Each ends with `syncblock verify` on the pair and fio's crc32c verification of a
+//! secondary); and in cluster mode, with etcd in W's place and `syncblock node`s in A and B, the
+//! A–B link cut (the primary goes on alone with etcd's consent, the secondary is not promoted). Each ends with `syncblock verify` on the pair and fio's crc32c verification of a
 //! store on its own.
 //!
 //! Needs root (ip netns, tc), iproute2, fio and qemu-utils; under CI (`CI` set) a missing
@@ -236,7 +237,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() || std::env::var_os("SYNCBLOCK_NETNS_LOGS").is_some() {
-            for name in ["witness.log", "a.log", "b.log"] {
+            for name in ["witness.log", "etcd.log", "a.log", "b.log"] {
                 let text = self.log(name);
                 let lines: Vec<&str> = text.lines().collect();
                 eprintln!("---- {name} of {} (last 300 lines)", self.prefix);
@@ -255,8 +256,13 @@ impl Drop for Lab {
 /// `syncblock args…` in `host`'s namespace (see `common::proc`), stderr appended to `log` in the
 /// lab's directory.
 fn spawn(lab: &Lab, host: Host, log: &str, args: &[&str]) -> Proc {
+    spawn_prog(lab, host, log, BIN, args)
+}
+
+/// [`spawn`] for any program.
+fn spawn_prog(lab: &Lab, host: Host, log: &str, prog: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &lab.ns(host), BIN]).args(args).env("PATH", path());
+    cmd.args(["netns", "exec", &lab.ns(host), prog]).args(args).env("PATH", path());
     // `ip netns exec` execs the binary in place, so this child is the syncblock process; it dies
     // with the test even when the test process is killed and no destructor runs.
     // SAFETY: prctl is async-signal-safe and touches no memory shared with the parent.
@@ -614,4 +620,152 @@ fn witness_unreachable_from_the_primary_only_changes_nothing_for_clients() {
     a.stop();
     b.stop();
     check_solo(&lab, B, &[("read -P 0x33 40M 64k", "A's write while the witness was unreachable")]);
+}
+
+// ---- cluster mode: etcd in W, `syncblock node`s in A and B -----------------------------------
+
+const ETCD_PORT: u16 = 2379;
+
+/// etcd's client URL as `host` reaches it, over its link to W.
+fn etcd_url(host: Host) -> String {
+    format!("http://{}:{ETCD_PORT}", addr(W, host))
+}
+
+/// One etcd member in W, serving A and B over their links to it (50 ms heartbeats and a 500 ms
+/// election timeout, as docs/cluster.md advises, so 1 s node leases are allowed).
+fn etcd(lab: &Lab) -> Proc {
+    let data = lab.dir.path().join("etcd");
+    let clients = format!("{},{}", etcd_url(A), etcd_url(B));
+    let p = spawn_prog(
+        lab,
+        W,
+        "etcd.log",
+        "etcd",
+        &[
+            "--name=e",
+            &format!("--data-dir={}", data.display()),
+            &format!("--listen-client-urls={clients}"),
+            &format!("--advertise-client-urls={clients}"),
+            "--listen-peer-urls=http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+            "--initial-cluster=e=http://127.0.0.1:2380",
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+        ],
+    );
+    for h in [A, B] {
+        wait_for("etcd answering", || {
+            let (code, so, se) = lab.exec(h, BIN, &["node", "list", "--etcd", &etcd_url(h)]);
+            check(code == 0, format!("{so}{se}"))
+        });
+    }
+    p
+}
+
+/// `syncblock node` in `host`'s namespace: NBD on the namespace's loopback (`NBD_URI`'s port), its
+/// replication listener on the A–B link. Plain TCP between the namespaces (`--insecure`): this
+/// test is about partitions; `tests/tls_pair.rs` and `tests/cluster.rs` cover TLS.
+fn cluster_node(lab: &Lab, host: Host) -> Proc {
+    let peer = if host == A { B } else { A };
+    let store = lab.dir.path().join(format!("{}.img", host.tag()));
+    let args = [
+        "node".to_string(),
+        format!("--etcd={}", etcd_url(host)),
+        format!("--name={}", host.tag()),
+        format!("--store={}", store.display()),
+        "--size=1GiB".into(),
+        "--listen=127.0.0.1:10809".into(),
+        format!("--repl-listen={}:{REPL_PORT}", addr(host, peer)),
+        format!("--admin={ADMIN}"),
+        "--insecure".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = spawn(lab, host, &format!("{}.log", host.tag()), &args);
+    p.wait_line(&format!("node {} joined the cluster", host.tag()));
+    p
+}
+
+/// Volume `v` as `volume list` shows it from `host`.
+fn cluster_volume(lab: &Lab, host: Host) -> serde_json::Value {
+    let out = lab.exec_ok(host, BIN, &["volume", "list", "--json", "--etcd", &etcd_url(host)]);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    list.as_array()
+        .and_then(|l| l.iter().find(|v| v["name"] == "v"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no v in {out}"))
+}
+
+fn host_named(name: &serde_json::Value) -> Host {
+    match name.as_str() {
+        Some("a") => A,
+        Some("b") => B,
+        other => panic!("not a node of this lab: {other:?}"),
+    }
+}
+
+/// Cluster mode across namespaces: etcd in W instead of a witness, `syncblock node`s in A and B, one
+/// volume. The A–B link is cut while both nodes still reach etcd: the primary's node link hears
+/// nothing for a second and closes (docs/cluster.md, "Node links"), and the primary goes on alone
+/// with etcd's consent; the secondary, which lost its primary but whose primary's `alive/` key
+/// still holds, is not promoted. Healed, the secondary is resynced and both copies are equal.
+#[test]
+fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not_promoted() {
+    let Some(_turn) = begin() else { return };
+    let missing = missing_tool(&[("etcd", "etcd-server")]);
+    if !can_run("the cluster network namespace test", missing.as_deref()) {
+        return;
+    }
+    let lab = Lab::new();
+    let _etcd = etcd(&lab);
+    let a = cluster_node(&lab, A);
+    let b = cluster_node(&lab, B);
+    lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
+    wait_for("v in sync", || {
+        let v = cluster_volume(&lab, A);
+        check(v["state"] == "in-sync", v.to_string())
+    });
+    let v = cluster_volume(&lab, A);
+    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
+    let uri = "nbd://127.0.0.1:10809/v";
+    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
+    assert!(done, "{out}");
+
+    lab.cut(A, B);
+    let cut = Instant::now();
+    // The write waits until the primary's link has been silent for a second and etcd lets it
+    // acknowledge alone.
+    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x31 40M 64k", 30);
+    assert!(done, "a write through the primary during the cut: {out}");
+    println!("A–B cut: a write through the primary completed alone after {:?}", cut.elapsed());
+    let plog = lab.log(&format!("{}.log", p.tag()));
+    assert!(plog.contains("nothing heard from the peer node"), "the node link did not notice the cut");
+    // The secondary stays secondary, and its node refuses writes, while the cut lasts.
+    while cut.elapsed() < WATCH {
+        let v = cluster_volume(&lab, s);
+        assert!(v["primary"] == p.tag() && v["state"] == "degraded", "{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (done, out) = qemu_io(&lab, s, uri, "write -P 0x66 48M 4k", 10);
+    assert!(!done, "a write through the secondary's node succeeded during the cut: {out}");
+    let slog = lab.log(&format!("{}.log", s.tag()));
+    assert!(!slog.contains("promoting this node to primary"), "the cut-off secondary was promoted");
+    // Not vacuous: the secondary's node also closed its silent link, asked etcd to take over, and
+    // was refused.
+    assert!(slog.contains("nothing heard from the peer node"), "the secondary's link did not notice the cut");
+    assert!(slog.contains("not taking over"), "the secondary never asked to take over");
+
+    lab.heal(A, B);
+    let healed = Instant::now();
+    wait_for("v in sync again", || {
+        let v = cluster_volume(&lab, A);
+        check(v["state"] == "in-sync" && v["primary"] == p.tag(), v.to_string())
+    });
+    println!("A–B healed: the secondary resynced after {:?}", healed.elapsed());
+    let (code, out, err) = lab.exec(p, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
+    assert_eq!(code, 0, "verify after the cut: {out}{err}");
+    for (cmd, what) in [("read -P 0x21 0 1M", "written before the cut"), ("read -P 0x31 40M 64k", "written alone")] {
+        let (done, out) = qemu_io(&lab, p, uri, cmd, 30);
+        assert!(done, "{what}: {out}");
+    }
+    drop((a, b));
 }
