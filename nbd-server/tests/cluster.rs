@@ -291,7 +291,8 @@ fn a_hung_secondary_node_is_noticed_by_its_link_and_the_primary_goes_on_alone() 
 
 /// Grant transactions that come together go to etcd as one request (`cluster/batch.rs`): 64 at
 /// once cost a few etcd revisions, not 64, and each keeps its own compares and its own outcome
-/// (one whose compare fails changes nothing and fails alone).
+/// (one whose compare fails changes nothing and fails alone). Reads that come together are one
+/// request too, each answered with its own keys.
 #[test]
 fn grant_transactions_that_come_together_are_few_etcd_writes() {
     use syncblock_replicator::cluster::batch::{Batcher, Compare, CompareOp};
@@ -330,6 +331,18 @@ fn grant_transactions_that_come_together_are_few_etcd_writes() {
             .put_if(vec![Compare::version(key.clone(), CompareOp::Equal, 0)], key, b"{}".to_vec())
             .await
             .unwrap());
+        // Reads that come together are batched too, and each gets its own keys, in order.
+        let gets = (0..64).map(|i| {
+            let keys = vec![cluster.key(&format!("test/t{i}")), cluster.key(&format!("test/t{}", 63 - i))];
+            let batch = batch.clone();
+            tokio::spawn(async move { batch.get(keys).await })
+        });
+        for (i, g) in gets.collect::<Vec<_>>().into_iter().enumerate() {
+            let got = g.await.unwrap().expect("etcd answered");
+            let present: Vec<bool> = got.iter().map(Option::is_some).collect();
+            assert_eq!(present, [i != 7, 63 - i != 7], "read {i}: {got:?}");
+            assert!(got.iter().flatten().all(|(value, rev)| value == b"{}" && *rev > before), "{got:?}");
+        }
     });
 }
 

@@ -95,10 +95,6 @@ impl Etcd {
         (current && !(*in_sync && (g.solo || !g.synced))).then_some((g, at))
     }
 
-    fn etcd_error(&self, e: etcd_client::Error) -> ReplError {
-        ReplError::Stopped(self.cluster.err(e).to_string())
-    }
-
     fn grant(&self, doc: &GrantDoc, standing: &Standing) -> Result<Grant> {
         let valid_until = standing.valid_until.ok_or_else(|| {
             ReplError::Stopped(format!("{}: no etcd keep-alive answered recently; granting nothing", self.node))
@@ -136,7 +132,9 @@ impl Etcd {
         }
         let grant_key = self.cluster.key(&format!("grants/{volume}"));
         let mine = self.cluster.key(&format!("alive/{node}"));
-        let mut kv = self.cluster.client().kv_client();
+        // A promotion (or handover) also reads the volume's record, in the same request.
+        let vkey = matches!(req, Frame::WitnessPromote { .. } | Frame::WitnessHandover { .. })
+            .then(|| self.cluster.key(&format!("volumes/{volume}")));
         // The hold for a live primary's alive key to go ends here, however many other nodes' keys
         // go meanwhile (each wakes the request, which decides again, within the same hold).
         let hold_until = Instant::now() + RETRY_AFTER;
@@ -144,12 +142,13 @@ impl Etcd {
             // Deletions seen from here on wake a request held because the primary is alive.
             let mut gone = self.alive_gone.clone();
             gone.borrow_and_update();
-            let resp = kv.get(grant_key.clone(), None).await.map_err(|e| self.etcd_error(e))?;
-            let (doc, rev) = match resp.kvs().first() {
-                Some(kv) => {
+            // Read with the other volumes' reads queued meanwhile, in one request (`batch.rs`).
+            let read = self.batch.get(std::iter::once(grant_key.clone()).chain(vkey.clone()).collect()).await?;
+            let (doc, rev) = match &read[0] {
+                Some((value, rev)) => {
                     let doc: GrantDoc =
-                        super::decode(&grant_key, kv.value()).map_err(|e| ReplError::Stopped(e.to_string()))?;
-                    (Some(doc), kv.mod_revision())
+                        super::decode(&grant_key, value).map_err(|e| ReplError::Stopped(e.to_string()))?;
+                    (Some(doc), *rev)
                 }
                 None => (None, 0),
             };
@@ -158,28 +157,22 @@ impl Etcd {
             // node that was cut off from etcd, must never take the volume over (found by the
             // control-plane simulation: it was promoted, then deleted its copy).
             let mut listed_rev = None;
-            if matches!(req, Frame::WitnessPromote { .. } | Frame::WitnessHandover { .. }) {
-                let vkey = self.cluster.key(&format!("volumes/{volume}"));
-                let r = kv.get(vkey.clone(), None).await.map_err(|e| self.etcd_error(e))?;
-                if let Some(v) = r.kvs().first() {
-                    let spec: super::VolumeSpec =
-                        super::decode(&vkey, v.value()).map_err(|e| ReplError::Stopped(e.to_string()))?;
-                    if !spec.replicas.iter().any(|r| r == node) {
-                        let why = format!(
-                            "{node} holds no replica of {volume} any more (its replicas are on {})",
-                            spec.replicas.join(", ")
-                        );
-                        return Err(ReplError::refused(Refusal::NotRegistered, why));
-                    }
-                    if let Some(to) = handed_to.filter(|to| !spec.replicas.iter().any(|r| r == to)) {
-                        let why = format!(
-                            "{to} holds no replica of {volume} (its replicas are on {})",
-                            spec.replicas.join(", ")
-                        );
-                        return Err(ReplError::refused(Refusal::NotRegistered, why));
-                    }
-                    listed_rev = Some((vkey, v.mod_revision()));
+            if let (Some(vkey), Some(Some((value, vrev)))) = (&vkey, read.get(1)) {
+                let spec: super::VolumeSpec =
+                    super::decode(vkey, value).map_err(|e| ReplError::Stopped(e.to_string()))?;
+                if !spec.replicas.iter().any(|r| r == node) {
+                    let why = format!(
+                        "{node} holds no replica of {volume} any more (its replicas are on {})",
+                        spec.replicas.join(", ")
+                    );
+                    return Err(ReplError::refused(Refusal::NotRegistered, why));
                 }
+                if let Some(to) = handed_to.filter(|to| !spec.replicas.iter().any(|r| r == to)) {
+                    let why =
+                        format!("{to} holds no replica of {volume} (its replicas are on {})", spec.replicas.join(", "));
+                    return Err(ReplError::refused(Refusal::NotRegistered, why));
+                }
+                listed_rev = Some((vkey.clone(), *vrev));
             }
             if let Some(d) = &doc {
                 if pair != 0 && d.pair != pair {
@@ -199,20 +192,19 @@ impl Etcd {
                 synced: d.synced,
             });
             let other = record.as_ref().map(|r| r.primary.clone()).filter(|p| p != node);
-            let other_alive = match &other {
-                Some(p) => {
-                    let key = self.cluster.key(&format!("alive/{p}"));
-                    let r = kv.get(key, None).await.map_err(|e| self.etcd_error(e))?;
-                    !r.kvs().is_empty()
-                }
-                None => true,
-            };
-            if let Some(to) = handed_to {
-                let r = kv.get(self.cluster.key(&format!("alive/{to}")), None).await.map_err(|e| self.etcd_error(e))?;
-                if r.kvs().is_empty() {
-                    let why = format!("{to} is not alive (no etcd lease): {volume} cannot be handed over to it");
-                    return Err(ReplError::refused(Refusal::NotRegistered, why));
-                }
+            // Whether the record's primary (another node) and a handover's new primary are alive,
+            // in one request.
+            let alive_keys: Vec<String> = other
+                .iter()
+                .map(String::as_str)
+                .chain(handed_to)
+                .map(|n| self.cluster.key(&format!("alive/{n}")))
+                .collect();
+            let alive = if alive_keys.is_empty() { Vec::new() } else { self.batch.get(alive_keys).await? };
+            let other_alive = other.is_none() || alive.first().is_some_and(Option::is_some);
+            if let Some(to) = handed_to.filter(|_| alive.last().is_none_or(Option::is_none)) {
+                let why = format!("{to} is not alive (no etcd lease): {volume} cannot be handed over to it");
+                return Err(ReplError::refused(Refusal::NotRegistered, why));
             }
             let silent = if other_alive { Duration::ZERO } else { Duration::MAX };
             let (decision, changed) = decide_record(&mut record, pair, req, silent, RETRY_AFTER * 2 / 3);

@@ -1,37 +1,63 @@
-//! A node's grant transactions, sent to etcd together: each volume's compare-and-swap of its
-//! `grants/NAME` record stays its own (nested) transaction, with its own compares and its own
-//! outcome, but those queued while one batch is in flight go to etcd as one request, one raft
-//! proposal.
+//! A node's requests to etcd about its volumes' records, sent together: each volume's
+//! compare-and-swap of its `grants/NAME` record stays its own (nested) transaction, with its own
+//! compares and its own outcome, and each volume's reads stay its own, but the requests queued
+//! while one batch is in flight go to etcd as one request: one transaction, one raft proposal if
+//! it writes, one linearizable read if it only reads.
 //!
-//! Why: when a node is lost, every volume that shared a link with it changes its record at once
-//! (a survivor asking to acknowledge alone, a secondary taking over). In the control-plane
-//! simulation at 1,000 nodes that was up to 67,000 etcd writes a second, one per volume, all in
-//! the second after the link timeout; batched, it is one write per node per round trip
+//! Why: when a node is lost, every volume that shared a link with it reads and changes its record
+//! at once (a survivor asking to acknowledge alone, a secondary taking over). In the control-plane
+//! simulation at 1,000 nodes that was up to 67,000 etcd writes a second, one per volume, all in the
+//! second after the link timeout; batched, it is one write per node per round trip
 //! (docs/cluster.md, "Past one machine"). A lone request goes out at once, as before: batching
 //! adds no wait, only what queues behind a batch in flight waits for it.
+//!
+//! Needs etcd 3.3 or later (nested transactions); Debian's etcd-server is 3.4.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-/// The compares [`Batcher::put_if`] takes.
-pub use etcd_client::{Compare, CompareOp};
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 use tokio::sync::oneshot;
+
+/// The compares [`Batcher::put_if`] takes.
+pub use etcd_client::{Compare, CompareOp};
 
 use super::Cluster;
 use crate::{ReplError, Result};
 
-/// Transactions one batch carries at most: 128, etcd's default `--max-txn-ops`, the most
-/// operations it accepts in one transaction (it counts each nested transaction as one operation
-/// of the outer one). A larger burst goes out as several batches, one after the other.
+/// Operations one batch carries at most: 128, etcd's default `--max-txn-ops`, the most
+/// operations it accepts in one transaction (a nested transaction counts as one operation of the
+/// outer one, a read of one key as one). A larger burst goes out as several batches, one after the
+/// other.
 pub const BATCH_TXNS_MAX: usize = 128;
 
-/// One volume's transaction: put `value` at `key` if every compare holds.
+/// A key's value and the revision that last changed it.
+pub type Read = Option<(Vec<u8>, i64)>;
+
+enum Op {
+    /// Put `value` at `key` if every compare holds.
+    PutIf { key: String, when: Vec<Compare>, value: Vec<u8> },
+    /// Read these keys.
+    Get { keys: Vec<String> },
+}
+
+impl Op {
+    fn ops(&self) -> usize {
+        match self {
+            Op::PutIf { .. } => 1,
+            Op::Get { keys } => keys.len(),
+        }
+    }
+}
+
+enum Answer {
+    Held(bool),
+    Got(Vec<Read>),
+}
+
 struct Queued {
-    key: String,
-    when: Vec<Compare>,
-    value: Vec<u8>,
-    reply: oneshot::Sender<Result<bool>>,
+    op: Op,
+    reply: oneshot::Sender<Result<Answer>>,
 }
 
 #[derive(Default)]
@@ -41,7 +67,7 @@ struct Queue {
     sending: bool,
 }
 
-/// The grant transactions of one node's volumes (one per [`super::authority::Etcd`]).
+/// The record requests of one node's volumes (one per [`super::authority::Etcd`]).
 #[derive(Clone)]
 pub struct Batcher {
     cluster: Cluster,
@@ -54,14 +80,30 @@ impl Batcher {
     }
 
     /// Puts `value` at `key` if every compare of `when` holds, in the next batch; answers whether
-    /// they held. A batch that fails in transport fails each of its transactions with that error
+    /// they held. A batch that fails in transport fails each of its requests with that error
     /// (none of them, or all, may have been applied, as with a lone transaction whose answer was
     /// lost).
     pub async fn put_if(&self, when: Vec<Compare>, key: String, value: Vec<u8>) -> Result<bool> {
+        match self.ask(Op::PutIf { key, when, value }).await? {
+            Answer::Held(held) => Ok(held),
+            Answer::Got(_) => unreachable!("a put answered as a read"),
+        }
+    }
+
+    /// Reads `keys` (at most [`BATCH_TXNS_MAX`]), all at one revision, in the next batch.
+    pub async fn get(&self, keys: Vec<String>) -> Result<Vec<Read>> {
+        assert!(!keys.is_empty() && keys.len() <= BATCH_TXNS_MAX, "{} keys in one read", keys.len());
+        match self.ask(Op::Get { keys }).await? {
+            Answer::Got(values) => Ok(values),
+            Answer::Held(_) => unreachable!("a read answered as a put"),
+        }
+    }
+
+    async fn ask(&self, op: Op) -> Result<Answer> {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = self.queue.lock().expect("batch queue");
-            q.waiting.push_back(Queued { key, when, value, reply });
+            q.waiting.push_back(Queued { op, reply });
             !std::mem::replace(&mut q.sending, true)
         };
         if start {
@@ -85,27 +127,46 @@ async fn send_all(cluster: Cluster, queue: Arc<Mutex<Queue>>) {
             }
             batch
         };
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut ops = Vec::with_capacity(batch.len());
+        let mut shapes = Vec::with_capacity(batch.len());
+        let mut ops = Vec::new();
         for q in batch {
-            let put = TxnOp::put(q.key, q.value, None);
-            ops.push(TxnOp::txn(Txn::new().when(q.when).and_then(vec![put])));
-            replies.push(q.reply);
+            match q.op {
+                Op::PutIf { key, when, value } => {
+                    let put = TxnOp::put(key, value, None);
+                    ops.push(TxnOp::txn(Txn::new().when(when).and_then(vec![put])));
+                    shapes.push((q.reply, None));
+                }
+                Op::Get { keys } => {
+                    shapes.push((q.reply, Some(keys.len())));
+                    ops.extend(keys.into_iter().map(|k| TxnOp::get(k, None)));
+                }
+            }
         }
         match cluster.client().kv_client().txn(Txn::new().and_then(ops)).await {
             Ok(resp) => {
-                let outcomes = resp.op_responses();
-                for (i, reply) in replies.into_iter().enumerate() {
-                    let held = match outcomes.get(i) {
-                        Some(TxnOpResponse::Txn(t)) => Ok(t.succeeded()),
-                        other => Err(ReplError::Stopped(format!("etcd answered a batch with {other:?}"))),
+                let mut outcomes = resp.op_responses().into_iter();
+                for (reply, shape) in shapes {
+                    let answer = match shape {
+                        None => match outcomes.next() {
+                            Some(TxnOpResponse::Txn(t)) => Ok(Answer::Held(t.succeeded())),
+                            other => Err(unexpected(other)),
+                        },
+                        Some(n) => (0..n)
+                            .map(|_| match outcomes.next() {
+                                Some(TxnOpResponse::Get(g)) => {
+                                    Ok(g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+                                }
+                                other => Err(unexpected(other)),
+                            })
+                            .collect::<Result<Vec<Read>>>()
+                            .map(Answer::Got),
                     };
-                    let _ = reply.send(held);
+                    let _ = reply.send(answer);
                 }
             }
             Err(e) => {
                 let why = cluster.err(e).to_string();
-                for reply in replies {
+                for (reply, _) in shapes {
                     let _ = reply.send(Err(ReplError::Stopped(why.clone())));
                 }
             }
@@ -113,23 +174,32 @@ async fn send_all(cluster: Cluster, queue: Arc<Mutex<Queue>>) {
     }
 }
 
-/// The next batch: up to [`BATCH_TXNS_MAX`] transactions in the order they came, at most one per
-/// key (etcd refuses a transaction that puts one key twice; a second request for a key waits for
-/// the next batch, and decides from what the first left). Those whose caller gave up are dropped
+fn unexpected(got: Option<TxnOpResponse>) -> ReplError {
+    ReplError::Stopped(format!("etcd answered a batch with {got:?}"))
+}
+
+/// The next batch: up to [`BATCH_TXNS_MAX`] operations in the order they came, at most one put per
+/// key (etcd refuses a transaction that puts one key twice; a second put of a key waits for the
+/// next batch, and decides from what the first left). Those whose caller gave up are dropped
 /// unsent.
 fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
     let mut batch = Vec::new();
-    let mut keys = HashSet::new();
+    let (mut ops, mut keys) = (0, HashSet::new());
     let mut later = VecDeque::new();
     while let Some(q) = waiting.pop_front() {
         if q.reply.is_closed() {
             continue;
         }
-        if batch.len() == BATCH_TXNS_MAX || keys.contains(&q.key) {
+        let put_key = match &q.op {
+            Op::PutIf { key, .. } => Some(key.clone()),
+            Op::Get { .. } => None,
+        };
+        if ops + q.op.ops() > BATCH_TXNS_MAX || put_key.as_ref().is_some_and(|k| keys.contains(k)) {
             later.push_back(q);
             continue;
         }
-        keys.insert(q.key.clone());
+        ops += q.op.ops();
+        keys.extend(put_key);
         batch.push(q);
     }
     *waiting = later;
@@ -140,32 +210,52 @@ fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 mod tests {
     use super::*;
 
-    fn queued(key: &str) -> (Queued, oneshot::Receiver<Result<bool>>) {
+    fn queued(op: Op) -> (Queued, oneshot::Receiver<Result<Answer>>) {
         let (reply, rx) = oneshot::channel();
-        (Queued { key: key.into(), when: vec![], value: vec![], reply }, rx)
+        (Queued { op, reply }, rx)
+    }
+
+    fn put(key: &str) -> Op {
+        Op::PutIf { key: key.into(), when: vec![], value: vec![] }
+    }
+
+    fn what(b: &[Queued]) -> Vec<String> {
+        b.iter()
+            .map(|q| match &q.op {
+                Op::PutIf { key, .. } => format!("put {key}"),
+                Op::Get { keys } => format!("get {}", keys.join(" ")),
+            })
+            .collect()
     }
 
     #[test]
-    fn a_batch_takes_each_key_once_in_order_up_to_the_bound_and_drops_the_abandoned() {
+    fn a_batch_puts_each_key_once_in_order_up_to_the_bound_and_drops_the_abandoned() {
         let mut waiting = VecDeque::new();
         let mut answers = Vec::new();
-        for k in ["a", "b", "a", "c"] {
-            let (q, rx) = queued(k);
+        for op in [put("a"), put("b"), Op::Get { keys: vec!["a".into(), "c".into()] }, put("a"), put("c")] {
+            let (q, rx) = queued(op);
             waiting.push_back(q);
             answers.push(rx);
         }
-        drop(answers.remove(3)); // c's caller gave up
-        let keys = |b: &[Queued]| b.iter().map(|q| q.key.clone()).collect::<Vec<_>>();
-        assert_eq!(keys(&take_batch(&mut waiting)), ["a", "b"]);
-        assert_eq!(keys(&take_batch(&mut waiting)), ["a"]);
+        drop(answers.remove(4)); // c's caller gave up
+        assert_eq!(what(&take_batch(&mut waiting)), ["put a", "put b", "get a c"]);
+        assert_eq!(what(&take_batch(&mut waiting)), ["put a"]);
         assert!(take_batch(&mut waiting).is_empty());
 
-        for i in 0..BATCH_TXNS_MAX + 3 {
-            let (q, rx) = queued(&format!("k{i}"));
+        // The bound counts operations: a read of two keys is two.
+        for i in 0..BATCH_TXNS_MAX - 1 {
+            let (q, rx) = queued(put(&format!("k{i}")));
             waiting.push_back(q);
             answers.push(rx);
         }
-        assert_eq!(take_batch(&mut waiting).len(), BATCH_TXNS_MAX);
-        assert_eq!(keys(&take_batch(&mut waiting)), ["k128", "k129", "k130"]);
+        for op in [Op::Get { keys: vec!["x".into(), "y".into()] }, put("z")] {
+            let (q, rx) = queued(op);
+            waiting.push_back(q);
+            answers.push(rx);
+        }
+        let first = take_batch(&mut waiting);
+        assert_eq!(first.len(), BATCH_TXNS_MAX);
+        assert_eq!(what(&first).last().unwrap(), "put z");
+        assert_eq!(what(&take_batch(&mut waiting)), ["get x y"]);
     }
 }
