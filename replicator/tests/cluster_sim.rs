@@ -669,6 +669,11 @@ struct Node {
     batch: Vec<Box<Req>>,
     batch_at: Option<Ms>,
     batch_due: bool,
+    /// The same for its reads.
+    #[allow(clippy::vec_box)]
+    read_batch: Vec<Box<Req>>,
+    read_batch_at: Option<Ms>,
+    read_batch_due: bool,
 }
 
 struct Vol {
@@ -812,6 +817,10 @@ enum Ev {
         ask: Ask,
     },
     AuthRead(Box<Req>),
+    /// A node's queued reads reach etcd, together.
+    AuthReadBatch {
+        node: u32,
+    },
     AuthTxn(Box<Req>),
     /// A node's queued grant transactions reach etcd, together.
     AuthBatch {
@@ -962,6 +971,9 @@ impl Sim {
                 batch: Vec::new(),
                 batch_at: None,
                 batch_due: false,
+                read_batch: Vec::new(),
+                read_batch_at: None,
+                read_batch_due: false,
             })
             .collect::<Vec<_>>();
         let vols = (0..cfg.n_volumes)
@@ -2041,25 +2053,78 @@ impl Sim {
         self.at(at - self.now, Ev::AuthAnswer(req));
     }
 
-    fn on_auth_read(&mut self, mut req: Box<Req>) {
+    /// A request's reads reach etcd. A node sends its reads in batches, as its transactions
+    /// (`cluster/batch.rs`, and [`Sim::on_auth_txn`]): the grant and volume records of every request
+    /// in a batch are one read, and the `alive/` keys those that need them read, one more (taken
+    /// here at the same instant).
+    fn on_auth_read(&mut self, req: Box<Req>) {
         if self.cut(req.node) {
             return self.answer_timeout(req);
         }
+        let n = req.node as usize;
+        let round_trip = 2 * self.cfg.etcd_ms;
+        match self.nodes[n].read_batch_at {
+            Some(at) if self.now < at + round_trip => {
+                self.nodes[n].read_batch.push(req);
+                if !std::mem::replace(&mut self.nodes[n].read_batch_due, true) {
+                    let node = n as u32;
+                    self.at(at + round_trip - self.now, Ev::AuthReadBatch { node });
+                }
+            }
+            _ => self.read_batch(n as u32, vec![req]),
+        }
+    }
+
+    fn on_auth_read_batch(&mut self, node: u32) {
+        let n = node as usize;
+        self.nodes[n].read_batch_due = false;
+        let (inc, alive) = (self.nodes[n].inc, self.nodes[n].alive);
+        let queued: Vec<Box<Req>> = std::mem::take(&mut self.nodes[n].read_batch);
+        let queued: Vec<Box<Req>> = queued.into_iter().filter(|r| alive && r.inc == inc).collect();
+        if queued.is_empty() {
+            return;
+        }
+        if self.cut(node) {
+            for req in queued {
+                self.answer_timeout(req);
+            }
+            return;
+        }
+        self.read_batch(node, queued);
+    }
+
+    #[allow(clippy::vec_box)]
+    fn read_batch(&mut self, node: u32, reqs: Vec<Box<Req>>) {
+        self.nodes[node as usize].read_batch_at = Some(self.now);
         self.sec().reads += 1;
+        let mut alive_read = false;
+        for req in reqs {
+            alive_read |= self.decide_read(req);
+        }
+        if alive_read {
+            self.sec().reads += 1;
+        }
+    }
+
+    /// Decides one request from what etcd holds now (authority.rs `Etcd::decide`); whether it read
+    /// an `alive/` key.
+    fn decide_read(&mut self, mut req: Box<Req>) -> bool {
         let v = req.vol;
         let (doc, rev) = match &self.etcd.grants[v as usize] {
             Some((m, g)) => (Some(g.clone()), m.mod_rev),
             None => (None, 0),
         };
         if doc.as_ref().is_some_and(|d| req.pair != 0 && d.pair != req.pair) {
-            return self.answer(req, Err(AskErr::Refused(Refusal::NotRegistered)));
+            self.answer(req, Err(AskErr::Refused(Refusal::NotRegistered)));
+            return false;
         }
         let me = self.nodes[req.node as usize].name.clone();
         if self.cfg.promote_only_listed && matches!(req.ask, Ask::Promote | Ask::Reclaim | Ask::Force { .. }) {
-            self.sec().reads += 1;
+            // Read with the grant, in the same request.
             let listed = self.etcd.spec(v).is_some_and(|spec| spec.replicas.contains(&me));
             if !listed {
-                return self.answer(req, Err(AskErr::Refused(Refusal::NotRegistered)));
+                self.answer(req, Err(AskErr::Refused(Refusal::NotRegistered)));
+                return false;
             }
             req.spec_rev = self.etcd.meta(Key::Volume(v)).map(|m| m.mod_rev);
         }
@@ -2071,13 +2136,7 @@ impl Sim {
             synced: d.synced,
         });
         let other = record.as_ref().filter(|r| r.primary != me).map(|r| self.by_name[&r.primary]);
-        let other_alive = match other {
-            Some(o) => {
-                self.sec().reads += 1;
-                self.etcd.alive[o as usize].is_some()
-            }
-            None => true,
-        };
+        let other_alive = other.is_none_or(|o| self.etcd.alive[o as usize].is_some());
         let silent = if other_alive { Duration::ZERO } else { Duration::MAX };
         let (decision, changed) = decide_record(&mut record, req.pair, &req.frame, silent, RETRY_AFTER * 2 / 3);
         match decision {
@@ -2106,6 +2165,7 @@ impl Sim {
                 }
             }
         }
+        other.is_some()
     }
 
     /// A grant transaction reaches etcd. A node sends its grant transactions in batches
@@ -3016,6 +3076,7 @@ impl Sim {
             }
             Ev::Ask { vol, node, gen, ask } => self.on_ask(vol, node, gen, ask),
             Ev::AuthRead(req) => self.on_auth_read(req),
+            Ev::AuthReadBatch { node } => self.on_auth_read_batch(node),
             Ev::AuthTxn(req) => self.on_auth_txn(req),
             Ev::AuthBatch { node } => self.on_auth_batch(node),
             Ev::AuthAnswer(req) => self.on_auth_answer(req),
