@@ -732,6 +732,8 @@ struct Req {
     result: Option<Result<GrantDoc, AskErr>>,
     /// Answered on the node itself (from the cache, or refused for a lapsed standing).
     local: bool,
+    /// Refused because the primary's node is alive: held until then for its `alive/` key to go.
+    hold_until: Option<Ms>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -817,6 +819,10 @@ enum Ev {
         ask: Ask,
     },
     AuthRead(Box<Req>),
+    /// Requests held for `node`'s `alive/` key to go whose hold ends now are refused.
+    HoldEnd {
+        node: u32,
+    },
     /// A node's queued reads reach etcd, together.
     AuthReadBatch {
         node: u32,
@@ -927,6 +933,10 @@ struct Sim {
     report: Report,
     copy_bytes: u64,
     last_failover: Ms,
+    /// Requests held because the primary's node was alive, by that node (authority.rs
+    /// `RETRY_AFTER`): the node's watch reporting its `alive/` key gone decides them again.
+    #[allow(clippy::vec_box)]
+    held: BTreeMap<u32, Vec<(Ms, Box<Req>)>>,
     zone_watch: Option<ZoneWatch>,
     violation: Option<String>,
     bugs_on: bool,
@@ -1026,6 +1036,7 @@ impl Sim {
             report: Report { seed: cfg.seed, ..Report::default() },
             copy_bytes: 0,
             last_failover: 0,
+            held: BTreeMap::new(),
             zone_watch: None,
             violation: None,
             bugs_on: false,
@@ -1329,6 +1340,17 @@ impl Sim {
         }
     }
 
+    fn on_hold_end(&mut self, node: u32) {
+        let Some(held) = self.held.remove(&node) else { return };
+        let (over, left): (Vec<_>, Vec<_>) = held.into_iter().partition(|(until, _)| *until <= self.now);
+        if !left.is_empty() {
+            self.held.insert(node, left);
+        }
+        for (_, req) in over {
+            self.answer(req, Err(AskErr::Refused(Refusal::PrimaryAlive { retry_after_ms: 1 })));
+        }
+    }
+
     fn on_etcd_tick(&mut self) {
         let now = self.now;
         let expired: Vec<i64> = self.etcd.leases.iter().filter(|(_, e)| e.1 <= now).map(|(id, _)| *id).collect();
@@ -1340,6 +1362,11 @@ impl Sim {
                 self.etcd.alive[n as usize] = None;
                 self.etcd.n_keys -= 1;
                 self.alive_changed(n);
+                // The held requests' nodes see the key go (their watch) and decide again.
+                for (_, req) in self.held.remove(&n).unwrap_or_default() {
+                    let d = self.d() * 2;
+                    self.at(d, Ev::AuthRead(req));
+                }
             }
         }
         self.at(ETCD_EXPIRY_CHECK_MS, Ev::EtcdTick);
@@ -2009,6 +2036,7 @@ impl Sim {
             new: None,
             result: None,
             local: false,
+            hold_until: None,
         });
         if !self.standing_ok(n) {
             req.local = true;
@@ -2141,8 +2169,17 @@ impl Sim {
         let (decision, changed) = decide_record(&mut record, req.pair, &req.frame, silent, RETRY_AFTER * 2 / 3);
         match decision {
             Err((Refusal::PrimaryAlive { .. }, _)) => {
-                let retry_after_ms = self.t.retry_after;
-                self.answer(req, Err(AskErr::Refused(Refusal::PrimaryAlive { retry_after_ms })))
+                // authority.rs: held for up to `RETRY_AFTER` from the first refusal, decided again
+                // as soon as the node's watch sees the primary's `alive/` key go; refused after the
+                // hold, the node asks again at once.
+                let until = *req.hold_until.get_or_insert(self.now + self.t.retry_after);
+                match other {
+                    Some(o) if self.now < until => {
+                        self.held.entry(o).or_default().push((until, req));
+                        self.at(until - self.now, Ev::HoldEnd { node: o });
+                    }
+                    _ => self.answer(req, Err(AskErr::Refused(Refusal::PrimaryAlive { retry_after_ms: 1 }))),
+                }
             }
             Err((why, _)) => self.answer(req, Err(AskErr::Refused(why))),
             Ok(r) => {
@@ -3076,6 +3113,7 @@ impl Sim {
             }
             Ev::Ask { vol, node, gen, ask } => self.on_ask(vol, node, gen, ask),
             Ev::AuthRead(req) => self.on_auth_read(req),
+            Ev::HoldEnd { node } => self.on_hold_end(node),
             Ev::AuthReadBatch { node } => self.on_auth_read_batch(node),
             Ev::AuthTxn(req) => self.on_auth_txn(req),
             Ev::AuthBatch { node } => self.on_auth_batch(node),
