@@ -10,9 +10,9 @@
 //! replica goes is [`plan::replacement`] (so [`placement::replace`]); every authority decision (report,
 //! solo, promotion, reclaim, forced promotion) is [`decide_record`] with the etcd authority's inputs
 //! (`silent` zero while `alive/PRIMARY` exists, unbounded once it is gone). Timings are the real
-//! defaults: the lease TTL ([`DEFAULT_TTL`]), the retry pause ([`RETRY_AFTER`]: the real node is
-//! woken earlier when its watch sees the primary's alive key go; the simulation keeps the longest
-//! wait, which only delays its failovers), the report cache
+//! defaults: the lease TTL ([`DEFAULT_TTL`]), the hold of a request refused because the primary's
+//! node is alive ([`RETRY_AFTER`], ended early when the node's watch sees that node's `alive/` key
+//! go), the report cache
 //! ([`CACHE_FOR`]), and the link timeout, heartbeat and reconnect pause of [`ReplConfig::default`].
 //!
 //! **What is simulated around them**, following `cluster/authority.rs`, `cluster/member.rs`,
@@ -24,7 +24,10 @@
 //!   `alive/NAME` absent; creation: key absent, nothing under `volumes/` changed, chosen nodes alive);
 //!   leases with a TTL, renewed by keep-alives and expired by a check every 500 ms, deleting the keys
 //!   attached. Each request takes a seeded one-way latency of a few milliseconds, so a decision is
-//!   read, made and written at three different moments and the compares matter.
+//!   read, made and written at three different moments and the compares matter. A node's requests
+//!   about its volumes' records go in batches, as `cluster/batch.rs` sends them: those that reach
+//!   etcd within a round trip of the node's previous batch wait for it and go together (one read,
+//!   one write).
 //! - *nodes*: each registers, keeps its lease alive every grant-lease/2 and holds a standing valid
 //!   until two thirds of a TTL after the last answered keep-alive was *sent*; re-registers when etcd
 //!   says the lease is gone; applies the changes its watch reports and reconciles 50 ms after one
@@ -41,8 +44,10 @@
 //!   (`consistent_replica`) unless it overflows staging (here: a full copy of more than 4 GiB). A
 //!   primary acknowledges with a connected peer even while it resyncs (durable promises wait for the
 //!   commit, so a copy that drops a staged resync loses none). A primary whose peer is away for the
-//!   link timeout asks for solo; a secondary whose primary is away asks to be promoted every 200 ms while refused
-//!   `PrimaryAlive`; a restarting primary reclaims; a primary reports in sync once its peer is.
+//!   link timeout asks for solo, one link timeout after the link failed; a secondary whose primary
+//!   is away asks to be promoted, and a refusal because the primary's node is alive is held until
+//!   its `alive/` key goes or `RETRY_AFTER` passes (then it asks again at once); a restarting
+//!   primary reclaims; a primary reports in sync once its peer is.
 //!
 //! **Checked at every step** (after every event, on the volumes it touched), failing the run with
 //! the seed to replay it:
