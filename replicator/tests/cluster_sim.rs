@@ -108,6 +108,7 @@ use std::time::Duration;
 use syncblock_engine::sim::Rng;
 use syncblock_engine::Epoch;
 use syncblock_replicator::cluster::authority::{CACHE_FOR, RETRY_AFTER};
+use syncblock_replicator::cluster::batch::BATCHES_IN_FLIGHT_MAX;
 use syncblock_replicator::cluster::member::{DEFAULT_TTL, REPROTECT_STARTS_PER_SEC_MAX};
 use syncblock_replicator::cluster::placement::{self, NodeLoad};
 use syncblock_replicator::cluster::{plan, GrantDoc, MemberInfo, Snapshot, VolumeSpec};
@@ -672,12 +673,13 @@ struct Node {
     // Boxed: a request moves from event to event as a `Box<Req>`.
     #[allow(clippy::vec_box)]
     batch: Vec<Box<Req>>,
-    batch_at: Option<Ms>,
+    /// When each batch in flight ends (at most `BATCHES_IN_FLIGHT_MAX`).
+    batch_slots: Vec<Ms>,
     batch_due: bool,
     /// The same for its reads.
     #[allow(clippy::vec_box)]
     read_batch: Vec<Box<Req>>,
-    read_batch_at: Option<Ms>,
+    read_batch_slots: Vec<Ms>,
     read_batch_due: bool,
 }
 
@@ -712,6 +714,19 @@ enum AskErr {
     Refused(Refusal),
     /// etcd did not answer, the node's standing is not current, or the record kept changing.
     Unreachable,
+}
+
+/// Takes one of a node's `BATCHES_IN_FLIGHT_MAX` batch slots for a batch reaching etcd `now`
+/// (`cluster/batch.rs`: a batch in flight holds one until its answer is back, a round trip
+/// later); if none is free, when the first frees.
+fn take_slot(slots: &mut Vec<Ms>, now: Ms, round_trip: Ms) -> Result<(), Ms> {
+    slots.retain(|end| *end > now);
+    if slots.len() < BATCHES_IN_FLIGHT_MAX {
+        slots.push(now + round_trip);
+        Ok(())
+    } else {
+        Err(slots.iter().copied().min().expect("slots in use"))
+    }
 }
 
 /// An authority request on its way (authority.rs `decide`).
@@ -984,10 +999,10 @@ impl Sim {
                 copy_gen: 0,
                 received: 0,
                 batch: Vec::new(),
-                batch_at: None,
+                batch_slots: Vec::new(),
                 batch_due: false,
                 read_batch: Vec::new(),
-                read_batch_at: None,
+                read_batch_slots: Vec::new(),
                 read_batch_due: false,
             })
             .collect::<Vec<_>>();
@@ -2095,22 +2110,29 @@ impl Sim {
             return self.answer_timeout(req);
         }
         let n = req.node as usize;
-        let round_trip = 2 * self.cfg.etcd_ms;
-        match self.nodes[n].read_batch_at {
-            Some(at) if self.now < at + round_trip => {
-                self.nodes[n].read_batch.push(req);
-                if !std::mem::replace(&mut self.nodes[n].read_batch_due, true) {
-                    let node = n as u32;
-                    self.at(at + round_trip - self.now, Ev::AuthReadBatch { node });
+        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
+        let node = &mut self.nodes[n];
+        let slot =
+            if node.read_batch.is_empty() { take_slot(&mut node.read_batch_slots, now, round_trip) } else { Err(now) };
+        match slot {
+            Ok(()) => self.read_batch(vec![req]),
+            Err(free_at) => {
+                node.read_batch.push(req);
+                if !std::mem::replace(&mut node.read_batch_due, true) {
+                    self.at(free_at.saturating_sub(now), Ev::AuthReadBatch { node: n as u32 });
                 }
             }
-            _ => self.read_batch(n as u32, vec![req]),
         }
     }
 
     fn on_auth_read_batch(&mut self, node: u32) {
         let n = node as usize;
         self.nodes[n].read_batch_due = false;
+        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
+        if let Err(free_at) = take_slot(&mut self.nodes[n].read_batch_slots, now, round_trip) {
+            self.nodes[n].read_batch_due = true;
+            return self.at(free_at - now, Ev::AuthReadBatch { node });
+        }
         let (inc, alive) = (self.nodes[n].inc, self.nodes[n].alive);
         let queued: Vec<Box<Req>> = std::mem::take(&mut self.nodes[n].read_batch);
         let queued: Vec<Box<Req>> = queued.into_iter().filter(|r| alive && r.inc == inc).collect();
@@ -2123,12 +2145,11 @@ impl Sim {
             }
             return;
         }
-        self.read_batch(node, queued);
+        self.read_batch(queued);
     }
 
     #[allow(clippy::vec_box)]
-    fn read_batch(&mut self, node: u32, reqs: Vec<Box<Req>>) {
-        self.nodes[node as usize].read_batch_at = Some(self.now);
+    fn read_batch(&mut self, reqs: Vec<Box<Req>>) {
         self.sec().reads += 1;
         let mut alive_read = false;
         for req in reqs {
@@ -2219,22 +2240,28 @@ impl Sim {
             return self.answer_timeout(req);
         }
         let n = req.node as usize;
-        let round_trip = 2 * self.cfg.etcd_ms;
-        match self.nodes[n].batch_at {
-            Some(at) if self.now < at + round_trip => {
-                self.nodes[n].batch.push(req);
-                if !std::mem::replace(&mut self.nodes[n].batch_due, true) {
-                    let node = n as u32;
-                    self.at(at + round_trip - self.now, Ev::AuthBatch { node });
+        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
+        let node = &mut self.nodes[n];
+        let slot = if node.batch.is_empty() { take_slot(&mut node.batch_slots, now, round_trip) } else { Err(now) };
+        match slot {
+            Ok(()) => self.commit_batch(n as u32, vec![req]),
+            Err(free_at) => {
+                node.batch.push(req);
+                if !std::mem::replace(&mut node.batch_due, true) {
+                    self.at(free_at.saturating_sub(now), Ev::AuthBatch { node: n as u32 });
                 }
             }
-            _ => self.commit_batch(n as u32, vec![req]),
         }
     }
 
     fn on_auth_batch(&mut self, node: u32) {
         let n = node as usize;
         self.nodes[n].batch_due = false;
+        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
+        if let Err(free_at) = take_slot(&mut self.nodes[n].batch_slots, now, round_trip) {
+            self.nodes[n].batch_due = true;
+            return self.at(free_at - now, Ev::AuthBatch { node });
+        }
         // Requests of an earlier life of the node were never sent.
         let inc = self.nodes[n].inc;
         let alive = self.nodes[n].alive;
@@ -2258,7 +2285,6 @@ impl Sim {
     #[allow(clippy::vec_box)]
     fn commit_batch(&mut self, node: u32, reqs: Vec<Box<Req>>) {
         let n = node as usize;
-        self.nodes[n].batch_at = Some(self.now);
         let mut seen = BTreeSet::new();
         let mut puts = Vec::new();
         let mut held = Vec::new();
