@@ -108,7 +108,6 @@ use std::time::Duration;
 use syncblock_engine::sim::Rng;
 use syncblock_engine::Epoch;
 use syncblock_replicator::cluster::authority::{CACHE_FOR, RETRY_AFTER};
-use syncblock_replicator::cluster::batch::BATCHES_IN_FLIGHT_MAX;
 use syncblock_replicator::cluster::member::{DEFAULT_TTL, REPROTECT_STARTS_PER_SEC_MAX};
 use syncblock_replicator::cluster::placement::{self, NodeLoad};
 use syncblock_replicator::cluster::{plan, GrantDoc, MemberInfo, Snapshot, VolumeSpec};
@@ -673,7 +672,7 @@ struct Node {
     // Boxed: a request moves from event to event as a `Box<Req>`.
     #[allow(clippy::vec_box)]
     batch: Vec<Box<Req>>,
-    /// When each batch in flight ends (at most `BATCHES_IN_FLIGHT_MAX`).
+    /// When the batch in flight ends.
     batch_slots: Vec<Ms>,
     batch_due: bool,
     /// The same for its reads.
@@ -716,12 +715,12 @@ enum AskErr {
     Unreachable,
 }
 
-/// Takes one of a node's `BATCHES_IN_FLIGHT_MAX` batch slots for a batch reaching etcd `now`
-/// (`cluster/batch.rs`: a batch in flight holds one until its answer is back, a round trip
-/// later); if none is free, when the first frees.
+/// Takes a node's batch slot for a batch reaching etcd `now` (`cluster/batch.rs`: one batch in
+/// flight until its answer is back, a round trip later; more only beside a batch stalled for
+/// `BATCH_STALL`, which this simulated etcd never does); if it is taken, when it frees.
 fn take_slot(slots: &mut Vec<Ms>, now: Ms, round_trip: Ms) -> Result<(), Ms> {
     slots.retain(|end| *end > now);
-    if slots.len() < BATCHES_IN_FLIGHT_MAX {
+    if slots.is_empty() {
         slots.push(now + round_trip);
         Ok(())
     } else {
