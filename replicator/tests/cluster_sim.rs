@@ -667,20 +667,24 @@ struct Node {
     copy_gen: u32,
     /// Bytes of full copies this node has started receiving.
     received: u64,
-    /// Grant transactions waiting for this node's batch in flight (`cluster/batch.rs`), when the
-    /// last batch reached etcd, and whether the next is scheduled.
+    /// Its requests' reads and grant transactions, batched (`cluster/batch.rs`).
+    batches: [Batches; 2],
+}
+
+/// A node's requests of one kind (reads, or grant transactions) waiting for its batch in flight,
+/// when that batch's answer is back, and whether the next batch is scheduled.
+#[derive(Default)]
+struct Batches {
     // Boxed: a request moves from event to event as a `Box<Req>`.
     #[allow(clippy::vec_box)]
-    batch: Vec<Box<Req>>,
-    /// When the batch in flight ends.
-    batch_slots: Vec<Ms>,
-    batch_due: bool,
-    /// The same for its reads.
-    #[allow(clippy::vec_box)]
-    read_batch: Vec<Box<Req>>,
-    read_batch_slots: Vec<Ms>,
-    read_batch_due: bool,
+    queue: Vec<Box<Req>>,
+    slots: Vec<Ms>,
+    due: bool,
 }
+
+/// Which of a node's [`Batches`]: `Batches[READS]` and `Batches[TXNS]`.
+const READS: usize = 0;
+const TXNS: usize = 1;
 
 struct Vol {
     name: String,
@@ -842,14 +846,11 @@ enum Ev {
     HoldEnd {
         node: u32,
     },
-    /// A node's queued reads reach etcd, together.
-    AuthReadBatch {
-        node: u32,
-    },
     AuthTxn(Box<Req>),
-    /// A node's queued grant transactions reach etcd, together.
+    /// A node's queued reads (`kind` READS) or grant transactions (TXNS) reach etcd, together.
     AuthBatch {
         node: u32,
+        kind: usize,
     },
     AuthAnswer(Box<Req>),
     LinkUp {
@@ -997,12 +998,7 @@ impl Sim {
                 copy_at: 0,
                 copy_gen: 0,
                 received: 0,
-                batch: Vec::new(),
-                batch_slots: Vec::new(),
-                batch_due: false,
-                read_batch: Vec::new(),
-                read_batch_slots: Vec::new(),
-                read_batch_due: false,
+                batches: Default::default(),
             })
             .collect::<Vec<_>>();
         let vols = (0..cfg.n_volumes)
@@ -2105,35 +2101,42 @@ impl Sim {
     /// in a batch are one read, and the `alive/` keys those that need them read, one more (taken
     /// here at the same instant).
     fn on_auth_read(&mut self, req: Box<Req>) {
+        self.enqueue(READS, req);
+    }
+
+    /// A request reaches etcd (`kind`: its reads, or its grant transaction): with the node's next
+    /// batch of that kind if one is in flight or others wait, or at once.
+    fn enqueue(&mut self, kind: usize, req: Box<Req>) {
         if self.cut(req.node) {
             return self.answer_timeout(req);
         }
         let n = req.node as usize;
         let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
-        let node = &mut self.nodes[n];
-        let slot =
-            if node.read_batch.is_empty() { take_slot(&mut node.read_batch_slots, now, round_trip) } else { Err(now) };
+        let b = &mut self.nodes[n].batches[kind];
+        let slot = if b.queue.is_empty() { take_slot(&mut b.slots, now, round_trip) } else { Err(now) };
         match slot {
-            Ok(()) => self.read_batch(vec![req]),
+            Ok(()) => self.send_batch(n as u32, kind, vec![req]),
             Err(free_at) => {
-                node.read_batch.push(req);
-                if !std::mem::replace(&mut node.read_batch_due, true) {
-                    self.at(free_at.saturating_sub(now), Ev::AuthReadBatch { node: n as u32 });
+                b.queue.push(req);
+                if !std::mem::replace(&mut b.due, true) {
+                    self.at(free_at.saturating_sub(now), Ev::AuthBatch { node: n as u32, kind });
                 }
             }
         }
     }
 
-    fn on_auth_read_batch(&mut self, node: u32) {
+    fn on_auth_batch(&mut self, node: u32, kind: usize) {
         let n = node as usize;
-        self.nodes[n].read_batch_due = false;
         let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
-        if let Err(free_at) = take_slot(&mut self.nodes[n].read_batch_slots, now, round_trip) {
-            self.nodes[n].read_batch_due = true;
-            return self.at(free_at - now, Ev::AuthReadBatch { node });
+        let b = &mut self.nodes[n].batches[kind];
+        b.due = false;
+        if let Err(free_at) = take_slot(&mut b.slots, now, round_trip) {
+            b.due = true;
+            return self.at(free_at - now, Ev::AuthBatch { node, kind });
         }
+        // Requests of an earlier life of the node were never sent.
         let (inc, alive) = (self.nodes[n].inc, self.nodes[n].alive);
-        let queued: Vec<Box<Req>> = std::mem::take(&mut self.nodes[n].read_batch);
+        let queued = std::mem::take(&mut self.nodes[n].batches[kind].queue);
         let queued: Vec<Box<Req>> = queued.into_iter().filter(|r| alive && r.inc == inc).collect();
         if queued.is_empty() {
             return;
@@ -2144,7 +2147,16 @@ impl Sim {
             }
             return;
         }
-        self.read_batch(queued);
+        self.send_batch(node, kind, queued);
+    }
+
+    #[allow(clippy::vec_box)]
+    fn send_batch(&mut self, node: u32, kind: usize, reqs: Vec<Box<Req>>) {
+        if kind == READS {
+            self.read_batch(reqs)
+        } else {
+            self.commit_batch(node, reqs)
+        }
     }
 
     #[allow(clippy::vec_box)]
@@ -2235,47 +2247,7 @@ impl Sim {
     /// flight (less than a round trip after it reached etcd) waited at the node for its answer,
     /// and goes with the others that waited, a round trip after the previous one.
     fn on_auth_txn(&mut self, req: Box<Req>) {
-        if self.cut(req.node) {
-            return self.answer_timeout(req);
-        }
-        let n = req.node as usize;
-        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
-        let node = &mut self.nodes[n];
-        let slot = if node.batch.is_empty() { take_slot(&mut node.batch_slots, now, round_trip) } else { Err(now) };
-        match slot {
-            Ok(()) => self.commit_batch(n as u32, vec![req]),
-            Err(free_at) => {
-                node.batch.push(req);
-                if !std::mem::replace(&mut node.batch_due, true) {
-                    self.at(free_at.saturating_sub(now), Ev::AuthBatch { node: n as u32 });
-                }
-            }
-        }
-    }
-
-    fn on_auth_batch(&mut self, node: u32) {
-        let n = node as usize;
-        self.nodes[n].batch_due = false;
-        let (now, round_trip) = (self.now, 2 * self.cfg.etcd_ms);
-        if let Err(free_at) = take_slot(&mut self.nodes[n].batch_slots, now, round_trip) {
-            self.nodes[n].batch_due = true;
-            return self.at(free_at - now, Ev::AuthBatch { node });
-        }
-        // Requests of an earlier life of the node were never sent.
-        let inc = self.nodes[n].inc;
-        let alive = self.nodes[n].alive;
-        let queued: Vec<Box<Req>> = std::mem::take(&mut self.nodes[n].batch);
-        let queued: Vec<Box<Req>> = queued.into_iter().filter(|r| alive && r.inc == inc).collect();
-        if queued.is_empty() {
-            return;
-        }
-        if self.cut(node) {
-            for req in queued {
-                self.answer_timeout(req);
-            }
-            return;
-        }
-        self.commit_batch(node, queued);
+        self.enqueue(TXNS, req);
     }
 
     /// One etcd request of nested transactions, one per volume (a second one for a volume waits
@@ -2290,9 +2262,10 @@ impl Sim {
         for req in reqs {
             if !seen.insert(req.vol) {
                 let round_trip = 2 * self.cfg.etcd_ms;
-                self.nodes[n].batch.push(req);
-                if !std::mem::replace(&mut self.nodes[n].batch_due, true) {
-                    self.at(round_trip, Ev::AuthBatch { node });
+                let b = &mut self.nodes[n].batches[TXNS];
+                b.queue.push(req);
+                if !std::mem::replace(&mut b.due, true) {
+                    self.at(round_trip, Ev::AuthBatch { node, kind: TXNS });
                 }
                 continue;
             }
@@ -3144,9 +3117,8 @@ impl Sim {
             Ev::Ask { vol, node, gen, ask } => self.on_ask(vol, node, gen, ask),
             Ev::AuthRead(req) => self.on_auth_read(req),
             Ev::HoldEnd { node } => self.on_hold_end(node),
-            Ev::AuthReadBatch { node } => self.on_auth_read_batch(node),
             Ev::AuthTxn(req) => self.on_auth_txn(req),
-            Ev::AuthBatch { node } => self.on_auth_batch(node),
+            Ev::AuthBatch { node, kind } => self.on_auth_batch(node, kind),
             Ev::AuthAnswer(req) => self.on_auth_answer(req),
             Ev::LinkUp { vol, node, gen, token } => self.on_link_up(vol, node, gen, token),
             Ev::Depose { vol, node, gen } => self.on_depose(vol, node, gen),
