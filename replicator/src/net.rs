@@ -163,6 +163,13 @@ pub trait Net: Send + Sync + 'static {
     fn links_beat(&self) -> bool {
         false
     }
+    /// Whether the node at `addr` answers its link's heartbeat, so that it takes a quiet volume's
+    /// stream for alive (a node of a version before link heartbeats waits for a volume's pings
+    /// every 125 ms, and would take a quiet one's stream for dead after 1 s). A volume goes quiet
+    /// only then.
+    fn peer_beats(&self, _addr: SocketAddr) -> bool {
+        false
+    }
 }
 
 /// Splits a stream into halves that can be used by two tasks.

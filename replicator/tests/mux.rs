@@ -190,6 +190,8 @@ async fn a_silent_or_closed_link_is_replaced_by_the_next_stream() {
     let _s2 = links.connect(addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "two streams, one link");
+    // A peer that never answers the beat (as a node of an earlier version) gets no quiet volumes.
+    assert!(!links.peer_beats(addr));
     // Past the silence limit the link closes, failing its streams, and the next stream comes on
     // a new link.
     let mut b = [0u8; 1];
@@ -224,6 +226,8 @@ async fn an_idle_link_stays_up_on_its_own_heartbeat() {
     let _again = links.connect(addr).await.unwrap();
     assert_eq!(accepted.load(Ordering::SeqCst), 1, "the idle link was replaced");
     assert_eq!(links.links(), 1);
+    // The router answered the beat: this peer takes a quiet volume's stream for alive.
+    assert!(links.peer_beats(addr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -106,6 +106,8 @@ type OpenReply = oneshot::Sender<io::Result<yamux::Stream>>;
 #[derive(Clone)]
 pub(super) struct Link {
     opens: mpsc::Sender<OpenReply>,
+    /// The peer answered this link's heartbeat (see [`crate::net::Net::peer_beats`]).
+    beating: Arc<AtomicBool>,
     /// When a byte was last read from the peer (milliseconds since `born`).
     last_read: Arc<AtomicU64>,
     born: Instant,
@@ -156,15 +158,16 @@ impl MuxNet {
         tracing::debug!(%addr, "link to a peer node opened");
         let link = run(stream, yamux::Mode::Client, None);
         let beats = link.open().await?;
-        tokio::spawn(beat(beats));
+        tokio::spawn(beat(beats, link.beating.clone()));
         Ok(link)
     }
 }
 
 /// The dialing side of a link's heartbeat: a ping every [`LINK_BEAT`] on the link's first stream;
-/// the pongs are read and dropped (reading them is what keeps the link heard, in its session).
-/// Ends with the link.
-async fn beat(stream: BoxStream) {
+/// the pongs are read (reading them is what keeps the link heard, in its session), and the first
+/// marks the peer as one that beats. Ends with the link, or when the peer refuses the beat (a node
+/// of an earlier version: its router closes the stream).
+async fn beat(stream: BoxStream, beating: Arc<AtomicBool>) {
     let (mut rd, mut wr) = crate::net::split(stream);
     let mut tick = tokio::time::interval(LINK_BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,6 +191,7 @@ async fn beat(stream: BoxStream) {
                         tracing::warn!("node link: {f:?} on the beat stream; beat stopped");
                         return;
                     }
+                    beating.store(true, Ordering::Relaxed);
                 }
             }
         }
@@ -240,6 +244,12 @@ impl Net for MuxNet {
     }
     fn links_beat(&self) -> bool {
         true
+    }
+    fn peer_beats(&self, addr: SocketAddr) -> bool {
+        let slot = self.links.lock().expect("links").get(&addr).cloned();
+        slot.is_some_and(|s| {
+            s.try_lock().is_ok_and(|l| l.as_ref().is_some_and(|l| !l.dead() && l.beating.load(Ordering::Relaxed)))
+        })
     }
 }
 
@@ -321,7 +331,7 @@ pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Se
             None => tracing::debug!("node link closed"),
         }
     });
-    Link { opens, last_read, born }
+    Link { opens, last_read, born, beating: Arc::new(AtomicBool::new(false)) }
 }
 
 /// A stream that notes when it last read something.

@@ -256,6 +256,9 @@ impl Net for RoutedNet {
     fn links_beat(&self) -> bool {
         self.inner.links_beat()
     }
+    fn peer_beats(&self, addr: SocketAddr) -> bool {
+        self.inner.peer_beats(addr)
+    }
 }
 
 /// A stream whose first bytes (the frame the router read, and whatever came after it) are served

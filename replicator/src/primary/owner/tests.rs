@@ -42,6 +42,9 @@ impl crate::net::Net for Beating {
     fn links_beat(&self) -> bool {
         true
     }
+    fn peer_beats(&self, _addr: SocketAddr) -> bool {
+        true
+    }
 }
 
 async fn harness_on(

@@ -17,7 +17,8 @@ impl Owner {
         if self.link_up() && now >= self.timers.ping {
             // Quiet: nothing shipped since the last ping and no new floor to tell, on a node link
             // whose own heartbeat proves the peer node alive.
-            let quiet = !self.shipped && self.floor_tag() == self.pinged_floor && self.cfg.net.links_beat();
+            let quiet =
+                !self.shipped && self.floor_tag() == self.pinged_floor && self.cfg.net.peer_beats(self.peer_addr);
             self.ship_ping();
             self.shipped = false;
             self.quiet_ping = quiet;
