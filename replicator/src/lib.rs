@@ -81,9 +81,10 @@ pub struct ReplConfig {
     pub resync_bytes: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
-/// How often a quiet volume whose stream rides a beating node link ([`net::Net::links_beat`])
-/// pings its peer, and reports to an authority that allows it ([`authority::Authority::quiet_reports`]):
-/// 1 s, against [`ReplConfig::heartbeat`] (125 ms) while it has anything to send. The link's own
+/// How often a quiet volume pings a peer node that answers its link's heartbeat
+/// ([`net::Net::peer_beats`]), and reports to an authority that allows it
+/// ([`authority::Authority::quiet_reports`]): 1 s, against [`ReplConfig::heartbeat`] (125 ms)
+/// while it has anything to send. The link's own
 /// heartbeat (`cluster::mux::LINK_BEAT`) proves the peer node alive for all its volumes at once,
 /// and closes every stream when the peer goes silent; a volume's own pings then only prove that
 /// its peer's session still answers. With 100 idle replicas a node spent 3.7–3.9 % of a core on
