@@ -406,6 +406,8 @@ pub(super) struct Owner {
     /// record moved to the next epoch (see `Owner::on_handover_answer`).
     handover_unanswered: Option<syncblock_engine::Epoch>,
     witness_period: Duration,
+    /// Since when the peer has not been connected (`None` while it is): the link timeout after it,
+    /// a degrade primary asks to go on alone (`Owner::ask_solo_if_due`).
     away_since: Option<Instant>,
     last_witness_error: String,
     /// The request `last_witness_error` answered.
@@ -522,7 +524,8 @@ impl Owner {
             handover: None,
             handover_unanswered: None,
             witness_period: heartbeat,
-            away_since: None,
+            // The peer is not connected yet: away since this primary started.
+            away_since: Some(now),
             last_witness_error: String::new(),
             witness_error_from: Ask::Report,
             timers: Timers {
@@ -992,7 +995,7 @@ impl Owner {
         // The peer is away from now: in the link timeout this primary asks to continue alone
         // (`ask_solo_if_due`). A quiet volume reports again at the heartbeat's pace.
         let now = Instant::now();
-        if self.peer.borrow().connected || self.away_since.is_none() {
+        if self.peer.borrow().connected {
             self.away_since = Some(now);
         }
         self.timers.report = self.timers.report.min(now + self.witness_period);

@@ -181,8 +181,7 @@ impl Owner {
         if ask != Ask::Report {
             return;
         }
-        let connected = self.peer.borrow().connected;
-        self.away_since = if connected { None } else { self.away_since.or(Some(now)) };
+        // A request held back while this report was in flight may be due.
         self.ask_solo_if_due(now);
     }
 
@@ -198,7 +197,7 @@ impl Owner {
 
     /// Under the degrade policy, a peer away for the link timeout: asks the authority to continue
     /// alone, then again every witness period until it grants it or the peer is back. The peer is
-    /// away from the moment its link failed (or, never connected, from the first report), so the
+    /// away from the moment its link failed (or, never connected, from this primary's start), so the
     /// volumes whose links failed together, with a peer node, all ask at once, and a cluster node
     /// sends their requests to etcd together (`cluster/batch.rs`). Before, each asked on its first
     /// report past the timeout, up to two report periods late and spread over one.
