@@ -108,18 +108,13 @@ pub(super) struct Link {
     opens: mpsc::Sender<OpenReply>,
     /// The peer answered this link's heartbeat (see [`crate::net::Net::peer_beats`]).
     beating: Arc<AtomicBool>,
-    /// When a byte was last read from the peer (milliseconds since `born`).
-    last_read: Arc<AtomicU64>,
-    born: Instant,
 }
 
 impl Link {
+    /// Its session ended: the connection closed, or the session closed it after
+    /// [`LINK_SILENT_MAX`] of silence.
     fn dead(&self) -> bool {
-        if self.opens.is_closed() {
-            return true;
-        }
-        let read = Duration::from_millis(self.last_read.load(Ordering::Relaxed));
-        self.born.elapsed().saturating_sub(read) > LINK_SILENT_MAX
+        self.opens.is_closed()
     }
 
     async fn open(&self) -> io::Result<BoxStream> {
@@ -262,7 +257,6 @@ pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Se
     let watched = Watched { inner: stream, last_read: last_read.clone(), born };
     let mut conn = yamux::Connection::new(watched.compat(), config(), mode);
     let (opens, mut requests) = mpsc::channel::<OpenReply>(OPENS_QUEUED);
-    let heard = last_read.clone();
     tokio::spawn(async move {
         let mut waiting: Option<OpenReply> = None;
         let mut handles_gone = false;
@@ -270,7 +264,7 @@ pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Se
         let mut check = Box::pin(tokio::time::sleep(LINK_SILENT_MAX));
         let end = std::future::poll_fn(|cx| {
             while check.as_mut().poll(cx).is_ready() {
-                let silent = born.elapsed().saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                let silent = born.elapsed().saturating_sub(Duration::from_millis(last_read.load(Ordering::Relaxed)));
                 if silent > LINK_SILENT_MAX {
                     let why = format!("nothing heard from the peer node for {} ms", silent.as_millis());
                     return Poll::Ready(Some(yamux::ConnectionError::Io(io::Error::new(io::ErrorKind::TimedOut, why))));
@@ -331,7 +325,7 @@ pub(super) fn run(stream: BoxStream, mode: yamux::Mode, inbound: Option<mpsc::Se
             None => tracing::debug!("node link closed"),
         }
     });
-    Link { opens, last_read, born, beating: Arc::new(AtomicBool::new(false)) }
+    Link { opens, beating: Arc::new(AtomicBool::new(false)) }
 }
 
 /// A stream that notes when it last read something.
