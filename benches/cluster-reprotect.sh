@@ -20,7 +20,9 @@
 # --election-timeout 500, as docs/cluster.md advises.
 #
 # Environment (all optional): DIR (/var/tmp/cluster-bench); SIZE (2G); RT (10); SKIP_BUILD=1;
-# KEEP=1 keeps the run directory.
+# KEEP=1 keeps the run directory; NODE_DISK_MIBS=N gives each node a disk of its own of N MiB/s,
+# emulated by a block-I/O cgroup (benches/lib.sh, "Emulated disks"; root only), and measures
+# step 1 on such a disk: what a node does with a disk of its own, on a machine with one.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,11 +35,19 @@ need "apt-get install etcd-server fio" etcd fio
 open_run "$ROOT"
 now() { date +%s.%N; }
 
-echo "1. the disk, idle: sequential 1 MiB writes ..."
-DISK=$(fio --name=disk --filename="$RUN/disk.test" --rw=write --bs=1M --size="$SIZE" --direct=1 \
+make_disk disk
+if [ -n "$DISK_CG" ]; then
+  echo "1. each node's disk is emulated: $NODE_DISK_MIBS MiB/s of reads and as much of writes (NODE_DISK_MIBS)"
+  echo "   such a disk, idle: sequential 1 MiB writes ..."
+else
+  echo "1. the disk, idle: sequential 1 MiB writes ..."
+fi
+DISK=$(sh -c "$IN_DISK" "$DISK_CG" fio --name=disk --filename="$RUN/disk.test" --rw=write --bs=1M --size="$SIZE" --direct=1 \
   --ioengine=libaio --iodepth=8 --end_fsync=1 --output-format=json | json 'd["jobs"][0]["write"]["bw_bytes"]')
 echo "   $((DISK >> 20)) MiB/s"
 echo "   and copying on this one disk: sequential 1 MiB reads of that file and writes of another at once ..."
+# (With emulated disks, a copy reads one node's disk and writes another's: this measures the real
+# disk doing both, which the emulation needs room for.)
 DISKCOPY=$(fio --ioengine=libaio --direct=1 --bs=1M --iodepth=8 --size="$SIZE" --output-format=json \
   --name=rd --filename="$RUN/disk.test" --rw=read --name=wr --filename="$RUN/disk2.test" --rw=write --end_fsync=1 |
   json 'd["jobs"][1]["write"]["bw_bytes"]')

@@ -19,6 +19,8 @@
 #                         election settings docs/cluster.md advises (1 s leases); sets ETCD (its
 #                         client URL) and waits until `syncblock node list` answers
 #   start_node NAME SIZE [FLAGS...]  a `syncblock node` with its store in RUN (see below)
+#   make_disk NAME        DISK_CG: the emulated disk NAME when NODE_DISK_MIBS is set, else empty;
+#                         `sh -c "$IN_DISK" "$DISK_CG" CMD...` runs CMD in it (see below)
 #   await_joined NAME...  waits until those nodes have joined the cluster
 #   open_run ROOT         BASE, BIN and RUN for a cluster benchmark, and its exit trap
 PY=/usr/bin/python3
@@ -92,10 +94,53 @@ start_node() {
   local name=$1 size=$2 listen=()
   shift 2
   case " $* " in *" --listen "*) ;; *) listen=(--listen "127.0.0.1:$(port)") ;; esac
-  "$BIN" node --etcd "$ETCD" --name "$name" --store "$RUN/$name.img" --size "$size" \
+  make_disk "$name"
+  sh -c "$IN_DISK" "$DISK_CG" "$BIN" node --etcd "$ETCD" --name "$name" --store "$RUN/$name.img" --size "$size" \
     --repl-listen "127.0.0.1:$(port)" "${listen[@]}" "$@" >"$RUN/$name.out" 2>"$RUN/$name.log" &
   NODE_PID[$name]=$!
   PIDS+=($!)
+}
+# Emulated disks, one per node: with NODE_DISK_MIBS=N, each node runs in a block-I/O cgroup of its
+# own (`make_disk`; cgroup v2 `io.max`, or v1 `blkio.throttle.*`) that lets it read N MiB/s and
+# write N MiB/s on the disk under RUN, as if each node had a disk of its own of that speed; with
+# NODE_DISK_IOPS=M also at most M reads and M writes a second (an SSD's random 4 KiB limit). For measuring what a node does with its own disk on a machine with one: the
+# nodes' reads and writes no longer queue behind each other's, as long as N times the nodes
+# busy at once fits in what the real disk does. Needs root. The cgroups are removed on exit.
+DISK_CGROUPS=()
+make_disk() {
+  local src parent dev bps
+  DISK_CG=""
+  [ -n "${NODE_DISK_MIBS:-}" ] || return 0
+  # The whole disk under RUN (throttles apply to disks, not partitions).
+  src=$(df --output=source "$RUN" | tail -1)
+  parent=$(lsblk -no PKNAME "$src" | head -1 | tr -d ' ')
+  [ -z "$parent" ] || src=/dev/$parent
+  dev=$(lsblk -dno MAJ:MIN "$src" | tr -d ' ')
+  bps=$((NODE_DISK_MIBS << 20))
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    DISK_CG=/sys/fs/cgroup/syncblock-bench-$$-$1
+    grep -qw io /sys/fs/cgroup/cgroup.subtree_control || echo +io >/sys/fs/cgroup/cgroup.subtree_control
+    mkdir -p "$DISK_CG"
+    echo "$dev rbps=$bps wbps=$bps${NODE_DISK_IOPS:+ riops=$NODE_DISK_IOPS wiops=$NODE_DISK_IOPS}" >"$DISK_CG/io.max"
+  else
+    DISK_CG=/sys/fs/cgroup/blkio/syncblock-bench-$$-$1
+    mkdir -p "$DISK_CG"
+    echo "$dev $bps" >"$DISK_CG/blkio.throttle.read_bps_device"
+    echo "$dev $bps" >"$DISK_CG/blkio.throttle.write_bps_device"
+    if [ -n "${NODE_DISK_IOPS:-}" ]; then
+      echo "$dev $NODE_DISK_IOPS" >"$DISK_CG/blkio.throttle.read_iops_device"
+      echo "$dev $NODE_DISK_IOPS" >"$DISK_CG/blkio.throttle.write_iops_device"
+    fi
+  fi
+  DISK_CGROUPS+=("$DISK_CG")
+}
+# `sh -c "$IN_DISK" "$DISK_CG" CMD...` runs CMD in the cgroup DISK_CG (none if empty) as the same process
+# (so `$!` after a `&` is CMD's pid).
+IN_DISK='[ -z "$0" ] || echo $$ >"$0/cgroup.procs" || exit 1; exec "$@"'
+# Removes the emulated disks' cgroups (their processes must have exited).
+remove_disks() {
+  local d
+  for d in "${DISK_CGROUPS[@]}"; do rmdir "$d" 2>/dev/null || true; done
 }
 # Waits until each node named has joined the cluster (20 s at most each).
 await_joined() {
@@ -116,6 +161,6 @@ open_run() {
     BIN=$TARGET/release/syncblock
   fi
   RUN=$(mktemp -d "$BASE/run.XXXXXX")
-  trap 'kill_pids; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
+  trap 'kill_pids; remove_disks; [ "${KEEP:-0}" = 1 ] || rm -rf "$RUN"' EXIT
   trap 'exit 1' INT TERM
 }

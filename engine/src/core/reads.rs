@@ -41,12 +41,6 @@ pub const SCATTERED_BLOCKS_MAX: usize = (IO_BYTES_MAX / BB) as usize;
 /// most. A replica's copy plans this much at a time.
 pub const PLACES_BLOCKS_MAX: u64 = 1 << 20;
 
-/// A read of scattered blocks reads through a gap of at most this many blocks between two it
-/// wants (in the same segment) instead of splitting the device read: 32 KiB more to transfer
-/// costs less than another request on SSD and virtio disks, where a 4 KiB random read takes as
-/// long as a sequential 64 KiB one.
-const GAP_BLOCKS_MAX: u32 = 8;
-
 /// Longest device read of a read of scattered blocks: 1 MiB, the size of the log's batches.
 const SCATTERED_RUN_BLOCKS_MAX: u32 = 256;
 
@@ -398,8 +392,17 @@ impl Core {
     }
 
     /// Reads the blocks `lbas` names (any order), as of every request queued before this one: one
-    /// device read per run of blocks close together in the log (see [`GAP_BLOCKS_MAX`]), each
-    /// block checked against its checksum. Answers each block in the order asked, `None` for an
+    /// device read per run of blocks next to each other in the log, each block checked against
+    /// its checksum.
+    ///
+    /// A run never reads through blocks it does not want (older versions the cleaner has not yet
+    /// reclaimed). Reading through short gaps of up to 8 blocks saves device requests, and was
+    /// faster while every node of a benchmark shared one disk. But a node with a disk of its own
+    /// is bound by its reads' bytes: copying a volume scattered by random writes, that read 1.4
+    /// times the data, and the copy ran at 0.69–0.70 of the disk's rate against 0.96–0.97 without
+    /// gaps (docs/cluster.md, "Re-protection", session 20). An SSD's extra request for a run costs
+    /// about as much as reading one or two 4 KiB blocks more, so a gap of one block would roughly
+    /// break even; none is simplest. Answers each block in the order asked, `None` for an
     /// unmapped one.
     pub(super) fn handle_read_blocks(&mut self, volume: VolumeId, lbas: Vec<u64>, reply: Reply<Vec<Option<Bytes>>>) {
         let check = check_scattered(lbas.len())
@@ -436,7 +439,8 @@ impl Core {
             match parts.last_mut() {
                 Some(p)
                     if p.seg == phys / seg_blocks
-                        && phys < p.phys + p.n_blocks + GAP_BLOCKS_MAX
+                        // (`<=`: the next block, or the same one asked for twice)
+                        && phys <= p.phys + p.n_blocks
                         && phys < p.phys + SCATTERED_RUN_BLOCKS_MAX =>
                 {
                     p.n_blocks = p.n_blocks.max(phys - p.phys + 1);
