@@ -377,6 +377,165 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     qemu_ok(&uri, &["read -P 0x44 0 256k", "read -P 0x55 256k 256k", "read -P 0x66 512k 64k"]);
 }
 
+/// Three etcd members, a follower frozen (SIGSTOP) rather than killed: its connections stay open
+/// and whatever a node asks of it hangs, so a node must notice a silent member by itself
+/// (keep-alives, requests, its watch) and turn to the others. While each follower in turn is
+/// frozen for 4 s, a client writes and flushes every half second and every write is
+/// acknowledged; no node's lease lapses, so no volume moves. Then, with a follower still frozen,
+/// the primary's node is killed and the secondary takes over with every flushed write.
+///
+/// (Not the leader: etcd 3.4.23, Debian's, revokes every lease when a stopped leader resumes,
+/// etcd-io/etcd#15247; see docs/cluster.md, "What this relies on in etcd".)
+#[test]
+fn a_frozen_etcd_member_stops_neither_io_nor_failover() {
+    if !ready("cluster etcd member frozen") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 3);
+    let ep = etcd.endpoints();
+    let mut nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let f = create_in_sync(&ep, "f", "64MiB");
+    let uri = f["nbd"].as_str().unwrap().to_string();
+    let leader = etcd.leader();
+    let followers: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let mut at = 0u64;
+    for &i in &followers {
+        etcd.freeze(i, true);
+        let frozen = Instant::now();
+        while frozen.elapsed() < Duration::from_secs(4) {
+            let (off, pattern) = (format!("{}k", at * 64), format!("0x{:02x}", 0x10 + at % 200));
+            let t = Instant::now();
+            qemu_ok(&uri, &[&format!("write -P {pattern} {off} 64k"), "flush"]);
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "a write took {:?} with etcd member {i} frozen",
+                t.elapsed()
+            );
+            at += 1;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if i != followers[1] {
+            etcd.freeze(i, false);
+        }
+    }
+    // The last follower is still frozen: `volume list` goes to the two others.
+    let after = volume(&ep, "f");
+    assert_eq!(after["primary"], f["primary"], "a frozen etcd member moved the volume: {after}");
+    assert_eq!(after["epoch"], f["epoch"], "a frozen etcd member moved the volume: {after}");
+    for n in &nodes {
+        let log = std::fs::read_to_string(&n.log).unwrap();
+        for lapse in ["etcd expired this node's lease", "is gone from the cluster"] {
+            assert!(!log.contains(lapse), "{}: a lease lapsed while an etcd member was frozen:\n{log}", n.name);
+        }
+    }
+    let (old, new) = (f["primary"].as_str().unwrap().to_string(), f["secondary"].as_str().unwrap().to_string());
+    let killed = Instant::now();
+    nodes.iter_mut().find(|n| n.name == old).unwrap().kill();
+    let survivor = nodes.iter().find(|n| n.name == new).unwrap().uri("f");
+    wait_writable(&survivor, &["write -P 0xee 16M 64k", "flush"], "failover with an etcd member frozen");
+    eprintln!("failover with an etcd member frozen: {:?} from SIGKILL to a flushed write on {new}", killed.elapsed());
+    let reads: Vec<String> = (0..at).map(|k| format!("read -P 0x{:02x} {}k 64k", 0x10 + k % 200, k * 64)).collect();
+    qemu_ok(&survivor, &reads.iter().map(String::as_str).collect::<Vec<_>>());
+    etcd.freeze(followers[1], false);
+}
+
+/// A node paused (SIGSTOP) past its lease, as a long stall or a VM migration would, while etcd
+/// restarts: etcd expires the node's lease, and its volume fails over to the secondary (the node
+/// stays paused a second more). When it resumes, its keep-alive stream is gone with etcd's old
+/// process, and opening a new one is refused as "lease not found": it joins again under a new
+/// lease, deposed, and is resynced as the secondary. Before, such a node kept reconnecting and
+/// never joined again.
+#[test]
+fn a_node_paused_past_its_lease_is_failed_over_and_joins_again() {
+    if !ready("cluster node paused") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut etcd, ep, nodes) = three_nodes(dir.path(), &[]);
+    let p = create_in_sync(&ep, "p", "64MiB");
+    qemu_ok(p["nbd"].as_str().unwrap(), &["write -P 0x3c 0 256k", "flush"]);
+    let (old, new) = (p["primary"].as_str().unwrap(), p["secondary"].as_str().unwrap());
+    let paused = nodes.iter().find(|n| n.name == old).unwrap();
+    paused.freeze(true);
+    etcd.kill(0);
+    etcd.restart(0);
+    let survivor = nodes.iter().find(|n| n.name == new).unwrap().uri("p");
+    wait_writable(&survivor, &["write -P 0x3d 256k 256k", "flush"], "failover from a paused node");
+    std::thread::sleep(Duration::from_secs(1));
+    paused.freeze(false);
+    wait_until(
+        Duration::from_millis(200),
+        "the paused node back as secondary, in sync",
+        Duration::from_secs(60),
+        || {
+            let v = volume(&ep, "p");
+            (v["state"] == "in-sync" && v["primary"] == new).then_some(()).ok_or_else(|| v.to_string())
+        },
+    );
+    wait_until(Duration::from_millis(200), "the paused node alive again", Duration::from_secs(30), || {
+        let (code, out, err) = cli(&ep, &["node", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
+        let alive = list.as_array().is_some_and(|l| l.iter().any(|n| n["name"] == old && n["alive"] == true));
+        (code == 0 && alive).then_some(()).ok_or(format!("{out}{err}"))
+    });
+    let log = std::fs::read_to_string(&paused.log).unwrap();
+    assert!(log.contains("registering again"), "{old} did not join again under a new lease:\n{log}");
+    let (code, out, err) = run(
+        Duration::from_secs(120),
+        common::pair::BIN,
+        &["verify", "--admin", &nodes.iter().find(|n| n.name == new).unwrap().admin, "--volume", "p"],
+    );
+    assert_eq!(code, 0, "verify: {out}{err}");
+    qemu_ok(&survivor, &["read -P 0x3c 0 256k", "read -P 0x3d 256k 256k"]);
+}
+
+/// The etcd leader stopped (SIGSTOP) for 3 s, then resumed. The other two members elect a new
+/// leader and the nodes turn to them. When the old leader resumes, etcd 3.4.23 (Debian's) may
+/// revoke every lease it still counted as its own (etcd-io/etcd#15247): every node then finds its
+/// lease gone, refused as "lease not found" when it opens a keep-alive stream, and must join
+/// again under a new one. Before, such a node kept reconnecting and never joined again. Every
+/// node is alive again, and the volume serves every flushed write on whichever node is its
+/// primary now.
+#[test]
+fn nodes_join_again_after_the_etcd_leader_stalls() {
+    if !ready("cluster etcd leader stall") {
+        return;
+    }
+    let _t = turn();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(dir.path(), 3);
+    let ep = etcd.endpoints();
+    let nodes: Vec<ClusterNode> =
+        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let r = create_in_sync(&ep, "r", "64MiB");
+    qemu_ok(r["nbd"].as_str().unwrap(), &["write -P 0x5a 0 256k", "flush"]);
+    let leader = etcd.leader();
+    etcd.freeze(leader, true);
+    std::thread::sleep(Duration::from_secs(3));
+    etcd.freeze(leader, false);
+    let stalled = Instant::now();
+    wait_until(Duration::from_millis(200), "every node alive again", Duration::from_secs(30), || {
+        let (code, out, err) = cli(&ep, &["node", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
+        let alive = list.as_array().map_or(0, |l| l.iter().filter(|n| n["alive"] == true).count());
+        (code == 0 && alive == 3).then_some(()).ok_or(format!("{out}{err}"))
+    });
+    let rejoined =
+        nodes.iter().filter(|n| std::fs::read_to_string(&n.log).unwrap().contains("registering again")).count();
+    eprintln!("after the leader resumed: every node alive in {:?}; {rejoined} of 3 joined again", stalled.elapsed());
+    let now = wait_until(Duration::from_millis(200), "the volume served", Duration::from_secs(30), || {
+        let v = volume(&ep, "r");
+        (v["state"] == "in-sync").then_some(v.clone()).ok_or_else(|| v.to_string())
+    });
+    let uri = nodes.iter().find(|n| n.name == now["primary"].as_str().unwrap()).unwrap().uri("r");
+    wait_writable(&uri, &["write -P 0x5b 256k 256k", "flush"], "the volume after the etcd leader stalled");
+    qemu_ok(&uri, &["read -P 0x5a 0 256k", "read -P 0x5b 256k 256k"]);
+}
+
 /// A switchover of volume `name` there and back, with the etcd at `ep`, ending with `primary`
 /// primary again: each grant is a request of a node that connected to all of etcd's members (the
 /// way back waits until the new primary has its peer in sync again).

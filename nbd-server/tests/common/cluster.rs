@@ -113,6 +113,40 @@ impl Etcd {
         self.members.iter().map(|m| m.client.clone()).collect::<Vec<_>>().join(",")
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) member `i`: stopped, its connections stay open and
+    /// every request to it hangs, unlike a killed member's, which are refused.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let pid = self.members[i].child.as_ref().expect("member running").id();
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: a signal to a child this handle owns and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0, "signal to etcd member {i}");
+    }
+
+    /// Which member leads now (asked of each member in turn; plain etcd only).
+    pub fn leader(&self) -> usize {
+        wait_until(Duration::from_millis(100), "an etcd leader", Duration::from_secs(10), || {
+            for (i, m) in self.members.iter().enumerate() {
+                let (code, out, err) = run(
+                    Duration::from_secs(5),
+                    "etcdctl",
+                    &["--endpoints", &m.client, "endpoint", "status", "-w", "json"],
+                );
+                let status: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
+                let s = &status[0]["Status"];
+                if code == 0 && s["leader"] == s["header"]["member_id"] {
+                    return Ok(i);
+                }
+            }
+            Err("no member says it leads".to_string())
+        })
+    }
+
+    /// Starts member `i` again (after [`Etcd::kill`]), with its data.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.spawn(i);
+    }
+
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {

@@ -449,6 +449,13 @@ async fn register(
 /// node's standing to two thirds of the TTL after it was sent. A lease etcd has expired (the node
 /// was cut off longer than its TTL) is replaced by a new registration; the volumes it was primary
 /// of may have failed over meanwhile, which their replicator nodes learn from the grants.
+///
+/// A keep-alive unanswered for a sixth of the TTL (`answer_wait`) makes the node connect again
+/// to the members that answer. The member it used may hang with its connections open (stopped,
+/// or cut off without a reset), and the lease must be renewed through another before it runs
+/// out: the longest a hung member keeps the lease unrenewed is then a third of the TTL until the
+/// next keep-alive, a sixth waiting for its answer, and a reconnection (the members' status, at
+/// most [`super::PROBE_GRACE`] after the first answers): about 0.65 s of a 1 s TTL.
 async fn keep_alive(
     cluster: Cluster,
     cfg: MemberConfig,
@@ -463,14 +470,30 @@ async fn keep_alive(
         let lease = standing.borrow().lease;
         let grant_lease = standing.borrow().grant_lease;
         let period = (grant_lease / 2).max(Duration::from_millis(100));
-        let (mut keeper, mut answers) = match client.lease_keep_alive(lease).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("etcd keep-alive: {}; reconnecting", cluster.err(e));
+        let answer_wait = period / 2;
+        // Opening the stream sends a first keep-alive and waits for its answer: bounded like the
+        // others, since a member that hangs (stopped, or cut off without a reset) never answers.
+        let opened = tokio::select! {
+            r = tokio::time::timeout(answer_wait, client.lease_keep_alive(lease)) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (mut keeper, mut answers) = match opened {
+            Ok(Ok(x)) => x,
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == "lease not found" => {
+                // etcd has expired the lease (its answer was a TTL of 0).
+                reregister(&cluster, &cfg, &standing).await;
+                continue;
+            }
+            other => {
+                match other {
+                    Ok(Err(e)) => tracing::warn!("etcd keep-alive: {}; reconnecting", cluster.err(e)),
+                    _ => tracing::warn!("etcd keep-alive went unanswered; reconnecting"),
+                }
                 if let Err(e) = cluster.reconnect().await {
                     tracing::warn!("reconnecting to etcd: {e}");
+                    tokio::select! { _ = tokio::time::sleep(period / 2) => {}, _ = stop.wait_for(|s| *s) => return }
                 }
-                tokio::select! { _ = tokio::time::sleep(period / 2) => continue, _ = stop.wait_for(|s| *s) => return }
+                continue;
             }
         };
         loop {
@@ -480,7 +503,7 @@ async fn keep_alive(
                 answers.message().await
             };
             let r = tokio::select! {
-                r = tokio::time::timeout(period, answered) => r,
+                r = tokio::time::timeout(answer_wait, answered) => r,
                 _ = stop.wait_for(|s| *s) => return,
             };
             match r {
@@ -492,17 +515,7 @@ async fn keep_alive(
                     });
                 }
                 Ok(Ok(Some(_))) => {
-                    tracing::error!(
-                        "etcd expired this node's lease (cut off from etcd longer than its TTL); registering again"
-                    );
-                    standing.send_modify(|s| s.valid_until = None);
-                    match register(&cluster, &cfg).await {
-                        Ok((_, rx)) => {
-                            let fresh = *rx.borrow();
-                            standing.send_replace(fresh);
-                        }
-                        Err(e) => tracing::error!("registering again: {e}"),
-                    }
+                    reregister(&cluster, &cfg, &standing).await;
                     break;
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
@@ -518,6 +531,24 @@ async fn keep_alive(
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+        }
+    }
+}
+
+/// etcd expired this node's lease: the node registers again under a new one (its standing lapses
+/// meanwhile, so it grants itself nothing).
+async fn reregister(cluster: &Cluster, cfg: &MemberConfig, standing: &watch::Sender<Standing>) {
+    tracing::error!("etcd expired this node's lease (cut off from etcd longer than its TTL); registering again");
+    standing.send_modify(|s| s.valid_until = None);
+    match register(cluster, cfg).await {
+        Ok((_, rx)) => {
+            let fresh = *rx.borrow();
+            standing.send_replace(fresh);
+        }
+        Err(e) => {
+            tracing::error!("registering again: {e}");
+            // Not at once again: etcd may be refusing connections.
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 }

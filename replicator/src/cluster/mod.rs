@@ -35,6 +35,22 @@ pub const DEFAULT_PREFIX: &str = "/syncblock";
 /// request, and short enough that a command against a dead etcd fails while the operator waits.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Every connection to an etcd member is pinged this often (HTTP/2 PING), and closed if the ping
+/// is not answered within [`KEEPALIVE_WAIT`]: a member that hangs with its connections open
+/// (stopped, or cut off without a reset) then fails the watch and the requests on it within
+/// 1.5 s, and they are made again through the others. etcd answers pings in its transport,
+/// whatever its load; two small frames a second per member is nothing to it.
+const KEEPALIVE_EVERY: Duration = Duration::from_millis(500);
+const KEEPALIVE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a (re)connection waits for an endpoint's status when none has answered yet.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a (re)connection waits for the other endpoints once one has answered: a live member
+/// answers a status request in milliseconds, and a node reconnecting because a keep-alive went
+/// unanswered may have under half a second of its lease left (see `member::keep_alive`).
+pub(crate) const PROBE_GRACE: Duration = Duration::from_millis(100);
+
 /// Longest volume or node name: names are etcd keys, NBD export names and log fields.
 pub const NAME_BYTES_MAX: usize = 64;
 
@@ -430,7 +446,7 @@ impl Cluster {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+            .with_keep_alive(KEEPALIVE_EVERY, KEEPALIVE_WAIT);
         let ssl = || tls.map(EtcdTls::ssl).transpose();
         // Bad TLS files are refused as such, before any endpoint is tried.
         ssl()?;
@@ -442,19 +458,38 @@ impl Cluster {
                     let ssl = ssl.map_err(|e| etcd_client::Error::InvalidArgs(e.to_string()))?;
                     let mut c = client(&[e.as_str()], options, ssl).await?;
                     c.status().await
-                };
-                let r = tokio::time::timeout(Duration::from_secs(3), r).await;
+                }
+                .await;
                 (e, r)
             }
         };
-        let results = futures_util::future::join_all(list.iter().cloned().map(probe)).await;
+        // Every endpoint at once. Once one has answered, the others get PROBE_GRACE more: a member
+        // that is alive answers in milliseconds, and one that hangs (stopped, or cut off without a
+        // reset) must not hold up a node whose lease has a second left.
+        let mut probes: futures_util::stream::FuturesUnordered<_> = list.iter().cloned().map(probe).collect();
         let mut live = Vec::new();
         let mut failures = Vec::new();
-        for (e, r) in results {
-            match r {
-                Ok(Ok(_)) => live.push(e),
-                Ok(Err(err)) => failures.push(format!("{e}: {err}")),
-                Err(_) => failures.push(format!("{e}: no answer within 3 s")),
+        let mut failed = Vec::new();
+        let mut until = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut probes)).await {
+                Ok(Some((e, Ok(_)))) => {
+                    if live.is_empty() {
+                        until = until.min(tokio::time::Instant::now() + PROBE_GRACE);
+                    }
+                    live.push(e);
+                }
+                Ok(Some((e, Err(err)))) => {
+                    failures.push(format!("{e}: {err}"));
+                    failed.push(e);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    let waited = if live.is_empty() { PROBE_TIMEOUT } else { PROBE_GRACE };
+                    let silent = list.iter().filter(|e| !live.contains(*e) && !failed.contains(*e));
+                    failures.extend(silent.map(|e| format!("{e}: no answer within {waited:?}")));
+                    break;
+                }
             }
         }
         if live.is_empty() {
