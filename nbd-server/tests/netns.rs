@@ -769,3 +769,80 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
     }
     drop((a, b));
 }
+
+/// Cluster mode: the primary's node isolated from everything (cut from etcd's W and from the
+/// secondary's node). Its lease expires and the secondary takes over in a new epoch; the isolated
+/// primary acknowledges nothing meanwhile, since neither its peer nor etcd can confirm anything.
+/// Healed, it finds its lease gone, joins the cluster again under a new one, steps down, and is
+/// resynced as the new primary's secondary: the write it held unacknowledged is rolled back.
+#[test]
+fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins() {
+    let Some(_turn) = begin() else { return };
+    let missing = missing_tool(&[("etcd", "etcd-server")]);
+    if !can_run("the cluster network namespace test", missing.as_deref()) {
+        return;
+    }
+    let lab = Lab::new();
+    let _etcd = etcd(&lab);
+    let a = cluster_node(&lab, A);
+    let b = cluster_node(&lab, B);
+    lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
+    wait_for("v in sync", || {
+        let v = cluster_volume(&lab, A);
+        check(v["state"] == "in-sync", v.to_string())
+    });
+    let v = cluster_volume(&lab, A);
+    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
+    let uri = "nbd://127.0.0.1:10809/v";
+    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
+    assert!(done, "{out}");
+
+    lab.cut(p, s);
+    lab.cut(p, W);
+    let cut = Instant::now();
+    let failover = std::thread::scope(|sc| {
+        // A client writing through the isolated primary: it must never be acknowledged.
+        let isolated = sc.spawn(|| qemu_io(&lab, p, uri, "write -P 0x77 44M 64k", 8));
+        wait_for("the secondary promoted and accepting writes", || {
+            let v = cluster_volume(&lab, s);
+            check(v["primary"] == s.tag(), v.to_string())?;
+            let (done, out) = qemu_io(&lab, s, uri, "write -P 0x11 40M 4k", 30);
+            check(done, out)
+        });
+        let failover = cut.elapsed();
+        let (done, out) = isolated.join().expect("write through the isolated primary");
+        assert!(!done, "a write through the isolated primary completed: {out}");
+        failover
+    });
+    println!("primary isolated: the secondary took over and accepted a write {failover:?} after the cut");
+    let v = cluster_volume(&lab, s);
+    assert!(v["state"] == "degraded" && v["epoch"].as_u64().unwrap() >= 2, "{v}");
+
+    lab.heal(p, s);
+    lab.heal(p, W);
+    let healed = Instant::now();
+    wait_for("the old primary back as secondary, in sync", || {
+        let v = cluster_volume(&lab, s);
+        check(v["state"] == "in-sync" && v["primary"] == s.tag(), v.to_string())
+    });
+    println!("healed: the old primary joined again and was resynced after {:?}", healed.elapsed());
+    wait_for("the old primary's node alive in the cluster again", || {
+        let out = lab.exec_ok(s, BIN, &["node", "list", "--json", "--etcd", &etcd_url(s)]);
+        let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let alive = list.as_array().is_some_and(|l| l.iter().any(|n| n["name"] == p.tag() && n["alive"] == true));
+        check(alive, out)
+    });
+    let plog = lab.log(&format!("{}.log", p.tag()));
+    assert!(plog.contains("registering again"), "the isolated node did not join again under a new lease");
+    let (code, out, err) = lab.exec(s, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
+    assert_eq!(code, 0, "verify after the heal: {out}{err}");
+    for (cmd, what) in [
+        ("read -P 0x21 0 1M", "written before the cut"),
+        ("read -P 0x11 40M 4k", "written on the new primary"),
+        ("read -P 0 44M 64k", "the isolated primary's unacknowledged write, rolled back"),
+    ] {
+        let (done, out) = qemu_io(&lab, s, uri, cmd, 30);
+        assert!(done, "{what}: {out}");
+    }
+    drop((a, b));
+}
