@@ -846,3 +846,65 @@ fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and
     }
     drop((a, b));
 }
+
+/// Cluster mode: the primary's node cut from etcd only, still linked to its secondary. Its lease
+/// expires, so `volume list` shows the volume `down`, but nothing moves: the secondary still hears
+/// its primary on their link and never asks to take over, and the pair goes on confirming every
+/// write with each other, as a pair does when its witness is out of reach. Healed, the node joins
+/// again under a new lease and is still the primary, in the same epoch.
+#[test]
+fn cluster_primary_cut_from_etcd_only_changes_nothing_for_clients() {
+    let Some(_turn) = begin() else { return };
+    let missing = missing_tool(&[("etcd", "etcd-server")]);
+    if !can_run("the cluster network namespace test", missing.as_deref()) {
+        return;
+    }
+    let lab = Lab::new();
+    let _etcd = etcd(&lab);
+    let a = cluster_node(&lab, A);
+    let b = cluster_node(&lab, B);
+    lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
+    wait_for("v in sync", || {
+        let v = cluster_volume(&lab, A);
+        check(v["state"] == "in-sync", v.to_string())
+    });
+    let v = cluster_volume(&lab, A);
+    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
+    let uri = "nbd://127.0.0.1:10809/v";
+
+    lab.cut(p, W);
+    let cut = Instant::now();
+    let mut writes = 0u32;
+    while cut.elapsed() < WATCH + Duration::from_secs(2) {
+        let cmd = format!("write -P 0x{:02x} {}M 64k", 0x40 + writes, writes);
+        let t = Instant::now();
+        let (done, out) = qemu_io(&lab, p, uri, &cmd, 30);
+        assert!(done, "a write through the primary cut from etcd: {out}");
+        assert!(t.elapsed() < Duration::from_secs(5), "a write took {:?} with the primary cut from etcd", t.elapsed());
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let seen = cluster_volume(&lab, s);
+    assert!(seen["primary"] == p.tag() && seen["epoch"] == v["epoch"], "the volume moved: {seen}");
+    assert_eq!(seen["state"], "down", "the primary's node still counts as alive: {seen}");
+    let slog = lab.log(&format!("{}.log", s.tag()));
+    assert!(!slog.contains("promoting this node to primary"), "the secondary was promoted");
+
+    lab.heal(p, W);
+    wait_for("the primary's node alive again, the volume in sync", || {
+        let v = cluster_volume(&lab, s);
+        check(v["state"] == "in-sync" && v["primary"] == p.tag(), v.to_string())
+    });
+    let after = cluster_volume(&lab, s);
+    assert_eq!(after["epoch"], v["epoch"], "{after}");
+    let (code, out, err) = lab.exec(p, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
+    assert_eq!(code, 0, "verify after the heal: {out}{err}");
+    let reads: Vec<String> = (0..writes).map(|i| format!("read -P 0x{:02x} {i}M 64k", 0x40 + i)).collect();
+    for cmd in &reads {
+        let (done, out) = qemu_io(&lab, s, uri, cmd, 30);
+        assert!(!done, "the secondary's node served {cmd}: {out}");
+        let (done, out) = qemu_io(&lab, p, uri, cmd, 30);
+        assert!(done, "{cmd}: {out}");
+    }
+    drop((a, b));
+}
