@@ -83,15 +83,19 @@ per_volume
 # over time, so the figure is taken again after a while idle.
 # CPU while idle, over the same wait: what heartbeats, reports and timers cost.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-declare -A CPU0
-for n in "${!NODE_PID[@]}"; do CPU0[$n]=$(ticks "${NODE_PID[$n]}"); done
+# Times the node's threads went to sleep and were woken since they started (voluntary context
+# switches): steadier than CPU time on a shared machine, and what per-volume timers cost.
+wakeups() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'; }
+declare -A CPU0 WAKE0
+for n in "${!NODE_PID[@]}"; do CPU0[$n]=$(ticks "${NODE_PID[$n]}"); WAKE0[$n]=$(wakeups "${NODE_PID[$n]}"); done
 sleep "${IDLE_S:-60}"
 echo "again after ${IDLE_S:-60} s more idle:"
 per_volume
 echo "CPU while idle (those ${IDLE_S:-60} s):"
 for n in $(echo "${!NODE_PID[@]}" | tr ' ' '\n' | sort); do
   used=$(( $(ticks "${NODE_PID[$n]}") - CPU0[$n] ))
-  echo "  $n: $(echo "scale=1; 100 * $used / $(getconf CLK_TCK) / ${IDLE_S:-60}" | bc -l) % of a core"
+  woke=$(( $(wakeups "${NODE_PID[$n]}") - WAKE0[$n] ))
+  echo "  $n: $(echo "scale=1; 100 * $used / $(getconf CLK_TCK) / ${IDLE_S:-60}" | bc -l) % of a core, $(( woke / ${IDLE_S:-60} )) thread wake-ups a second"
 done
 
 "$BIN" volume list --json --etcd "$ETCD" >"$RUN/volumes.json"

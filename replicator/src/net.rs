@@ -170,6 +170,14 @@ pub trait Net: Send + Sync + 'static {
     fn peer_beats(&self, _addr: SocketAddr) -> bool {
         false
     }
+    /// When a quiet volume's next ping, or quiet report, falls due, its last one going at `now`:
+    /// at most [`crate::QUIET_EVERY`] later. A node's links put all its quiet volumes on one grid
+    /// of that period, so that their timers fire together: one wake-up of the node a second
+    /// instead of one per volume, and their pings and reports go out in one burst on each link
+    /// and in one batch to etcd.
+    fn quiet_due(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        now + crate::QUIET_EVERY
+    }
 }
 
 /// Splits a stream into halves that can be used by two tasks.

@@ -362,3 +362,27 @@ async fn streams_split_between_a_writer_and_a_reader_task_never_stall() {
     };
     tokio::time::timeout(Duration::from_secs(60), done).await.expect("a split stream stalled");
 }
+
+/// A node's quiet volumes share one grid of timers: whenever each last pinged, its next quiet
+/// ping (and report) falls due at the same instant as every other's, at most `QUIET_EVERY` later,
+/// so that a node with many idle volumes wakes once a second for all of them.
+#[tokio::test(start_paused = true)]
+async fn quiet_volumes_of_a_node_fall_due_together() {
+    use syncblock_replicator::QUIET_EVERY;
+    use tokio::time::Instant;
+    let links = MuxNet::over(net::tcp());
+    let start = Instant::now();
+    let mut dues = Vec::new();
+    for ms in [0u64, 1, 250, 999] {
+        let now = start + Duration::from_millis(ms);
+        let due = links.quiet_due(now);
+        assert!(due > now && due <= now + QUIET_EVERY, "{ms} ms: due {:?} after", due - now);
+        dues.push(due);
+    }
+    assert!(dues.iter().all(|d| *d == dues[0]), "{dues:?}");
+    // The next round falls due together again, a period later.
+    assert_eq!(links.quiet_due(dues[0]), dues[0] + QUIET_EVERY);
+    // A net without node links keeps each volume's own period.
+    let plain = net::tcp();
+    assert_eq!(plain.quiet_due(start + Duration::from_millis(250)), start + Duration::from_millis(250) + QUIET_EVERY);
+}

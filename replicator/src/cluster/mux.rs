@@ -134,11 +134,13 @@ fn closed() -> io::Error {
 pub struct MuxNet {
     inner: Arc<dyn Net>,
     links: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Link>>>>>,
+    /// Where this node's grid of quiet timers starts ([`Net::quiet_due`]).
+    grid: tokio::time::Instant,
 }
 
 impl MuxNet {
     pub fn over(inner: Arc<dyn Net>) -> Arc<MuxNet> {
-        Arc::new(MuxNet { inner, links: Mutex::new(HashMap::new()) })
+        Arc::new(MuxNet { inner, links: Mutex::new(HashMap::new()), grid: tokio::time::Instant::now() })
     }
 
     /// Live links (for status and tests).
@@ -245,6 +247,12 @@ impl Net for MuxNet {
         slot.is_some_and(|s| {
             s.try_lock().is_ok_and(|l| l.as_ref().is_some_and(|l| !l.dead() && l.beating.load(Ordering::Relaxed)))
         })
+    }
+    fn quiet_due(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        // The first point of the grid after `now`.
+        let every = crate::QUIET_EVERY.as_nanos();
+        let since = now.saturating_duration_since(self.grid).as_nanos();
+        self.grid + std::time::Duration::from_nanos(((since / every + 1) * every) as u64)
     }
 }
 

@@ -259,6 +259,9 @@ impl Net for RoutedNet {
     fn peer_beats(&self, addr: SocketAddr) -> bool {
         self.inner.peer_beats(addr)
     }
+    fn quiet_due(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        self.inner.quiet_due(now)
+    }
 }
 
 /// A stream whose first bytes (the frame the router read, and whatever came after it) are served

@@ -680,7 +680,12 @@ impl Owner {
 
     fn next_deadline(&self) -> Instant {
         let t = &self.timers;
-        let mut next = t.floor.min(t.warn);
+        let mut next = t.floor;
+        // Operations can only be waiting for the peer while there are some: an idle volume does
+        // not wake every second to find none.
+        if !self.ops.is_empty() {
+            next = next.min(t.warn);
+        }
         if matches!(self.link, LinkState::Up(_)) {
             next = next.min(t.ping);
         }

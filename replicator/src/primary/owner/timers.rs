@@ -22,7 +22,7 @@ impl Owner {
             self.ship_ping();
             self.shipped = false;
             self.quiet_ping = quiet;
-            self.timers.ping = now + if quiet { QUIET_EVERY } else { self.cfg.heartbeat };
+            self.timers.ping = if quiet { self.cfg.net.quiet_due(now) } else { now + self.cfg.heartbeat };
         }
         if let LinkState::Down { retry_at } = self.link {
             if now >= retry_at {
@@ -32,7 +32,7 @@ impl Owner {
         self.ask_solo_if_due(now);
         if self.cfg.authority.is_some() && !self.witness_asking && now >= self.timers.report {
             self.report_to_witness();
-            self.timers.report = now + self.report_period();
+            self.timers.report = self.next_report(now);
         }
         let lease_over = self.solo_until.is_none_or(|t| now >= t);
         if self.peer.borrow().solo && lease_over {
@@ -71,14 +71,28 @@ impl Owner {
     /// ([`crate::authority::Authority::quiet_reports`]). Such a report only confirms the record:
     /// no write can be acknowledged without the peer meanwhile.
     fn report_period(&self) -> Duration {
-        let quiet = self.cfg.authority.as_ref().is_some_and(|a| a.quiet_reports()) && self.handover.is_none() && {
-            let v = self.peer.borrow();
-            v.connected && v.in_sync && !v.solo
-        };
-        if quiet {
+        if self.quiet_report() {
             self.witness_period.max(QUIET_EVERY)
         } else {
             self.witness_period
+        }
+    }
+
+    /// Whether reports may be quiet (see [`Self::report_period`]).
+    fn quiet_report(&self) -> bool {
+        self.cfg.authority.as_ref().is_some_and(|a| a.quiet_reports()) && self.handover.is_none() && {
+            let v = self.peer.borrow();
+            v.connected && v.in_sync && !v.solo
+        }
+    }
+
+    /// When the next report falls due, one going at `now`: a quiet one on the node's grid of quiet
+    /// timers ([`crate::net::Net::quiet_due`]), with the quiet pings.
+    pub(super) fn next_report(&self, now: Instant) -> Instant {
+        if self.quiet_report() && self.witness_period <= QUIET_EVERY {
+            self.cfg.net.quiet_due(now)
+        } else {
+            now + self.report_period()
         }
     }
 
