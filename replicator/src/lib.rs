@@ -88,7 +88,8 @@ pub struct ReplConfig {
 /// heartbeat (`cluster::mux::LINK_BEAT`) proves the peer node alive for all its volumes at once,
 /// and closes every stream when the peer goes silent; a volume's own pings then only prove that
 /// its peer's session still answers. With 100 idle replicas a node spent 3.7–3.9 % of a core on
-/// 8 pings, 8 pongs and 8 reports a second per volume (docs/cluster.md, "CPU while idle").
+/// 8 pings, 8 pongs and 8 reports a second per volume (docs/cluster.md, "CPU while idle"). A
+/// node's quiet volumes fall due together, on one grid of this period ([`net::Net::quiet_due`]).
 pub const QUIET_EVERY: Duration = Duration::from_secs(1);
 
 impl ReplConfig {
