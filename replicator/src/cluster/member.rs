@@ -462,6 +462,7 @@ async fn keep_alive(
     mut stop: watch::Receiver<bool>,
     standing: watch::Sender<Standing>,
 ) {
+    let mut outage = Outage::default();
     loop {
         if *stop.borrow() {
             return;
@@ -486,11 +487,11 @@ async fn keep_alive(
             }
             other => {
                 match other {
-                    Ok(Err(e)) => tracing::warn!("etcd keep-alive: {}; reconnecting", cluster.err(e)),
-                    _ => tracing::warn!("etcd keep-alive went unanswered; reconnecting"),
+                    Ok(Err(e)) => outage.warn(format_args!("etcd keep-alive: {}; reconnecting", cluster.err(e))),
+                    _ => outage.warn(format_args!("etcd keep-alive went unanswered; reconnecting")),
                 }
                 if let Err(e) = cluster.reconnect().await {
-                    tracing::warn!("reconnecting to etcd: {e}");
+                    outage.warn(format_args!("reconnecting to etcd: {e}"));
                     tokio::select! { _ = tokio::time::sleep(period / 2) => {}, _ = stop.wait_for(|s| *s) => return }
                 }
                 continue;
@@ -508,6 +509,7 @@ async fn keep_alive(
             };
             match r {
                 Ok(Ok(Some(a))) if a.ttl() > 0 => {
+                    outage.over("etcd keep-alives");
                     let ttl = Duration::from_secs(a.ttl() as u64);
                     standing.send_modify(|s| {
                         s.valid_until = Some(sent + ttl * 2 / 3);
@@ -519,9 +521,9 @@ async fn keep_alive(
                     break;
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
-                    tracing::warn!("etcd keep-alive went unanswered; reconnecting");
+                    outage.warn(format_args!("etcd keep-alive went unanswered; reconnecting"));
                     if let Err(e) = cluster.reconnect().await {
-                        tracing::warn!("reconnecting to etcd: {e}");
+                        outage.warn(format_args!("reconnecting to etcd: {e}"));
                     }
                     break;
                 }
@@ -562,6 +564,7 @@ async fn watch_cluster(member: Member) {
     let inner = &member.inner;
     let mut stop = inner.stop.subscribe();
     let mut snap: Snapshot = (*inner.snapshot.borrow().clone()).clone();
+    let mut outage = Outage::default();
     loop {
         if *stop.borrow() {
             return;
@@ -569,11 +572,14 @@ async fn watch_cluster(member: Member) {
         let mut client = inner.cluster.client();
         let opts = WatchOptions::new().with_prefix().with_start_revision(snap.revision + 1);
         let mut stream = match client.watch(inner.cluster.key(""), Some(opts)).await {
-            Ok(s) => s,
+            Ok(s) => {
+                outage.over("the etcd watch");
+                s
+            }
             Err(e) => {
-                tracing::warn!("etcd watch: {}; reconnecting", inner.cluster.err(e));
+                outage.warn(format_args!("etcd watch: {}; reconnecting", inner.cluster.err(e)));
                 if let Err(e) = inner.cluster.reconnect().await {
-                    tracing::warn!("reconnecting to etcd: {e}");
+                    outage.warn(format_args!("reconnecting to etcd: {e}"));
                 }
                 tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.wait_for(|s| *s) => return }
             }
@@ -611,14 +617,54 @@ async fn watch_cluster(member: Member) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         match inner.cluster.snapshot().await {
             Ok(s) => {
+                outage.over("reading the cluster");
                 if snap.alive.keys().any(|n| !s.alive.contains_key(n)) {
                     inner.alive_gone.send_modify(|n| *n += 1);
                 }
                 snap = s;
                 member.reconcile(snap.clone()).await;
             }
-            Err(e) => tracing::warn!("reading the cluster: {e}"),
+            Err(e) => outage.warn(format_args!("reading the cluster: {e}")),
         }
+    }
+}
+
+/// How often a task whose etcd requests keep failing logs about it: the first failure at once,
+/// then one line in this long, with how many were held back. A node retries every few hundred
+/// milliseconds, which during an outage of minutes was thousands of lines per node.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One task's warnings about etcd not answering (see [`OUTAGE_LOG_EVERY`]).
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+    logged: Option<Instant>,
+    held: u32,
+}
+
+impl Outage {
+    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        self.since.get_or_insert(now);
+        if self.logged.is_some_and(|t| now.duration_since(t) < OUTAGE_LOG_EVERY) {
+            self.held += 1;
+            return;
+        }
+        match self.held {
+            0 => tracing::warn!("{msg}"),
+            n => tracing::warn!("{msg} ({n} more failures since the last such line)"),
+        }
+        self.logged = Some(now);
+        self.held = 0;
+    }
+
+    /// etcd answered `what` again.
+    fn over(&mut self, what: &str) {
+        if let Some(since) = self.since.take() {
+            tracing::info!("{what}: etcd answers again after {:.1} s", since.elapsed().as_secs_f64());
+        }
+        self.logged = None;
+        self.held = 0;
     }
 }
 
