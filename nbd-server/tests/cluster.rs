@@ -13,7 +13,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::cluster::{cli, connections_to, volume, volumes, ClusterNode, Etcd};
+use common::cluster::{alive_nodes, cli, connections_to, volume, volumes, ClusterNode, Etcd};
 use common::tools::{can_run, missing_tool, run, wait_until};
 
 static TURN: Mutex<()> = Mutex::new(());
@@ -477,10 +477,8 @@ fn a_node_paused_past_its_lease_is_failed_over_and_joins_again() {
         },
     );
     wait_until(Duration::from_millis(200), "the paused node alive again", Duration::from_secs(30), || {
-        let (code, out, err) = cli(&ep, &["node", "list", "--json"]);
-        let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
-        let alive = list.as_array().is_some_and(|l| l.iter().any(|n| n["name"] == old && n["alive"] == true));
-        (code == 0 && alive).then_some(()).ok_or(format!("{out}{err}"))
+        let alive = alive_nodes(&ep)?;
+        alive.iter().any(|n| n == old).then_some(()).ok_or(format!("alive: {alive:?}"))
     });
     let log = std::fs::read_to_string(&paused.log).unwrap();
     assert!(log.contains("registering again"), "{old} did not join again under a new lease:\n{log}");
@@ -519,10 +517,8 @@ fn nodes_join_again_after_the_etcd_leader_stalls() {
     etcd.freeze(leader, false);
     let stalled = Instant::now();
     wait_until(Duration::from_millis(200), "every node alive again", Duration::from_secs(30), || {
-        let (code, out, err) = cli(&ep, &["node", "list", "--json"]);
-        let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
-        let alive = list.as_array().map_or(0, |l| l.iter().filter(|n| n["alive"] == true).count());
-        (code == 0 && alive == 3).then_some(()).ok_or(format!("{out}{err}"))
+        let alive = alive_nodes(&ep)?;
+        (alive.len() == 3).then_some(()).ok_or(format!("alive: {alive:?}"))
     });
     let rejoined =
         nodes.iter().filter(|n| std::fs::read_to_string(&n.log).unwrap().contains("registering again")).count();

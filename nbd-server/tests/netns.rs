@@ -703,20 +703,24 @@ fn host_named(name: &serde_json::Value) -> Host {
     }
 }
 
-/// Cluster mode across namespaces: etcd in W instead of a witness, `syncblock node`s in A and B, one
-/// volume. The A–B link is cut while both nodes still reach etcd: the primary's node link hears
-/// nothing for a second and closes (docs/cluster.md, "Node links"), and the primary goes on alone
-/// with etcd's consent; the secondary, which lost its primary but whose primary's `alive/` key
-/// still holds, is not promoted. Healed, the secondary is resynced and both copies are equal.
-#[test]
-fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not_promoted() {
-    let Some(_turn) = begin() else { return };
+/// What every cluster scenario starts from (where etcd is installed): etcd in W, nodes in A and B,
+/// and volume `v` (64 MiB) created and in sync, as `volume list` shows it. Bound in this order, the
+/// nodes stop first and the lab last.
+struct ClusterLab {
+    lab: Lab,
+    etcd: Proc,
+    a: Proc,
+    b: Proc,
+    v: serde_json::Value,
+}
+
+fn cluster_lab() -> Option<ClusterLab> {
     let missing = missing_tool(&[("etcd", "etcd-server")]);
     if !can_run("the cluster network namespace test", missing.as_deref()) {
-        return;
+        return None;
     }
     let lab = Lab::new();
-    let _etcd = etcd(&lab);
+    let etcd = etcd(&lab);
     let a = cluster_node(&lab, A);
     let b = cluster_node(&lab, B);
     lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
@@ -725,6 +729,18 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
         check(v["state"] == "in-sync", v.to_string())
     });
     let v = cluster_volume(&lab, A);
+    Some(ClusterLab { lab, etcd, a, b, v })
+}
+
+/// Cluster mode across namespaces: etcd in W instead of a witness, `syncblock node`s in A and B, one
+/// volume. The A–B link is cut while both nodes still reach etcd: the primary's node link hears
+/// nothing for a second and closes (docs/cluster.md, "Node links"), and the primary goes on alone
+/// with etcd's consent; the secondary, which lost its primary but whose primary's `alive/` key
+/// still holds, is not promoted. Healed, the secondary is resynced and both copies are equal.
+#[test]
+fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not_promoted() {
+    let Some(_turn) = begin() else { return };
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
     let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
     let uri = "nbd://127.0.0.1:10809/v";
     let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
@@ -778,20 +794,7 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
 #[test]
 fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins() {
     let Some(_turn) = begin() else { return };
-    let missing = missing_tool(&[("etcd", "etcd-server")]);
-    if !can_run("the cluster network namespace test", missing.as_deref()) {
-        return;
-    }
-    let lab = Lab::new();
-    let _etcd = etcd(&lab);
-    let a = cluster_node(&lab, A);
-    let b = cluster_node(&lab, B);
-    lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
-    wait_for("v in sync", || {
-        let v = cluster_volume(&lab, A);
-        check(v["state"] == "in-sync", v.to_string())
-    });
-    let v = cluster_volume(&lab, A);
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
     let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
     let uri = "nbd://127.0.0.1:10809/v";
     let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
@@ -855,20 +858,7 @@ fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and
 #[test]
 fn cluster_primary_cut_from_etcd_only_changes_nothing_for_clients() {
     let Some(_turn) = begin() else { return };
-    let missing = missing_tool(&[("etcd", "etcd-server")]);
-    if !can_run("the cluster network namespace test", missing.as_deref()) {
-        return;
-    }
-    let lab = Lab::new();
-    let _etcd = etcd(&lab);
-    let a = cluster_node(&lab, A);
-    let b = cluster_node(&lab, B);
-    lab.exec_ok(A, BIN, &["volume", "create", "v", "--size=64MiB", "--etcd", &etcd_url(A)]);
-    wait_for("v in sync", || {
-        let v = cluster_volume(&lab, A);
-        check(v["state"] == "in-sync", v.to_string())
-    });
-    let v = cluster_volume(&lab, A);
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
     let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
     let uri = "nbd://127.0.0.1:10809/v";
 

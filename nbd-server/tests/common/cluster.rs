@@ -249,6 +249,14 @@ pub fn cli(etcd: &str, args: &[&str]) -> (i32, String, String) {
 }
 
 /// `volume list --json`, parsed.
+/// The names of the nodes `node list` shows alive, or why it could not be read.
+pub fn alive_nodes(etcd: &str) -> Result<Vec<String>, String> {
+    let (code, out, err) = cli(etcd, &["node", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}{err}"))?;
+    let nodes = list.as_array().filter(|_| code == 0).ok_or(format!("{out}{err}"))?;
+    Ok(nodes.iter().filter(|n| n["alive"] == true).filter_map(|n| n["name"].as_str().map(String::from)).collect())
+}
+
 pub fn volumes(etcd: &str) -> Vec<serde_json::Value> {
     let (code, out, err) = cli(etcd, &["volume", "list", "--json"]);
     assert_eq!(code, 0, "volume list: {out}{err}");
