@@ -490,8 +490,7 @@ async fn keep_alive(
                     Ok(Err(e)) => outage.warn(format_args!("etcd keep-alive: {}; reconnecting", cluster.err(e))),
                     _ => outage.warn(format_args!("etcd keep-alive went unanswered; reconnecting")),
                 }
-                if let Err(e) = cluster.reconnect().await {
-                    outage.warn(format_args!("reconnecting to etcd: {e}"));
+                if !outage.reconnect(&cluster).await {
                     tokio::select! { _ = tokio::time::sleep(period / 2) => {}, _ = stop.wait_for(|s| *s) => return }
                 }
                 continue;
@@ -522,9 +521,7 @@ async fn keep_alive(
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
                     outage.warn(format_args!("etcd keep-alive went unanswered; reconnecting"));
-                    if let Err(e) = cluster.reconnect().await {
-                        outage.warn(format_args!("reconnecting to etcd: {e}"));
-                    }
+                    outage.reconnect(&cluster).await;
                     break;
                 }
             }
@@ -578,9 +575,7 @@ async fn watch_cluster(member: Member) {
             }
             Err(e) => {
                 outage.warn(format_args!("etcd watch: {}; reconnecting", inner.cluster.err(e)));
-                if let Err(e) = inner.cluster.reconnect().await {
-                    outage.warn(format_args!("reconnecting to etcd: {e}"));
-                }
+                outage.reconnect(&inner.cluster).await;
                 tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.wait_for(|s| *s) => return }
             }
         };
@@ -656,6 +651,15 @@ impl Outage {
         }
         self.logged = Some(now);
         self.held = 0;
+    }
+
+    /// Connects `cluster` again to the members that answer now; whether it could.
+    async fn reconnect(&mut self, cluster: &Cluster) -> bool {
+        let r = cluster.reconnect().await;
+        if let Err(e) = &r {
+            self.warn(format_args!("reconnecting to etcd: {e}"));
+        }
+        r.is_ok()
     }
 
     /// etcd answered `what` again.

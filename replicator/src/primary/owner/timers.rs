@@ -66,33 +66,20 @@ impl Owner {
         nonce
     }
 
-    /// How long until the next report: the witness period, or [`QUIET_EVERY`] for a volume in
-    /// sync, connected, not solo and not handing over, if the authority allows it
-    /// ([`crate::authority::Authority::quiet_reports`]). Such a report only confirms the record:
-    /// no write can be acknowledged without the peer meanwhile.
-    fn report_period(&self) -> Duration {
-        if self.quiet_report() {
-            self.witness_period.max(QUIET_EVERY)
-        } else {
-            self.witness_period
-        }
-    }
-
-    /// Whether reports may be quiet (see [`Self::report_period`]).
-    fn quiet_report(&self) -> bool {
-        self.cfg.authority.as_ref().is_some_and(|a| a.quiet_reports()) && self.handover.is_none() && {
+    /// When the next report falls due, one going at `now`: a witness period later, or, for a
+    /// volume in sync, connected, not solo and not handing over, if the authority allows it
+    /// ([`crate::authority::Authority::quiet_reports`]), with the quiet pings on the node's grid of
+    /// quiet timers ([`crate::net::Net::quiet_due`], at most [`QUIET_EVERY`] later). Such a report
+    /// only confirms the record: no write can be acknowledged without the peer meanwhile.
+    pub(super) fn next_report(&self, now: Instant) -> Instant {
+        let quiet = self.cfg.authority.as_ref().is_some_and(|a| a.quiet_reports()) && self.handover.is_none() && {
             let v = self.peer.borrow();
             v.connected && v.in_sync && !v.solo
-        }
-    }
-
-    /// When the next report falls due, one going at `now`: a quiet one on the node's grid of quiet
-    /// timers ([`crate::net::Net::quiet_due`]), with the quiet pings.
-    pub(super) fn next_report(&self, now: Instant) -> Instant {
-        if self.quiet_report() && self.witness_period <= QUIET_EVERY {
+        };
+        if quiet && self.witness_period <= QUIET_EVERY {
             self.cfg.net.quiet_due(now)
         } else {
-            now + self.report_period()
+            now + self.witness_period
         }
     }
 
