@@ -74,7 +74,12 @@ fn wait_removed(node: &ClusterNode) {
 /// One etcd member and nodes n1, n2 and n3 (with `extra` flags): the etcd (stopped when dropped),
 /// its endpoints, the nodes.
 fn three_nodes(dir: &std::path::Path, extra: &[&str]) -> (Etcd, String, Vec<ClusterNode>) {
-    let etcd = Etcd::start(dir, 1);
+    three_nodes_on(dir, 1, extra)
+}
+
+/// The same over an etcd cluster of `members` members.
+fn three_nodes_on(dir: &std::path::Path, members: usize, extra: &[&str]) -> (Etcd, String, Vec<ClusterNode>) {
+    let etcd = Etcd::start(dir, members);
     let ep = etcd.endpoints();
     let nodes = ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start_with(dir, &ep, n, None, extra)).collect();
     (etcd, ep, nodes)
@@ -354,10 +359,7 @@ fn losing_one_etcd_member_of_three_stops_neither_io_nor_failover() {
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let mut etcd = Etcd::start(dir.path(), 3);
-    let ep = etcd.endpoints();
-    let mut nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (mut etcd, ep, mut nodes) = three_nodes_on(dir.path(), 3, &[]);
     let m = create_in_sync(&ep, "m", "64MiB");
     qemu_ok(m["nbd"].as_str().unwrap(), &["write -P 0x44 0 256k", "flush"]);
     etcd.kill(0);
@@ -393,10 +395,7 @@ fn a_frozen_etcd_member_stops_neither_io_nor_failover() {
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path(), 3);
-    let ep = etcd.endpoints();
-    let mut nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (etcd, ep, mut nodes) = three_nodes_on(dir.path(), 3, &[]);
     let f = create_in_sync(&ep, "f", "64MiB");
     let uri = f["nbd"].as_str().unwrap().to_string();
     let leader = etcd.leader();
@@ -505,10 +504,7 @@ fn nodes_join_again_after_the_etcd_leader_stalls() {
     }
     let _t = turn();
     let dir = tempfile::tempdir().unwrap();
-    let etcd = Etcd::start(dir.path(), 3);
-    let ep = etcd.endpoints();
-    let nodes: Vec<ClusterNode> =
-        ["n1", "n2", "n3"].iter().map(|n| ClusterNode::start(dir.path(), &ep, n, None)).collect();
+    let (etcd, ep, nodes) = three_nodes_on(dir.path(), 3, &[]);
     let r = create_in_sync(&ep, "r", "64MiB");
     qemu_ok(r["nbd"].as_str().unwrap(), &["write -P 0x5a 0 256k", "flush"]);
     let leader = etcd.leader();

@@ -712,6 +712,18 @@ struct ClusterLab {
     a: Proc,
     b: Proc,
     v: serde_json::Value,
+    /// `v`'s primary and secondary.
+    p: Host,
+    s: Host,
+}
+
+/// Volume `v` through the NBD listener of the namespace's node.
+const CLUSTER_URI: &str = "nbd://127.0.0.1:10809/v";
+
+/// `syncblock verify` of `v` on its primary `host` (plain admin endpoint): the copies are equal.
+fn cluster_verify(lab: &Lab, host: Host) {
+    let (code, out, err) = lab.exec(host, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
+    assert_eq!(code, 0, "verify on {host:?}: {out}{err}");
 }
 
 fn cluster_lab() -> Option<ClusterLab> {
@@ -729,7 +741,8 @@ fn cluster_lab() -> Option<ClusterLab> {
         check(v["state"] == "in-sync", v.to_string())
     });
     let v = cluster_volume(&lab, A);
-    Some(ClusterLab { lab, etcd, a, b, v })
+    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
+    Some(ClusterLab { lab, etcd, a, b, v, p, s })
 }
 
 /// Cluster mode across namespaces: etcd in W instead of a witness, `syncblock node`s in A and B, one
@@ -740,17 +753,15 @@ fn cluster_lab() -> Option<ClusterLab> {
 #[test]
 fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not_promoted() {
     let Some(_turn) = begin() else { return };
-    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
-    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
-    let uri = "nbd://127.0.0.1:10809/v";
-    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, p, s, .. }) = cluster_lab() else { return };
+    let (done, out) = qemu_io(&lab, p, CLUSTER_URI, "write -P 0x21 0 1M", 30);
     assert!(done, "{out}");
 
     lab.cut(A, B);
     let cut = Instant::now();
     // The write waits until the primary's link has been silent for a second and etcd lets it
     // acknowledge alone.
-    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x31 40M 64k", 30);
+    let (done, out) = qemu_io(&lab, p, CLUSTER_URI, "write -P 0x31 40M 64k", 30);
     assert!(done, "a write through the primary during the cut: {out}");
     println!("A–B cut: a write through the primary completed alone after {:?}", cut.elapsed());
     let plog = lab.log(&format!("{}.log", p.tag()));
@@ -761,7 +772,7 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
         assert!(v["primary"] == p.tag() && v["state"] == "degraded", "{v}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (done, out) = qemu_io(&lab, s, uri, "write -P 0x66 48M 4k", 10);
+    let (done, out) = qemu_io(&lab, s, CLUSTER_URI, "write -P 0x66 48M 4k", 10);
     assert!(!done, "a write through the secondary's node succeeded during the cut: {out}");
     let slog = lab.log(&format!("{}.log", s.tag()));
     assert!(!slog.contains("promoting this node to primary"), "the cut-off secondary was promoted");
@@ -777,10 +788,9 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
         check(v["state"] == "in-sync" && v["primary"] == p.tag(), v.to_string())
     });
     println!("A–B healed: the secondary resynced after {:?}", healed.elapsed());
-    let (code, out, err) = lab.exec(p, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
-    assert_eq!(code, 0, "verify after the cut: {out}{err}");
+    cluster_verify(&lab, p);
     for (cmd, what) in [("read -P 0x21 0 1M", "written before the cut"), ("read -P 0x31 40M 64k", "written alone")] {
-        let (done, out) = qemu_io(&lab, p, uri, cmd, 30);
+        let (done, out) = qemu_io(&lab, p, CLUSTER_URI, cmd, 30);
         assert!(done, "{what}: {out}");
     }
     drop((a, b));
@@ -794,10 +804,8 @@ fn cluster_primary_cut_from_its_secondary_goes_on_alone_and_the_secondary_is_not
 #[test]
 fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and_rejoins() {
     let Some(_turn) = begin() else { return };
-    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
-    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
-    let uri = "nbd://127.0.0.1:10809/v";
-    let (done, out) = qemu_io(&lab, p, uri, "write -P 0x21 0 1M", 30);
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, p, s, .. }) = cluster_lab() else { return };
+    let (done, out) = qemu_io(&lab, p, CLUSTER_URI, "write -P 0x21 0 1M", 30);
     assert!(done, "{out}");
 
     lab.cut(p, s);
@@ -805,11 +813,11 @@ fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and
     let cut = Instant::now();
     let failover = std::thread::scope(|sc| {
         // A client writing through the isolated primary: it must never be acknowledged.
-        let isolated = sc.spawn(|| qemu_io(&lab, p, uri, "write -P 0x77 44M 64k", 8));
+        let isolated = sc.spawn(|| qemu_io(&lab, p, CLUSTER_URI, "write -P 0x77 44M 64k", 8));
         wait_for("the secondary promoted and accepting writes", || {
             let v = cluster_volume(&lab, s);
             check(v["primary"] == s.tag(), v.to_string())?;
-            let (done, out) = qemu_io(&lab, s, uri, "write -P 0x11 40M 4k", 30);
+            let (done, out) = qemu_io(&lab, s, CLUSTER_URI, "write -P 0x11 40M 4k", 30);
             check(done, out)
         });
         let failover = cut.elapsed();
@@ -837,14 +845,13 @@ fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and
     });
     let plog = lab.log(&format!("{}.log", p.tag()));
     assert!(plog.contains("registering again"), "the isolated node did not join again under a new lease");
-    let (code, out, err) = lab.exec(s, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
-    assert_eq!(code, 0, "verify after the heal: {out}{err}");
+    cluster_verify(&lab, s);
     for (cmd, what) in [
         ("read -P 0x21 0 1M", "written before the cut"),
         ("read -P 0x11 40M 4k", "written on the new primary"),
         ("read -P 0 44M 64k", "the isolated primary's unacknowledged write, rolled back"),
     ] {
-        let (done, out) = qemu_io(&lab, s, uri, cmd, 30);
+        let (done, out) = qemu_io(&lab, s, CLUSTER_URI, cmd, 30);
         assert!(done, "{what}: {out}");
     }
     drop((a, b));
@@ -858,9 +865,7 @@ fn cluster_primary_isolated_from_everything_is_replaced_acknowledges_nothing_and
 #[test]
 fn cluster_primary_cut_from_etcd_only_changes_nothing_for_clients() {
     let Some(_turn) = begin() else { return };
-    let Some(ClusterLab { lab, etcd: _etcd, a, b, v }) = cluster_lab() else { return };
-    let (p, s) = (host_named(&v["primary"]), host_named(&v["secondary"]));
-    let uri = "nbd://127.0.0.1:10809/v";
+    let Some(ClusterLab { lab, etcd: _etcd, a, b, v, p, s }) = cluster_lab() else { return };
 
     lab.cut(p, W);
     let cut = Instant::now();
@@ -868,7 +873,7 @@ fn cluster_primary_cut_from_etcd_only_changes_nothing_for_clients() {
     while cut.elapsed() < WATCH + Duration::from_secs(2) {
         let cmd = format!("write -P 0x{:02x} {}M 64k", 0x40 + writes, writes);
         let t = Instant::now();
-        let (done, out) = qemu_io(&lab, p, uri, &cmd, 30);
+        let (done, out) = qemu_io(&lab, p, CLUSTER_URI, &cmd, 30);
         assert!(done, "a write through the primary cut from etcd: {out}");
         assert!(t.elapsed() < Duration::from_secs(5), "a write took {:?} with the primary cut from etcd", t.elapsed());
         writes += 1;
@@ -887,13 +892,12 @@ fn cluster_primary_cut_from_etcd_only_changes_nothing_for_clients() {
     });
     let after = cluster_volume(&lab, s);
     assert_eq!(after["epoch"], v["epoch"], "{after}");
-    let (code, out, err) = lab.exec(p, BIN, &["verify", "--admin", ADMIN, "--volume", "v"]);
-    assert_eq!(code, 0, "verify after the heal: {out}{err}");
+    cluster_verify(&lab, p);
     let reads: Vec<String> = (0..writes).map(|i| format!("read -P 0x{:02x} {i}M 64k", 0x40 + i)).collect();
     for cmd in &reads {
-        let (done, out) = qemu_io(&lab, s, uri, cmd, 30);
+        let (done, out) = qemu_io(&lab, s, CLUSTER_URI, cmd, 30);
         assert!(!done, "the secondary's node served {cmd}: {out}");
-        let (done, out) = qemu_io(&lab, p, uri, cmd, 30);
+        let (done, out) = qemu_io(&lab, p, CLUSTER_URI, cmd, 30);
         assert!(done, "{cmd}: {out}");
     }
     drop((a, b));
