@@ -103,19 +103,24 @@ start_node() {
 # Emulated disks, one per node: with NODE_DISK_MIBS=N, each node runs in a block-I/O cgroup of its
 # own (`make_disk`; cgroup v2 `io.max`, or v1 `blkio.throttle.*`) that lets it read N MiB/s and
 # write N MiB/s on the disk under RUN, as if each node had a disk of its own of that speed; with
-# NODE_DISK_IOPS=M also at most M reads and M writes a second (an SSD's random 4 KiB limit). For measuring what a node does with its own disk on a machine with one: the
-# nodes' reads and writes no longer queue behind each other's, as long as N times the nodes
-# busy at once fits in what the real disk does. Needs root. The cgroups are removed on exit.
+# NODE_DISK_IOPS=M also at most M reads and M writes a second (an SSD's random 4 KiB limit). For
+# measuring what a node does with its own disk on a machine with one: the nodes' reads and writes
+# no longer queue behind each other's, as long as N times the nodes busy at once fits in what the
+# real disk does. Needs root. The cgroups are removed on exit.
 DISK_CGROUPS=()
+DISK_DEV=""
 make_disk() {
   local src parent dev bps
   DISK_CG=""
   [ -n "${NODE_DISK_MIBS:-}" ] || return 0
-  # The whole disk under RUN (throttles apply to disks, not partitions).
-  src=$(df --output=source "$RUN" | tail -1)
-  parent=$(lsblk -no PKNAME "$src" | head -1 | tr -d ' ')
-  [ -z "$parent" ] || src=/dev/$parent
-  dev=$(lsblk -dno MAJ:MIN "$src" | tr -d ' ')
+  if [ -z "$DISK_DEV" ]; then
+    # The whole disk under RUN (throttles apply to disks, not partitions), found once.
+    src=$(df --output=source "$RUN" | tail -1)
+    parent=$(lsblk -no PKNAME "$src" | head -1 | tr -d ' ')
+    [ -z "$parent" ] || src=/dev/$parent
+    DISK_DEV=$(lsblk -dno MAJ:MIN "$src" | tr -d ' ')
+  fi
+  dev=$DISK_DEV
   bps=$((NODE_DISK_MIBS << 20))
   if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
     DISK_CG=/sys/fs/cgroup/syncblock-bench-$$-$1
@@ -134,8 +139,8 @@ make_disk() {
   fi
   DISK_CGROUPS+=("$DISK_CG")
 }
-# `sh -c "$IN_DISK" "$DISK_CG" CMD...` runs CMD in the cgroup DISK_CG (none if empty) as the same process
-# (so `$!` after a `&` is CMD's pid).
+# `sh -c "$IN_DISK" "$DISK_CG" CMD...` runs CMD in the cgroup DISK_CG (none if empty) as the same
+# process (so `$!` after a `&` is CMD's pid).
 IN_DISK='[ -z "$0" ] || echo $$ >"$0/cgroup.procs" || exit 1; exec "$@"'
 # Removes the emulated disks' cgroups (their processes must have exited).
 remove_disks() {
