@@ -36,16 +36,27 @@ fn pki(dir: &Path) -> Pki {
 }
 
 /// The server's credentials: its certificate, the CA its clients' certificates must be signed by,
-/// and the PSK file.
-fn server_tls(p: &Pki) -> std::sync::Arc<Tls> {
-    let files =
-        TlsFiles { cert: Some(p.cert("server")), key: Some(p.key("server")), ca: Some(p.ca()), psk: Some(p.psk()) };
+/// and with `psk` the PSK file. With a PSK file the server runs OpenSSL; with certificates only,
+/// rustls (replicator/src/tls): the tests of certificate clients run on both.
+fn server_tls(p: &Pki, psk: bool) -> std::sync::Arc<Tls> {
+    let files = TlsFiles {
+        cert: Some(p.cert("server")),
+        key: Some(p.key("server")),
+        ca: Some(p.ca()),
+        psk: psk.then(|| p.psk()),
+    };
     Tls::load(&files, None).expect("server credentials")
 }
 
 /// An in-process server over a real store with volumes "vol" (default) and "ro" (read-only) and
-/// "open", with `tls_mode` and `access`; runs `body`, then stops.
-fn with_tls_server(dir: &Path, tls_mode: TlsMode, access: &[(&str, &str, bool)], body: impl FnOnce(&TestServer, &Pki)) {
+/// "open", with `tls_mode` and `access`, and the PSK file too if `psk`; runs `body`, then stops.
+fn with_tls_server(
+    dir: &Path,
+    psk: bool,
+    tls_mode: TlsMode,
+    access: &[(&str, &str, bool)],
+    body: impl FnOnce(&TestServer, &Pki),
+) {
     let p = pki(dir);
     let mut acl: HashMap<String, Vec<AccessRule>> = HashMap::new();
     for (volume, identity, read_only) in access {
@@ -53,7 +64,7 @@ fn with_tls_server(dir: &Path, tls_mode: TlsMode, access: &[(&str, &str, bool)],
             .or_default()
             .push(AccessRule { identity: identity.to_string(), read_only: *read_only });
     }
-    let config = syncblock_nbd::ServerConfig { tls: Some(server_tls(&p)), tls_mode, access: acl, ..test_config() };
+    let config = syncblock_nbd::ServerConfig { tls: Some(server_tls(&p, psk)), tls_mode, access: acl, ..test_config() };
     let rt = rt();
     let (store, sdir) = file_store();
     let volumes = [("vol", VOL_BYTES), ("ro", 1 << 20), ("open", 1 << 20)];
@@ -92,16 +103,22 @@ fn args(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn x509_clients_write_and_read_back_through_starttls() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    with_tls_server(dir.path(), TlsMode::Require, &[], |s, p| {
+    for psk in [true, false] {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        x509_clients(dir.path(), psk);
+    }
+}
+
+fn x509_clients(dir: &Path, psk: bool) {
+    with_tls_server(dir, psk, TlsMode::Require, &[], |s, p| {
         let info = ok("nbdinfo", &[&x509_uri(s, p, "app1", "vol")]);
         assert!(info.contains("with TLS"), "{info}");
         // nbdcopy writes an image over TLS; qemu-img reads it back over TLS with its own client.
         let image = random_image(7, 4 << 20);
-        let src = dir.path().join("in.img");
+        let src = dir.join("in.img");
         std::fs::write(&src, &image).unwrap();
         ok("nbdcopy", &[src.to_str().unwrap(), &x509_uri(s, p, "app1", "vol")]);
-        let back = dir.path().join("back.img");
+        let back = dir.join("back.img");
         let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", p.client_dir("app1").display());
         let mut a = vec!["convert".to_string(), "-O".into(), "raw".into()];
         a.extend(qemu_opts(s, &creds, "vol"));
@@ -123,7 +140,7 @@ fn x509_clients_write_and_read_back_through_starttls() {
 #[test]
 fn psk_clients_of_libnbd_and_qemu_read_and_write() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    with_tls_server(dir.path(), TlsMode::Require, &[], |s, p| {
+    with_tls_server(dir.path(), true, TlsMode::Require, &[], |s, p| {
         let info = ok("nbdinfo", &[&psk_uri(s, "app1", &p.psk(), "vol")]);
         assert!(info.contains("with TLS"), "{info}");
         let creds =
@@ -187,7 +204,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(s: &mut S, max: Duration
 #[test]
 fn require_mode_reveals_nothing_before_starttls_and_follows_the_spec_after() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    with_tls_server(dir.path(), TlsMode::Require, &[], |s, p| {
+    with_tls_server(dir.path(), true, TlsMode::Require, &[], |s, p| {
         let client = Tls::load_client(
             &TlsFiles { cert: Some(p.cert("app1")), key: Some(p.key("app1")), ca: Some(p.ca()), psk: None },
             None,
@@ -266,7 +283,7 @@ fn tls_off_refuses_starttls_and_on_mode_serves_both_kinds_of_client() {
 
     // On: plaintext clients reach exports without an access list; one with a list answers
     // TLS_REQD until TLS is on, then serves the identities on it.
-    with_tls_server(dir.path(), TlsMode::On, &[("vol", "app1", false)], |s, p| {
+    with_tls_server(dir.path(), true, TlsMode::On, &[("vol", "app1", false)], |s, p| {
         ok("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 4k", &s.uri("open")]);
         let rt = rt();
         rt.block_on(async {
@@ -282,7 +299,7 @@ fn tls_off_refuses_starttls_and_on_mode_serves_both_kinds_of_client() {
 fn access_lists_decide_who_opens_which_export_and_how() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let acl = [("vol", "app1", false), ("vol", "backup", true)];
-    with_tls_server(dir.path(), TlsMode::Require, &acl, |s, p| {
+    with_tls_server(dir.path(), true, TlsMode::Require, &acl, |s, p| {
         // app1 writes; backup reads what app1 wrote but cannot write; other cannot open it at all.
         let qemu_io = |who: &str, cmd: &str| {
             let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", p.client_dir(who).display());
@@ -320,10 +337,19 @@ fn access_lists_decide_who_opens_which_export_and_how() {
 
 #[test]
 fn misbehaving_clients_around_the_handshake_are_cut_off_without_touching_others() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let p = pki(dir.path());
+    // OpenSSL (a server with a PSK file) answers a renegotiation with a fatal handshake_failure.
+    // rustls, which has no renegotiation, answers with a no_renegotiation warning (and a second
+    // request with a fatal alert); OpenSSL's client then gives up and the connection closes.
+    for (psk, renegotiation_alert) in [(true, "alert handshake failure"), (false, "unexpected EOF")] {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        misbehaving_clients(dir.path(), psk, renegotiation_alert);
+    }
+}
+
+fn misbehaving_clients(dir: &Path, psk: bool, renegotiation_alert: &str) {
+    let p = pki(dir);
     let config = syncblock_nbd::ServerConfig {
-        tls: Some(server_tls(&p)),
+        tls: Some(server_tls(&p, psk)),
         tls_mode: TlsMode::Require,
         handshake_timeout: Duration::from_secs(2),
         ..test_config()
@@ -379,7 +405,7 @@ fn misbehaving_clients_around_the_handshake_are_cut_off_without_touching_others(
         read_option_reply(&mut g).await;
         let mut r = renegotiating(g, &p).await;
         let e = std::pin::Pin::new(&mut r).do_handshake().await.expect_err("the server let a renegotiation run");
-        assert!(e.to_string().contains("alert handshake failure"), "renegotiation refused how? {e}");
+        assert!(e.to_string().contains(renegotiation_alert), "renegotiation refused how? {e}");
         assert!(closed_within(&mut r, Duration::from_secs(5)).await, "a renegotiating client");
 
         // A flood of connections that never negotiate: at most HANDSHAKES_MAX wait; the next is
@@ -418,6 +444,25 @@ fn misbehaving_clients_around_the_handshake_are_cut_off_without_touching_others(
     store.close().unwrap();
 }
 
+/// `nbdinfo` on `uri` fails, and the server's `log` names `cause` within 10 s.
+fn refused_and_logged(what: &str, uri: &str, cause: &str, log: &Path) {
+    let (code, _, _) = tool("nbdinfo", &[uri]);
+    assert_ne!(code, 0, "{what} was accepted");
+    common::tools::wait_until(
+        Duration::from_millis(50),
+        &format!("the log line for {what}"),
+        Duration::from_secs(10),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains(cause) {
+                Ok(())
+            } else {
+                Err(tail(log, 10))
+            }
+        },
+    );
+}
+
 /// The binary: refusals are logged with the cause an operator needs (wrong key, unknown identity,
 /// untrusted or missing certificate), and a plaintext listener off loopback needs --insecure.
 #[test]
@@ -442,37 +487,48 @@ fn refusals_name_their_cause_in_the_log() {
     let no_cert = dir.path().join("nocert");
     std::fs::create_dir_all(&no_cert).unwrap();
     std::fs::copy(p.ca(), no_cert.join("ca-cert.pem")).unwrap();
-    for (what, uri, cause) in [
+    let certificate_refusals = |uri: &dyn Fn(&str, String) -> String| {
+        [
+            (
+                "a certificate of another CA",
+                uri("", format!("tls-certificates={}", mallory.display())),
+                "certificate was refused",
+            ),
+            (
+                "no certificate",
+                uri("", format!("tls-certificates={}", no_cert.display())),
+                "the client has no certificate",
+            ),
+        ]
+    };
+    let psk_refusals = [
         ("a wrong key", uri("app1@", format!("tls-psk-file={}", wrong.display())), "likely cause: a wrong key"),
         (
             "an unknown identity",
             uri("carol@", format!("tls-psk-file={}", unknown.display())),
             "unknown PSK identity \"carol\"",
         ),
-        (
-            "a certificate of another CA",
-            uri("", format!("tls-certificates={}", mallory.display())),
-            "certificate was refused",
-        ),
-        ("no certificate", uri("", format!("tls-certificates={}", no_cert.display())), "the client has no certificate"),
-    ] {
-        let (code, _, _) = tool("nbdinfo", &[&uri]);
-        assert_ne!(code, 0, "{what} was accepted");
-        common::tools::wait_until(
-            Duration::from_millis(50),
-            &format!("the log line for {what}"),
-            Duration::from_secs(10),
-            || {
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                if text.contains(cause) {
-                    Ok(())
-                } else {
-                    Err(tail(&log, 10))
-                }
-            },
-        );
+    ];
+    for (what, uri, cause) in psk_refusals.into_iter().chain(certificate_refusals(&uri)) {
+        refused_and_logged(what, &uri, cause, &log);
     }
     ok("nbdinfo", &[&uri("app1@", format!("tls-psk-file={}", p.psk().display()))]);
+    server.stop();
+
+    // The same certificate refusals from a server with certificates only (rustls).
+    let log = dir.path().join("serve-certs.log");
+    let mut a = common::pair::serve_args(&dir.path().join("c.img"), "1GiB", "64MiB");
+    for (flag, path) in [("--tls-cert", p.cert("server")), ("--tls-key", p.key("server")), ("--tls-ca", p.ca())] {
+        a.push(format!("{flag}={}", path.display()));
+    }
+    let server = common::pair::syncblock(&log, &a);
+    let at = common::proc::wait_line(&server, "nbds://", &log);
+    let base = at.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
+    let uri = |user: &str, query: String| format!("nbds://{user}{base}/vol?{query}");
+    for (what, uri, cause) in certificate_refusals(&uri) {
+        refused_and_logged(what, &uri, cause, &log);
+    }
+    ok("nbdinfo", &[&uri("", format!("tls-certificates={}", p.client_dir("app1").display()))]);
     server.stop();
 
     // Plaintext on an address other hosts can reach: refused with the way out named.

@@ -103,10 +103,13 @@ impl Client {
                 }
             }
         }
-        if raw.is_empty() && self.tls.is_none() {
+        // A TLS endpoint closes a plaintext request unanswered, or answers with a TLS alert record
+        // (content type 21, version 3.x).
+        let tls_alert = raw.len() >= 2 && raw[0] == 21 && raw[1] == 3;
+        if (raw.is_empty() || tls_alert) && self.tls.is_none() {
             bail!(
-                "the admin endpoint {admin} closed the connection without answering; likely cause: it requires \
-                 TLS: give --tls-cert/--tls-key/--tls-ca or --tls-psk"
+                "the admin endpoint {admin} closed the connection without answering over plaintext; likely cause: \
+                 it requires TLS: give --tls-cert/--tls-key/--tls-ca or --tls-psk"
             );
         }
         parse_response(&raw).map_err(|why| not_admin(admin, &why))

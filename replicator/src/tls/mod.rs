@@ -7,9 +7,13 @@
 //! - **PSK**: a file of `identity:hexkey` lines, as `psktool`, qemu and nbdkit use. A client
 //!   proves the identity it names by knowing that identity's key.
 //!
-//! OpenSSL, not rustls: rustls has no external PSK (ARCHITECTURE.md, "TLS"), and NBD clients
-//! (qemu, libnbd, nbdkit — all GnuTLS) use PSK as often as certificates. TLS 1.2 is the oldest
-//! version accepted (the NBD spec's floor); TLS 1.3 is preferred.
+//! Two TLS stacks (ARCHITECTURE.md, "TLS"). OpenSSL does both kinds of credentials: rustls has no
+//! external PSK, and NBD clients (qemu, libnbd, nbdkit — all GnuTLS) use PSK as often as
+//! certificates. A process with certificates only runs its links on rustls ([`x509`]), which costs
+//! less than half the CPU per record. TLS 1.2 is the oldest version accepted (the NBD spec's
+//! floor); TLS 1.3 is preferred.
+
+mod x509;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -186,6 +190,9 @@ fn psk_index() -> openssl::ex_data::Index<Ssl, PskSeen> {
 pub struct Tls {
     server: SslContext,
     client: SslContext,
+    /// The same credentials for rustls, which then serves every asynchronous link: set when they
+    /// are certificates only and rustls accepts them (the blocking admin client stays on OpenSSL).
+    rustls: Option<Arc<x509::Configs>>,
     /// Peers must prove an identity (a CA or a PSK file is configured).
     authenticates: bool,
     summary: String,
@@ -295,6 +302,7 @@ impl Tls {
         server.set_session_id_context(b"syncblock").map_err(ossl("OpenSSL"))?;
         let mut parts = Vec::new();
         let mut own_cn = None;
+        let mut x509_parts = None;
         if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
             let pem = read("certificate", cert)?;
             let chain = X509::stack_from_pem(&pem)
@@ -314,6 +322,7 @@ impl Tls {
                     cfg(format!("key {} does not belong to certificate {}", key.display(), cert.display()))
                 })?;
             }
+            x509_parts = Some((chain, pkey));
             parts.push(format!("certificate CN={}", own_cn.as_deref().unwrap_or("?")));
         }
         if let (Some(name), Some(cn)) = (cn, &own_cn) {
@@ -324,8 +333,10 @@ impl Tls {
                 )));
             }
         }
+        let mut cas = None;
         if let Some(ca) = &files.ca {
-            read("CA file", ca)?;
+            let pem = read("CA file", ca)?;
+            cas = Some(X509::stack_from_pem(&pem).map_err(|e| cfg(format!("CA file {}: {e}", ca.display())))?);
             for b in [&mut *server, &mut *client] {
                 b.set_ca_file(ca).map_err(|e| cfg(format!("CA file {}: {e}", ca.display())))?;
             }
@@ -371,9 +382,21 @@ impl Tls {
             }
             parts.push(format!("PSK file with {n} identities"));
         }
+        // Certificates only: rustls for the links, unless it refuses these credentials.
+        let rustls = match (&x509_parts, &files.psk) {
+            (Some((chain, pkey)), None) => match x509::configs(chain, pkey, cas.as_deref()) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::info!("TLS links run on OpenSSL: rustls cannot use these credentials ({e})");
+                    None
+                }
+            },
+            _ => None,
+        };
         Ok(Arc::new(Tls {
             server: server.build().into_context(),
             client: client.build().into_context(),
+            rustls,
             authenticates: files.authenticates(),
             summary: parts.join(", "),
         }))
@@ -391,14 +414,26 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Some(r) = &self.rustls {
+            let accept = tokio_rustls::TlsAcceptor::from(r.server.clone()).accept(stream);
+            return match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Err(_) => Err(too_slow()),
+                Ok(Err(e)) => Err(TlsError::Handshake(x509::explain(&e))),
+                Ok(Ok(s)) => {
+                    // With a CA every certificate presented was verified; without one none is asked for.
+                    let id = x509::peer_cn(s.get_ref().1.peer_certificates());
+                    Ok((TlsStream(Inner::Rustls(Box::new(s.into()))), id))
+                }
+            };
+        }
         let ssl = Ssl::new(&self.server).map_err(|e| TlsError::Handshake(e.to_string()))?;
         let mut s = SslStream::new(ssl, stream).map_err(|e| TlsError::Handshake(e.to_string()))?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut s).accept()).await {
-            Err(_) => Err(TlsError::Handshake(format!("handshake not finished within {HANDSHAKE_TIMEOUT:?}"))),
+            Err(_) => Err(too_slow()),
             Ok(Err(e)) => Err(TlsError::Handshake(explain(&e, s.ssl()))),
             Ok(Ok(())) => {
                 let id = peer_identity(s.ssl());
-                Ok((TlsStream { inner: s, scratch: Vec::new() }, id))
+                Ok((TlsStream(Inner::Openssl { inner: s, scratch: Vec::new() }), id))
             }
         }
     }
@@ -409,16 +444,30 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if let Some(r) = &self.rustls {
+            let connect = tokio_rustls::TlsConnector::from(r.client.clone()).connect(x509::server_name(), stream);
+            let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
+                Err(_) => return Err(too_slow()),
+                Ok(Err(e)) => return Err(TlsError::Handshake(x509::explain(&e))),
+                Ok(Ok(s)) => s,
+            };
+            if let Some(expect) = expect {
+                if let Some(got) = s.get_ref().1.peer_certificates().map(|c| x509::peer_cn(Some(c))) {
+                    check_cn(got, expect)?;
+                }
+            }
+            return Ok(TlsStream(Inner::Rustls(Box::new(s.into()))));
+        }
         let mut ssl = Ssl::new(&self.client).map_err(|e| TlsError::Handshake(e.to_string()))?;
         ssl.set_connect_state();
         let mut s = SslStream::new(ssl, stream).map_err(|e| TlsError::Handshake(e.to_string()))?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut s).connect()).await {
-            Err(_) => return Err(TlsError::Handshake(format!("handshake not finished within {HANDSHAKE_TIMEOUT:?}"))),
+            Err(_) => return Err(too_slow()),
             Ok(Err(e)) => return Err(TlsError::Handshake(explain(&e, s.ssl()))),
             Ok(Ok(())) => {}
         }
         check_server_name(s.ssl(), expect)?;
-        Ok(TlsStream { inner: s, scratch: Vec::new() })
+        Ok(TlsStream(Inner::Openssl { inner: s, scratch: Vec::new() }))
     }
 
     /// The client side of a handshake on a blocking socket (the admin commands); `expect` as in
@@ -441,19 +490,16 @@ impl Tls {
 /// Bytes gathered from a vectored write into one TLS record: the largest record TLS has.
 const RECORD_BYTES: usize = 16 << 10;
 
-/// A TLS stream whose vectored writes become one record, not one record (and one system call) per
-/// buffer. The NBD server writes every reply that is ready in one vectored write; `tokio-openssl`
-/// alone would send each as its own record: 32 small records and system calls for a queue depth of
-/// 32, which cost a third of the throughput of 4 KiB writes. Reads use OpenSSL's read-ahead.
-pub struct TlsStream<S> {
-    inner: SslStream<S>,
-    scratch: Vec<u8>,
-}
+/// A TLS stream on either stack. Its vectored writes become one record, not one record (and
+/// one system call) per buffer. The NBD server writes every reply that is ready in one vectored
+/// write; `tokio-openssl` alone would send each as its own record: 32 small records and system
+/// calls for a queue depth of 32, which cost a third of the throughput of 4 KiB writes (rustls
+/// gathers them itself). Reads use OpenSSL's read-ahead, or rustls's own buffering.
+pub struct TlsStream<S>(Inner<S>);
 
-impl<S> TlsStream<S> {
-    pub fn ssl(&self) -> &SslRef {
-        self.inner.ssl()
-    }
+enum Inner<S> {
+    Openssl { inner: SslStream<S>, scratch: Vec<u8> },
+    Rustls(Box<tokio_rustls::TlsStream<S>>),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
@@ -462,7 +508,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        match &mut self.get_mut().0 {
+            Inner::Openssl { inner, .. } => Pin::new(inner).poll_read(cx, buf),
+            Inner::Rustls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
@@ -472,7 +521,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        match &mut self.get_mut().0 {
+            Inner::Openssl { inner, .. } => Pin::new(inner).poll_write(cx, buf),
+            Inner::Rustls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -480,23 +532,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
         cx: &mut std::task::Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> std::task::Poll<io::Result<usize>> {
-        let this = self.get_mut();
+        let (inner, scratch) = match &mut self.get_mut().0 {
+            Inner::Openssl { inner, scratch } => (inner, scratch),
+            Inner::Rustls(s) => return Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        };
         let first = bufs.iter().find(|b| !b.is_empty()).map_or(0, |b| b.len());
         if first >= RECORD_BYTES {
-            return Pin::new(&mut this.inner)
-                .poll_write(cx, &bufs.iter().find(|b| !b.is_empty()).expect("non-empty")[..]);
+            return Pin::new(inner).poll_write(cx, &bufs.iter().find(|b| !b.is_empty()).expect("non-empty")[..]);
         }
         // The same prefix of the caller's bytes on every retry: OpenSSL may see a moved buffer
         // (ACCEPT_MOVING_WRITE_BUFFER) but never other bytes.
-        this.scratch.clear();
+        scratch.clear();
         for b in bufs {
-            let room = RECORD_BYTES - this.scratch.len();
-            this.scratch.extend_from_slice(&b[..b.len().min(room)]);
-            if this.scratch.len() == RECORD_BYTES {
+            let room = RECORD_BYTES - scratch.len();
+            scratch.extend_from_slice(&b[..b.len().min(room)]);
+            if scratch.len() == RECORD_BYTES {
                 break;
             }
         }
-        let TlsStream { inner, scratch } = this;
         Pin::new(inner).poll_write(cx, scratch)
     }
 
@@ -505,26 +558,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match &mut self.get_mut().0 {
+            Inner::Openssl { inner, .. } => Pin::new(inner).poll_flush(cx),
+            Inner::Rustls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match &mut self.get_mut().0 {
+            Inner::Openssl { inner, .. } => Pin::new(inner).poll_shutdown(cx),
+            Inner::Rustls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
+}
+
+fn too_slow() -> TlsError {
+    TlsError::Handshake(format!("handshake not finished within {HANDSHAKE_TIMEOUT:?}"))
 }
 
 /// With certificates and a name to `expect`, refuses a server whose certificate (verified against
 /// the CA) carries another CN. A PSK server has no certificate: it proved only that it knows the
 /// client's key.
 fn check_server_name(ssl: &SslRef, expect: Option<&str>) -> Result<(), TlsError> {
-    if let (Some(expect), Some(cert)) = (expect, ssl.peer_certificate()) {
-        let got = common_name(&cert);
-        if got.as_deref() != Some(expect) {
-            return Err(TlsError::Handshake(format!(
-                "the server's certificate is for {:?}, not {expect:?}",
-                got.unwrap_or_default()
-            )));
-        }
+    match (expect, ssl.peer_certificate()) {
+        (Some(expect), Some(cert)) => check_cn(common_name(&cert), expect),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a server certificate's CN `got` unless it is `expect`.
+fn check_cn(got: Option<String>, expect: &str) -> Result<(), TlsError> {
+    if got.as_deref() != Some(expect) {
+        return Err(TlsError::Handshake(format!(
+            "the server's certificate is for {:?}, not {expect:?}",
+            got.unwrap_or_default()
+        )));
     }
     Ok(())
 }
