@@ -17,7 +17,9 @@
 # pairs; everything else is the default.
 #
 # Environment (all optional): DIR (/var/tmp/tls-bench): scratch directory on the disk under test;
-# ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches; SKIP_BUILD=1.
+# ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches; SKIP_BUILD=1;
+# BASELINE=path/to/another/syncblock: a third pair with TLS, run by that binary, joins the rotation
+# ("tlsbase"), for an interleaved before-and-after of a change to the TLS path.
 #
 # fio's nbd engine (libnbd) cannot be given a certificate directory in its URI (libnbd refuses
 # local files in URIs unless the program allows them), so fio runs as the user `nobody` with HOME
@@ -68,9 +70,9 @@ chmod 0644 home/.pki/libnbd/client-key.pem
 CLIENT_TLS=(--tls-cert pki/bench-cert.pem --tls-key pki/bench-key.pem --tls-ca pki/ca-cert.pem)
 
 # A pair: witness, then b (secondary) and a (primary), each on its own store, defaults otherwise.
-# $1: tag; $2: "tls" or "plain". Sets URI_<tag> and ADMIN_<tag>.
+# $1: tag; $2: "tls" or "plain"; $3: the binary (default $BIN). Sets URI_<tag>.
 start_pair() {
-  local tag=$1 mode=$2 w_port a_repl b_repl a_admin b_admin nbd
+  local tag=$1 mode=$2 bin=${3:-$BIN} w_port a_repl b_repl a_admin b_admin nbd
   w_port=$(port); a_repl=$(port); b_repl=$(port); a_admin=$(port); b_admin=$(port); nbd=$(port)
   local -a w_tls=() a_tls=() b_tls=() st=()
   if [ "$mode" = tls ]; then
@@ -79,13 +81,13 @@ start_pair() {
     b_tls=(--tls-cert pki/b-cert.pem --tls-key pki/b-key.pem --tls-ca pki/ca-cert.pem)
     st=("${CLIENT_TLS[@]}")
   fi
-  "$BIN" witness --listen 127.0.0.1:$w_port --state $tag-witness.state "${w_tls[@]}" >$tag-witness.log 2>&1 &
+  "$bin" witness --listen 127.0.0.1:$w_port --state $tag-witness.state "${w_tls[@]}" >$tag-witness.log 2>&1 &
   PIDS+=($!)
-  "$BIN" serve --create --zero-fill --store $tag-b.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$(port) \
+  "$bin" serve --create --zero-fill --store $tag-b.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$(port) \
     --role secondary --repl-listen 127.0.0.1:$b_repl --peer 127.0.0.1:$a_repl --node b \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$b_admin "${b_tls[@]}" >$tag-b.log 2>&1 &
   PIDS+=($!)
-  "$BIN" serve --create --zero-fill --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
+  "$bin" serve --create --zero-fill --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
     --role primary --repl-listen 127.0.0.1:$a_repl --peer 127.0.0.1:$b_repl --node a \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$a_admin "${a_tls[@]}" >$tag-a.log 2>&1 &
   PIDS+=($!)
@@ -144,9 +146,15 @@ start_single single plain
 start_single singletls tls
 start_qemu qnbd plain
 start_qemu qnbdtls tls
+SYSTEMS=(plain tls single singletls qnbd qnbdtls)
+if [ -n "${BASELINE:-}" ]; then
+  cp "$BASELINE" "$RUN/baseline"
+  start_pair tlsbase tls "$RUN/baseline"
+  SYSTEMS+=(tlsbase)
+fi
 # Every system's volume written once in full over the region, so that all rounds measure
 # rewrites (the log wrapped, the cleaner on for syncblock; allocated blocks for qemu-nbd).
-for sys in plain tls single singletls qnbd qnbdtls; do
+for sys in "${SYSTEMS[@]}"; do
   uri_var=URI_$sys
   "${FIO_AS[@]}" fio --name=fill --ioengine=nbd --uri="${!uri_var}" --rw=write --bs=1m --iodepth=8 --size=$SIZE \
     >/dev/null 2>&1 || { echo "prefill of $sys failed" >&2; exit 1; }
@@ -157,7 +165,6 @@ WORKLOADS=(
   "seqwrite1m_qd8 --rw=write --bs=1m --iodepth=8"
   "syncwrite4k_qd1 --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
 )
-SYSTEMS=(plain tls single singletls qnbd qnbdtls)
 RESULTS=$RUN/results.txt
 : >"$RESULTS"
 for r in $(seq 1 "$ROUNDS"); do
@@ -197,5 +204,9 @@ for w in works:
     print("%-18s %9.0f %9.0f %9.2f %8s | %9.0f %9.0f %9.2f | %9.0f %9.2f %9.2f" % (w, m("tls"), m("plain"),
           med(w, "tls", "plain"), ">= %.2f" % target[w], m("singletls"), m("single"), med(w, "singletls", "single"),
           m("qnbdtls"), med(w, "qnbdtls", "qnbd"), med(w, "singletls", "qnbdtls")))
+if any(k[2] == "tlsbase" for k in cells):
+    for w in works:
+        print("%-18s baseline pair TLS/plain %5.2f; this pair TLS / baseline pair TLS %5.2f" % (w,
+              med(w, "tlsbase", "plain"), med(w, "tls", "tlsbase")))
 print("(iops are medians over rounds; ratios are medians of per-round ratios; seqwrite iops are 1 MiB writes)")
 EOF
