@@ -699,7 +699,9 @@ fn nodes_follow_bursts_of_changes_from_their_watch() {
 
 /// etcd that accepts only TLS clients with a certificate from its CA: nodes and commands given
 /// `--etcd-ca/--etcd-cert/--etcd-key` work; without a client certificate, or without TLS, a
-/// command is refused with a message naming etcd.
+/// command is refused with a message naming etcd. The nodes' own links (NBD, replication and the
+/// admin endpoint) run TLS from the same CA too (certificates only: rustls): a volume written over
+/// `nbds://` is drained to the other node and read back there.
 #[test]
 fn a_tls_etcd_with_client_certificates_is_used_and_required() {
     if !ready("cluster over TLS etcd") {
@@ -718,8 +720,15 @@ fn a_tls_etcd_with_client_certificates_is_used_and_required() {
             format!("--etcd-key={}", pki.key(who).display()),
         ]
     };
-    let n1c = creds("n1");
-    let n2c = creds("n2");
+    let own_tls = |who: &str| {
+        vec![
+            format!("--tls-ca={}", pki.ca().display()),
+            format!("--tls-cert={}", pki.cert(who).display()),
+            format!("--tls-key={}", pki.key(who).display()),
+        ]
+    };
+    let n1c = [creds("n1"), own_tls("n1")].concat();
+    let n2c = [creds("n2"), own_tls("n2")].concat();
     let _nodes = [
         ClusterNode::start_with(dir.path(), &ep, "n1", None, &n1c.iter().map(String::as_str).collect::<Vec<_>>()),
         ClusterNode::start_with(dir.path(), &ep, "n2", None, &n2c.iter().map(String::as_str).collect::<Vec<_>>()),
@@ -752,10 +761,32 @@ fn a_tls_etcd_with_client_certificates_is_used_and_required() {
     });
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     let primary = list[0]["primary"].as_str().unwrap().to_string();
+    // Data written over NBD with TLS (a client certificate from the CA), then the drain.
+    let client_certs = format!("tls-certificates={}", pki.client_dir("admin").display());
+    let uri = list[0]["nbd"].as_str().unwrap().to_string();
+    assert!(uri.starts_with("nbds://"), "{uri}");
+    let image = common::random_image(11, 8 << 20);
+    let src = dir.path().join("in.img");
+    std::fs::write(&src, &image).unwrap();
+    let (code, out, err) =
+        run(Duration::from_secs(60), "nbdcopy", &[src.to_str().unwrap(), &format!("{uri}?{client_certs}")]);
+    assert_eq!(code, 0, "nbdcopy over TLS: {out}{err}");
     let started = Instant::now();
-    let (code, out, err) = with(&["node", "drain", &primary]);
+    let with_admin = own_tls("admin");
+    let (code, out, err) =
+        with(&[&["node", "drain", &primary][..], &with_admin.iter().map(String::as_str).collect::<Vec<_>>()].concat());
     assert_eq!(code, 0, "drain over TLS etcd: {out}{err}");
     eprintln!("drain of one volume over TLS etcd: {:?} (the command, connecting included)", started.elapsed());
+    let (code, out, err) = with(&["volume", "list", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_ne!(list[0]["primary"].as_str().unwrap(), primary, "{list}");
+    let moved = list[0]["nbd"].as_str().unwrap().to_string();
+    let back = dir.path().join("back.img");
+    let (code, out, err) =
+        run(Duration::from_secs(60), "nbdcopy", &[&format!("{moved}?{client_certs}"), back.to_str().unwrap()]);
+    assert_eq!(code, 0, "nbdcopy from the new primary over TLS: {out}{err}");
+    assert!(std::fs::read(&back).unwrap()[..image.len()] == image[..], "the drained volume lost data written over TLS");
     // Without a client certificate, and without TLS at all: refused, naming etcd.
     let ca_only = format!("--etcd-ca={}", pki.ca().display());
     let (code, _, err) = cli(&ep, &["volume", "list", &ca_only]);

@@ -2469,6 +2469,7 @@ impl Sim {
             name: n.name.clone(),
             zone: Some(format!("z{}", n.zone)),
             nbd: format!("{}:10809", n.name),
+            tls: false,
             repl: "127.0.0.1:7000".parse().expect("address"),
             admin: None,
             capacity: self.cfg.capacity,

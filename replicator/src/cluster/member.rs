@@ -170,7 +170,7 @@ impl Member {
         let me = self.name();
         Some(match snap.members.get(primary) {
             Some(m) if snap.alive.contains_key(primary) && primary != me => {
-                format!("volume {export:?} is served by node {primary} at nbd://{}/{export}", m.nbd)
+                format!("volume {export:?} is served by node {primary} at {}/{export}", m.uri())
             }
             _ if primary == me => {
                 format!("volume {export:?}: node {me} is becoming its primary; try again in a moment")

@@ -62,12 +62,24 @@ pub struct MemberInfo {
     pub zone: Option<String>,
     /// Where NBD clients reach it (`host:port`).
     pub nbd: String,
+    /// Its NBD listener requires TLS: clients reach it at `nbds://`. (Absent in records written
+    /// before it existed: plaintext.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// Its replication listener (one per node, shared by all its volumes).
     pub repl: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
     /// Bytes of volume data its store can hold.
     pub capacity: u64,
+}
+
+impl MemberInfo {
+    /// The node's NBD server as a URI without an export: `nbd://host:port`, or `nbds://` if it
+    /// requires TLS.
+    pub fn uri(&self) -> String {
+        format!("{}://{}", if self.tls { "nbds" } else { "nbd" }, self.nbd)
+    }
 }
 
 /// A volume as recorded in `volumes/NAME`.
@@ -367,7 +379,7 @@ impl Snapshot {
                         Some(_) => "in-sync",
                     }
                 };
-                let nbd = self.members.get(&primary).map_or(String::new(), |m| format!("nbd://{}/{}", m.nbd, v.name));
+                let nbd = self.members.get(&primary).map_or(String::new(), |m| format!("{}/{}", m.uri(), v.name));
                 VolumeView {
                     name: v.name.clone(),
                     size: v.size,
@@ -795,6 +807,7 @@ mod tests {
                 name: name.into(),
                 zone: (n % 2 == 0).then(|| format!("z{n}")),
                 nbd: format!("127.0.0.1:{}", 10_000 + n as u16),
+                tls: n % 3 == 0,
                 repl: "127.0.0.1:7000".parse().unwrap(),
                 admin: None,
                 capacity: n as u64 * 4096,

@@ -143,6 +143,7 @@ mod tests {
                     name: n.into(),
                     zone: Some(z.into()),
                     nbd: String::new(),
+                    tls: false,
                     repl: "127.0.0.1:1".parse().unwrap(),
                     admin: None,
                     capacity: 1 << 30,

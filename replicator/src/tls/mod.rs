@@ -415,7 +415,8 @@ impl Tls {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         if let Some(r) = &self.rustls {
-            let accept = tokio_rustls::TlsAcceptor::from(r.server.clone()).accept(BufReader::with_capacity(READ_BUFFER_BYTES, stream));
+            let accept = tokio_rustls::TlsAcceptor::from(r.server.clone())
+                .accept(BufReader::with_capacity(READ_BUFFER_BYTES, stream));
             return match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
                 Err(_) => Err(too_slow()),
                 Ok(Err(e)) => Err(TlsError::Handshake(x509::explain(&e))),
@@ -445,7 +446,8 @@ impl Tls {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         if let Some(r) = &self.rustls {
-            let connect = tokio_rustls::TlsConnector::from(r.client.clone()).connect(x509::server_name(), BufReader::with_capacity(READ_BUFFER_BYTES, stream));
+            let connect = tokio_rustls::TlsConnector::from(r.client.clone())
+                .connect(x509::server_name(), BufReader::with_capacity(READ_BUFFER_BYTES, stream));
             let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
                 Err(_) => return Err(too_slow()),
                 Ok(Err(e)) => return Err(TlsError::Handshake(x509::explain(&e))),

@@ -117,6 +117,8 @@ async fn node(
         name: name.clone(),
         zone: args.zone.clone(),
         nbd: nbd_addr.to_string(),
+        // With credentials the node's NBD listener requires TLS (below).
+        tls: tls.is_some(),
         repl: repl.local_addr()?,
         admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
         capacity: capacity(&stats),
@@ -169,7 +171,7 @@ async fn node(
         ..ServerConfig::default()
     };
     let stop_signal = crate::shutdown_signal();
-    crate::notify::ready(&format!("node {name} serving on nbd://{nbd_addr}"));
+    crate::notify::ready(&format!("node {name} serving on {scheme}://{nbd_addr}"));
     let m = member.clone();
     let shutdown = async move {
         stop_signal.await;
