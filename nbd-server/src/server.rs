@@ -451,7 +451,7 @@ async fn negotiate(mut conn: Conn, peer: &str, shared: &Shared) -> Result<Option
                     ConnError::Tls(e.to_string())
                 })?;
                 let who = id.as_deref().map_or("no client identity".into(), |i| format!("identity {i:?}"));
-                tracing::debug!("{peer}: TLS on ({who})");
+                tracing::debug!("{peer}: TLS on ({who}, {})", s.stack());
                 identity = id;
                 conn = Conn::Tls(Box::new(s));
                 neg.tls_started();

@@ -157,6 +157,41 @@ fn psk_clients_of_libnbd_and_qemu_read_and_write() {
     });
 }
 
+/// A server with certificates and a PSK file hands each client to the stack its first record
+/// asks for: certificate clients to rustls, PSK clients to OpenSSL (rustls has no external PSK);
+/// a server with certificates only runs rustls, one with a PSK file only OpenSSL. Each client
+/// proves its identity either way.
+#[test]
+fn each_client_gets_the_tls_stack_its_credentials_need() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = pki(dir.path());
+    let cert_client = TlsFiles { cert: Some(p.cert("app1")), key: Some(p.key("app1")), ca: Some(p.ca()), psk: None };
+    let psk_client = TlsFiles { psk: Some(p.psk()), ..TlsFiles::default() };
+    let psk_only = TlsFiles { psk: Some(p.psk()), ..TlsFiles::default() };
+    let cases = [
+        (server_tls(&p, true), &cert_client, "rustls"),
+        (server_tls(&p, true), &psk_client, "OpenSSL"),
+        (server_tls(&p, false), &cert_client, "rustls"),
+        (Tls::load(&psk_only, None).unwrap(), &psk_client, "OpenSSL"),
+    ];
+    rt().block_on(async {
+        for (case, (server, client, stack)) in cases.into_iter().enumerate() {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let accept = tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                server.accept(s).await.map(|(s, id)| (s.stack(), id))
+            });
+            let tls = Tls::load_client(client, Some("app1").filter(|_| client.psk.is_some())).unwrap();
+            let c = tls.connect(tokio::net::TcpStream::connect(addr).await.unwrap(), None).await.unwrap();
+            let (got, id) = accept.await.unwrap().unwrap();
+            assert_eq!(got, stack, "case {case}: the server's stack");
+            assert_eq!(c.stack(), if client.psk.is_some() { "OpenSSL" } else { "rustls" }, "case {case}: the client's");
+            assert_eq!(id.as_deref(), Some("app1"), "case {case}");
+        }
+    });
+}
+
 /// Greets, sends fixed-newstyle flags; the raw stream in negotiation.
 async fn negotiating(addr: SocketAddr) -> tokio::net::TcpStream {
     let mut c = greet(addr).await;
@@ -169,8 +204,9 @@ extern "C" {
     fn SSL_renegotiate(ssl: *mut openssl_sys::SSL) -> std::ffi::c_int;
 }
 
-/// A TLS 1.2 client (app1's certificate) connected over `raw` and asking to renegotiate: its next
-/// handshake step sends a new ClientHello.
+/// A TLS 1.2 client (app1's certificate, and app1's PSK offered too, so that a server with a PSK
+/// file hands it to OpenSSL) connected over `raw` and asking to renegotiate: its next handshake
+/// step sends a new ClientHello.
 async fn renegotiating(raw: tokio::net::TcpStream, p: &Pki) -> tokio_openssl::SslStream<tokio::net::TcpStream> {
     use foreign_types::ForeignTypeRef;
     use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
@@ -179,6 +215,16 @@ async fn renegotiating(raw: tokio::net::TcpStream, p: &Pki) -> tokio_openssl::Ss
     b.set_certificate_file(p.cert("app1"), SslFiletype::PEM).unwrap();
     b.set_private_key_file(p.key("app1"), SslFiletype::PEM).unwrap();
     b.set_verify(SslVerifyMode::NONE);
+    let keys = std::fs::read_to_string(p.psk()).unwrap();
+    let hex = keys.lines().find_map(|l| l.strip_prefix("app1:")).unwrap().to_string();
+    let key: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    // SslConnector's default list leaves PSK suites out.
+    b.set_cipher_list("ECDHE-ECDSA-AES128-GCM-SHA256:PSK-AES128-GCM-SHA256").unwrap();
+    b.set_psk_client_callback(move |_, _, id, k| {
+        id[..5].copy_from_slice(b"app1\0");
+        k[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
     let ssl = b.build().configure().unwrap().into_ssl("localhost").unwrap();
     let mut t = tokio_openssl::SslStream::new(ssl, raw).unwrap();
     std::pin::Pin::new(&mut t).connect().await.expect("TLS 1.2 handshake");
@@ -337,9 +383,11 @@ fn access_lists_decide_who_opens_which_export_and_how() {
 
 #[test]
 fn misbehaving_clients_around_the_handshake_are_cut_off_without_touching_others() {
-    // OpenSSL (a server with a PSK file) answers a renegotiation with a fatal handshake_failure.
-    // rustls, which has no renegotiation, answers with a no_renegotiation warning (and a second
-    // request with a fatal alert); OpenSSL's client then gives up and the connection closes.
+    // The renegotiating client offers a PSK. A server with a PSK file hands it to OpenSSL, which
+    // answers a renegotiation with a fatal handshake_failure. A server with certificates only
+    // runs rustls, which has no renegotiation: it answers with a no_renegotiation warning (and a
+    // second request with a fatal alert); OpenSSL's client then gives up and the connection
+    // closes.
     for (psk, renegotiation_alert) in [(true, "alert handshake failure"), (false, "unexpected EOF")] {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         misbehaving_clients(dir.path(), psk, renegotiation_alert);

@@ -9,11 +9,15 @@
 //!
 //! Two TLS stacks (ARCHITECTURE.md, "TLS"). OpenSSL does both kinds of credentials: rustls has no
 //! external PSK, and NBD clients (qemu, libnbd, nbdkit — all GnuTLS) use PSK as often as
-//! certificates. A process with certificates only runs its links on rustls ([`x509`]), which costs
-//! less than half the CPU per record. TLS 1.2 is the oldest version accepted (the NBD spec's
-//! floor); TLS 1.3 is preferred.
+//! certificates. Links authenticated by certificates run on rustls ([`x509`]), which costs less
+//! than half the CPU per record: every link of a process with certificates only, and the clients
+//! that offer no PSK of a server that also has a PSK file ([`hello`]). TLS 1.2 is the oldest
+//! version accepted (the NBD spec's floor); TLS 1.3 is preferred.
 
+mod hello;
 mod x509;
+
+use hello::Peeked;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -190,9 +194,12 @@ fn psk_index() -> openssl::ex_data::Index<Ssl, PskSeen> {
 pub struct Tls {
     server: SslContext,
     client: SslContext,
-    /// The same credentials for rustls, which then serves every asynchronous link: set when they
-    /// are certificates only and rustls accepts them (the blocking admin client stays on OpenSSL).
+    /// The certificates for rustls, when there are some and rustls accepts them. With a PSK file
+    /// too, only accepted links use them, for clients that offer no PSK; without one, every
+    /// asynchronous link (the blocking admin client stays on OpenSSL).
     rustls: Option<Arc<x509::Configs>>,
+    /// A PSK file is configured.
+    psk: bool,
     /// Peers must prove an identity (a CA or a PSK file is configured).
     authenticates: bool,
     summary: String,
@@ -382,21 +389,22 @@ impl Tls {
             }
             parts.push(format!("PSK file with {n} identities"));
         }
-        // Certificates only: rustls for the links, unless it refuses these credentials.
-        let rustls = match (&x509_parts, &files.psk) {
-            (Some((chain, pkey)), None) => match x509::configs(chain, pkey, cas.as_deref()) {
+        // Certificates: rustls for the links they authenticate, unless it refuses them.
+        let rustls = match &x509_parts {
+            Some((chain, pkey)) => match x509::configs(chain, pkey, cas.as_deref()) {
                 Ok(c) => Some(Arc::new(c)),
                 Err(e) => {
-                    tracing::info!("TLS links run on OpenSSL: rustls cannot use these credentials ({e})");
+                    tracing::info!("TLS links run on OpenSSL: rustls cannot use these certificates ({e})");
                     None
                 }
             },
-            _ => None,
+            None => None,
         };
         Ok(Arc::new(Tls {
             server: server.build().into_context(),
             client: client.build().into_context(),
             rustls,
+            psk: files.psk.is_some(),
             authenticates: files.authenticates(),
             summary: parts.join(", "),
         }))
@@ -414,25 +422,42 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        if let Some(r) = &self.rustls {
-            let accept = tokio_rustls::TlsAcceptor::from(r.server.clone())
-                .accept(BufReader::with_capacity(READ_BUFFER_BYTES, stream));
-            return match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
-                Err(_) => Err(too_slow()),
-                Ok(Err(e)) => Err(TlsError::Handshake(x509::explain(&e))),
-                Ok(Ok(s)) => {
-                    // With a CA every certificate presented was verified; without one none is asked for.
-                    let id = x509::peer_cn(s.get_ref().1.peer_certificates());
-                    Ok((TlsStream(Inner::Rustls(Box::new(s.into()))), id))
-                }
-            };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.server_handshake(stream)).await {
+            Err(_) => Err(too_slow()),
+            Ok(r) => r,
+        }
+    }
+
+    async fn server_handshake<S>(&self, mut stream: S) -> Result<(TlsStream<S>, Option<String>), TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        // With certificates and a PSK file, the client's first record decides the stack.
+        let mut head = Vec::new();
+        let rustls = match &self.rustls {
+            Some(r) if self.psk => {
+                head = hello::first_record(&mut stream)
+                    .await
+                    .map_err(|e| TlsError::Handshake(format!("reading the ClientHello: {e}")))?;
+                (hello::offers_psk(&head) == Some(false)).then_some(r)
+            }
+            r => r.as_ref(),
+        };
+        let stream = Peeked::new(head, stream);
+        if let Some(r) = rustls {
+            let s = tokio_rustls::TlsAcceptor::from(r.server.clone())
+                .accept(BufReader::with_capacity(READ_BUFFER_BYTES, stream))
+                .await
+                .map_err(|e| TlsError::Handshake(x509::explain(&e)))?;
+            // With a CA every certificate presented was verified; without one none is asked for.
+            let id = x509::peer_cn(s.get_ref().1.peer_certificates());
+            return Ok((TlsStream(Inner::Rustls(Box::new(s.into()))), id));
         }
         let ssl = Ssl::new(&self.server).map_err(|e| TlsError::Handshake(e.to_string()))?;
         let mut s = SslStream::new(ssl, stream).map_err(|e| TlsError::Handshake(e.to_string()))?;
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut s).accept()).await {
-            Err(_) => Err(too_slow()),
-            Ok(Err(e)) => Err(TlsError::Handshake(explain(&e, s.ssl()))),
-            Ok(Ok(())) => {
+        match Pin::new(&mut s).accept().await {
+            Err(e) => Err(TlsError::Handshake(explain(&e, s.ssl()))),
+            Ok(()) => {
                 let id = peer_identity(s.ssl());
                 Ok((TlsStream(Inner::Openssl { inner: s, scratch: Vec::new() }), id))
             }
@@ -445,9 +470,12 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        if let Some(r) = &self.rustls {
-            let connect = tokio_rustls::TlsConnector::from(r.client.clone())
-                .connect(x509::server_name(), BufReader::with_capacity(READ_BUFFER_BYTES, stream));
+        // A client with a PSK file stays on OpenSSL, which offers both kinds of credentials.
+        if let Some(r) = self.rustls.as_ref().filter(|_| !self.psk) {
+            let connect = tokio_rustls::TlsConnector::from(r.client.clone()).connect(
+                x509::server_name(),
+                BufReader::with_capacity(READ_BUFFER_BYTES, Peeked::new(Vec::new(), stream)),
+            );
             let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
                 Err(_) => return Err(too_slow()),
                 Ok(Err(e)) => return Err(TlsError::Handshake(x509::explain(&e))),
@@ -462,6 +490,7 @@ impl Tls {
         }
         let mut ssl = Ssl::new(&self.client).map_err(|e| TlsError::Handshake(e.to_string()))?;
         ssl.set_connect_state();
+        let stream = Peeked::new(Vec::new(), stream);
         let mut s = SslStream::new(ssl, stream).map_err(|e| TlsError::Handshake(e.to_string()))?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut s).connect()).await {
             Err(_) => return Err(too_slow()),
@@ -505,9 +534,19 @@ const READ_BUFFER_BYTES: usize = 64 << 10;
 /// gathers them itself). Reads use OpenSSL's read-ahead, or rustls's own buffering.
 pub struct TlsStream<S>(Inner<S>);
 
+impl<S> TlsStream<S> {
+    /// The TLS stack that runs this connection: "rustls" or "OpenSSL".
+    pub fn stack(&self) -> &'static str {
+        match self.0 {
+            Inner::Openssl { .. } => "OpenSSL",
+            Inner::Rustls(_) => "rustls",
+        }
+    }
+}
+
 enum Inner<S> {
-    Openssl { inner: SslStream<S>, scratch: Vec<u8> },
-    Rustls(Box<tokio_rustls::TlsStream<BufReader<S>>>),
+    Openssl { inner: SslStream<Peeked<S>>, scratch: Vec<u8> },
+    Rustls(Box<tokio_rustls::TlsStream<BufReader<Peeked<S>>>>),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
