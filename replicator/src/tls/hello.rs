@@ -217,6 +217,27 @@ mod tests {
         assert_eq!(offers_psk(&alert), None);
     }
 
+    proptest::proptest! {
+        /// Any bytes: an answer, never a panic. A generated ClientHello: PSK offered exactly when
+        /// a PSK suite or the extension is in it, and no answer for any prefix of it.
+        #[test]
+        fn any_first_record_is_judged_without_panicking(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            suites in proptest::collection::vec(proptest::prelude::any::<u16>(), 1..40),
+            exts in proptest::collection::vec(0u16..64, 0..12),
+            cut in 0usize..1000,
+        ) {
+            let _ = offers_psk(&junk);
+            let mut as_hello = vec![22, 3, 1];
+            as_hello.extend(junk);
+            let _ = offers_psk(&as_hello);
+            let h = hello(&suites, &exts);
+            let psk = suites.iter().any(|s| psk_suite(*s)) || exts.contains(&EXT_PRE_SHARED_KEY);
+            proptest::prop_assert_eq!(offers_psk(&h), Some(psk));
+            proptest::prop_assert_eq!(offers_psk(&h[..cut % h.len()]), None);
+        }
+    }
+
     #[tokio::test]
     async fn the_peeked_bytes_come_back_first() {
         let h = hello(&[0x1301], &[]);
