@@ -16,6 +16,12 @@
 # cell-to-cell noise larger than the effect measured. TLS flags are the only difference between the
 # pairs; everything else is the default.
 #
+# Then the CPU each pair spends per write at a fixed rate (CPU_IOPS, 15,000 4 KiB random writes
+# a second, below every pair's capacity here, for CPU_RT seconds, rotating as above): the primary's,
+# the secondary's and fio's, from their CPU times. At a fixed rate the batching is the same with
+# and without TLS, so these are what TLS costs per write whatever the machine, while the ratios
+# above depend on how the client, primary and secondary share this machine's cores.
+#
 # Environment (all optional): DIR (/var/tmp/tls-bench): scratch directory on the disk under test;
 # ROUNDS (3); RT seconds per cell (8); SIZE (1G): the region fio touches; SKIP_BUILD=1;
 # BASELINE=path/to/another/syncblock: a third pair with TLS, run by that binary, joins the rotation
@@ -87,10 +93,12 @@ start_pair() {
     --role secondary --repl-listen 127.0.0.1:$b_repl --peer 127.0.0.1:$a_repl --node b \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$b_admin "${b_tls[@]}" >$tag-b.log 2>&1 &
   PIDS+=($!)
+  eval "PID_B_$tag=$!"
   "$bin" serve --create --zero-fill --store $tag-a.img --size 3GiB --volume vol:2GiB --listen 127.0.0.1:$nbd \
     --role primary --repl-listen 127.0.0.1:$a_repl --peer 127.0.0.1:$b_repl --node a \
     --witness 127.0.0.1:$w_port --admin 127.0.0.1:$a_admin "${a_tls[@]}" >$tag-a.log 2>&1 &
   PIDS+=($!)
+  eval "PID_A_$tag=$!"
   for _ in $(seq 200); do "$BIN" status --admin 127.0.0.1:$a_admin "${st[@]}" >/dev/null 2>&1 && break; sleep 0.05; done
   "$BIN" status --admin 127.0.0.1:$a_admin --wait-sync --wait-max 60 "${st[@]}" >/dev/null ||
     { echo "pair $tag did not get in sync; logs in $RUN" >&2; for f in $tag-*.log; do echo "== $f" >&2; grep -v "^ *[0-9]*: \|^ *at " "$f" | tail -n 5 >&2; done; exit 1; }
@@ -184,7 +192,39 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-$PY - "$RESULTS" <<'EOF'
+# CPU per write at a fixed rate: for each pair, the CPU time its primary, its secondary and fio
+# used over the run, divided by the writes done.
+ticks() { awk '{print $14 + $15}' /proc/$1/stat; } # user + system, in clock ticks
+HZ=$(getconf CLK_TCK)
+CPU_RESULTS=$RUN/cpu.txt
+: >"$CPU_RESULTS"
+PAIRS=(plain tls); [ -n "${BASELINE:-}" ] && PAIRS+=(tlsbase)
+for r in $(seq 1 "$ROUNDS"); do
+  n=${#PAIRS[@]}
+  for i in $(seq 0 $((n - 1))); do
+    sys=${PAIRS[$(( (i + r) % n ))]}
+    uri_var=URI_$sys; a_var=PID_A_$sys; b_var=PID_B_$sys
+    a0=$(ticks "${!a_var}"); b0=$(ticks "${!b_var}")
+    out=$("${FIO_AS[@]}" fio --name=x --size=$SIZE --runtime=${CPU_RT:-8} --time_based --output-format=json \
+      --ioengine=nbd --uri="${!uri_var}" --rw=randwrite --bs=4k --iodepth=32 --rate_iops=${CPU_IOPS:-15000} \
+      2>/dev/null | sed -n '/^{/,$p')
+    a1=$(ticks "${!a_var}"); b1=$(ticks "${!b_var}")
+    line=$(echo "$out" | $PY -c '
+import json, sys
+a0, a1, b0, b1, hz = map(int, sys.argv[1:])
+try:
+    j = json.load(sys.stdin)["jobs"][0]
+except Exception:
+    print("FAILED"); sys.exit()
+n = j["write"]["total_ios"]
+fio = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["elapsed"]
+print("%.0f %.1f %.1f %.1f" % (j["write"]["iops"], (a1 - a0) / hz / n * 1e6, (b1 - b0) / hz / n * 1e6, fio / n * 1e6))
+' "$a0" "$a1" "$b0" "$b1" "$HZ")
+    echo "cpu $r $sys $line" | tee -a "$CPU_RESULTS" >&2
+  done
+done
+
+$PY - "$RESULTS" "$CPU_RESULTS" <<'EOF'
 import sys, statistics
 cells = {}
 for line in open(sys.argv[1]):
@@ -208,5 +248,15 @@ if any(k[2] == "tlsbase" for k in cells):
     for w in works:
         print("%-18s baseline pair TLS/plain %5.2f; this pair TLS / baseline pair TLS %5.2f" % (w,
               med(w, "tlsbase", "plain"), med(w, "tls", "tlsbase")))
+cpu = {}
+for line in open(sys.argv[2]):
+    f = line.split()
+    if len(f) == 7:
+        cpu.setdefault(f[2], []).append([float(x) for x in f[3:]])
+if cpu:
+    print("CPU per 4 KiB write at a fixed rate (µs, medians over rounds): pair, iops, primary, secondary, fio, total")
+    for s in [p for p in ("plain", "tls", "tlsbase") if p in cpu]:
+        c = [statistics.median(col) for col in zip(*cpu[s])]
+        print("  %-8s %7.0f %9.1f %9.1f %9.1f %9.1f" % (s, c[0], c[1], c[2], c[3], c[1] + c[2] + c[3]))
 print("(iops are medians over rounds; ratios are medians of per-round ratios; seqwrite iops are 1 MiB writes)")
 EOF
