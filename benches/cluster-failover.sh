@@ -81,8 +81,7 @@ per_volume() {
 per_volume
 # Heartbeats keep every link busy a little: a buffer that their bytes walk through shows up only
 # over time, so the figure is taken again after a while idle.
-# CPU while idle, over the same wait: what heartbeats, reports and timers cost.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU while idle, over the same wait: what heartbeats, reports and timers cost (ticks, lib.sh).
 # Times the node's threads went to sleep and were woken since they started (voluntary context
 # switches): steadier than CPU time on a shared machine, and what per-volume timers cost.
 wakeups() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches/ {s += $2} END {print s}'; }

@@ -6,6 +6,7 @@
 #   status PORT   the replication status of the first volume of the node whose admin endpoint is
 #                 on PORT (`syncblock status --json`, `volumes[0].replication`), or {}
 #   wait_admin P  waits (up to 10 s) until that admin endpoint answers
+#   ticks PID     the CPU time (user + system) process PID has used, in clock ticks (getconf CLK_TCK)
 #   PIDS, kill_pids: processes to SIGKILL on exit (`trap kill_pids EXIT`)
 #   find_peers ROOT       PEERS, unless set: ROOT/../shared/bench/peers.sh or /work/shared/bench/peers.sh
 #   need HINT TOOL...     exits, naming HINT (what to install), if a TOOL is not installed
@@ -33,6 +34,7 @@ status() {
   { "$BIN" status --json --admin "127.0.0.1:$1" 2>/dev/null || echo '{}'; } |
     $PY -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps((d.get("volumes") or [{}])[0].get("replication") or {}))'
 }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 wait_admin() { for _ in $(seq 200); do "$BIN" status --json --admin "127.0.0.1:$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 find_peers() {
   if [ -z "${PEERS:-}" ]; then

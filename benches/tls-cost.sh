@@ -194,7 +194,6 @@ done
 
 # CPU per write at a fixed rate: for each pair, the CPU time its primary, its secondary and fio
 # used over the run, divided by the writes done.
-ticks() { awk '{print $14 + $15}' /proc/$1/stat; } # user + system, in clock ticks
 HZ=$(getconf CLK_TCK)
 CPU_RESULTS=$RUN/cpu.txt
 : >"$CPU_RESULTS"
