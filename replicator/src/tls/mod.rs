@@ -450,7 +450,7 @@ impl Tls {
                 .await
                 .map_err(|e| TlsError::Handshake(x509::explain(&e)))?;
             // With a CA every certificate presented was verified; without one none is asked for.
-            let id = x509::peer_cn(s.get_ref().1.peer_certificates());
+            let id = s.get_ref().1.peer_certificates().and_then(x509::peer_cn);
             return Ok((TlsStream(Inner::Rustls(Box::new(s.into()))), id));
         }
         let ssl = Ssl::new(&self.server).map_err(|e| TlsError::Handshake(e.to_string()))?;
@@ -470,33 +470,32 @@ impl Tls {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.client_handshake(stream, expect)).await {
+            Err(_) => Err(too_slow()),
+            Ok(r) => r,
+        }
+    }
+
+    async fn client_handshake<S>(&self, stream: S, expect: Option<&str>) -> Result<TlsStream<S>, TlsError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let stream = Peeked::new(Vec::new(), stream);
         // A client with a PSK file stays on OpenSSL, which offers both kinds of credentials.
         if let Some(r) = self.rustls.as_ref().filter(|_| !self.psk) {
-            let connect = tokio_rustls::TlsConnector::from(r.client.clone()).connect(
-                x509::server_name(),
-                BufReader::with_capacity(READ_BUFFER_BYTES, Peeked::new(Vec::new(), stream)),
-            );
-            let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
-                Err(_) => return Err(too_slow()),
-                Ok(Err(e)) => return Err(TlsError::Handshake(x509::explain(&e))),
-                Ok(Ok(s)) => s,
-            };
-            if let Some(expect) = expect {
-                if let Some(got) = s.get_ref().1.peer_certificates().map(|c| x509::peer_cn(Some(c))) {
-                    check_cn(got, expect)?;
-                }
+            let s = tokio_rustls::TlsConnector::from(r.client.clone())
+                .connect(x509::server_name(), BufReader::with_capacity(READ_BUFFER_BYTES, stream))
+                .await
+                .map_err(|e| TlsError::Handshake(x509::explain(&e)))?;
+            if let (Some(expect), Some(certs)) = (expect, s.get_ref().1.peer_certificates()) {
+                check_cn(x509::peer_cn(certs), expect)?;
             }
             return Ok(TlsStream(Inner::Rustls(Box::new(s.into()))));
         }
         let mut ssl = Ssl::new(&self.client).map_err(|e| TlsError::Handshake(e.to_string()))?;
         ssl.set_connect_state();
-        let stream = Peeked::new(Vec::new(), stream);
         let mut s = SslStream::new(ssl, stream).map_err(|e| TlsError::Handshake(e.to_string()))?;
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut s).connect()).await {
-            Err(_) => return Err(too_slow()),
-            Ok(Err(e)) => return Err(TlsError::Handshake(explain(&e, s.ssl()))),
-            Ok(Ok(())) => {}
-        }
+        Pin::new(&mut s).connect().await.map_err(|e| TlsError::Handshake(explain(&e, s.ssl())))?;
         check_server_name(s.ssl(), expect)?;
         Ok(TlsStream(Inner::Openssl { inner: s, scratch: Vec::new() }))
     }
@@ -663,6 +662,11 @@ fn common_name(cert: &openssl::x509::X509Ref) -> Option<String> {
     cn.data().as_utf8().ok().map(|s| s.to_string()).filter(|s| s.len() == cn.data().len())
 }
 
+/// The likely causes both stacks' refusals name alike (`explain`, `x509::explain`).
+const NO_CLIENT_CERTIFICATE: &str =
+    "; likely cause: the client has no certificate, and this server requires one signed by its CA";
+const PEER_CLOSED: &str = "; the peer closed the connection (it may have refused this server's certificate)";
+
 /// A handshake failure in words that name the likely cause.
 fn explain(e: &openssl::ssl::Error, ssl: &SslRef) -> String {
     if let Some(seen) = ssl.ex_data(psk_index()) {
@@ -678,7 +682,7 @@ fn explain(e: &openssl::ssl::Error, ssl: &SslRef) -> String {
     }
     let text = e.to_string();
     let cause = if text.contains("peer did not return a certificate") {
-        "; likely cause: the client has no certificate, and this server requires one signed by its CA"
+        NO_CLIENT_CERTIFICATE
     } else if text.contains("wrong version number") || text.contains("packet length too long") {
         "; likely cause: the peer does not speak TLS here (plaintext, or another protocol)"
     } else if text.contains("http request") {
@@ -689,7 +693,7 @@ fn explain(e: &openssl::ssl::Error, ssl: &SslRef) -> String {
     } else if text.contains("no shared cipher") {
         "; likely cause: the client offers neither a certificate cipher this server can use nor PSK"
     } else if text.contains("unexpected eof") || e.code() == openssl::ssl::ErrorCode::SYSCALL {
-        "; the peer closed the connection (it may have refused this server's certificate)"
+        PEER_CLOSED
     } else {
         ""
     };

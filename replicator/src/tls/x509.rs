@@ -160,8 +160,8 @@ impl ServerCertVerifier for PeerVerifier {
 }
 
 /// The CN of the first certificate a peer presented (verified when a CA is configured).
-pub(super) fn peer_cn(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
-    let first = certs?.first()?;
+pub(super) fn peer_cn(certs: &[CertificateDer<'_>]) -> Option<String> {
+    let first = certs.first()?;
     X509::from_der(first).ok().and_then(|c| super::common_name(&c))
 }
 
@@ -171,15 +171,13 @@ pub(super) fn explain(e: &std::io::Error) -> String {
     use rustls::{AlertDescription as A, Error as E};
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<E>()) else {
         return if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            format!("{e}; the peer closed the connection (it may have refused this server's certificate)")
+            format!("{e}{}", super::PEER_CLOSED)
         } else {
             e.to_string()
         };
     };
     let cause = match tls {
-        E::NoCertificatesPresented => {
-            "; likely cause: the client has no certificate, and this server requires one signed by its CA"
-        }
+        E::NoCertificatesPresented => super::NO_CLIENT_CERTIFICATE,
         E::InvalidCertificate(_) => return format!("the peer's certificate was refused: {tls}"),
         E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => {
             "; likely cause: the peer does not speak TLS here (plaintext, HTTP, or another protocol)"
