@@ -492,6 +492,24 @@ fn misbehaving_clients(dir: &Path, psk: bool, renegotiation_alert: &str) {
     store.close().unwrap();
 }
 
+/// The binary serving a new store `DIR/TAG.img` with the server's certificate and the CA, and the
+/// PSK file if `psk`: the process, its log (`DIR/TAG.log`) and its `host:port`.
+fn tls_serve(dir: &Path, tag: &str, p: &Pki, psk: bool) -> (common::proc::Proc, std::path::PathBuf, String) {
+    let log = dir.join(format!("{tag}.log"));
+    let mut a = common::pair::serve_args(&dir.join(format!("{tag}.img")), "1GiB", "64MiB");
+    let mut creds = vec![("--tls-cert", p.cert("server")), ("--tls-key", p.key("server")), ("--tls-ca", p.ca())];
+    if psk {
+        creds.push(("--tls-psk", p.psk()));
+    }
+    for (flag, path) in creds {
+        a.push(format!("{flag}={}", path.display()));
+    }
+    let server = common::pair::syncblock(&log, &a);
+    let at = common::proc::wait_line(&server, "nbds://", &log);
+    let base = at.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
+    (server, log, base)
+}
+
 /// `nbdinfo` on `uri` fails, and the server's `log` names `cause` within 10 s.
 fn refused_and_logged(what: &str, uri: &str, cause: &str, log: &Path) {
     let (code, _, _) = tool("nbdinfo", &[uri]);
@@ -517,16 +535,7 @@ fn refused_and_logged(what: &str, uri: &str, cause: &str, log: &Path) {
 fn refusals_name_their_cause_in_the_log() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let p = pki(dir.path());
-    let log = dir.path().join("serve.log");
-    let mut a = common::pair::serve_args(&dir.path().join("s.img"), "1GiB", "64MiB");
-    for (flag, path) in
-        [("--tls-cert", p.cert("server")), ("--tls-key", p.key("server")), ("--tls-ca", p.ca()), ("--tls-psk", p.psk())]
-    {
-        a.push(format!("{flag}={}", path.display()));
-    }
-    let server = common::pair::syncblock(&log, &a);
-    let at = common::proc::wait_line(&server, "nbds://", &log);
-    let base = at.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
+    let (server, log, base) = tls_serve(dir.path(), "serve", &p, true);
     let uri = |user: &str, query: String| format!("nbds://{user}{base}/vol?{query}");
     let wrong = p.wrong_psk();
     let unknown = dir.path().join("unknown.psk");
@@ -564,14 +573,7 @@ fn refusals_name_their_cause_in_the_log() {
     server.stop();
 
     // The same certificate refusals from a server with certificates only (rustls).
-    let log = dir.path().join("serve-certs.log");
-    let mut a = common::pair::serve_args(&dir.path().join("c.img"), "1GiB", "64MiB");
-    for (flag, path) in [("--tls-cert", p.cert("server")), ("--tls-key", p.key("server")), ("--tls-ca", p.ca())] {
-        a.push(format!("{flag}={}", path.display()));
-    }
-    let server = common::pair::syncblock(&log, &a);
-    let at = common::proc::wait_line(&server, "nbds://", &log);
-    let base = at.split_whitespace().next().unwrap().split('/').next().unwrap().to_string();
+    let (server, log, base) = tls_serve(dir.path(), "serve-certs", &p, false);
     let uri = |user: &str, query: String| format!("nbds://{user}{base}/vol?{query}");
     for (what, uri, cause) in certificate_refusals(&uri) {
         refused_and_logged(what, &uri, cause, &log);
