@@ -215,9 +215,8 @@ async fn renegotiating(raw: tokio::net::TcpStream, p: &Pki) -> tokio_openssl::Ss
     b.set_certificate_file(p.cert("app1"), SslFiletype::PEM).unwrap();
     b.set_private_key_file(p.key("app1"), SslFiletype::PEM).unwrap();
     b.set_verify(SslVerifyMode::NONE);
-    let keys = std::fs::read_to_string(p.psk()).unwrap();
-    let hex = keys.lines().find_map(|l| l.strip_prefix("app1:")).unwrap().to_string();
-    let key: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    let keys = syncblock_replicator::tls::PskKeys::load(&p.psk()).unwrap();
+    let key = keys.get("app1").unwrap().to_vec();
     // SslConnector's default list leaves PSK suites out.
     b.set_cipher_list("ECDHE-ECDSA-AES128-GCM-SHA256:PSK-AES128-GCM-SHA256").unwrap();
     b.set_psk_client_callback(move |_, _, id, k| {
